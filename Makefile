@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+#
+# Environment: an active virtualenv/conda env is used as it is (your own torch is kept);
+# otherwise ./.venv is created (it sees the base interpreter's packages, so a torch
+# installed there is kept too). Only where no torch imports is torch==2.13.0 installed:
+# an unpinned `torch` would pull a multi-GB CUDA build.
+SHELL := /bin/bash
+PYTHON_BASE ?= python3
+ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX))
+ifeq ($(ACTIVE_ENV),)
+  PY := .venv/bin/python
+else
+  PY := $(ACTIVE_ENV)/bin/python
+endif
+STAMP := .venv/.h3-installed
+
+.PHONY: demo test lint bench env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ -z "$(ACTIVE_ENV)" ] && [ ! -x .venv/bin/python ]; then \
+	  echo "creating .venv"; $(PYTHON_BASE) -m venv --system-site-packages .venv; fi
+	@mkdir -p .venv
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "no torch found: installing torch==2.13.0 (CPU build)"; \
+	  $(PY) -m pip install -q "torch==2.13.0"; fi
+	$(PY) -m pip install -q -e ".[optim,dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m h3d demo
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache .mypy_cache

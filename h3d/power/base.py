@@ -1,0 +1,62 @@
+"""The power-backend seam.
+
+One backend object stands for one device (a GPU, a CPU package, a DRAM domain, an SoC).
+It knows nothing of time, storage or runs: the sampler stamps each reading with its own
+monotonic-derived clock, and the store integrates. Backends speak SI floats; raw units
+(mJ, µJ, mW) stay inside them, and so does counter wrap-around: ``energy_j`` is a
+cumulative counter that only ever grows for the life of the backend object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+#: Every provenance a figure can carry. ``none`` means "no device could be read".
+SOURCES = (
+    "nvml_counter",
+    "nvml_power_instant",
+    "rapl",
+    "ioreport",
+    "powermetrics",
+    "estimated",
+    "none",
+)
+MEASURED_SOURCES = frozenset(SOURCES) - {"estimated", "none"}
+
+
+class PowerBackendError(Exception):
+    """A device could not be read (vendor error translated at the boundary)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What a backend says about its device; stable for the backend's life."""
+
+    name: str  # unique and stable across restarts: "estimated:cpu", "nvml:GPU-…", "rapl:package-0"
+    kind: str  # "gpu" | "cpu" | "dram" | "soc"
+    source: str  # one of SOURCES
+    model: str = ""
+    uuid: str | None = None
+    index: int | None = None
+    power_limit_w: float | None = None
+    granularity_s: float | None = None  # update period of the counter/power field, if known
+
+
+@dataclass(frozen=True, slots=True)
+class PowerReading:
+    """One reading. At least one field is set; a counter is preferred for integration."""
+
+    power_w: float | None = None
+    energy_j: float | None = None  # cumulative since the backend was opened, wrap handled
+
+
+@runtime_checkable
+class PowerBackend(Protocol):
+    """One device. ``read`` raises :class:`PowerBackendError` when the device fails."""
+
+    info: DeviceInfo
+
+    def read(self) -> PowerReading: ...
+
+    def close(self) -> None: ...
