@@ -1,0 +1,33 @@
+"""Annotated dependencies: the session, the settings and the sampler, from lifespan state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from h3d.config import Settings
+from h3d.power.sampler import PowerSampler
+from h3d.storage.engine import session_scope
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(request.state.session_factory) as s:
+        yield s
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.state.settings
+    return settings
+
+
+def get_sampler(request: Request) -> PowerSampler | None:
+    sampler: PowerSampler | None = request.state.sampler
+    return sampler
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SamplerDep = Annotated["PowerSampler | None", Depends(get_sampler)]

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter
+
+from h3d.api.deps import SessionDep, SettingsDep
+from h3d.api.schemas import BatchesIn, BatchIn, EpochsIn, IngestResult
+from h3d.errors import NonFiniteLoss, PayloadTooLarge
+from h3d.storage import repository as repo
+
+router = APIRouter(prefix="/runs", tags=["ingest"])
+
+
+def _finite_or_null(b: BatchIn, allow_null: bool) -> bool:
+    """Check one batch; True when it carries a missing (non-finite) mean loss."""
+
+    def bad(what: str) -> NonFiniteLoss:
+        hint = "" if allow_null else " (send it as null with nonfinite_as_null=true)"
+        return NonFiniteLoss(
+            f"batch seq={b.seq}: {what} is not a finite number{hint}",
+            details={"seq": b.seq, "field": what},
+        )
+
+    if b.loss is None:
+        if not allow_null:
+            raise bad("loss")
+    elif not math.isfinite(b.loss):
+        raise bad("loss")
+    if b.losses is not None:
+        # sum() is NaN/inf iff some value is (or the sum overflows): one C-speed pass first.
+        try:
+            total = math.fsum(v for v in b.losses if v is not None)
+        except OverflowError:
+            total = math.inf
+        if not math.isfinite(total) and not all(v is None or math.isfinite(v) for v in b.losses):
+            raise bad("losses")
+        if not allow_null and any(v is None for v in b.losses):
+            raise bad("losses")
+    return b.loss is None
+
+
+@router.post("/{run_id}/batches", response_model=IngestResult)
+def post_batches(
+    run_id: str, body: BatchesIn, session: SessionDep, settings: SettingsDep
+) -> IngestResult:
+    if len(body.batches) > settings.max_batches_per_request:
+        raise PayloadTooLarge(
+            f"{len(body.batches)} batches in one request; the limit is "
+            f"{settings.max_batches_per_request}"
+        )
+    rows = []
+    for b in body.batches:
+        _finite_or_null(b, body.nonfinite_as_null)
+        rows.append(
+            repo.BatchRow(
+                seq=b.seq,
+                t=b.t,
+                loss=b.loss,
+                n=b.n,
+                epoch=b.epoch,
+                step=b.step,
+                phase=b.phase,
+                losses=b.losses,
+                indices=b.indices,
+            )
+        )
+    accepted, dups = repo.add_batches(session, run_id=run_id, batches=rows)
+    return IngestResult(accepted=accepted, duplicates=dups)
+
+
+@router.post("/{run_id}/epochs", response_model=IngestResult)
+def post_epochs(run_id: str, body: EpochsIn, session: SessionDep) -> IngestResult:
+    for e in body.epochs:
+        values = [e.t, e.accuracy, e.loss, e.val_loss, *e.metrics.values()]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            raise NonFiniteLoss(
+                f"epoch {e.epoch}: a value is not a finite number", details={"epoch": e.epoch}
+            )
+    accepted, dups = repo.add_epochs(
+        session, run_id=run_id, epochs=[e.model_dump() for e in body.epochs]
+    )
+    return IngestResult(accepted=accepted, duplicates=dups)

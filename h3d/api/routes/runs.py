@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Query, status
+
+from h3d.api.deps import SessionDep
+from h3d.api.schemas import RunCreate, RunPublic, RunsPublic, RunUpdate
+from h3d.storage import repository as repo
+from h3d.storage.models import Run
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+
+def to_public(run: Run, tags: list[str]) -> RunPublic:
+    return RunPublic(
+        id=run.id,
+        name=run.name,
+        status=run.status,
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+        config=run.config,
+        tags=tags,
+        pid=run.pid,
+        host=run.host,
+        n_train=run.n_train,
+        n_batches=run.n_batches,
+        n_epochs=run.n_epochs,
+        n_nonfinite=run.n_nonfinite,
+        last_seq=run.last_seq,
+        last_t=run.last_t,
+    )
+
+
+def public(session: SessionDep, run: Run) -> RunPublic:
+    return to_public(run, repo.run_tags(session, run_ids=[run.id])[run.id])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
+def create_run(body: RunCreate, session: SessionDep) -> RunPublic:
+    run = repo.create_run(
+        session,
+        name=body.name,
+        config=body.config,
+        tags=body.tags,
+        pid=body.pid,
+        host=body.host,
+        n_train=body.n_train,
+        now=time.time(),
+    )
+    return public(session, run)
+
+
+@router.get("", response_model=RunsPublic)
+def list_runs(
+    session: SessionDep,
+    status: str | None = Query(None, pattern="^(running|finished|failed)$"),
+    name: str | None = Query(None, max_length=200),
+    tag: str | None = Query(None, max_length=100),
+    since: float | None = Query(None, description="Unix seconds: runs created at or after."),
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: str | None = Query(None, max_length=200),
+) -> RunsPublic:
+    runs, count, nxt = repo.list_runs(
+        session, status=status, name=name, tag=tag, since=since, limit=limit, cursor=cursor
+    )
+    tags = repo.run_tags(session, run_ids=[r.id for r in runs])
+    return RunsPublic(data=[to_public(r, tags[r.id]) for r in runs], count=count, next_cursor=nxt)
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+def get_run(run_id: str, session: SessionDep) -> RunPublic:
+    return public(session, repo.get_run(session, run_id=run_id))
+
+
+@router.patch("/{run_id}", response_model=RunPublic)
+def update_run(run_id: str, body: RunUpdate, session: SessionDep) -> RunPublic:
+    run = repo.update_run(
+        session, run_id=run_id, status=body.status, name=body.name, tags=body.tags, now=time.time()
+    )
+    return public(session, run)

@@ -1,0 +1,174 @@
+"""Wire models: the daemon owns the format; clients speak plain JSON (OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Tag = Field(min_length=1, max_length=100)
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200)
+    config: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list, max_length=100)
+    pid: int | None = Field(None, ge=0)
+    host: str | None = Field(None, max_length=255)
+    n_train: int | None = Field(None, ge=1, description="Training-set size, for ΔI_total.")
+
+
+class RunUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["finished", "failed"] | None = None
+    name: str | None = Field(None, min_length=1, max_length=200)
+    tags: list[str] | None = Field(None, max_length=100)
+
+
+class RunPublic(BaseModel):
+    id: str
+    name: str
+    status: str
+    created_at: float
+    finished_at: float | None
+    config: dict[str, Any]
+    tags: list[str]
+    pid: int | None
+    host: str | None
+    n_train: int | None
+    n_batches: int
+    n_epochs: int
+    n_nonfinite: int
+    last_seq: int | None
+    last_t: float | None
+
+
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+    next_cursor: str | None
+
+
+class BatchIn(BaseModel):
+    seq: int = Field(ge=0, description="Per-run sequence number: the idempotency key.")
+    t: float = Field(description="Unix seconds (wall clock) when the batch ended.")
+    loss: float | None = Field(
+        description="Mean loss in nats. null only with nonfinite_as_null (a NaN/inf loss)."
+    )
+    n: int | None = Field(None, ge=0)
+    epoch: int | None = Field(None, ge=0)
+    step: int | None = Field(None, ge=0)
+    phase: str | None = Field(None, max_length=32)
+    losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
+    indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> BatchIn:
+        if self.indices is not None and self.losses is None:
+            raise ValueError("indices given without losses")
+        if (
+            self.losses is not None
+            and self.indices is not None
+            and len(self.losses) != len(self.indices)
+        ):
+            raise ValueError(
+                f"losses has {len(self.losses)} values but indices has {len(self.indices)}"
+            )
+        return self
+
+
+class BatchesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batches: list[BatchIn]
+    nonfinite_as_null: bool = Field(
+        False,
+        description=(
+            "If true, a loss that was NaN/inf is sent as null and stored as missing (counted "
+            "in n_nonfinite, never used in η). If false, null and non-finite losses are a 422."
+        ),
+    )
+
+
+class EpochIn(BaseModel):
+    epoch: int = Field(ge=0)
+    t: float
+    phase: str | None = Field(None, max_length=32)
+    accuracy: float | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class EpochsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: list[EpochIn]
+
+
+class IngestResult(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+class DeviceEnergy(BaseModel):
+    device: str
+    kind: str
+    source: str
+    model: str
+    method: str
+    energy_j: float
+    device_energy_j: float
+    share: float
+    attribution: str
+    n_samples: int
+    covered_s: float
+    gaps_s: float
+
+
+class EnergyPublic(BaseModel):
+    run_id: str
+    energy_j: float | None
+    device_energy_j: float | None
+    source: str
+    measured: bool
+    t_start: float
+    t_end: float
+    duration_s: float
+    by_device: list[DeviceEnergy]
+
+
+class EtaPublic(BaseModel):
+    run_id: str
+    eta_bits_per_j: float | None
+    marginal_eta_bits_per_j: float | None
+    window_s: float
+    info_gain_bits: float | None
+    info_gain_total_bits: float | None
+    loss_start: float | None
+    loss_now: float | None
+    energy_j: float | None
+    window_energy_j: float | None
+    source: str
+    measured: bool
+    smoothing_batches: int
+    t: float
+
+
+class SeriesPublic(BaseModel):
+    run_id: str
+    metric: str
+    points: list[tuple[float, float]]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorPublic(BaseModel):
+    error: ErrorBody

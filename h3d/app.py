@@ -1,0 +1,138 @@
+"""``create_app(settings)``: the FastAPI application. Nothing is created at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypedDict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from h3d import __version__
+from h3d.api import api_router
+from h3d.config import Settings
+from h3d.errors import H3DError
+from h3d.middleware import GuardMiddleware, error_payload
+from h3d.power.base import PowerBackend
+from h3d.power.sampler import PowerSampler
+from h3d.power.select import build_backends
+from h3d.security import ensure_token
+from h3d.storage import migrate
+from h3d.storage.engine import make_engine, make_sessionmaker
+
+logger = logging.getLogger(__name__)
+
+
+class State(TypedDict):
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    sampler: PowerSampler | None
+
+
+def _write_daemon_file(settings: Settings) -> None:
+    if settings.public_url is None:
+        return
+    info = {
+        "url": settings.public_url,
+        "pid": os.getpid(),
+        "version": __version__,
+        "started_at": time.time(),
+    }
+    tmp = settings.daemon_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(settings.daemon_file)
+
+
+def _remove_daemon_file(settings: Settings) -> None:
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+        if json.loads(settings.daemon_file.read_text()).get("pid") == os.getpid():
+            settings.daemon_file.unlink()
+
+
+def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = None) -> FastAPI:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token = ensure_token(settings.token_path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        engine = make_engine(settings.database_url)
+        if settings.auto_migrate:
+            migrate.upgrade(engine)
+        else:
+            migrate.verify_schema(engine)
+        factory = make_sessionmaker(engine)
+        devs = (
+            list(backends)
+            if backends is not None
+            else build_backends(settings.power_backends, cpu_tdp_w=settings.cpu_tdp_w)
+        )
+        sampler = PowerSampler(
+            devs,
+            factory,
+            interval_s=settings.sample_interval_s,
+            flush_interval_s=settings.flush_interval_s,
+        )
+        sampler.start()
+        _write_daemon_file(settings)
+        logger.info("h3d %s ready (%d power devices)", __version__, len(devs))
+        try:
+            yield {"settings": settings, "session_factory": factory, "sampler": sampler}
+        finally:
+            _remove_daemon_file(settings)
+            sampler.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="h3d",
+        version=__version__,
+        summary="H3 daemon: energy and bits-per-joule of training runs.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=settings.max_body_bytes)
+    app.include_router(api_router, prefix="/v1")
+
+    @app.get("/healthz", tags=["system"])
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.exception_handler(H3DError)
+    async def _h3d_error(_request: Request, exc: H3DError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(
+            error_payload("validation_error", f"{where}: {first['msg']}", details),
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_payload(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return JSONResponse(
+            error_payload("internal_error", f"{type(exc).__name__}: the daemon hit a bug"),
+            status_code=500,
+        )
+
+    return app

@@ -1,0 +1,342 @@
+"""``h3d``: serve the daemon and inspect what it stored.
+
+h3d serve [--host H] [--port P] [--data-dir D] [--db-url U]
+h3d status | runs | show RUN | export RUN [-o FILE] | stop
+h3d db upgrade | db current
+h3d doctor
+h3d demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from h3d import __version__
+from h3d._http import DaemonClient, DaemonDown, discover_url, is_healthy
+from h3d.config import Settings
+from h3d.errors import H3DError
+
+logger = logging.getLogger(__name__)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    kw: dict[str, Any] = {}
+    for name in ("host", "port", "data_dir", "db_url", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kw[name] = value
+    return Settings(**kw)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from h3d.app import create_app
+    from h3d.storage import migrate
+    from h3d.storage.engine import make_engine
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    try:  # check the store before binding, so a bad database is one clear line
+        if settings.auto_migrate:
+            migrate.upgrade(engine)
+        else:
+            migrate.verify_schema(engine)
+    except H3DError as exc:
+        print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        print(f"h3d: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    host = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host
+    settings.public_url = f"http://{host}:{port}"
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: reachable from other hosts (token required)", host)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, log_level=settings.log_level.lower(), access_log=False, log_config=None
+    )
+    server = uvicorn.Server(config)
+    logger.info("serving on %s (data dir %s)", settings.public_url, settings.data_dir)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+# --- client-side commands ------------------------------------------------------------------
+
+
+def _fmt(v: Any, unit: str = "", digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}{unit}"
+    return f"{v}{unit}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    url = discover_url(settings)
+    if not is_healthy(url):
+        print(f"h3d: no daemon answers at {url}")
+        return 1
+    c = DaemonClient(settings, url)
+    devs = c.get("/v1/devices")
+    runs = c.get("/v1/runs", params={"limit": 1})
+    running = c.get("/v1/runs", params={"status": "running", "limit": 1})
+    print(f"h3d {c.get('/healthz')['version']} at {url}  (data dir {settings.data_dir})")
+    print(f"runs: {runs['count']} stored, {running['count']} running")
+    if not devs["devices"]:
+        print("devices: none readable (source=none): energy is unknown; see `h3d doctor`")
+    for d in devs["devices"]:
+        if not d["active"]:
+            continue
+        label = " (ESTIMATE, not a measurement)" if d["source"] == "estimated" else ""
+        print(
+            f"  {d['name']:<24} {d['status']:<9} {d['source']:<18} "
+            f"{_fmt(d['last_power_w'], ' W')}{label}  {d['model']}"
+        )
+        if d["reason"] and d["status"] != "ok":
+            print(f"      reason: {d['reason']}")
+    s = devs.get("sampler") or {}
+    if s:
+        print(
+            f"sampler: every {s['interval_s']} s, achieved {_fmt(s['achieved_hz'], ' Hz')}, "
+            f"jitter {_fmt(s['jitter_ms'], ' ms')}, "
+            f"own cost {_fmt((s['cpu_fraction_of_core'] or 0) * 100, ' % of a core')}"
+        )
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    c = DaemonClient(_settings(args))
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    if args.tag:
+        params["tag"] = args.tag
+    page = c.get("/v1/runs", params=params)
+    print(f"{'id':<32}  {'name':<24} {'status':<9} {'batches':>8}  created")
+    for r in page["data"]:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        print(
+            f"{r['id']:<32}  {r['name'][:24]:<24} {r['status']:<9} {r['n_batches']:>8}  {created}"
+        )
+    print(f"({len(page['data'])} of {page['count']})")
+    return 0
+
+
+def _resolve(c: DaemonClient, ref: str) -> str:
+    """A run id, a unique id prefix, or an exact name (newest wins)."""
+    page = c.get("/v1/runs", params={"limit": 1000})
+    ids = [r["id"] for r in page["data"] if r["id"].startswith(ref)]
+    if len(ids) == 1:
+        return ids[0]
+    named = [r["id"] for r in page["data"] if r["name"] == ref]
+    if named:
+        return named[0]
+    return ref  # let the daemon say 404
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    e, eta = rep["energy"], rep["eta"]
+    print(f"run {rep['run']}  {rep['name']}  [{rep['status']}]")
+    print(f"  duration     {rep['duration_s']:.1f} s, {rep['n_batches']} batches")
+    tag = "" if e["measured"] else "  (ESTIMATED: not a measurement)"
+    print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
+    for d in e["by_device"]:
+        print(f"    {d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}")
+    print(
+        f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
+        f"(smoothed over {eta['smoothing_batches']} batches)"
+    )
+    print(f"  info gain    {_fmt(eta['info_gain_bits'], ' bits/sample')}")
+    print(f"  eta          {_fmt(eta['eta_bits_per_j'], ' bits/J')}")
+    print(
+        f"  marginal eta {_fmt(eta['marginal_eta_bits_per_j'], ' bits/J')} (last {eta['window_s']:g} s)"
+    )
+    if rep["epochs"]:
+        print(
+            f"  {'epoch':>5} {'phase':<14} {'loss':>8} {'acc':>7} {'energy J':>10} {'eta b/J':>10}"
+        )
+        for ep in rep["epochs"]:
+            print(
+                f"  {ep['epoch']:>5} {str(ep['phase'] or '-'):<14} {_fmt(ep['loss']):>8} "
+                f"{_fmt(ep['accuracy']):>7} {_fmt(ep['energy_j']):>10} {_fmt(ep['eta_bits_per_j']):>10}"
+            )
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    c = DaemonClient(_settings(args))
+    rep = c.get(f"/v1/runs/{_resolve(c, args.run)}/report")
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print_report(rep)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    c = DaemonClient(_settings(args))
+    rid = _resolve(c, args.run)
+    total = c.get(f"/v1/runs/{rid}")["n_batches"]
+    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    lines = 0
+    try:
+        with c.http.stream("GET", f"/v1/runs/{rid}/export.csv") as r:
+            if r.status_code != 200:
+                r.read()
+                raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
+            for chunk in r.iter_text():
+                out.write(chunk)
+                lines += chunk.count("\n")
+                if args.output and sys.stderr.isatty():
+                    print(
+                        f"\rexported {max(lines - 1, 0)}/{total} batches", end="", file=sys.stderr
+                    )
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"\rexported {max(lines - 1, 0)} batches to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        info = json.loads(settings.daemon_file.read_text())
+    except (FileNotFoundError, ValueError):
+        print("h3d: no daemon.json: no daemon is running from this data dir")
+        return 1
+    try:
+        os.kill(int(info["pid"]), signal.SIGTERM)
+    except ProcessLookupError:
+        settings.daemon_file.unlink(missing_ok=True)
+        print("h3d: the recorded daemon is gone; removed its stale daemon.json")
+        return 1
+    print(f"h3d: asked the daemon (pid {info['pid']}) to stop")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from h3d.storage import migrate
+    from h3d.storage.engine import make_engine
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.db_command == "upgrade":
+            before, after = migrate.upgrade(engine)
+            if before == after:
+                print(f"{url}: already at {after}")
+            else:
+                print(f"{url}: upgraded {before or '(empty)'} -> {after}")
+        else:
+            rev = migrate.current_revision(engine)
+            print(f"{url}: at {rev or '(empty)'}; this h3d's head is {migrate.head_revision()}")
+    except H3DError as exc:
+        print(f"h3d: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from h3d.power import doctor
+
+    return doctor.main(_settings(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from h3d import demo
+
+    return demo.main(_settings(args), epochs=args.epochs, keep=not args.stop)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", dest="data_dir", help="data dir (env H3D_DATA_DIR)")
+    common.add_argument("--db-url", dest="db_url", help="SQLAlchemy URL (env H3D_DB_URL)")
+    common.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+    p = argparse.ArgumentParser(prog="h3d", description="The H3 energy daemon.")
+    p.add_argument("--version", action="version", version=f"h3d {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", parents=[common], help="run the daemon")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8421; 0 picks a free one)")
+    s.set_defaults(func=cmd_serve)
+    sub.add_parser("status", parents=[common], help="is a daemon up; devices").set_defaults(
+        func=cmd_status
+    )
+    r = sub.add_parser("runs", parents=[common], help="list runs")
+    r.add_argument("--status", choices=["running", "finished", "failed"])
+    r.add_argument("--tag")
+    r.add_argument("--limit", type=int, default=20)
+    r.set_defaults(func=cmd_runs)
+    sh = sub.add_parser("show", parents=[common], help="a run's report")
+    sh.add_argument("run", help="run id, unique id prefix, or name")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_show)
+    ex = sub.add_parser("export", parents=[common], help="a run's batches as CSV")
+    ex.add_argument("run")
+    ex.add_argument("-o", "--output", help="file (default: stdout)")
+    ex.set_defaults(func=cmd_export)
+    sub.add_parser("stop", parents=[common], help="stop the running daemon").set_defaults(
+        func=cmd_stop
+    )
+    db = sub.add_parser("db", parents=[common], help="database schema")
+    db.add_argument("db_command", choices=["upgrade", "current"])
+    db.set_defaults(func=cmd_db)
+    sub.add_parser(
+        "doctor", parents=[common], help="which power backends work, and why not"
+    ).set_defaults(func=cmd_doctor)
+    d = sub.add_parser("demo", parents=[common], help="profile a real small training run")
+    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--stop", action="store_true", help="stop the daemon it started afterwards")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DaemonDown as exc:
+        print(f"h3d: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

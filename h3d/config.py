@@ -1,0 +1,69 @@
+"""Daemon settings: constructor arguments, then ``H3D_*`` environment variables, then defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 8421
+
+
+def default_data_dir() -> Path:
+    """``$H3D_DATA_DIR``, else ``$XDG_DATA_HOME/h3d``, else ``~/.local/share/h3d``."""
+    env = os.environ.get("H3D_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "h3d"
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Build one in ``cli.main`` or a test fixture."""
+
+    model_config = SettingsConfigDict(env_prefix="H3D_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    db_url: str | None = None  # default: sqlite file ``h3d.db`` in data_dir
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    sample_interval_s: float = Field(0.1, ge=0.01, le=60.0)
+    flush_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    log_level: str = "INFO"
+    auto_migrate: bool = True
+    # Comma-separated backend families to probe: auto | estimated | constant:<watts> | none.
+    power_backends: str = "auto"
+    # The `estimated` CPU model: utilisation × TDP. None → 10 W per logical core (min 15 W).
+    cpu_tdp_w: float | None = Field(None, gt=0.0)
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_batches_per_request: int = Field(50_000, gt=0)
+    # The public URL once bound (set by `serve`; written to daemon.json).
+    public_url: str | None = None
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {v!r}")
+        return v
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'h3d.db'}"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "token"
+
+    @property
+    def daemon_file(self) -> Path:
+        return self.data_dir / "daemon.json"

@@ -1,0 +1,92 @@
+"""``h3d demo``: start the daemon (embedded SQLite default), profile a real training run, report.
+
+The training itself runs in a child interpreter (``python -m h3client._demo``): h3d does
+not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from h3d._http import DaemonClient, discover_url, is_healthy
+from h3d.cli import print_report
+from h3d.config import Settings
+
+
+def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, int | None]:
+    """Return the URL of a healthy daemon for this data dir, starting one if needed."""
+    url = discover_url(settings)
+    if is_healthy(url):
+        print(f"using the running daemon at {url}")
+        return url, None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(settings.data_dir / "h3d.log", "ab")  # noqa: SIM115  (handed to the child)
+    cmd = [sys.executable, "-m", "h3d", "serve", "--data-dir", str(settings.data_dir)]
+    if settings.db_url:
+        cmd += ["--db-url", settings.db_url]
+    port_busy = False
+    proc = subprocess.Popen(
+        cmd + ["--port", str(settings.port)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    print(f"starting h3d (pid {proc.pid}, log {settings.data_dir / 'h3d.log'})", end="", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            if port_busy:
+                break
+            port_busy = True  # the default port may be taken: try a free one
+            proc = subprocess.Popen(
+                cmd + ["--port", "0"], stdout=log, stderr=log, start_new_session=True
+            )
+        try:
+            url = json.loads(settings.daemon_file.read_text())["url"]
+            if is_healthy(url):
+                print(f" ready at {url}")
+                return url, proc.pid
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        print(".", end="", flush=True)
+        time.sleep(0.3)
+    print()
+    raise SystemExit(f"h3d: the daemon did not become healthy; see {settings.data_dir / 'h3d.log'}")
+
+
+def main(settings: Settings, *, epochs: int = 15, keep: bool = True) -> int:
+    url, pid = start_daemon(settings)
+    env = {**os.environ, "H3D_URL": url, "H3D_DATA_DIR": str(settings.data_dir)}
+    print(f"training an MLP on scikit-learn's digits for {epochs} epochs, streaming to h3d")
+    out = subprocess.run(
+        [sys.executable, "-m", "h3client._demo", "--epochs", str(epochs)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    run_id = None
+    for line in out.stdout.splitlines():
+        if line.startswith("RUN_ID="):
+            run_id = line.split("=", 1)[1].strip()
+        else:
+            print(line)
+    if out.returncode != 0 or run_id is None:
+        print("h3d: the demo training failed", file=sys.stderr)
+        return 1
+    c = DaemonClient(settings, url)
+    print()
+    print_report(c.get(f"/v1/runs/{run_id}/report"))
+    print()
+    print(f"browse: {url}/docs (API) ; {url}/v1/runs/{run_id}/report with the bearer token in")
+    print(f"        {settings.token_path} ; or `h3d show {run_id[:8]}`")
+    if pid is not None:
+        if keep:
+            print(f"the daemon keeps running (pid {pid}); stop it with `h3d stop`")
+        else:
+            os.kill(pid, 15)
+    return 0

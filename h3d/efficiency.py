@@ -1,0 +1,52 @@
+"""Information gain and η (pure functions, no I/O). DESIGN.md §3.
+
+- L is the smoothed mean cross-entropy in nats: the sample-weighted mean of the K batch
+  losses around a point, K = clamp(B // 10, 1, 50) for a run of B finite batches.
+- ΔI (bits per sample) = (L₀ − Lₜ) / ln 2; ΔI_total = N_train · ΔI.
+- η = ΔI / E (bits/J); the marginal η over a window w is (L_{t−w} − Lₜ)/ln 2 / E_w.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+LN2 = math.log(2.0)
+LANDAUER_BITS_PER_J_300K = 1.0 / (1.380649e-23 * 300.0 * LN2)
+
+BatchPoint = tuple[float, float, float]  # (t_s, loss_nats, weight n)
+
+
+def smoothing_k(n_batches: int) -> int:
+    return max(1, min(50, n_batches // 10))
+
+
+def smoothed(points: Sequence[BatchPoint]) -> float | None:
+    """Weighted mean loss of ``points``; None when there are none."""
+    w = sum(p[2] for p in points)
+    if not points or w <= 0:
+        return None
+    return sum(p[1] * p[2] for p in points) / w
+
+
+def loss_at_start(points: Sequence[BatchPoint], k: int) -> float | None:
+    return smoothed(points[:k])
+
+
+def loss_before(points: Sequence[BatchPoint], t: float, k: int) -> float | None:
+    """Smoothed loss of the ``k`` batches that ended at or before ``t``."""
+    upto = [p for p in points if p[0] <= t]
+    return smoothed(upto[-k:]) if upto else None
+
+
+def info_gain_bits(l0: float | None, lt: float | None) -> float | None:
+    if l0 is None or lt is None:
+        return None
+    return (l0 - lt) / LN2
+
+
+def eta(bits: float | None, energy_j: float | None) -> float | None:
+    """Bits per joule, or None when either is unknown or no energy was measured."""
+    if bits is None or energy_j is None or energy_j <= 0.0:
+        return None
+    return bits / energy_j

@@ -1,0 +1,173 @@
+"""The sampler thread: reads every backend each period and stores the readings in batches.
+
+Time: each tick is stamped ``wall0 + (monotonic() - mono0)``: a Unix time that the
+monotonic clock drives, so NTP steps do not bend the integration, and that still lines up
+with the client's wall-clock batch timestamps.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from h3d.power.base import PowerBackend, PowerBackendError
+from h3d.storage import repository as repo
+from h3d.storage.engine import session_scope
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceState:
+    backend: PowerBackend
+    device_id: int
+    status: str = "ok"  # ok | degraded
+    reason: str | None = None
+    last_t: float | None = None
+    last_power_w: float | None = None
+    last_energy_j: float | None = None
+    errors: int = 0
+    recent: deque[tuple[float, float | None, float | None]] = field(
+        default_factory=lambda: deque(maxlen=600)
+    )
+
+
+class PowerSampler:
+    def __init__(
+        self,
+        backends: Sequence[PowerBackend],
+        session_factory: sessionmaker[Session],
+        *,
+        interval_s: float = 0.1,
+        flush_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.flush_interval_s = flush_interval_s
+        self._factory = session_factory
+        self._clock = clock
+        self._mono0 = clock()
+        self._wall0 = time.time()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: list[dict[str, Any]] = []
+        self._thread: threading.Thread | None = None
+        self._intervals: deque[float] = deque(maxlen=1000)
+        self._cpu_s = 0.0
+        self._started_mono: float | None = None
+        self.ticks = 0
+        self.devices: list[DeviceState] = []
+        now = self.now()
+        with session_scope(self._factory) as s:
+            for b in backends:
+                dev = repo.upsert_device(
+                    s,
+                    name=b.info.name,
+                    kind=b.info.kind,
+                    source=b.info.source,
+                    model=b.info.model,
+                    uuid_=b.info.uuid,
+                    now=now,
+                )
+                self.devices.append(DeviceState(backend=b, device_id=dev.id))
+
+    def now(self) -> float:
+        """The sampler's clock: Unix seconds driven by the monotonic clock."""
+        return self._wall0 + (self._clock() - self._mono0)
+
+    def start(self) -> None:
+        if self._thread is None and self.devices:
+            self._thread = threading.Thread(target=self._run, name="h3d-sampler", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        self._started_mono = self._clock()
+        next_tick = self._started_mono
+        last_flush = next_tick
+        prev: float | None = None
+        while not self._stop.is_set():
+            c0 = time.thread_time()
+            mono = self._clock()
+            if prev is not None:
+                self._intervals.append(mono - prev)
+            prev = mono
+            self.tick()
+            if mono - last_flush >= self.flush_interval_s:
+                self.flush()
+                last_flush = mono
+            self._cpu_s += time.thread_time() - c0
+            next_tick += self.interval_s
+            delay = next_tick - self._clock()
+            if delay < -self.interval_s:  # fell behind (suspend, overload): do not burst
+                next_tick = self._clock()
+                delay = 0.0
+            self._stop.wait(max(0.0, delay))
+
+    def tick(self) -> None:
+        t = self.now()
+        rows = []
+        for d in self.devices:
+            try:
+                r = d.backend.read()
+            except PowerBackendError as exc:
+                d.errors += 1
+                if d.status != "degraded":
+                    logger.warning("device %s degraded: %s", d.backend.info.name, exc)
+                d.status, d.reason = "degraded", str(exc)
+                continue
+            except Exception as exc:  # a vendor library must not stop the sampler
+                d.errors += 1
+                if d.status != "degraded":
+                    logger.exception("device %s raised; marked degraded", d.backend.info.name)
+                d.status, d.reason = "degraded", f"{type(exc).__name__}: {exc}"
+                continue
+            if d.status != "ok":
+                logger.info("device %s recovered", d.backend.info.name)
+            d.status, d.reason = "ok", None
+            d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
+            d.recent.append((t, r.power_w, r.energy_j))
+            rows.append(
+                {"device_id": d.device_id, "t": t, "power_w": r.power_w, "energy_j": r.energy_j}
+            )
+        self.ticks += 1
+        with self._lock:
+            self._pending.extend(rows)
+
+    def flush(self) -> None:
+        """Write pending samples now (also called before energy queries)."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+        if rows:
+            with session_scope(self._factory) as s:
+                repo.add_power_samples(s, rows=rows)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()
+        for d in self.devices:
+            try:
+                d.backend.close()
+            except Exception:  # closing must not fail shutdown
+                logger.exception("closing %s failed", d.backend.info.name)
+
+    def stats(self) -> dict[str, Any]:
+        iv = list(self._intervals)
+        elapsed = (self._clock() - self._started_mono) if self._started_mono is not None else 0.0
+        return {
+            "interval_s": self.interval_s,
+            "ticks": self.ticks,
+            "achieved_hz": (1.0 / statistics.median(iv)) if iv else None,
+            "jitter_ms": (statistics.pstdev(iv) * 1e3) if len(iv) > 1 else None,
+            "cpu_fraction_of_core": (self._cpu_s / elapsed) if elapsed > 0 else None,
+            "running": self._thread is not None and self._thread.is_alive(),
+        }

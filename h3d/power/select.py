@@ -1,0 +1,53 @@
+"""Turn ``H3D_POWER_BACKENDS`` into backend objects (probing is isolated per family)."""
+
+from __future__ import annotations
+
+import logging
+
+from h3d.power.base import PowerBackend
+from h3d.power.estimated import EstimatedCpuBackend
+from h3d.power.fake import ConstantBackend
+
+logger = logging.getLogger(__name__)
+
+
+def _hardware() -> list[PowerBackend]:
+    """Every readable device (NVML, RAPL, Apple), or [] where nothing can be read."""
+    try:
+        from h3d.power import detect
+    except ImportError:
+        return []
+    try:
+        return list(detect.detect_backends())
+    except Exception:  # probing must never take the daemon down
+        logger.exception("device detection failed; continuing without hardware backends")
+        return []
+
+
+def build_backends(spec: str, *, cpu_tdp_w: float | None) -> list[PowerBackend]:
+    """``auto`` | ``estimated`` | ``constant:<W>`` | ``none``, comma-separated."""
+    out: list[PowerBackend] = []
+    for i, item in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+        if item == "auto":
+            hw = _hardware()
+            if not hw:
+                logger.warning(
+                    "no power device is readable (NVML, RAPL, Apple): using the ESTIMATED "
+                    "CPU model (utilisation x TDP); `h3d doctor` says how to enable one"
+                )
+                hw = [EstimatedCpuBackend(cpu_tdp_w)]
+            out.extend(hw)
+        elif item == "estimated":
+            out.append(EstimatedCpuBackend(cpu_tdp_w))
+        elif item.startswith("constant:"):
+            watts = float(item.split(":", 1)[1])
+            out.append(ConstantBackend(watts, name=f"constant:{i}"))
+        elif item == "none":
+            continue
+        else:
+            raise ValueError(f"unknown power backend {item!r} in H3D_POWER_BACKENDS")
+    if not out:
+        logger.warning("no power backend: energy and η will be reported as unknown (source=none)")
+    for b in out:
+        logger.info("power device %s (%s)", b.info.name, b.info.source)
+    return out

@@ -1,0 +1,129 @@
+"""Tables. Every schema change goes through an Alembic revision in ``migrations/versions``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(255))
+    n_train: Mapped[int | None] = mapped_column(Integer)
+    # Denormalised counters, updated in the same transaction as the ingest they count.
+    n_batches: Mapped[int] = mapped_column(Integer, default=0)
+    n_epochs: Mapped[int] = mapped_column(Integer, default=0)
+    n_nonfinite: Mapped[int] = mapped_column(Integer, default=0)
+    last_seq: Mapped[int | None] = mapped_column(Integer)
+    last_t: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        Index("ix_runs_created_at_id", "created_at", "id"),
+        Index("ix_runs_status", "status"),
+        Index("ix_runs_name", "name"),
+    )
+
+
+class RunTag(Base):
+    __tablename__ = "run_tags"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+
+    __table_args__ = (Index("ix_run_tags_tag", "tag"),)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    t: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)  # NULL: sent as non-finite
+    n: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    step: Mapped[int | None] = mapped_column(Integer)
+    phase: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_batches_run_id_t", "run_id", "t"),)
+
+
+class SampleLosses(Base):
+    """Per-sample losses of one batch: float32 and int64 little-endian blobs, not rows."""
+
+    __tablename__ = "sample_losses"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    losses: Mapped[bytes] = mapped_column(LargeBinary)  # float32; NaN marks a missing value
+    indices: Mapped[bytes | None] = mapped_column(LargeBinary)  # int64
+
+
+class Epoch(Base):
+    __tablename__ = "epochs"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    t: Mapped[float] = mapped_column(Float)
+    phase: Mapped[str | None] = mapped_column(String(32))
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(200), default="")
+    uuid: Mapped[str | None] = mapped_column(String(100))
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class PowerSample(Base):
+    """One reading of one device. ``t`` is the sampler's monotonic-anchored Unix time."""
+
+    __tablename__ = "power_samples"
+
+    device_id: Mapped[int] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    t: Mapped[float] = mapped_column(Float, primary_key=True)
+    power_w: Mapped[float | None] = mapped_column(Float)
+    energy_j: Mapped[float | None] = mapped_column(Float)  # cumulative counter, if any

@@ -1,0 +1,386 @@
+"""Store operations: keyword-only functions taking a session first. They flush, never commit."""
+
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, delete, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from h3d.errors import InvalidInput, RunFinished, RunNotFound
+from h3d.storage.models import Batch, Device, Epoch, PowerSample, Run, RunTag, SampleLosses
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """An INSERT that skips rows whose key exists (race-safe idempotent ingest)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return table.__table__.insert()
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+def create_run(
+    session: Session,
+    *,
+    name: str | None,
+    config: dict[str, Any],
+    tags: Sequence[str],
+    pid: int | None,
+    host: str | None,
+    n_train: int | None,
+    now: float,
+) -> Run:
+    run_id = new_run_id()
+    run = Run(
+        id=run_id,
+        name=name or f"run-{run_id[:8]}",
+        status="running",
+        created_at=now,
+        finished_at=None,
+        config=config,
+        pid=pid,
+        host=host,
+        n_train=n_train,
+        n_batches=0,
+        n_epochs=0,
+        n_nonfinite=0,
+        last_seq=None,
+        last_t=None,
+    )
+    session.add(run)
+    session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
+    session.flush()
+    return run
+
+
+def get_run(session: Session, *, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(run_id)
+    return run
+
+
+def run_tags(session: Session, *, run_ids: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {r: [] for r in run_ids}
+    if run_ids:
+        rows = session.execute(
+            select(RunTag.run_id, RunTag.tag).where(RunTag.run_id.in_(run_ids)).order_by(RunTag.tag)
+        )
+        for rid, tag in rows:
+            out[rid].append(tag)
+    return out
+
+
+def update_run(
+    session: Session,
+    *,
+    run_id: str,
+    status: str | None,
+    name: str | None,
+    tags: Sequence[str] | None,
+    now: float,
+) -> Run:
+    run = get_run(session, run_id=run_id)
+    if status is not None and status != run.status:
+        if run.status != "running":
+            raise RunFinished(
+                f"run {run_id} is already {run.status}", details={"status": run.status}
+            )
+        run.status = status
+        run.finished_at = now if status in ("finished", "failed") else None
+    if name is not None:
+        run.name = name
+    if tags is not None:
+        session.execute(delete(RunTag).where(RunTag.run_id == run_id))
+        session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
+    session.flush()
+    return run
+
+
+def _encode_cursor(created_at: float, run_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at!r}|{run_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        ts, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return float(ts), rid
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("the cursor is not one this daemon issued") from exc
+
+
+def list_runs(
+    session: Session,
+    *,
+    status: str | None = None,
+    name: str | None = None,
+    tag: str | None = None,
+    since: float | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Run], int, str | None]:
+    """Newest first. Returns (page, total matching, cursor of the next page or None)."""
+    q: Select[tuple[Run]] = select(Run)
+    if status:
+        q = q.where(Run.status == status)
+    if name:
+        q = q.where(Run.name.contains(name, autoescape=True))
+    if tag:
+        q = q.where(Run.id.in_(select(RunTag.run_id).where(RunTag.tag == tag)))
+    if since is not None:
+        q = q.where(Run.created_at >= since)
+    count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    if cursor:
+        c_at, c_id = _decode_cursor(cursor)
+        q = q.where(or_(Run.created_at < c_at, and_(Run.created_at == c_at, Run.id < c_id)))
+    rows = list(session.scalars(q.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)))
+    nxt = (
+        _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
+        if len(rows) > limit
+        else None
+    )
+    return rows[:limit], count, nxt
+
+
+# --- ingest ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    seq: int
+    t: float
+    loss: float | None
+    n: int | None
+    epoch: int | None
+    step: int | None
+    phase: str | None
+    losses: Sequence[float | None] | None
+    indices: Sequence[int] | None
+
+
+def _ingestable(session: Session, run_id: str) -> Run:
+    run = get_run(session, run_id=run_id)
+    if run.status != "running":
+        raise RunFinished(
+            f"run {run_id} is {run.status}; it takes no more data",
+            details={"status": run.status},
+        )
+    return run
+
+
+def _f32(values: Sequence[float | None]) -> bytes:
+    return array("f", (math.nan if v is None else v for v in values)).tobytes()
+
+
+def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -> tuple[int, int]:
+    """Insert the batches not stored yet; returns (accepted, duplicates)."""
+    run = _ingestable(session, run_id)
+    if not batches:
+        return 0, 0
+    lo = min(b.seq for b in batches)
+    hi = max(b.seq for b in batches)
+    existing = set(
+        session.scalars(select(Batch.seq).where(Batch.run_id == run_id, Batch.seq.between(lo, hi)))
+    )
+    new: dict[int, BatchRow] = {}
+    for b in batches:
+        if b.seq not in existing and b.seq not in new:
+            new[b.seq] = b
+    if new:
+        session.execute(
+            _insert(session, Batch),
+            [
+                {
+                    "run_id": run_id,
+                    "seq": b.seq,
+                    "t": b.t,
+                    "loss": b.loss,
+                    "n": b.n,
+                    "epoch": b.epoch,
+                    "step": b.step,
+                    "phase": b.phase,
+                }
+                for b in new.values()
+            ],
+        )
+        vectors = [
+            {
+                "run_id": run_id,
+                "seq": b.seq,
+                "count": len(b.losses),
+                "losses": _f32(b.losses),
+                "indices": array("q", b.indices).tobytes() if b.indices is not None else None,
+            }
+            for b in new.values()
+            if b.losses is not None
+        ]
+        if vectors:
+            session.execute(_insert(session, SampleLosses), vectors)
+        top = max(new.values(), key=lambda b: b.seq)
+        run.n_batches += len(new)
+        run.n_nonfinite += sum(1 for b in new.values() if b.loss is None)
+        if run.last_seq is None or top.seq > run.last_seq:
+            run.last_seq = top.seq
+        latest = max(b.t for b in new.values())
+        run.last_t = latest if run.last_t is None else max(run.last_t, latest)
+    session.flush()
+    return len(new), len(batches) - len(new)
+
+
+def add_epochs(
+    session: Session, *, run_id: str, epochs: Sequence[dict[str, Any]]
+) -> tuple[int, int]:
+    run = _ingestable(session, run_id)
+    keys = {e["epoch"] for e in epochs}
+    existing = set(
+        session.scalars(select(Epoch.epoch).where(Epoch.run_id == run_id, Epoch.epoch.in_(keys)))
+    )
+    new: dict[int, dict[str, Any]] = {}
+    for e in epochs:
+        if e["epoch"] not in existing and e["epoch"] not in new:
+            new[e["epoch"]] = {"run_id": run_id, **e}
+    if new:
+        session.execute(_insert(session, Epoch), list(new.values()))
+        run.n_epochs += len(new)
+    session.flush()
+    return len(new), len(epochs) - len(new)
+
+
+# --- reads ----------------------------------------------------------------------------
+
+
+def batch_points(
+    session: Session, *, run_id: str, t0: float | None = None, t1: float | None = None
+) -> list[tuple[int, float, float | None, int | None, int | None, str | None]]:
+    """(seq, t, loss, n, epoch, phase) ordered by seq."""
+    q = select(Batch.seq, Batch.t, Batch.loss, Batch.n, Batch.epoch, Batch.phase).where(
+        Batch.run_id == run_id
+    )
+    if t0 is not None:
+        q = q.where(Batch.t >= t0)
+    if t1 is not None:
+        q = q.where(Batch.t <= t1)
+    return [tuple(r) for r in session.execute(q.order_by(Batch.seq))]  # type: ignore[misc]
+
+
+def iter_batches(session: Session, *, run_id: str, chunk: int = 5000) -> Iterable[Batch]:
+    last = -1
+    while True:
+        rows = list(
+            session.scalars(
+                select(Batch)
+                .where(Batch.run_id == run_id, Batch.seq > last)
+                .order_by(Batch.seq)
+                .limit(chunk)
+            )
+        )
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq
+
+
+def sample_losses(
+    session: Session, *, run_id: str, seq: int
+) -> tuple[list[float], list[int] | None]:
+    row = session.get(SampleLosses, (run_id, seq))
+    if row is None:
+        raise InvalidInput(f"batch {seq} of run {run_id} has no per-sample losses")
+    losses = array("f")
+    losses.frombytes(row.losses)
+    idx = None
+    if row.indices is not None:
+        a = array("q")
+        a.frombytes(row.indices)
+        idx = a.tolist()
+    return losses.tolist(), idx
+
+
+def epochs(session: Session, *, run_id: str) -> list[Epoch]:
+    return list(session.scalars(select(Epoch).where(Epoch.run_id == run_id).order_by(Epoch.epoch)))
+
+
+# --- devices and power ------------------------------------------------------------------
+
+
+def upsert_device(
+    session: Session,
+    *,
+    name: str,
+    kind: str,
+    source: str,
+    model: str,
+    uuid_: str | None,
+    now: float,
+) -> Device:
+    dev = session.scalar(select(Device).where(Device.name == name))
+    if dev is None:
+        dev = Device(
+            name=name,
+            kind=kind,
+            source=source,
+            model=model,
+            uuid=uuid_,
+            first_seen=now,
+            last_seen=now,
+        )
+        session.add(dev)
+    else:
+        dev.kind, dev.source, dev.model, dev.uuid, dev.last_seen = kind, source, model, uuid_, now
+    session.flush()
+    return dev
+
+
+def add_power_samples(session: Session, *, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(_insert(session, PowerSample), list(rows))
+
+
+def devices(session: Session) -> list[Device]:
+    return list(session.scalars(select(Device).order_by(Device.id)))
+
+
+def power_window(
+    session: Session, *, device_id: int, t0: float, t1: float
+) -> list[tuple[float, float | None, float | None]]:
+    """Samples in [t0, t1] plus the nearest one on each side, for edge interpolation."""
+    cols = (PowerSample.t, PowerSample.power_w, PowerSample.energy_j)
+    inside = select(*cols).where(
+        PowerSample.device_id == device_id, PowerSample.t >= t0, PowerSample.t <= t1
+    )
+    before = (
+        select(*cols)
+        .where(PowerSample.device_id == device_id, PowerSample.t < t0)
+        .order_by(PowerSample.t.desc())
+        .limit(1)
+    )
+    after = (
+        select(*cols)
+        .where(PowerSample.device_id == device_id, PowerSample.t > t1)
+        .order_by(PowerSample.t)
+        .limit(1)
+    )
+    rows = [tuple(r) for r in session.execute(before)]
+    rows += [tuple(r) for r in session.execute(inside.order_by(PowerSample.t))]
+    rows += [tuple(r) for r in session.execute(after)]
+    return rows  # type: ignore[return-value]
+
+
+def count_runs(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Run)) or 0
