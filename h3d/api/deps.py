@@ -28,6 +28,8 @@ def get_sampler(request: Request) -> PowerSampler | None:
     return sampler
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits before the response is sent, so a 200 means
+# the data is stored (and a failed commit is an error response, not a lost write).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SamplerDep = Annotated["PowerSampler | None", Depends(get_sampler)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Tag = Field(min_length=1, max_length=100)
+INT_MAX = 2**62  # SQLite integers are 64-bit: bound every int before it reaches the store
 
 
 class RunCreate(BaseModel):
@@ -15,9 +15,11 @@ class RunCreate(BaseModel):
     name: str | None = Field(None, max_length=200)
     config: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list, max_length=100)
-    pid: int | None = Field(None, ge=0)
+    pid: int | None = Field(None, ge=0, le=INT_MAX)
     host: str | None = Field(None, max_length=255)
-    n_train: int | None = Field(None, ge=1, description="Training-set size, for ΔI_total.")
+    n_train: int | None = Field(
+        None, ge=1, le=INT_MAX, description="Training-set size, for ΔI_total."
+    )
 
 
 class RunUpdate(BaseModel):
@@ -53,17 +55,26 @@ class RunsPublic(BaseModel):
 
 
 class BatchIn(BaseModel):
-    seq: int = Field(ge=0, description="Per-run sequence number: the idempotency key.")
-    t: float = Field(description="Unix seconds (wall clock) when the batch ended.")
+    seq: int = Field(ge=0, le=INT_MAX, description="Per-run sequence number: the idempotency key.")
+    t: float = Field(
+        allow_inf_nan=False, description="Unix seconds (wall clock) when the batch ended."
+    )
     loss: float | None = Field(
         description="Mean loss in nats. null only with nonfinite_as_null (a NaN/inf loss)."
     )
-    n: int | None = Field(None, ge=0)
-    epoch: int | None = Field(None, ge=0)
-    step: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=0, le=INT_MAX)
+    epoch: int | None = Field(None, ge=0, le=INT_MAX)
+    step: int | None = Field(None, ge=0, le=INT_MAX)
     phase: str | None = Field(None, max_length=32)
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
     indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
+
+    @field_validator("indices")
+    @classmethod
+    def _index_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and v and (min(v) < -INT_MAX or max(v) > INT_MAX):
+            raise ValueError("an index is out of the 64-bit range")
+        return v
 
     @model_validator(mode="after")
     def _lengths(self) -> BatchIn:
@@ -94,8 +105,8 @@ class BatchesIn(BaseModel):
 
 
 class EpochIn(BaseModel):
-    epoch: int = Field(ge=0)
-    t: float
+    epoch: int = Field(ge=0, le=INT_MAX)
+    t: float = Field(allow_inf_nan=False)
     phase: str | None = Field(None, max_length=32)
     accuracy: float | None = None
     loss: float | None = None

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select
+from sqlalchemy import Select, and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -184,6 +184,11 @@ def _ingestable(session: Session, run_id: str) -> Run:
     return run
 
 
+def _at_least(column: Any, value: float) -> Any:
+    """SQL for max(column, value) with NULL as -inf, portable across dialects."""
+    return case((or_(column.is_(None), column < value), value), else_=column)
+
+
 def _f32(values: Sequence[float | None]) -> bytes:
     return array("f", (math.nan if v is None else v for v in values)).tobytes()
 
@@ -232,13 +237,22 @@ def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -
         ]
         if vectors:
             session.execute(_insert(session, SampleLosses), vectors)
-        top = max(new.values(), key=lambda b: b.seq)
-        run.n_batches += len(new)
-        run.n_nonfinite += sum(1 for b in new.values() if b.loss is None)
-        if run.last_seq is None or top.seq > run.last_seq:
-            run.last_seq = top.seq
+        # Counters move in SQL, not read-modify-write in Python: concurrent ingests into
+        # one run must not lose updates.
+        top = max(b.seq for b in new.values())
         latest = max(b.t for b in new.values())
-        run.last_t = latest if run.last_t is None else max(run.last_t, latest)
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(
+                n_batches=Run.n_batches + len(new),
+                n_nonfinite=Run.n_nonfinite + sum(1 for b in new.values() if b.loss is None),
+                last_seq=_at_least(Run.last_seq, top),
+                last_t=_at_least(Run.last_t, latest),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        session.expire(run)
     session.flush()
     return len(new), len(batches) - len(new)
 
@@ -257,7 +271,13 @@ def add_epochs(
             new[e["epoch"]] = {"run_id": run_id, **e}
     if new:
         session.execute(_insert(session, Epoch), list(new.values()))
-        run.n_epochs += len(new)
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(n_epochs=Run.n_epochs + len(new))
+            .execution_options(synchronize_session=False)
+        )
+        session.expire(run)
     session.flush()
     return len(new), len(epochs) - len(new)
 

@@ -1,0 +1,116 @@
+"""Shared fixtures: settings factories and a real ``h3d serve`` process on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["H3D_DATA_DIR"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+class Daemon:
+    """A real daemon subprocess. ``restart()`` keeps the data dir and the port."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.token = ""
+        self.log = data_dir / "daemon-test.log"
+
+    def start(self, timeout_s: float = 30.0) -> Daemon:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "daemon.json").unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "h3d", "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"h3d exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                self.url = json.loads((self.data_dir / "daemon.json").read_text())["url"]
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    self.token = (self.data_dir / "token").read_text().strip()
+                    return self
+            except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"h3d did not become healthy:\n{self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> Daemon:
+        self.stop()
+        return self.start()
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30, **kw
+        )
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(name: str = "data", **env: str) -> Daemon:
+        env.setdefault("H3D_POWER_BACKENDS", "constant:50")
+        env.setdefault("H3D_SAMPLE_INTERVAL_S", "0.02")
+        env.setdefault("H3D_FLUSH_INTERVAL_S", "0.2")
+        env.setdefault("H3D_LOG_LEVEL", "WARNING")
+        d = Daemon(tmp_path / name, daemon_env(tmp_path / name, **env))
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    return daemon_factory()
+
+
+@pytest.fixture
+def api(daemon: Daemon) -> Iterator[httpx.Client]:
+    with daemon.client() as c:
+        yield c

@@ -1,0 +1,325 @@
+"""The REST API driven over real HTTP against a real ``h3d serve`` process."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+
+def make_run(api: httpx.Client, **kw: Any) -> dict[str, Any]:
+    r = api.post("/v1/runs", json={"name": "r", **kw})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def batches(start: int, count: int, *, t0: float | None = None, per_sample: int = 0) -> list[dict]:
+    t0 = time.time() if t0 is None else t0
+    out = []
+    for s in range(start, start + count):
+        b: dict[str, Any] = {"seq": s, "t": t0 + s * 0.01, "loss": 2.3 / (1 + s / 50), "n": 8}
+        if per_sample:
+            b["losses"] = [0.5 + 0.01 * i for i in range(per_sample)]
+            b["indices"] = list(range(s * per_sample, (s + 1) * per_sample))
+        out.append(b)
+    return out
+
+
+def err(r: httpx.Response) -> dict[str, Any]:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+def test_healthz_is_open_and_v1_needs_the_token(daemon: Any) -> None:
+    assert httpx.get(f"{daemon.url}/healthz").json()["status"] == "ok"
+    r = httpx.get(f"{daemon.url}/v1/runs")
+    assert r.status_code == 401 and err(r)["code"] == "unauthorized"
+    r = httpx.get(f"{daemon.url}/v1/runs", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    mode = (daemon.data_dir / "token").stat().st_mode & 0o777
+    assert mode == 0o600
+
+
+def test_run_lifecycle(api: httpx.Client) -> None:
+    run = make_run(api, config={"lr": 0.1}, tags=["a", "b"], pid=123, host="h", n_train=1000)
+    assert run["status"] == "running" and run["tags"] == ["a", "b"] and run["n_batches"] == 0
+    got = api.get(f"/v1/runs/{run['id']}").json()
+    assert got["config"] == {"lr": 0.1} and got["pid"] == 123
+    r = api.patch(f"/v1/runs/{run['id']}", json={"name": "renamed", "tags": ["c"]})
+    assert r.json()["name"] == "renamed" and r.json()["tags"] == ["c"]
+    r = api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
+    assert r.json()["status"] == "finished" and r.json()["finished_at"] >= run["created_at"]
+    r = api.patch(f"/v1/runs/{run['id']}", json={"status": "failed"})
+    assert r.status_code == 409 and err(r)["code"] == "run_finished"
+
+
+def test_bulk_ingest_is_idempotent_on_seq(api: httpx.Client) -> None:
+    run = make_run(api)
+    url = f"/v1/runs/{run['id']}/batches"
+    r = api.post(url, json={"batches": batches(0, 10_000, per_sample=4)})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"accepted": 10_000, "duplicates": 0}
+    # resend an overlapping window: only the new seqs count
+    r = api.post(url, json={"batches": batches(9_990, 20)})
+    assert r.json() == {"accepted": 10, "duplicates": 10}
+    # a batch repeated inside one request counts once
+    r = api.post(url, json={"batches": batches(20_000, 1) * 3})
+    assert r.json() == {"accepted": 1, "duplicates": 2}
+    got = api.get(f"/v1/runs/{run['id']}").json()
+    assert got["n_batches"] == 10_011 and got["last_seq"] == 20_000
+
+
+def test_gzip_bodies_are_accepted(api: httpx.Client) -> None:
+    run = make_run(api)
+    body = gzip.compress(json.dumps({"batches": batches(0, 100)}).encode())
+    r = api.post(
+        f"/v1/runs/{run['id']}/batches",
+        content=body,
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert r.json() == {"accepted": 100, "duplicates": 0}
+    r = api.post(
+        f"/v1/runs/{run['id']}/batches",
+        content=b"\x1f\x8bnot gzip",
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and err(r)["code"] == "bad_encoding"
+
+
+def test_epochs_ingest(api: httpx.Client) -> None:
+    run = make_run(api)
+    ep = {"epoch": 0, "t": time.time(), "accuracy": 0.5, "metrics": {"lr": 0.01}}
+    url = f"/v1/runs/{run['id']}/epochs"
+    assert api.post(url, json={"epochs": [ep]}).json() == {"accepted": 1, "duplicates": 0}
+    assert api.post(url, json={"epochs": [ep, {**ep, "epoch": 1}]}).json() == {
+        "accepted": 1,
+        "duplicates": 1,
+    }
+    body = json.dumps({"epochs": [{**ep, "epoch": 2, "accuracy": math.inf}]})
+    r = api.post(url, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and err(r)["code"] == "nonfinite_loss"
+
+
+def test_paging_and_filters(api: httpx.Client) -> None:
+    ids = [
+        make_run(api, name=f"p{i}", tags=["even" if i % 2 == 0 else "odd"])["id"] for i in range(7)
+    ]
+    api.patch(f"/v1/runs/{ids[0]}", json={"status": "finished"})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = api.get("/v1/runs", params=params).json()
+        assert page["count"] == 7
+        seen += [r["id"] for r in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]  # newest first, each exactly once
+    assert api.get("/v1/runs", params={"tag": "even"}).json()["count"] == 4
+    assert api.get("/v1/runs", params={"status": "finished"}).json()["count"] == 1
+    assert api.get("/v1/runs", params={"name": "p3"}).json()["count"] == 1
+    assert api.get("/v1/runs", params={"since": time.time() + 60}).json()["count"] == 0
+    r = api.get("/v1/runs", params={"cursor": "garbage!"})
+    assert r.status_code == 422
+
+
+def test_error_codes(api: httpx.Client, daemon: Any) -> None:
+    r = api.get("/v1/runs/nope")
+    assert r.status_code == 404 and err(r)["code"] == "run_not_found"
+    r = api.post("/v1/runs/nope/batches", json={"batches": batches(0, 1)})
+    assert r.status_code == 404
+    run = make_run(api)
+    url = f"/v1/runs/{run['id']}/batches"
+    # 422 with the field's path
+    r = api.post(url, json={"batches": [{"seq": -1, "t": 1.0, "loss": 1.0}]})
+    e = err(r)
+    assert r.status_code == 422 and e["code"] == "validation_error"
+    assert e["details"][0]["loc"] == ["body", "batches", 0, "seq"]
+    r = api.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = api.post(
+        url,
+        json={"batches": [{"seq": 0, "t": 1.0, "loss": 1.0, "losses": [1.0], "indices": [1, 2]}]},
+    )
+    assert r.status_code == 422
+    # NaN / inf rejected naming the batch; nothing of the request is written
+    good = batches(0, 5)
+    bad = {"seq": 5, "t": time.time(), "loss": float("nan")}
+    r = api.post(
+        url,
+        content=json.dumps({"batches": [*good, bad]}),
+        headers={"Content-Type": "application/json"},
+    )
+    e = err(r)
+    assert r.status_code == 422 and e["code"] == "nonfinite_loss" and e["details"]["seq"] == 5
+    bad_vec = {"seq": 6, "t": time.time(), "loss": 1.0, "losses": [1.0, float("inf")]}
+    r = api.post(
+        url,
+        content=json.dumps({"batches": [bad_vec]}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 422 and "seq=6" in err(r)["message"]
+    r = api.post(url, json={"batches": [{"seq": 7, "t": 1.0, "loss": None}]})
+    assert r.status_code == 422 and err(r)["code"] == "nonfinite_loss"
+    assert api.get(f"/v1/runs/{run['id']}").json()["n_batches"] == 0
+    # ... unless sent as null with the documented flag
+    r = api.post(
+        url,
+        json={
+            "batches": [*good, {"seq": 5, "t": time.time(), "loss": None, "losses": [None, 1.0]}],
+            "nonfinite_as_null": True,
+        },
+    )
+    assert r.json() == {"accepted": 6, "duplicates": 0}
+    assert api.get(f"/v1/runs/{run['id']}").json()["n_nonfinite"] == 1
+    # 413 over the size limit
+    r = api.post(
+        url, content=b"x" * (65 * 1024 * 1024), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413 and err(r)["code"] == "payload_too_large"
+    bomb = gzip.compress(b" " * (70 * 1024 * 1024))
+    r = api.post(
+        url, content=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+    # 409 into a finished run
+    api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
+    r = api.post(url, json={"batches": batches(100, 1)})
+    assert r.status_code == 409 and err(r)["code"] == "run_finished"
+    r = api.post(f"/v1/runs/{run['id']}/epochs", json={"epochs": [{"epoch": 0, "t": 1.0}]})
+    assert r.status_code == 409
+    # unknown route and wrong method are JSON too
+    assert err(api.get("/v1/nothing"))["code"] == "not_found"
+    assert api.delete("/v1/runs").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        b"",
+        b"[]",
+        b'{"batches": "x"}',
+        b'{"batches": [{"seq": "a"}]}',
+        b'{"batches": [{"seq": 1e400, "t": 1, "loss": 1}]}',
+        b'{"batches": [{"seq": 1, "t": "NaN", "loss": 1}]}',
+        b'{"batches": [{"seq": 1, "t": NaN, "loss": 1}]}',
+        b'{"batches": [{"seq": 99999999999999999999, "t": 1, "loss": 1}]}',
+        b'{"batches": [{"seq": 1, "t": 1, "loss": 1, "losses": [1], "indices": [99999999999999999999]}]}',
+        b'{"batches": [{"seq": 1, "t": 1, "loss": 1, "losses": [1e39]}]}',
+        b'{"batches": [], "extra": 1}',
+        b"\xff\xfe",
+    ],
+)
+def test_malformed_bodies_are_4xx_never_500(api: httpx.Client, body: bytes | None) -> None:
+    run = make_run(api)
+    r = api.post(
+        f"/v1/runs/{run['id']}/batches", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert "error" in r.json()
+
+
+def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
+    run = make_run(api, n_train=800)
+    t0 = time.time()
+    sent = []
+    seq = 0
+    for epoch in range(3):
+        time.sleep(0.4)
+        now = time.time()
+        chunk = [
+            {
+                "seq": seq + i,
+                "t": now - 0.3 + i * 0.01,
+                "loss": 2.0 * math.exp(-(seq + i) / 40),
+                "n": 8,
+                "epoch": epoch,
+                "phase": "warmup" if epoch == 0 else "thermodynamic",
+            }
+            for i in range(25)
+        ]
+        seq += 25
+        sent += chunk
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": chunk}).raise_for_status()
+        api.post(
+            f"/v1/runs/{run['id']}/epochs",
+            json={"epochs": [{"epoch": epoch, "t": time.time(), "accuracy": 0.5 + 0.1 * epoch}]},
+        ).raise_for_status()
+    api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
+    done = api.get(f"/v1/runs/{run['id']}").json()
+    duration = done["finished_at"] - done["created_at"]
+    energy = api.get(f"/v1/runs/{run['id']}/energy").json()
+    # the constant:50 test backend draws exactly 50 W: energy ≈ 50 W × the window
+    assert energy["energy_j"] == pytest.approx(50.0 * duration, rel=0.05)
+    assert energy["source"] == "estimated" and energy["measured"] is False
+    assert energy["by_device"][0]["method"] == "trapezoid"
+    eta = api.get(f"/v1/runs/{run['id']}/eta", params={"window": 0.5}).json()
+    k = eta["smoothing_batches"]
+    losses = [b["loss"] for b in sent]
+    l0, lt = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    assert eta["loss_start"] == pytest.approx(l0) and eta["loss_now"] == pytest.approx(lt)
+    assert eta["info_gain_bits"] == pytest.approx((l0 - lt) / math.log(2))
+    assert eta["eta_bits_per_j"] == pytest.approx(
+        eta["info_gain_bits"] / energy["energy_j"], rel=1e-6
+    )
+    assert eta["info_gain_total_bits"] == pytest.approx(800 * eta["info_gain_bits"])
+    assert (
+        eta["marginal_eta_bits_per_j"] is not None and eta["window_energy_j"] < energy["energy_j"]
+    )
+    s = api.get(f"/v1/runs/{run['id']}/series", params={"metric": "loss", "points": 10}).json()
+    assert len(s["points"]) == 10 and s["points"][0][1] == pytest.approx(losses[0])
+    p = api.get(f"/v1/runs/{run['id']}/series", params={"metric": "power", "points": 50}).json()
+    assert p["points"] and all(v == pytest.approx(50.0) for _t, v in p["points"])
+    assert api.get(f"/v1/runs/{run['id']}/series", params={"metric": "eta"}).json()["points"]
+    assert api.get(f"/v1/runs/{run['id']}/series", params={"metric": "bogus"}).status_code == 422
+    rep = api.get(f"/v1/runs/{run['id']}/report").json()
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1, 2]
+    assert rep["epochs"][2]["accuracy"] == pytest.approx(0.7)
+    assert {p["phase"] for p in rep["phases"]} == {"warmup", "thermodynamic"}
+    total_epoch_energy = sum(e["energy_j"] for e in rep["epochs"])
+    assert total_epoch_energy <= energy["energy_j"] * 1.001
+    csv_text = api.get(f"/v1/runs/{run['id']}/export.csv").text.splitlines()
+    assert csv_text[0] == "seq,t,epoch,step,phase,n,loss" and len(csv_text) == 76
+    assert float(csv_text[1].split(",")[-1]) == pytest.approx(losses[0])
+    other = make_run(api)
+    cmp = api.get("/v1/compare", params={"runs": f"{run['id']},{other['id']}"}).json()
+    assert [c["run_id"] for c in cmp["runs"]] == [run["id"], other["id"]]
+    assert cmp["runs"][0]["final_accuracy"] == pytest.approx(0.7)
+    assert api.get("/v1/compare", params={"runs": f"{run['id']},nope"}).status_code == 404
+    assert t0 <= done["created_at"] + 1
+
+
+def test_devices_and_sampler_stats(api: httpx.Client) -> None:
+    time.sleep(0.3)
+    d = api.get("/v1/devices").json()
+    assert d["devices"][0]["name"] == "constant:0" and d["devices"][0]["status"] == "ok"
+    assert d["sampler"]["ticks"] > 3 and d["sampler"]["achieved_hz"] > 5
+
+
+def test_everything_survives_a_restart(daemon: Any) -> None:
+    with daemon.client() as api:
+        run = make_run(api, tags=["keep"])
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches(0, 500, per_sample=3)})
+        api.post(
+            f"/v1/runs/{run['id']}/epochs",
+            json={"epochs": [{"epoch": 0, "t": time.time(), "accuracy": 0.9}]},
+        )
+        before = api.get(f"/v1/runs/{run['id']}/export.csv").text
+    daemon.kill()  # SIGKILL: no clean shutdown
+    daemon.start()
+    with daemon.client() as api:
+        got = api.get(f"/v1/runs/{run['id']}").json()
+        assert got["n_batches"] == 500 and got["n_epochs"] == 1 and got["tags"] == ["keep"]
+        assert api.get(f"/v1/runs/{run['id']}/export.csv").text == before
+        r = api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches(0, 501)})
+        assert r.json() == {"accepted": 1, "duplicates": 500}
