@@ -1,0 +1,83 @@
+"""The ``h3d`` command line, run as a user would run it, against a real daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, Daemon, daemon_env
+
+
+def h3d(
+    daemon_or_dir: Daemon | Path, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    data = daemon_or_dir.data_dir if isinstance(daemon_or_dir, Daemon) else daemon_or_dir
+    return subprocess.run(
+        [sys.executable, "-m", "h3d", *args],
+        env=daemon_env(data),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_status_runs_show_export(daemon: Daemon, tmp_path: Path) -> None:
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "cli-run", "tags": ["x"]}).json()
+        now = time.time()
+        api.post(
+            f"/v1/runs/{run['id']}/batches",
+            json={
+                "batches": [
+                    {"seq": i, "t": now + i * 0.01, "loss": 2.0 - i * 0.01, "epoch": 0}
+                    for i in range(120)
+                ]
+            },
+        ).raise_for_status()
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
+    st = h3d(daemon, "status")
+    assert st.returncode == 0, st.stderr
+    assert "runs: 1 stored, 0 running" in st.stdout and "constant:0" in st.stdout
+    assert "ESTIMATE" in st.stdout  # an estimate is never shown as a measurement
+    runs = h3d(daemon, "runs")
+    assert run["id"] in runs.stdout and "cli-run" in runs.stdout and "(1 of 1)" in runs.stdout
+    show = h3d(daemon, "show", run["id"][:8])
+    assert show.returncode == 0 and "120 batches" in show.stdout and "bits/J" in show.stdout
+    missing = h3d(daemon, "show", "doesnotexist")
+    assert missing.returncode != 0 and "run_not_found" in missing.stderr
+    out = tmp_path / "r.csv"
+    ex = h3d(daemon, "export", "cli-run", "-o", str(out))
+    assert ex.returncode == 0, ex.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "seq,t,epoch,step,phase,n,loss" and len(lines) == 121
+
+
+def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
+    r = h3d(tmp_path / "empty", "status")
+    assert r.returncode == 1 and "no daemon answers" in r.stdout
+    r = h3d(tmp_path / "empty", "runs")
+    assert r.returncode == 1 and "no h3d daemon answers" in r.stderr
+
+
+def test_db_upgrade_and_current(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    r = h3d(data, "db", "current")
+    assert "(empty)" in r.stdout
+    r = h3d(data, "db", "upgrade")
+    assert r.returncode == 0 and "upgraded (empty) -> 0001" in r.stdout
+    r = h3d(data, "db", "upgrade")
+    assert "already at 0001" in r.stdout
+
+
+def test_demo_profiles_a_real_training_run(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    r = h3d(data, "demo", "--epochs", "3", "--stop", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out: Any = r.stdout
+    assert "epoch   3/3" in out and "energy" in out and "bits/J" in out
+    assert "source=estimated" in out or "source=" in out
+    assert (data / "h3d.db").exists()

@@ -1,0 +1,77 @@
+"""Energy integration and η on traces with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from h3d import efficiency as eff
+from h3d.downsample import lttb
+from h3d.energy import integrate
+
+
+def ramp(t0: float, t1: float, dt: float, f) -> list[tuple[float, float | None, float | None]]:
+    n = int(round((t1 - t0) / dt))
+    return [(t0 + i * dt, f(t0 + i * dt), None) for i in range(n + 1)]
+
+
+def test_trapezoid_is_exact_on_piecewise_linear_power_with_interpolated_edges() -> None:
+    s = ramp(0.0, 10.0, 1.0, lambda t: 10.0 + 2.0 * t)
+    # window edges between samples: ∫_{2.5}^{7.25} (10 + 2t) dt
+    exact = (10 * 7.25 + 7.25**2) - (10 * 2.5 + 2.5**2)
+    r = integrate(s, 2.5, 7.25)
+    assert r.method == "trapezoid" and r.energy_j == pytest.approx(exact, rel=1e-12)
+    assert r.covered_s == pytest.approx(4.75) and r.gaps_s == 0.0
+
+
+def test_not_a_rectangle_sum() -> None:
+    s = [(0.0, 0.0, None), (1.0, 100.0, None)]
+    assert integrate(s, 0.0, 1.0).energy_j == pytest.approx(50.0)
+
+
+def test_counter_difference_interpolated_at_edges_and_resets_not_counted() -> None:
+    # a 20 W counter sampled every 0.5 s, reset to 0 at t=5 (daemon restart)
+    s = [(t * 0.5, None, 20.0 * t * 0.5) for t in range(11)]
+    s += [(5.0 + t * 0.5, None, 20.0 * t * 0.5) for t in range(1, 11)]
+    r = integrate(s, 1.25, 9.75)
+    assert r.method == "counter"
+    # the reset falls between t=5.0 (last old sample) and t=5.5 (first new): 0.5 s unbridged
+    assert r.energy_j == pytest.approx(20.0 * (9.75 - 1.25 - 0.5))
+    assert r.gaps_s == pytest.approx(0.5)
+
+
+def test_gaps_are_reported_not_bridged() -> None:
+    s = ramp(0.0, 2.0, 0.1, lambda t: 10.0) + ramp(12.0, 14.0, 0.1, lambda t: 10.0)
+    r = integrate(s, 0.0, 14.0, max_gap_s=1.0)
+    assert r.energy_j == pytest.approx(40.0)
+    assert r.gaps == ((2.0, 12.0),) and r.gaps_s == pytest.approx(10.0)
+
+
+def test_short_window_is_flagged_and_no_samples_is_none() -> None:
+    s = ramp(0.0, 10.0, 1.0, lambda t: 5.0)
+    assert integrate(s, 3.0, 3.2, granularity_s=1.0).below_granularity
+    r = integrate([], 0.0, 1.0)
+    assert r.method == "none" and r.energy_j == 0.0
+    with pytest.raises(ValueError):
+        integrate(s, 2.0, 1.0)
+
+
+def test_eta_definitions() -> None:
+    pts = [(float(i), 2.0 if i < 10 else 1.0, 1.0) for i in range(100)]
+    k = eff.smoothing_k(len(pts))
+    assert k == 10
+    bits = eff.info_gain_bits(eff.loss_at_start(pts, k), eff.smoothed(pts[-k:]))
+    assert bits == pytest.approx(1.0 / math.log(2))
+    assert eff.eta(bits, 10.0) == pytest.approx(bits / 10.0)
+    assert eff.eta(bits, 0.0) is None and eff.eta(None, 5.0) is None
+    assert eff.loss_before(pts, -1.0, k) is None
+    assert pytest.approx(3.48e20, rel=0.01) == eff.LANDAUER_BITS_PER_J_300K
+
+
+def test_lttb_keeps_extremes_and_ends() -> None:
+    pts = [(float(i), math.sin(i / 10.0) + (5.0 if i == 537 else 0.0)) for i in range(2000)]
+    out = lttb(pts, 100)
+    assert len(out) == 100 and out[0] == pts[0] and out[-1] == pts[-1]
+    assert (537.0, pts[537][1]) in out  # the spike survives
+    assert lttb(pts[:50], 100) == pts[:50]

@@ -1,0 +1,142 @@
+"""Migrations and the store's refusal to touch a database it does not understand."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from h3d.errors import SchemaMismatch
+from h3d.storage import migrate
+from h3d.storage import repository as repo
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage.models import Base
+from tests.conftest import REPO, daemon_env
+
+
+def test_migrated_schema_matches_the_orm(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    before, after = migrate.upgrade(engine)
+    assert before is None and after == migrate.head_revision()
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], (
+        "The ORM models and the migrations differ. HOW TO FIX: add a revision with\n"
+        "  alembic -c <cfg> revision --autogenerate -m '...'  (see h3d/storage/migrate.py)\n"
+        f"and review it. Differences: {diff}"
+    )
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    assert migrate.upgrade(engine) == (after, after)  # idempotent
+    engine.dispose()
+
+
+def test_downgrade_then_upgrade_round_trips(tmp_path: Path) -> None:
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    command.downgrade(migrate.alembic_config(url), "base")
+    assert migrate.current_revision(engine) is None
+    migrate.upgrade(engine)
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    engine.dispose()
+
+
+def test_newer_revision_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    engine = make_engine(f"sqlite:///{db}")
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
+    with pytest.raises(SchemaMismatch, match="newer h3d"):
+        migrate.upgrade(engine)
+    with pytest.raises(SchemaMismatch, match="newer h3d"):
+        migrate.verify_schema(engine)
+    assert migrate.current_revision(engine) == "f00dcafe"
+    engine.dispose()
+
+
+def test_old_database_needs_upgrade_when_auto_migrate_is_off(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    with pytest.raises(SchemaMismatch, match="h3d db upgrade"):
+        migrate.verify_schema(engine)
+    engine.dispose()
+
+
+def test_foreign_and_corrupt_databases_are_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as c:
+        c.execute("CREATE TABLE precious (x)")
+        c.execute("INSERT INTO precious VALUES (42)")
+    engine = make_engine(f"sqlite:///{foreign}")
+    with pytest.raises(SchemaMismatch, match="no h3d revision"):
+        migrate.upgrade(engine)
+    engine.dispose()
+    with sqlite3.connect(foreign) as c:
+        assert c.execute("SELECT x FROM precious").fetchall() == [(42,)]
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not sqlite" * 100)
+    engine = make_engine(f"sqlite:///{corrupt}")
+    with pytest.raises(SchemaMismatch, match="not a readable database"):
+        migrate.upgrade(engine)
+    engine.dispose()
+    assert corrupt.read_bytes() == b"this is not sqlite" * 100
+
+
+def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "h3d.db").write_bytes(b"garbage" * 1000)
+    r = subprocess.run(
+        [sys.executable, "-m", "h3d", "serve", "--port", "0"],
+        env=daemon_env(data),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "not a readable database" in r.stderr and "untouched" in r.stderr
+    assert (data / "h3d.db").read_bytes() == b"garbage" * 1000
+
+
+def test_per_sample_losses_are_compact_blobs(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    factory = make_sessionmaker(engine)
+    with session_scope(factory) as s:
+        run = repo.create_run(
+            s, name=None, config={}, tags=[], pid=None, host=None, n_train=None, now=time.time()
+        )
+        rows = [
+            repo.BatchRow(
+                seq=0,
+                t=1.0,
+                loss=0.5,
+                n=3,
+                epoch=0,
+                step=0,
+                phase=None,
+                losses=[0.25, None, 1.5],
+                indices=[7, 8, 2**40],
+            )
+        ]
+        run_id = run.id
+        assert repo.add_batches(s, run_id=run_id, batches=rows) == (1, 0)
+    with session_scope(factory) as s:
+        losses, idx = repo.sample_losses(s, run_id=run_id, seq=0)
+        raw = s.execute(text("SELECT length(losses), length(indices) FROM sample_losses")).one()
+    assert losses[0] == 0.25 and losses[2] == 1.5 and losses[1] != losses[1]  # NaN = missing
+    assert idx == [7, 8, 2**40]
+    assert tuple(raw) == (12, 24)  # 3 float32 + 3 int64: no row per sample
+    engine.dispose()
