@@ -256,6 +256,7 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
             json={"epochs": [{"epoch": epoch, "t": time.time(), "accuracy": 0.5 + 0.1 * epoch}]},
         ).raise_for_status()
     api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
+    time.sleep(0.2)  # let the sampler take a reading past the window's end (edge interpolation)
     done = api.get(f"/v1/runs/{run['id']}").json()
     duration = done["finished_at"] - done["created_at"]
     energy = api.get(f"/v1/runs/{run['id']}/energy").json()
