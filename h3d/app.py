@@ -12,7 +12,7 @@ from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,13 +20,14 @@ from h3d import __version__
 from h3d.api import api_router
 from h3d.config import Settings
 from h3d.errors import H3DError
+from h3d.metrics import render as render_metrics
 from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
 from h3d.security import ensure_token
 from h3d.storage import migrate
-from h3d.storage.engine import make_engine, make_sessionmaker
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
             factory,
             interval_s=settings.sample_interval_s,
             flush_interval_s=settings.flush_interval_s,
+            full_resolution_s=settings.power_full_resolution_s,
+            downsample_s=settings.power_downsample_s,
         )
         sampler.start()
         _write_daemon_file(settings)
@@ -102,6 +105,15 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
+    def metrics(request: Request) -> PlainTextResponse:
+        st = request.state
+        if st.sampler is not None:
+            st.sampler.flush()
+        with session_scope(st.session_factory) as s:
+            body = render_metrics(s, st.sampler, interval_s=settings.sample_interval_s)
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(H3DError)
     async def _h3d_error(_request: Request, exc: H3DError) -> JSONResponse:

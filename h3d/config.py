@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     power_backends: str = "auto"
     # The `estimated` CPU model: utilisation × TDP. None → 10 W per logical core (min 15 W).
     cpu_tdp_w: float | None = Field(None, gt=0.0)
+    # Power samples keep full resolution while a run is active and for this long after
+    # (and for this long when no run is active); older ones are thinned to one per bucket.
+    power_full_resolution_s: float = Field(7 * 86400.0, gt=0.0)
+    power_downsample_s: float = Field(10.0, gt=0.0)
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_batches_per_request: int = Field(50_000, gt=0)
     # The public URL once bound (set by `serve`; written to daemon.json).

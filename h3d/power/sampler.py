@@ -35,6 +35,9 @@ class DeviceState:
     last_power_w: float | None = None
     last_energy_j: float | None = None
     errors: int = 0
+    # Energy since the daemon started (Prometheus `_total`): counter deltas where the
+    # device has a counter, else the trapezoid between consecutive readings.
+    energy_total_j: float = 0.0
     recent: deque[tuple[float, float | None, float | None]] = field(
         default_factory=lambda: deque(maxlen=600)
     )
@@ -49,7 +52,14 @@ class PowerSampler:
         interval_s: float = 0.1,
         flush_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        full_resolution_s: float = 7 * 86400.0,
+        downsample_s: float = 10.0,
+        prune_every_s: float = 600.0,
     ) -> None:
+        self.full_resolution_s = full_resolution_s
+        self.downsample_s = downsample_s
+        self.prune_every_s = prune_every_s
+        self._pruned_to = float("-inf")
         self.interval_s = interval_s
         self.flush_interval_s = flush_interval_s
         self._factory = session_factory
@@ -92,6 +102,7 @@ class PowerSampler:
         self._started_mono = self._clock()
         next_tick = self._started_mono
         last_flush = next_tick
+        last_prune = next_tick - self.prune_every_s + 5.0  # first pass soon after start
         prev: float | None = None
         while not self._stop.is_set():
             c0 = time.thread_time()
@@ -103,6 +114,9 @@ class PowerSampler:
             if mono - last_flush >= self.flush_interval_s:
                 self.flush()
                 last_flush = mono
+            if mono - last_prune >= self.prune_every_s:
+                self.prune()
+                last_prune = mono
             self._cpu_s += time.thread_time() - c0
             next_tick += self.interval_s
             delay = next_tick - self._clock()
@@ -132,6 +146,7 @@ class PowerSampler:
             if d.status != "ok":
                 logger.info("device %s recovered", d.backend.info.name)
             d.status, d.reason = "ok", None
+            d.energy_total_j += self._increment(d, t, r.power_w, r.energy_j)
             d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
             d.recent.append((t, r.power_w, r.energy_j))
             rows.append(
@@ -141,6 +156,17 @@ class PowerSampler:
         with self._lock:
             self._pending.extend(rows)
 
+    def _increment(
+        self, d: DeviceState, t: float, power_w: float | None, energy_j: float | None
+    ) -> float:
+        if d.last_t is None or t - d.last_t > max(1.0, 10 * self.interval_s):
+            return 0.0  # first reading, or a gap: nothing is bridged
+        if energy_j is not None and d.last_energy_j is not None:
+            return max(0.0, energy_j - d.last_energy_j)
+        if power_w is not None and d.last_power_w is not None:
+            return 0.5 * (power_w + d.last_power_w) * (t - d.last_t)
+        return 0.0
+
     def flush(self) -> None:
         """Write pending samples now (also called before energy queries)."""
         with self._lock:
@@ -148,6 +174,24 @@ class PowerSampler:
         if rows:
             with session_scope(self._factory) as s:
                 repo.add_power_samples(s, rows=rows)
+
+    def prune(self) -> int:
+        """Apply the retention policy; runs in the sampler thread every ``prune_every_s``."""
+        cutoff = self.now() - self.full_resolution_s
+        try:
+            with session_scope(self._factory) as s:
+                n = repo.prune_power_samples(
+                    s, cutoff=cutoff, bucket_s=self.downsample_s, since=self._pruned_to
+                )
+        except Exception:  # retention must never stop sampling
+            logger.exception("pruning power samples failed; will retry")
+            return 0
+        self._pruned_to = cutoff - self.downsample_s
+        if n:
+            logger.info(
+                "retention: thinned %d power samples older than %.0f s", n, self.full_resolution_s
+            )
+        return n
 
     def stop(self) -> None:
         self._stop.set()

@@ -404,3 +404,47 @@ def power_window(
 
 def count_runs(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Run)) or 0
+
+
+def prune_power_samples(
+    session: Session, *, cutoff: float, bucket_s: float, since: float = float("-inf")
+) -> int:
+    """Downsample power samples in [since, cutoff) to one per device per ``bucket_s``.
+
+    Samples inside the window of a run that is still running, or that finished after
+    ``cutoff``, keep full resolution. Returns the number of rows deleted.
+    """
+    protected = [
+        (a, b if b is not None else float("inf"))
+        for a, b in session.execute(
+            select(Run.created_at, Run.finished_at).where(
+                or_(Run.finished_at.is_(None), Run.finished_at >= cutoff), Run.created_at < cutoff
+            )
+        )
+    ]
+    rows = session.execute(
+        select(PowerSample.device_id, PowerSample.t)
+        .where(PowerSample.t >= since, PowerSample.t < cutoff)
+        .order_by(PowerSample.device_id, PowerSample.t)
+    ).all()
+    doomed: list[tuple[int, float]] = []
+    kept_bucket: tuple[int, int] | None = None
+    for dev, t in rows:
+        if any(a <= t <= b for a, b in protected):
+            continue
+        bucket = (dev, int(t // bucket_s))
+        if bucket == kept_bucket:
+            doomed.append((dev, t))
+        else:
+            kept_bucket = bucket
+    for i in range(0, len(doomed), 500):
+        chunk = doomed[i : i + 500]
+        for dev in {d for d, _ in chunk}:
+            session.execute(
+                delete(PowerSample).where(
+                    PowerSample.device_id == dev,
+                    PowerSample.t.in_([t for d, t in chunk if d == dev]),
+                )
+            )
+    session.flush()
+    return len(doomed)

@@ -324,3 +324,26 @@ def test_everything_survives_a_restart(daemon: Any) -> None:
         assert api.get(f"/v1/runs/{run['id']}/export.csv").text == before
         r = api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches(0, 501)})
         assert r.json() == {"accepted": 1, "duplicates": 500}
+
+
+def test_prometheus_metrics(daemon: Any) -> None:
+    with daemon.client() as api:
+        run = make_run(api, name="prom")
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches(0, 50)})
+        done = make_run(api, name="done")
+        api.patch(f"/v1/runs/{done['id']}", json={"status": "finished"})
+    time.sleep(0.3)
+    text = httpx.get(f"{daemon.url}/metrics").text
+    assert "# TYPE h3d_device_energy_joules_total counter" in text
+    energy = [ln for ln in text.splitlines() if ln.startswith("h3d_device_energy_joules_total{")]
+    assert 'device="constant:0"' in energy[0] and float(energy[0].split()[-1]) > 0
+    assert 'h3d_device_power_watts{device="constant:0",source="estimated"} 50.0' in text
+    assert f'h3d_run_energy_joules_total{{run="{run["id"]}"' in text
+    assert done["id"] not in text  # only running runs are exported
+    first = float(energy[0].split()[-1])
+    time.sleep(0.3)
+    again = httpx.get(f"{daemon.url}/metrics").text
+    later = next(
+        ln for ln in again.splitlines() if ln.startswith("h3d_device_energy_joules_total{")
+    )
+    assert float(later.split()[-1]) == pytest.approx(first + 50 * 0.3, rel=0.3)

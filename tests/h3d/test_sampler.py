@@ -1,0 +1,96 @@
+"""The sampler thread and the retention policy, on a real SQLite file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+from h3d.power.fake import ConstantBackend
+from h3d.power.sampler import PowerSampler
+from h3d.storage import migrate
+from h3d.storage import repository as repo
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage.models import PowerSample
+
+
+@pytest.fixture
+def factory(tmp_path: Path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+class Flaky:
+    """A device that fails on some reads, as a GPU that falls off the bus would."""
+
+    def __init__(self) -> None:
+        self.info = DeviceInfo(name="flaky:0", kind="gpu", source="nvml_power_instant")
+        self.n = 0
+
+    def read(self) -> PowerReading:
+        self.n += 1
+        if 5 <= self.n < 10:
+            raise PowerBackendError("GPU is lost")
+        if self.n == 12:
+            raise KeyError("a vendor library bug")
+        return PowerReading(power_w=100.0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_sampler_survives_failing_devices_and_stores_readings(factory) -> None:
+    flaky = Flaky()
+    s = PowerSampler(
+        [ConstantBackend(30.0, counter=True), flaky],
+        factory,
+        interval_s=0.01,
+        flush_interval_s=0.05,
+    )
+    s.start()
+    time.sleep(0.4)
+    s.stop()
+    assert s.devices[1].errors == 6 and s.devices[1].status == "ok"
+    with session_scope(factory) as sess:
+        n = sess.scalar(select(func.count()).select_from(PowerSample))
+        assert n > 2 * 20
+    st = s.stats()
+    assert st["ticks"] > 20 and st["achieved_hz"] > 30 and st["cpu_fraction_of_core"] < 1.0
+    # the running total of a counter device follows its counter
+    assert s.devices[0].energy_total_j == pytest.approx(
+        30.0 * (s.devices[0].last_t - s.devices[0].recent[0][0]), rel=0.05
+    )
+
+
+def test_retention_thins_old_samples_but_keeps_run_windows(factory) -> None:
+    with session_scope(factory) as sess:
+        dev = repo.upsert_device(
+            sess, name="d", kind="cpu", source="estimated", model="", uuid_=None, now=0.0
+        )
+        repo.add_power_samples(
+            sess,
+            rows=[
+                {"device_id": dev.id, "t": t * 0.1, "power_w": 5.0, "energy_j": None}
+                for t in range(2000)
+            ],
+        )
+        run = repo.create_run(
+            sess, name="old", config={}, tags=[], pid=None, host=None, n_train=None, now=50.0
+        )
+        run.finished_at = 190.0  # finished after the cutoff: its window keeps full resolution
+        gone = repo.create_run(
+            sess, name="older", config={}, tags=[], pid=None, host=None, n_train=None, now=10.0
+        )
+        gone.finished_at = 20.0  # finished before the cutoff: thinned like idle time
+    with session_scope(factory) as sess:
+        deleted = repo.prune_power_samples(sess, cutoff=180.0, bucket_s=10.0)
+        left = [t for (t,) in sess.execute(select(PowerSample.t).order_by(PowerSample.t))]
+    assert [t for t in left if t < 50.0] == [0.0, 10.0, 20.0, 30.0, 40.0]  # one per 10 s bucket
+    assert len([t for t in left if 50.0 <= t < 180.0]) == 1300  # the run's window, untouched
+    assert [t for t in left if t >= 180.0] == [t * 0.1 for t in range(1800, 2000)]  # recent
+    assert deleted == 2000 - len(left)
