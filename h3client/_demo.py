@@ -63,7 +63,7 @@ def main() -> None:
             losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
             loss = losses.mean()
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             batches.append(
                 {

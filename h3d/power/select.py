@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 def _hardware() -> list[PowerBackend]:
     """Every readable device (NVML, RAPL, Apple), or [] where nothing can be read."""
     try:
-        from h3d.power import detect
+        from h3d.power import detect  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return []
     try:

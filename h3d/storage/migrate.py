@@ -22,7 +22,7 @@ def migrations_dir() -> Path:
     checkout = Path(__file__).resolve().parents[2] / "migrations"
     if (checkout / "env.py").exists():
         return checkout
-    import h3d._migrations as installed  # type: ignore[import-not-found]
+    import h3d._migrations as installed
 
     return Path(installed.__file__).parent
 

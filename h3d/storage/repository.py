@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, case, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -136,7 +136,7 @@ def list_runs(
     cursor: str | None = None,
 ) -> tuple[list[Run], int, str | None]:
     """Newest first. Returns (page, total matching, cursor of the next page or None)."""
-    q: Select[tuple[Run]] = select(Run)
+    q = select(Run)
     if status:
         q = q.where(Run.status == status)
     if name:
