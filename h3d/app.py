@@ -8,11 +8,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from importlib import resources
 from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -101,6 +102,13 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
     )
     app.add_middleware(GuardMiddleware, token=token, max_body_bytes=settings.max_body_bytes)
     app.include_router(api_router, prefix="/v1")
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def dashboard() -> HTMLResponse:
+        # A static page: it asks for the token (or takes it from the URL fragment, which
+        # browsers never send to the server) and reads /v1 with it like any client.
+        page = resources.files("h3d").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, Any]:

@@ -82,8 +82,9 @@ def main(settings: Settings, *, epochs: int = 15, keep: bool = True) -> int:
     print()
     print_report(c.get(f"/v1/runs/{run_id}/report"))
     print()
-    print(f"browse: {url}/docs (API) ; {url}/v1/runs/{run_id}/report with the bearer token in")
-    print(f"        {settings.token_path} ; or `h3d show {run_id[:8]}`")
+    token = settings.token_path.read_text().strip()
+    print(f"browse: {url}/#token={token}&run={run_id}")
+    print(f"        (the dashboard; API docs at {url}/docs; or `h3d show {run_id[:8]}`)")
     if pid is not None:
         if keep:
             print(f"the daemon keeps running (pid {pid}); stop it with `h3d stop`")

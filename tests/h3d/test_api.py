@@ -347,3 +347,10 @@ def test_prometheus_metrics(daemon: Any) -> None:
         ln for ln in again.splitlines() if ln.startswith("h3d_device_energy_joules_total{")
     )
     assert float(later.split()[-1]) == pytest.approx(first + 50 * 0.3, rel=0.3)
+
+
+def test_dashboard_is_served_and_reads_the_api_with_the_token(daemon: Any) -> None:
+    page = httpx.get(f"{daemon.url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "Authorization" in page.text and "sessionStorage" in page.text
+    assert daemon.token not in page.text  # the page never embeds the token
