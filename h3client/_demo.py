@@ -27,7 +27,7 @@ def main() -> None:
     from torch import nn
 
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=20)
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -36,7 +36,9 @@ def main() -> None:
     y = torch.tensor(y)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     tr, te = perm[:1400], perm[1400:]
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     http = httpx.Client(
         base_url=os.environ["H3D_URL"],
@@ -47,7 +49,7 @@ def main() -> None:
         "/v1/runs",
         json={
             "name": "demo-digits-mlp",
-            "config": {"model": "mlp-64-256-10", "optimizer": "adam", "lr": 1e-3},
+            "config": {"model": "mlp-64-1024-1024-10", "optimizer": "adam", "lr": 1e-3},
             "tags": ["demo"],
             "pid": os.getpid(),
             "host": socket.gethostname(),

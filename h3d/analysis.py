@@ -106,7 +106,7 @@ def run_eta(
     t0, t1 = window(run, now)
     pts = _points(session, run.id)
     k = eff.smoothing_k(len(pts))
-    l0 = eff.loss_at_start(pts, k) if len(pts) >= 2 else None
+    l0 = eff.loss_at_start(pts) if len(pts) >= 2 else None
     lt = eff.smoothed(pts[-k:]) if len(pts) >= 2 else None
     bits = eff.info_gain_bits(l0, lt)
     energy = energy_between(session, t0=t0, t1=t1, interval_s=interval_s)
@@ -167,7 +167,7 @@ def cumulative_series(
     if len(pts) < 2:
         return []
     k = eff.smoothing_k(len(pts))
-    l0 = eff.loss_at_start(pts, k)
+    l0 = eff.loss_at_start(pts)
     step = max(1, len(pts) // max(points, 1))
     out = []
     for i in range(k, len(pts), step):
@@ -207,20 +207,23 @@ def run_report(
             by_phase[phase].append(p)
     epoch_rows = {e.epoch: e for e in repo.epochs(session, run_id=run.id)}
     epochs_out = []
+    k_run = eff.smoothing_k(sum(len(v) for v in by_epoch.values()))
     prev_t, prev_loss = t0, eta["loss_start"]
     for ep in sorted(set(by_epoch) | set(epoch_rows)):
         pts = by_epoch.get(ep, [])
         row = epoch_rows.get(ep)
         t_end = row.t if row is not None else (pts[-1][0] if pts else prev_t)
-        loss = eff.smoothed(pts) if pts else (row.loss if row is not None else None)
+        # ΔI of an epoch: smoothed loss at its end against the one at the previous end
+        end_loss = eff.smoothed(pts[-k_run:]) if pts else (row.loss if row is not None else None)
         e = energy_between(session, t0=prev_t, t1=max(t_end, prev_t), interval_s=interval_s)
-        bits = eff.info_gain_bits(prev_loss, loss)
+        bits = eff.info_gain_bits(prev_loss, end_loss)
         epochs_out.append(
             {
                 "epoch": ep,
                 "t_end": t_end,
-                "phase": row.phase if row is not None else (None),
-                "loss": loss,
+                "phase": row.phase if row is not None else None,
+                "loss": eff.smoothed(pts) if pts else (row.loss if row is not None else None),
+                "end_loss": end_loss,
                 "accuracy": row.accuracy if row is not None else None,
                 "val_loss": row.val_loss if row is not None else None,
                 "metrics": row.metrics if row is not None else {},
@@ -229,12 +232,13 @@ def run_report(
                 "eta_bits_per_j": eff.eta(bits, e["energy_j"]),
             }
         )
-        prev_t, prev_loss = t_end, loss if loss is not None else prev_loss
+        prev_t = t_end
+        prev_loss = end_loss if end_loss is not None else prev_loss
     phases_out = []
     for name, pts in by_phase.items():
         a, b = pts[0][0], pts[-1][0]
         k = eff.smoothing_k(len(pts))
-        bits = eff.info_gain_bits(eff.smoothed(pts[:k]), eff.smoothed(pts[-k:]))
+        bits = eff.info_gain_bits(eff.loss_at_start(pts), eff.smoothed(pts[-k:]))
         e = energy_between(session, t0=a, t1=b, interval_s=interval_s)
         phases_out.append(
             {

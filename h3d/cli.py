@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", parents=[common], help="which power backends work, and why not"
     ).set_defaults(func=cmd_doctor)
     d = sub.add_parser("demo", parents=[common], help="profile a real small training run")
-    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--stop", action="store_true", help="stop the daemon it started afterwards")
     d.set_defaults(func=cmd_demo)
     return p

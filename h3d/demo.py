@@ -58,7 +58,7 @@ def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, i
     raise SystemExit(f"h3d: the daemon did not become healthy; see {settings.data_dir / 'h3d.log'}")
 
 
-def main(settings: Settings, *, epochs: int = 15, keep: bool = True) -> int:
+def main(settings: Settings, *, epochs: int = 20, keep: bool = True) -> int:
     url, pid = start_daemon(settings)
     env = {**os.environ, "H3D_URL": url, "H3D_DATA_DIR": str(settings.data_dir)}
     print(f"training an MLP on scikit-learn's digits for {epochs} epochs, streaming to h3d")

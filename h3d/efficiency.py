@@ -1,7 +1,9 @@
 """Information gain and η (pure functions, no I/O). DESIGN.md §3.
 
-- L is the smoothed mean cross-entropy in nats: the sample-weighted mean of the K batch
-  losses around a point, K = clamp(B // 10, 1, 50) for a run of B finite batches.
+- L is the smoothed mean cross-entropy in nats: the sample-weighted mean of K batch losses,
+  K = clamp(B // 10, 1, 50) for a run of B finite batches. L₀ uses the first k₀ =
+  clamp(B // 100, 1, 5) batches only: the loss falls fastest at the start, and a wide window
+  there would understate L₀ and with it every ΔI.
 - ΔI (bits per sample) = (L₀ − Lₜ) / ln 2; ΔI_total = N_train · ΔI.
 - η = ΔI / E (bits/J); the marginal η over a window w is (L_{t−w} − Lₜ)/ln 2 / E_w.
 """
@@ -21,6 +23,10 @@ def smoothing_k(n_batches: int) -> int:
     return max(1, min(50, n_batches // 10))
 
 
+def start_k(n_batches: int) -> int:
+    return max(1, min(5, n_batches // 100))
+
+
 def smoothed(points: Sequence[BatchPoint]) -> float | None:
     """Weighted mean loss of ``points``; None when there are none."""
     w = sum(p[2] for p in points)
@@ -29,8 +35,8 @@ def smoothed(points: Sequence[BatchPoint]) -> float | None:
     return sum(p[1] * p[2] for p in points) / w
 
 
-def loss_at_start(points: Sequence[BatchPoint], k: int) -> float | None:
-    return smoothed(points[:k])
+def loss_at_start(points: Sequence[BatchPoint]) -> float | None:
+    return smoothed(points[: start_k(len(points))])
 
 
 def loss_before(points: Sequence[BatchPoint], t: float, k: int) -> float | None:

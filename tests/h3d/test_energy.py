@@ -61,7 +61,8 @@ def test_eta_definitions() -> None:
     pts = [(float(i), 2.0 if i < 10 else 1.0, 1.0) for i in range(100)]
     k = eff.smoothing_k(len(pts))
     assert k == 10
-    bits = eff.info_gain_bits(eff.loss_at_start(pts, k), eff.smoothed(pts[-k:]))
+    assert eff.start_k(len(pts)) == 1 and eff.start_k(10_000) == 5
+    bits = eff.info_gain_bits(eff.loss_at_start(pts), eff.smoothed(pts[-k:]))
     assert bits == pytest.approx(1.0 / math.log(2))
     assert eff.eta(bits, 10.0) == pytest.approx(bits / 10.0)
     assert eff.eta(bits, 0.0) is None and eff.eta(None, 5.0) is None
