@@ -5,19 +5,21 @@ Functions take a session and the sampler's device table; they read, never write.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from h3d import efficiency as eff
 from h3d.downsample import lttb
-from h3d.energy import Integral, integrate
+from h3d.energy import EnergyCurve
 from h3d.power.base import MEASURED_SOURCES
 from h3d.storage import repository as repo
-from h3d.storage.models import Run
+from h3d.storage.models import Device, Run
 
 
 def window(run: Run, now: float | None = None) -> tuple[float, float]:
@@ -29,67 +31,123 @@ def _max_gap(interval_s: float) -> float:
     return max(1.0, 10.0 * interval_s)
 
 
-def device_integrals(
-    session: Session, *, t0: float, t1: float, interval_s: float
-) -> list[tuple[Any, Integral]]:
-    out = []
-    for dev in repo.devices(session):
-        samples = repo.power_window(session, device_id=dev.id, t0=t0, t1=t1)
-        if not samples:
-            continue
-        integral = integrate(samples, t0, t1, max_gap_s=_max_gap(interval_s))
-        if integral.method != "none":
-            out.append((dev, integral))
-    return out
-
-
 def combined_source(sources: set[str]) -> str:
     if not sources:
         return "none"
     return sources.pop() if len(sources) == 1 else "mixed"
 
 
+def share_kind(dev: Device) -> str:
+    return f"gpu:{dev.name}" if dev.kind == "gpu" else "cpu"
+
+
+@dataclass
+class _DeviceModel:
+    dev: Device
+    curve: EnergyCurve
+    # piecewise-constant share of the device: (start, share); each piece runs to the next
+    starts: list[float]
+    shares: list[float]
+
+    def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
+        """(energy × share, (energy − idle) × share) over [a, b]."""
+        if not self.starts:
+            e = self.curve.between(a, b)
+            return e, (max(0.0, e - idle_w * (b - a)) if idle_w is not None else None)
+        total = active = 0.0
+        i = max(0, bisect.bisect_right(self.starts, a) - 1)
+        while i < len(self.starts) and (i == 0 or self.starts[i] < b):
+            pa = a if i == 0 else max(a, self.starts[i])
+            pb = b if i + 1 >= len(self.starts) else min(b, self.starts[i + 1])
+            if pb > pa:
+                e = self.curve.between(pa, pb)
+                total += self.shares[i] * e
+                if idle_w is not None:
+                    active += self.shares[i] * max(0.0, e - idle_w * (pb - pa))
+            i += 1
+        return total, (active if idle_w is not None else None)
+
+
+class EnergyModel:
+    """Every device's energy curve over a window, built once; any sub-window is then cheap."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        t0: float,
+        t1: float,
+        interval_s: float,
+        run_id: str | None = None,
+    ) -> None:
+        self.devices: list[_DeviceModel] = []
+        shares = repo.run_shares(session, run_id=run_id) if run_id else {}
+        for dev in repo.devices(session):
+            samples = repo.power_window(session, device_id=dev.id, t0=t0, t1=t1)
+            curve = EnergyCurve(samples, max_gap_s=_max_gap(interval_s))
+            if curve.method == "none":
+                continue
+            pieces = shares.get(share_kind(dev), [])
+            self.devices.append(
+                _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces])
+            )
+
+    def energy(self, a: float, b: float) -> dict[str, Any]:
+        by_device = []
+        for m in self.devices:
+            integral = m.curve.integral(a, max(a, b))
+            energy, active = m.attributed(a, max(a, b), m.dev.idle_power_w)
+            by_device.append(
+                {
+                    "device": m.dev.name,
+                    "kind": m.dev.kind,
+                    "source": m.dev.source,
+                    "model": m.dev.model,
+                    "method": integral.method,
+                    "energy_j": energy,
+                    "device_energy_j": integral.energy_j,
+                    "active_energy_j": active,
+                    "idle_power_w": m.dev.idle_power_w,
+                    "share": energy / integral.energy_j if integral.energy_j > 0 else 0.0,
+                    "attribution": "process" if m.starts else "whole_device",
+                    "n_samples": integral.n_samples,
+                    "covered_s": integral.covered_s,
+                    "gaps_s": integral.gaps_s,
+                }
+            )
+        sources = {d["source"] for d in by_device}
+        actives = [d["active_energy_j"] for d in by_device]
+        return {
+            "energy_j": sum(d["energy_j"] for d in by_device) if by_device else None,
+            "device_energy_j": sum(d["device_energy_j"] for d in by_device) if by_device else None,
+            "active_energy_j": sum(actives) if by_device and None not in actives else None,  # type: ignore[arg-type]
+            "source": combined_source(set(sources)),
+            "measured": bool(sources) and sources <= MEASURED_SOURCES,
+            "t_start": a,
+            "t_end": b,
+            "duration_s": b - a,
+            "by_device": by_device,
+        }
+
+
 def energy_between(session: Session, *, t0: float, t1: float, interval_s: float) -> dict[str, Any]:
-    parts = device_integrals(session, t0=t0, t1=t1, interval_s=interval_s)
-    by_device = []
-    for dev, integral in parts:
-        share = 1.0  # per-process attribution: see the power-measurement issue
-        by_device.append(
-            {
-                "device": dev.name,
-                "kind": dev.kind,
-                "source": dev.source,
-                "model": dev.model,
-                "method": integral.method,
-                "energy_j": integral.energy_j * share,
-                "device_energy_j": integral.energy_j,
-                "share": share,
-                "attribution": "whole_device",
-                "n_samples": integral.n_samples,
-                "covered_s": integral.covered_s,
-                "gaps_s": integral.gaps_s,
-            }
-        )
-    total = sum(d["energy_j"] for d in by_device) if by_device else None
-    device_total = sum(d["device_energy_j"] for d in by_device) if by_device else None
-    sources = {d["source"] for d in by_device}
-    return {
-        "energy_j": total,
-        "device_energy_j": device_total,
-        "source": combined_source(set(sources)),
-        "measured": bool(sources) and sources <= MEASURED_SOURCES,
-        "t_start": t0,
-        "t_end": t1,
-        "duration_s": t1 - t0,
-        "by_device": by_device,
-    }
+    """Whole-device energy over [t0, t1] (no run attribution)."""
+    return EnergyModel(session, t0=t0, t1=t1, interval_s=interval_s).energy(t0, t1)
+
+
+def run_model(
+    session: Session, *, run: Run, interval_s: float, now: float | None = None
+) -> EnergyModel:
+    t0, t1 = window(run, now)
+    return EnergyModel(session, t0=t0, t1=t1, interval_s=interval_s, run_id=run.id)
 
 
 def run_energy(
     session: Session, *, run: Run, interval_s: float, now: float | None = None
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
-    return {"run_id": run.id, **energy_between(session, t0=t0, t1=t1, interval_s=interval_s)}
+    model = run_model(session, run=run, interval_s=interval_s, now=now)
+    return {"run_id": run.id, **model.energy(t0, t1)}
 
 
 def _points(session: Session, run_id: str) -> list[eff.BatchPoint]:
@@ -101,33 +159,41 @@ def _points(session: Session, run_id: str) -> list[eff.BatchPoint]:
 
 
 def run_eta(
-    session: Session, *, run: Run, window_s: float, interval_s: float, now: float | None = None
+    session: Session,
+    *,
+    run: Run,
+    window_s: float,
+    interval_s: float,
+    now: float | None = None,
+    model: EnergyModel | None = None,
+    pts: list[eff.BatchPoint] | None = None,
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
-    pts = _points(session, run.id)
+    model = model or run_model(session, run=run, interval_s=interval_s, now=now)
+    pts = _points(session, run.id) if pts is None else pts
     k = eff.smoothing_k(len(pts))
     l0 = eff.loss_at_start(pts) if len(pts) >= 2 else None
     lt = eff.smoothed(pts[-k:]) if len(pts) >= 2 else None
     bits = eff.info_gain_bits(l0, lt)
-    energy = energy_between(session, t0=t0, t1=t1, interval_s=interval_s)
+    energy = model.energy(t0, t1)
     t_last = pts[-1][0] if pts else t1
     w0 = max(t0, t_last - window_s)
     l_w = eff.loss_before(pts, w0, k) if pts else None
     if l_w is None and len(pts) >= 2:  # the run is younger than the window: since its start
         l_w = l0
-    w_energy = energy_between(session, t0=w0, t1=t_last, interval_s=interval_s) if pts else None
-    w_bits = eff.info_gain_bits(l_w, lt)
+    w_energy = model.energy(w0, t_last)["energy_j"] if pts else None
     return {
         "run_id": run.id,
         "eta_bits_per_j": eff.eta(bits, energy["energy_j"]),
-        "marginal_eta_bits_per_j": eff.eta(w_bits, w_energy["energy_j"] if w_energy else None),
+        "marginal_eta_bits_per_j": eff.eta(eff.info_gain_bits(l_w, lt), w_energy),
         "window_s": window_s,
         "info_gain_bits": bits,
         "info_gain_total_bits": bits * run.n_train if bits is not None and run.n_train else None,
         "loss_start": l0,
         "loss_now": lt,
         "energy_j": energy["energy_j"],
-        "window_energy_j": w_energy["energy_j"] if w_energy else None,
+        "active_energy_j": energy["active_energy_j"],
+        "window_energy_j": w_energy,
         "source": energy["source"],
         "measured": energy["measured"],
         "smoothing_batches": k,
@@ -143,6 +209,7 @@ def loss_series(session: Session, *, run_id: str, points: int) -> list[tuple[flo
 def power_series(
     session: Session, *, run: Run, points: int, now: float | None = None
 ) -> list[tuple[float, float]]:
+    """Total power of all devices at each sampler tick (one tick stamps every device)."""
     t0, t1 = window(run, now)
     total: dict[float, float] = defaultdict(float)
     for dev in repo.devices(session):
@@ -166,13 +233,14 @@ def cumulative_series(
     pts = _points(session, run.id)
     if len(pts) < 2:
         return []
+    model = run_model(session, run=run, interval_s=interval_s, now=now)
     k = eff.smoothing_k(len(pts))
     l0 = eff.loss_at_start(pts)
     step = max(1, len(pts) // max(points, 1))
     out = []
     for i in range(k, len(pts), step):
         t = pts[i][0]
-        e = energy_between(session, t0=t0, t1=t, interval_s=interval_s)["energy_j"]
+        e = model.energy(t0, t)["energy_j"]
         if metric == "energy":
             if e is not None:
                 out.append((t, e))
@@ -192,37 +260,44 @@ def run_report(
     now: float | None = None,
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
-    eta = run_eta(session, run=run, window_s=window_s, interval_s=interval_s, now=now)
-    energy = run_energy(session, run=run, interval_s=interval_s, now=now)
+    model = run_model(session, run=run, interval_s=interval_s, now=now)
     rows = repo.batch_points(session, run_id=run.id)
-    by_epoch: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
-    by_phase: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    pts: list[eff.BatchPoint] = []
+    by_epoch: dict[int, list[eff.BatchPoint]] = defaultdict(list)
+    by_phase: dict[str, list[eff.BatchPoint]] = defaultdict(list)
     for _seq, t, loss, n, epoch, phase in rows:
         if loss is None or not math.isfinite(loss):
             continue
         p = (t, loss, float(n) if n else 1.0)
+        pts.append(p)
         if epoch is not None:
             by_epoch[epoch].append(p)
         if phase is not None:
             by_phase[phase].append(p)
+    eta = run_eta(
+        session, run=run, window_s=window_s, interval_s=interval_s, now=now, model=model, pts=pts
+    )
+    energy = {"run_id": run.id, **model.energy(t0, t1)}
     epoch_rows = {e.epoch: e for e in repo.epochs(session, run_id=run.id)}
     epochs_out = []
-    k_run = eff.smoothing_k(sum(len(v) for v in by_epoch.values()))
+    k_run = eff.smoothing_k(len(pts))
     prev_t, prev_loss = t0, eta["loss_start"]
     for ep in sorted(set(by_epoch) | set(epoch_rows)):
-        pts = by_epoch.get(ep, [])
+        ep_pts = by_epoch.get(ep, [])
         row = epoch_rows.get(ep)
-        t_end = row.t if row is not None else (pts[-1][0] if pts else prev_t)
+        t_end = row.t if row is not None else (ep_pts[-1][0] if ep_pts else prev_t)
         # ΔI of an epoch: smoothed loss at its end against the one at the previous end
-        end_loss = eff.smoothed(pts[-k_run:]) if pts else (row.loss if row is not None else None)
-        e = energy_between(session, t0=prev_t, t1=max(t_end, prev_t), interval_s=interval_s)
+        end_loss = (
+            eff.smoothed(ep_pts[-k_run:]) if ep_pts else (row.loss if row is not None else None)
+        )
+        e = model.energy(prev_t, max(t_end, prev_t))
         bits = eff.info_gain_bits(prev_loss, end_loss)
         epochs_out.append(
             {
                 "epoch": ep,
                 "t_end": t_end,
                 "phase": row.phase if row is not None else None,
-                "loss": eff.smoothed(pts) if pts else (row.loss if row is not None else None),
+                "loss": eff.smoothed(ep_pts) if ep_pts else (row.loss if row is not None else None),
                 "end_loss": end_loss,
                 "accuracy": row.accuracy if row is not None else None,
                 "val_loss": row.val_loss if row is not None else None,
@@ -235,17 +310,17 @@ def run_report(
         prev_t = t_end
         prev_loss = end_loss if end_loss is not None else prev_loss
     phases_out = []
-    for name, pts in by_phase.items():
-        a, b = pts[0][0], pts[-1][0]
-        k = eff.smoothing_k(len(pts))
-        bits = eff.info_gain_bits(eff.loss_at_start(pts), eff.smoothed(pts[-k:]))
-        e = energy_between(session, t0=a, t1=b, interval_s=interval_s)
+    for name, ph_pts in by_phase.items():
+        a, b = ph_pts[0][0], ph_pts[-1][0]
+        k = eff.smoothing_k(len(ph_pts))
+        bits = eff.info_gain_bits(eff.loss_at_start(ph_pts), eff.smoothed(ph_pts[-k:]))
+        e = model.energy(a, b)
         phases_out.append(
             {
                 "phase": name,
                 "t_start": a,
                 "t_end": b,
-                "batches": len(pts),
+                "batches": len(ph_pts),
                 "energy_j": e["energy_j"],
                 "info_gain_bits": bits,
                 "eta_bits_per_j": eff.eta(bits, e["energy_j"]),

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from h3d import __version__
 from h3d.api import api_router
+from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.errors import H3DError
 from h3d.metrics import render as render_metrics
@@ -28,6 +29,7 @@ from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
 from h3d.security import ensure_token
 from h3d.storage import migrate
+from h3d.storage import repository as repo
 from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
             full_resolution_s=settings.power_full_resolution_s,
             downsample_s=settings.power_downsample_s,
         )
+        with session_scope(factory) as s:  # runs still running when the daemon stopped
+            for run in repo.list_runs(s, status="running", limit=10_000)[0]:
+                sampler.run_started(run.id, run.pid if is_local(run.host) else None)
         sampler.start()
         _write_daemon_file(settings)
         logger.info("h3d %s ready (%d power devices)", __version__, len(devs))

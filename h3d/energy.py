@@ -1,4 +1,4 @@
-"""Energy of one device over a window, from its stored samples (pure functions, no I/O).
+"""Energy of one device over any window, from its stored samples (pure functions, no I/O).
 
 Two methods, chosen per device by what it reports:
 
@@ -14,6 +14,9 @@ Gaps longer than ``max_gap_s`` between two samples (a stalled sampler, a suspend
 are not bridged: the time is reported in ``gaps_s`` and left out of ``energy_j``. A window
 shorter than the device's update period is flagged ``below_granularity`` rather than
 reported as if it were exact.
+
+:class:`EnergyCurve` builds the cumulative energy once (O(n)); each window is then two
+binary searches, so a report can ask for thousands of windows of one device cheaply.
 """
 
 from __future__ import annotations
@@ -36,51 +39,84 @@ class Integral:
     gaps: tuple[tuple[float, float], ...] = field(default=())
 
 
-def _interp(t: float, t0: float, v0: float, t1: float, v1: float) -> float:
-    if t1 == t0:
-        return v1
-    return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+class EnergyCurve:
+    """Cumulative energy E(t) of one device, from samples sorted by time."""
 
+    def __init__(self, samples: Sequence[Sample], *, max_gap_s: float = 5.0) -> None:
+        counter = [(t, e) for t, _p, e in samples if e is not None]
+        power = [(t, p) for t, p, _e in samples if p is not None]
+        self.n_samples = len(samples)
+        self.is_counter = len(counter) >= 2 and len(counter) * 2 >= len(samples)
+        pts = counter if self.is_counter else power
+        self.method = ("counter" if self.is_counter else "trapezoid") if len(pts) >= 2 else "none"
+        self.ts: list[float] = []
+        self.vs: list[float] = []  # counter value or power, per point
+        self.cum: list[float] = []  # energy from the first point to this one
+        self.seg: list[int] = []  # segment id: a gap or a counter reset starts a new one
+        seg, cum = 0, 0.0
+        for i, (t, v) in enumerate(pts):
+            if i:
+                tp, vp = pts[i - 1]
+                if t - tp > max_gap_s or (self.is_counter and v < vp):
+                    seg += 1
+                elif self.is_counter:
+                    cum += v - vp
+                else:
+                    cum += 0.5 * (v + vp) * (t - tp)
+            self.ts.append(t)
+            self.vs.append(v)
+            self.cum.append(cum)
+            self.seg.append(seg)
 
-def _segments(
-    points: Sequence[tuple[float, float]], max_gap_s: float, resets: bool
-) -> list[list[tuple[float, float]]]:
-    """Split (t, v) points where the gap is too long or (for counters) v steps back."""
-    segs: list[list[tuple[float, float]]] = []
-    cur: list[tuple[float, float]] = []
-    for p in points:
-        if cur and (p[0] - cur[-1][0] > max_gap_s or (resets and p[1] < cur[-1][1])):
-            segs.append(cur)
-            cur = []
-        cur.append(p)
-    if cur:
-        segs.append(cur)
-    return segs
+    def at(self, t: float) -> float:
+        """E(t): constant before the first sample, after the last, and across gaps."""
+        ts = self.ts
+        i = bisect.bisect_right(ts, t) - 1
+        if i < 0:
+            return 0.0
+        if i >= len(ts) - 1 or self.seg[i] != self.seg[i + 1]:
+            return self.cum[i]
+        dt = ts[i + 1] - ts[i]
+        frac = (t - ts[i]) / dt if dt > 0 else 1.0
+        if self.is_counter:
+            return self.cum[i] + (self.cum[i + 1] - self.cum[i]) * frac
+        p_t = self.vs[i] + (self.vs[i + 1] - self.vs[i]) * frac
+        return self.cum[i] + 0.5 * (self.vs[i] + p_t) * (t - ts[i])
 
+    def between(self, t0: float, t1: float) -> float:
+        return max(0.0, self.at(t1) - self.at(t0)) if t1 > t0 else 0.0
 
-def _clip_counter(seg: list[tuple[float, float]], t0: float, t1: float) -> float:
-    ts = [p[0] for p in seg]
+    def coverage(self, t0: float, t1: float) -> tuple[float, list[tuple[float, float]]]:
+        """(seconds of [t0, t1] inside segments, the gaps inside [t0, t1])."""
+        covered = 0.0
+        gaps: list[tuple[float, float]] = []
+        start = 0
+        for i in range(1, len(self.ts) + 1):
+            if i == len(self.ts) or self.seg[i] != self.seg[i - 1]:
+                a, b = max(t0, self.ts[start]), min(t1, self.ts[i - 1])
+                covered += max(0.0, b - a)
+                if i < len(self.ts):
+                    ga, gb = max(t0, self.ts[i - 1]), min(t1, self.ts[i])
+                    if gb > ga:
+                        gaps.append((ga, gb))
+                start = i
+        return covered, gaps
 
-    def at(t: float) -> float:
-        i = bisect.bisect_right(ts, t)
-        if i == 0:
-            return seg[0][1]
-        if i >= len(seg):
-            return seg[-1][1]
-        return _interp(t, *seg[i - 1], *seg[i])
-
-    a, b = max(t0, seg[0][0]), min(t1, seg[-1][0])
-    return max(0.0, at(b) - at(a)) if b > a else 0.0
-
-
-def _clip_trapezoid(seg: list[tuple[float, float]], t0: float, t1: float) -> float:
-    total = 0.0
-    for (ta, pa), (tb, pb) in zip(seg, seg[1:], strict=False):
-        a, b = max(ta, t0), min(tb, t1)
-        if b <= a:
-            continue
-        total += 0.5 * (_interp(a, ta, pa, tb, pb) + _interp(b, ta, pa, tb, pb)) * (b - a)
-    return total
+    def integral(self, t0: float, t1: float, *, granularity_s: float | None = None) -> Integral:
+        if t1 < t0:
+            raise ValueError(f"window ends before it starts: [{t0}, {t1}]")
+        if self.method == "none":
+            return Integral(0.0, "none", 0.0, 0.0, self.n_samples, True)
+        covered, gaps = self.coverage(t0, t1)
+        return Integral(
+            energy_j=self.between(t0, t1),
+            method=self.method,
+            covered_s=covered,
+            gaps_s=sum(b - a for a, b in gaps),
+            n_samples=self.n_samples,
+            below_granularity=granularity_s is not None and (t1 - t0) < granularity_s,
+            gaps=tuple(gaps),
+        )
 
 
 def integrate(
@@ -96,45 +132,4 @@ def integrate(
     Pass the samples that straddle the window (one before ``t0`` and one after ``t1`` where
     they exist) so that the edges can be interpolated.
     """
-    if t1 < t0:
-        raise ValueError(f"window ends before it starts: [{t0}, {t1}]")
-    counter = [(t, e) for t, _p, e in samples if e is not None]
-    power = [(t, p) for t, p, _e in samples if p is not None]
-    use_counter = len(counter) >= 2 and len(counter) * 2 >= len(samples)
-    points = counter if use_counter else power
-    if len(points) < 2:
-        return Integral(0.0, "none", 0.0, 0.0, len(samples), True)
-    segs = _segments(points, max_gap_s, resets=use_counter)
-    energy = covered = 0.0
-    for seg in segs:
-        if len(seg) < 2:
-            continue
-        a, b = max(t0, seg[0][0]), min(t1, seg[-1][0])
-        if b <= a:
-            continue
-        covered += b - a
-        energy += _clip_counter(seg, t0, t1) if use_counter else _clip_trapezoid(seg, t0, t1)
-    gaps: list[tuple[float, float]] = []
-    for s0, s1 in zip(segs, segs[1:], strict=False):
-        a, b = max(t0, s0[-1][0]), min(t1, s1[0][0])
-        if b > a:
-            gaps.append((a, b))
-    below = granularity_s is not None and (t1 - t0) < granularity_s
-    return Integral(
-        energy_j=energy,
-        method="counter" if use_counter else "trapezoid",
-        covered_s=covered,
-        gaps_s=sum(b - a for a, b in gaps),
-        n_samples=len(samples),
-        below_granularity=below,
-        gaps=tuple(gaps),
-    )
-
-
-def cumulative(
-    samples: Sequence[Sample], grid: Sequence[float], *, max_gap_s: float = 5.0
-) -> list[float]:
-    """Energy from ``grid[0]`` to each grid time (for η curves); one pass per grid point."""
-    if not grid:
-        return []
-    return [integrate(samples, grid[0], g, max_gap_s=max_gap_s).energy_j for g in grid]
+    return EnergyCurve(samples, max_gap_s=max_gap_s).integral(t0, t1, granularity_s=granularity_s)

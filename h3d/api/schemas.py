@@ -133,6 +133,8 @@ class DeviceEnergy(BaseModel):
     method: str
     energy_j: float
     device_energy_j: float
+    active_energy_j: float | None
+    idle_power_w: float | None
     share: float
     attribution: str
     n_samples: int
@@ -142,8 +144,11 @@ class DeviceEnergy(BaseModel):
 
 class EnergyPublic(BaseModel):
     run_id: str
-    energy_j: float | None
-    device_energy_j: float | None
+    energy_j: float | None = Field(description="Attributed to the run (its share of devices).")
+    device_energy_j: float | None = Field(description="Whole devices over the run's window.")
+    active_energy_j: float | None = Field(
+        description="Attributed energy above each device's idle baseline (null until measured)."
+    )
     source: str
     measured: bool
     t_start: float
@@ -162,6 +167,7 @@ class EtaPublic(BaseModel):
     loss_start: float | None
     loss_now: float | None
     energy_j: float | None
+    active_energy_j: float | None
     window_energy_j: float | None
     source: str
     measured: bool

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from h3d.attribution import CpuShareTracker
 from h3d.power.base import PowerBackend, PowerBackendError
 from h3d.storage import repository as repo
 from h3d.storage.engine import session_scope
@@ -41,6 +42,9 @@ class DeviceState:
     recent: deque[tuple[float, float | None, float | None]] = field(
         default_factory=lambda: deque(maxlen=600)
     )
+    # Power readings taken while no run was active: the idle baseline is their median.
+    idle: deque[float] = field(default_factory=lambda: deque(maxlen=3000))
+    idle_power_w: float | None = None
 
 
 class PowerSampler:
@@ -60,6 +64,10 @@ class PowerSampler:
         self.downsample_s = downsample_s
         self.prune_every_s = prune_every_s
         self._pruned_to = float("-inf")
+        self._shares = CpuShareTracker()
+        self._share_t: float | None = None
+        self._pending_shares: list[dict[str, Any]] = []
+        self._active_runs: set[str] = set()
         self.interval_s = interval_s
         self.flush_interval_s = flush_interval_s
         self._factory = session_factory
@@ -87,7 +95,9 @@ class PowerSampler:
                     uuid_=b.info.uuid,
                     now=now,
                 )
-                self.devices.append(DeviceState(backend=b, device_id=dev.id))
+                self.devices.append(
+                    DeviceState(backend=b, device_id=dev.id, idle_power_w=dev.idle_power_w)
+                )
 
     def now(self) -> float:
         """The sampler's clock: Unix seconds driven by the monotonic clock."""
@@ -112,6 +122,7 @@ class PowerSampler:
             prev = mono
             self.tick()
             if mono - last_flush >= self.flush_interval_s:
+                self.sample_shares()
                 self.flush()
                 last_flush = mono
             if mono - last_prune >= self.prune_every_s:
@@ -147,6 +158,8 @@ class PowerSampler:
                 logger.info("device %s recovered", d.backend.info.name)
             d.status, d.reason = "ok", None
             d.energy_total_j += self._increment(d, t, r.power_w, r.energy_j)
+            if not self._active_runs and r.power_w is not None:
+                d.idle.append(r.power_w)
             d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
             d.recent.append((t, r.power_w, r.energy_j))
             rows.append(
@@ -167,13 +180,53 @@ class PowerSampler:
             return 0.5 * (power_w + d.last_power_w) * (t - d.last_t)
         return 0.0
 
+    # --- runs: attribution and the idle baseline ----------------------------------------
+
+    def run_started(self, run_id: str, pid: int | None) -> bool:
+        """A run is active; follow its process tree if it runs here. True if followed."""
+        with self._lock:
+            self._active_runs.add(run_id)
+            return pid is not None and self._shares.track(run_id, pid)
+
+    def run_ended(self, run_id: str) -> None:
+        with self._lock:
+            self._active_runs.discard(run_id)
+            self._shares.untrack(run_id)
+
+    def sample_shares(self) -> None:
+        """Each tracked run's share of the CPU since the last call, as a stored interval."""
+        t = self.now()
+        with self._lock:
+            shares = self._shares.sample()
+            t0, self._share_t = self._share_t, t
+            if t0 is not None:
+                self._pending_shares.extend(
+                    {"run_id": rid, "kind": "cpu", "t0": t0, "t1": t, "share": share}
+                    for rid, share in shares.items()
+                )
+
+    def _update_idle(self) -> list[tuple[int, float]]:
+        changed = []
+        for d in self.devices:
+            if len(d.idle) >= 20:
+                idle = statistics.median(d.idle)
+                if d.idle_power_w is None or abs(idle - d.idle_power_w) > 0.01 * max(idle, 1e-9):
+                    d.idle_power_w = idle
+                    changed.append((d.device_id, idle))
+        return changed
+
     def flush(self) -> None:
         """Write pending samples now (also called before energy queries)."""
         with self._lock:
             rows, self._pending = self._pending, []
-        if rows:
+            shares, self._pending_shares = self._pending_shares, []
+        idle = self._update_idle()
+        if rows or shares or idle:
             with session_scope(self._factory) as s:
                 repo.add_power_samples(s, rows=rows)
+                repo.add_run_shares(s, rows=shares)
+                for device_id, watts in idle:
+                    repo.set_idle_power(s, device_id=device_id, idle_power_w=watts)
 
     def prune(self) -> int:
         """Apply the retention policy; runs in the sampler thread every ``prune_every_s``."""

@@ -114,6 +114,8 @@ class Device(Base):
     uuid: Mapped[str | None] = mapped_column(String(100))
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
+    # Median power while no run was active (the idle baseline); None until measured.
+    idle_power_w: Mapped[float | None] = mapped_column(Float)
 
 
 class PowerSample(Base):
@@ -127,3 +129,15 @@ class PowerSample(Base):
     t: Mapped[float] = mapped_column(Float, primary_key=True)
     power_w: Mapped[float | None] = mapped_column(Float)
     energy_j: Mapped[float | None] = mapped_column(Float)  # cumulative counter, if any
+
+
+class RunShare(Base):
+    """A run's share of a kind of device over one sampler interval (process attribution)."""
+
+    __tablename__ = "run_shares"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)  # "cpu" | "gpu:<device>"
+    t0: Mapped[float] = mapped_column(Float, primary_key=True)
+    t1: Mapped[float] = mapped_column(Float)
+    share: Mapped[float] = mapped_column(Float)

@@ -15,7 +15,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from h3d.errors import InvalidInput, RunFinished, RunNotFound
-from h3d.storage.models import Batch, Device, Epoch, PowerSample, Run, RunTag, SampleLosses
+from h3d.storage.models import (
+    Batch,
+    Device,
+    Epoch,
+    PowerSample,
+    Run,
+    RunShare,
+    RunTag,
+    SampleLosses,
+)
 
 
 def new_run_id() -> str:
@@ -448,3 +457,21 @@ def prune_power_samples(
             )
     session.flush()
     return len(doomed)
+
+
+def add_run_shares(session: Session, *, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(_insert(session, RunShare), list(rows))
+
+
+def run_shares(session: Session, *, run_id: str) -> dict[str, list[tuple[float, float]]]:
+    """kind -> [(interval start, share)] ordered by time."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    q = select(RunShare.kind, RunShare.t0, RunShare.share).where(RunShare.run_id == run_id)
+    for kind, t0, share in session.execute(q.order_by(RunShare.kind, RunShare.t0)):
+        out.setdefault(kind, []).append((t0, share))
+    return out
+
+
+def set_idle_power(session: Session, *, device_id: int, idle_power_w: float) -> None:
+    session.execute(update(Device).where(Device.id == device_id).values(idle_power_w=idle_power_w))

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import socket
 import time
 
 from fastapi import APIRouter, Query, status
 
-from h3d.api.deps import SessionDep
+from h3d.api.deps import SamplerDep, SessionDep
 from h3d.api.schemas import RunCreate, RunPublic, RunsPublic, RunUpdate
 from h3d.storage import repository as repo
 from h3d.storage.models import Run
@@ -37,7 +38,7 @@ def public(session: SessionDep, run: Run) -> RunPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
-def create_run(body: RunCreate, session: SessionDep) -> RunPublic:
+def create_run(body: RunCreate, session: SessionDep, sampler: SamplerDep) -> RunPublic:
     run = repo.create_run(
         session,
         name=body.name,
@@ -48,7 +49,14 @@ def create_run(body: RunCreate, session: SessionDep) -> RunPublic:
         n_train=body.n_train,
         now=time.time(),
     )
+    if sampler is not None:
+        sampler.run_started(run.id, body.pid if is_local(body.host) else None)
     return public(session, run)
+
+
+def is_local(host: str | None) -> bool:
+    """Processes can be followed only on this machine."""
+    return host is None or host in (socket.gethostname(), "localhost", "127.0.0.1")
 
 
 @router.get("", response_model=RunsPublic)
@@ -74,8 +82,10 @@ def get_run(run_id: str, session: SessionDep) -> RunPublic:
 
 
 @router.patch("/{run_id}", response_model=RunPublic)
-def update_run(run_id: str, body: RunUpdate, session: SessionDep) -> RunPublic:
+def update_run(run_id: str, body: RunUpdate, session: SessionDep, sampler: SamplerDep) -> RunPublic:
     run = repo.update_run(
         session, run_id=run_id, status=body.status, name=body.name, tags=body.tags, now=time.time()
     )
+    if sampler is not None and run.status != "running":
+        sampler.run_ended(run.id)
     return public(session, run)
