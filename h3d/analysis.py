@@ -93,7 +93,7 @@ class EnergyModel:
             )
 
     def energy(self, a: float, b: float) -> dict[str, Any]:
-        by_device = []
+        by_device: list[dict[str, Any]] = []
         for m in self.devices:
             integral = m.curve.integral(a, max(a, b))
             energy, active = m.attributed(a, max(a, b), m.dev.idle_power_w)
@@ -115,12 +115,13 @@ class EnergyModel:
                     "gaps_s": integral.gaps_s,
                 }
             )
-        sources = {d["source"] for d in by_device}
-        actives = [d["active_energy_j"] for d in by_device]
+        sources: set[str] = {d["source"] for d in by_device}
+        actives: list[float | None] = [d["active_energy_j"] for d in by_device]
+        known = [x for x in actives if x is not None]
         return {
             "energy_j": sum(d["energy_j"] for d in by_device) if by_device else None,
             "device_energy_j": sum(d["device_energy_j"] for d in by_device) if by_device else None,
-            "active_energy_j": sum(actives) if by_device and None not in actives else None,  # type: ignore[arg-type]
+            "active_energy_j": sum(known) if by_device and len(known) == len(actives) else None,
             "source": combined_source(set(sources)),
             "measured": bool(sources) and sources <= MEASURED_SOURCES,
             "t_start": a,

@@ -26,7 +26,8 @@ _GUEST_FIELDS = ("guest", "guest_nice")  # already counted in user/nice on Linux
 
 def busy_cpu_s() -> float:
     t = psutil.cpu_times()
-    return sum(getattr(t, f) for f in t._fields if f not in _IDLE_FIELDS and f not in _GUEST_FIELDS)
+    busy = (getattr(t, f) for f in t._fields if f not in _IDLE_FIELDS and f not in _GUEST_FIELDS)
+    return float(sum(busy))
 
 
 @dataclass
@@ -38,7 +39,7 @@ class _Tree:
 
 def _cpu_s(p: psutil.Process) -> float:
     t = p.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
+    return float(t.user + t.system + t.children_user + t.children_system)
 
 
 class CpuShareTracker:
