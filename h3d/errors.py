@@ -65,6 +65,13 @@ class RunFinished(H3DError):
     code = "run_finished"
 
 
+class RunExists(H3DError):
+    """A create with a client-chosen id that is taken (a replayed create is one)."""
+
+    status_code = 409
+    code = "run_exists"
+
+
 class PayloadTooLarge(H3DError):
     """A request body (after decompression) over the configured limit."""
 

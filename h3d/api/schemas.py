@@ -12,6 +12,15 @@ INT_MAX = 2**62  # SQLite integers are 64-bit: bound every int before it reaches
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    id: str | None = Field(
+        None,
+        pattern="^[0-9a-f]{32}$",
+        description="Client-chosen id (32 hex digits), so a run started offline keeps its id "
+        "when its spool is replayed. Creating an id that exists is a 409 run_exists.",
+    )
+    created_at: float | None = Field(
+        None, allow_inf_nan=False, description="Unix seconds; default: when the daemon receives it."
+    )
     name: str | None = Field(None, max_length=200)
     config: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list, max_length=100)
@@ -26,6 +35,9 @@ class RunUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["finished", "failed"] | None = None
+    finished_at: float | None = Field(
+        None, allow_inf_nan=False, description="With status: when it ended (default: now)."
+    )
     name: str | None = Field(None, min_length=1, max_length=200)
     tags: list[str] | None = Field(None, max_length=100)
 

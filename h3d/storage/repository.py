@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from h3d.errors import InvalidInput, RunFinished, RunNotFound
+from h3d.errors import InvalidInput, RunExists, RunFinished, RunNotFound
 from h3d.storage.models import (
     Batch,
     Device,
@@ -54,8 +54,12 @@ def create_run(
     host: str | None,
     n_train: int | None,
     now: float,
+    run_id: str | None = None,
 ) -> Run:
-    run_id = new_run_id()
+    if run_id is None:
+        run_id = new_run_id()
+    elif session.get(Run, run_id) is not None:
+        raise RunExists(f"a run with id {run_id} exists", details={"run_id": run_id})
     run = Run(
         id=run_id,
         name=name or f"run-{run_id[:8]}",

@@ -57,6 +57,15 @@ def test_run_lifecycle(api: httpx.Client) -> None:
     assert r.json()["status"] == "finished" and r.json()["finished_at"] >= run["created_at"]
     r = api.patch(f"/v1/runs/{run['id']}", json={"status": "failed"})
     assert r.status_code == 409 and err(r)["code"] == "run_finished"
+    # a client-chosen id and times (a run started offline, replayed later)
+    rid = "ab" * 16
+    r = api.post("/v1/runs", json={"id": rid, "created_at": 1000.0, "name": "offline"})
+    assert r.status_code == 201 and r.json()["id"] == rid and r.json()["created_at"] == 1000.0
+    r = api.post("/v1/runs", json={"id": rid})
+    assert r.status_code == 409 and err(r)["code"] == "run_exists"
+    assert api.post("/v1/runs", json={"id": "not-hex"}).status_code == 422
+    r = api.patch(f"/v1/runs/{rid}", json={"status": "finished", "finished_at": 1010.0})
+    assert r.json()["finished_at"] == 1010.0
 
 
 def test_bulk_ingest_is_idempotent_on_seq(api: httpx.Client) -> None:

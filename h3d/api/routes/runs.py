@@ -47,7 +47,8 @@ def create_run(body: RunCreate, session: SessionDep, sampler: SamplerDep) -> Run
         pid=body.pid,
         host=body.host,
         n_train=body.n_train,
-        now=time.time(),
+        now=body.created_at if body.created_at is not None else time.time(),
+        run_id=body.id,
     )
     if sampler is not None:
         sampler.run_started(run.id, body.pid if is_local(body.host) else None)
@@ -84,7 +85,12 @@ def get_run(run_id: str, session: SessionDep) -> RunPublic:
 @router.patch("/{run_id}", response_model=RunPublic)
 def update_run(run_id: str, body: RunUpdate, session: SessionDep, sampler: SamplerDep) -> RunPublic:
     run = repo.update_run(
-        session, run_id=run_id, status=body.status, name=body.name, tags=body.tags, now=time.time()
+        session,
+        run_id=run_id,
+        status=body.status,
+        name=body.name,
+        tags=body.tags,
+        now=body.finished_at if body.finished_at is not None else time.time(),
     )
     if sampler is not None and run.status != "running":
         sampler.run_ended(run.id)
