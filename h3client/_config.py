@@ -1,0 +1,66 @@
+"""Where the daemon is, and how to talk to it: arguments > environment > data dir > defaults.
+
+The data-dir rules are the daemon's own (``H3D_DATA_DIR``, else ``$XDG_DATA_HOME/h3d``, else
+``~/.local/share/h3d``); a serving daemon records its URL in ``daemon.json`` there and its
+bearer token in ``token``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 8421
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("H3D_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "h3d"
+
+
+def read_daemon_file(data_dir: Path) -> dict[str, object] | None:
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+        info = json.loads((data_dir / "daemon.json").read_text())
+        if isinstance(info, dict) and "url" in info:
+            return info
+    return None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Resolved connection settings (see :func:`resolve`)."""
+
+    url: str
+    token: str | None
+    data_dir: Path
+    url_is_explicit: bool  # given by the caller or H3D_URL, not discovered
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+def resolve(
+    url: str | None = None, token: str | None = None, data_dir: str | os.PathLike[str] | None = None
+) -> ClientConfig:
+    ddir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    explicit = url or os.environ.get("H3D_URL")
+    if explicit:
+        final_url = explicit
+    else:
+        info = read_daemon_file(ddir)
+        final_url = str(info["url"]) if info else f"http://127.0.0.1:{DEFAULT_PORT}"
+    tok = token or os.environ.get("H3D_TOKEN")
+    if tok is None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            tok = (ddir / "token").read_text().strip() or None
+    return ClientConfig(
+        url=final_url.rstrip("/"), token=tok, data_dir=ddir, url_is_explicit=bool(explicit)
+    )

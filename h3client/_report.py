@@ -1,0 +1,100 @@
+"""Turning a run's report (``GET /v1/runs/{id}/report``) into advice a person can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: An epoch is past the point of diminishing returns when its η, and every later epoch's,
+#: is below this fraction of the best epoch's η.
+DIMINISHING_FRACTION = 0.10
+
+
+def diminishing_returns(
+    epochs: list[dict[str, Any]], fraction: float = DIMINISHING_FRACTION
+) -> dict[str, Any] | None:
+    """The suggested stopping point: the last epoch after which η stayed < fraction × peak.
+
+    Returns ``{"epoch", "peak_eta_bits_per_j", "energy_after_j", "energy_after_frac"}`` or
+    None when η never fell that far (or there are fewer than 3 epochs).
+    """
+    etas = [e.get("eta_bits_per_j") for e in epochs]
+    known = [v for v in etas if v is not None]
+    if len(epochs) < 3 or not known:
+        return None
+    peak = max(known)
+    if peak <= 0:
+        return None
+    stop = None
+    for i in range(len(epochs) - 1, -1, -1):
+        v = etas[i]
+        if v is None or v >= fraction * peak:
+            stop = i
+            break
+    if stop is None or stop >= len(epochs) - 1:
+        return None
+    after = sum(e.get("energy_j") or 0.0 for e in epochs[stop + 1 :])
+    total = sum(e.get("energy_j") or 0.0 for e in epochs)
+    return {
+        "epoch": epochs[stop]["epoch"],
+        "peak_eta_bits_per_j": peak,
+        "energy_after_j": after,
+        "energy_after_frac": after / total if total > 0 else None,
+    }
+
+
+def _f(v: Any, unit: str = "", digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}{unit}"
+    return f"{v}{unit}"
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    e, eta = rep["energy"], rep["eta"]
+    lines = [
+        f"H3 report — run {rep['run']} ({rep['name']}, {rep['status']})",
+        f"  duration            {_f(rep['duration_s'], ' s')}, {rep['n_batches']} batches",
+        f"  energy              {_f(e['energy_j'], ' J')} attributed, {_f(e['device_energy_j'], ' J')} "
+        f"whole devices, {_f(e.get('active_energy_j'), ' J')} above idle",
+        f"  provenance          {e['source']}"
+        + ("" if e["measured"] else "  (ESTIMATED: a model, not a measurement)"),
+        f"  loss                {_f(eta['loss_start'])} -> {_f(eta['loss_now'])} nats",
+        f"  information gained  {_f(eta['info_gain_bits'], ' bits/sample')}"
+        + (
+            f", {_f(eta['info_gain_total_bits'], ' bits')} in total"
+            if eta.get("info_gain_total_bits")
+            else ""
+        ),
+        f"  efficiency          {_f(eta['eta_bits_per_j'], ' bits/J')} "
+        f"(marginal, last {eta['window_s']:g} s: {_f(eta['marginal_eta_bits_per_j'], ' bits/J')})",
+    ]
+    if rep.get("phases"):
+        lines.append("  phases:")
+        for p in rep["phases"]:
+            lines.append(
+                f"    {p['phase']:<15} {p['batches']:>7} batches  {_f(p['energy_j'], ' J'):>12}  "
+                f"ΔI {_f(p['info_gain_bits'], ' bits'):>12}  η {_f(p['eta_bits_per_j'], ' bits/J')}"
+            )
+    if rep.get("epochs"):
+        lines.append(
+            f"  {'epoch':>7} {'loss':>9} {'accuracy':>9} {'energy J':>10} {'η bits/J':>11}"
+        )
+        for ep in rep["epochs"]:
+            lines.append(
+                f"  {ep['epoch']:>7} {_f(ep['loss']):>9} {_f(ep['accuracy']):>9} "
+                f"{_f(ep['energy_j']):>10} {_f(ep['eta_bits_per_j']):>11}"
+            )
+        dr = diminishing_returns(rep["epochs"])
+        if dr is None:
+            lines.append(
+                "  no point of diminishing returns yet (η stayed above "
+                f"{DIMINISHING_FRACTION:.0%} of its peak)"
+            )
+        else:
+            lines.append(
+                f"  diminishing returns after epoch {dr['epoch']}: η stayed below "
+                f"{DIMINISHING_FRACTION:.0%} of its peak; energy beyond the stopping point "
+                f"{_f(dr['energy_after_j'], ' J')} ({_f((dr['energy_after_frac'] or 0) * 100, ' %', 3)})"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""An append-only spool: what the daemon could not take yet, kept on disk until it can.
+
+One file per run, ``<data dir>/spool/<run id>.jsonl``. Each line is one operation, replayed
+in file order:
+
+    {"v": 1, "op": "create",  "run_id": ID, "body": {<POST /v1/runs body, with "id">}}
+    {"v": 1, "op": "batches", "run_id": ID, "body": {"batches": [...], "nonfinite_as_null": true}}
+    {"v": 1, "op": "epochs",  "run_id": ID, "body": {"epochs": [...]}}
+    {"v": 1, "op": "update",  "run_id": ID, "body": {<PATCH /v1/runs/ID body>}}
+
+Every operation is idempotent at the daemon (a run id that exists, a batch seq or an epoch
+already stored, a run already finished are all acknowledged), so replaying a file twice, or
+a file that was half replayed before a crash, stores everything exactly once. A file is
+deleted only after every line in it was acknowledged. ``h3d import`` replays the same files.
+Appends and replays take an exclusive ``flock`` on the file, so two processes never
+interleave lines or replay one file at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from h3client.client import Client
+from h3client.errors import H3ConnectionError, H3HTTPStatusError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: single-process use only
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+# Answers that mean "already done": replaying is safe to continue past them.
+_ALREADY = {"run_exists", "run_finished"}
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: str) -> Iterator[Any]:
+    with open(path, mode) as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class Spool:
+    """The spool file of one run."""
+
+    def __init__(self, spool_dir: Path, run_id: str) -> None:
+        self.path = spool_dir / f"{run_id}.jsonl"
+        self.run_id = run_id
+
+    def append(self, op: str, body: dict[str, Any]) -> None:
+        """Append one operation durably. Raises OSError (disk full, read-only) to the caller."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"v": VERSION, "op": op, "run_id": self.run_id, "body": body}) + "\n"
+        with _locked(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def exists(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+
+def _apply(client: Client, op: dict[str, Any]) -> None:
+    run_id, body, kind = op["run_id"], op["body"], op["op"]
+    try:
+        if kind == "create":
+            client.create_run(**body)
+        elif kind == "batches":
+            client.post_batches(
+                run_id, body["batches"], nonfinite_as_null=body.get("nonfinite_as_null", True)
+            )
+        elif kind == "epochs":
+            client.post_epochs(run_id, body["epochs"])
+        elif kind == "update":
+            client.update_run(run_id, **body)
+        else:
+            logger.warning("spool: skipping unknown operation %r", kind)
+    except H3HTTPStatusError as exc:
+        if exc.code not in _ALREADY:
+            raise
+
+
+def replay_file(client: Client, path: Path) -> tuple[int, int]:
+    """Replay one spool file; returns (operations applied, lines skipped as corrupt).
+
+    Stops at the first operation the daemon does not acknowledge (raising its error), and
+    keeps the file; deletes it once everything was acknowledged.
+    """
+    applied = skipped = 0
+    with _locked(path, "r+") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                op = json.loads(line)
+                if op.get("v") != VERSION:
+                    raise ValueError(f"spool version {op.get('v')!r}")
+            except ValueError as exc:
+                # a torn last line after a crash; anything else is reported, not guessed at
+                logger.warning("spool %s line %d unreadable (%s): skipped", path.name, n, exc)
+                skipped += 1
+                continue
+            _apply(client, op)
+            applied += 1
+        path.unlink()
+    return applied, skipped
+
+
+def replay_spool(client: Client, spool_dir: Path, run_id: str | None = None) -> dict[str, Any]:
+    """Replay every spool file in ``spool_dir`` (or only ``run_id``'s), oldest first.
+
+    Returns counts; files that could not be fully replayed (daemon down, an error) stay.
+    """
+    files = (
+        sorted(spool_dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+        if spool_dir.exists()
+        else []
+    )
+    if run_id is not None:
+        files = [p for p in files if p.stem == run_id]
+    done = {"files": 0, "operations": 0, "skipped_lines": 0, "failed": []}  # type: dict[str, Any]
+    for path in files:
+        try:
+            applied, skipped = replay_file(client, path)
+        except H3ConnectionError:
+            done["failed"].append(path.stem)
+            break  # the daemon is down: nothing else will go through either
+        except H3HTTPStatusError as exc:
+            logger.warning("spool %s not replayed: %s", path.name, exc)
+            done["failed"].append(path.stem)
+            continue
+        except FileNotFoundError:
+            continue  # another process replayed it meanwhile
+        done["files"] += 1
+        done["operations"] += applied
+        done["skipped_lines"] += skipped
+    return done

@@ -1,0 +1,286 @@
+"""``h3-report`` and the audit log: a CSV per run that people and tools can read.
+
+    h3-report --run ID [--baseline RUN]          a run from the daemon
+    h3-report --h3-log FILE [--baseline-log F]   a ThermoAuditLogger CSV
+    h3-report --compare A B C ...                runs side by side
+
+The Green Score is the baseline's energy over this run's energy (> 1: this run used less),
+shown only when final accuracies are within ``--tolerance`` points; otherwise the two runs
+did not buy the same thing and the ratio would flatter the cheaper one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from h3client._report import _f, format_report
+
+COLUMNS = (
+    "epoch",
+    "t",
+    "phase",
+    "loss",
+    "val_loss",
+    "accuracy",
+    "energy_j",
+    "eta_bits_per_j",
+    "keep_frac",
+    "uniform_mix",
+    "samples",
+    "extra",
+)
+
+
+class ThermoAuditLogger:
+    """Append one CSV row per epoch: what the run did, what it cost, what it learned.
+
+    Args:
+        name: Run name; the file is ``<log_dir>/<name>-<timestamp>.csv``.
+        metadata: Free-form facts (data set, hardware) written as a header comment.
+        config: Hyperparameters, written as a header comment.
+        log_dir: Where the file goes (created if missing).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        metadata: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        log_dir: str | Path = "h3_audit_logs",
+    ) -> None:
+        self.name = name
+        directory = Path(log_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.path = directory / f"{name}-{stamp}.csv"
+        with open(self.path, "w", newline="") as f:
+            f.write(f"# h3 audit log: {json.dumps({'name': name})}\n")
+            f.write(f"# metadata: {json.dumps(metadata or {}, default=str)}\n")
+            f.write(f"# config: {json.dumps(config or {}, default=str)}\n")
+            csv.writer(f).writerow(COLUMNS)
+
+    def log_epoch(
+        self,
+        epoch: int,
+        *,
+        loss: float | None = None,
+        val_loss: float | None = None,
+        accuracy: float | None = None,
+        energy_j: float | None = None,
+        eta_bits_per_j: float | None = None,
+        phase: str | None = None,
+        keep_frac: float | None = None,
+        uniform_mix: float | None = None,
+        samples: int | None = None,
+        **extra: Any,
+    ) -> None:
+        """Append one epoch. Unknown keyword figures go to the ``extra`` JSON column."""
+        row = [
+            epoch,
+            repr(time.time()),
+            phase or "",
+            *(
+                "" if v is None else repr(float(v))
+                for v in (loss, val_loss, accuracy, energy_j, eta_bits_per_j)
+            ),
+            *("" if v is None else repr(float(v)) for v in (keep_frac, uniform_mix)),
+            "" if samples is None else int(samples),
+            json.dumps(extra, default=str) if extra else "",
+        ]
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+
+    def get_path(self) -> Path:
+        return self.path
+
+
+def read_audit_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header: name/metadata/config, rows with numbers parsed) of an audit CSV."""
+    header: dict[str, Any] = {}
+    body: list[str] = []
+    with open(path, newline="") as f:
+        for line in f:
+            if line.startswith("# "):
+                key, _, value = line[2:].partition(": ")
+                try:
+                    header[key.strip()] = json.loads(value)
+                except ValueError:
+                    header[key.strip()] = value.strip()
+            else:
+                body.append(line)
+    rows = []
+    for r in csv.DictReader(body):
+        row: dict[str, Any] = {}
+        for k, v in r.items():
+            if k in ("phase",):
+                row[k] = v or None
+            elif k == "extra":
+                row[k] = json.loads(v) if v else {}
+            elif k in ("epoch", "samples"):
+                row[k] = int(v) if v else None
+            else:
+                row[k] = float(v) if v else None
+        rows.append(row)
+    return header, rows
+
+
+def assess(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The heuristic assessment (starvation / aggressive / moderate / conservative) and why."""
+    keeps = [r["keep_frac"] for r in rows if r.get("keep_frac") is not None]
+    mixes = [r["uniform_mix"] for r in rows if r.get("uniform_mix") is not None]
+    accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    if not keeps:
+        return "conservative", "no data selection was logged (every sample every epoch)"
+    mean_keep = sum(keeps) / len(keeps)
+    min_mix = min(mixes) if mixes else 1.0
+    dropped = bool(accs) and max(accs) - accs[-1] > 1.0
+    if (mean_keep < 0.3 or min_mix < 0.05) and dropped:
+        return "starvation", (
+            f"mean keep_frac {mean_keep:.2f}, min uniform_mix {min_mix:.2f}, and accuracy fell "
+            f"{max(accs) - accs[-1]:.2f} points from its best: part of the data is being starved"
+        )
+    if mean_keep < 0.5:
+        return "aggressive", f"mean keep_frac {mean_keep:.2f}: most samples are skipped each epoch"
+    if mean_keep < 0.85:
+        return "moderate", f"mean keep_frac {mean_keep:.2f}"
+    return "conservative", f"mean keep_frac {mean_keep:.2f}: close to full-data training"
+
+
+ADVICE = {
+    "starvation": "raise uniform_mix (≥ 0.2) or keep_frac, or use mode='safe'",
+    "aggressive": "check accuracy against a full-data baseline before keeping these settings",
+    "moderate": "a reasonable trade-off; try mode='green' if accuracy holds",
+    "conservative": "little energy saved: try mode='balanced' or a lower keep_frac",
+}
+
+
+def _summary_from_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    acc = next((r["accuracy"] for r in reversed(rows) if r.get("accuracy") is not None), None)
+    energies = [r["energy_j"] for r in rows if r.get("energy_j") is not None]
+    return {
+        "epochs": len(rows),
+        "final_accuracy": acc,
+        "energy_j": sum(energies) if energies else None,
+        "final_loss": next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None),
+    }
+
+
+def green_score(
+    run: dict[str, Any], baseline: dict[str, Any], tolerance: float = 1.0
+) -> tuple[float | None, str]:
+    """(baseline energy / run energy, explanation); None when it cannot be fairly computed."""
+    e, eb = run.get("energy_j"), baseline.get("energy_j")
+    a, ab = run.get("final_accuracy"), baseline.get("final_accuracy")
+    if not e or not eb:
+        return None, "energy unknown for one of the runs"
+    ratio = eb / e
+    if a is None or ab is None:
+        return ratio, "accuracy unknown: the ratio compares energy only"
+    scale = 100.0 if max(a, ab) <= 1.0 else 1.0  # fractions or percentages
+    gap = (a - ab) * scale
+    if abs(gap) > tolerance:
+        return None, f"accuracies differ by {gap:+.2f} points (> {tolerance}): not comparable"
+    return ratio, f"accuracy within {gap:+.2f} points of the baseline"
+
+
+def explain_thermo_log(path: str | Path, baseline_path: str | Path | None = None) -> str:
+    """A plain-language reading of an audit log: metrics, phases, assessment, verdict."""
+    header, rows = read_audit_log(path)
+    s = _summary_from_rows(rows)
+    kind, why = assess(rows)
+    out = [
+        f"H3 audit log {Path(path).name} ({header.get('h3 audit log', {}).get('name', '?')})",
+        f"  epochs {s['epochs']}, final accuracy {_f(s['final_accuracy'])}, "
+        f"final loss {_f(s['final_loss'])}, energy {_f(s['energy_j'], ' J')}",
+    ]
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        phases.setdefault(r.get("phase") or "-", []).append(r)
+    for name, rs in phases.items():
+        e = sum(r["energy_j"] or 0.0 for r in rs)
+        out.append(f"  phase {name:<15} {len(rs):>4} epochs  {_f(e, ' J')}")
+    out.append(f"  assessment: {kind} — {why}")
+    if baseline_path is not None:
+        _bh, brows = read_audit_log(baseline_path)
+        score, note = green_score(s, _summary_from_rows(brows))
+        out.append(f"  Green Score: {_f(score)} ({note})")
+    out.append(f"  verdict: {ADVICE[kind]}")
+    return "\n".join(out)
+
+
+def _run_summary(rep: dict[str, Any]) -> dict[str, Any]:
+    acc = next((e["accuracy"] for e in reversed(rep["epochs"]) if e["accuracy"] is not None), None)
+    return {"energy_j": rep["energy"]["energy_j"], "final_accuracy": acc}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from h3client.client import Client
+    from h3client.errors import H3ClientError
+
+    p = argparse.ArgumentParser(prog="h3-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", help="a run id on the daemon")
+    p.add_argument("--baseline", help="a baseline run id (for the Green Score)")
+    p.add_argument("--h3-log", help="a ThermoAuditLogger CSV")
+    p.add_argument("--baseline-log", help="a baseline audit CSV (for the Green Score)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="runs side by side")
+    p.add_argument(
+        "--tolerance", type=float, default=1.0, help="accuracy points for the Green Score"
+    )
+    p.add_argument("--url", help="daemon URL (default: discovered)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    if not (args.run or args.h3_log or args.compare):
+        p.error("give --run, --h3-log or --compare")
+    if args.h3_log:
+        print(explain_thermo_log(args.h3_log, args.baseline_log))
+        return 0
+    try:
+        with Client(args.url) as c:
+            if args.compare:
+                res = c.compare(args.compare)
+                if args.json:
+                    print(json.dumps(res, indent=2))
+                    return 0
+                print(
+                    f"{'run':<34} {'name':<20} {'energy J':>10} {'ΔI bits':>9} {'η bits/J':>10} {'acc':>7}"
+                )
+                for r in res["runs"]:
+                    print(
+                        f"{r['run_id']:<34} {r['name'][:20]:<20} {_f(r['energy_j']):>10} "
+                        f"{_f(r['info_gain_bits']):>9} {_f(r['eta_bits_per_j']):>10} {_f(r['final_accuracy']):>7}"
+                    )
+                return 0
+            rep = c.report(args.run)
+            if args.json:
+                print(json.dumps(rep, indent=2))
+                return 0
+            print(format_report(rep))
+            if args.baseline:
+                score, note = green_score(
+                    _run_summary(rep), _run_summary(c.report(args.baseline)), args.tolerance
+                )
+                print(f"  Green Score vs {args.baseline}: {_f(score)} ({note})")
+            keep = [e["metrics"].get("keep_frac") for e in rep["epochs"] if e.get("metrics")]
+            rows = [
+                {
+                    "keep_frac": e["metrics"].get("keep_frac"),
+                    "uniform_mix": e["metrics"].get("uniform_mix"),
+                    "accuracy": e["accuracy"],
+                }
+                for e in rep["epochs"]
+            ]
+            if any(k is not None for k in keep):
+                kind, why = assess(rows)
+                print(f"  assessment: {kind} — {why}\n  verdict: {ADVICE[kind]}")
+    except H3ClientError as exc:
+        print(f"h3-report: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,218 @@
+"""H3Profiler against real daemons: training end to end, outages, offline runs, autostart."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from h3client import Client, H3Profiler, replay_spool
+from tests.conftest import REPO, Daemon, daemon_env
+
+
+def digits_loop(prof: H3Profiler, epochs: int = 3) -> tuple[list[float], list[float]]:
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    tr, te = torch.arange(0, 1500), torch.arange(1500, len(y))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    logged, accs = [], []
+    for epoch in range(epochs):
+        perm = tr[torch.randperm(len(tr))]
+        for i in range(0, len(perm), 50):
+            idx = perm[i : i + 50]
+            losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+            loss = losses.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            prof.log_batch(loss, losses=losses, indices=idx, epoch=epoch)
+            logged.append(loss.item())
+        with torch.no_grad():
+            acc = (model(x[te]).argmax(1) == y[te]).float().mean().item()
+        accs.append(acc)
+        prof.log_epoch(epoch, accuracy=acc, phase="thermodynamic", keep_frac=1.0)
+    return logged, accs
+
+
+def test_a_real_training_loop_end_to_end(daemon: Daemon, tmp_path: Path) -> None:
+    prof = H3Profiler(
+        "digits", url=daemon.url, data_dir=daemon.data_dir, n_train=1500, config={"lr": 3e-3}
+    )
+    logged, accs = digits_loop(prof)
+    res = prof.stop()
+    assert res["batches_logged"] == res["batches_posted"] == len(logged) == 90
+    assert res["batches_lost"] == res["batches_spooled"] == 0 and not res["offline"]
+    assert res["energy_source"] == "estimated" and res["total_energy_j"] > 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(prof.run_id)
+        assert run["status"] == "finished" and run["n_batches"] == 90 and run["n_epochs"] == 3
+        assert run["config"]["lr"] == 3e-3 and run["n_train"] == 1500
+        # the report agrees with the stored series
+        series = c.series(prof.run_id, "loss", points=10_000)
+        assert [round(v, 5) for _t, v in series] == [round(v, 5) for v in logged]
+        k = max(1, min(50, len(logged) // 10))
+        expected_bits = (logged[0] - sum(logged[-k:]) / k) / math.log(2)
+        assert res["info_gain_bits"] == pytest.approx(expected_bits, rel=1e-4)
+        assert res["efficiency_bits_per_j"] == pytest.approx(
+            expected_bits / res["total_energy_j"], rel=1e-6
+        )
+        assert [e["accuracy"] for e in res["epochs"]] == pytest.approx(accs)
+        assert res["epochs"][0]["metrics"] == {"keep_frac": 1.0}
+    text = prof.get_report()
+    assert "bits/J" in text and "ESTIMATED" in text and "epoch" in text
+    out = prof.export_csv(tmp_path / "run.csv")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["seq"]) for r in rows] == list(range(90))
+
+
+def test_the_daemon_killed_twice_mid_stream_loses_nothing(daemon: Daemon) -> None:
+    prof = H3Profiler(
+        "outage", url=daemon.url, data_dir=daemon.data_dir, flush_interval_s=0.1, max_batch=1000
+    )
+    n = 20_000
+    vec = [0.5] * 16
+
+    def chaos() -> None:
+        for _ in range(2):
+            time.sleep(1.0)
+            daemon.kill()  # SIGKILL: no goodbye
+            time.sleep(0.5)
+            daemon.start()
+
+    killer = threading.Thread(target=chaos)
+    killer.start()
+    t0 = time.monotonic()
+    for s in range(n):
+        prof.log_batch(1.0 + 1.0 / (1 + s), losses=vec, indices=list(range(16)))
+        if s % 400 == 399:
+            time.sleep(0.03)  # a training loop takes time; spread the stream over the outages
+    killer.join()
+    res = prof.stop(timeout_s=60)
+    assert time.monotonic() - t0 < 60
+    assert res["batches_lost"] == 0 and res["flushed"]
+    assert res["batches_spooled"] > 0  # the outages were real
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(prof.run_id)
+        assert run["n_batches"] == n and run["last_seq"] == n - 1 and run["status"] == "finished"
+        text = c.request("GET", f"/v1/runs/{prof.run_id}/export.csv").text.splitlines()
+    seqs = [int(line.split(",")[0]) for line in text[1:]]
+    assert seqs == list(range(n))  # each exactly once, in order
+    assert not list((daemon.data_dir / "spool").glob("*.jsonl"))  # spool fully replayed
+
+
+def test_offline_run_spools_and_is_complete_after_replay(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    data = tmp_path / "late"
+    prof = H3Profiler(
+        "offline", data_dir=data, autostart=False, url="http://127.0.0.1:9", flush_interval_s=0.05
+    )
+    for s in range(500):
+        prof.log_batch(2.0 - s / 500, losses=[1.0, 2.0], epoch=s // 250)
+    prof.log_epoch(0, accuracy=0.5)
+    res = prof.stop()
+    assert res["offline"] and res["batches_spooled"] == 500 and res["batches_lost"] == 0
+    assert (data / "spool" / f"{prof.run_id}.jsonl").exists()
+    # a daemon comes up on that data dir later; the spool is replayed
+    d = Daemon(
+        data, daemon_env(data, H3D_POWER_BACKENDS="constant:5", H3D_LOG_LEVEL="WARNING")
+    ).start()
+    try:
+        with Client(d.url, data_dir=data) as c:
+            summary = replay_spool(c, data / "spool")
+            assert summary["failed"] == [] and summary["files"] == 1
+            run = c.get_run(prof.run_id)
+            assert run["n_batches"] == 500 and run["n_epochs"] == 1 and run["status"] == "finished"
+            assert run["created_at"] == pytest.approx(prof._t_start)
+            # replaying again changes nothing
+            assert replay_spool(c, data / "spool")["files"] == 0
+    finally:
+        d.stop()
+
+
+def test_resume_continues_the_sequence(daemon: Daemon) -> None:
+    first = H3Profiler("resume", url=daemon.url, data_dir=daemon.data_dir)
+    for _s in range(10):
+        first.log_batch(1.0)
+    first.flush()
+    second = H3Profiler(url=daemon.url, data_dir=daemon.data_dir, run_id=first.run_id)
+    for _s in range(5):
+        second.log_batch(0.5)
+    res = second.stop()
+    first._stopped = True  # the first process "died"
+    assert res["batches_posted"] == 5
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(first.run_id)
+    assert run["n_batches"] == 15 and run["last_seq"] == 14
+
+
+def test_context_manager_marks_a_crashed_run_failed(daemon: Daemon) -> None:
+    with (
+        pytest.raises(ZeroDivisionError),
+        H3Profiler("crash", url=daemon.url, data_dir=daemon.data_dir) as prof,
+    ):
+        prof.log_batch(1.0)
+        1 / 0  # noqa: B018
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert c.get_run(prof.run_id)["status"] == "failed"
+
+
+def test_log_batch_never_raises(daemon: Daemon) -> None:
+    prof = H3Profiler("junk", url=daemon.url, data_dir=daemon.data_dir)
+    prof.log_batch(object())  # unreadable: counted, not raised
+    prof.log_batch("not a number")
+    prof.log_batch(float("nan"))
+    prof.log_batch(1.0)
+    res = prof.stop()
+    assert res["log_errors"] == 2 and res["batches_posted"] == 2
+
+
+def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
+    data = tmp_path / "auto"
+    code = (
+        "from h3client import H3Profiler\n"
+        "p = H3Profiler('auto')\n"
+        "p.log_batch(1.0); p.log_batch(0.5)\n"
+        "print(p.stop()['batches_posted'], p.run_id)\n"
+    )
+    env = daemon_env(data, H3D_POWER_BACKENDS="constant:5", H3D_LOG_LEVEL="WARNING")
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    posted, run_id = r.stdout.split()
+    assert posted == "2"
+    import json
+
+    info = json.loads((data / "daemon.json").read_text())
+    try:
+        with Client(info["url"], data_dir=data) as c:
+            assert c.health() and c.get_run(run_id)["n_batches"] == 2
+    finally:
+        import os
+        import signal
+
+        os.kill(info["pid"], signal.SIGTERM)
+
+
+def test_import_is_light() -> None:
+    code = "import sys, time; t=time.perf_counter(); import h3client; print(time.perf_counter()-t, 'torch' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[1:] == ["False", "False"]  # no torch, no numpy: the time is in the benchmark
