@@ -1,30 +1,20 @@
-"""The demo's training run: a real MLP on scikit-learn's digits, streamed to h3d.
+"""The demo's training run: a real MLP on scikit-learn's digits, profiled by H3Profiler.
 
-Run by ``h3d demo`` as ``python -m h3client._demo``; needs torch and scikit-learn.
+Run by ``h3d demo`` as ``python -m h3client._demo`` (it needs torch and scikit-learn); it
+finds the daemon through ``H3D_URL``/``H3D_DATA_DIR`` like any user code would.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import time
-from pathlib import Path
-
-import httpx
-
-
-def _token() -> str:
-    tok = os.environ.get("H3D_TOKEN")
-    if tok:
-        return tok
-    return (Path(os.environ["H3D_DATA_DIR"]) / "token").read_text().strip()
 
 
 def main() -> None:
     import torch
     from sklearn.datasets import load_digits
     from torch import nn
+
+    from h3client import H3Profiler
 
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=20)
@@ -40,57 +30,28 @@ def main() -> None:
         nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    http = httpx.Client(
-        base_url=os.environ["H3D_URL"],
-        headers={"Authorization": f"Bearer {_token()}"},
-        timeout=30.0,
-    )
-    run = http.post(
-        "/v1/runs",
-        json={
-            "name": "demo-digits-mlp",
-            "config": {"model": "mlp-64-1024-1024-10", "optimizer": "adam", "lr": 1e-3},
-            "tags": ["demo"],
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "n_train": len(tr),
-        },
-    ).json()
-    seq = 0
-    for epoch in range(args.epochs):
-        batches = []
-        order = tr[torch.randperm(len(tr))]
-        for i in range(0, len(order), 32):
-            idx = order[i : i + 32]
-            losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
-            loss = losses.mean()
-            opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            batches.append(
-                {
-                    "seq": seq,
-                    "t": time.time(),
-                    "loss": loss.item(),
-                    "n": len(idx),
-                    "epoch": epoch,
-                    "step": seq,
-                    "losses": losses.detach().tolist(),
-                    "indices": idx.tolist(),
-                }
+    config = {"model": "mlp-64-1024-1024-10", "optimizer": "adam", "lr": 1e-3, "batch_size": 32}
+    with H3Profiler("demo-digits-mlp", config=config, tags=["demo"], n_train=len(tr)) as prof:
+        for epoch in range(args.epochs):
+            order = tr[torch.randperm(len(tr))]
+            for i in range(0, len(order), 32):
+                idx = order[i : i + 32]
+                losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+                loss = losses.mean()
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                prof.log_batch(loss, losses=losses, indices=idx, epoch=epoch)
+            with torch.no_grad():
+                out = model(x[te])
+                acc = (out.argmax(1) == y[te]).float().mean().item()
+                val = nn.functional.cross_entropy(out, y[te]).item()
+            prof.log_epoch(epoch, accuracy=acc, val_loss=val)
+            print(
+                f"epoch {epoch + 1:>3}/{args.epochs}  loss {loss.item():.4f}  acc {acc:.3f}",
+                flush=True,
             )
-            seq += 1
-        with torch.no_grad():
-            acc = (model(x[te]).argmax(1) == y[te]).float().mean().item()
-            val = nn.functional.cross_entropy(model(x[te]), y[te]).item()
-        http.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches}).raise_for_status()
-        http.post(
-            f"/v1/runs/{run['id']}/epochs",
-            json={"epochs": [{"epoch": epoch, "t": time.time(), "accuracy": acc, "val_loss": val}]},
-        ).raise_for_status()
-        print(f"epoch {epoch + 1:>3}/{args.epochs}  loss {batches[-1]['loss']:.4f}  acc {acc:.3f}")
-    http.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
-    print(f"RUN_ID={run['id']}")
+    print(f"RUN_ID={prof.run_id}")
 
 
 if __name__ == "__main__":

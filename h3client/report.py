@@ -141,11 +141,13 @@ def assess(rows: list[dict[str, Any]]) -> tuple[str, str]:
         return "conservative", "no data selection was logged (every sample every epoch)"
     mean_keep = sum(keeps) / len(keeps)
     min_mix = min(mixes) if mixes else 1.0
-    dropped = bool(accs) and max(accs) - accs[-1] > 1.0
+    scale = 100.0 if accs and max(accs) <= 1.0 else 1.0  # fractions or percentages
+    fall = (max(accs) - accs[-1]) * scale if accs else 0.0
+    dropped = fall > 1.0
     if (mean_keep < 0.3 or min_mix < 0.05) and dropped:
         return "starvation", (
             f"mean keep_frac {mean_keep:.2f}, min uniform_mix {min_mix:.2f}, and accuracy fell "
-            f"{max(accs) - accs[-1]:.2f} points from its best: part of the data is being starved"
+            f"{fall:.2f} points from its best: part of the data is being starved"
         )
     if mean_keep < 0.5:
         return "aggressive", f"mean keep_frac {mean_keep:.2f}: most samples are skipped each epoch"
@@ -284,3 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"h3-report: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from h3d import __version__
@@ -249,6 +250,58 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Replay client spool files (``<data dir>/spool/*.jsonl``) through the running daemon.
+
+    The format is h3client's (see h3client/_spool.py): one JSON operation per line, each
+    idempotent at the daemon, so importing twice stores everything once.
+    """
+    import fcntl
+
+    settings = _settings(args)
+    files = [Path(f) for f in args.files] or sorted((settings.data_dir / "spool").glob("*.jsonl"))
+    if not files:
+        print(f"h3d: nothing to import in {settings.data_dir / 'spool'}")
+        return 0
+    c = DaemonClient(settings)
+    already = {"run_exists", "run_finished"}
+    total = 0
+    for path in files:
+        ops = 0
+        with open(path, "r+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            for n, line in enumerate(f, 1):
+                try:
+                    op = json.loads(line)
+                    kind, rid, body = op["op"], op["run_id"], op["body"]
+                except (ValueError, KeyError, TypeError):
+                    print(f"h3d: {path.name} line {n} is unreadable: skipped", file=sys.stderr)
+                    continue
+                method, url = {
+                    "create": ("POST", "/v1/runs"),
+                    "batches": ("POST", f"/v1/runs/{rid}/batches"),
+                    "epochs": ("POST", f"/v1/runs/{rid}/epochs"),
+                    "update": ("PATCH", f"/v1/runs/{rid}"),
+                }[kind]
+                r = c.http.request(method, url, json=body)
+                if r.status_code >= 400:
+                    code = r.json().get("error", {}).get("code") if r.content else None
+                    if code not in already:
+                        print(
+                            f"h3d: {path.name} line {n}: {r.status_code} {r.text[:200]}",
+                            file=sys.stderr,
+                        )
+                        return 1
+                ops += 1
+                if sys.stderr.isatty():
+                    print(f"\r{path.name}: {ops} operations", end="", file=sys.stderr)
+            path.unlink()
+        total += ops
+        print(f"imported {path.name}: {ops} operations")
+    print(f"h3d: imported {len(files)} spool file(s), {total} operations")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     from h3d.storage import migrate
     from h3d.storage.engine import make_engine
@@ -321,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stop", parents=[common], help="stop the running daemon").set_defaults(
         func=cmd_stop
     )
+    im = sub.add_parser("import", parents=[common], help="replay client spool files")
+    im.add_argument("files", nargs="*", help="spool files (default: <data dir>/spool/*.jsonl)")
+    im.set_defaults(func=cmd_import)
     db = sub.add_parser("db", parents=[common], help="database schema")
     db.add_argument("db_command", choices=["upgrade", "current"])
     db.set_defaults(func=cmd_db)

@@ -83,3 +83,26 @@ def test_demo_profiles_a_real_training_run(tmp_path: Path) -> None:
     assert "epoch   3/3" in out and "energy" in out and "bits/J" in out
     assert "source=estimated" in out or "source=" in out
     assert (data / "h3d.db").exists()
+
+
+def test_import_replays_a_client_spool(daemon: Daemon) -> None:
+    from h3client import H3Profiler
+
+    prof = H3Profiler(
+        "spooled",
+        data_dir=daemon.data_dir,
+        url="http://127.0.0.1:9",
+        autostart=False,
+        flush_interval_s=0.05,
+    )
+    for s in range(300):
+        prof.log_batch(1.0 + s)
+    prof.log_epoch(0, accuracy=0.5)
+    assert prof.stop()["batches_spooled"] == 300
+    r = h3d(daemon, "import")
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 spool file(s)" in r.stdout
+    with daemon.client() as api:
+        run = api.get(f"/v1/runs/{prof.run_id}").json()
+    assert run["n_batches"] == 300 and run["status"] == "finished" and run["n_epochs"] == 1
+    assert h3d(daemon, "import").stdout.startswith("h3d: nothing to import")

@@ -1,0 +1,101 @@
+"""Reports, the audit log, the Green Score and the h3-report command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from h3client import H3Profiler, ThermoAuditLogger, explain_thermo_log
+from h3client._report import diminishing_returns
+from h3client.report import assess, green_score, read_audit_log
+from tests.conftest import REPO, Daemon, daemon_env
+
+
+def ep(i: int, eta: float | None, energy: float = 10.0) -> dict:
+    return {"epoch": i, "eta_bits_per_j": eta, "energy_j": energy}
+
+
+def test_diminishing_returns_point() -> None:
+    epochs = [ep(0, 1.0), ep(1, 0.5), ep(2, 0.2), ep(3, 0.05), ep(4, 0.08), ep(5, 0.01)]
+    dr = diminishing_returns(epochs)
+    assert dr is not None and dr["epoch"] == 2  # from epoch 3 on, η < 10 % of the peak
+    assert dr["energy_after_j"] == 30.0 and dr["energy_after_frac"] == pytest.approx(0.5)
+    # a late rebound above the threshold moves the point
+    assert diminishing_returns([*epochs[:-1], ep(5, 0.2)]) is None
+    assert diminishing_returns(epochs[:2]) is None
+
+
+def test_audit_log_round_trip_and_explanation(tmp_path: Path) -> None:
+    log = ThermoAuditLogger(
+        "h3run", metadata={"data": "digits"}, config={"lr": 0.1}, log_dir=tmp_path
+    )
+    base = ThermoAuditLogger("baseline", log_dir=tmp_path)
+    for i in range(5):
+        log.log_epoch(
+            i,
+            loss=1.0 / (i + 1),
+            accuracy=0.90 + 0.01 * i,
+            energy_j=6.0,
+            phase="thermodynamic",
+            keep_frac=0.4,
+            uniform_mix=0.3,
+            samples=400,
+            lr=0.1,
+        )
+        base.log_epoch(i, loss=1.0 / (i + 1), accuracy=0.90 + 0.011 * i, energy_j=10.0)
+    header, rows = read_audit_log(log.get_path())
+    assert header["metadata"] == {"data": "digits"} and header["config"] == {"lr": 0.1}
+    assert rows[4]["accuracy"] == pytest.approx(0.94) and rows[0]["extra"] == {"lr": 0.1}
+    assert assess(rows)[0] == "aggressive"
+    text = explain_thermo_log(log.get_path(), base.get_path())
+    assert "assessment: aggressive" in text
+    assert "Green Score: 1.667" in text  # 50 J against 30 J at comparable accuracy
+
+
+def test_green_score_refuses_incomparable_accuracy() -> None:
+    score, note = green_score(
+        {"energy_j": 5, "final_accuracy": 0.80}, {"energy_j": 10, "final_accuracy": 0.95}
+    )
+    assert score is None and "not comparable" in note
+    score, _ = green_score(
+        {"energy_j": 5, "final_accuracy": 95.2}, {"energy_j": 10, "final_accuracy": 95.0}
+    )
+    assert score == 2.0
+    rows = [{"keep_frac": 0.2, "uniform_mix": 0.0, "accuracy": a} for a in (0.9, 0.95, 0.90)]
+    assert assess(rows)[0] == "starvation"
+    assert assess([{"keep_frac": 1.0, "uniform_mix": 1.0, "accuracy": 0.9}])[0] == "conservative"
+
+
+def test_h3_report_cli_on_runs(daemon: Daemon) -> None:
+    ids = []
+    for name, n in (("fast", 200), ("slow", 400)):
+        p = H3Profiler(name, url=daemon.url, data_dir=daemon.data_dir)
+        for s in range(n):
+            p.log_batch(2.0 / (1 + s / 50), epoch=s // 100)
+            if s % 100 == 99:
+                p.log_epoch(accuracy=0.9, keep_frac=0.6, uniform_mix=0.3)
+        p.stop()
+        ids.append(p.run_id)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "h3client.report", *args],
+            env=daemon_env(daemon.data_dir),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = run("--run", ids[0], "--baseline", ids[1])
+    assert r.returncode == 0, r.stderr
+    assert (
+        "H3 report" in r.stdout and "Green Score" in r.stdout and "assessment: moderate" in r.stdout
+    )
+    r = run("--compare", *ids)
+    assert ids[0] in r.stdout and ids[1] in r.stdout
+    r = run("--run", "nope")
+    assert r.returncode == 1 and "run_not_found" in r.stderr
