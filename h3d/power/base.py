@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 SOURCES = (
     "nvml_counter",
     "nvml_power_instant",
+    "nvml_power_average",  # nvmlDeviceGetPowerUsage: a 1 s average on newer GPUs
     "rapl",
     "ioreport",
     "powermetrics",

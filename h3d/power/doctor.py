@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from h3d.config import Settings
+from h3d.power import detect
 from h3d.power.estimated import EstimatedCpuBackend
 
 
 def main(settings: Settings) -> int:
     rows: list[tuple[str, bool, str, str]] = []
-    try:
-        from h3d.power import detect  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        detect = None
-    if detect is not None:
-        for probe in detect.probe_all():
-            rows.append((probe.family, probe.ok, probe.reason, probe.fix))
+    for probe in detect.probe_all():
+        rows.append((probe.family, probe.ok, probe.reason, probe.fix))
     est = EstimatedCpuBackend(settings.cpu_tdp_w)
     rows.append(
         (

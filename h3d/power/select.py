@@ -13,10 +13,8 @@ logger = logging.getLogger(__name__)
 
 def _hardware() -> list[PowerBackend]:
     """Every readable device (NVML, RAPL, Apple), or [] where nothing can be read."""
-    try:
-        from h3d.power import detect  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return []
+    from h3d.power import detect
+
     try:
         return list(detect.detect_backends())
     except Exception:  # probing must never take the daemon down

@@ -1,0 +1,84 @@
+"""Which power backends work here: each family probed in isolation, in a fixed order.
+
+A probe that raises anything (a vendor library that fails on import, a driver that is half
+installed) means "absent, because …": the daemon starts with whatever works, even nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from h3d.power import apple, nvml, rapl
+from h3d.power.base import PowerBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Probe:
+    family: str
+    ok: bool
+    reason: str
+    fix: str = ""
+    backends: list[PowerBackend] = field(default_factory=list)
+
+
+def _probe(
+    family: str, fix: Callable[[str], str], make: Callable[[], Sequence[PowerBackend]]
+) -> Probe:
+    try:
+        backends = list(make())
+    except Exception as exc:  # isolation: any failure is a reason, never a crash
+        reason = str(exc) or type(exc).__name__
+        return Probe(family, False, reason, fix(reason))
+    if not backends:
+        return Probe(family, False, "no device found", fix("no device found"))
+    names = ", ".join(f"{b.info.name} ({b.info.source})" for b in backends)
+    return Probe(family, True, names, "", backends)
+
+
+def _apple() -> list[PowerBackend]:
+    if platform.system() != "Darwin":
+        raise RuntimeError("not macOS")
+    try:
+        return [apple.IOReportSoC()]
+    except Exception as exc:
+        if apple.sudo_allows_powermetrics():
+            return [apple.PowermetricsSoC()]
+        raise RuntimeError(f"{exc}; and powermetrics needs passwordless sudo") from exc
+
+
+def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = True) -> list[Probe]:
+    def nvml_fix(reason: str) -> str:
+        if "not importable" in reason:
+            return "`pip install 'h3[nvidia]'` (and the NVIDIA driver)"
+        return "" if "no device" in reason else "check that `nvidia-smi` works for this user"
+
+    def rapl_fix(reason: str) -> str:
+        if "root-only" in reason or "does not exist" in reason:
+            return ""  # the reason already says how, or there is nothing to fix
+        return "load the driver: `sudo modprobe intel_rapl_common`"
+
+    def apple_fix(reason: str) -> str:
+        return "" if reason == "not macOS" else "`pip install zeus-apple-silicon` (no sudo needed)"
+
+    return [
+        _probe("nvml", nvml_fix, lambda: nvml.discover(probe_period=nvml_period)),
+        _probe("rapl", rapl_fix, lambda: rapl.discover(powercap_root)),
+        _probe("apple", apple_fix, _apple),
+    ]
+
+
+def detect_backends(*, powercap_root: Path = rapl.DEFAULT_ROOT) -> list[PowerBackend]:
+    """GPUs, then CPU packages, then Apple SoCs: every device that can be read."""
+    out: list[PowerBackend] = []
+    for p in probe_all(powercap_root=powercap_root):
+        if p.ok:
+            out.extend(p.backends)
+        else:
+            logger.info("power backend %s absent: %s", p.family, p.reason)
+    return out

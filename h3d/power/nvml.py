@@ -1,0 +1,222 @@
+"""NVIDIA GPUs through NVML (the ``nvidia-ml-py`` package, imported lazily).
+
+Per device, in order of preference:
+
+- ``nvml_counter``: ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since driver load; Volta
+  and newer). A counter that steps backwards (driver reload) is re-based, never negative.
+- ``nvml_power_instant``: the ``NVML_FI_DEV_POWER_INSTANT`` field through
+  ``nvmlDeviceGetFieldValues``. ``nvmlDeviceGetPowerUsage`` averages over one second on
+  recent GPUs, so it is the last resort, labelled ``nvml_power_average``.
+
+``CUDA_VISIBLE_DEVICES`` is honoured (indices, ``GPU-`` and ``MIG-`` UUID prefixes). Every
+NVML error is translated once, here, into :class:`PowerBackendError` with a human reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+
+logger = logging.getLogger(__name__)
+
+_REASONS = {
+    "NVMLError_LibraryNotFound": "the NVIDIA driver library (libnvidia-ml.so) is not installed",
+    "NVMLError_DriverNotLoaded": "the NVIDIA driver is not loaded",
+    "NVMLError_NoPermission": "no permission to query the GPU (run as a user in the video group)",
+    "NVMLError_GpuIsLost": "the GPU fell off the bus (GPU is lost)",
+    "NVMLError_NotSupported": "not supported by this GPU or driver",
+    "NVMLError_Uninitialized": "NVML is not initialised",
+}
+
+
+def import_pynvml() -> ModuleType:
+    try:
+        import pynvml
+    except Exception as exc:  # any failure on import means "absent", never a crash
+        raise PowerBackendError(
+            f"nvidia-ml-py is not importable ({type(exc).__name__}: {exc}); "
+            "install it with `pip install 'h3[nvidia]'`"
+        ) from exc
+    module: ModuleType = pynvml
+    return module
+
+
+def translate(nvml: ModuleType, exc: BaseException, what: str) -> PowerBackendError:
+    """An NVMLError (or anything) as a PowerBackendError that says what went wrong."""
+    name = type(exc).__name__
+    reason = _REASONS.get(name, str(exc) or name)
+    return PowerBackendError(f"{what}: {reason}")
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def visible(env: Mapping[str, str]) -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES selectors, or None when every GPU is visible."""
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+def _selected(selectors: list[str] | None, index: int, uuid: str) -> bool:
+    if selectors is None:
+        return True
+    for s in selectors:
+        if s.isdigit() and int(s) == index:
+            return True
+        if (s.startswith("GPU-") or s.startswith("MIG-")) and uuid.startswith(s):
+            return True
+    return False
+
+
+class NvmlGpu:
+    """One NVIDIA GPU."""
+
+    def __init__(
+        self, nvml: ModuleType, handle: Any, index: int, *, probe_period: bool = True
+    ) -> None:
+        self.nvml = nvml
+        self.handle = handle
+        try:
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            name = _text(nvml.nvmlDeviceGetName(handle))
+        except nvml.NVMLError as exc:
+            raise translate(nvml, exc, f"GPU {index}") from exc
+        limit_w = None
+        with contextlib.suppress(nvml.NVMLError):
+            limit_w = nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000.0
+        self._offset_j = 0.0
+        self._last_raw_j: float | None = None
+        self.has_counter = self._try(lambda: self._raw_counter_j()) is not None
+        self.has_instant = self._try(lambda: self._instant_w()) is not None
+        if self.has_counter:
+            source = "nvml_counter"
+        elif self.has_instant:
+            source = "nvml_power_instant"
+        elif self._try(lambda: nvml.nvmlDeviceGetPowerUsage(handle)) is not None:
+            source = "nvml_power_average"
+        else:
+            raise PowerBackendError(f"GPU {index} ({name}): neither energy nor power is readable")
+        period = self.measure_period() if probe_period else None
+        self.info = DeviceInfo(
+            name=f"nvml:{uuid}",
+            kind="gpu",
+            source=source,
+            model=name,
+            uuid=uuid,
+            index=index,
+            power_limit_w=limit_w,
+            granularity_s=period,
+        )
+
+    def _try(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except self.nvml.NVMLError:
+            return None
+
+    def _raw_counter_j(self) -> float:
+        return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)) / 1000.0
+
+    def _instant_w(self) -> float | None:
+        (fv,) = self.nvml.nvmlDeviceGetFieldValues(
+            self.handle, [self.nvml.NVML_FI_DEV_POWER_INSTANT]
+        )
+        if fv.nvmlReturn != self.nvml.NVML_SUCCESS:
+            return None
+        value = (
+            fv.value.uiVal
+            if fv.valueType == self.nvml.NVML_VALUE_TYPE_UNSIGNED_INT
+            else fv.value.dVal
+        )
+        return float(value) / 1000.0
+
+    def measure_period(self, budget_s: float = 0.3) -> float | None:
+        """How often the counter (or power field) actually changes, measured, not assumed."""
+        read = self._raw_counter_j if self.has_counter else self._instant_w
+        changes: list[float] = []
+        last = self._try(read)
+        deadline = time.monotonic() + budget_s
+        while time.monotonic() < deadline and len(changes) < 4:
+            v = self._try(read)
+            if v is not None and v != last:
+                changes.append(time.monotonic())
+                last = v
+            time.sleep(0.001)
+        if len(changes) < 2:
+            return None
+        gaps = [b - a for a, b in zip(changes, changes[1:], strict=False)]
+        return sorted(gaps)[len(gaps) // 2]
+
+    def read(self) -> PowerReading:
+        nvml = self.nvml
+        try:
+            power = self._instant_w() if self.has_instant else None
+            if not self.has_counter:
+                if power is None:
+                    power = nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+                return PowerReading(power_w=power)
+            raw = self._raw_counter_j()
+        except nvml.NVMLError as exc:
+            raise translate(nvml, exc, self.info.name if hasattr(self, "info") else "GPU") from exc
+        if self._last_raw_j is not None and raw < self._last_raw_j:
+            # the counter went backwards (driver reload): continue from where we were
+            logger.warning("%s: energy counter went backwards; re-based", self.info.name)
+            self._offset_j += self._last_raw_j
+        if self._last_raw_j is None:
+            self._offset_j = -raw  # energy since this backend was opened
+        self._last_raw_j = raw
+        return PowerReading(power_w=power, energy_j=raw + self._offset_j)
+
+    def process_share(self, pids: set[int], since_us: int = 0) -> float | None:
+        """The pids' share of the GPU's SM utilisation since ``since_us``, where NVML says."""
+        try:
+            samples = self.nvml.nvmlDeviceGetProcessUtilization(self.handle, since_us)
+        except self.nvml.NVMLError:
+            return None
+        total = sum(s.smUtil for s in samples)
+        if total <= 0:
+            return None
+        share: float = min(1.0, float(sum(s.smUtil for s in samples if s.pid in pids)) / total)
+        return share
+
+    def close(self) -> None:
+        pass
+
+
+def discover(env: Mapping[str, str] | None = None, *, probe_period: bool = True) -> list[NvmlGpu]:
+    """Every visible GPU. Raises PowerBackendError with the reason when NVML is unusable."""
+    nvml = import_pynvml()
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        raise translate(nvml, exc, "NVML") from exc
+    selectors = visible(os.environ if env is None else env)
+    gpus = []
+    try:
+        count = nvml.nvmlDeviceGetCount()
+    except nvml.NVMLError as exc:
+        raise translate(nvml, exc, "NVML") from exc
+    for i in range(count):
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        except nvml.NVMLError as exc:
+            logger.warning("GPU %d skipped: %s", i, translate(nvml, exc, f"GPU {i}"))
+            continue
+        if not _selected(selectors, i, uuid):
+            continue
+        try:
+            gpus.append(NvmlGpu(nvml, handle, i, probe_period=probe_period))
+        except PowerBackendError as exc:
+            logger.warning("%s", exc)
+    return gpus
