@@ -76,6 +76,7 @@ class PowerSampler:
         self._wall0 = time.time()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._tick_lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
         self._thread: threading.Thread | None = None
         self._intervals: deque[float] = deque(maxlen=1000)
@@ -136,7 +137,20 @@ class PowerSampler:
                 delay = 0.0
             self._stop.wait(max(0.0, delay))
 
-    def tick(self) -> None:
+    def mark(self) -> float:
+        """Read every device now (off-schedule) and return the time stamped on the readings.
+
+        Called when a run starts or ends: a counter read at the window's exact edge needs no
+        interpolation, which is what makes counter-based energy exact to the counter's
+        resolution rather than to the sampling period.
+        """
+        return self.tick()
+
+    def tick(self) -> float:
+        with self._tick_lock:
+            return self._tick()
+
+    def _tick(self) -> float:
         t = self.now()
         rows = []
         for d in self.devices:
@@ -168,6 +182,7 @@ class PowerSampler:
         self.ticks += 1
         with self._lock:
             self._pending.extend(rows)
+        return t
 
     def _increment(
         self, d: DeviceState, t: float, power_w: float | None, energy_j: float | None

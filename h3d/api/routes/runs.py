@@ -51,6 +51,8 @@ def create_run(body: RunCreate, session: SessionDep, sampler: SamplerDep) -> Run
         run_id=body.id,
     )
     if sampler is not None:
+        if sampler.devices:
+            sampler.mark()
         sampler.run_started(run.id, body.pid if is_local(body.host) else None)
     return public(session, run)
 
@@ -93,5 +95,7 @@ def update_run(run_id: str, body: RunUpdate, session: SessionDep, sampler: Sampl
         now=body.finished_at if body.finished_at is not None else time.time(),
     )
     if sampler is not None and run.status != "running":
+        if sampler.devices:
+            sampler.mark()  # a reading at the window's end: no edge interpolation
         sampler.run_ended(run.id)
     return public(session, run)
