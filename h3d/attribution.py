@@ -67,6 +67,11 @@ class CpuShareTracker:
     def tracked(self) -> list[str]:
         return list(self._runs)
 
+    def pids(self, run_id: str) -> set[int]:
+        """The run's processes as of the last sample (root and children)."""
+        tree = self._runs.get(run_id)
+        return set(tree.procs) | {tree.root.pid} if tree is not None else set()
+
     def _refresh(self, tree: _Tree) -> float:
         """Add new children, drop dead ones; return the CPU seconds gained since last time."""
         gained = 0.0

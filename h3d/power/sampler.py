@@ -209,16 +209,29 @@ class PowerSampler:
             self._shares.untrack(run_id)
 
     def sample_shares(self) -> None:
-        """Each tracked run's share of the CPU since the last call, as a stored interval."""
+        """Each tracked run's share since the last call, as stored intervals: of the CPU
+        (process CPU time), and of each GPU whose backend reports per-process utilisation."""
         t = self.now()
         with self._lock:
             shares = self._shares.sample()
             t0, self._share_t = self._share_t, t
-            if t0 is not None:
-                self._pending_shares.extend(
-                    {"run_id": rid, "kind": "cpu", "t0": t0, "t1": t, "share": share}
-                    for rid, share in shares.items()
-                )
+            if t0 is None:
+                return
+            rows = [
+                {"run_id": rid, "kind": "cpu", "t0": t0, "t1": t, "share": share}
+                for rid, share in shares.items()
+            ]
+            since_us = int(t0 * 1e6)
+            for d in self.devices:
+                process_share = getattr(d.backend, "process_share", None)
+                if process_share is None:
+                    continue
+                for rid in self._shares.tracked:
+                    g = process_share(self._shares.pids(rid), since_us)
+                    if g is not None:  # None: NVML cannot say; the whole device is counted
+                        kind = f"gpu:{d.backend.info.name}"
+                        rows.append({"run_id": rid, "kind": kind, "t0": t0, "t1": t, "share": g})
+            self._pending_shares.extend(rows)
 
     def _update_idle(self) -> list[tuple[int, float]]:
         changed = []

@@ -94,3 +94,37 @@ def test_retention_thins_old_samples_but_keeps_run_windows(factory) -> None:
     assert len([t for t in left if 50.0 <= t < 180.0]) == 1300  # the run's window, untouched
     assert [t for t in left if t >= 180.0] == [t * 0.1 for t in range(1800, 2000)]  # recent
     assert deleted == 2000 - len(left)
+
+
+def test_gpu_shares_come_from_process_utilisation(factory) -> None:
+    import os
+
+    class Gpu(ConstantBackend):
+        def __init__(self) -> None:
+            super().__init__(200.0, name="nvml:GPU-test", counter=True)
+            self.info = DeviceInfo(name="nvml:GPU-test", kind="gpu", source="nvml_counter")
+
+        def process_share(self, pids: set[int], since_us: int) -> float | None:
+            return 0.75 if os.getpid() in pids else 0.0
+
+    s = PowerSampler([Gpu()], factory, interval_s=0.01, flush_interval_s=0.05)
+    with session_scope(factory) as sess:
+        run_id = repo.create_run(
+            sess,
+            name="g",
+            config={},
+            tags=[],
+            pid=os.getpid(),
+            host=None,
+            n_train=None,
+            now=s.now(),
+        ).id
+    assert s.run_started(run_id, os.getpid())
+    s.start()
+    time.sleep(0.4)
+    s.run_ended(run_id)
+    s.stop()
+    with session_scope(factory) as sess:
+        shares = repo.run_shares(sess, run_id=run_id)
+    assert set(shares) == {"cpu", "gpu:nvml:GPU-test"}
+    assert {v for _t, v in shares["gpu:nvml:GPU-test"]} == {0.75}
