@@ -1,5 +1,29 @@
-"""h3optim: loss tracking, information-weighted sampling and energy-aware optimizers."""
+"""h3optim: loss tracking, information-weighted sampling and energy-aware optimizers.
+
+Names users of the published ``h3-optimizer`` package know are importable from here.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from h3optim.auto import AutoH3
+from h3optim.controller import MODES, EtaController
+from h3optim.optimizer import H3Optimizer
+from h3optim.presets import H3Setup, create_controlled_h3, h3_cifar_safe, h3_edge, h3_mnist_fast
+from h3optim.sampler import InformationWeightedSampler, PhaseSchedule
+from h3optim.tracking import IndexedDataset, LossTracker
+
+__all__ = [
+    "AutoH3",
+    "EtaController",
+    "H3Optimizer",
+    "H3Setup",
+    "IndexedDataset",
+    "InformationWeightedSampler",
+    "LossTracker",
+    "MODES",
+    "PhaseSchedule",
+    "create_controlled_h3",
+    "h3_cifar_safe",
+    "h3_edge",
+    "h3_mnist_fast",
+]

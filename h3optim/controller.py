@@ -1,0 +1,281 @@
+"""``EtaController``: retunes ``keep_frac``/``uniform_mix`` from measured efficiency.
+
+Shaped like ``torch.optim.lr_scheduler.ReduceLROnPlateau``: it holds what it tunes, reads a
+signal once per epoch, and changes things only with evidence.
+
+Each epoch: :meth:`control_step` returns the (keep_frac, uniform_mix, phase) to train with;
+after the epoch, :meth:`observe` takes its figures. The signal is the **marginal** η (bits of
+held-out information per joule over the epoch): from ``eta_source`` (by default the
+profiler's ``live_eta``, the daemon's marginal η), else computed from the ``loss`` and
+``energy`` passed to ``observe``. ``None`` or a stale value means "change nothing".
+
+η falls as training converges whatever the settings, so consecutive epochs cannot tell a
+knob's effect from that decay. In the thermodynamic phase the controller therefore
+alternates two settings, the current one (A) and a probe one step more aggressive (B),
+epoch by epoch, and compares each B epoch with the mean of the A epochs on either side:
+B is adopted if it beats them by ``threshold``, abandoned (and the current setting eased) if
+it loses by as much. Guards: accuracy more than ``accuracy_tolerance`` points below the best
+seen backs off toward ``safe``; rising loss volatility (starvation) raises ``uniform_mix``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from h3optim.sampler import PhaseSchedule
+
+LN2 = math.log(2.0)
+
+
+def _volatility(xs: list[float]) -> float:
+    """Largest epoch-to-epoch loss change relative to the mean loss."""
+    jumps = max(abs(b - a) for a, b in zip(xs, xs[1:], strict=False))
+    return jumps / max(abs(sum(xs) / len(xs)), 1e-12)
+
+
+#: Starting (keep_frac, uniform_mix) of each mode.
+MODES: dict[str, tuple[float, float]] = {
+    "safe": (0.9, 0.5),
+    "balanced": (0.7, 0.3),
+    "green": (0.5, 0.2),
+    "extreme": (0.3, 0.1),
+}
+
+
+class EtaController:
+    """Steer the sampler's ``keep_frac`` and ``uniform_mix`` by measured efficiency.
+
+    Args:
+        mode: ``safe``, ``balanced``, ``green`` or ``extreme`` (see :data:`MODES`).
+        accuracy_tolerance: Accuracy points below the best seen that trigger a back-off
+            (accuracies in [0, 1] are read as fractions and scaled to points).
+        total_epochs: Length of training, for the phase schedule.
+        eta_source: Callable returning the current marginal η (bits/J) or None.
+        step: How much one move changes ``keep_frac``.
+        threshold: Relative η difference that counts as evidence.
+        min_keep_frac, max_keep_frac, min_uniform_mix: Bounds.
+        warmup, consolidation: Phase fractions (see :class:`PhaseSchedule`).
+    """
+
+    def __init__(
+        self,
+        mode: str = "balanced",
+        accuracy_tolerance: float = 1.0,
+        total_epochs: int = 10,
+        eta_source: Callable[[], float | None] | None = None,
+        *,
+        step: float = 0.1,
+        threshold: float = 0.05,
+        min_keep_frac: float = 0.2,
+        max_keep_frac: float = 1.0,
+        min_uniform_mix: float = 0.05,
+        warmup: float = 0.15,
+        consolidation: float = 0.15,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r}; choose from {sorted(MODES)}")
+        if accuracy_tolerance < 0:
+            raise ValueError(f"Invalid accuracy_tolerance: {accuracy_tolerance}")
+        if not 0 < min_keep_frac <= max_keep_frac <= 1:
+            raise ValueError(f"Invalid keep_frac bounds: [{min_keep_frac}, {max_keep_frac}]")
+        self.mode = mode
+        self.accuracy_tolerance = accuracy_tolerance
+        self.schedule = PhaseSchedule(total_epochs, warmup, consolidation)
+        self.eta_source = eta_source
+        self.step_size = step
+        self.threshold = threshold
+        self.min_keep_frac, self.max_keep_frac = min_keep_frac, max_keep_frac
+        self.min_uniform_mix = min_uniform_mix
+        self.keep_frac, self.uniform_mix = MODES[mode]
+        self.epoch = 0
+        self.best_accuracy: float | None = None
+        self.last_loss: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []
+        self._probing = False  # is this epoch a B (probe) epoch
+        self._a_etas: list[float] = []
+        self._b_eta: float | None = None
+        self._current: tuple[float, float, str] = (1.0, 1.0, "warmup")
+
+    # --- per epoch ------------------------------------------------------------------------
+
+    def _probe_setting(self) -> tuple[float, float]:
+        return max(self.min_keep_frac, self.keep_frac - self.step_size), self.uniform_mix
+
+    def control_step(self) -> tuple[float, float, str]:
+        """The (keep_frac, uniform_mix, phase) to use for the coming epoch."""
+        phase = self.schedule.phase(self.epoch)
+        if phase != "thermodynamic":
+            self._current = (1.0, 1.0, phase)
+        elif self._probing:
+            k, u = self._probe_setting()
+            self._current = (k, u, phase)
+        else:
+            self._current = (self.keep_frac, self.uniform_mix, phase)
+        return self._current
+
+    def _decide(self, what: str, why: str, **values: Any) -> None:
+        self.decisions.append({"epoch": self.epoch, "change": what, "reason": why, **values})
+
+    def _marginal_eta(
+        self, eta: float | None, loss: float | None, energy: float | None
+    ) -> float | None:
+        if eta is None and self.eta_source is not None:
+            eta = self.eta_source()
+        if eta is None and loss is not None and energy and self.last_loss is not None:
+            eta = (self.last_loss - loss) / LN2 / energy
+        if eta is not None and not math.isfinite(eta):
+            return None
+        return eta
+
+    def observe(
+        self,
+        eta: float | None = None,
+        accuracy: float | None = None,
+        loss: float | None = None,
+        energy: float | None = None,
+        info: float | None = None,
+    ) -> None:
+        """Take the epoch's figures (any may be None) and move the settings if warranted.
+
+        Args:
+            eta: Marginal η of the epoch (bits/J); default from ``eta_source``, else from
+                ``loss`` and ``energy``.
+            accuracy: Held-out accuracy (fraction or percent).
+            loss: Smoothed loss, preferably held-out (nats).
+            energy: Energy of the epoch (J).
+            info: Information gained this epoch (bits), recorded only.
+        """
+        k, u, phase = self._current
+        m_eta = self._marginal_eta(eta, loss, energy)
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "phase": phase,
+                "keep_frac": k,
+                "uniform_mix": u,
+                "eta": m_eta,
+                "accuracy": accuracy,
+                "loss": loss,
+                "energy": energy,
+                "info": info,
+            }
+        )
+        guarded = self._guards(accuracy, phase)
+        if phase == "thermodynamic" and not guarded:
+            self._steer(m_eta)
+        if loss is not None and math.isfinite(loss):
+            self.last_loss = loss
+        self.epoch += 1
+
+    def step(self, efficiency: float | None = None) -> None:
+        """ReduceLROnPlateau-style alias: observe an epoch's η."""
+        self.observe(eta=efficiency)
+
+    # --- the decisions --------------------------------------------------------------------
+
+    def _guards(self, accuracy: float | None, phase: str) -> bool:
+        if accuracy is not None and math.isfinite(accuracy):
+            acc = accuracy * 100.0 if accuracy <= 1.0 else accuracy
+            if self.best_accuracy is None or acc > self.best_accuracy:
+                self.best_accuracy = acc
+            elif phase == "thermodynamic" and acc < self.best_accuracy - self.accuracy_tolerance:
+                old = (self.keep_frac, self.uniform_mix)
+                safe_k, safe_u = MODES["safe"]
+                self.keep_frac = min(
+                    self.max_keep_frac, max(self.keep_frac + 2 * self.step_size, safe_k)
+                )
+                self.uniform_mix = max(self.uniform_mix, safe_u)
+                self._reset_probe()
+                self._decide(
+                    "back off toward safe",
+                    f"accuracy {acc:.2f} fell more than {self.accuracy_tolerance} points below the best {self.best_accuracy:.2f}",
+                    before=old,
+                    after=(self.keep_frac, self.uniform_mix),
+                )
+                return True
+        losses = [h["loss"] for h in self.history if h["loss"] is not None][-6:]
+        if len(losses) == 6 and phase == "thermodynamic":
+            recent, earlier = losses[3:], losses[:3]
+
+            rising = (
+                recent[-1] > recent[0]
+                and _volatility(recent) > 2 * _volatility(earlier)
+                and _volatility(recent) > 0.05
+            )
+            if rising and self.uniform_mix < 1.0:
+                old_u = self.uniform_mix
+                self.uniform_mix = min(1.0, self.uniform_mix + 0.1)
+                self._decide(
+                    "raise uniform_mix",
+                    "loss volatility doubled and the loss rose: samples are being starved",
+                    before=old_u,
+                    after=self.uniform_mix,
+                )
+                return True
+        return False
+
+    def _reset_probe(self) -> None:
+        self._probing = False
+        self._a_etas = []
+        self._b_eta = None
+
+    def _steer(self, m_eta: float | None) -> None:
+        if m_eta is None:
+            if not self.decisions or self.decisions[-1]["change"] != "none":
+                self._decide("none", "no fresh η: change nothing")
+            return
+        if self._probing:
+            self._b_eta = m_eta
+            self._probing = False
+            return
+        self._a_etas.append(m_eta)
+        if self._b_eta is None:
+            self._probing = self._probe_setting()[0] < self.keep_frac
+            self._a_etas = self._a_etas[-1:]
+            return
+        # A, B, A: compare B with the mean of the A epochs on either side of it
+        a = sum(self._a_etas[-2:]) / len(self._a_etas[-2:])
+        b = self._b_eta
+        old = (self.keep_frac, self.uniform_mix)
+        if b > a * (1 + self.threshold) if a > 0 else b > a + abs(a) * self.threshold:
+            self.keep_frac = self._probe_setting()[0]
+            self._decide(
+                "keep_frac down",
+                f"probe η {b:.4g} beat {a:.4g} bits/J by more than {self.threshold:.0%}",
+                before=old,
+                after=(self.keep_frac, self.uniform_mix),
+            )
+        elif b < a * (1 - self.threshold) if a > 0 else b < a - abs(a) * self.threshold:
+            self.keep_frac = min(self.max_keep_frac, self.keep_frac + self.step_size / 2)
+            self._decide(
+                "keep_frac up",
+                f"probe η {b:.4g} lost to {a:.4g} bits/J by more than {self.threshold:.0%}",
+                before=old,
+                after=(self.keep_frac, self.uniform_mix),
+            )
+        self._a_etas = self._a_etas[-1:]
+        self._b_eta = None
+        self._probing = self._probe_setting()[0] < self.keep_frac
+
+    # --- reporting and state ---------------------------------------------------------------
+
+    def get_report(self) -> str:
+        """Every change the controller made, and why."""
+        lines = [
+            f"EtaController mode={self.mode}: keep_frac {self.keep_frac:.2f}, uniform_mix {self.uniform_mix:.2f}"
+        ]
+        changes = [d for d in self.decisions if d["change"] != "none"]
+        if not changes:
+            lines.append("  no changes")
+        for d in changes:
+            lines.append(f"  epoch {d['epoch']}: {d['change']} — {d['reason']}")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("eta_source", "schedule")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)

@@ -1,0 +1,209 @@
+"""Information-weighted sampling with warmup, thermodynamic and consolidation phases."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from h3optim.tracking import LossTracker
+
+PHASES = ("warmup", "thermodynamic", "consolidation")
+
+
+class PhaseSchedule:
+    """Which phase an epoch is in: warmup → thermodynamic → consolidation.
+
+    Warmup and consolidation sample uniformly over all data; the thermodynamic phase is where
+    information weighting applies. Fractions are of ``total_epochs`` (15/70/15 by default).
+    """
+
+    def __init__(
+        self, total_epochs: int, warmup: float = 0.15, consolidation: float = 0.15
+    ) -> None:
+        if total_epochs <= 0:
+            raise ValueError(f"Invalid total_epochs: {total_epochs}")
+        if warmup < 0 or consolidation < 0 or warmup + consolidation > 1:
+            raise ValueError(
+                f"Invalid phase fractions: warmup={warmup}, consolidation={consolidation}"
+            )
+        self.total_epochs = total_epochs
+        self.warmup_epochs = int(math.ceil(warmup * total_epochs)) if warmup > 0 else 0
+        self.consolidation_epochs = (
+            int(math.ceil(consolidation * total_epochs)) if consolidation > 0 else 0
+        )
+
+    def phase(self, epoch: int) -> str:
+        if epoch < self.warmup_epochs:
+            return "warmup"
+        if epoch >= self.total_epochs - self.consolidation_epochs:
+            return "consolidation"
+        return "thermodynamic"
+
+
+class InformationWeightedSampler(Sampler[int]):
+    """Each epoch, ``keep_frac·N`` indices: a share chosen by loss, the rest uniformly.
+
+    The ``1 − uniform_mix`` share goes to the highest-information samples (never-seen ones
+    first, then the highest tracked loss); the ``uniform_mix`` share is drawn uniformly from
+    all the others, so no sample is starved forever. Samples whose loss is above the
+    ``outlier_quantile`` of seen losses are not eligible for the loss-driven share (loss-driven
+    selection otherwise keeps choosing mislabeled examples); they can still be drawn uniformly.
+
+    Deterministic for (``seed``, epoch): it uses its own generator, never global RNG state.
+    With ``num_replicas`` it shards like ``DistributedSampler`` (padded to equal length,
+    disjoint strides). With ``unbiased=True``, :meth:`weights` returns per-index loss
+    weights under which the expected gradient of an epoch equals full-data training's
+    (inverse inclusion probability, the idea of InfoBatch's 1/(1−r) rescaling).
+
+    Args:
+        dataset_or_n: The dataset (its length is used) or N.
+        loss_tracker: Where per-sample losses come from.
+        keep_frac: Fraction of N drawn per epoch, in (0, 1].
+        uniform_mix: Fraction of the drawn set that is uniform, in [0, 1].
+        num_replicas: World size (default: from torch.distributed if initialised, else 1).
+        rank: This replica (default: from torch.distributed if initialised, else 0).
+        seed: Base seed.
+        unbiased: Expose re-weighting through :meth:`weights`.
+        outlier_quantile: Losses above this quantile are left to the uniform share.
+    """
+
+    def __init__(
+        self,
+        dataset_or_n: Sized | int,
+        loss_tracker: LossTracker,
+        keep_frac: float = 1.0,
+        uniform_mix: float = 1.0,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        unbiased: bool = False,
+        outlier_quantile: float = 0.98,
+    ) -> None:
+        n = dataset_or_n if isinstance(dataset_or_n, int) else len(dataset_or_n)
+        if n <= 0:
+            raise ValueError(f"Invalid dataset size: {n}")
+        if n != loss_tracker.num_samples:
+            raise ValueError(f"dataset has {n} samples, loss tracker {loss_tracker.num_samples}")
+        if num_replicas is None:
+            num_replicas = (
+                dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            )
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"Invalid rank {rank} for {num_replicas} replicas")
+        if not 0.0 < outlier_quantile <= 1.0:
+            raise ValueError(f"Invalid outlier_quantile: {outlier_quantile}")
+        self.n = n
+        self.tracker = loss_tracker
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.unbiased = unbiased
+        self.outlier_quantile = outlier_quantile
+        self.replacement = False
+        self.epoch = 0
+        self.keep_frac = 1.0
+        self.uniform_mix = 1.0
+        self.set_fractions(keep_frac, uniform_mix)
+        self._probs: torch.Tensor | None = None
+
+    def set_fractions(self, keep_frac: float, uniform_mix: float) -> None:
+        if not 0.0 < keep_frac <= 1.0:
+            raise ValueError(f"Invalid keep_frac: {keep_frac}")
+        if not 0.0 <= uniform_mix <= 1.0:
+            raise ValueError(f"Invalid uniform_mix: {uniform_mix}")
+        self.keep_frac, self.uniform_mix = float(keep_frac), float(uniform_mix)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_kept(self) -> int:
+        return max(1, int(round(self.keep_frac * self.n)))
+
+    @property
+    def num_samples(self) -> int:
+        """Indices this replica yields per epoch."""
+        return int(math.ceil(self.num_kept / self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def epoch_indices(self) -> torch.Tensor:
+        """All replicas' indices for this epoch (before sharding), on the CPU."""
+        g = self._generator()
+        n, k = self.n, self.num_kept
+        n_loss = int(round((1.0 - self.uniform_mix) * k))
+        probs = torch.zeros(n)
+        if n_loss > 0:
+            ema = self.tracker.ema.detach().float().cpu()
+            seen = self.tracker.seen.cpu()
+            # unseen first (in random order), then by loss; outliers wait for the uniform draw
+            score = ema.clone()
+            if seen.any():
+                cap = (
+                    torch.quantile(ema[seen], self.outlier_quantile)
+                    if self.outlier_quantile < 1
+                    else math.inf
+                )
+                score[seen & (ema > cap)] = -math.inf
+            score[~seen] = math.inf
+            jitter = torch.rand(n, generator=g) * 1e-6  # random order among ties
+            order = torch.argsort(score + jitter, descending=True)
+            eligible = int(torch.isfinite(score[order]).sum() + (~seen).sum())
+            chosen = order[: min(n_loss, eligible)]
+        else:
+            chosen = torch.empty(0, dtype=torch.long)
+        n_uniform = k - chosen.numel()
+        rest_mask = torch.ones(n, dtype=torch.bool)
+        rest_mask[chosen] = False
+        rest = torch.nonzero(rest_mask).reshape(-1)
+        pick = rest[torch.randperm(rest.numel(), generator=g)[:n_uniform]]
+        probs[chosen] = 1.0
+        if rest.numel() > 0:
+            probs[rest] = n_uniform / rest.numel()
+        self._probs = probs
+        idx = torch.cat([chosen, pick])
+        return idx[torch.randperm(idx.numel(), generator=g)]
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.epoch_indices()
+        total = self.num_samples * self.num_replicas
+        if idx.numel() < total:  # pad like DistributedSampler so every replica has as many
+            reps = int(math.ceil(total / idx.numel()))
+            idx = idx.repeat(reps)[:total]
+        return iter(idx[self.rank : total : self.num_replicas].tolist())
+
+    def weights(self, indices: Any) -> torch.Tensor:
+        """Loss weights for ``indices`` drawn this epoch: mean(w·loss) is unbiased for the
+        full-data mean loss (requires ``unbiased=True``; all ones otherwise)."""
+        idx = torch.as_tensor(indices).long().cpu()
+        if not self.unbiased:
+            return torch.ones(idx.numel())
+        if self._probs is None:
+            self.epoch_indices()
+        assert self._probs is not None
+        p = self._probs[idx]
+        return (self.num_kept / self.n) / p.clamp_min(1e-12)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "keep_frac": self.keep_frac,
+            "uniform_mix": self.uniform_mix,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.seed = state["epoch"], state["seed"]
+        self.set_fractions(state["keep_frac"], state["uniform_mix"])
