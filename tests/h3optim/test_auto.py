@@ -1,0 +1,95 @@
+"""AutoH3 trains a real model on real data, offline and against a real daemon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from h3client import Client
+from h3optim import AutoH3, h3_mnist_fast
+
+
+def digits() -> tuple[TensorDataset, DataLoader[Any]]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    return TensorDataset(x[tr], y[tr]), DataLoader(TensorDataset(x[te], y[te]), batch_size=512)
+
+
+def train(auto: AutoH3, model: nn.Module, test: DataLoader[Any], epochs: int) -> list[float]:
+    crit = nn.CrossEntropyLoss()
+    accs = []
+    for _ in range(epochs):
+        for data, target, idx in auto.get_loader(batch_size=64):
+            auto.training_step(model, data, target, crit, idx)
+        accs.append(auto.evaluate_epoch(model, test))
+    return accs
+
+
+def test_autoh3_offline_trains_and_saves_backprop() -> None:
+    torch.manual_seed(0)
+    train_set, test = digits()
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    auto = AutoH3(
+        model.parameters(), train_set, mode="green", total_epochs=10, profile=False, lr=1e-3
+    )
+    accs = train(auto, model, test, 10)
+    res = auto.finish()
+    assert max(accs) > 0.93
+    assert res["samples_backpropagated"] < 10 * len(
+        train_set
+    )  # the thermodynamic phase skipped some
+    assert "EtaController" in res["controller_report"]
+
+
+def test_autoh3_against_a_real_daemon_stores_run_epochs_eta_and_decisions(daemon: Any) -> None:
+    torch.manual_seed(0)
+    train_set, test = digits()
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        mode="balanced",
+        name="auto-digits",
+        total_epochs=8,
+        lr=1e-3,
+        profiler_kwargs={"url": daemon.url, "data_dir": daemon.data_dir, "eta_interval_s": 0.2},
+    )
+    train(auto, model, test, 8)
+    res = auto.finish()
+    assert res["batches_lost"] == 0 and res["total_energy_j"] > 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(res["run_id"])
+        assert (
+            run["status"] == "finished"
+            and run["n_epochs"] == 8
+            and run["config"]["mode"] == "balanced"
+        )
+        assert run["n_batches"] == res["batches_logged"]
+        rep = c.report(res["run_id"])
+    phases = [e["phase"] for e in rep["epochs"]]
+    assert phases[0] == "warmup" and "thermodynamic" in phases and phases[-1] == "consolidation"
+    thermo = [e for e in rep["epochs"] if e["phase"] == "thermodynamic"]
+    assert all(e["metrics"]["keep_frac"] < 1.0 for e in thermo)
+    assert rep["eta"]["eta_bits_per_j"] is not None and rep["eta"]["info_gain_bits"] > 0
+    assert isinstance(res["controller_decisions"], list)
+
+
+def test_preset_unpacks_and_samples_by_phase() -> None:
+    train_set, _ = digits()
+    model = nn.Linear(64, 10)
+    setup = h3_mnist_fast(model.parameters(), train_set)
+    optimizer, tracker, ds = setup
+    assert len(ds) == len(train_set) and tracker.num_samples == len(ds)
+    phase, sampler = setup.get_sampler(0, 10)
+    assert phase == "warmup" and len(sampler) == len(ds)
+    phase, sampler = setup.get_sampler(5, 10)
+    assert phase == "thermodynamic" and len(sampler) == round(0.5 * len(ds))

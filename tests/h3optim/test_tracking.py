@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from h3optim import IndexedDataset, LossTracker
+
+
+def test_indexed_dataset_tuple_and_dict_items() -> None:
+    ds = IndexedDataset(TensorDataset(torch.arange(5.0), torch.arange(5) * 10))
+    assert len(ds) == 5 and ds[3] == (torch.tensor(3.0), torch.tensor(30), 3)
+    d = IndexedDataset([{"x": 1, "label": 7}, {"x": 2, "label": 8}])
+    assert d[1] == ({"x": 2}, 8, 1)
+    with pytest.raises(TypeError):
+        IndexedDataset([{"x": 1}])[0]
+    with pytest.raises(TypeError):
+        IndexedDataset(5)
+
+
+def test_first_sighting_assigns_then_ema() -> None:
+    t = LossTracker(4, smoothing=0.5)
+    t.update([0, 1], torch.tensor([2.0, 4.0]))
+    assert t.get([0, 1]).tolist() == [2.0, 4.0]
+    t.update([0], torch.tensor([4.0]))
+    assert t.get([0]).item() == 3.0
+    assert t.unseen().tolist() == [2, 3]
+    assert t.summary()["seen_frac"] == 0.5
+
+
+def test_nonfinite_losses_are_ignored_and_counted() -> None:
+    t = LossTracker(3)
+    t.update([0, 1, 2], torch.tensor([1.0, math.nan, math.inf]))
+    assert t.nonfinite_count == 2
+    assert t.seen.tolist() == [True, False, False]
+    assert torch.isfinite(t.ema).all()
+    with pytest.raises(ValueError):
+        t.update([0, 1], torch.tensor([1.0]))
+
+
+def test_state_dict_round_trip() -> None:
+    t = LossTracker(5, smoothing=0.2)
+    t.update([1, 3], torch.tensor([0.5, 1.5]))
+    u = LossTracker(5)
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u.ema, t.ema) and torch.equal(u.seen, t.seen) and u.smoothing == 0.2
+    with pytest.raises(ValueError):
+        LossTracker(6).load_state_dict(t.state_dict())
