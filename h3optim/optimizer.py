@@ -151,7 +151,7 @@ class H3Optimizer(Optimizer):
         params_now = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, s in zip(params, snaps, strict=True):
-                p.copy_(s)  # type: ignore[arg-type]
+                p.copy_(s)
         with torch.enable_grad():
             closure()
         grads_then = [
