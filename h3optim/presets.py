@@ -98,7 +98,7 @@ def _preset(
 
 def h3_mnist_fast(params: Iterable[Any], dataset: Any, **kw: Any) -> H3Setup:
     """Small image classifiers: half the data per thermodynamic epoch, 30 % of it uniform."""
-    kw.setdefault("lr", 2e-3)
+    kw.setdefault("lr", 1e-3)
     return _preset(params, dataset, keep_frac=0.5, uniform_mix=0.3, **kw)
 
 
