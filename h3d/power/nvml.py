@@ -15,6 +15,7 @@ NVML error is translated once, here, into :class:`PowerBackendError` with a huma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -33,7 +34,20 @@ _REASONS = {
     "NVMLError_GpuIsLost": "the GPU fell off the bus (GPU is lost)",
     "NVMLError_NotSupported": "not supported by this GPU or driver",
     "NVMLError_Uninitialized": "NVML is not initialised",
+    "NVMLError_FunctionNotFound": "the NVIDIA driver is too old for this query",
+    "NVMLError_LibRmVersionMismatch": "driver/library version mismatch (reboot after a driver update)",
+    "NVMLError_NotFound": "no such device (unplugged, or hidden by MIG or the container)",
 }
+
+# nvmlValue_t union member for each NVML_VALUE_TYPE_* (pynvml's constant names).
+_VALUE_MEMBERS = (
+    ("NVML_VALUE_TYPE_DOUBLE", "dVal"),
+    ("NVML_VALUE_TYPE_UNSIGNED_INT", "uiVal"),
+    ("NVML_VALUE_TYPE_UNSIGNED_LONG", "ulVal"),
+    ("NVML_VALUE_TYPE_UNSIGNED_LONG_LONG", "ullVal"),
+    ("NVML_VALUE_TYPE_SIGNED_LONG_LONG", "sllVal"),
+    ("NVML_VALUE_TYPE_SIGNED_INT", "siVal"),
+)
 
 
 def import_pynvml() -> ModuleType:
@@ -59,23 +73,61 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def field_value(nvml: ModuleType, fv: Any) -> float:
+    """The number in an ``nvmlFieldValue_t``, read through the union member its type names."""
+    for const, member in _VALUE_MEMBERS:
+        if hasattr(nvml, const) and fv.valueType == getattr(nvml, const):
+            return float(getattr(fv.value, member))
+    raise PowerBackendError(f"NVML field {fv.fieldId}: unknown value type {fv.valueType}")
+
+
 def visible(env: Mapping[str, str]) -> list[str] | None:
-    """The CUDA_VISIBLE_DEVICES selectors, or None when every GPU is visible."""
+    """The CUDA_VISIBLE_DEVICES selectors, or None when every GPU is visible.
+
+    Parsed as CUDA does: entries up to the first invalid one (``-1`` hides every GPU).
+    """
     raw = env.get("CUDA_VISIBLE_DEVICES")
     if raw is None:
         return None
-    return [s.strip() for s in raw.split(",") if s.strip()]
+    out: list[str] = []
+    for s in (s.strip() for s in raw.split(",")):
+        if s.isdigit() or s.startswith(("GPU-", "MIG-")):
+            out.append(s)
+        else:
+            break  # CUDA ignores everything from an invalid entry on ("-1", "", "foo")
+    return out
 
 
-def _selected(selectors: list[str] | None, index: int, uuid: str) -> bool:
+def _selected(selectors: list[str] | None, index: int, uuids: list[str]) -> bool:
+    """Whether GPU ``index`` is selected; ``uuids`` holds its UUID and its MIG devices' UUIDs.
+
+    A MIG device selects its parent GPU: power and energy exist per physical GPU only.
+    """
     if selectors is None:
         return True
     for s in selectors:
         if s.isdigit() and int(s) == index:
             return True
-        if (s.startswith("GPU-") or s.startswith("MIG-")) and uuid.startswith(s):
+        if s.startswith(("GPU-", "MIG-")) and any(u.startswith(s) for u in uuids):
             return True
     return False
+
+
+def _mig_uuids(nvml: ModuleType, handle: Any) -> list[str]:
+    """UUIDs of the MIG devices on a GPU ([] without MIG, or on an older driver)."""
+    out: list[str] = []
+    try:
+        count = int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle))
+    except Exception:  # NotSupported, FunctionNotFound, or an old nvidia-ml-py: no MIG
+        return out
+    for j in range(count):
+        try:
+            out.append(
+                _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)))
+            )
+        except Exception:  # an empty MIG slot is NVMLError_NotFound
+            continue
+    return out
 
 
 class NvmlGpu:
@@ -107,7 +159,7 @@ class NvmlGpu:
         else:
             raise PowerBackendError(f"GPU {index} ({name}): neither energy nor power is readable")
         period = self.measure_period() if probe_period else None
-        self.info = DeviceInfo(
+        self.info: DeviceInfo = DeviceInfo(
             name=f"nvml:{uuid}",
             kind="gpu",
             source=source,
@@ -133,29 +185,11 @@ class NvmlGpu:
         )
         if fv.nvmlReturn != self.nvml.NVML_SUCCESS:
             return None
-        value = (
-            fv.value.uiVal
-            if fv.valueType == self.nvml.NVML_VALUE_TYPE_UNSIGNED_INT
-            else fv.value.dVal
-        )
-        return float(value) / 1000.0
+        return field_value(self.nvml, fv) / 1000.0  # mW
 
     def measure_period(self, budget_s: float = 0.3) -> float | None:
         """How often the counter (or power field) actually changes, measured, not assumed."""
-        read = self._raw_counter_j if self.has_counter else self._instant_w
-        changes: list[float] = []
-        last = self._try(read)
-        deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline and len(changes) < 4:
-            v = self._try(read)
-            if v is not None and v != last:
-                changes.append(time.monotonic())
-                last = v
-            time.sleep(0.001)
-        if len(changes) < 2:
-            return None
-        gaps = [b - a for a, b in zip(changes, changes[1:], strict=False)]
-        return sorted(gaps)[len(gaps) // 2]
+        return measure_periods([self], budget_s)[0]
 
     def read(self) -> PowerReading:
         nvml = self.nvml
@@ -193,6 +227,32 @@ class NvmlGpu:
         pass
 
 
+def measure_periods(gpus: list[NvmlGpu], budget_s: float = 0.3) -> list[float | None]:
+    """Each GPU's update period (median gap between changes), all polled in one loop.
+
+    One bounded loop for every GPU keeps start-up at ``budget_s`` however many GPUs there
+    are. None where fewer than two changes were seen (a period longer than the budget allows).
+    """
+    readers = [g._raw_counter_j if g.has_counter else g._instant_w for g in gpus]
+    last: list[Any] = [g._try(r) for g, r in zip(gpus, readers, strict=True)]
+    changes: list[list[float]] = [[] for _ in gpus]
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline and any(len(c) < 5 for c in changes):
+        for i, (g, r) in enumerate(zip(gpus, readers, strict=True)):
+            if len(changes[i]) >= 5:
+                continue
+            v = g._try(r)
+            if v is not None and v != last[i]:
+                changes[i].append(time.monotonic())
+                last[i] = v
+        time.sleep(0.001)
+    out: list[float | None] = []
+    for c in changes:
+        gaps = sorted(b - a for a, b in zip(c, c[1:], strict=False))
+        out.append(gaps[len(gaps) // 2] if gaps else None)
+    return out
+
+
 def discover(env: Mapping[str, str] | None = None, *, probe_period: bool = True) -> list[NvmlGpu]:
     """Every visible GPU. Raises PowerBackendError with the reason when NVML is unusable."""
     nvml = import_pynvml()
@@ -213,10 +273,14 @@ def discover(env: Mapping[str, str] | None = None, *, probe_period: bool = True)
         except nvml.NVMLError as exc:
             logger.warning("GPU %d skipped: %s", i, translate(nvml, exc, f"GPU {i}"))
             continue
-        if not _selected(selectors, i, uuid):
+        migs = _mig_uuids(nvml, handle) if selectors else []
+        if not _selected(selectors, i, [uuid, *migs]):
             continue
         try:
-            gpus.append(NvmlGpu(nvml, handle, i, probe_period=probe_period))
+            gpus.append(NvmlGpu(nvml, handle, i, probe_period=False))
         except PowerBackendError as exc:
             logger.warning("%s", exc)
+    if probe_period and gpus:
+        for g, period in zip(gpus, measure_periods(gpus), strict=True):
+            g.info = dataclasses.replace(g.info, granularity_s=period)
     return gpus

@@ -14,10 +14,16 @@ NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_VALUE_TYPE_DOUBLE = 0
 NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_VALUE_TYPE_UNSIGNED_LONG = 2
+NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
+NVML_VALUE_TYPE_SIGNED_INT = 5
 NVML_FI_DEV_POWER_AVERAGE = 185
 NVML_FI_DEV_POWER_INSTANT = 186
 
@@ -36,6 +42,8 @@ def _err(name: str, value: int) -> type[NVMLError]:
 NVMLError_Uninitialized = _err("NVMLError_Uninitialized", NVML_ERROR_UNINITIALIZED)
 NVMLError_NotSupported = _err("NVMLError_NotSupported", NVML_ERROR_NOT_SUPPORTED)
 NVMLError_NoPermission = _err("NVMLError_NoPermission", NVML_ERROR_NO_PERMISSION)
+NVMLError_NotFound = _err("NVMLError_NotFound", NVML_ERROR_NOT_FOUND)
+NVMLError_DriverNotLoaded = _err("NVMLError_DriverNotLoaded", NVML_ERROR_DRIVER_NOT_LOADED)
 NVMLError_LibraryNotFound = _err("NVMLError_LibraryNotFound", NVML_ERROR_LIBRARY_NOT_FOUND)
 NVMLError_GpuIsLost = _err("NVMLError_GpuIsLost", NVML_ERROR_GPU_IS_LOST)
 
@@ -51,6 +59,9 @@ class FakeGpu:
     instant: bool = True
     lost: bool = False
     procs: list[tuple[int, int]] = field(default_factory=list)  # (pid, smUtil)
+    migs: list[str] = field(default_factory=list)  # UUIDs of MIG devices ("MIG-...")
+    max_migs: int | None = None  # None: MIG not supported (NVMLError_NotSupported)
+    value_type: int = NVML_VALUE_TYPE_UNSIGNED_INT  # how the instant power field comes back
 
     def advance(self, seconds: float) -> None:
         self.energy_mj += int(self.power_mw * seconds)
@@ -82,12 +93,17 @@ def make_module(
         out = []
         for fid in ids:
             ok = fid == NVML_FI_DEV_POWER_INSTANT and h.instant
+            # a c_nvmlValue_t union: only the member the value type names is meaningful
+            value = types.SimpleNamespace(dVal=-1.0, uiVal=0, ulVal=0, ullVal=0, sllVal=0, siVal=0)
+            member = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+            if ok:
+                setattr(value, member[h.value_type], h.power_mw)
             out.append(
                 types.SimpleNamespace(
                     fieldId=fid,
-                    valueType=NVML_VALUE_TYPE_UNSIGNED_INT,
+                    valueType=h.value_type,
                     nvmlReturn=NVML_SUCCESS if ok else NVML_ERROR_NOT_SUPPORTED,
-                    value=types.SimpleNamespace(uiVal=h.power_mw if ok else 0, dVal=0.0),
+                    value=value,
                 )
             )
         return out
@@ -101,7 +117,19 @@ def make_module(
         check(h)
         return [types.SimpleNamespace(pid=p, smUtil=u, timeStamp=ts, memUtil=0) for p, u in h.procs]
 
+    def nvmlDeviceGetMaxMigDeviceCount(h: FakeGpu) -> int:
+        if check(h).max_migs is None:
+            raise NVMLError_NotSupported()
+        return h.max_migs
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(h: FakeGpu, j: int) -> FakeGpu:
+        if j >= len(check(h).migs):
+            raise NVMLError_NotFound()  # an empty MIG slot
+        return FakeGpu(uuid=h.migs[j], name=f"{h.name} MIG")
+
     m.nvmlInit = nvmlInit
+    m.nvmlDeviceGetMaxMigDeviceCount = nvmlDeviceGetMaxMigDeviceCount
+    m.nvmlDeviceGetMigDeviceHandleByIndex = nvmlDeviceGetMigDeviceHandleByIndex
     m.nvmlShutdown = lambda: state.update(init=False)
     m.nvmlDeviceGetCount = lambda: len(gpus)
     m.nvmlDeviceGetHandleByIndex = lambda i: gpus[i]

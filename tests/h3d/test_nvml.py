@@ -1,0 +1,156 @@
+"""NVML backend edge cases through a fake ``pynvml`` (same names, units, error classes)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from h3d.power import detect, nvml
+from h3d.power.base import PowerBackendError
+from tests.h3d import fake_pynvml as fk
+from tests.h3d.fake_pynvml import FakeGpu, make_module
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch):
+    def install(gpus: list[FakeGpu], **kw) -> types.ModuleType:
+        mod = make_module(gpus, **kw)
+        monkeypatch.setitem(sys.modules, "pynvml", mod)
+        return mod
+
+    return install
+
+
+def uuids(env: dict[str, str]) -> list[str | None]:
+    return [d.info.uuid for d in nvml.discover(env=env, probe_period=False)]
+
+
+def test_a_mig_uuid_selects_its_parent_gpu(fake_nvml) -> None:
+    gpus = [
+        FakeGpu("GPU-aaaa-0000", max_migs=7, migs=["MIG-1111-a", "MIG-1111-b"]),
+        FakeGpu("GPU-bbbb-0000", max_migs=7, migs=["MIG-2222-a"]),
+        FakeGpu("GPU-cccc-0000"),  # no MIG support at all
+    ]
+    fake_nvml(gpus)
+    assert uuids({"CUDA_VISIBLE_DEVICES": "MIG-2222-a"}) == ["GPU-bbbb-0000"]
+    assert uuids({"CUDA_VISIBLE_DEVICES": "MIG-1111-b,GPU-cccc"}) == [
+        "GPU-aaaa-0000",
+        "GPU-cccc-0000",
+    ]
+    assert uuids({"CUDA_VISIBLE_DEVICES": "MIG-9999"}) == []
+
+
+def test_cuda_visible_devices_stops_at_the_first_invalid_entry(fake_nvml) -> None:
+    fake_nvml([FakeGpu("GPU-0"), FakeGpu("GPU-1"), FakeGpu("GPU-2")])
+    assert uuids({"CUDA_VISIBLE_DEVICES": "2,0"}) == ["GPU-0", "GPU-2"]
+    assert uuids({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert uuids({"CUDA_VISIBLE_DEVICES": "1,-1,2"}) == ["GPU-1"]
+    assert uuids({"CUDA_VISIBLE_DEVICES": "0, 1"}) == ["GPU-0", "GPU-1"]
+
+
+@pytest.mark.parametrize(
+    "value_type",
+    [
+        fk.NVML_VALUE_TYPE_DOUBLE,
+        fk.NVML_VALUE_TYPE_UNSIGNED_INT,
+        fk.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+        fk.NVML_VALUE_TYPE_SIGNED_INT,
+    ],
+)
+def test_instant_power_is_read_through_the_member_its_value_type_names(
+    fake_nvml, value_type: int
+) -> None:
+    fake_nvml([FakeGpu("GPU-x", counter=False, power_mw=212_500, value_type=value_type)])
+    (dev,) = nvml.discover(env={}, probe_period=False)
+    assert dev.info.source == "nvml_power_instant"
+    assert dev.read().power_w == pytest.approx(212.5)
+
+
+def test_both_update_periods_are_measured_in_one_bounded_loop(fake_nvml) -> None:
+    a, b = FakeGpu("GPU-a"), FakeGpu("GPU-b", counter=False)
+    mod = fake_nvml([a, b])
+    ticks = {"n": 0}
+    real_count = mod.nvmlDeviceGetTotalEnergyConsumption
+
+    def counter(h: FakeGpu) -> int:
+        ticks["n"] += 1
+        if ticks["n"] % 3 == 0:
+            h.energy_mj += 7  # changes on every third read
+        return real_count(h)
+
+    mod.nvmlDeviceGetTotalEnergyConsumption = counter
+    da, db = nvml.discover(env={}, probe_period=True)
+    assert da.info.granularity_s is not None and da.info.granularity_s > 0
+    assert db.info.granularity_s is None  # a constant power field never changes: unknown
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (fk.NVMLError_LibraryNotFound, "libnvidia-ml.so"),
+        (fk.NVMLError_DriverNotLoaded, "driver is not loaded"),
+        (fk.NVMLError_NoPermission, "no permission"),
+    ],
+)
+def test_init_errors_are_reasons_with_a_fix(fake_nvml, error: type, reason: str) -> None:
+    fake_nvml([FakeGpu("GPU-a")], init_error=error)
+    with pytest.raises(PowerBackendError, match=reason):
+        nvml.discover(env={})
+    (probe,) = [p for p in detect.probe_all(nvml_period=False) if p.family == "nvml"]
+    assert not probe.ok and reason in probe.reason and probe.fix
+
+
+def test_a_gpu_without_energy_or_power_is_skipped_and_the_others_kept(fake_nvml, caplog) -> None:
+    mod = fake_nvml([FakeGpu("GPU-dead", counter=False, instant=False), FakeGpu("GPU-ok")])
+
+    def usage(h: FakeGpu) -> int:
+        if h.uuid == "GPU-dead":
+            raise fk.NVMLError_NotSupported()
+        return h.power_mw
+
+    mod.nvmlDeviceGetPowerUsage = usage
+    assert uuids({}) == ["GPU-ok"]
+    assert "neither energy nor power" in caplog.text
+
+
+def test_a_gpu_lost_at_discovery_is_skipped(fake_nvml, caplog) -> None:
+    fake_nvml([FakeGpu("GPU-lost", lost=True), FakeGpu("GPU-ok")])
+    assert uuids({}) == ["GPU-ok"]
+    assert "fell off the bus" in caplog.text
+
+
+def test_uninitialised_nvml_is_reported_not_raised_raw(fake_nvml) -> None:
+    g = FakeGpu("GPU-a")
+    mod = fake_nvml([g])
+    (dev,) = nvml.discover(env={}, probe_period=False)
+    mod.nvmlShutdown()  # someone else shut NVML down under us
+    with pytest.raises(PowerBackendError, match="not initialised"):
+        dev.read()
+
+
+def test_counter_stays_monotonic_over_several_resets(fake_nvml) -> None:
+    g = FakeGpu("GPU-a", energy_mj=5_000_000)
+    fake_nvml([g])
+    (dev,) = nvml.discover(env={}, probe_period=False)
+    seen = [dev.read().energy_j]
+    for raw_mj in (5_100_000, 100, 900, 0, 2_000):
+        g.energy_mj = raw_mj
+        seen.append(dev.read().energy_j)
+    assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen
+    assert seen[-1] == pytest.approx(100.0 + 0.1 + 0.8 + 0.0 + 2.0)
+
+
+def test_process_share_is_none_where_nvml_has_no_samples(fake_nvml) -> None:
+    g = FakeGpu("GPU-a", procs=[(1, 30), (2, 10)])
+    mod = fake_nvml([g])
+    (dev,) = nvml.discover(env={}, probe_period=False)
+    assert dev.process_share({1}) == pytest.approx(0.75)
+    assert dev.process_share({1, 2, 3}) == pytest.approx(1.0)
+
+    def not_found(h: FakeGpu, ts: int) -> list[object]:
+        raise fk.NVMLError_NotFound()  # what NVML says when no process ran in the window
+
+    mod.nvmlDeviceGetProcessUtilization = not_found
+    assert dev.process_share({1}) is None
