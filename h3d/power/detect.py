@@ -61,7 +61,9 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
     def rapl_fix(reason: str) -> str:
         if "root-only" in reason or "does not exist" in reason:
             return ""  # the reason already says how, or there is nothing to fix
-        return "load the driver: `sudo modprobe intel_rapl_common`"
+        return (
+            "load the driver: `sudo modprobe intel_rapl_msr` (Intel, and AMD Zen on Linux >= 5.11)"
+        )
 
     def apple_fix(reason: str) -> str:
         return "" if reason == "not macOS" else "`pip install zeus-apple-silicon` (no sudo needed)"

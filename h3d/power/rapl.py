@@ -2,8 +2,11 @@
 
 Each ``<root>/intel-rapl:N`` is a package (``name`` = ``package-N``); its ``dram`` subzone is
 read too. ``core``/``uncore`` subzones are parts of the package and are skipped so nothing
-is counted twice; the ``intel-rapl-mmio`` duplicate of the package is skipped as well. AMD
-CPUs expose the same tree (driver ``intel-rapl`` with AMD support) on Linux ≥ 5.8.
+is counted twice; the ``intel-rapl-mmio`` duplicate of the package is skipped as well, and
+so is ``psys`` (a top-level ``intel-rapl:N`` on client Intel CPUs that measures the whole
+platform, packages included, so adding it to the packages would count them twice). AMD Zen
+CPUs expose the same ``intel-rapl`` tree (``intel_rapl_msr`` with AMD Fam17h/19h support,
+Linux ≥ 5.11): ``package-N`` and a ``core`` subzone, no ``dram``.
 
 ``energy_uj`` wraps at ``max_energy_range_uj``; the wrap is handled here, so ``energy_j``
 only grows. Since CVE-2020-8694 most kernels make ``energy_uj`` root-only: that is reported
@@ -13,6 +16,7 @@ with the fix, not hidden.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
@@ -21,9 +25,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/sys/class/powercap")
 PERMISSION_FIX = (
-    "energy_uj is root-only (CVE-2020-8694): run `sudo chmod -R a+r /sys/class/powercap/intel-rapl*` "
-    "(until reboot) or add a udev rule, or run h3d as root"
+    "energy_uj is root-only (CVE-2020-8694): until reboot, "
+    "`sudo chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj "
+    "/sys/class/powercap/intel-rapl:*:*/energy_uj`; for good, a udev rule "
+    '(`SUBSYSTEM=="powercap", ACTION=="add", RUN+="/bin/chmod a+r /sys%p/energy_uj"` in '
+    "/etc/udev/rules.d/90-h3-rapl.rules); or run h3d as root. See docs/power.md for the "
+    "side-channel trade-off"
 )
+#: Top-level zones that are not a CPU package: counted with the packages, they double count.
+PLATFORM_ZONES = frozenset({"psys"})
 
 
 def _read_int(path: Path) -> int:
@@ -44,6 +54,7 @@ class RaplZone:
         self.max_range_uj = _read_int(zone / "max_energy_range_uj")
         self._last_uj = _read_int(zone / "energy_uj")
         self._total_uj = 0
+        self.period_s = measure_period(zone / "energy_uj")
         kind = "dram" if name == "dram" else "cpu"
         label = name if kind == "cpu" else f"{package}-dram"
         self.info = DeviceInfo(
@@ -51,7 +62,7 @@ class RaplZone:
             kind=kind,
             source="rapl",
             model=f"RAPL {name} ({zone.name})",
-            granularity_s=0.001,  # RAPL updates about every millisecond
+            granularity_s=self.period_s,
         )
 
     def read(self) -> PowerReading:
@@ -65,6 +76,27 @@ class RaplZone:
 
     def close(self) -> None:
         pass
+
+
+def measure_period(path: Path, budget_s: float = 0.05) -> float | None:
+    """How often ``energy_uj`` changes (about 1 ms on Intel and AMD), polled for ``budget_s``.
+
+    None when it did not change twice in the budget (an idle or frozen domain): unknown, not
+    assumed.
+    """
+    changes: list[float] = []
+    try:
+        last = path.read_text()
+        deadline = time.monotonic() + budget_s
+        while time.monotonic() < deadline and len(changes) < 6:
+            v = path.read_text()
+            if v != last:
+                changes.append(time.monotonic())
+                last = v
+    except OSError:
+        return None
+    gaps = sorted(b - a for a, b in zip(changes, changes[1:], strict=False))
+    return gaps[len(gaps) // 2] if gaps else None
 
 
 def discover(root: Path = DEFAULT_ROOT) -> list[RaplZone]:
@@ -81,6 +113,9 @@ def discover(root: Path = DEFAULT_ROOT) -> list[RaplZone]:
     for pkg in packages:
         try:
             pname = (pkg / "name").read_text().strip()
+            if pname in PLATFORM_ZONES:
+                logger.info("%s (%s) skipped: it includes the packages", pkg.name, pname)
+                continue
             zones.append(RaplZone(pkg, package=pname))
         except (OSError, PowerBackendError) as exc:
             errors.append(str(exc))
@@ -93,4 +128,6 @@ def discover(root: Path = DEFAULT_ROOT) -> list[RaplZone]:
                 errors.append(str(exc))
     if not zones:
         raise PowerBackendError(errors[0] if errors else f"no readable RAPL zone under {root}")
+    for err in errors:  # some zones work: the rest is worth one line each, not a failure
+        logger.warning("RAPL zone skipped: %s", err)
     return zones
