@@ -26,6 +26,11 @@ class Probe:
     fix: str = ""
     backends: list[PowerBackend] = field(default_factory=list)
 
+    def render(self) -> str:
+        """One line (two with a fix) for ``h3d doctor``."""
+        line = f"{self.family:<10} {'OK' if self.ok else 'NO':<3} {self.reason}"
+        return f"{line}\n{'':<14}fix: {self.fix}" if self.fix and not self.ok else line
+
 
 def _probe(
     family: str, fix: Callable[[str], str], make: Callable[[], Sequence[PowerBackend]]
@@ -45,11 +50,11 @@ def _apple() -> list[PowerBackend]:
     if platform.system() != "Darwin":
         raise RuntimeError("not macOS")
     try:
-        return [apple.IOReportSoC()]
+        return list(apple.ioreport_backends())
     except Exception as exc:
         if apple.sudo_allows_powermetrics():
-            return [apple.PowermetricsSoC()]
-        raise RuntimeError(f"{exc}; and powermetrics needs passwordless sudo") from exc
+            return list(apple.powermetrics_backends())
+        raise RuntimeError(f"{exc}; and `sudo -n powermetrics` needs a password") from exc
 
 
 def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = True) -> list[Probe]:
@@ -66,7 +71,7 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
         )
 
     def apple_fix(reason: str) -> str:
-        return "" if reason == "not macOS" else "`pip install zeus-apple-silicon` (no sudo needed)"
+        return "" if reason == "not macOS" else apple.SUDOERS_FIX
 
     return [
         _probe("nvml", nvml_fix, lambda: nvml.discover(probe_period=nvml_period)),

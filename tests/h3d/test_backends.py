@@ -184,29 +184,12 @@ def test_powermetrics_plist_stream_is_parsed_into_power() -> None:
     samples = list(apple.parse_plists([stream[i : i + 300] for i in range(0, len(stream), 300)]))
     assert len(samples) == 3
     assert [apple.sample_power_w(s) for s in samples] == pytest.approx([4.321, 12.5, 7.0])
-    soc = apple.PowermetricsSoC(stream=io.BytesIO(stream))
-    deadline = time.monotonic() + 2
-    while soc._latest is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert soc.read().power_w == pytest.approx(7.0) and soc.info.source == "powermetrics"
-
-
-def test_ioreport_windows_become_a_counter() -> None:
-    class Monitor:  # zeus_apple_silicon.AppleEnergyMonitor's surface
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def begin_window(self, label: str) -> None:
-            pass
-
-        def end_window(self, label: str):
-            self.calls += 1
-            return types.SimpleNamespace(cpu_total_mj=1000, gpu_mj=500, ane_mj=None, dram_mj=250)
-
-    soc = apple.IOReportSoC(Monitor())
-    assert soc.read().energy_j == pytest.approx(1.75)
-    assert soc.read().energy_j == pytest.approx(3.5)
-    assert soc.info.source == "ioreport"
+    (cpu, gpu, ane) = apple.powermetrics_backends(stream=io.BytesIO(stream))
+    assert cpu.stream.wait_ended(10.0)
+    # this older-style stream has power only: energy is power x elapsed_ns
+    assert cpu.read().energy_j == pytest.approx((3.0 + 9.0 + 5.0) * 0.1)
+    assert gpu.read().power_w == pytest.approx(2.0) and cpu.info.source == "powermetrics"
+    assert ane.read().energy_j == pytest.approx(0.03)
 
 
 def test_recorded_stream_fixture_is_real_plist() -> None:
