@@ -2,7 +2,8 @@
 
 A run registers its process id; its children are followed (``children(recursive=True)``),
 and the CPU time of children that already exited and were waited for is kept through the
-parent's ``children_user``/``children_system``. The share of an interval is
+parent's ``children_user``/``children_system`` (counted once: the part already seen while
+the child ran is taken off when it arrives there). The share of an interval is
 
     Δ(CPU time of the run's processes) / Δ(busy CPU time of the whole machine)
 
@@ -33,8 +34,10 @@ def busy_cpu_s() -> float:
 @dataclass
 class _Tree:
     root: psutil.Process
-    procs: dict[int, psutil.Process] = field(default_factory=dict)
+    # per pid: CPU seconds (own + waited-for children) at the last look, and its parent pid
     last_s: dict[int, float] = field(default_factory=dict)
+    ppid: dict[int, int] = field(default_factory=dict)
+    counted_s: float = 0.0
 
 
 def _cpu_s(p: psutil.Process) -> float:
@@ -43,7 +46,13 @@ def _cpu_s(p: psutil.Process) -> float:
 
 
 class CpuShareTracker:
-    """Call :meth:`sample` once per interval; it returns each tracked run's share of it."""
+    """Call :meth:`sample` once per interval; it returns each tracked run's share of it.
+
+    A tree's CPU time is the sum over its live processes of own + waited-for children's
+    time. When a tracked process is reaped its final time moves into its parent's
+    ``children_*`` fields, so the part already counted while it lived is taken off again:
+    a process's CPU time is counted once, whether it is seen alive, reaped, or both.
+    """
 
     def __init__(self) -> None:
         self._runs: dict[str, _Tree] = {}
@@ -54,7 +63,7 @@ class CpuShareTracker:
         try:
             root = psutil.Process(pid)
             tree = _Tree(root=root)
-            self._refresh(tree)
+            self._refresh(tree, baseline=True)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
         self._runs[run_id] = tree
@@ -70,34 +79,56 @@ class CpuShareTracker:
     def pids(self, run_id: str) -> set[int]:
         """The run's processes as of the last sample (root and children)."""
         tree = self._runs.get(run_id)
-        return set(tree.procs) | {tree.root.pid} if tree is not None else set()
+        return set(tree.last_s) | {tree.root.pid} if tree is not None else set()
 
-    def _refresh(self, tree: _Tree) -> float:
-        """Add new children, drop dead ones; return the CPU seconds gained since last time."""
-        gained = 0.0
-        alive: list[psutil.Process] = [tree.root]
+    def cpu_s(self, run_id: str) -> float:
+        """CPU seconds counted for the run since it was tracked (0.0 if unknown)."""
+        tree = self._runs.get(run_id)
+        return tree.counted_s if tree is not None else 0.0
+
+    def _refresh(self, tree: _Tree, *, baseline: bool = False) -> float:
+        """Follow new children, account for reaped ones; CPU seconds gained since last time."""
+        procs: list[psutil.Process] = [tree.root]
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            alive += tree.root.children(recursive=True)
-        seen = set()
-        for p in alive:
-            pid = p.pid
-            proc = tree.procs.setdefault(pid, p)
+            procs += tree.root.children(recursive=True)
+        now: dict[int, float] = {}
+        for p in procs:
             try:
-                now = _cpu_s(proc)
+                now[p.pid] = _cpu_s(p)
+                if p.pid not in tree.ppid:
+                    tree.ppid[p.pid] = p.ppid()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            seen.add(pid)
+        gained = 0.0
+        for pid, c in now.items():
             prev = tree.last_s.get(pid)
-            if prev is not None:
-                gained += max(0.0, now - prev)
-            tree.last_s[pid] = now
-        for pid in list(tree.procs):
-            if pid not in seen:
-                # Its last CPU time was counted; what it used after our last look is lost
-                # unless its parent waited for it (then it shows in children_*).
-                tree.procs.pop(pid)
-                tree.last_s.pop(pid, None)
+            if prev is None or c < prev:  # new since the last look (or a reused pid)
+                gained += 0.0 if baseline else c
+            else:
+                gained += c - prev
+        for pid in [p for p in tree.last_s if p not in now]:
+            # Reaped by a tracked ancestor: its whole time just arrived in that ancestor's
+            # children_* fields, so the part counted while it lived is taken off. Reaped
+            # by anyone else (orphaned): whatever it used after our last look is lost.
+            if self._has_live_ancestor(tree, pid, now):
+                gained -= tree.last_s[pid]
+            del tree.last_s[pid]
+        tree.ppid = {p: q for p, q in tree.ppid.items() if p in now}
+        tree.last_s.update(now)
+        gained = max(0.0, gained)  # an orphan's earlier time can make it dip: never negative
+        tree.counted_s += gained
         return gained
+
+    @staticmethod
+    def _has_live_ancestor(tree: _Tree, pid: int, live: dict[int, float]) -> bool:
+        seen: set[int] = set()
+        parent = tree.ppid.get(pid)
+        while parent is not None and parent not in seen:
+            if parent in live:
+                return True
+            seen.add(parent)
+            parent = tree.ppid.get(parent)
+        return False
 
     def sample(self) -> dict[str, float]:
         busy = busy_cpu_s()

@@ -82,3 +82,53 @@ def test_busier_run_gets_about_twice_the_active_energy(daemon_factory: Any) -> N
     )
     ratio = e["busy"]["active_energy_j"] / e["light"]["active_energy_j"]
     assert ratio == pytest.approx(2.0, rel=0.4), e
+
+
+REAPER = """
+import subprocess, sys, time
+for _ in range(3):  # three short-lived workers, each waited for (as DataLoader workers are)
+    subprocess.run([sys.executable, "-c", sys.argv[1], "1.0", "0.4"], check=True)
+time.sleep(0.3)
+"""
+
+
+def test_reaped_children_are_counted_once() -> None:
+    """A child's CPU time arrives twice: seen while it runs, then in the parent's
+    children_* fields when it is reaped. It must be counted once."""
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", REAPER, BURN])
+    ps = psutil.Process(parent.pid)
+    tr = CpuShareTracker()
+    assert tr.track("r", parent.pid)
+    truth = 0.0
+    while parent.poll() is None:
+        tr.sample()
+        try:
+            t = ps.cpu_times()  # own + every reaped worker: the ground truth
+            truth = t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    assert truth > 0.6  # the workers did burn
+    # the tracker saw every worker while it ran and again when reaped: once is the truth
+    assert tr.cpu_s("r") == pytest.approx(truth, rel=0.25), (tr.cpu_s("r"), truth)
+
+
+def test_several_runs_never_get_more_than_the_machine() -> None:
+    procs = [burner(0.9, 1.2), burner(0.45, 1.2), burner(0.9, 1.2)]
+    tr = CpuShareTracker()
+    for i, p in enumerate(procs):
+        assert tr.track(f"r{i}", p.pid)
+    tr.track("dup", procs[0].pid)  # the same process in two runs: still no more than 1
+    tr.sample()
+    sums = []
+    busy = {f"r{i}": 0.0 for i in range(3)}
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+        shares = tr.sample()
+        sums.append(sum(shares.values()))
+        for k in busy:
+            busy[k] += shares.get(k, 0.0)
+    assert all(s <= 1.0 + 1e-9 for s in sums), sums
+    assert busy["r0"] > busy["r1"]  # the busier one gets more
