@@ -61,6 +61,12 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
     def nvml_fix(reason: str) -> str:
         if "not importable" in reason:
             return "`pip install 'h3[nvidia]'` (and the NVIDIA driver)"
+        if "libnvidia-ml.so" in reason or "not loaded" in reason:
+            return "install or load the NVIDIA driver; `nvidia-smi` must work"
+        if "permission" in reason:
+            return "run h3d as a user who may open /dev/nvidia* (e.g. the video group)"
+        if "mismatch" in reason:
+            return "reboot (or reload the nvidia modules) after the driver update"
         return "" if "no device" in reason else "check that `nvidia-smi` works for this user"
 
     def rapl_fix(reason: str) -> str:

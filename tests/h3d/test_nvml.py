@@ -99,7 +99,8 @@ def test_init_errors_are_reasons_with_a_fix(fake_nvml, error: type, reason: str)
     with pytest.raises(PowerBackendError, match=reason):
         nvml.discover(env={})
     (probe,) = [p for p in detect.probe_all(nvml_period=False) if p.family == "nvml"]
-    assert not probe.ok and reason in probe.reason and probe.fix
+    assert not probe.ok and reason in probe.reason
+    assert any(w in probe.fix for w in ("driver", "/dev/nvidia"))
 
 
 def test_a_gpu_without_energy_or_power_is_skipped_and_the_others_kept(fake_nvml, caplog) -> None:
@@ -154,3 +155,35 @@ def test_process_share_is_none_where_nvml_has_no_samples(fake_nvml) -> None:
 
     mod.nvmlDeviceGetProcessUtilization = not_found
     assert dev.process_share({1}) is None
+
+
+def test_the_fake_has_the_real_libraries_names_and_values() -> None:
+    """Every NVML name the fake defines exists in nvidia-ml-py with the same value."""
+    real = pytest.importorskip("pynvml")  # nvidia-ml-py, in the dev and nvidia extras
+    fake = make_module([])
+    names = [n for n in dir(fake) if n.startswith(("NVML", "nvml"))]
+    assert len(names) > 25
+    for name in names:
+        assert hasattr(real, name), f"the real pynvml has no {name}"
+        mine, theirs = getattr(fake, name), getattr(real, name)
+        if isinstance(mine, int):
+            assert mine == theirs, name
+        elif isinstance(mine, type):
+            assert issubclass(theirs, real.NVMLError), name
+            if name != "NVMLError":
+                assert theirs().value == mine.value, name
+
+
+def test_the_real_library_without_a_driver_is_absent_with_the_reason() -> None:
+    real = pytest.importorskip("pynvml")
+    try:
+        real.nvmlInit()
+    except real.NVMLError_LibraryNotFound:
+        pass
+    else:  # a machine with an NVIDIA driver: this test is about machines without one
+        real.nvmlShutdown()
+        pytest.skip("an NVIDIA driver is installed here")
+    with pytest.raises(PowerBackendError, match="libnvidia-ml.so"):
+        nvml.discover(env={})
+    (probe,) = [p for p in detect.probe_all(nvml_period=False) if p.family == "nvml"]
+    assert not probe.ok and "libnvidia-ml.so" in probe.reason and "NVIDIA driver" in probe.fix
