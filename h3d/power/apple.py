@@ -79,7 +79,7 @@ class IOReportReader:
         if monitor is None:
             try:
                 from zeus_apple_silicon import AppleEnergyMonitor
-            except Exception as exc:  # ImportError, or a binding that fails to load
+            except (Exception, SystemExit) as exc:  # ImportError, a binding that fails to load
                 raise PowerBackendError(
                     f"zeus-apple-silicon is not importable ({type(exc).__name__}: {exc}); "
                     "`pip install zeus-apple-silicon` on Apple silicon"

@@ -37,7 +37,7 @@ def _probe(
 ) -> Probe:
     try:
         backends = list(make())
-    except Exception as exc:  # isolation: any failure is a reason, never a crash
+    except (Exception, SystemExit) as exc:  # isolation: any failure is a reason, not a crash
         reason = str(exc) or type(exc).__name__
         return Probe(family, False, reason, fix(reason))
     if not backends:

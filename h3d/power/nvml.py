@@ -53,7 +53,7 @@ _VALUE_MEMBERS = (
 def import_pynvml() -> ModuleType:
     try:
         import pynvml
-    except Exception as exc:  # any failure on import means "absent", never a crash
+    except (Exception, SystemExit) as exc:  # any failure on import: "absent", never a crash
         raise PowerBackendError(
             f"nvidia-ml-py is not importable ({type(exc).__name__}: {exc}); "
             "install it with `pip install 'h3[nvidia]'`"

@@ -15,6 +15,7 @@ with the fix, not hidden.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -48,13 +49,13 @@ def _read_int(path: Path) -> int:
 class RaplZone:
     """One powercap zone (a package or its DRAM), as a cumulative energy counter."""
 
-    def __init__(self, zone: Path, *, package: str) -> None:
+    def __init__(self, zone: Path, *, package: str, measure: bool = True) -> None:
         self.zone = zone
         name = (zone / "name").read_text().strip()
         self.max_range_uj = _read_int(zone / "max_energy_range_uj")
         self._last_uj = _read_int(zone / "energy_uj")
         self._total_uj = 0
-        self.period_s = measure_period(zone / "energy_uj")
+        self.period_s = measure_periods([zone / "energy_uj"])[0] if measure else None
         kind = "dram" if name == "dram" else "cpu"
         label = name if kind == "cpu" else f"{package}-dram"
         self.info = DeviceInfo(
@@ -78,25 +79,40 @@ class RaplZone:
         pass
 
 
-def measure_period(path: Path, budget_s: float = 0.05) -> float | None:
-    """How often ``energy_uj`` changes (about 1 ms on Intel and AMD), polled for ``budget_s``.
+def measure_periods(paths: list[Path], budget_s: float = 0.05) -> list[float | None]:
+    """How often each ``energy_uj`` changes (about 1 ms on Intel and AMD), all polled in one
+    loop of at most ``budget_s``.
 
-    None when it did not change twice in the budget (an idle or frozen domain): unknown, not
-    assumed.
+    None where a file did not change twice in the budget (an idle or frozen domain):
+    unknown, not assumed.
     """
-    changes: list[float] = []
-    try:
-        last = path.read_text()
-        deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline and len(changes) < 6:
-            v = path.read_text()
-            if v != last:
-                changes.append(time.monotonic())
-                last = v
-    except OSError:
-        return None
-    gaps = sorted(b - a for a, b in zip(changes, changes[1:], strict=False))
-    return gaps[len(gaps) // 2] if gaps else None
+    changes: list[list[float]] = [[] for _ in paths]
+    last: list[str | None] = []
+    for p in paths:
+        try:
+            last.append(p.read_text())
+        except OSError:
+            last.append(None)
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline and any(
+        len(c) < 6 and v is not None for c, v in zip(changes, last, strict=True)
+    ):
+        for i, p in enumerate(paths):
+            if last[i] is None or len(changes[i]) >= 6:
+                continue
+            try:
+                v = p.read_text()
+            except OSError:
+                last[i] = None
+                continue
+            if v != last[i]:
+                changes[i].append(time.monotonic())
+                last[i] = v
+    out: list[float | None] = []
+    for c in changes:
+        gaps = sorted(b - a for a, b in zip(c, c[1:], strict=False))
+        out.append(gaps[len(gaps) // 2] if gaps else None)
+    return out
 
 
 def discover(root: Path = DEFAULT_ROOT) -> list[RaplZone]:
@@ -116,18 +132,22 @@ def discover(root: Path = DEFAULT_ROOT) -> list[RaplZone]:
             if pname in PLATFORM_ZONES:
                 logger.info("%s (%s) skipped: it includes the packages", pkg.name, pname)
                 continue
-            zones.append(RaplZone(pkg, package=pname))
+            zones.append(RaplZone(pkg, package=pname, measure=False))
         except (OSError, PowerBackendError) as exc:
             errors.append(str(exc))
             continue
         for sub in sorted(pkg.glob(f"{pkg.name}:*")):
             try:
                 if (sub / "name").read_text().strip() == "dram":
-                    zones.append(RaplZone(sub, package=pname))
+                    zones.append(RaplZone(sub, package=pname, measure=False))
             except (OSError, PowerBackendError) as exc:
                 errors.append(str(exc))
     if not zones:
         raise PowerBackendError(errors[0] if errors else f"no readable RAPL zone under {root}")
+    periods = measure_periods([z.zone / "energy_uj" for z in zones])
+    for z, period in zip(zones, periods, strict=True):
+        z.period_s = period
+        z.info = dataclasses.replace(z.info, granularity_s=period)
     for err in errors:  # some zones work: the rest is worth one line each, not a failure
         logger.warning("RAPL zone skipped: %s", err)
     return zones
