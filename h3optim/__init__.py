@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from h3optim.auto import AutoH3
 from h3optim.controller import MODES, EtaController
+from h3optim.ngdt import NGDT
 from h3optim.optimizer import H3Optimizer
 from h3optim.presets import H3Setup, create_controlled_h3, h3_cifar_safe, h3_edge, h3_mnist_fast
 from h3optim.sampler import InformationWeightedSampler, PhaseSchedule
@@ -21,6 +22,7 @@ __all__ = [
     "InformationWeightedSampler",
     "LossTracker",
     "MODES",
+    "NGDT",
     "PhaseSchedule",
     "create_controlled_h3",
     "h3_cifar_safe",
