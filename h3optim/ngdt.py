@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -44,10 +44,12 @@ from torch.optim import Optimizer
 class _Layer:
     """K-FAC bookkeeping for one Linear or Conv2d layer."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Linear | nn.Conv2d) -> None:
         self.module = module
         self.conv = isinstance(module, nn.Conv2d)
-        self.has_bias = getattr(module, "bias", None) is not None
+        self.weight: Tensor = module.weight
+        self.bias: Tensor | None = module.bias
+        self.has_bias = self.bias is not None
         self.a: Tensor | None = None  # last batch's activations (rows × in[+1])
         self.g: Tensor | None = None  # last batch's output gradients (rows × out)
         self.batch = 1
@@ -60,7 +62,7 @@ class _Layer:
         if self.conv:
             assert isinstance(m, nn.Conv2d)
             patches = nn.functional.unfold(
-                x, m.kernel_size, m.dilation, m.padding, m.stride
+                x, m.kernel_size, m.dilation, cast(tuple[int, ...], m.padding), m.stride
             )  # B × (C·k·k) × L
             a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
@@ -75,20 +77,22 @@ class _Layer:
         return gy.reshape(-1, gy.shape[-1])
 
     def grad_matrix(self) -> Tensor:
-        w = self.module.weight
+        w = self.weight
         assert w.grad is not None
         gw = w.grad.reshape(w.shape[0], -1)
-        if self.has_bias:
-            b = self.module.bias
-            assert b is not None and b.grad is not None
-            gw = torch.cat([gw, b.grad.reshape(-1, 1)], dim=1)
+        if self.bias is not None:
+            assert self.bias.grad is not None
+            gw = torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
         return gw
 
-    def params(self) -> list[nn.Parameter]:
-        ps = [self.module.weight]
-        if self.has_bias:
-            ps.append(self.module.bias)  # type: ignore[arg-type]
-        return ps
+    def weight_matrix(self) -> Tensor:
+        wm = self.weight.reshape(self.weight.shape[0], -1)
+        if self.bias is not None:
+            wm = torch.cat([wm, self.bias.reshape(-1, 1)], dim=1)
+        return wm
+
+    def params(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
 
 
 class NGDT(Optimizer):
@@ -198,7 +202,7 @@ class NGDT(Optimizer):
             if torch.is_grad_enabled() and module.training and output.requires_grad:
                 layer.a = layer.activations(inputs[0].detach())
                 layer.batch = inputs[0].shape[0]
-                output.register_hook(grad_hook)
+                output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
 
         return hook
 
@@ -296,14 +300,11 @@ class NGDT(Optimizer):
             delta_f = torch.zeros(())
             null_fracs = []
             for layer in self.layers:
-                if layer.eig is None or layer.module.weight.grad is None:
+                if layer.eig is None or layer.weight.grad is None:
                     continue
                 gw = layer.grad_matrix()
                 if group_k["weight_decay"]:
-                    wm = layer.module.weight.reshape(layer.module.weight.shape[0], -1)
-                    if layer.has_bias:
-                        wm = torch.cat([wm, layer.module.bias.reshape(-1, 1)], dim=1)  # type: ignore[union-attr]
-                    gw = gw + group_k["weight_decay"] * wm
+                    gw = gw + group_k["weight_decay"] * layer.weight_matrix()
                 if not torch.isfinite(gw).all():
                     continue  # a non-finite gradient never reaches the parameters
                 nat, null, frac = self._natural(layer, gw, group_k["damping"])
@@ -323,11 +324,10 @@ class NGDT(Optimizer):
                 "nullspace_frac": sum(null_fracs) / len(null_fracs) if null_fracs else 0.0,
             }
             for layer, upd in updates:
-                w = layer.module.weight
-                n_w = w[0].numel()
-                w.sub_(eta * upd[:, :n_w].reshape_as(w))
-                if layer.has_bias:
-                    layer.module.bias.sub_(eta * upd[:, n_w])  # type: ignore[union-attr]
+                n_w = layer.weight[0].numel()
+                layer.weight.sub_(eta * upd[:, :n_w].reshape_as(layer.weight))
+                if layer.bias is not None:
+                    layer.bias.sub_(eta * upd[:, n_w])
             self.total_predicted_q += stats["predicted_q"]
         for group in self.param_groups:
             if not group["kfac"]:
@@ -393,4 +393,9 @@ class NGDT(Optimizer):
             for layer, saved in zip(self.layers, kfac["layers"], strict=True):
                 layer.A = None if saved["A"] is None else saved["A"].clone()
                 layer.G = None if saved["G"] is None else saved["G"].clone()
-                layer.eig = None if saved["eig"] is None else tuple(t.clone() for t in saved["eig"])  # type: ignore[assignment]
+                eig = saved["eig"]
+                layer.eig = (
+                    None
+                    if eig is None
+                    else (eig[0].clone(), eig[1].clone(), eig[2].clone(), eig[3].clone())
+                )
