@@ -14,18 +14,13 @@ each run and its provenance.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import daemon, machine, mean_std  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3optim import (  # noqa: E402
@@ -82,22 +78,6 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def start_daemon(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
-    env.update(PYTHONPATH=str(REPO), H3D_DATA_DIR=str(data_dir), H3D_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "h3d", "serve", "--port", "0"], env=env, cwd=REPO
-    )
-    for _ in range(400):
-        try:
-            url = json.loads((data_dir / "daemon.json").read_text())["url"]
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return proc, url
-        except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
-            time.sleep(0.05)
-    raise SystemExit("daemon did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -129,101 +109,76 @@ def main() -> None:
     }
     test_loader = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=512)
     results: dict[str, list[dict[str, float | str]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_daemon(Path(tmp))
-        try:
-            for name, make in makers.items():
-                results[name] = []
-                for seed in range(seeds):
-                    torch.manual_seed(seed)
-                    model = make()
-                    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-                    is_info = isinstance(model, InformationOptimalNetwork)
-                    sched = (
-                        TemperatureSchedule(model, t0=1.0, alpha=0.05, beta=0.5)
-                        if is_info
-                        else None
-                    )
-                    prof = H3Profiler(
-                        f"infonet/{name}/{seed}", url=url, data_dir=tmp, eta_interval_s=1.0
-                    )
-                    g = torch.Generator().manual_seed(seed)
-                    t0 = time.perf_counter()
-                    for epoch in range(epochs):
-                        perm = torch.randperm(len(data.y_train), generator=g)
-                        for i in range(0, len(perm), 64):
-                            b = perm[i : i + 64]
-                            opt.zero_grad()
-                            out = model(data.x_train[b])
-                            loss = (
-                                information_optimal_loss(out, data.y_train[b], model, beta=0.01)
-                                if is_info
-                                else nn.functional.cross_entropy(out, data.y_train[b])
-                            )
-                            loss.backward()
-                            opt.step()
-                            prof.log_batch(loss.detach(), epoch=epoch)
-                        if sched is not None:
-                            sched.step()
-                    wall = time.perf_counter() - t0
-                    res = prof.stop()
-                    absorbed = compute_absorption_efficiency(
-                        model,
-                        test_loader,
-                        energy_j=res["total_energy_j"],
-                        energy_source=res["energy_source"],
-                    )
-                    with torch.no_grad():
-                        model.eval()
-                        acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
-                        model.train()
-                    mem = saved_bytes(model, data.x_train[:64])
-                    if is_info:
-                        model.penalty()  # drop the probe forward's figures
-                    results[name].append(
-                        {
-                            "acc": 100 * acc,
-                            "wall": wall,
-                            "mem": mem,
-                            "bits": absorbed["total_bits"],
-                            "bps": absorbed["bits_per_sample"],
-                            "bpj": absorbed["bits_per_joule"] or float("nan"),
-                            "energy": res["total_energy_j"] or float("nan"),
-                            "source": res["energy_source"],
-                            "params": n_params(model),
-                        }
-                    )
-                    print(
-                        f"{name:45s} seed {seed}: acc {100 * acc:.2f} {wall:.1f}s mem {mem / 1024:.0f} KiB bits/sample {absorbed['bits_per_sample']:.3f}",
-                        flush=True,
-                    )
-        finally:
-            proc.terminate()
-            proc.wait()
+    with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, _token):
+        for name, make in makers.items():
+            results[name] = []
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                model = make()
+                opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+                is_info = isinstance(model, InformationOptimalNetwork)
+                sched = (
+                    TemperatureSchedule(model, t0=1.0, alpha=0.05, beta=0.5) if is_info else None
+                )
+                prof = H3Profiler(
+                    f"infonet/{name}/{seed}", url=url, data_dir=tmp, eta_interval_s=1.0
+                )
+                g = torch.Generator().manual_seed(seed)
+                t0 = time.perf_counter()
+                for epoch in range(epochs):
+                    perm = torch.randperm(len(data.y_train), generator=g)
+                    for i in range(0, len(perm), 64):
+                        b = perm[i : i + 64]
+                        opt.zero_grad()
+                        out = model(data.x_train[b])
+                        loss = (
+                            information_optimal_loss(out, data.y_train[b], model, beta=0.01)
+                            if is_info
+                            else nn.functional.cross_entropy(out, data.y_train[b])
+                        )
+                        loss.backward()
+                        opt.step()
+                        prof.log_batch(loss.detach(), epoch=epoch)
+                    if sched is not None:
+                        sched.step()
+                wall = time.perf_counter() - t0
+                res = prof.stop()
+                absorbed = compute_absorption_efficiency(
+                    model,
+                    test_loader,
+                    energy_j=res["total_energy_j"],
+                    energy_source=res["energy_source"],
+                )
+                with torch.no_grad():
+                    model.eval()
+                    acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+                    model.train()
+                mem = saved_bytes(model, data.x_train[:64])
+                if is_info:
+                    model.penalty()  # drop the probe forward's figures
+                results[name].append(
+                    {
+                        "acc": 100 * acc,
+                        "wall": wall,
+                        "mem": mem,
+                        "bits": absorbed["total_bits"],
+                        "bps": absorbed["bits_per_sample"],
+                        "bpj": absorbed["bits_per_joule"] or float("nan"),
+                        "energy": res["total_energy_j"] or float("nan"),
+                        "source": res["energy_source"],
+                        "params": n_params(model),
+                    }
+                )
+                print(
+                    f"{name:45s} seed {seed}: acc {100 * acc:.2f} {wall:.1f}s mem {mem / 1024:.0f} KiB bits/sample {absorbed['bits_per_sample']:.3f}",
+                    flush=True,
+                )
 
-    def ms(xs: list[float], d: int = 2) -> str:
-        xs = [x for x in xs if x == x]
-        return (
-            f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}"
-            if len(xs) > 1
-            else (f"{xs[0]:.{d}f}" if xs else "–")
-        )
-
-    cpu = platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            cpu,
-        )
     lines = [
         "# Information-optimal network benchmark",
         "",
         f"`PYTHONPATH=. python benchmarks/infonet.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with 1 thread; MNIST-1D (8 000/2 000), Adam lr 3e-3, "
+        f"{machine()}, torch {torch.__version__} with 1 thread; MNIST-1D (8 000/2 000), Adam lr 3e-3, "
         f"batch 64, {epochs} epochs, {seeds} seeds. Activation memory: bytes autograd keeps for backward in one forward of "
         "64 samples. Bits absorbed: H(Y) − CE on the test set (a lower bound on I(X;Y)). Energy: attributed by the h3d "
         "daemon; source given. The machine was shared with other work.",
@@ -233,9 +188,9 @@ def main() -> None:
     ]
     for name, rows in results.items():
         lines.append(
-            f"| {name} | {int(rows[0]['params']):,} | {ms([float(r['acc']) for r in rows])} | {ms([float(r['wall']) for r in rows], 1)} | "
-            f"{statistics.mean(float(r['mem']) for r in rows) / 1024:.0f} | {ms([float(r['bps']) for r in rows], 3)} | "
-            f"{ms([float(r['bits']) for r in rows], 0)} | {ms([float(r['bpj']) for r in rows], 1)} | {ms([float(r['energy']) for r in rows], 1)} |"
+            f"| {name} | {int(rows[0]['params']):,} | {mean_std([float(r['acc']) for r in rows])} | {mean_std([float(r['wall']) for r in rows], 1)} | "
+            f"{statistics.mean(float(r['mem']) for r in rows) / 1024:.0f} | {mean_std([float(r['bps']) for r in rows], 3)} | "
+            f"{mean_std([float(r['bits']) for r in rows], 0)} | {mean_std([float(r['bpj']) for r in rows], 1)} | {mean_std([float(r['energy']) for r in rows], 1)} |"
         )
     src = sorted({str(r["source"]) for rows in results.values() for r in rows})
     lines += [

