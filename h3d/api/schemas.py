@@ -152,6 +152,11 @@ class DeviceEnergy(BaseModel):
     n_samples: int
     covered_s: float
     gaps_s: float
+    granularity_s: float | None = Field(description="How often the device's reading changes.")
+    below_granularity: bool = Field(
+        description="The window is shorter than the device's update period: the figure is "
+        "interpolated between updates, not resolved."
+    )
 
 
 class EnergyPublic(BaseModel):

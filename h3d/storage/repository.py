@@ -361,6 +361,7 @@ def upsert_device(
     model: str,
     uuid_: str | None,
     now: float,
+    granularity_s: float | None = None,
 ) -> Device:
     dev = session.scalar(select(Device).where(Device.name == name))
     if dev is None:
@@ -372,9 +373,11 @@ def upsert_device(
             uuid=uuid_,
             first_seen=now,
             last_seen=now,
+            granularity_s=granularity_s,
         )
         session.add(dev)
     else:
+        dev.granularity_s = granularity_s
         dev.kind, dev.source, dev.model, dev.uuid, dev.last_seen = kind, source, model, uuid_, now
     session.flush()
     return dev
