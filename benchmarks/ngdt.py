@@ -181,9 +181,12 @@ def main() -> None:
         for m, rows in by_m.items():
             step_ms = statistics.median(r["step_ms"] for r in rows)
             fb = rows[0]["factor_bytes"]
+            diverged = sum(1 for r in rows if not math.isfinite(r["loss"]))
+            if diverged:
+                m = f"{m} — diverged (NaN loss) in {diverged} of {len(rows)} seeds"
             lines.append(
                 f"| {m} | {mean_std([r['acc'] for r in rows])} | {mean_std([r['loss'] for r in rows], 4)} | {mean_std([r['wall_s'] for r in rows], 1)} | "
-                f"{step_ms:.2f} | ×{step_ms / adam_ms:.2f} | {mean_std([r['q'] for r in rows], 3)} | {'–' if fb != fb else f'{fb / 1024:.0f} KiB'} |"
+                f"{step_ms:.2f} | ×{step_ms / adam_ms:.2f} | {mean_std([r['q'] for r in rows if math.isfinite(r['loss'])], 3)} | {'–' if fb != fb else f'{fb / 1024:.0f} KiB'} |"
             )
         lines.append("")
     out.write_text("\n".join(lines) + "\n")
