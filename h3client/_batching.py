@@ -29,8 +29,49 @@ logger = logging.getLogger(__name__)
 BatchItem = tuple[int, float, Any, Any, Any, "int | None", "int | None", "int | None", "str | None"]
 
 
+class PendingCopy:
+    """A device tensor on its way to host memory: the copy was only enqueued."""
+
+    __slots__ = ("event", "host")
+
+    def __init__(self, host: Any, event: Any) -> None:
+        self.host = host
+        self.event = event
+
+    def get(self) -> Any:
+        self.event.synchronize()  # waits on the sender thread, never the training thread
+        return self.host
+
+
+def _cuda_event() -> Any:
+    import torch
+
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+#: Where CUDA events come from (the hardware seam: tests replace it on machines without a GPU).
+event_factory = _cuda_event
+
+
+def off_device(t: Any) -> Any:
+    """Detach ``t``; for a CUDA tensor, start a non-blocking copy to pinned host memory and
+    record an event, so the training thread never waits for the GPU on H3's behalf."""
+    t = t.detach()
+    if getattr(t, "is_cuda", False):
+        host = t.to("cpu", non_blocking=True)
+        event = event_factory()
+        event.record()
+        return PendingCopy(host, event)
+    return t
+
+
+def _ready(x: Any) -> Any:
+    return x.get() if isinstance(x, PendingCopy) else x
+
+
 def _num(x: Any) -> float | None:
     """A finite float, or None for NaN/inf. Reads tensors here, off the training thread."""
+    x = _ready(x)
     v = float(x.item()) if hasattr(x, "item") else float(x)
     return v if math.isfinite(v) else None
 
@@ -38,6 +79,7 @@ def _num(x: Any) -> float | None:
 def _vec(x: Any) -> list[Any] | None:
     if x is None:
         return None
+    x = _ready(x)
     if hasattr(x, "detach"):
         x = x.detach().reshape(-1).tolist()
     return [v if isinstance(v, int) or math.isfinite(v) else None for v in x]
@@ -46,6 +88,7 @@ def _vec(x: Any) -> list[Any] | None:
 def _ints(x: Any) -> list[int] | None:
     if x is None:
         return None
+    x = _ready(x)
     if hasattr(x, "tolist"):
         x = x.reshape(-1).tolist() if hasattr(x, "reshape") else x.tolist()
     return [int(v) for v in x]

@@ -116,3 +116,48 @@ def test_exporter_errors_do_not_kill_the_worker() -> None:
     assert p.flush(5.0)
     assert 1 in mem.seqs()
     p.close()
+
+
+class FakeCudaTensor:
+    """A CUDA tensor's surface at the seam: is_cuda, detach, to(device, non_blocking)."""
+
+    is_cuda = True
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+        self.copies: list[tuple[str, bool]] = []
+
+    def detach(self) -> FakeCudaTensor:
+        return self
+
+    def to(self, device: str, non_blocking: bool = False) -> torch.Tensor:
+        self.copies.append((device, non_blocking))
+        return self.value.clone()
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.recorded = self.synced = False
+
+    def record(self) -> None:
+        self.recorded = True
+
+    def synchronize(self) -> None:
+        assert self.recorded
+        self.synced = True
+
+
+def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(monkeypatch) -> None:
+    from h3client import _batching
+
+    events: list[FakeEvent] = []
+    monkeypatch.setattr(
+        _batching, "event_factory", lambda: events.append(FakeEvent()) or events[-1]
+    )
+    loss = FakeCudaTensor(torch.tensor(0.25))
+    vec = FakeCudaTensor(torch.tensor([0.5, float("nan")]))
+    pending = _batching.off_device(loss)
+    assert loss.copies == [("cpu", True)] and not events[0].synced  # enqueued, not awaited
+    d = to_wire(item(0, pending, losses=_batching.off_device(vec)))
+    assert d["loss"] == 0.25 and d["losses"] == [0.5, None]
+    assert all(e.synced for e in events)  # the sender thread waited, on the event
