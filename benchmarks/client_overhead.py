@@ -14,11 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,29 +27,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import daemon, machine  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
-
-
-def start_daemon(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
-    env.update(
-        PYTHONPATH=str(REPO),
-        H3D_DATA_DIR=str(data),
-        H3D_POWER_BACKENDS="estimated",
-        H3D_LOG_LEVEL="WARNING",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "h3d", "serve", "--port", "0"], env=env, cwd=REPO
-    )
-    for _ in range(300):
-        try:
-            url = json.loads((data / "daemon.json").read_text())["url"]
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return proc, url, (data / "token").read_text().strip()
-        except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
-            time.sleep(0.05)
-    raise SystemExit("daemon did not start")
 
 
 def per_call_ns(fn, n: int) -> list[int]:
@@ -80,13 +56,11 @@ def main() -> None:
     calls = 20_000 if args.quick else 200_000
     repeats = 3 if args.quick else 9
     data = load("mnist1d")
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url, token = start_daemon(Path(tmp))
-        try:
-            rows = run_all(url, token, Path(tmp), data, calls, repeats)
-        finally:
-            proc.terminate()
-            proc.wait()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        daemon(Path(tmp), H3D_POWER_BACKENDS="estimated") as (url, token),
+    ):
+        rows = run_all(url, token, Path(tmp), data, calls, repeats)
     write(args, rows, calls, repeats)
 
 
@@ -173,19 +147,12 @@ def run_all(url: str, token: str, data_dir: Path, data, calls: int, repeats: int
 
 
 def write(args, res: dict, calls: int, repeats: int) -> None:
-    cpu = platform.machine()
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     base = statistics.median(res["epochs"]["unprofiled"])
     lines = [
         "# Client overhead benchmark",
         "",
         f"`PYTHONPATH=. python benchmarks/client_overhead.py{' --quick' if args.quick else ''}` on "
-        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), torch {torch.__version__} with 1 thread, "
+        f"{time.strftime('%Y-%m-%d')}, {machine()}, torch {torch.__version__} with 1 thread, "
         "a real daemon on loopback (estimated CPU power backend). The machine was shared with other work.",
         "",
         f"**log_batch on the calling thread** ({calls:,} calls each, timer cost subtracted):",

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine  # noqa: E402
 from h3d.energy import EnergyCurve  # noqa: E402
 from h3d.power.base import DeviceInfo, PowerReading  # noqa: E402
 from h3d.power.estimated import EstimatedCpuBackend  # noqa: E402
@@ -199,21 +199,11 @@ def main() -> None:
     print("sampler cost", costs, flush=True)
     starts = [cold_start() for _ in range(3 if args.quick else 5)]
     print("cold start", starts, flush=True)
-    cpu = platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            cpu,
-        )
     lines = [
         "# Energy accuracy, sampler cost and cold start",
         "",
         f"`PYTHONPATH=. python benchmarks/energy_accuracy.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; the machine was shared with other work.",
+        f"{machine()}; the machine was shared with other work.",
         "",
         f"**Integration error** (signed, % of the true energy over a {seconds:g} s window; real sampler thread, real SQLite store):",
         "",

@@ -12,12 +12,8 @@ daemon sharing this machine's cores.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,30 +21,10 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import daemon, machine  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def start_daemon(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
-    env.update(
-        PYTHONPATH=str(REPO),
-        H3D_DATA_DIR=str(data),
-        H3D_POWER_BACKENDS="estimated",
-        H3D_LOG_LEVEL="WARNING",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "h3d", "serve", "--port", "0"], env=env, cwd=REPO
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            url = json.loads((data / "daemon.json").read_text())["url"]
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return proc, url, (data / "token").read_text().strip()
-        except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("daemon did not start")
 
 
 def body(seq0: int, n_batches: int, per_sample: int, t0: float) -> bytes:
@@ -113,36 +89,27 @@ def main() -> None:
     if args.quick:
         configs = [(n, p, max(2, r // 10)) for n, p, r in configs]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url, token = start_daemon(Path(tmp))
-        try:
-            with httpx.Client(
-                base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-            ) as http:
-                measure(http, 100, 8, 5)  # warm-up: imports, SQLite page cache
-                for n, p, r in configs:
-                    res = measure(http, n, p, r)
-                    rows.append(res)
-                    print(
-                        f"{n:>6} batches/req x {p:>3} per-sample: {res['rows_per_s']:>9.0f} rows/s "
-                        f"{res['losses_per_s']:>10.0f} losses/s  p50 {res['p50_ms']:.1f} ms  p99 {res['p99_ms']:.1f} ms",
-                        flush=True,
-                    )
-        finally:
-            proc.terminate()
-            proc.wait()
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        daemon(Path(tmp), H3D_POWER_BACKENDS="estimated") as (url, token),
+        httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+        ) as http,
+    ):
+        measure(http, 100, 8, 5)  # warm-up: imports, SQLite page cache
+        for n, p, r in configs:
+            res = measure(http, n, p, r)
+            rows.append(res)
+            print(
+                f"{n:>6} batches/req x {p:>3} per-sample: {res['rows_per_s']:>9.0f} rows/s "
+                f"{res['losses_per_s']:>10.0f} losses/s  p50 {res['p50_ms']:.1f} ms  p99 {res['p99_ms']:.1f} ms",
+                flush=True,
+            )
     lines = [
         "# Daemon ingest benchmark",
         "",
         f"`python benchmarks/ingest.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, SQLite file in a temp dir (WAL). "
+        f"{machine()}, SQLite file in a temp dir (WAL). "
         "Client and daemon share the machine; bodies are JSON encoded before timing; one keep-alive connection.",
         "",
         "| batches/request | per-sample losses/batch | requests | batch rows/s | per-sample losses/s | MB/request | p50 ms | p99 ms |",

@@ -20,11 +20,7 @@ back-propagated is reported (uniform sampling back-propagates 20 % of them).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import daemon, machine, mean_std  # noqa: E402
 from benchmarks._data import Split, flip_labels, load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3optim import (  # noqa: E402
@@ -255,22 +251,6 @@ def methods() -> dict[str, Callable[..., nn.Module]]:
     }
 
 
-def start_daemon(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
-    env.update(PYTHONPATH=str(REPO), H3D_DATA_DIR=str(data_dir), H3D_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "h3d", "serve", "--port", "0"], env=env, cwd=REPO
-    )
-    for _ in range(400):
-        try:
-            url = json.loads((data_dir / "daemon.json").read_text())["url"]
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return proc, url
-        except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
-            time.sleep(0.05)
-    raise SystemExit("daemon did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -289,79 +269,55 @@ def main() -> None:
         noisy_y != base.y_train,
     )
     table: dict[str, dict[str, list[dict[str, float]]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_daemon(Path(tmp))
-        try:
-            for set_name, (data, noisy) in sets.items():
-                table[set_name] = {}
-                for mname, fn in methods().items():
-                    rows = []
-                    for seed in range(args.seeds):
-                        torch.manual_seed(seed)
-                        tally = Tally(noisy)
-                        prof = H3Profiler(
-                            f"{set_name}/{mname}/{seed}",
-                            url=url,
-                            data_dir=tmp,
-                            n_train=len(data.y_train),
-                            eta_interval_s=1.0,
-                        )
-                        t0 = time.perf_counter()
-                        model = fn(data, seed, args.epochs, tally, prof)
-                        wall = time.perf_counter() - t0
-                        res = prof.stop()
-                        rows.append(
-                            {
-                                "acc": 100 * accuracy(model, data),
-                                "samples": tally.samples,
-                                "wall_s": wall,
-                                "energy_j": res["total_energy_j"] or float("nan"),
-                                "eta": res["efficiency_bits_per_j"] or float("nan"),
-                                "noisy_share": (100 * tally.noisy / tally.samples)
-                                if noisy is not None
-                                else float("nan"),
-                                "source": res["energy_source"],
-                            }
-                        )
-                        print(
-                            f"{set_name:32s} {mname:38s} seed {seed}: acc {rows[-1]['acc']:.2f} samples {tally.samples} "
-                            f"{wall:.1f}s {rows[-1]['energy_j']:.1f} J",
-                            flush=True,
-                        )
-                    table[set_name][mname] = rows
-        finally:
-            proc.terminate()
-            proc.wait()
+    with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, _token):
+        for set_name, (data, noisy) in sets.items():
+            table[set_name] = {}
+            for mname, fn in methods().items():
+                rows = []
+                for seed in range(args.seeds):
+                    torch.manual_seed(seed)
+                    tally = Tally(noisy)
+                    prof = H3Profiler(
+                        f"{set_name}/{mname}/{seed}",
+                        url=url,
+                        data_dir=tmp,
+                        n_train=len(data.y_train),
+                        eta_interval_s=1.0,
+                    )
+                    t0 = time.perf_counter()
+                    model = fn(data, seed, args.epochs, tally, prof)
+                    wall = time.perf_counter() - t0
+                    res = prof.stop()
+                    rows.append(
+                        {
+                            "acc": 100 * accuracy(model, data),
+                            "samples": tally.samples,
+                            "wall_s": wall,
+                            "energy_j": res["total_energy_j"] or float("nan"),
+                            "eta": res["efficiency_bits_per_j"] or float("nan"),
+                            "noisy_share": (100 * tally.noisy / tally.samples)
+                            if noisy is not None
+                            else float("nan"),
+                            "source": res["energy_source"],
+                        }
+                    )
+                    print(
+                        f"{set_name:32s} {mname:38s} seed {seed}: acc {rows[-1]['acc']:.2f} samples {tally.samples} "
+                        f"{wall:.1f}s {rows[-1]['energy_j']:.1f} J",
+                        flush=True,
+                    )
+                table[set_name][mname] = rows
     write(args, table)
-
-
-def ms(xs: list[float], digits: int = 2) -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def write(args: argparse.Namespace, table: dict[str, dict[str, list[dict[str, float]]]]) -> None:
     from scipy import stats
 
-    cpu = platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            cpu,
-        )
     lines = [
         "# Learning benchmark: does information weighting earn its keep?",
         "",
         f"`PYTHONPATH=. python benchmarks/learning.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} with 1 thread; MLP 40-256-256-10, batch {BATCH}, "
+        f"{machine()}, torch {torch.__version__} with 1 thread; MLP 40-256-256-10, batch {BATCH}, "
         f"{args.epochs} epochs, {args.seeds} seeds; MNIST-1D generated by `mnist1d` (8 000 train / 2 000 test). "
         "Phases 15/70/15 % for the sampled methods. Energy is what the h3d daemon attributed to each run; "
         "its source is given (here the `estimated` CPU model: no RAPL or GPU on this machine — a model, not a measurement). "
@@ -380,9 +336,9 @@ def write(args: argparse.Namespace, table: dict[str, dict[str, list[dict[str, fl
         for m, rows in rows_by.items():
             samples = statistics.mean(r["samples"] for r in rows)
             lines.append(
-                f"| {m} | {ms([r['acc'] for r in rows])} | {samples:,.0f} | {100 * (samples / uni_samples - 1):+.0f} % | "
-                f"{ms([r['wall_s'] for r in rows], 1)} | {ms([r['energy_j'] for r in rows], 1)} | {ms([r['eta'] for r in rows], 4)} | "
-                f"{ms([r['noisy_share'] for r in rows], 1)} |"
+                f"| {m} | {mean_std([r['acc'] for r in rows])} | {samples:,.0f} | {100 * (samples / uni_samples - 1):+.0f} % | "
+                f"{mean_std([r['wall_s'] for r in rows], 1)} | {mean_std([r['energy_j'] for r in rows], 1)} | {mean_std([r['eta'] for r in rows], 4)} | "
+                f"{mean_std([r['noisy_share'] for r in rows], 1)} |"
             )
         src = {r["source"] for rows in rows_by.values() for r in rows}
         lines.append("")

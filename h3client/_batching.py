@@ -13,10 +13,12 @@ and counts it (reported at ``close()``), so a wedged disk can never exhaust memo
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -29,39 +31,100 @@ logger = logging.getLogger(__name__)
 BatchItem = tuple[int, float, Any, Any, Any, "int | None", "int | None", "int | None", "str | None"]
 
 
+class PendingCopy:
+    """A device tensor on its way to host memory: the copy was only enqueued."""
+
+    __slots__ = ("event", "host")
+
+    def __init__(self, host: Any, event: Any) -> None:
+        self.host = host
+        self.event = event
+
+    def get(self) -> Any:
+        self.event.synchronize()  # waits on the sender thread, never the training thread
+        return self.host
+
+
+def _cuda_event() -> Any:
+    import torch
+
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+#: Where CUDA events come from (the hardware seam: tests replace it on machines without a GPU).
+event_factory = _cuda_event
+
+
+def off_device(t: Any) -> Any:
+    """Detach ``t``; for a CUDA tensor, start a non-blocking copy to pinned host memory and
+    record an event, so the training thread never waits for the GPU on H3's behalf."""
+    t = t.detach()
+    if getattr(t, "is_cuda", False):
+        host = t.to("cpu", non_blocking=True)
+        event = event_factory()
+        event.record()
+        return PendingCopy(host, event)
+    return t
+
+
+def _ready(x: Any) -> Any:
+    return x.get() if isinstance(x, PendingCopy) else x
+
+
 def _num(x: Any) -> float | None:
     """A finite float, or None for NaN/inf. Reads tensors here, off the training thread."""
+    x = _ready(x)
     v = float(x.item()) if hasattr(x, "item") else float(x)
     return v if math.isfinite(v) else None
 
 
-def _vec(x: Any) -> list[Any] | None:
+def _packed(x: Any, dtype_name: str) -> bytes:
+    """A tensor's values as little-endian bytes (float32 or int64), without numpy."""
+    import torch
+
+    dtype = torch.float32 if dtype_name == "f" else torch.int64
+    t = x.detach().reshape(-1).to("cpu", dtype)
+    if dtype_name == "f":  # every non-finite value travels as NaN: "missing"
+        t = torch.where(torch.isfinite(t), t, torch.full_like(t, math.nan))
+    if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return bytes(t.untyped_storage())
+
+
+def _vec(x: Any) -> bytes | None:
+    """Per-sample losses as packed float32 (NaN for missing)."""
     if x is None:
         return None
+    x = _ready(x)
     if hasattr(x, "detach"):
-        x = x.detach().reshape(-1).tolist()
-    return [v if isinstance(v, int) or math.isfinite(v) else None for v in x]
+        raw = _packed(x, "f")
+    else:
+        raw = array(
+            "f", (v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in x)
+        ).tobytes()
+    return raw
 
 
-def _ints(x: Any) -> list[int] | None:
+def _ints(x: Any) -> bytes | None:
+    """Dataset indices as packed int64."""
     if x is None:
         return None
-    if hasattr(x, "tolist"):
-        x = x.reshape(-1).tolist() if hasattr(x, "reshape") else x.tolist()
-    return [int(v) for v in x]
+    x = _ready(x)
+    return _packed(x, "q") if hasattr(x, "detach") else array("q", (int(v) for v in x)).tobytes()
 
 
 def to_wire(item: BatchItem) -> dict[str, Any]:
     seq, t, loss, losses, indices, n, epoch, step, phase = item
     d: dict[str, Any] = {"seq": seq, "t": t, "loss": _num(loss)}
     vec = _vec(losses)
-    if vec is not None:
-        d["losses"] = vec
+    if vec is not None:  # packed: ~5 bytes of JSON a value, and cheap to encode
+        d["losses_f32"] = base64.b64encode(vec).decode()
         idx = _ints(indices)
         if idx is not None:
-            d["indices"] = idx
+            d["indices_i64"] = base64.b64encode(idx).decode()
         if n is None:
-            n = len(vec)
+            n = len(vec) // 4
+
     for k, v in (("n", n), ("epoch", epoch), ("step", step), ("phase", phase)):
         if v is not None:
             d[k] = v

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from h3client._batching import BatchProcessor
+from h3client._batching import BatchProcessor, off_device
 from h3client._config import resolve
 from h3client._daemon import ensure_daemon
 from h3client._exporter import HttpExporter
@@ -233,9 +233,11 @@ class H3Profiler:
             return  # not started, or a forked child (DataLoader worker): inert
         try:
             if hasattr(loss, "detach"):
-                loss = loss.detach()
+                loss = off_device(loss)
             if losses is not None and hasattr(losses, "detach"):
-                losses = losses.detach()
+                losses = off_device(losses)
+            if indices is not None and hasattr(indices, "detach"):
+                indices = off_device(indices)
             seq = self._seq
             self._seq = seq + 1
             proc.add_batch(

@@ -95,7 +95,7 @@ class EnergyModel:
     def energy(self, a: float, b: float) -> dict[str, Any]:
         by_device: list[dict[str, Any]] = []
         for m in self.devices:
-            integral = m.curve.integral(a, max(a, b))
+            integral = m.curve.integral(a, max(a, b), granularity_s=m.dev.granularity_s)
             energy, active = m.attributed(a, max(a, b), m.dev.idle_power_w)
             by_device.append(
                 {
@@ -113,6 +113,8 @@ class EnergyModel:
                     "n_samples": integral.n_samples,
                     "covered_s": integral.covered_s,
                     "gaps_s": integral.gaps_s,
+                    "granularity_s": m.dev.granularity_s,
+                    "below_granularity": integral.below_granularity,
                 }
             )
         sources: set[str] = {d["source"] for d in by_device}

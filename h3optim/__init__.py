@@ -7,23 +7,43 @@ from __future__ import annotations
 
 from h3optim.auto import AutoH3
 from h3optim.controller import MODES, EtaController
+from h3optim.models import (
+    AdiabaticProcessingUnit,
+    InformationOptimalNetwork,
+    LosslessIntegrationLayer,
+    ReversibleStack,
+    TemperatureSchedule,
+    ThrottledInformationChannel,
+    compute_absorption_efficiency,
+    information_optimal_loss,
+)
+from h3optim.ngdt import NGDT
 from h3optim.optimizer import H3Optimizer
 from h3optim.presets import H3Setup, create_controlled_h3, h3_cifar_safe, h3_edge, h3_mnist_fast
 from h3optim.sampler import InformationWeightedSampler, PhaseSchedule
 from h3optim.tracking import IndexedDataset, LossTracker
 
 __all__ = [
+    "AdiabaticProcessingUnit",
     "AutoH3",
     "EtaController",
     "H3Optimizer",
     "H3Setup",
     "IndexedDataset",
+    "InformationOptimalNetwork",
     "InformationWeightedSampler",
     "LossTracker",
+    "LosslessIntegrationLayer",
     "MODES",
+    "NGDT",
     "PhaseSchedule",
+    "ReversibleStack",
+    "TemperatureSchedule",
+    "ThrottledInformationChannel",
+    "compute_absorption_efficiency",
     "create_controlled_h3",
     "h3_cifar_safe",
     "h3_edge",
     "h3_mnist_fast",
+    "information_optimal_loss",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -66,6 +68,18 @@ class RunsPublic(BaseModel):
     next_cursor: str | None
 
 
+def _unpack(text: str, width: int, name: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{name} is not valid base64") from exc
+    if len(raw) % width:
+        raise ValueError(
+            f"{name} holds {len(raw)} bytes, not a whole number of {width}-byte values"
+        )
+    return raw
+
+
 class BatchIn(BaseModel):
     seq: int = Field(ge=0, le=INT_MAX, description="Per-run sequence number: the idempotency key.")
     t: float = Field(
@@ -80,6 +94,15 @@ class BatchIn(BaseModel):
     phase: str | None = Field(None, max_length=32)
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
     indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
+    losses_f32: str | None = Field(
+        None,
+        description="Per-sample losses packed: base64 of little-endian float32 (NaN = missing, "
+        "allowed only with nonfinite_as_null). Instead of `losses`: 5 bytes of JSON a value, not ~20.",
+    )
+    indices_i64: str | None = Field(
+        None,
+        description="Dataset indices packed: base64 of little-endian int64. Instead of `indices`.",
+    )
 
     @field_validator("indices")
     @classmethod
@@ -90,17 +113,34 @@ class BatchIn(BaseModel):
 
     @model_validator(mode="after")
     def _lengths(self) -> BatchIn:
-        if self.indices is not None and self.losses is None:
+        if self.losses is not None and self.losses_f32 is not None:
+            raise ValueError("give losses or losses_f32, not both")
+        if self.indices is not None and self.indices_i64 is not None:
+            raise ValueError("give indices or indices_i64, not both")
+        n_losses, n_indices = self.sample_count(), self.index_count()
+        if n_indices is not None and n_losses is None:
             raise ValueError("indices given without losses")
-        if (
-            self.losses is not None
-            and self.indices is not None
-            and len(self.losses) != len(self.indices)
-        ):
-            raise ValueError(
-                f"losses has {len(self.losses)} values but indices has {len(self.indices)}"
-            )
+        if n_losses is not None and n_indices is not None and n_losses != n_indices:
+            raise ValueError(f"losses has {n_losses} values but indices has {n_indices}")
         return self
+
+    def packed_losses(self) -> bytes | None:
+        return None if self.losses_f32 is None else _unpack(self.losses_f32, 4, "losses_f32")
+
+    def packed_indices(self) -> bytes | None:
+        return None if self.indices_i64 is None else _unpack(self.indices_i64, 8, "indices_i64")
+
+    def sample_count(self) -> int | None:
+        if self.losses is not None:
+            return len(self.losses)
+        packed = self.packed_losses()
+        return None if packed is None else len(packed) // 4
+
+    def index_count(self) -> int | None:
+        if self.indices is not None:
+            return len(self.indices)
+        packed = self.packed_indices()
+        return None if packed is None else len(packed) // 8
 
 
 class BatchesIn(BaseModel):
@@ -152,6 +192,11 @@ class DeviceEnergy(BaseModel):
     n_samples: int
     covered_s: float
     gaps_s: float
+    granularity_s: float | None = Field(description="How often the device's reading changes.")
+    below_granularity: bool = Field(
+        description="The window is shorter than the device's update period: the figure is "
+        "interpolated between updates, not resolved."
+    )
 
 
 class EnergyPublic(BaseModel):

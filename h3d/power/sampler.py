@@ -95,6 +95,8 @@ class PowerSampler:
                     model=b.info.model,
                     uuid_=b.info.uuid,
                     now=now,
+                    # a device that does not say how often it updates changes once per read
+                    granularity_s=b.info.granularity_s or interval_s,
                 )
                 self.devices.append(
                     DeviceState(backend=b, device_id=dev.id, idle_power_w=dev.idle_power_w)

@@ -116,6 +116,8 @@ class Device(Base):
     last_seen: Mapped[float] = mapped_column(Float)
     # Median power while no run was active (the idle baseline); None until measured.
     idle_power_w: Mapped[float | None] = mapped_column(Float)
+    # How often the device's counter or power reading actually changes (measured or known).
+    granularity_s: Mapped[float | None] = mapped_column(Float)
 
 
 class PowerSample(Base):

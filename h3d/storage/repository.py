@@ -183,8 +183,8 @@ class BatchRow:
     epoch: int | None
     step: int | None
     phase: str | None
-    losses: Sequence[float | None] | None
-    indices: Sequence[int] | None
+    losses: Sequence[float | None] | bytes | None  # bytes: packed float32 from the wire
+    indices: Sequence[int] | bytes | None  # bytes: packed int64
 
 
 def _ingestable(session: Session, run_id: str) -> Run:
@@ -202,8 +202,14 @@ def _at_least(column: Any, value: float) -> Any:
     return case((or_(column.is_(None), column < value), value), else_=column)
 
 
-def _f32(values: Sequence[float | None]) -> bytes:
+def _f32(values: Sequence[float | None] | bytes) -> bytes:
+    if isinstance(values, bytes):  # already packed float32 from the wire
+        return values
     return array("f", (math.nan if v is None else v for v in values)).tobytes()
+
+
+def _i64(values: Sequence[int] | bytes) -> bytes:
+    return values if isinstance(values, bytes) else array("q", values).tobytes()
 
 
 def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -> tuple[int, int]:
@@ -241,9 +247,9 @@ def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -
             {
                 "run_id": run_id,
                 "seq": b.seq,
-                "count": len(b.losses),
+                "count": len(b.losses) // 4 if isinstance(b.losses, bytes) else len(b.losses),
                 "losses": _f32(b.losses),
-                "indices": array("q", b.indices).tobytes() if b.indices is not None else None,
+                "indices": _i64(b.indices) if b.indices is not None else None,
             }
             for b in new.values()
             if b.losses is not None
@@ -361,6 +367,7 @@ def upsert_device(
     model: str,
     uuid_: str | None,
     now: float,
+    granularity_s: float | None = None,
 ) -> Device:
     dev = session.scalar(select(Device).where(Device.name == name))
     if dev is None:
@@ -372,9 +379,11 @@ def upsert_device(
             uuid=uuid_,
             first_seen=now,
             last_seen=now,
+            granularity_s=granularity_s,
         )
         session.add(dev)
     else:
+        dev.granularity_s = granularity_s
         dev.kind, dev.source, dev.model, dev.uuid, dev.last_seen = kind, source, model, uuid_, now
     session.flush()
     return dev

@@ -46,6 +46,15 @@ class Memory:
         ]
 
 
+def unpack(text: str, code: str) -> list:
+    import base64
+    from array import array
+
+    a = array(code)
+    a.frombytes(base64.b64decode(text))
+    return a.tolist()
+
+
 def item(seq: int, loss: Any = 1.0, **kw: Any) -> tuple:
     return (seq, 1000.0 + seq, loss, kw.get("losses"), kw.get("indices"), kw.get("n"), 0, seq, None)
 
@@ -70,8 +79,14 @@ def test_tensors_are_read_on_the_worker_and_nonfinite_becomes_null() -> None:
     loss = torch.tensor(0.5, requires_grad=True) * 2
     losses = torch.tensor([0.1, float("nan"), float("inf"), 2.0])
     d = to_wire(item(3, loss.detach(), losses=losses, indices=torch.tensor([4, 5, 6, 7])))
-    assert d["loss"] == 1.0 and d["losses"][0] == torch.tensor(0.1).item()
-    assert d["losses"][1:3] == [None, None] and d["indices"] == [4, 5, 6, 7] and d["n"] == 4
+    vals, idx = unpack(d["losses_f32"], "f"), unpack(d["indices_i64"], "q")
+    assert d["loss"] == 1.0 and vals[0] == torch.tensor(0.1).item() and vals[3] == 2.0
+    assert all(math.isnan(v) for v in vals[1:3]) and idx == [4, 5, 6, 7] and d["n"] == 4
+    # plain Python sequences pack the same way
+    d2 = to_wire(item(4, 1.0, losses=[0.5, float("inf")], indices=[9, 10]))
+    assert unpack(d2["indices_i64"], "q") == [9, 10] and math.isnan(
+        unpack(d2["losses_f32"], "f")[1]
+    )
     assert to_wire(item(4, float("nan")))["loss"] is None
     assert to_wire(item(5, math.inf))["loss"] is None
 
@@ -116,3 +131,49 @@ def test_exporter_errors_do_not_kill_the_worker() -> None:
     assert p.flush(5.0)
     assert 1 in mem.seqs()
     p.close()
+
+
+class FakeCudaTensor:
+    """A CUDA tensor's surface at the seam: is_cuda, detach, to(device, non_blocking)."""
+
+    is_cuda = True
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+        self.copies: list[tuple[str, bool]] = []
+
+    def detach(self) -> FakeCudaTensor:
+        return self
+
+    def to(self, device: str, non_blocking: bool = False) -> torch.Tensor:
+        self.copies.append((device, non_blocking))
+        return self.value.clone()
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.recorded = self.synced = False
+
+    def record(self) -> None:
+        self.recorded = True
+
+    def synchronize(self) -> None:
+        assert self.recorded
+        self.synced = True
+
+
+def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(monkeypatch) -> None:
+    from h3client import _batching
+
+    events: list[FakeEvent] = []
+    monkeypatch.setattr(
+        _batching, "event_factory", lambda: events.append(FakeEvent()) or events[-1]
+    )
+    loss = FakeCudaTensor(torch.tensor(0.25))
+    vec = FakeCudaTensor(torch.tensor([0.5, float("nan")]))
+    pending = _batching.off_device(loss)
+    assert loss.copies == [("cpu", True)] and not events[0].synced  # enqueued, not awaited
+    d = to_wire(item(0, pending, losses=_batching.off_device(vec)))
+    vals = unpack(d["losses_f32"], "f")
+    assert d["loss"] == 0.25 and vals[0] == 0.5 and math.isnan(vals[1])
+    assert all(e.synced for e in events)  # the sender thread waited, on the event

@@ -216,3 +216,16 @@ def test_import_is_light() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[1:] == ["False", "False"]  # no torch, no numpy: the time is in the benchmark
+
+
+def test_a_full_disk_is_counted_and_reported_never_silent(tmp_path: Path) -> None:
+    data = tmp_path / "full"
+    data.mkdir()
+    (data / "spool").write_text("not a directory: every spool write fails, as on a full disk")
+    prof = H3Profiler(
+        "nowhere", data_dir=data, url="http://127.0.0.1:9", autostart=False, flush_interval_s=0.05
+    )
+    for _s in range(50):
+        prof.log_batch(1.0)
+    res = prof.stop()
+    assert res["batches_lost"] == 50 and res["batches_spooled"] == 0 and res["offline"]

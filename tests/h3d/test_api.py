@@ -273,6 +273,8 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
     assert energy["energy_j"] == pytest.approx(50.0 * duration, rel=0.05)
     assert energy["source"] == "estimated" and energy["measured"] is False
     assert energy["by_device"][0]["method"] == "trapezoid"
+    assert energy["by_device"][0]["granularity_s"] == 0.02  # the sampling period
+    assert energy["by_device"][0]["below_granularity"] is False
     eta = api.get(f"/v1/runs/{run['id']}/eta", params={"window": 0.5}).json()
     k = eta["smoothing_batches"]
     losses = [b["loss"] for b in sent]
@@ -363,3 +365,64 @@ def test_dashboard_is_served_and_reads_the_api_with_the_token(daemon: Any) -> No
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "Authorization" in page.text and "sessionStorage" in page.text
     assert daemon.token not in page.text  # the page never embeds the token
+
+
+def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:
+    import base64
+    from array import array
+
+    from h3d.storage import repository as repo
+    from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+
+    def b64(code: str, values: list) -> str:
+        return base64.b64encode(array(code, values).tobytes()).decode()
+
+    with daemon.client() as api:
+        run = make_run(api)
+        url = f"/v1/runs/{run['id']}/batches"
+        packed = {
+            "seq": 0,
+            "t": time.time(),
+            "loss": 1.0,
+            "losses_f32": b64("f", [0.5, 1.5]),
+            "indices_i64": b64("q", [7, 2**40]),
+        }
+        plain = {
+            "seq": 1,
+            "t": time.time(),
+            "loss": 1.0,
+            "losses": [0.5, 1.5],
+            "indices": [7, 2**40],
+        }
+        assert api.post(url, json={"batches": [packed, plain]}).json() == {
+            "accepted": 2,
+            "duplicates": 0,
+        }
+        nan_batch = {
+            "seq": 2,
+            "t": time.time(),
+            "loss": 1.0,
+            "losses_f32": b64("f", [1.0, float("inf")]),
+        }
+        r = api.post(url, json={"batches": [nan_batch]})
+        assert r.status_code == 422 and err(r)["details"]["field"] == "losses_f32"
+        assert (
+            api.post(url, json={"batches": [nan_batch], "nonfinite_as_null": True}).status_code
+            == 200
+        )
+        for bad in (
+            {"losses_f32": "!!"},
+            {"losses_f32": b64("f", [1.0]), "indices_i64": b64("q", [1, 2])},
+            {"losses_f32": "AAA="},
+            {"losses": [1.0], "losses_f32": b64("f", [1.0])},
+        ):
+            r = api.post(url, json={"batches": [{"seq": 9, "t": 1.0, "loss": 1.0, **bad}]})
+            assert r.status_code == 422, bad
+    engine = make_engine(f"sqlite:///{daemon.data_dir / 'h3d.db'}")
+    with session_scope(make_sessionmaker(engine)) as s:
+        assert repo.sample_losses(s, run_id=run["id"], seq=0) == repo.sample_losses(
+            s, run_id=run["id"], seq=1
+        )
+        losses, _idx = repo.sample_losses(s, run_id=run["id"], seq=2)
+        assert losses[0] == 1.0 and losses[1] != losses[1]  # inf stored as missing (NaN)
+    engine.dispose()

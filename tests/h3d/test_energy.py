@@ -76,3 +76,14 @@ def test_lttb_keeps_extremes_and_ends() -> None:
     assert len(out) == 100 and out[0] == pts[0] and out[-1] == pts[-1]
     assert (537.0, pts[537][1]) in out  # the spike survives
     assert lttb(pts[:50], 100) == pts[:50]
+
+
+def test_curve_windows_agree_with_integrate_and_flag_short_windows() -> None:
+    from h3d.energy import EnergyCurve
+
+    s = ramp(0.0, 10.0, 0.5, lambda t: 3.0 + t)
+    curve = EnergyCurve(s)
+    for a, b in ((0.0, 10.0), (0.25, 0.3), (2.1, 7.9)):
+        assert curve.between(a, b) == pytest.approx(integrate(s, a, b).energy_j)
+    assert curve.integral(1.0, 1.2, granularity_s=0.5).below_granularity
+    assert not curve.integral(1.0, 2.0, granularity_s=0.5).below_granularity

@@ -1,0 +1,66 @@
+"""What every benchmark shares: a real daemon on a loopback port, the machine's description,
+and mean ± std formatting."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def daemon(data_dir: Path, **env: str) -> Iterator[tuple[str, str]]:
+    """A real ``h3d serve`` on a free loopback port; yields (url, token), stops it after."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
+    full.update(PYTHONPATH=str(REPO), H3D_DATA_DIR=str(data_dir), H3D_LOG_LEVEL="WARNING", **env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "h3d", "serve", "--port", "0"], env=full, cwd=REPO
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                url = json.loads((data_dir / "daemon.json").read_text())["url"]
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("the daemon did not start") from None
+                time.sleep(0.05)
+        yield url, (data_dir / "token").read_text().strip()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}"
+
+
+def mean_std(xs: Sequence[float], digits: int = 2) -> str:
+    """``mean ± std`` of the finite values ("–" when there are none)."""
+    vals = [x for x in xs if x == x and abs(x) != float("inf")]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"

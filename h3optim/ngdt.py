@@ -1,0 +1,401 @@
+"""NGD-T: natural-gradient descent whose step size is set by a dissipation budget.
+
+Per step, over the parameters K-FAC covers:
+
+- the preconditioned direction u = F̂⁻¹ g, with F̂ the Kronecker-factored Fisher of each
+  ``nn.Linear`` / ``nn.Conv2d`` layer (activation covariance A ⊗ output-gradient covariance
+  G, running averages, eigendecompositions cached and refreshed every ``inv_update_steps``,
+  Tikhonov damping in the eigenbasis);
+- Δ_F = gᵀF̂⁻¹g, the squared Fisher norm of the gradient;
+- the predicted dissipation of a step of size η, Q(η) = ½ η² Δ_F: to second order the KL
+  divergence between the model's predictive distributions before and after the step;
+- η_T = min(η_max, √(2·Q_budget/Δ_F)), so each step spends at most ``q_budget`` nats of KL.
+
+This is the KL-clipped step of K-FAC implementations (kfac-pytorch's ``kl_clip``) and of
+TRPO's trust region. The "speed–cost bound" is Cauchy–Schwarz in the Fisher metric: for any
+step δ, the first-order loss decrease ΔL = gᵀδ obeys ½ δᵀFδ ≥ ΔL²/(2Δ_F), with equality only
+along the natural gradient. So for a given dissipation, the natural-gradient direction buys
+the most first-order loss decrease; it says nothing about curvature beyond second order.
+
+Rank deficiency: eigen-directions whose eigenvalue product is below ``eig_floor`` × the
+largest are treated as the Fisher's nullspace. The gradient's component there is not
+amplified by 1/damping; it gets a plain-gradient step scaled by 1/(mean in-range eigenvalue
+product + damping) (the hybrid fallback), and is left out of Δ_F. A failed eigendecomposition
+is retried in float64; if that fails too the last good cache is kept and the failure counted.
+
+Parameters K-FAC does not cover (norm layers, embeddings, anything when plain parameters are
+given) take the ``fallback`` update (Adam), so any model trains. Under ``torch.distributed``
+the running factors are averaged across ranks before each eigendecomposition, so every rank
+preconditions identically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+
+class _Layer:
+    """K-FAC bookkeeping for one Linear or Conv2d layer."""
+
+    def __init__(self, module: nn.Linear | nn.Conv2d) -> None:
+        self.module = module
+        self.conv = isinstance(module, nn.Conv2d)
+        self.weight: Tensor = module.weight
+        self.bias: Tensor | None = module.bias
+        self.has_bias = self.bias is not None
+        self.a: Tensor | None = None  # last batch's activations (rows × in[+1])
+        self.g: Tensor | None = None  # last batch's output gradients (rows × out)
+        self.batch = 1
+        self.A: Tensor | None = None
+        self.G: Tensor | None = None
+        self.eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (lA, QA, lG, QG)
+
+    def activations(self, x: Tensor) -> Tensor:
+        m = self.module
+        if self.conv:
+            assert isinstance(m, nn.Conv2d)
+            patches = nn.functional.unfold(
+                x, m.kernel_size, m.dilation, cast(tuple[int, ...], m.padding), m.stride
+            )  # B × (C·k·k) × L
+            a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            a = x.reshape(-1, x.shape[-1])
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a
+
+    def out_grads(self, gy: Tensor) -> Tensor:
+        if self.conv:
+            return gy.transpose(1, 3).reshape(-1, gy.shape[1]) if gy.dim() == 4 else gy
+        return gy.reshape(-1, gy.shape[-1])
+
+    def grad_matrix(self) -> Tensor:
+        w = self.weight
+        assert w.grad is not None
+        gw = w.grad.reshape(w.shape[0], -1)
+        if self.bias is not None:
+            assert self.bias.grad is not None
+            gw = torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
+        return gw
+
+    def weight_matrix(self) -> Tensor:
+        wm = self.weight.reshape(self.weight.shape[0], -1)
+        if self.bias is not None:
+            wm = torch.cat([wm, self.bias.reshape(-1, 1)], dim=1)
+        return wm
+
+    def params(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+
+class NGDT(Optimizer):
+    """Thermodynamic natural-gradient descent: K-FAC directions, steps sized by a KL budget.
+
+    Args:
+        params_or_model: An ``nn.Module`` (its Linear/Conv2d layers get K-FAC, the rest the
+            fallback) or parameters (then everything uses the fallback).
+        lr_max: η_max, the largest step.
+        q_budget: Dissipation budget per step (nats of KL), or a callable ``step -> budget``.
+        damping: Tikhonov damping added to the eigenvalue products.
+        factor_decay: Running-average weight of the old factors.
+        factor_update_steps: Steps between factor updates.
+        inv_update_steps: Steps between eigendecompositions.
+        fallback: ``"adam"`` for parameters K-FAC does not cover.
+        fallback_lr: The fallback's learning rate.
+        q_decay: Multiply the budget by this every step (a decaying schedule).
+        eig_floor: Relative eigenvalue-product floor below which a direction is nullspace.
+        weight_decay: L2 penalty added to covered gradients.
+        stats_callback: Called with ``last_stats`` after every step (e.g. to hand the figures
+            to an ``H3Profiler``: ``lambda s: prof.log_batch(...)`` or a collector).
+
+    Example:
+        >>> opt = NGDT(model, lr_max=0.5, q_budget=1e-3)  # doctest: +SKIP
+        >>> loss = criterion(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+        >>> opt.last_stats["bound"]  # "budget" or "lr_max"  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        params_or_model: nn.Module | Iterable[Any],
+        lr_max: float = 0.5,
+        q_budget: float | Callable[[int], float] = 1e-3,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_update_steps: int = 1,
+        inv_update_steps: int = 20,
+        fallback: str = "adam",
+        *,
+        fallback_lr: float = 1e-3,
+        q_decay: float = 1.0,
+        eig_floor: float = 1e-8,
+        weight_decay: float = 0.0,
+        stats_callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        if not lr_max > 0.0:
+            raise ValueError(f"Invalid lr_max: {lr_max}")
+        if not callable(q_budget) and not q_budget > 0:
+            raise ValueError(f"Invalid q_budget: {q_budget}")
+        if not damping >= 0.0:
+            raise ValueError(f"Invalid damping: {damping}")
+        if not 0.0 <= factor_decay < 1.0:
+            raise ValueError(f"Invalid factor_decay: {factor_decay}")
+        if factor_update_steps < 1 or inv_update_steps < 1:
+            raise ValueError("factor_update_steps and inv_update_steps must be >= 1")
+        if fallback != "adam":
+            raise ValueError(f"Invalid fallback: {fallback!r} (only 'adam')")
+        self.layers: list[_Layer] = []
+        if isinstance(params_or_model, nn.Module):
+            for m in params_or_model.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad:
+                    layer = _Layer(m)
+                    m.register_forward_hook(self._make_hook(layer))
+                    self.layers.append(layer)
+            params: list[Any] = [p for p in params_or_model.parameters() if p.requires_grad]
+        else:
+            params = list(params_or_model)
+        covered = {id(p) for layer in self.layers for p in layer.params()}
+        groups: list[dict[str, Any]] = []
+        kfac = [p for p in params if isinstance(p, Tensor) and id(p) in covered]
+        rest = [p for p in params if not (isinstance(p, Tensor) and id(p) in covered)]
+        if kfac:
+            groups.append({"params": kfac, "kfac": True})
+        if rest:
+            groups.append({"params": rest, "kfac": False})
+        defaults = {
+            "lr_max": lr_max,
+            "damping": damping,
+            "factor_decay": factor_decay,
+            "weight_decay": weight_decay,
+            "fallback_lr": fallback_lr,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+        }
+        super().__init__(groups, defaults)
+        self.q_budget = q_budget
+        self.q_decay = q_decay
+        self.factor_update_steps = factor_update_steps
+        self.inv_update_steps = inv_update_steps
+        self.eig_floor = eig_floor
+        self.stats_callback = stats_callback
+        self.steps = 0
+        self.eig_failures = 0
+        self.total_predicted_q = 0.0
+        self.last_stats: dict[str, Any] = {}
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def _make_hook(self, layer: _Layer) -> Callable[..., None]:
+        """Keep the layer's input, and (through a tensor hook on its output) its output
+        gradient, for the factors; only in training with autograd on."""
+
+        def grad_hook(gy: Tensor) -> None:
+            layer.g = layer.out_grads(gy.detach())
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if torch.is_grad_enabled() and module.training and output.requires_grad:
+                layer.a = layer.activations(inputs[0].detach())
+                layer.batch = inputs[0].shape[0]
+                output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
+
+        return hook
+
+    # --- factors and their eigenbases ------------------------------------------------------
+
+    def _update_factors(self, decay: float) -> None:
+        for layer in self.layers:
+            if layer.a is None or layer.g is None:
+                continue
+            a, g = layer.a.float(), layer.g.float()
+            a_cov = a.t() @ a / a.shape[0]
+            g_cov = g.t() @ g * (layer.batch**2 / g.shape[0])  # per-sample gradient scale
+            if layer.A is None or layer.G is None:
+                layer.A, layer.G = a_cov, g_cov
+            else:
+                layer.A.mul_(decay).add_(a_cov, alpha=1 - decay)
+                layer.G.mul_(decay).add_(g_cov, alpha=1 - decay)
+
+    @staticmethod
+    def _eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
+        for dtype in (m.dtype, torch.float64):
+            try:
+                sym = 0.5 * (m + m.t())
+                vals, vecs = torch.linalg.eigh(sym.to(dtype))
+                if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
+                    return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype)
+            except RuntimeError:
+                continue
+        return None
+
+    def _update_eigs(self) -> None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for layer in self.layers:
+            if layer.A is None or layer.G is None:
+                continue
+            if world > 1:  # every rank preconditions with the same factors
+                dist.all_reduce(layer.A)
+                dist.all_reduce(layer.G)
+                layer.A.div_(world)
+                layer.G.div_(world)
+            ea, eg = self._eigh(layer.A), self._eigh(layer.G)
+            if ea is None or eg is None:
+                self.eig_failures += 1
+                continue  # keep the last good cache
+            layer.eig = (ea[0], ea[1], eg[0], eg[1])
+
+    # --- the step --------------------------------------------------------------------------
+
+    def _budget(self) -> float:
+        q = self.q_budget(self.steps) if callable(self.q_budget) else self.q_budget
+        return float(q) * (self.q_decay**self.steps)
+
+    def _natural(self, layer: _Layer, gw: Tensor, damping: float) -> tuple[Tensor, Tensor, float]:
+        """(range-space natural gradient, nullspace plain-gradient part, nullspace fraction)."""
+        assert layer.eig is not None
+        la, qa, lg, qg = layer.eig
+        v = qg.t() @ gw @ qa
+        prod = lg[:, None] * la[None, :]
+        in_range = prod > self.eig_floor * prod.max().clamp_min(1e-30)
+        nat = torch.where(in_range, v / (prod + damping), torch.zeros_like(v))
+        scale = (
+            1.0 / (float(prod[in_range].mean()) + damping)
+            if bool(in_range.any())
+            else 1.0 / max(damping, 1e-12)
+        )
+        null = torch.where(in_range, torch.zeros_like(v), v * scale)
+        frac = float((~in_range).float().mean())
+        return qg @ nat @ qa.t(), qg @ null @ qa.t(), frac
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.steps += 1
+        group_k = next((g for g in self.param_groups if g["kfac"]), None)
+        stats: dict[str, Any] = {
+            "delta_f": 0.0,
+            "eta": 0.0,
+            "predicted_q": 0.0,
+            "bound": "lr_max",
+            "nullspace_frac": 0.0,
+        }
+        if group_k is not None and self.layers:
+            if self.steps % self.factor_update_steps == 0 or self.layers[0].A is None:
+                self._update_factors(group_k["factor_decay"])
+            if (
+                self.steps % self.inv_update_steps == 1
+                or self.inv_update_steps == 1
+                or self.layers[0].eig is None
+            ):
+                self._update_eigs()
+            updates = []
+            delta_f = torch.zeros(())
+            null_fracs = []
+            for layer in self.layers:
+                if layer.eig is None or layer.weight.grad is None:
+                    continue
+                gw = layer.grad_matrix()
+                if group_k["weight_decay"]:
+                    gw = gw + group_k["weight_decay"] * layer.weight_matrix()
+                if not torch.isfinite(gw).all():
+                    continue  # a non-finite gradient never reaches the parameters
+                nat, null, frac = self._natural(layer, gw, group_k["damping"])
+                delta_f = delta_f + (gw * nat).sum()
+                updates.append((layer, nat + null))
+                null_fracs.append(frac)
+            df = float(delta_f)
+            q = self._budget()
+            eta_budget = math.sqrt(2.0 * q / df) if df > 0 else math.inf
+            eta = min(group_k["lr_max"], eta_budget)
+            stats = {
+                "delta_f": df,
+                "eta": eta,
+                "predicted_q": 0.5 * eta * eta * df,
+                "bound": "budget" if eta_budget < group_k["lr_max"] else "lr_max",
+                "q_budget": q,
+                "nullspace_frac": sum(null_fracs) / len(null_fracs) if null_fracs else 0.0,
+            }
+            for layer, upd in updates:
+                n_w = layer.weight[0].numel()
+                layer.weight.sub_(eta * upd[:, :n_w].reshape_as(layer.weight))
+                if layer.bias is not None:
+                    layer.bias.sub_(eta * upd[:, n_w])
+            self.total_predicted_q += stats["predicted_q"]
+        for group in self.param_groups:
+            if not group["kfac"]:
+                self._adam(group)
+        self.last_stats = stats
+        if self.stats_callback is not None:
+            self.stats_callback(dict(stats))
+        return loss
+
+    def _adam(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if len(st) == 0:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            g = p.grad
+            if not torch.isfinite(g).all():
+                continue
+            st["step"] += 1
+            st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
+            p.addcdiv_(
+                st["exp_avg"] / bc1,
+                (st["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"]),
+                value=-group["fallback_lr"],
+            )
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def factor_bytes(self) -> int:
+        """Memory the factors and their eigenbases take."""
+        total = 0
+        for layer in self.layers:
+            for t in (layer.A, layer.G, *(layer.eig or ())):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["kfac"] = {
+            "steps": self.steps,
+            "eig_failures": self.eig_failures,
+            "total_predicted_q": self.total_predicted_q,
+            "layers": [{"A": layer.A, "G": layer.G, "eig": layer.eig} for layer in self.layers],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        kfac = state_dict.get("kfac")
+        rest = {k: v for k, v in state_dict.items() if k != "kfac"}
+        super().load_state_dict(rest)
+        if kfac is not None:
+            self.steps = kfac["steps"]
+            self.eig_failures = kfac["eig_failures"]
+            self.total_predicted_q = kfac["total_predicted_q"]
+            for layer, saved in zip(self.layers, kfac["layers"], strict=True):
+                layer.A = None if saved["A"] is None else saved["A"].clone()
+                layer.G = None if saved["G"] is None else saved["G"].clone()
+                eig = saved["eig"]
+                layer.eig = (
+                    None
+                    if eig is None
+                    else (eig[0].clone(), eig[1].clone(), eig[2].clone(), eig[3].clone())
+                )
