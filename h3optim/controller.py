@@ -122,10 +122,12 @@ class EtaController:
     def _marginal_eta(
         self, eta: float | None, loss: float | None, energy: float | None
     ) -> float | None:
-        if eta is None and self.eta_source is not None:
-            eta = self.eta_source()
+        # Preference: an explicit η; else ΔI from the (held-out) loss the caller reports over
+        # this epoch's energy; else the source (the daemon's marginal η on training loss).
         if eta is None and loss is not None and energy and self.last_loss is not None:
             eta = (self.last_loss - loss) / LN2 / energy
+        if eta is None and self.eta_source is not None:
+            eta = self.eta_source()
         if eta is not None and not math.isfinite(eta):
             return None
         return eta

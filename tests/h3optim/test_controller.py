@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from h3optim import MODES, EtaController
@@ -101,3 +103,13 @@ def test_state_dict_round_trip() -> None:
         c.best_accuracy,
     )
     assert d.control_step() == c.control_step()
+
+
+def test_held_out_loss_and_energy_take_precedence_over_the_source() -> None:
+    c = EtaController("balanced", total_epochs=40, eta_source=lambda: 123.0)
+    c.control_step()
+    c.observe(loss=2.0, energy=10.0)  # no previous loss yet: the source speaks
+    assert c.history[-1]["eta"] == 123.0
+    c.control_step()
+    c.observe(loss=1.0, energy=10.0)  # ΔI = 1 nat = 1/ln 2 bits over 10 J
+    assert c.history[-1]["eta"] == pytest.approx(1 / math.log(2) / 10.0)
