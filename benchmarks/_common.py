@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def daemon(data_dir: Path, **env: str) -> Iterator[tuple[str, str]]:
+def daemon(data_dir: Path, *, poll_s: float = 0.05, **env: str) -> Iterator[tuple[str, str]]:
     """A real ``h3d serve`` on a free loopback port; yields (url, token), stops it after."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
     full.update(PYTHONPATH=str(REPO), H3D_DATA_DIR=str(data_dir), H3D_LOG_LEVEL="WARNING", **env)
@@ -37,7 +37,7 @@ def daemon(data_dir: Path, **env: str) -> Iterator[tuple[str, str]]:
             except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("the daemon did not start") from None
-                time.sleep(0.05)
+                time.sleep(poll_s)
         yield url, (data_dir / "token").read_text().strip()
     finally:
         proc.terminate()

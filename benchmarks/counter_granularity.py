@@ -36,47 +36,15 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._traces import Trace, bursts, steps  # noqa: E402
 from h3d.energy import integrate  # noqa: E402
 
-Trace = tuple[Callable[[float], float], Callable[[float], float]]  # power(t), energy(0..t)
-
-
-def steps() -> Trace:
-    period, lo, hi = 0.25 * math.sqrt(2.0), 50.0, 250.0  # 0.354 s
-
-    def p(t: float) -> float:
-        return hi if (t % period) < period / 2 else lo
-
-    def e(t: float) -> float:
-        n, r = divmod(t, period)
-        half = period / 2
-        return n * (hi + lo) * half + (hi * r if r < half else hi * half + lo * (r - half))
-
-    return p, e
-
-
-def bursts() -> Trace:
-    period, width, base, peak = (math.sqrt(5.0) - 1.0) / 2.0, 0.03, 40.0, 300.0  # 0.618 s
-
-    def p(t: float) -> float:
-        return peak if (t % period) < width else base
-
-    def e(t: float) -> float:
-        n, r = divmod(t, period)
-        return (
-            n * (base * period + (peak - base) * width) + base * r + (peak - base) * min(r, width)
-        )
-
-    return p, e
-
-
-TRACES = {"steps": steps(), "bursts": bursts()}
+TRACES = {"steps": steps(0.25 * math.sqrt(2.0)), "bursts": bursts((math.sqrt(5.0) - 1.0) / 2.0)}
 SAMPLE_S = 0.1
 
 

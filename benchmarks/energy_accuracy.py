@@ -19,23 +19,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._traces import bursts, ramp, steps  # noqa: E402
 from h3d.energy import EnergyCurve  # noqa: E402
 from h3d.power.base import DeviceInfo, PowerReading  # noqa: E402
 from h3d.power.estimated import EstimatedCpuBackend  # noqa: E402
@@ -44,44 +39,7 @@ from h3d.storage import migrate  # noqa: E402
 from h3d.storage import repository as repo  # noqa: E402
 from h3d.storage.engine import make_engine, make_sessionmaker, session_scope  # noqa: E402
 
-# Each trace: (power(t) in W, its integral from 0 to t in J), t in seconds since start.
-
-
-def steps() -> tuple[Callable[[float], float], Callable[[float], float]]:
-    period, lo, hi = 0.35, 50.0, 250.0
-
-    def p(t: float) -> float:
-        return hi if (t % period) < period / 2 else lo
-
-    def e(t: float) -> float:
-        n, r = divmod(t, period)
-        return n * (hi + lo) * period / 2 + (
-            hi * r if r < period / 2 else hi * period / 2 + lo * (r - period / 2)
-        )
-
-    return p, e
-
-
-def ramp() -> tuple[Callable[[float], float], Callable[[float], float]]:
-    return (lambda t: 20.0 + 30.0 * t), (lambda t: 20.0 * t + 15.0 * t * t)
-
-
-def bursts() -> tuple[Callable[[float], float], Callable[[float], float]]:
-    period, width, base, peak = 0.5, 0.03, 40.0, 300.0
-
-    def p(t: float) -> float:
-        return peak if (t % period) < width else base
-
-    def e(t: float) -> float:
-        n, r = divmod(t, period)
-        return (
-            n * (base * period + (peak - base) * width) + base * r + (peak - base) * min(r, width)
-        )
-
-    return p, e
-
-
-TRACES = {"steps": steps(), "ramp": ramp(), "bursts": bursts()}
+TRACES = {"steps": steps(0.35), "ramp": ramp(), "bursts": bursts(0.5)}
 
 
 class TraceBackend:
@@ -156,24 +114,11 @@ def sampler_cost(interval_s: float, seconds: float) -> float:
 
 
 def cold_start() -> float:
+    """Seconds from spawning ``h3d serve`` to a healthy /healthz (polled every 5 ms)."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
-        env.update(PYTHONPATH=str(REPO), H3D_DATA_DIR=tmp, H3D_LOG_LEVEL="WARNING")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "h3d", "serve", "--port", "0"], env=env, cwd=REPO
-        )
-        try:
-            while True:
-                try:
-                    url = json.loads((Path(tmp) / "daemon.json").read_text())["url"]
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        return time.perf_counter() - t0
-                except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
-                    time.sleep(0.005)
-        finally:
-            proc.terminate()
-            proc.wait()
+        with daemon(Path(tmp), poll_s=0.005):
+            return time.perf_counter() - t0
 
 
 def main() -> None:
