@@ -37,6 +37,7 @@ from h3optim import (  # noqa: E402
     compute_absorption_efficiency,
     information_optimal_loss,
 )
+from h3optim.models import saved_activation_bytes  # noqa: E402
 
 
 class ResMLP(nn.Module):
@@ -63,19 +64,6 @@ def n_params(m: nn.Module) -> int:
 def width_for(target: int, make: Callable[[int], nn.Module]) -> int:
     """The width whose model has the parameter count closest to ``target``."""
     return min(range(8, 512), key=lambda w: abs(n_params(make(w)) - target))
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return total
 
 
 def main() -> None:
@@ -153,7 +141,7 @@ def main() -> None:
                     model.eval()
                     acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
                     model.train()
-                mem = saved_bytes(model, data.x_train[:64])
+                mem = saved_activation_bytes(model, data.x_train[:64])
                 if is_info:
                     model.penalty()  # drop the probe forward's figures
                 results[name].append(

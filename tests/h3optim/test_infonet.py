@@ -20,6 +20,7 @@ from h3optim import (
     compute_absorption_efficiency,
     information_optimal_loss,
 )
+from h3optim.models import saved_activation_bytes
 
 
 def test_units_are_reversible_to_float_tolerance() -> None:
@@ -54,20 +55,6 @@ def test_memory_saving_backward_gives_autograds_gradients() -> None:
     assert torch.autograd.gradcheck(lambda t: saving(t), (y,))
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for the backward pass of one forward (activation memory)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return total
-
-
 def test_activation_memory_does_not_grow_with_depth() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 32, requires_grad=True)
@@ -77,8 +64,11 @@ def test_activation_memory_does_not_grow_with_depth() -> None:
             [AdiabaticProcessingUnit(32) for _ in range(depth)], memory_saving=saving
         )
 
-    s2, s16 = saved_bytes(stack(2, True), x), saved_bytes(stack(16, True), x)
-    p2, p16 = saved_bytes(stack(2, False), x), saved_bytes(stack(16, False), x)
+    s2, s16 = saved_activation_bytes(stack(2, True), x), saved_activation_bytes(stack(16, True), x)
+    p2, p16 = (
+        saved_activation_bytes(stack(2, False), x),
+        saved_activation_bytes(stack(16, False), x),
+    )
     assert s16 == s2  # constant in depth
     assert p16 > 4 * p2  # plain autograd grows with depth (8× the units)
     assert s16 < p2
