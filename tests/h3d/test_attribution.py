@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
 
+import psutil
 import pytest
 
+from h3d import analysis
 from h3d.attribution import CpuShareTracker
+from h3d.power.base import DeviceInfo, PowerReading
+from h3d.power.sampler import PowerSampler
+from h3d.storage import migrate
+from h3d.storage import repository as repo
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
 
 BURN = """
 import sys, time
@@ -49,43 +57,89 @@ def test_tracker_follows_children_and_shares_stay_below_one() -> None:
     assert all(0.0 <= s <= 1.0 for s in shares)
 
 
-def test_busier_run_gets_about_twice_the_active_energy(daemon_factory: Any) -> None:
-    d = daemon_factory(
-        H3D_POWER_BACKENDS="estimated",
-        H3D_CPU_TDP_W="100",
-        H3D_SAMPLE_INTERVAL_S="0.05",
-        H3D_FLUSH_INTERVAL_S="0.2",
-    )
-    time.sleep(2.0)  # no run active: the idle baseline is measured
+class BurnerMeter:
+    """A device at the hardware seam whose power follows the watched processes: 10 W idle
+    plus 50 W per core they keep busy. Other load on the machine does not move it, so the
+    idle baseline and the active energy are known whatever else runs."""
+
+    def __init__(self) -> None:
+        self.info = DeviceInfo(name="meter:cpu", kind="cpu", source="estimated", model="test meter")
+        self.procs: list[psutil.Process] = []
+        self._last: tuple[float, float] | None = None
+
+    def watch(self, pid: int) -> None:
+        self.procs.append(psutil.Process(pid))
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def read(self) -> PowerReading:
+        now, cpu = time.monotonic(), self._cpu()
+        last, self._last = self._last, (now, cpu)
+        if last is None or now <= last[0]:
+            return PowerReading(power_w=10.0)
+        return PowerReading(power_w=10.0 + 50.0 * max(0.0, cpu - last[1]) / (now - last[0]))
+
+    def close(self) -> None:
+        pass
+
+
+def test_busier_run_gets_about_twice_the_active_energy(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    factory = make_sessionmaker(engine)
+    meter = BurnerMeter()
+    sampler = PowerSampler([meter], factory, interval_s=0.05, flush_interval_s=0.2)
+    sampler.start()
+    time.sleep(1.5)  # no run active: the idle baseline (10 W) is measured
     busy, light = burner(0.6, 4.0), burner(0.3, 4.0)
-    with d.client() as api:
-        runs = {}
-        for name, proc in (("busy", busy), ("light", light)):
-            runs[name] = api.post("/v1/runs", json={"name": name, "pid": proc.pid}).json()["id"]
-        busy.wait()
-        light.wait()
-        for rid in runs.values():
-            api.patch(f"/v1/runs/{rid}", json={"status": "finished"})
-        time.sleep(0.4)
-        e = {name: api.get(f"/v1/runs/{rid}/energy").json() for name, rid in runs.items()}
-        devices = api.get("/v1/devices").json()
-    assert devices["devices"][0]["name"] == "estimated:cpu"
+    runs = {}
+    for name, proc in (("busy", busy), ("light", light)):
+        meter.watch(proc.pid)
+        with session_scope(factory) as s:
+            runs[name] = repo.create_run(
+                s,
+                name=name,
+                config={},
+                tags=[],
+                pid=proc.pid,
+                host=None,
+                n_train=None,
+                now=sampler.mark(),
+            ).id
+        assert sampler.run_started(runs[name], proc.pid)
+    busy.wait()
+    light.wait()
+    for rid in runs.values():
+        with session_scope(factory) as s:
+            repo.update_run(
+                s, run_id=rid, status="finished", name=None, tags=None, now=sampler.mark()
+            )
+        sampler.run_ended(rid)
+    time.sleep(0.3)
+    sampler.stop()
+    with session_scope(factory) as s:
+        e = {
+            n: analysis.run_energy(s, run=repo.get_run(s, run_id=rid), interval_s=0.05)
+            for n, rid in runs.items()
+        }
+    engine.dispose()
     for name in e:
         dev = e[name]["by_device"][0]
-        assert dev["attribution"] == "process"
+        assert dev["attribution"] == "process" and dev["idle_power_w"] == pytest.approx(10.0)
         assert dev["energy_j"] <= dev["device_energy_j"] + 1e-9
-        assert e[name]["active_energy_j"] is not None
-        assert e[name]["active_energy_j"] <= e[name]["energy_j"]
+        assert 0 < e[name]["active_energy_j"] <= e[name]["energy_j"]
     # together the two runs never get more than the device drew over their windows
     assert e["busy"]["energy_j"] + e["light"]["energy_j"] <= 1.02 * max(
         e["busy"]["device_energy_j"], e["light"]["device_energy_j"]
     )
-    # The shares decide the split: the busier run gets about twice the attributed energy.
-    ratio = e["busy"]["energy_j"] / e["light"]["energy_j"]
+    ratio = e["busy"]["active_energy_j"] / e["light"]["active_energy_j"]
     assert ratio == pytest.approx(2.0, rel=0.4), e
-    # Above idle the same shares apply; on a machine other work keeps busy the idle baseline
-    # can eat most of the light run's margin, so only the order is asserted there.
-    assert e["busy"]["active_energy_j"] > e["light"]["active_energy_j"] >= 0.0
 
 
 REAPER = """
