@@ -44,9 +44,10 @@ def _finish(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) 
     xtr = xtr.reshape(len(xtr), -1).astype(np.float32)
     xte = xte.reshape(len(xte), -1).astype(np.float32)
     mu, sd = xtr.mean(0), xtr.std(0)
-    # a feature constant in training (MNIST's border pixels) is centred, not divided by ~0:
-    # a test image with ink there would otherwise reach ~1e6
-    sd = np.where(sd < 1e-3, 1.0, sd)
+    # a feature (nearly) constant in training, such as MNIST's border pixels, must not be
+    # divided by ~0: a test image with ink there would reach ~1e6. Floor the scale at half
+    # the mean feature scale.
+    sd = np.maximum(sd, 0.5 * sd.mean())
     return Split(
         torch.from_numpy((xtr - mu) / sd),
         torch.from_numpy(ytr.astype(np.int64)),
