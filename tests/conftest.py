@@ -17,6 +17,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One intra-op thread: on a 2-core machine shared with a daemon subprocess, torch's default
+# thread pool makes tiny models slower, and timings erratic, through oversubscription.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the daemon's and the client's tests run without torch
+    pass
+
 
 def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
