@@ -98,6 +98,10 @@ class _Layer:
 class NGDT(Optimizer):
     """Thermodynamic natural-gradient descent: K-FAC directions, steps sized by a KL budget.
 
+    The optimizer hooks the model's layers, and ``copy.deepcopy`` of a hooked model copies the
+    hooks too (they would feed this optimizer's factors): to duplicate a model, build a fresh
+    one and ``load_state_dict`` into it.
+
     Args:
         params_or_model: An ``nn.Module`` (its Linear/Conv2d layers get K-FAC, the rest the
             fallback) or parameters (then everything uses the fallback).
