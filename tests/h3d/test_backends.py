@@ -6,26 +6,15 @@ import io
 import plistlib
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 
 from h3d.power import apple, detect, nvml, rapl
 from h3d.power.base import PowerBackendError
-from tests.h3d.fake_pynvml import FakeGpu, NVMLError_LibraryNotFound, make_module
+from tests.h3d.fake_pynvml import FakeGpu, NVMLError_LibraryNotFound
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch: pytest.MonkeyPatch):
-    def install(gpus: list[FakeGpu], **kw) -> types.ModuleType:
-        mod = make_module(gpus, **kw)
-        monkeypatch.setitem(sys.modules, "pynvml", mod)
-        return mod
-
-    return install
 
 
 # --- NVML -----------------------------------------------------------------------------------

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 
 from h3d.power import detect, nvml
 from h3d.power.base import PowerBackendError
 from tests.h3d import fake_pynvml as fk
 from tests.h3d.fake_pynvml import FakeGpu, make_module
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch: pytest.MonkeyPatch):
-    def install(gpus: list[FakeGpu], **kw) -> types.ModuleType:
-        mod = make_module(gpus, **kw)
-        monkeypatch.setitem(sys.modules, "pynvml", mod)
-        return mod
-
-    return install
 
 
 def uuids(env: dict[str, str]) -> list[str | None]:
