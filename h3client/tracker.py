@@ -24,16 +24,20 @@ class EnergyTracker:
         self, device: str = "auto", name: str | None = None, **profiler_kwargs: Any
     ) -> None:
         self.device = device
-        self._profiler = H3Profiler(name, device=device, autostart=False, **profiler_kwargs)
-        self._autostart_daemon = profiler_kwargs.get("autostart", True)
+        self.name = name
+        self._kwargs = profiler_kwargs
+        self._profiler: H3Profiler | None = None
 
     @property
     def profiler(self) -> H3Profiler:
+        if self._profiler is None:
+            raise RuntimeError("EnergyTracker: call start() first")
         return self._profiler
 
     def start(self) -> EnergyTracker:
-        self._profiler.autostart = self._autostart_daemon
-        self._profiler.start()
+        """Open the run (idempotent)."""
+        if self._profiler is None:
+            self._profiler = H3Profiler(self.name, device=self.device, **self._kwargs)
         return self
 
     def log_loss(self, loss: Any, **kw: Any) -> None:

@@ -133,11 +133,6 @@ class EnergyModel:
         }
 
 
-def energy_between(session: Session, *, t0: float, t1: float, interval_s: float) -> dict[str, Any]:
-    """Whole-device energy over [t0, t1] (no run attribution)."""
-    return EnergyModel(session, t0=t0, t1=t1, interval_s=interval_s).energy(t0, t1)
-
-
 def run_model(
     session: Session, *, run: Run, interval_s: float, now: float | None = None
 ) -> EnergyModel:

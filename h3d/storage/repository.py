@@ -424,10 +424,6 @@ def power_window(
     return rows  # type: ignore[return-value]
 
 
-def count_runs(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Run)) or 0
-
-
 def prune_power_samples(
     session: Session, *, cutoff: float, bucket_s: float, since: float = float("-inf")
 ) -> int:

@@ -229,3 +229,22 @@ def test_a_full_disk_is_counted_and_reported_never_silent(tmp_path: Path) -> Non
         prof.log_batch(1.0)
     res = prof.stop()
     assert res["batches_lost"] == 50 and res["batches_spooled"] == 0 and res["offline"]
+
+
+def test_energy_tracker_keeps_the_published_api(daemon: Daemon) -> None:
+    from h3client import EnergyTracker
+
+    tracker = EnergyTracker(
+        device="cpu", name="tracker", url=daemon.url, data_dir=daemon.data_dir, eta_interval_s=0.1
+    )
+    with pytest.raises(RuntimeError):
+        tracker.get_current_stats()  # not started
+    tracker.start()
+    for s in range(50):
+        tracker.log_loss(2.0 / (1 + s))
+    stats = tracker.get_current_stats()
+    assert stats["batches"] == 50 and stats["run_id"] == tracker.profiler.run_id
+    res = tracker.stop()
+    assert res["batches_posted"] == 50 and res["total_energy_j"] is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert c.get_run(res["run_id"])["config"]["device"] == "cpu"
