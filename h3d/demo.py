@@ -84,10 +84,14 @@ def main(settings: Settings, *, epochs: int = 20, keep: bool = True) -> int:
     print()
     token = settings.token_path.read_text().strip()
     print(f"browse: {url}/#token={token}&run={run_id}")
-    print(f"        (the dashboard; API docs at {url}/docs; or `h3d show {run_id[:8]}`)")
+    print(
+        f"        (the dashboard; API docs at {url}/docs; or `{sys.executable} -m h3d show {run_id[:8]}`)"
+    )
     if pid is not None:
         if keep:
-            print(f"the daemon keeps running (pid {pid}); stop it with `h3d stop`")
+            print(
+                f"the daemon keeps running (pid {pid}); stop it with `{sys.executable} -m h3d stop`"
+            )
         else:
             os.kill(pid, 15)
     return 0
