@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from h3optim.auto import AutoH3
 from h3optim.controller import MODES, EtaController
+from h3optim.loading import TensorBatchSampler, batch_loader, is_batchable
 from h3optim.models import (
     AdiabaticProcessingUnit,
     InformationOptimalNetwork,
@@ -39,11 +40,14 @@ __all__ = [
     "PhaseSchedule",
     "ReversibleStack",
     "TemperatureSchedule",
+    "TensorBatchSampler",
     "ThrottledInformationChannel",
+    "batch_loader",
     "compute_absorption_efficiency",
     "create_controlled_h3",
     "h3_cifar_safe",
     "h3_edge",
     "h3_mnist_fast",
     "information_optimal_loss",
+    "is_batchable",
 ]

@@ -3,14 +3,72 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
 
+from h3optim.controller import EtaController
+from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler
+
+LN2 = math.log(2.0)
+
+
+class _WindowedBatches(Sampler[torch.Tensor]):
+    """A thermodynamic epoch during a windowed A/B test: batches of ``window_steps`` windows
+    come from the A draw (current setting) or the B draw (probe) as the controller says.
+
+    The epoch has as many batches as the A draw alone would (it costs what A costs); A
+    windows read the A draw in order, B windows the B draw. Read lazily, batch by batch, so
+    a decision taken mid-epoch applies to the next window.
+    """
+
+    def __init__(
+        self,
+        controller: EtaController,
+        sampler: InformationWeightedSampler,
+        batch_size: int,
+        window_steps: int,
+    ) -> None:
+        self.controller = controller
+        self.batch_size = batch_size
+        self.window_steps = window_steps
+        self.draws: dict[str, tuple[float, float, torch.Tensor, torch.Tensor]] = {}
+        for label, k, u in (("A", *controller.window_setting()[1:]), ("B", *_probe(controller))):
+            idx, probs = sampler.draw(k, u)
+            weights = sampler.weights_from(probs, max(1, int(round(k * sampler.n))))
+            self.draws[label] = (k, u, sampler.shard(idx), weights)
+        self.num_batches = math.ceil(self.draws["A"][2].numel() / batch_size)
+        self.label: str | None = None  # the current window's label; None: not part of a test
+        self.weights = self.draws["A"][3]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        cursors = {"A": 0, "B": 0}
+        for b in range(self.num_batches):
+            if b % self.window_steps == 0:
+                label, k, u = self.controller.window_setting()
+                dk, du, _, _ = self.draws[label]
+                # a setting this epoch did not draw (a decision mid-epoch): train on A, untested
+                self.label = label if (dk, du) == (k, u) else None
+                if self.label is None:
+                    label = "A"
+            use = self.label or "A"
+            idx = self.draws[use][2]
+            start = cursors[use] % idx.numel()
+            cursors[use] = start + self.batch_size
+            self.weights = self.draws[use][3]
+            yield idx[start : start + self.batch_size]
+
+
+def _probe(controller: EtaController) -> tuple[float, float]:
+    return controller.probe_setting()
 
 
 class AutoH3:
@@ -31,6 +89,10 @@ class AutoH3:
             ``live_eta``, ``energy_j``, ``stop``).
         config: Extra run configuration to store.
         profiler_kwargs: Passed to ``H3Profiler`` (url, data_dir, autostart, ...).
+        window_steps: Steps per window of the controller's windowed A/B test.
+        probe_size: Training samples (a fixed random subset) whose loss is evaluated at each
+            window boundary while a test runs; the window's η is their loss drop per joule.
+        warmup, consolidation: Phase fractions (uniform epochs at the start and the end).
 
     Example:
         >>> auto = AutoH3(model.parameters(), train_set, mode="balanced", total_epochs=20)  # doctest: +SKIP
@@ -58,16 +120,39 @@ class AutoH3:
         profiler: Any = None,
         config: dict[str, Any] | None = None,
         profiler_kwargs: dict[str, Any] | None = None,
+        window_steps: int = 50,
+        probe_size: int = 512,
+        warmup: float = 0.1,
+        consolidation: float = 0.15,
         **optimizer_kwargs: Any,
     ) -> None:
+        if window_steps < 1:
+            raise ValueError(f"Invalid window_steps: {window_steps}")
+        if probe_size < 1:
+            raise ValueError(f"Invalid probe_size: {probe_size}")
         self.optimizer, self.controller, self.loss_tracker, self.indexed_dataset = (
             create_controlled_h3(
-                params, dataset, mode, accuracy_tolerance, total_epochs, lr=lr, **optimizer_kwargs
+                params,
+                dataset,
+                mode,
+                accuracy_tolerance,
+                total_epochs,
+                lr=lr,
+                warmup=warmup,
+                consolidation=consolidation,
+                **optimizer_kwargs,
             )
         )
         self.sampler = InformationWeightedSampler(
             self.indexed_dataset, self.loss_tracker, seed=seed, unbiased=unbiased
         )
+        self.window_steps = window_steps
+        self.probe_size = probe_size
+        self._probe_batch: tuple[Any, Any] | None = None
+        self._windows: _WindowedBatches | None = None
+        self._window_step = 0
+        self._window_loss: float | None = None
+        self._j_per_step: float | None = None
         self.name = name
         self.mode = mode
         self.total_epochs = total_epochs
@@ -84,7 +169,7 @@ class AutoH3:
         self.epoch = 0
         self.phase = "warmup"
         self.samples_backpropagated = 0
-        self._epoch_samples = 0
+        self._epoch_samples = self._epoch_steps = 0
         self._energy_at_epoch_start: float | None = None
         self._started = False
 
@@ -107,16 +192,65 @@ class AutoH3:
         return self
 
     def get_loader(self, batch_size: int, **loader_kwargs: Any) -> DataLoader[Any]:
-        """This epoch's loader of ``(data, target, index)`` batches, sampled as the controller says."""
+        """This epoch's loader of ``(data, target, index)`` batches, sampled as the controller
+        says. A tensor-backed dataset is fetched a batch at a time (see
+        :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
+        of ``window_steps`` batches alternate between its two settings."""
         self.start()
         keep, mix, self.phase = self.controller.control_step()
         self.sampler.set_fractions(keep, mix)
         self.sampler.set_epoch(self.epoch)
-        self._epoch_samples = 0
+        self._epoch_samples = self._epoch_steps = 0
         self._energy_at_epoch_start = self._energy()
-        return DataLoader(
-            self.indexed_dataset, batch_size=batch_size, sampler=self.sampler, **loader_kwargs
-        )
+        self._windows = None
+        if self.controller.window_testing:
+            self._windows = _WindowedBatches(
+                self.controller, self.sampler, batch_size, self.window_steps
+            )
+            self._window_step, self._window_loss = 0, None
+            return DataLoader(
+                self.indexed_dataset if is_batchable(self.indexed_dataset) else _Items(self),
+                sampler=self._windows,
+                batch_size=None,
+                **loader_kwargs,
+            )
+        return batch_loader(self.indexed_dataset, self.sampler, batch_size, **loader_kwargs)
+
+    def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
+        """Mean loss on the fixed probe subset of the training data (no gradient)."""
+        if self._probe_batch is None:
+            n = len(self.indexed_dataset)
+            g = torch.Generator().manual_seed(self.sampler.seed + 7919)
+            idx = torch.randperm(n, generator=g)[: min(self.probe_size, n)]
+            if is_batchable(self.indexed_dataset):
+                x, y, _ = self.indexed_dataset[idx]
+            else:
+                x, y, _ = default_collate(  # type: ignore[no-untyped-call]
+                    [self.indexed_dataset[int(i)] for i in idx]
+                )
+            self._probe_batch = (x, y)
+        x, y = self._probe_batch
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+            loss = criterion(out, y.to(out.device) if isinstance(y, torch.Tensor) else y)
+        model.train(was_training)
+        return float(loss.mean())
+
+    def _window_tick(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> None:
+        """After a step in a windowed epoch: at a window's end, its η to the controller."""
+        self._window_step += 1
+        if self._window_step < self.window_steps:
+            return
+        label = self._windows.label if self._windows is not None else None
+        now = self._probe_loss(model, criterion)
+        if label is not None and self._window_loss is not None and self.controller.window_testing:
+            # energy: the measured J per step of the last epoch (the daemon's window is
+            # coarser than 50 steps); A and B windows have the same steps and batch size
+            joules = self.window_steps * (self._j_per_step or 1.0)
+            self.controller.observe_window((self._window_loss - now) / LN2 / joules)
+        self._window_step, self._window_loss = 0, now
 
     def _energy(self) -> float | None:
         if self.profiler is None or not hasattr(self.profiler, "energy_j"):
@@ -135,7 +269,14 @@ class AutoH3:
         """Forward, per-sample losses, (re-weighted) backward, step; returns the batch loss."""
         model.train()
         idx = torch.as_tensor(indices)
-        weights = self.sampler.weights(idx) if self.sampler.unbiased else None
+        windows = self._windows
+        if windows is not None and self._window_loss is None and self.controller.window_testing:
+            self._window_loss = self._probe_loss(model, criterion)  # the first window's start
+        weights = None
+        if self.sampler.unbiased:
+            weights = (
+                windows.weights[idx.long()] if windows is not None else self.sampler.weights(idx)
+            )
         reduction = getattr(criterion, "reduction", None)
         seen: dict[str, torch.Tensor] = {}
 
@@ -164,11 +305,14 @@ class AutoH3:
         self.loss_tracker.update(idx, losses)
         self.samples_backpropagated += len(idx)
         self._epoch_samples += len(idx)
+        self._epoch_steps += 1
         mean = losses.mean()
         if self.profiler is not None:
             self.profiler.log_batch(
                 mean, losses=losses, indices=idx, epoch=self.epoch, phase=self.phase
             )
+        if windows is not None and self.controller.window_testing:
+            self._window_tick(model, criterion)
         return float(loss.detach()) if loss is not None else float(mean)
 
     @torch.no_grad()
@@ -192,6 +336,8 @@ class AutoH3:
             else None
         )
         k, u, _phase = self.controller._current
+        if energy is not None and energy > 0 and self._epoch_steps > 0:
+            self._j_per_step = energy / self._epoch_steps
         self.controller.observe(
             accuracy=acc, loss=held_out if math.isfinite(held_out) else None, energy=energy
         )
@@ -222,3 +368,16 @@ class AutoH3:
             final_uniform_mix=self.controller.uniform_mix,
         )
         return results
+
+
+class _Items(Dataset[Any]):
+    """Per-sample fetching for a windowed epoch over a dataset that is not tensor-backed."""
+
+    def __init__(self, auto: AutoH3) -> None:
+        self.dataset = auto.indexed_dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: torch.Tensor) -> Any:
+        return default_collate([self.dataset[int(i)] for i in index])  # type: ignore[no-untyped-call]

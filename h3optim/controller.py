@@ -16,6 +16,19 @@ epoch by epoch, and compares each B epoch with the mean of the A epochs on eithe
 B is adopted if it beats them by ``threshold``, abandoned (and the current setting eased) if
 it loses by as much. Guards: accuracy more than ``accuracy_tolerance`` points below the best
 seen backs off toward ``safe``; rising loss volatility (starvation) raises ``uniform_mix``.
+
+**Windowed A/B** (what :class:`~h3optim.AutoH3` uses). In an 8–20-epoch run one η per epoch
+is too little evidence, too late. With :meth:`observe_window` the comparison runs over windows
+of steps inside the thermodynamic phase: windows alternate A (the current setting, which
+starts at the mode's already-safe setting) and B (``keep_frac`` one ``step`` lower), each
+window reports its marginal η, and every B window is compared with the mean of the A windows
+on either side (which cancels the smooth decay of η). After ``min_pairs`` comparisons the
+relative differences decide, with a t-like test: B is adopted when it is better by more than
+``threshold`` and by ``z`` standard errors; a B that is worse by ``z`` standard errors ends the
+test at once (fast back-off); ``max_pairs`` comparisons without evidence end it too. In both
+last cases the controller holds the fixed schedule — the current setting through the
+thermodynamic phase — and says so in :meth:`get_report`. Once windows are observed the
+epoch-by-epoch A/B/A alternation is off.
 """
 
 from __future__ import annotations
@@ -57,6 +70,10 @@ class EtaController:
         threshold: Relative η difference that counts as evidence.
         min_keep_frac, max_keep_frac, min_uniform_mix: Bounds.
         warmup, consolidation: Phase fractions (see :class:`PhaseSchedule`).
+        min_pairs: Windowed A/B: B-versus-A comparisons before any decision.
+        max_pairs: Windowed A/B: comparisons after which, without evidence, the test ends and
+            the fixed schedule is held.
+        z: Windowed A/B: standard errors a difference must clear to count as evidence.
     """
 
     def __init__(
@@ -73,6 +90,9 @@ class EtaController:
         min_uniform_mix: float = 0.05,
         warmup: float = 0.15,
         consolidation: float = 0.15,
+        min_pairs: int = 3,
+        max_pairs: int = 8,
+        z: float = 2.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose from {sorted(MODES)}")
@@ -80,6 +100,8 @@ class EtaController:
             raise ValueError(f"Invalid accuracy_tolerance: {accuracy_tolerance}")
         if not 0 < min_keep_frac <= max_keep_frac <= 1:
             raise ValueError(f"Invalid keep_frac bounds: [{min_keep_frac}, {max_keep_frac}]")
+        if not 2 <= min_pairs <= max_pairs:
+            raise ValueError(f"Invalid min_pairs/max_pairs: {min_pairs}, {max_pairs}")
         self.mode = mode
         self.accuracy_tolerance = accuracy_tolerance
         self.schedule = PhaseSchedule(total_epochs, warmup, consolidation)
@@ -98,10 +120,14 @@ class EtaController:
         self._a_etas: list[float] = []
         self._b_eta: float | None = None
         self._current: tuple[float, float, str] = (1.0, 1.0, "warmup")
+        self.min_pairs, self.max_pairs, self.z = min_pairs, max_pairs, z
+        self.windowed = False  # set by the first observe_window: epoch A/B/A is then off
+        self.window_state = "testing"  # or "held": the fixed schedule is held to the end
+        self._windows: list[tuple[str, float]] = []  # (A|B, η) of the current test
 
     # --- per epoch ------------------------------------------------------------------------
 
-    def _probe_setting(self) -> tuple[float, float]:
+    def probe_setting(self) -> tuple[float, float]:
         return max(self.min_keep_frac, self.keep_frac - self.step_size), self.uniform_mix
 
     def control_step(self) -> tuple[float, float, str]:
@@ -109,8 +135,8 @@ class EtaController:
         phase = self.schedule.phase(self.epoch)
         if phase != "thermodynamic":
             self._current = (1.0, 1.0, phase)
-        elif self._probing:
-            k, u = self._probe_setting()
+        elif self._probing and not self.windowed:
+            k, u = self.probe_setting()
             self._current = (k, u, phase)
         else:
             self._current = (self.keep_frac, self.uniform_mix, phase)
@@ -166,7 +192,7 @@ class EtaController:
             }
         )
         guarded = self._guards(accuracy, phase)
-        if phase == "thermodynamic" and not guarded:
+        if phase == "thermodynamic" and not guarded and not self.windowed:
             self._steer(m_eta)
         if loss is not None and math.isfinite(loss):
             self.last_loss = loss
@@ -185,12 +211,19 @@ class EtaController:
                 self.best_accuracy = acc
             elif phase == "thermodynamic" and acc < self.best_accuracy - self.accuracy_tolerance:
                 old = (self.keep_frac, self.uniform_mix)
-                safe_k, safe_u = MODES["safe"]
-                self.keep_frac = min(
-                    self.max_keep_frac, max(self.keep_frac + 2 * self.step_size, safe_k)
-                )
-                self.uniform_mix = max(self.uniform_mix, safe_u)
+                adopted = [d for d in self.decisions if d["change"] == "keep_frac down"]
+                if self.windowed and adopted:
+                    # fast back-off: the setting before the first adoption was safe here
+                    self.keep_frac, self.uniform_mix = adopted[0]["before"]
+                else:
+                    safe_k, safe_u = MODES["safe"]
+                    self.keep_frac = min(
+                        self.max_keep_frac, max(self.keep_frac + 2 * self.step_size, safe_k)
+                    )
+                    self.uniform_mix = max(self.uniform_mix, safe_u)
                 self._reset_probe()
+                self.window_state = "held"
+                self._windows = []
                 self._decide(
                     "back off toward safe",
                     f"accuracy {acc:.2f} fell more than {self.accuracy_tolerance} points below the best {self.best_accuracy:.2f}",
@@ -235,7 +268,7 @@ class EtaController:
             return
         self._a_etas.append(m_eta)
         if self._b_eta is None:
-            self._probing = self._probe_setting()[0] < self.keep_frac
+            self._probing = self.probe_setting()[0] < self.keep_frac
             self._a_etas = self._a_etas[-1:]
             return
         # A, B, A: compare B with the mean of the A epochs on either side of it
@@ -243,7 +276,7 @@ class EtaController:
         b = self._b_eta
         old = (self.keep_frac, self.uniform_mix)
         if b > a * (1 + self.threshold) if a > 0 else b > a + abs(a) * self.threshold:
-            self.keep_frac = self._probe_setting()[0]
+            self.keep_frac = self.probe_setting()[0]
             self._decide(
                 "keep_frac down",
                 f"probe η {b:.4g} beat {a:.4g} bits/J by more than {self.threshold:.0%}",
@@ -260,7 +293,84 @@ class EtaController:
             )
         self._a_etas = self._a_etas[-1:]
         self._b_eta = None
-        self._probing = self._probe_setting()[0] < self.keep_frac
+        self._probing = self.probe_setting()[0] < self.keep_frac
+
+    # --- windowed A/B ------------------------------------------------------------------------
+
+    @property
+    def window_testing(self) -> bool:
+        """Whether windows still alternate A and B (the thermodynamic phase, test running)."""
+        return (
+            self._current[2] == "thermodynamic"
+            and self.window_state == "testing"
+            and self.probe_setting()[0] < self.keep_frac
+        )
+
+    def window_setting(self) -> tuple[str, float, float]:
+        """``(label, keep_frac, uniform_mix)`` of the next window: ``"A"`` (current) or ``"B"``
+        (probe). Windows alternate A, B, A, ... while a test runs; A otherwise."""
+        if self.window_testing and len(self._windows) % 2 == 1:
+            return ("B", *self.probe_setting())
+        return ("A", self.keep_frac, self.uniform_mix)
+
+    def observe_window(self, eta: float | None) -> None:
+        """Take the marginal η (bits/J) of the window just trained with :meth:`window_setting`.
+
+        ``None`` or a non-finite value changes nothing (the window is repeated).
+        """
+        self.windowed = True
+        if not self.window_testing or eta is None or not math.isfinite(eta):
+            return
+        label = self.window_setting()[0]
+        self._windows.append((label, float(eta)))
+        if label == "A" and len(self._windows) >= 3:
+            self._decide_windows()
+
+    def _window_evidence(self) -> tuple[int, float, float]:
+        """(pairs, mean, standard error) of B's relative gain over its A neighbours."""
+        etas = [e for _, e in self._windows]
+        a_vals = [abs(e) for lab, e in self._windows if lab == "A"]
+        scale = max(sum(a_vals) / len(a_vals), 1e-300)
+        rel = [
+            (etas[i] - (etas[i - 1] + etas[i + 1]) / 2) / scale for i in range(1, len(etas) - 1, 2)
+        ]
+        n = len(rel)
+        mean = sum(rel) / n
+        se = math.sqrt(sum((r - mean) ** 2 for r in rel) / (n - 1) / n) if n > 1 else math.inf
+        return n, mean, se
+
+    def _decide_windows(self) -> None:
+        n, mean, se = self._window_evidence()
+        if n < self.min_pairs:
+            return
+        old = (self.keep_frac, self.uniform_mix)
+        probe = self.probe_setting()
+        stats = f"B−A {mean:+.1%} ± {se:.1%} over {n} window pairs"
+        if mean > self.threshold and mean - self.z * se > 0:
+            self.keep_frac = probe[0]
+            self._windows = []
+            self._decide(
+                "keep_frac down",
+                f"windowed A/B: keep_frac {probe[0]:.2f} beat {old[0]:.2f}: {stats}",
+                before=old,
+                after=(self.keep_frac, self.uniform_mix),
+            )
+        elif mean + self.z * se < 0:
+            self.window_state = "held"
+            self._decide(
+                "hold fixed schedule",
+                f"windowed A/B: keep_frac {probe[0]:.2f} lost to {old[0]:.2f} ({stats}): "
+                f"the η loop cannot beat the fixed schedule here; holding keep_frac "
+                f"{old[0]:.2f}, uniform_mix {old[1]:.2f}",
+            )
+        elif n >= self.max_pairs:
+            self.window_state = "held"
+            self._decide(
+                "hold fixed schedule",
+                f"windowed A/B: no evidence that keep_frac {probe[0]:.2f} beats {old[0]:.2f} "
+                f"({stats}): the η loop cannot beat the fixed schedule here; holding keep_frac "
+                f"{old[0]:.2f}, uniform_mix {old[1]:.2f}",
+            )
 
     # --- reporting and state ---------------------------------------------------------------
 

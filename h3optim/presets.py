@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 from h3optim.controller import EtaController
+from h3optim.loading import batch_loader
 from h3optim.optimizer import H3Optimizer
 from h3optim.sampler import InformationWeightedSampler, PhaseSchedule
 from h3optim.tracking import IndexedDataset, LossTracker
@@ -20,16 +23,28 @@ def create_controlled_h3(
     *,
     lr: float = 1e-3,
     eta_source: Callable[[], float | None] | None = None,
+    warmup: float = 0.15,
+    consolidation: float = 0.15,
     **optimizer_kwargs: Any,
 ) -> tuple[H3Optimizer, EtaController, LossTracker, IndexedDataset]:
     """An optimizer, an η-controller, a loss tracker and an indexed dataset that fit together.
+
+    ``warmup`` and ``consolidation`` are the controller's phase fractions; the other keyword
+    arguments go to :class:`~h3optim.H3Optimizer`.
 
     Returns:
         ``(optimizer, controller, loss_tracker, indexed_dataset)``.
     """
     ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
     tracker = LossTracker(len(ds))
-    controller = EtaController(mode, accuracy_tolerance, total_epochs, eta_source)
+    controller = EtaController(
+        mode,
+        accuracy_tolerance,
+        total_epochs,
+        eta_source,
+        warmup=warmup,
+        consolidation=consolidation,
+    )
     return H3Optimizer(params, lr=lr, **optimizer_kwargs), controller, tracker, ds
 
 
@@ -38,6 +53,8 @@ class H3Setup:
 
     ``get_sampler(epoch, total_epochs)`` returns ``(phase, sampler)``: uniform over all data in
     warmup and consolidation, information-weighted with the preset's fractions in between.
+    ``get_loader(epoch, total_epochs, batch_size)`` returns ``(phase, loader)`` over that
+    sampler, fetching whole batches from a tensor-backed dataset (:func:`~h3optim.batch_loader`).
     """
 
     def __init__(
@@ -70,6 +87,13 @@ class H3Setup:
             self.sampler.set_fractions(1.0, 1.0)
         self.sampler.set_epoch(epoch)
         return phase, self.sampler
+
+    def get_loader(
+        self, epoch: int, total_epochs: int, batch_size: int, **loader_kwargs: Any
+    ) -> tuple[str, DataLoader[Any]]:
+        """``(phase, loader)`` of ``(data, target, index)`` batches for ``epoch``."""
+        phase, sampler = self.get_sampler(epoch, total_epochs)
+        return phase, batch_loader(self.indexed_dataset, sampler, batch_size, **loader_kwargs)
 
 
 def _preset(

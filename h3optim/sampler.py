@@ -87,6 +87,8 @@ class InformationWeightedSampler(Sampler[int]):
         seed: int = 0,
         unbiased: bool = False,
         outlier_quantile: float = 0.9,
+        noise_guard: float | None = 1.0,
+        max_weight: float | None = None,
     ) -> None:
         n = dataset_or_n if isinstance(dataset_or_n, int) else len(dataset_or_n)
         if n <= 0:
@@ -103,6 +105,10 @@ class InformationWeightedSampler(Sampler[int]):
             raise ValueError(f"Invalid rank {rank} for {num_replicas} replicas")
         if not 0.0 < outlier_quantile <= 1.0:
             raise ValueError(f"Invalid outlier_quantile: {outlier_quantile}")
+        if noise_guard is not None and not noise_guard > 0:
+            raise ValueError(f"Invalid noise_guard: {noise_guard}")
+        if max_weight is not None and not max_weight > 0:
+            raise ValueError(f"Invalid max_weight: {max_weight}")
         self.n = n
         self.tracker = loss_tracker
         self.num_replicas = num_replicas
@@ -110,6 +116,8 @@ class InformationWeightedSampler(Sampler[int]):
         self.seed = seed
         self.unbiased = unbiased
         self.outlier_quantile = outlier_quantile
+        self.noise_guard = noise_guard
+        self.max_weight = max_weight
         self.replacement = False
         self.epoch = 0
         self.keep_frac = 1.0
@@ -144,9 +152,21 @@ class InformationWeightedSampler(Sampler[int]):
 
     def epoch_indices(self) -> torch.Tensor:
         """All replicas' indices for this epoch (before sharding), on the CPU."""
+        idx, probs = self.draw(self.keep_frac, self.uniform_mix)
+        self._probs = probs
+        return idx
+
+    def draw(self, keep_frac: float, uniform_mix: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's indices under (``keep_frac``, ``uniform_mix``), and every sample's
+        inclusion probability: tensor operations only, deterministic for (seed, epoch).
+
+        :meth:`epoch_indices` is ``draw`` at the sampler's own fractions; a controller that
+        compares two settings within an epoch draws both from the same losses.
+        """
         g = self._generator()
-        n, k = self.n, self.num_kept
-        n_loss = int(round((1.0 - self.uniform_mix) * k))
+        n = self.n
+        k = max(1, int(round(keep_frac * n)))
+        n_loss = int(round((1.0 - uniform_mix) * k))
         probs = torch.zeros(n)
         if n_loss > 0:
             ema = self.tracker.ema.detach().float().cpu()
@@ -160,6 +180,11 @@ class InformationWeightedSampler(Sampler[int]):
                     else math.inf
                 )
                 score[seen & (ema > cap)] = -math.inf
+                if self.noise_guard is not None:
+                    # a loss that rose above its first value while the model learned: the
+                    # label likely disagrees with what the model learns (a flipped label)
+                    first = self.tracker.first.detach().float().cpu()
+                    score[seen & (ema > self.noise_guard * first)] = -math.inf
             score[~seen] = math.inf
             jitter = torch.rand(n, generator=g) * 1e-6  # random order among ties
             order = torch.argsort(score + jitter, descending=True)
@@ -175,29 +200,41 @@ class InformationWeightedSampler(Sampler[int]):
         probs[chosen] = 1.0
         if rest.numel() > 0:
             probs[rest] = n_uniform / rest.numel()
-        self._probs = probs
         idx = torch.cat([chosen, pick])
-        return idx[torch.randperm(idx.numel(), generator=g)]
+        return idx[torch.randperm(idx.numel(), generator=g)], probs
 
-    def __iter__(self) -> Iterator[int]:
-        idx = self.epoch_indices()
-        total = self.num_samples * self.num_replicas
-        if idx.numel() < total:  # pad like DistributedSampler so every replica has as many
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This replica's share of all replicas' ``idx`` (padded like ``DistributedSampler``)."""
+        total = int(math.ceil(idx.numel() / self.num_replicas)) * self.num_replicas
+        if idx.numel() < total:  # pad so that every replica has as many
             reps = int(math.ceil(total / idx.numel()))
             idx = idx.repeat(reps)[:total]
-        return iter(idx[self.rank : total : self.num_replicas].tolist())
+        return idx[self.rank : total : self.num_replicas]
+
+    def indices(self) -> torch.Tensor:
+        """This replica's indices for this epoch as one tensor (what ``__iter__`` yields)."""
+        return self.shard(self.epoch_indices())
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
 
     def weights(self, indices: Any) -> torch.Tensor:
         """Loss weights for ``indices`` drawn this epoch: mean(w·loss) is unbiased for the
-        full-data mean loss (requires ``unbiased=True``; all ones otherwise)."""
+        full-data mean loss (requires ``unbiased=True``; all ones otherwise). One gather
+        from the epoch's weight vector."""
         idx = torch.as_tensor(indices).long().cpu()
         if not self.unbiased:
             return torch.ones(idx.numel())
         if self._probs is None:
             self.epoch_indices()
         assert self._probs is not None
-        p = self._probs[idx]
-        return (self.num_kept / self.n) / p.clamp_min(1e-12)
+        return self.weights_from(self._probs, self.num_kept)[idx]
+
+    def weights_from(self, probs: torch.Tensor, num_kept: int) -> torch.Tensor:
+        """Every sample's unbiased weight under inclusion probabilities ``probs``, capped at
+        ``max_weight`` (a rarely drawn sample must not dominate a batch's gradient)."""
+        w = (num_kept / self.n) / probs.clamp_min(1e-12)
+        return w.clamp_max(self.max_weight) if self.max_weight is not None else w
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 _TARGET_KEYS = ("target", "label", "labels", "y")
 
@@ -17,6 +17,11 @@ class IndexedDataset(Dataset[tuple[Any, Any, int]]):
     Tuple/list items ``(data, target, ...)`` keep their first two fields. Dict items give
     ``(item without its target key, target, index)``, the target found under ``target``,
     ``label``, ``labels`` or ``y``.
+
+    When the wrapped dataset is a ``TensorDataset`` (:attr:`batchable`), a 1-D tensor of
+    indices fetches a whole batch at once: ``ds[idx]`` is ``(x[idx], y[idx], idx)``, one
+    indexing operation per tensor instead of one ``__getitem__`` per sample and a collate
+    (:func:`h3optim.batch_loader` builds such a loader).
 
     Args:
         dataset: Any map-style dataset (``__getitem__`` and ``__len__``).
@@ -34,7 +39,20 @@ class IndexedDataset(Dataset[tuple[Any, Any, int]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+    @property
+    def batchable(self) -> bool:
+        """Whether a tensor of indices fetches a batch in one indexing operation."""
+        return isinstance(self.dataset, TensorDataset) and len(self.dataset.tensors) >= 2
+
+    def __getitem__(self, index: Any) -> tuple[Any, Any, Any]:
+        if isinstance(index, torch.Tensor) and index.dim() == 1:
+            if not self.batchable:
+                raise TypeError(
+                    "a tensor of indices needs a TensorDataset underneath; "
+                    f"got {type(self.dataset).__name__}"
+                )
+            tensors = self.dataset.tensors
+            return tensors[0][index], tensors[1][index], index
         item = self.dataset[index]
         if isinstance(item, Mapping):
             key = next((k for k in _TARGET_KEYS if k in item), None)
@@ -70,6 +88,9 @@ class LossTracker:
         self.ema = torch.zeros(num_samples, device=dev)
         self.seen = torch.zeros(num_samples, dtype=torch.bool, device=dev)
         self.counts = torch.zeros(num_samples, dtype=torch.int32, device=dev)
+        # each sample's first observed loss: the reference the sampler's noise guard compares
+        # the EMA with (a loss that rose while the model learned points at a wrong label)
+        self.first = torch.zeros(num_samples, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
 
     def _to(self, device: torch.device) -> None:
@@ -77,6 +98,7 @@ class LossTracker:
             self.ema = self.ema.to(device)
             self.seen = self.seen.to(device)
             self.counts = self.counts.to(device)
+            self.first = self.first.to(device)
             self._nonfinite = self._nonfinite.to(device)
 
     @torch.no_grad()
@@ -91,10 +113,12 @@ class LossTracker:
         self._nonfinite += (~finite).sum()
         idx, losses = idx[finite], losses[finite]
         old = self.ema[idx]
+        was_seen = self.seen[idx]
         blended = torch.where(
-            self.seen[idx], (1 - self.smoothing) * old + self.smoothing * losses, losses
+            was_seen, (1 - self.smoothing) * old + self.smoothing * losses, losses
         )
         self.ema[idx] = blended
+        self.first[idx] = torch.where(was_seen, self.first[idx], losses)
         self.seen[idx] = True
         self.counts[idx] += 1
 
@@ -139,6 +163,7 @@ class LossTracker:
             "ema": self.ema.clone(),
             "seen": self.seen.clone(),
             "counts": self.counts.clone(),
+            "first": self.first.clone(),
             "nonfinite": self._nonfinite.clone(),
         }
 
@@ -152,4 +177,6 @@ class LossTracker:
         self.ema = state["ema"].to(dev).clone()
         self.seen = state["seen"].to(dev).clone()
         self.counts = state["counts"].to(dev).clone()
+        # states saved before ``first`` existed: the EMA is the best reference there is
+        self.first = state.get("first", state["ema"]).to(dev).clone()
         self._nonfinite = state["nonfinite"].to(dev).clone()

@@ -113,3 +113,58 @@ def test_held_out_loss_and_energy_take_precedence_over_the_source() -> None:
     c.control_step()
     c.observe(loss=1.0, energy=10.0)  # ΔI = 1 nat = 1/ln 2 bits over 10 J
     assert c.history[-1]["eta"] == pytest.approx(1 / math.log(2) / 10.0)
+
+
+def windowed_stream(c: EtaController, gain_b: float, seed: int, windows: int = 40) -> None:
+    """Feed ``windows`` windows of a decaying, noisy η; B windows are ``gain_b`` better."""
+    import random
+
+    rng = random.Random(seed)
+    thermo(c)
+    c.control_step()
+    for t in range(windows):
+        label, _k, _u = c.window_setting()
+        eta = 2.0 * 0.97**t * (1 + (gain_b if label == "B" else 0.0)) * (1 + rng.gauss(0, 0.05))
+        c.observe_window(eta)
+
+
+def test_windowed_ab_adopts_a_known_better_setting() -> None:
+    c = EtaController("balanced", total_epochs=20)
+    start = c.keep_frac
+    windowed_stream(c, gain_b=0.3, seed=0, windows=8)  # B 30 % better
+    assert c.keep_frac == pytest.approx(start - 0.1)
+    assert "windowed A/B" in c.get_report() and "beat" in c.get_report()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_windowed_ab_changes_nothing_when_neither_is_better(seed: int) -> None:
+    c = EtaController("balanced", total_epochs=20)
+    start = (c.keep_frac, c.uniform_mix)
+    windowed_stream(c, gain_b=0.0, seed=seed)
+    assert (c.keep_frac, c.uniform_mix) == start
+    assert c.window_state == "held" and not c.window_testing
+    assert "cannot beat the fixed schedule" in c.get_report()
+    assert c.control_step()[:2] == start  # the epoch A/B/A alternation is off too
+
+
+def test_windowed_ab_backs_off_fast_from_a_worse_probe() -> None:
+    c = EtaController("balanced", total_epochs=20)
+    start = c.keep_frac
+    windowed_stream(c, gain_b=-0.4, seed=1, windows=40)
+    assert c.keep_frac == start and c.window_state == "held"
+    # decided after min_pairs comparisons (7 windows), not at max_pairs
+    assert len([d for d in c.decisions if d["change"] != "none"]) == 1
+    held = next(d for d in c.decisions if d["change"] == "hold fixed schedule")
+    assert "lost to" in held["reason"]
+
+
+def test_windowed_none_eta_repeats_the_window() -> None:
+    c = EtaController("balanced", total_epochs=20)
+    thermo(c)
+    c.control_step()
+    assert c.window_setting()[0] == "A"
+    c.observe_window(1.0)
+    assert c.window_setting()[0] == "B"
+    c.observe_window(None)
+    c.observe_window(float("nan"))
+    assert c.window_setting()[0] == "B"

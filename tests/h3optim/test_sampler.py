@@ -128,3 +128,53 @@ def test_validation() -> None:
         InformationWeightedSampler(10, t, uniform_mix=1.5)
     with pytest.raises(ValueError):
         InformationWeightedSampler(11, t)
+
+
+def test_indices_unchanged_for_the_same_seed_and_epoch() -> None:
+    # recorded from the per-index implementation before the tensor rewrite: the tensor
+    # path and the noise guard (inactive while every sample has been seen once) keep them
+    t = LossTracker(200)
+    g = torch.Generator().manual_seed(0)
+    t.update(torch.arange(200), torch.rand(200, generator=g))
+    expected = {
+        (0.4, 0.25): [9, 67, 153, 36, 173, 72, 184, 112, 117, 42, 16, 111],
+        (1.0, 1.0): [33, 123, 74, 175, 18, 141, 61, 19, 126, 10, 112, 194],
+        (0.5, 1.0): [33, 105, 60, 151, 196, 197, 70, 44, 35, 65, 136, 68],
+    }
+    for (k, u), first in expected.items():
+        s = InformationWeightedSampler(200, t, k, u, seed=3)
+        s.set_epoch(2)
+        assert list(s)[:12] == first
+        assert torch.equal(s.indices(), torch.tensor(list(s)))
+    t2 = LossTracker(200)
+    t2.update(torch.arange(100), torch.rand(100, generator=g))
+    s = InformationWeightedSampler(200, t2, 0.3, 0.2, seed=1)
+    s.set_epoch(5)
+    assert list(s)[:12] == [105, 145, 121, 103, 149, 102, 151, 129, 116, 125, 119, 139]
+
+
+def test_noise_guard_keeps_rising_losses_out_of_the_loss_driven_share() -> None:
+    n = 100
+    t = LossTracker(n, smoothing=1.0)
+    t.update(torch.arange(n), torch.full((n,), 2.0))
+    # 0..9: the loss rose above its first value (a flipped label); 10..99 fell, 10..19 least
+    later = torch.cat([torch.full((10,), 3.0), torch.full((10,), 1.5), torch.full((80,), 0.5)])
+    t.update(torch.arange(n), later)
+    guarded = InformationWeightedSampler(n, t, keep_frac=0.1, uniform_mix=0.0)
+    assert set(guarded) == set(range(10, 20))
+    off = InformationWeightedSampler(
+        n, t, keep_frac=0.1, uniform_mix=0.0, noise_guard=None, outlier_quantile=1.0
+    )
+    assert set(off) == set(range(10))
+    with pytest.raises(ValueError):
+        InformationWeightedSampler(n, t, noise_guard=0.0)
+
+
+def test_weights_are_one_gather_and_can_be_capped() -> None:
+    t = tracker_with_losses(1000)
+    s = InformationWeightedSampler(1000, t, 0.3, 0.1, unbiased=True, max_weight=2.0)
+    idx = s.indices()
+    w = s.weights(idx)
+    assert w.shape == idx.shape and float(w.max()) <= 2.0
+    uncapped = InformationWeightedSampler(1000, t, 0.3, 0.1, unbiased=True)
+    assert float(uncapped.weights(uncapped.indices()).max()) > 2.0

@@ -48,3 +48,15 @@ def test_state_dict_round_trip() -> None:
     assert torch.equal(u.ema, t.ema) and torch.equal(u.seen, t.seen) and u.smoothing == 0.2
     with pytest.raises(ValueError):
         LossTracker(6).load_state_dict(t.state_dict())
+
+
+def test_first_loss_is_kept_and_old_states_load() -> None:
+    t = LossTracker(4)
+    t.update(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    t.update(torch.tensor([0, 2]), torch.tensor([3.0, 0.5]))
+    assert t.first.tolist() == [1.0, 2.0, 0.5, 0.0]
+    old = t.state_dict()
+    del old["first"]  # a state saved before ``first`` existed
+    u = LossTracker(4)
+    u.load_state_dict(old)
+    assert torch.equal(u.first, t.ema)
