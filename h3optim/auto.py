@@ -93,6 +93,9 @@ class AutoH3:
         probe_size: Training samples (a fixed random subset) whose loss is evaluated at each
             window boundary while a test runs; the window's η is their loss drop per joule.
         warmup, consolidation: Phase fractions (uniform epochs at the start and the end).
+        optimizer: A factory ``params -> torch.optim.Optimizer`` to train with instead of
+            :class:`~h3optim.H3Optimizer` (``lr`` and the optimizer keyword arguments then
+            do not apply), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
 
     Example:
         >>> auto = AutoH3(model.parameters(), train_set, mode="balanced", total_epochs=20)  # doctest: +SKIP
@@ -124,25 +127,29 @@ class AutoH3:
         probe_size: int = 512,
         warmup: float = 0.1,
         consolidation: float = 0.15,
+        optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if window_steps < 1:
             raise ValueError(f"Invalid window_steps: {window_steps}")
         if probe_size < 1:
             raise ValueError(f"Invalid probe_size: {probe_size}")
-        self.optimizer, self.controller, self.loss_tracker, self.indexed_dataset = (
-            create_controlled_h3(
-                params,
-                dataset,
-                mode,
-                accuracy_tolerance,
-                total_epochs,
-                lr=lr,
-                warmup=warmup,
-                consolidation=consolidation,
-                **optimizer_kwargs,
-            )
+        params = list(params)
+        h3_opt, self.controller, self.loss_tracker, self.indexed_dataset = create_controlled_h3(
+            params,
+            dataset,
+            mode,
+            accuracy_tolerance,
+            total_epochs,
+            lr=lr,
+            warmup=warmup,
+            consolidation=consolidation,
+            **optimizer_kwargs,
         )
+        self.optimizer: torch.optim.Optimizer = (
+            optimizer(params) if optimizer is not None else h3_opt
+        )
+        self.controller.windowed = True  # windowed A/B from the start (see EtaController)
         self.sampler = InformationWeightedSampler(
             self.indexed_dataset, self.loss_tracker, seed=seed, unbiased=unbiased
         )
@@ -300,7 +307,8 @@ class AutoH3:
             loss.backward()  # type: ignore[no-untyped-call]
             return loss
 
-        loss = self.optimizer.step(closure)
+        # torch types the closure as returning float; every torch optimizer takes a tensor loss
+        loss = self.optimizer.step(closure)  # type: ignore[arg-type]
         losses = seen["losses"]
         self.loss_tracker.update(idx, losses)
         self.samples_backpropagated += len(idx)
@@ -313,7 +321,9 @@ class AutoH3:
             )
         if windows is not None and self.controller.window_testing:
             self._window_tick(model, criterion)
-        return float(loss.detach()) if loss is not None else float(mean)
+        if isinstance(loss, torch.Tensor):
+            return float(loss.detach())
+        return float(loss) if loss is not None else float(mean)
 
     @torch.no_grad()
     def evaluate_epoch(self, model: torch.nn.Module, test_loader: Iterable[Any]) -> float:
@@ -363,7 +373,7 @@ class AutoH3:
             samples_backpropagated=self.samples_backpropagated,
             controller_report=self.controller.get_report(),
             controller_decisions=list(self.controller.decisions),
-            skipped_steps=self.optimizer.skipped_steps,
+            skipped_steps=getattr(self.optimizer, "skipped_steps", 0),
             final_keep_frac=self.controller.keep_frac,
             final_uniform_mix=self.controller.uniform_mix,
         )

@@ -28,7 +28,9 @@ relative differences decide, with a t-like test: B is adopted when it is better 
 test at once (fast back-off); ``max_pairs`` comparisons without evidence end it too. In both
 last cases the controller holds the fixed schedule — the current setting through the
 thermodynamic phase — and says so in :meth:`get_report`. Once windows are observed the
-epoch-by-epoch A/B/A alternation is off.
+epoch-by-epoch A/B/A alternation is off, and the accuracy guard backs off only from an
+adopted setting, straight to the setting it replaced (a held-out accuracy that wobbles by a
+point between epochs does not push a fixed schedule toward ``safe``).
 """
 
 from __future__ import annotations
@@ -212,7 +214,11 @@ class EtaController:
             elif phase == "thermodynamic" and acc < self.best_accuracy - self.accuracy_tolerance:
                 old = (self.keep_frac, self.uniform_mix)
                 adopted = [d for d in self.decisions if d["change"] == "keep_frac down"]
-                if self.windowed and adopted:
+                if self.windowed and not adopted:
+                    # the windowed controller starts from an already-safe fixed schedule and
+                    # only ever backs off to it: nothing adopted, nothing to undo
+                    return False
+                if self.windowed:
                     # fast back-off: the setting before the first adoption was safe here
                     self.keep_frac, self.uniform_mix = adopted[0]["before"]
                 else:

@@ -93,3 +93,36 @@ def test_preset_unpacks_and_samples_by_phase() -> None:
     assert phase == "warmup" and len(sampler) == len(ds)
     phase, sampler = setup.get_sampler(5, 10)
     assert phase == "thermodynamic" and len(sampler) == round(0.5 * len(ds))
+
+
+def test_autoh3_windowed_ab_runs_inside_the_epoch_and_reports() -> None:
+    torch.manual_seed(0)
+    train_set, test = digits()
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        mode="balanced",
+        total_epochs=6,
+        profile=False,
+        window_steps=2,
+        probe_size=128,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
+    assert isinstance(auto.optimizer, torch.optim.Adam)
+    seen_windows = 0
+    for _ in range(6):
+        loader = auto.get_loader(batch_size=32)
+        for data, target, idx in loader:
+            assert isinstance(idx, torch.Tensor) and len(idx) == len(data) <= 32
+            auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
+        seen_windows += auto.controller.window_testing or bool(auto.controller._windows)
+        auto.evaluate_epoch(model, test)
+    res = auto.finish()
+    c = auto.controller
+    # the test decided within the thermodynamic phase: adopted a leaner setting or held
+    changes = [d["change"] for d in c.decisions if d["change"] != "none"]
+    assert changes and set(changes) <= {"keep_frac down", "hold fixed schedule"}
+    assert "windowed A/B" in res["controller_report"]
+    # the windows cost what A costs: thermodynamic epochs back-propagate < all samples
+    assert res["samples_backpropagated"] < 6 * len(train_set)
