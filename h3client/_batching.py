@@ -80,15 +80,18 @@ def _num(x: Any) -> float | None:
 
 def _packed(x: Any, dtype_name: str) -> bytes:
     """A tensor's values as little-endian bytes (float32 or int64), without numpy."""
+    import ctypes
+
     import torch
 
     dtype = torch.float32 if dtype_name == "f" else torch.int64
     t = x.detach().reshape(-1).to("cpu", dtype)
     if dtype_name == "f":  # every non-finite value travels as NaN: "missing"
         t = torch.where(torch.isfinite(t), t, torch.full_like(t, math.nan))
-    if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return bytes(t.untyped_storage())
+    t = t.contiguous()
+    # one memcpy of the tensor's bytes: bytes(t.untyped_storage()) iterates the storage
+    # byte by byte in Python (measured 4.8 ms for 64 losses and their indices)
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
 def _vec(x: Any) -> bytes | None:

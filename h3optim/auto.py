@@ -38,7 +38,8 @@ class _WindowedBatches(Sampler[torch.Tensor]):
         self.batch_size = batch_size
         self.window_steps = window_steps
         self.draws: dict[str, tuple[float, float, torch.Tensor, torch.Tensor]] = {}
-        for label, k, u in (("A", *controller.window_setting()[1:]), ("B", *_probe(controller))):
+        current = (controller.keep_frac, controller.uniform_mix)
+        for label, k, u in (("A", *current), ("B", *controller.probe_setting())):
             idx, probs = sampler.draw(k, u)
             weights = sampler.weights_from(probs, max(1, int(round(k * sampler.n))))
             self.draws[label] = (k, u, sampler.shard(idx), weights)
@@ -65,10 +66,6 @@ class _WindowedBatches(Sampler[torch.Tensor]):
             cursors[use] = start + self.batch_size
             self.weights = self.draws[use][3]
             yield idx[start : start + self.batch_size]
-
-
-def _probe(controller: EtaController) -> tuple[float, float]:
-    return controller.probe_setting()
 
 
 class AutoH3:

@@ -24,6 +24,12 @@ def digits() -> tuple[TensorDataset, DataLoader[Any]]:
     return TensorDataset(x[tr], y[tr]), DataLoader(TensorDataset(x[te], y[te]), batch_size=512)
 
 
+def digits_and_model() -> tuple[TensorDataset, DataLoader[Any], nn.Module]:
+    torch.manual_seed(0)
+    train_set, test = digits()
+    return train_set, test, nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
 def train(auto: AutoH3, model: nn.Module, test: DataLoader[Any], epochs: int) -> list[float]:
     crit = nn.CrossEntropyLoss()
     accs = []
@@ -35,9 +41,7 @@ def train(auto: AutoH3, model: nn.Module, test: DataLoader[Any], epochs: int) ->
 
 
 def test_autoh3_offline_trains_and_saves_backprop() -> None:
-    torch.manual_seed(0)
-    train_set, test = digits()
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    train_set, test, model = digits_and_model()
     auto = AutoH3(
         model.parameters(), train_set, mode="green", total_epochs=10, profile=False, lr=1e-3
     )
@@ -51,9 +55,7 @@ def test_autoh3_offline_trains_and_saves_backprop() -> None:
 
 
 def test_autoh3_against_a_real_daemon_stores_run_epochs_eta_and_decisions(daemon: Any) -> None:
-    torch.manual_seed(0)
-    train_set, test = digits()
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    train_set, test, model = digits_and_model()
     auto = AutoH3(
         model.parameters(),
         train_set,
@@ -96,9 +98,7 @@ def test_preset_unpacks_and_samples_by_phase() -> None:
 
 
 def test_autoh3_windowed_ab_runs_inside_the_epoch_and_reports() -> None:
-    torch.manual_seed(0)
-    train_set, test = digits()
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    train_set, test, model = digits_and_model()
     auto = AutoH3(
         model.parameters(),
         train_set,
