@@ -24,7 +24,8 @@ class _WindowedBatches(Sampler[torch.Tensor]):
 
     The epoch has as many batches as the A draw alone would (it costs what A costs); A
     windows read the A draw in order, B windows the B draw. Read lazily, batch by batch, so
-    a decision taken mid-epoch applies to the next window.
+    a decision taken mid-epoch applies to the next window. Windows run on across epoch
+    boundaries (``offset``): an epoch shorter than a window still contributes.
     """
 
     def __init__(
@@ -33,8 +34,10 @@ class _WindowedBatches(Sampler[torch.Tensor]):
         sampler: InformationWeightedSampler,
         batch_size: int,
         window_steps: int,
+        offset: int = 0,
     ) -> None:
         self.controller = controller
+        self.offset = offset  # steps of the current window trained in earlier epochs
         self.batch_size = batch_size
         self.window_steps = window_steps
         self.draws: dict[str, tuple[float, float, torch.Tensor, torch.Tensor]] = {}
@@ -53,7 +56,7 @@ class _WindowedBatches(Sampler[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         cursors = {"A": 0, "B": 0}
         for b in range(self.num_batches):
-            if b % self.window_steps == 0:
+            if b == 0 or (self.offset + b) % self.window_steps == 0:
                 label, k, u = self.controller.window_setting()
                 dk, du, _, _ = self.draws[label]
                 # a setting this epoch did not draw (a decision mid-epoch): train on A, untested
@@ -209,9 +212,8 @@ class AutoH3:
         self._windows = None
         if self.controller.window_testing:
             self._windows = _WindowedBatches(
-                self.controller, self.sampler, batch_size, self.window_steps
+                self.controller, self.sampler, batch_size, self.window_steps, self._window_step
             )
-            self._window_step, self._window_loss = 0, None
             return DataLoader(
                 self.indexed_dataset if is_batchable(self.indexed_dataset) else _Items(self),
                 sampler=self._windows,

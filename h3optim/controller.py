@@ -214,9 +214,11 @@ class EtaController:
             elif phase == "thermodynamic" and acc < self.best_accuracy - self.accuracy_tolerance:
                 old = (self.keep_frac, self.uniform_mix)
                 adopted = [d for d in self.decisions if d["change"] == "keep_frac down"]
-                if self.windowed and not adopted:
+                if self.windowed and (
+                    not adopted or (self.keep_frac, self.uniform_mix) == adopted[0]["before"]
+                ):
                     # the windowed controller starts from an already-safe fixed schedule and
-                    # only ever backs off to it: nothing adopted, nothing to undo
+                    # only ever backs off to it: nothing adopted (or undone), nothing to undo
                     return False
                 if self.windowed:
                     # fast back-off: the setting before the first adoption was safe here

@@ -126,3 +126,23 @@ def test_autoh3_windowed_ab_runs_inside_the_epoch_and_reports() -> None:
     assert "windowed A/B" in res["controller_report"]
     # the windows cost what A costs: thermodynamic epochs back-propagate < all samples
     assert res["samples_backpropagated"] < 6 * len(train_set)
+
+
+def test_autoh3_windows_continue_across_epochs() -> None:
+    # 15 steps per thermodynamic epoch and 10-step windows: windows run across epoch ends
+    # and epochs start in a B window; the test must still gather its comparisons and decide
+    train_set, test, model = digits_and_model()
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        total_epochs=10,
+        profile=False,
+        window_steps=10,
+        probe_size=128,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
+    auto.controller.min_pairs = auto.controller.max_pairs = 3
+    train(auto, model, test, 10)
+    assert auto.controller.window_state == "held" or any(
+        d["change"] == "keep_frac down" for d in auto.controller.decisions
+    )

@@ -168,3 +168,22 @@ def test_windowed_none_eta_repeats_the_window() -> None:
     c.observe_window(None)
     c.observe_window(float("nan"))
     assert c.window_setting()[0] == "B"
+
+
+def test_windowed_accuracy_guard_undoes_an_adoption_once_and_ignores_noise() -> None:
+    c = EtaController("balanced", total_epochs=20, accuracy_tolerance=1.0)
+    c.windowed = True
+    thermo(c)
+    start = (c.keep_frac, c.uniform_mix)
+    c.control_step()
+    c.observe(accuracy=0.90)
+    c.control_step()
+    c.observe(accuracy=0.85)  # 5 points down, nothing adopted: the fixed schedule stays
+    assert (c.keep_frac, c.uniform_mix) == start and "back off" not in c.get_report()
+    windowed_stream(c, gain_b=0.3, seed=0, windows=7)
+    assert c.keep_frac < start[0]
+    for _ in range(3):
+        c.control_step()
+        c.observe(accuracy=0.80)
+    assert (c.keep_frac, c.uniform_mix) == start and c.window_state == "held"
+    assert c.get_report().count("back off") == 1
