@@ -3,6 +3,7 @@
     h3-report --run ID [--baseline RUN]          a run from the daemon
     h3-report --h3-log FILE [--baseline-log F]   a ThermoAuditLogger CSV
     h3-report --compare A B C ...                runs side by side
+    h3-report --tune SESSION                     an h3-tune session, grouped by technique
 
 The Green Score is the baseline's energy over this run's energy (> 1: this run used less),
 shown only when final accuracies are within ``--tolerance`` points; otherwise the two runs
@@ -233,19 +234,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--h3-log", help="a ThermoAuditLogger CSV")
     p.add_argument("--baseline-log", help="a baseline audit CSV (for the Green Score)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="runs side by side")
+    p.add_argument("--tune", metavar="SESSION", help="an h3-tune session's runs, grouped")
     p.add_argument(
         "--tolerance", type=float, default=1.0, help="accuracy points for the Green Score"
     )
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    if not (args.run or args.h3_log or args.compare):
-        p.error("give --run, --h3-log or --compare")
+    if not (args.run or args.h3_log or args.compare or args.tune):
+        p.error("give --run, --h3-log, --compare or --tune")
     if args.h3_log:
         print(explain_thermo_log(args.h3_log, args.baseline_log))
         return 0
     try:
         with Client(args.url) as c:
+            if args.tune:
+                from h3client._tune_report import format_tune_session, tune_session
+
+                data = tune_session(c, args.tune)
+                print(json.dumps(data, indent=2) if args.json else format_tune_session(data))
+                return 0
             if args.compare:
                 res = c.compare(args.compare)
                 if args.json:

@@ -1,0 +1,72 @@
+"""``h3-tune path/to/file.py:make_task [--budget-steps N] [--repeats R] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from h3optim.tune.report import format_report
+from h3optim.tune.runner import tune
+from h3optim.tune.task import load_task
+from h3optim.tune.techniques import builtin_techniques
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a tuning session; exit 0, 2 on bad input, 130 when interrupted (trials kept)."""
+    names = list(builtin_techniques())
+    p = argparse.ArgumentParser(
+        prog="h3-tune",
+        description="Measure which training settings buy the most bits per joule on your "
+        "model: a baseline, each technique alone, the winners combined; every trial a run "
+        "in the h3d daemon.",
+    )
+    p.add_argument("task", help="path/to/file.py:factory (or module:factory) returning a Task")
+    p.add_argument("--budget-steps", type=int, default=200, help="baseline training steps")
+    p.add_argument("--repeats", type=int, default=1, help="trials per technique (noise)")
+    p.add_argument("--out", default="h3-tune-out", help="directory for JSON and the report")
+    p.add_argument(
+        "--techniques",
+        default=",".join(names),
+        help=f"comma-separated subset of: {','.join(names)}",
+    )
+    p.add_argument("--combine", help="comma-separated techniques to combine (default: greedy)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="allowed metric drop")
+    p.add_argument("--segments", type=int, default=6, help="epochs logged per trial")
+    p.add_argument("--session", help="session id (default: random)")
+    p.add_argument("--url", help="daemon URL (default: discovered)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads before training")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    techniques = [t for t in args.techniques.split(",") if t]
+    try:
+        task = load_task(args.task)
+        result = tune(
+            task,
+            budget=args.budget_steps,
+            techniques=techniques,
+            repeats=args.repeats,
+            tolerance=args.tolerance,
+            segments=args.segments,
+            combine=args.combine.split(",") if args.combine else None,
+            out=args.out,
+            session=args.session,
+            url=args.url,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"h3-tune: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    print(f"\nwritten to {args.out}/tune-{result.session}*.json|md", file=sys.stderr)
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
