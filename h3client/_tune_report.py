@@ -7,6 +7,7 @@ shows what the daemon stored (also for a session interrupted half-way).
 
 from __future__ import annotations
 
+import json
 import statistics
 from typing import Any
 
@@ -80,3 +81,10 @@ def format_tune_session(data: dict[str, Any]) -> str:
         for r in rs:
             lines.append(f"      {r['run_id']}  {r['name']}")
     return "\n".join(lines)
+
+
+def print_tune_session(client: Client, session: str, *, as_json: bool = False) -> int:
+    """``h3-report --tune SESSION``: print the grouped view (or its JSON); exit code 0."""
+    data = tune_session(client, session)
+    print(json.dumps(data, indent=2) if as_json else format_tune_session(data))
+    return 0

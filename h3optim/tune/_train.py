@@ -241,6 +241,7 @@ def run_trial(
     budget_samples: int,
     segments: int,
     seed: int,
+    flops: bool = True,
 ) -> tuple[Outcome, nn.Module]:
     """Train one trial as its own daemon run and measure it; returns it and the trained model.
 
@@ -252,12 +253,14 @@ def run_trial(
     model, extra = prepare_model(task, cfg)
     bs = cfg.batch_size or task.batch_size
     autocast = autocast_for(cfg, device)
-    x0, y0 = _first_batch(task, bs, device, cfg)
-    try:
-        flops_step: int | None = count_flops(model, x0, y0, task.loss, autocast)
-    except Exception as exc:  # FLOP counting must not cost the trial
-        flops_step, extra["flops_error"] = None, repr(exc)
-    del x0, y0
+    flops_step: int | None = None
+    if flops:
+        x0, y0 = _first_batch(task, bs, device, cfg)
+        try:
+            flops_step = count_flops(model, x0, y0, task.loss, autocast)
+        except Exception as exc:  # FLOP counting must not cost the trial
+            extra["flops_error"] = repr(exc)
+        del x0, y0
     fwd: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
     opt = task.optimizer(model.parameters())
     for g in opt.param_groups:

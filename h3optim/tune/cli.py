@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--session", help="session id (default: random)")
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before training")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             session=args.session,
             url=args.url,
             seed=args.seed,
+            count_flops=not args.no_flops,
         )
     except ValueError as exc:
         print(f"h3-tune: {exc}", file=sys.stderr)

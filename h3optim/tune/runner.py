@@ -249,6 +249,7 @@ def tune(
     seed: int = 0,
     inference_passes: int = 3,
     max_batch_size: int | None = None,
+    count_flops: bool = True,
 ) -> TuneResult:
     """Measure which training settings buy the most bits per joule on ``task``.
 
@@ -283,6 +284,9 @@ def tune(
         inference_passes: Passes over the validation data per inference trial.
         max_batch_size: Upper bound for the batch-size finder (default: 8 × the task's
             batch, at most an eighth of the training set).
+        count_flops: Count each configuration's FLOPs per step with
+            ``torch.utils.flop_counter`` (one extra step on a copy; its first use imports
+            ``torch._dynamo``, seconds on a slow machine).
 
     Returns:
         The :class:`TuneResult`. On Ctrl-C (KeyboardInterrupt) the session stops cleanly:
@@ -375,6 +379,7 @@ def tune(
                         budget_samples=budget_samples,
                         segments=segments,
                         seed=seed + r,
+                        flops=count_flops,
                     )
             except Exception as exc:  # one technique failing (e.g. compile) ends only its trial
                 logger.warning("h3-tune: %s failed: %r", name, exc)

@@ -227,7 +227,7 @@ def test_sigint_to_h3_tune_keeps_finished_trials(
 ) -> None:
     env = {**tune_daemon.env, "H3_TUNE_CACHE": os.environ["H3_TUNE_CACHE"]}
     cmd = [sys.executable, "-m", "h3optim.tune.cli", f"{EXAMPLE}:make_task"]
-    cmd += ["--budget-steps", "40", "--techniques", "amp_bf16,checkpointing", "--out"]
+    cmd += ["--budget-steps", "16", "--techniques", "amp_bf16", "--no-flops", "--out"]
     cmd += [str(tmp_path), "--url", tune_daemon.url, "--session", "sigint01", "--threads", "1"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state = tmp_path / "tune-sigint01.json"
