@@ -364,26 +364,38 @@ def run_trial(
         extra["early_stop_triggered"] = stopped_at is not None
         extra["stopped_after_segment"] = stopped_at
         extra["segments_planned"] = len(plan.sizes)
-    return (
-        Outcome(
-            run_id=prof.run_id,
-            wall_s=wall_s,
-            energy_j=res.get("total_energy_j"),
-            device_energy_j=res.get("device_energy_j"),
-            energy_source=str(res.get("energy_source", "none")),
-            energy_measured=bool(res.get("energy_measured")),
-            eta_bits_per_j=res.get("efficiency_bits_per_j"),
-            info_gain_bits=res.get("info_gain_bits"),
-            peak_mem_bytes=mem.peak_bytes,
-            mem_rise_bytes=mem.rise_bytes,
-            mem_source=mem.source,
-            flops=None if flops_step is None else round(flops_step * samples / bs),
-            metric=float(metric),
-            steps=steps,
-            samples=samples,
-            extra=extra,
-        ),
-        model,
+    flop_total = None if flops_step is None else round(flops_step * samples / bs)
+    outcome = _outcome(prof, res, wall_s, mem, float(metric), flops=flop_total)
+    outcome.steps, outcome.samples, outcome.extra = steps, samples, extra
+    return outcome, model
+
+
+def _outcome(
+    prof: Profiler,
+    res: dict[str, Any],
+    wall_s: float,
+    mem: PeakMemory,
+    metric: float,
+    *,
+    flops: int | None = None,
+) -> Outcome:
+    """What the daemon said about the finished run, with the trial's own measurements."""
+    return Outcome(
+        run_id=prof.run_id,
+        wall_s=wall_s,
+        energy_j=res.get("total_energy_j"),
+        device_energy_j=res.get("device_energy_j"),
+        energy_source=str(res.get("energy_source", "none")),
+        energy_measured=bool(res.get("energy_measured")),
+        eta_bits_per_j=res.get("efficiency_bits_per_j"),
+        info_gain_bits=res.get("info_gain_bits"),
+        peak_mem_bytes=mem.peak_bytes,
+        mem_rise_bytes=mem.rise_bytes,
+        mem_source=mem.source,
+        flops=flops,
+        metric=metric,
+        steps=0,
+        samples=0,
     )
 
 
@@ -506,22 +518,8 @@ def run_inference(
         prof.stop(status="failed")
         raise
     res = prof.stop()
-    metric = _evaluate(task, model)
-    return Outcome(
-        run_id=prof.run_id,
-        wall_s=wall_s,
-        energy_j=res.get("total_energy_j"),
-        device_energy_j=res.get("device_energy_j"),
-        energy_source=str(res.get("energy_source", "none")),
-        energy_measured=bool(res.get("energy_measured")),
-        eta_bits_per_j=None,
-        info_gain_bits=None,
-        peak_mem_bytes=mem.peak_bytes,
-        mem_rise_bytes=mem.rise_bytes,
-        mem_source=mem.source,
-        flops=None,
-        metric=metric,
-        steps=0,
-        samples=samples,
-        extra={"latency_ms_per_sample": 1e3 * wall_s / max(samples, 1)},
-    )
+    outcome = _outcome(prof, res, wall_s, mem, _evaluate(task, model))
+    outcome.eta_bits_per_j = outcome.info_gain_bits = None  # inference learns nothing
+    outcome.samples = samples
+    outcome.extra = {"latency_ms_per_sample": 1e3 * wall_s / max(samples, 1)}
+    return outcome

@@ -375,7 +375,7 @@ def format_report(result: TuneResult) -> str:
         "Recommended configuration:",
         "",
         "```json",
-        json.dumps(shown, indent=2, default=str),
+        json.dumps(shown, indent=2, default=str, ensure_ascii=False),
         "```",
         "",
         "```python",
