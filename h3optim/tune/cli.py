@@ -1,8 +1,12 @@
-"""``h3-tune path/to/file.py:make_task [--budget-steps N] [--repeats R] [--out DIR]``."""
+"""``h3-tune path/to/file.py:make_task [--budget-steps N] [--repeats R] [--out DIR]``.
+
+``h3-tune --report DIR/tune-<session>.json`` prints a saved session's report again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,7 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model: a baseline, each technique alone, the winners combined; every trial a run "
         "in the h3d daemon.",
     )
-    p.add_argument("task", help="path/to/file.py:factory (or module:factory) returning a Task")
+    p.add_argument(
+        "task", nargs="?", help="path/to/file.py:factory (or module:factory) returning a Task"
+    )
+    p.add_argument("--report", metavar="JSON", help="print a saved session's report and exit")
     p.add_argument("--budget-steps", type=int, default=200, help="baseline training steps")
     p.add_argument("--repeats", type=int, default=1, help="trials per technique (noise)")
     p.add_argument("--out", default="h3-tune-out", help="directory for JSON and the report")
@@ -40,6 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before training")
     args = p.parse_args(argv)
+    if args.report:
+        from h3optim.tune.runner import TuneResult
+
+        try:
+            with open(args.report) as f:
+                print(format_report(TuneResult.from_json(json.load(f))))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"h3-tune: cannot read {args.report}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.task:
+        p.error("give a task (path/to/file.py:factory) or --report JSON")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         import torch

@@ -296,6 +296,33 @@ def _mb(s: Stat) -> str:
     return s.fmt(3)
 
 
+def _observed(result: TuneResult) -> list[str]:
+    """Per-session facts the table cannot show: compile time, early stops, pruning."""
+    lines = []
+    for name in dict.fromkeys(t.technique for t in result.trials):
+        done = [t.outcome for t in result.trials_of(name) if t.outcome is not None]
+        first = [o.extra["first_step_s"] for o in done if o.extra.get("first_step_s") is not None]
+        if first:
+            lines.append(
+                f"{name}: first step (compiling) {', '.join(f'{v:.2f}' for v in first)} s; "
+                "time and energy include it"
+            )
+        trig = [o.extra for o in done if "early_stop_triggered" in o.extra]
+        if trig:
+            hits = [e["stopped_after_segment"] for e in trig if e["early_stop_triggered"]]
+            lines.append(
+                f"{name}: diminishing-returns point reached in {len(hits)} of {len(trig)} "
+                "repeats" + (f" (after segment {', '.join(map(str, hits))})" if hits else "")
+            )
+        pruned = [o.extra["pruned_weight_frac"] for o in done if "pruned_weight_frac" in o.extra]
+        if pruned:
+            lines.append(
+                f"{name}: {statistics.fmean(pruned):.0%} of the pruned layers' weights zero "
+                "(dense FLOPs unchanged)"
+            )
+    return lines
+
+
 def format_report(result: TuneResult) -> str:
     """The session's report as Markdown: ranked table, skipped techniques, recommendation."""
     rows = summarize(result)
@@ -364,6 +391,9 @@ def format_report(result: TuneResult) -> str:
     if result.notes:
         out += ["", "How each was measured:"]
         out += [f"- {n}: {note}" for n, note in result.notes.items()]
+    observed = _observed(result)
+    if observed:
+        out += ["", "Observed:"] + [f"- {line}" for line in observed]
     rec = recommendation(result)
     out += ["", f"Combination: {result.combination_note or '-'}"]
     if rec["refused"]:

@@ -67,6 +67,25 @@ class TuneResult:
     def trials_of(self, technique: str) -> list[Trial]:
         return [t for t in self.trials if t.technique == technique and t.outcome is not None]
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TuneResult:
+        """Rebuild a session from its ``tune-<session>.json`` (e.g. to re-print its report)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"trials"}
+        result = cls(**{k: v for k, v in data.items() if k in fields})
+        for t in data.get("trials", []):
+            o = t.get("outcome")
+            result.trials.append(
+                Trial(
+                    technique=t["technique"],
+                    repeat=t["repeat"],
+                    settings=t["settings"],
+                    kind=t.get("kind", "training"),
+                    outcome=None if o is None else Outcome(**o),
+                    error=t.get("error"),
+                )
+            )
+        return result
+
     def to_json(self) -> dict[str, Any]:
         from h3optim.tune.report import recommendation, summarize
 

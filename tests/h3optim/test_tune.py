@@ -173,7 +173,10 @@ def test_session_is_written_and_grouped_in_h3_report(
     data = json.loads((out / f"tune-{result.session}.json").read_text())
     assert len(data["trials"]) == 4 and data["interrupted"] is False
     assert {r["technique"] for r in data["summary"]} == {t.technique for t in result.trials}
-    assert (out / f"tune-{result.session}-report.md").read_text().startswith("h3-tune session")
+    report = (out / f"tune-{result.session}-report.md").read_text()
+    assert report == format_report(result) + "\n"
+    assert h3_tune(["--report", str(out / f"tune-{result.session}.json")]) == 0
+    assert capsys.readouterr().out == report  # the saved JSON rebuilds the same report
     monkeypatch.setenv("H3D_TOKEN", tune_daemon.token)
     assert h3_report(["--tune", result.session, "--url", tune_daemon.url]) == 0
     text = capsys.readouterr().out
