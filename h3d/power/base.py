@@ -17,6 +17,12 @@ SOURCES = (
     "nvml_counter",
     "nvml_power_instant",
     "nvml_power_average",  # nvmlDeviceGetPowerUsage: a 1 s average on newer GPUs
+    "amdsmi_counter",
+    "amdsmi_power_current",
+    "amdsmi_power_average",
+    "intel_hwmon",  # i915/xe hwmon energy1_input
+    "level_zero",  # Level Zero Sysman energy counter (pyzes)
+    "jetson_ina3221",  # polled rail power, integrated by trapezoid
     "rapl",
     "ioreport",
     "powermetrics",
@@ -42,6 +48,7 @@ class DeviceInfo:
     index: int | None = None
     power_limit_w: float | None = None
     granularity_s: float | None = None  # update period of the counter/power field, if known
+    note: str = ""  # a caveat or a fallback taken at start-up, for `h3d doctor` and the log
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from h3d.power import apple, nvml, rapl
+from h3d.power import amdsmi, apple, nvml, rapl
 from h3d.power.base import PowerBackend
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,17 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
             return "reboot (or reload the nvidia modules) after the driver update"
         return "" if "no device" in reason else "check that `nvidia-smi` works for this user"
 
+    def amd_fix(reason: str) -> str:
+        if "not importable" in reason:
+            return "`pip install 'h3[amd]'` (and ROCm >= 6 with the amdgpu driver)"
+        if "libamd_smi.so" in reason:
+            return "install ROCm's amd-smi-lib (`amd-smi` must work), or set ROCM_PATH"
+        if "permission" in reason:
+            return "run h3d as a user in the render and video groups"
+        if "driver" in reason or "initialise" in reason:
+            return "load the amdgpu driver (`sudo modprobe amdgpu`); `amd-smi list` must work"
+        return ""
+
     def rapl_fix(reason: str) -> str:
         if "root-only" in reason or "does not exist" in reason:
             return ""  # the reason already says how, or there is nothing to fix
@@ -81,6 +92,7 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
 
     return [
         _probe("nvml", nvml_fix, lambda: nvml.discover(probe_period=nvml_period)),
+        _probe("amdsmi", amd_fix, lambda: amdsmi.discover(check_s=0.25 if nvml_period else 0)),
         _probe("rapl", rapl_fix, lambda: rapl.discover(powercap_root)),
         _probe("apple", apple_fix, _apple),
     ]
