@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/sys/class/powercap")
 PERMISSION_FIX = (
-    "energy_uj is root-only (CVE-2020-8694): until reboot, "
+    "energy_uj is root-only (CVE-2020-8694): `h3d setup-rapl` prints a udev rule that gives "
+    "one group read access and a systemd unit running h3d in that group; until reboot, "
     "`sudo chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj "
     "/sys/class/powercap/intel-rapl:*:*/energy_uj`; for good, a udev rule "
     '(`SUBSYSTEM=="powercap", ACTION=="add", RUN+="/bin/chmod a+r /sys%p/energy_uj"` in '
