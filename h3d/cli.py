@@ -158,15 +158,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _resolve(c: DaemonClient, ref: str) -> str:
-    """A run id, a unique id prefix, or an exact name (newest wins)."""
-    page = c.get("/v1/runs", params={"limit": 1000})
-    ids: list[str] = [r["id"] for r in page["data"] if r["id"].startswith(ref)]
-    if len(ids) == 1:
-        return ids[0]
-    named: list[str] = [r["id"] for r in page["data"] if r["name"] == ref]
-    if named:
-        return named[0]
-    return ref  # let the daemon say 404
+    """A run id, a run name (newest wins) or a unique id prefix, resolved by the daemon."""
+    return str(c.get("/v1/runs/resolve", params={"ref": ref})["id"])
 
 
 def print_report(rep: dict[str, Any]) -> None:
