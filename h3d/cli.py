@@ -170,6 +170,11 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
     for d in e["by_device"]:
         print(f"    {d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}")
+    if e.get("carbon_source", "none") != "none":
+        print(f"  carbon       {_fmt(e.get('co2e_g'), ' gCO2e')}  source={e['carbon_source']}")
+        print(f"               {e.get('carbon_detail', '')}")
+    elif "carbon_source" in e:
+        print("  carbon       unknown (no intensity set: H3D_CARBON_INTENSITY_G_PER_KWH, ...)")
     print(
         f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
         f"(smoothed over {eta['smoothing_batches']} batches)"

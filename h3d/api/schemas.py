@@ -212,6 +212,15 @@ class EnergyPublic(BaseModel):
     t_end: float
     duration_s: float
     by_device: list[DeviceEnergy]
+    co2e_g: float | None = Field(
+        None,
+        description="Grams of CO2e: the run's energy over time x the grid intensity then "
+        "(null when no intensity is configured; never guessed).",
+    )
+    carbon_source: str = Field(
+        "none", description="constant | region_average | timeseries | live | none"
+    )
+    carbon_detail: str = Field("", description="Data set, zone or file; any fallback taken.")
 
 
 class EtaPublic(BaseModel):
