@@ -21,7 +21,7 @@ from h3d import carbon
 from h3d import efficiency as eff
 from h3d.downsample import lttb
 from h3d.energy import EnergyCurve
-from h3d.power.base import MEASURED_SOURCES
+from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
 from h3d.storage.models import Device, Run
 
@@ -119,6 +119,7 @@ class EnergyModel:
                     "gaps_s": integral.gaps_s,
                     "granularity_s": m.dev.granularity_s,
                     "below_granularity": integral.below_granularity,
+                    "caveat": caveat(m.dev.source, m.dev.model or ""),
                 }
             )
         sources: set[str] = {d["source"] for d in by_device}

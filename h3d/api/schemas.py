@@ -197,6 +197,9 @@ class DeviceEnergy(BaseModel):
         description="The window is shorter than the device's update period: the figure is "
         "interpolated between updates, not resolved."
     )
+    caveat: str | None = Field(
+        None, description="What this device's figure cannot see (e.g. part-time power sensors)."
+    )
 
 
 class EnergyPublic(BaseModel):

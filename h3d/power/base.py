@@ -32,6 +32,20 @@ SOURCES = (
 MEASURED_SOURCES = frozenset(SOURCES) - {"estimated", "none"}
 
 
+PART_TIME_CAVEAT = (
+    "polled power: on A100/H100 the power field is refreshed from a sensor that covers about "
+    "a quarter of the runtime (Yang et al., 'Part-time Power Measurements', SC'24), so this "
+    "integral can miss or over-weight short phases; the energy counter would not"
+)
+
+
+def caveat(source: str, model: str) -> str | None:
+    """The caveat an energy figure from this device must carry, if any."""
+    if source.startswith("nvml_power") and any(m in model.upper() for m in ("A100", "H100")):
+        return PART_TIME_CAVEAT
+    return None
+
+
 class PowerBackendError(Exception):
     """A device could not be read (vendor error translated at the boundary)."""
 
