@@ -94,7 +94,9 @@ def probe_all(
             return "`sudo h3d setup-rapl` shows the udev pattern; adapt it to the hwmon file"
         if "without an energy counter" in reason:
             return "nothing to fix: the integrated GPU is inside the RAPL package figure"
-        return ""
+        if "does not exist" in reason or "no i915/xe" in reason:
+            return ""  # no Intel GPU here
+        return "Level Zero: install level-zero and the compute runtime, `pip install 'h3[intel]'`"
 
     def rapl_fix(reason: str) -> str:
         if "root-only" in reason:
@@ -111,7 +113,7 @@ def probe_all(
     return [
         _probe("nvml", nvml_fix, lambda: nvml.discover(probe_period=nvml_period)),
         _probe("amdsmi", amd_fix, lambda: amdsmi.discover(check_s=0.25 if nvml_period else 0)),
-        _probe("intel", intel_fix, lambda: intel.discover(drm_root)),
+        _probe("intel", intel_fix, lambda: intel.discover_all(drm_root)),
         _probe("jetson", lambda r: "", lambda: jetson.discover(hwmon_root)),
         _probe("rapl", rapl_fix, lambda: rapl.discover(powercap_root)),
         _probe("apple", apple_fix, _apple),

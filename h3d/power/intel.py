@@ -8,6 +8,10 @@ the ``card`` counter is preferred because it covers the whole board. The drivers
 accumulate the hardware's 32-bit register into 64 bits, so the file does not wrap; a value
 that steps backwards (driver reload) is re-based, never counted negative.
 
+Where ``pyzes`` (Level Zero Sysman) is installed, GPUs that hwmon does not cover are read
+through ``zesPowerGetEnergyCounter`` (``level_zero``): the device-level power domain, or
+the sum of the tiles' domains. A GPU read by hwmon is never read again through Level Zero.
+
 Integrated GPUs (and i915 before Linux 6.2) have no hwmon energy: on those the GPU is part
 of the CPU package that RAPL measures. The drm root is a constructor argument so tests
 read a tree laid out as the kernel lays it out.
@@ -15,9 +19,11 @@ read a tree laid out as the kernel lays it out.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
 
@@ -126,3 +132,132 @@ def discover(root: Path = DEFAULT_ROOT) -> list[IntelGpu]:
             )
         raise PowerBackendError("no i915/xe GPU with a hwmon directory")
     return gpus
+
+
+# --- Level Zero Sysman (pyzes), where it is installed ------------------------------------
+
+ZE_RESULT_SUCCESS = 0
+_ZE_REASONS = {
+    0x70010000: "insufficient permissions (ZE_RESULT_ERROR_INSUFFICIENT_PERMISSIONS)",
+    0x70020000: "a dependency is unavailable (is the GPU driver loaded?)",
+    0x78000001: "Sysman is not initialised (ZE_RESULT_ERROR_UNINITIALIZED)",
+    0x78000003: "not supported by this GPU or driver",
+}
+
+
+def import_pyzes() -> Any:
+    try:
+        import pyzes
+    except (Exception, SystemExit) as exc:
+        if "ze_loader" in str(exc) or isinstance(exc, OSError):
+            raise PowerBackendError(
+                "the Level Zero loader (libze_loader.so) is not installed: install "
+                "level-zero and the Intel compute runtime"
+            ) from exc
+        raise PowerBackendError(
+            f"pyzes is not importable ({type(exc).__name__}: {exc}); `pip install pyzes`"
+        ) from exc
+    return pyzes
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != ZE_RESULT_SUCCESS:
+        raise PowerBackendError(f"Level Zero {what}: {_ZE_REASONS.get(rc, f'error {rc:#x}')}")
+
+
+class LevelZeroGpu:
+    """One Intel GPU's Sysman energy counter (µJ, 64-bit): the device-level power domain,
+    or the sum of its tiles' domains when it has no device-level one."""
+
+    def __init__(self, zes: Any, domains: list[Any], *, pci: str, tiles: bool) -> None:
+        self.zes = zes
+        self.domains = domains
+        self._last = self._raw_uj()
+        self._total_uj = 0
+        self.info = DeviceInfo(
+            name=f"intel:{pci}",
+            kind="gpu",
+            source="level_zero",
+            model=f"Intel GPU {pci} (Level Zero Sysman)",
+            note="sum of the tiles' power domains" if tiles else "",
+        )
+
+    def _raw_uj(self) -> int:
+        total = 0
+        for h in self.domains:
+            counter = self.zes.zes_power_energy_counter_t()
+            _check(self.zes.zesPowerGetEnergyCounter(h, ctypes.byref(counter)), "energy")
+            total += int(counter.energy)
+        return total
+
+    def read(self) -> PowerReading:
+        cur = self._raw_uj()
+        if cur >= self._last:
+            self._total_uj += cur - self._last
+        else:
+            logger.warning("%s: energy counter went backwards; re-based", self.info.name)
+        self._last = cur
+        return PowerReading(energy_j=self._total_uj / 1e6)
+
+    def close(self) -> None:
+        pass
+
+
+def _handles(zes: Any, fn: Any, kind: Any, *args: Any) -> list[Any]:
+    count = ctypes.c_uint32(0)
+    _check(fn(*args, ctypes.byref(count), None), fn.__name__)
+    arr = (kind * count.value)()
+    if count.value:
+        _check(fn(*args, ctypes.byref(count), arr), fn.__name__)
+    return [arr[i] for i in range(count.value)]
+
+
+def level_zero_discover(skip_pci: frozenset[str] = frozenset()) -> list[LevelZeroGpu]:
+    """Every Intel GPU Sysman sees, except those at ``skip_pci`` (already read by hwmon:
+    the same joules must not be counted twice)."""
+    zes = import_pyzes()
+    _check(zes.zesInit(0), "zesInit")
+    gpus: list[LevelZeroGpu] = []
+    for drv in _handles(zes, zes.zesDriverGet, zes.zes_driver_handle_t):
+        for dev in _handles(zes, zes.zesDeviceGet, zes.zes_device_handle_t, drv):
+            pci_props = zes.zes_pci_properties_t()
+            pci_props.stype = zes.ZES_STRUCTURE_TYPE_PCI_PROPERTIES
+            _check(zes.zesDevicePciGetProperties(dev, ctypes.byref(pci_props)), "PCI")
+            a = pci_props.address
+            pci = f"{a.domain:04x}:{a.bus:02x}:{a.device:02x}.{a.function:x}"
+            if pci in skip_pci:
+                continue
+            whole: list[Any] = []
+            tiles: list[Any] = []
+            for h in _handles(zes, zes.zesDeviceEnumPowerDomains, zes.zes_pwr_handle_t, dev):
+                props = zes.zes_power_properties_t()
+                props.stype = zes.ZES_STRUCTURE_TYPE_POWER_PROPERTIES
+                _check(zes.zesPowerGetProperties(h, ctypes.byref(props)), "power properties")
+                (tiles if props.onSubdevice else whole).append(h)
+            domains = whole[:1] or tiles
+            if not domains:
+                logger.info("Level Zero GPU %s has no power domain", pci)
+                continue
+            try:
+                gpus.append(LevelZeroGpu(zes, domains, pci=pci, tiles=not whole))
+            except PowerBackendError as exc:
+                logger.warning("Level Zero GPU %s: %s", pci, exc)
+    return gpus
+
+
+def discover_all(root: Path = DEFAULT_ROOT) -> list[IntelGpu | LevelZeroGpu]:
+    """hwmon counters first; Level Zero Sysman for the GPUs hwmon does not cover."""
+    found: list[IntelGpu | LevelZeroGpu] = []
+    reasons: list[str] = []
+    try:
+        found.extend(discover(root))
+    except PowerBackendError as exc:
+        reasons.append(f"hwmon: {exc}")
+    skip = frozenset(g.info.name.removeprefix("intel:") for g in found)
+    try:
+        found.extend(level_zero_discover(skip))
+    except PowerBackendError as exc:
+        reasons.append(f"Level Zero: {exc}")
+    if not found:
+        raise PowerBackendError("; ".join(reasons))
+    return found

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import ctypes
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from h3d.power.base import PowerBackendError
 from h3d.power.sampler import PowerSampler
 from h3d.storage import migrate
 from h3d.storage.engine import make_engine, make_sessionmaker
+from tests.h3d import fake_pyzes as fz
 
 
 def drm_tree(root: Path, cards: dict[str, dict[str, str]]) -> Path:
@@ -173,3 +178,77 @@ def test_probes_list_every_backend_with_a_reason(tmp_path: Path) -> None:
     assert "intel:0000:03:00.0 (intel_hwmon)" in probes["intel"].reason
     assert "jetson:VDD_IN (jetson_ina3221)" in probes["jetson"].reason
     assert {"nvml", "amdsmi", "intel", "jetson", "rapl", "apple"} <= set(probes)
+
+
+# --- Level Zero Sysman through a fake pyzes --------------------------------------------
+
+
+def test_level_zero_counter_for_gpus_hwmon_does_not_cover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiles = fz.FakeZeGpu(bus=0x4, domains=[fz.Domain(10, True), fz.Domain(20, True)])
+    card = fz.FakeZeGpu(bus=0x3, domains=[fz.Domain(5, True), fz.Domain(1_000_000, False)])
+    monkeypatch.setitem(sys.modules, "pyzes", fz.make_module([card, tiles]))
+    cls = drm_tree(tmp_path, {"0000:03:00.0": {"name": "i915", "energy1_input": "1"}})
+    found = intel.discover_all(cls)
+    # the card at 03:00.0 is read once, by hwmon; the one at 04:00.0 by Level Zero (tiles)
+    assert [(g.info.name, g.info.source) for g in found] == [
+        ("intel:0000:03:00.0", "intel_hwmon"),
+        ("intel:0000:04:00.0", "level_zero"),
+    ]
+    lz = found[1]
+    assert "tiles" in lz.info.note and lz.read().energy_j == 0.0
+    tiles.domains[0].energy_uj += 1_500_000
+    tiles.domains[1].energy_uj += 500_000
+    assert lz.read().energy_j == pytest.approx(2.0)
+    # without hwmon, the device-level domain of the card is used (not its tile as well)
+    (only,) = [g for g in intel.level_zero_discover() if g.info.name.endswith("03:00.0")]
+    card.domains[1].energy_uj += 3_000_000
+    card.domains[0].energy_uj += 999
+    assert only.read().energy_j == pytest.approx(3.0)
+
+
+def test_level_zero_failures_are_reasons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(
+        sys.modules, "pyzes", fz.make_module([], init_rc=fz.ZE_RESULT_ERROR_DEPENDENCY_UNAVAILABLE)
+    )
+    with pytest.raises(PowerBackendError, match="hwmon: .*; Level Zero: .*driver loaded"):
+        intel.discover_all(tmp_path / "none")
+    monkeypatch.setitem(sys.modules, "pyzes", None)  # not installed
+    with pytest.raises(PowerBackendError, match="pyzes is not importable"):
+        intel.level_zero_discover()
+
+
+def test_the_fake_pyzes_matches_the_real_package() -> None:
+    spec = importlib.util.find_spec("pyzes")
+    if spec is None or spec.origin is None:
+        pytest.skip("pyzes is not installed")
+    tree = ast.parse(Path(spec.origin).read_text())
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    consts = {
+        n.targets[0].id: n.value.value
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+        and isinstance(n.targets[0], ast.Name)
+        and isinstance(n.value, ast.Constant)
+    }
+    fake = fz.make_module([])
+    for name in dir(fake):
+        obj = getattr(fake, name)
+        if name.startswith("zes") and callable(obj) and not isinstance(obj, type):
+            real_args = [a.arg for a in funcs[name].args.args]
+            assert obj.__code__.co_varnames[: obj.__code__.co_argcount] == tuple(real_args), name
+        elif name.startswith("ZE"):
+            assert consts[name] == obj, name
+        elif isinstance(obj, type) and issubclass(obj, ctypes.Structure):
+            (assign,) = [
+                n
+                for n in classes[name].body
+                if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "_fields_"
+            ]
+            assert isinstance(assign.value, ast.List)
+            real_fields = [ast.literal_eval(e.elts[0]) for e in assign.value.elts]  # type: ignore[attr-defined]
+            assert [f[0] for f in obj._fields_] == real_fields, name
+        elif isinstance(obj, type) and issubclass(obj, ctypes.c_void_p):
+            assert name in classes, name
