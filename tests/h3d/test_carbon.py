@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from h3client import H3Profiler
 from h3d import carbon
 from h3d.config import Settings
 from h3d.energy import EnergyCurve
@@ -227,6 +228,15 @@ def test_api_report_show_and_metrics_carry_co2e(daemon_factory: Any) -> None:
         assert e["co2e_g"] > 0
         rep = api.get(f"/v1/runs/{run['id']}/report").json()
         assert rep["co2e_g"] == pytest.approx(e["co2e_g"]) and rep["carbon_source"] == "constant"
+    # the profiler's results carry the daemon's figure through
+    prof = H3Profiler("carbon", url=d.url, data_dir=d.data_dir)
+    prof.start()
+    for i in range(20):
+        prof.log_batch(2.0 / (1 + i))
+        time.sleep(0.01)
+    results = prof.stop()
+    assert results["carbon_source"] == "constant"
+    assert results["co2e_g"] == pytest.approx(results["total_energy_j"] * 300 / 3.6e6, rel=1e-9)
     out = subprocess.run(
         [sys.executable, "-m", "h3d", "show", run["id"]],
         env=d.env,
