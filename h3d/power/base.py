@@ -9,8 +9,12 @@ cumulative counter that only ever grows for the life of the backend object.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
 
 #: Every provenance a figure can carry. ``none`` means "no device could be read".
 SOURCES = (
@@ -82,3 +86,31 @@ class PowerBackend(Protocol):
     def read(self) -> PowerReading: ...
 
     def close(self) -> None: ...
+
+
+def read_sysfs_int(path: Path, permission_fix: str) -> int:
+    """An integer sysfs file; a permission error carries ``permission_fix``."""
+    try:
+        return int(path.read_text().strip())
+    except PermissionError as exc:
+        raise PowerBackendError(f"{path}: {permission_fix}") from exc
+    except (OSError, ValueError) as exc:
+        raise PowerBackendError(f"{path}: unreadable ({exc})") from exc
+
+
+class MicrojouleCounter:
+    """A 64-bit µJ counter as energy since it was opened: a value that steps back (a driver
+    reload) is re-based, never counted negative."""
+
+    def __init__(self, name: str, first_uj: int) -> None:
+        self.name = name
+        self._last = first_uj
+        self._total_uj = 0
+
+    def energy_j(self, cur_uj: int) -> float:
+        if cur_uj >= self._last:
+            self._total_uj += cur_uj - self._last
+        else:
+            logger.warning("%s: energy counter went backwards; re-based", self.name)
+        self._last = cur_uj
+        return self._total_uj / 1e6

@@ -25,7 +25,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+from h3d.power.base import (
+    DeviceInfo,
+    MicrojouleCounter,
+    PowerBackendError,
+    PowerReading,
+    read_sysfs_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +45,7 @@ PERMISSION_FIX = (
 
 
 def _read_uj(path: Path) -> int:
-    try:
-        return int(path.read_text().strip())
-    except PermissionError as exc:
-        raise PowerBackendError(f"{path}: {PERMISSION_FIX}") from exc
-    except (OSError, ValueError) as exc:
-        raise PowerBackendError(f"{path}: unreadable ({exc})") from exc
+    return read_sysfs_int(path, PERMISSION_FIX)
 
 
 def _energy_file(hwmon: Path) -> Path | None:
@@ -64,21 +65,14 @@ class IntelGpu:
 
     def __init__(self, energy_file: Path, *, pci: str, driver: str, model: str) -> None:
         self.path = energy_file
-        self._last = _read_uj(energy_file)
-        self._total_uj = 0
         self.info = DeviceInfo(
             name=f"intel:{pci}", kind="gpu", source="intel_hwmon", model=model, uuid=None
         )
+        self._counter = MicrojouleCounter(self.info.name, _read_uj(energy_file))
         self.driver = driver
 
     def read(self) -> PowerReading:
-        cur = _read_uj(self.path)
-        if cur >= self._last:
-            self._total_uj += cur - self._last
-        else:
-            logger.warning("%s: energy counter went backwards; re-based", self.info.name)
-        self._last = cur
-        return PowerReading(energy_j=self._total_uj / 1e6)
+        return PowerReading(energy_j=self._counter.energy_j(_read_uj(self.path)))
 
     def close(self) -> None:
         pass
@@ -172,8 +166,6 @@ class LevelZeroGpu:
     def __init__(self, zes: Any, domains: list[Any], *, pci: str, tiles: bool) -> None:
         self.zes = zes
         self.domains = domains
-        self._last = self._raw_uj()
-        self._total_uj = 0
         self.info = DeviceInfo(
             name=f"intel:{pci}",
             kind="gpu",
@@ -181,6 +173,7 @@ class LevelZeroGpu:
             model=f"Intel GPU {pci} (Level Zero Sysman)",
             note="sum of the tiles' power domains" if tiles else "",
         )
+        self._counter = MicrojouleCounter(self.info.name, self._raw_uj())
 
     def _raw_uj(self) -> int:
         total = 0
@@ -191,13 +184,7 @@ class LevelZeroGpu:
         return total
 
     def read(self) -> PowerReading:
-        cur = self._raw_uj()
-        if cur >= self._last:
-            self._total_uj += cur - self._last
-        else:
-            logger.warning("%s: energy counter went backwards; re-based", self.info.name)
-        self._last = cur
-        return PowerReading(energy_j=self._total_uj / 1e6)
+        return PowerReading(energy_j=self._counter.energy_j(self._raw_uj()))
 
     def close(self) -> None:
         pass

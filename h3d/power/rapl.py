@@ -20,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading, read_sysfs_int
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,7 @@ PLATFORM_ZONES = frozenset({"psys"})
 
 
 def _read_int(path: Path) -> int:
-    try:
-        return int(path.read_text().strip())
-    except PermissionError as exc:
-        raise PowerBackendError(f"{path}: {PERMISSION_FIX}") from exc
-    except (OSError, ValueError) as exc:
-        raise PowerBackendError(f"{path}: unreadable ({exc})") from exc
+    return read_sysfs_int(path, PERMISSION_FIX)
 
 
 class RaplZone:
