@@ -160,6 +160,16 @@ class H3Optimizer(Optimizer):
         self.lr_history: list[float] = []  # the step after each curvature update
         self.lipschitz_history: list[float] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles (and deep-copies) defaults, state and param_groups only:
+        # bring the skip counters up to date and keep the step's history with them
+        self._flush_skips()
+        return {
+            **super().__getstate__(),
+            "lr_history": self.lr_history,
+            "lipschitz_history": self.lipschitz_history,
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:

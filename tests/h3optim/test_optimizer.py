@@ -123,13 +123,17 @@ def test_a_pickled_optimizer_keeps_working() -> None:
 
         return closure
 
-    for _ in range(3):
+    for _ in range(4):  # the probe at step 2 sees no displacement yet; step 4's adapts
         opt.step(closure_for(opt, x))
-    opt2 = pickle.loads(pickle.dumps(opt))  # carries defaults, state and param_groups only
+    x.grad = torch.full_like(x, float("nan"))
+    opt.step()  # a skip, counted on the device and not yet folded into the state
+    opt2 = pickle.loads(pickle.dumps(opt))
+    assert opt2.lr_history == opt.lr_history and len(opt2.lr_history) == 1
+    assert opt2.skipped_steps == 1
     x2 = opt2.param_groups[0]["params"][0]
     for _ in range(4):
         opt2.step(closure_for(opt2, x2))
-    assert opt2.lr_history and opt2.skipped_steps == 0
+    assert len(opt2.lr_history) == 3 and opt2.skipped_steps == 1
 
 
 def test_curvature_estimate_is_exact_on_a_quadratic_in_adams_metric() -> None:
