@@ -279,7 +279,8 @@ class H3Optimizer(Optimizer):
             if flag is None:
                 flag = self._flags.get(b.device)
                 if flag is None:
-                    flag = self._flags[b.device] = torch.zeros((), device=b.device)
+                    flag = torch.zeros((), dtype=torch.float32, device=b.device)
+                    self._flags[b.device] = flag
                 flags[b.device] = flag.zero_()
             mark_nonfinite(b.grads, flag)
         if len(flags) > 1:  # one decision for the whole step, at one transfer per device

@@ -257,11 +257,19 @@ def test_foreach_and_fused_need_each_other_out_and_a_kernel() -> None:
 SHAPES = [(), (1,), (7,), (3, 4), (2, 3, 5), (16, 8)]
 
 
-def _run_random_problem(impl: dict, *, steps: int = 14) -> tuple[list[torch.Tensor], H3Optimizer]:
+def _run_random_problem(
+    impl: dict, *, steps: int = 14, mixed_dtypes: bool = False
+) -> tuple[list[torch.Tensor], H3Optimizer]:
     """Two groups (the second with weight decay), mixed shapes incl. 0-dim and 1-dim, a NaN
-    gradient at step 6, a curvature probe every 3 steps (via a closure)."""
+    gradient at step 6, a curvature probe every 3 steps (via a closure). With
+    ``mixed_dtypes`` every other parameter is float64, so each group has two buckets."""
     gen = torch.Generator().manual_seed(7)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    params = [
+        nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64 if i % 2 else None))
+        if mixed_dtypes
+        else nn.Parameter(torch.randn(s, generator=gen))
+        for i, s in enumerate(SHAPES)
+    ]
     targets = [torch.randn(s, generator=gen) for s in SHAPES]
     opt = H3Optimizer(
         [
@@ -279,7 +287,7 @@ def _run_random_problem(impl: dict, *, steps: int = 14) -> tuple[list[torch.Tens
         def closure(k: int = k) -> torch.Tensor:
             opt.zero_grad()
             loss = sum(
-                (((p - t) ** 2) * (1 + (p - t) ** 2)).sum()
+                (((p - t) ** 2) * (1 + (p - t) ** 2)).sum().float()
                 for p, t in zip(params, targets, strict=True)
             )
             loss.backward()  # type: ignore[union-attr]
@@ -291,10 +299,11 @@ def _run_random_problem(impl: dict, *, steps: int = 14) -> tuple[list[torch.Tens
     return params, opt
 
 
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
-def test_fast_paths_give_the_reference_update(impl: str) -> None:
-    ref_params, ref = _run_random_problem(IMPLS["single"])
-    params, opt = _run_random_problem(IMPLS[impl])
+def test_fast_paths_give_the_reference_update(impl: str, mixed_dtypes: bool) -> None:
+    ref_params, ref = _run_random_problem(IMPLS["single"], mixed_dtypes=mixed_dtypes)
+    params, opt = _run_random_problem(IMPLS[impl], mixed_dtypes=mixed_dtypes)
     assert ref.skipped_steps == opt.skipped_steps == 1
     assert len(ref.lr_history) == len(opt.lr_history) >= 6  # curvature updates happened
     assert opt.lr_history == pytest.approx(ref.lr_history, rel=1e-4)
