@@ -51,7 +51,10 @@ def mlp() -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"MLP 784-256-256-10": mlp, "CNN": cnn}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "MLP 784-256-256-10": mlp,
+    "CNN conv5s2(8)-conv5s2(16)-fc": cnn,
+}
 
 ARMS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "Adam(foreach=True)": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
@@ -209,15 +212,40 @@ def write(
                 f"{max(rs):.2f} | {t_med:.0f} | {min(rt):.2f} / "
                 f"**{statistics.median(rt):.2f}** / {max(rt):.2f} |"
             )
-        h3 = "H3 default (fused)"
+        h3, fused = "H3 default (fused)", "Adam(fused=True)"
         ok_s = statistics.median(ratios(step, h3)) <= STEP_BUDGET
         ok_t = statistics.median(ratios(train, h3)) <= TRAIN_BUDGET
         lines += [
             "",
             f"Budget for the default H3 arm: step {'met' if ok_s else '**missed**'}, "
             f"training step {'met' if ok_t else '**missed**'}.",
-            "",
         ]
+        if fused in step:
+            vs = [a / b for a, b in zip(step[h3], step[fused], strict=True)]
+            vt = [a / b for a, b in zip(train[h3], train[fused], strict=True)]
+            lines.append(
+                f"Against `{fused}` (torch's fastest Adam here; same rounds): step "
+                f"×{statistics.median(vs):.2f}, training step ×{statistics.median(vt):.2f} "
+                "(medians of per-round ratios)."
+            )
+        lines.append("")
+    lines += [
+        "## Reading",
+        "",
+        "- H3's default step is PyTorch's fused AdamW kernel (one pass over each tensor) plus "
+        "one multi-tensor finiteness check, one counter update and the CPU step counters; "
+        "Adam(foreach=True) on the CPU makes about seven passes (the foreach ops have no "
+        "multi-tensor kernel on the CPU, each runs tensor by tensor), so H3 is cheaper than "
+        "its yardstick and close to Adam(fused=True).",
+        "- The training-step ratio carries the curvature probe: one extra forward/backward "
+        "per 10 steps (≈ +10 % of the forward/backward) and one host sync, paid for here by "
+        "the cheaper update. Against Adam(fused=True) that extra compute is what remains.",
+        "- `foreach=True` adds the finiteness check (a read-and-write pass) to Adam's foreach "
+        "passes; `foreach=False` is the per-tensor reference, kept for correctness, not speed.",
+        "- The spread (min/max) comes from the shared machine (load average above 10 on 2 "
+        "cores during the run); the medians of per-round ratios are the figures to use.",
+        "",
+    ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
