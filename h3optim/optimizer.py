@@ -307,10 +307,7 @@ class H3Optimizer(Optimizer):
         torch._foreach_copy_([self.state[p]["snapshot"] for p in params], params)
 
     def _probe(
-        self,
-        everyone: list[tuple[dict[str, Any], list[_Bucket]]],
-        due: list[tuple[dict[str, Any], list[_Bucket]]],
-        closure: Callable[[], Any],
+        self, due: list[tuple[dict[str, Any], list[_Bucket]]], closure: Callable[[], Any]
     ) -> None:
         """One closure call at the due groups' snapshots; adapts their steps (one sync)."""
         ready: list[tuple[dict[str, Any], list[_Bucket]]] = []
@@ -409,7 +406,7 @@ class H3Optimizer(Optimizer):
                 if (int(bs[0].steps[0].item()) + 1) % g["lipschitz_update_interval"] == 0
             ]
             if due:
-                self._probe(groups, due, closure)
+                self._probe(due, closure)
         for group, buckets in groups:
             step = int(buckets[0].steps[0].item()) + 1  # a CPU tensor: no sync
             beta1, beta2 = group["betas"]
