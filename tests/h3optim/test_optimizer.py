@@ -123,13 +123,17 @@ def test_a_pickled_optimizer_keeps_working() -> None:
 
         return closure
 
-    for _ in range(3):
+    for _ in range(4):  # the probe at step 2 sees no displacement yet; step 4's adapts
         opt.step(closure_for(opt, x))
-    opt2 = pickle.loads(pickle.dumps(opt))  # carries defaults, state and param_groups only
+    x.grad = torch.full_like(x, float("nan"))
+    opt.step()  # a skip, counted on the device and not yet folded into the state
+    opt2 = pickle.loads(pickle.dumps(opt))
+    assert opt2.lr_history == opt.lr_history and len(opt2.lr_history) == 1
+    assert opt2.skipped_steps == 1
     x2 = opt2.param_groups[0]["params"][0]
     for _ in range(4):
         opt2.step(closure_for(opt2, x2))
-    assert opt2.lr_history and opt2.skipped_steps == 0
+    assert len(opt2.lr_history) == 3 and opt2.skipped_steps == 1
 
 
 def test_curvature_estimate_is_exact_on_a_quadratic_in_adams_metric() -> None:
@@ -253,11 +257,19 @@ def test_foreach_and_fused_need_each_other_out_and_a_kernel() -> None:
 SHAPES = [(), (1,), (7,), (3, 4), (2, 3, 5), (16, 8)]
 
 
-def _run_random_problem(impl: dict, *, steps: int = 14) -> tuple[list[torch.Tensor], H3Optimizer]:
+def _run_random_problem(
+    impl: dict, *, steps: int = 14, mixed_dtypes: bool = False
+) -> tuple[list[torch.Tensor], H3Optimizer]:
     """Two groups (the second with weight decay), mixed shapes incl. 0-dim and 1-dim, a NaN
-    gradient at step 6, a curvature probe every 3 steps (via a closure)."""
+    gradient at step 6, a curvature probe every 3 steps (via a closure). With
+    ``mixed_dtypes`` every other parameter is float64, so each group has two buckets."""
     gen = torch.Generator().manual_seed(7)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    params = [
+        nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64 if i % 2 else None))
+        if mixed_dtypes
+        else nn.Parameter(torch.randn(s, generator=gen))
+        for i, s in enumerate(SHAPES)
+    ]
     targets = [torch.randn(s, generator=gen) for s in SHAPES]
     opt = H3Optimizer(
         [
@@ -275,7 +287,7 @@ def _run_random_problem(impl: dict, *, steps: int = 14) -> tuple[list[torch.Tens
         def closure(k: int = k) -> torch.Tensor:
             opt.zero_grad()
             loss = sum(
-                (((p - t) ** 2) * (1 + (p - t) ** 2)).sum()
+                (((p - t) ** 2) * (1 + (p - t) ** 2)).sum().float()
                 for p, t in zip(params, targets, strict=True)
             )
             loss.backward()  # type: ignore[union-attr]
@@ -287,10 +299,11 @@ def _run_random_problem(impl: dict, *, steps: int = 14) -> tuple[list[torch.Tens
     return params, opt
 
 
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
-def test_fast_paths_give_the_reference_update(impl: str) -> None:
-    ref_params, ref = _run_random_problem(IMPLS["single"])
-    params, opt = _run_random_problem(IMPLS[impl])
+def test_fast_paths_give_the_reference_update(impl: str, mixed_dtypes: bool) -> None:
+    ref_params, ref = _run_random_problem(IMPLS["single"], mixed_dtypes=mixed_dtypes)
+    params, opt = _run_random_problem(IMPLS[impl], mixed_dtypes=mixed_dtypes)
     assert ref.skipped_steps == opt.skipped_steps == 1
     assert len(ref.lr_history) == len(opt.lr_history) >= 6  # curvature updates happened
     assert opt.lr_history == pytest.approx(ref.lr_history, rel=1e-4)
