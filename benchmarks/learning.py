@@ -388,6 +388,14 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
             if r["task"] == key:
                 by_arm.setdefault(r["arm"], {})[r["seed"]] = r
         if "uniform Adam" not in by_arm:
+            lines += [
+                f"## {task.name}",
+                "",
+                f"Not run (`--tasks {key}`: {task.epochs} epochs, batch {task.batch}"
+                + (f", {task.train_subset} training samples" if task.train_subset else "")
+                + "); the shared machine did not leave the time.",
+                "",
+            ]
             continue
         uni = by_arm["uniform Adam"]
         lines += [
@@ -417,6 +425,15 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
                 f"{_ms(flips, 1)} |"
             )
         lines.append("")
+        lines.append(
+            "When each arm ran (UTC; a rerun after a fix makes an arm's wall and energy ratios "
+            "cross-time, not same-run): "
+            + "; ".join(
+                f"{a} {min(r['when'] for r in rs.values())[11:16]}–{max(r['when'] for r in rs.values())[11:16]}"
+                for a, rs in by_arm.items()
+            )
+            + "."
+        )
         lines.append(
             "Energy source: "
             + ", ".join(sorted({r["energy_source"] for a in by_arm.values() for r in a.values()}))
@@ -463,7 +480,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
         lines.append("")
     if headline:
         lines += [
-            "## Headline: AutoH3 (balanced) against uniform Adam, same run",
+            "## Headline: AutoH3 (balanced) against uniform Adam, medians of per-seed ratios",
             "",
             "| task | seeds | Δ accuracy (points) | samples | wall time | energy | target |",
             "|---|---:|---:|---:|---:|---:|---|",
