@@ -42,8 +42,8 @@ _ALREADY = {"run_exists", "run_finished"}
 
 
 @contextlib.contextmanager
-def _locked(path: Path, mode: str) -> Iterator[Any]:
-    with open(path, mode) as f:
+def _locked(path: Path, mode: str, buffering: int = -1) -> Iterator[Any]:
+    with open(path, mode, buffering=buffering) as f:
         if fcntl is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -53,6 +53,25 @@ def _locked(path: Path, mode: str) -> Iterator[Any]:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _locked_for_append(path: Path) -> Iterator[Any]:
+    """Open ``path`` for appending under its lock, never to a file a replay just deleted.
+
+    A replay deletes the file while it holds the lock; an append that opened the file
+    before that and then waited for the lock would write into the deleted inode (and its
+    lines would be gone). So after locking, check that the path still names the open file.
+    """
+    while True:
+        with _locked(path, "ab", buffering=0) as f:
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield f
+                return
+
+
 class Spool:
     """The spool file of one run."""
 
@@ -60,14 +79,34 @@ class Spool:
         self.path = spool_dir / f"{run_id}.jsonl"
         self.run_id = run_id
 
-    def append(self, op: str, body: dict[str, Any]) -> None:
-        """Append one operation durably. Raises OSError (disk full, read-only) to the caller."""
+    def append(self, op: str, body: dict[str, Any] | str) -> None:
+        """Append one operation durably (``body`` as a dict or as its JSON text).
+
+        Raises OSError (disk full, read-only) to the caller.
+        """
+        text = body if isinstance(body, str) else json.dumps(body)
+        self.append_lines([(op, text)])
+
+    def append_lines(self, ops: list[tuple[str, str]]) -> None:
+        """Append operations (op, body JSON text) with one write and one fsync."""
+        if not ops:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"v": VERSION, "op": op, "run_id": self.run_id, "body": body}) + "\n"
-        with _locked(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        head = '{"v": %d, "op": "%s", "run_id": "%s", "body": '
+        data = "".join(head % (VERSION, op, self.run_id) + text + "}\n" for op, text in ops)
+        with _locked_for_append(self.path) as f:
+            fd = f.fileno()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data.encode())
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # a half-written line must not be replayed: cut the file back to before it
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
 
     def exists(self) -> bool:
         return self.path.exists() and self.path.stat().st_size > 0
