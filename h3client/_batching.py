@@ -173,10 +173,16 @@ def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str], lis
         if kind == "f" and not bool(torch.isfinite(block).all()):
             block = torch.where(torch.isfinite(block), block, torch.full_like(block, math.nan))
         view = memoryview(_tensor_bytes(block))
-        offsets = [0, *accumulate(sizes)]
-        for i, a, b in zip(tpos, offsets, offsets[1:], strict=False):
-            out[i] = _b64(view[a * width : b * width])
-            lens[i] = b - a
+        ends = list(accumulate(n * width for n in sizes))
+        b2a = binascii.b2a_base64
+        texts = [
+            f'"{b2a(view[a:b], newline=False).decode("ascii")}"'
+            for a, b in zip([0, *ends], ends, strict=False)
+        ]
+        if len(tpos) == len(vals):  # the common case: every batch has a tensor
+            return texts, sizes
+        for i, text, n in zip(tpos, texts, sizes, strict=True):
+            out[i], lens[i] = text, n
     for i, v in enumerate(vals):
         if v is None or lens[i] >= 0:
             continue
@@ -192,9 +198,15 @@ def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str], lis
     return out, lens
 
 
+_INT_OR_NONE = {int, type(None)}
+
+
 def _json_column(col: Sequence[Any]) -> list[str]:
     """JSON text of each value (ints, the common case, without json.dumps per value)."""
-    if all(v is None or type(v) is int for v in col):
+    types = set(map(type, col))
+    if types == {int}:
+        return list(map(str, col))
+    if types <= _INT_OR_NONE:
         return ["null" if v is None else str(v) for v in col]
     return [json.dumps(v) for v in col]
 

@@ -7,7 +7,6 @@ on the training thread, and httpx (~90 ms to import) is left to the sender threa
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
     Returns None if it did not become healthy in time (its log is ``<data dir>/h3d.log``).
     The daemon is a separate program: h3client never imports it.
     """
+    import subprocess
+
     data_dir.mkdir(parents=True, exist_ok=True)
     before = read_daemon_file(data_dir)
     with open(data_dir / "h3d.log", "ab") as log:

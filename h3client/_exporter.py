@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from h3client._spool import Spool, replay_spool
 from h3client.client import Client
@@ -31,8 +30,7 @@ Outcome = Literal["sent", "rejected", "down"]
 _ALREADY = ("run_exists", "run_finished")
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One operation, encoded once: what is posted and, if need be, what is spooled."""
 
     op: str  # "create", "batches", "epochs", "update"

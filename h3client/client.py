@@ -6,9 +6,7 @@ stays cheap, and a profiler's sender thread pays for the HTTP stack, not the tra
 
 from __future__ import annotations
 
-import gzip
 import json
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +53,8 @@ class Client:
     def http(self) -> httpx.Client:
         """The ``httpx.Client`` (created, and httpx imported, on first use)."""
         if self._http is None:
+            import socket
+
             import httpx
 
             if self._closed:
@@ -90,6 +90,8 @@ class Client:
 
         Bodies of 4 KiB or more travel gzipped (one compression per request).
         """
+        import gzip
+
         import httpx
 
         headers = dict(self._headers)

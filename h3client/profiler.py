@@ -6,11 +6,9 @@ import atexit
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
-import uuid
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -155,6 +153,8 @@ class H3Profiler:
         """Open the run (idempotent). Never raises: without a daemon it runs offline."""
         if self._proc is not None:
             return self
+        import socket  # here, not at import: ``import h3client`` stays light
+
         cfg = resolve(self._url, self._token, self._data_dir)
         url = ensure_daemon(cfg, autostart=self.autostart) if self._http is None else cfg.url
         if url is not None and url != cfg.url:
@@ -162,7 +162,7 @@ class H3Profiler:
         self._client = Client(cfg.url, cfg.token, data_dir=cfg.data_dir, http=self._http)
         online = url is not None
         if self.run_id is None:
-            self.run_id = uuid.uuid4().hex
+            self.run_id = os.urandom(16).hex()  # 128 random bits, as uuid4 without its import
         self._exporter = HttpExporter(self._client, self.run_id)
         if self._resume:
             self._seq = self._resume_seq(online)

@@ -223,7 +223,9 @@ def test_a_stuck_daemon_close_spools_everything_by_its_deadline() -> None:
     counted(p, 1000)
     # the daemon answers at last: the abandoned worker ends, sends nothing more, counts nothing
     mem.release.set()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while p.worker_alive and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not p.worker_alive and [op for op, _ in mem.sent] == ["create"] and p.posted == 0
 
 
