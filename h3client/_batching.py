@@ -300,6 +300,7 @@ class BatchProcessor:
         self._closing = False
         self._exit = False
         self._abandoned = False
+        self._converting = False  # the worker is in torch code (see close())
         self._close_result: bool | None = None
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
         self._thread.start()
@@ -420,7 +421,11 @@ class BatchProcessor:
             items = self._pop_items(take)
             if items is None:
                 return True
-            req, invalid = encode_batches(items)
+            self._converting = True
+            try:
+                req, invalid = encode_batches(items)
+            finally:
+                self._converting = False
             with self._lock:
                 if self._inflight is not items:
                     return True  # close() took them over
@@ -529,8 +534,13 @@ class BatchProcessor:
         self.exporter.shutdown()
         if self._thread.is_alive():
             # closing the exporter's connection unblocks a worker stuck in a request; it
-            # then sees it was abandoned and ends without touching tensors or the network
+            # then sees it was abandoned and ends without touching tensors or the network.
+            # A worker still converting tensors is waited for (briefly): torch code running
+            # on a daemon thread while the interpreter finalises aborts the process.
+            grace = time.monotonic() + 2.0
             self._thread.join(0.2)
+            while self._converting and self._thread.is_alive() and time.monotonic() < grace:
+                self._thread.join(0.05)
         self._close_result = ok
         return ok
 
