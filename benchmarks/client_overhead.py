@@ -256,11 +256,15 @@ def training(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, help="override the number of interleaved repeats")
+    ap.add_argument(
+        "--no-sync", action="store_true", help="leave out the slow sync-HTTP training arm"
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/client_overhead.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     calls = 20_000 if args.quick else 200_000
-    repeats = 5 if args.quick else 21
+    repeats = args.repeats or (5 if args.quick else 21)
     data = load("mnist1d")
     res: dict[str, Any] = {"import": import_times(5 if args.quick else 21)}
     timer = statistics.median(per_call_ns(lambda: None, calls))
@@ -270,8 +274,16 @@ def main() -> None:
     ):
         res["log"] = log_batch_costs(url, Path(tmp), calls, timer)
         res["sender"] = sender_throughput(url, Path(tmp), repeats, 20_000)
-        res["train"] = training(url, token, Path(tmp), data, repeats, sync=not args.quick)
+        res["train"] = training(
+            url, token, Path(tmp), data, repeats, sync=not (args.quick or args.no_sync)
+        )
     write(args, res, calls, repeats)
+
+
+def flags(args) -> str:
+    out = " --quick" if args.quick else ""
+    out += f" --repeats {args.repeats}" if args.repeats else ""
+    return out + (" --no-sync" if args.no_sync else "")
 
 
 def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
@@ -281,7 +293,7 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
     lines = [
         "# Client overhead benchmark",
         "",
-        f"`PYTHONPATH=. python benchmarks/client_overhead.py{' --quick' if args.quick else ''}` on "
+        f"`PYTHONPATH=. python benchmarks/client_overhead.py{flags(args)}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, torch {torch.__version__} "
         "with 1 thread, a real daemon on loopback (estimated CPU power backend). **The machine was "
         "shared with seven other engineers' work while this ran** (load average far above its 2 "

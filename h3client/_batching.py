@@ -301,6 +301,7 @@ class BatchProcessor:
         self._exit = False
         self._abandoned = False
         self._converting = False  # the worker is in torch code (see close())
+        self._rate = 10_000.0  # batches/s the worker converts (measured): close() plans by it
         self._close_result: bool | None = None
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
         self._thread.start()
@@ -422,10 +423,14 @@ class BatchProcessor:
             if items is None:
                 return True
             self._converting = True
+            t0 = time.perf_counter()
             try:
                 req, invalid = encode_batches(items)
             finally:
                 self._converting = False
+            if len(items) >= 100:
+                rate = len(items) / max(1e-6, time.perf_counter() - t0)
+                self._rate = 0.5 * self._rate + 0.5 * rate
             with self._lock:
                 if self._inflight is not items:
                     return True  # close() took them over
@@ -517,15 +522,26 @@ class BatchProcessor:
         """Send what is queued, stop the worker, shut the exporter down. Idempotent.
 
         Returns True if everything reached the daemon or the spool through the worker
-        within ``timeout_s``. If not, at 80 % of the time whatever is left is spooled from
-        this thread (counted as spooled, or as lost where the disk refused), so the call
+        within ``timeout_s``. If not, whatever is left is spooled from this thread (counted
+        as spooled, or as lost where the disk refused), starting early enough to finish in
+        ``timeout_s`` at the rate the worker has been converting batches, so the call
         returns in about ``timeout_s`` however stuck the daemon or the worker is.
         """
         if self._close_result is not None:
             return self._close_result
         deadline = time.monotonic() + timeout_s
         self._closing = True
-        ok = self.flush(0.8 * timeout_s)
+        while True:
+            # keep enough time to convert and spool what is still queued, at the rate the
+            # worker has been converting (x2, plus a margin for the disk)
+            backlog = len(self.batches) + sum(r.n_batches for r in self._held) + self.max_batch
+            budget = deadline - time.monotonic() - 0.1 * timeout_s - 2 * backlog / self._rate
+            if budget <= 0:
+                ok = False
+                break
+            if self.flush(min(budget, 0.1)):
+                ok = True
+                break
         if not ok:
             self._take_over()
         self._exit = True

@@ -27,25 +27,25 @@ N = 20_000
 SCRIPT = """
 import json, sys, time, torch
 from h3client import H3Profiler
-n, stop = int(sys.argv[1]), sys.argv[2] == "stop"
+n, mode = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
 prof = H3Profiler("sender", max_queue=10 * n)
 base, idx = torch.arange(64, dtype=torch.float32) / 64, torch.arange(64)
 for k in range(n):
     prof.log_batch(torch.tensor(1.0 + k), losses=base + k, indices=idx + k)
 print(prof.run_id, flush=True)
-if stop:
+if mode != "exit":
     t = time.monotonic()
-    res = prof.stop(timeout_s=60)
+    res = prof.stop(timeout_s=60 if mode == "stop" else 0.5)
     res["stop_s"] = time.monotonic() - t
     print(json.dumps({k: v for k, v in res.items() if k.startswith(("batches", "stop", "fl"))}))
 """
 
 
-def run_script(daemon: Daemon, n: int, stop: bool) -> tuple[subprocess.CompletedProcess[str], str]:
+def run_script(daemon: Daemon, n: int, mode: str) -> tuple[subprocess.CompletedProcess[str], str]:
     env = daemon_env(daemon.data_dir, H3D_URL=daemon.url)
     r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(n), "stop" if stop else "exit"],
+        [sys.executable, "-c", SCRIPT, str(n), mode],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -86,7 +86,7 @@ def stored(daemon: Daemon, run_id: str) -> tuple[list[int], list[int], int]:
 
 
 def test_20k_tensor_batches_with_per_sample_losses_are_stored_exactly_once(daemon: Daemon) -> None:
-    r, run_id = run_script(daemon, N, stop=True)
+    r, run_id = run_script(daemon, N, "stop")
     res = json.loads(r.stdout.splitlines()[1])
     assert res["batches_logged"] == res["batches_posted"] == N and res["flushed"]
     assert res["batches_spooled"] == res["batches_lost"] == res["batches_rejected"] == 0
@@ -100,12 +100,25 @@ def test_20k_tensor_batches_with_per_sample_losses_are_stored_exactly_once(daemo
 
 def test_a_process_that_exits_without_stop_finishes_its_run(daemon: Daemon) -> None:
     n = 5000
-    _, run_id = run_script(daemon, n, stop=False)  # exit code 0 checked there
+    _, run_id = run_script(daemon, n, "exit")  # exit code 0 checked there
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
         run = c.get_run(run_id)
     assert run["status"] == "finished" and run["n_batches"] == n
     seqs, sample_seqs, _ = stored(daemon, run_id)
     assert seqs == sample_seqs == list(range(n))
+
+
+def test_a_stop_that_times_out_with_a_backlog_spools_it_and_exits_cleanly(daemon: Daemon) -> None:
+    """The issue's abort: stop() gave up on a backlog, then the interpreter died with
+    "terminate called without an active exception" while the sender still ran torch code."""
+    r, run_id = run_script(daemon, N, "short")  # exit code 0 checked there
+    res = json.loads(r.stdout.splitlines()[1])
+    assert res["batches_posted"] + res["batches_spooled"] == res["batches_logged"] == N
+    assert res["batches_lost"] == 0 and res["stop_s"] < 5
+    assert h3d_import(daemon).returncode == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(run_id)
+    assert run["status"] == "finished" and run["n_batches"] == N
 
 
 def h3d_import(daemon: Daemon) -> subprocess.CompletedProcess[str]:
