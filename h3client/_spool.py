@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from h3client.client import Client
+from h3client.client import OPERATIONS, Client
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 try:
@@ -113,20 +113,12 @@ class Spool:
 
 
 def _apply(client: Client, op: dict[str, Any]) -> None:
-    run_id, body, kind = op["run_id"], op["body"], op["op"]
+    kind = op["op"]
+    if kind not in OPERATIONS:
+        logger.warning("spool: skipping unknown operation %r", kind)
+        return
     try:
-        if kind == "create":
-            client.create_run(**body)
-        elif kind == "batches":
-            client.post_batches(
-                run_id, body["batches"], nonfinite_as_null=body.get("nonfinite_as_null", True)
-            )
-        elif kind == "epochs":
-            client.post_epochs(run_id, body["epochs"])
-        elif kind == "update":
-            client.update_run(run_id, **body)
-        else:
-            logger.warning("spool: skipping unknown operation %r", kind)
+        client.post_json(op["run_id"], kind, json.dumps(op["body"]))
     except H3HTTPStatusError as exc:
         if exc.code not in _ALREADY:
             raise

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
 
 _GZIP_MIN_BYTES = 4096
 
+#: The operations a profiler sends (and spools): name -> (method, path template).
+OPERATIONS = {
+    "create": ("POST", "/v1/runs"),
+    "batches": ("POST", "/v1/runs/{run_id}/batches"),
+    "epochs": ("POST", "/v1/runs/{run_id}/epochs"),
+    "update": ("PATCH", "/v1/runs/{run_id}"),
+}
+
 
 class Client:
     """A thin, typed-by-convention wrapper over the daemon's REST API.
@@ -172,13 +180,8 @@ class Client:
 
         ``op``: "create", "batches", "epochs" or "update".
         """
-        method, path = {
-            "create": ("POST", "/v1/runs"),
-            "batches": ("POST", f"/v1/runs/{run_id}/batches"),
-            "epochs": ("POST", f"/v1/runs/{run_id}/epochs"),
-            "update": ("PATCH", f"/v1/runs/{run_id}"),
-        }[op]
-        return dict(self.request(method, path, json_text=text).json())
+        method, path = OPERATIONS[op]
+        return dict(self.request(method, path.format(run_id=run_id), json_text=text).json())
 
     def post_epochs(self, run_id: str, epochs: list[dict[str, Any]]) -> dict[str, int]:
         body = {"epochs": epochs}
