@@ -36,7 +36,7 @@ for k in range(n):
 print(prof.run_id, flush=True)
 if mode != "exit":
     t = time.monotonic()
-    res = prof.stop(timeout_s=60 if mode == "stop" else 0.5)
+    res = prof.stop(timeout_s=120 if mode == "stop" else 0.5)
     res["stop_s"] = time.monotonic() - t
     print(json.dumps({k: v for k, v in res.items() if k.startswith(("batches", "stop", "fl"))}))
 """
@@ -90,7 +90,7 @@ def test_20k_tensor_batches_with_per_sample_losses_are_stored_exactly_once(daemo
     res = json.loads(r.stdout.splitlines()[1])
     assert res["batches_logged"] == res["batches_posted"] == N and res["flushed"]
     assert res["batches_spooled"] == res["batches_lost"] == res["batches_rejected"] == 0
-    assert res["stop_s"] < 30  # well inside its 60 s timeout
+    assert res["stop_s"] < 60  # well inside its 120 s timeout (about 2 s on an idle machine)
     seqs, sample_seqs, checked = stored(daemon, run_id)
     assert seqs == sample_seqs == list(range(N)) and checked >= 50
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
