@@ -285,11 +285,11 @@
     const card = (label, value, sub) => `<div class="card"><div class="card-label">${label}</div><div class="card-value">${value}</div>${sub ? `<div class="card-sub">${sub}</div>` : ""}</div>`;
     return `<div class="cards">
       ${card("duration", esc(secs(rep.duration_s)), `${rep.n_batches} batches${rep.n_nonfinite ? `, ${rep.n_nonfinite} non-finite` : ""}`)}
-      ${card("energy", e.energy_j === null ? "–" : esc(num(e.energy_j)) + " J", badge(e.source, e.measured) + (e.active_energy_j !== null ? ` ${esc(num(e.active_energy_j))} J above idle` : ""))}
+      ${card("energy", e.energy_j === null ? "–" : esc(num(e.energy_j)) + " J", badge(e.source, e.measured) + (e.active_energy_j !== null && e.active_energy_j !== undefined ? ` ${esc(num(e.active_energy_j))} J above idle` : e.energy_j !== null ? ` <span title="${esc(e.active_energy_note || "no idle baseline")}">above idle unknown</span>` : ""))}
       ${card("loss", `${esc(num(eta.loss_start))} → ${esc(num(eta.loss_now))}`, "nats, smoothed")}
       ${card("information gained ΔI", esc(num(eta.info_gain_bits)) + " bits/sample", eta.info_gain_total_bits !== null ? esc(num(eta.info_gain_total_bits)) + " bits about the training set" : "")}
       ${card("η", esc(num(eta.eta_bits_per_j)) + " bits/J", "since the start")}
-      ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", `last ${esc(num(eta.window_s))} s`)}
+      ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(num(eta.window_s))} s window)` : `last ${esc(num(eta.window_s))} s`)}
       ${card("final accuracy", acc ? esc(num(acc.accuracy, 4)) : "–", acc ? `epoch ${acc.epoch}` : "no accuracy logged")}
       ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(num(stop.energy_after_j))} J (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : "η has not fallen below 10 % of its peak")}
     </div>`;
@@ -304,7 +304,7 @@
         <td>${esc(d.method)}</td><td class="num">${d.granularity_s === null ? "–" : esc(num(d.granularity_s)) + " s"}${d.below_granularity ? ' <span class="warn" title="the window is shorter than the update period">below</span>' : ""}</td>
         <td class="num">${d.n_samples}</td><td class="num">${esc(num(d.covered_s))} s</td><td class="num${d.gaps_s > 0 ? " warn" : ""}">${esc(num(d.gaps_s))} s</td>
         <td>${esc(d.attribution === "process" ? "process share" : "whole device")}</td><td class="num">${esc(num(100 * d.share))} %</td>
-        <td class="num">${d.idle_power_w === null ? "–" : esc(num(d.idle_power_w)) + " W"}</td>
+        <td class="num">${d.idle_power_w === null ? "–" : esc(num(d.idle_power_w)) + " W"}${d.idle_note ? `<br><small class="note">${esc(d.idle_note)}</small>` : ""}</td>
         <td class="num">${esc(num(d.energy_j))} J</td><td class="num">${esc(num(d.device_energy_j))} J</td>
         <td>${dv ? esc(dv.status) + (dv.reason && dv.status !== "ok" ? `<br><small>${esc(dv.reason)}</small>` : "") : "–"}</td></tr>`;
     }).join("");
@@ -318,7 +318,8 @@
     const metricKeys = [...new Set(rep.epochs.flatMap(e => Object.keys(e.metrics || {})))].slice(0, 6);
     return `<table class="epochs"><thead><tr><th>epoch</th><th>phase</th><th class="num">loss (nats)</th><th class="num">val loss</th><th class="num">accuracy</th><th class="num">energy (J)</th><th class="num">ΔI (bits)</th><th class="num">marginal η (bits/J)</th><th class="num">η since start (bits/J)</th>${metricKeys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr></thead><tbody>` +
       rep.epochs.map((e, i) => `<tr${stop && stop.epoch === e.epoch ? ' class="stop"' : ""}><td>${e.epoch}${stop && stop.epoch === e.epoch ? ' <span class="stop-tag">suggested stop</span>' : ""}</td><td>${esc(e.phase || "–")}</td><td class="num">${esc(num(e.loss, 4))}</td><td class="num">${esc(num(e.val_loss, 4))}</td><td class="num">${esc(num(e.accuracy, 4))}</td>
-        <td class="num">${esc(num(e.energy_j))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table>`;
+        <td class="num">${esc(num(e.energy_j))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table>` +
+      (rep.epochs.some(e => e.eta_bits_per_j < 0 && e.eta_bits_per_j !== null) ? `<p class="hint">A negative η means the smoothed training loss rose over that epoch: the model lost information about its training data there.</p>` : "");
   }
 
   function drawRun(b) {
