@@ -97,6 +97,21 @@
     return pts[pts.length - 1][1];
   }
 
+  /** A centred rolling mean over k points: as many points as given, so none is dropped. */
+  function smooth(pts, k) {
+    if (k <= 1 || pts.length < 3) return pts;
+    const h = Math.floor(k / 2), out = [];
+    let sum = 0, lo = 0, hi = -1;
+    for (let i = 0; i < pts.length; i++) {
+      const a = Math.max(0, i - h), b = Math.min(pts.length - 1, i + h);
+      while (hi < b) sum += pts[++hi][1];
+      while (lo < a) sum -= pts[lo++][1];
+      out.push([pts[i][0], sum / (hi - lo + 1)]);
+    }
+    return out;
+  }
+  const smoothK = n => Math.max(1, Math.round(n / 40));
+
   /** The suggested stopping point: the last epoch after which η stayed < 10 % of its peak
    *  (the rule of h3client's report; null when η never fell that far or < 3 epochs). */
   function stoppingPoint(epochs) {
@@ -328,26 +343,31 @@
     const cum = cumulativeEta(rep.epochs);
     $("#run-cards").innerHTML = summaryCards(b, stop);
     const stopMarkT = stop ? [{x: stop.t_end - t0, label: `stop: epoch ${stop.epoch}`}] : [];
+    const k = smoothK(b.loss.length);
+    const lossSeries = pts => [
+      {name: "batch loss", points: pts, color: C.PALETTE[5], dash: "", width: 1, opacity: 0.55},
+      ...(k > 1 ? [{name: `mean of ${k} batches`, points: smooth(pts, k), color: C.PALETTE[0], dash: "", width: 2.2}] : []),
+    ];
     C.line($("#chart-loss-time"), {
       title: "Loss against time", x: {label: "time since start", unit: "s"}, y: {label: "loss", unit: "nats"},
-      series: [{name: "batch loss", points: b.loss.map(p => [p[0] - t0, p[1]])}], marks: stopMarkT,
+      series: lossSeries(b.loss.map(p => [p[0] - t0, p[1]])), marks: stopMarkT,
     });
     const hasEnergy = b.energy.length > 0;
     const lossE = hasEnergy ? b.loss.map(p => [energyAt(b.energy, t0, p[0]), p[1]]) : [];
     C.line($("#chart-loss-energy"), {
       title: "Loss against cumulative energy: what each joule bought", x: {label: "energy used by the run", unit: "J"}, y: {label: "loss", unit: "nats"},
-      series: [{name: "batch loss", points: lossE}],
+      series: hasEnergy ? lossSeries(lossE) : [],
       marks: stop && hasEnergy ? [{x: energyAt(b.energy, t0, stop.t_end), label: `stop: epoch ${stop.epoch}`}] : [],
-      empty: "no energy: no device was readable", note: rep.energy.measured || !hasEnergy ? "" : "energy is an estimate, not a measurement",
+      empty: "no energy: no device was readable", warn: rep.energy.measured || !hasEnergy ? "" : "energy is an estimate, not a measurement",
     });
     const powerBox = $("#power-charts");
-    powerBox.innerHTML = rep.energy.by_device.map((d, i) => `<div class="chart-cell" id="chart-power-${i}"></div>`).join("") || `<div class="empty">no device was readable over this run</div>`;
+    powerBox.innerHTML = rep.energy.by_device.map((d, i) => `<div class="chart-cell" id="chart-power-${i}"></div>`).join("") || `<div class="chart"><div class="chart-title">Power per device</div><div class="empty">no device was readable over this run</div></div>`;
     rep.energy.by_device.forEach((d, i) => {
       const pts = (b.power[d.device] || []).map(p => [p[0] - t0, p[1]]);
       const series = [{name: `${d.device} power`, points: pts, color: C.PALETTE[0], dash: ""}];
       if (d.share < 0.999) series.push({name: `run's share (${num(100 * d.share)} % on average)`, points: pts.map(p => [p[0], p[1] * d.share]), color: C.PALETTE[2], dash: "", area: true, width: 1.2});
       C.line($("#chart-power-" + i), {
-        title: `Power: ${d.device}${d.source === "estimated" ? " (estimated)" : ""}`, x: {label: "time since start", unit: "s"}, y: {label: "power", unit: "W", zero: true},
+        title: `Power per device: ${d.device}${d.source === "estimated" ? " (estimated)" : ""}`, x: {label: "time since start", unit: "s"}, y: {label: "power", unit: "W", zero: true},
         series, marks: stopMarkT, legend: [...series.map(s => ({name: s.name, color: s.color})), ...(d.idle_power_w !== null ? [{name: `idle baseline ${num(d.idle_power_w)} W`, color: "#555", dash: "4 3"}] : [])],
         hlines: d.idle_power_w !== null ? [{y: d.idle_power_w, label: `idle ${num(d.idle_power_w)} W`}] : [],
       });
@@ -371,9 +391,8 @@
       <div id="run-cards"></div>
       <div class="charts">
         <div class="chart-cell" id="chart-loss-time"></div><div class="chart-cell" id="chart-loss-energy"></div>
-        <div class="chart-cell" id="chart-eta"></div>
+        <div class="chart-cell" id="chart-eta"></div><div class="power-charts" id="power-charts"></div>
       </div>
-      <h3>Power per device</h3><div class="charts" id="power-charts"></div>
       <h3>Epochs</h3><div id="epochs"></div>
       <h3>Provenance</h3><div id="provenance"></div>
       <div class="two"><div><h3>Config</h3><pre id="config"></pre></div><div><h3>Tags</h3><div id="tags"></div></div></div>
@@ -411,8 +430,8 @@
       return;
     }
     main().innerHTML = `<section class="compare"><h2>Compare ${ids.length} runs</h2>${dropped.length ? `<p class="warn">Only the first 6 runs are compared; left out: ${dropped.map(esc).join(", ")}</p>` : ""}
-      <div id="cmp-table">loading…</div>
-      <div class="charts"><div class="chart-cell" id="cmp-loss-energy"></div><div class="chart-cell" id="cmp-loss-time"></div><div class="chart-cell" id="cmp-scatter"></div></div></section>`;
+      <div class="cmp-top"><div id="cmp-table">loading…</div><div class="chart-cell" id="cmp-scatter"></div></div>
+      <div class="charts"><div class="chart-cell" id="cmp-loss-energy"></div><div class="chart-cell" id="cmp-loss-time"></div></div></section>`;
     const [cmp, runs, losses, energies] = await Promise.all([
       api("/v1/compare?runs=" + ids.map(encodeURIComponent).join(",")),
       Promise.all(ids.map(id => api("/v1/runs/" + encodeURIComponent(id)))),
@@ -452,10 +471,12 @@
         energy: e.length ? losses[i].points.map(p => [energyAt(e, t0, p[0]), p[1]]) : [],
       };
     });
+    const sm = pts => smooth(pts, smoothK(pts.length));
+    const note = "each run's loss as a centred mean over 1/40 of its stored points (all points kept)";
     C.line($("#cmp-loss-energy"), {title: "Loss against cumulative energy", x: {label: "energy used by the run", unit: "J"}, y: {label: "loss", unit: "nats"},
-      series: series.map(s => ({name: s.name, points: s.energy})), empty: "no energy readable for these runs"});
+      series: series.map(s => ({name: s.name, points: sm(s.energy), width: 2})), empty: "no energy readable for these runs", note});
     C.line($("#cmp-loss-time"), {title: "Loss against time", x: {label: "time since start", unit: "s"}, y: {label: "loss", unit: "nats"},
-      series: series.map(s => ({name: s.name, points: s.time}))});
+      series: series.map(s => ({name: s.name, points: sm(s.time), width: 2})), note});
     const missing = rows.filter(r => r.final_accuracy === null || r.energy_j === null).map(r => r.name);
     C.scatter($("#cmp-scatter"), {title: "Final accuracy against energy", x: {label: "energy", unit: "J"}, y: {label: "final accuracy", unit: ""},
       points: rows.map((r, i) => ({x: r.energy_j, y: r.final_accuracy, label: label(r), short: r.name})),

@@ -78,7 +78,7 @@
     el.classList.add("chart");
     el.innerHTML = (opt.title ? `<div class="chart-title">${esc(opt.title)}</div>` : "") +
       `<div class="chart-body"><svg class="plot" width="${f.W}" height="${f.H}" viewBox="0 0 ${f.W} ${f.H}" role="img" aria-label="${esc(opt.title || "chart")}">${body}</svg><div class="tip" hidden></div></div>` +
-      (legend ? `<ul class="legend">${legend}</ul>` : "") + (opt.note ? `<div class="chart-note">${esc(opt.note)}</div>` : "");
+      (legend ? `<ul class="legend">${legend}</ul>` : "") + (opt.warn ? `<div class="chart-warn">${esc(opt.warn)}</div>` : "") + (opt.note ? `<div class="chart-note">${esc(opt.note)}</div>` : "");
     return {svg: el.querySelector("svg.plot"), tip: el.querySelector(".tip")};
   }
 
@@ -99,7 +99,7 @@
   /**
    * Line chart. opt: {title, x: {label, unit, fmt?}, y: {label, unit, fmt?, zero?},
    *   series: [{name, points: [[x, y], ...], color?, dash?, area?: bool, width?, opacity?}],
-   *   marks: [{x, label}] (vertical markers), hlines: [{y, label, color?}], note?, height?}
+   *   marks: [{x, label}] (vertical markers), hlines: [{y, label, color?}], note?, warn?, height?}
    * Every series is drawn with all its points: one path command per point.
    */
   function line(el, opt) {
@@ -208,11 +208,11 @@
       d += `H${(f.M.l + f.iw).toFixed(1)}`;
       body += `<path class="front" d="${d}"/>`;
     }
-    ok.forEach((p, i) => {
+    ok.forEach(p => {
       const cx = a.X(p.x).toFixed(1), cy = a.Y(p.y).toFixed(1);
       body += `<circle class="pt${onFront.has(p) ? " on-front" : ""}" data-i="${pts.indexOf(p)}" cx="${cx}" cy="${cy}" r="${onFront.has(p) ? 6.5 : 5}" fill="${p.color}"/>`;
-      body += `<text class="pt-label" x="${(+cx + 8).toFixed(1)}" y="${(+cy - 6).toFixed(1)}">${esc(p.short || p.label)}</text>`;
-      void i;
+      const right = +cx > f.M.l + f.iw * 0.7;  // labels near the right edge read leftwards
+      body += `<text class="pt-label" x="${(right ? +cx - 8 : +cx + 8).toFixed(1)}" y="${(+cy - 8).toFixed(1)}" text-anchor="${right ? "end" : "start"}">${esc(p.short || p.label)}</text>`;
     });
     const legend = [{name: "Pareto front (less energy, higher accuracy)", color: "#333", dash: "5 3", width: 1.5}];
     const {svg, tip} = shell(el, {...opt, legend}, f, body);

@@ -312,8 +312,9 @@ def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
     assert page.url.endswith(f"#/run/{run['id']}")
     loss = _get(trained, f"{base}/series?metric=loss&points=1000")["points"]
     assert len(loss) == run["n_batches"] == 6 * 14  # under 1000: the page draws them all
-    assert tab.points("#chart-loss-time") == [len(loss)]
-    assert tab.points("#chart-loss-energy") == [len(loss)]
+    # the batch losses and their rolling mean: every stored point in each
+    assert tab.points("#chart-loss-time") == [len(loss), len(loss)]
+    assert tab.points("#chart-loss-energy") == [len(loss), len(loss)]
     report = _get(trained, f"{base}/report")
     (dev,) = report["energy"]["by_device"]
     power = _get(trained, f"{base}/series?metric=power&device={dev['device']}&points=600")
@@ -456,8 +457,8 @@ def test_show_html_draws_the_run_offline(browser: Any, trained: Daemon, tmp_path
     with opened(browser, "file://", csp=False) as t:
         t.page.goto(out.as_uri())
         t.page.wait_for_selector("#chart-loss-energy path.series", state="attached")
-        assert t.points("#chart-loss-time") == [len(loss)]
-        assert t.points("#chart-loss-energy") == [len(loss)]
+        assert t.points("#chart-loss-time")[0] == len(loss)
+        assert t.points("#chart-loss-energy")[0] == len(loss)
         assert t.points("#chart-eta") == [4, 4]  # η and marginal η, one point an epoch
         assert t.points("#power-charts")[0] == len(power) >= 3
         assert "mlp-64-e4" in t.page.inner_text("#run-head")
