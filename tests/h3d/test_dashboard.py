@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from h3client import H3Profiler
+from h3client._report import diminishing_returns
 from tests.conftest import REPO, Daemon, daemon_env
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -322,6 +323,11 @@ def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
     epochs = report["epochs"]
     assert tab.points("#chart-eta") == [len(epochs), len(epochs)]
     assert page.locator("table.epochs tbody tr").count() == len(epochs) == 6
+    # the suggested stopping point is h3client's rule, ported: both pick the same epoch
+    dr = diminishing_returns(epochs)
+    marked = page.locator("table.epochs tr.stop td:first-child").all_inner_texts()
+    assert [m.split()[0] for m in marked] == ([str(dr["epoch"])] if dr else [])
+    assert page.locator("#chart-eta line.mark").count() == (1 if dr else 0)
     # axes carry ticks and units; the provenance panel names the source
     assert page.locator("#chart-loss-energy text.tick").count() >= 6
     assert "energy used by the run (J)" in page.inner_text("#chart-loss-energy")
