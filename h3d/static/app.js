@@ -305,6 +305,7 @@
       ${card("information gained ΔI", esc(num(eta.info_gain_bits)) + " bits/sample", eta.info_gain_total_bits !== null ? esc(num(eta.info_gain_total_bits)) + " bits about the training set" : "")}
       ${card("η", esc(num(eta.eta_bits_per_j)) + " bits/J", "since the start")}
       ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(num(eta.window_s))} s window)` : `last ${esc(num(eta.window_s))} s`)}
+      ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(num(e.co2e_g)) + " g CO₂e", e.co2e_g === null || e.co2e_g === undefined ? "no grid intensity configured" : esc(e.carbon_source || "") + (e.carbon_detail ? ` <span title="${esc(e.carbon_detail)}">ⓘ</span>` : ""))}
       ${card("final accuracy", acc ? esc(num(acc.accuracy, 4)) : "–", acc ? `epoch ${acc.epoch}` : "no accuracy logged")}
       ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(num(stop.energy_after_j))} J (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : "η has not fallen below 10 % of its peak")}
     </div>`;
@@ -315,7 +316,7 @@
     if (!e.by_device.length) return `<p>No device was readable over this run: its energy is unknown (source <code>none</code>), and η with it.</p>`;
     const rows = e.by_device.map(d => {
       const dv = live.get(d.device);
-      return `<tr><td>${esc(d.device)}<br><small>${esc(d.model || d.kind)}</small></td><td>${esc(d.source)} ${badge(d.source, d.source !== "estimated")}</td>
+      return `<tr><td>${esc(d.device)}<br><small>${esc(d.model || d.kind)}</small>${d.caveat ? `<small class="note">${esc(d.caveat)}</small>` : ""}</td><td>${esc(d.source)} ${badge(d.source, d.source !== "estimated")}</td>
         <td>${esc(d.method)}</td><td class="num">${d.granularity_s === null ? "–" : esc(num(d.granularity_s)) + " s"}${d.below_granularity ? ' <span class="warn" title="the window is shorter than the update period">below</span>' : ""}</td>
         <td class="num">${d.n_samples}</td><td class="num">${esc(num(d.covered_s))} s</td><td class="num${d.gaps_s > 0 ? " warn" : ""}">${esc(num(d.gaps_s))} s</td>
         <td>${esc(d.attribution === "process" ? "process share" : "whole device")}</td><td class="num">${esc(num(100 * d.share))} %</td>
