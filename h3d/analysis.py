@@ -21,6 +21,7 @@ from h3d import carbon
 from h3d import efficiency as eff
 from h3d.downsample import lttb
 from h3d.energy import EnergyCurve
+from h3d.errors import InvalidInput
 from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
 from h3d.storage.models import Device, Run
@@ -252,12 +253,22 @@ def loss_series(session: Session, *, run_id: str, points: int) -> list[tuple[flo
 
 
 def power_series(
-    session: Session, *, run: Run, points: int, now: float | None = None
+    session: Session,
+    *,
+    run: Run,
+    points: int,
+    device: str | None = None,
+    now: float | None = None,
 ) -> list[tuple[float, float]]:
-    """Total power of all devices at each sampler tick (one tick stamps every device)."""
+    """Total power of all devices (or of one named device) at each sampler tick."""
     t0, t1 = window(run, now)
     total: dict[float, float] = defaultdict(float)
-    for dev in repo.devices(session):
+    devs = repo.devices(session)
+    if device is not None:
+        devs = [d for d in devs if d.name == device]
+        if not devs:
+            raise InvalidInput(f"no device named {device!r} (see /v1/devices)")
+    for dev in devs:
         for t, p, _e in repo.power_window(session, device_id=dev.id, t0=t0, t1=t1):
             if p is not None and t0 <= t <= t1:
                 total[t] += p

@@ -1,7 +1,7 @@
 """``h3d``: serve the daemon and inspect what it stored.
 
 h3d serve [--host H] [--port P] [--data-dir D] [--db-url U]
-h3d status | runs | show RUN | export RUN [-o FILE] | stop
+h3d status | runs | show RUN [--json | --html FILE] | export RUN [-o FILE] | stop
 h3d db upgrade | db current
 h3d doctor
 h3d demo
@@ -209,6 +209,12 @@ def print_report(rep: dict[str, Any]) -> None:
 
 def cmd_show(args: argparse.Namespace) -> int:
     c = DaemonClient(_settings(args))
+    if args.html:
+        from h3d.dashboard import render_report, run_bundle
+
+        Path(args.html).write_text(render_report(run_bundle(c.get, _resolve(c, args.run))))
+        print(f"h3d: wrote {args.html}")
+        return 0
     rep = c.get(f"/v1/runs/{_resolve(c, args.run)}/report")
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -384,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", parents=[common], help="a run's report")
     sh.add_argument("run", help="run id, unique id prefix, or name")
     sh.add_argument("--json", action="store_true")
+    sh.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     sh.set_defaults(func=cmd_show)
     ex = sub.add_parser("export", parents=[common], help="a run's batches as CSV")
     ex.add_argument("run")
