@@ -30,9 +30,17 @@ class Exporter(Protocol):
 
 
 class HttpExporter:
-    def __init__(self, client: Client, run_id: str, *, max_backoff_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        client: Client,
+        run_id: str,
+        *,
+        max_backoff_s: float = 10.0,
+        rank: int | None = None,
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.rank = rank  # a distributed run's rank: stamped on every batch it sends
         self.spool = Spool(client.config.spool_dir, run_id)
         self.online = True
         self._retry_at = 0.0
@@ -53,8 +61,14 @@ class HttpExporter:
     def _count(op: str, body: dict[str, Any]) -> int:
         return len(body.get("batches", ())) if op == "batches" else 0
 
+    def _stamped(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.rank is not None and op == "batches":
+            for b in body["batches"]:
+                b["rank"] = self.rank
+        return body
+
     def spill(self, op: str, body: dict[str, Any]) -> None:
-        self._to_spool(op, body)
+        self._to_spool(op, self._stamped(op, body))
 
     def _to_spool(self, op: str, body: dict[str, Any]) -> None:
         try:
@@ -89,6 +103,7 @@ class HttpExporter:
             self.client.update_run(self.run_id, **body)
 
     def export(self, op: str, body: dict[str, Any]) -> None:
+        body = self._stamped(op, body)
         if not self.online and time.monotonic() < self._retry_at:
             self._to_spool(op, body)
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from h3client import _distributed
 from h3client._batching import BatchProcessor, off_device
 from h3client._config import resolve
 from h3client._daemon import ensure_daemon
@@ -70,6 +71,14 @@ class H3Profiler:
         max_queue: Queue length past which the sender spools to disk instead.
         eta_interval_s: How often ``live_eta`` is refreshed in the background.
         http: An ``httpx.Client`` to use (tests); default: one keep-alive connection.
+        rank: This process's rank in a distributed job; default from torchrun's ``RANK``
+            or SLURM's ``SLURM_PROCID``. Every rank's profiler joins one run (see
+            ``docs/torchrun.md``); each batch carries its rank.
+        world_size: The number of ranks (default ``WORLD_SIZE`` or ``SLURM_NTASKS``).
+
+    Raises:
+        H3ClientError: in a distributed job, when the ranks cannot agree on a run id (no
+            launcher job id, no initialised process group and no ``run_id``).
 
     Example:
         >>> with H3Profiler("mnist-mlp", config={"lr": 1e-3}) as prof:  # doctest: +SKIP
@@ -100,6 +109,8 @@ class H3Profiler:
         max_queue: int = 100_000,
         eta_interval_s: float = 5.0,
         http: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         self.name = name
         self._url, self._token, self._data_dir, self._http = url, token, data_dir, http
@@ -115,6 +126,9 @@ class H3Profiler:
         self.max_queue = max_queue
         self.eta_interval_s = eta_interval_s
         self._seq = 0
+        self._seq_step = 1  # a rank's k-th batch is seq k·world_size + rank: unique in the run
+        self._rank_arg, self._world_arg = rank, world_size
+        self.dist: _distributed.RankInfo | None = None
         self._epoch = 0
         self._proc: BatchProcessor | None = None
         self._exporter: HttpExporter | None = None
@@ -141,9 +155,21 @@ class H3Profiler:
             cfg = resolve(url, self._token, self._data_dir)
         self._client = Client(cfg.url, cfg.token, data_dir=cfg.data_dir, http=self._http)
         online = url is not None
+        self.dist = _distributed.detect(rank=self._rank_arg, world_size=self._world_arg)
+        rank_fields: dict[str, Any] = {}
+        if self.dist is not None:
+            if self.run_id is None:
+                self.run_id = _distributed.shared_run_id(self.dist, self.name)
+            self._resume = False  # every rank joins the shared id; joining is idempotent
+            self._seq, self._seq_step = self.dist.rank, self.dist.world_size
+            rank_fields = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+            if self.dist.local_rank is not None:
+                rank_fields["local_rank"] = self.dist.local_rank
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex
-        self._exporter = HttpExporter(self._client, self.run_id)
+        self._exporter = HttpExporter(
+            self._client, self.run_id, rank=None if self.dist is None else self.dist.rank
+        )
         if self._resume:
             self._seq = self._resume_seq(online)
         self._proc = BatchProcessor(
@@ -167,6 +193,7 @@ class H3Profiler:
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
                     "n_train": self.n_train,
+                    **rank_fields,
                 },
             )
         if online:
@@ -239,7 +266,7 @@ class H3Profiler:
             if indices is not None and hasattr(indices, "detach"):
                 indices = off_device(indices)
             seq = self._seq
-            self._seq = seq + 1
+            self._seq = seq + self._seq_step
             proc.add_batch(
                 (
                     seq,
@@ -289,7 +316,8 @@ class H3Profiler:
 
     @property
     def batches_logged(self) -> int:
-        return self._seq
+        first = 0 if self.dist is None else self.dist.rank
+        return (self._seq - first) // self._seq_step
 
     # --- live figures ----------------------------------------------------------------------
 
@@ -338,7 +366,10 @@ class H3Profiler:
         if self._proc is None:
             raise H3ClientError("the profiler was never started")
         self._stopped = True
-        self._proc.add("update", {"status": status, "finished_at": time.time()})
+        update: dict[str, Any] = {"status": status, "finished_at": time.time()}
+        if self.dist is not None:  # this rank is done; the run ends when every rank is
+            update["rank"] = self.dist.rank
+        self._proc.add("update", update)
         flushed = self._proc.close(timeout_s)
         _live.discard(self)
         self.results = self._results(flushed)
@@ -372,7 +403,7 @@ class H3Profiler:
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "duration_s": (time.time() - self._t_start) if self._t_start else None,
-            "batches_logged": self._seq,
+            "batches_logged": self.batches_logged,
             "batches_posted": exp.posted,
             "batches_spooled": exp.spooled,
             "batches_lost": exp.lost + self._proc.dropped,

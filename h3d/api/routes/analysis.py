@@ -61,7 +61,7 @@ def get_series(
     _fresh(sampler)
     run = repo.get_run(session, run_id=run_id)
     if metric == "loss":
-        pts = analysis.loss_series(session, run_id=run.id, points=points)
+        pts = analysis.loss_series(session, run=run, points=points)
     elif metric == "power":
         pts = analysis.power_series(session, run=run, points=points)
     else:
