@@ -1,6 +1,6 @@
 """``h3d``: serve the daemon and inspect what it stored.
 
-h3d serve [--host H] [--port P] [--data-dir D] [--db-url U]
+h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME]
 h3d status | runs | show RUN | export RUN [-o FILE] | stop
 h3d db upgrade | db current
 h3d doctor
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def _settings(args: argparse.Namespace) -> Settings:
     kw: dict[str, Any] = {}
-    for name in ("host", "port", "data_dir", "db_url", "log_level"):
+    for name in ("host", "port", "data_dir", "db_url", "node", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", dest="data_dir", help="data dir (env H3D_DATA_DIR)")
     common.add_argument("--db-url", dest="db_url", help="SQLAlchemy URL (env H3D_DB_URL)")
+    common.add_argument(
+        "--node",
+        help="this daemon's node name in a shared store (env H3D_NODE; default: host name)",
+    )
     common.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
     p = argparse.ArgumentParser(prog="h3d", description="The H3 energy daemon.")
     p.add_argument("--version", action="version", version=f"h3d {__version__}")
