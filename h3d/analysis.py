@@ -112,8 +112,10 @@ class EnergyModel:
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(per node, per rank) attributed energy over [a, b].
 
-        A rank's part of a device is its own share where the device reports per-process
-        figures; otherwise the node's part split evenly over the node's ranks.
+        A rank gets, in each interval, its fraction of its node's part of a device: its own
+        share over the sum of the node's ranks' shares then (0 once it left). Where the
+        device reports no per-rank figures the node's part is split evenly over its ranks.
+        So the ranks of a node add up to the node, and the nodes to the run.
         """
         b = max(a, b)
         by_node: dict[str, dict[str, Any]] = {}
@@ -129,29 +131,35 @@ class EnergyModel:
             on_node[r.node].append(r.rank)
             if r.node in by_node:
                 by_node[r.node]["ranks"].append(r.rank)
-        by_rank = []
-        for r in ranks:
-            energy = 0.0
-            for m in self.devices:
-                if m.dev.node != r.node:
-                    continue
-                pieces = self.rank_shares.get((r.node, r.rank, share_kind(m.dev)))
-                if pieces:
-                    own = _DeviceModel(
-                        m.dev, m.curve, [p[0] for p in pieces], [p[1] for p in pieces]
-                    )
-                    energy += own.attributed(a, b, None)[0]
-                else:
-                    energy += m.attributed(a, b, None)[0] / len(on_node[r.node])
-            by_rank.append(
-                {
-                    "rank": r.rank,
-                    "node": r.node,
-                    "energy_j": energy,
-                    "n_batches": counts.get(r.rank, 0),
-                    "status": r.status,
-                }
-            )
+        energy: dict[int, float] = defaultdict(float)
+        for m in self.devices:
+            local = on_node.get(m.dev.node, [])
+            if not local:
+                continue
+            kind = share_kind(m.dev)
+            own = {k: dict(self.rank_shares.get((m.dev.node, k, kind), ())) for k in local}
+            if not m.starts or not any(own.values()):
+                for k in local:
+                    energy[k] += m.attributed(a, b, None)[0] / len(local)
+                continue
+            for k in local:
+                shares = []
+                for t0, union in zip(m.starts, m.shares, strict=True):
+                    total = sum(own[q].get(t0, 0.0) for q in local)
+                    frac = own[k].get(t0, 0.0) / total if total > 0 else 1.0 / len(local)
+                    shares.append(union * frac)
+                part = _DeviceModel(m.dev, m.curve, m.starts, shares)
+                energy[k] += part.attributed(a, b, None)[0]
+        by_rank = [
+            {
+                "rank": r.rank,
+                "node": r.node,
+                "energy_j": energy[r.rank],
+                "n_batches": counts.get(r.rank, 0),
+                "status": r.status,
+            }
+            for r in ranks
+        ]
         return sorted(by_node.values(), key=lambda n: n["node"]), by_rank
 
     def energy(self, a: float, b: float) -> dict[str, Any]:

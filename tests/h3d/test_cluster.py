@@ -62,7 +62,7 @@ def nodes(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         }
         d = Daemon(tmp_path / name, daemon_env(tmp_path / name, **env))
         started.append(d)
-        return d.start(timeout_s=120)  # a cold start on a busy machine can be slow
+        return d.start()
 
     yield start
     for d in started:
