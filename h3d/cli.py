@@ -175,8 +175,22 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"  duration     {rep['duration_s']:.1f} s, {rep['n_batches']} batches")
     tag = "" if e["measured"] else "  (ESTIMATED: not a measurement)"
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
+    multi_node = len(e.get("by_node", ())) > 1
     for d in e["by_device"]:
-        print(f"    {d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}")
+        where = f"{d['node']}/" if multi_node else ""
+        print(
+            f"    {where + d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}"
+        )
+    if rep.get("world_size") or multi_node:
+        print(f"  {rep.get('world_size') or 1} ranks, {rep.get('n_steps')} global steps")
+        for n in e["by_node"]:
+            ranks = ",".join(str(r) for r in n["ranks"]) or "-"
+            print(f"    node {n['node']:<17} {_fmt(n['energy_j'], ' J')}  ranks {ranks}")
+        for r in e.get("by_rank", ()):
+            print(
+                f"    rank {r['rank']:<4} {r['node']:<12} {_fmt(r['energy_j'], ' J')}  "
+                f"{r['n_batches']} batches, {r['status']}"
+            )
     print(
         f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
         f"(smoothed over {eta['smoothing_batches']} batches)"

@@ -7,6 +7,8 @@ that is dropped afterwards. Without a server the tests are skipped, saying so.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -112,6 +114,13 @@ def test_one_run_spans_two_nodes_and_either_daemon_reports_it(
         assert 0 < e["device_energy_j"] <= 2 * 50.0 * rep["duration_s"] * 1.01
         assert rep["n_steps"] == 25
     assert reports[0]["energy"]["energy_j"] == pytest.approx(reports[1]["energy"]["energy_j"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", run_id], env=b.env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "2 ranks, 25 global steps" in shown.stdout
+    for line in ("node node-a", "node node-b", "rank 0    node-a", "rank 1    node-b"):
+        assert line in shown.stdout, shown.stdout
 
 
 def test_daemons_starting_at_once_migrate_once(nodes: Callable[..., Daemon], pg_url: str) -> None:
