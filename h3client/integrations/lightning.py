@@ -31,6 +31,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+from h3client.integrations._common import open_profiler
 from h3client.profiler import H3Profiler
 
 logger = logging.getLogger(__name__)
@@ -76,11 +77,9 @@ class H3Callback(_Base):  # type: ignore[misc]
         self.results: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        kw = dict(self.profiler_kwargs)
-        if trainer.world_size > 1:
-            kw.setdefault("rank", trainer.global_rank)
-            kw.setdefault("world_size", trainer.world_size)
-        self.profiler = H3Profiler(**kw)
+        self.profiler = open_profiler(
+            self.profiler_kwargs, rank=trainer.global_rank, world_size=trainer.world_size
+        )
         self.results = None
 
     def on_train_batch_end(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from h3client.integrations._common import open_profiler
 from h3client.profiler import H3Profiler
 
 if TYPE_CHECKING:
@@ -83,11 +84,9 @@ class H3Callback(_Base):  # type: ignore[misc]
     # --- Trainer events -----------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        opts = dict(self.profiler_kwargs)
-        if args.world_size > 1:
-            opts.setdefault("rank", args.process_index)
-            opts.setdefault("world_size", args.world_size)
-        self.profiler = H3Profiler(**opts)
+        self.profiler = open_profiler(
+            self.profiler_kwargs, rank=args.process_index, world_size=args.world_size
+        )
         self.results = None
         model = kw.get("model")
         if self.every_step and model is not None:

@@ -66,69 +66,11 @@ def create_run(
     Joining is idempotent: every rank of a distributed run sends the same create with its
     own rank, whichever arrives first creates the run, on any node's daemon.
     """
-    if rank is not None:
-        if run_id is None or world_size is None:
-            raise InvalidInput("a rank joins a run by its id and the world size")
-        return _join_run(
-            session,
-            run_id=run_id,
-            name=name,
-            config=config,
-            tags=tags,
-            pid=pid,
-            host=host,
-            n_train=n_train,
-            now=now,
-            node=node,
-            rank=rank,
-            world_size=world_size,
-            local_rank=local_rank,
-        )
+    if rank is not None and (run_id is None or world_size is None):
+        raise InvalidInput("a rank joins a run by its id and the world size")
     if run_id is None:
         run_id = new_run_id()
-    elif session.get(Run, run_id) is not None:
-        raise RunExists(f"a run with id {run_id} exists", details={"run_id": run_id})
-    run = Run(
-        id=run_id,
-        name=name or f"run-{run_id[:8]}",
-        status="running",
-        created_at=now,
-        finished_at=None,
-        config=config,
-        pid=pid,
-        host=host,
-        n_train=n_train,
-        node=node,
-        world_size=None,
-        n_batches=0,
-        n_epochs=0,
-        n_nonfinite=0,
-        last_seq=None,
-        last_t=None,
-    )
-    session.add(run)
-    session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
-    session.flush()
-    return run
-
-
-def _join_run(
-    session: Session,
-    *,
-    run_id: str,
-    name: str | None,
-    config: dict[str, Any],
-    tags: Sequence[str],
-    pid: int | None,
-    host: str | None,
-    n_train: int | None,
-    now: float,
-    node: str | None,
-    rank: int,
-    world_size: int,
-    local_rank: int | None,
-) -> Run:
-    row = {
+    row: dict[str, Any] = {
         "id": run_id,
         "name": name or f"run-{run_id[:8]}",
         "status": "running",
@@ -139,13 +81,33 @@ def _join_run(
         "host": host,
         "n_train": n_train,
         "node": node,
-        "world_size": world_size,
+        "world_size": world_size if rank is not None else None,
         "n_batches": 0,
         "n_epochs": 0,
         "n_nonfinite": 0,
         "last_seq": None,
         "last_t": None,
     }
+    if rank is not None:
+        return _join_run(session, row=row, tags=tags, rank=rank, local_rank=local_rank)
+    if session.get(Run, run_id) is not None:
+        raise RunExists(f"a run with id {run_id} exists", details={"run_id": run_id})
+    run = Run(**row)
+    session.add(run)
+    session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
+    session.flush()
+    return run
+
+
+def _join_run(
+    session: Session,
+    *,
+    row: dict[str, Any],
+    tags: Sequence[str],
+    rank: int,
+    local_rank: int | None,
+) -> Run:
+    run_id, world_size, now = row["id"], row["world_size"], row["created_at"]
     result = session.execute(_insert(session, Run).values(**row))
     created = cast(CursorResult[Any], result).rowcount == 1
     # The row lock orders joins and finishes of one run across daemons (a no-op on SQLite,
@@ -168,9 +130,9 @@ def _join_run(
             {
                 "run_id": run_id,
                 "rank": rank,
-                "node": node or "",
-                "host": host,
-                "pid": pid,
+                "node": row["node"] or "",
+                "host": row["host"],
+                "pid": row["pid"],
                 "local_rank": local_rank,
                 "joined_at": now,
                 "status": "running",

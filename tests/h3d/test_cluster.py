@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from h3client import Client, H3Profiler
 from h3d.storage import migrate
 from h3d.storage.engine import make_engine
-from tests.conftest import Daemon, daemon_env
+from tests.conftest import Daemon
 
 ADMIN_URL = os.environ.get("H3_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -48,27 +47,13 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def nodes(daemon_factory: Callable[..., Daemon]) -> Callable[..., Daemon]:
     """Start a daemon playing node ``name`` on the store at ``url`` (own data dir and port)."""
-    started: list[Daemon] = []
 
     def start(name: str, url: str, **env: str) -> Daemon:
-        env = {
-            "H3D_POWER_BACKENDS": "constant:50",
-            "H3D_SAMPLE_INTERVAL_S": "0.02",
-            "H3D_FLUSH_INTERVAL_S": "0.2",
-            "H3D_LOG_LEVEL": "WARNING",
-            "H3D_DB_URL": url,
-            "H3D_NODE": name,
-            **env,
-        }
-        d = Daemon(tmp_path / name, daemon_env(tmp_path / name, **env))
-        started.append(d)
-        return d.start()
+        return daemon_factory(name, H3D_DB_URL=url, H3D_NODE=name, **env)
 
-    yield start
-    for d in started:
-        d.stop()
+    return start
 
 
 def test_one_run_spans_two_nodes_and_either_daemon_reports_it(

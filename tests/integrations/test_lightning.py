@@ -60,13 +60,9 @@ class Digits(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def test_lightning_fit_is_stored_batch_for_batch(daemon: Daemon) -> None:
-    torch.manual_seed(0)
-    train, val = digits()
-    model = Digits()
-    cb = H3Callback(name="lit-digits", url=daemon.url, data_dir=daemon.data_dir, n_train=600)
-    trainer = L.Trainer(
-        max_epochs=3,
+def quiet_trainer(cb: H3Callback, max_epochs: int = 3) -> Any:
+    return L.Trainer(
+        max_epochs=max_epochs,
         callbacks=[cb],
         logger=False,
         enable_checkpointing=False,
@@ -75,6 +71,14 @@ def test_lightning_fit_is_stored_batch_for_batch(daemon: Daemon) -> None:
         num_sanity_val_steps=0,
         accelerator="cpu",
     )
+
+
+def test_lightning_fit_is_stored_batch_for_batch(daemon: Daemon) -> None:
+    torch.manual_seed(0)
+    train, val = digits()
+    model = Digits()
+    cb = H3Callback(name="lit-digits", url=daemon.url, data_dir=daemon.data_dir, n_train=600)
+    trainer = quiet_trainer(cb)
     trainer.fit(
         model, DataLoader(train, batch_size=50, shuffle=True), DataLoader(val, batch_size=300)
     )
@@ -111,16 +115,7 @@ class Exploding(Digits):
 def test_an_exception_in_fit_marks_the_run_failed(daemon: Daemon) -> None:
     train, val = digits(200)
     cb = H3Callback(name="lit-fails", url=daemon.url, data_dir=daemon.data_dir)
-    trainer = L.Trainer(
-        max_epochs=3,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(cb)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(Exploding(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=300))
     assert cb.results is not None
