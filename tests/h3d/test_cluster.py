@@ -125,8 +125,19 @@ def test_daemons_starting_at_once_migrate_once(nodes: Callable[..., Daemon], pg_
     with migrate.migration_lock(engine):
         for t in threads:
             t.start()
-        time.sleep(3.0)
-        assert not daemons and not errors  # neither got past the lock
+        waiting = 0
+        deadline = time.monotonic() + 120
+        while waiting < 2 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+            with engine.connect() as conn:
+                waiting = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        " AND database = (SELECT oid FROM pg_database"
+                        " WHERE datname = current_database())"
+                    )
+                ).scalar_one()
+        assert waiting == 2 and not daemons and not errors  # both wait at the lock
     for t in threads:
         t.join(150)
     assert not errors, errors
