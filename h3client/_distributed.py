@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from h3client.errors import H3ClientError
 
 # uuid5 namespace of H3 run ids derived from a launcher's job id.
-_NAMESPACE = uuid.UUID("5b0c1c86-3a53-4a4e-9d0e-6f1b0d8f3e11")
+_NAMESPACE = "5b0c1c86-3a53-4a4e-9d0e-6f1b0d8f3e11"
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,9 @@ def detect(
 
 def derived_run_id(job_key: str, name: str | None) -> str:
     """The run id every rank of one launch computes alike (32 hex digits)."""
-    return uuid.uuid5(_NAMESPACE, f"{job_key}|{name or ''}").hex
+    import uuid
+
+    return uuid.uuid5(uuid.UUID(_NAMESPACE), f"{job_key}|{name or ''}").hex
 
 
 def _agree_over_group(world_size: int) -> str | None:
@@ -110,7 +111,7 @@ def _agree_over_group(world_size: int) -> str | None:
             f"the process group has {dist.get_world_size()} ranks, the profiler was told "
             f"{world_size}"
         )
-    box: list[str | None] = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    box: list[str | None] = [os.urandom(16).hex() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -15,14 +15,18 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+if TYPE_CHECKING:
+    from h3d.config import Settings
+
+from h3d import carbon
 from h3d import efficiency as eff
 from h3d.downsample import lttb
 from h3d.energy import EnergyCurve
-from h3d.power.base import MEASURED_SOURCES
+from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
 from h3d.storage.models import Device, Run, RunRank
 
@@ -190,6 +194,7 @@ class EnergyModel:
                     "gaps_s": integral.gaps_s,
                     "granularity_s": m.dev.granularity_s,
                     "below_granularity": integral.below_granularity,
+                    "caveat": caveat(m.dev.source, m.dev.model or ""),
                 }
             )
         sources: set[str] = {d["source"] for d in by_device}
@@ -253,12 +258,29 @@ def _energy_with_breakdown(
     return out
 
 
+def run_carbon(
+    settings: Settings | None, model: EnergyModel, t0: float, t1: float
+) -> dict[str, Any]:
+    """The run's co2e_g with its provenance (h3d.carbon); null without settings."""
+    if settings is None:
+        return {"co2e_g": None, "carbon_source": "none", "carbon_detail": "not computed"}
+    return carbon.run_carbon(settings, lambda a, b: model.energy(a, b)["energy_j"], t0, t1)
+
+
 def run_energy(
-    session: Session, *, run: Run, interval_s: float, now: float | None = None
+    session: Session,
+    *,
+    run: Run,
+    interval_s: float,
+    now: float | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = run_model(session, run=run, interval_s=interval_s, now=now)
-    return _energy_with_breakdown(session, model, run, t0, t1)
+    return {
+        **_energy_with_breakdown(session, model, run, t0, t1),
+        **run_carbon(settings, model, t0, t1),
+    }
 
 
 StepRow = tuple[float, float, float, int | None, str | None]  # (t, loss, n, epoch, phase)
@@ -402,6 +424,7 @@ def run_report(
     interval_s: float,
     window_s: float = 60.0,
     now: float | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = run_model(session, run=run, interval_s=interval_s, now=now)
@@ -418,7 +441,8 @@ def run_report(
     eta = run_eta(
         session, run=run, window_s=window_s, interval_s=interval_s, now=now, model=model, pts=pts
     )
-    energy = _energy_with_breakdown(session, model, run, t0, t1)
+    co2 = run_carbon(settings, model, t0, t1)
+    energy = {**_energy_with_breakdown(session, model, run, t0, t1), **co2}
     epoch_rows = {e.epoch: e for e in repo.epochs(session, run_id=run.id)}
     epochs_out = []
     k_run = eff.smoothing_k(len(pts))
@@ -492,4 +516,6 @@ def run_report(
         "epochs": epochs_out,
         "phases": phases_out,
         "landauer_bits_per_j_300k": eff.LANDAUER_BITS_PER_J_300K,
+        "co2e_g": co2["co2e_g"],
+        "carbon_source": co2["carbon_source"],
     }

@@ -129,7 +129,9 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         if st.sampler is not None:
             st.sampler.flush()
         with session_scope(st.session_factory) as s:
-            body = render_metrics(s, st.sampler, interval_s=settings.sample_interval_s)
+            body = render_metrics(
+                s, st.sampler, interval_s=settings.sample_interval_s, settings=settings
+            )
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(H3DError)

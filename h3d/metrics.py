@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
-from h3d import analysis
+from h3d import analysis, carbon
 from h3d.power.sampler import PowerSampler
 from h3d.storage import repository as repo
+
+if TYPE_CHECKING:
+    from h3d.config import Settings
 
 
 def _escape(v: str) -> str:
@@ -32,7 +36,13 @@ def _family(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float
     return out
 
 
-def render(session: Session, sampler: PowerSampler | None, *, interval_s: float) -> str:
+def render(
+    session: Session,
+    sampler: PowerSampler | None,
+    *,
+    interval_s: float,
+    settings: Settings | None = None,
+) -> str:
     devs = sampler.devices if sampler else []
     lines: list[str] = []
     lines += _family(
@@ -92,6 +102,20 @@ def render(session: Session, sampler: PowerSampler | None, *, interval_s: float)
             if e["eta_bits_per_j"] is not None
         ),
     )
+    if settings is not None and carbon.configured(settings):
+        grams = []
+        for r, _e in run_rows:
+            c = analysis.run_energy(session, run=r, interval_s=interval_s, settings=settings)
+            if c["co2e_g"] is not None:
+                grams.append(
+                    (_labels(run=r.id, name=r.name, source=c["carbon_source"]), c["co2e_g"])
+                )
+        lines += _family(
+            "h3d_run_co2e_grams_total",
+            "counter",
+            "Grams of CO2e attributed to a running run (energy x grid intensity over time).",
+            grams,
+        )
     if sampler is not None:
         st = sampler.stats()
         lines += _family(

@@ -185,6 +185,12 @@ class BatchesIn(BaseModel):
             "in n_nonfinite, never used in η). If false, null and non-finite losses are a 422."
         ),
     )
+    rank: int | None = Field(
+        None,
+        ge=0,
+        le=INT_MAX,
+        description="The rank that logged every batch here (a batch's own rank wins).",
+    )
 
 
 class EpochIn(BaseModel):
@@ -232,6 +238,9 @@ class DeviceEnergy(BaseModel):
         description="The window is shorter than the device's update period: the figure is "
         "interpolated between updates, not resolved."
     )
+    caveat: str | None = Field(
+        None, description="What this device's figure cannot see (e.g. part-time power sensors)."
+    )
 
 
 class NodeEnergy(BaseModel):
@@ -270,6 +279,15 @@ class EnergyPublic(BaseModel):
     by_rank: list[RankEnergy] = Field(
         description="Per rank of a distributed run: its own part of its node's share."
     )
+    co2e_g: float | None = Field(
+        None,
+        description="Grams of CO2e: the run's energy over time x the grid intensity then "
+        "(null when no intensity is configured; never guessed).",
+    )
+    carbon_source: str = Field(
+        "none", description="constant | region_average | timeseries | live | none"
+    )
+    carbon_detail: str = Field("", description="Data set, zone or file; any fallback taken.")
 
 
 class EtaPublic(BaseModel):

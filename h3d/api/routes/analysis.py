@@ -31,7 +31,9 @@ def get_energy(
 ) -> dict[str, Any]:
     _fresh(sampler)
     run = repo.get_run(session, run_id=run_id)
-    return analysis.run_energy(session, run=run, interval_s=settings.sample_interval_s)
+    return analysis.run_energy(
+        session, run=run, interval_s=settings.sample_interval_s, settings=settings
+    )
 
 
 @router.get("/runs/{run_id}/eta", response_model=EtaPublic)
@@ -86,7 +88,7 @@ def get_report(
     _fresh(sampler)
     run = repo.get_run(session, run_id=run_id)
     return analysis.run_report(
-        session, run=run, interval_s=settings.sample_interval_s, window_s=window
+        session, run=run, interval_s=settings.sample_interval_s, window_s=window, settings=settings
     )
 
 
