@@ -53,9 +53,13 @@ class Exporter(Protocol):
 class HttpExporter:
     """Posts to the daemon through ``client``; spools to ``<data dir>/spool/<run id>.jsonl``."""
 
-    def __init__(self, client: Client, run_id: str, *, max_backoff_s: float = 10.0) -> None:
+    def __init__(
+        self, client: Client, run_id: str, *, max_backoff_s: float = 10.0, rank: int | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        # a distributed run's rank: every batches request says which rank logged it
+        self._rank_prefix = None if rank is None else f'{{"rank":{int(rank)},'
         self.spool_file = Spool(client.config.spool_dir, run_id)
         self.online = True
         self._retry_at = 0.0
@@ -84,7 +88,13 @@ class HttpExporter:
     def ready(self) -> bool:
         return self.online or time.monotonic() >= self._retry_at
 
+    def _stamped(self, request: Request) -> Request:
+        if self._rank_prefix is None or request.op != "batches":
+            return request
+        return request._replace(body=self._rank_prefix + request.body[1:])
+
     def send(self, request: Request) -> Outcome:
+        request = self._stamped(request)
         try:
             if self.spool_file.exists():  # what waited goes first, in order
                 result = replay_spool(self.client, self.spool_file.path.parent, self.run_id)
@@ -108,6 +118,7 @@ class HttpExporter:
         return "sent"
 
     def spool(self, request: Request) -> bool:
+        request = self._stamped(request)
         try:
             self.spool_file.append(request.op, request.body)
         except OSError as exc:

@@ -12,7 +12,7 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from h3client._batching import BatchProcessor, off_device
 from h3client._config import resolve
@@ -22,6 +22,9 @@ from h3client._report import diminishing_returns, format_report
 from h3client._spool import Spool, replay_spool
 from h3client.client import Client
 from h3client.errors import H3ClientError
+
+if TYPE_CHECKING:
+    from h3client._distributed import RankInfo
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,14 @@ class H3Profiler:
         eta_interval_s: How often ``live_eta`` is refreshed in the background once it has
             a value (see :meth:`live_eta`).
         http: An ``httpx.Client`` to use (tests); default: one keep-alive connection.
+        rank: This process's rank in a distributed job; default from torchrun's ``RANK``
+            or SLURM's ``SLURM_PROCID``. Every rank's profiler joins one run (see
+            ``docs/torchrun.md``); each batch carries its rank.
+        world_size: The number of ranks (default ``WORLD_SIZE`` or ``SLURM_NTASKS``).
+
+    Raises:
+        H3ClientError: in a distributed job, when the ranks cannot agree on a run id (no
+            launcher job id, no initialised process group and no ``run_id``).
 
     Example:
         >>> with H3Profiler("mnist-mlp", config={"lr": 1e-3}) as prof:  # doctest: +SKIP
@@ -117,6 +128,8 @@ class H3Profiler:
         max_queue: int = 100_000,
         eta_interval_s: float = 5.0,
         http: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         self.name = name
         self._url, self._token, self._data_dir, self._http = url, token, data_dir, http
@@ -132,6 +145,9 @@ class H3Profiler:
         self.max_queue = max_queue
         self.eta_interval_s = eta_interval_s
         self._seq = 0
+        self._seq_step = 1  # a rank's k-th batch is seq k·world_size + rank: unique in the run
+        self._rank_arg, self._world_arg = rank, world_size
+        self.dist: RankInfo | None = None
         self._epoch = 0
         self._proc: BatchProcessor | None = None
         self._exporter: HttpExporter | None = None
@@ -161,9 +177,12 @@ class H3Profiler:
             cfg = resolve(url, self._token, self._data_dir)
         self._client = Client(cfg.url, cfg.token, data_dir=cfg.data_dir, http=self._http)
         online = url is not None
+        rank_fields = self._join_ranks()
         if self.run_id is None:
             self.run_id = os.urandom(16).hex()  # 128 random bits, as uuid4 without its import
-        self._exporter = HttpExporter(self._client, self.run_id)
+        self._exporter = HttpExporter(
+            self._client, self.run_id, rank=None if self.dist is None else self.dist.rank
+        )
         if self._resume:
             self._seq = self._resume_seq(online)
         self._proc = BatchProcessor(
@@ -189,6 +208,7 @@ class H3Profiler:
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
                     "n_train": self.n_train,
+                    **rank_fields,
                 },
             )
         if online:
@@ -212,6 +232,23 @@ class H3Profiler:
             _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
         self._accepting = True
         return self
+
+    def _join_ranks(self) -> dict[str, Any]:
+        """In a distributed job: this rank's place, the run id all ranks share, and the
+        fields of its join (see ``h3client._distributed``)."""
+        from h3client import _distributed
+
+        self.dist = _distributed.detect(rank=self._rank_arg, world_size=self._world_arg)
+        if self.dist is None:
+            return {}
+        if self.run_id is None:
+            self.run_id = _distributed.shared_run_id(self.dist, self.name)
+        self._resume = False  # every rank joins the shared id; joining is idempotent
+        self._seq, self._seq_step = self.dist.rank, self.dist.world_size
+        fields: dict[str, Any] = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+        if self.dist.local_rank is not None:
+            fields["local_rank"] = self.dist.local_rank
+        return fields
 
     def _resume_seq(self, online: bool) -> int:
         """Continue after the highest sequence number stored or spooled for the run."""
@@ -268,7 +305,7 @@ class H3Profiler:
             if indices is not None and hasattr(indices, "detach"):
                 indices = off_device(indices)
             seq = self._seq
-            self._seq = seq + 1
+            self._seq = seq + self._seq_step
             proc.add_batch(
                 (
                     seq,
@@ -319,7 +356,8 @@ class H3Profiler:
 
     @property
     def batches_logged(self) -> int:
-        return self._seq
+        first = 0 if self.dist is None else self.dist.rank
+        return (self._seq - first) // self._seq_step
 
     # --- live figures ----------------------------------------------------------------------
 
@@ -394,7 +432,10 @@ class H3Profiler:
         deadline = time.monotonic() + timeout_s
         self._accepting = False
         self._stopped = True
-        self._proc.add("update", {"status": status, "finished_at": time.time()})
+        update: dict[str, Any] = {"status": status, "finished_at": time.time()}
+        if self.dist is not None:  # this rank is done; the run ends when every rank is
+            update["rank"] = self.dist.rank
+        self._proc.add("update", update)
         flushed = self._proc.close(timeout_s)
         _live.discard(self)
         left = deadline - time.monotonic()
@@ -429,7 +470,7 @@ class H3Profiler:
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "duration_s": (time.time() - self._t_start) if self._t_start else None,
-            "batches_logged": self._seq,
+            "batches_logged": self.batches_logged,
             "batches_posted": proc.posted,
             "batches_spooled": proc.spooled,
             "batches_lost": proc.lost,

@@ -85,10 +85,14 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
             flush_interval_s=settings.flush_interval_s,
             full_resolution_s=settings.power_full_resolution_s,
             downsample_s=settings.power_downsample_s,
+            node=settings.node,
         )
         with session_scope(factory) as s:  # runs still running when the daemon stopped
             for run in repo.list_runs(s, status="running", limit=10_000)[0]:
-                sampler.run_started(run.id, run.pid if is_local(run.host) else None)
+                if run.world_size is None and run.node == settings.node:
+                    sampler.run_started(run.id, run.pid if is_local(run.host) else None)
+            for rr in repo.running_ranks(s, node=settings.node):
+                sampler.run_started(rr.run_id, rr.pid if is_local(rr.host) else None, rr.rank)
         sampler.start()
         _write_daemon_file(settings)
         logger.info("h3d %s ready (%d power devices)", __version__, len(devs))

@@ -68,7 +68,7 @@ def get_series(
     if device is not None and metric != "power":
         raise InvalidInput("device is a filter of metric=power only")
     if metric == "loss":
-        pts = analysis.loss_series(session, run_id=run.id, points=points)
+        pts = analysis.loss_series(session, run=run, points=points)
     elif metric == "power":
         pts = analysis.power_series(session, run=run, points=points, device=device)
     else:
