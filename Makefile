@@ -15,7 +15,7 @@ else
 endif
 STAMP := .venv/.h3-installed
 
-.PHONY: demo test lint bench env clean
+.PHONY: demo test lint bench env clean browser
 
 env: $(STAMP)
 
@@ -33,7 +33,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m h3d demo
 
-test: $(STAMP)
+# The dashboard's tests drive Debian's chromium through Playwright (no browser download).
+# As root (CI) it is installed when missing; otherwise those tests skip and say why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the dashboard tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "chromium could not be installed: the browser tests will skip"; fi
+
+test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

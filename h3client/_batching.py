@@ -4,26 +4,43 @@ BatchProcessor).
 ``add_batch`` is the training thread's whole cost: one tuple appended to a deque. No I/O,
 no lock, no logging, no device synchronisation: a tensor is only detached there, and turned
 into numbers here, on the worker thread. The worker wakes when a batch is full or every
-``flush_interval_s``, converts and exports up to ``max_batch`` items per request.
+``flush_interval_s`` and sends up to ``max_batch`` batches per request.
 
-Bounded memory: past ``max_queue`` items the worker sends the oldest straight to the spool
-(disk) instead of the daemon; past ``hard_limit`` the training thread drops the oldest item
-and counts it (reported at ``close()``), so a wedged disk can never exhaust memory.
+A request is converted as a whole (:func:`encode_batches`): the queued loss tensors are
+stacked, and the per-sample vectors concatenated, with one tensor operation each per request,
+read as one block of bytes, then base64-encoded per batch from that block and written into
+the JSON text with one format operation per batch; the text is gzipped once when it is sent.
+Nothing in it does a tensor operation per batch: on a shared GIL every one of those costs the
+training thread a thread switch.
+
+Where a request goes: the daemon; the spool on disk when the daemon does not answer (or the
+queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when
+neither takes it (no daemon and a full disk) it stays in memory and is retried, oldest
+first, while nothing newer is sent. Memory stays bounded: past ``4 × max_queue`` queued
+batches the training thread drops the oldest and counts it as lost.
+
+``close()`` never drops anything silently: what the daemon has not acknowledged by the
+deadline (the queue, the request in flight, the requests held back) is written to the spool
+from the calling thread, the worker is told to stop, and every batch ends up counted as
+posted, spooled, rejected (the daemon refused it as invalid) or lost (not even the disk took
+it).
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
+import json
 import logging
 import math
 import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from typing import Any, Literal
 
-from h3client._exporter import Exporter
+from h3client._exporter import Exporter, Request
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +76,7 @@ def off_device(t: Any) -> Any:
     """Detach ``t``; for a CUDA tensor, start a non-blocking copy to pinned host memory and
     record an event, so the training thread never waits for the GPU on H3's behalf."""
     t = t.detach()
-    if getattr(t, "is_cuda", False):
+    if t.is_cuda:
         host = t.to("cpu", non_blocking=True)
         event = event_factory()
         event.record()
@@ -67,74 +84,193 @@ def off_device(t: Any) -> Any:
     return t
 
 
-def _ready(x: Any) -> Any:
-    return x.get() if isinstance(x, PendingCopy) else x
+def _ready(xs: Sequence[Any]) -> list[Any]:
+    return [x.get() if type(x) is PendingCopy else x for x in xs]
 
 
-def _num(x: Any) -> float | None:
-    """A finite float, or None for NaN/inf. Reads tensors here, off the training thread."""
-    x = _ready(x)
-    v = float(x.item()) if hasattr(x, "item") else float(x)
-    return v if math.isfinite(v) else None
+# --- converting a request ------------------------------------------------------------------
 
 
-def _packed(x: Any, dtype_name: str) -> bytes:
-    """A tensor's values as little-endian bytes (float32 or int64), without numpy."""
+def _finite_or_none(vals: list[Any]) -> list[float | None]:
+    if all(map(math.isfinite, vals)):
+        return vals
+    return [v if math.isfinite(v) else None for v in vals]
+
+
+def _scalars(col: Sequence[Any]) -> tuple[list[float | None], set[int]]:
+    """Each batch's loss as a float (None for NaN/inf), and the positions that are unreadable.
+
+    All tensors of the request are read with one ``torch.stack``; a request whose tensors
+    cannot be stacked (mixed shapes) falls back to reading them one by one.
+    """
+    vals = _ready(col)
+    tpos = [i for i, v in enumerate(vals) if not isinstance(v, (float, int))]
+    bad: set[int] = set()
+    if tpos:
+        import torch
+
+        tensors = [vals[i] for i in tpos]
+        try:
+            read = torch.stack(tensors).to(torch.float64).reshape(-1).tolist()
+            if len(read) != len(tpos):
+                raise ValueError("a loss has more than one element")
+        except (RuntimeError, TypeError, ValueError):
+            read = []
+            for i, t in zip(tpos, tensors, strict=True):
+                try:
+                    read.append(float(t.item()))
+                except (RuntimeError, TypeError, ValueError, AttributeError):
+                    read.append(math.nan)
+                    bad.add(i)
+        for i, v in zip(tpos, read, strict=True):
+            vals[i] = v
+    try:
+        return _finite_or_none(vals), bad
+    except TypeError:  # something that is not a number at all
+        out: list[float | None] = []
+        for i, v in enumerate(vals):
+            try:
+                out.append(float(v) if math.isfinite(v) else None)
+            except (TypeError, ValueError):
+                out.append(None)
+                bad.add(i)
+        return out, bad
+
+
+def _tensor_bytes(t: Any) -> bytes:
+    """The bytes of a CPU tensor, in one copy (no numpy, no per-element work)."""
     import ctypes
 
-    import torch
-
-    dtype = torch.float32 if dtype_name == "f" else torch.int64
-    t = x.detach().reshape(-1).to("cpu", dtype)
-    if dtype_name == "f":  # every non-finite value travels as NaN: "missing"
-        t = torch.where(torch.isfinite(t), t, torch.full_like(t, math.nan))
     t = t.contiguous()
-    # one memcpy of the tensor's bytes: bytes(t.untyped_storage()) iterates the storage
-    # byte by byte in Python (measured 4.8 ms for 64 losses and their indices)
-    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+    n = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
-def _vec(x: Any) -> bytes | None:
-    """Per-sample losses as packed float32 (NaN for missing)."""
-    if x is None:
-        return None
-    x = _ready(x)
-    if hasattr(x, "detach"):
-        raw = _packed(x, "f")
-    else:
-        raw = array(
-            "f", (v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in x)
-        ).tobytes()
-    return raw
+def _b64(raw: bytes | memoryview) -> str:
+    """Base64 as a JSON string literal (quotes included)."""
+    return f'"{binascii.b2a_base64(raw, newline=False).decode("ascii")}"'
 
 
-def _ints(x: Any) -> bytes | None:
-    """Dataset indices as packed int64."""
-    if x is None:
-        return None
-    x = _ready(x)
-    return _packed(x, "q") if hasattr(x, "detach") else array("q", (int(v) for v in x)).tobytes()
+def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str], list[int]]:
+    """Per-sample vectors as base64 of little-endian float32 ("f", non-finite as NaN) or
+    int64 ("q"): one JSON string per batch ("null" where absent), and their lengths (-1:
+    absent).
+
+    The tensors of a request are concatenated, converted and read as one block; Python
+    sequences (the slow, rare path) are packed one by one.
+    """
+    vals = _ready(col)
+    out = ["null"] * len(vals)
+    lens = [-1] * len(vals)
+    tpos = [i for i, v in enumerate(vals) if v is not None and hasattr(v, "detach")]
+    if tpos:
+        import torch
+
+        flat = [vals[i] if vals[i].dim() == 1 else vals[i].reshape(-1) for i in tpos]
+        sizes = [t.numel() for t in flat]
+        dtype, width = (torch.float32, 4) if kind == "f" else (torch.int64, 8)
+        block = torch.cat(flat).to(dtype)
+        if kind == "f" and not bool(torch.isfinite(block).all()):
+            block = torch.where(torch.isfinite(block), block, torch.full_like(block, math.nan))
+        view = memoryview(_tensor_bytes(block))
+        ends = list(accumulate(n * width for n in sizes))
+        b2a = binascii.b2a_base64
+        texts = [
+            f'"{b2a(view[a:b], newline=False).decode("ascii")}"'
+            for a, b in zip([0, *ends], ends, strict=False)
+        ]
+        if len(tpos) == len(vals):  # the common case: every batch has a tensor
+            return texts, sizes
+        for i, text, n in zip(tpos, texts, sizes, strict=True):
+            out[i], lens[i] = text, n
+    for i, v in enumerate(vals):
+        if v is None or lens[i] >= 0:
+            continue
+        if kind == "f":
+            arr: array[Any] = array(
+                "f",
+                (x if isinstance(x, (int, float)) and math.isfinite(x) else math.nan for x in v),
+            )
+        else:
+            arr = array("q", (int(x) for x in v))
+        out[i] = _b64(arr.tobytes())
+        lens[i] = len(arr)
+    return out, lens
 
 
-def to_wire(item: BatchItem) -> dict[str, Any]:
-    seq, t, loss, losses, indices, n, epoch, step, phase = item
-    d: dict[str, Any] = {"seq": seq, "t": t, "loss": _num(loss)}
-    vec = _vec(losses)
-    if vec is not None:  # packed: ~5 bytes of JSON a value, and cheap to encode
-        d["losses_f32"] = base64.b64encode(vec).decode()
-        idx = _ints(indices)
-        if idx is not None:
-            d["indices_i64"] = base64.b64encode(idx).decode()
-        if n is None:
-            n = len(vec) // 4
+_INT_OR_NONE = {int, type(None)}
 
-    for k, v in (("n", n), ("epoch", epoch), ("step", step), ("phase", phase)):
-        if v is not None:
-            d[k] = v
-    return d
+
+def _json_column(col: Sequence[Any]) -> list[str]:
+    """JSON text of each value (ints, the common case, without json.dumps per value)."""
+    types = set(map(type, col))
+    if types == {int}:
+        return list(map(str, col))
+    if types <= _INT_OR_NONE:
+        return ["null" if v is None else str(v) for v in col]
+    return [json.dumps(v) for v in col]
+
+
+def _encode(items: Sequence[BatchItem]) -> tuple[list[str], int]:
+    """The JSON objects of ``items`` and how many were left out as unreadable."""
+    seqs, ts, losses, vecs, idxs, ns, epochs, steps, phases = zip(*items, strict=True)
+    loss_vals, bad = _scalars(losses)
+    cols: list[tuple[str, list[str]]] = []
+    lens = [-1] * len(items)
+    if any(v is not None for v in vecs):
+        f32, lens = _packed(vecs, "f")
+        ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
+        cols.append(("losses_f32", f32))
+    if any(v is not None for v in idxs):
+        i64, ilens = _packed(idxs, "q")
+        for i, (a, b) in enumerate(zip(lens, ilens, strict=True)):
+            if b >= 0 and a != b:  # indices without losses, or of another length
+                bad.add(i)
+        cols.append(("indices_i64", i64))
+    for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
+        if any(v is not None for v in col):
+            cols.append((name, _json_column(col)))
+    loss_text = ["null" if v is None else repr(v) for v in loss_vals]
+    fmt = '{"seq":%d,"t":%r,"loss":%s' + "".join(f',"{name}":%s' for name, _ in cols) + "}"
+    rows = zip(seqs, ts, loss_text, *(c for _, c in cols), strict=True)
+    if bad:
+        return [fmt % r for i, r in enumerate(rows) if i not in bad], len(bad)
+    return [fmt % r for r in rows], 0
+
+
+def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
+    """One ``POST /v1/runs/{id}/batches`` request for ``items`` (None if none was readable),
+    and how many items were unreadable and left out (a loss that is not a number; indices
+    that do not match the per-sample losses; a vector that cannot be read)."""
+    if not items:
+        return None, 0
+    try:
+        parts, bad = _encode(items)
+    except Exception:  # one unreadable item: find it, keep the rest
+        parts, bad = [], 0
+        for item in items:
+            try:
+                one, b = _encode([item])
+            except Exception:
+                one, b = [], 1
+            parts += one
+            bad += b
+    if not parts:
+        return None, bad
+    body = '{"nonfinite_as_null":true,"batches":[' + ",".join(parts) + "]}"
+    return Request("batches", body, len(parts)), bad
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+Route = Literal["sent", "rejected", "spooled", "held"]
 
 
 class BatchProcessor:
+    """The queue and its sender thread. ``posted``, ``spooled``, ``rejected`` and ``lost``
+    count batches; with ``logged`` the number added, at ``close()``:
+    logged = posted + spooled + rejected + lost."""
+
     def __init__(
         self,
         exporter: Exporter,
@@ -151,97 +287,193 @@ class BatchProcessor:
         self.hard_limit = 4 * max_queue
         self.on_tick = on_tick
         self.batches: deque[BatchItem] = deque()
-        self.others: deque[tuple[str, dict[str, Any]]] = deque()
-        self.dropped = 0
-        self.conversion_errors = 0
+        self.others: deque[Request] = deque()
+        self.dropped = 0  # by the training thread, past hard_limit
+        self.posted = self.spooled = self.rejected = 0
+        self.lost_on_disk = 0  # stop(): neither the daemon nor the disk took them
+        self._held: deque[Request] = deque()  # neither daemon nor disk took them: retried
+        self._inflight: Request | list[BatchItem] | None = None
+        self._lock = threading.Lock()  # the worker and close() taking work; never log_batch
         self._wake = threading.Event()
         self._done = threading.Condition()
         self._busy = False
         self._closing = False
+        self._exit = False
+        self._abandoned = False
+        self._converting = False  # the worker is in torch code (see close())
+        self._rate = 10_000.0  # batches/s the worker converts (measured): close() plans by it
+        self._close_result: bool | None = None
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
         self._thread.start()
+
+    @property
+    def lost(self) -> int:
+        return self.dropped + self.lost_on_disk
 
     # --- the training thread's side -------------------------------------------------------
 
     def add_batch(self, item: BatchItem) -> None:
         q = self.batches
         if len(q) >= self.hard_limit:
-            q.popleft()
-            self.dropped += 1
+            try:
+                q.popleft()
+                self.dropped += 1
+            except IndexError:  # the worker took it meanwhile
+                pass
         q.append(item)
         if len(q) == self.max_batch:
             self._wake.set()
 
     def add(self, op: str, body: dict[str, Any]) -> None:
-        """Anything but batches (create, epochs, update): rare, ordered with the batches."""
-        self.others.append((op, body))
+        """Anything but batches (create, epochs, update): rare, ordered with the batches.
+
+        Raises ValueError/TypeError if ``body`` is not JSON (NaN included).
+        """
+        self.others.append(Request(op, json.dumps(body, allow_nan=False)))
         self._wake.set()
 
     # --- the worker ------------------------------------------------------------------------
 
-    def _take(self, count: int) -> list[dict[str, Any]]:
-        out = []
-        q = self.batches
-        for _ in range(min(count, len(q))):
-            item = q.popleft()
+    def _route(self, req: Request, prefer_spool: bool = False) -> Route:
+        exp = self.exporter
+        for way in ("spool", "send") if prefer_spool else ("send", "spool"):
             try:
-                out.append(to_wire(item))
-            except Exception:  # a tensor that cannot be read must not kill the worker
-                self.conversion_errors += 1
-        return out
+                if way == "send":
+                    if exp.ready():
+                        outcome = exp.send(req)
+                        if outcome != "down":
+                            return outcome
+                elif not self._abandoned and exp.spool(req):
+                    return "spooled"
+            except Exception:  # an exporter bug: keep the request, never end the worker
+                if not self._abandoned:
+                    logger.exception("h3: export failed")
+        return "held"
+
+    def _count(self, req: Request, route: Route) -> None:
+        n = req.n_batches
+        if route == "sent":
+            self.posted += n
+        elif route == "spooled":
+            self.spooled += n
+        elif route == "rejected":
+            self.rejected += n
+
+    def _deliver(self, req: Request, prefer_spool: bool = False) -> bool:
+        """Route ``req`` (the worker's in-flight request); False if it is held back."""
+        route = self._route(req, prefer_spool)
+        with self._lock:
+            if self._inflight is not req:
+                return False  # close() took it over and counts it
+            self._inflight = None
+            if route == "held":
+                self._held.appendleft(req)
+                return False
+            self._count(req, route)
+            return True
+
+    def _pop(self, source: deque[Request]) -> Request | None:
+        with self._lock:
+            if self._abandoned or not source:
+                return None
+            req = source.popleft()
+            self._inflight = req
+            return req
+
+    def _pop_items(self, count: int) -> list[BatchItem] | None:
+        with self._lock:
+            if self._abandoned:
+                return None
+            items = []
+            q = self.batches
+            for _ in range(count):
+                try:
+                    items.append(q.popleft())
+                except IndexError:
+                    break
+            self._inflight = items
+            return items
 
     def _drain_once(self) -> bool:
-        """Export what was queued when this pass began; False when there was nothing.
+        """Send what was queued when this pass began; False when there was nothing.
 
         Only a snapshot: items logged while a request is in flight wait for the next pass,
-        so a fast loop yields a few large requests, not a stream of tiny ones.
+        so a fast loop yields a few large requests, not a stream of tiny ones. A request
+        held back (no daemon, no disk) ends the pass: nothing newer overtakes it.
         """
         n_batches, n_others = len(self.batches), len(self.others)
-        if not n_batches and not n_others:
+        if not (n_batches or n_others or self._held):
             return False
+        while self._held:
+            req = self._pop(self._held)
+            if req is None or not self._deliver(req):
+                return True
         # a create queued before the batches must reach the daemon before they do
-        while n_others and self.others[0][0] == "create":
-            self.exporter.export(*self.others.popleft())
+        while n_others and self.others and self.others[0].op == "create":
             n_others -= 1
+            req = self._pop(self.others)
+            if req is None or not self._deliver(req):
+                return True
         while n_batches > 0:
-            overflowing = len(self.batches) > self.max_queue
             take = min(self.max_batch, n_batches)
             n_batches -= take
-            chunk = self._take(take)
-            if chunk:
-                body = {"batches": chunk, "nonfinite_as_null": True}
-                # behind by more than max_queue: the oldest go to disk, not to memory
-                (self.exporter.spill if overflowing else self.exporter.export)("batches", body)
+            # behind by more than max_queue: the oldest go to disk, not to memory
+            overflowing = len(self.batches) > self.max_queue
+            items = self._pop_items(take)
+            if items is None:
+                return True
+            self._converting = True
+            t0 = time.perf_counter()
+            try:
+                req, invalid = encode_batches(items)
+            finally:
+                self._converting = False
+            if len(items) >= 100:
+                rate = len(items) / max(1e-6, time.perf_counter() - t0)
+                self._rate = 0.5 * self._rate + 0.5 * rate
+            with self._lock:
+                if self._inflight is not items:
+                    return True  # close() took them over
+                self.rejected += invalid
+                self._inflight = req
+            if req is not None and not self._deliver(req, prefer_spool=overflowing):
+                return True
         for _ in range(n_others):
-            self.exporter.export(*self.others.popleft())
+            req = self._pop(self.others)
+            if req is None or not self._deliver(req):
+                return True
         return True
 
     def _worker(self) -> None:
-        while True:
+        while not (self._exit or self._abandoned):
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
             with self._done:
                 self._busy = True
             try:
                 self._drain_once()
-                if self.on_tick is not None:
+                if self.on_tick is not None and not self._closing:
                     self.on_tick()
             except Exception:  # never let an exporter bug end the worker
-                logger.exception("h3: export failed")
+                if not self._abandoned:
+                    logger.exception("h3: export failed")
             finally:
                 with self._done:
                     self._busy = False
                     self._done.notify_all()
-            if self._closing and not self.batches and not self.others:
-                return
 
     # --- control ---------------------------------------------------------------------------
 
+    def _pending(self) -> bool:
+        return bool(self.batches or self.others or self._held or self._inflight is not None)
+
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Export everything queued so far; True if it finished within ``timeout_s``."""
+        """Send everything queued so far; True if it finished within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         with self._done:
-            while self.batches or self.others or self._busy:
+            while self._pending() or self._busy:
+                if self._abandoned or not self._thread.is_alive():
+                    return False
                 self._wake.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -249,13 +481,85 @@ class BatchProcessor:
                 self._done.wait(min(left, 0.05))
         return True
 
+    def _take_over(self) -> None:
+        """Stop the worker from taking more work; spool everything it has not finished.
+
+        Runs on the calling thread, so it works when the worker is stuck (a daemon that
+        accepts connections and never answers, say). Order in the spool: the request in
+        flight, those held back, creates, the batches, then epochs and the final status.
+        """
+        with self._lock:
+            self._abandoned = True
+            first: list[Request | list[BatchItem]] = []
+            if self._inflight is not None:
+                first.append(self._inflight)
+                self._inflight = None
+            first.extend(self._held)
+            self._held.clear()
+            others = list(self.others)
+            self.others.clear()
+            items = list(self.batches)
+            self.batches.clear()
+        todo: list[Request] = []
+        chunks = first + [r for r in others if r.op == "create"]
+        chunks += [items[i : i + self.max_batch] for i in range(0, len(items), self.max_batch)]
+        for chunk in chunks:
+            if isinstance(chunk, Request):
+                todo.append(chunk)
+                continue
+            req, invalid = encode_batches(chunk)
+            self.rejected += invalid
+            if req is not None:
+                todo.append(req)
+        todo += [r for r in others if r.op != "create"]
+        for req in todo:
+            if self.exporter.spool(req):
+                self.spooled += req.n_batches
+            else:
+                self.lost_on_disk += req.n_batches
+
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Flush, stop the worker, shut the exporter down. Idempotent."""
-        if self._closing:
-            return True
-        ok = self.flush(timeout_s)
+        """Send what is queued, stop the worker, shut the exporter down. Idempotent.
+
+        Returns True if everything reached the daemon or the spool through the worker
+        within ``timeout_s``. If not, whatever is left is spooled from this thread (counted
+        as spooled, or as lost where the disk refused), starting early enough to finish in
+        ``timeout_s`` at the rate the worker has been converting batches, so the call
+        returns in about ``timeout_s`` however stuck the daemon or the worker is.
+        """
+        if self._close_result is not None:
+            return self._close_result
+        deadline = time.monotonic() + timeout_s
         self._closing = True
+        while True:
+            # keep enough time to convert and spool what is still queued, at the rate the
+            # worker has been converting (x2, plus a margin for the disk)
+            backlog = len(self.batches) + sum(r.n_batches for r in self._held) + self.max_batch
+            budget = deadline - time.monotonic() - 0.1 * timeout_s - 2 * backlog / self._rate
+            if budget <= 0:
+                ok = False
+                break
+            if self.flush(min(budget, 0.1)):
+                ok = True
+                break
+        if not ok:
+            self._take_over()
+        self._exit = True
         self._wake.set()
-        self._thread.join(timeout=max(0.1, timeout_s))
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         self.exporter.shutdown()
+        if self._thread.is_alive():
+            # closing the exporter's connection unblocks a worker stuck in a request; it
+            # then sees it was abandoned and ends without touching tensors or the network.
+            # A worker still converting tensors is waited for (briefly): torch code running
+            # on a daemon thread while the interpreter finalises aborts the process.
+            grace = time.monotonic() + 2.0
+            self._thread.join(0.2)
+            while self._converting and self._thread.is_alive() and time.monotonic() < grace:
+                self._thread.join(0.05)
+        self._close_result = ok
         return ok
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()

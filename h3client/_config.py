@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_PORT = 8421
 
@@ -33,9 +33,12 @@ def read_daemon_file(data_dir: Path) -> dict[str, object] | None:
     return None
 
 
-@dataclass(frozen=True)
-class ClientConfig:
-    """Resolved connection settings (see :func:`resolve`)."""
+class ClientConfig(NamedTuple):
+    """Resolved connection settings (see :func:`resolve`); immutable.
+
+    A NamedTuple rather than a frozen dataclass: ``dataclasses`` imports ``inspect``, which
+    alone costs more than the rest of ``import h3client``.
+    """
 
     url: str
     token: str | None

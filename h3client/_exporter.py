@@ -1,14 +1,22 @@
 """Exporters: where the background worker sends what the training loop logged.
 
-``HttpExporter`` posts to the daemon; while the daemon is unreachable it appends to the
-run's spool (never drops), backs off, and replays the spool in order once the daemon answers.
+The worker (``_batching.BatchProcessor``) decides what goes where; an exporter only knows how:
+
+- ``send(request)`` posts one request to the daemon and says what happened: "sent" (stored,
+  or already stored), "rejected" (the daemon refused it as invalid: resending cannot help) or
+  "down" (no answer, or a 5xx: try again later, keep it meanwhile);
+- ``spool(request)`` appends it to the run's spool file on disk; False if the disk refused;
+- ``ready()`` says whether sending is worth trying now (online, or the back-off has passed).
+
+``HttpExporter`` replays the run's spool, in order, before anything new once the daemon
+answers again, so the daemon sees the operations in the order they were logged.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from h3client._spool import Spool, replay_spool
 from h3client.client import Client
@@ -16,32 +24,47 @@ from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 logger = logging.getLogger(__name__)
 
+Outcome = Literal["sent", "rejected", "down"]
+
+# Answers to a create or a status update that mean "already done" (a resumed or replayed run).
+_ALREADY = ("run_exists", "run_finished")
+
+
+class Request(NamedTuple):
+    """One operation, encoded once: what is posted and, if need be, what is spooled."""
+
+    op: str  # "create", "batches", "epochs", "update"
+    body: str  # the request body as JSON text
+    n_batches: int = 0  # batches it carries
+
 
 class Exporter(Protocol):
-    """Takes one operation ("create", "batches", "epochs", "update"); never raises."""
+    """Where requests go. None of its methods raises."""
 
-    def export(self, op: str, body: dict[str, Any]) -> None: ...
+    def ready(self) -> bool: ...
 
-    def spill(self, op: str, body: dict[str, Any]) -> None:
-        """Keep ``body`` for later without sending it (the queue is overflowing)."""
-        ...
+    def send(self, request: Request) -> Outcome: ...
+
+    def spool(self, request: Request) -> bool: ...
 
     def shutdown(self) -> None: ...
 
 
 class HttpExporter:
-    def __init__(self, client: Client, run_id: str, *, max_backoff_s: float = 10.0) -> None:
+    """Posts to the daemon through ``client``; spools to ``<data dir>/spool/<run id>.jsonl``."""
+
+    def __init__(
+        self, client: Client, run_id: str, *, max_backoff_s: float = 10.0, rank: int | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
-        self.spool = Spool(client.config.spool_dir, run_id)
+        # a distributed run's rank: every batches request says which rank logged it
+        self._rank_prefix = None if rank is None else f'{{"rank":{int(rank)},'
+        self.spool_file = Spool(client.config.spool_dir, run_id)
         self.online = True
         self._retry_at = 0.0
         self._backoff_s = 0.5
         self._max_backoff_s = max_backoff_s
-        self.posted = 0  # batches acknowledged by the daemon
-        self.spooled = 0  # batches written to the spool
-        self.lost = 0  # batches neither posted nor spooled (disk full): reported at stop()
-        self.rejected = 0  # batches the daemon refused as invalid (4xx)
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
@@ -49,71 +72,64 @@ class HttpExporter:
             self._warned.add(key)
             logger.warning(msg, *args)
 
-    @staticmethod
-    def _count(op: str, body: dict[str, Any]) -> int:
-        return len(body.get("batches", ())) if op == "batches" else 0
-
-    def spill(self, op: str, body: dict[str, Any]) -> None:
-        self._to_spool(op, body)
-
-    def _to_spool(self, op: str, body: dict[str, Any]) -> None:
-        try:
-            self.spool.append(op, body)
-            self.spooled += self._count(op, body)
-        except OSError as exc:
-            self.lost += self._count(op, body)
-            self._warn_once(
-                "lost", "h3: cannot spool to %s (%s): losses are being lost", self.spool.path, exc
-            )
-
-    def _offline(self, why: str) -> None:
+    def offline(self, why: str) -> None:
+        """Mark the daemon unreachable; the next try waits for an exponential back-off."""
         if self.online:
             self._warn_once(
                 "offline",
                 "h3: daemon unreachable (%s); spooling to %s until it answers",
                 why,
-                self.spool.path,
+                self.spool_file.path,
             )
         self.online = False
         self._retry_at = time.monotonic() + self._backoff_s
         self._backoff_s = min(self._max_backoff_s, self._backoff_s * 2)
 
-    def _send(self, op: str, body: dict[str, Any]) -> None:
-        if op == "create":
-            self.client.create_run(**body)
-        elif op == "batches":
-            self.client.post_batches(self.run_id, body["batches"], nonfinite_as_null=True)
-        elif op == "epochs":
-            self.client.post_epochs(self.run_id, body["epochs"])
-        elif op == "update":
-            self.client.update_run(self.run_id, **body)
+    def ready(self) -> bool:
+        return self.online or time.monotonic() >= self._retry_at
 
-    def export(self, op: str, body: dict[str, Any]) -> None:
-        if not self.online and time.monotonic() < self._retry_at:
-            self._to_spool(op, body)
-            return
+    def _stamped(self, request: Request) -> Request:
+        if self._rank_prefix is None or request.op != "batches":
+            return request
+        return request._replace(body=self._rank_prefix + request.body[1:])
+
+    def send(self, request: Request) -> Outcome:
+        request = self._stamped(request)
         try:
-            if self.spool.exists():  # what waited goes first, in order
-                result = replay_spool(self.client, self.spool.path.parent, self.run_id)
+            if self.spool_file.exists():  # what waited goes first, in order
+                result = replay_spool(self.client, self.spool_file.path.parent, self.run_id)
                 if result["failed"]:
                     raise H3ConnectionError("spool replay did not complete")
                 if not self.online:
                     logger.info("h3: daemon answers again; spool replayed")
-            self._send(op, body)
-            self.posted += self._count(op, body)
-            self.online, self._backoff_s = True, 0.5
+            self.client.post_json(self.run_id, request.op, request.body)
         except H3ConnectionError as exc:
-            self._offline(str(exc))
-            self._to_spool(op, body)
+            self.offline(str(exc))
+            return "down"
         except H3HTTPStatusError as exc:
-            if exc.code in ("run_exists", "run_finished") and op in ("create", "update"):
-                return  # already done (a resumed or replayed run)
-            if exc.status_code >= 500:
-                self._offline(str(exc))
-                self._to_spool(op, body)
-                return
-            self.rejected += self._count(op, body)
-            self._warn_once(exc.code, "h3: the daemon refused %s: %s", op, exc)
+            if exc.code in _ALREADY and request.op in ("create", "update"):
+                return "sent"
+            if exc.status_code >= 500 or exc.status_code == 429:
+                self.offline(str(exc))
+                return "down"
+            self._warn_once(exc.code, "h3: the daemon refused %s: %s", request.op, exc)
+            return "rejected"
+        self.online, self._backoff_s = True, 0.5
+        return "sent"
+
+    def spool(self, request: Request) -> bool:
+        request = self._stamped(request)
+        try:
+            self.spool_file.append(request.op, request.body)
+        except OSError as exc:
+            self._warn_once(
+                "disk",
+                "h3: cannot write the spool %s (%s): keeping batches in memory and retrying",
+                self.spool_file.path,
+                exc,
+            )
+            return False
+        return True
 
     def shutdown(self) -> None:
         self.client.close()

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from h3client.client import Client
+from h3client.client import OPERATIONS, Client
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 try:
@@ -42,8 +42,8 @@ _ALREADY = {"run_exists", "run_finished"}
 
 
 @contextlib.contextmanager
-def _locked(path: Path, mode: str) -> Iterator[Any]:
-    with open(path, mode) as f:
+def _locked(path: Path, mode: str, buffering: int = -1) -> Iterator[Any]:
+    with open(path, mode, buffering=buffering) as f:
         if fcntl is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -53,6 +53,25 @@ def _locked(path: Path, mode: str) -> Iterator[Any]:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _locked_for_append(path: Path) -> Iterator[Any]:
+    """Open ``path`` for appending under its lock, never to a file a replay just deleted.
+
+    A replay deletes the file while it holds the lock; an append that opened the file
+    before that and then waited for the lock would write into the deleted inode (and its
+    lines would be gone). So after locking, check that the path still names the open file.
+    """
+    while True:
+        with _locked(path, "ab", buffering=0) as f:
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield f
+                return
+
+
 class Spool:
     """The spool file of one run."""
 
@@ -60,34 +79,46 @@ class Spool:
         self.path = spool_dir / f"{run_id}.jsonl"
         self.run_id = run_id
 
-    def append(self, op: str, body: dict[str, Any]) -> None:
-        """Append one operation durably. Raises OSError (disk full, read-only) to the caller."""
+    def append(self, op: str, body: dict[str, Any] | str) -> None:
+        """Append one operation durably (``body`` as a dict or as its JSON text).
+
+        Raises OSError (disk full, read-only) to the caller.
+        """
+        text = body if isinstance(body, str) else json.dumps(body)
+        self.append_lines([(op, text)])
+
+    def append_lines(self, ops: list[tuple[str, str]]) -> None:
+        """Append operations (op, body JSON text) with one write and one fsync."""
+        if not ops:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"v": VERSION, "op": op, "run_id": self.run_id, "body": body}) + "\n"
-        with _locked(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        head = '{"v": %d, "op": "%s", "run_id": "%s", "body": '
+        data = "".join(head % (VERSION, op, self.run_id) + text + "}\n" for op, text in ops)
+        with _locked_for_append(self.path) as f:
+            fd = f.fileno()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data.encode())
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # a half-written line must not be replayed: cut the file back to before it
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
 
     def exists(self) -> bool:
         return self.path.exists() and self.path.stat().st_size > 0
 
 
 def _apply(client: Client, op: dict[str, Any]) -> None:
-    run_id, body, kind = op["run_id"], op["body"], op["op"]
+    kind = op["op"]
+    if kind not in OPERATIONS:
+        logger.warning("spool: skipping unknown operation %r", kind)
+        return
     try:
-        if kind == "create":
-            client.create_run(**body)
-        elif kind == "batches":
-            client.post_batches(
-                run_id, body["batches"], nonfinite_as_null=body.get("nonfinite_as_null", True)
-            )
-        elif kind == "epochs":
-            client.post_epochs(run_id, body["epochs"])
-        elif kind == "update":
-            client.update_run(run_id, **body)
-        else:
-            logger.warning("spool: skipping unknown operation %r", kind)
+        client.post_json(op["run_id"], kind, json.dumps(op["body"]))
     except H3HTTPStatusError as exc:
         if exc.code not in _ALREADY:
             raise

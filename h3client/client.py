@@ -1,19 +1,30 @@
-"""``Client``: one keep-alive HTTP connection to the daemon, explicit calls that raise."""
+"""``Client``: one keep-alive HTTP connection to the daemon, explicit calls that raise.
+
+httpx is imported when the first request is made, not with this module: ``import h3client``
+stays cheap, and a profiler's sender thread pays for the HTTP stack, not the training script.
+"""
 
 from __future__ import annotations
 
-import gzip
 import json
-import socket
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from h3client._config import ClientConfig, resolve
 from h3client.errors import H3ConnectionError, H3HTTPStatusError, H3RunNotFound
 
+if TYPE_CHECKING:
+    import httpx
+
 _GZIP_MIN_BYTES = 4096
+
+#: The operations a profiler sends (and spools): name -> (method, path template).
+OPERATIONS = {
+    "create": ("POST", "/v1/runs"),
+    "batches": ("POST", "/v1/runs/{run_id}/batches"),
+    "epochs": ("POST", "/v1/runs/{run_id}/epochs"),
+    "update": ("PATCH", "/v1/runs/{run_id}"),
+}
 
 
 class Client:
@@ -39,21 +50,34 @@ class Client:
     ) -> None:
         self.config: ClientConfig = resolve(url, token, data_dir)
         self._owns_http = http is None
-        if http is None:
+        self._http = http
+        self._timeout_s = timeout_s
+        self._closed = False
+        self._headers = (
+            {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
+        )
+
+    @property
+    def http(self) -> httpx.Client:
+        """The ``httpx.Client`` (created, and httpx imported, on first use)."""
+        if self._http is None:
+            import socket
+
+            import httpx
+
+            if self._closed:
+                raise H3ConnectionError("this Client was closed")
             # TCP_NODELAY: a request written as headers then body must not wait for the
             # peer's delayed ACK (~40 ms per request on Linux loopback otherwise).
             transport = httpx.HTTPTransport(
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
             )
-            http = httpx.Client(
+            self._http = httpx.Client(
                 base_url=self.config.url,
-                timeout=httpx.Timeout(timeout_s, connect=min(2.0, timeout_s)),
+                timeout=httpx.Timeout(self._timeout_s, connect=min(2.0, self._timeout_s)),
                 transport=transport,
             )
-        self.http = http
-        self._headers = (
-            {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
-        )
+        return self._http
 
     @property
     def url(self) -> str:
@@ -62,20 +86,37 @@ class Client:
     # --- plumbing -----------------------------------------------------------------------
 
     def request(
-        self, method: str, path: str, *, json_body: Any = None, **kw: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        json_text: str | bytes | None = None,
+        **kw: Any,
     ) -> httpx.Response:
+        """Send a request; ``json_body`` is encoded here, ``json_text`` was already.
+
+        Bodies of 4 KiB or more travel gzipped (one compression per request).
+        """
+        import gzip
+
+        import httpx
+
         headers = dict(self._headers)
         content = None
         if json_body is not None:
-            raw = json.dumps(json_body, allow_nan=False).encode()
+            json_text = json.dumps(json_body, allow_nan=False)
+        if json_text is not None:
+            raw = json_text.encode() if isinstance(json_text, str) else json_text
             headers["Content-Type"] = "application/json"
             if len(raw) >= _GZIP_MIN_BYTES:
-                raw = gzip.compress(raw, compresslevel=1)
+                raw = gzip.compress(raw, compresslevel=1)  # releases the GIL while it works
                 headers["Content-Encoding"] = "gzip"
             content = raw
         try:
             r = self.http.request(method, path, content=content, headers=headers, **kw)
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, RuntimeError) as exc:
+            # RuntimeError: httpx's "the client has been closed" (a profiler stopping)
             raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
         if r.status_code >= 400:
             code, message, details = "http_error", r.text[:300], None
@@ -95,9 +136,11 @@ class Client:
         return r
 
     def health(self, timeout_s: float = 1.0) -> bool:
+        import httpx
+
         try:
             return self.http.get("/healthz", timeout=timeout_s).status_code == 200
-        except httpx.HTTPError:
+        except (httpx.HTTPError, H3ConnectionError):
             return False
 
     # --- runs ---------------------------------------------------------------------------
@@ -131,6 +174,14 @@ class Client:
     ) -> dict[str, int]:
         body = {"batches": batches, "nonfinite_as_null": nonfinite_as_null}
         return dict(self.request("POST", f"/v1/runs/{run_id}/batches", json_body=body).json())
+
+    def post_json(self, run_id: str, op: str, text: str | bytes) -> dict[str, Any]:
+        """Send one spool-style operation whose body is JSON text already (the sender's path).
+
+        ``op``: "create", "batches", "epochs" or "update".
+        """
+        method, path = OPERATIONS[op]
+        return dict(self.request(method, path.format(run_id=run_id), json_text=text).json())
 
     def post_epochs(self, run_id: str, epochs: list[dict[str, Any]]) -> dict[str, int]:
         body = {"epochs": epochs}
@@ -168,8 +219,9 @@ class Client:
     # --- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._owns_http:
-            self.http.close()
+        self._closed = True
+        if self._owns_http and self._http is not None:
+            self._http.close()
 
     def __enter__(self) -> Client:
         return self

@@ -8,9 +8,10 @@ H3ClientError
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 
 class H3ClientError(Exception):

@@ -6,15 +6,13 @@ import atexit
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
-import uuid
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from h3client._batching import BatchProcessor, off_device
 from h3client._config import resolve
@@ -24,6 +22,9 @@ from h3client._report import diminishing_returns, format_report
 from h3client._spool import Spool, replay_spool
 from h3client.client import Client
 from h3client.errors import H3ClientError
+
+if TYPE_CHECKING:
+    from h3client._distributed import RankInfo
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,20 @@ _prev_excepthook = sys.excepthook
 
 
 def _at_exit() -> None:
+    """Finish every open run before the interpreter finalises (bounded: see ``stop``).
+
+    The sender thread must be stopped by then: a daemon thread still running torch code
+    when finalisation starts is ended mid-call, which aborts the process with
+    "terminate called without an active exception".
+    """
     for p in list(_live):
         p._finish_at_exit("failed" if _failed else "finished")
+
+
+def _after_fork_in_child() -> None:
+    # the sender thread does not exist in a forked child (a DataLoader worker): go inert
+    for p in list(_live):
+        p._accepting = False
 
 
 class H3Profiler:
@@ -50,15 +63,19 @@ class H3Profiler:
 
     ``log_batch`` only appends to an in-memory queue (about a microsecond, no I/O, no
     device sync, never raises); a background thread batches, gzips and posts to the local
-    ``h3d`` daemon, and spools to disk while the daemon is unreachable.
+    ``h3d`` daemon, and spools to disk while the daemon is unreachable. ``stop()`` accounts
+    for every batch: logged = posted + spooled + rejected + lost, where "lost" is only what
+    neither the daemon nor the disk took (reported in the results and by a warning).
 
     Args:
         name: Run name (default: ``run-<id prefix>``).
         url: Daemon URL; default ``H3D_URL``, else the data dir's ``daemon.json``.
         token: Bearer token; default ``H3D_TOKEN``, else ``<data dir>/token``.
-        device: Which devices the run uses, recorded in the run's config ("auto": all the
-            daemon measures).
-        config: Hyperparameters and anything else to store with the run.
+        device: Which devices the run uses ("auto": all the daemon measures). Another
+            value is recorded as the tag ``device:<value>``; the config is left as given.
+        config: Hyperparameters and anything else to store with the run, stored as given
+            (values JSON cannot hold are stored as their ``str``; NaN or inf is a
+            ``ValueError``).
         tags: Labels to filter runs by.
         autostart: Start a local daemon (same data dir, detached) if none answers. The run
             opens on construction either way; without a daemon it runs offline on its spool.
@@ -67,9 +84,20 @@ class H3Profiler:
         n_train: Training-set size, for ΔI_total.
         flush_interval_s: How often the sender posts (also when a batch is full).
         max_batch: Batches per request.
-        max_queue: Queue length past which the sender spools to disk instead.
-        eta_interval_s: How often ``live_eta`` is refreshed in the background.
+        max_queue: Queue length past which the sender spools the oldest batches to disk
+            instead of holding them; with no daemon and a full disk, up to 4 × max_queue
+            batches wait in memory and are retried, and only older ones are lost.
+        eta_interval_s: How often ``live_eta`` is refreshed in the background once it has
+            a value (see :meth:`live_eta`).
         http: An ``httpx.Client`` to use (tests); default: one keep-alive connection.
+        rank: This process's rank in a distributed job; default from torchrun's ``RANK``
+            or SLURM's ``SLURM_PROCID``. Every rank's profiler joins one run (see
+            ``docs/torchrun.md``); each batch carries its rank.
+        world_size: The number of ranks (default ``WORLD_SIZE`` or ``SLURM_NTASKS``).
+
+    Raises:
+        H3ClientError: in a distributed job, when the ranks cannot agree on a run id (no
+            launcher job id, no initialised process group and no ``run_id``).
 
     Example:
         >>> with H3Profiler("mnist-mlp", config={"lr": 1e-3}) as prof:  # doctest: +SKIP
@@ -100,6 +128,8 @@ class H3Profiler:
         max_queue: int = 100_000,
         eta_interval_s: float = 5.0,
         http: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         self.name = name
         self._url, self._token, self._data_dir, self._http = url, token, data_dir, http
@@ -115,6 +145,9 @@ class H3Profiler:
         self.max_queue = max_queue
         self.eta_interval_s = eta_interval_s
         self._seq = 0
+        self._seq_step = 1  # a rank's k-th batch is seq k·world_size + rank: unique in the run
+        self._rank_arg, self._world_arg = rank, world_size
+        self.dist: RankInfo | None = None
         self._epoch = 0
         self._proc: BatchProcessor | None = None
         self._exporter: HttpExporter | None = None
@@ -124,7 +157,8 @@ class H3Profiler:
         self._eta_lock = threading.Lock()
         self._t_start: float | None = None
         self._stopped = False
-        self._pid = os.getpid()
+        self._accepting = False  # log_batch's one check: started, not stopped, not a fork
+        self._eta_due = False
         self.results: dict[str, Any] | None = None
         self.log_errors = 0
         self.start()
@@ -135,15 +169,20 @@ class H3Profiler:
         """Open the run (idempotent). Never raises: without a daemon it runs offline."""
         if self._proc is not None:
             return self
+        import socket  # here, not at import: ``import h3client`` stays light
+
         cfg = resolve(self._url, self._token, self._data_dir)
         url = ensure_daemon(cfg, autostart=self.autostart) if self._http is None else cfg.url
         if url is not None and url != cfg.url:
             cfg = resolve(url, self._token, self._data_dir)
         self._client = Client(cfg.url, cfg.token, data_dir=cfg.data_dir, http=self._http)
         online = url is not None
+        rank_fields = self._join_ranks()
         if self.run_id is None:
-            self.run_id = uuid.uuid4().hex
-        self._exporter = HttpExporter(self._client, self.run_id)
+            self.run_id = os.urandom(16).hex()  # 128 random bits, as uuid4 without its import
+        self._exporter = HttpExporter(
+            self._client, self.run_id, rank=None if self.dist is None else self.dist.rank
+        )
         if self._resume:
             self._seq = self._resume_seq(online)
         self._proc = BatchProcessor(
@@ -155,18 +194,21 @@ class H3Profiler:
         )
         self._t_start = time.time()
         if not self._resume:
-            config = {**self.config, "device": self.device}
+            tags = list(self.tags)
+            if self.device != "auto" and f"device:{self.device}" not in tags:
+                tags.append(f"device:{self.device}")
             self._proc.add(
                 "create",
                 {
                     "id": self.run_id,
                     "created_at": self._t_start,
                     "name": self.name,
-                    "config": config,
-                    "tags": self.tags,
+                    "config": _json_config(self.config),
+                    "tags": tags,
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
                     "n_train": self.n_train,
+                    **rank_fields,
                 },
             )
         if online:
@@ -179,12 +221,34 @@ class H3Profiler:
                 self.run_id,
                 cfg.spool_dir,
             )
-            self._exporter._offline("no daemon answered at start")
+            self._exporter.offline("no daemon answered at start")
         _live.add(self)
+        # atexit runs last-registered first: re-registering puts this run's finish ahead
+        # of handlers registered since import (torch's among them)
+        atexit.unregister(_at_exit)
+        atexit.register(_at_exit)
         if sys.excepthook is not _excepthook:
             global _prev_excepthook
             _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
+        self._accepting = True
         return self
+
+    def _join_ranks(self) -> dict[str, Any]:
+        """In a distributed job: this rank's place, the run id all ranks share, and the
+        fields of its join (see ``h3client._distributed``)."""
+        from h3client import _distributed
+
+        self.dist = _distributed.detect(rank=self._rank_arg, world_size=self._world_arg)
+        if self.dist is None:
+            return {}
+        if self.run_id is None:
+            self.run_id = _distributed.shared_run_id(self.dist, self.name)
+        self._resume = False  # every rank joins the shared id; joining is idempotent
+        self._seq, self._seq_step = self.dist.rank, self.dist.world_size
+        fields: dict[str, Any] = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+        if self.dist.local_rank is not None:
+            fields["local_rank"] = self.dist.local_rank
+        return fields
 
     def _resume_seq(self, online: bool) -> int:
         """Continue after the highest sequence number stored or spooled for the run."""
@@ -226,20 +290,22 @@ class H3Profiler:
         """Record one batch's mean loss (a float or a 0-dim tensor, in nats).
 
         Optionally its per-sample ``losses`` and their dataset ``indices`` (tensors or
-        sequences). Costs about a microsecond; never raises, never blocks, never syncs a GPU.
+        sequences of equal length). Costs about a microsecond; never raises, never blocks,
+        never syncs a GPU. A loss that is not a number is counted in ``log_errors`` and not
+        logged; after ``stop()``, and in a forked child, it does nothing.
         """
+        if not self._accepting:
+            return  # not started, stopped, or a forked child (DataLoader worker): inert
         proc = self._proc
-        if proc is None or self._pid != os.getpid():
-            return  # not started, or a forked child (DataLoader worker): inert
+        assert proc is not None
         try:
-            if hasattr(loss, "detach"):
-                loss = off_device(loss)
+            loss = off_device(loss) if hasattr(loss, "detach") else float(loss)
             if losses is not None and hasattr(losses, "detach"):
                 losses = off_device(losses)
             if indices is not None and hasattr(indices, "detach"):
                 indices = off_device(indices)
             seq = self._seq
-            self._seq = seq + 1
+            self._seq = seq + self._seq_step
             proc.add_batch(
                 (
                     seq,
@@ -262,7 +328,7 @@ class H3Profiler:
         """Record end-of-epoch figures: ``accuracy``, ``loss``, ``val_loss``, ``phase`` and
         any other named numbers (kept under ``metrics``)."""
         proc = self._proc
-        if proc is None or self._pid != os.getpid():
+        if proc is None or not self._accepting:
             return
         try:
             ep = self._epoch if epoch is None else int(epoch)
@@ -284,22 +350,26 @@ class H3Profiler:
             }
             proc.add("epochs", {"epochs": [row]})
             self._epoch = ep + 1
+            self._eta_due = True  # refresh live_eta once this epoch's batches are posted
         except Exception:
             self.log_errors += 1
 
     @property
     def batches_logged(self) -> int:
-        return self._seq
+        first = 0 if self.dist is None else self.dist.rank
+        return (self._seq - first) // self._seq_step
 
     # --- live figures ----------------------------------------------------------------------
 
     def _refresh_eta(self) -> None:
-        """On the worker thread: fetch η every ``eta_interval_s`` while online."""
+        """On the worker thread, after a pass: fetch η while online, when it is due."""
         exp, client = self._exporter, self._client
         if exp is None or client is None or not exp.online or self.run_id is None:
             return
-        if time.monotonic() - self._eta_at < self.eta_interval_s:
+        known = self._eta is not None and self._eta.get("marginal_eta_bits_per_j") is not None
+        if known and not self._eta_due and time.monotonic() - self._eta_at < self.eta_interval_s:
             return
+        self._eta_due = False
         try:
             eta = client.eta(self.run_id)
         except H3ClientError:
@@ -316,7 +386,14 @@ class H3Profiler:
     def live_eta(self) -> float | None:
         """The daemon's marginal η (bits/J over the last minute); None if unknown or stale.
 
-        Refreshed in the background every ``eta_interval_s``: reading it costs nothing.
+        Reading it costs nothing: the sender thread fetches it after its passes (every
+        ``flush_interval_s``, 1 s by default). It is None until the daemon can compute it,
+        which is once two batches are stored and power was sampled over them (about a
+        second into a run), and it is fetched on every pass until then. After that it
+        changes every ``eta_interval_s`` (5 s by default) and right after each
+        ``log_epoch`` once that epoch's batches reached the daemon, so an epoch-end
+        controller sees the epoch it just finished. It is None again if the daemon stops
+        answering for 3 × ``eta_interval_s`` and while the run is offline.
         """
         eta = self._fresh_eta()
         return None if eta is None else eta.get("marginal_eta_bits_per_j")
@@ -331,53 +408,74 @@ class H3Profiler:
     def flush(self, timeout_s: float = 30.0) -> bool:
         return self._proc.flush(timeout_s) if self._proc is not None else True
 
-    def stop(self, status: str = "finished", timeout_s: float = 30.0) -> dict[str, Any]:
-        """Flush, finish the run, and return its results (idempotent)."""
+    def stop(
+        self, status: str = "finished", timeout_s: float = 30.0, *, report: bool = True
+    ) -> dict[str, Any]:
+        """Send what is queued, finish the run, and return its results (idempotent).
+
+        Returns within about ``timeout_s`` whatever the daemon does: what it has not
+        acknowledged by then (the queue, the request in flight, the final status) is
+        written to the spool, which ``h3d import`` or a resumed profiler replays. The
+        results count every batch: ``batches_logged`` = ``batches_posted`` +
+        ``batches_spooled`` + ``batches_rejected`` + ``batches_lost``.
+
+        Args:
+            status: "finished" or "failed".
+            timeout_s: The deadline for the whole call.
+            report: Fetch the run's energy and η from the daemon into the results
+                (when everything reached it in time).
+        """
         if self._stopped and self.results is not None:
             return self.results
         if self._proc is None:
             raise H3ClientError("the profiler was never started")
+        deadline = time.monotonic() + timeout_s
+        self._accepting = False
         self._stopped = True
-        self._proc.add("update", {"status": status, "finished_at": time.time()})
+        update: dict[str, Any] = {"status": status, "finished_at": time.time()}
+        if self.dist is not None:  # this rank is done; the run ends when every rank is
+            update["rank"] = self.dist.rank
+        self._proc.add("update", update)
         flushed = self._proc.close(timeout_s)
         _live.discard(self)
-        self.results = self._results(flushed)
+        left = deadline - time.monotonic()
+        self.results = self._results(flushed, report=report and flushed and left > 0.1, left=left)
         return self.results
 
     def _finish_at_exit(self, status: str) -> None:
-        if not self._stopped and self._proc is not None and self._pid == os.getpid():
+        if not self._stopped and self._proc is not None and self._accepting:
             try:
-                self.stop(status=status, timeout_s=10.0)
+                self.stop(status=status, timeout_s=10.0, report=False)
             except Exception:  # at exit nothing may raise
                 logger.exception("h3: finishing run %s at exit failed", self.run_id)
 
-    def _query_client(self) -> Client:
+    def _query_client(self, timeout_s: float = 10.0) -> Client:
         """A client for queries: the sender's own connection belongs to its thread."""
         if self._client is None:
             raise H3ClientError("the profiler was never started")
         c = self._client.config
-        return Client(c.url, c.token, data_dir=c.data_dir, http=self._http)
+        return Client(c.url, c.token, data_dir=c.data_dir, http=self._http, timeout_s=timeout_s)
 
-    def _report_dict(self) -> dict[str, Any] | None:
+    def _report_dict(self, timeout_s: float = 10.0) -> dict[str, Any] | None:
         try:
-            with self._query_client() as c:
+            with self._query_client(timeout_s) as c:
                 return c.report(str(self.run_id))
         except H3ClientError:
             return None
 
-    def _results(self, flushed: bool) -> dict[str, Any]:
-        exp = self._exporter
-        assert exp is not None and self._proc is not None
-        rep = self._report_dict() if exp.online else None
+    def _results(self, flushed: bool, *, report: bool, left: float) -> dict[str, Any]:
+        exp, proc = self._exporter, self._proc
+        assert exp is not None and proc is not None
+        rep = self._report_dict(min(10.0, left)) if report and exp.online else None
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "duration_s": (time.time() - self._t_start) if self._t_start else None,
-            "batches_logged": self._seq,
-            "batches_posted": exp.posted,
-            "batches_spooled": exp.spooled,
-            "batches_lost": exp.lost + self._proc.dropped,
-            "batches_rejected": exp.rejected,
-            "log_errors": self.log_errors + self._proc.conversion_errors,
+            "batches_logged": self.batches_logged,
+            "batches_posted": proc.posted,
+            "batches_spooled": proc.spooled,
+            "batches_lost": proc.lost,
+            "batches_rejected": proc.rejected,
+            "log_errors": self.log_errors,
             "flushed": flushed,
             "offline": not exp.online,
             "total_energy_j": None,
@@ -411,16 +509,45 @@ class H3Profiler:
                 stopping_point=diminishing_returns(rep["epochs"]),
             )
             self._last_report = rep
-        lost = out["batches_lost"]
-        if lost:
-            logger.warning("h3: %d batches could be neither sent nor spooled and are lost", lost)
-        elif out["offline"]:
-            logger.warning(
-                "h3: run %s ended offline: %d batches wait in the spool (`h3d import` replays them)",
-                self.run_id,
-                exp.spooled,
-            )
+        self._account(out, exp.spool_file.path, proc.worker_alive)
         return out
+
+    def _account(self, out: dict[str, Any], spool: Path, worker_alive: bool) -> None:
+        """Log where every batch went; warn about what was lost or left in the spool."""
+        logged, posted, spooled, rejected, lost = (
+            out["batches_logged"],
+            out["batches_posted"],
+            out["batches_spooled"],
+            out["batches_rejected"],
+            out["batches_lost"],
+        )
+        logger.info(
+            "h3: run %s: %d batches logged = %d posted + %d spooled + %d rejected + %d lost",
+            self.run_id,
+            logged,
+            posted,
+            spooled,
+            rejected,
+            lost,
+        )
+        if logged != posted + spooled + rejected + lost:  # a bug in h3client, never expected
+            logger.warning("h3: run %s: the batch accounting does not add up", self.run_id)
+        if lost:
+            logger.warning(
+                "h3: run %s: %d batches were lost (neither the daemon nor the disk took them)",
+                self.run_id,
+                lost,
+            )
+        if spool.exists() and (out["offline"] or not out["flushed"]):
+            logger.warning(
+                "h3: run %s ended with %d batches and its final status in the spool %s: "
+                "`h3d import` (or a profiler resuming the run) replays it",
+                self.run_id,
+                spooled,
+                spool,
+            )
+        if worker_alive:
+            logger.warning("h3: run %s: the sender thread did not stop in time", self.run_id)
 
     def get_report(self) -> str:
         """A human-readable report of the run (from the daemon; says so when offline)."""
@@ -444,4 +571,15 @@ class H3Profiler:
         self.stop(status="failed" if tp is not None else "finished")
 
 
+def _json_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as the daemon will store it: as given, non-JSON values as their str."""
+    try:
+        text = json.dumps(config, default=str, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"H3Profiler config: {exc} (NaN and inf cannot be stored)") from exc
+    out: dict[str, Any] = json.loads(text)
+    return out
+
+
 atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,6 +1,11 @@
 """Run-level figures built from the store: energy, η, series, reports.
 
 Functions take a session and the sampler's device table; they read, never write.
+
+A run spread over ranks and nodes: its energy is, per node, that node's devices once times
+the share of the union of the run's processes there (rank -1 shares), summed over the nodes
+it ran on; devices of other nodes in a shared store never count. Its loss curve is over the
+global step: the k-th batch of every rank is step k, and the step's loss is their mean.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from h3d import carbon
 from h3d import efficiency as eff
 from h3d.downsample import lttb
 from h3d.energy import EnergyCurve
+from h3d.errors import InvalidInput
 from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
-from h3d.storage.models import Device, Run
+from h3d.storage.models import Device, Run, RunRank
 
 
 def window(run: Run, now: float | None = None) -> tuple[float, float]:
@@ -72,6 +78,13 @@ class _DeviceModel:
         return total, (active if idle_w is not None else None)
 
 
+def run_nodes(session: Session, run: Run) -> set[str] | None:
+    """The nodes a run ran on (its creating daemon's and its ranks'); None: unknown, all."""
+    if run.node is None:
+        return None
+    return {run.node} | {r.node for r in repo.run_ranks(session, run_id=run.id)}
+
+
 class EnergyModel:
     """Every device's energy curve over a window, built once; any sub-window is then cheap."""
 
@@ -83,18 +96,76 @@ class EnergyModel:
         t1: float,
         interval_s: float,
         run_id: str | None = None,
+        nodes: set[str] | None = None,
     ) -> None:
         self.devices: list[_DeviceModel] = []
         shares = repo.run_shares(session, run_id=run_id) if run_id else {}
-        for dev in repo.devices(session):
+        # per-rank pieces, for the breakdown: (node, rank, kind) -> pieces
+        self.rank_shares = {k: v for k, v in shares.items() if k[1] >= 0}
+        for dev in repo.devices(session, nodes=nodes):
             samples = repo.power_window(session, device_id=dev.id, t0=t0, t1=t1)
             curve = EnergyCurve(samples, max_gap_s=_max_gap(interval_s))
             if curve.method == "none":
                 continue
-            pieces = shares.get(share_kind(dev), [])
+            pieces = shares.get((dev.node, -1, share_kind(dev)), [])
             self.devices.append(
                 _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces])
             )
+
+    def breakdown(
+        self, a: float, b: float, ranks: list[RunRank], counts: dict[int, int]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(per node, per rank) attributed energy over [a, b].
+
+        A rank gets, in each interval, its fraction of its node's part of a device: its own
+        share over the sum of the node's ranks' shares then (0 once it left). Where the
+        device reports no per-rank figures the node's part is split evenly over its ranks.
+        So the ranks of a node add up to the node, and the nodes to the run.
+        """
+        b = max(a, b)
+        by_node: dict[str, dict[str, Any]] = {}
+        for m in self.devices:
+            n = by_node.setdefault(
+                m.dev.node,
+                {"node": m.dev.node, "energy_j": 0.0, "device_energy_j": 0.0, "ranks": []},
+            )
+            n["energy_j"] += m.attributed(a, b, None)[0]
+            n["device_energy_j"] += m.curve.between(a, b)
+        on_node: dict[str, list[int]] = defaultdict(list)
+        for r in ranks:
+            on_node[r.node].append(r.rank)
+            if r.node in by_node:
+                by_node[r.node]["ranks"].append(r.rank)
+        energy: dict[int, float] = defaultdict(float)
+        for m in self.devices:
+            local = on_node.get(m.dev.node, [])
+            if not local:
+                continue
+            kind = share_kind(m.dev)
+            own = {k: dict(self.rank_shares.get((m.dev.node, k, kind), ())) for k in local}
+            if not m.starts or not any(own.values()):
+                for k in local:
+                    energy[k] += m.attributed(a, b, None)[0] / len(local)
+                continue
+            for k in local:
+                shares = []
+                for t0, union in zip(m.starts, m.shares, strict=True):
+                    total = sum(own[q].get(t0, 0.0) for q in local)
+                    frac = own[k].get(t0, 0.0) / total if total > 0 else 1.0 / len(local)
+                    shares.append(union * frac)
+                part = _DeviceModel(m.dev, m.curve, m.starts, shares)
+                energy[k] += part.attributed(a, b, None)[0]
+        by_rank = [
+            {
+                "rank": r.rank,
+                "node": r.node,
+                "energy_j": energy[r.rank],
+                "n_batches": counts.get(r.rank, 0),
+                "status": r.status,
+            }
+            for r in ranks
+        ]
+        return sorted(by_node.values(), key=lambda n: n["node"]), by_rank
 
     def energy(self, a: float, b: float) -> dict[str, Any]:
         by_device: list[dict[str, Any]] = []
@@ -107,6 +178,7 @@ class EnergyModel:
             by_device.append(
                 {
                     "device": m.dev.name,
+                    "node": m.dev.node,
                     "kind": m.dev.kind,
                     "source": m.dev.source,
                     "model": m.dev.model,
@@ -167,7 +239,24 @@ def run_model(
     session: Session, *, run: Run, interval_s: float, now: float | None = None
 ) -> EnergyModel:
     t0, t1 = window(run, now)
-    return EnergyModel(session, t0=t0, t1=t1, interval_s=interval_s, run_id=run.id)
+    return EnergyModel(
+        session,
+        t0=t0,
+        t1=t1,
+        interval_s=interval_s,
+        run_id=run.id,
+        nodes=run_nodes(session, run),
+    )
+
+
+def _energy_with_breakdown(
+    session: Session, model: EnergyModel, run: Run, t0: float, t1: float
+) -> dict[str, Any]:
+    out = {"run_id": run.id, **model.energy(t0, t1)}
+    ranks = repo.run_ranks(session, run_id=run.id)
+    counts = repo.rank_batch_counts(session, run_id=run.id) if ranks else {}
+    out["by_node"], out["by_rank"] = model.breakdown(t0, t1, ranks, counts)
+    return out
 
 
 def run_carbon(
@@ -189,15 +278,48 @@ def run_energy(
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = run_model(session, run=run, interval_s=interval_s, now=now)
-    return {"run_id": run.id, **model.energy(t0, t1), **run_carbon(settings, model, t0, t1)}
+    return {
+        **_energy_with_breakdown(session, model, run, t0, t1),
+        **run_carbon(settings, model, t0, t1),
+    }
 
 
-def _points(session: Session, run_id: str) -> list[eff.BatchPoint]:
-    return [
-        (t, loss, float(n) if n else 1.0)
-        for _seq, t, loss, n, _epoch, _phase in repo.batch_points(session, run_id=run_id)
-        if loss is not None and math.isfinite(loss)
-    ]
+StepRow = tuple[float, float, float, int | None, str | None]  # (t, loss, n, epoch, phase)
+
+
+def step_rows(session: Session, run: Run) -> list[StepRow]:
+    """The run's finite batch losses in order; for a distributed run, one row per global
+    step: the k-th batch of every rank, loss their n-weighted mean, at the latest one's time.
+    """
+    rows = repo.batch_points(session, run_id=run.id)
+    if not run.world_size or run.world_size < 2:
+        return [
+            (t, loss, float(n) if n else 1.0, epoch, phase)
+            for _seq, t, loss, n, epoch, phase, _rank in rows
+            if loss is not None and math.isfinite(loss)
+        ]
+    ordinal: dict[int | None, int] = defaultdict(int)
+    steps: dict[int, list[float]] = {}  # step -> [t, Σ n·loss, Σ n, epoch, phase]
+    meta: dict[int, tuple[int | None, str | None]] = {}
+    for _seq, t, loss, n, epoch, phase, rank in rows:
+        k = ordinal[rank]
+        ordinal[rank] = k + 1
+        if loss is None or not math.isfinite(loss):
+            continue
+        w = float(n) if n else 1.0
+        acc = steps.get(k)
+        if acc is None:
+            steps[k] = [t, w * loss, w]
+            meta[k] = (epoch, phase)
+        else:
+            acc[0] = max(acc[0], t)
+            acc[1] += w * loss
+            acc[2] += w
+    return [(acc[0], acc[1] / acc[2], acc[2], *meta[k]) for k, acc in sorted(steps.items())]
+
+
+def _points(session: Session, run: Run) -> list[eff.BatchPoint]:
+    return [(t, loss, n) for t, loss, n, _epoch, _phase in step_rows(session, run)]
 
 
 def run_eta(
@@ -212,7 +334,7 @@ def run_eta(
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = model or run_model(session, run=run, interval_s=interval_s, now=now)
-    pts = _points(session, run.id) if pts is None else pts
+    pts = _points(session, run) if pts is None else pts
     k = eff.smoothing_k(len(pts))
     l0 = eff.loss_at_start(pts) if len(pts) >= 2 else None
     lt = eff.smoothed(pts[-k:]) if len(pts) >= 2 else None
@@ -246,18 +368,28 @@ def run_eta(
     }
 
 
-def loss_series(session: Session, *, run_id: str, points: int) -> list[tuple[float, float]]:
-    pts = [(t, loss) for t, loss, _n in _points(session, run_id)]
+def loss_series(session: Session, *, run: Run, points: int) -> list[tuple[float, float]]:
+    pts = [(t, loss) for t, loss, _n in _points(session, run)]
     return lttb(pts, points)
 
 
 def power_series(
-    session: Session, *, run: Run, points: int, now: float | None = None
+    session: Session,
+    *,
+    run: Run,
+    points: int,
+    device: str | None = None,
+    now: float | None = None,
 ) -> list[tuple[float, float]]:
-    """Total power of all devices at each sampler tick (one tick stamps every device)."""
+    """Total power of all devices (or of one named device) at each sampler tick."""
     t0, t1 = window(run, now)
     total: dict[float, float] = defaultdict(float)
-    for dev in repo.devices(session):
+    devs = repo.devices(session, nodes=run_nodes(session, run))
+    if device is not None:
+        devs = [d for d in devs if d.name == device]
+        if not devs:
+            raise InvalidInput(f"no device named {device!r} (see /v1/devices)")
+    for dev in devs:
         for t, p, _e in repo.power_window(session, device_id=dev.id, t0=t0, t1=t1):
             if p is not None and t0 <= t <= t1:
                 total[t] += p
@@ -275,7 +407,7 @@ def cumulative_series(
 ) -> list[tuple[float, float]]:
     """Cumulative energy, or η since start, on a grid of at most ``points`` batch times."""
     t0, _t1 = window(run, now)
-    pts = _points(session, run.id)
+    pts = _points(session, run)
     if len(pts) < 2:
         return []
     model = run_model(session, run=run, interval_s=interval_s, now=now)
@@ -307,14 +439,11 @@ def run_report(
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = run_model(session, run=run, interval_s=interval_s, now=now)
-    rows = repo.batch_points(session, run_id=run.id)
     pts: list[eff.BatchPoint] = []
     by_epoch: dict[int, list[eff.BatchPoint]] = defaultdict(list)
     by_phase: dict[str, list[eff.BatchPoint]] = defaultdict(list)
-    for _seq, t, loss, n, epoch, phase in rows:
-        if loss is None or not math.isfinite(loss):
-            continue
-        p = (t, loss, float(n) if n else 1.0)
+    for t, loss, n, epoch, phase in step_rows(session, run):
+        p = (t, loss, n)
         pts.append(p)
         if epoch is not None:
             by_epoch[epoch].append(p)
@@ -324,7 +453,7 @@ def run_report(
         session, run=run, window_s=window_s, interval_s=interval_s, now=now, model=model, pts=pts
     )
     co2 = run_carbon(settings, model, t0, t1)
-    energy = {"run_id": run.id, **model.energy(t0, t1), **co2}
+    energy = {**_energy_with_breakdown(session, model, run, t0, t1), **co2}
     epoch_rows = {e.epoch: e for e in repo.epochs(session, run_id=run.id)}
     epochs_out = []
     k_run = eff.smoothing_k(len(pts))
@@ -380,7 +509,19 @@ def run_report(
         "status": run.status,
         "duration_s": t1 - t0,
         "n_batches": run.n_batches,
+        "n_steps": len(pts),
         "n_nonfinite": run.n_nonfinite,
+        "node": run.node,
+        "world_size": run.world_size,
+        "ranks": [
+            {
+                "rank": r["rank"],
+                "node": r["node"],
+                "n_batches": r["n_batches"],
+                "status": r["status"],
+            }
+            for r in energy["by_rank"]
+        ],
         "energy": energy,
         "eta": eta,
         "epochs": epochs_out,

@@ -8,12 +8,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from importlib import resources
 from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +20,7 @@ from h3d import __version__
 from h3d.api import api_router
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
+from h3d.dashboard import STATIC_TYPES, static_path_exists, static_text
 from h3d.errors import H3DError
 from h3d.metrics import render as render_metrics
 from h3d.middleware import GuardMiddleware, error_payload
@@ -85,10 +85,14 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
             flush_interval_s=settings.flush_interval_s,
             full_resolution_s=settings.power_full_resolution_s,
             downsample_s=settings.power_downsample_s,
+            node=settings.node,
         )
         with session_scope(factory) as s:  # runs still running when the daemon stopped
             for run in repo.list_runs(s, status="running", limit=10_000)[0]:
-                sampler.run_started(run.id, run.pid if is_local(run.host) else None)
+                if run.world_size is None and run.node == settings.node:
+                    sampler.run_started(run.id, run.pid if is_local(run.host) else None)
+            for rr in repo.running_ranks(s, node=settings.node):
+                sampler.run_started(rr.run_id, rr.pid if is_local(rr.host) else None, rr.rank)
         sampler.start()
         _write_daemon_file(settings)
         logger.info("h3d %s ready (%d power devices)", __version__, len(devs))
@@ -112,8 +116,15 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
     def dashboard() -> HTMLResponse:
         # A static page: it asks for the token (or takes it from the URL fragment, which
         # browsers never send to the server) and reads /v1 with it like any client.
-        page = resources.files("h3d").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page)
+        return HTMLResponse(static_text("index.html"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        # separate files, no inline script or style: the page runs under a strict CSP
+        kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+        if kind is None or not static_path_exists(name):
+            raise StarletteHTTPException(404, f"no static file {name!r}")
+        return Response(static_text(name), media_type=kind, headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, Any]:

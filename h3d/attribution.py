@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import psutil
@@ -52,13 +53,16 @@ class CpuShareTracker:
     time. When a tracked process is reaped its final time moves into its parent's
     ``children_*`` fields, so the part already counted while it lived is taken off again:
     a process's CPU time is counted once, whether it is seen alive, reaped, or both.
+
+    Keys are whatever names a run's process tree: a run id, or (run id, rank) when several
+    ranks of one run share the machine.
     """
 
     def __init__(self) -> None:
-        self._runs: dict[str, _Tree] = {}
+        self._runs: dict[Hashable, _Tree] = {}
         self._last_busy: float | None = None
 
-    def track(self, run_id: str, pid: int) -> bool:
+    def track(self, run_id: Hashable, pid: int) -> bool:
         """Start following ``pid`` and its children for ``run_id``; False if it is gone."""
         try:
             root = psutil.Process(pid)
@@ -69,19 +73,19 @@ class CpuShareTracker:
         self._runs[run_id] = tree
         return True
 
-    def untrack(self, run_id: str) -> None:
+    def untrack(self, run_id: Hashable) -> None:
         self._runs.pop(run_id, None)
 
     @property
-    def tracked(self) -> list[str]:
+    def tracked(self) -> list[Hashable]:
         return list(self._runs)
 
-    def pids(self, run_id: str) -> set[int]:
+    def pids(self, run_id: Hashable) -> set[int]:
         """The run's processes as of the last sample (root and children)."""
         tree = self._runs.get(run_id)
         return set(tree.last_s) | {tree.root.pid} if tree is not None else set()
 
-    def cpu_s(self, run_id: str) -> float:
+    def cpu_s(self, run_id: Hashable) -> float:
         """CPU seconds counted for the run since it was tracked (0.0 if unknown)."""
         tree = self._runs.get(run_id)
         return tree.counted_s if tree is not None else 0.0
@@ -130,7 +134,7 @@ class CpuShareTracker:
             parent = tree.ppid.get(parent)
         return False
 
-    def sample(self) -> dict[str, float]:
+    def sample(self) -> dict[Hashable, float]:
         busy = busy_cpu_s()
         gained = {rid: self._refresh(tree) for rid, tree in list(self._runs.items())}
         prev, self._last_busy = self._last_busy, busy

@@ -1,7 +1,7 @@
 """``h3d``: serve the daemon and inspect what it stored.
 
-h3d serve [--host H] [--port P] [--data-dir D] [--db-url U]
-h3d status | runs | show RUN | export RUN [-o FILE] | stop
+h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME]
+h3d status | runs | show RUN [--json | --html FILE] | export RUN [-o FILE] | stop
 h3d db upgrade | db current
 h3d doctor
 h3d demo
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def _settings(args: argparse.Namespace) -> Settings:
     kw: dict[str, Any] = {}
-    for name in ("host", "port", "data_dir", "db_url", "log_level"):
+    for name in ("host", "port", "data_dir", "db_url", "node", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
@@ -168,12 +168,26 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"  duration     {rep['duration_s']:.1f} s, {rep['n_batches']} batches")
     tag = "" if e["measured"] else "  (ESTIMATED: not a measurement)"
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
+    multi_node = len(e.get("by_node", ())) > 1
     for d in e["by_device"]:
-        print(f"    {d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}")
+        where = f"{d['node']}/" if multi_node else ""
+        print(
+            f"    {where + d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}"
+        )
     if e.get("active_energy_j") is not None:
         print(f"  above idle   {_fmt(e['active_energy_j'], ' J')}")
     else:
         print(f"  above idle   unknown ({e.get('active_energy_note') or 'no idle baseline'})")
+    if rep.get("world_size") or multi_node:
+        print(f"  {rep.get('world_size') or 1} ranks, {rep.get('n_steps')} global steps")
+        for n in e["by_node"]:
+            ranks = ",".join(str(r) for r in n["ranks"]) or "-"
+            print(f"    node {n['node']:<17} {_fmt(n['energy_j'], ' J')}  ranks {ranks}")
+        for r in e.get("by_rank", ()):
+            print(
+                f"    rank {r['rank']:<4} {r['node']:<12} {_fmt(r['energy_j'], ' J')}  "
+                f"{r['n_batches']} batches, {r['status']}"
+            )
     if e.get("carbon_source", "none") != "none":
         print(f"  carbon       {_fmt(e.get('co2e_g'), ' gCO2e')}  source={e['carbon_source']}")
         print(f"               {e.get('carbon_detail', '')}")
@@ -209,6 +223,12 @@ def print_report(rep: dict[str, Any]) -> None:
 
 def cmd_show(args: argparse.Namespace) -> int:
     c = DaemonClient(_settings(args))
+    if args.html:
+        from h3d.dashboard import render_report, run_bundle
+
+        Path(args.html).write_text(render_report(run_bundle(c.get, _resolve(c, args.run))))
+        print(f"h3d: wrote {args.html}")
+        return 0
     rep = c.get(f"/v1/runs/{_resolve(c, args.run)}/report")
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -365,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", dest="data_dir", help="data dir (env H3D_DATA_DIR)")
     common.add_argument("--db-url", dest="db_url", help="SQLAlchemy URL (env H3D_DB_URL)")
+    common.add_argument(
+        "--node",
+        help="this daemon's node name in a shared store (env H3D_NODE; default: host name)",
+    )
     common.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
     p = argparse.ArgumentParser(prog="h3d", description="The H3 energy daemon.")
     p.add_argument("--version", action="version", version=f"h3d {__version__}")
@@ -384,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", parents=[common], help="a run's report")
     sh.add_argument("run", help="run id, unique id prefix, or name")
     sh.add_argument("--json", action="store_true")
+    sh.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     sh.set_defaults(func=cmd_show)
     ex = sub.add_parser("export", parents=[common], help="a run's batches as CSV")
     ex.add_argument("run")

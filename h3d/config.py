@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -28,6 +29,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=default_data_dir)
     db_url: str | None = None  # default: sqlite file ``h3d.db`` in data_dir
+    # This daemon's name in a store shared by many nodes: stamped on its devices, samples and
+    # the runs and ranks it receives. Default: the host name.
+    node: str = Field(default_factory=socket.gethostname, min_length=1, max_length=255)
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     sample_interval_s: float = Field(0.1, ge=0.01, le=60.0)

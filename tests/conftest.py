@@ -47,7 +47,8 @@ class Daemon:
         self.token = ""
         self.log = data_dir / "daemon-test.log"
 
-    def start(self, timeout_s: float = 30.0) -> Daemon:
+    def start(self, timeout_s: float = 120.0) -> Daemon:
+        # generous: a cold start (imports, migrations) on a shared 2-core machine can take 30 s
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "daemon.json").unlink(missing_ok=True)
         with open(self.log, "ab") as log:

@@ -31,6 +31,27 @@ class RunCreate(BaseModel):
     n_train: int | None = Field(
         None, ge=1, le=INT_MAX, description="Training-set size, for ΔI_total."
     )
+    rank: int | None = Field(
+        None,
+        ge=0,
+        le=INT_MAX,
+        description="This process's rank in a distributed run. With a rank the create is a "
+        "join: every rank sends it with the same id and world_size, on its own node's daemon; "
+        "the first creates the run, the others attach to it (idempotent).",
+    )
+    world_size: int | None = Field(None, ge=1, le=INT_MAX, description="Ranks in the run.")
+    local_rank: int | None = Field(None, ge=0, le=INT_MAX)
+
+    @model_validator(mode="after")
+    def _rank(self) -> RunCreate:
+        if (self.rank is None) != (self.world_size is None):
+            raise ValueError("rank and world_size go together")
+        if self.rank is not None and self.world_size is not None:
+            if self.rank >= self.world_size:
+                raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+            if self.id is None:
+                raise ValueError("a rank joins a run by its id: give id")
+        return self
 
 
 class RunUpdate(BaseModel):
@@ -42,6 +63,13 @@ class RunUpdate(BaseModel):
     )
     name: str | None = Field(None, min_length=1, max_length=200)
     tags: list[str] | None = Field(None, max_length=100)
+    rank: int | None = Field(
+        None,
+        ge=0,
+        le=INT_MAX,
+        description="With status: only this rank is done. A distributed run ends when its "
+        "last rank is (failed if any rank failed).",
+    )
 
 
 class RunPublic(BaseModel):
@@ -55,6 +83,8 @@ class RunPublic(BaseModel):
     pid: int | None
     host: str | None
     n_train: int | None
+    node: str | None = Field(description="The node whose daemon created the run.")
+    world_size: int | None = Field(description="Ranks of a distributed run; null: one process.")
     n_batches: int
     n_epochs: int
     n_nonfinite: int
@@ -92,6 +122,7 @@ class BatchIn(BaseModel):
     epoch: int | None = Field(None, ge=0, le=INT_MAX)
     step: int | None = Field(None, ge=0, le=INT_MAX)
     phase: str | None = Field(None, max_length=32)
+    rank: int | None = Field(None, ge=0, le=INT_MAX, description="The rank that logged it.")
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
     indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
     losses_f32: str | None = Field(
@@ -154,6 +185,12 @@ class BatchesIn(BaseModel):
             "in n_nonfinite, never used in η). If false, null and non-finite losses are a 422."
         ),
     )
+    rank: int | None = Field(
+        None,
+        ge=0,
+        le=INT_MAX,
+        description="The rank that logged every batch here (a batch's own rank wins).",
+    )
 
 
 class EpochIn(BaseModel):
@@ -179,6 +216,7 @@ class IngestResult(BaseModel):
 
 class DeviceEnergy(BaseModel):
     device: str
+    node: str
     kind: str
     source: str
     model: str
@@ -205,6 +243,21 @@ class DeviceEnergy(BaseModel):
     )
 
 
+class NodeEnergy(BaseModel):
+    node: str
+    energy_j: float
+    device_energy_j: float
+    ranks: list[int]
+
+
+class RankEnergy(BaseModel):
+    rank: int
+    node: str
+    energy_j: float
+    n_batches: int
+    status: str
+
+
 class EnergyPublic(BaseModel):
     run_id: str
     energy_j: float | None = Field(description="Attributed to the run (its share of devices).")
@@ -220,6 +273,12 @@ class EnergyPublic(BaseModel):
     t_end: float
     duration_s: float
     by_device: list[DeviceEnergy]
+    by_node: list[NodeEnergy] = Field(
+        description="Per node: its devices once, times the share of all the run's ranks there."
+    )
+    by_rank: list[RankEnergy] = Field(
+        description="Per rank of a distributed run: its own part of its node's share."
+    )
     co2e_g: float | None = Field(
         None,
         description="Grams of CO2e: the run's energy over time x the grid intensity then "

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,7 +59,9 @@ class PowerSampler:
         full_resolution_s: float = 7 * 86400.0,
         downsample_s: float = 10.0,
         prune_every_s: float = 600.0,
+        node: str = "",
     ) -> None:
+        self.node = node  # stamped on this daemon's devices and run shares
         self.full_resolution_s = full_resolution_s
         self.downsample_s = downsample_s
         self.prune_every_s = prune_every_s
@@ -67,7 +69,9 @@ class PowerSampler:
         self._shares = CpuShareTracker()
         self._share_t: float | None = None
         self._pending_shares: list[dict[str, Any]] = []
-        self._active_runs: set[str] = set()
+        # (run id, rank or None): one process tree each; a run's ranks on this node together
+        # make its share of this node's devices
+        self._active_runs: set[tuple[str, int | None]] = set()
         self.interval_s = interval_s
         self.flush_interval_s = flush_interval_s
         self._factory = session_factory
@@ -97,6 +101,7 @@ class PowerSampler:
                     now=now,
                     # a device that does not say how often it updates changes once per read
                     granularity_s=b.info.granularity_s or interval_s,
+                    node=node,
                 )
                 self.devices.append(
                     DeviceState(backend=b, device_id=dev.id, idle_power_w=dev.idle_power_w)
@@ -199,40 +204,66 @@ class PowerSampler:
 
     # --- runs: attribution and the idle baseline ----------------------------------------
 
-    def run_started(self, run_id: str, pid: int | None) -> bool:
-        """A run is active; follow its process tree if it runs here. True if followed."""
+    def run_started(self, run_id: str, pid: int | None, rank: int | None = None) -> bool:
+        """A run (or one rank of it) is active; follow its process tree if it runs here.
+        True if followed."""
         with self._lock:
-            self._active_runs.add(run_id)
-            return pid is not None and self._shares.track(run_id, pid)
+            self._active_runs.add((run_id, rank))
+            return pid is not None and self._shares.track((run_id, rank), pid)
 
-    def run_ended(self, run_id: str) -> None:
+    def run_ended(self, run_id: str, rank: int | None = None) -> None:
+        """The run ended here: one rank of it, or (``rank`` None) all of it."""
         with self._lock:
-            self._active_runs.discard(run_id)
-            self._shares.untrack(run_id)
+            keys = [k for k in self._active_runs if k[0] == run_id]
+            for key in keys if rank is None else [(run_id, rank)]:
+                self._active_runs.discard(key)
+                self._shares.untrack(key)
 
     def sample_shares(self) -> None:
         """Each tracked run's share since the last call, as stored intervals: of the CPU
-        (process CPU time), and of each GPU whose backend reports per-process utilisation."""
+        (process CPU time), and of each GPU whose backend reports per-process utilisation.
+
+        Rank -1 rows hold the union of a run's processes on this node: a device is counted
+        once per run however many of its ranks share it. A distributed run also gets one row
+        per rank (its part of the union), for the per-rank breakdown.
+        """
         t = self.now()
         with self._lock:
             shares = self._shares.sample()
             t0, self._share_t = self._share_t, t
             if t0 is None:
                 return
-            rows = [
-                {"run_id": rid, "kind": "cpu", "t0": t0, "t1": t, "share": share}
-                for rid, share in shares.items()
-            ]
+            by_run: dict[str, dict[int | None, float]] = {}
+            for key, share in shares.items():
+                rid, rank = cast(tuple[str, int | None], key)
+                by_run.setdefault(rid, {})[rank] = share
+            pids: dict[str, dict[int | None, set[int]]] = {}
+            for key in self._shares.tracked:
+                rid, rank = cast(tuple[str, int | None], key)
+                pids.setdefault(rid, {})[rank] = self._shares.pids(key)
+            rows: list[dict[str, Any]] = []
+
+            def emit(rid: str, kind: str, per_rank: dict[int | None, float], union: float) -> None:
+                base = {"run_id": rid, "node": self.node, "kind": kind, "t0": t0, "t1": t}
+                rows.append({**base, "rank": -1, "share": min(1.0, union)})
+                rows.extend(
+                    {**base, "rank": r, "share": v} for r, v in per_rank.items() if r is not None
+                )
+
+            for rid, per_rank in by_run.items():
+                emit(rid, "cpu", per_rank, sum(per_rank.values()))
             since_us = int(t0 * 1e6)
             for d in self.devices:
                 process_share = getattr(d.backend, "process_share", None)
                 if process_share is None:
                     continue
-                for rid in self._shares.tracked:
-                    g = process_share(self._shares.pids(rid), since_us)
-                    if g is not None:  # None: NVML cannot say; the whole device is counted
-                        kind = f"gpu:{d.backend.info.name}"
-                        rows.append({"run_id": rid, "kind": kind, "t0": t0, "t1": t, "share": g})
+                for rid, ranks in pids.items():
+                    union = process_share(set().union(*ranks.values()), since_us)
+                    if union is None:  # NVML cannot say: the whole device is counted
+                        continue
+                    per = {r: process_share(p, since_us) for r, p in ranks.items() if r is not None}
+                    known: dict[int | None, float] = {r: v for r, v in per.items() if v is not None}
+                    emit(rid, f"gpu:{d.backend.info.name}", known, union)
             self._pending_shares.extend(rows)
 
     def _update_idle(self) -> list[tuple[int, float]]:

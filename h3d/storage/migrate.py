@@ -1,20 +1,36 @@
-"""The only code that knows ``migrations/``: upgrade, inspect and verify a database's revision."""
+"""The only code that knows ``migrations/``: upgrade, inspect and verify a database's revision.
+
+Several daemons may start at once on one store (every node of a cluster, on one PostgreSQL):
+the upgrade runs under a lock that the store itself holds (a PostgreSQL advisory lock, for
+SQLite a lock on a file beside the database), and the revision is read again under it, so
+the schema is migrated exactly once and the others find it at head.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import DatabaseError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one daemon per store
+    fcntl = None  # type: ignore[assignment]
 
 from h3d.errors import SchemaMismatch
 
 logger = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key of schema migrations: "H3D_MIGR" as a big-endian int64.
+MIGRATION_LOCK_KEY = int.from_bytes(b"H3D_MIGR", "big")
 
 
 def migrations_dir() -> Path:
@@ -68,18 +84,55 @@ def _check_known(engine: Engine, rev: str | None) -> None:
             )
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction that holds the store's migration lock until it ends."""
+    db = engine.url.database
+    if engine.dialect.name == "sqlite" and db and db != ":memory:":
+        with _file_lock(Path(f"{db}.migrate-lock")), engine.begin() as conn:
+            yield conn
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        yield conn
+
+
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the database to head; returns (revision before, revision after)."""
+    """Bring the database to head; returns (revision found under the lock, head).
+
+    The first element equals the second when there was nothing to do, also when another
+    daemon migrated the store while this one waited for the lock.
+    """
     before = current_revision(engine)
     _check_known(engine, before)
     head = head_revision()
-    if before != head:
-        with engine.begin() as conn:
-            cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-        logger.info("database upgraded from %s to %s", before or "empty", head)
-    return before, head
+    if before == head:
+        return before, head
+    with migration_lock(engine) as conn:
+        found = MigrationContext.configure(conn).get_current_revision()
+        if found == head:
+            logger.info("database already at %s: another h3d migrated it", head)
+            return found, head
+        _check_known(engine, found)
+        cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    logger.info("database upgraded from %s to %s", found or "empty", head)
+    return found, head
 
 
 def verify_schema(engine: Engine) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -40,6 +41,9 @@ class Run(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     host: Mapped[str | None] = mapped_column(String(255))
     n_train: Mapped[int | None] = mapped_column(Integer)
+    # The node whose daemon created the run; a distributed run lists its ranks in run_ranks.
+    node: Mapped[str | None] = mapped_column(String(255))
+    world_size: Mapped[int | None] = mapped_column(Integer)  # None: a single process
     # Denormalised counters, updated in the same transaction as the ingest they count.
     n_batches: Mapped[int] = mapped_column(Integer, default=0)
     n_epochs: Mapped[int] = mapped_column(Integer, default=0)
@@ -74,8 +78,25 @@ class Batch(Base):
     epoch: Mapped[int | None] = mapped_column(Integer)
     step: Mapped[int | None] = mapped_column(Integer)
     phase: Mapped[str | None] = mapped_column(String(32))
+    rank: Mapped[int | None] = mapped_column(Integer)  # which rank of a distributed run
 
     __table_args__ = (Index("ix_batches_run_id_t", "run_id", "t"),)
+
+
+class RunRank(Base):
+    """One rank of a distributed run: where it ran, and whether it is done."""
+
+    __tablename__ = "run_ranks"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    local_rank: Mapped[int | None] = mapped_column(Integer)
+    joined_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))
+    finished_at: Mapped[float | None] = mapped_column(Float)
 
 
 class SampleLosses(Base):
@@ -107,7 +128,8 @@ class Device(Base):
     __tablename__ = "devices"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    node: Mapped[str] = mapped_column(String(255))  # the daemon that samples it
+    name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(32))
     model: Mapped[str] = mapped_column(String(200), default="")
@@ -119,9 +141,12 @@ class Device(Base):
     # How often the device's counter or power reading actually changes (measured or known).
     granularity_s: Mapped[float | None] = mapped_column(Float)
 
+    __table_args__ = (UniqueConstraint("node", "name"),)
+
 
 class PowerSample(Base):
-    """One reading of one device. ``t`` is the sampler's monotonic-anchored Unix time."""
+    """One reading of one device (and so of the device's node). ``t`` is the sampler's
+    monotonic-anchored Unix time."""
 
     __tablename__ = "power_samples"
 
@@ -134,11 +159,15 @@ class PowerSample(Base):
 
 
 class RunShare(Base):
-    """A run's share of a kind of device over one sampler interval (process attribution)."""
+    """A run's share of a kind of device on one node over one sampler interval (process
+    attribution). ``rank`` -1 is the union of the run's processes on the node (what its
+    devices are attributed by); ``rank`` r ≥ 0 is one rank's part of it."""
 
     __tablename__ = "run_shares"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)  # "cpu" | "gpu:<device>"
     t0: Mapped[float] = mapped_column(Float, primary_key=True)
     t1: Mapped[float] = mapped_column(Float)

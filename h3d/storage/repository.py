@@ -8,9 +8,9 @@ import uuid
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import CursorResult, and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,7 @@ from h3d.storage.models import (
     Epoch,
     PowerSample,
     Run,
+    RunRank,
     RunShare,
     RunTag,
     SampleLosses,
@@ -55,31 +56,138 @@ def create_run(
     n_train: int | None,
     now: float,
     run_id: str | None = None,
+    node: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    local_rank: int | None = None,
 ) -> Run:
+    """Create a run; with ``rank``, join it instead (creating it if no rank did yet).
+
+    Joining is idempotent: every rank of a distributed run sends the same create with its
+    own rank, whichever arrives first creates the run, on any node's daemon.
+    """
+    if rank is not None and (run_id is None or world_size is None):
+        raise InvalidInput("a rank joins a run by its id and the world size")
     if run_id is None:
         run_id = new_run_id()
-    elif session.get(Run, run_id) is not None:
+    row: dict[str, Any] = {
+        "id": run_id,
+        "name": name or f"run-{run_id[:8]}",
+        "status": "running",
+        "created_at": now,
+        "finished_at": None,
+        "config": config,
+        "pid": pid,
+        "host": host,
+        "n_train": n_train,
+        "node": node,
+        "world_size": world_size if rank is not None else None,
+        "n_batches": 0,
+        "n_epochs": 0,
+        "n_nonfinite": 0,
+        "last_seq": None,
+        "last_t": None,
+    }
+    if rank is not None:
+        return _join_run(session, row=row, tags=tags, rank=rank, local_rank=local_rank)
+    if session.get(Run, run_id) is not None:
         raise RunExists(f"a run with id {run_id} exists", details={"run_id": run_id})
-    run = Run(
-        id=run_id,
-        name=name or f"run-{run_id[:8]}",
-        status="running",
-        created_at=now,
-        finished_at=None,
-        config=config,
-        pid=pid,
-        host=host,
-        n_train=n_train,
-        n_batches=0,
-        n_epochs=0,
-        n_nonfinite=0,
-        last_seq=None,
-        last_t=None,
-    )
+    run = Run(**row)
     session.add(run)
     session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
     session.flush()
     return run
+
+
+def _join_run(
+    session: Session,
+    *,
+    row: dict[str, Any],
+    tags: Sequence[str],
+    rank: int,
+    local_rank: int | None,
+) -> Run:
+    run_id, world_size, now = row["id"], row["world_size"], row["created_at"]
+    result = session.execute(_insert(session, Run).values(**row))
+    created = cast(CursorResult[Any], result).rowcount == 1
+    # The row lock orders joins and finishes of one run across daemons (a no-op on SQLite,
+    # whose writers are serialised anyway).
+    run = session.get(Run, run_id, with_for_update=True, populate_existing=True)
+    assert run is not None
+    if run.world_size != world_size:
+        raise InvalidInput(
+            f"run {run_id} was started with world_size {run.world_size}; rank {rank} says "
+            f"{world_size}",
+            details={"world_size": run.world_size},
+        )
+    if created:
+        session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
+    elif now < run.created_at:  # the run starts when its first rank does
+        run.created_at = now
+    session.execute(
+        _insert(session, RunRank),
+        [
+            {
+                "run_id": run_id,
+                "rank": rank,
+                "node": row["node"] or "",
+                "host": row["host"],
+                "pid": row["pid"],
+                "local_rank": local_rank,
+                "joined_at": now,
+                "status": "running",
+                "finished_at": None,
+            }
+        ],
+    )
+    session.flush()
+    return run
+
+
+def run_ranks(session: Session, *, run_id: str) -> list[RunRank]:
+    return list(
+        session.scalars(select(RunRank).where(RunRank.run_id == run_id).order_by(RunRank.rank))
+    )
+
+
+def rank_batch_counts(session: Session, *, run_id: str) -> dict[int, int]:
+    q = (
+        select(Batch.rank, func.count())
+        .where(Batch.run_id == run_id, Batch.rank.is_not(None))
+        .group_by(Batch.rank)
+    )
+    return {int(r): int(c) for r, c in session.execute(q) if r is not None}
+
+
+def running_ranks(session: Session, *, node: str) -> list[RunRank]:
+    """The ranks on ``node`` of runs that are still running (to follow after a restart)."""
+    q = (
+        select(RunRank)
+        .join(Run, Run.id == RunRank.run_id)
+        .where(RunRank.node == node, RunRank.status == "running", Run.status == "running")
+    )
+    return list(session.scalars(q))
+
+
+def _finish_rank(session: Session, run: Run, *, rank: int, status: str, now: float) -> None:
+    """Mark one rank done; the run ends with its last rank (failed if any rank failed)."""
+    session.refresh(run, with_for_update=True)
+    if run.status != "running":
+        raise RunFinished(f"run {run.id} is already {run.status}", details={"status": run.status})
+    rr = session.get(RunRank, (run.id, rank))
+    if rr is None:
+        raise InvalidInput(f"rank {rank} never joined run {run.id}")
+    if rr.status == "running":
+        rr.status, rr.finished_at = status, now
+    session.flush()
+    ranks = run_ranks(session, run_id=run.id)
+    if (
+        run.world_size is not None
+        and len(ranks) >= run.world_size
+        and all(r.status != "running" for r in ranks)
+    ):
+        run.status = "failed" if any(r.status == "failed" for r in ranks) else "finished"
+        run.finished_at = max(r.finished_at or now for r in ranks)
 
 
 def get_run(session: Session, *, run_id: str) -> Run:
@@ -147,9 +255,12 @@ def update_run(
     name: str | None,
     tags: Sequence[str] | None,
     now: float,
+    rank: int | None = None,
 ) -> Run:
     run = get_run(session, run_id=run_id)
-    if status is not None and status != run.status:
+    if rank is not None and status is not None and run.world_size is not None:
+        _finish_rank(session, run, rank=rank, status=status, now=now)
+    elif status is not None and status != run.status:
         if run.status != "running":
             raise RunFinished(
                 f"run {run_id} is already {run.status}", details={"status": run.status}
@@ -224,6 +335,7 @@ class BatchRow:
     phase: str | None
     losses: Sequence[float | None] | bytes | None  # bytes: packed float32 from the wire
     indices: Sequence[int] | bytes | None  # bytes: packed int64
+    rank: int | None = None
 
 
 def _ingestable(session: Session, run_id: str) -> Run:
@@ -278,6 +390,7 @@ def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -
                     "epoch": b.epoch,
                     "step": b.step,
                     "phase": b.phase,
+                    "rank": b.rank,
                 }
                 for b in new.values()
             ],
@@ -345,9 +458,9 @@ def add_epochs(
 
 def batch_points(
     session: Session, *, run_id: str, t0: float | None = None, t1: float | None = None
-) -> list[tuple[int, float, float | None, int | None, int | None, str | None]]:
-    """(seq, t, loss, n, epoch, phase) ordered by seq."""
-    q = select(Batch.seq, Batch.t, Batch.loss, Batch.n, Batch.epoch, Batch.phase).where(
+) -> list[tuple[int, float, float | None, int | None, int | None, str | None, int | None]]:
+    """(seq, t, loss, n, epoch, phase, rank) ordered by seq."""
+    q = select(Batch.seq, Batch.t, Batch.loss, Batch.n, Batch.epoch, Batch.phase, Batch.rank).where(
         Batch.run_id == run_id
     )
     if t0 is not None:
@@ -407,10 +520,12 @@ def upsert_device(
     uuid_: str | None,
     now: float,
     granularity_s: float | None = None,
+    node: str = "",
 ) -> Device:
-    dev = session.scalar(select(Device).where(Device.name == name))
+    dev = session.scalar(select(Device).where(Device.node == node, Device.name == name))
     if dev is None:
         dev = Device(
+            node=node,
             name=name,
             kind=kind,
             source=source,
@@ -433,8 +548,12 @@ def add_power_samples(session: Session, *, rows: Sequence[dict[str, Any]]) -> No
         session.execute(_insert(session, PowerSample), list(rows))
 
 
-def devices(session: Session) -> list[Device]:
-    return list(session.scalars(select(Device).order_by(Device.id)))
+def devices(session: Session, *, nodes: Iterable[str] | None = None) -> list[Device]:
+    """Every node's devices, or only those of ``nodes``."""
+    q = select(Device)
+    if nodes is not None:
+        q = q.where(Device.node.in_(list(nodes)))
+    return list(session.scalars(q.order_by(Device.id)))
 
 
 def power_window(
@@ -512,12 +631,18 @@ def add_run_shares(session: Session, *, rows: Sequence[dict[str, Any]]) -> None:
         session.execute(_insert(session, RunShare), list(rows))
 
 
-def run_shares(session: Session, *, run_id: str) -> dict[str, list[tuple[float, float]]]:
-    """kind -> [(interval start, share)] ordered by time."""
-    out: dict[str, list[tuple[float, float]]] = {}
-    q = select(RunShare.kind, RunShare.t0, RunShare.share).where(RunShare.run_id == run_id)
-    for kind, t0, share in session.execute(q.order_by(RunShare.kind, RunShare.t0)):
-        out.setdefault(kind, []).append((t0, share))
+ShareKey = tuple[str, int, str]  # (node, rank or -1 for the node's union, kind)
+
+
+def run_shares(session: Session, *, run_id: str) -> dict[ShareKey, list[tuple[float, float]]]:
+    """(node, rank, kind) -> [(interval start, share)] ordered by time."""
+    out: dict[ShareKey, list[tuple[float, float]]] = {}
+    q = select(RunShare.node, RunShare.rank, RunShare.kind, RunShare.t0, RunShare.share).where(
+        RunShare.run_id == run_id
+    )
+    order = (RunShare.node, RunShare.rank, RunShare.kind, RunShare.t0)
+    for node, rank, kind, t0, share in session.execute(q.order_by(*order)):
+        out.setdefault((node, rank, kind), []).append((t0, share))
     return out
 
 

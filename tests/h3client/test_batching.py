@@ -2,61 +2,85 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import threading
 import time
+from array import array
 from typing import Any
 
+import pytest
 import torch
 
-from h3client._batching import BatchProcessor, to_wire
+from h3client._batching import BatchProcessor, encode_batches
+from h3client._exporter import Outcome, Request
 
 
 class Memory:
-    """An exporter that keeps what it is given (and can be made slow or failing)."""
+    """An exporter that keeps what it is given; its daemon and its disk can be made to hang,
+    fail or go away."""
 
     def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.spilled: list[tuple[str, dict[str, Any]]] = []
         self.delay_s = delay_s
         self.fail = fail
+        self.up = True  # the daemon answers
+        self.disk = True  # the disk takes writes
         self.shut = 0
         self.release = threading.Event()
         self.release.set()
+        self.sending = threading.Event()
 
-    def export(self, op: str, body: dict[str, Any]) -> None:
+    def ready(self) -> bool:
+        return self.up
+
+    def send(self, req: Request) -> Outcome:
+        self.sending.set()
         self.release.wait()
         time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("exporter bug")
-        self.sent.append((op, body))
+        if not self.up:
+            return "down"
+        self.sent.append((req.op, json.loads(req.body)))
+        return "sent"
 
-    def spill(self, op: str, body: dict[str, Any]) -> None:
-        self.spilled.append((op, body))
+    def spool(self, req: Request) -> bool:
+        if not self.disk:
+            return False
+        self.spilled.append((req.op, json.loads(req.body)))
+        return True
 
     def shutdown(self) -> None:
         self.shut += 1
 
-    def seqs(self) -> list[int]:
-        return [
-            b["seq"]
-            for op, body in self.sent + self.spilled
-            if op == "batches"
-            for b in body["batches"]
-        ]
+    def seqs(self, where: str = "both") -> list[int]:
+        ops = {"sent": self.sent, "spilled": self.spilled}.get(where, self.sent + self.spilled)
+        return [b["seq"] for op, body in ops if op == "batches" for b in body["batches"]]
 
 
-def unpack(text: str, code: str) -> list:
-    import base64
-    from array import array
-
+def unpack(text: str, code: str) -> list[Any]:
     a = array(code)
     a.frombytes(base64.b64decode(text))
     return a.tolist()
 
 
-def item(seq: int, loss: Any = 1.0, **kw: Any) -> tuple:
+def item(seq: int, loss: Any = 1.0, **kw: Any) -> tuple[Any, ...]:
     return (seq, 1000.0 + seq, loss, kw.get("losses"), kw.get("indices"), kw.get("n"), 0, seq, None)
+
+
+def decoded(items: list[tuple[Any, ...]]) -> tuple[list[dict[str, Any]], int]:
+    req, bad = encode_batches(items)
+    assert req is not None and req.op == "batches"
+    body = json.loads(req.body)
+    assert body["nonfinite_as_null"] is True and req.n_batches == len(body["batches"])
+    return body["batches"], bad
+
+
+def counted(p: BatchProcessor, logged: int) -> None:
+    assert p.posted + p.spooled + p.rejected + p.lost == logged
 
 
 def test_items_are_exported_in_order_in_large_requests() -> None:
@@ -72,23 +96,46 @@ def test_items_are_exported_in_order_in_large_requests() -> None:
     assert all(len(body["batches"]) <= 500 for op, body in mem.sent if op == "batches")
     assert mem.sent[-1][0] == "epochs"
     assert p.close() and p.close()  # idempotent
-    assert mem.shut == 1
+    assert mem.shut == 1 and p.posted == 2000
+    counted(p, 2000)
 
 
-def test_tensors_are_read_on_the_worker_and_nonfinite_becomes_null() -> None:
+def test_a_request_is_converted_as_a_whole() -> None:
+    """Tensors of any shape and dtype, lists, missing vectors and NaN/inf in one request."""
     loss = torch.tensor(0.5, requires_grad=True) * 2
-    losses = torch.tensor([0.1, float("nan"), float("inf"), 2.0])
-    d = to_wire(item(3, loss.detach(), losses=losses, indices=torch.tensor([4, 5, 6, 7])))
-    vals, idx = unpack(d["losses_f32"], "f"), unpack(d["indices_i64"], "q")
-    assert d["loss"] == 1.0 and vals[0] == torch.tensor(0.1).item() and vals[3] == 2.0
-    assert all(math.isnan(v) for v in vals[1:3]) and idx == [4, 5, 6, 7] and d["n"] == 4
-    # plain Python sequences pack the same way
-    d2 = to_wire(item(4, 1.0, losses=[0.5, float("inf")], indices=[9, 10]))
-    assert unpack(d2["indices_i64"], "q") == [9, 10] and math.isnan(
-        unpack(d2["losses_f32"], "f")[1]
-    )
-    assert to_wire(item(4, float("nan")))["loss"] is None
-    assert to_wire(item(5, math.inf))["loss"] is None
+    items = [
+        item(0, loss.detach(), losses=torch.tensor([0.1, math.nan, math.inf, 2.0]),
+             indices=torch.tensor([4, 5, 6, 7], dtype=torch.int32)),
+        item(1, torch.tensor(math.nan)),  # no vector: null in a request that has them
+        item(2, 0.25, losses=[0.5, float("inf")], indices=[9, 10]),  # Python sequences
+        item(3, torch.tensor([3.0]), losses=torch.ones(2, 3, dtype=torch.float64)),
+        item(4, math.inf, n=7),
+    ]  # fmt: skip
+    rows, bad = decoded(items)
+    assert bad == 0 and [r["seq"] for r in rows] == [0, 1, 2, 3, 4]
+    vals = unpack(rows[0]["losses_f32"], "f")
+    assert rows[0]["loss"] == 1.0 and vals[0] == torch.tensor(0.1).item() and vals[3] == 2.0
+    assert all(math.isnan(v) for v in vals[1:3]) and rows[0]["n"] == 4
+    assert unpack(rows[0]["indices_i64"], "q") == [4, 5, 6, 7]
+    assert rows[1]["loss"] is None and rows[1]["losses_f32"] is None and rows[1]["n"] is None
+    assert unpack(rows[2]["indices_i64"], "q") == [9, 10] and rows[2]["n"] == 2
+    assert math.isnan(unpack(rows[2]["losses_f32"], "f")[1])
+    assert rows[3]["loss"] == 3.0 and unpack(rows[3]["losses_f32"], "f") == [1.0] * 6
+    assert rows[3]["indices_i64"] is None and rows[3]["n"] == 6
+    assert rows[4]["loss"] is None and rows[4]["n"] == 7
+
+
+def test_unreadable_items_are_left_out_and_counted() -> None:
+    items = [
+        item(0, torch.tensor([1.0, 2.0])),  # a vector passed as the loss
+        item(1, 0.5, losses=torch.rand(3), indices=torch.arange(4)),  # lengths differ
+        item(2, 0.5, indices=[1, 2]),  # indices without losses
+        item(3, 0.5, losses=[1.0], indices=["x"]),  # an index that is no number
+        item(4, torch.tensor(0.75), losses=torch.rand(2), indices=torch.arange(2)),
+    ]
+    rows, bad = decoded(items)
+    assert bad == 4 and [r["seq"] for r in rows] == [4] and rows[0]["loss"] == 0.75
+    assert encode_batches([item(0, torch.tensor([1.0, 2.0]))]) == (None, 1)
 
 
 def test_a_stalled_exporter_never_blocks_the_training_thread_and_overflow_spills() -> None:
@@ -96,7 +143,7 @@ def test_a_stalled_exporter_never_blocks_the_training_thread_and_overflow_spills
     mem.release.clear()  # the daemon hangs
     p = BatchProcessor(mem, max_batch=100, flush_interval_s=0.01, max_queue=1000)
     p.add_batch(item(0))
-    time.sleep(0.05)  # the worker is now stuck in export
+    assert mem.sending.wait(5.0)  # the worker is now stuck in send
     t0 = time.perf_counter()
     for s in range(1, 3001):
         p.add_batch(item(s))
@@ -106,6 +153,7 @@ def test_a_stalled_exporter_never_blocks_the_training_thread_and_overflow_spills
     assert sorted(mem.seqs()) == list(range(3001))  # nothing lost
     assert mem.spilled  # what was behind by more than max_queue went to the spool
     p.close()
+    counted(p, 3001)
 
 
 def test_hard_limit_drops_oldest_and_counts() -> None:
@@ -113,24 +161,99 @@ def test_hard_limit_drops_oldest_and_counts() -> None:
     mem.release.clear()
     p = BatchProcessor(mem, max_batch=10, flush_interval_s=0.01, max_queue=10)
     p.add_batch(item(0))
-    time.sleep(0.05)
+    assert mem.sending.wait(5.0)
     for s in range(1, 101):
         p.add_batch(item(s))
     assert p.dropped == 101 - 1 - p.hard_limit
     mem.release.set()
     p.close()
+    counted(p, 101)
 
 
-def test_exporter_errors_do_not_kill_the_worker() -> None:
+def test_exporter_errors_do_not_kill_the_worker_nor_lose_the_request() -> None:
     mem = Memory(fail=True)
     p = BatchProcessor(mem, max_batch=10, flush_interval_s=0.01)
+    mem.disk = False
     p.add_batch(item(0))
-    time.sleep(0.1)
-    mem.fail = False
+    assert not p.flush(0.2)  # held: the exporter raised, the disk refused
+    mem.fail, mem.disk = False, True
     p.add_batch(item(1))
     assert p.flush(5.0)
-    assert 1 in mem.seqs()
+    assert sorted(mem.seqs()) == [0, 1]
     p.close()
+    counted(p, 2)
+
+
+def test_no_daemon_and_a_full_disk_keep_batches_in_memory_and_retry() -> None:
+    """Issue 11: nothing is dropped while the queue has room; it all goes once the disk does."""
+    mem = Memory()
+    mem.up = mem.disk = False
+    p = BatchProcessor(mem, max_batch=50, flush_interval_s=0.01, max_queue=1000)
+    p.add("create", {"id": "x"})
+    for s in range(500):
+        p.add_batch(item(s))
+    p.add("update", {"status": "finished"})
+    assert not p.flush(0.3)  # nowhere to go: kept, retried
+    assert p.lost == 0 and not mem.sent and not mem.spilled
+    mem.disk = True  # space freed
+    assert p.flush(5.0)
+    assert p.close() and p.lost == 0 and p.spooled == 500
+    ops = [op for op, _ in mem.spilled]
+    assert ops[0] == "create" and ops[-1] == "update"  # order kept: the status comes last
+    assert mem.seqs("spilled") == list(range(500))
+    counted(p, 500)
+
+
+def test_a_stuck_daemon_close_spools_everything_by_its_deadline() -> None:
+    mem = Memory()
+    mem.release.clear()  # a daemon that accepts the request and never answers
+    p = BatchProcessor(mem, max_batch=100, flush_interval_s=0.01)
+    p.add("create", {"id": "x"})
+    assert mem.sending.wait(5.0)  # the create is in flight, stuck
+    for s in range(1000):
+        p.add_batch(item(s, torch.tensor(0.5), losses=torch.rand(4), indices=torch.arange(4)))
+    p.add("update", {"status": "finished"})
+    t0 = time.monotonic()
+    assert not p.close(timeout_s=1.0)
+    assert time.monotonic() - t0 < 1.5
+    ops = [op for op, _ in mem.spilled]
+    assert ops[0] == "create" and ops[-1] == "update"  # the one in flight, ..., the status
+    assert mem.seqs("spilled") == list(range(1000)) and not mem.sent
+    assert p.spooled == 1000 and p.lost == 0
+    counted(p, 1000)
+    # the daemon answers at last: the abandoned worker ends, sends nothing more, counts nothing
+    mem.release.set()
+    deadline = time.monotonic() + 5
+    while p.worker_alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not p.worker_alive and [op for op, _ in mem.sent] == ["create"] and p.posted == 0
+
+
+def test_a_stuck_daemon_and_a_full_disk_count_what_is_lost() -> None:
+    mem = Memory()
+    mem.release.clear()
+    mem.disk = False
+    p = BatchProcessor(mem, max_batch=100, flush_interval_s=0.01)
+    p.add_batch(item(0))
+    assert mem.sending.wait(5.0)
+    for s in range(1, 250):
+        p.add_batch(item(s))
+    assert not p.close(timeout_s=0.5)
+    assert p.lost == 250 and p.spooled == 0
+    counted(p, 250)
+    mem.release.set()
+
+
+def test_the_worker_keeps_its_pace_with_batches_logged_during_a_request() -> None:
+    mem = Memory(delay_s=0.02)
+    p = BatchProcessor(mem, max_batch=1000, flush_interval_s=0.01)
+    for s in range(5000):
+        p.add_batch(item(s))
+        if s % 500 == 0:
+            time.sleep(0.005)
+    assert p.close(10.0)
+    assert mem.seqs() == list(range(5000))
+    counted(p, 5000)
 
 
 class FakeCudaTensor:
@@ -162,18 +285,23 @@ class FakeEvent:
         self.synced = True
 
 
-def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(monkeypatch) -> None:
+def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from h3client import _batching
 
     events: list[FakeEvent] = []
-    monkeypatch.setattr(
-        _batching, "event_factory", lambda: events.append(FakeEvent()) or events[-1]
-    )
+
+    def factory() -> FakeEvent:
+        events.append(FakeEvent())
+        return events[-1]
+
+    monkeypatch.setattr(_batching, "event_factory", factory)
     loss = FakeCudaTensor(torch.tensor(0.25))
     vec = FakeCudaTensor(torch.tensor([0.5, float("nan")]))
     pending = _batching.off_device(loss)
     assert loss.copies == [("cpu", True)] and not events[0].synced  # enqueued, not awaited
-    d = to_wire(item(0, pending, losses=_batching.off_device(vec)))
-    vals = unpack(d["losses_f32"], "f")
-    assert d["loss"] == 0.25 and vals[0] == 0.5 and math.isnan(vals[1])
+    rows, _ = decoded([item(0, pending, losses=_batching.off_device(vec))])
+    vals = unpack(rows[0]["losses_f32"], "f")
+    assert rows[0]["loss"] == 0.25 and vals[0] == 0.5 and math.isnan(vals[1])
     assert all(e.synced for e in events)  # the sender thread waited, on the event

@@ -218,7 +218,9 @@ def test_import_is_light() -> None:
     assert out[1:] == ["False", "False"]  # no torch, no numpy: the time is in the benchmark
 
 
-def test_a_full_disk_is_counted_and_reported_never_silent(tmp_path: Path) -> None:
+def test_a_full_disk_keeps_batches_in_memory_then_counts_and_reports_the_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = tmp_path / "full"
     data.mkdir()
     (data / "spool").write_text("not a directory: every spool write fails, as on a full disk")
@@ -227,8 +229,31 @@ def test_a_full_disk_is_counted_and_reported_never_silent(tmp_path: Path) -> Non
     )
     for _s in range(50):
         prof.log_batch(1.0)
-    res = prof.stop()
+    assert not prof.flush(0.3)  # no daemon, no disk: kept in memory, retried
+    t0 = time.monotonic()
+    res = prof.stop(timeout_s=1.0)
+    assert time.monotonic() - t0 < 2.0
     assert res["batches_lost"] == 50 and res["batches_spooled"] == 0 and res["offline"]
+    assert "50 batches were lost" in caplog.text
+
+
+def test_a_full_disk_that_frees_up_loses_nothing(tmp_path: Path) -> None:
+    """Issue 11: 15 402 of 20 000 batches were dropped although the queue had room."""
+    data = tmp_path / "full"
+    data.mkdir()
+    blocker = data / "spool"
+    blocker.write_text("not a directory: every spool write fails, as on a full disk")
+    prof = H3Profiler(
+        "later", data_dir=data, url="http://127.0.0.1:9", autostart=False, flush_interval_s=0.05
+    )
+    for s in range(20_000):
+        prof.log_batch(1.0 / (1 + s), losses=[0.5, 1.5], indices=[s, s + 1])
+    assert not prof.flush(0.3)
+    blocker.unlink()  # space again
+    res = prof.stop(timeout_s=30)
+    assert res["batches_lost"] == 0 and res["batches_spooled"] == 20_000 and res["flushed"]
+    lines = (data / "spool" / f"{prof.run_id}.jsonl").read_text().splitlines()
+    assert '"op": "create"' in lines[0] and '"op": "update"' in lines[-1]
 
 
 def test_energy_tracker_keeps_the_published_api(daemon: Daemon) -> None:
@@ -247,4 +272,5 @@ def test_energy_tracker_keeps_the_published_api(daemon: Daemon) -> None:
     res = tracker.stop()
     assert res["batches_posted"] == 50 and res["total_energy_j"] is not None
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        assert c.get_run(res["run_id"])["config"]["device"] == "cpu"
+        run = c.get_run(res["run_id"])
+        assert run["config"] == {} and "device:cpu" in run["tags"]  # the config as given

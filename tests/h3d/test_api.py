@@ -364,8 +364,10 @@ def test_prometheus_metrics(daemon: Any) -> None:
 def test_dashboard_is_served_and_reads_the_api_with_the_token(daemon: Any) -> None:
     page = httpx.get(f"{daemon.url}/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "Authorization" in page.text and "sessionStorage" in page.text
-    assert daemon.token not in page.text  # the page never embeds the token
+    js = httpx.get(f"{daemon.url}/static/app.js")  # the page's script is a separate file
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert "Authorization" in js.text and "sessionStorage" in js.text
+    assert daemon.token not in page.text + js.text  # the page never embeds the token
 
 
 def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:

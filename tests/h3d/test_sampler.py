@@ -126,5 +126,6 @@ def test_gpu_shares_come_from_process_utilisation(factory) -> None:
     s.stop()
     with session_scope(factory) as sess:
         shares = repo.run_shares(sess, run_id=run_id)
-    assert set(shares) == {"cpu", "gpu:nvml:GPU-test"}
-    assert {v for _t, v in shares["gpu:nvml:GPU-test"]} == {0.75}
+    # keyed (node, rank, kind); rank -1: the run's processes on the node together
+    assert set(shares) == {("", -1, "cpu"), ("", -1, "gpu:nvml:GPU-test")}
+    assert {v for _t, v in shares[("", -1, "gpu:nvml:GPU-test")]} == {0.75}

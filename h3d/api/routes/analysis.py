@@ -59,13 +59,18 @@ def get_series(
     sampler: SamplerDep,
     metric: Literal["loss", "power", "eta", "energy"] = "loss",
     points: int = Query(500, ge=3, le=20_000),
+    device: str | None = Query(
+        None, max_length=200, description="metric=power only: one device's power, not the sum."
+    ),
 ) -> SeriesPublic:
     _fresh(sampler)
     run = repo.get_run(session, run_id=run_id)
+    if device is not None and metric != "power":
+        raise InvalidInput("device is a filter of metric=power only")
     if metric == "loss":
-        pts = analysis.loss_series(session, run_id=run.id, points=points)
+        pts = analysis.loss_series(session, run=run, points=points)
     elif metric == "power":
-        pts = analysis.power_series(session, run=run, points=points)
+        pts = analysis.power_series(session, run=run, points=points, device=device)
     else:
         pts = analysis.cumulative_series(
             session,
@@ -147,6 +152,7 @@ def compare(
                 "n_batches": rep["n_batches"],
                 "energy_j": rep["energy"]["energy_j"],
                 "source": rep["energy"]["source"],
+                "measured": rep["energy"]["measured"],
                 "info_gain_bits": rep["eta"]["info_gain_bits"],
                 "eta_bits_per_j": rep["eta"]["eta_bits_per_j"],
                 "final_accuracy": last_acc,

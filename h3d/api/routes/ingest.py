@@ -92,6 +92,7 @@ def post_batches(
                 epoch=b.epoch,
                 step=b.step,
                 phase=b.phase,
+                rank=b.rank if b.rank is not None else body.rank,
                 losses=packed if packed is not None else b.losses,
                 indices=b.packed_indices() if b.indices_i64 is not None else b.indices,
             )

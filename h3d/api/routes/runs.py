@@ -5,7 +5,7 @@ import time
 
 from fastapi import APIRouter, Query, status
 
-from h3d.api.deps import SamplerDep, SessionDep
+from h3d.api.deps import SamplerDep, SessionDep, SettingsDep
 from h3d.api.schemas import RunCreate, RunPublic, RunsPublic, RunUpdate
 from h3d.storage import repository as repo
 from h3d.storage.models import Run
@@ -25,6 +25,8 @@ def to_public(run: Run, tags: list[str]) -> RunPublic:
         pid=run.pid,
         host=run.host,
         n_train=run.n_train,
+        node=run.node,
+        world_size=run.world_size,
         n_batches=run.n_batches,
         n_epochs=run.n_epochs,
         n_nonfinite=run.n_nonfinite,
@@ -38,7 +40,9 @@ def public(session: SessionDep, run: Run) -> RunPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
-def create_run(body: RunCreate, session: SessionDep, sampler: SamplerDep) -> RunPublic:
+def create_run(
+    body: RunCreate, session: SessionDep, sampler: SamplerDep, settings: SettingsDep
+) -> RunPublic:
     run = repo.create_run(
         session,
         name=body.name,
@@ -49,11 +53,15 @@ def create_run(body: RunCreate, session: SessionDep, sampler: SamplerDep) -> Run
         n_train=body.n_train,
         now=body.created_at if body.created_at is not None else time.time(),
         run_id=body.id,
+        node=settings.node,
+        rank=body.rank,
+        world_size=body.world_size,
+        local_rank=body.local_rank,
     )
     if sampler is not None:
         if sampler.devices:
             sampler.mark()
-        sampler.run_started(run.id, body.pid if is_local(body.host) else None)
+        sampler.run_started(run.id, body.pid if is_local(body.host) else None, body.rank)
     return public(session, run)
 
 
@@ -104,7 +112,12 @@ def update_run(run_id: str, body: RunUpdate, session: SessionDep, sampler: Sampl
         name=body.name,
         tags=body.tags,
         now=body.finished_at if body.finished_at is not None else time.time(),
+        rank=body.rank,
     )
+    if sampler is not None and body.rank is not None and body.status is not None:
+        if sampler.devices:
+            sampler.mark()
+        sampler.run_ended(run.id, body.rank)  # this rank is done (here, if it ran here)
     if sampler is not None and run.status != "running":
         if sampler.devices:
             sampler.mark()  # a reading at the window's end: no edge interpolation

@@ -12,13 +12,15 @@ router = APIRouter(tags=["system"])
 
 @router.get("/devices")
 def get_devices(session: SessionDep, settings: SettingsDep, sampler: SamplerDep) -> dict[str, Any]:
+    """This node's devices (a store shared by many nodes holds theirs too)."""
     live = {d.backend.info.name: d for d in sampler.devices} if sampler else {}
     out = []
-    for dev in repo.devices(session):
+    for dev in repo.devices(session, nodes=[settings.node]):
         d = live.get(dev.name)
         info = d.backend.info if d else None
         out.append(
             {
+                "node": dev.node,
                 "name": dev.name,
                 "kind": dev.kind,
                 "source": dev.source,

@@ -1,0 +1,134 @@
+"""Which rank this process is, and which run all the ranks of one job share.
+
+Every rank's profiler joins one run. The run id is, in order of preference:
+
+1. the ``run_id`` the caller passed;
+2. derived from the launcher's job id, identical on every rank without talking to them:
+   torchrun's ``TORCHELASTIC_RUN_ID`` (``--rdzv-id``; ``--standalone`` and single-node
+   launches make a fresh one) with its restart count, else SLURM's ``SLURM_JOB_ID`` and
+   ``SLURM_STEP_ID`` (one per ``srun``);
+3. agreed over the default ``torch.distributed`` process group: rank 0 draws an id and
+   broadcasts it (a collective: every rank must create its profiler).
+
+Only torch that the caller already imported is used; this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from h3client.errors import H3ClientError
+
+# uuid5 namespace of H3 run ids derived from a launcher's job id.
+_NAMESPACE = "5b0c1c86-3a53-4a4e-9d0e-6f1b0d8f3e11"
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One process's place in a distributed job."""
+
+    rank: int
+    world_size: int
+    local_rank: int | None
+    launcher: str  # "torchrun" | "slurm" | "explicit"
+    job_key: str | None  # launcher job id (unique per launch), None when there is none
+
+
+def _int(env: Mapping[str, str], key: str) -> int | None:
+    value = env.get(key)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise H3ClientError(f"{key}={value!r} is not an integer") from exc
+
+
+def _job_key(env: Mapping[str, str]) -> str | None:
+    run = env.get("TORCHELASTIC_RUN_ID")
+    if run and run != "none":  # "none": torchrun's static rendezvous without --rdzv-id
+        return f"torchrun:{run}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    job = env.get("SLURM_JOB_ID")
+    if job:
+        return f"slurm:{job}:{env.get('SLURM_STEP_ID', '')}"
+    return None
+
+
+def detect(
+    env: Mapping[str, str] | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    local_rank: int | None = None,
+) -> RankInfo | None:
+    """The rank of this process, or None for a single-process run.
+
+    Explicit arguments win; then torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; then
+    SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``.
+
+    Raises:
+        H3ClientError: the rank is out of range, or only one of rank and world size is given.
+    """
+    env = os.environ if env is None else env
+    launcher = "explicit"
+    if rank is None and world_size is None:
+        if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
+            launcher = "torchrun"
+            rank, world_size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+            local_rank = _int(env, "LOCAL_RANK") if local_rank is None else local_rank
+        elif env.get("SLURM_PROCID") is not None and env.get("SLURM_NTASKS") is not None:
+            launcher = "slurm"
+            rank, world_size = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+            local_rank = _int(env, "SLURM_LOCALID") if local_rank is None else local_rank
+    if rank is None and world_size is None:
+        return None
+    if rank is None or world_size is None:
+        raise H3ClientError("give both rank and world_size, or neither")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise H3ClientError(f"rank {rank} is not in a world of size {world_size}")
+    if world_size == 1:
+        return None
+    return RankInfo(rank, world_size, local_rank, launcher, _job_key(env))
+
+
+def derived_run_id(job_key: str, name: str | None) -> str:
+    """The run id every rank of one launch computes alike (32 hex digits)."""
+    import uuid
+
+    return uuid.uuid5(uuid.UUID(_NAMESPACE), f"{job_key}|{name or ''}").hex
+
+
+def _agree_over_group(world_size: int) -> str | None:
+    """Rank 0's fresh id, broadcast over the default process group; None without one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_world_size() != world_size:
+        raise H3ClientError(
+            f"the process group has {dist.get_world_size()} ranks, the profiler was told "
+            f"{world_size}"
+        )
+    box: list[str | None] = [os.urandom(16).hex() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shared_run_id(info: RankInfo, name: str | None) -> str:
+    """The run id all ranks agree on (see the module docstring).
+
+    Raises:
+        H3ClientError: no job id and no initialised process group to agree over.
+    """
+    if info.job_key is not None:
+        return derived_run_id(info.job_key, name)
+    agreed = _agree_over_group(info.world_size)
+    if agreed is not None:
+        return agreed
+    raise H3ClientError(
+        f"rank {info.rank} of {info.world_size}: cannot tell which run the other ranks join. "
+        "Call torch.distributed.init_process_group() before creating the profiler, launch "
+        "with torchrun --rdzv-id or srun, or pass the same run_id on every rank."
+    )

@@ -1,0 +1,135 @@
+"""Lightning 2.x: ``Trainer(callbacks=[H3Callback()])`` profiles a fit with H3.
+
+Works with ``import lightning`` and with ``import pytorch_lightning``: the callback's base
+class comes from the package the program already imported (``lightning`` when neither was).
+
+What it records, per rank (every rank of a DDP run joins one run):
+
+- each training batch's loss: ``training_step``'s loss (the returned tensor, or its
+  ``"loss"`` key), un-scaled from gradient accumulation;
+- per-sample losses when ``training_step`` returns them as ``"losses"`` (a 1-D tensor, not
+  reduced), with their dataset indices as ``"indices"`` when it has them::
+
+      def training_step(self, batch, batch_idx):
+          x, y, idx = batch
+          losses = F.cross_entropy(self(x), y, reduction="none")
+          return {"loss": losses.mean(), "losses": losses.detach(), "indices": idx}
+
+- once per training epoch, the epoch's logged metrics (``self.log(...)``, validation's
+  included): ``val_loss`` and ``val_acc``/``val_accuracy`` go to the epoch's ``val_loss``
+  and ``accuracy``, everything else under ``metrics``.
+
+The run opens in ``on_fit_start`` and closes in ``on_fit_end``; an exception during the
+fit closes it as failed. The results (energy, bits/J, per epoch) are then in
+``callback.results``, logged to the trainer's loggers as ``h3/...`` metrics, and the
+report is ``callback.profiler.get_report()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from h3client.integrations._common import open_profiler
+from h3client.profiler import H3Profiler
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    _Base = Any
+elif "pytorch_lightning" in sys.modules and "lightning" not in sys.modules:
+    from pytorch_lightning import Callback as _Base
+else:
+    try:
+        from lightning.pytorch import Callback as _Base
+    except ImportError:  # only the standalone package is installed
+        from pytorch_lightning import Callback as _Base
+
+_ACCURACY_KEYS = ("val_acc", "val_accuracy", "accuracy")
+
+
+def _scalar(v: Any) -> float | None:
+    if hasattr(v, "numel"):
+        return float(v.item()) if v.numel() == 1 else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+class H3Callback(_Base):  # type: ignore[misc]
+    """A Lightning ``Callback`` that streams the fit to h3d through :class:`H3Profiler`.
+
+    Args:
+        **profiler_kwargs: Passed to :class:`h3client.H3Profiler` (``name``, ``url``,
+            ``config``, ``tags``, ``n_train``, ...). The rank and world size come from the
+            trainer.
+
+    Example:
+        >>> from h3client.integrations.lightning import H3Callback  # doctest: +SKIP
+        >>> h3 = H3Callback(name="mnist-lit", n_train=50_000)  # doctest: +SKIP
+        >>> Trainer(max_epochs=3, callbacks=[h3]).fit(model, loader)  # doctest: +SKIP
+        >>> h3.results["efficiency_bits_per_j"]  # doctest: +SKIP
+    """
+
+    def __init__(self, **profiler_kwargs: Any) -> None:
+        super().__init__()
+        self.profiler_kwargs = profiler_kwargs
+        self.profiler: H3Profiler | None = None
+        self.results: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.profiler = open_profiler(
+            self.profiler_kwargs, rank=trainer.global_rank, world_size=trainer.world_size
+        )
+        self.results = None
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        prof = self.profiler
+        if prof is None or outputs is None:
+            return
+        extra: dict[str, Any] = {}
+        if isinstance(outputs, dict):
+            loss = outputs.get("loss")
+            extra = {"losses": outputs.get("losses"), "indices": outputs.get("indices")}
+        else:
+            loss = outputs
+        if loss is None:
+            return
+        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            loss = loss * trainer.accumulate_grad_batches  # Lightning divided it
+        prof.log_batch(loss, epoch=trainer.current_epoch, step=trainer.global_step, **extra)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        prof = self.profiler
+        if prof is None:
+            return
+        metrics: dict[str, float] = {}
+        for key, value in trainer.callback_metrics.items():
+            v = _scalar(value)
+            if v is not None:
+                metrics[str(key)] = v
+        accuracy = next((metrics.pop(k) for k in _ACCURACY_KEYS if k in metrics), None)
+        prof.log_epoch(trainer.current_epoch, accuracy=accuracy, **metrics)
+
+    def _finish(self, trainer: Any, status: str) -> None:
+        prof = self.profiler
+        if prof is None or self.results is not None:
+            return
+        self.results = prof.stop(status=status)
+        scalars = {
+            f"h3/{k}": float(v)
+            for k, v in self.results.items()
+            if k in ("total_energy_j", "info_gain_bits", "efficiency_bits_per_j")
+            and isinstance(v, (int, float))
+        }
+        if scalars:
+            for lg in getattr(trainer, "loggers", ()):
+                lg.log_metrics(scalars, step=trainer.global_step)
+        logger.info("h3: run %s %s: %s", prof.run_id, status, scalars or "no energy figures")
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish(trainer, "finished")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish(trainer, "failed")

@@ -1,0 +1,235 @@
+/* h3d charts: small SVG line and scatter charts with ticks, units, hover readouts and legends.
+ * No library, no network. Works under a Content-Security-Policy of 'self': no inline style
+ * attributes are written (positions are set through the CSSOM, which CSP allows).
+ * Exposes one global, H3Charts.
+ */
+"use strict";
+(function (global) {
+  // Okabe & Ito (2008): distinguishable with every common form of colour blindness.
+  // Yellow (#F0E442) is left out: too faint on white. Dashes tell series apart as well.
+  const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#000000"];
+  const DASHES = ["", "6 3", "2 2", "8 3 2 3", "4 4", "1 3", "10 4"];
+
+  const esc = s => String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+
+  /** A number for people: 3 significant digits, k/M/G or m/µ prefixes. */
+  function num(v, digits = 3) {
+    if (v === null || v === undefined || !Number.isFinite(v)) return "–";
+    const a = Math.abs(v);
+    if (a === 0) return "0";
+    const units = [[1e9, "G"], [1e6, "M"], [1e3, "k"]];
+    for (const [f, p] of units) if (a >= f) return trim((v / f).toPrecision(digits)) + p;
+    if (a >= 0.01) return trim(v.toPrecision(digits));
+    if (a >= 1e-6 && a < 1e-3) return trim((v * 1e6).toPrecision(digits)) + "µ";
+    return trim(v.toExponential(digits - 1));
+  }
+  function trim(s) { return s.includes("e") || !s.includes(".") ? s : s.replace(/\.?0+$/, ""); }
+
+  /** Round tick positions covering [lo, hi] (Heckbert's nice numbers). */
+  function ticks(lo, hi, n = 5) {
+    if (!(hi > lo)) { const d = Math.abs(lo) || 1; lo -= d / 2; hi += d / 2; }
+    const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw) || 10 * mag;
+    const out = [];
+    for (let v = Math.ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+    return {ticks: out, step};
+  }
+
+  function extent(values, includeZero) {
+    let lo = Infinity, hi = -Infinity;
+    for (const v of values) if (Number.isFinite(v)) { if (v < lo) lo = v; if (v > hi) hi = v; }
+    if (lo === Infinity) return [0, 1];
+    if (includeZero) { lo = Math.min(lo, 0); hi = Math.max(hi, 0); }
+    if (hi === lo) { const d = Math.abs(lo) * 0.05 || 1; return [lo - d, hi + d]; }
+    const pad = (hi - lo) * 0.04;
+    return [includeZero && lo === 0 ? 0 : lo - pad, hi + pad];
+  }
+
+  function axisLabel(ax) { return ax.unit ? `${ax.label} (${ax.unit})` : ax.label; }
+
+  function frame(el, opt) {
+    const W = Math.max(320, Math.floor(opt.width || el.clientWidth || 560)), H = opt.height || 260;
+    const M = {l: 62, r: 14, t: 10, b: 44};
+    return {W, H, M, iw: W - M.l - M.r, ih: H - M.t - M.b};
+  }
+
+  function axes(f, xs, ys, opt) {
+    const X = v => f.M.l + f.iw * (v - xs[0]) / (xs[1] - xs[0]);
+    const Y = v => f.M.t + f.ih - f.ih * (v - ys[0]) / (ys[1] - ys[0]);
+    const xt = ticks(xs[0], xs[1], Math.max(3, Math.round(f.iw / 90))).ticks.filter(v => v >= xs[0] && v <= xs[1]);
+    const yt = ticks(ys[0], ys[1], 5).ticks.filter(v => v >= ys[0] && v <= ys[1]);
+    const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
+    let s = `<g class="grid">`;
+    for (const v of yt) s += `<line x1="${f.M.l}" x2="${f.M.l + f.iw}" y1="${Y(v).toFixed(1)}" y2="${Y(v).toFixed(1)}"/>`;
+    for (const v of xt) s += `<line y1="${f.M.t}" y2="${f.M.t + f.ih}" x1="${X(v).toFixed(1)}" x2="${X(v).toFixed(1)}"/>`;
+    s += `</g><g class="axis">`;
+    s += `<line x1="${f.M.l}" x2="${f.M.l + f.iw}" y1="${f.M.t + f.ih}" y2="${f.M.t + f.ih}"/>`;
+    s += `<line x1="${f.M.l}" x2="${f.M.l}" y1="${f.M.t}" y2="${f.M.t + f.ih}"/>`;
+    for (const v of xt) s += `<line x1="${X(v).toFixed(1)}" x2="${X(v).toFixed(1)}" y1="${f.M.t + f.ih}" y2="${f.M.t + f.ih + 4}"/><text class="tick" x="${X(v).toFixed(1)}" y="${f.M.t + f.ih + 16}" text-anchor="middle">${esc(xf(v))}</text>`;
+    for (const v of yt) s += `<line x1="${f.M.l - 4}" x2="${f.M.l}" y1="${Y(v).toFixed(1)}" y2="${Y(v).toFixed(1)}"/><text class="tick" x="${f.M.l - 7}" y="${(Y(v) + 4).toFixed(1)}" text-anchor="end">${esc(yf(v))}</text>`;
+    s += `<text class="label" x="${f.M.l + f.iw / 2}" y="${f.H - 6}" text-anchor="middle">${esc(axisLabel(opt.x))}</text>`;
+    s += `<text class="label" transform="translate(13 ${f.M.t + f.ih / 2}) rotate(-90)" text-anchor="middle">${esc(axisLabel(opt.y))}</text>`;
+    return {svg: s + `</g>`, X, Y};
+  }
+
+  function shell(el, opt, f, body) {
+    const legend = (opt.legend || []).map(l =>
+      `<li><svg width="26" height="10" aria-hidden="true"><line x1="1" x2="25" y1="5" y2="5" stroke="${l.color}" stroke-width="${l.width || 2.5}"${l.dash ? ` stroke-dasharray="${l.dash}"` : ""}${l.opacity ? ` stroke-opacity="${l.opacity}"` : ""}/></svg>${esc(l.name)}</li>`).join("");
+    el.classList.add("chart");
+    el.innerHTML = (opt.title ? `<div class="chart-title">${esc(opt.title)}</div>` : "") +
+      `<div class="chart-body"><svg class="plot" width="${f.W}" height="${f.H}" viewBox="0 0 ${f.W} ${f.H}" role="img" aria-label="${esc(opt.title || "chart")}">${body}</svg><div class="tip" hidden></div></div>` +
+      (legend ? `<ul class="legend">${legend}</ul>` : "") + (opt.warn ? `<div class="chart-warn">${esc(opt.warn)}</div>` : "") + (opt.note ? `<div class="chart-note">${esc(opt.note)}</div>` : "");
+    return {svg: el.querySelector("svg.plot"), tip: el.querySelector(".tip")};
+  }
+
+  function placeTip(tip, svg, px, py, html) {
+    tip.innerHTML = html;
+    tip.hidden = false;
+    const w = tip.offsetWidth, sw = svg.clientWidth || svg.width.baseVal.value;
+    tip.style.left = (px + 14 + w > sw ? Math.max(0, px - 14 - w) : px + 14) + "px";
+    tip.style.top = Math.max(0, py - 10) + "px";
+  }
+
+  function nearestByX(pts, x) {
+    let lo = 0, hi = pts.length - 1;
+    while (hi - lo > 1) { const m = (lo + hi) >> 1; if (pts[m][0] < x) lo = m; else hi = m; }
+    return Math.abs(pts[lo][0] - x) <= Math.abs(pts[hi][0] - x) ? pts[lo] : pts[hi];
+  }
+
+  /**
+   * Line chart. opt: {title, x: {label, unit, fmt?}, y: {label, unit, fmt?, zero?},
+   *   series: [{name, points: [[x, y], ...], color?, dash?, area?: bool, width?, opacity?}],
+   *   marks: [{x, label}] (vertical markers), hlines: [{y, label, color?}], note?, warn?, height?}
+   * Every series is drawn with all its points: one path command per point.
+   */
+  function line(el, opt) {
+    const f = frame(el, opt);
+    const series = opt.series.map((s, i) => ({
+      ...s,
+      color: s.color || PALETTE[i % PALETTE.length],
+      dash: s.dash !== undefined ? s.dash : DASHES[i % DASHES.length],
+      points: s.points.filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1])).slice().sort((a, b) => a[0] - b[0]),
+    }));
+    const all = series.flatMap(s => s.points);
+    if (!all.length) {
+      el.classList.add("chart");
+      el.innerHTML = (opt.title ? `<div class="chart-title">${esc(opt.title)}</div>` : "") + `<div class="empty">${esc(opt.empty || "no data yet")}</div>`;
+      return;
+    }
+    const hl = opt.hlines || [], marks = opt.marks || [];
+    const xs = extent(all.map(p => p[0]).concat(marks.map(m => m.x)), false);
+    if (opt.x.zero && xs[0] > 0) xs[0] = 0;
+    const ys = extent(all.map(p => p[1]).concat(hl.map(h => h.y)), !!opt.y.zero || series.some(s => s.area));
+    const a = axes(f, xs, ys, opt);
+    let body = a.svg;
+    body += `<defs><clipPath id="clip-${uid}"><rect x="${f.M.l}" y="${f.M.t}" width="${f.iw}" height="${f.ih}"/></clipPath></defs><g clip-path="url(#clip-${uid})">`;
+    uid += 1;
+    for (const h of hl) {
+      body += `<line class="hline" x1="${f.M.l}" x2="${f.M.l + f.iw}" y1="${a.Y(h.y).toFixed(1)}" y2="${a.Y(h.y).toFixed(1)}" stroke="${h.color || "#555"}"/>`;
+      const ly = a.Y(h.y) - 4 < f.M.t + 10 ? a.Y(h.y) + 13 : a.Y(h.y) - 4;  // below the line at the top
+      body += `<text class="hline-label" x="${f.M.l + f.iw - 4}" y="${ly.toFixed(1)}" text-anchor="end">${esc(h.label)}</text>`;
+    }
+    for (const s of series) {
+      if (!s.points.length) continue;
+      const d = s.points.map((p, i) => (i ? "L" : "M") + a.X(p[0]).toFixed(1) + "," + a.Y(p[1]).toFixed(1)).join("");
+      if (s.area) {
+        const base = a.Y(Math.max(ys[0], 0)).toFixed(1);
+        body += `<path class="area" d="${d}L${a.X(s.points[s.points.length - 1][0]).toFixed(1)},${base}L${a.X(s.points[0][0]).toFixed(1)},${base}Z" fill="${s.color}"/>`;
+      }
+      body += `<path class="series" data-name="${esc(s.name)}" data-n="${s.points.length}" d="${d}" fill="none" stroke="${s.color}" stroke-width="${s.width || 1.8}"${s.dash ? ` stroke-dasharray="${s.dash}"` : ""}${s.opacity ? ` stroke-opacity="${s.opacity}"` : ""}/>`;
+      if (s.points.length === 1) body += `<circle cx="${a.X(s.points[0][0]).toFixed(1)}" cy="${a.Y(s.points[0][1]).toFixed(1)}" r="3" fill="${s.color}"/>`;
+    }
+    body += `</g>`;
+    for (const m of marks) {
+      const x = a.X(m.x).toFixed(1);
+      body += `<line class="mark" data-label="${esc(m.label)}" x1="${x}" x2="${x}" y1="${f.M.t}" y2="${f.M.t + f.ih}"/>`;
+      body += `<text class="mark-label" x="${(+x + 4).toFixed(1)}" y="${f.M.t + 12}">${esc(m.label)}</text>`;
+    }
+    body += `<line class="cross" x1="0" x2="0" y1="${f.M.t}" y2="${f.M.t + f.ih}" visibility="hidden"/><g class="dots"></g>`;
+    body += `<rect class="hover" x="${f.M.l}" y="${f.M.t}" width="${f.iw}" height="${f.ih}" fill="transparent"/>`;
+    const legend = opt.legend !== undefined ? opt.legend : series.map(s => ({name: s.name, color: s.color, dash: s.dash, width: s.width, opacity: s.opacity}));
+    const {svg, tip} = shell(el, {...opt, legend: series.length > 1 || opt.legend ? legend : []}, f, body);
+    const cross = svg.querySelector(".cross"), dots = svg.querySelector(".dots"), hover = svg.querySelector(".hover");
+    const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
+    function move(ev) {
+      const r = svg.getBoundingClientRect();
+      const px = (ev.clientX - r.left) * f.W / r.width, x = xs[0] + (px - f.M.l) / f.iw * (xs[1] - xs[0]);
+      let html = "", dotsSvg = "", first = null;
+      for (const s of series) {
+        if (!s.points.length || s.hoverless) continue;
+        const p = nearestByX(s.points, x);
+        if (first === null) first = p;
+        dotsSvg += `<circle cx="${a.X(p[0]).toFixed(1)}" cy="${a.Y(p[1]).toFixed(1)}" r="3.5" fill="${s.color}"/>`;
+        html += `<div><span class="sw" data-color="${s.color}"></span>${esc(s.name)}: <b>${esc(yf(p[1]))}</b>${opt.y.unit ? " " + esc(opt.y.unit) : ""}` +
+          (series.length > 1 ? ` <small>at ${esc(xf(p[0]))}${opt.x.unit ? " " + esc(opt.x.unit) : ""}</small>` : "") + `</div>`;
+      }
+      if (first === null) return;
+      const cx = a.X(first[0]);
+      cross.setAttribute("x1", cx.toFixed(1)); cross.setAttribute("x2", cx.toFixed(1)); cross.setAttribute("visibility", "visible");
+      dots.innerHTML = dotsSvg;
+      const head = `<div class="tip-x">${esc(opt.x.label)}: ${esc(xf(first[0]))}${opt.x.unit ? " " + esc(opt.x.unit) : ""}</div>`;
+      placeTip(tip, svg, cx * r.width / f.W, (ev.clientY - r.top), head + html);
+      tip.querySelectorAll(".sw").forEach(sw => { sw.style.background = sw.dataset.color; });
+    }
+    hover.addEventListener("mousemove", move);
+    hover.addEventListener("mouseleave", () => { tip.hidden = true; cross.setAttribute("visibility", "hidden"); dots.innerHTML = ""; });
+  }
+
+  /** Points not dominated by another: lower x (energy) and higher y (accuracy) are better. */
+  function paretoFront(points) {
+    const ok = points.filter(p => Number.isFinite(p.x) && Number.isFinite(p.y)).slice().sort((a, b) => a.x - b.x || b.y - a.y);
+    const front = [];
+    let best = -Infinity;
+    for (const p of ok) if (p.y > best) { front.push(p); best = p.y; }
+    return front;
+  }
+
+  /**
+   * Scatter with the Pareto front (min x, max y) drawn as a step line.
+   * opt: {title, x, y, points: [{x, y, label, color?}], note?}
+   */
+  function scatter(el, opt) {
+    const f = frame(el, opt);
+    const pts = opt.points.map((p, i) => ({...p, color: p.color || PALETTE[i % PALETTE.length]}));
+    const ok = pts.filter(p => Number.isFinite(p.x) && Number.isFinite(p.y));
+    if (!ok.length) {
+      el.classList.add("chart");
+      el.innerHTML = (opt.title ? `<div class="chart-title">${esc(opt.title)}</div>` : "") + `<div class="empty">${esc(opt.empty || "no data")}</div>`;
+      return;
+    }
+    const xs = extent(ok.map(p => p.x), !!opt.x.zero), ys = extent(ok.map(p => p.y), !!opt.y.zero);
+    const a = axes(f, xs, ys, opt);
+    const front = paretoFront(ok);
+    const onFront = new Set(front);
+    let body = a.svg;
+    if (front.length) {
+      let d = `M${a.X(front[0].x).toFixed(1)},${a.Y(front[0].y).toFixed(1)}`;
+      for (let i = 1; i < front.length; i++) d += `H${a.X(front[i].x).toFixed(1)}V${a.Y(front[i].y).toFixed(1)}`;
+      d += `H${(f.M.l + f.iw).toFixed(1)}`;
+      body += `<path class="front" d="${d}"/>`;
+    }
+    ok.forEach(p => {
+      const cx = a.X(p.x).toFixed(1), cy = a.Y(p.y).toFixed(1);
+      body += `<circle class="pt${onFront.has(p) ? " on-front" : ""}" data-i="${pts.indexOf(p)}" cx="${cx}" cy="${cy}" r="${onFront.has(p) ? 6.5 : 5}" fill="${p.color}"/>`;
+      const right = +cx > f.M.l + f.iw * 0.7;  // labels near the right edge read leftwards
+      body += `<text class="pt-label" x="${(right ? +cx - 8 : +cx + 8).toFixed(1)}" y="${(+cy - 8).toFixed(1)}" text-anchor="${right ? "end" : "start"}">${esc(p.short || p.label)}</text>`;
+    });
+    const legend = [{name: "Pareto front (less energy, higher accuracy)", color: "#333", dash: "5 3", width: 1.5}];
+    const {svg, tip} = shell(el, {...opt, legend}, f, body);
+    const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
+    svg.addEventListener("mousemove", ev => {
+      const r = svg.getBoundingClientRect();
+      const px = (ev.clientX - r.left) * f.W / r.width, py = (ev.clientY - r.top) * f.H / r.height;
+      let best = null, bd = 400;
+      for (const p of ok) { const d = (a.X(p.x) - px) ** 2 + (a.Y(p.y) - py) ** 2; if (d < bd) { bd = d; best = p; } }
+      if (!best) { tip.hidden = true; return; }
+      placeTip(tip, svg, a.X(best.x) * r.width / f.W, a.Y(best.y) * r.height / f.H,
+        `<div class="tip-x">${esc(best.label)}</div><div>${esc(opt.x.label)}: <b>${esc(xf(best.x))}</b> ${esc(opt.x.unit || "")}</div>` +
+        `<div>${esc(opt.y.label)}: <b>${esc(yf(best.y))}</b> ${esc(opt.y.unit || "")}</div>${onFront.has(best) ? "<div>on the Pareto front</div>" : "<div>dominated</div>"}`);
+    });
+    svg.addEventListener("mouseleave", () => { tip.hidden = true; });
+  }
+
+  let uid = 0;
+  global.H3Charts = {line, scatter, paretoFront, ticks, num, esc, PALETTE, DASHES};
+})(typeof window !== "undefined" ? window : globalThis);

@@ -1,0 +1,151 @@
+"""Many nodes on one PostgreSQL store: two daemons play two nodes of a cluster.
+
+They use the real server at 127.0.0.1:5432 (trust auth), each test in a database of its own
+that is dropped afterwards. Without a server the tests are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from h3client import Client, H3Profiler
+from h3d.storage import migrate
+from h3d.storage.engine import make_engine
+from tests.conftest import Daemon
+
+ADMIN_URL = os.environ.get("H3_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server, dropped after the test."""
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        conn = admin.connect()
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL server answers at {ADMIN_URL}: {exc.orig}")
+    name = f"h3test_{uuid.uuid4().hex[:12]}"
+    conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.close()
+        admin.dispose()
+
+
+@pytest.fixture
+def nodes(daemon_factory: Callable[..., Daemon]) -> Callable[..., Daemon]:
+    """Start a daemon playing node ``name`` on the store at ``url`` (own data dir and port)."""
+
+    def start(name: str, url: str, **env: str) -> Daemon:
+        return daemon_factory(name, H3D_DB_URL=url, H3D_NODE=name, **env)
+
+    return start
+
+
+def test_one_run_spans_two_nodes_and_either_daemon_reports_it(
+    nodes: Callable[..., Daemon], pg_url: str
+) -> None:
+    a = nodes("node-a", pg_url)
+    b = nodes("node-b", pg_url)
+    run_id = uuid.uuid4().hex
+    profs = [
+        H3Profiler("two-nodes", url=d.url, data_dir=d.data_dir, run_id=run_id, rank=r, world_size=2)
+        for r, d in enumerate((a, b))
+    ]
+    for k in range(25):
+        for r, p in enumerate(profs):
+            p.log_batch(2.0 - 0.05 * k + 0.01 * r, epoch=k // 10)
+        time.sleep(0.02)
+    first = profs[0].stop()
+    with Client(a.url, data_dir=a.data_dir) as c:
+        assert c.get_run(run_id)["status"] == "running"  # rank 1 is not done yet
+    profs[1].stop()
+    assert first["batches_posted"] == 25
+    time.sleep(0.5)  # both samplers have written their samples past the window's end
+
+    reports = []
+    for d in (a, b):
+        with Client(d.url, data_dir=d.data_dir) as c:
+            run = c.get_run(run_id)
+            assert run["status"] == "finished" and run["n_batches"] == 50
+            assert run["world_size"] == 2 and run["node"] in ("node-a", "node-b")
+            assert run_id in {r["id"] for r in c.list_runs()["data"]}
+            reports.append(c.report(run_id))
+        with d.client() as api:  # a daemon lists its own node's devices
+            assert {dev["node"] for dev in api.get("/v1/devices").json()["devices"]} == {
+                d.env["H3D_NODE"]
+            }
+    for rep in reports:
+        e = rep["energy"]
+        assert [n["node"] for n in e["by_node"]] == ["node-a", "node-b"]
+        assert all(n["energy_j"] > 0 for n in e["by_node"])
+        assert [(r["rank"], r["node"]) for r in e["by_rank"]] == [(0, "node-a"), (1, "node-b")]
+        assert e["energy_j"] == pytest.approx(sum(n["energy_j"] for n in e["by_node"]))
+        # each node's 50 W device counted once, over the run's window
+        assert 0 < e["device_energy_j"] <= 2 * 50.0 * rep["duration_s"] * 1.01
+        assert rep["n_steps"] == 25
+    assert reports[0]["energy"]["energy_j"] == pytest.approx(reports[1]["energy"]["energy_j"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", run_id], env=b.env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "2 ranks, 25 global steps" in shown.stdout
+    for line in ("node node-a", "node node-b", "rank 0    node-a", "rank 1    node-b"):
+        assert line in shown.stdout, shown.stdout
+
+
+def test_daemons_starting_at_once_migrate_once(nodes: Callable[..., Daemon], pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    daemons: list[Daemon] = []
+    errors: list[BaseException] = []
+
+    def start(name: str) -> None:
+        try:
+            daemons.append(nodes(name, pg_url, H3D_LOG_LEVEL="INFO"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in ("node-a", "node-b")]
+    # Both daemons find an empty store and queue on the migration lock, held here so that
+    # they surely meet there; once it is released one migrates and the other finds head.
+    with migrate.migration_lock(engine):
+        for t in threads:
+            t.start()
+        waiting = 0
+        deadline = time.monotonic() + 120
+        while waiting < 2 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+            with engine.connect() as conn:
+                waiting = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        " AND database = (SELECT oid FROM pg_database"
+                        " WHERE datname = current_database())"
+                    )
+                ).scalar_one()
+        assert waiting == 2 and not daemons and not errors  # both wait at the lock
+    for t in threads:
+        t.join(150)
+    assert not errors, errors
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    logs = [d.log.read_text() for d in daemons]
+    assert sum(log.count("database upgraded from empty") for log in logs) == 1
+    assert sum(log.count("Running upgrade  -> 0001") for log in logs) == 1
+    assert sum(log.count("another h3d migrated it") for log in logs) == 1
+    for d in daemons:
+        assert httpx.get(f"{d.url}/healthz").status_code == 200
+    engine.dispose()

@@ -1,0 +1,510 @@
+"""The dashboard end to end: Debian's Chromium, driven by Playwright, against a real daemon
+holding real profiled training runs (an MLP on scikit-learn's digits through H3Profiler).
+
+The page is served here under a strict Content-Security-Policy (script/style 'self' only), so
+an inline script or style would show up as a console error, and every test ends by checking
+that the console stayed clean and that the page asked nothing of any other host.
+Screenshots go to build/screenshots/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from h3client import H3Profiler
+from h3client._report import diminishing_returns
+from tests.conftest import REPO, Daemon, daemon_env
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = REPO / "build" / "screenshots"
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# (name, tags, hidden units, epochs): energies differ through the epoch counts, and the order
+# by energy is not the order of creation.
+RUNS = [
+    ("mlp-16-e3", ["sweep", "narrow"], 16, 3),
+    ("mlp-64-e6", ["sweep", "wide"], 64, 6),
+    ("mlp-16-e2", ["sweep", "narrow"], 16, 2),
+    ("mlp-64-e4", ["sweep", "wide"], 64, 4),
+]
+
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (make test installs it with apt-get when run as root)",
+)
+
+
+# --- real training -----------------------------------------------------------------------
+
+
+@dataclass
+class Digits:
+    x_train: Any
+    y_train: Any
+    x_test: Any
+    y_test: Any
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    xt = torch.tensor(x / 16.0, dtype=torch.float32)
+    yt = torch.tensor(y, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(yt), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    return Digits(xt[tr], yt[tr], xt[te], yt[te])
+
+
+@dataclass
+class Trainer:
+    """A small MLP trained with SGD; every batch and epoch goes to the profiler."""
+
+    data: Digits
+    hidden: int
+    seed: int = 0
+    epoch: int = 0
+    model: Any = field(init=False)
+    opt: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        torch.manual_seed(self.seed)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(64, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, 10)
+        )
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+
+    def epochs(self, prof: H3Profiler, n: int, batch: int = 100) -> None:
+        import torch
+
+        loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+        for _ in range(n):
+            order = torch.randperm(len(self.data.y_train))
+            for i in range(0, len(order), batch):
+                idx = order[i : i + batch]
+                losses = loss_fn(self.model(self.data.x_train[idx]), self.data.y_train[idx])
+                loss = losses.mean()
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                prof.log_batch(loss.detach(), losses=losses.detach(), indices=idx, epoch=self.epoch)
+            with torch.no_grad():
+                acc = (self.model(self.data.x_test).argmax(1) == self.data.y_test).float().mean()
+            prof.log_epoch(self.epoch, accuracy=float(acc))
+            self.epoch += 1
+
+
+def _daemon(root: Path) -> Daemon:
+    return Daemon(
+        root,
+        daemon_env(
+            root,
+            H3D_POWER_BACKENDS="constant:50",
+            H3D_SAMPLE_INTERVAL_S="0.05",
+            H3D_FLUSH_INTERVAL_S="0.2",
+            H3D_LOG_LEVEL="WARNING",
+        ),
+    ).start()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> Iterator[Daemon]:
+    """A daemon holding four finished, profiled training runs."""
+    d = _daemon(tmp_path_factory.mktemp("dash"))
+    try:
+        for i, (name, tags, hidden, n) in enumerate(RUNS):
+            trainer = Trainer(digits, hidden, seed=i)
+            p = H3Profiler(
+                name,
+                url=d.url,
+                data_dir=d.data_dir,
+                tags=tags,
+                config={"hidden": hidden, "lr": 0.1, "epochs": n},
+                n_train=len(digits.y_train),
+            )
+            trainer.epochs(p, n)
+            p.stop()
+        yield d
+    finally:
+        d.stop()
+
+
+def _runs(d: Daemon, **params: Any) -> list[dict[str, Any]]:
+    with d.client() as c:
+        return list(c.get("/v1/runs", params={"limit": 1000, **params}).json()["data"])
+
+
+def _get(d: Daemon, path: str) -> Any:
+    with d.client() as c:
+        r = c.get(path)
+        r.raise_for_status()
+        return r.json()
+
+
+# --- the browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make test installs it with apt-get as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+@dataclass
+class Tab:
+    page: Any
+    errors: list[str]
+    requests: list[str]
+    base: str
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    def points(self, selector: str) -> list[int]:
+        """Points drawn by each series path under ``selector`` (one M/L command a point)."""
+        ds: list[str] = self.page.eval_on_selector_all(
+            f"{selector} path.series", "ps => ps.map(p => p.getAttribute('d'))"
+        )
+        return [len(re.findall(r"[ML]", d)) for d in ds]
+
+    def names(self) -> list[str]:
+        return list(
+            self.page.eval_on_selector_all(
+                "table.runs-table tbody td[data-col=name]",
+                "tds => tds.map(t => t.textContent.trim())",
+            )
+        )
+
+
+@contextlib.contextmanager
+def opened(browser: Any, base: str, *, csp: bool = True) -> Iterator[Tab]:
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = ctx.new_page()
+    errors: list[str] = []
+    requests: list[str] = []
+    page.on(
+        "console",
+        lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None,
+    )
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("request", lambda r: requests.append(r.url))
+    if csp:
+
+        def with_csp(route: Any) -> None:
+            resp = route.fetch()
+            route.fulfill(response=resp, headers={**resp.headers, "content-security-policy": CSP})
+
+        page.route(re.compile(r".*/(\?.*)?$"), with_csp)
+    tab = Tab(page, errors, requests, base)
+    try:
+        yield tab
+        assert errors == [], f"the page logged errors: {errors}"
+        foreign = [u for u in requests if not (u.startswith(base) or u.startswith("file:"))]
+        assert foreign == [], f"the page fetched from other hosts: {foreign}"
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def tab(browser: Any, trained: Daemon) -> Iterator[Tab]:
+    with opened(browser, trained.url) as t:
+        yield t
+
+
+def until(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll ``cond`` (page.wait_for_function would need 'unsafe-eval' under our CSP)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def _goto(t: Tab, d: Daemon, route: str = "") -> None:
+    t.page.goto(f"{d.url}/#token={d.token}" + (f"&{route}" if route else ""))
+
+
+# --- the tests -----------------------------------------------------------------------------
+
+
+@needs_browser
+def test_runs_list_sorts_by_energy_and_filters_by_tag(tab: Tab, trained: Daemon) -> None:
+    page = tab.page
+    _goto(tab, trained)
+    page.wait_for_selector("table.runs-table tbody tr")
+    assert "token" not in page.url  # the token left the address bar for sessionStorage
+    newest_first = [r["name"] for r in _runs(trained)]
+    assert tab.names() == newest_first
+    # the test daemon's constant backend is a model: every badge must say so
+    assert page.locator("td[data-col=energy] .badge.estimated").count() == len(RUNS)
+
+    cmp = _get(trained, "/v1/compare?runs=" + ",".join(r["id"] for r in _runs(trained)))["runs"]
+    by_energy = [r["name"] for r in sorted(cmp, key=lambda r: r["energy_j"], reverse=True)]
+    assert by_energy != newest_first  # the fixture's runs make the sort visible
+    page.click("a[data-sort=energy]")
+    until(lambda: "sort=energy" in page.url)
+    page.wait_for_selector("a.sort.active.desc[data-sort=energy]")
+    assert tab.names() == by_energy
+    shown = page.eval_on_selector_all(
+        "td[data-col=energy]", "tds => tds.map(t => parseFloat(t.dataset.value))"
+    )
+    assert shown == sorted(shown, reverse=True)
+    tab.shot("runs-by-energy")
+    page.click("a[data-sort=energy]")  # again: ascending
+    page.wait_for_selector("a.sort.active.asc[data-sort=energy]")
+    assert tab.names() == by_energy[::-1]
+
+    page.fill("input[name=tag]", "wide")
+    page.click("#filters button:has-text('Filter')")
+    until(lambda: "tag=wide" in page.url and len(tab.names()) == 2)
+    wide = {r["name"] for r in _runs(trained, tag="wide")}
+    assert set(tab.names()) == wide == {"mlp-64-e6", "mlp-64-e4"}
+    assert "sort=energy" in page.url  # the sort is kept with the filter in the shared URL
+    # the URL names the view: opening it fresh shows the same rows
+    page.reload()
+    page.wait_for_selector("table.runs-table tbody tr")
+    until(lambda: len(tab.names()) == 2)
+    assert tab.names() == [n for n in by_energy[::-1] if n in wide]
+
+
+@needs_browser
+def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
+    page = tab.page
+    run = next(r for r in _runs(trained) if r["name"] == "mlp-64-e6")
+    base = f"/v1/runs/{run['id']}"
+    _goto(tab, trained, f"run={run['id']}")  # the demo's link form still works
+    page.wait_for_selector("#chart-loss-time path.series", state="attached")
+    page.wait_for_selector("#chart-power-0 path.series", state="attached")
+    assert page.url.endswith(f"#/run/{run['id']}")
+    loss = _get(trained, f"{base}/series?metric=loss&points=1000")["points"]
+    assert len(loss) == run["n_batches"] == 6 * 14  # under 1000: the page draws them all
+    # the batch losses and their rolling mean: every stored point in each
+    assert tab.points("#chart-loss-time") == [len(loss), len(loss)]
+    assert tab.points("#chart-loss-energy") == [len(loss), len(loss)]
+    report = _get(trained, f"{base}/report")
+    (dev,) = report["energy"]["by_device"]
+    power = _get(trained, f"{base}/series?metric=power&device={dev['device']}&points=600")
+    assert tab.points("#chart-power-0")[0] == len(power["points"]) >= 3
+    epochs = report["epochs"]
+    assert tab.points("#chart-eta") == [len(epochs), len(epochs)]
+    assert page.locator("table.epochs tbody tr").count() == len(epochs) == 6
+    # the suggested stopping point is h3client's rule, ported: both pick the same epoch
+    dr = diminishing_returns(epochs)
+    marked = page.locator("table.epochs tr.stop td:first-child").all_inner_texts()
+    assert [m.split()[0] for m in marked] == ([str(dr["epoch"])] if dr else [])
+    assert page.locator("#chart-eta line.mark").count() == (1 if dr else 0)
+    # axes carry ticks and units; the provenance panel names the source
+    assert page.locator("#chart-loss-energy text.tick").count() >= 6
+    assert "energy used by the run (J)" in page.inner_text("#chart-loss-energy")
+    assert "constant" in page.inner_text("#provenance")
+    assert '"hidden": 64' in page.inner_text("#config")
+    assert page.inner_text("#tags").split() == ["sweep", "wide"]
+    # hover reads the value under the pointer
+    box = page.locator("#chart-loss-time rect.hover").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    page.wait_for_selector("#chart-loss-time .tip:not([hidden])")
+    assert "nats" in page.inner_text("#chart-loss-time .tip")
+    live = page.locator("#live")
+    assert live.get_attribute("data-state") == "stopped"
+    tab.shot("run")
+
+
+@needs_browser
+def test_compare_three_runs(tab: Tab, trained: Daemon) -> None:
+    page = tab.page
+    _goto(tab, trained)
+    page.wait_for_selector("table.runs-table tbody tr")
+    picked = [r for r in _runs(trained) if r["name"] != "mlp-16-e2"]
+    for r in picked:
+        page.check(f"input[type=checkbox][data-id='{r['id']}']")
+    page.click("#compare")
+    page.wait_for_selector("#cmp-scatter circle.pt")
+    page.wait_for_selector("#cmp-loss-time path.series", state="attached")
+    assert page.url.endswith("#/compare/" + ",".join(r["id"] for r in picked))
+    losses = [
+        len(_get(trained, f"/v1/runs/{r['id']}/series?metric=loss&points=600")["points"])
+        for r in picked
+    ]
+    assert tab.points("#cmp-loss-energy") == losses
+    assert tab.points("#cmp-loss-time") == losses
+    assert page.locator("#cmp-scatter circle.pt").count() == 3
+    assert page.locator("#cmp-scatter path.front").count() == 1
+    assert page.locator("#cmp-scatter circle.on-front").count() >= 1
+    assert page.locator("table.cmp thead th a").count() == 3
+    assert "%" in page.inner_text("table.cmp")  # differences against the baseline
+    assert page.locator("#cmp-loss-energy .legend li").count() == 3
+    tab.shot("compare")
+
+
+@needs_browser
+def test_running_run_updates_without_reload(browser: Any, tmp_path: Path, digits: Digits) -> None:
+    d = _daemon(tmp_path / "live")
+    p = H3Profiler("live-run", url=d.url, data_dir=d.data_dir, tags=["live"])
+    try:
+        trainer = Trainer(digits, 16)
+        trainer.epochs(p, 1)
+        assert p.flush()
+        rid = p.run_id
+        with opened(browser, d.url) as t:
+            page = t.page
+            _goto(t, d, f"run={rid}")
+            page.wait_for_selector("#live[data-state=live]")
+            page.wait_for_selector("#chart-loss-time path.series", state="attached")
+            page.evaluate("window.__same_document = true")
+            before = t.points("#chart-loss-time")[0]
+            trainer.epochs(p, 2)
+            assert p.flush()
+            until(lambda: t.points("#chart-loss-time")[0] > before)
+            assert page.evaluate("window.__same_document === true")  # no reload
+            until(lambda: page.locator("table.epochs tbody tr").count() == 3)
+            p.stop()
+            page.wait_for_selector("#live[data-state=stopped]", timeout=20_000)
+            asked = len(t.requests)
+            time.sleep(2.5)  # more than a polling period: nothing more is fetched
+            assert len(t.requests) == asked
+            assert page.evaluate("window.__same_document === true")
+    finally:
+        p.stop()  # idempotent
+        d.stop()
+
+
+@needs_browser
+def test_runs_list_pages(browser: Any, tmp_path: Path) -> None:
+    d = _daemon(tmp_path / "many")
+    try:
+        with d.client() as c:
+            for i in range(75):
+                r = c.post("/v1/runs", json={"name": f"run-{i:03d}", "created_at": 1.7e9 + i})
+                assert r.status_code == 201
+        with opened(browser, d.url) as t:
+            page = t.page
+            _goto(t, d)
+            page.wait_for_selector("table.runs-table tbody tr")
+            assert t.names() == [f"run-{i:03d}" for i in range(74, 24, -1)]
+            assert "page 1 of 2" in page.inner_text("#pager")
+            page.click("#pager a.next")
+            until(lambda: "page=2" in page.url)
+            page.wait_for_selector("td[data-col=name] >> text=run-020")
+            assert t.names() == [f"run-{i:03d}" for i in range(24, -1, -1)]
+            page.click("a[data-sort=name]")  # a new sort starts at page 1
+            page.wait_for_selector("a.sort.active.asc[data-sort=name]")
+            assert t.names() == [f"run-{i:03d}" for i in range(50)]
+    finally:
+        d.stop()
+
+
+def _write_html(d: Daemon, ref: str, out: Path) -> None:
+    env = daemon_env(d.data_dir)
+    r = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", ref, "--html", str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+
+
+def test_show_html_is_self_contained(trained: Daemon, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    _write_html(trained, "mlp-64-e4", out)
+    html = out.read_text()
+    assert re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", html, re.I) is None
+    assert re.search(r"<(script|link|img|iframe)[^>]+(src|href)=", html, re.I) is None
+    assert "H3Charts" in html and "loadRunBundle" in html  # the dashboard's own JS, inlined
+    assert '<script type="application/json" id="h3d-data">' in html
+    assert len(html.encode()) < 300_000
+
+
+@needs_browser
+def test_show_html_draws_the_run_offline(browser: Any, trained: Daemon, tmp_path: Path) -> None:
+    run = next(r for r in _runs(trained) if r["name"] == "mlp-64-e4")
+    out = tmp_path / "report.html"
+    _write_html(trained, run["id"][:8], out)
+    loss = _get(trained, f"/v1/runs/{run['id']}/series?metric=loss&points=1000")["points"]
+    power = _get(trained, f"/v1/runs/{run['id']}/series?metric=power&points=600")["points"]
+    with opened(browser, "file://", csp=False) as t:
+        t.page.goto(out.as_uri())
+        t.page.wait_for_selector("#chart-loss-energy path.series", state="attached")
+        assert t.points("#chart-loss-time")[0] == len(loss)
+        assert t.points("#chart-loss-energy")[0] == len(loss)
+        assert t.points("#chart-eta") == [4, 4]  # η and marginal η, one point an epoch
+        assert t.points("#power-charts")[0] == len(power) >= 3
+        assert "mlp-64-e4" in t.page.inner_text("#run-head")
+        assert all(u.startswith("file:") for u in t.requests)
+        t.shot("report")
+
+
+def test_page_and_assets_fit_the_budget(trained: Daemon) -> None:
+    sizes = {}
+    with httpx.Client(base_url=trained.url) as c:
+        page = c.get("/")
+        assert page.status_code == 200
+        sizes["/"] = len(page.content)
+        assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
+        assert sorted(assets) == ["/static/app.css", "/static/app.js", "/static/charts.js"]
+        for a in assets:
+            r = c.get(a)
+            assert r.status_code == 200 and r.headers["content-type"].startswith(
+                "text/css" if a.endswith(".css") else "text/javascript"
+            )
+            sizes[a] = len(r.content)
+        assert (
+            "<script>" not in page.text and "<style" not in page.text and " style=" not in page.text
+        )
+        assert c.get("/static/nope.js").status_code == 404
+        assert c.get("/static/index.html").status_code == 404
+        assert c.get("/static/..%2Fapp.py").status_code == 404
+    assert sum(sizes.values()) <= 300_000, sizes
+
+
+def test_power_series_of_one_device(trained: Daemon) -> None:
+    run = _runs(trained)[0]
+    base = f"/v1/runs/{run['id']}/series"
+    with trained.client() as c:
+        total = c.get(base, params={"metric": "power"}).json()["points"]
+        one = c.get(base, params={"metric": "power", "device": "constant:0"}).json()["points"]
+        assert one == total  # the test daemon has one device
+        r = c.get(base, params={"metric": "power", "device": "gpu:9"})
+        assert r.status_code == 422 and "gpu:9" in r.json()["error"]["message"]
+        r = c.get(base, params={"metric": "loss", "device": "constant:0"})
+        assert r.status_code == 422 and "metric=power" in r.json()["error"]["message"]
+        cmp = c.get("/v1/compare", params={"runs": run["id"]}).json()["runs"][0]
+        assert cmp["measured"] is False and cmp["source"] == "estimated"

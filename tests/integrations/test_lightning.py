@@ -1,0 +1,144 @@
+"""The Lightning callback trains a real model with ``lightning`` from PyPI into a real daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from h3client import Client
+from h3d.storage import repository as repo
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from tests.conftest import REPO, Daemon
+
+# lightning 2.6 still uses a torch pytree class that torch 2.13 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
+L = pytest.importorskip("lightning.pytorch", reason="lightning is in the dev extra")
+
+from h3client.integrations.lightning import H3Callback  # noqa: E402
+
+
+def digits(n_train: int = 600) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    idx = torch.arange(len(y))
+    return (
+        TensorDataset(x[:n_train], y[:n_train], idx[:n_train]),
+        TensorDataset(x[n_train : n_train + 300], y[n_train : n_train + 300], idx[:300]),
+    )
+
+
+class Digits(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.seen: list[tuple[int, float, list[float], list[int]]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y, idx = batch
+        losses = nn.functional.cross_entropy(self.net(x), y, reduction="none")
+        loss = losses.mean()
+        self.seen.append((self.current_epoch, loss.item(), losses.tolist(), idx.tolist()))
+        return {"loss": loss, "losses": losses.detach(), "indices": idx}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, _idx = batch
+        logits = self.net(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def quiet_trainer(cb: H3Callback, max_epochs: int = 3) -> Any:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+
+
+def test_lightning_fit_is_stored_batch_for_batch(daemon: Daemon) -> None:
+    torch.manual_seed(0)
+    train, val = digits()
+    model = Digits()
+    cb = H3Callback(name="lit-digits", url=daemon.url, data_dir=daemon.data_dir, n_train=600)
+    trainer = quiet_trainer(cb)
+    trainer.fit(
+        model, DataLoader(train, batch_size=50, shuffle=True), DataLoader(val, batch_size=300)
+    )
+    res = cb.results
+    assert res is not None and res["batches_logged"] == res["batches_posted"] == 36
+    assert res["total_energy_j"] > 0 and res["batches_lost"] == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(cb.profiler.run_id)  # type: ignore[union-attr]
+        assert run["status"] == "finished" and run["n_batches"] == 36 and run["n_epochs"] == 3
+        stored = c.series(run["id"], "loss", points=10_000)
+        assert [round(v, 5) for _t, v in stored] == [round(s[1], 5) for s in model.seen]
+        rep = c.report(run["id"])
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1, 2]
+    # per-sample losses and their indices went with the batches (read from the store)
+    engine = make_engine(f"sqlite:///{daemon.data_dir / 'h3d.db'}")
+    with session_scope(make_sessionmaker(engine)) as s:
+        for seq in (0, 35):
+            losses, indices = repo.sample_losses(s, run_id=run["id"], seq=seq)
+            assert losses == pytest.approx(model.seen[seq][2], rel=1e-6)
+            assert indices == model.seen[seq][3]
+    engine.dispose()
+    # validation metrics once per epoch, the accuracy where a user looks for it
+    assert all(e["val_loss"] is not None and 0 <= e["accuracy"] <= 1 for e in rep["epochs"])
+    assert rep["epochs"][-1]["val_loss"] < rep["epochs"][0]["val_loss"]
+
+
+class Exploding(Digits):
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        if self.current_epoch == 1 and batch_idx == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_in_fit_marks_the_run_failed(daemon: Daemon) -> None:
+    train, val = digits(200)
+    cb = H3Callback(name="lit-fails", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = quiet_trainer(cb)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Exploding(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=300))
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(cb.results["run_id"])
+    assert run["status"] == "failed" and run["n_batches"] == 6 and run["n_epochs"] == 1
+
+
+def test_import_h3client_imports_no_framework() -> None:
+    code = (
+        "import sys, h3client, h3client.integrations\n"
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'torch') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_base_class_follows_the_package_the_program_imported() -> None:
+    code = (
+        "import pytorch_lightning as pl, sys\n"
+        "from h3client.integrations.lightning import H3Callback\n"
+        "assert issubclass(H3Callback, pl.Callback)\n"
+        "assert 'lightning' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
