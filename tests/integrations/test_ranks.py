@@ -86,10 +86,13 @@ def test_torchrun_ranks_make_one_run(
     assert rep["n_steps"] == steps and rep["world_size"] == n
 
     # each device once: the run's energy is within the machine's, split over the ranks
+    # (The ranks train for well under a second: on a loaded machine their measured CPU share,
+    # sampled once a second, can round to 0 J, so only the bound and the split are asserted.)
     e = rep["energy"]
-    assert 0 < e["energy_j"] <= e["device_energy_j"] * (1 + 1e-9)
+    assert 0 <= e["energy_j"] <= e["device_energy_j"] * (1 + 1e-9)
+    assert e["device_energy_j"] > 0
     assert [b["rank"] for b in e["by_rank"]] == list(range(n))
-    assert all(b["energy_j"] > 0 and b["n_batches"] == steps for b in e["by_rank"])
+    assert all(b["energy_j"] >= 0 and b["n_batches"] == steps for b in e["by_rank"])
     assert sum(b["energy_j"] for b in e["by_rank"]) == pytest.approx(e["energy_j"], rel=1e-6)
     assert [nd["ranks"] for nd in e["by_node"]] == [list(range(n))]
     assert e["by_node"][0]["energy_j"] == pytest.approx(e["energy_j"], rel=1e-6)
