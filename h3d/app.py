@@ -14,31 +14,33 @@ from typing import Any, TypedDict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from h3d import __version__
 from h3d.api import api_router
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
+from h3d.datadir import make_private
 from h3d.errors import H3DError
 from h3d.metrics import render as render_metrics
 from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
+from h3d.reaper import Reaper
 from h3d.security import ensure_token
 from h3d.storage import migrate
 from h3d.storage import repository as repo
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage.engine import Store
 
 logger = logging.getLogger(__name__)
 
 
 class State(TypedDict):
     settings: Settings
-    session_factory: sessionmaker[Session]
+    store: Store
     sampler: PowerSampler | None
+    reaper: Reaper
 
 
 def _write_daemon_file(settings: Settings) -> None:
@@ -62,17 +64,16 @@ def _remove_daemon_file(settings: Settings) -> None:
 
 
 def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = None) -> FastAPI:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(settings.database_url)
+        store = Store(settings.database_url)
         if settings.auto_migrate:
-            migrate.upgrade(engine)
+            migrate.upgrade(store.engine)
         else:
-            migrate.verify_schema(engine)
-        factory = make_sessionmaker(engine)
+            migrate.verify_schema(store.engine)
         devs = (
             list(backends)
             if backends is not None
@@ -80,24 +81,34 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         )
         sampler = PowerSampler(
             devs,
-            factory,
+            store,
             interval_s=settings.sample_interval_s,
             flush_interval_s=settings.flush_interval_s,
             full_resolution_s=settings.power_full_resolution_s,
             downsample_s=settings.power_downsample_s,
         )
-        with session_scope(factory) as s:  # runs still running when the daemon stopped
-            for run in repo.list_runs(s, status="running", limit=10_000)[0]:
+        store.overlay = sampler.unstored
+        with store.read() as s:  # runs still running when the daemon stopped
+            for run in repo.running_runs(s):
                 sampler.run_started(run.id, run.pid if is_local(run.host) else None)
         sampler.start()
+        reaper = Reaper(
+            store,
+            sampler,
+            grace_s=settings.run_exit_grace_s,
+            timeout_s=settings.run_timeout_s,
+            every_s=settings.run_reap_every_s,
+        )
+        reaper.start()
         _write_daemon_file(settings)
         logger.info("h3d %s ready (%d power devices)", __version__, len(devs))
         try:
-            yield {"settings": settings, "session_factory": factory, "sampler": sampler}
+            yield {"settings": settings, "store": store, "sampler": sampler, "reaper": reaper}
         finally:
             _remove_daemon_file(settings)
+            reaper.stop()
             sampler.stop()
-            engine.dispose()
+            store.close()
 
     app = FastAPI(
         title="h3d",
@@ -105,7 +116,12 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         summary="H3 daemon: energy and bits-per-joule of training runs.",
         lifespan=lifespan,
     )
-    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware,
+        token=token,
+        max_body_bytes=settings.max_body_bytes,
+        allowed_hosts=settings.host_names,
+    )
     app.include_router(api_router, prefix="/v1")
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
@@ -122,9 +138,7 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
     @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
     def metrics(request: Request) -> PlainTextResponse:
         st = request.state
-        if st.sampler is not None:
-            st.sampler.flush()
-        with session_scope(st.session_factory) as s:
+        with st.store.read() as s:
             body = render_metrics(s, st.sampler, interval_s=settings.sample_interval_s)
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

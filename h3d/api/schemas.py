@@ -4,11 +4,60 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+import json
+import math
+import time
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 INT_MAX = 2**62  # SQLite integers are 64-bit: bound every int before it reaches the store
+CONFIG_MAX_DEPTH = 32
+CONFIG_MAX_BYTES = 64 * 1024
+# Unix seconds a run may claim: not before 1970, not more than a day ahead of the daemon.
+FUTURE_SLACK_S = 86400.0
+
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+StrictId = Annotated[int, Field(strict=True, ge=0, le=INT_MAX)]
+
+
+def check_config(v: dict[str, Any]) -> dict[str, Any]:
+    """A run's config: JSON of bounded depth and size, finite numbers only.
+
+    It is returned in every list page, so a 30 MB config would be served again and again;
+    NaN/inf have no JSON form and would come back as null.
+    """
+    stack: list[tuple[Any, int]] = [(v, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > CONFIG_MAX_DEPTH:
+            raise ValueError(f"config is nested deeper than {CONFIG_MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((x, depth + 1) for x in node.values())
+        elif isinstance(node, list):
+            stack.extend((x, depth + 1) for x in node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ValueError("config holds a NaN or infinite number (JSON has none)")
+    size = len(json.dumps(v, separators=(",", ":")))
+    if size > CONFIG_MAX_BYTES:
+        raise ValueError(f"config is {size} bytes of JSON; the limit is {CONFIG_MAX_BYTES}")
+    return v
+
+
+def check_timestamp(v: float | None) -> float | None:
+    if v is not None and not 0.0 <= v <= time.time() + FUTURE_SLACK_S:
+        raise ValueError(
+            "must be Unix seconds between 1970 and a day from now "
+            f"(got {v!r}); a run with such a window would claim energy it never used"
+        )
+    return v
 
 
 class RunCreate(BaseModel):
@@ -24,13 +73,20 @@ class RunCreate(BaseModel):
         None, allow_inf_nan=False, description="Unix seconds; default: when the daemon receives it."
     )
     name: str | None = Field(None, max_length=200)
-    config: dict[str, Any] = Field(default_factory=dict)
-    tags: list[str] = Field(default_factory=list, max_length=100)
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"JSON, at most {CONFIG_MAX_DEPTH} levels deep and {CONFIG_MAX_BYTES} "
+        "bytes; numbers must be finite.",
+    )
+    tags: list[Tag] = Field(default_factory=list, max_length=100)
     pid: int | None = Field(None, ge=0, le=INT_MAX)
     host: str | None = Field(None, max_length=255)
     n_train: int | None = Field(
         None, ge=1, le=INT_MAX, description="Training-set size, for ΔI_total."
     )
+
+    _config = field_validator("config")(check_config)
+    _created = field_validator("created_at")(check_timestamp)
 
 
 class RunUpdate(BaseModel):
@@ -41,7 +97,9 @@ class RunUpdate(BaseModel):
         None, allow_inf_nan=False, description="With status: when it ended (default: now)."
     )
     name: str | None = Field(None, min_length=1, max_length=200)
-    tags: list[str] | None = Field(None, max_length=100)
+    tags: list[Tag] | None = Field(None, max_length=100)
+
+    _finished = field_validator("finished_at")(check_timestamp)
 
 
 class RunPublic(BaseModel):
@@ -81,16 +139,23 @@ def _unpack(text: str, width: int, name: str) -> bytes:
 
 
 class BatchIn(BaseModel):
-    seq: int = Field(ge=0, le=INT_MAX, description="Per-run sequence number: the idempotency key.")
+    model_config = ConfigDict(extra="forbid")
+
+    seq: int = Field(
+        strict=True,
+        ge=0,
+        le=INT_MAX,
+        description="Per-run sequence number: the idempotency key (a JSON integer).",
+    )
     t: float = Field(
         allow_inf_nan=False, description="Unix seconds (wall clock) when the batch ended."
     )
     loss: float | None = Field(
         description="Mean loss in nats. null only with nonfinite_as_null (a NaN/inf loss)."
     )
-    n: int | None = Field(None, ge=0, le=INT_MAX)
-    epoch: int | None = Field(None, ge=0, le=INT_MAX)
-    step: int | None = Field(None, ge=0, le=INT_MAX)
+    n: StrictId | None = None
+    epoch: StrictId | None = None
+    step: StrictId | None = None
     phase: str | None = Field(None, max_length=32)
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
     indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
@@ -157,7 +222,9 @@ class BatchesIn(BaseModel):
 
 
 class EpochIn(BaseModel):
-    epoch: int = Field(ge=0, le=INT_MAX)
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(strict=True, ge=0, le=INT_MAX)
     t: float = Field(allow_inf_nan=False)
     phase: str | None = Field(None, max_length=32)
     accuracy: float | None = None
