@@ -2,8 +2,9 @@
 #
 # Environment: an active virtualenv/conda env is used as it is (your own torch is kept);
 # otherwise ./.venv is created (it sees the base interpreter's packages, so a torch
-# installed there is kept too). Only where no torch imports is torch==2.13.0 installed:
-# an unpinned `torch` would pull a multi-GB CUDA build.
+# installed there is kept too). Only where no torch imports is torch==2.13.0 installed.
+# The pin picks a version, not the hardware: from PyPI on Linux x86_64 it is the CUDA
+# build (several GB); install the torch you want first and it is kept.
 SHELL := /bin/bash
 PYTHON_BASE ?= python3
 ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX))
@@ -23,7 +24,8 @@ $(STAMP): pyproject.toml
 	  echo "creating .venv"; $(PYTHON_BASE) -m venv --system-site-packages .venv; fi
 	@mkdir -p .venv
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-	  echo "no torch found: installing torch==2.13.0 (CPU build)"; \
+	  echo "no torch importable: installing torch==2.13.0 from your package index"; \
+	  echo "(on a stock Linux x86_64 machine that is the CUDA build, several GB; to choose, install torch first)"; \
 	  $(PY) -m pip install -q "torch==2.13.0"; fi
 	$(PY) -m pip install -q -e ".[optim,dev]"
 	@touch $(STAMP)

@@ -34,6 +34,7 @@ def main() -> None:
     with H3Profiler("demo-digits-mlp", config=config, tags=["demo"], n_train=len(tr)) as prof:
         for epoch in range(args.epochs):
             order = tr[torch.randperm(len(tr))]
+            loss_sum = torch.zeros(())  # the epoch's mean training loss, summed on the device
             for i in range(0, len(order), 32):
                 idx = order[i : i + 32]
                 losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
@@ -42,13 +43,16 @@ def main() -> None:
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 prof.log_batch(loss, losses=losses, indices=idx, epoch=epoch)
+                loss_sum += losses.detach().sum()
+            train_loss = loss_sum.item() / len(order)
             with torch.no_grad():
                 out = model(x[te])
                 acc = (out.argmax(1) == y[te]).float().mean().item()
                 val = nn.functional.cross_entropy(out, y[te]).item()
-            prof.log_epoch(epoch, accuracy=acc, val_loss=val)
+            prof.log_epoch(epoch, accuracy=acc, loss=train_loss, val_loss=val)
             print(
-                f"epoch {epoch + 1:>3}/{args.epochs}  loss {loss.item():.4f}  acc {acc:.3f}",
+                f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.4f} (epoch mean)  "
+                f"val loss {val:.4f}  acc {acc:.3f}",
                 flush=True,
             )
     print(f"RUN_ID={prof.run_id}")

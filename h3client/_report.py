@@ -50,13 +50,34 @@ def _f(v: Any, unit: str = "", digits: int = 4) -> str:
     return f"{v}{unit}"
 
 
+NEGATIVE_ETA_NOTE = (
+    "  a negative η means the smoothed training loss rose over that stretch: the model lost "
+    "information about its training data there (noise, a learning-rate spike, a new phase)"
+)
+
+
+def above_idle(e: dict[str, Any]) -> str:
+    """Energy above idle, or ``unknown`` with the daemon's reason."""
+    if e.get("active_energy_j") is None:
+        note = e.get("active_energy_note")
+        return "above idle unknown" + (f" ({note})" if note else "")
+    return f"{_f(e['active_energy_j'], ' J')} above idle"
+
+
+def marginal_window(eta: dict[str, Any]) -> str:
+    """Which stretch the marginal η covers: the last window, or the whole (shorter) run."""
+    if eta.get("window_is_whole_run"):
+        return f"whole run, shorter than the {eta['window_s']:g} s window"
+    return f"last {eta['window_s']:g} s"
+
+
 def format_report(rep: dict[str, Any]) -> str:
     e, eta = rep["energy"], rep["eta"]
     lines = [
         f"H3 report — run {rep['run']} ({rep['name']}, {rep['status']})",
         f"  duration            {_f(rep['duration_s'], ' s')}, {rep['n_batches']} batches",
         f"  energy              {_f(e['energy_j'], ' J')} attributed, {_f(e['device_energy_j'], ' J')} "
-        f"whole devices, {_f(e.get('active_energy_j'), ' J')} above idle",
+        f"whole devices, {above_idle(e)}",
         f"  provenance          {e['source']}"
         + ("" if e["measured"] else "  (ESTIMATED: a model, not a measurement)"),
         f"  loss                {_f(eta['loss_start'])} -> {_f(eta['loss_now'])} nats",
@@ -67,7 +88,7 @@ def format_report(rep: dict[str, Any]) -> str:
             else ""
         ),
         f"  efficiency          {_f(eta['eta_bits_per_j'], ' bits/J')} "
-        f"(marginal, last {eta['window_s']:g} s: {_f(eta['marginal_eta_bits_per_j'], ' bits/J')})",
+        f"(marginal, {marginal_window(eta)}: {_f(eta['marginal_eta_bits_per_j'], ' bits/J')})",
     ]
     if rep.get("phases"):
         lines.append("  phases:")
@@ -85,6 +106,8 @@ def format_report(rep: dict[str, Any]) -> str:
                 f"  {ep['epoch']:>7} {_f(ep['loss']):>9} {_f(ep['accuracy']):>9} "
                 f"{_f(ep['energy_j']):>10} {_f(ep['eta_bits_per_j']):>11}"
             )
+        if any((ep["eta_bits_per_j"] or 0.0) < 0 for ep in rep["epochs"]):
+            lines.append(NEGATIVE_ETA_NOTE)
         dr = diminishing_returns(rep["epochs"])
         if dr is None:
             lines.append(

@@ -107,6 +107,12 @@ class Client:
         body = {k: v for k, v in fields.items() if v is not None}
         return dict(self.request("POST", "/v1/runs", json_body=body).json())
 
+    def resolve_run(self, ref: str) -> dict[str, Any]:
+        """The run a person means by ``ref``: a full id, a run name (the newest of that name)
+        or a unique id prefix. An ambiguous prefix raises ``H3HTTPStatusError`` (409) whose
+        message lists the candidates; no match raises ``H3NotFound``."""
+        return dict(self.request("GET", "/v1/runs/resolve", params={"ref": ref}).json())
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/v1/runs/{run_id}").json())
 

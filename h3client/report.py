@@ -1,8 +1,11 @@
 """``h3-report`` and the audit log: a CSV per run that people and tools can read.
 
-    h3-report --run ID [--baseline RUN]          a run from the daemon
+    h3-report --run RUN [--baseline RUN]         a run from the daemon
     h3-report --h3-log FILE [--baseline-log F]   a ThermoAuditLogger CSV
-    h3-report --compare A B C ...                runs side by side
+    h3-report --compare A B C ...                runs and/or audit-log CSVs side by side
+
+RUN is a run id, a run name (the newest run of that name) or a unique id prefix, as in every
+``h3d`` command; an ambiguous prefix lists its candidates.
 
 The Green Score is the baseline's energy over this run's energy (> 1: this run used less),
 shown only when final accuracies are within ``--tolerance`` points; otherwise the two runs
@@ -223,16 +226,77 @@ def _run_summary(rep: dict[str, Any]) -> dict[str, Any]:
     return {"energy_j": rep["energy"]["energy_j"], "final_accuracy": acc}
 
 
+def _assessment_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "keep_frac": (e.get("metrics") or {}).get("keep_frac"),
+            "uniform_mix": (e.get("metrics") or {}).get("uniform_mix"),
+            "accuracy": e["accuracy"],
+        }
+        for e in rep["epochs"]
+    ]
+
+
+def _is_audit_log(ref: str) -> bool:
+    return ref.lower().endswith(".csv") or Path(ref).is_file()
+
+
+def _compare_row(c: Any, ref: str) -> dict[str, Any]:
+    """One row of ``--compare``: from an audit-log CSV, or from a run on the daemon."""
+    if _is_audit_log(ref):
+        if not Path(ref).is_file():
+            raise FileNotFoundError(f"no audit log at {ref}")
+        header, rows = read_audit_log(ref)
+        s = _summary_from_rows(rows)
+        etas = [r["eta_bits_per_j"] for r in rows if r.get("eta_bits_per_j") is not None]
+        return {
+            "source": Path(ref).name,
+            "name": str(header.get("h3 audit log", {}).get("name", "?")),
+            "energy_j": s["energy_j"],
+            "info_gain_bits": None,
+            "eta_bits_per_j": sum(etas) / len(etas) if etas else None,
+            "final_accuracy": s["final_accuracy"],
+            "assessment": assess(rows)[0],
+        }
+    run = c.resolve_run(ref)
+    rep = c.report(run["id"])
+    return {
+        "source": run["id"],
+        "name": run["name"],
+        "energy_j": rep["energy"]["energy_j"],
+        "info_gain_bits": rep["eta"]["info_gain_bits"],
+        "eta_bits_per_j": rep["eta"]["eta_bits_per_j"],
+        "final_accuracy": _run_summary(rep)["final_accuracy"],
+        "assessment": assess(_assessment_rows(rep))[0],
+    }
+
+
+def _print_compare(rows: list[dict[str, Any]], tolerance: float) -> None:
+    print(
+        f"{'run or log':<34} {'name':<20} {'energy J':>10} {'ΔI bits':>9} {'η bits/J':>10} "
+        f"{'acc':>7}  {'assessment':<12} Green Score vs first"
+    )
+    for i, r in enumerate(rows):
+        score = "baseline" if i == 0 else _f(green_score(r, rows[0], tolerance)[0])
+        print(
+            f"{r['source'][:34]:<34} {r['name'][:20]:<20} {_f(r['energy_j']):>10} "
+            f"{_f(r['info_gain_bits']):>9} {_f(r['eta_bits_per_j']):>10} "
+            f"{_f(r['final_accuracy']):>7}  {r['assessment']:<12} {score}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from h3client.client import Client
     from h3client.errors import H3ClientError
 
     p = argparse.ArgumentParser(prog="h3-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="a run id on the daemon")
-    p.add_argument("--baseline", help="a baseline run id (for the Green Score)")
+    p.add_argument("--run", help="a run: id, name (newest of that name) or unique id prefix")
+    p.add_argument("--baseline", help="a baseline run (for the Green Score), named like --run")
     p.add_argument("--h3-log", help="a ThermoAuditLogger CSV")
     p.add_argument("--baseline-log", help="a baseline audit CSV (for the Green Score)")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="runs side by side")
+    p.add_argument(
+        "--compare", nargs="+", metavar="RUN_OR_CSV", help="runs and/or audit-log CSVs side by side"
+    )
     p.add_argument(
         "--tolerance", type=float, default=1.0, help="accuracy points for the Green Score"
     )
@@ -245,46 +309,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(explain_thermo_log(args.h3_log, args.baseline_log))
         return 0
     try:
-        with Client(args.url) as c:
-            if args.compare:
-                res = c.compare(args.compare)
-                if args.json:
-                    print(json.dumps(res, indent=2))
-                    return 0
-                print(
-                    f"{'run':<34} {'name':<20} {'energy J':>10} {'ΔI bits':>9} {'η bits/J':>10} {'acc':>7}"
-                )
-                for r in res["runs"]:
-                    print(
-                        f"{r['run_id']:<34} {r['name'][:20]:<20} {_f(r['energy_j']):>10} "
-                        f"{_f(r['info_gain_bits']):>9} {_f(r['eta_bits_per_j']):>10} {_f(r['final_accuracy']):>7}"
-                    )
-                return 0
-            rep = c.report(args.run)
-            if args.json:
-                print(json.dumps(rep, indent=2))
-                return 0
-            print(format_report(rep))
-            if args.baseline:
-                score, note = green_score(
-                    _run_summary(rep), _run_summary(c.report(args.baseline)), args.tolerance
-                )
-                print(f"  Green Score vs {args.baseline}: {_f(score)} ({note})")
-            keep = [e["metrics"].get("keep_frac") for e in rep["epochs"] if e.get("metrics")]
-            rows = [
-                {
-                    "keep_frac": e["metrics"].get("keep_frac"),
-                    "uniform_mix": e["metrics"].get("uniform_mix"),
-                    "accuracy": e["accuracy"],
-                }
-                for e in rep["epochs"]
-            ]
-            if any(k is not None for k in keep):
-                kind, why = assess(rows)
-                print(f"  assessment: {kind} — {why}\n  verdict: {ADVICE[kind]}")
-    except H3ClientError as exc:
+        if args.compare and all(_is_audit_log(r) for r in args.compare):
+            rows = [_compare_row(None, r) for r in args.compare]  # no daemon needed
+        else:
+            with Client(args.url) as c:
+                if args.compare:
+                    rows = [_compare_row(c, r) for r in args.compare]
+                else:
+                    return _report_run(c, args)
+        if args.json:
+            print(json.dumps({"runs": rows}, indent=2))
+        else:
+            _print_compare(rows, args.tolerance)
+    except (H3ClientError, OSError) as exc:
         print(f"h3-report: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _report_run(c: Any, args: argparse.Namespace) -> int:
+    rep = c.report(c.resolve_run(args.run)["id"])
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(format_report(rep))
+    if args.baseline:
+        base = c.report(c.resolve_run(args.baseline)["id"])
+        score, note = green_score(_run_summary(rep), _run_summary(base), args.tolerance)
+        print(f"  Green Score vs {args.baseline}: {_f(score)} ({note})")
+    # Every run is assessed: one that logged no keep_frac trained on all data each epoch.
+    kind, why = assess(_assessment_rows(rep))
+    print(f"  assessment: {kind} — {why}\n  verdict: {ADVICE[kind]}")
     return 0
 
 

@@ -97,6 +97,9 @@ class EnergyModel:
         for m in self.devices:
             integral = m.curve.integral(a, max(a, b), granularity_s=m.dev.granularity_s)
             energy, active = m.attributed(a, max(a, b), m.dev.idle_power_w)
+            active, idle_note = _active_or_unknown(
+                active, m.dev.idle_power_w, integral.energy_j, integral.covered_s
+            )
             by_device.append(
                 {
                     "device": m.dev.name,
@@ -108,6 +111,7 @@ class EnergyModel:
                     "device_energy_j": integral.energy_j,
                     "active_energy_j": active,
                     "idle_power_w": m.dev.idle_power_w,
+                    "idle_note": idle_note,
                     "share": energy / integral.energy_j if integral.energy_j > 0 else 0.0,
                     "attribution": "process" if m.starts else "whole_device",
                     "n_samples": integral.n_samples,
@@ -120,10 +124,12 @@ class EnergyModel:
         sources: set[str] = {d["source"] for d in by_device}
         actives: list[float | None] = [d["active_energy_j"] for d in by_device]
         known = [x for x in actives if x is not None]
+        notes = [d["idle_note"] for d in by_device if d["idle_note"]]
         return {
             "energy_j": sum(d["energy_j"] for d in by_device) if by_device else None,
             "device_energy_j": sum(d["device_energy_j"] for d in by_device) if by_device else None,
             "active_energy_j": sum(known) if by_device and len(known) == len(actives) else None,
+            "active_energy_note": notes[0] if notes else None,
             "source": combined_source(set(sources)),
             "measured": bool(sources) and sources <= MEASURED_SOURCES,
             "t_start": a,
@@ -131,6 +137,25 @@ class EnergyModel:
             "duration_s": b - a,
             "by_device": by_device,
         }
+
+
+#: A device that drew less than this much above its idle baseline over a run's window was,
+#: in all likelihood, not idle when the baseline was measured (other work on the machine).
+IDLE_SEPARATION = 0.02
+
+
+def _active_or_unknown(
+    active: float | None, idle_w: float | None, device_j: float, covered_s: float
+) -> tuple[float | None, str | None]:
+    """Energy above idle, or None with the reason when the baseline cannot be trusted."""
+    if idle_w is None:
+        return None, "no idle period measured yet: energy above idle is unknown"
+    if device_j > 0 and idle_w * covered_s >= (1.0 - IDLE_SEPARATION) * device_j:
+        return None, (
+            f"the device drew no more than its idle baseline ({idle_w:.3g} W) during the run: "
+            "the baseline was measured while the machine was busy, so energy above idle is unknown"
+        )
+    return active, None
 
 
 def run_model(
@@ -177,6 +202,7 @@ def run_eta(
     t_last = pts[-1][0] if pts else t1
     w0 = max(t0, t_last - window_s)
     l_w = eff.loss_before(pts, w0, k) if pts else None
+    whole_run = l_w is None or w0 <= t0
     if l_w is None and len(pts) >= 2:  # the run is younger than the window: since its start
         l_w = l0
     w_energy = model.energy(w0, t_last)["energy_j"] if pts else None
@@ -185,6 +211,8 @@ def run_eta(
         "eta_bits_per_j": eff.eta(bits, energy["energy_j"]),
         "marginal_eta_bits_per_j": eff.eta(eff.info_gain_bits(l_w, lt), w_energy),
         "window_s": window_s,
+        # True when the run is shorter than the window: the marginal η is then the whole run's
+        "window_is_whole_run": whole_run,
         "info_gain_bits": bits,
         "info_gain_total_bits": bits * run.n_train if bits is not None and run.n_train else None,
         "loss_start": l0,

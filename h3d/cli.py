@@ -169,15 +169,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _resolve(c: DaemonClient, ref: str) -> str:
-    """A run id, a unique id prefix, or an exact name (newest wins)."""
-    page = c.get("/v1/runs", params={"limit": 1000})
-    ids: list[str] = [r["id"] for r in page["data"] if r["id"].startswith(ref)]
-    if len(ids) == 1:
-        return ids[0]
-    named: list[str] = [r["id"] for r in page["data"] if r["name"] == ref]
-    if named:
-        return named[0]
-    return ref  # let the daemon say 404
+    """A run id, a run name (newest wins) or a unique id prefix, resolved by the daemon."""
+    return str(c.get("/v1/runs/resolve", params={"ref": ref})["id"])
 
 
 def print_report(rep: dict[str, Any]) -> None:
@@ -188,15 +181,22 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
     for d in e["by_device"]:
         print(f"    {d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}")
+    if e.get("active_energy_j") is not None:
+        print(f"  above idle   {_fmt(e['active_energy_j'], ' J')}")
+    else:
+        print(f"  above idle   unknown ({e.get('active_energy_note') or 'no idle baseline'})")
     print(
         f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
         f"(smoothed over {eta['smoothing_batches']} batches)"
     )
     print(f"  info gain    {_fmt(eta['info_gain_bits'], ' bits/sample')}")
     print(f"  eta          {_fmt(eta['eta_bits_per_j'], ' bits/J')}")
-    print(
-        f"  marginal eta {_fmt(eta['marginal_eta_bits_per_j'], ' bits/J')} (last {eta['window_s']:g} s)"
+    span = (
+        f"whole run, shorter than the {eta['window_s']:g} s window"
+        if eta.get("window_is_whole_run")
+        else f"last {eta['window_s']:g} s"
     )
+    print(f"  marginal eta {_fmt(eta['marginal_eta_bits_per_j'], ' bits/J')} ({span})")
     if rep["epochs"]:
         print(
             f"  {'epoch':>5} {'phase':<14} {'loss':>8} {'acc':>7} {'energy J':>10} {'eta b/J':>10}"
@@ -205,6 +205,11 @@ def print_report(rep: dict[str, Any]) -> None:
             print(
                 f"  {ep['epoch']:>5} {str(ep['phase'] or '-'):<14} {_fmt(ep['loss']):>8} "
                 f"{_fmt(ep['accuracy']):>7} {_fmt(ep['energy_j']):>10} {_fmt(ep['eta_bits_per_j']):>10}"
+            )
+        if any((ep["eta_bits_per_j"] or 0.0) < 0 for ep in rep["epochs"]):
+            print(
+                "  (a negative eta: the smoothed training loss rose over that epoch, so the model"
+                " lost information about its training data there)"
             )
 
 

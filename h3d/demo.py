@@ -85,12 +85,14 @@ def main(settings: Settings, *, epochs: int = 20, keep: bool = True) -> int:
     token = settings.token_path.read_text().strip()
     print(f"browse: {url}/#token={token}&run={run_id}")
     print(
-        f"        (the dashboard; API docs at {url}/docs; or `{sys.executable} -m h3d show {run_id[:8]}`)"
+        f"        (the dashboard; API docs at {url}/docs; or "
+        f"`{sys.executable} -m h3d show {run_id[:8]} --data-dir {settings.data_dir}`)"
     )
     if pid is not None:
         if keep:
             print(
-                f"the daemon keeps running (pid {pid}); stop it with `{sys.executable} -m h3d stop`"
+                f"the daemon keeps running (pid {pid}); stop it with "
+                f"`{sys.executable} -m h3d stop --data-dir {settings.data_dir}`"
             )
         else:
             os.kill(pid, 15)

@@ -1,9 +1,12 @@
 """Information gain and η (pure functions, no I/O). DESIGN.md §3.
 
 - L is the smoothed mean cross-entropy in nats: the sample-weighted mean of K batch losses,
-  K = clamp(B // 10, 1, 50) for a run of B finite batches. L₀ uses the first k₀ =
-  clamp(B // 100, 1, 5) batches only: the loss falls fastest at the start, and a wide window
-  there would understate L₀ and with it every ΔI.
+  K = clamp(B // 10, 1, 50) for a run of B finite batches.
+- L₀ is the loss at the initial parameters: the first logged batch, whose forward pass ran
+  before any update, so it does not depend on the learning rate (a wider window there gave a
+  run with a higher learning rate a lower L₀ and so a smaller ΔI for a better model). Only
+  when that batch holds fewer than ``START_SAMPLES`` samples are the next ones averaged in,
+  up to k₀ = clamp(B // 100, 1, 5) batches, to tame the noise of tiny batches.
 - ΔI (bits per sample) = (L₀ − Lₜ) / ln 2; ΔI_total = N_train · ΔI.
 - η = ΔI / E (bits/J); the marginal η over a window w is (L_{t−w} − Lₜ)/ln 2 / E_w.
 """
@@ -35,8 +38,18 @@ def smoothed(points: Sequence[BatchPoint]) -> float | None:
     return sum(p[1] * p[2] for p in points) / w
 
 
+START_SAMPLES = 32.0
+
+
 def loss_at_start(points: Sequence[BatchPoint]) -> float | None:
-    return smoothed(points[: start_k(len(points))])
+    """L₀: the first batch's loss, widened over up to ``start_k`` batches only while fewer
+    than ``START_SAMPLES`` samples (batch weights) have been seen."""
+    k_max = start_k(len(points))
+    weight, k = 0.0, 0
+    while k < min(k_max, len(points)) and (k == 0 or weight < START_SAMPLES):
+        weight += points[k][2]
+        k += 1
+    return smoothed(points[:k])
 
 
 def loss_before(points: Sequence[BatchPoint], t: float, k: int) -> float | None:

@@ -5,6 +5,7 @@ H3DError
 ├── NotFound              404 not_found
 │   └── RunNotFound       404 run_not_found
 ├── RunFinished           409 run_finished
+├── AmbiguousRun          409 ambiguous_run (a run reference that matches several runs)
 ├── PayloadTooLarge       413 payload_too_large
 ├── InvalidInput          422 validation_error
 │   └── NonFiniteLoss     422 nonfinite_loss
@@ -54,8 +55,8 @@ class RunNotFound(NotFound):
 
     code = "run_not_found"
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"no run with id {run_id!r}", details={"run_id": run_id})
+    def __init__(self, run_id: str, *, by: str = "id") -> None:
+        super().__init__(f"no run with {by} {run_id!r}", details={"run_id": run_id})
 
 
 class RunFinished(H3DError):
@@ -63,6 +64,13 @@ class RunFinished(H3DError):
 
     status_code = 409
     code = "run_finished"
+
+
+class AmbiguousRun(H3DError):
+    """A run reference (an id prefix) that matches more than one run; names the candidates."""
+
+    status_code = 409
+    code = "ambiguous_run"
 
 
 class RunExists(H3DError):

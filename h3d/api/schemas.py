@@ -254,6 +254,9 @@ class DeviceEnergy(BaseModel):
     device_energy_j: float
     active_energy_j: float | None
     idle_power_w: float | None
+    idle_note: str | None = Field(
+        None, description="Why energy above idle is unknown for this device (null when known)."
+    )
     share: float
     attribution: str
     n_samples: int
@@ -271,8 +274,10 @@ class EnergyPublic(BaseModel):
     energy_j: float | None = Field(description="Attributed to the run (its share of devices).")
     device_energy_j: float | None = Field(description="Whole devices over the run's window.")
     active_energy_j: float | None = Field(
-        description="Attributed energy above each device's idle baseline (null until measured)."
+        description="Attributed energy above each device's idle baseline; null, with "
+        "active_energy_note saying why, when a baseline is missing or was not idle."
     )
+    active_energy_note: str | None = None
     source: str
     measured: bool
     t_start: float
@@ -284,8 +289,14 @@ class EnergyPublic(BaseModel):
 class EtaPublic(BaseModel):
     run_id: str
     eta_bits_per_j: float | None
-    marginal_eta_bits_per_j: float | None
+    marginal_eta_bits_per_j: float | None = Field(
+        description="Bits/J over the last window_s seconds; negative when the smoothed loss "
+        "rose over the window (the model got worse on its training data there)."
+    )
     window_s: float
+    window_is_whole_run: bool = Field(
+        False, description="The run is shorter than the window: the marginal η is the whole run's."
+    )
     info_gain_bits: float | None
     info_gain_total_bits: float | None
     loss_start: float | None

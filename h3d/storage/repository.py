@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from h3d.errors import InvalidInput, RunExists, RunFinished, RunNotFound
+from h3d.errors import AmbiguousRun, InvalidInput, RunExists, RunFinished, RunNotFound
 from h3d.storage.models import (
     Batch,
     Device,
@@ -89,6 +89,45 @@ def get_run(session: Session, *, run_id: str) -> Run:
     if run is None:
         raise RunNotFound(run_id)
     return run
+
+
+RESOLVE_CANDIDATES = 10
+
+
+def resolve_run(session: Session, *, ref: str) -> Run:
+    """What a person types for a run: a full id, a run name (the newest run of that name),
+    or a unique id prefix. An ambiguous prefix raises ``AmbiguousRun`` naming the candidates.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise InvalidInput("an empty run reference")
+    run = session.get(Run, ref)
+    if run is not None:
+        return run
+    named = session.scalars(
+        select(Run).where(Run.name == ref).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
+    ).first()
+    if named is not None:
+        return named
+    prefixed = list(
+        session.scalars(
+            select(Run)
+            .where(Run.id.startswith(ref.lower(), autoescape=True))
+            .order_by(Run.created_at.desc())
+            .limit(RESOLVE_CANDIDATES + 1)
+        )
+    )
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if not prefixed:
+        raise RunNotFound(ref, by="id, id prefix or name")
+    shown = prefixed[:RESOLVE_CANDIDATES]
+    more = " and more" if len(prefixed) > RESOLVE_CANDIDATES else ""
+    listing = ", ".join(f"{r.id[:12]} ({r.name})" for r in shown)
+    raise AmbiguousRun(
+        f"{ref!r} matches {len(shown)}{more} runs: {listing}; type more of the id",
+        details={"ref": ref, "candidates": [{"id": r.id, "name": r.name} for r in shown]},
+    )
 
 
 def run_tags(session: Session, *, run_ids: Sequence[str]) -> dict[str, list[str]]:

@@ -81,6 +81,7 @@ def test_demo_profiles_a_real_training_run(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     out: Any = r.stdout
     assert "epoch   3/3" in out and "energy" in out and "bits/J" in out
+    assert "(epoch mean)" in out and f"--data-dir {data}" in out
     assert "source=estimated" in out or "source=" in out
     assert (data / "h3d.db").exists()
 

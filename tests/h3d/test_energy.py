@@ -67,6 +67,17 @@ def test_eta_definitions() -> None:
     assert eff.eta(bits, 10.0) == pytest.approx(bits / 10.0)
     assert eff.eta(bits, 0.0) is None and eff.eta(None, 5.0) is None
     assert eff.loss_before(pts, -1.0, k) is None
+    # L₀ is the first batch when it holds enough samples, whatever comes next ...
+    big = [(0.0, 2.30, 64.0), (1.0, 1.50, 64.0), (2.0, 1.20, 64.0)] + [
+        (3.0 + i, 1.0, 64.0) for i in range(1000)
+    ]
+    assert eff.loss_at_start(big) == pytest.approx(2.30)
+    # ... so a faster-falling run (higher learning rate) does not start lower
+    fast = [(0.0, 2.30, 64.0), (1.0, 0.90, 64.0), (2.0, 0.50, 64.0)] + big[3:]
+    assert eff.loss_at_start(fast) == eff.loss_at_start(big)
+    # tiny batches are averaged up to 32 samples (at most start_k batches)
+    tiny = [(float(i), 2.0 + i, 8.0) for i in range(1000)]
+    assert eff.loss_at_start(tiny) == pytest.approx(3.5)  # batches 0..3: 32 samples
     assert pytest.approx(3.48e20, rel=0.01) == eff.LANDAUER_BITS_PER_J_300K
 
 

@@ -1,0 +1,58 @@
+"""Figures that must never look like bugs: unknown baselines, short runs, negative η."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from h3d.analysis import _active_or_unknown
+from tests.conftest import REPO, Daemon
+
+
+def test_active_energy_is_unknown_without_a_trustworthy_baseline() -> None:
+    assert _active_or_unknown(None, None, 100.0, 10.0) == (
+        None,
+        "no idle period measured yet: energy above idle is unknown",
+    )
+    # the "idle" baseline was the whole draw: the machine was busy when it was measured
+    active, note = _active_or_unknown(2e-15, 10.0, 100.0, 10.0)
+    assert active is None and note is not None and "busy" in note
+    assert _active_or_unknown(40.0, 6.0, 100.0, 10.0) == (40.0, None)
+
+
+def test_report_of_a_short_run_says_what_its_figures_cover(daemon: Daemon) -> None:
+    time.sleep(0.8)  # constant 50 W with no run active: the idle baseline becomes 50 W
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "short"}).json()
+        now = time.time()
+        # epoch 0 learns, epoch 1 gets worse: its η is negative
+        losses = [2.3 - 0.01 * s for s in range(100)] + [1.3 + 0.01 * s for s in range(100)]
+        batches = [
+            {"seq": s, "t": now + s * 0.005, "loss": v, "n": 64, "epoch": s // 100}
+            for s, v in enumerate(losses)
+        ]
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches}).raise_for_status()
+        time.sleep(1.0)
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        rep = api.get(f"/v1/runs/{run['id']}/report").json()
+    e, eta = rep["energy"], rep["eta"]
+    assert e["energy_j"] > 0
+    assert e["active_energy_j"] is None and "idle baseline" in e["active_energy_note"]
+    assert eta["window_is_whole_run"] is True  # a ~1 s run against the 60 s window
+    assert eta["loss_start"] == 2.3  # the first batch: the loss at the initial parameters
+    assert rep["epochs"][1]["eta_bits_per_j"] < 0
+    show = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", run["id"]],
+        env=daemon.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert show.returncode == 0, show.stderr
+    out = show.stdout
+    assert "above idle   unknown (the device drew no more than its idle baseline" in out
+    assert "whole run, shorter than the 60 s window" in out
+    assert "negative eta: the smoothed training loss rose" in out
+    assert "e-15" not in out
