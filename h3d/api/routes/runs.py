@@ -93,13 +93,14 @@ def list_runs(
 
 @router.get("/resolve", response_model=RunPublic)
 def resolve_run(
-    session: SessionDep,
+    store: StoreDep,
     ref: str = Query(..., min_length=1, max_length=200, description="id, name or id prefix"),
 ) -> RunPublic:
     """What a person types for a run, as every H3 command resolves it: a full id, a run name
     (the newest run of that name), or a unique id prefix (409 ``ambiguous_run`` lists the
     candidates). Every other endpoint takes full ids only."""
-    return public(session, repo.resolve_run(session, ref=ref))
+    with store.read() as s:
+        return public(s, repo.resolve_run(s, ref=ref))
 
 
 @router.get("/{run_id}", response_model=RunPublic)
