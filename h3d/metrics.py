@@ -88,7 +88,8 @@ def render(session: Session, sampler: PowerSampler | None, *, interval_s: float)
                     session, run_id=run.id, k0=eff.start_k(b), k=eff.smoothing_k(b)
                 )
                 if b >= 2:
-                    bits = eff.info_gain_bits(eff.smoothed(first), eff.smoothed(last))
+                    # loss_at_start over the first start_k points picks what run_eta picks
+                    bits = eff.info_gain_bits(eff.loss_at_start_of(first, b), eff.smoothed(last))
                     eta = eff.eta(bits, energy)
             run_rows.append((run, energy, eta))
     lines += _family(

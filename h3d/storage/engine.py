@@ -35,13 +35,25 @@ T = TypeVar("T")
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, max_overflow: int = 10, busy_timeout_s: float = 30.0
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    busy_timeout_s: float = 30.0,
+    immediate: bool = False,
 ) -> Engine:
-    """An engine for ``url``; on SQLite: WAL, foreign keys, a busy timeout."""
+    """An engine for ``url``; on SQLite: WAL, foreign keys, a busy timeout.
+
+    ``immediate``: SQLite transactions start with BEGIN IMMEDIATE (the writer's engine), so
+    what a transaction reads before it writes cannot change under it, even if another
+    process writes to the same file.
+    """
     is_sqlite = url.startswith("sqlite")
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": max_overflow}
     if is_sqlite:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
+        if immediate:  # SQLAlchemy's recipe: the driver leaves BEGIN to us
+            kwargs["connect_args"]["isolation_level"] = None
         if url in ("sqlite://", "sqlite:///:memory:"):
             kwargs = {"connect_args": {"check_same_thread": False}}
     engine = create_engine(url, **kwargs)
@@ -56,6 +68,12 @@ def make_engine(
             cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+
+        if immediate:
+
+            @event.listens_for(engine, "begin")
+            def _begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -119,7 +137,7 @@ class Store:
         )
         # The writer's own engine: its connection is never lent to a reader.
         self._write_engine = make_engine(
-            url, pool_size=1, max_overflow=0, busy_timeout_s=busy_timeout_s
+            url, pool_size=1, max_overflow=0, busy_timeout_s=busy_timeout_s, immediate=True
         )
         self.sessions = make_sessionmaker(self.engine)
         self._write_sessions = make_sessionmaker(self._write_engine)
