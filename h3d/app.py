@@ -6,17 +6,21 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, TypedDict
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from h3d import __version__
+from h3d import __version__, openapi
 from h3d.api import api_router
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
@@ -61,6 +65,15 @@ def _remove_daemon_file(settings: Settings) -> None:
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
         if json.loads(settings.daemon_file.read_text()).get("pid") == os.getpid():
             settings.daemon_file.unlink()
+
+
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """The methods every route on the request's path takes, from the OpenAPI paths."""
+    methods: set[str] = set()
+    for template, ops in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {m.upper() for m in ops}
+    return sorted(methods)
 
 
 def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = None) -> FastAPI:
@@ -115,7 +128,21 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         version=__version__,
         summary="H3 daemon: energy and bits-per-joule of training runs.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package: GPU clusters are often offline
+        redoc_url=None,
     )
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path))
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="h3d API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
+
     app.add_middleware(
         GuardMiddleware,
         token=token,
@@ -123,6 +150,7 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         allowed_hosts=settings.host_names,
     )
     app.include_router(api_router, prefix="/v1")
+    openapi.install(app)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     def dashboard() -> HTMLResponse:
@@ -160,10 +188,15 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path; several
+            # routes share a path here (GET and POST /v1/runs), so name them all.
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(app, request))}
         return JSONResponse(
-            error_payload(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_payload(code, str(exc.detail)), status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)

@@ -66,7 +66,7 @@ async def _send_error(send: Send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _protected(path: str) -> bool:
+def is_protected(path: str) -> bool:
     """/v1 and /metrics (run ids and names, energy) need the token; /healthz, /docs and the
     dashboard page (which asks for the token itself) do not."""
     return path.startswith("/v1") or path == "/metrics"
@@ -121,7 +121,7 @@ class GuardMiddleware:
             return
         if scope["path"] in PAGES:
             send = _with_headers(send, PAGE_HEADERS)
-        if _protected(scope["path"]) and not secrets.compare_digest(
+        if is_protected(scope["path"]) and not secrets.compare_digest(
             headers.get(b"authorization", b""), self.expected
         ):
             await _send_error(

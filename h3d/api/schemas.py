@@ -13,12 +13,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     field_validator,
     model_validator,
 )
 
-INT_MAX = 2**62  # SQLite integers are 64-bit: bound every int before it reaches the store
+# Every int is bounded before it reaches the store (SQLite integers are 64-bit), at the
+# largest integer a double holds exactly: JSON tools (and JSON Schema validators) read
+# numbers as doubles, so a bound above it could not be stated exactly in the OpenAPI.
+INT_MAX = 2**53 - 1
 CONFIG_MAX_DEPTH = 32
 CONFIG_MAX_BYTES = 64 * 1024
 # Unix seconds a run may claim: not before 1970, not more than a day ahead of the daemon.
@@ -61,7 +65,7 @@ def check_timestamp(v: float | None) -> float | None:
 
 
 class RunCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str | None = Field(
         None,
@@ -90,7 +94,7 @@ class RunCreate(BaseModel):
 
 
 class RunUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     status: Literal["finished", "failed"] | None = None
     finished_at: float | None = Field(
@@ -139,7 +143,7 @@ def _unpack(text: str, width: int, name: str) -> bytes:
 
 
 class BatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seq: int = Field(
         strict=True,
@@ -169,6 +173,10 @@ class BatchIn(BaseModel):
         description="Dataset indices packed: base64 of little-endian int64. Instead of `indices`.",
     )
 
+    # decoded once in validation, not again by every reader
+    _losses_raw: bytes | None = PrivateAttr(None)
+    _indices_raw: bytes | None = PrivateAttr(None)
+
     @field_validator("indices")
     @classmethod
     def _index_range(cls, v: list[int] | None) -> list[int] | None:
@@ -182,6 +190,10 @@ class BatchIn(BaseModel):
             raise ValueError("give losses or losses_f32, not both")
         if self.indices is not None and self.indices_i64 is not None:
             raise ValueError("give indices or indices_i64, not both")
+        if self.losses_f32 is not None:
+            self._losses_raw = _unpack(self.losses_f32, 4, "losses_f32")
+        if self.indices_i64 is not None:
+            self._indices_raw = _unpack(self.indices_i64, 8, "indices_i64")
         n_losses, n_indices = self.sample_count(), self.index_count()
         if n_indices is not None and n_losses is None:
             raise ValueError("indices given without losses")
@@ -190,10 +202,10 @@ class BatchIn(BaseModel):
         return self
 
     def packed_losses(self) -> bytes | None:
-        return None if self.losses_f32 is None else _unpack(self.losses_f32, 4, "losses_f32")
+        return self._losses_raw
 
     def packed_indices(self) -> bytes | None:
-        return None if self.indices_i64 is None else _unpack(self.indices_i64, 8, "indices_i64")
+        return self._indices_raw
 
     def sample_count(self) -> int | None:
         if self.losses is not None:
@@ -209,7 +221,7 @@ class BatchIn(BaseModel):
 
 
 class BatchesIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     batches: list[BatchIn]
     nonfinite_as_null: bool = Field(
@@ -222,7 +234,7 @@ class BatchesIn(BaseModel):
 
 
 class EpochIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     epoch: int = Field(strict=True, ge=0, le=INT_MAX)
     t: float = Field(allow_inf_nan=False)
@@ -234,7 +246,7 @@ class EpochIn(BaseModel):
 
 
 class EpochsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     epochs: list[EpochIn]
 
@@ -310,10 +322,13 @@ class EtaPublic(BaseModel):
     t: float
 
 
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
 class SeriesPublic(BaseModel):
     run_id: str
     metric: str
-    points: list[tuple[float, float]]
+    points: list[Point] = Field(description="[x, y] pairs: x in Unix seconds.")
 
 
 class ErrorBody(BaseModel):

@@ -239,9 +239,14 @@ class Store:
         if self._write_engine.dialect.name == "sqlite":
             # Fold the WAL into the database file now, so a clean stop leaves no WAL to
             # replay (nor one that could be lost separately from the file).
-            try:
-                with self._write_engine.connect() as conn:
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:  # on the driver connection: outside any transaction (BEGIN IMMEDIATE)
+                raw = self._write_engine.raw_connection()
+                try:
+                    cur = raw.cursor()
+                    cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    cur.close()
+                finally:
+                    raw.close()
             except Exception as exc:  # a full disk: the WAL stays; SQLite replays it later
                 logger.warning("could not checkpoint the WAL at stop: %s", exc)
         self._write_engine.dispose()

@@ -494,3 +494,67 @@ def test_runs_whose_process_is_gone_are_reaped_as_failed(daemon_factory: Any) ->
         while api.get(f"/v1/runs/{remote['id']}").json()["status"] == "running":
             assert time.monotonic() < deadline, "the silent remote run was not reaped"
             time.sleep(0.2)
+
+
+def test_hostile_inputs_are_4xx_with_the_error_body(api: httpx.Client) -> None:
+    deep: Any = 1
+    for _ in range(300):
+        deep = {"a": deep}
+    raw = {
+        "deep config": json.dumps({"config": deep}),
+        "NaN in config": '{"config": {"lr": NaN}}',
+        "1e309 in config": '{"config": {"lr": 1e309}}',
+        "absurd created_at": '{"created_at": -1.7e308}',
+        "future created_at": json.dumps({"created_at": time.time() + 10 * 86400}),
+        "1 MB tag": json.dumps({"tags": ["x" * 1_000_000]}),
+        "big config": json.dumps({"config": {"blob": "x" * 100_000}}),
+        "bool pid": '{"pid": true}',
+    }
+    for what, body in raw.items():
+        r = api.post("/v1/runs", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (what, r.text[:200])
+        assert err(r)["code"] == "validation_error", what
+    run = make_run(api)
+    url = f"/v1/runs/{run['id']}/batches"
+    for what, b in {
+        "string seq": {"seq": "3", "t": time.time(), "loss": 1.0},
+        "bool seq": {"seq": True, "t": time.time(), "loss": 1.0},
+        "unknown key": {"seq": 3, "t": time.time(), "loss": 1.0, "lsos": 2.0},
+    }.items():
+        r = api.post(url, json={"batches": [b]})
+        assert r.status_code == 422 and err(r)["code"] == "validation_error", what
+    # gzip with two members: both are read (cat a.gz b.gz), nothing dropped silently
+    part1 = json.dumps({"batches": batches(0, 3)}).encode()
+    two = gzip.compress(part1[:20]) + gzip.compress(part1[20:])
+    r = api.post(
+        url, content=two, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert r.json() == {"accepted": 3, "duplicates": 0}
+    truncated = gzip.compress(part1)[:-10]
+    r = api.post(
+        url,
+        content=truncated,
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and err(r)["code"] == "bad_encoding"
+    assert api.get(f"/v1/runs/{run['id']}").json()["n_batches"] == 3  # nothing partial
+
+
+def test_browser_defences_host_check_csp_and_offline_docs(daemon: Any) -> None:
+    # a DNS-rebinding page reaches 127.0.0.1 under its own name: refused before auth
+    r = httpx.get(f"{daemon.url}/metrics", headers={"Host": "attacker.example"})
+    assert r.status_code == 400 and err(r)["code"] == "bad_host"
+    for host in ("localhost", "127.0.0.1", f"localhost:{daemon.port}"):
+        assert httpx.get(f"{daemon.url}/healthz", headers={"Host": host}).status_code == 200
+    page = httpx.get(f"{daemon.url}/")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    docs = httpx.get(f"{daemon.url}/docs")
+    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()  # works on an air-gapped cluster
+    js = httpx.get(f"{daemon.url}/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    # OPTIONS names every method the path has
+    with daemon.client() as api:
+        r = api.options("/v1/runs")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) >= {"GET", "POST"}

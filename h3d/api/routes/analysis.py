@@ -60,7 +60,7 @@ def get_series(
                 interval_s=settings.sample_interval_s,
                 metric=metric,
             )
-    return SeriesPublic(run_id=run.id, metric=metric, points=pts)
+    return SeriesPublic(run_id=run.id, metric=metric, points=[[x, y] for x, y in pts])
 
 
 @router.get("/runs/{run_id}/report")
@@ -116,7 +116,13 @@ def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
 def compare(
     store: StoreDep,
     settings: SettingsDep,
-    runs: str = Query(..., description="Comma-separated run ids (2 to 20)."),
+    runs: str = Query(
+        ...,
+        min_length=1,
+        max_length=20 * 33,
+        pattern=r"^\s*[^,\s]+\s*(,\s*[^,\s]+\s*){0,19}$",
+        description="Comma-separated run ids (1 to 20).",
+    ),
 ) -> dict[str, Any]:
     ids = [r for r in (x.strip() for x in runs.split(",")) if r]
     if not 1 <= len(ids) <= 20:
