@@ -50,6 +50,7 @@ def _configure_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from h3d.app import create_app
     from h3d.storage import migrate
@@ -67,12 +68,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     engine = make_engine(settings.database_url)
     try:  # check the store before binding, so a bad database is one clear line
+        migrate.check_integrity(engine)
         if settings.auto_migrate:
             migrate.upgrade(engine)
         else:
             migrate.verify_schema(engine)
+        migrate.probe_write(engine)
     except H3DError as exc:
         print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, OSError) as exc:  # a full disk, a read-only mount, ...
+        reason = getattr(exc, "orig", None) or exc
+        url = engine.url.render_as_string(hide_password=True)
+        print(f"h3d: cannot start: {url}: {reason}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
