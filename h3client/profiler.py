@@ -387,6 +387,8 @@ class H3Profiler:
             "energy_measured": False,
             "info_gain_bits": None,
             "efficiency_bits_per_j": None,
+            "co2e_g": None,
+            "carbon_source": "none",
             "phases": [],
             "epochs": [],
         }
@@ -402,6 +404,8 @@ class H3Profiler:
                 info_gain_bits=eta["info_gain_bits"],
                 info_gain_total_bits=eta["info_gain_total_bits"],
                 efficiency_bits_per_j=eta["eta_bits_per_j"],
+                co2e_g=e.get("co2e_g"),
+                carbon_source=e.get("carbon_source", "none"),
                 phases=rep["phases"],
                 epochs=rep["epochs"],
                 stopping_point=diminishing_returns(rep["epochs"]),

@@ -3,6 +3,7 @@
     h3-report --run RUN [--baseline RUN]         a run from the daemon
     h3-report --h3-log FILE [--baseline-log F]   a ThermoAuditLogger CSV
     h3-report --compare A B C ...                runs and/or audit-log CSVs side by side
+    h3-report --tune SESSION                     an h3-tune session, grouped by technique
 
 RUN is a run id, a run name (the newest run of that name) or a unique id prefix, as in every
 ``h3d`` command; an ambiguous prefix lists its candidates.
@@ -297,14 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--compare", nargs="+", metavar="RUN_OR_CSV", help="runs and/or audit-log CSVs side by side"
     )
+    p.add_argument("--tune", metavar="SESSION", help="an h3-tune session's runs, grouped")
     p.add_argument(
         "--tolerance", type=float, default=1.0, help="accuracy points for the Green Score"
     )
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    if not (args.run or args.h3_log or args.compare):
-        p.error("give --run, --h3-log or --compare")
+    if not (args.run or args.h3_log or args.compare or args.tune):
+        p.error("give --run, --h3-log, --compare or --tune")
     if args.h3_log:
         print(explain_thermo_log(args.h3_log, args.baseline_log))
         return 0
@@ -313,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [_compare_row(None, r) for r in args.compare]  # no daemon needed
         else:
             with Client(args.url) as c:
+                if args.tune:
+                    from h3client._tune_report import print_tune_session
+
+                    return print_tune_session(c, args.tune, as_json=args.json)
                 if args.compare:
                     rows = [_compare_row(c, r) for r in args.compare]
                 else:

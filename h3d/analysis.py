@@ -10,14 +10,18 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+if TYPE_CHECKING:
+    from h3d.config import Settings
+
+from h3d import carbon
 from h3d import efficiency as eff
 from h3d.downsample import lttb
 from h3d.energy import EnergyCurve
-from h3d.power.base import MEASURED_SOURCES
+from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
 from h3d.storage.models import Device, Run
 
@@ -119,6 +123,7 @@ class EnergyModel:
                     "gaps_s": integral.gaps_s,
                     "granularity_s": m.dev.granularity_s,
                     "below_granularity": integral.below_granularity,
+                    "caveat": caveat(m.dev.source, m.dev.model or ""),
                 }
             )
         sources: set[str] = {d["source"] for d in by_device}
@@ -165,12 +170,26 @@ def run_model(
     return EnergyModel(session, t0=t0, t1=t1, interval_s=interval_s, run_id=run.id)
 
 
+def run_carbon(
+    settings: Settings | None, model: EnergyModel, t0: float, t1: float
+) -> dict[str, Any]:
+    """The run's co2e_g with its provenance (h3d.carbon); null without settings."""
+    if settings is None:
+        return {"co2e_g": None, "carbon_source": "none", "carbon_detail": "not computed"}
+    return carbon.run_carbon(settings, lambda a, b: model.energy(a, b)["energy_j"], t0, t1)
+
+
 def run_energy(
-    session: Session, *, run: Run, interval_s: float, now: float | None = None
+    session: Session,
+    *,
+    run: Run,
+    interval_s: float,
+    now: float | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = run_model(session, run=run, interval_s=interval_s, now=now)
-    return {"run_id": run.id, **model.energy(t0, t1)}
+    return {"run_id": run.id, **model.energy(t0, t1), **run_carbon(settings, model, t0, t1)}
 
 
 def _points(session: Session, run_id: str) -> list[eff.BatchPoint]:
@@ -284,6 +303,7 @@ def run_report(
     interval_s: float,
     window_s: float = 60.0,
     now: float | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = run_model(session, run=run, interval_s=interval_s, now=now)
@@ -303,7 +323,8 @@ def run_report(
     eta = run_eta(
         session, run=run, window_s=window_s, interval_s=interval_s, now=now, model=model, pts=pts
     )
-    energy = {"run_id": run.id, **model.energy(t0, t1)}
+    co2 = run_carbon(settings, model, t0, t1)
+    energy = {"run_id": run.id, **model.energy(t0, t1), **co2}
     epoch_rows = {e.epoch: e for e in repo.epochs(session, run_id=run.id)}
     epochs_out = []
     k_run = eff.smoothing_k(len(pts))
@@ -365,4 +386,6 @@ def run_report(
         "epochs": epochs_out,
         "phases": phases_out,
         "landauer_bits_per_j_300k": eff.LANDAUER_BITS_PER_J_300K,
+        "co2e_g": co2["co2e_g"],
+        "carbon_source": co2["carbon_source"],
     }

@@ -26,6 +26,7 @@ from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.datadir import make_private
 from h3d.errors import H3DError
+from h3d.metrics import CarbonTotals
 from h3d.metrics import render as render_metrics
 from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
@@ -163,11 +164,19 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
+    carbon_totals = CarbonTotals()
+
     @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
     def metrics(request: Request) -> PlainTextResponse:
         st = request.state
         with st.store.read() as s:
-            body = render_metrics(s, st.sampler, interval_s=settings.sample_interval_s)
+            body = render_metrics(
+                s,
+                st.sampler,
+                interval_s=settings.sample_interval_s,
+                settings=settings,
+                carbon_totals=carbon_totals,
+            )
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(H3DError)

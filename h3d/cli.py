@@ -193,6 +193,11 @@ def print_report(rep: dict[str, Any]) -> None:
         print(f"  above idle   {_fmt(e['active_energy_j'], ' J')}")
     else:
         print(f"  above idle   unknown ({e.get('active_energy_note') or 'no idle baseline'})")
+    if e.get("carbon_source", "none") != "none":
+        print(f"  carbon       {_fmt(e.get('co2e_g'), ' gCO2e')}  source={e['carbon_source']}")
+        print(f"               {e.get('carbon_detail', '')}")
+    elif "carbon_source" in e:
+        print("  carbon       unknown (no intensity set: H3D_CARBON_INTENSITY_G_PER_KWH, ...)")
     print(
         f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
         f"(smoothed over {eta['smoothing_batches']} batches)"
@@ -379,6 +384,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(_settings(args))
 
 
+def cmd_setup_rapl(args: argparse.Namespace) -> int:
+    from h3d.power import setup_rapl
+
+    return setup_rapl.main(
+        group=args.group, user=args.user, do_apply=args.apply, root=Path(args.root)
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from h3d import demo
 
@@ -428,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "doctor", parents=[common], help="which power backends work, and why not"
     ).set_defaults(func=cmd_doctor)
+    sr = sub.add_parser(
+        "setup-rapl", help="RAPL without root: a udev rule and a systemd unit (prints them)"
+    )
+    sr.add_argument("--group", default="h3d-rapl", help="the group that may read the counters")
+    sr.add_argument("--user", default=None, help="the daemon's user (default: $SUDO_USER)")
+    sr.add_argument("--apply", action="store_true", help="install them (as root)")
+    sr.add_argument("--root", default="/", help=argparse.SUPPRESS)  # tests: install under here
+    sr.set_defaults(func=cmd_setup_rapl)
     d = sub.add_parser("demo", parents=[common], help="profile a real small training run")
     d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--stop", action="store_true", help="stop the daemon it started afterwards")

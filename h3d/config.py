@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     allowed_hosts: str = ""
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_batches_per_request: int = Field(50_000, gt=0)
+    # Carbon (docs/power.md, "Carbon"): nothing set -> co2e_g is null, never a guess.
+    carbon_intensity_g_per_kwh: float | None = Field(None, ge=0.0, le=5000.0)
+    carbon_region: str | None = None  # a code of the shipped annual-average table, e.g. FR
+    carbon_timeseries_csv: Path | None = None  # rows of time,g_per_kwh
+    electricitymaps_token: str | None = None  # enables the `live` source
+    carbon_zone: str | None = None  # Electricity Maps zone (default: carbon_region)
+    carbon_live_url: str = "https://api.electricitymap.org"
+    carbon_live_ttl_s: float = Field(900.0, gt=0.0)
     # The public URL once bound (set by `serve`; written to daemon.json).
     public_url: str | None = None
 
@@ -67,6 +75,16 @@ class Settings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {v!r}")
         return v
+
+    @field_validator("carbon_region")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from h3d.carbon import region
+
+        region(v)  # an unknown code is an error at start-up, with the known codes
+        return v.strip().upper()
 
     @property
     def database_url(self) -> str:

@@ -13,13 +13,19 @@ daemon followed from their start. ``/metrics`` needs the bearer token, as /v1 do
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
+from h3d import carbon
 from h3d import efficiency as eff
 from h3d.power.sampler import PowerSampler
 from h3d.storage import repository as repo
+
+if TYPE_CHECKING:
+    from h3d.config import Settings
 
 
 def _escape(v: str) -> str:
@@ -38,7 +44,45 @@ def _family(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float
     return out
 
 
-def render(session: Session, sampler: PowerSampler | None, *, interval_s: float) -> str:
+class CarbonTotals:
+    """Each running run's grams of CO2e, kept scrape by scrape: the energy added since the
+    last scrape × the grid intensity now. O(running runs) per scrape, where re-integrating
+    every run's history against the intensity series would grow with its age; the step
+    between two scrapes (15-60 s) is far finer than any intensity series (hourly)."""
+
+    def __init__(self) -> None:
+        self._seen_j: dict[str, float] = {}
+        self._grams: dict[str, float] = {}
+
+    def update(
+        self, settings: Settings, energy: list[tuple[str, float]]
+    ) -> dict[str, tuple[float, str]]:
+        now = time.time()
+        intensity, _note = carbon.resolve(settings, now, now)
+        live = {rid for rid, _e in energy}
+        for gone in set(self._seen_j) - live:
+            self._seen_j.pop(gone, None)
+            self._grams.pop(gone, None)
+        if intensity is None:
+            return {}
+        g_per_kwh = intensity.pieces(now, now + 1.0)[0][2]
+        out = {}
+        for rid, e in energy:
+            delta = max(0.0, e - self._seen_j.get(rid, 0.0))
+            self._seen_j[rid] = e
+            self._grams[rid] = self._grams.get(rid, 0.0) + delta * g_per_kwh / carbon.J_PER_KWH
+            out[rid] = (self._grams[rid], intensity.source)
+        return out
+
+
+def render(
+    session: Session,
+    sampler: PowerSampler | None,
+    *,
+    interval_s: float,
+    settings: Settings | None = None,
+    carbon_totals: CarbonTotals | None = None,
+) -> str:
     devs = sampler.devices if sampler else []
     lines: list[str] = []
     lines += _family(
@@ -104,6 +148,19 @@ def render(session: Session, sampler: PowerSampler | None, *, interval_s: float)
         "Information gained per joule since the run started (eta).",
         ((_labels(run=r.id, name=r.name), eta) for r, _e, eta in run_rows if eta is not None),
     )
+    if settings is not None and carbon_totals is not None and carbon.configured(settings):
+        grams = carbon_totals.update(settings, [(r.id, e) for r, e, _eta in run_rows])
+        lines += _family(
+            "h3d_run_co2e_grams_total",
+            "counter",
+            "Grams of CO2e attributed to a running run (energy x grid intensity over time), "
+            "since this daemon began following it.",
+            (
+                (_labels(run=r.id, name=r.name, source=grams[r.id][1]), grams[r.id][0])
+                for r, _e, _eta in run_rows
+                if r.id in grams
+            ),
+        )
     if sampler is not None:
         st = sampler.stats()
         lines += _family(

@@ -279,6 +279,9 @@ class DeviceEnergy(BaseModel):
         description="The window is shorter than the device's update period: the figure is "
         "interpolated between updates, not resolved."
     )
+    caveat: str | None = Field(
+        None, description="What this device's figure cannot see (e.g. part-time power sensors)."
+    )
 
 
 class EnergyPublic(BaseModel):
@@ -296,6 +299,15 @@ class EnergyPublic(BaseModel):
     t_end: float
     duration_s: float
     by_device: list[DeviceEnergy]
+    co2e_g: float | None = Field(
+        None,
+        description="Grams of CO2e: the run's energy over time x the grid intensity then "
+        "(null when no intensity is configured; never guessed).",
+    )
+    carbon_source: str = Field(
+        "none", description="constant | region_average | timeseries | live | none"
+    )
+    carbon_detail: str = Field("", description="Data set, zone or file; any fallback taken.")
 
 
 class EtaPublic(BaseModel):

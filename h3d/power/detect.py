@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from h3d.power import apple, nvml, rapl
+from h3d.power import amdsmi, apple, intel, jetson, nvml, rapl
 from h3d.power.base import PowerBackend
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,10 @@ def _probe(
         return Probe(family, False, reason, fix(reason))
     if not backends:
         return Probe(family, False, "no device found", fix("no device found"))
-    names = ", ".join(f"{b.info.name} ({b.info.source})" for b in backends)
+    names = ", ".join(
+        f"{b.info.name} ({b.info.source}{'; ' + b.info.note if b.info.note else ''})"
+        for b in backends
+    )
     return Probe(family, True, names, "", backends)
 
 
@@ -57,7 +60,13 @@ def _apple() -> list[PowerBackend]:
         raise RuntimeError(f"{exc}; and `sudo -n powermetrics` needs a password") from exc
 
 
-def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = True) -> list[Probe]:
+def probe_all(
+    *,
+    powercap_root: Path = rapl.DEFAULT_ROOT,
+    drm_root: Path = intel.DEFAULT_ROOT,
+    hwmon_root: Path = jetson.DEFAULT_ROOT,
+    nvml_period: bool = True,
+) -> list[Probe]:
     def nvml_fix(reason: str) -> str:
         if "not importable" in reason:
             return "`pip install 'h3[nvidia]'` (and the NVIDIA driver)"
@@ -69,9 +78,31 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
             return "reboot (or reload the nvidia modules) after the driver update"
         return "" if "no device" in reason else "check that `nvidia-smi` works for this user"
 
+    def amd_fix(reason: str) -> str:
+        if "not importable" in reason:
+            return "`pip install 'h3[amd]'` (and ROCm >= 6 with the amdgpu driver)"
+        if "libamd_smi.so" in reason:
+            return "install ROCm's amd-smi-lib (`amd-smi` must work), or set ROCM_PATH"
+        if "permission" in reason:
+            return "run h3d as a user in the render and video groups"
+        if "driver" in reason or "initialise" in reason:
+            return "load the amdgpu driver (`sudo modprobe amdgpu`); `amd-smi list` must work"
+        return ""
+
+    def intel_fix(reason: str) -> str:
+        if "not readable" in reason:
+            return "`sudo h3d setup-rapl` shows the udev pattern; adapt it to the hwmon file"
+        if "without an energy counter" in reason:
+            return "nothing to fix: the integrated GPU is inside the RAPL package figure"
+        if "does not exist" in reason or "no i915/xe" in reason:
+            return ""  # no Intel GPU here
+        return "Level Zero: install level-zero and the compute runtime, `pip install 'h3[intel]'`"
+
     def rapl_fix(reason: str) -> str:
-        if "root-only" in reason or "does not exist" in reason:
-            return ""  # the reason already says how, or there is nothing to fix
+        if "root-only" in reason:
+            return "`h3d setup-rapl` prints a udev rule and a systemd unit (`--apply` as root)"
+        if "does not exist" in reason:
+            return ""  # nothing to fix
         return (
             "load the driver: `sudo modprobe intel_rapl_msr` (Intel, and AMD Zen on Linux >= 5.11)"
         )
@@ -81,15 +112,24 @@ def probe_all(*, powercap_root: Path = rapl.DEFAULT_ROOT, nvml_period: bool = Tr
 
     return [
         _probe("nvml", nvml_fix, lambda: nvml.discover(probe_period=nvml_period)),
+        _probe("amdsmi", amd_fix, lambda: amdsmi.discover(check_s=0.25 if nvml_period else 0)),
+        _probe("intel", intel_fix, lambda: intel.discover_all(drm_root)),
+        _probe("jetson", lambda r: "", lambda: jetson.discover(hwmon_root)),
         _probe("rapl", rapl_fix, lambda: rapl.discover(powercap_root)),
         _probe("apple", apple_fix, _apple),
     ]
 
 
-def detect_backends(*, powercap_root: Path = rapl.DEFAULT_ROOT) -> list[PowerBackend]:
-    """GPUs, then CPU packages, then Apple SoCs: every device that can be read."""
+def detect_backends(
+    *,
+    powercap_root: Path = rapl.DEFAULT_ROOT,
+    drm_root: Path = intel.DEFAULT_ROOT,
+    hwmon_root: Path = jetson.DEFAULT_ROOT,
+) -> list[PowerBackend]:
+    """GPUs (NVIDIA, AMD, Intel), Jetson, then CPU packages, then Apple SoCs: every device
+    that can be read."""
     out: list[PowerBackend] = []
-    for p in probe_all(powercap_root=powercap_root):
+    for p in probe_all(powercap_root=powercap_root, drm_root=drm_root, hwmon_root=hwmon_root):
         if p.ok:
             out.extend(p.backends)
         else:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from h3d import carbon
 from h3d.config import Settings
 from h3d.power import detect
 from h3d.power.estimated import EstimatedCpuBackend
@@ -20,6 +23,21 @@ def main(settings: Settings) -> int:
             "used only when nothing above works",
         )
     )
+    if carbon.configured(settings):
+        now = time.time()
+        intensity, note = carbon.resolve(settings, now - 60.0, now)
+        what = f"{intensity.source}: {intensity.detail}" if intensity else "unusable"
+        rows.append(("carbon", intensity is not None, what + (f"; {note}" if note else ""), ""))
+    else:
+        rows.append(
+            (
+                "carbon",
+                False,
+                "no grid intensity configured: co2e_g is null (never guessed)",
+                "set H3D_CARBON_INTENSITY_G_PER_KWH, H3D_CARBON_REGION, "
+                "H3D_CARBON_TIMESERIES_CSV or H3D_ELECTRICITYMAPS_TOKEN (docs/power.md)",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     for family, ok, reason, fix in rows:
         print(f"{family:<{width}}  {'OK ' if ok else 'NO '} {reason}")

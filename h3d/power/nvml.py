@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading, caveat
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ class NvmlGpu:
             index=index,
             power_limit_w=limit_w,
             granularity_s=period,
+            note=caveat(source, name) or "",
         )
 
     def _try(self, fn: Any) -> Any:

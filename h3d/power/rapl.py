@@ -20,13 +20,14 @@ import logging
 import time
 from pathlib import Path
 
-from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading, read_sysfs_int
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/sys/class/powercap")
 PERMISSION_FIX = (
-    "energy_uj is root-only (CVE-2020-8694): until reboot, "
+    "energy_uj is root-only (CVE-2020-8694): `h3d setup-rapl` prints a udev rule that gives "
+    "one group read access and a systemd unit running h3d in that group; until reboot, "
     "`sudo chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj "
     "/sys/class/powercap/intel-rapl:*:*/energy_uj`; for good, a udev rule "
     '(`SUBSYSTEM=="powercap", ACTION=="add", RUN+="/bin/chmod a+r /sys%p/energy_uj"` in '
@@ -38,12 +39,7 @@ PLATFORM_ZONES = frozenset({"psys"})
 
 
 def _read_int(path: Path) -> int:
-    try:
-        return int(path.read_text().strip())
-    except PermissionError as exc:
-        raise PowerBackendError(f"{path}: {PERMISSION_FIX}") from exc
-    except (OSError, ValueError) as exc:
-        raise PowerBackendError(f"{path}: unreadable ({exc})") from exc
+    return read_sysfs_int(path, PERMISSION_FIX)
 
 
 class RaplZone:

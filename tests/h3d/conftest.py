@@ -19,3 +19,17 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Callable[..., types.ModuleType
         return mod
 
     return install
+
+
+@pytest.fixture
+def fake_amdsmi(monkeypatch: pytest.MonkeyPatch) -> Callable[..., types.ModuleType]:
+    """Install a fake ``amdsmi`` (the hardware seam) backed by the given GPU dies."""
+    from tests.h3d.fake_amdsmi import FakeAmdGpu
+    from tests.h3d.fake_amdsmi import make_module as make_amd
+
+    def install(gpus: list[FakeAmdGpu], **kw: object) -> types.ModuleType:
+        mod = make_amd(gpus, **kw)  # type: ignore[arg-type]
+        monkeypatch.setitem(sys.modules, "amdsmi", mod)
+        return mod
+
+    return install

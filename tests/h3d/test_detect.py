@@ -41,16 +41,23 @@ def test_vendor_modules_that_fail_on_import_are_absent(
     lib.mkdir()
     broken_module(lib, "pynvml", body)
     broken_module(lib, "zeus_apple_silicon", body)
+    broken_module(lib, "amdsmi", body)
     monkeypatch.syspath_prepend(str(lib))
-    for name in ("pynvml", "zeus_apple_silicon"):
+    for name in ("pynvml", "zeus_apple_silicon", "amdsmi"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(detect.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(apple, "sudo_allows_powermetrics", lambda: False)
-    probes = {p.family: p for p in detect.probe_all(powercap_root=tmp_path / "none")}
-    assert [p for p in probes] == ["nvml", "rapl", "apple"]
+    roots = {
+        "powercap_root": tmp_path / "none",
+        "drm_root": tmp_path / "none",
+        "hwmon_root": tmp_path / "none",
+    }
+    probes = {p.family: p for p in detect.probe_all(**roots)}
+    assert [p for p in probes] == ["nvml", "amdsmi", "intel", "jetson", "rapl", "apple"]
     assert not any(p.ok for p in probes.values())
     assert shown in probes["nvml"].reason and shown in probes["apple"].reason
-    assert detect.detect_backends(powercap_root=tmp_path / "none") == []
+    assert shown in probes["amdsmi"].reason
+    assert detect.detect_backends(**roots) == []
 
 
 def test_a_probe_that_crashes_in_discovery_is_absent(
@@ -61,9 +68,9 @@ def test_a_probe_that_crashes_in_discovery_is_absent(
 
     monkeypatch.setattr(nvml, "discover", crash)
     monkeypatch.setattr(rapl, "discover", crash)
-    probes = detect.probe_all(powercap_root=tmp_path)
-    assert [p.ok for p in probes] == [False, False, False]
-    assert "driver bug" in probes[0].reason and "driver bug" in probes[1].reason
+    probes = detect.probe_all(powercap_root=tmp_path, drm_root=tmp_path, hwmon_root=tmp_path)
+    assert [p.ok for p in probes] == [False] * 6
+    assert "driver bug" in probes[0].reason and "driver bug" in probes[4].reason
 
 
 def test_backends_come_in_a_fixed_order_gpus_then_rapl_then_apple(
@@ -98,7 +105,7 @@ def test_nothing_readable_is_an_empty_list_and_reasons(
     monkeypatch.setitem(sys.modules, "pynvml", None)
     caplog.set_level(logging.INFO, logger="h3d.power.detect")
     assert detect.detect_backends(powercap_root=tmp_path / "missing") == []
-    for family in ("nvml", "rapl", "apple"):
+    for family in ("nvml", "amdsmi", "intel", "jetson", "rapl", "apple"):
         assert f"power backend {family} absent" in caplog.text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from h3d.power import detect, nvml
-from h3d.power.base import PowerBackendError
+from h3d.power.base import PART_TIME_CAVEAT, PowerBackendError, caveat
 from tests.h3d import fake_pynvml as fk
 from tests.h3d.fake_pynvml import FakeGpu, make_module
 
@@ -174,3 +174,19 @@ def test_the_real_library_without_a_driver_is_absent_with_the_reason() -> None:
         nvml.discover(env={})
     (probe,) = [p for p in detect.probe_all(nvml_period=False) if p.family == "nvml"]
     assert not probe.ok and "libnvidia-ml.so" in probe.reason and "NVIDIA driver" in probe.fix
+
+
+def test_polled_power_on_a100_h100_carries_the_part_time_caveat(fake_nvml) -> None:
+    fake_nvml(
+        [
+            FakeGpu("GPU-a", name="NVIDIA A100-SXM4-40GB", counter=False),
+            FakeGpu("GPU-h", name="NVIDIA H100 80GB HBM3", counter=True),
+            FakeGpu("GPU-t", name="Tesla T4", counter=False),
+        ]
+    )
+    a, h, t = nvml.discover(env={}, probe_period=False)
+    assert a.info.source == "nvml_power_instant" and "Part-time Power" in a.info.note
+    assert h.info.source == "nvml_counter" and h.info.note == ""  # the counter is preferred
+    assert t.info.note == ""
+    assert caveat("nvml_power_average", "NVIDIA H100 PCIe") == PART_TIME_CAVEAT
+    assert caveat("nvml_counter", "NVIDIA H100 PCIe") is None

@@ -15,6 +15,9 @@ CONFIGS = [
     {"lr": 1e-2, "weight_decay": 1e-2},
     {"lr": 1e-2, "lipschitz_update_interval": 3, "lipschitz_safety": 0.5},
 ]
+# every implementation passes the same conformance tests; the default (fused on the CPU) is
+# the "fused" entry plus the real-data test below
+IMPLS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def quadratic(seed: int = 0) -> tuple[nn.Parameter, torch.Tensor]:
@@ -22,10 +25,11 @@ def quadratic(seed: int = 0) -> tuple[nn.Parameter, torch.Tensor]:
     return nn.Parameter(torch.randn(20, generator=g)), torch.linspace(0.5, 4.0, 20)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_converges_on_a_quadratic(kw: dict) -> None:
+def test_converges_on_a_quadratic(kw: dict, impl: str) -> None:
     x, a = quadratic()
-    opt = H3Optimizer([x], **kw)
+    opt = H3Optimizer([x], **kw, **IMPLS[impl])
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -39,11 +43,13 @@ def test_converges_on_a_quadratic(kw: dict) -> None:
     assert float(closure().detach()) < 1e-3 * first
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_state_dict_round_trip_gives_an_identical_next_step(kw: dict) -> None:
+def test_state_dict_round_trip_gives_an_identical_next_step(kw: dict, impl: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     x, y = torch.randn(32, 4), torch.randn(32, 1)
+    kw = {**kw, **IMPLS[impl]}
     opt = H3Optimizer(model.parameters(), **kw)
 
     def closure_for(m: nn.Module, o: torch.optim.Optimizer):
@@ -68,12 +74,14 @@ def test_state_dict_round_trip_gives_an_identical_next_step(kw: dict) -> None:
     assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
 
 
-def test_works_without_closure_and_with_two_param_groups() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_works_without_closure_and_with_two_param_groups(impl: str) -> None:
     torch.manual_seed(0)
     a, b = nn.Linear(3, 3), nn.Linear(3, 1)
     opt = H3Optimizer(
         [{"params": a.parameters()}, {"params": b.parameters(), "lr": 1e-3, "lr_max": 1e-3}],
         lr=1e-2,
+        **IMPLS[impl],
     )
     x, y = torch.randn(16, 3), torch.randn(16, 1)
     start = ((b(a(x)) - y) ** 2).mean().item()
@@ -91,12 +99,41 @@ def test_old_state_dict_passes_setstate() -> None:
     opt = H3Optimizer([x])
     state = opt.state_dict()
     for g in state["param_groups"]:
-        for key in ("lr_min", "max_growth", "lipschitz_smoothing"):
+        for key in ("lr_min", "max_growth", "lipschitz_smoothing", "foreach", "fused"):
             g.pop(key)
     opt2 = H3Optimizer([x])
     opt2.load_state_dict(state)
     opt2.__setstate__(opt2.__getstate__())
     assert opt2.param_groups[0]["max_growth"] == 1.5 and "lr_min" in opt2.param_groups[0]
+    assert opt2.param_groups[0]["foreach"] is None and opt2.param_groups[0]["fused"] is None
+
+
+def test_a_pickled_optimizer_keeps_working() -> None:
+    import pickle
+
+    x, a = quadratic()
+    opt = H3Optimizer([x], lipschitz_update_interval=2)
+
+    def closure_for(o: H3Optimizer, x: torch.Tensor):
+        def closure() -> torch.Tensor:
+            o.zero_grad()
+            loss = 0.5 * (a * x * x).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(4):  # the probe at step 2 sees no displacement yet; step 4's adapts
+        opt.step(closure_for(opt, x))
+    x.grad = torch.full_like(x, float("nan"))
+    opt.step()  # a skip, counted on the device and not yet folded into the state
+    opt2 = pickle.loads(pickle.dumps(opt))
+    assert opt2.lr_history == opt.lr_history and len(opt2.lr_history) == 1
+    assert opt2.skipped_steps == 1
+    x2 = opt2.param_groups[0]["params"][0]
+    for _ in range(4):
+        opt2.step(closure_for(opt2, x2))
+    assert len(opt2.lr_history) == 3 and opt2.skipped_steps == 1
 
 
 def test_curvature_estimate_is_exact_on_a_quadratic_in_adams_metric() -> None:
@@ -111,11 +148,13 @@ def test_curvature_estimate_is_exact_on_a_quadratic_in_adams_metric() -> None:
     assert float(lhat) == pytest.approx(curvature / d, rel=1e-6)
 
 
-def test_adaptive_step_settles_at_gamma_over_lhat() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adaptive_step_settles_at_gamma_over_lhat(impl: str) -> None:
     curvature, gamma = 4.0, 0.5
     x = nn.Parameter(torch.linspace(1.0, 3.0, 10))
     opt = H3Optimizer(
         [x],
+        **IMPLS[impl],
         lr=1e-3,
         lr_max=100.0,
         lipschitz_safety=gamma,
@@ -140,9 +179,10 @@ def test_adaptive_step_settles_at_gamma_over_lhat() -> None:
     )
 
 
-def test_nonfinite_gradients_skip_the_step_without_poisoning_state() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nonfinite_gradients_skip_the_step_without_poisoning_state(impl: str) -> None:
     x = nn.Parameter(torch.ones(3))
-    opt = H3Optimizer([x], lr=0.1)
+    opt = H3Optimizer([x], lr=0.1, **IMPLS[impl])
     (x * 2).sum().backward()
     opt.step()
     snapshot = (
@@ -198,3 +238,163 @@ def test_validation_messages() -> None:
         H3Optimizer([x], lr=-1)
     with pytest.raises(ValueError, match="lr_min <= lr <= lr_max"):
         H3Optimizer([x], lr=1.0, lr_max=0.1)
+
+
+def test_foreach_and_fused_need_each_other_out_and_a_kernel() -> None:
+    x, _ = quadratic()
+    with pytest.raises(ValueError, match="cannot be `True` together"):
+        H3Optimizer([x], foreach=True, fused=True)
+    with pytest.raises(ValueError, match="`fused=True` requires"):
+        H3Optimizer([nn.Parameter(torch.empty(3, device="meta"))], fused=True)
+    opt = H3Optimizer([x])
+    with pytest.raises(ValueError, match="cannot be `True` together"):
+        opt.add_param_group(
+            {"params": [nn.Parameter(torch.ones(2))], "foreach": True, "fused": True}
+        )
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+
+
+SHAPES = [(), (1,), (7,), (3, 4), (2, 3, 5), (16, 8)]
+
+
+def _run_random_problem(
+    impl: dict, *, steps: int = 14, mixed_dtypes: bool = False
+) -> tuple[list[torch.Tensor], H3Optimizer]:
+    """Two groups (the second with weight decay), mixed shapes incl. 0-dim and 1-dim, a NaN
+    gradient at step 6, a curvature probe every 3 steps (via a closure). With
+    ``mixed_dtypes`` every other parameter is float64, so each group has two buckets."""
+    gen = torch.Generator().manual_seed(7)
+    params = [
+        nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64 if i % 2 else None))
+        if mixed_dtypes
+        else nn.Parameter(torch.randn(s, generator=gen))
+        for i, s in enumerate(SHAPES)
+    ]
+    targets = [torch.randn(s, generator=gen) for s in SHAPES]
+    opt = H3Optimizer(
+        [
+            {"params": params[:3]},
+            {"params": params[3:], "lr": 3e-3, "weight_decay": 0.05},
+        ],
+        lr=1e-2,
+        weight_decay=1e-3,
+        lipschitz_update_interval=3,
+        max_growth=3.0,
+        **impl,
+    )
+    for k in range(steps):
+
+        def closure(k: int = k) -> torch.Tensor:
+            opt.zero_grad()
+            loss = sum(
+                (((p - t) ** 2) * (1 + (p - t) ** 2)).sum().float()
+                for p, t in zip(params, targets, strict=True)
+            )
+            loss.backward()  # type: ignore[union-attr]
+            if k == 6:
+                params[4].grad[1, 2, 3] = float("nan")  # type: ignore[index]
+            return loss  # type: ignore[return-value]
+
+        opt.step(closure)
+    return params, opt
+
+
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_fast_paths_give_the_reference_update(impl: str, mixed_dtypes: bool) -> None:
+    ref_params, ref = _run_random_problem(IMPLS["single"], mixed_dtypes=mixed_dtypes)
+    params, opt = _run_random_problem(IMPLS[impl], mixed_dtypes=mixed_dtypes)
+    assert ref.skipped_steps == opt.skipped_steps == 1
+    assert len(ref.lr_history) == len(opt.lr_history) >= 6  # curvature updates happened
+    assert opt.lr_history == pytest.approx(ref.lr_history, rel=1e-4)
+    for p, q in zip(ref_params, params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "snapshot"):
+            torch.testing.assert_close(opt.state[q][key], ref.state[p][key], rtol=1e-5, atol=1e-6)
+        assert torch.equal(opt.state[q]["step"], ref.state[p]["step"])
+
+
+def test_a_skipped_step_moves_nothing_in_any_group() -> None:
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, 2))
+    opt = H3Optimizer([{"params": [a]}, {"params": [b], "weight_decay": 0.1}], lr=0.1)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    before = [t.clone() for t in (a, b, opt.state[a]["exp_avg"], opt.state[b]["exp_avg_sq"])]
+    a.grad = torch.ones(3)
+    b.grad = torch.tensor([[1.0, float("inf")], [1.0, 1.0]])  # only the second group is bad
+    opt.step()
+    after = (a, b, opt.state[a]["exp_avg"], opt.state[b]["exp_avg_sq"])
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+    assert opt.state[a]["step"].item() == 2  # the counters still advance
+    state = opt.state_dict()["state"]
+    assert [int(s["skipped"]) for s in state.values()] == [1, 1]
+
+
+def test_masked_multi_tensor_path_matches_the_host_decided_one() -> None:
+    # the accelerator branch (no host read of the flag) run on the CPU
+    from h3optim._functional import _multi_tensor_h3
+
+    gen = torch.Generator().manual_seed(3)
+
+    def tensors() -> list[list[torch.Tensor]]:  # params, exp_avgs, exp_avg_sqs (≥ 0)
+        g = torch.Generator().manual_seed(4)
+        p, m, v = ([torch.randn(s, generator=g) for s in SHAPES] for _ in range(3))
+        return [p, m, [t.abs() for t in v]]
+
+    hyper = {"step": 5, "lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    for bad in (False, True):
+        grads = [torch.randn(s, generator=gen) for s in SHAPES]
+        if bad:
+            grads[2][1] = float("nan")
+            grads[3][0, 0] = float("-inf")
+        flag = torch.tensor(1.0 if bad else 0.0)
+        (p1, m1, v1), (p2, m2, v2) = tensors(), tensors()
+        orig = [t.clone() for t in p1 + m1 + v1]
+        _multi_tensor_h3(p1, grads, m1, v1, weight_decay=0.1, found_inf=flag, **hyper)
+        _multi_tensor_h3(
+            p2, grads, m2, v2, weight_decay=0.1, found_inf=flag, host_skip=False, **hyper
+        )
+        for x, y in zip(p1 + m1 + v1, p2 + m2 + v2, strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+        if bad:
+            assert all(torch.equal(x, y) for x, y in zip(orig, p2 + m2 + v2, strict=True))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_probe_leaves_parameters_and_gradients_exactly_as_they_were(
+    impl: str, set_to_none: bool
+) -> None:
+    # with lr_min = lr = lr_max the probe cannot change the step: a run with probes must
+    # then be bit-identical to one without, whatever zero_grad does
+    def run(probe: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+        opt = H3Optimizer(
+            [{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+            lr=1e-2,
+            lr_min=1e-2,
+            lr_max=1e-2,
+            lipschitz_update_interval=2,
+            **IMPLS[impl],
+        )
+        x, y = torch.randn(16, 5), torch.randn(16, 2)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=set_to_none)
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(7):
+            if probe:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        if probe:
+            assert len(opt.lipschitz_history) == 4
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(run(True), run(False), strict=True):
+        assert torch.equal(p, q)

@@ -23,7 +23,9 @@ router = APIRouter(tags=["analysis"])
 def get_energy(run_id: str, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
-        return analysis.run_energy(s, run=run, interval_s=settings.sample_interval_s)
+        return analysis.run_energy(
+            s, run=run, interval_s=settings.sample_interval_s, settings=settings
+        )
 
 
 @router.get("/runs/{run_id}/eta", response_model=EtaPublic)
@@ -73,7 +75,7 @@ def get_report(
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
         return analysis.run_report(
-            s, run=run, interval_s=settings.sample_interval_s, window_s=window
+            s, run=run, interval_s=settings.sample_interval_s, window_s=window, settings=settings
         )
 
 

@@ -47,6 +47,7 @@ def get_devices(store: StoreDep, sampler: SamplerDep) -> dict[str, Any]:
                 "reason": reason if d else "not present since the daemon started",
                 "granularity_s": info.granularity_s if info else None,
                 "power_limit_w": info.power_limit_w if info else None,
+                "note": info.note if info else "",
                 "last_t": d.last_t if d else None,
                 "last_power_w": d.last_power_w if d else None,
                 "errors": d.errors if d else 0,

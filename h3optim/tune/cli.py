@@ -1,0 +1,93 @@
+"""``h3-tune path/to/file.py:make_task [--budget-steps N] [--repeats R] [--out DIR]``.
+
+``h3-tune --report DIR/tune-<session>.json`` prints a saved session's report again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from h3optim.tune.report import format_report
+from h3optim.tune.runner import tune
+from h3optim.tune.task import load_task
+from h3optim.tune.techniques import builtin_techniques
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a tuning session; exit 0, 2 on bad input, 130 when interrupted (trials kept)."""
+    names = list(builtin_techniques())
+    p = argparse.ArgumentParser(
+        prog="h3-tune",
+        description="Measure which training settings buy the most bits per joule on your "
+        "model: a baseline, each technique alone, the winners combined; every trial a run "
+        "in the h3d daemon.",
+    )
+    p.add_argument(
+        "task", nargs="?", help="path/to/file.py:factory (or module:factory) returning a Task"
+    )
+    p.add_argument("--report", metavar="JSON", help="print a saved session's report and exit")
+    p.add_argument("--budget-steps", type=int, default=200, help="baseline training steps")
+    p.add_argument("--repeats", type=int, default=1, help="trials per technique (noise)")
+    p.add_argument("--out", default="h3-tune-out", help="directory for JSON and the report")
+    p.add_argument(
+        "--techniques",
+        default=",".join(names),
+        help=f"comma-separated subset of: {','.join(names)}",
+    )
+    p.add_argument("--combine", help="comma-separated techniques to combine (default: greedy)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="allowed metric drop")
+    p.add_argument("--segments", type=int, default=6, help="epochs logged per trial")
+    p.add_argument("--session", help="session id (default: random)")
+    p.add_argument("--url", help="daemon URL (default: discovered)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads before training")
+    args = p.parse_args(argv)
+    if args.report:
+        from h3optim.tune.runner import TuneResult
+
+        try:
+            with open(args.report) as f:
+                print(format_report(TuneResult.from_json(json.load(f))))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"h3-tune: cannot read {args.report}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.task:
+        p.error("give a task (path/to/file.py:factory) or --report JSON")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    techniques = [t for t in args.techniques.split(",") if t]
+    try:
+        task = load_task(args.task)
+        result = tune(
+            task,
+            budget=args.budget_steps,
+            techniques=techniques,
+            repeats=args.repeats,
+            tolerance=args.tolerance,
+            segments=args.segments,
+            combine=args.combine.split(",") if args.combine else None,
+            out=args.out,
+            session=args.session,
+            url=args.url,
+            seed=args.seed,
+            count_flops=not args.no_flops,
+        )
+    except ValueError as exc:
+        print(f"h3-tune: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    print(f"\nwritten to {args.out}/tune-{result.session}*.json|md", file=sys.stderr)
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
