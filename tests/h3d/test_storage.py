@@ -93,11 +93,9 @@ def test_foreign_and_corrupt_databases_are_refused(tmp_path: Path) -> None:
     assert corrupt.read_bytes() == b"this is not sqlite" * 100
 
 
-def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) -> None:
-    data = tmp_path / "d"
-    data.mkdir()
-    (data / "h3d.db").write_bytes(b"garbage" * 1000)
-    r = subprocess.run(
+def serve_once(data: Path) -> subprocess.CompletedProcess[str]:
+    """``h3d serve`` on ``data`` as a user would start it (these stores make it exit)."""
+    return subprocess.run(
         [sys.executable, "-m", "h3d", "serve", "--port", "0"],
         env=daemon_env(data),
         cwd=REPO,
@@ -105,6 +103,13 @@ def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) ->
         text=True,
         timeout=60,
     )
+
+
+def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "h3d.db").write_bytes(b"garbage" * 1000)
+    r = serve_once(data)
     assert r.returncode == 2
     assert "not a readable database" in r.stderr and "untouched" in r.stderr
     assert (data / "h3d.db").read_bytes() == b"garbage" * 1000
@@ -176,14 +181,7 @@ def test_a_damaged_store_is_refused_in_one_line_and_left_untouched(tmp_path: Pat
         f.seek(size // 2)
         f.write(bytes(range(256)) * 256)
     damaged = db.read_bytes()
-    r = subprocess.run(
-        [sys.executable, "-m", "h3d", "serve", "--port", "0"],
-        env=daemon_env(data),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = serve_once(data)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "is damaged" in lines[0] and ".recover" in lines[0], r.stderr
