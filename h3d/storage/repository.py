@@ -255,9 +255,12 @@ def _i64(values: Sequence[int] | bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_insert(dialect: Dialect, table: Any, columns: tuple[str, ...]) -> tuple[str, Any]:
-    """The skip-existing INSERT as driver SQL, compiled once: SQLAlchemy's per-statement
-    construction and caching cost ~8x the SQLite work for a 100-row ingest."""
+def _compiled_insert(
+    dialect: Dialect, table: Any, columns: tuple[str, ...]
+) -> tuple[str, tuple[str, ...] | None, tuple[tuple[str, Any], ...]]:
+    """The skip-existing INSERT as driver SQL, compiled once, with the columns' bind
+    processors (JSON to text, ...): SQLAlchemy's per-statement construction and caching cost
+    ~8x the SQLite work for a 100-row ingest."""
     stmt = (
         sqlite.insert(table).on_conflict_do_nothing()
         if dialect.name == "sqlite"
@@ -266,13 +269,19 @@ def _compiled_insert(dialect: Dialect, table: Any, columns: tuple[str, ...]) -> 
         else table.insert()
     )
     compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
-    return str(compiled), compiled.positiontup if compiled.positional else None
+    processors = tuple(
+        (c, proc) for c in columns if (proc := table.c[c].type.bind_processor(dialect))
+    )
+    order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
+    return str(compiled), order, processors
 
 
 def _fast_insert(session: Session, table: Any, rows: list[dict[str, Any]]) -> None:
     """executemany of a skip-existing INSERT straight to the driver."""
     conn = session.connection()
-    sql, order = _compiled_insert(conn.dialect, table.__table__, tuple(rows[0]))
+    sql, order, processors = _compiled_insert(conn.dialect, table.__table__, tuple(rows[0]))
+    if processors:
+        rows = [{**r, **{c: proc(r[c]) for c, proc in processors}} for r in rows]
     params: Any = [tuple(r[k] for k in order) for r in rows] if order is not None else rows
     conn.exec_driver_sql(sql, params)
 
