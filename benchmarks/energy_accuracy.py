@@ -37,7 +37,7 @@ from h3d.power.estimated import EstimatedCpuBackend  # noqa: E402
 from h3d.power.sampler import PowerSampler  # noqa: E402
 from h3d.storage import migrate  # noqa: E402
 from h3d.storage import repository as repo  # noqa: E402
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope  # noqa: E402
+from h3d.storage.engine import Store, session_scope  # noqa: E402
 
 TRACES = {"steps": steps(0.35), "ramp": ramp(), "bursts": bursts(0.5)}
 
@@ -67,12 +67,12 @@ class TraceBackend:
 
 def run_accuracy(interval_s: float, counter: bool, seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(f"sqlite:///{tmp}/b.db")
-        migrate.upgrade(engine)
-        factory = make_sessionmaker(engine)
+        store = Store(f"sqlite:///{tmp}/b.db")
+        migrate.upgrade(store.engine)
+        factory = store.sessions
         t0_mono = time.monotonic()
         backends = [TraceBackend(n, tr, t0_mono, counter=counter) for n, tr in TRACES.items()]
-        s = PowerSampler(backends, factory, interval_s=interval_s, flush_interval_s=0.5)
+        s = PowerSampler(backends, store, interval_s=interval_s, flush_interval_s=0.5)
         wall_at_t0 = s.now() - (time.monotonic() - t0_mono)  # sampler clock at trace t = 0
         s.start()
         # the window's edges are marked as the daemon marks a run's start and finish
@@ -94,22 +94,20 @@ def run_accuracy(interval_s: float, counter: bool, seconds: float) -> dict[str, 
                 )
                 truth = trace[1](b) - trace[1](a)
                 out[name] = 100.0 * (got - truth) / truth
-        engine.dispose()
+        store.close()
         return out
 
 
 def sampler_cost(interval_s: float, seconds: float) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(f"sqlite:///{tmp}/b.db")
-        migrate.upgrade(engine)
-        s = PowerSampler(
-            [EstimatedCpuBackend(65.0)], make_sessionmaker(engine), interval_s=interval_s
-        )
+        store = Store(f"sqlite:///{tmp}/b.db")
+        migrate.upgrade(store.engine)
+        s = PowerSampler([EstimatedCpuBackend(65.0)], store, interval_s=interval_s)
         s.start()
         time.sleep(seconds)
         frac = s.stats()["cpu_fraction_of_core"]
         s.stop()
-        engine.dispose()
+        store.close()
         return 100.0 * float(frac or 0.0)
 
 

@@ -6,39 +6,46 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypedDict
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from sqlalchemy.orm import Session, sessionmaker
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from h3d import __version__
+from h3d import __version__, openapi
 from h3d.api import api_router
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.dashboard import STATIC_TYPES, static_path_exists, static_text
+from h3d.datadir import make_private
 from h3d.errors import H3DError
+from h3d.metrics import CarbonTotals
 from h3d.metrics import render as render_metrics
 from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
+from h3d.reaper import Reaper
 from h3d.security import ensure_token
 from h3d.storage import migrate
 from h3d.storage import repository as repo
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage.engine import Store
 
 logger = logging.getLogger(__name__)
 
 
 class State(TypedDict):
     settings: Settings
-    session_factory: sessionmaker[Session]
+    store: Store
     sampler: PowerSampler | None
+    reaper: Reaper
 
 
 def _write_daemon_file(settings: Settings) -> None:
@@ -61,18 +68,26 @@ def _remove_daemon_file(settings: Settings) -> None:
             settings.daemon_file.unlink()
 
 
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """The methods every route on the request's path takes, from the OpenAPI paths."""
+    methods: set[str] = set()
+    for template, ops in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {m.upper() for m in ops}
+    return sorted(methods)
+
+
 def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = None) -> FastAPI:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(settings.database_url)
+        store = Store(settings.database_url)
         if settings.auto_migrate:
-            migrate.upgrade(engine)
+            migrate.upgrade(store.engine)
         else:
-            migrate.verify_schema(engine)
-        factory = make_sessionmaker(engine)
+            migrate.verify_schema(store.engine)
         devs = (
             list(backends)
             if backends is not None
@@ -80,37 +95,67 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         )
         sampler = PowerSampler(
             devs,
-            factory,
+            store,
             interval_s=settings.sample_interval_s,
             flush_interval_s=settings.flush_interval_s,
             full_resolution_s=settings.power_full_resolution_s,
             downsample_s=settings.power_downsample_s,
             node=settings.node,
         )
-        with session_scope(factory) as s:  # runs still running when the daemon stopped
-            for run in repo.list_runs(s, status="running", limit=10_000)[0]:
+        store.overlay = sampler.unstored
+        with store.read() as s:  # runs still running when the daemon stopped
+            for run in repo.running_runs(s):
                 if run.world_size is None and run.node == settings.node:
                     sampler.run_started(run.id, run.pid if is_local(run.host) else None)
             for rr in repo.running_ranks(s, node=settings.node):
                 sampler.run_started(rr.run_id, rr.pid if is_local(rr.host) else None, rr.rank)
         sampler.start()
+        reaper = Reaper(
+            store,
+            sampler,
+            grace_s=settings.run_exit_grace_s,
+            timeout_s=settings.run_timeout_s,
+            every_s=settings.run_reap_every_s,
+        )
+        reaper.start()
         _write_daemon_file(settings)
         logger.info("h3d %s ready (%d power devices)", __version__, len(devs))
         try:
-            yield {"settings": settings, "session_factory": factory, "sampler": sampler}
+            yield {"settings": settings, "store": store, "sampler": sampler, "reaper": reaper}
         finally:
             _remove_daemon_file(settings)
+            reaper.stop()
             sampler.stop()
-            engine.dispose()
+            store.close()
 
     app = FastAPI(
         title="h3d",
         version=__version__,
         summary="H3 daemon: energy and bits-per-joule of training runs.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package: GPU clusters are often offline
+        redoc_url=None,
     )
-    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=settings.max_body_bytes)
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path))
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="h3d API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
+
+    app.add_middleware(
+        GuardMiddleware,
+        token=token,
+        max_body_bytes=settings.max_body_bytes,
+        allowed_hosts=settings.host_names,
+    )
     app.include_router(api_router, prefix="/v1")
+    openapi.install(app)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     def dashboard() -> HTMLResponse:
@@ -130,14 +175,18 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
+    carbon_totals = CarbonTotals()
+
     @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
     def metrics(request: Request) -> PlainTextResponse:
         st = request.state
-        if st.sampler is not None:
-            st.sampler.flush()
-        with session_scope(st.session_factory) as s:
+        with st.store.read() as s:
             body = render_metrics(
-                s, st.sampler, interval_s=settings.sample_interval_s, settings=settings
+                s,
+                st.sampler,
+                interval_s=settings.sample_interval_s,
+                settings=settings,
+                carbon_totals=carbon_totals,
             )
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -159,10 +208,15 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path; several
+            # routes share a path here (GET and POST /v1/runs), so name them all.
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(app, request))}
         return JSONResponse(
-            error_payload(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_payload(code, str(exc.detail)), status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)

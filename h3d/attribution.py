@@ -80,6 +80,21 @@ class CpuShareTracker:
     def tracked(self) -> list[Hashable]:
         return list(self._runs)
 
+    def gone(self) -> list[Hashable]:
+        """Tracked keys whose root process has exited (psutil checks the start time, so a
+        reused pid does not count as the run's process)."""
+        out: list[Hashable] = []
+        for rid, tree in list(self._runs.items()):
+            try:
+                alive = tree.root.is_running() and tree.root.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            except psutil.AccessDenied:  # another user's process: it exists
+                alive = True
+            if not alive:
+                out.append(rid)
+        return out
+
     def pids(self, run_id: Hashable) -> set[int]:
         """The run's processes as of the last sample (root and children)."""
         tree = self._runs.get(run_id)

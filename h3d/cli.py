@@ -24,6 +24,7 @@ from typing import Any
 from h3d import __version__
 from h3d._http import DaemonClient, DaemonDown, discover_url, is_healthy
 from h3d.config import Settings
+from h3d.datadir import DataDirBusy, DataDirLock, lock_holder, make_private
 from h3d.errors import H3DError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def _configure_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from h3d.app import create_app
     from h3d.storage import migrate
@@ -56,15 +58,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # the store, its WAL and journal: readable by this user only
+    make_private(settings.data_dir)
+    lock = DataDirLock(settings.data_dir)
+    try:
+        lock.acquire()
+    except DataDirBusy as exc:
+        print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
+        return 2
     engine = make_engine(settings.database_url)
     try:  # check the store before binding, so a bad database is one clear line
+        migrate.check_integrity(engine)
         if settings.auto_migrate:
             migrate.upgrade(engine)
         else:
             migrate.verify_schema(engine)
+        migrate.probe_write(engine)
     except H3DError as exc:
         print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, OSError) as exc:  # a full disk, a read-only mount, ...
+        reason = getattr(exc, "orig", None) or exc
+        url = engine.url.render_as_string(hide_password=True)
+        print(f"h3d: cannot start: {url}: {reason}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
@@ -90,7 +106,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     logger.info("serving on %s (data dir %s)", settings.public_url, settings.data_dir)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        lock.release()
     return 0 if server.started else 1
 
 
@@ -264,19 +283,40 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    """SIGTERM the daemon of this data dir: only a pid that holds the data dir's lock.
+
+    daemon.json alone is not proof: after a SIGKILL it names a dead pid that the system may
+    have given to any other process since.
+    """
     settings = _settings(args)
+    holder = lock_holder(settings.data_dir)
     try:
         info = json.loads(settings.daemon_file.read_text())
-    except (FileNotFoundError, ValueError):
-        print("h3d: no daemon.json: no daemon is running from this data dir")
+        recorded: int | None = int(info["pid"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        recorded = None
+    if holder is None:
+        if recorded is not None:
+            settings.daemon_file.unlink(missing_ok=True)
+            print(
+                f"h3d: no daemon holds {settings.data_dir}; removed a stale daemon.json "
+                f"(pid {recorded} was not signalled)"
+            )
+        else:
+            print(f"h3d: no daemon is running from {settings.data_dir}")
         return 1
+    if recorded is not None and recorded != holder:
+        print(
+            f"h3d: daemon.json names pid {recorded} but pid {holder} holds the data dir; "
+            f"signalling the holder",
+            file=sys.stderr,
+        )
     try:
-        os.kill(int(info["pid"]), signal.SIGTERM)
+        os.kill(holder, signal.SIGTERM)
     except ProcessLookupError:
-        settings.daemon_file.unlink(missing_ok=True)
-        print("h3d: the recorded daemon is gone; removed its stale daemon.json")
+        print(f"h3d: the daemon (pid {holder}) is gone")
         return 1
-    print(f"h3d: asked the daemon (pid {info['pid']}) to stop")
+    print(f"h3d: asked the daemon (pid {holder}) to stop")
     return 0
 
 

@@ -46,7 +46,14 @@ class Settings(BaseSettings):
     # (and for this long when no run is active); older ones are thinned to one per bucket.
     power_full_resolution_s: float = Field(7 * 86400.0, gt=0.0)
     power_downsample_s: float = Field(10.0, gt=0.0)
-    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # Runs whose process is gone: failed after this long without a request (see h3d/reaper.py).
+    run_exit_grace_s: float = Field(30.0, ge=0.0)
+    run_timeout_s: float = Field(3600.0, gt=0.0)
+    run_reap_every_s: float = Field(5.0, gt=0.0)
+    # Host names (besides IP literals and localhost) the daemon answers to: a DNS-rebinding
+    # guard. Comma-separated; "*" turns the check off. The bind host is always allowed.
+    allowed_hosts: str = ""
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_batches_per_request: int = Field(50_000, gt=0)
     # Carbon (docs/power.md, "Carbon"): nothing set -> co2e_g is null, never a guess.
     carbon_intensity_g_per_kwh: float | None = Field(None, ge=0.0, le=5000.0)
@@ -85,6 +92,16 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'h3d.db'}"
+
+    @property
+    def host_names(self) -> list[str]:
+        """Names the Host header may carry (see ``allowed_hosts``)."""
+        names = [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.append(self.host)
+        else:  # every interface: this machine's own names too
+            names += [socket.gethostname(), socket.getfqdn()]
+        return names
 
     @property
     def token_path(self) -> Path:

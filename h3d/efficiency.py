@@ -44,7 +44,12 @@ START_SAMPLES = 32.0
 def loss_at_start(points: Sequence[BatchPoint]) -> float | None:
     """L₀: the first batch's loss, widened over up to ``start_k`` batches only while fewer
     than ``START_SAMPLES`` samples (batch weights) have been seen."""
-    k_max = start_k(len(points))
+    return loss_at_start_of(points, len(points))
+
+
+def loss_at_start_of(points: Sequence[BatchPoint], n_batches: int) -> float | None:
+    """:func:`loss_at_start` of a run of ``n_batches`` of which ``points`` are the first."""
+    k_max = start_k(n_batches)
     weight, k = 0.0, 0
     while k < min(k_max, len(points)) and (k == 0 or weight < START_SAMPLES):
         weight += points[k][2]

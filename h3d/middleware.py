@@ -6,12 +6,55 @@ and decompressed with a cap: a small gzip bomb is refused before it is inflated 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+# The dashboard and /docs: only our own scripts and styles (the page is inline), data only
+# from this origin, and never inside another site's frame (clickjacking).
+PAGE_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self' 'unsafe-inline'; "
+        b"style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+        b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+PAGES = ("/", "/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+def host_allowed(host_header: bytes, allowed: frozenset[str]) -> bool:
+    """DNS rebinding defence: a page on attacker.example that re-resolves its name to
+    127.0.0.1 sends ``Host: attacker.example``. IP literals, localhost and the configured
+    names pass; ``*`` in ``allowed`` turns the check off."""
+    if "*" in allowed:
+        return True
+    try:
+        host = host_header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return False
+    if host.startswith("["):  # [::1]:8421
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if not name:
+        return False
+    if name in LOOPBACK_NAMES or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
@@ -23,18 +66,62 @@ async def _send_error(send: Send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def is_protected(path: str) -> bool:
+    """/v1 and /metrics (run ids and names, energy) need the token; /healthz, /docs and the
+    dashboard page (which asks for the token itself) do not."""
+    return path.startswith("/v1") or path == "/metrics"
+
+
+def _gunzip(data: bytes, limit: int) -> bytes | None:
+    """Every member of a gzip stream (RFC 1952 allows several, and ``cat a.gz b.gz`` makes
+    them), inflated to at most ``limit`` bytes; None if it would inflate beyond that."""
+    out: list[bytes] = []
+    size = 0
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        chunk = d.decompress(data, limit - size + 1)
+        size += len(chunk)
+        if size > limit or d.unconsumed_tail:
+            return None
+        out.append(chunk)
+        if not d.eof:
+            raise zlib.error("the stream ends inside a member")
+        data = d.unused_data
+        if not data.strip(b"\0"):  # trailing zero padding is allowed after the last member
+            return b"".join(out)
+
+
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, token: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: str,
+        max_body_bytes: int,
+        allowed_hosts: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
         self.max_body = max_body_bytes
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers: dict[bytes, bytes] = dict(scope["headers"])
-        if scope["path"].startswith("/v1") and not secrets.compare_digest(
+        if not host_allowed(headers.get(b"host", b""), self.allowed_hosts):
+            await _send_error(
+                send,
+                400,
+                "bad_host",
+                "the Host header names no address of this daemon (a DNS-rebinding guard); "
+                "add the name to H3D_ALLOWED_HOSTS if it is yours",
+            )
+            return
+        if scope["path"] in PAGES:
+            send = _with_headers(send, PAGE_HEADERS)
+        if is_protected(scope["path"]) and not secrets.compare_digest(
             headers.get(b"authorization", b""), self.expected
         ):
             await _send_error(
@@ -69,14 +156,14 @@ class GuardMiddleware:
         body = b"".join(chunks)
         if encoding == b"gzip":
             try:
-                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                body = d.decompress(body, self.max_body + 1)
-                if len(body) > self.max_body or d.unconsumed_tail:
-                    await _send_error(send, 413, "payload_too_large", self._too_large())
-                    return
+                inflated = _gunzip(body, self.max_body)
             except zlib.error as exc:
                 await _send_error(send, 400, "bad_encoding", f"the gzip body is corrupt: {exc}")
                 return
+            if inflated is None:
+                await _send_error(send, 413, "payload_too_large", self._too_large())
+                return
+            body = inflated
             new_headers = [
                 (k, v)
                 for k, v in scope["headers"]
@@ -97,6 +184,15 @@ class GuardMiddleware:
 
     def _too_large(self) -> str:
         return f"the request body is over the {self.max_body} byte limit (after decompression)"
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
 
 
 def error_payload(code: str, message: str, details: Any = None) -> dict[str, Any]:

@@ -1,35 +1,51 @@
-"""Annotated dependencies: the session, the settings and the sampler, from lifespan state."""
+"""Annotated dependencies: the store, the settings and the sampler, from lifespan state.
+
+There is no session dependency on purpose: a yield dependency's exit runs after the route
+returns, in another threadpool thread, so a session held by one would keep its connection
+(and, for a write, SQLite's lock) across a thread hop. (They are ``async``: plain lookups need no threadpool hop either.) Routes open ``store.read()`` in their
+body and hand writes to ``store.write(fn)``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
 
 from h3d.config import Settings
 from h3d.power.sampler import PowerSampler
-from h3d.storage.engine import session_scope
+from h3d.reaper import Reaper
+from h3d.storage.engine import Store
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with session_scope(request.state.session_factory) as s:
-        yield s
+async def get_store(request: Request) -> Store:
+    store: Store = request.state.store
+    return store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
-def get_sampler(request: Request) -> PowerSampler | None:
+async def get_sampler(request: Request) -> PowerSampler | None:
     sampler: PowerSampler | None = request.state.sampler
     return sampler
 
 
-# scope="function": the transaction commits before the response is sent, so a 200 means
-# the data is stored (and a failed commit is an error response, not a lost write).
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+async def get_reaper(request: Request) -> Reaper:
+    reaper: Reaper = request.state.reaper
+    return reaper
+
+
+async def seen_run(request: Request, run_id: str) -> None:
+    """A request for this run arrived: its heartbeat for the reaper."""
+    reaper: Reaper = request.state.reaper
+    reaper.seen(run_id)
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SamplerDep = Annotated["PowerSampler | None", Depends(get_sampler)]
+ReaperDep = Annotated[Reaper, Depends(get_reaper)]
+SeenRun = Depends(seen_run)

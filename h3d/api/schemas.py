@@ -4,15 +4,68 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+import json
+import math
+import time
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
-INT_MAX = 2**62  # SQLite integers are 64-bit: bound every int before it reaches the store
+# Every int is bounded before it reaches the store (SQLite integers are 64-bit), at the
+# largest integer a double holds exactly: JSON tools (and JSON Schema validators) read
+# numbers as doubles, so a bound above it could not be stated exactly in the OpenAPI.
+INT_MAX = 2**53 - 1
+CONFIG_MAX_DEPTH = 32
+CONFIG_MAX_BYTES = 64 * 1024
+# Unix seconds a run may claim: not before 1970, not more than a day ahead of the daemon.
+FUTURE_SLACK_S = 86400.0
+
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+StrictId = Annotated[int, Field(strict=True, ge=0, le=INT_MAX)]
+
+
+def check_config(v: dict[str, Any]) -> dict[str, Any]:
+    """A run's config: JSON of bounded depth and size, finite numbers only.
+
+    It is returned in every list page, so a 30 MB config would be served again and again;
+    NaN/inf have no JSON form and would come back as null.
+    """
+    stack: list[tuple[Any, int]] = [(v, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > CONFIG_MAX_DEPTH:
+            raise ValueError(f"config is nested deeper than {CONFIG_MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((x, depth + 1) for x in node.values())
+        elif isinstance(node, list):
+            stack.extend((x, depth + 1) for x in node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ValueError("config holds a NaN or infinite number (JSON has none)")
+    size = len(json.dumps(v, separators=(",", ":")))
+    if size > CONFIG_MAX_BYTES:
+        raise ValueError(f"config is {size} bytes of JSON; the limit is {CONFIG_MAX_BYTES}")
+    return v
+
+
+def check_timestamp(v: float | None) -> float | None:
+    if v is not None and not 0.0 <= v <= time.time() + FUTURE_SLACK_S:
+        raise ValueError(
+            "must be Unix seconds between 1970 and a day from now "
+            f"(got {v!r}); a run with such a window would claim energy it never used"
+        )
+    return v
 
 
 class RunCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str | None = Field(
         None,
@@ -24,8 +77,12 @@ class RunCreate(BaseModel):
         None, allow_inf_nan=False, description="Unix seconds; default: when the daemon receives it."
     )
     name: str | None = Field(None, max_length=200)
-    config: dict[str, Any] = Field(default_factory=dict)
-    tags: list[str] = Field(default_factory=list, max_length=100)
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"JSON, at most {CONFIG_MAX_DEPTH} levels deep and {CONFIG_MAX_BYTES} "
+        "bytes; numbers must be finite.",
+    )
+    tags: list[Tag] = Field(default_factory=list, max_length=100)
     pid: int | None = Field(None, ge=0, le=INT_MAX)
     host: str | None = Field(None, max_length=255)
     n_train: int | None = Field(
@@ -53,16 +110,19 @@ class RunCreate(BaseModel):
                 raise ValueError("a rank joins a run by its id: give id")
         return self
 
+    _config = field_validator("config")(check_config)
+    _created = field_validator("created_at")(check_timestamp)
+
 
 class RunUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     status: Literal["finished", "failed"] | None = None
     finished_at: float | None = Field(
         None, allow_inf_nan=False, description="With status: when it ended (default: now)."
     )
     name: str | None = Field(None, min_length=1, max_length=200)
-    tags: list[str] | None = Field(None, max_length=100)
+    tags: list[Tag] | None = Field(None, max_length=100)
     rank: int | None = Field(
         None,
         ge=0,
@@ -70,6 +130,8 @@ class RunUpdate(BaseModel):
         description="With status: only this rank is done. A distributed run ends when its "
         "last rank is (failed if any rank failed).",
     )
+
+    _finished = field_validator("finished_at")(check_timestamp)
 
 
 class RunPublic(BaseModel):
@@ -111,16 +173,23 @@ def _unpack(text: str, width: int, name: str) -> bytes:
 
 
 class BatchIn(BaseModel):
-    seq: int = Field(ge=0, le=INT_MAX, description="Per-run sequence number: the idempotency key.")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    seq: int = Field(
+        strict=True,
+        ge=0,
+        le=INT_MAX,
+        description="Per-run sequence number: the idempotency key (a JSON integer).",
+    )
     t: float = Field(
         allow_inf_nan=False, description="Unix seconds (wall clock) when the batch ended."
     )
     loss: float | None = Field(
         description="Mean loss in nats. null only with nonfinite_as_null (a NaN/inf loss)."
     )
-    n: int | None = Field(None, ge=0, le=INT_MAX)
-    epoch: int | None = Field(None, ge=0, le=INT_MAX)
-    step: int | None = Field(None, ge=0, le=INT_MAX)
+    n: StrictId | None = None
+    epoch: StrictId | None = None
+    step: StrictId | None = None
     phase: str | None = Field(None, max_length=32)
     rank: int | None = Field(None, ge=0, le=INT_MAX, description="The rank that logged it.")
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
@@ -135,6 +204,10 @@ class BatchIn(BaseModel):
         description="Dataset indices packed: base64 of little-endian int64. Instead of `indices`.",
     )
 
+    # decoded once in validation, not again by every reader
+    _losses_raw: bytes | None = PrivateAttr(None)
+    _indices_raw: bytes | None = PrivateAttr(None)
+
     @field_validator("indices")
     @classmethod
     def _index_range(cls, v: list[int] | None) -> list[int] | None:
@@ -148,6 +221,10 @@ class BatchIn(BaseModel):
             raise ValueError("give losses or losses_f32, not both")
         if self.indices is not None and self.indices_i64 is not None:
             raise ValueError("give indices or indices_i64, not both")
+        if self.losses_f32 is not None:
+            self._losses_raw = _unpack(self.losses_f32, 4, "losses_f32")
+        if self.indices_i64 is not None:
+            self._indices_raw = _unpack(self.indices_i64, 8, "indices_i64")
         n_losses, n_indices = self.sample_count(), self.index_count()
         if n_indices is not None and n_losses is None:
             raise ValueError("indices given without losses")
@@ -156,10 +233,10 @@ class BatchIn(BaseModel):
         return self
 
     def packed_losses(self) -> bytes | None:
-        return None if self.losses_f32 is None else _unpack(self.losses_f32, 4, "losses_f32")
+        return self._losses_raw
 
     def packed_indices(self) -> bytes | None:
-        return None if self.indices_i64 is None else _unpack(self.indices_i64, 8, "indices_i64")
+        return self._indices_raw
 
     def sample_count(self) -> int | None:
         if self.losses is not None:
@@ -175,7 +252,7 @@ class BatchIn(BaseModel):
 
 
 class BatchesIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     batches: list[BatchIn]
     nonfinite_as_null: bool = Field(
@@ -194,7 +271,9 @@ class BatchesIn(BaseModel):
 
 
 class EpochIn(BaseModel):
-    epoch: int = Field(ge=0, le=INT_MAX)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    epoch: int = Field(strict=True, ge=0, le=INT_MAX)
     t: float = Field(allow_inf_nan=False)
     phase: str | None = Field(None, max_length=32)
     accuracy: float | None = None
@@ -204,7 +283,7 @@ class EpochIn(BaseModel):
 
 
 class EpochsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     epochs: list[EpochIn]
 
@@ -314,10 +393,13 @@ class EtaPublic(BaseModel):
     t: float
 
 
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
 class SeriesPublic(BaseModel):
     run_id: str
     metric: str
-    points: list[tuple[float, float]]
+    points: list[Point] = Field(description="[x, y] pairs: x in Unix seconds.")
 
 
 class ErrorBody(BaseModel):

@@ -1,5 +1,11 @@
 """The sampler thread: reads every backend each period and stores the readings in batches.
 
+Storage errors never stop it: readings wait in memory (up to ``max_unstored_rows``, the
+oldest dropped beyond that) and are retried at every flush; what had to be dropped is
+missing from the store, so the energy integration reports it as a gap, and ``storage()``
+(shown in ``/v1/devices``) says what happened. Readings not stored yet are visible to
+queries through ``unstored()`` (the store's read overlay), so reads never wait for a write.
+
 Time: each tick is stamped ``wall0 + (monotonic() - mono0)``: a Unix time that the
 monotonic clock drives, so NTP steps do not bend the integration, and that still lines up
 with the client's wall-clock batch timestamps.
@@ -16,12 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from h3d.attribution import CpuShareTracker
 from h3d.power.base import PowerBackend, PowerBackendError
 from h3d.storage import repository as repo
-from h3d.storage.engine import session_scope
+from h3d.storage.engine import Store
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +53,24 @@ class DeviceState:
     idle_power_w: float | None = None
 
 
+@dataclass
+class StorageHealth:
+    """How storing the readings goes: ``ok``, or ``failing`` with the last error."""
+
+    status: str = "ok"
+    reason: str | None = None
+    failures: int = 0
+    dropped_rows: int = 0
+    # the span of readings dropped for good (they show as gaps in energy figures)
+    dropped_t0: float | None = None
+    dropped_t1: float | None = None
+
+
 class PowerSampler:
     def __init__(
         self,
         backends: Sequence[PowerBackend],
-        session_factory: sessionmaker[Session],
+        store: Store,
         *,
         interval_s: float = 0.1,
         flush_interval_s: float = 1.0,
@@ -60,6 +79,7 @@ class PowerSampler:
         downsample_s: float = 10.0,
         prune_every_s: float = 600.0,
         node: str = "",
+        max_unstored_rows: int = 200_000,
     ) -> None:
         self.node = node  # stamped on this daemon's devices and run shares
         self.full_resolution_s = full_resolution_s
@@ -74,7 +94,17 @@ class PowerSampler:
         self._active_runs: set[tuple[str, int | None]] = set()
         self.interval_s = interval_s
         self.flush_interval_s = flush_interval_s
-        self._factory = session_factory
+        self._store = store
+        self.max_unstored_rows = max_unstored_rows
+        self.health = StorageHealth()
+        self._inflight: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        self._settled = threading.Event()  # set while no write is in flight
+        self._settled.set()
+        # Energy attributed to each active run since this daemon began following it: the
+        # running totals /metrics serves without re-integrating history.
+        self.run_energy_j: dict[str, float] = {}
+        self.run_followed_since: dict[str, float] = {}
+        self._last_share: dict[tuple[str, str], float] = {}
         self._clock = clock
         self._mono0 = clock()
         self._wall0 = time.time()
@@ -89,23 +119,29 @@ class PowerSampler:
         self.ticks = 0
         self.devices: list[DeviceState] = []
         now = self.now()
-        with session_scope(self._factory) as s:
-            for b in backends:
-                dev = repo.upsert_device(
-                    s,
-                    name=b.info.name,
-                    kind=b.info.kind,
-                    source=b.info.source,
-                    model=b.info.model,
-                    uuid_=b.info.uuid,
-                    now=now,
-                    # a device that does not say how often it updates changes once per read
-                    granularity_s=b.info.granularity_s or interval_s,
-                    node=node,
+
+        def register(s: Session) -> list[tuple[int, float | None]]:
+            return [
+                (dev.id, dev.idle_power_w)
+                for dev in (
+                    repo.upsert_device(
+                        s,
+                        name=b.info.name,
+                        kind=b.info.kind,
+                        source=b.info.source,
+                        model=b.info.model,
+                        uuid_=b.info.uuid,
+                        now=now,
+                        # a device that does not say how often it updates changes once per read
+                        granularity_s=b.info.granularity_s or interval_s,
+                        node=node,
+                    )
+                    for b in backends
                 )
-                self.devices.append(
-                    DeviceState(backend=b, device_id=dev.id, idle_power_w=dev.idle_power_w)
-                )
+            ]
+
+        for b, (dev_id, idle_w) in zip(backends, store.write(register), strict=True):
+            self.devices.append(DeviceState(backend=b, device_id=dev_id, idle_power_w=idle_w))
 
     def now(self) -> float:
         """The sampler's clock: Unix seconds driven by the monotonic clock."""
@@ -128,14 +164,17 @@ class PowerSampler:
             if prev is not None:
                 self._intervals.append(mono - prev)
             prev = mono
-            self.tick()
-            if mono - last_flush >= self.flush_interval_s:
-                self.sample_shares()
-                self.flush()
-                last_flush = mono
-            if mono - last_prune >= self.prune_every_s:
-                self.prune()
-                last_prune = mono
+            try:
+                self.tick()
+                if mono - last_flush >= self.flush_interval_s:
+                    self.sample_shares()
+                    self.flush(wait=False)
+                    last_flush = mono
+                if mono - last_prune >= self.prune_every_s:
+                    self.prune()
+                    last_prune = mono
+            except Exception:  # nothing may end the sampling thread
+                logger.exception("sampler step failed; sampling goes on")
             self._cpu_s += time.thread_time() - c0
             next_tick += self.interval_s
             delay = next_tick - self._clock()
@@ -178,7 +217,10 @@ class PowerSampler:
             if d.status != "ok":
                 logger.info("device %s recovered", d.backend.info.name)
             d.status, d.reason = "ok", None
-            d.energy_total_j += self._increment(d, t, r.power_w, r.energy_j)
+            inc = self._increment(d, t, r.power_w, r.energy_j)
+            d.energy_total_j += inc
+            if inc and self._active_runs:
+                self._add_to_runs(d, inc)
             if not self._active_runs and r.power_w is not None:
                 d.idle.append(r.power_w)
             d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
@@ -202,6 +244,14 @@ class PowerSampler:
             return 0.5 * (power_w + d.last_power_w) * (t - d.last_t)
         return 0.0
 
+    def _add_to_runs(self, d: DeviceState, inc: float) -> None:
+        info = d.backend.info
+        kind = f"gpu:{info.name}" if info.kind == "gpu" else "cpu"
+        with self._lock:
+            for rid in {r for r, _rank in self._active_runs}:
+                share = self._last_share.get((rid, kind), 1.0)
+                self.run_energy_j[rid] = self.run_energy_j.get(rid, 0.0) + inc * share
+
     # --- runs: attribution and the idle baseline ----------------------------------------
 
     def run_started(self, run_id: str, pid: int | None, rank: int | None = None) -> bool:
@@ -209,6 +259,8 @@ class PowerSampler:
         True if followed."""
         with self._lock:
             self._active_runs.add((run_id, rank))
+            self.run_energy_j.setdefault(run_id, 0.0)
+            self.run_followed_since.setdefault(run_id, self.now())
             return pid is not None and self._shares.track((run_id, rank), pid)
 
     def run_ended(self, run_id: str, rank: int | None = None) -> None:
@@ -218,6 +270,27 @@ class PowerSampler:
             for key in keys if rank is None else [(run_id, rank)]:
                 self._active_runs.discard(key)
                 self._shares.untrack(key)
+            if any(k[0] == run_id for k in self._active_runs):
+                return  # other ranks of the run are still active here
+            self.run_energy_j.pop(run_id, None)
+            self.run_followed_since.pop(run_id, None)
+            for share_key in [k for k in self._last_share if k[0] == run_id]:
+                del self._last_share[share_key]
+
+    @property
+    def active_runs(self) -> set[str]:
+        with self._lock:
+            return {rid for rid, _rank in self._active_runs}
+
+    def exited_runs(self) -> list[str]:
+        """Active single-process runs whose local process this sampler followed and that
+        has exited. (A distributed run's ranks finish one by one; its rows say when.)"""
+        with self._lock:
+            return [
+                rid
+                for rid, rank in cast(list[tuple[str, int | None]], self._shares.gone())
+                if rank is None
+            ]
 
     def sample_shares(self) -> None:
         """Each tracked run's share since the last call, as stored intervals: of the CPU
@@ -245,6 +318,7 @@ class PowerSampler:
 
             def emit(rid: str, kind: str, per_rank: dict[int | None, float], union: float) -> None:
                 base = {"run_id": rid, "node": self.node, "kind": kind, "t0": t0, "t1": t}
+                self._last_share[(rid, kind)] = min(1.0, union)
                 rows.append({**base, "rank": -1, "share": min(1.0, union)})
                 rows.extend(
                     {**base, "rank": r, "share": v} for r, v in per_rank.items() if r is not None
@@ -276,27 +350,123 @@ class PowerSampler:
                     changed.append((d.device_id, idle))
         return changed
 
-    def flush(self) -> None:
-        """Write pending samples now (also called before energy queries)."""
+    def flush(self, *, wait: bool = True) -> None:
+        """Hand pending readings to the store's writer (one write in flight at a time).
+
+        ``wait``: block until that write is done (tests and shutdown). A failed write puts
+        its rows back; beyond ``max_unstored_rows`` the oldest are dropped (a gap).
+        """
+        if self._inflight is not None:
+            if not wait:
+                with self._lock:
+                    self._trim()
+                return
+            self._settled.wait()
         with self._lock:
+            if self._inflight is not None:  # another thread's flush got in first
+                return
             rows, self._pending = self._pending, []
             shares, self._pending_shares = self._pending_shares, []
-        idle = self._update_idle()
-        if rows or shares or idle:
-            with session_scope(self._factory) as s:
-                repo.add_power_samples(s, rows=rows)
-                repo.add_run_shares(s, rows=shares)
-                for device_id, watts in idle:
-                    repo.set_idle_power(s, device_id=device_id, idle_power_w=watts)
+            idle = self._update_idle()
+            if not (rows or shares or idle):
+                return
+            self._inflight = (rows, shares)
+            self._settled.clear()
+
+        def write(s: Session) -> None:
+            repo.add_power_samples(s, rows=rows)
+            repo.add_run_shares(s, rows=shares)
+            for device_id, watts in idle:
+                repo.set_idle_power(s, device_id=device_id, idle_power_w=watts)
+
+        try:
+            fut = self._store.submit(write)
+        except Exception as exc:  # the store is closed
+            self._stored(exc)
+            return
+        fut.add_done_callback(lambda f: self._stored(f.exception()))
+        if wait:
+            self._settled.wait()
+
+    def _stored(self, exc: BaseException | None) -> None:
+        with self._lock:
+            inflight, self._inflight = self._inflight, None
+            self._settled.set()
+            h = self.health
+            if exc is None:
+                if h.status != "ok":
+                    logger.info("storing power readings works again")
+                h.status, h.reason = "ok", None
+                return
+            h.failures += 1
+            if h.status == "ok":
+                logger.warning("cannot store power readings (kept in memory, retried): %s", exc)
+            h.status, h.reason = "failing", f"{type(exc).__name__}: {exc}"
+            if inflight is None:
+                return
+            rows, shares = inflight
+            self._pending[:0] = rows
+            self._pending_shares[:0] = shares
+            self._trim()
+
+    def _trim(self) -> None:
+        """Keep at most ``max_unstored_rows`` readings waiting (the lock is held)."""
+        h = self.health
+        excess = len(self._pending) - self.max_unstored_rows
+        if excess > 0:
+            lost = self._pending[:excess]
+            del self._pending[:excess]
+            h.dropped_rows += excess
+            t0, t1 = min(r["t"] for r in lost), max(r["t"] for r in lost)
+            h.dropped_t0 = t0 if h.dropped_t0 is None else min(h.dropped_t0, t0)
+            h.dropped_t1 = t1 if h.dropped_t1 is None else max(h.dropped_t1, t1)
+            logger.warning(
+                "dropped %d power readings that could not be stored: a gap in energy", excess
+            )
+        del self._pending_shares[: max(0, len(self._pending_shares) - self.max_unstored_rows)]
+
+    def unstored(self) -> dict[str, Any]:
+        """Readings and shares not stored yet, for the store's read overlay."""
+        with self._lock:
+            rows = list(self._pending)
+            shares = list(self._pending_shares)
+            if self._inflight is not None:
+                rows += self._inflight[0]
+                shares += self._inflight[1]
+        power: dict[int, list[tuple[float, float | None, float | None]]] = {}
+        for r in rows:
+            power.setdefault(r["device_id"], []).append((r["t"], r["power_w"], r["energy_j"]))
+        by_run: dict[str, list[tuple[str, int, str, float, float]]] = {}
+        for r in shares:
+            by_run.setdefault(r["run_id"], []).append(
+                (r["node"], r["rank"], r["kind"], r["t0"], r["share"])
+            )
+        return {"unstored_power": power, "unstored_shares": by_run}
+
+    def storage(self) -> dict[str, Any]:
+        with self._lock:
+            h = self.health
+            return {
+                "status": h.status,
+                "reason": h.reason,
+                "failures": h.failures,
+                "unstored_rows": len(self._pending)
+                + (len(self._inflight[0]) if self._inflight else 0),
+                "dropped_rows": h.dropped_rows,
+                "dropped_t0": h.dropped_t0,
+                "dropped_t1": h.dropped_t1,
+            }
 
     def prune(self) -> int:
         """Apply the retention policy; runs in the sampler thread every ``prune_every_s``."""
         cutoff = self.now() - self.full_resolution_s
+        since = self._pruned_to
         try:
-            with session_scope(self._factory) as s:
-                n = repo.prune_power_samples(
-                    s, cutoff=cutoff, bucket_s=self.downsample_s, since=self._pruned_to
+            n = self._store.write(
+                lambda s: repo.prune_power_samples(
+                    s, cutoff=cutoff, bucket_s=self.downsample_s, since=since
                 )
+            )
         except Exception:  # retention must never stop sampling
             logger.exception("pruning power samples failed; will retry")
             return 0
@@ -311,7 +481,12 @@ class PowerSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.flush()
+        for _ in range(2):  # a write in flight, then what was left
+            self.flush()
+            with self._lock:
+                left = len(self._pending)
+        if left:
+            logger.warning("%d power readings could not be stored before stopping", left)
         for d in self.devices:
             try:
                 d.backend.close()
@@ -328,4 +503,5 @@ class PowerSampler:
             "jitter_ms": (statistics.pstdev(iv) * 1e3) if len(iv) > 1 else None,
             "cpu_fraction_of_core": (self._cpu_s / elapsed) if elapsed > 0 else None,
             "running": self._thread is not None and self._thread.is_alive(),
+            "storage": self.storage(),
         }

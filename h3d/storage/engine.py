@@ -1,10 +1,27 @@
-"""Engine and session set-up: SQLite PRAGMAs, a managed session scope."""
+"""Engines and the store: one writer thread that batches commits, readers on their own connections.
+
+Why one writer: SQLite has one write lock. When request threads wrote through a shared pool,
+a request holding the lock could wait for a threadpool thread (FastAPI commits a yield
+dependency after the route returns, in another thread) while every thread waited for the
+lock or a pooled connection: ~30 s stalls at 40 concurrent requests. Now request threads
+never touch a write connection. They hand a function to the writer thread and wait for its
+result; the writer runs whatever is queued in one transaction (group commit) and answers
+each caller only after the commit, so a 200 still means "stored". Reads open a session on
+their own pooled connection inside the route body and close it before the route returns:
+in WAL mode readers never wait for the writer, and no connection is held across a thread
+hop. Nothing here depends on the dialect: a PostgreSQL URL gets the same shape.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
@@ -12,24 +29,51 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from h3d.errors import StorageUnavailable
 
+logger = logging.getLogger(__name__)
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; on SQLite: WAL, foreign keys, a busy timeout."""
+T = TypeVar("T")
+
+
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    busy_timeout_s: float = 30.0,
+    immediate: bool = False,
+) -> Engine:
+    """An engine for ``url``; on SQLite: WAL, foreign keys, a busy timeout.
+
+    ``immediate``: SQLite transactions start with BEGIN IMMEDIATE (the writer's engine), so
+    what a transaction reads before it writes cannot change under it, even if another
+    process writes to the same file.
+    """
     is_sqlite = url.startswith("sqlite")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": max_overflow}
     if is_sqlite:
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
+        if immediate:  # SQLAlchemy's recipe: the driver leaves BEGIN to us
+            kwargs["connect_args"]["isolation_level"] = None
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            kwargs = {"connect_args": {"check_same_thread": False}}
     engine = create_engine(url, **kwargs)
     if is_sqlite:
+        busy_ms = int(busy_timeout_s * 1000)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+
+        if immediate:
+
+            @event.listens_for(engine, "begin")
+            def _begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -53,3 +97,156 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@dataclass
+class _Job:
+    fn: Callable[[Session], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Store:
+    """The daemon's database: ``read()`` sessions and ``write(fn)`` through one writer thread.
+
+    ``write(fn)`` runs ``fn(session)`` in the writer thread and returns its result after the
+    transaction commits (or raises what ``fn`` raised; nothing of it is stored). Jobs that
+    arrive while a transaction runs are committed together in the next one; if one of a group
+    fails, the group is rolled back and each job is re-run in its own transaction, so one bad
+    request never takes another's data with it. ``fn`` must therefore be a pure function of
+    the session (it may run twice) and must build any ORM-derived result inside.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        read_pool_size: int = 8,
+        read_max_overflow: int = 24,
+        busy_timeout_s: float = 30.0,
+        max_group: int = 64,
+    ) -> None:
+        self.url = url
+        self.engine = make_engine(
+            url,
+            pool_size=read_pool_size,
+            max_overflow=read_max_overflow,
+            busy_timeout_s=busy_timeout_s,
+        )
+        # The writer's own engine: its connection is never lent to a reader.
+        self._write_engine = make_engine(
+            url, pool_size=1, max_overflow=0, busy_timeout_s=busy_timeout_s, immediate=True
+        )
+        self.sessions = make_sessionmaker(self.engine)
+        self._write_sessions = make_sessionmaker(self._write_engine)
+        self.max_group = max_group
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        # Called when a read session opens: adds what is known but not stored yet (the
+        # sampler's pending readings) to ``session.info`` so queries see up to now.
+        self.overlay: Callable[[], dict[str, Any]] | None = None
+
+    # --- reads ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session on a reader connection, released when the block ends (never commits)."""
+        session = self.sessions()
+        if self.overlay is not None:
+            session.info.update(self.overlay())
+        try:
+            yield session
+        except OperationalError as exc:
+            raise StorageUnavailable(f"the store is unavailable: {exc.orig}") from exc
+        finally:
+            session.close()
+
+    # --- writes --------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[Session], T]) -> Future[T]:
+        """Queue ``fn`` for the writer; the future resolves after its transaction commits."""
+        job = _Job(fn)
+        with self._lock:
+            if self._closed:
+                raise StorageUnavailable("the daemon is shutting down; the store is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="h3d-writer", daemon=True)
+                self._thread.start()
+            self._queue.put(job)
+        return job.future
+
+    def write(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in the writer's transaction and return its result once committed."""
+        return self.submit(fn).result()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs: list[_Job] = [first]
+            stop = False
+            while len(jobs) < self.max_group:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            self._run(jobs)
+            if stop:
+                return
+
+    def _run(self, jobs: list[_Job]) -> None:
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if len(jobs) > 1:
+            try:
+                with session_scope(self._write_sessions) as s:
+                    results = [j.fn(s) for j in jobs]
+            except BaseException:  # noqa: BLE001 - re-run one by one to find whose it was
+                pass
+            else:
+                for j, r in zip(jobs, results, strict=True):
+                    j.future.set_result(r)
+                return
+        for j in jobs:
+            try:
+                with session_scope(self._write_sessions) as s:
+                    r = j.fn(s)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                j.future.set_exception(exc)
+            else:
+                j.future.set_result(r)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish the queued writes, stop the writer and close every connection."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(_STOP)
+        if thread is not None:
+            thread.join()
+        self.engine.dispose()  # readers first: a checkpoint cannot pass an open reader
+        if self._write_engine.dialect.name == "sqlite":
+            # Fold the WAL into the database file now, so a clean stop leaves no WAL to
+            # replay (nor one that could be lost separately from the file).
+            try:  # on the driver connection: outside any transaction (BEGIN IMMEDIATE)
+                raw = self._write_engine.raw_connection()
+                try:
+                    cur = raw.cursor()
+                    cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    cur.close()
+                finally:
+                    raw.close()
+            except Exception as exc:  # a full disk: the WAL stays; SQLite replays it later
+                logger.warning("could not checkpoint the WAL at stop: %s", exc)
+        self._write_engine.dispose()

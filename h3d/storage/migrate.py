@@ -145,3 +145,37 @@ def verify_schema(engine: Engine) -> None:
             f"the database is at revision {rev or 'none'}, this h3d needs {head}: "
             "run `h3d db upgrade` (or start with H3D_AUTO_MIGRATE=true)."
         )
+
+
+def check_integrity(engine: Engine) -> None:
+    """Refuse a damaged SQLite store (``PRAGMA quick_check``), leaving it untouched.
+
+    Serving from a damaged file would fail later, in the middle of someone's report, and
+    writing into it can spread the damage. The message says how to keep what can be kept.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
+    except DatabaseError as exc:
+        raise SchemaMismatch(
+            f"{url} is not a readable database ({exc.orig}); h3d left it untouched. "
+            "Move it aside or point --db-url elsewhere."
+        ) from exc
+    if rows != ["ok"]:
+        path = engine.url.database
+        first = " ".join(" ".join(rows).split())[:160]  # quick_check's lines, on one line
+        raise SchemaMismatch(
+            f"{url} is damaged (quick_check: {first}); h3d left it untouched. To keep what "
+            f"can be kept: sqlite3 {path} .recover | sqlite3 recovered.db, then start with "
+            "--db-url sqlite:///recovered.db"
+        )
+
+
+def probe_write(engine: Engine) -> None:
+    """One real write (it changes nothing): a full disk or a read-only store fails here, at start,
+    in one line, not in the first request or the sampler."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = version_num"))

@@ -345,16 +345,24 @@ def test_prometheus_metrics(daemon: Any) -> None:
         done = make_run(api, name="done")
         api.patch(f"/v1/runs/{done['id']}", json={"status": "finished"})
     time.sleep(0.3)
-    text = httpx.get(f"{daemon.url}/metrics").text
+    r = httpx.get(f"{daemon.url}/metrics")  # run ids and names: not for every local user
+    assert r.status_code == 401 and err(r)["code"] == "unauthorized"
+    with daemon.client() as api:
+        text = api.get("/metrics").text
     assert "# TYPE h3d_device_energy_joules_total counter" in text
     energy = [ln for ln in text.splitlines() if ln.startswith("h3d_device_energy_joules_total{")]
     assert 'device="constant:0"' in energy[0] and float(energy[0].split()[-1]) > 0
     assert 'h3d_device_power_watts{device="constant:0",source="estimated"} 50.0' in text
     assert f'h3d_run_energy_joules_total{{run="{run["id"]}"' in text
     assert done["id"] not in text  # only running runs are exported
+    # η from the running energy total and the loss at both ends (the run was followed
+    # from its start); the storage of readings is healthy
+    assert f'h3d_run_efficiency_bits_per_joule{{run="{run["id"]}"' in text
+    assert "h3d_storage_up 1.0" in text and "h3d_storage_dropped_readings_total 0.0" in text
     first = float(energy[0].split()[-1])
     time.sleep(0.3)
-    again = httpx.get(f"{daemon.url}/metrics").text
+    with daemon.client() as api:
+        again = api.get("/metrics").text
     later = next(
         ln for ln in again.splitlines() if ln.startswith("h3d_device_energy_joules_total{")
     )
@@ -429,3 +437,127 @@ def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:
         losses, _idx = repo.sample_losses(s, run_id=run["id"], seq=2)
         assert losses[0] == 1.0 and losses[1] != losses[1]  # inf stored as missing (NaN)
     engine.dispose()
+
+
+def test_overlapping_identical_posts_leave_the_counters_exact(daemon: Any) -> None:
+    """A client retrying after its timeout while the first request still runs sends the
+    same body twice at once: the counters count stored rows, once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with daemon.client() as api:
+        run = make_run(api)
+    url = f"/v1/runs/{run['id']}/batches"
+    t0 = time.time()
+    clients = [daemon.client() for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            accepted = 0
+            for rep in range(5):
+                body = {"batches": batches(rep * 500, 500, t0=t0, per_sample=2)}
+                results = list(pool.map(lambda c, b=body: c.post(url, json=b), clients))
+                assert all(r.status_code == 200 for r in results)
+                accepted += sum(r.json()["accepted"] for r in results)
+                assert sum(r.json()["duplicates"] for r in results) == 3 * 500
+    finally:
+        for c in clients:
+            c.close()
+    assert accepted == 2500
+    with daemon.client() as api:
+        got = api.get(f"/v1/runs/{run['id']}").json()
+    assert got["n_batches"] == 2500 and got["last_seq"] == 2499
+
+
+def test_runs_whose_process_is_gone_are_reaped_as_failed(daemon_factory: Any) -> None:
+    import subprocess
+
+    d = daemon_factory(
+        "reap", H3D_RUN_EXIT_GRACE_S="0.5", H3D_RUN_TIMEOUT_S="3", H3D_RUN_REAP_EVERY_S="0.2"
+    )
+    trainer = subprocess.Popen(["sleep", "60"])
+    with d.client() as api:
+        local = make_run(api, pid=trainer.pid)
+        remote = make_run(api, pid=1, host="node-7.example")  # not followable: heartbeat
+        alive = make_run(api)
+        trainer.kill()  # SIGKILL: no "finished" will ever come
+        trainer.wait()
+        deadline = time.monotonic() + 10
+        while api.get(f"/v1/runs/{local['id']}").json()["status"] == "running":
+            assert time.monotonic() < deadline, "the dead run was not reaped"
+            time.sleep(0.1)
+        got = api.get(f"/v1/runs/{local['id']}").json()
+        assert got["status"] == "failed" and got["finished_at"] is not None
+        r = api.post(f"/v1/runs/{local['id']}/batches", json={"batches": batches(0, 1)})
+        assert r.status_code == 409
+        # the remote run keeps running while it sends, and is failed after its timeout
+        for i in range(3):
+            api.post(f"/v1/runs/{alive['id']}/batches", json={"batches": batches(i, 1)})
+            time.sleep(1.0)
+        assert api.get(f"/v1/runs/{alive['id']}").json()["status"] == "running"
+        deadline = time.monotonic() + 10
+        while api.get(f"/v1/runs/{remote['id']}").json()["status"] == "running":
+            assert time.monotonic() < deadline, "the silent remote run was not reaped"
+            time.sleep(0.2)
+
+
+def test_hostile_inputs_are_4xx_with_the_error_body(api: httpx.Client) -> None:
+    deep: Any = 1
+    for _ in range(300):
+        deep = {"a": deep}
+    raw = {
+        "deep config": json.dumps({"config": deep}),
+        "NaN in config": '{"config": {"lr": NaN}}',
+        "1e309 in config": '{"config": {"lr": 1e309}}',
+        "absurd created_at": '{"created_at": -1.7e308}',
+        "future created_at": json.dumps({"created_at": time.time() + 10 * 86400}),
+        "1 MB tag": json.dumps({"tags": ["x" * 1_000_000]}),
+        "big config": json.dumps({"config": {"blob": "x" * 100_000}}),
+        "bool pid": '{"pid": true}',
+    }
+    for what, body in raw.items():
+        r = api.post("/v1/runs", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (what, r.text[:200])
+        assert err(r)["code"] == "validation_error", what
+    run = make_run(api)
+    url = f"/v1/runs/{run['id']}/batches"
+    for what, b in {
+        "string seq": {"seq": "3", "t": time.time(), "loss": 1.0},
+        "bool seq": {"seq": True, "t": time.time(), "loss": 1.0},
+        "unknown key": {"seq": 3, "t": time.time(), "loss": 1.0, "lsos": 2.0},
+    }.items():
+        r = api.post(url, json={"batches": [b]})
+        assert r.status_code == 422 and err(r)["code"] == "validation_error", what
+    # gzip with two members: both are read (cat a.gz b.gz), nothing dropped silently
+    part1 = json.dumps({"batches": batches(0, 3)}).encode()
+    two = gzip.compress(part1[:20]) + gzip.compress(part1[20:])
+    r = api.post(
+        url, content=two, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert r.json() == {"accepted": 3, "duplicates": 0}
+    truncated = gzip.compress(part1)[:-10]
+    r = api.post(
+        url,
+        content=truncated,
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and err(r)["code"] == "bad_encoding"
+    assert api.get(f"/v1/runs/{run['id']}").json()["n_batches"] == 3  # nothing partial
+
+
+def test_browser_defences_host_check_csp_and_offline_docs(daemon: Any) -> None:
+    # a DNS-rebinding page reaches 127.0.0.1 under its own name: refused before auth
+    r = httpx.get(f"{daemon.url}/metrics", headers={"Host": "attacker.example"})
+    assert r.status_code == 400 and err(r)["code"] == "bad_host"
+    for host in ("localhost", "127.0.0.1", f"localhost:{daemon.port}"):
+        assert httpx.get(f"{daemon.url}/healthz", headers={"Host": host}).status_code == 200
+    page = httpx.get(f"{daemon.url}/")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    docs = httpx.get(f"{daemon.url}/docs")
+    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()  # works on an air-gapped cluster
+    js = httpx.get(f"{daemon.url}/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    # OPTIONS names every method the path has
+    with daemon.client() as api:
+        r = api.options("/v1/runs")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) >= {"GET", "POST"}

@@ -17,7 +17,7 @@ from h3d.power.base import DeviceInfo, PowerReading
 from h3d.power.sampler import PowerSampler
 from h3d.storage import migrate
 from h3d.storage import repository as repo
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage.engine import Store, session_scope
 
 BURN = """
 import sys, time
@@ -90,11 +90,11 @@ class BurnerMeter:
 
 
 def test_busier_run_gets_about_twice_the_active_energy(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(engine)
-    factory = make_sessionmaker(engine)
+    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(store.engine)
+    factory = store.sessions
     meter = BurnerMeter()
-    sampler = PowerSampler([meter], factory, interval_s=0.05, flush_interval_s=0.2)
+    sampler = PowerSampler([meter], store, interval_s=0.05, flush_interval_s=0.2)
     sampler.start()
     time.sleep(1.5)  # no run active: the idle baseline (10 W) is measured
     busy, light = burner(0.6, 4.0), burner(0.3, 4.0)
@@ -128,7 +128,7 @@ def test_busier_run_gets_about_twice_the_active_energy(tmp_path: Path) -> None:
             n: analysis.run_energy(s, run=repo.get_run(s, run_id=rid), interval_s=0.05)
             for n, rid in runs.items()
         }
-    engine.dispose()
+    store.close()
     for name in e:
         dev = e[name]["by_device"][0]
         assert dev["attribution"] == "process" and dev["idle_power_w"] == pytest.approx(10.0)

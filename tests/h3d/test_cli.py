@@ -107,3 +107,47 @@ def test_import_replays_a_client_spool(daemon: Daemon) -> None:
         run = api.get(f"/v1/runs/{prof.run_id}").json()
     assert run["n_batches"] == 300 and run["status"] == "finished" and run["n_epochs"] == 1
     assert h3d(daemon, "import").stdout.startswith("h3d: nothing to import")
+
+
+def test_stop_never_signals_a_pid_that_does_not_hold_the_data_dir(tmp_path: Path) -> None:
+    """A daemon.json left by a SIGKILLed daemon may name a pid reused by anything."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    bystander = subprocess.Popen(["sleep", "1000"])
+    try:
+        (data / "daemon.json").write_text(json.dumps({"url": "http://x", "pid": bystander.pid}))
+        r = h3d(data, "stop")
+        assert r.returncode == 1 and "was not signalled" in r.stdout
+        time.sleep(0.2)
+        assert bystander.poll() is None  # still alive
+        assert not (data / "daemon.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_second_daemon_on_a_locked_data_dir_refuses_in_one_line(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    r = h3d(daemon, "serve", "--port", "0", timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "in use by another h3d daemon" in lines[0] and f"pid {daemon.proc.pid}" in lines[0]
+    # stop finds the daemon that holds the lock, and only that one
+    r = h3d(daemon, "stop")
+    assert r.returncode == 0 and f"pid {daemon.proc.pid}" in r.stdout
+    daemon.proc.wait(timeout=20)  # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert not (daemon.data_dir / "daemon.json").exists()  # the lifespan's cleanup ran
+    wal = daemon.data_dir / "h3d.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at stop
+
+
+def test_data_dir_and_store_files_are_private(daemon: Daemon) -> None:
+    with daemon.client() as api:
+        api.post("/v1/runs", json={"name": "m"}).raise_for_status()
+    d = daemon.data_dir
+    assert d.stat().st_mode & 0o777 == 0o700
+    for name in ("h3d.db", "h3d.db-wal", "token", "daemon.json", "h3d.lock"):
+        assert (d / name).stat().st_mode & 0o777 == 0o600, name

@@ -16,7 +16,7 @@ from h3d.power import detect, intel, jetson
 from h3d.power.base import PowerBackendError
 from h3d.power.sampler import PowerSampler
 from h3d.storage import migrate
-from h3d.storage.engine import make_engine, make_sessionmaker
+from h3d.storage.engine import Store
 from tests.h3d import fake_pyzes as fz
 
 
@@ -148,9 +148,9 @@ def test_jetson_polled_power_integrates_by_trapezoid() -> None:
 def test_a_rail_that_disappears_mid_run_marks_the_device_degraded(tmp_path: Path) -> None:
     cls = ina3221(tmp_path, [{1: ("VDD_GPU", 5000, 1000), 2: ("VDD_CPU", 5000, 400)}])
     (board,) = jetson.discover(cls)
-    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(engine)
-    sampler = PowerSampler([board], make_sessionmaker(engine), interval_s=0.05)
+    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(store.engine)
+    sampler = PowerSampler([board], store, interval_s=0.05)
     try:
         sampler.tick()
         assert sampler.devices[0].status == "ok"
@@ -162,7 +162,7 @@ def test_a_rail_that_disappears_mid_run_marks_the_device_degraded(tmp_path: Path
         assert dev.last_power_w == pytest.approx(7.0)  # no smaller sum was recorded
     finally:
         sampler.stop()
-        engine.dispose()
+        store.close()
 
 
 def test_probes_list_every_backend_with_a_reason(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,16 @@ from h3d.power.fake import ConstantBackend
 from h3d.power.sampler import PowerSampler
 from h3d.storage import migrate
 from h3d.storage import repository as repo
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage.engine import Store, session_scope
 from h3d.storage.models import PowerSample
 
 
 @pytest.fixture
-def factory(tmp_path: Path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(st.engine)
+    yield st
+    st.close()
 
 
 class Flaky:
@@ -44,11 +45,11 @@ class Flaky:
         pass
 
 
-def test_sampler_survives_failing_devices_and_stores_readings(factory) -> None:
+def test_sampler_survives_failing_devices_and_stores_readings(store) -> None:
     flaky = Flaky()
     s = PowerSampler(
         [ConstantBackend(30.0, counter=True), flaky],
-        factory,
+        store,
         interval_s=0.01,
         flush_interval_s=0.05,
     )
@@ -56,7 +57,7 @@ def test_sampler_survives_failing_devices_and_stores_readings(factory) -> None:
     time.sleep(0.4)
     s.stop()
     assert s.devices[1].errors == 6 and s.devices[1].status == "ok"
-    with session_scope(factory) as sess:
+    with session_scope(store.sessions) as sess:
         n = sess.scalar(select(func.count()).select_from(PowerSample))
         assert n > 2 * 20
     st = s.stats()
@@ -67,8 +68,8 @@ def test_sampler_survives_failing_devices_and_stores_readings(factory) -> None:
     )
 
 
-def test_retention_thins_old_samples_but_keeps_run_windows(factory) -> None:
-    with session_scope(factory) as sess:
+def test_retention_thins_old_samples_but_keeps_run_windows(store) -> None:
+    with session_scope(store.sessions) as sess:
         dev = repo.upsert_device(
             sess, name="d", kind="cpu", source="estimated", model="", uuid_=None, now=0.0
         )
@@ -87,7 +88,7 @@ def test_retention_thins_old_samples_but_keeps_run_windows(factory) -> None:
             sess, name="older", config={}, tags=[], pid=None, host=None, n_train=None, now=10.0
         )
         gone.finished_at = 20.0  # finished before the cutoff: thinned like idle time
-    with session_scope(factory) as sess:
+    with session_scope(store.sessions) as sess:
         deleted = repo.prune_power_samples(sess, cutoff=180.0, bucket_s=10.0)
         left = [t for (t,) in sess.execute(select(PowerSample.t).order_by(PowerSample.t))]
     assert [t for t in left if t < 50.0] == [0.0, 10.0, 20.0, 30.0, 40.0]  # one per 10 s bucket
@@ -96,7 +97,7 @@ def test_retention_thins_old_samples_but_keeps_run_windows(factory) -> None:
     assert deleted == 2000 - len(left)
 
 
-def test_gpu_shares_come_from_process_utilisation(factory) -> None:
+def test_gpu_shares_come_from_process_utilisation(store) -> None:
     import os
 
     class Gpu(ConstantBackend):
@@ -107,8 +108,8 @@ def test_gpu_shares_come_from_process_utilisation(factory) -> None:
         def process_share(self, pids: set[int], since_us: int) -> float | None:
             return 0.75 if os.getpid() in pids else 0.0
 
-    s = PowerSampler([Gpu()], factory, interval_s=0.01, flush_interval_s=0.05)
-    with session_scope(factory) as sess:
+    s = PowerSampler([Gpu()], store, interval_s=0.01, flush_interval_s=0.05)
+    with session_scope(store.sessions) as sess:
         run_id = repo.create_run(
             sess,
             name="g",
@@ -124,8 +125,57 @@ def test_gpu_shares_come_from_process_utilisation(factory) -> None:
     time.sleep(0.4)
     s.run_ended(run_id)
     s.stop()
-    with session_scope(factory) as sess:
+    with session_scope(store.sessions) as sess:
         shares = repo.run_shares(sess, run_id=run_id)
     # keyed (node, rank, kind); rank -1: the run's processes on the node together
     assert set(shares) == {("", -1, "cpu"), ("", -1, "gpu:nvml:GPU-test")}
     assert {v for _t, v in shares[("", -1, "gpu:nvml:GPU-test")]} == {0.75}
+
+
+def test_sampler_survives_a_locked_store_and_reports_the_gap(tmp_path: Path) -> None:
+    import sqlite3
+
+    from h3d.energy import EnergyCurve
+
+    path = tmp_path / "h.db"
+    st = Store(f"sqlite:///{path}", busy_timeout_s=0.05)
+    migrate.upgrade(st.engine)
+    s = PowerSampler(
+        [ConstantBackend(30.0)],
+        st,
+        interval_s=0.01,
+        flush_interval_s=0.05,
+        max_unstored_rows=20,
+    )
+    s.start()
+    time.sleep(0.3)
+    t_lock = s.now()
+    blocker = sqlite3.connect(path, timeout=0)  # another writer holds SQLite's lock
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        time.sleep(1.8)
+        during = s.storage()
+        assert s.stats()["running"]  # the thread did not die
+        assert during["status"] == "failing" and "locked" in during["reason"]
+        assert 0 < during["unstored_rows"] <= 20 + 10  # bounded (plus one flush interval)
+        assert during["dropped_rows"] > 0
+    finally:
+        blocker.rollback()
+        blocker.close()
+    time.sleep(0.5)
+    after = s.storage()
+    assert after["status"] == "ok" and s.stats()["running"]
+    t_end = s.now()
+    s.stop()
+    st.close()
+    st2 = Store(f"sqlite:///{path}")
+    with st2.read() as sess:
+        dev = repo.devices(sess)[0]
+        samples = repo.power_window(sess, device_id=dev.id, t0=t_lock - 0.2, t1=t_end)
+    st2.close()
+    integral = EnergyCurve(samples, max_gap_s=1.0).integral(t_lock - 0.2, t_end)
+    # what could not be stored is a gap, never bridged as if measured
+    dropped_s = after["dropped_t1"] - after["dropped_t0"]
+    assert dropped_s > 1.0
+    assert integral.gaps_s == pytest.approx(dropped_s, abs=0.3)
+    assert integral.energy_j == pytest.approx(30.0 * integral.covered_s, rel=0.05)

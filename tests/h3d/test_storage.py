@@ -93,11 +93,9 @@ def test_foreign_and_corrupt_databases_are_refused(tmp_path: Path) -> None:
     assert corrupt.read_bytes() == b"this is not sqlite" * 100
 
 
-def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) -> None:
-    data = tmp_path / "d"
-    data.mkdir()
-    (data / "h3d.db").write_bytes(b"garbage" * 1000)
-    r = subprocess.run(
+def serve_once(data: Path) -> subprocess.CompletedProcess[str]:
+    """``h3d serve`` on ``data`` as a user would start it (these stores make it exit)."""
+    return subprocess.run(
         [sys.executable, "-m", "h3d", "serve", "--port", "0"],
         env=daemon_env(data),
         cwd=REPO,
@@ -105,6 +103,13 @@ def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) ->
         text=True,
         timeout=60,
     )
+
+
+def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "h3d.db").write_bytes(b"garbage" * 1000)
+    r = serve_once(data)
     assert r.returncode == 2
     assert "not a readable database" in r.stderr and "untouched" in r.stderr
     assert (data / "h3d.db").read_bytes() == b"garbage" * 1000
@@ -140,3 +145,44 @@ def test_per_sample_losses_are_compact_blobs(tmp_path: Path) -> None:
     assert idx == [7, 8, 2**40]
     assert tuple(raw) == (12, 24)  # 3 float32 + 3 int64: no row per sample
     engine.dispose()
+
+
+def test_a_damaged_store_is_refused_in_one_line_and_left_untouched(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "h3d.db"
+    engine = make_engine(f"sqlite:///{db}")
+    migrate.upgrade(engine)
+    with session_scope(make_sessionmaker(engine)) as s:
+        run = repo.create_run(
+            s, name=None, config={}, tags=[], pid=None, host=None, n_train=None, now=time.time()
+        )
+        rows = [
+            repo.BatchRow(
+                seq=i,
+                t=1.0 + i,
+                loss=0.5,
+                n=64,
+                epoch=0,
+                step=i,
+                phase=None,
+                losses=b"\0" * 256,
+                indices=None,
+            )
+            for i in range(2000)
+        ]
+        repo.add_batches(s, run_id=run.id, batches=rows)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    size = db.stat().st_size
+    assert size > 256 * 1024
+    with open(db, "r+b") as f:  # 64 KiB of garbage in the middle of the file
+        f.seek(size // 2)
+        f.write(bytes(range(256)) * 256)
+    damaged = db.read_bytes()
+    r = serve_once(data)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is damaged" in lines[0] and ".recover" in lines[0], r.stderr
+    assert db.read_bytes() == damaged

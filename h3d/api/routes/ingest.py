@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter
 
-from h3d.api.deps import SessionDep, SettingsDep
+from h3d.api.deps import SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import BatchesIn, BatchIn, EpochsIn, IngestResult
 from h3d.errors import NonFiniteLoss, PayloadTooLarge
 from h3d.storage import repository as repo
@@ -70,9 +70,9 @@ def _finite_or_null(b: BatchIn, allow_null: bool) -> None:
         _check_values(b, values, allow_null, "losses")
 
 
-@router.post("/{run_id}/batches", response_model=IngestResult)
+@router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
 def post_batches(
-    run_id: str, body: BatchesIn, session: SessionDep, settings: SettingsDep
+    run_id: str, body: BatchesIn, store: StoreDep, settings: SettingsDep
 ) -> IngestResult:
     if len(body.batches) > settings.max_batches_per_request:
         raise PayloadTooLarge(
@@ -97,19 +97,18 @@ def post_batches(
                 indices=b.packed_indices() if b.indices_i64 is not None else b.indices,
             )
         )
-    accepted, dups = repo.add_batches(session, run_id=run_id, batches=rows)
+    accepted, dups = store.write(lambda s: repo.add_batches(s, run_id=run_id, batches=rows))
     return IngestResult(accepted=accepted, duplicates=dups)
 
 
-@router.post("/{run_id}/epochs", response_model=IngestResult)
-def post_epochs(run_id: str, body: EpochsIn, session: SessionDep) -> IngestResult:
+@router.post("/{run_id}/epochs", response_model=IngestResult, dependencies=[SeenRun])
+def post_epochs(run_id: str, body: EpochsIn, store: StoreDep) -> IngestResult:
     for e in body.epochs:
         values = [e.t, e.accuracy, e.loss, e.val_loss, *e.metrics.values()]
         if any(v is not None and not math.isfinite(v) for v in values):
             raise NonFiniteLoss(
                 f"epoch {e.epoch}: a value is not a finite number", details={"epoch": e.epoch}
             )
-    accepted, dups = repo.add_epochs(
-        session, run_id=run_id, epochs=[e.model_dump() for e in body.epochs]
-    )
+    epochs = [e.model_dump() for e in body.epochs]
+    accepted, dups = store.write(lambda s: repo.add_epochs(s, run_id=run_id, epochs=epochs))
     return IngestResult(accepted=accepted, duplicates=dups)

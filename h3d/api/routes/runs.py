@@ -4,8 +4,9 @@ import socket
 import time
 
 from fastapi import APIRouter, Query, status
+from sqlalchemy.orm import Session
 
-from h3d.api.deps import SamplerDep, SessionDep, SettingsDep
+from h3d.api.deps import ReaperDep, SamplerDep, SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import RunCreate, RunPublic, RunsPublic, RunUpdate
 from h3d.storage import repository as repo
 from h3d.storage.models import Run
@@ -35,34 +36,45 @@ def to_public(run: Run, tags: list[str]) -> RunPublic:
     )
 
 
-def public(session: SessionDep, run: Run) -> RunPublic:
+def public(session: Session, run: Run) -> RunPublic:
     return to_public(run, repo.run_tags(session, run_ids=[run.id])[run.id])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
 def create_run(
-    body: RunCreate, session: SessionDep, sampler: SamplerDep, settings: SettingsDep
+    body: RunCreate,
+    store: StoreDep,
+    sampler: SamplerDep,
+    reaper: ReaperDep,
+    settings: SettingsDep,
 ) -> RunPublic:
-    run = repo.create_run(
-        session,
-        name=body.name,
-        config=body.config,
-        tags=body.tags,
-        pid=body.pid,
-        host=body.host,
-        n_train=body.n_train,
-        now=body.created_at if body.created_at is not None else time.time(),
-        run_id=body.id,
-        node=settings.node,
-        rank=body.rank,
-        world_size=body.world_size,
-        local_rank=body.local_rank,
-    )
+    now = body.created_at if body.created_at is not None else time.time()
+
+    def write(s: Session) -> RunPublic:
+        run = repo.create_run(
+            s,
+            name=body.name,
+            config=body.config,
+            tags=body.tags,
+            pid=body.pid,
+            host=body.host,
+            n_train=body.n_train,
+            now=now,
+            run_id=body.id,
+            node=settings.node,
+            rank=body.rank,
+            world_size=body.world_size,
+            local_rank=body.local_rank,
+        )
+        return public(s, run)
+
+    out = store.write(write)
+    reaper.seen(out.id)
     if sampler is not None:
         if sampler.devices:
             sampler.mark()
-        sampler.run_started(run.id, body.pid if is_local(body.host) else None, body.rank)
-    return public(session, run)
+        sampler.run_started(out.id, body.pid if is_local(body.host) else None, body.rank)
+    return out
 
 
 def is_local(host: str | None) -> bool:
@@ -72,7 +84,7 @@ def is_local(host: str | None) -> bool:
 
 @router.get("", response_model=RunsPublic)
 def list_runs(
-    session: SessionDep,
+    store: StoreDep,
     status: str | None = Query(None, pattern="^(running|finished|failed)$"),
     name: str | None = Query(None, max_length=200),
     tag: str | None = Query(None, max_length=100),
@@ -80,46 +92,56 @@ def list_runs(
     limit: int = Query(50, ge=1, le=1000),
     cursor: str | None = Query(None, max_length=200),
 ) -> RunsPublic:
-    runs, count, nxt = repo.list_runs(
-        session, status=status, name=name, tag=tag, since=since, limit=limit, cursor=cursor
-    )
-    tags = repo.run_tags(session, run_ids=[r.id for r in runs])
-    return RunsPublic(data=[to_public(r, tags[r.id]) for r in runs], count=count, next_cursor=nxt)
+    with store.read() as s:
+        runs, count, nxt = repo.list_runs(
+            s, status=status, name=name, tag=tag, since=since, limit=limit, cursor=cursor
+        )
+        tags = repo.run_tags(s, run_ids=[r.id for r in runs])
+        data = [to_public(r, tags[r.id]) for r in runs]
+    return RunsPublic(data=data, count=count, next_cursor=nxt)
 
 
 @router.get("/resolve", response_model=RunPublic)
 def resolve_run(
-    session: SessionDep,
+    store: StoreDep,
     ref: str = Query(..., min_length=1, max_length=200, description="id, name or id prefix"),
 ) -> RunPublic:
     """What a person types for a run, as every H3 command resolves it: a full id, a run name
     (the newest run of that name), or a unique id prefix (409 ``ambiguous_run`` lists the
     candidates). Every other endpoint takes full ids only."""
-    return public(session, repo.resolve_run(session, ref=ref))
+    with store.read() as s:
+        return public(s, repo.resolve_run(s, ref=ref))
 
 
 @router.get("/{run_id}", response_model=RunPublic)
-def get_run(run_id: str, session: SessionDep) -> RunPublic:
-    return public(session, repo.get_run(session, run_id=run_id))
+def get_run(run_id: str, store: StoreDep) -> RunPublic:
+    with store.read() as s:
+        return public(s, repo.get_run(s, run_id=run_id))
 
 
-@router.patch("/{run_id}", response_model=RunPublic)
-def update_run(run_id: str, body: RunUpdate, session: SessionDep, sampler: SamplerDep) -> RunPublic:
-    run = repo.update_run(
-        session,
-        run_id=run_id,
-        status=body.status,
-        name=body.name,
-        tags=body.tags,
-        now=body.finished_at if body.finished_at is not None else time.time(),
-        rank=body.rank,
-    )
+@router.patch("/{run_id}", response_model=RunPublic, dependencies=[SeenRun])
+def update_run(run_id: str, body: RunUpdate, store: StoreDep, sampler: SamplerDep) -> RunPublic:
+    now = body.finished_at if body.finished_at is not None else time.time()
+
+    def write(s: Session) -> RunPublic:
+        run = repo.update_run(
+            s,
+            run_id=run_id,
+            status=body.status,
+            name=body.name,
+            tags=body.tags,
+            now=now,
+            rank=body.rank,
+        )
+        return public(s, run)
+
+    out = store.write(write)
     if sampler is not None and body.rank is not None and body.status is not None:
         if sampler.devices:
             sampler.mark()
-        sampler.run_ended(run.id, body.rank)  # this rank is done (here, if it ran here)
-    if sampler is not None and run.status != "running":
+        sampler.run_ended(out.id, body.rank)  # this rank is done (here, if it ran here)
+    if sampler is not None and out.status != "running":
         if sampler.devices:
             sampler.mark()  # a reading at the window's end: no edge interpolation
-        sampler.run_ended(run.id)
-    return public(session, run)
+        sampler.run_ended(out.id)
+    return out
