@@ -70,8 +70,11 @@ def _remove_daemon_file(settings: Settings) -> None:
 
 def _allowed(app: FastAPI, request: Request) -> list[str]:
     """The methods every route on the request's path takes, from the OpenAPI paths."""
+    paths = app.openapi()["paths"]
+    if request.url.path in paths:  # a literal path wins over a template (/runs/resolve)
+        return sorted(m.upper() for m in paths[request.url.path])
     methods: set[str] = set()
-    for template, ops in app.openapi()["paths"].items():
+    for template, ops in paths.items():
         if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
             methods |= {m.upper() for m in ops}
     return sorted(methods)
