@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from h3optim.sampler import PhaseSchedule
 from h3optim.tracking import IndexedDataset
+from h3optim.tune import _interrupt
 from h3optim.tune._measure import PeakMemory, count_flops
 from h3optim.tune.task import Task
 from h3optim.tune.techniques import TrialConfig
@@ -318,6 +319,7 @@ def run_trial(
                     scaler.update()
                 else:
                     opt.step()
+                _interrupt.check()  # a Ctrl-C taken at a step boundary
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t0
                 steps += 1

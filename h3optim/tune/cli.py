@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from h3optim.tune._interrupt import deferred_sigint
 from h3optim.tune.report import format_report
 from h3optim.tune.runner import tune
 from h3optim.tune.task import load_task
@@ -67,20 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     techniques = [t for t in args.techniques.split(",") if t]
     try:
         task = load_task(args.task)
-        result = tune(
-            task,
-            budget=args.budget_steps,
-            techniques=techniques,
-            repeats=args.repeats,
-            tolerance=args.tolerance,
-            segments=args.segments,
-            combine=args.combine.split(",") if args.combine else None,
-            out=args.out,
-            session=args.session,
-            url=args.url,
-            seed=args.seed,
-            count_flops=not args.no_flops,
-        )
+        with deferred_sigint():  # Ctrl-C stops at the next step, never swallowed
+            result = tune(
+                task,
+                budget=args.budget_steps,
+                techniques=techniques,
+                repeats=args.repeats,
+                tolerance=args.tolerance,
+                segments=args.segments,
+                combine=args.combine.split(",") if args.combine else None,
+                out=args.out,
+                session=args.session,
+                url=args.url,
+                seed=args.seed,
+                count_flops=not args.no_flops,
+            )
     except ValueError as exc:
         print(f"h3-tune: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from h3optim.tune import _interrupt
 from h3optim.tune._train import Outcome, Profiler, fits, quantize_int8, run_inference, run_trial
 from h3optim.tune.task import Task
 from h3optim.tune.techniques import Env, Technique, TrialConfig, builtin_techniques, probe_env
@@ -379,6 +380,7 @@ def tune(
             )
             tags = [*result.tags, f"technique:{name}", f"repeat:{r}"]
             run_name = f"tune {session} {name} #{r}"
+            _interrupt.check()  # between trials too
             trial = Trial(name, r, settings, kind)
             trained = None
             try:
@@ -423,6 +425,7 @@ def tune(
                     if kind == "inference":
                         one(name, s, kind, r, cpu_model)
 
+        _interrupt.check()  # a Ctrl-C during the last trial's close
         from h3optim.tune.report import summarize, verdicts
 
         rows = {row.technique: row for row in summarize(result)}
