@@ -120,6 +120,9 @@ class Trainer:
                 acc = (self.model(self.data.x_test).argmax(1) == self.data.y_test).float().mean()
             prof.log_epoch(self.epoch, accuracy=float(acc))
             self.epoch += 1
+            # An epoch of this MLP takes ~10 ms on a quiet machine: without a pause the
+            # sampler (every 50 ms here) would see a run too short to draw a power curve.
+            time.sleep(0.1)
 
 
 def _daemon(root: Path) -> Daemon:
