@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import re
 import resource
 import statistics
@@ -302,9 +303,9 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         "",
         f"`PYTHONPATH=. python benchmarks/client_overhead.py{flags(args)}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, torch {torch.__version__} "
-        "with 1 thread, a real daemon on loopback (estimated CPU power backend). **The machine was "
-        "shared with seven other engineers' work while this ran** (load average far above its 2 "
-        "cores): absolute times are inflated; the ratios measured side by side are the figures to read.",
+        "with 1 thread, a real daemon on loopback (estimated CPU power backend); load average "
+        f"{os.getloadavg()[0]:.1f} on its 2 cores when it finished. The ratios measured side by "
+        "side are the figures to read.",
         "",
         f"**`import h3client`** ({imp['runs']} interleaved runs of each process, medians):",
         "",
