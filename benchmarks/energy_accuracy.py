@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import cold_start_s, machine  # noqa: E402
 from benchmarks._traces import bursts, ramp, steps  # noqa: E402
 from h3d.energy import EnergyCurve  # noqa: E402
 from h3d.power.base import DeviceInfo, PowerReading  # noqa: E402
@@ -111,14 +111,6 @@ def sampler_cost(interval_s: float, seconds: float) -> float:
         return 100.0 * float(frac or 0.0)
 
 
-def cold_start() -> float:
-    """Seconds from spawning ``h3d serve`` to a healthy /healthz (polled every 5 ms)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        with daemon(Path(tmp), poll_s=0.005):
-            return time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -140,7 +132,7 @@ def main() -> None:
         for iv in (0.01, 0.1)
     }
     print("sampler cost", costs, flush=True)
-    starts = [cold_start() for _ in range(3 if args.quick else 5)]
+    starts = [cold_start_s() for _ in range(3 if args.quick else 5)]
     print("cold start", starts, flush=True)
     lines = [
         "# Energy accuracy, sampler cost and cold start",

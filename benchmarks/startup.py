@@ -17,11 +17,10 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, daemon, machine
+from benchmarks._common import REPO, cold_start_s, machine
 
 ARMS = {
     "bare interpreter (`python -c pass`)": "pass",
@@ -60,14 +59,6 @@ def heaviest_imports(code: str) -> list[tuple[str, float]]:
         if m and m.group(2) in PACKAGES + ("h3d.app",):
             cumulative[m.group(2)] = int(m.group(1)) / 1000.0
     return sorted(cumulative.items(), key=lambda kv: -kv[1])
-
-
-def cold_start_s() -> float:
-    """Seconds from spawning `h3d serve` to a healthy /healthz (polled every 5 ms)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        with daemon(Path(tmp), poll_s=0.005):
-            return time.perf_counter() - t0
 
 
 def main() -> None:
