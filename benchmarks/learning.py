@@ -376,7 +376,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
         f"are counted. Sampled arms: phases {WARMUP:.0%} warmup / {CONSOLIDATION:.0%} "
         f"consolidation uniform (AutoH3's defaults); Adam + sampler and the random subset keep "
         f"{KEEP} per thermodynamic epoch (sampler: {MIX} of it uniform, unbiased=False); AutoH3 "
-        "starts at mode balanced's (0.7, 0.3) and its windowed A/B may lower keep_frac; "
+        "starts at mode balanced's (0.6, 0.3) and its windowed A/B may lower keep_frac; "
         "AutoH3 trains with Adam (lr 1e-3) through its `optimizer=` factory, so that it measures "
         "the loop and not H3Optimizer's step (made as cheap as Adam's on another branch).",
         "",

@@ -53,7 +53,7 @@ def _volatility(xs: list[float]) -> float:
 #: Starting (keep_frac, uniform_mix) of each mode.
 MODES: dict[str, tuple[float, float]] = {
     "safe": (0.9, 0.5),
-    "balanced": (0.7, 0.3),
+    "balanced": (0.6, 0.3),
     "green": (0.5, 0.2),
     "extreme": (0.3, 0.1),
 }

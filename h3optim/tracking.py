@@ -109,18 +109,19 @@ class LossTracker:
         idx = torch.as_tensor(indices, device=losses.device).reshape(-1).long()
         if idx.numel() != losses.numel():
             raise ValueError(f"{idx.numel()} indices for {losses.numel()} losses")
+        # non-finite losses leave a sample's state as it was (a mask by where, not by
+        # boolean indexing, which would synchronise with the device)
         finite = torch.isfinite(losses)
-        self._nonfinite += (~finite).sum()
-        idx, losses = idx[finite], losses[finite]
-        old = self.ema[idx]
+        self._nonfinite += finite.numel() - finite.sum()
         was_seen = self.seen[idx]
-        blended = torch.where(
-            was_seen, (1 - self.smoothing) * old + self.smoothing * losses, losses
+        old = self.ema[idx]
+        keep_old = ~finite
+        self.ema[idx] = torch.where(
+            keep_old, old, torch.where(was_seen, old.lerp(losses, self.smoothing), losses)
         )
-        self.ema[idx] = blended
-        self.first[idx] = torch.where(was_seen, self.first[idx], losses)
-        self.seen[idx] = True
-        self.counts[idx] += 1
+        self.first[idx] = torch.where(was_seen | keep_old, self.first[idx], losses)
+        self.seen[idx] = was_seen | finite
+        self.counts[idx] += finite.int()
 
     @property
     def nonfinite_count(self) -> int:
