@@ -52,7 +52,11 @@ class H3Optimizer(Optimizer):
     parameter-sized buffers per parameter (the snapshot, which is part of the state_dict,
     and a scratch copy, which is not), allocated once and reused.
 
-    ``lr`` is the starting step; ``lr_max`` (default ``10·lr``) caps it. Without a closure the
+    ``lr`` is the starting step and, by default, also its ceiling (``lr_max``): the measured
+    smoothness then only ever lowers the step below ``lr`` where the loss is too curved for it.
+    In a stochastic setting γ/L̂ is a stability bound, far above the step that generalises
+    best (measured: on MNIST, an MLP whose step was allowed to grow to 10·lr sat at 10·lr and
+    ended 1.6 points below Adam at lr); pass a larger ``lr_max`` to let it grow. Without a closure the
     step stays at its current value (plain Adam). A NaN or infinite gradient anywhere skips
     the whole step: parameters and moments of every group are left unchanged, the step
     counters still advance, and the skip is counted in ``skipped_steps`` (a device counter,
@@ -82,7 +86,7 @@ class H3Optimizer(Optimizer):
         weight_decay: Decoupled (AdamW-style) weight decay.
         lipschitz_safety: γ: the fraction of 1/L̂ taken as the step.
         lipschitz_update_interval: Steps between curvature estimates.
-        lr_max: Upper bound on the step (default ``10·lr``).
+        lr_max: Upper bound on the step (default ``lr``).
         lr_min: Lower bound on the step (default ``lr/100``): the step cannot collapse.
         max_growth: Largest factor the step may grow by per update.
         lipschitz_smoothing: EMA weight of the newest log L̂.
@@ -135,7 +139,7 @@ class H3Optimizer(Optimizer):
             raise ValueError(f"Invalid max_growth: {max_growth}")
         if not 0.0 < lipschitz_smoothing <= 1.0:
             raise ValueError(f"Invalid lipschitz_smoothing: {lipschitz_smoothing}")
-        lr_max = 10.0 * lr if lr_max is None else lr_max
+        lr_max = lr if lr_max is None else lr_max
         lr_min = lr / 100.0 if lr_min is None else lr_min
         if not lr_min <= lr <= lr_max:
             raise ValueError(f"need lr_min <= lr <= lr_max, got {lr_min}, {lr}, {lr_max}")
@@ -174,7 +178,7 @@ class H3Optimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("lr_min", group["lr"] / 100.0)
-            group.setdefault("lr_max", 10.0 * group["lr"])
+            group.setdefault("lr_max", group["lr"])
             group.setdefault("max_growth", 1.5)
             group.setdefault("lipschitz_smoothing", 0.3)
             group.setdefault("lipschitz_safety", 0.9)

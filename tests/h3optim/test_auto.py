@@ -43,7 +43,7 @@ def train(auto: AutoH3, model: nn.Module, test: DataLoader[Any], epochs: int) ->
 def test_autoh3_offline_trains_and_saves_backprop() -> None:
     train_set, test, model = digits_and_model()
     auto = AutoH3(
-        model.parameters(), train_set, mode="green", total_epochs=10, profile=False, lr=1e-3
+        model.parameters(), train_set, mode="green", total_epochs=10, profile=False, lr=1e-2
     )
     accs = train(auto, model, test, 10)
     res = auto.finish()
