@@ -55,6 +55,7 @@ class _WindowedBatches(Sampler[torch.Tensor]):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         cursors = {"A": 0, "B": 0}
+        remaining = self.draws["A"][2].numel()  # the epoch trains on exactly what A would
         for b in range(self.num_batches):
             if b == 0 or (self.offset + b) % self.window_steps == 0:
                 label, k, u = self.controller.window_setting()
@@ -65,10 +66,15 @@ class _WindowedBatches(Sampler[torch.Tensor]):
                     label = "A"
             use = self.label or "A"
             idx = self.draws[use][2]
+            n = min(self.batch_size, remaining)
+            remaining -= n
             start = cursors[use] % idx.numel()
-            cursors[use] = start + self.batch_size
+            cursors[use] = start + n
+            chunk = idx[start : start + n]
+            if chunk.numel() < n:  # a B draw smaller than A's reads on from its start
+                chunk = torch.cat([chunk, idx[: n - chunk.numel()]])
             self.weights = self.draws[use][3]
-            yield idx[start : start + self.batch_size]
+            yield chunk
 
 
 class AutoH3:

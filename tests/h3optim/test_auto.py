@@ -113,9 +113,15 @@ def test_autoh3_windowed_ab_runs_inside_the_epoch_and_reports() -> None:
     seen_windows = 0
     for _ in range(6):
         loader = auto.get_loader(batch_size=32)
+        windows = auto._windows
+        planned = windows.draws["A"][2].numel() if windows is not None else None
+        trained = 0
         for data, target, idx in loader:
             assert isinstance(idx, torch.Tensor) and len(idx) == len(data) <= 32
             auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
+            trained += len(idx)
+        if planned is not None:  # a testing epoch trains on exactly as many samples as A draws
+            assert trained == planned
         seen_windows += auto.controller.window_testing or bool(auto.controller._windows)
         auto.evaluate_epoch(model, test)
     res = auto.finish()
