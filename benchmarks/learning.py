@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -74,17 +75,21 @@ class Task:
     model: str
     epochs: int
     batch: int
-    lr_h3: float
     noise: float = 0.0
     train_subset: int | None = None
 
 
 TASKS = {
-    "mnist1d": Task("MNIST-1D, MLP", "mnist1d", "mlp", 20, 64, 2e-3),
-    "mnist1d-noisy": Task("MNIST-1D 20 % flipped, MLP", "mnist1d", "mlp", 20, 64, 2e-3, 0.2),
-    "mnist-mlp": Task("MNIST, MLP 784-256-256-10", "mnist", "mlp", 8, 128, 1e-3),
-    "mnist-cnn": Task("MNIST, small CNN", "mnist", "cnn", 6, 128, 1e-3, train_subset=20_000),
+    "mnist1d": Task("MNIST-1D, MLP", "mnist1d", "mlp", 20, 64),
+    "mnist1d-noisy": Task("MNIST-1D 20 % flipped, MLP", "mnist1d", "mlp", 20, 64, 0.2),
+    "mnist-mlp": Task("MNIST, MLP 784-256-256-10", "mnist", "mlp", 8, 128),
+    "mnist-cnn": Task("MNIST, small CNN", "mnist", "cnn", 6, 128, train_subset=20_000),
 }
+# One learning rate per task for every arm, chosen for uniform Adam alone by ``--sweep-lr``
+# (validation accuracy on a hold-out of the training set, seeds 0 and 1); 1e-3 until swept
+SWEEP_LRS = (5e-4, 1e-3, 2e-3, 5e-3)
+SWEEP_SEEDS = (0, 1)
+VALIDATION = 0.1
 ARMS = ["uniform Adam", "Adam + sampler", "random subset", "AutoH3 (balanced)", "H3 mnist_fast"]
 # AutoH3 trains with Adam here (its ``optimizer=`` factory): H3Optimizer's step is being made
 # as cheap as Adam's on another branch; until then it would measure that step, not the loop
@@ -192,6 +197,7 @@ def run_arm(
     counter_noisy: torch.Tensor | None,
     url: str,
     tmp: str,
+    lr: float,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = make_model(task.model, data.input_dim)
@@ -206,7 +212,7 @@ def run_arm(
     if arm == "uniform Adam":
         g = torch.Generator().manual_seed(seed)
         rs = RandomSampler(range(n), generator=g)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
         train_loop(
             model, opt, lambda e: batch_loader(ds, rs, task.batch), task.epochs, counter, prof, data
         )
@@ -215,7 +221,7 @@ def run_arm(
         mix = MIX if arm == "Adam + sampler" else 1.0
         sampler = InformationWeightedSampler(ds, tracker, seed=seed)
         sched = PhaseSchedule(task.epochs, WARMUP, CONSOLIDATION)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
 
         def loader(epoch: int) -> Any:
             thermo = sched.phase(epoch) == "thermodynamic"
@@ -225,7 +231,7 @@ def run_arm(
 
         train_loop(model, opt, loader, task.epochs, counter, prof, data, tracker=tracker)
     elif arm == "H3 mnist_fast":
-        setup = h3_mnist_fast(model.parameters(), ds, seed=seed, lr=task.lr_h3)
+        setup = h3_mnist_fast(model.parameters(), ds, seed=seed, lr=lr)
         train_loop(
             model,
             setup.optimizer,
@@ -243,10 +249,10 @@ def run_arm(
             ds,
             mode="balanced",
             total_epochs=task.epochs,
-            lr=task.lr_h3,
+            lr=lr,
             seed=seed,
             profiler=prof,
-            optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+            optimizer=lambda p: torch.optim.Adam(p, lr=lr),
         )
         auto.start()
         crit = nn.CrossEntropyLoss()
@@ -273,6 +279,8 @@ def run_arm(
         "energy_source": res["energy_source"],
         "flops": counter.train * f_both + counter.eval * f_fwd,
         "controller": report,
+        "lr": lr,
+        "load_1min": os.getloadavg()[0],
     }
 
 
@@ -291,6 +299,54 @@ def task_data(task: Task) -> tuple[Split, torch.Tensor | None]:
     return Split(base.x_train, noisy_y, base.x_test, base.y_test), noisy_y != base.y_train
 
 
+def validation_split(data: Split) -> Split:
+    """A fixed hold-out of the training set as the 'test' split (for choosing the lr)."""
+    g = torch.Generator().manual_seed(99)
+    perm = torch.randperm(len(data.y_train), generator=g)
+    n_val = int(VALIDATION * len(perm))
+    tr, va = perm[n_val:], perm[:n_val]
+    return Split(data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va])
+
+
+def sweep_lr(keys: list[str], path: Path, url: str, tmp: str) -> None:
+    """Uniform Adam at each of ``SWEEP_LRS``, validation accuracy, appended to ``path``."""
+    done = {(r["task"], r["lr"], r["seed"]) for r in read_rows(path)}
+    for key in keys:
+        task = TASKS[key]
+        data, _noisy = task_data(task)
+        val = validation_split(data)
+        FLOPS[(task.model, val.input_dim, task.batch)] = flops_per_sample(
+            task.model, val.input_dim, task.batch
+        )
+        for lr in SWEEP_LRS:
+            for seed in SWEEP_SEEDS:
+                if (key, lr, seed) in done:
+                    continue
+                row = run_arm("uniform Adam", task, val, seed, None, url, tmp, lr)
+                with path.open("a") as f:
+                    f.write(
+                        json.dumps({"task": key, "lr": lr, "seed": seed, "val_acc": row["acc"]})
+                        + "\n"
+                    )
+                print(
+                    f"{key:14s} lr {lr:g} seed {seed} validation acc {row['acc']:.2f}", flush=True
+                )
+
+
+def sweep_table(key: str, rows: list[dict[str, Any]]) -> dict[float, float]:
+    """lr → mean validation accuracy over the sweep's seeds (only lrs with every seed)."""
+    accs: dict[float, list[float]] = {}
+    for r in rows:
+        if r["task"] == key:
+            accs.setdefault(r["lr"], []).append(r["val_acc"])
+    return {lr: statistics.mean(a) for lr, a in accs.items() if len(a) == len(SWEEP_SEEDS)}
+
+
+def chosen_lr(key: str, rows: list[dict[str, Any]]) -> float:
+    table = sweep_table(key, rows)
+    return max(table, key=lambda lr: table[lr]) if table else 1e-3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", nargs="+", default=["mnist1d", "mnist1d-noisy", "mnist-mlp"])
@@ -299,14 +355,25 @@ def main() -> None:
     ap.add_argument("--jsonl", default=str(RESULTS / "learning.jsonl"))
     ap.add_argument("--out", default=str(RESULTS / "learning.md"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument(
+        "--sweep-lr",
+        action="store_true",
+        help="first choose each task's lr: uniform Adam at each of SWEEP_LRS on a validation "
+        "hold-out of the training set (rows in --lr-jsonl)",
+    )
+    ap.add_argument("--lr-jsonl", default=str(RESULTS / "learning_lr.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    path = Path(args.jsonl)
-    done = {(r["task"], r["seed"], r["arm"]) for r in read_rows(path)}
+    path, lr_path = Path(args.jsonl), Path(args.lr_jsonl)
     if not args.report_only:
         with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, _token):
+            if args.sweep_lr:
+                sweep_lr(args.tasks, lr_path, url, tmp)
+            lr_rows = read_rows(lr_path)
+            done = {(r["task"], r["seed"], r["arm"], r.get("lr")) for r in read_rows(path)}
             for key in args.tasks:
                 task = TASKS[key]
+                lr = chosen_lr(key, lr_rows)
                 data, noisy = task_data(task)
                 FLOPS[(task.model, data.input_dim, task.batch)] = flops_per_sample(
                     task.model, data.input_dim, task.batch
@@ -315,9 +382,9 @@ def main() -> None:
                     # rotate the arms' order per seed: load drifts on a shared machine
                     arms = args.arms[seed % len(args.arms) :] + args.arms[: seed % len(args.arms)]
                     for arm in arms:
-                        if (key, seed, arm) in done:
+                        if (key, seed, arm, lr) in done:
                             continue
-                        row = run_arm(arm, task, data, seed, noisy, url, tmp)
+                        row = run_arm(arm, task, data, seed, noisy, url, tmp, lr)
                         row.update(
                             task=key, seed=seed, arm=arm, when=time.strftime("%Y-%m-%dT%H:%M:%S")
                         )
@@ -328,7 +395,7 @@ def main() -> None:
                             f"{row['wall_s']:.1f} s {row['energy_j']:.1f} J",
                             flush=True,
                         )
-    write(read_rows(path), Path(args.out))
+    write(read_rows(path), read_rows(lr_path), Path(args.out))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -361,13 +428,23 @@ def _paired(a: list[float], b: list[float]) -> str:
     return f"{statistics.mean(d):+.2f} points, {wins}/{len(d)} seeds ahead, paired t-test p = {t.pvalue:.3g}"
 
 
-def write(rows: list[dict[str, Any]], out: Path) -> None:
+def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) -> None:
+    # only the rows trained at the task's chosen lr (a re-sweep leaves older rows aside)
+    rows = [r for r in rows if r.get("lr", 1e-3) == chosen_lr(r["task"], lr_rows)]
+    loads = [r["load_1min"] for r in rows if "load_1min" in r]
+    load = (
+        f"1-minute load average at the end of each run: median {statistics.median(loads):.1f}, "
+        f"max {max(loads):.1f} (2 cores; above about 1.5 other work shared the machine and "
+        "wall times and energies are noisy)"
+        if loads
+        else "**the machine was shared with other engineers' work while this ran**: wall "
+        "times and energies are noisy"
+    )
     lines = [
         "# Learning benchmark: does energy-aware training save energy?",
         "",
         f"`PYTHONPATH=. python benchmarks/learning.py` (resumable; rows in `learning.jsonl`), "
-        f"{machine()}, torch {torch.__version__} with 1 thread. **The machine was shared with "
-        "other engineers' work while this ran**: wall times and energies are noisy; ratios are "
+        f"{machine()}, torch {torch.__version__} with 1 thread; {load}. Ratios are "
         "per seed (arms of one seed run back to back, in rotating order) and then the median. "
         "Energy is what the h3d daemon attributed to each run, with its source (`estimated` is "
         "the CPU model utilisation × TDP: no RAPL or GPU here — a model, not a measurement). "
@@ -377,8 +454,12 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
         f"consolidation uniform (AutoH3's defaults); Adam + sampler and the random subset keep "
         f"{KEEP} per thermodynamic epoch (sampler: {MIX} of it uniform, unbiased=False); AutoH3 "
         "starts at mode balanced's (0.6, 0.3) and its windowed A/B may lower keep_frac; "
-        "AutoH3 trains with Adam (lr 1e-3) through its `optimizer=` factory, so that it measures "
-        "the loop and not H3Optimizer's step (made as cheap as Adam's on another branch).",
+        "AutoH3 trains with Adam through its `optimizer=` factory, so that it measures "
+        "the loop (H3 mnist_fast measures H3Optimizer with its curvature probe). **One learning "
+        "rate per task for every arm**, chosen for uniform Adam alone by `--sweep-lr`: "
+        f"validation accuracy on a {VALIDATION:.0%} hold-out of the training set, seeds "
+        f"{', '.join(map(str, SWEEP_SEEDS))}, lr in {', '.join(f'{lr:g}' for lr in SWEEP_LRS)} "
+        "(rows in `learning_lr.jsonl`), so no arm is compared against an under-tuned baseline.",
         "",
     ]
     headline: list[str] = []
@@ -403,7 +484,17 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
             "",
             f"{task.epochs} epochs, batch {task.batch}"
             + (f", {task.train_subset} training samples" if task.train_subset else "")
-            + f", H3Optimizer lr {task.lr_h3}, Adam lr 1e-3. Seeds run: "
+            + f", lr {chosen_lr(key, lr_rows):g} for every arm"
+            + (
+                " (uniform Adam's validation accuracy by lr: "
+                + ", ".join(
+                    f"{lr:g}: {a:.2f} %" for lr, a in sorted(sweep_table(key, lr_rows).items())
+                )
+                + ")"
+                if sweep_table(key, lr_rows)
+                else " (not swept)"
+            )
+            + ". Seeds run: "
             + ", ".join(f"{a}: {len(s)}" for a, s in by_arm.items())
             + ".",
             "",
