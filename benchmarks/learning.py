@@ -87,7 +87,7 @@ TASKS = {
 }
 # One learning rate per task for every arm, chosen for uniform Adam alone by ``--sweep-lr``
 # (validation accuracy on a hold-out of the training set, seeds 0 and 1); 1e-3 until swept
-SWEEP_LRS = (5e-4, 1e-3, 2e-3, 5e-3)
+SWEEP_LRS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 SWEEP_SEEDS = (0, 1)
 VALIDATION = 0.1
 ARMS = ["uniform Adam", "Adam + sampler", "random subset", "AutoH3 (balanced)", "H3 mnist_fast"]

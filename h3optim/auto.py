@@ -99,6 +99,10 @@ class AutoH3:
         probe_size: Training samples (a fixed random subset) whose loss is evaluated at each
             window boundary while a test runs; the window's η is their loss drop per joule.
         warmup, consolidation: Phase fractions (uniform epochs at the start and the end).
+        learned_ratio: The learning floor (see :meth:`EtaController.control_step`): a sample
+            counts as learned once its tracked loss is below this fraction of the mean
+            first-sighting loss; while few are, thermodynamic epochs keep every sample not
+            learned yet. ``None`` turns the floor off.
         optimizer: A factory ``params -> torch.optim.Optimizer`` to train with instead of
             :class:`~h3optim.H3Optimizer` (``lr`` and the optimizer keyword arguments then
             do not apply), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
@@ -133,6 +137,7 @@ class AutoH3:
         probe_size: int = 512,
         warmup: float = 0.1,
         consolidation: float = 0.15,
+        learned_ratio: float | None = 0.3,
         optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
@@ -161,6 +166,7 @@ class AutoH3:
         )
         self.window_steps = window_steps
         self.probe_size = probe_size
+        self.learned_ratio = learned_ratio
         self._probe_batch: tuple[Any, Any] | None = None
         self._windows: _WindowedBatches | None = None
         self._window_step = 0
@@ -210,7 +216,12 @@ class AutoH3:
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
         of ``window_steps`` batches alternate between its two settings."""
         self.start()
-        keep, mix, self.phase = self.controller.control_step()
+        unlearned = (
+            self.loss_tracker.unlearned_fraction(self.learned_ratio)
+            if self.learned_ratio is not None
+            else None
+        )
+        keep, mix, self.phase = self.controller.control_step(unlearned)
         self.sampler.set_fractions(keep, mix)
         self.sampler.set_epoch(self.epoch)
         self._epoch_samples = self._epoch_steps = 0

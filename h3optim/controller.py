@@ -122,6 +122,7 @@ class EtaController:
         self._a_etas: list[float] = []
         self._b_eta: float | None = None
         self._current: tuple[float, float, str] = (1.0, 1.0, "warmup")
+        self.floor: float | None = None  # this epoch's learning floor, when it binds
         self.min_pairs, self.max_pairs, self.z = min_pairs, max_pairs, z
         self.windowed = False  # set by the first observe_window: epoch A/B/A is then off
         self.window_state = "testing"  # or "held": the fixed schedule is held to the end
@@ -132,9 +133,19 @@ class EtaController:
     def probe_setting(self) -> tuple[float, float]:
         return max(self.min_keep_frac, self.keep_frac - self.step_size), self.uniform_mix
 
-    def control_step(self) -> tuple[float, float, str]:
-        """The (keep_frac, uniform_mix, phase) to use for the coming epoch."""
+    def control_step(self, unlearned: float | None = None) -> tuple[float, float, str]:
+        """The (keep_frac, uniform_mix, phase) to use for the coming epoch.
+
+        ``unlearned``: the share of training samples not yet learned (see
+        :meth:`~h3optim.LossTracker.unlearned_fraction`). In the thermodynamic phase it sets a
+        **learning floor**: ``keep_frac`` is raised for the epoch to ``unlearned / (1 −
+        uniform_mix)``, so that the loss-driven share can hold every sample the model has not
+        learned yet. While the model is still far from fitting its data (every sample still
+        teaches), cutting samples cuts learning; the floor keeps them, and windowed A/B tests
+        pause until it no longer binds.
+        """
         phase = self.schedule.phase(self.epoch)
+        self.floor = None
         if phase != "thermodynamic":
             self._current = (1.0, 1.0, phase)
         elif self._probing and not self.windowed:
@@ -142,6 +153,19 @@ class EtaController:
             self._current = (k, u, phase)
         else:
             self._current = (self.keep_frac, self.uniform_mix, phase)
+        k, u, _ = self._current
+        if phase == "thermodynamic" and unlearned is not None and math.isfinite(unlearned):
+            floor = min(1.0, max(0.0, unlearned) / max(1.0 - u, 1e-6))
+            if floor > k + 1e-9:
+                self.floor = floor
+                self._current = (floor, u, phase)
+                self._decide(
+                    "learning floor",
+                    f"{unlearned:.0%} of the training samples are not learned yet: keep_frac "
+                    f"{k:.2f} would leave some out; this epoch keeps {floor:.2f}",
+                    before=(k, u),
+                    after=(floor, u),
+                )
         return self._current
 
     def _decide(self, what: str, why: str, **values: Any) -> None:
@@ -310,6 +334,7 @@ class EtaController:
         """Whether windows still alternate A and B (the thermodynamic phase, test running)."""
         return (
             self._current[2] == "thermodynamic"
+            and self.floor is None
             and self.window_state == "testing"
             and self.probe_setting()[0] < self.keep_frac
         )

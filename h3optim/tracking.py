@@ -91,6 +91,8 @@ class LossTracker:
         # each sample's first observed loss: the reference the sampler's noise guard compares
         # the EMA with (a loss that rose while the model learned points at a wrong label)
         self.first = torch.zeros(num_samples, device=dev)
+        # each sample's latest loss: whether it is learned *now* (the EMA remembers its start)
+        self.last = torch.zeros(num_samples, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
 
     def _to(self, device: torch.device) -> None:
@@ -99,6 +101,7 @@ class LossTracker:
             self.seen = self.seen.to(device)
             self.counts = self.counts.to(device)
             self.first = self.first.to(device)
+            self.last = self.last.to(device)
             self._nonfinite = self._nonfinite.to(device)
 
     @torch.no_grad()
@@ -120,6 +123,7 @@ class LossTracker:
             keep_old, old, torch.where(was_seen, old.lerp(losses, self.smoothing), losses)
         )
         self.first[idx] = torch.where(was_seen | keep_old, self.first[idx], losses)
+        self.last[idx] = torch.where(keep_old, self.last[idx], losses)
         self.seen[idx] = was_seen | finite
         self.counts[idx] += finite.int()
 
@@ -127,6 +131,20 @@ class LossTracker:
     def nonfinite_count(self) -> int:
         """How many non-finite losses were ignored (reads the device counter)."""
         return int(self._nonfinite.item())
+
+    @torch.no_grad()
+    def unlearned_fraction(self, ratio: float = 0.3) -> float:
+        """Share of the samples not learned yet: never seen, or whose latest loss is above
+        ``ratio`` × the mean first-sighting loss (for cross-entropy from a 10-class start and
+        ``ratio=0.3``, about 0.69 nats: the right class under 50 % probability, so possibly
+        not the one predicted). The latest loss, not
+        the EMA: with smoothing 0.1 the EMA still carries half of a sample's first loss after
+        seven sightings. One host sync."""
+        if not self.seen.any():
+            return 1.0
+        scale = ratio * self.first[self.seen].mean()
+        learned = self.seen & (self.last <= scale)
+        return 1.0 - float(learned.float().mean())
 
     def get(self, indices: Any) -> torch.Tensor:
         idx = torch.as_tensor(indices, device=self.ema.device).long()
@@ -165,6 +183,7 @@ class LossTracker:
             "seen": self.seen.clone(),
             "counts": self.counts.clone(),
             "first": self.first.clone(),
+            "last": self.last.clone(),
             "nonfinite": self._nonfinite.clone(),
         }
 
@@ -180,4 +199,5 @@ class LossTracker:
         self.counts = state["counts"].to(dev).clone()
         # states saved before ``first`` existed: the EMA is the best reference there is
         self.first = state.get("first", state["ema"]).to(dev).clone()
+        self.last = state.get("last", state["ema"]).to(dev).clone()
         self._nonfinite = state["nonfinite"].to(dev).clone()

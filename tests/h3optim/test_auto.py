@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -64,6 +65,7 @@ def test_autoh3_against_a_real_daemon_stores_run_epochs_eta_and_decisions(daemon
         total_epochs=8,
         lr=1e-3,
         profiler_kwargs={"url": daemon.url, "data_dir": daemon.data_dir, "eta_interval_s": 0.2},
+        learned_ratio=None,  # the sampled setting every thermodynamic epoch (no learning floor)
     )
     train(auto, model, test, 8)
     res = auto.finish()
@@ -108,6 +110,7 @@ def test_autoh3_windowed_ab_runs_inside_the_epoch_and_reports() -> None:
         window_steps=2,
         probe_size=128,
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        learned_ratio=None,  # windows from the first thermodynamic epoch (no learning floor)
     )
     assert isinstance(auto.optimizer, torch.optim.Adam)
     seen_windows = 0
@@ -146,9 +149,38 @@ def test_autoh3_windows_continue_across_epochs() -> None:
         window_steps=10,
         probe_size=128,
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        learned_ratio=None,  # windows from the first thermodynamic epoch (no learning floor)
     )
     auto.controller.min_pairs = auto.controller.max_pairs = 3
     train(auto, model, test, 10)
     assert auto.controller.window_state == "held" or any(
         d["change"] == "keep_frac down" for d in auto.controller.decisions
     )
+
+
+def test_autoh3_learning_floor_keeps_what_is_not_learned_yet() -> None:
+    """Early in training most samples still teach: the thermodynamic epochs keep them all;
+    as the model learns them the floor falls to the mode's setting."""
+    train_set, test, model = digits_and_model()
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        mode="balanced",  # keep 0.6, uniform 0.3
+        total_epochs=12,
+        profile=False,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
+    keeps = []
+    for _ in range(12):
+        unlearned = auto.loss_tracker.unlearned_fraction()
+        loader = auto.get_loader(batch_size=32)
+        if auto.phase == "thermodynamic":
+            expected = max(0.6, min(1.0, unlearned / 0.7))
+            assert auto.sampler.keep_frac == pytest.approx(expected)
+            keeps.append(auto.sampler.keep_frac)
+        for data, target, idx in loader:
+            auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
+        auto.evaluate_epoch(model, test)
+    res = auto.finish()
+    assert keeps[0] > 0.6 and keeps[-1] < keeps[0]  # binding at first, then falling
+    assert "learning floor" in res["controller_report"]

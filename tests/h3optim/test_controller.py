@@ -187,3 +187,19 @@ def test_windowed_accuracy_guard_undoes_an_adoption_once_and_ignores_noise() -> 
         c.observe(accuracy=0.80)
     assert (c.keep_frac, c.uniform_mix) == start and c.window_state == "held"
     assert c.get_report().count("back off") == 1
+
+
+def test_learning_floor_keeps_what_is_not_learned_yet() -> None:
+    c = EtaController("balanced", total_epochs=20)  # keep 0.6, uniform 0.3
+    assert c.control_step(unlearned=0.9) == (1.0, 1.0, "warmup")  # the floor: thermodynamic only
+    c.epoch = 5
+    k, u, phase = c.control_step(unlearned=0.56)
+    assert phase == "thermodynamic" and u == 0.3 and k == pytest.approx(0.56 / 0.7)
+    assert not c.window_testing  # A/B windows pause while the floor binds
+    assert c.keep_frac == 0.6  # the controller's own setting is unchanged
+    assert "learning floor" in c.get_report() and "56%" in c.get_report()
+    assert c.control_step(unlearned=0.95)[0] == 1.0  # capped at all the data
+    n = len(c.decisions)
+    assert c.control_step(unlearned=0.2)[:2] == (0.6, 0.3)  # most learned: no floor
+    assert c.window_testing and len(c.decisions) == n
+    assert c.control_step(unlearned=math.nan)[:2] == (0.6, 0.3)  # no evidence, no change

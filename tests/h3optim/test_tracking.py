@@ -60,3 +60,16 @@ def test_first_loss_is_kept_and_old_states_load() -> None:
     u = LossTracker(4)
     u.load_state_dict(old)
     assert torch.equal(u.first, t.ema)
+
+
+def test_unlearned_fraction_against_the_mean_first_loss() -> None:
+    t = LossTracker(10)
+    assert t.unlearned_fraction() == 1.0  # nothing seen
+    t.update(torch.arange(8), torch.full((8,), 2.0))  # first sightings: mean first loss 2.0
+    assert t.unlearned_fraction() == 1.0  # seen, not learned; 2 never seen
+    t.update(torch.arange(5), torch.full((5,), 0.1))  # five fall below 0.3 x 2.0 at once
+    assert t.ema[0] > 0.3 * 2.0  # (the EMA still remembers their start)
+    assert t.unlearned_fraction() == pytest.approx(0.5)  # 5 of 10 learned
+    t.update(torch.tensor([0]), torch.tensor([float("nan")]))  # a NaN leaves it learned
+    assert t.unlearned_fraction() == pytest.approx(0.5)
+    assert t.unlearned_fraction(ratio=0.01) == 1.0
