@@ -139,12 +139,14 @@ class LossTracker:
         ``ratio=0.3``, about 0.69 nats: the right class under 50 % probability, so possibly
         not the one predicted). The latest loss, not
         the EMA: with smoothing 0.1 the EMA still carries half of a sample's first loss after
-        seven sightings. One host sync."""
+        seven sightings. A sample whose loss rose above its first while the model learned
+        is not counted: its label likely disagrees with what the model learns (a flipped
+        label), and keeping it teaches nothing. One host sync."""
         if not self.seen.any():
             return 1.0
         scale = ratio * self.first[self.seen].mean()
-        learned = self.seen & (self.last <= scale)
-        return 1.0 - float(learned.float().mean())
+        settled = self.seen & ((self.last <= scale) | (self.last > self.first))
+        return 1.0 - float(settled.float().mean())
 
     def get(self, indices: Any) -> torch.Tensor:
         idx = torch.as_tensor(indices, device=self.ema.device).long()

@@ -72,4 +72,6 @@ def test_unlearned_fraction_against_the_mean_first_loss() -> None:
     assert t.unlearned_fraction() == pytest.approx(0.5)  # 5 of 10 learned
     t.update(torch.tensor([0]), torch.tensor([float("nan")]))  # a NaN leaves it learned
     assert t.unlearned_fraction() == pytest.approx(0.5)
-    assert t.unlearned_fraction(ratio=0.01) == 1.0
+    t.update(torch.tensor([7]), torch.tensor([3.0]))  # rose above its first: likely mislabeled
+    assert t.unlearned_fraction() == pytest.approx(0.4)
+    assert t.unlearned_fraction(ratio=0.01) == pytest.approx(0.9)  # only the mislabeled one settled
