@@ -35,7 +35,9 @@ def migrate_with_alembic(engine: Engine) -> None:
 def test_revision_constants_match_the_migration_scripts() -> None:
     # A new migration adds its id to migrate.REVISIONS: a start compares the store's revision
     # with HEAD_REVISION without reading the scripts.
-    assert list(migrate.REVISIONS) == migrate.script_revisions()
+    assert list(migrate.REVISIONS) == migrate.script_revisions(), (
+        "HOW TO FIX: append the new revision's id to REVISIONS in h3d/storage/migrate.py"
+    )
     assert migrate.head_revision() == migrate.HEAD_REVISION == migrate.script_revisions()[-1]
 
 
@@ -48,7 +50,7 @@ def test_migrated_schema_matches_the_orm(tmp_path: Path) -> None:
     assert diff == [], (
         "The ORM models and the migrations differ. HOW TO FIX: add a revision with\n"
         "  alembic -c <cfg> revision --autogenerate -m '...'  (see h3d/storage/migrate.py)\n"
-        f"and review it. Differences: {diff}"
+        f"review it, and append its id to migrate.REVISIONS. Differences: {diff}"
     )
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
