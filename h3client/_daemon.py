@@ -60,7 +60,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
                 return url
         if proc.poll() is not None:
             return None
-        time.sleep(0.1)
+        time.sleep(0.02)  # a file read per poll: a 100 ms poll added ~50 ms to autostart
     return None
 
 

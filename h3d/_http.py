@@ -1,15 +1,20 @@
-"""A tiny client for the CLI's own commands (h3d never imports h3client)."""
+"""A tiny client for the CLI's own commands (h3d never imports h3client).
+
+httpx is imported when a command first talks to a daemon, not with this module: ``h3d serve``
+imports the CLI and never needs it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
-from h3d.config import Settings
+    from h3d.config import Settings
 
 
 class DaemonDown(Exception):
@@ -38,6 +43,8 @@ def read_token(settings: Settings) -> str | None:
 
 
 def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
+    import httpx
+
     try:
         return httpx.get(f"{url}/healthz", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
@@ -46,12 +53,16 @@ def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
 
 class DaemonClient:
     def __init__(self, settings: Settings, url: str | None = None) -> None:
+        import httpx
+
         self.url = url or discover_url(settings)
         token = read_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        import httpx
+
         try:
             r = self.http.request(method, path, **kw)
         except httpx.ConnectError as exc:

@@ -33,8 +33,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from h3d.carbon_regions import REGIONS, YEAR
 
 if TYPE_CHECKING:
@@ -176,6 +174,8 @@ class LiveProvider:
         tmp.replace(self.cache)
 
     def _fetch(self) -> list[tuple[float, float]]:
+        import httpx  # here, not at module level: the daemon's start-up never needs it
+
         headers = {"auth-token": self.token}
         out: list[tuple[float, float]] = []
         with httpx.Client(base_url=self.base_url, timeout=self.timeout_s) as c:
@@ -201,6 +201,8 @@ class LiveProvider:
         )
         error = data.get("error") if recently_failed else None
         if stale and not recently_failed:
+            import httpx
+
             try:
                 fresh = self._fetch()
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:

@@ -4,6 +4,14 @@ Several daemons may start at once on one store (every node of a cluster, on one 
 the upgrade runs under a lock that the store itself holds (a PostgreSQL advisory lock, for
 SQLite a lock on a file beside the database), and the revision is read again under it, so
 the schema is migrated exactly once and the others find it at head.
+
+Alembic is imported only to migrate a store written by an older h3d. A start on a store at
+head reads ``alembic_version`` with one query and compares it with ``HEAD_REVISION``, a
+constant that tests/h3d/test_storage.py checks against the migration scripts; an empty store
+(the first start) is created at head from the ORM's tables and stamped, as Alembic's
+cookbook builds "an up to date database from scratch" (the same test checks that this
+schema and the migrated one are the same). Importing Alembic and running ``migrations/``
+cost more than the rest of the store's start-up (benchmarks/results/startup.md).
 """
 
 from __future__ import annotations
@@ -12,11 +20,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import DatabaseError
 
@@ -27,10 +32,18 @@ except ImportError:  # pragma: no cover - Windows: one daemon per store
 
 from h3d.errors import SchemaMismatch
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 logger = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key of schema migrations: "H3D_MIGR" as a big-endian int64.
 MIGRATION_LOCK_KEY = int.from_bytes(b"H3D_MIGR", "big")
+
+# Every revision in migrations/versions, oldest first; the last is the head. A new migration
+# adds its id here (tests/h3d/test_storage.py fails until it does).
+REVISIONS = ("0001", "0002", "0003", "0004_nodes_and_ranks")
+HEAD_REVISION = REVISIONS[-1]
 
 
 def migrations_dir() -> Path:
@@ -44,6 +57,8 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -51,15 +66,36 @@ def alembic_config(url: str) -> Config:
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
-    assert head is not None
-    return head
+    return HEAD_REVISION
+
+
+def script_revisions() -> list[str]:
+    """The revisions of the migration scripts, oldest first, as Alembic reads them (slow:
+    imports Alembic and every script: for the tests, not for a start)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def _read_revision(conn: Connection) -> str | None:
+    """``alembic_version``'s row, read the way Alembic's MigrationContext does (None: no
+    table or no row), without importing Alembic."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    rows = [r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
+    if len(rows) > 1:
+        raise SchemaMismatch(
+            f"the database records several revisions ({', '.join(sorted(rows))}); "
+            "h3d has one line of migrations and will not guess. Point --db-url elsewhere."
+        )
+    return rows[0] if rows else None
 
 
 def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return _read_revision(conn)
     except DatabaseError as exc:
         raise SchemaMismatch(
             f"{engine.url.render_as_string(hide_password=True)} is not a readable database "
@@ -68,8 +104,7 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def _check_known(engine: Engine, rev: str | None) -> None:
-    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    if rev is not None and rev not in {r.revision for r in script.walk_revisions()}:
+    if rev is not None and rev not in REVISIONS:
         raise SchemaMismatch(
             f"the database is at revision {rev!r}, which this h3d does not know: it was "
             "written by a newer h3d. Upgrade h3d, or point --db-url at another database."
@@ -111,6 +146,25 @@ def migration_lock(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def create_at_head(conn: Connection) -> None:
+    """Create the schema of an empty database at head in ``conn``'s transaction: the ORM's
+    tables, and ``alembic_version`` (Alembic's own definition of it) holding the head."""
+    from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table
+
+    from h3d.storage.models import Base
+
+    Base.metadata.create_all(conn)
+    version = Table(
+        "alembic_version",
+        MetaData(),
+        Column("version_num", String(32), nullable=False),
+        PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+    )
+    version.create(conn, checkfirst=True)  # left empty by a downgrade to base
+    conn.execute(version.delete())
+    conn.execute(version.insert().values(version_num=HEAD_REVISION))
+
+
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Bring the database to head; returns (revision found under the lock, head).
 
@@ -123,11 +177,17 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     if before == head:
         return before, head
     with migration_lock(engine) as conn:
-        found = MigrationContext.configure(conn).get_current_revision()
+        found = _read_revision(conn)
         if found == head:
             logger.info("database already at %s: another h3d migrated it", head)
             return found, head
         _check_known(engine, found)
+        if found is None:  # empty: no data to carry through the migrations
+            create_at_head(conn)
+            logger.info("database upgraded from empty to %s (created at head)", head)
+            return found, head
+        from alembic import command
+
         cfg = alembic_config(engine.url.render_as_string(hide_password=False))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Dialect, and_, case, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from h3d.errors import AmbiguousRun, InvalidInput, RunExists, RunFinished, RunNotFound
@@ -33,6 +33,14 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
+def _pg_insert(table: Any) -> Any:
+    # Imported here: a PostgreSQL engine has loaded the dialect already, and a SQLite
+    # daemon's start-up is spared it (tens of ms; benchmarks/results/startup.md).
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql.insert(table)
+
+
 def _insert(session: Session, table: Any) -> Any:
     """An INSERT that skips rows whose key exists (race-safe idempotent ingest)."""
     # On the Table, not the mapped class: a Core executemany, without the ORM's per-row
@@ -41,7 +49,7 @@ def _insert(session: Session, table: Any) -> Any:
     if dialect == "sqlite":
         return sqlite.insert(table.__table__).on_conflict_do_nothing()
     if dialect == "postgresql":
-        return postgresql.insert(table.__table__).on_conflict_do_nothing()
+        return _pg_insert(table.__table__).on_conflict_do_nothing()
     return table.__table__.insert()
 
 
@@ -376,7 +384,7 @@ def _compiled_insert(
     stmt = (
         sqlite.insert(table).on_conflict_do_nothing()
         if dialect.name == "sqlite"
-        else postgresql.insert(table).on_conflict_do_nothing()
+        else _pg_insert(table).on_conflict_do_nothing()
         if dialect.name == "postgresql"
         else table.insert()
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -151,3 +152,21 @@ def test_data_dir_and_store_files_are_private(daemon: Daemon) -> None:
     assert d.stat().st_mode & 0o777 == 0o700
     for name in ("h3d.db", "h3d.db-wal", "token", "daemon.json", "h3d.lock"):
         assert (d / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def loaded(code: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The packages of ``prefixes`` that a fresh interpreter holds after ``code``."""
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    r = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    mods = json.loads(r.stdout)
+    return [p for p in prefixes if any(m == p or m.startswith(p + ".") for m in mods)]
+
+
+def test_serve_imports_no_http_client_alembic_or_torch() -> None:
+    # What `h3d serve` imports before it answers: the CLI and the app. httpx is the CLI's
+    # client for the other commands and the carbon fetch; Alembic only migrates old stores;
+    # SQLAlchemy's PostgreSQL dialect arrives with a PostgreSQL engine.
+    heavy = ("httpx", "alembic", "mako", "torch", "numpy", "h3client", "h3optim")
+    assert loaded("import h3d.cli, h3d.app", (*heavy, "sqlalchemy.dialects.postgresql")) == []

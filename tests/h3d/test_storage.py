@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import Engine, inspect, text
 
 from h3d.errors import SchemaMismatch
 from h3d.storage import migrate
@@ -21,27 +23,134 @@ from h3d.storage.models import Base
 from tests.conftest import REPO, daemon_env
 
 
+def migrate_with_alembic(engine: Engine) -> None:
+    """Every migration script from an empty database (h3d itself creates an empty store at
+    head from the ORM, and runs the scripts only on a store an older h3d wrote)."""
+    with engine.begin() as conn:
+        cfg = migrate.alembic_config(engine.url.render_as_string(hide_password=False))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def test_revision_constants_match_the_migration_scripts() -> None:
+    # A new migration adds its id to migrate.REVISIONS: a start compares the store's revision
+    # with HEAD_REVISION without reading the scripts.
+    assert list(migrate.REVISIONS) == migrate.script_revisions(), (
+        "HOW TO FIX: append the new revision's id to REVISIONS in h3d/storage/migrate.py"
+    )
+    assert migrate.head_revision() == migrate.HEAD_REVISION == migrate.script_revisions()[-1]
+
+
 def test_migrated_schema_matches_the_orm(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
-    before, after = migrate.upgrade(engine)
-    assert before is None and after == migrate.head_revision()
+    migrate_with_alembic(engine)
+    assert migrate.current_revision(engine) == migrate.head_revision()
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], (
         "The ORM models and the migrations differ. HOW TO FIX: add a revision with\n"
         "  alembic -c <cfg> revision --autogenerate -m '...'  (see h3d/storage/migrate.py)\n"
-        f"and review it. Differences: {diff}"
+        f"review it, and append its id to migrate.REVISIONS. Differences: {diff}"
     )
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
-    assert migrate.upgrade(engine) == (after, after)  # idempotent
+    head = migrate.head_revision()
+    assert migrate.upgrade(engine) == (head, head)  # idempotent
+    engine.dispose()
+
+
+def schema(engine: Engine) -> dict[str, Any]:
+    """Everything the database says about its tables (column order aside: a batch migration
+    on SQLite appends the columns it adds)."""
+    ins = inspect(engine)
+    out: dict[str, Any] = {}
+    for t in sorted(ins.get_table_names()):
+
+        def key(d: dict[str, Any]) -> str:
+            return repr(sorted(d.items()))
+
+        cols = {
+            c["name"]: (str(c["type"]), c["nullable"], c.get("default"), c.get("autoincrement"))
+            for c in ins.get_columns(t)
+        }
+        out[t] = {
+            "columns": cols,
+            "pk": ins.get_pk_constraint(t),
+            "fks": sorted(ins.get_foreign_keys(t), key=key),
+            "indexes": sorted(ins.get_indexes(t), key=key),
+            "unique": sorted(ins.get_unique_constraints(t), key=key),
+            "checks": sorted(ins.get_check_constraints(t), key=key),
+        }
+    return out
+
+
+def assert_created_equals_migrated(created: Engine, migrated: Engine) -> None:
+    migrate_with_alembic(migrated)
+    assert migrate.upgrade(created) == (None, migrate.head_revision())
+    assert migrate.current_revision(created) == migrate.current_revision(migrated)
+    a, b = schema(created), schema(migrated)
+    assert a.keys() == b.keys()
+    for table in a:
+        assert a[table] == b[table], table
+
+
+def test_an_empty_store_is_created_at_head_as_the_migrations_would_make_it(
+    tmp_path: Path,
+) -> None:
+    created = make_engine(f"sqlite:///{tmp_path / 'created.db'}")
+    migrated = make_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
+    assert_created_equals_migrated(created, migrated)
+    assert set(schema(created)) == {"alembic_version", *Base.metadata.tables}
+    created.dispose()
+    migrated.dispose()
+
+
+def test_an_empty_postgresql_store_is_created_as_the_migrations_would_make_it(
+    pg_url: str,
+) -> None:
+    from sqlalchemy import create_engine
+
+    created = make_engine(pg_url)
+    with created.begin() as conn:
+        conn.execute(text("CREATE SCHEMA migrated"))
+    migrated = create_engine(pg_url, connect_args={"options": "-csearch_path=migrated"})
+    assert_created_equals_migrated(created, migrated)
+    created.dispose()
+    migrated.dispose()
+
+
+def test_a_start_on_a_store_at_head_or_an_empty_one_never_imports_alembic(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from h3d.storage import migrate\n"
+        "from h3d.storage.engine import make_engine\n"
+        f"e = make_engine('sqlite:///{tmp_path / 'h.db'}')\n"
+        "for _ in range(2):  # created, then found at head\n"
+        "    migrate.check_integrity(e); migrate.upgrade(e); migrate.verify_schema(e)\n"
+        "    migrate.probe_write(e)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert r.stdout.strip() == "[]", r.stdout
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    engine.dispose()
+
+
+def test_a_store_recording_two_revisions_is_refused(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO alembic_version VALUES ('0003')"))
+    with pytest.raises(SchemaMismatch, match="several revisions"):
+        migrate.upgrade(engine)
     engine.dispose()
 
 
 def test_downgrade_then_upgrade_round_trips(tmp_path: Path) -> None:
-    from alembic import command
-
     url = f"sqlite:///{tmp_path / 'h.db'}"
     engine = make_engine(url)
     migrate.upgrade(engine)
