@@ -330,7 +330,10 @@ class H3Profiler:
                     indices = snapshot(indices)
             seq = self._seq
             self._seq = seq + self._seq_step
-            proc.add_batch(
+            q = proc.batches  # proc.add_batch, inline
+            if len(q) >= proc.hard_limit:
+                proc.drop_oldest()
+            q.append(
                 (
                     seq,
                     time.time(),
@@ -343,6 +346,8 @@ class H3Profiler:
                     phase,
                 )
             )
+            if len(q) == proc.max_batch:
+                proc.wake()
         except Exception:
             self.log_errors += 1
 

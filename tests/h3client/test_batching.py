@@ -425,3 +425,20 @@ def test_cuda_tensors_take_the_non_blocking_copy_through_snapshot(
     rows, _ = decoded([item(0, _batching.snapshot_loss(FakeCudaTensor(torch.tensor(2.0))),
                             losses=snap)])  # fmt: skip
     assert rows[0]["loss"] == 2.0 and unpack(rows[0]["losses_f32"], "f") == [0.5, 1.5]
+
+
+def test_a_large_request_is_converted_in_slices_and_keeps_its_order() -> None:
+    from h3client import _batching
+
+    vec, idx = torch.rand(8), torch.arange(8)
+    n = 2 * _batching.SLICE + 100
+    items = [
+        item(s, snapped(torch.tensor(float(s))), losses=snapped(vec + s), indices=snapped(idx))
+        for s in range(n)
+    ]
+    items[_batching.SLICE + 7] = item(_batching.SLICE + 7, snapped(torch.ones(2)))  # unreadable
+    rows, bad = decoded(items)
+    assert bad == 1 and len(rows) == n - 1
+    assert [r["seq"] for r in rows] == [s for s in range(n) if s != _batching.SLICE + 7]
+    assert all(r["loss"] == r["seq"] for r in rows)
+    assert unpack(rows[-1]["losses_f32"], "f") == (vec + n - 1).tolist()
