@@ -2,21 +2,26 @@
 
 The h3client of a git revision (``--before``, default ``main``) and the worktree's are each run
 in fresh subprocesses, alternately (A B A B ..., the order swapped every round), against one
-real daemon on loopback. Each subprocess measures, with one torch thread:
+real daemon on loopback. Each subprocess, with one torch thread:
 
-- ``log_batch`` per call (perf_counter_ns around each call, the timer's own cost subtracted):
-  a float loss; a 0-dim tensor; a tensor with 64 per-sample losses and 64 indices (plain
-  tensors, reused every call, as ``client_overhead.py`` does); the same as a training loop
-  logs it (a loss and per-sample losses that require grad, non-leaf);
-- the same per-sample call while the sender works through a backlog of 60 000 such batches
-  (only the calls made while it was busy);
-- the sender's CPU for one request of 2 000 such batches, as ``log_batch`` queued them:
-  ``encode_batches`` and ``encode_batches`` + gzip, in batches/s.
+0. queues 50 000 batches of fresh tensors (a requiring-grad loss, 64 per-sample losses, 64
+   indices), the sender parked, and reports the RSS growth per queued batch;
+1. times ``log_batch`` per call (perf_counter_ns around each call, the timer's own cost
+   subtracted), the sender parked; then converts 2 000 of those batches as the sender does
+   (``encode_batches``, and with gzip): the sender's CPU, in batches/s;
+2. times ``log_batch`` as ``client_overhead.py`` does: one profiler, ``--calls`` calls of each
+   kind in turn (a float; a 0-dim tensor; a tensor with 64 per-sample losses and 64 indices,
+   the same tensors every call; the same, requiring grad), its sender posting meanwhile;
+3. times the per-sample call while the sender converts and posts a backlog of 60 000 such
+   batches (only the calls made while it was busy);
+4. trains an MLP (batch 64, random data) for ``--epochs`` epochs unprofiled and as many
+   logging the loss, per-sample losses and indices each step, alternating: the profiler's
+   overhead on the training loop.
 
 Medians per subprocess, then the median over rounds; the ratio after/before is the figure to
 read on a shared machine. Writes ``benchmarks/results/log_batch_ab.md``.
 
-    PYTHONPATH=. python benchmarks/log_batch_ab.py [--before REV] [--rounds 5] [--calls 100000]
+    PYTHONPATH=. python benchmarks/log_batch_ab.py [--before REV] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -95,13 +100,21 @@ def calls_for(prof):
         "same, requiring grad (a training loop's)":
             lambda: prof.log_batch(gloss, losses=glosses, indices=idx),
     }
-# 1. the sender parked (first, in a fresh process): the call alone, and the memory a queued batch holds
+# 0. memory, first, in a fresh process: 50 000 batches of fresh tensors, as a training loop makes them, queued
+prof = H3Profiler("ab-memory", url=url, data_dir=data_dir, flush_interval_s=3600,
+                  max_batch=10**9, max_queue=10**6)
+m0 = rss()
+for _ in range(50_000):
+    fl = w * 2
+    prof.log_batch(fl.mean(), losses=fl, indices=torch.arange(64))
+res["bytes per queued batch"] = (rss() - m0) / 50_000
+discard(prof)
+
+# 1. the sender parked: the call alone, and the memory a queued batch holds
 prof = H3Profiler("ab-parked", url=url, data_dir=data_dir, flush_interval_s=3600,
                   max_batch=10**9, max_queue=10**6)
 fn = calls_for(prof)["same, requiring grad (a training loop's)"]
-m0 = rss()
 ns = [max(0.0, x - timer) for x in per_call(fn, 50_000)]
-res["bytes per queued batch"] = (rss() - m0) / 50_000
 res["same, requiring grad, sender parked"] = statistics.median(ns) / 1e3
 items = list(prof._proc.batches)[:2000]
 discard(prof)
@@ -202,7 +215,7 @@ def main() -> None:
     ap.add_argument("--before", default="main", help="git revision to compare against")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=200_000)
-    ap.add_argument("--epochs", type=int, default=12, help="training epochs per mode")
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs per mode")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/log_batch_ab.md"))
     args = ap.parse_args()
     rev = subprocess.run(
@@ -298,9 +311,10 @@ def main() -> None:
     b, a = med["before"]["bytes per queued batch"], med["after"]["bytes per queued batch"]
     lines += [
         "",
-        f"**Memory**: a queued batch (requiring-grad loss, 64 per-sample losses, 64 indices; "
-        f"the process's RSS growth over 50 000 batches queued while the sender is parked) "
-        f"holds {b:,.0f} bytes before and {a:,.0f} bytes after.",
+        "**Memory**: a queued batch (a requiring-grad loss, 64 per-sample losses and 64 "
+        "indices, fresh tensors every batch as in a training loop; the process's RSS growth "
+        f"over 50 000 batches queued while the sender is parked) holds {b:,.0f} bytes before "
+        f"and {a:,.0f} bytes after.",
     ]
     ov = {arm: [round(x["paired overhead %"], 2) for x in rs] for arm, rs in results.items()}
     lines += [
