@@ -1,20 +1,23 @@
 """The background worker between ``log_batch`` and the exporter (after OpenTelemetry's
 BatchProcessor).
 
-``add_batch`` is the training thread's whole cost: one tuple appended to a deque. No I/O,
-no lock, no logging, no device synchronisation. What ``log_batch`` queues of a tensor is its
-values at log time (:func:`snapshot`): a CPU tensor's bytes, copied straight from its memory
-(no tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA
-tensor a non-blocking copy to the host enqueued on the current stream. They are turned into
-numbers here, on the worker thread. The worker wakes when a batch is full or every
-``flush_interval_s`` and sends up to ``max_batch`` batches per request.
+``log_batch`` (which does ``add_batch`` inline) is the training thread's whole cost: a copy
+of what it is given and one tuple appended to a deque. No I/O, no lock, no logging, no device
+synchronisation. What it queues of a tensor is its values at log time (:func:`snapshot`): a
+CPU tensor's bytes, copied straight from its memory (no tensor operation, no autograd, no
+reference to the tensor or its graph), or for a CUDA tensor a non-blocking copy to the host
+enqueued on the current stream. They are turned into numbers here, on the worker thread. The
+worker wakes when a batch is full or every ``flush_interval_s`` and sends up to
+``max_batch`` batches per request.
 
-A request is converted as a whole (:func:`encode_batches`): the queued bytes are joined per
-dtype, converted and checked with one tensor operation per dtype (none for float32 losses
-and int64 indices, the common case, but one finiteness check), base64-encoded per batch and
-written into the JSON text with one format operation per batch; the text is gzipped once
-when it is sent. Nothing in it does a tensor operation per batch: on a shared GIL every one
-of those costs the training thread a thread switch.
+A request is converted as a whole (:func:`encode_batches`), ``SLICE`` batches at a time: the
+queued bytes are joined per dtype and converted with one tensor operation per dtype and
+request (none for float32 losses and int64 indices, the common case; non-finite losses are
+found by a byte test on the joined block), base64-encoded per batch, and written into the JSON
+text with one format operation per slice; the text is gzipped once when it is sent. Nothing
+in it does a tensor operation or runs Python code per batch in the common case, and the GIL is
+yielded between slices: the training thread, coming back from a torch operation, would
+otherwise wait up to the interpreter's switch interval (5 ms) for the GIL.
 
 Where a request goes: the daemon; the spool on disk when the daemon does not answer (or the
 queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when
