@@ -45,8 +45,8 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
-from itertools import accumulate, chain
-from operator import itemgetter
+from itertools import accumulate, chain, repeat
+from operator import is_not, itemgetter
 from typing import Any, Literal, cast
 
 from h3client._exporter import Exporter, Request
@@ -167,10 +167,15 @@ def _ready(xs: Sequence[Any]) -> list[Any]:
     out = list(xs)
     if set(map(type, out)) <= _READY_TYPES:  # the common case: nothing to do
         return out
+    bind_torch()
+    mem = MEMORY
     for i, x in enumerate(out):
         if type(x) is PendingCopy:
             x = x.get()
-        if hasattr(x, "detach"):
+        if type(x) is TENSOR and x.is_cpu and x.is_contiguous():
+            p = x.data_ptr()  # as log_batch's fast path: no tensor operation
+            x = (mem[p : p + x.nbytes].tobytes(), x.dtype)
+        elif hasattr(x, "detach"):
             x = (_tensor_bytes(x), x.dtype)
         out[i] = x
     return out
@@ -373,6 +378,11 @@ def _json_column(col: Sequence[Any]) -> list[str]:
     return [json.dumps(v) for v in col]
 
 
+def _any_set(col: Sequence[Any]) -> bool:
+    """Whether a value in ``col`` is not None (by identity: no ``==`` on a tensor)."""
+    return any(map(is_not, col, repeat(None)))
+
+
 def _column(name: str, texts: Sequence[str | None], quoted: bool) -> tuple[str, Sequence[str]]:
     """A field's format and its values: ``"name":"%s"`` over the texts when every batch has
     one (no Python loop), else ``"name":%s`` over JSON literals, null where absent."""
@@ -401,7 +411,7 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
         fmt += ',"loss":%r'
         cols.append(loss_vals)
     lens = [-1] * len(items)
-    if vecs.count(None) < len(vecs):
+    if _any_set(vecs):
         f32, lens = _packed(vecs, "f")
         if set(ns) == {None} and -1 not in lens:
             ns = tuple(lens)
@@ -409,7 +419,7 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
             ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
         f, c = _column("losses_f32", f32, quoted=True)
         fmt, cols = fmt + f, [*cols, c]
-    if idxs.count(None) < len(idxs):
+    if _any_set(idxs):
         i64, ilens = _packed(idxs, "q")
         if ilens != lens:
             for i, (a, b) in enumerate(zip(lens, ilens, strict=True)):
@@ -418,7 +428,7 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
         f, c = _column("indices_i64", i64, quoted=True)
         fmt, cols = fmt + f, [*cols, c]
     for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
-        if col.count(None) < len(col):
+        if _any_set(col):
             fmt += f',"{name}":%s'
             cols.append(_json_column(col))
     fmt += "}"
