@@ -65,9 +65,9 @@ class H3Profiler:
     ``log_batch`` only appends a copy of what it is given to an in-memory queue (about 2 µs
     with per-sample losses and indices, no I/O, no device sync, never raises); a background
     thread batches, gzips and posts to the local ``h3d`` daemon, and spools to disk while
-    the daemon is unreachable. ``stop()`` accounts
-    for every batch: logged = posted + spooled + rejected + lost, where "lost" is only what
-    neither the daemon nor the disk took (reported in the results and by a warning).
+    the daemon is unreachable. ``stop()`` accounts for every batch: logged = posted +
+    spooled + rejected + lost, where "lost" is only what neither the daemon nor the disk
+    took (reported in the results and by a warning).
 
     Args:
         name: Run name (default: ``run-<id prefix>``).
@@ -309,8 +309,8 @@ class H3Profiler:
         assert proc is not None
         try:
             # the fast path, inline: a contiguous CPU torch.Tensor's bytes are copied from its
-            # memory (about 0.5 µs, against 0.7 µs for a detach() that would still share its
-            # memory); everything else goes through snapshot()
+            # memory (about 0.5 µs, what a detach() costs, which would still share the
+            # tensor's memory); everything else goes through snapshot()
             tensor, mem = _batching.TENSOR, _batching.MEMORY
             if type(loss) is tensor and loss.is_cpu and loss.is_contiguous():
                 p = loss.data_ptr()
