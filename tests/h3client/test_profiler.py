@@ -228,6 +228,32 @@ def test_what_is_stored_is_what_was_logged_though_the_tensors_change_afterwards(
     assert [s[1] for s in stored] == [e[2] for e in expected]
 
 
+def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path) -> None:
+    """The inline fast path: what is queued is copies, not the tensors nor their graph."""
+    import gc
+    import weakref
+
+    prof = H3Profiler(
+        "offline", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
+        flush_interval_s=3600, max_batch=10**6,
+    )  # fmt: skip
+    w = torch.randn(32, requires_grad=True)
+    hidden = w * 3  # saved by the graph below
+    losses = hidden**2
+    idx = torch.arange(32)
+    prof.log_batch(losses.mean(), losses=losses, indices=idx)
+    assert prof._proc is not None
+    (_seq, _t, loss, vec, ids, *_rest) = prof._proc.batches[-1]
+    assert [type(x) for x in (loss, vec, ids)] == [tuple] * 3
+    assert vec[0] == losses.detach().numpy().tobytes() and ids[0] == idx.numpy().tobytes()
+    kept = weakref.ref(hidden)
+    del hidden, losses
+    gc.collect()
+    assert kept() is None
+    res = prof.stop(timeout_s=10)
+    assert res["batches_spooled"] == 1 and res["log_errors"] == 0
+
+
 def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
     data = tmp_path / "auto"
     code = (
