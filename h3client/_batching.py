@@ -1,17 +1,23 @@
 """The background worker between ``log_batch`` and the exporter (after OpenTelemetry's
 BatchProcessor).
 
-``add_batch`` is the training thread's whole cost: one tuple appended to a deque. No I/O,
-no lock, no logging, no device synchronisation: a tensor is only detached there, and turned
-into numbers here, on the worker thread. The worker wakes when a batch is full or every
-``flush_interval_s`` and sends up to ``max_batch`` batches per request.
+``log_batch`` (which does ``add_batch`` inline) is the training thread's whole cost: a copy
+of what it is given and one tuple appended to a deque. No I/O, no lock, no logging, no device
+synchronisation. What it queues of a tensor is its values at log time (:func:`snapshot`): a
+CPU tensor's bytes, copied straight from its memory (no tensor operation, no autograd, no
+reference to the tensor or its graph), or for a CUDA tensor a non-blocking copy to the host
+enqueued on the current stream. They are turned into numbers here, on the worker thread. The
+worker wakes when a batch is full or every ``flush_interval_s`` and sends up to
+``max_batch`` batches per request.
 
-A request is converted as a whole (:func:`encode_batches`): the queued loss tensors are
-stacked, and the per-sample vectors concatenated, with one tensor operation each per request,
-read as one block of bytes, then base64-encoded per batch from that block and written into
-the JSON text with one format operation per batch; the text is gzipped once when it is sent.
-Nothing in it does a tensor operation per batch: on a shared GIL every one of those costs the
-training thread a thread switch.
+A request is converted as a whole (:func:`encode_batches`), ``SLICE`` batches at a time: the
+queued bytes are joined per dtype and converted with one tensor operation per dtype and
+request (none for float32 losses and int64 indices, the common case; non-finite losses are
+found by a byte test on the joined block), base64-encoded per batch, and written into the JSON
+text with one format operation per slice; the text is gzipped once when it is sent. Nothing
+in it does a tensor operation or runs Python code per batch in the common case, and the GIL is
+yielded between slices: the training thread, coming back from a torch operation, would
+otherwise wait up to the interpreter's switch interval (5 ms) for the GIL.
 
 Where a request goes: the daemon; the spool on disk when the daemon does not answer (or the
 queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when
@@ -32,13 +38,16 @@ import binascii
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import accumulate
-from typing import Any, Literal
+from functools import partial
+from itertools import accumulate, chain, repeat
+from operator import is_not, itemgetter
+from typing import Any, Literal, cast
 
 from h3client._exporter import Exporter, Request
 
@@ -84,8 +93,111 @@ def off_device(t: Any) -> Any:
     return t
 
 
+# --- what log_batch keeps of a tensor --------------------------------------------------------
+
+
+class _NoTorch:
+    """Stands for ``torch.Tensor`` until a tensor is logged (h3client never imports torch)."""
+
+
+#: ``torch.Tensor`` once a tensor was logged (see :func:`bind_torch`); ``log_batch``'s fast
+#: path is for tensors of exactly this type.
+TENSOR: Any = _NoTorch
+#: The process's address space as read-only bytes (see :func:`address_space`), once bound.
+MEMORY: memoryview = memoryview(b"")
+
+
+def address_space() -> memoryview:
+    """Every address of the process as one read-only byte view: ``mem[p : p + n].tobytes()``
+    copies the ``n`` bytes at address ``p``.
+
+    This is ``ctypes.string_at(p, n)`` without the cost of a ctypes call (0.17 against
+    0.47 µs): slicing a memoryview and copying the slice are two C calls. It is only ever
+    sliced at a live CPU tensor's ``data_ptr()`` for its ``nbytes``, while the caller holds
+    the tensor.
+    """
+    import ctypes
+
+    whole = (ctypes.c_char * sys.maxsize).from_address(0)
+    return memoryview(whole).cast("B").toreadonly()
+
+
+def bind_torch() -> None:
+    """Arm ``log_batch``'s fast path, once torch is imported (by the caller, never by us)."""
+    global TENSOR, MEMORY
+    torch = sys.modules.get("torch")
+    if torch is None or TENSOR is not _NoTorch:
+        return
+    MEMORY = address_space()
+    TENSOR = torch.Tensor  # last: the fast path reads MEMORY once TENSOR matches
+
+
+def snapshot(x: Any) -> Any:
+    """What ``log_batch`` queues of the tensor or sequence ``x``: its values as of now, so
+    that changing ``x`` in place afterwards, or freeing its autograd graph, changes nothing.
+
+    - a contiguous CPU ``torch.Tensor`` (``log_batch`` does this inline, its fast path):
+      ``(bytes, dtype)``, its memory copied; no tensor operation, nothing kept of ``x``;
+    - a CUDA tensor: a :class:`PendingCopy`, a non-blocking copy to the host enqueued on the
+      current stream, so it holds the values as of now in that stream's order (a kernel
+      enqueued later, on that stream, that changes ``x`` runs after the copy);
+    - any other tensor (another device, not contiguous, a subclass): a copy on the CPU;
+    - anything else, a sequence of numbers: a list of its elements.
+    """
+    if not hasattr(x, "detach"):
+        return list(x)
+    bind_torch()
+    t = x.detach()
+    if t.is_cuda:
+        return off_device(t)
+    if type(t) is TENSOR and t.is_cpu and t.is_contiguous():
+        p = t.data_ptr()
+        return (MEMORY[p : p + t.nbytes].tobytes(), t.dtype)
+    return t.to("cpu", copy=True)
+
+
+def snapshot_loss(x: Any) -> Any:
+    """``snapshot`` for the loss: a tensor as above, anything else as a float."""
+    return snapshot(x) if hasattr(x, "detach") else float(x)
+
+
 def _ready(xs: Sequence[Any]) -> list[Any]:
-    return [x.get() if type(x) is PendingCopy else x for x in xs]
+    """Each value as the worker reads it: None, a number, a list, or ``(bytes, dtype)``
+    (what a CUDA copy or a private CPU copy became once the copy is done)."""
+    out = list(xs)
+    if set(map(type, out)) <= _READY_TYPES:  # the common case: nothing to do
+        return out
+    bind_torch()
+    mem = MEMORY
+    for i, x in enumerate(out):
+        if type(x) is PendingCopy:
+            x = x.get()
+        if type(x) is TENSOR and x.is_cpu and x.is_contiguous():
+            p = x.data_ptr()  # as log_batch's fast path: no tensor operation
+            x = (mem[p : p + x.nbytes].tobytes(), x.dtype)
+        elif hasattr(x, "detach"):
+            x = (_tensor_bytes(x), x.dtype)
+        out[i] = x
+    return out
+
+
+_READY_TYPES = {tuple, float, int, list, type(None)}
+_data, _dtype = itemgetter(0), itemgetter(1)
+_b2a = partial(binascii.b2a_base64, newline=False)
+
+
+def _by_dtype(vals: list[Any]) -> list[tuple[Any, list[int]]]:
+    """The positions of the ``(bytes, dtype)`` snapshots in ``vals``, grouped by dtype: one
+    group, found without a Python loop, in the common case."""
+    if set(map(type, vals)) == {tuple}:
+        dtypes = set(map(_dtype, vals))
+        if len(dtypes) == 1:
+            return [(dtypes.pop(), list(range(len(vals))))]
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(vals):
+        if type(v) is tuple:
+            groups.setdefault(v[1], []).append(i)
+    return list(groups.items())
 
 
 # --- converting a request ------------------------------------------------------------------
@@ -97,33 +209,48 @@ def _finite_or_none(vals: list[Any]) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in vals]
 
 
-def _scalars(col: Sequence[Any]) -> tuple[list[float | None], set[int]]:
-    """Each batch's loss as a float (None for NaN/inf), and the positions that are unreadable.
+def _read_scalars(raws: list[bytes], dtype: Any) -> list[float] | None:
+    """The values of one-element snapshots of ``dtype``, read as one block (no tensor
+    operation for float32 and float64); None if one of them is not one element."""
+    width = dtype.itemsize
+    if set(map(len, raws)) != {width} or dtype.is_complex:
+        return None
+    block = b"".join(raws)
+    code = {4: "f", 8: "d"}.get(width) if dtype.is_floating_point else None
+    if code is not None:
+        a = array(code)
+        a.frombytes(block)
+        return cast("list[float]", a.tolist())
+    import torch
 
-    All tensors of the request are read with one ``torch.stack``; a request whose tensors
-    cannot be stacked (mixed shapes) falls back to reading them one by one.
+    read: list[float] = torch.frombuffer(bytearray(block), dtype=dtype).to(torch.float64).tolist()
+    return read
+
+
+def _scalars(col: Sequence[Any]) -> tuple[list[float | None], set[int]]:
+    """Each batch's loss as a float (None for NaN/inf), and the positions that are unreadable
+    (a loss of more than one element, or not a number).
+
+    The request's snapshots are read per dtype as one block; when one of them is not a
+    single element, that dtype's are read one by one.
     """
     vals = _ready(col)
-    tpos = [i for i, v in enumerate(vals) if not isinstance(v, (float, int))]
     bad: set[int] = set()
-    if tpos:
-        import torch
-
-        tensors = [vals[i] for i in tpos]
-        try:
-            read = torch.stack(tensors).to(torch.float64).reshape(-1).tolist()
-            if len(read) != len(tpos):
-                raise ValueError("a loss has more than one element")
-        except (RuntimeError, TypeError, ValueError):
+    for dtype, pos in _by_dtype(vals):
+        raws = [vals[i][0] for i in pos]
+        read = _read_scalars(raws, dtype)
+        if read is None:
             read = []
-            for i, t in zip(tpos, tensors, strict=True):
-                try:
-                    read.append(float(t.item()))
-                except (RuntimeError, TypeError, ValueError, AttributeError):
-                    read.append(math.nan)
+            for i, raw in zip(pos, raws, strict=True):
+                one = _read_scalars([raw], dtype)
+                if one is None:
                     bad.add(i)
-        for i, v in zip(tpos, read, strict=True):
-            vals[i] = v
+                read.append(math.nan if one is None else one[0])
+        if len(pos) == len(vals):
+            vals = read
+        else:
+            for i, v in zip(pos, read, strict=True):
+                vals[i] = v
     try:
         return _finite_or_none(vals), bad
     except TypeError:  # something that is not a number at all
@@ -146,42 +273,82 @@ def _tensor_bytes(t: Any) -> bytes:
     return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
-def _b64(raw: bytes | memoryview) -> str:
-    """Base64 as a JSON string literal (quotes included)."""
-    return f'"{binascii.b2a_base64(raw, newline=False).decode("ascii")}"'
+def _split(block: bytes | bytearray, sizes: list[int]) -> list[memoryview]:
+    view = memoryview(block)
+    ends = list(accumulate(sizes))
+    return [view[a:b] for a, b in zip([0, *ends], ends, strict=False)]
 
 
-def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str], list[int]]:
+def _converted(raws: list[Any], dtype: Any, target: Any) -> list[memoryview]:
+    """Snapshots of ``dtype`` as ``target``, converted as one block."""
+    import torch
+
+    width = dtype.itemsize
+    lens = list(map(len, raws))
+    if dtype.is_complex or any(n % width for n in lens):
+        raise ValueError(f"per-sample values of dtype {dtype} cannot be read")
+    block = bytearray().join(raws)
+    if not block:
+        return [memoryview(b"")] * len(raws)
+    data = _tensor_bytes(torch.frombuffer(block, dtype=dtype).to(target))
+    return _split(data, [n // width * target.itemsize for n in lens])
+
+
+# the high byte of a little-endian float32 whose exponent is all ones but its lowest bit (the
+# values of magnitude 2**127 and more, inf and NaN among them) -> 1, any other -> 0
+_HUGE_F32 = bytes(1 if (b & 0x7F) == 0x7F else 0 for b in range(256))
+
+
+def _nan_for_nonfinite(chunks: list[Any]) -> list[Any]:
+    """float32 chunks with every non-finite value as NaN (the daemon stores those as null).
+
+    No tensor operation when every value is below 2**127 in magnitude (any loss): their high
+    bytes are read, one in four, with two C calls. Otherwise the block is checked exactly.
+    """
+    block = bytearray().join(chunks)
+    if 1 not in block[3::4].translate(_HUGE_F32):
+        return chunks
+    import torch
+
+    t = torch.frombuffer(block, dtype=torch.float32)
+    t.masked_fill_(~torch.isfinite(t), math.nan)  # in place, in block
+    return _split(block, list(map(len, chunks)))
+
+
+def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str | None], list[int]]:
     """Per-sample vectors as base64 of little-endian float32 ("f", non-finite as NaN) or
-    int64 ("q"): one JSON string per batch ("null" where absent), and their lengths (-1:
+    int64 ("q"): one base64 text per batch (None where absent), and their lengths (-1:
     absent).
 
-    The tensors of a request are concatenated, converted and read as one block; Python
-    sequences (the slow, rare path) are packed one by one.
+    The snapshots of a request are converted per dtype as one block: float32 losses and
+    int64 indices, the common case, need no conversion and no tensor operation, and are
+    base64-encoded without a Python loop. Python sequences (the slow, rare path) are packed
+    one by one.
     """
     vals = _ready(col)
-    out = ["null"] * len(vals)
+    out: list[str | None] = [None] * len(vals)
     lens = [-1] * len(vals)
-    tpos = [i for i, v in enumerate(vals) if v is not None and hasattr(v, "detach")]
-    if tpos:
+    groups = _by_dtype(vals)
+    if groups:
         import torch
 
-        flat = [vals[i] if vals[i].dim() == 1 else vals[i].reshape(-1) for i in tpos]
-        sizes = [t.numel() for t in flat]
-        dtype, width = (torch.float32, 4) if kind == "f" else (torch.int64, 8)
-        block = torch.cat(flat).to(dtype)
-        if kind == "f" and not bool(torch.isfinite(block).all()):
-            block = torch.where(torch.isfinite(block), block, torch.full_like(block, math.nan))
-        view = memoryview(_tensor_bytes(block))
-        ends = list(accumulate(n * width for n in sizes))
-        b2a = binascii.b2a_base64
-        texts = [
-            f'"{b2a(view[a:b], newline=False).decode("ascii")}"'
-            for a, b in zip([0, *ends], ends, strict=False)
-        ]
-        if len(tpos) == len(vals):  # the common case: every batch has a tensor
+        target, width = (torch.float32, 4) if kind == "f" else (torch.int64, 8)
+        pos: list[int] = []
+        chunks: list[Any] = []
+        for dtype, where in groups:
+            if len(where) == len(vals):
+                raws = list(map(_data, vals))
+            else:
+                raws = [vals[i][0] for i in where]
+            pos += where
+            chunks += raws if dtype == target else _converted(raws, dtype, target)
+        if kind == "f":
+            chunks = _nan_for_nonfinite(chunks)
+        sizes = [n // width for n in map(len, chunks)]
+        texts: list[str | None] = list(map(bytes.decode, map(_b2a, chunks)))
+        if len(groups) == 1 and len(pos) == len(vals):  # the common case: all, in order
             return texts, sizes
-        for i, text, n in zip(tpos, texts, sizes, strict=True):
+        for i, text, n in zip(pos, texts, sizes, strict=True):
             out[i], lens[i] = text, n
     for i, v in enumerate(vals):
         if v is None or lens[i] >= 0:
@@ -193,7 +360,7 @@ def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str], lis
             )
         else:
             arr = array("q", (int(x) for x in v))
-        out[i] = _b64(arr.tobytes())
+        out[i] = binascii.b2a_base64(arr.tobytes(), newline=False).decode("ascii")
         lens[i] = len(arr)
     return out, lens
 
@@ -211,54 +378,115 @@ def _json_column(col: Sequence[Any]) -> list[str]:
     return [json.dumps(v) for v in col]
 
 
-def _encode(items: Sequence[BatchItem]) -> tuple[list[str], int]:
-    """The JSON objects of ``items`` and how many were left out as unreadable."""
+def _any_set(col: Sequence[Any]) -> bool:
+    """Whether a value in ``col`` is not None (by identity: no ``==`` on a tensor)."""
+    return any(map(is_not, col, repeat(None)))
+
+
+def _column(name: str, texts: Sequence[str | None], quoted: bool) -> tuple[str, Sequence[str]]:
+    """A field's format and its values: ``"name":"%s"`` over the texts when every batch has
+    one (no Python loop), else ``"name":%s`` over JSON literals, null where absent."""
+    if None not in texts:
+        return (f',"{name}":"%s"' if quoted else f',"{name}":%s'), cast("Sequence[str]", texts)
+    if quoted:
+        return f',"{name}":%s', ["null" if t is None else '"' + t + '"' for t in texts]
+    return f',"{name}":%s', ["null" if t is None else t for t in texts]
+
+
+def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
+    """The JSON objects of ``items``, comma-separated; how many there are; how many were left
+    out as unreadable.
+
+    Every column is converted as a whole, and the objects are written with one format
+    operation for the whole request: no Python loop over the batches in the common case.
+    """
     seqs, ts, losses, vecs, idxs, ns, epochs, steps, phases = zip(*items, strict=True)
     loss_vals, bad = _scalars(losses)
-    cols: list[tuple[str, list[str]]] = []
+    fmt = '{"seq":%d,"t":%r'
+    cols: list[Sequence[Any]] = [seqs, ts]
+    if None in loss_vals:
+        fmt += ',"loss":%s'
+        cols.append(["null" if v is None else repr(v) for v in loss_vals])
+    else:
+        fmt += ',"loss":%r'
+        cols.append(loss_vals)
     lens = [-1] * len(items)
-    if any(v is not None for v in vecs):
+    if _any_set(vecs):
         f32, lens = _packed(vecs, "f")
-        ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
-        cols.append(("losses_f32", f32))
-    if any(v is not None for v in idxs):
+        if set(ns) == {None} and -1 not in lens:
+            ns = tuple(lens)
+        else:
+            ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
+        f, c = _column("losses_f32", f32, quoted=True)
+        fmt, cols = fmt + f, [*cols, c]
+    if _any_set(idxs):
         i64, ilens = _packed(idxs, "q")
-        for i, (a, b) in enumerate(zip(lens, ilens, strict=True)):
-            if b >= 0 and a != b:  # indices without losses, or of another length
-                bad.add(i)
-        cols.append(("indices_i64", i64))
+        if ilens != lens:
+            for i, (a, b) in enumerate(zip(lens, ilens, strict=True)):
+                if b >= 0 and a != b:  # indices without losses, or of another length
+                    bad.add(i)
+        f, c = _column("indices_i64", i64, quoted=True)
+        fmt, cols = fmt + f, [*cols, c]
     for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
-        if any(v is not None for v in col):
-            cols.append((name, _json_column(col)))
-    loss_text = ["null" if v is None else repr(v) for v in loss_vals]
-    fmt = '{"seq":%d,"t":%r,"loss":%s' + "".join(f',"{name}":%s' for name, _ in cols) + "}"
-    rows = zip(seqs, ts, loss_text, *(c for _, c in cols), strict=True)
+        if _any_set(col):
+            fmt += f',"{name}":%s'
+            cols.append(_json_column(col))
+    fmt += "}"
+    rows: Any = zip(*cols, strict=True)
     if bad:
-        return [fmt % r for i, r in enumerate(rows) if i not in bad], len(bad)
-    return [fmt % r for r in rows], 0
+        rows = [r for i, r in enumerate(rows) if i not in bad]
+    values = tuple(chain.from_iterable(rows))
+    count = len(values) // len(cols)
+    return ",".join([fmt] * count) % values, count, len(bad)
+
+
+#: Batches converted between two yields of the GIL (about 1 ms of work, see encode_batches).
+SLICE = 250
+
+
+def _encode_each(items: Sequence[BatchItem]) -> tuple[str, int, int]:
+    """``_encode``, and when something in ``items`` is unreadable: item by item, keeping the
+    rest."""
+    try:
+        return _encode(items)
+    except Exception:
+        parts, count, bad = [], 0, 0
+        for item in items:
+            try:
+                one, c, b = _encode([item])
+            except Exception:
+                one, c, b = "", 0, 1
+            if c:
+                parts.append(one)
+            count += c
+            bad += b
+        return ",".join(parts), count, bad
 
 
 def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
     """One ``POST /v1/runs/{id}/batches`` request for ``items`` (None if none was readable),
     and how many items were unreadable and left out (a loss that is not a number; indices
-    that do not match the per-sample losses; a vector that cannot be read)."""
-    if not items:
-        return None, 0
-    try:
-        parts, bad = _encode(items)
-    except Exception:  # one unreadable item: find it, keep the rest
-        parts, bad = [], 0
-        for item in items:
-            try:
-                one, b = _encode([item])
-            except Exception:
-                one, b = [], 1
-            parts += one
-            bad += b
-    if not parts:
+    that do not match the per-sample losses; a vector that cannot be read).
+
+    Converted ``SLICE`` batches at a time, yielding the GIL in between: the conversion holds
+    the GIL (base64 and formatting are C calls that keep it), and a training thread that
+    wants it back after a torch operation would otherwise wait for the interpreter's switch
+    interval (5 ms) each time.
+    """
+    parts: list[str] = []
+    count = bad = 0
+    for k in range(0, len(items), SLICE):
+        if k:
+            time.sleep(0)  # releases the GIL: a waiting training thread takes it first
+        text, c, b = _encode_each(items[k : k + SLICE])
+        if c:
+            parts.append(text)
+        count += c
+        bad += b
+    if not count:
         return None, bad
     body = '{"nonfinite_as_null":true,"batches":[' + ",".join(parts) + "]}"
-    return Request("batches", body, len(parts)), bad
+    return Request("batches", body, count), bad
 
 
 # --- the worker ------------------------------------------------------------------------------
@@ -313,16 +541,25 @@ class BatchProcessor:
     # --- the training thread's side -------------------------------------------------------
 
     def add_batch(self, item: BatchItem) -> None:
+        """Queue one batch (``H3Profiler.log_batch`` does the same inline)."""
         q = self.batches
         if len(q) >= self.hard_limit:
-            try:
-                q.popleft()
-                self.dropped += 1
-            except IndexError:  # the worker took it meanwhile
-                pass
+            self.drop_oldest()
         q.append(item)
         if len(q) == self.max_batch:
             self._wake.set()
+
+    def wake(self) -> None:
+        """A full request is queued: the worker sends it now, not at its next tick."""
+        self._wake.set()
+
+    def drop_oldest(self) -> None:
+        """Past ``hard_limit``: the oldest queued batch goes, counted as lost."""
+        try:
+            self.batches.popleft()
+            self.dropped += 1
+        except IndexError:  # the worker took it meanwhile
+            pass
 
     def add(self, op: str, body: dict[str, Any]) -> None:
         """Anything but batches (create, epochs, update): rare, ordered with the batches.

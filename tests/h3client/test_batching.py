@@ -305,3 +305,140 @@ def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(
     vals = unpack(rows[0]["losses_f32"], "f")
     assert rows[0]["loss"] == 0.25 and vals[0] == 0.5 and math.isnan(vals[1])
     assert all(e.synced for e in events)  # the sender thread waited, on the event
+
+
+# --- what log_batch keeps: the values at log time ------------------------------------------
+
+
+def snapped(x: Any) -> Any:
+    from h3client import _batching
+
+    return _batching.snapshot(x)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32]
+)
+def test_a_snapshot_holds_the_values_at_log_time_whatever_happens_to_the_tensor(
+    dtype: torch.dtype,
+) -> None:
+    vec = (torch.arange(6) * 3).to(dtype)
+    idx = torch.arange(6, dtype=torch.int32) + 100
+    loss = torch.tensor(1.5, dtype=dtype)
+    snaps = [snapped(loss), snapped(vec), snapped(idx)]
+    assert all(type(s) is tuple for s in snaps)  # bytes copied, nothing of the tensor kept
+    expected, expected_loss = vec.to(torch.float32).tolist(), loss.item()
+    vec.mul_(-7)  # the caller reuses its buffers in place
+    idx.zero_()
+    loss.fill_(99)
+    rows, bad = decoded([item(0, snaps[0], losses=snaps[1], indices=snaps[2])])
+    assert bad == 0
+    assert rows[0]["loss"] == expected_loss and unpack(rows[0]["losses_f32"], "f") == expected
+    assert unpack(rows[0]["indices_i64"], "q") == list(range(100, 106)) and rows[0]["n"] == 6
+
+
+def test_a_snapshot_keeps_nothing_of_the_autograd_graph() -> None:
+    import gc
+    import weakref
+
+    w = torch.randn(8, requires_grad=True)
+    hidden = w * 2  # saved by the graph of what follows
+    losses = hidden**2
+    loss = losses.mean()
+    snaps = [snapped(loss), snapped(losses)]  # requires grad, non-leaf, no warning
+    kept = weakref.ref(hidden)
+    expected = losses.tolist()
+    del hidden, losses, loss
+    gc.collect()
+    assert kept() is None  # the graph (and what it saved) is gone; the snapshot is not
+    rows, _ = decoded([item(0, snaps[0], losses=snaps[1])])
+    assert unpack(rows[0]["losses_f32"], "f") == pytest.approx(expected)
+    assert rows[0]["loss"] == pytest.approx(sum(expected) / 8)
+
+
+def test_tensors_off_the_fast_path_are_copied_too() -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    strided = base[:, 1]  # not contiguous
+    param = torch.nn.Parameter(torch.tensor(0.75))  # a Tensor subclass
+    ibase = torch.arange(12).reshape(3, 4)
+    snaps = [snapped(param), snapped(strided), snapped(ibase[:, 2])]
+    base.zero_()
+    ibase.zero_()
+    with torch.no_grad():
+        param.zero_()
+    rows, bad = decoded([item(0, snaps[0], losses=snaps[1], indices=snaps[2])])
+    assert bad == 0 and rows[0]["loss"] == 0.75
+    assert unpack(rows[0]["losses_f32"], "f") == [1.0, 5.0, 9.0]
+    assert unpack(rows[0]["indices_i64"], "q") == [2, 6, 10]
+
+
+def test_lists_are_copied_at_log_time() -> None:
+    vec, idx = [0.5, 1.5], [3, 4]
+    snaps = snapped(vec), snapped(idx)
+    vec[0], idx[0] = 9.0, 9
+    rows, _ = decoded([item(0, 1.0, losses=snaps[0], indices=snaps[1])])
+    assert unpack(rows[0]["losses_f32"], "f") == [0.5, 1.5]
+    assert unpack(rows[0]["indices_i64"], "q") == [3, 4]
+
+
+def test_the_address_space_view_reads_what_the_tensor_holds() -> None:
+    from h3client._batching import address_space
+
+    mem = address_space()
+    t = torch.rand(1000, dtype=torch.float64)
+    p = t.data_ptr()
+    assert mem[p : p + t.nbytes].tobytes() == bytes(t.numpy().tobytes())
+    with pytest.raises(TypeError):
+        mem[p : p + 8] = b"\0" * 8  # type: ignore[index]  # read-only
+
+
+def test_a_request_of_snapshots_with_mixed_dtypes_and_absent_vectors() -> None:
+    items = [
+        item(0, snapped(torch.tensor(0.5)), losses=snapped(torch.tensor([1.0, math.inf])),
+             indices=snapped(torch.tensor([1, 2]))),
+        item(1, snapped(torch.tensor(2.0, dtype=torch.float64)),
+             losses=snapped(torch.tensor([3.0], dtype=torch.float16)),
+             indices=snapped(torch.tensor([7], dtype=torch.int32))),
+        item(2, 0.25),
+        item(3, snapped(torch.tensor([1.0, 2.0]))),  # a vector as the loss: unreadable
+        item(4, snapped(torch.tensor(4)), losses=[0.5], indices=[8]),
+    ]  # fmt: skip
+    rows, bad = decoded(items)
+    assert bad == 1 and [r["seq"] for r in rows] == [0, 1, 2, 4]
+    assert [r["loss"] for r in rows] == [0.5, 2.0, 0.25, 4.0]
+    first = unpack(rows[0]["losses_f32"], "f")
+    assert first[0] == 1.0 and math.isnan(first[1])
+    assert unpack(rows[1]["losses_f32"], "f") == [3.0]
+    assert [unpack(r["indices_i64"], "q") for r in rows if r["indices_i64"]] == [[1, 2], [7], [8]]
+    assert rows[2]["losses_f32"] is None and rows[2]["n"] is None
+
+
+def test_cuda_tensors_take_the_non_blocking_copy_through_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from h3client import _batching
+
+    monkeypatch.setattr(_batching, "event_factory", FakeEvent)
+    vec = FakeCudaTensor(torch.tensor([0.5, 1.5]))
+    snap = snapped(vec)
+    assert type(snap) is _batching.PendingCopy and vec.copies == [("cpu", True)]
+    rows, _ = decoded([item(0, _batching.snapshot_loss(FakeCudaTensor(torch.tensor(2.0))),
+                            losses=snap)])  # fmt: skip
+    assert rows[0]["loss"] == 2.0 and unpack(rows[0]["losses_f32"], "f") == [0.5, 1.5]
+
+
+def test_a_large_request_is_converted_in_slices_and_keeps_its_order() -> None:
+    from h3client import _batching
+
+    vec, idx = torch.rand(8), torch.arange(8)
+    n = 2 * _batching.SLICE + 100
+    items = [
+        item(s, snapped(torch.tensor(float(s))), losses=snapped(vec + s), indices=snapped(idx))
+        for s in range(n)
+    ]
+    items[_batching.SLICE + 7] = item(_batching.SLICE + 7, snapped(torch.ones(2)))  # unreadable
+    rows, bad = decoded(items)
+    assert bad == 1 and len(rows) == n - 1
+    assert [r["seq"] for r in rows] == [s for s in range(n) if s != _batching.SLICE + 7]
+    assert all(r["loss"] == r["seq"] for r in rows)
+    assert unpack(rows[-1]["losses_f32"], "f") == (vec + n - 1).tolist()

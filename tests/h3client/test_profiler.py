@@ -182,6 +182,78 @@ def test_log_batch_never_raises(daemon: Daemon) -> None:
     assert res["log_errors"] == 2 and res["batches_posted"] == 2
 
 
+def stored_sample_losses(daemon: Daemon, run_id: str, n: int) -> list[Any]:
+    from h3d.storage import repository as repo
+    from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(f"sqlite:///{daemon.data_dir / 'h3d.db'}")
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            return [repo.sample_losses(s, run_id=run_id, seq=k) for k in range(n)]
+    finally:
+        engine.dispose()
+
+
+def test_what_is_stored_is_what_was_logged_though_the_tensors_change_afterwards(
+    daemon: Daemon,
+) -> None:
+    """Buffers reused in place, graphs freed by backward(): the daemon gets the values as
+    they were at each log_batch call."""
+    prof = H3Profiler("in-place", url=daemon.url, data_dir=daemon.data_dir)
+    torch.manual_seed(0)
+    w = torch.randn(16, requires_grad=True)
+    losses_buf, idx_buf = torch.empty(16), torch.empty(16, dtype=torch.int64)
+    expected = []
+    for k in range(200):
+        losses = (w * (k + 1)) ** 2  # requires grad, non-leaf
+        loss = losses.mean()
+        losses_buf.copy_(losses.detach())
+        torch.arange(16, out=idx_buf).add_(16 * k)
+        prof.log_batch(loss, losses=losses_buf, indices=idx_buf)
+        prof.log_batch(loss, losses=losses, indices=idx_buf)  # the graph itself
+        expected += [(loss.item(), losses.tolist(), idx_buf.tolist())] * 2
+        loss.backward()  # frees the graph
+        with torch.no_grad():
+            losses.mul_(0)  # after backward: the logged values must not change
+            loss.fill_(-1.0)
+        losses_buf.fill_(-1.0)  # the buffers are overwritten before the sender reads them
+        idx_buf.fill_(-1)
+    res = prof.stop()
+    assert res["batches_posted"] == 400 and res["log_errors"] == 0 and res["batches_rejected"] == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        series = c.series(str(prof.run_id), "loss", points=10_000)
+    assert [v for _t, v in series] == [e[0] for e in expected]  # float32, exactly
+    stored = stored_sample_losses(daemon, str(prof.run_id), 400)
+    assert [s[0] for s in stored] == [e[1] for e in expected]
+    assert [s[1] for s in stored] == [e[2] for e in expected]
+
+
+def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path) -> None:
+    """The inline fast path: what is queued is copies, not the tensors nor their graph."""
+    import gc
+    import weakref
+
+    prof = H3Profiler(
+        "offline", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
+        flush_interval_s=3600, max_batch=10**6,
+    )  # fmt: skip
+    w = torch.randn(32, requires_grad=True)
+    hidden = w * 3  # saved by the graph below
+    losses = hidden**2
+    idx = torch.arange(32)
+    prof.log_batch(losses.mean(), losses=losses, indices=idx)
+    assert prof._proc is not None
+    (_seq, _t, loss, vec, ids, *_rest) = prof._proc.batches[-1]
+    assert [type(x) for x in (loss, vec, ids)] == [tuple] * 3
+    assert vec[0] == losses.detach().numpy().tobytes() and ids[0] == idx.numpy().tobytes()
+    kept = weakref.ref(hidden)
+    del hidden, losses
+    gc.collect()
+    assert kept() is None
+    res = prof.stop(timeout_s=10)
+    assert res["batches_spooled"] == 1 and res["log_errors"] == 0
+
+
 def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
     data = tmp_path / "auto"
     code = (
