@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def daemon(data_dir: Path, *, poll_s: float = 0.05, **env: str) -> Iterator[tuple[str, str]]:
-    """A real ``h3d serve`` on a free loopback port; yields (url, token), stops it after."""
+    """A real ``h3d serve`` on a free loopback port; yields (url, token), stops it after.
+
+    A benchmark stopped with SIGTERM (``kill``, ``timeout``) stops its daemon too: the signal
+    is turned into ``SystemExit`` so that the ``finally`` below runs."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     full = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
     full.update(PYTHONPATH=str(REPO), H3D_DATA_DIR=str(data_dir), H3D_LOG_LEVEL="WARNING", **env)
     proc = subprocess.Popen(
