@@ -393,6 +393,7 @@ class _Driver:
     names: tuple[str, ...]  # the bind names, in position order if the paramstyle is positional
     positional: bool
     processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (index in names, processor)
+    defaults: dict[str, Any]  # binds the statement fills itself (SQLite's OFFSET 0 of a LIMIT)
 
     @classmethod
     def of(cls, stmt: Any, dialect: Dialect, column_keys: Sequence[str] | None = None) -> _Driver:
@@ -406,7 +407,12 @@ class _Driver:
             for i, name in enumerate(names)
             if (proc := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
         )
-        return cls(str(compiled), names, positional, processors)
+        defaults = {
+            name: b.value
+            for name, b in compiled.binds.items()
+            if b.value is not None and not b.callable
+        }
+        return cls(str(compiled), names, positional, processors, defaults)
 
     def params(self, values: Sequence[Any]) -> Any:
         """Driver parameters from ``values`` given in ``names`` order."""
@@ -418,7 +424,8 @@ class _Driver:
 
     def execute(self, session: Session, **values: Any) -> Any:
         return session.connection().exec_driver_sql(
-            self.sql, self.params([values[n] for n in self.names])
+            self.sql,
+            self.params([values[n] if n in values else self.defaults[n] for n in self.names]),
         )
 
 
@@ -662,13 +669,28 @@ def running_runs(session: Session) -> list[Run]:
     return list(session.scalars(select(Run).where(Run.status == "running")))
 
 
+@functools.lru_cache(maxsize=8)
+def _loss_end_sql(dialect: Dialect, *, last: bool) -> _Driver:
+    t: Any = Batch.__table__
+    return _Driver.of(
+        select(t.c.t, t.c.loss, t.c.n)
+        .where(t.c.run_id == bindparam("run_id"), t.c.loss.is_not(None))
+        .order_by(t.c.seq.desc() if last else t.c.seq)
+        .limit(bindparam("k", type_=Integer)),
+        dialect,
+    )
+
+
 def loss_ends(
     session: Session, *, run_id: str, k0: int, k: int
 ) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
-    """The first ``k0`` and last ``k`` finite (t, loss, weight) points, by index seeks."""
-    q = select(Batch.t, Batch.loss, Batch.n).where(Batch.run_id == run_id, Batch.loss.is_not(None))
-    first = session.execute(q.order_by(Batch.seq).limit(k0)).all()
-    last = session.execute(q.order_by(Batch.seq.desc()).limit(k)).all()
+    """The first ``k0`` and last ``k`` finite (t, loss, weight) points, by index seeks.
+
+    Driver SQL compiled once: /metrics asks this of every running run on every scrape.
+    """
+    dialect = session.get_bind().dialect
+    first = _loss_end_sql(dialect, last=False).execute(session, run_id=run_id, k=k0).all()
+    last = _loss_end_sql(dialect, last=True).execute(session, run_id=run_id, k=k).all()
 
     def pts(rows: Sequence[Any]) -> list[tuple[float, float, float]]:
         return [(t, loss, float(n) if n else 1.0) for t, loss, n in rows if math.isfinite(loss)]
