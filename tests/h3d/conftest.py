@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
 import sys
 import types
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.h3d.fake_pynvml import FakeGpu, make_module
 
@@ -33,3 +37,25 @@ def fake_amdsmi(monkeypatch: pytest.MonkeyPatch) -> Callable[..., types.ModuleTy
         return mod
 
     return install
+
+
+ADMIN_URL = os.environ.get("H3_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server, dropped after the test."""
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        conn = admin.connect()
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL server answers at {ADMIN_URL}: {exc.orig}")
+    name = f"h3test_{uuid.uuid4().hex[:12]}"
+    conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.close()
+        admin.dispose()

@@ -425,6 +425,9 @@ def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:
             {"losses_f32": "!!"},
             {"losses_f32": b64("f", [1.0]), "indices_i64": b64("q", [1, 2])},
             {"losses_f32": "AAA="},
+            {"losses_f32": "AAAA=="},  # padding after a whole quantum
+            {"losses_f32": "AAAA\nAAAA"},
+            {"losses_f32": 5},
             {"losses": [1.0], "losses_f32": b64("f", [1.0])},
         ):
             r = api.post(url, json={"batches": [{"seq": 9, "t": 1.0, "loss": 1.0, **bad}]})

@@ -6,44 +6,21 @@ that is dropped afterwards. Without a server the tests are skipped, saying so.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import text
 
 from h3client import Client, H3Profiler
 from h3d.storage import migrate
 from h3d.storage.engine import make_engine
 from tests.conftest import Daemon
-
-ADMIN_URL = os.environ.get("H3_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server, dropped after the test."""
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        conn = admin.connect()
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL server answers at {ADMIN_URL}: {exc.orig}")
-    name = f"h3test_{uuid.uuid4().hex[:12]}"
-    conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.close()
-        admin.dispose()
 
 
 @pytest.fixture
