@@ -334,7 +334,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"h3d: nothing to import in {settings.data_dir / 'spool'}")
         return 0
     c = DaemonClient(settings)
-    already = {"run_exists", "run_finished"}
+    # Answers meaning "done already": the run exists (create), the run was finished (update).
+    # A 409 run_finished on batches or epochs is not one of them: the daemon acknowledges a
+    # replay of rows it holds, so that 409 means rows of this spool were never stored.
+    already = {"create": {"run_exists"}, "update": {"run_finished"}}
     total = 0
     for path in files:
         ops = 0
@@ -355,12 +358,21 @@ def cmd_import(args: argparse.Namespace) -> int:
                 }[kind]
                 r = c.http.request(method, url, json=body)
                 if r.status_code >= 400:
-                    code = r.json().get("error", {}).get("code") if r.content else None
-                    if code not in already:
-                        print(
-                            f"h3d: {path.name} line {n}: {r.status_code} {r.text[:200]}",
-                            file=sys.stderr,
-                        )
+                    error = r.json().get("error", {}) if r.content else {}
+                    if error.get("code") not in already.get(kind, set()):
+                        if error.get("code") == "run_finished":
+                            print(
+                                f"h3d: {path.name} line {n}: not imported: {error['message']} "
+                                "(a run whose process is gone is marked failed and closed). "
+                                f"The file is kept; {ops} operation(s) before this line were "
+                                "imported.",
+                                file=sys.stderr,
+                            )
+                        else:
+                            print(
+                                f"h3d: {path.name} line {n}: {r.status_code} {r.text[:200]}",
+                                file=sys.stderr,
+                            )
                         return 1
                 ops += 1
                 if sys.stderr.isatty():

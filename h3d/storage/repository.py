@@ -354,16 +354,6 @@ class BatchRow:
     rank: int | None = None
 
 
-def _ingestable(session: Session, run_id: str) -> Run:
-    run = get_run(session, run_id=run_id)
-    if run.status != "running":
-        raise RunFinished(
-            f"run {run_id} is {run.status}; it takes no more data",
-            details={"status": run.status},
-        )
-    return run
-
-
 def _at_least(column: Any, value: Any) -> Any:
     """SQL for max(column, value) with NULL as -inf, portable across dialects."""
     return case((or_(column.is_(None), column < value), value), else_=column)
@@ -528,15 +518,33 @@ def _inserted(
     return {r[k] for r in fresh}
 
 
-def _check_ingestable(session: Session, run_id: str) -> None:
-    """404 / 409 for a run that cannot take data; one indexed column read, no ORM load."""
-    status = _status_sql(session.get_bind().dialect).execute(session, run_id=run_id).scalar()
+def _check_ingestable(session: Session, run_id: str, table: Any, key: str, keys: list[int]) -> bool:
+    """Whether the run takes data: True if running. A run that ended takes nothing new
+    (409), but a replay of rows it already holds is acknowledged (False: all duplicates),
+    so a spool replayed after its run was finished, or reaped, is told the truth: the 409
+    means "not stored", never "already stored". One indexed column read, no ORM load."""
+    dialect = session.get_bind().dialect
+    status = _status_sql(dialect).execute(session, run_id=run_id).scalar()
     if status is None:
         raise RunNotFound(run_id)
-    if status != "running":
-        raise RunFinished(
-            f"run {run_id} is {status}; it takes no more data", details={"status": status}
+    if status == "running":
+        return True
+    wanted = set(keys)
+    if wanted:
+        present = _present_sql(dialect, table.__table__, key).execute(
+            session, run_id=run_id, lo=min(wanted), hi=max(wanted)
         )
+        missing = len(wanted - set(present.scalars()))
+    else:
+        missing = 0
+    if missing:
+        what = "batches" if table is Batch else "epochs"
+        raise RunFinished(
+            f"run {run_id} is {status}; it takes no more data: {missing} of the {len(wanted)} "
+            f"{what} sent are not stored",
+            details={"status": status, "not_stored": missing},
+        )
+    return False
 
 
 BATCH_COLUMNS = ("run_id", "seq", "t", "loss", "n", "epoch", "step", "phase", "rank")
@@ -545,7 +553,8 @@ VECTOR_COLUMNS = ("run_id", "seq", "count", "losses", "indices")
 
 def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -> tuple[int, int]:
     """Insert the batches not stored yet; returns (accepted, duplicates)."""
-    _check_ingestable(session, run_id)
+    if not _check_ingestable(session, run_id, Batch, "seq", [b.seq for b in batches]):
+        return 0, len(batches)
     if not batches:
         return 0, 0
     candidates: dict[int, BatchRow] = {}
@@ -592,8 +601,9 @@ def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -
 def add_epochs(
     session: Session, *, run_id: str, epochs: Sequence[dict[str, Any]]
 ) -> tuple[int, int]:
-    run = _ingestable(session, run_id)
     keys = {e["epoch"] for e in epochs}
+    if not _check_ingestable(session, run_id, Epoch, "epoch", list(keys)):
+        return 0, len(epochs)
     existing = set(
         session.scalars(select(Epoch.epoch).where(Epoch.run_id == run_id, Epoch.epoch.in_(keys)))
     )
@@ -615,7 +625,9 @@ def add_epochs(
             .values(n_epochs=Run.n_epochs + len(new))
             .execution_options(synchronize_session=False)
         )
-        session.expire(run)
+        loaded = session.identity_map.get(session.identity_key(Run, run_id))
+        if loaded is not None:  # a job earlier in this transaction loaded the run
+            session.expire(loaded)
     session.flush()
     return len(new), len(epochs) - len(new)
 

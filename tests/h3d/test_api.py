@@ -202,8 +202,11 @@ def test_error_codes(api: httpx.Client, daemon: Any) -> None:
     assert r.status_code == 413
     # 409 into a finished run
     api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
-    r = api.post(url, json={"batches": batches(100, 1)})
+    r = api.post(url, json={"batches": [*good, *batches(100, 1)]})
     assert r.status_code == 409 and err(r)["code"] == "run_finished"
+    assert err(r)["details"] == {"status": "finished", "not_stored": 1}
+    # ... but a replay of what it holds is acknowledged: the 409 never means "stored"
+    assert api.post(url, json={"batches": good}).json() == {"accepted": 0, "duplicates": 5}
     r = api.post(f"/v1/runs/{run['id']}/epochs", json={"epochs": [{"epoch": 0, "t": 1.0}]})
     assert r.status_code == 409
     # unknown route and wrong method are JSON too

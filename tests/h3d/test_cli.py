@@ -109,6 +109,52 @@ def test_import_replays_a_client_spool(daemon: Daemon) -> None:
     assert h3d(daemon, "import").stdout.startswith("h3d: nothing to import")
 
 
+def test_import_into_a_closed_run_says_what_was_not_stored(daemon: Daemon) -> None:
+    """A spool replayed into a run that ended meanwhile (reaped as failed when its process
+    was gone) is refused in one line naming the rows not stored, and the file is kept; a
+    replay of rows the run holds already is acknowledged."""
+    import json
+    import shutil
+
+    from h3client import H3Profiler
+
+    prof = H3Profiler("late", data_dir=daemon.data_dir, url="http://127.0.0.1:9", autostart=False)
+    for s in range(50):
+        prof.log_batch(1.0 + s)
+    assert prof.stop()["batches_spooled"] == 50
+    spool = daemon.data_dir / "spool" / f"{prof.run_id}.jsonl"
+    create = json.loads(spool.read_text().splitlines()[0])
+    assert create["op"] == "create"
+    with daemon.client() as api:  # the run got to the daemon, then the reaper closed it
+        assert api.post("/v1/runs", json=create["body"]).status_code == 201
+        assert api.patch(f"/v1/runs/{prof.run_id}", json={"status": "failed"}).is_success
+    r = h3d(daemon, "import")
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert f"run {prof.run_id} is failed" in line and "50 of the 50 batches" in line, line
+    assert "not stored" in line and "The file is kept" in line
+    assert spool.exists()
+    with daemon.client() as api:
+        assert api.get(f"/v1/runs/{prof.run_id}").json()["n_batches"] == 0
+
+    # the same spool, once stored in a run that then finished, replays as acknowledged
+    prof2 = H3Profiler(
+        "replayed", data_dir=daemon.data_dir, url="http://127.0.0.1:9", autostart=False
+    )
+    for s in range(50):
+        prof2.log_batch(1.0 + s)
+    prof2.stop()
+    spool2 = daemon.data_dir / "spool" / f"{prof2.run_id}.jsonl"
+    copy = daemon.data_dir / "copy.jsonl"
+    shutil.copy(spool2, copy)
+    assert h3d(daemon, "import", str(spool2)).returncode == 0
+    r = h3d(daemon, "import", str(copy))
+    assert r.returncode == 0, r.stderr
+    with daemon.client() as api:
+        run = api.get(f"/v1/runs/{prof2.run_id}").json()
+    assert run["n_batches"] == 50 and run["status"] == "finished"
+
+
 def test_stop_never_signals_a_pid_that_does_not_hold_the_data_dir(tmp_path: Path) -> None:
     """A daemon.json left by a SIGKILLed daemon may name a pid reused by anything."""
     import json
