@@ -59,12 +59,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
     os.umask(0o077)  # the store, its WAL and journal: readable by this user only
-    make_private(settings.data_dir)
     lock = DataDirLock(settings.data_dir)
     try:
+        make_private(settings.data_dir)
         lock.acquire()
     except DataDirBusy as exc:
         print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only data dir, before the store is opened
+        print(f"h3d: cannot start: {settings.data_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     engine = make_engine(settings.database_url)
     try:  # check the store before binding, so a bad database is one clear line

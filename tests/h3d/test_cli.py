@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from h3d.storage import migrate
 from tests.conftest import REPO, Daemon, daemon_env
 
@@ -188,6 +190,47 @@ def test_second_daemon_on_a_locked_data_dir_refuses_in_one_line(daemon: Daemon) 
     assert not (daemon.data_dir / "daemon.json").exists()  # the lifespan's cleanup ran
     wal = daemon.data_dir / "h3d.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at stop
+
+
+# Runs in a mount namespace of its own, where a 4 MiB tmpfs is the data dir: the daemon
+# serves and stops once (a store, a lock file, a token), the disk is filled, and it restarts.
+_DISK_FULL = """
+mount -t tmpfs -o size=4m tmpfs "$H3D_DATA_DIR" || exit 77
+"$PY" -m h3d serve --port 0 2>"$LOG" &
+i=0
+until [ -f "$H3D_DATA_DIR/daemon.json" ] || [ $i -ge 600 ]; do sleep 0.05; i=$((i+1)); done
+"$PY" -m h3d stop >/dev/null
+wait
+dd if=/dev/zero of="$H3D_DATA_DIR/filler" bs=4k 2>/dev/null
+"$PY" -m h3d serve --port 0
+"""
+
+
+def test_start_on_a_full_disk_fails_in_one_line_naming_the_cause(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a small tmpfs in a namespace of its own")
+    data = tmp_path / "data"
+    data.mkdir()
+    env = daemon_env(data, PY=sys.executable, LOG=str(tmp_path / "first.log"))
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _DISK_FULL],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if r.returncode == 77 or "unshare:" in r.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a user and mount namespace here: {r.stderr!r}")
+    assert "cannot start" not in (tmp_path / "first.log").read_text()  # it did serve once
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("h3d: cannot start: ") and (
+        "No space left on device" in line or "is full" in line
+    ), line
+    assert "damaged" not in line and "not a readable database" not in line  # it is not
 
 
 def test_data_dir_and_store_files_are_private(daemon: Daemon) -> None:
