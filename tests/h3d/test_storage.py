@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +195,32 @@ def test_a_damaged_store_is_refused_in_one_line_and_left_untouched(tmp_path: Pat
     assert db.read_bytes() == damaged
 
 
+def _new_run(s: Session, *, now: float) -> str:
+    kw: dict[str, Any] = {"config": {}, "tags": [], "pid": None, "host": None}
+    return repo.create_run(s, name=None, n_train=None, now=now, **kw).id
+
+
+def _batches(
+    run_id: str, seqs: list[int], nonfinite: int | None = None, *, now: float
+) -> Callable[[Session], tuple[int, int]]:
+    rows = [
+        repo.BatchRow(
+            seq=q,
+            t=now + q,
+            loss=None if q == nonfinite else 1.0 / (q + 1),
+            n=2,
+            epoch=0,
+            step=q,
+            phase="warmup",
+            # packed (from the wire) for even seqs, lists for odd ones
+            losses=array("f", [q, -q]).tobytes() if q % 2 == 0 else [float(q), None],
+            indices=array("q", [q, 2**40]).tobytes() if q % 2 == 0 else [q, 2**40],
+        )
+        for q in seqs
+    ]
+    return lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -212,36 +240,14 @@ def test_a_group_commit_of_overlapping_ingests_stores_and_counts_each_row_once(
     migrate.upgrade(store.engine)
     now = time.time()
 
-    def new_run(s: Session) -> str:
-        kw: dict[str, Any] = {"config": {}, "tags": [], "pid": None, "host": None}
-        return repo.create_run(s, name=None, n_train=None, now=now, **kw).id
-
+    new_run = functools.partial(_new_run, now=now)
     run_id, done_id = store.write(new_run), store.write(new_run)
     store.write(
         lambda s: repo.update_run(
             s, run_id=done_id, status="finished", name=None, tags=None, now=now
         )
     )
-
-    def rows(seqs: list[int], nonfinite: int | None = None) -> list[repo.BatchRow]:
-        return [
-            repo.BatchRow(
-                seq=q,
-                t=now + q,
-                loss=None if q == nonfinite else 1.0 / (q + 1),
-                n=2,
-                epoch=0,
-                step=q,
-                phase="warmup",
-                # packed (from the wire) for even seqs, lists for odd ones
-                losses=array("f", [q, -q]).tobytes() if q % 2 == 0 else [float(q), None],
-                indices=array("q", [q, 2**40]).tobytes() if q % 2 == 0 else [q, 2**40],
-            )
-            for q in seqs
-        ]
-
-    def batches(run: str, seqs: list[int], nonfinite: int | None = None) -> Any:
-        return lambda s: repo.add_batches(s, run_id=run, batches=rows(seqs, nonfinite))
+    batches = functools.partial(_batches, now=now)
 
     assert store.write(batches(run_id, list(range(10)))) == (10, 0)
     gate = threading.Event()
@@ -291,3 +297,24 @@ def test_a_group_commit_of_overlapping_ingests_stores_and_counts_each_row_once(
         assert [e.metrics for e in repo.epochs(s, run_id=run_id)] == [{"f1": 0.0}, {"f1": 0.25}]
         assert repo.get_run(s, run_id=done_id).n_batches == 0
     store.close()
+
+
+def test_two_daemons_on_one_postgresql_store_count_overlapping_ingests_once(
+    pg_url: str,
+) -> None:
+    """Two writers (two daemons' stores) ingest overlapping batches into one run at once:
+    the run's row lock orders them, so each row is counted by exactly one of them."""
+    a, b = Store(pg_url), Store(pg_url)
+    migrate.upgrade(a.engine)
+    now = time.time()
+    run_id = a.write(functools.partial(_new_run, now=now))
+    futures = []
+    for k in range(30):
+        job = _batches(run_id, list(range(5 * k, 5 * k + 10)), now=now)  # half the next's
+        futures += [a.submit(job), b.submit(job)]
+    accepted = sum(f.result(60)[0] for f in futures)
+    with a.read() as s:
+        stored = s.scalar(text("SELECT count(*) FROM batches WHERE run_id = :r"), {"r": run_id})
+        assert accepted == stored == repo.get_run(s, run_id=run_id).n_batches == 155
+    a.close()
+    b.close()
