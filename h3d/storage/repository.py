@@ -428,12 +428,14 @@ def _skip_existing_insert(dialect: Dialect, table: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_insert(dialect: Dialect, table: Any, columns: tuple[str, ...]) -> _Driver:
-    """The skip-existing INSERT of ``columns``, compiled once."""
+def _compiled_insert(
+    dialect: Dialect, table: Any, columns: tuple[str, ...]
+) -> tuple[_Driver, tuple[int, ...] | None]:
+    """The skip-existing INSERT of ``columns``, compiled once, and where each of its binds
+    takes its value from in a row of ``columns`` (None: the same order)."""
     d = _Driver.of(_skip_existing_insert(dialect, table), dialect, columns)
-    if d.positional and d.names != columns:  # never seen; _fast_insert relies on it
-        raise AssertionError(f"{table.name}: binds {d.names} are not the columns {columns}")
-    return d
+    order = None if d.names == columns else tuple(columns.index(n) for n in d.names)
+    return d, order
 
 
 def _fast_insert(
@@ -442,7 +444,9 @@ def _fast_insert(
     """executemany of a skip-existing INSERT straight to the driver; ``rows`` hold the
     values of ``columns`` in that order."""
     conn = session.connection()
-    d = _compiled_insert(conn.dialect, table.__table__, columns)
+    d, order = _compiled_insert(conn.dialect, table.__table__, columns)
+    if order is not None:  # the statement binds the columns in another order
+        rows = [tuple(r[i] for i in order) for r in rows]
     if d.processors or not d.positional:
         params: Any = [d.params(r) for r in rows]
     else:

@@ -318,3 +318,30 @@ def test_two_daemons_on_one_postgresql_store_count_overlapping_ingests_once(
         assert accepted == stored == repo.get_run(s, run_id=run_id).n_batches == 155
     a.close()
     b.close()
+
+
+def test_driver_inserts_bind_each_value_to_its_column_in_any_order(store_url: str) -> None:
+    """The compiled INSERT may bind columns in another order than the caller lists them
+    (table order): values still land in their own columns, on SQLite and PostgreSQL."""
+    from h3d.storage.models import Batch
+
+    store = Store(store_url)
+    migrate.upgrade(store.engine)
+    run_id = store.write(functools.partial(_new_run, now=time.time()))
+    cols = ("phase", "seq", "loss", "t", "run_id", "n", "epoch", "step", "rank")
+    store.write(
+        lambda s: repo._fast_insert(s, Batch, cols, [("x", 3, 0.25, 1.5, run_id, 2, 0, 7, 1)])
+    )
+    with store.read() as s:
+        (b,) = repo.batch_page(s, run_id=run_id, after_seq=-1, limit=10)
+        assert (b.seq, b.t, b.loss, b.n, b.epoch, b.step, b.phase, b.rank) == (
+            3,
+            1.5,
+            0.25,
+            2,
+            0,
+            7,
+            "x",
+            1,
+        )
+    store.close()
