@@ -24,6 +24,7 @@ import base64
 import contextlib
 import gzip
 import json
+import os
 import random
 import sys
 import tempfile
@@ -164,6 +165,7 @@ def run_config(
                             if r.status_code != 200:
                                 errors.append(f"read {p}: {r.status_code} {r.text[:100]}")
 
+            load_before = os.getloadavg()[0]
             threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
             threads += [threading.Thread(target=reader, args=(j,)) for j in range(readers)]
             for t in threads:
@@ -202,6 +204,7 @@ def run_config(
     rows = writers * expected
     return {
         "label": label,
+        "load": load_before,
         "writers": writers,
         "readers": readers,
         "requests": sum(len(p) for p in plans),
@@ -226,7 +229,8 @@ def fmt(r: dict[str, Any]) -> str:
         f"| {r['label']} | {r['writers']} + {r['readers']} | {r['rows']} | "
         f"{r['rows_per_s']:.0f} | {r['write_p50_s']:.3f} | {r['write_p99_s']:.3f} | "
         f"{r['write_max_s']:.3f} | {r['read_p50_s']:.3f} | {r['read_p99_s']:.3f} | {r['reads']} | "
-        f"{r['errors']} | {'yes' if r['exactly_once'] else 'NO'} ({r['duplicates_seen']} dups) |"
+        f"{r['errors']} | {'yes' if r['exactly_once'] else 'NO'} ({r['duplicates_seen']} dups) | "
+        f"{r['load']:.1f} |"
     )
 
 
@@ -267,8 +271,9 @@ def main() -> int:
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, by "
             "`python benchmarks/concurrency.py"
             + (" --pg <url>" if args.pg else "")
-            + "`. **The machine was shared** with seven other engineers' builds and tests while "
-            "this ran (load average well above the 2 cores), so latencies are upper bounds.",
+            + "`. load = the machine's 1-minute load average as each configuration's clients "
+            "started (it still holds part of the previous configuration's own load); well above "
+            "1, other work shared the 2 cores, and the figures are lower bounds on throughput.",
             "",
             f"Each writer: its own run, requests of {N_BATCHES} batches × {PER_SAMPLE} per-sample "
             "losses (h3client's wire: packed float32/int64, gzip), every 10th request sent "
@@ -278,8 +283,8 @@ def main() -> int:
             "and the run's counter equals it; the retried requests count as duplicates.",
             "",
             "| store | writers + readers | rows | rows/s | write p50 s | write p99 s | "
-            "write max s | read p50 s | read p99 s | reads | errors | exactly once |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "write max s | read p50 s | read p99 s | reads | errors | exactly once | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *[fmt(r) for r in results],
             "",
             f"Budget at 64 writers + 4 readers: {BUDGET['errors']} errors, write p99 < "

@@ -59,12 +59,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
     os.umask(0o077)  # the store, its WAL and journal: readable by this user only
-    make_private(settings.data_dir)
     lock = DataDirLock(settings.data_dir)
     try:
+        make_private(settings.data_dir)
         lock.acquire()
     except DataDirBusy as exc:
         print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only data dir, before the store is opened
+        print(f"h3d: cannot start: {settings.data_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     engine = make_engine(settings.database_url)
     try:  # check the store before binding, so a bad database is one clear line
@@ -334,7 +337,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"h3d: nothing to import in {settings.data_dir / 'spool'}")
         return 0
     c = DaemonClient(settings)
-    already = {"run_exists", "run_finished"}
+    # Answers meaning "done already": the run exists (create), the run was finished (update).
+    # A 409 run_finished on batches or epochs is not one of them: the daemon acknowledges a
+    # replay of rows it holds, so that 409 means rows of this spool were never stored.
+    already = {"create": {"run_exists"}, "update": {"run_finished"}}
     total = 0
     for path in files:
         ops = 0
@@ -355,12 +361,21 @@ def cmd_import(args: argparse.Namespace) -> int:
                 }[kind]
                 r = c.http.request(method, url, json=body)
                 if r.status_code >= 400:
-                    code = r.json().get("error", {}).get("code") if r.content else None
-                    if code not in already:
-                        print(
-                            f"h3d: {path.name} line {n}: {r.status_code} {r.text[:200]}",
-                            file=sys.stderr,
-                        )
+                    error = r.json().get("error", {}) if r.content else {}
+                    if error.get("code") not in already.get(kind, set()):
+                        if error.get("code") == "run_finished":
+                            print(
+                                f"h3d: {path.name} line {n}: not imported: {error['message']} "
+                                "(a run whose process is gone is marked failed and closed). "
+                                f"The file is kept; {ops} operation(s) before this line were "
+                                "imported.",
+                                file=sys.stderr,
+                            )
+                        else:
+                            print(
+                                f"h3d: {path.name} line {n}: {r.status_code} {r.text[:200]}",
+                                file=sys.stderr,
+                            )
                         return 1
                 ops += 1
                 if sys.stderr.isatty():

@@ -62,8 +62,12 @@ class DataDirLock:
                 f"{self.path.parent} is in use by another h3d daemon ({who}); "
                 "stop it (h3d stop) or use another --data-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: let go, the caller says why in one line
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:

@@ -2,8 +2,9 @@
 
 There is no session dependency on purpose: a yield dependency's exit runs after the route
 returns, in another threadpool thread, so a session held by one would keep its connection
-(and, for a write, SQLite's lock) across a thread hop. (They are ``async``: plain lookups need no threadpool hop either.) Routes open ``store.read()`` in their
-body and hand writes to ``store.write(fn)``.
+(and, for a write, SQLite's lock) across a thread hop. (They are ``async``: plain lookups
+need no threadpool hop either.) Routes open ``store.read()`` in their body and hand writes
+to ``store.write(fn)``; the async ingest routes await ``store.write_async(fn)``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -13,8 +12,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
+    PlainValidator,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -160,16 +160,34 @@ class RunsPublic(BaseModel):
     next_cursor: str | None
 
 
-def _unpack(text: str, width: int, name: str) -> bytes:
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
+def _unpack(text: Any, width: int, name: str) -> bytes:
+    """base64 text to bytes, strictly (the standard alphabet, padding only at the end)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a base64 string")
+    try:  # C speed: 200 of these per 100-batch request (b64decode(validate=) adds a regex)
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except ValueError as exc:  # binascii.Error, or a non-ASCII str
         raise ValueError(f"{name} is not valid base64") from exc
     if len(raw) % width:
         raise ValueError(
             f"{name} holds {len(raw)} bytes, not a whole number of {width}-byte values"
         )
     return raw
+
+
+def _f32s(v: Any) -> bytes:
+    return _unpack(v, 4, "losses_f32")
+
+
+def _i64s(v: Any) -> bytes:
+    return _unpack(v, 8, "indices_i64")
+
+
+# A packed vector: a base64 string on the wire (and in the OpenAPI), bytes once validated:
+# decoded once, in validation, and read as a plain field.
+_B64 = WithJsonSchema({"type": "string"}, mode="validation")
+Float32s = Annotated[bytes, PlainValidator(_f32s), _B64]
+Int64s = Annotated[bytes, PlainValidator(_i64s), _B64]
 
 
 class BatchIn(BaseModel):
@@ -194,19 +212,15 @@ class BatchIn(BaseModel):
     rank: int | None = Field(None, ge=0, le=INT_MAX, description="The rank that logged it.")
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
     indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
-    losses_f32: str | None = Field(
+    losses_f32: Float32s | None = Field(
         None,
         description="Per-sample losses packed: base64 of little-endian float32 (NaN = missing, "
         "allowed only with nonfinite_as_null). Instead of `losses`: 5 bytes of JSON a value, not ~20.",
     )
-    indices_i64: str | None = Field(
+    indices_i64: Int64s | None = Field(
         None,
         description="Dataset indices packed: base64 of little-endian int64. Instead of `indices`.",
     )
-
-    # decoded once in validation, not again by every reader
-    _losses_raw: bytes | None = PrivateAttr(None)
-    _indices_raw: bytes | None = PrivateAttr(None)
 
     @field_validator("indices")
     @classmethod
@@ -217,14 +231,12 @@ class BatchIn(BaseModel):
 
     @model_validator(mode="after")
     def _lengths(self) -> BatchIn:
+        # No private attributes here: pydantic initialises them in Python for every
+        # instance and reads them through __getattr__ (~1.5 ms of a 100-batch request).
         if self.losses is not None and self.losses_f32 is not None:
             raise ValueError("give losses or losses_f32, not both")
         if self.indices is not None and self.indices_i64 is not None:
             raise ValueError("give indices or indices_i64, not both")
-        if self.losses_f32 is not None:
-            self._losses_raw = _unpack(self.losses_f32, 4, "losses_f32")
-        if self.indices_i64 is not None:
-            self._indices_raw = _unpack(self.indices_i64, 8, "indices_i64")
         n_losses, n_indices = self.sample_count(), self.index_count()
         if n_indices is not None and n_losses is None:
             raise ValueError("indices given without losses")
@@ -233,22 +245,22 @@ class BatchIn(BaseModel):
         return self
 
     def packed_losses(self) -> bytes | None:
-        return self._losses_raw
+        """``losses_f32`` decoded: little-endian float32 (validation decoded it)."""
+        return self.losses_f32
 
     def packed_indices(self) -> bytes | None:
-        return self._indices_raw
+        """``indices_i64`` decoded: little-endian int64."""
+        return self.indices_i64
 
     def sample_count(self) -> int | None:
         if self.losses is not None:
             return len(self.losses)
-        packed = self.packed_losses()
-        return None if packed is None else len(packed) // 4
+        return None if self.losses_f32 is None else len(self.losses_f32) // 4
 
     def index_count(self) -> int | None:
         if self.indices is not None:
             return len(self.indices)
-        packed = self.packed_indices()
-        return None if packed is None else len(packed) // 8
+        return None if self.indices_i64 is None else len(self.indices_i64) // 8
 
 
 class BatchesIn(BaseModel):

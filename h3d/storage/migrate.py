@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: one daemon per store
     fcntl = None  # type: ignore[assignment]
 
-from h3d.errors import SchemaMismatch
+from h3d.errors import SchemaMismatch, StorageUnavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -207,6 +208,18 @@ def verify_schema(engine: Engine) -> None:
         )
 
 
+def _disk_full(engine: Engine) -> Path | None:
+    """The SQLite file's directory if the disk holding it has no room left for a page."""
+    if not engine.url.database or engine.url.database == ":memory:":
+        return None
+    where = Path(engine.url.database).resolve().parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    return where if free < 64 * 1024 else None
+
+
 def check_integrity(engine: Engine) -> None:
     """Refuse a damaged SQLite store (``PRAGMA quick_check``), leaving it untouched.
 
@@ -220,6 +233,12 @@ def check_integrity(engine: Engine) -> None:
         with engine.connect() as conn:
             rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
     except DatabaseError as exc:
+        full = _disk_full(engine)
+        if full is not None:  # SQLite says "disk I/O error" when it cannot size the WAL index
+            raise StorageUnavailable(
+                f"{url}: cannot open it ({exc.orig}): the disk holding {full} is full; "
+                "free some space and start again"
+            ) from exc
         raise SchemaMismatch(
             f"{url} is not a readable database ({exc.orig}); h3d left it untouched. "
             "Move it aside or point --db-url elsewhere."

@@ -202,8 +202,11 @@ def test_error_codes(api: httpx.Client, daemon: Any) -> None:
     assert r.status_code == 413
     # 409 into a finished run
     api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
-    r = api.post(url, json={"batches": batches(100, 1)})
+    r = api.post(url, json={"batches": [*good, *batches(100, 1)]})
     assert r.status_code == 409 and err(r)["code"] == "run_finished"
+    assert err(r)["details"] == {"status": "finished", "not_stored": 1}
+    # ... but a replay of what it holds is acknowledged: the 409 never means "stored"
+    assert api.post(url, json={"batches": good}).json() == {"accepted": 0, "duplicates": 5}
     r = api.post(f"/v1/runs/{run['id']}/epochs", json={"epochs": [{"epoch": 0, "t": 1.0}]})
     assert r.status_code == 409
     # unknown route and wrong method are JSON too
@@ -425,6 +428,9 @@ def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:
             {"losses_f32": "!!"},
             {"losses_f32": b64("f", [1.0]), "indices_i64": b64("q", [1, 2])},
             {"losses_f32": "AAA="},
+            {"losses_f32": "AAAA=="},  # padding after a whole quantum
+            {"losses_f32": "AAAA\nAAAA"},
+            {"losses_f32": 5},
             {"losses": [1.0], "losses_f32": b64("f", [1.0])},
         ):
             r = api.post(url, json={"batches": [{"seq": 9, "t": 1.0, "loss": 1.0, **bad}]})

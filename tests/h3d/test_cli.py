@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from h3d.storage import migrate
 from tests.conftest import REPO, Daemon, daemon_env
 
@@ -110,6 +112,52 @@ def test_import_replays_a_client_spool(daemon: Daemon) -> None:
     assert h3d(daemon, "import").stdout.startswith("h3d: nothing to import")
 
 
+def test_import_into_a_closed_run_says_what_was_not_stored(daemon: Daemon) -> None:
+    """A spool replayed into a run that ended meanwhile (reaped as failed when its process
+    was gone) is refused in one line naming the rows not stored, and the file is kept; a
+    replay of rows the run holds already is acknowledged."""
+    import json
+    import shutil
+
+    from h3client import H3Profiler
+
+    prof = H3Profiler("late", data_dir=daemon.data_dir, url="http://127.0.0.1:9", autostart=False)
+    for s in range(50):
+        prof.log_batch(1.0 + s)
+    assert prof.stop()["batches_spooled"] == 50
+    spool = daemon.data_dir / "spool" / f"{prof.run_id}.jsonl"
+    create = json.loads(spool.read_text().splitlines()[0])
+    assert create["op"] == "create"
+    with daemon.client() as api:  # the run got to the daemon, then the reaper closed it
+        assert api.post("/v1/runs", json=create["body"]).status_code == 201
+        assert api.patch(f"/v1/runs/{prof.run_id}", json={"status": "failed"}).is_success
+    r = h3d(daemon, "import")
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert f"run {prof.run_id} is failed" in line and "50 of the 50 batches" in line, line
+    assert "not stored" in line and "The file is kept" in line
+    assert spool.exists()
+    with daemon.client() as api:
+        assert api.get(f"/v1/runs/{prof.run_id}").json()["n_batches"] == 0
+
+    # the same spool, once stored in a run that then finished, replays as acknowledged
+    prof2 = H3Profiler(
+        "replayed", data_dir=daemon.data_dir, url="http://127.0.0.1:9", autostart=False
+    )
+    for s in range(50):
+        prof2.log_batch(1.0 + s)
+    prof2.stop()
+    spool2 = daemon.data_dir / "spool" / f"{prof2.run_id}.jsonl"
+    copy = daemon.data_dir / "copy.jsonl"
+    shutil.copy(spool2, copy)
+    assert h3d(daemon, "import", str(spool2)).returncode == 0
+    r = h3d(daemon, "import", str(copy))
+    assert r.returncode == 0, r.stderr
+    with daemon.client() as api:
+        run = api.get(f"/v1/runs/{prof2.run_id}").json()
+    assert run["n_batches"] == 50 and run["status"] == "finished"
+
+
 def test_stop_never_signals_a_pid_that_does_not_hold_the_data_dir(tmp_path: Path) -> None:
     """A daemon.json left by a SIGKILLed daemon may name a pid reused by anything."""
     import json
@@ -143,6 +191,47 @@ def test_second_daemon_on_a_locked_data_dir_refuses_in_one_line(daemon: Daemon) 
     assert not (daemon.data_dir / "daemon.json").exists()  # the lifespan's cleanup ran
     wal = daemon.data_dir / "h3d.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at stop
+
+
+# Runs in a mount namespace of its own, where a 4 MiB tmpfs is the data dir: the daemon
+# serves and stops once (a store, a lock file, a token), the disk is filled, and it restarts.
+_DISK_FULL = """
+mount -t tmpfs -o size=4m tmpfs "$H3D_DATA_DIR" || exit 77
+"$PY" -m h3d serve --port 0 2>"$LOG" &
+i=0
+until [ -f "$H3D_DATA_DIR/daemon.json" ] || [ $i -ge 600 ]; do sleep 0.05; i=$((i+1)); done
+"$PY" -m h3d stop >/dev/null
+wait
+dd if=/dev/zero of="$H3D_DATA_DIR/filler" bs=4k 2>/dev/null
+"$PY" -m h3d serve --port 0
+"""
+
+
+def test_start_on_a_full_disk_fails_in_one_line_naming_the_cause(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a small tmpfs in a namespace of its own")
+    data = tmp_path / "data"
+    data.mkdir()
+    env = daemon_env(data, PY=sys.executable, LOG=str(tmp_path / "first.log"))
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _DISK_FULL],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if r.returncode == 77 or "unshare:" in r.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a user and mount namespace here: {r.stderr!r}")
+    assert "cannot start" not in (tmp_path / "first.log").read_text()  # it did serve once
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("h3d: cannot start: ") and (
+        "No space left on device" in line or "is full" in line
+    ), line
+    assert "damaged" not in line and "not a readable database" not in line  # it is not
 
 
 def test_data_dir_and_store_files_are_private(daemon: Daemon) -> None:

@@ -71,9 +71,11 @@ def _finite_or_null(b: BatchIn, allow_null: bool) -> None:
 
 
 @router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
-def post_batches(
+async def post_batches(
     run_id: str, body: BatchesIn, store: StoreDep, settings: SettingsDep
 ) -> IngestResult:
+    # async: the checks below are a few C-speed passes, and the write is awaited, so an
+    # ingest never takes a threadpool thread (see Store.write_async).
     if len(body.batches) > settings.max_batches_per_request:
         raise PayloadTooLarge(
             f"{len(body.batches)} batches in one request; the limit is "
@@ -97,12 +99,14 @@ def post_batches(
                 indices=b.packed_indices() if b.indices_i64 is not None else b.indices,
             )
         )
-    accepted, dups = store.write(lambda s: repo.add_batches(s, run_id=run_id, batches=rows))
+    accepted, dups = await store.write_async(
+        lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
+    )
     return IngestResult(accepted=accepted, duplicates=dups)
 
 
 @router.post("/{run_id}/epochs", response_model=IngestResult, dependencies=[SeenRun])
-def post_epochs(run_id: str, body: EpochsIn, store: StoreDep) -> IngestResult:
+async def post_epochs(run_id: str, body: EpochsIn, store: StoreDep) -> IngestResult:
     for e in body.epochs:
         values = [e.t, e.accuracy, e.loss, e.val_loss, *e.metrics.values()]
         if any(v is not None and not math.isfinite(v) for v in values):
@@ -110,5 +114,7 @@ def post_epochs(run_id: str, body: EpochsIn, store: StoreDep) -> IngestResult:
                 f"epoch {e.epoch}: a value is not a finite number", details={"epoch": e.epoch}
             )
     epochs = [e.model_dump() for e in body.epochs]
-    accepted, dups = store.write(lambda s: repo.add_epochs(s, run_id=run_id, epochs=epochs))
+    accepted, dups = await store.write_async(
+        lambda s: repo.add_epochs(s, run_id=run_id, epochs=epochs)
+    )
     return IngestResult(accepted=accepted, duplicates=dups)
