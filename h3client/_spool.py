@@ -9,8 +9,11 @@ in file order:
     {"v": 1, "op": "update",  "run_id": ID, "body": {<PATCH /v1/runs/ID body>}}
 
 Every operation is idempotent at the daemon (a run id that exists, a batch seq or an epoch
-already stored, a run already finished are all acknowledged), so replaying a file twice, or
-a file that was half replayed before a crash, stores everything exactly once. A file is
+already stored, a status update to a run already finished are all acknowledged), so
+replaying a file twice, or a file that was half replayed before a crash, stores everything
+exactly once. Batches or epochs refused because their run was closed (``409 run_finished``:
+a run whose process was gone, which the daemon marked failed) were never stored: the replay
+stops there and keeps the file, as ``h3d import`` does. A file is
 deleted only after every line in it was acknowledged. ``h3d import`` replays the same files.
 Appends and replays take an exclusive ``flock`` on the file, so two processes never
 interleave lines or replay one file at once.
@@ -37,8 +40,10 @@ except ImportError:  # pragma: no cover - Windows: single-process use only
 logger = logging.getLogger(__name__)
 
 VERSION = 1
-# Answers that mean "already done": replaying is safe to continue past them.
-_ALREADY = {"run_exists", "run_finished"}
+# Answers that mean "already done", per operation: replaying is safe to continue past them.
+# A 409 run_finished to batches or epochs is not one: the daemon acknowledges rows it holds
+# (200), so that answer means rows of this spool were never stored.
+_ALREADY = {"create": {"run_exists"}, "update": {"run_finished"}}
 
 
 @contextlib.contextmanager
@@ -120,7 +125,7 @@ def _apply(client: Client, op: dict[str, Any]) -> None:
     try:
         client.post_json(op["run_id"], kind, json.dumps(op["body"]))
     except H3HTTPStatusError as exc:
-        if exc.code not in _ALREADY:
+        if exc.code not in _ALREADY.get(kind, set()):
             raise
 
 

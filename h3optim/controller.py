@@ -165,6 +165,7 @@ class EtaController:
                     f"{k:.2f} would leave some out; this epoch keeps {floor:.2f}",
                     before=(k, u),
                     after=(floor, u),
+                    unlearned=unlearned,
                 )
         return self._current
 
@@ -415,8 +416,28 @@ class EtaController:
         changes = [d for d in self.decisions if d["change"] != "none"]
         if not changes:
             lines.append("  no changes")
-        for d in changes:
-            lines.append(f"  epoch {d['epoch']}: {d['change']} — {d['reason']}")
+        i = 0
+        while i < len(changes):
+            d = changes[i]
+            j = i
+            while (  # consecutive epochs of a binding learning floor: one line
+                d["change"] == "learning floor"
+                and j + 1 < len(changes)
+                and changes[j + 1]["change"] == "learning floor"
+                and changes[j + 1]["epoch"] == changes[j]["epoch"] + 1
+            ):
+                j += 1
+            if j > i:
+                last = changes[j]
+                lines.append(
+                    f"  epochs {d['epoch']}–{last['epoch']}: learning floor — the share of "
+                    f"training samples not learned yet fell from {d['unlearned']:.0%} to "
+                    f"{last['unlearned']:.0%}: those epochs kept {d['after'][0]:.2f} to "
+                    f"{last['after'][0]:.2f} instead of {d['before'][0]:.2f}"
+                )
+            else:
+                lines.append(f"  epoch {d['epoch']}: {d['change']} — {d['reason']}")
+            i = j + 1
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -53,11 +53,11 @@ class H3Optimizer(Optimizer):
     and a scratch copy, which is not), allocated once and reused.
 
     ``lr`` is the starting step and, by default, also its ceiling (``lr_max``): the measured
-    smoothness then only ever lowers the step below ``lr`` where the loss is too curved for it.
-    In a stochastic setting γ/L̂ is a stability bound, far above the step that generalises
-    best (measured: on MNIST, an MLP whose step was allowed to grow to 10·lr sat at 10·lr and
-    ended 1.6 points below Adam at lr); pass a larger ``lr_max`` to let it grow. Without a closure the
-    step stays at its current value (plain Adam). A NaN or infinite gradient anywhere skips
+    smoothness then only ever lowers the step below ``lr`` where the loss is too curved for
+    it. In a stochastic setting γ/L̂ is a stability bound, far above the step that
+    generalises best (measured: on MNIST, an MLP whose step was allowed to grow to 10·lr sat
+    at 10·lr and ended 1.6 points below Adam at lr); pass a larger ``lr_max`` to let it grow.
+    Without a closure the step stays at its current value (plain Adam). A NaN or infinite gradient anywhere skips
     the whole step: parameters and moments of every group are left unchanged, the step
     counters still advance, and the skip is counted in ``skipped_steps`` (a device counter,
     read only when asked). The decision is taken on the device, without a synchronisation.

@@ -137,11 +137,13 @@ class LossTracker:
         """Share of the samples not learned yet: never seen, or whose latest loss is above
         ``ratio`` × the mean first-sighting loss (for cross-entropy from a 10-class start and
         ``ratio=0.3``, about 0.69 nats: the right class under 50 % probability, so possibly
-        not the one predicted). The latest loss, not
-        the EMA: with smoothing 0.1 the EMA still carries half of a sample's first loss after
-        seven sightings. A sample whose loss rose above its first while the model learned
-        is not counted: its label likely disagrees with what the model learns (a flipped
-        label), and keeping it teaches nothing. One host sync."""
+        not the one predicted).
+
+        The latest loss, not the EMA: with smoothing 0.1 the EMA still carries half of a
+        sample's first loss after seven sightings. A sample whose loss rose above its first
+        while the model learned is not counted: its label likely disagrees with what the
+        model learns (a flipped label), and keeping it teaches nothing. One host sync.
+        """
         if not self.seen.any():
             return 1.0
         scale = ratio * self.first[self.seen].mean()

@@ -346,3 +346,31 @@ def test_energy_tracker_keeps_the_published_api(daemon: Daemon) -> None:
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
         run = c.get_run(res["run_id"])
         assert run["config"] == {} and "device:cpu" in run["tags"]  # the config as given
+
+
+def test_replay_into_a_closed_run_keeps_the_spool(tmp_path: Path) -> None:
+    """Batches for a run the daemon closed meanwhile (reaped: its process was gone) were never
+    stored: the replay must say so and keep the file, not count the 409 as 'already done'."""
+    data = tmp_path / "late"
+    prof = H3Profiler(
+        "closed", data_dir=data, autostart=False, url="http://127.0.0.1:9", flush_interval_s=0.05
+    )
+    for _s in range(20):
+        prof.log_batch(1.0, epoch=0)
+    res = prof.stop()
+    assert res["batches_spooled"] == 20
+    spool = data / "spool" / f"{prof.run_id}.jsonl"
+    d = Daemon(
+        data, daemon_env(data, H3D_POWER_BACKENDS="constant:5", H3D_LOG_LEVEL="WARNING")
+    ).start()
+    try:
+        with Client(d.url, data_dir=data) as c:
+            # the run exists and was closed before the spool came back
+            c.request("POST", "/v1/runs", json_body={"id": prof.run_id, "name": "closed"})
+            c.update_run(prof.run_id, status="failed")
+            summary = replay_spool(c, data / "spool")
+            assert summary["failed"] == [prof.run_id]
+            assert spool.exists()  # kept: its batches are not stored anywhere
+            assert c.get_run(prof.run_id)["n_batches"] == 0
+    finally:
+        d.stop()

@@ -203,3 +203,9 @@ def test_learning_floor_keeps_what_is_not_learned_yet() -> None:
     assert c.control_step(unlearned=0.2)[:2] == (0.6, 0.3)  # most learned: no floor
     assert c.window_testing and len(c.decisions) == n
     assert c.control_step(unlearned=math.nan)[:2] == (0.6, 0.3)  # no evidence, no change
+    for epoch, share in ((7, 0.6), (8, 0.5)):  # consecutive floors: one line in the report
+        c.epoch = epoch
+        c.control_step(unlearned=share)
+    report = c.get_report()
+    assert "epochs 7–8: learning floor" in report and "from 60% to 50%" in report
+    assert report.count("learning floor") == 3  # twice at epoch 5 (not consecutive), 7–8 once
