@@ -14,9 +14,11 @@ import bisect
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ from h3d.energy import EnergyCurve
 from h3d.errors import InvalidInput
 from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
-from h3d.storage.models import Device, Run, RunRank
+from h3d.storage.models import Batch, Device, Run, RunRank
 
 
 def window(run: Run, now: float | None = None) -> tuple[float, float]:
@@ -322,6 +324,52 @@ def _points(session: Session, run: Run) -> list[eff.BatchPoint]:
     return [(t, loss, n) for t, loss, n, _epoch, _phase in step_rows(session, run)]
 
 
+#: From this many finite batch losses on, η's smoothing windows are at their caps
+#: (``smoothing_k`` 50, ``start_k`` 5) and :func:`run_eta` reads only the points it needs.
+_LONG_RUN = 600
+_SLACK = 4  # rows read per point needed (non-finite losses are stored as null and skipped)
+
+
+def _finite(rows: Any) -> list[eff.BatchPoint]:
+    return [
+        (t, loss, float(n) if n else 1.0)
+        for t, loss, n in rows
+        if loss is not None and math.isfinite(loss)
+    ]
+
+
+def _eta_points(
+    session: Session, run: Run
+) -> (
+    tuple[int, list[eff.BatchPoint], list[eff.BatchPoint], Callable[[float, int], float | None]]
+    | None
+):
+    """For a long single-process run, what η needs without reading every point: the count,
+    the first points, the last ``k``, and the smoothed loss of the ``k`` before a time, each an
+    indexed query of at most a few hundred rows. None: read everything (a short or
+    distributed run, or too many non-finite losses where the points were looked for)."""
+    n = run.n_batches - run.n_nonfinite
+    if (run.world_size or 1) > 1 or n < _LONG_RUN:
+        return None
+    k, k0 = eff.smoothing_k(n), eff.start_k(n)
+    cols = select(Batch.t, Batch.loss, Batch.n).where(Batch.run_id == run.id)
+    head = _finite(session.execute(cols.order_by(Batch.seq).limit(k0 * _SLACK)))
+    tail = _finite(session.execute(cols.order_by(Batch.seq.desc()).limit(k * _SLACK)))[::-1]
+    if len(head) < k0 or len(tail) < k:
+        return None
+
+    def before(t: float, k: int) -> float | None:
+        rows = list(
+            session.execute(cols.where(Batch.t <= t).order_by(Batch.seq.desc()).limit(k * _SLACK))
+        )
+        pts = _finite(rows)[::-1]
+        if len(pts) < k and len(rows) == k * _SLACK:  # nulls hide the points further back
+            return eff.loss_before(_points(session, run), t, k)
+        return eff.smoothed(pts[-k:]) if pts else None
+
+    return n, head, tail, before
+
+
 def run_eta(
     session: Session,
     *,
@@ -334,19 +382,28 @@ def run_eta(
 ) -> dict[str, Any]:
     t0, t1 = window(run, now)
     model = model or run_model(session, run=run, interval_s=interval_s, now=now)
-    pts = _points(session, run) if pts is None else pts
-    k = eff.smoothing_k(len(pts))
-    l0 = eff.loss_at_start(pts) if len(pts) >= 2 else None
-    lt = eff.smoothed(pts[-k:]) if len(pts) >= 2 else None
+    few = _eta_points(session, run) if pts is None else None
+    if few is not None:  # a long run: the points η needs, read as three short queries
+        n, head, tail, before = few
+    else:
+        pts = _points(session, run) if pts is None else pts
+        n, head, tail = len(pts), pts, pts
+
+        def before(t: float, k: int, pts: list[eff.BatchPoint] = pts) -> float | None:
+            return eff.loss_before(pts, t, k)
+
+    k = eff.smoothing_k(n)
+    l0 = eff.loss_at_start_of(head, n) if n >= 2 else None
+    lt = eff.smoothed(tail[-k:]) if n >= 2 else None
     bits = eff.info_gain_bits(l0, lt)
     energy = model.energy(t0, t1)
-    t_last = pts[-1][0] if pts else t1
+    t_last = tail[-1][0] if n else t1
     w0 = max(t0, t_last - window_s)
-    l_w = eff.loss_before(pts, w0, k) if pts else None
+    l_w = before(w0, k) if n else None
     whole_run = l_w is None or w0 <= t0
-    if l_w is None and len(pts) >= 2:  # the run is younger than the window: since its start
+    if l_w is None and n >= 2:  # the run is younger than the window: since its start
         l_w = l0
-    w_energy = model.energy(w0, t_last)["energy_j"] if pts else None
+    w_energy = model.energy(w0, t_last)["energy_j"] if n else None
     return {
         "run_id": run.id,
         "eta_bits_per_j": eff.eta(bits, energy["energy_j"]),

@@ -1,0 +1,67 @@
+"""η of a long run reads only the points it needs, and says exactly what reading them all says."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from h3d import analysis
+from h3d.storage import migrate
+from h3d.storage import repository as repo
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    with session_scope(make_sessionmaker(engine)) as s:
+        yield s
+    engine.dispose()
+
+
+def make_run(s: Session, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    run = repo.create_run(
+        s, name="long", config={}, tags=[], pid=1, host="h", n_train=1000, now=100.0
+    )
+    rows, t = [], 100.0
+    for seq in range(n):
+        t += rng.uniform(0.001, 0.2)
+        loss: float | None = 2.3 * math.exp(-seq / 400) + rng.gauss(0, 0.05)
+        if rng.random() < 0.03:
+            loss = None  # a non-finite loss, stored as null
+        rows.append(repo.BatchRow(seq, t, loss, rng.choice([32, 64]), 0, None, None, None, None))
+    repo.add_batches(s, run_id=run.id, batches=rows)
+    repo.update_run(s, run_id=run.id, status="finished", name=None, tags=None, now=t + 1)
+    return run.id
+
+
+@pytest.mark.parametrize(("n", "window_s"), [(700, 5.0), (3000, 60.0), (3000, 1e6), (200, 5.0)])
+def test_long_run_eta_equals_reading_every_point(session: Session, n: int, window_s: float) -> None:
+    run = repo.get_run(session, run_id=make_run(session, n, seed=n))
+    selects: list[str] = []
+
+    def count(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "batches" in statement:
+            selects.append(statement)
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        fast = analysis.run_eta(session, run=run, window_s=window_s, interval_s=0.1)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    full = analysis.run_eta(
+        session, run=run, window_s=window_s, interval_s=0.1, pts=analysis._points(session, run)
+    )
+    assert fast == pytest.approx(full)
+    if n >= analysis._LONG_RUN:  # three short queries, no LIMIT-less read of the batches
+        assert len(selects) == 3 and all("LIMIT" in q.upper() for q in selects)
