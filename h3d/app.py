@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypedDict
@@ -37,6 +39,9 @@ from h3d.security import ensure_token
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
+
+#: Seconds one rendering of /metrics serves (see the route).
+METRICS_TTL_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -180,17 +185,27 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
 
     carbon_totals = CarbonTotals()
 
+    # One rendering serves every scrape within METRICS_TTL_S (a scraper every few seconds,
+    # a dashboard, several Prometheus replicas): its cost, which grows with the running
+    # runs, is then paid at most once a second however many clients read it.
+    rendered: dict[str, Any] = {"t": -math.inf, "body": ""}
+    render_lock = threading.Lock()
+
     @app.get("/metrics", tags=["system"], response_class=PlainTextResponse)
     def metrics(request: Request) -> PlainTextResponse:
         st = request.state
-        with st.store.read() as s:
-            body = render_metrics(
-                s,
-                st.sampler,
-                interval_s=settings.sample_interval_s,
-                settings=settings,
-                carbon_totals=carbon_totals,
-            )
+        with render_lock:  # one rendering at a time; the others wait and share it
+            if time.monotonic() - rendered["t"] >= METRICS_TTL_S:
+                with st.store.read() as s:
+                    rendered["body"] = render_metrics(
+                        s,
+                        st.sampler,
+                        interval_s=settings.sample_interval_s,
+                        settings=settings,
+                        carbon_totals=carbon_totals,
+                    )
+                rendered["t"] = time.monotonic()
+            body = rendered["body"]
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(H3DError)
