@@ -5,12 +5,26 @@ import sys
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
+from h3d.storage import migrate
+from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
 from tests.h3d.fake_pynvml import FakeGpu, make_module
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    """A session on a fresh SQLite store at the current revision."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    with session_scope(make_sessionmaker(engine)) as s:
+        yield s
+    engine.dispose()
 
 
 @pytest.fixture

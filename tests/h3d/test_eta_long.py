@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,18 +11,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from h3d import analysis
-from h3d.storage import migrate
 from h3d.storage import repository as repo
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
-
-
-@pytest.fixture
-def session(tmp_path: Path) -> Iterator[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(engine)
-    with session_scope(make_sessionmaker(engine)) as s:
-        yield s
-    engine.dispose()
 
 
 def make_run(s: Session, n: int, seed: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from h3d.storage import repository as repo
 from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
 
 RUN = "ab" * 16
-
-
-@pytest.fixture
-def session(tmp_path: Path) -> Iterator[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(engine)
-    with session_scope(make_sessionmaker(engine)) as s:
-        yield s
-    engine.dispose()
 
 
 def join(s: Session, rank: int, node: str, world_size: int = 3, now: float = 100.0) -> None:
