@@ -18,16 +18,13 @@ import logging
 import time
 from typing import Literal, NamedTuple, Protocol
 
-from h3client._spool import Spool, replay_spool
+from h3client._spool import Spool, already_done, replay_spool
 from h3client.client import Client
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["sent", "rejected", "down"]
-
-# Answers to a create or a status update that mean "already done" (a resumed or replayed run).
-_ALREADY = ("run_exists", "run_finished")
 
 
 class Request(NamedTuple):
@@ -107,7 +104,7 @@ class HttpExporter:
             self.offline(str(exc))
             return "down"
         except H3HTTPStatusError as exc:
-            if exc.code in _ALREADY and request.op in ("create", "update"):
+            if already_done(request.op, exc.code):
                 return "sent"
             if exc.status_code >= 500 or exc.status_code == 429:
                 self.offline(str(exc))

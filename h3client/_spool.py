@@ -8,8 +8,9 @@ in file order:
     {"v": 1, "op": "epochs",  "run_id": ID, "body": {"epochs": [...]}}
     {"v": 1, "op": "update",  "run_id": ID, "body": {<PATCH /v1/runs/ID body>}}
 
-Every operation is idempotent at the daemon (a run id that exists, a batch seq or an epoch
-already stored, a status update to a run already finished are all acknowledged), so
+Every operation is idempotent at the daemon (a batch seq or an epoch already stored is
+acknowledged; a create or status update refused because the run exists or finished counts as
+done, see :func:`already_done`), so
 replaying a file twice, or a file that was half replayed before a crash, stores everything
 exactly once. Batches or epochs refused because their run was closed (``409 run_finished``:
 a run whose process was gone, which the daemon marked failed) were never stored: the replay
@@ -40,10 +41,16 @@ except ImportError:  # pragma: no cover - Windows: single-process use only
 logger = logging.getLogger(__name__)
 
 VERSION = 1
-# Answers that mean "already done", per operation: replaying is safe to continue past them.
-# A 409 run_finished to batches or epochs is not one: the daemon acknowledges rows it holds
-# (200), so that answer means rows of this spool were never stored.
-_ALREADY = {"create": {"run_exists"}, "update": {"run_finished"}}
+_ALREADY = frozenset({"run_exists", "run_finished"})
+
+
+def already_done(op: str, code: str) -> bool:
+    """Whether the daemon's refusal of ``op`` means it was done before (a resumed run, a
+    replay): a run that exists or finished, to a create (a rank joining included) or a status
+    update. Never for batches or epochs: the daemon acknowledges rows it holds (200), so a
+    409 run_finished there means rows that were never stored. The sender and the spool's
+    replay both decide by this."""
+    return op in ("create", "update") and code in _ALREADY
 
 
 @contextlib.contextmanager
@@ -125,7 +132,7 @@ def _apply(client: Client, op: dict[str, Any]) -> None:
     try:
         client.post_json(op["run_id"], kind, json.dumps(op["body"]))
     except H3HTTPStatusError as exc:
-        if exc.code not in _ALREADY.get(kind, set()):
+        if not already_done(kind, exc.code):
             raise
 
 
