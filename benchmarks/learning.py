@@ -439,8 +439,9 @@ def _paired(a: list[float], b: list[float]) -> str:
 
 
 def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) -> None:
+    lrs = {key: chosen_lr(key, lr_rows) for key in TASKS}
     # only the rows trained at the task's chosen lr (a re-sweep leaves older rows aside)
-    rows = [r for r in rows if r.get("lr", 1e-3) == chosen_lr(r["task"], lr_rows)]
+    rows = [r for r in rows if r.get("lr", 1e-3) == lrs[r["task"]]]
     loads = [r["load_1min"] for r in rows if "load_1min" in r]
     load = (
         f"1-minute load average at the end of each run: median {statistics.median(loads):.1f}, "
@@ -489,19 +490,18 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
             ]
             continue
         uni = by_arm["uniform Adam"]
+        swept = sweep_table(key, lr_rows)
         lines += [
             f"## {task.name}",
             "",
             f"{task.epochs} epochs, batch {task.batch}"
             + (f", {task.train_subset} training samples" if task.train_subset else "")
-            + f", lr {chosen_lr(key, lr_rows):g} for every arm"
+            + f", lr {lrs[key]:g} for every arm"
             + (
                 " (uniform Adam's validation accuracy by lr: "
-                + ", ".join(
-                    f"{lr:g}: {a:.2f} %" for lr, a in sorted(sweep_table(key, lr_rows).items())
-                )
+                + ", ".join(f"{lr:g}: {a:.2f} %" for lr, a in sorted(swept.items()))
                 + ")"
-                if sweep_table(key, lr_rows)
+                if swept
                 else " (not swept)"
             )
             + ". Seeds run: "
