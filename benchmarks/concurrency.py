@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +124,37 @@ def run_config(
             done = threading.Event()
             start = threading.Barrier(writers + readers + 1)
 
+            def timed(
+                send: Callable[[], httpx.Response], what: str, latencies: list[float]
+            ) -> httpx.Response | None:
+                """One request: its latency, or the error it met; the response if it was 200."""
+                s = time.perf_counter()
+                try:
+                    r = send()
+                except httpx.HTTPError as exc:
+                    with lock:
+                        errors.append(f"{what}: {type(exc).__name__}")
+                    return None
+                dt = time.perf_counter() - s
+                with lock:
+                    latencies.append(dt)
+                    if r.status_code != 200:
+                        errors.append(f"{what}: {r.status_code} {r.text[:100]}")
+                        return None
+                return r
+
             def writer(i: int) -> None:
                 h = {**headers, "Content-Type": "application/json", "Content-Encoding": "gzip"}
                 with httpx.Client(base_url=url, headers=h, timeout=timeout) as c:
                     start.wait()
                     for _seq, b in plans[i]:
-                        s = time.perf_counter()
-                        try:
-                            r = c.post(f"/v1/runs/{runs[i]}/batches", content=b)
-                        except httpx.HTTPError as exc:
+                        r = timed(
+                            lambda: c.post(f"/v1/runs/{runs[i]}/batches", content=b),  # noqa: B023
+                            "write",
+                            write_lat,
+                        )
+                        if r is not None:
                             with lock:
-                                errors.append(f"write: {type(exc).__name__}")
-                            continue
-                        dt = time.perf_counter() - s
-                        with lock:
-                            write_lat.append(dt)
-                            if r.status_code != 200:
-                                errors.append(f"write: {r.status_code} {r.text[:100]}")
-                            else:
                                 accepted[i] += r.json()["accepted"]
                                 duplicates[i] += r.json()["duplicates"]
 
@@ -152,18 +165,7 @@ def run_config(
                     start.wait()
                     while not done.is_set():
                         p = rng.choice(paths).format(rng.choice(runs))
-                        s = time.perf_counter()
-                        try:
-                            r = c.get(p)
-                        except httpx.HTTPError as exc:
-                            with lock:
-                                errors.append(f"read: {type(exc).__name__}")
-                            continue
-                        dt = time.perf_counter() - s
-                        with lock:
-                            read_lat.append(dt)
-                            if r.status_code != 200:
-                                errors.append(f"read {p}: {r.status_code} {r.text[:100]}")
+                        timed(lambda: c.get(p), f"read {p}", read_lat)  # noqa: B023
 
             load_before = os.getloadavg()[0]
             threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
