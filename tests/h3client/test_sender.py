@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from h3client import Client, H3Profiler
+from h3client import Client, H3Profiler, H3RunNotFound
 from tests.conftest import REPO, Daemon, daemon_env
 
 N = 20_000
@@ -141,7 +141,13 @@ def log_tensors(prof: H3Profiler, start: int, stop: int) -> None:
 def wait_posted(prof: H3Profiler, run_id: str, daemon: Daemon, at_least: int) -> None:
     deadline = time.monotonic() + 60
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        while c.get_run(run_id)["n_batches"] < at_least:
+        while True:
+            try:
+                n = c.get_run(run_id)["n_batches"]
+            except H3RunNotFound:  # the sender has not posted the run's creation yet
+                n = 0
+            if n >= at_least:
+                return
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
