@@ -315,18 +315,17 @@ def _nan_for_nonfinite(chunks: list[Any]) -> list[Any]:
     return _split(block, list(map(len, chunks)))
 
 
-def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str | None], list[int]]:
-    """Per-sample vectors as base64 of little-endian float32 ("f", non-finite as NaN) or
-    int64 ("q"): one base64 text per batch (None where absent), and their lengths (-1:
-    absent).
+def _chunks(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[Any], list[int]]:
+    """Per-sample vectors as little-endian float32 ("f") or int64 ("q") bytes: one chunk per
+    batch (None where absent), and their lengths (-1: absent). Non-finite floats are not
+    touched here (see :func:`_nan_for_nonfinite`).
 
     The snapshots of a request are converted per dtype as one block: float32 losses and
-    int64 indices, the common case, need no conversion and no tensor operation, and are
-    base64-encoded without a Python loop. Python sequences (the slow, rare path) are packed
-    one by one.
+    int64 indices, the common case, need no conversion, no tensor operation and no Python
+    loop. Python sequences (the slow, rare path) are packed one by one.
     """
     vals = _ready(col)
-    out: list[str | None] = [None] * len(vals)
+    out: list[Any] = [None] * len(vals)
     lens = [-1] * len(vals)
     groups = _by_dtype(vals)
     if groups:
@@ -342,14 +341,11 @@ def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str | Non
                 raws = [vals[i][0] for i in where]
             pos += where
             chunks += raws if dtype == target else _converted(raws, dtype, target)
-        if kind == "f":
-            chunks = _nan_for_nonfinite(chunks)
         sizes = [n // width for n in map(len, chunks)]
-        texts: list[str | None] = list(map(bytes.decode, map(_b2a, chunks)))
         if len(groups) == 1 and len(pos) == len(vals):  # the common case: all, in order
-            return texts, sizes
-        for i, text, n in zip(pos, texts, sizes, strict=True):
-            out[i], lens[i] = text, n
+            return chunks, sizes
+        for i, chunk, n in zip(pos, chunks, sizes, strict=True):
+            out[i], lens[i] = chunk, n
     for i, v in enumerate(vals):
         if v is None or lens[i] >= 0:
             continue
@@ -360,9 +356,24 @@ def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str | Non
             )
         else:
             arr = array("q", (int(x) for x in v))
-        out[i] = binascii.b2a_base64(arr.tobytes(), newline=False).decode("ascii")
-        lens[i] = len(arr)
+        out[i], lens[i] = arr.tobytes(), len(arr)
     return out, lens
+
+
+def _packed(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[str | None], list[int]]:
+    """Per-sample vectors as base64 of little-endian float32 ("f", non-finite as NaN) or
+    int64 ("q"): one base64 text per batch (None where absent), and their lengths (-1:
+    absent); see :func:`_chunks`."""
+    chunks, lens = _chunks(col, kind)
+    if -1 not in lens:  # the common case: every batch has one, no Python loop
+        if kind == "f":
+            chunks = _nan_for_nonfinite(chunks)
+        return list(map(bytes.decode, map(_b2a, chunks))), lens
+    present = [c for c in chunks if c is not None]
+    if kind == "f" and present:
+        fixed = iter(_nan_for_nonfinite(present))
+        chunks = [None if c is None else next(fixed) for c in chunks]
+    return [None if c is None else _b2a(c).decode() for c in chunks], lens
 
 
 _INT_OR_NONE = {int, type(None)}
@@ -440,6 +451,45 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
     return ",".join([fmt] * count) % values, count, len(bad)
 
 
+def _joined(chunks: list[Any], lens: list[int]) -> bytes:
+    return b"".join(chunks if -1 not in lens else [c for c in chunks if c is not None])
+
+
+def _encode_columns(items: Sequence[BatchItem]) -> str | None:
+    """The ``columns`` object of a request for ``items`` (the daemon's ``BatchColumns``):
+    each column packed whole with a few C calls, nothing done per batch in Python. None
+    when the items need the row form: an unreadable loss, or indices that do not pair with
+    the per-sample losses (those batches are then left out one by one)."""
+    seqs, ts, losses, vecs, idxs, ns, epochs, steps, phases = zip(*items, strict=True)
+    loss_vals, bad = _scalars(losses)
+    if bad:
+        return None
+    if None in loss_vals:  # non-finite: NaN on the wire, stored as missing
+        loss_vals = [math.nan if v is None else v for v in loss_vals]
+    parts = [
+        f'"seq_i64":"{_b2a(array("q", seqs)).decode()}"',
+        f'"t_f64":"{_b2a(array("d", ts)).decode()}"',
+        f'"loss_f64":"{_b2a(array("d", cast("list[float]", loss_vals))).decode()}"',
+    ]
+    lens = [-1] * len(items)
+    if _any_set(vecs):
+        chunks, lens = _chunks(vecs, "f")
+        (block,) = _nan_for_nonfinite([_joined(chunks, lens)])
+        parts.append(f'"sizes_i64":"{_b2a(array("q", lens)).decode()}"')
+        parts.append(f'"losses_f32":"{_b2a(block).decode()}"')
+    if _any_set(idxs):
+        chunks, ilens = _chunks(idxs, "q")
+        if ilens != lens:
+            return None
+        parts.append(f'"indices_i64":"{_b2a(_joined(chunks, ilens)).decode()}"')
+    if _any_set(ns):  # else the daemon takes each batch's number of per-sample losses
+        ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
+    for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
+        if _any_set(col):
+            parts.append(f'"{name}":[{",".join(_json_column(col))}]')
+    return ",".join(parts)
+
+
 #: Batches converted between two yields of the GIL (about 1 ms of work, see encode_batches).
 SLICE = 250
 
@@ -473,6 +523,13 @@ def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
     wants it back after a torch operation would otherwise wait for the interpreter's switch
     interval (5 ms) each time.
     """
+    try:
+        columns = _encode_columns(items)
+    except Exception:  # something unreadable: the row form finds which batches
+        columns = None
+    if columns is not None:
+        body = '{"nonfinite_as_null":true,"columns":{' + columns + "}}"
+        return Request("batches", body, len(items)), 0
     parts: list[str] = []
     count = bad = 0
     for k in range(0, len(items), SLICE):

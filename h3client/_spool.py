@@ -4,11 +4,13 @@ One file per run, ``<data dir>/spool/<run id>.jsonl``. Each line is one operatio
 in file order:
 
     {"v": 1, "op": "create",  "run_id": ID, "body": {<POST /v1/runs body, with "id">}}
-    {"v": 1, "op": "batches", "run_id": ID, "body": {"batches": [...], "nonfinite_as_null": true}}
+    {"v": 1, "op": "batches", "run_id": ID, "body": {"columns": {...}, "nonfinite_as_null": true}}
     {"v": 1, "op": "epochs",  "run_id": ID, "body": {"epochs": [...]}}
     {"v": 1, "op": "update",  "run_id": ID, "body": {<PATCH /v1/runs/ID body>}}
 
-Every operation is idempotent at the daemon (a batch seq or an epoch already stored is
+A batches body is what the sender posts: its batches as packed columns (``"columns"``, the
+daemon's ``BatchColumns``), or one object per batch (``"batches"``: older files, and the
+rare request that holds an unreadable batch). Every operation is idempotent at the daemon (a batch seq or an epoch already stored is
 acknowledged; a create or status update refused because the run exists or finished counts as
 done, see :func:`already_done`), so
 replaying a file twice, or a file that was half replayed before a crash, stores everything
@@ -22,10 +24,12 @@ interleave lines or replay one file at once.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import json
 import logging
 import os
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,16 @@ def already_done(op: str, code: str) -> bool:
     409 run_finished there means rows that were never stored. The sender and the spool's
     replay both decide by this."""
     return op in ("create", "update") and code in _ALREADY
+
+
+def batch_seqs(body: dict[str, Any]) -> list[int]:
+    """The sequence numbers in a batches body, in either form."""
+    columns = body.get("columns")
+    if columns is not None:
+        seqs = array("q")
+        seqs.frombytes(binascii.a2b_base64(columns["seq_i64"]))
+        return seqs.tolist()
+    return [int(b["seq"]) for b in body.get("batches", ())]
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from h3client._config import resolve
 from h3client._daemon import ensure_daemon
 from h3client._exporter import HttpExporter
 from h3client._report import diminishing_returns, format_report
-from h3client._spool import Spool, replay_spool
+from h3client._spool import Spool, batch_seqs, replay_spool
 from h3client.client import Client
 from h3client.errors import H3ClientError
 
@@ -261,10 +261,10 @@ class H3Profiler:
             for line in spool.path.read_text().splitlines():
                 try:
                     op = json.loads(line)
-                except ValueError:
-                    continue
-                for b in op.get("body", {}).get("batches", ()):
-                    top = max(top, int(b["seq"]))
+                    if op.get("op") == "batches":
+                        top = max([top, *batch_seqs(op["body"])])
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # a damaged line: the replay reports it
             if online:
                 replay_spool(self._client, self._client.config.spool_dir, self.run_id)
         if online:

@@ -15,6 +15,7 @@ import torch
 
 from h3client._batching import BatchProcessor, encode_batches
 from h3client._exporter import Outcome, Request
+from h3client._spool import batch_seqs
 
 
 class Memory:
@@ -58,13 +59,44 @@ class Memory:
 
     def seqs(self, where: str = "both") -> list[int]:
         ops = {"sent": self.sent, "spilled": self.spilled}.get(where, self.sent + self.spilled)
-        return [b["seq"] for op, body in ops if op == "batches" for b in body["batches"]]
+        return [seq for op, body in ops if op == "batches" for seq in batch_seqs(body)]
 
 
 def unpack(text: str, code: str) -> list[Any]:
     a = array(code)
     a.frombytes(base64.b64decode(text))
     return a.tolist()
+
+
+def rows(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A batches body's batches as row objects, whichever form it came in (the daemon reads
+    the columnar form this way: n defaults to the number of per-sample losses)."""
+    if "batches" in body:
+        return list(body["batches"])
+    c = body["columns"]
+    seqs, ts, losses = (
+        unpack(c["seq_i64"], "q"),
+        unpack(c["t_f64"], "d"),
+        unpack(c["loss_f64"], "d"),
+    )
+    sizes = unpack(c["sizes_i64"], "q") if "sizes_i64" in c else [-1] * len(seqs)
+    vecs = base64.b64decode(c.get("losses_f32", ""))
+    idxs = base64.b64decode(c["indices_i64"]) if "indices_i64" in c else None
+    out, at = [], 0
+    for i, seq in enumerate(seqs):
+        size = sizes[i]
+        row = {"seq": seq, "t": ts[i], "loss": None if math.isnan(losses[i]) else losses[i]}
+        row["losses_f32"] = row["indices_i64"] = None
+        if size >= 0:
+            row["losses_f32"] = base64.b64encode(vecs[4 * at : 4 * (at + size)]).decode()
+            if idxs is not None:
+                row["indices_i64"] = base64.b64encode(idxs[8 * at : 8 * (at + size)]).decode()
+            at += size
+        row["n"] = c["n"][i] if "n" in c else (size if size >= 0 else None)
+        for name in ("epoch", "step", "phase"):
+            row[name] = c[name][i] if name in c else None
+        out.append(row)
+    return out
 
 
 def item(seq: int, loss: Any = 1.0, **kw: Any) -> tuple[Any, ...]:
@@ -75,8 +107,8 @@ def decoded(items: list[tuple[Any, ...]]) -> tuple[list[dict[str, Any]], int]:
     req, bad = encode_batches(items)
     assert req is not None and req.op == "batches"
     body = json.loads(req.body)
-    assert body["nonfinite_as_null"] is True and req.n_batches == len(body["batches"])
-    return body["batches"], bad
+    assert body["nonfinite_as_null"] is True and req.n_batches == len(rows(body))
+    return rows(body), bad
 
 
 def counted(p: BatchProcessor, logged: int) -> None:
@@ -93,7 +125,7 @@ def test_items_are_exported_in_order_in_large_requests() -> None:
     assert p.flush(5.0)
     assert mem.sent[0][0] == "create"
     assert mem.seqs() == list(range(2000))
-    assert all(len(body["batches"]) <= 500 for op, body in mem.sent if op == "batches")
+    assert all(len(batch_seqs(body)) <= 500 for op, body in mem.sent if op == "batches")
     assert mem.sent[-1][0] == "epochs"
     assert p.close() and p.close()  # idempotent
     assert mem.shut == 1 and p.posted == 2000

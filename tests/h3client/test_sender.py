@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from h3client import Client, H3Profiler, H3RunNotFound
+from h3client._spool import batch_seqs
 from tests.conftest import REPO, Daemon, daemon_env
 
 N = 20_000
@@ -202,7 +203,7 @@ def test_a_hung_daemon_stop_returns_by_its_deadline_with_everything_spooled(
     spool = daemon.data_dir / "spool" / f"{prof.run_id}.jsonl"
     lines = [json.loads(line) for line in spool.read_text().splitlines()]
     assert lines[-1]["op"] == "update" and lines[-1]["body"]["status"] == "finished"
-    spooled = {b["seq"] for op in lines if op["op"] == "batches" for b in op["body"]["batches"]}
+    spooled = {s for op in lines if op["op"] == "batches" for s in batch_seqs(op["body"])}
     assert len(spooled) >= res["batches_spooled"]
     r = h3d_import(daemon)
     assert r.returncode == 0, r.stderr

@@ -447,6 +447,112 @@ def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:
     engine.dispose()
 
 
+def columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``rows`` (the row form, per-sample values as lists) as a columnar body."""
+    import base64
+    from array import array
+
+    def b64(code: str, values: list) -> str:
+        return base64.b64encode(array(code, values).tobytes()).decode()
+
+    nan = float("nan")
+    sizes = [len(r["losses"]) if "losses" in r else -1 for r in rows]
+    out: dict[str, Any] = {
+        "seq_i64": b64("q", [r["seq"] for r in rows]),
+        "t_f64": b64("d", [r["t"] for r in rows]),
+        "loss_f64": b64("d", [nan if r["loss"] is None else r["loss"] for r in rows]),
+    }
+    if max(sizes, default=-1) >= 0:
+        out["sizes_i64"] = b64("q", sizes)
+        out["losses_f32"] = b64("f", [v for r in rows for v in r.get("losses", [])])
+        out["indices_i64"] = b64("q", [v for r in rows for v in r.get("indices", [])])
+    for name in ("n", "epoch", "step", "phase"):
+        if any(name in r for r in rows):
+            out[name] = [r.get(name) for r in rows]
+    return out
+
+
+def test_columnar_batches_are_stored_as_the_same_rows(daemon: Any) -> None:
+    """The client's columnar form and the row form store the same rows, per-sample values
+    included; the columnar form is validated as strictly."""
+    from h3d.storage import repository as repo
+    from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+    from h3d.storage.models import Batch
+
+    t0 = time.time()
+    rows: list[dict[str, Any]] = [
+        {"seq": 0, "t": t0, "loss": 2.5, "losses": [2.0, 3.0], "indices": [4, 2**40]},
+        {"seq": 1, "t": t0 + 0.1, "loss": None, "n": 5, "epoch": 0, "phase": "warmup"},
+        {"seq": 2, "t": t0 + 0.2, "loss": 1.0, "losses": [], "indices": [], "step": 7},
+        {"seq": 3, "t": t0 + 0.3, "loss": 0.5, "losses": [0.25, float("nan"), 0.75],
+         "indices": [1, 2, 3], "rank": None},
+    ]  # fmt: skip
+    for r in rows:
+        r.pop("rank", None)
+    plain = [
+        {**r, "losses": [None if v != v else v for v in r["losses"]]} if "losses" in r else r
+        for r in rows
+    ]
+    with daemon.client() as api:
+        a, b = make_run(api), make_run(api)
+        r = api.post(
+            f"/v1/runs/{a['id']}/batches", json={"batches": plain, "nonfinite_as_null": True}
+        )
+        assert r.json() == {"accepted": 4, "duplicates": 0}, r.text
+        body = {"columns": columns(rows), "nonfinite_as_null": True, "rank": 2}
+        r = api.post(f"/v1/runs/{b['id']}/batches", json=body)
+        assert r.json() == {"accepted": 4, "duplicates": 0}, r.text
+        again = api.post(f"/v1/runs/{b['id']}/batches", json=body)  # idempotent on seq
+        assert again.json() == {"accepted": 0, "duplicates": 4}
+        url = f"/v1/runs/{b['id']}/batches"
+        strict = api.post(url, json={"columns": columns([{**rows[0], "seq": 9, "loss": None}])})
+        assert strict.status_code == 422 and err(strict)["code"] == "nonfinite_loss"
+        assert err(strict)["details"] == {"seq": 9, "field": "loss_f64"}
+        inf = columns([rows[0], {**rows[3], "seq": 10, "losses": [1.0, float("inf"), 2.0]}])
+        r = api.post(url, json={"columns": inf})
+        assert r.status_code == 422 and err(r)["details"] == {"seq": 10, "field": "losses_f32"}
+        good = columns(rows[:1])
+        for bad in (
+            {"sizes_i64": columns(rows[:2])["sizes_i64"]},  # two sizes for one batch
+            {"t_f64": columns([{**rows[0], "t": float("inf")}])["t_f64"]},
+            {"seq_i64": columns([{**rows[0], "seq": -1}])["seq_i64"]},
+            {"indices_i64": columns(rows[3:])["indices_i64"]},  # 3 indices for 2 losses
+            {"sizes_i64": None},
+            {"n": [1, 2]},
+            {"phase": ["x" * 33]},
+            {"loss_f64": "AAA="},
+            {"extra": 1},
+        ):
+            r = api.post(url, json={"columns": {**good, **bad}})
+            assert r.status_code == 422 and err(r)["code"] == "validation_error", (bad, r.text)
+        both = {"columns": good, "batches": plain[:1]}
+        for bad_body in (both, {}, {"columns": None}):
+            r = api.post(url, json=bad_body)
+            assert r.status_code == 422, bad_body
+        # without an n column, n is each batch's number of per-sample losses
+        c = columns([{k: v for k, v in r.items() if k != "n"} for r in rows])
+        c["seq_i64"] = columns([{**r, "seq": r["seq"] + 100} for r in rows])["seq_i64"]
+        assert api.post(url, json={"columns": c, "nonfinite_as_null": True}).status_code == 200
+    engine = make_engine(f"sqlite:///{daemon.data_dir / 'h3d.db'}")
+    fields = ("seq", "t", "loss", "n", "epoch", "step", "phase")
+    with session_scope(make_sessionmaker(engine)) as s:
+        got = {}
+        for run in (a, b):
+            got[run["id"]] = [
+                tuple(getattr(x, f) for f in fields)
+                for x in s.query(Batch).filter_by(run_id=run["id"]).order_by(Batch.seq)
+            ]
+            ranks = {x.rank for x in s.query(Batch).filter_by(run_id=run["id"])}
+            assert ranks == ({None} if run is a else {2, None})  # the last post had no rank
+        assert got[a["id"]] == got[b["id"]][:4] and len(got[a["id"]]) == 4
+        assert [x[3] for x in got[b["id"]][4:]] == [2, None, 0, 3]
+        for seq in (0, 2, 3):
+            la, ia = repo.sample_losses(s, run_id=a["id"], seq=seq)
+            lb, ib = repo.sample_losses(s, run_id=b["id"], seq=seq)
+            assert ia == ib and str(la) == str(lb), seq  # str: NaN equals NaN
+    engine.dispose()
+
+
 def test_overlapping_identical_posts_leave_the_counters_exact(daemon: Any) -> None:
     """A client retrying after its timeout while the first request still runs sends the
     same body twice at once: the counters count stored rows, once."""

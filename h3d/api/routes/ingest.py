@@ -2,12 +2,22 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
+from typing import cast
 
 from fastapi import APIRouter
 
 from h3d.api.deps import SeenRun, SettingsDep, StoreDep
-from h3d.api.schemas import BatchesIn, BatchIn, EpochsIn, IngestResult
+from h3d.api.schemas import (
+    BatchColumns,
+    BatchesIn,
+    BatchIn,
+    EpochsIn,
+    IngestResult,
+    nonfinite_positions,
+)
 from h3d.errors import NonFiniteLoss, PayloadTooLarge
 from h3d.storage import repository as repo
 
@@ -16,11 +26,11 @@ router = APIRouter(prefix="/runs", tags=["ingest"])
 F32_MAX = 3.4028234663852886e38  # per-sample losses are stored as float32
 
 
-def _bad(b: BatchIn, what: str, allow_null: bool) -> NonFiniteLoss:
+def _bad(seq: int, what: str, allow_null: bool) -> NonFiniteLoss:
     hint = "" if allow_null else " (send it as null/NaN with nonfinite_as_null=true)"
     return NonFiniteLoss(
-        f"batch seq={b.seq}: {what} is not a finite number (float32 for losses){hint}",
-        details={"seq": b.seq, "field": what},
+        f"batch seq={seq}: {what} is not a finite number (float32 for losses){hint}",
+        details={"seq": seq, "field": what},
     )
 
 
@@ -32,7 +42,20 @@ def _check_values(b: BatchIn, values: Sequence[float], allow_null: bool, what: s
     except OverflowError:
         total = math.inf
     if values and (not math.isfinite(total) or max(values) > F32_MAX or min(values) < -F32_MAX):
-        raise _bad(b, what, allow_null)
+        raise _bad(b.seq, what, allow_null)
+
+
+def _f32_block(raw: bytes, allow_null: bool) -> tuple[bytes, list[int]]:
+    """Packed float32 values and the positions of the non-finite ones; with ``allow_null``
+    every one of them is NaN (missing) in the bytes returned."""
+    arr = array("f")
+    arr.frombytes(raw)
+    bad = nonfinite_positions(arr)
+    if bad and allow_null and any(not math.isnan(arr[i]) for i in bad):
+        for i in bad:  # ±inf: stored as missing, like NaN
+            arr[i] = math.nan
+        raw = arr.tobytes()
+    return raw, bad
 
 
 def _packed(b: BatchIn, allow_null: bool) -> bytes | None:
@@ -40,34 +63,86 @@ def _packed(b: BatchIn, allow_null: bool) -> bytes | None:
     raw = b.packed_losses()
     if raw is None:
         return None
-    arr = array("f")
-    arr.frombytes(raw)
-    bad = (
-        [i for i, v in enumerate(arr) if not math.isfinite(v)]
-        if not math.isfinite(math.fsum(arr))
-        else []
-    )
+    raw, bad = _f32_block(raw, allow_null)
     if bad and not allow_null:
-        raise _bad(b, "losses_f32", allow_null)
-    if any(not math.isnan(arr[i]) for i in bad):  # ±inf: stored as missing, like NaN
-        for i in bad:
-            arr[i] = math.nan
-        raw = arr.tobytes()
+        raise _bad(b.seq, "losses_f32", allow_null)
     return raw
+
+
+def _split(block: bytes | None, sizes: Sequence[int], width: int) -> list[bytes | None]:
+    """Each batch's slice of a concatenated block (None where its size is -1)."""
+    if block is None:
+        return [None] * len(sizes)
+    out: list[bytes | None] = []
+    at = 0
+    for n in sizes:
+        if n < 0:
+            out.append(None)
+        else:
+            out.append(block[at : at + n * width])
+            at += n * width
+    return out
+
+
+def _column_rows(c: BatchColumns, allow_null: bool, rank: int | None) -> list[repo.BatchRow]:
+    """The rows of a columnar request (validation has checked its lengths and ranges)."""
+    seqs, k = c.seqs(), len(c)
+    losses: list[float | None] = list(c.losses())
+    bad = nonfinite_positions(cast("list[float]", losses))
+    if bad and not allow_null:
+        raise _bad(seqs[bad[0]], "loss_f64", allow_null)
+    for i in bad:
+        losses[i] = None
+    sizes: Sequence[int] = c.sizes() or [-1] * k
+    vectors: list[bytes | None] = [None] * k
+    indices = vectors
+    if c.losses_f32 is not None:
+        raw, bad = _f32_block(c.losses_f32, allow_null)
+        if bad and not allow_null:
+            ends = list(accumulate(max(n, 0) for n in sizes))
+            raise _bad(seqs[bisect_right(ends, bad[0])], "losses_f32", allow_null)
+        vectors, indices = _split(raw, sizes, 4), _split(c.indices_i64, sizes, 8)
+    none = [None] * k
+    ns = c.n or [n if n >= 0 else None for n in sizes]
+    return [
+        repo.BatchRow(seq=q, t=t, loss=v, n=n, epoch=e, step=s, phase=p, rank=rank,
+                      losses=vec, indices=idx)
+        for q, t, v, n, e, s, p, vec, idx in zip(
+            seqs, c.times(), losses, ns, c.epoch or none, c.step or none, c.phase or none,
+            vectors, indices, strict=True,
+        )
+    ]  # fmt: skip
 
 
 def _finite_or_null(b: BatchIn, allow_null: bool) -> None:
     """Reject a batch carrying NaN/inf unless the client sent them as missing values."""
     if b.loss is None:
         if not allow_null:
-            raise _bad(b, "loss", allow_null)
+            raise _bad(b.seq, "loss", allow_null)
     elif not math.isfinite(b.loss):
-        raise _bad(b, "loss", allow_null)
+        raise _bad(b.seq, "loss", allow_null)
     if b.losses is not None:
         values = [v for v in b.losses if v is not None]
         if len(values) != len(b.losses) and not allow_null:
-            raise _bad(b, "losses", allow_null)
+            raise _bad(b.seq, "losses", allow_null)
         _check_values(b, values, allow_null, "losses")
+
+
+def _row(b: BatchIn, body: BatchesIn) -> repo.BatchRow:
+    _finite_or_null(b, body.nonfinite_as_null)
+    packed = _packed(b, body.nonfinite_as_null)
+    return repo.BatchRow(
+        seq=b.seq,
+        t=b.t,
+        loss=b.loss,
+        n=b.n,
+        epoch=b.epoch,
+        step=b.step,
+        phase=b.phase,
+        rank=b.rank if b.rank is not None else body.rank,
+        losses=packed if packed is not None else b.losses,
+        indices=b.packed_indices() if b.indices_i64 is not None else b.indices,
+    )
 
 
 @router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
@@ -76,29 +151,15 @@ async def post_batches(
 ) -> IngestResult:
     # async: the checks below are a few C-speed passes, and the write is awaited, so an
     # ingest never takes a threadpool thread (see Store.write_async).
-    if len(body.batches) > settings.max_batches_per_request:
+    if body.count() > settings.max_batches_per_request:
         raise PayloadTooLarge(
-            f"{len(body.batches)} batches in one request; the limit is "
+            f"{body.count()} batches in one request; the limit is "
             f"{settings.max_batches_per_request}"
         )
-    rows = []
-    for b in body.batches:
-        _finite_or_null(b, body.nonfinite_as_null)
-        packed = _packed(b, body.nonfinite_as_null)
-        rows.append(
-            repo.BatchRow(
-                seq=b.seq,
-                t=b.t,
-                loss=b.loss,
-                n=b.n,
-                epoch=b.epoch,
-                step=b.step,
-                phase=b.phase,
-                rank=b.rank if b.rank is not None else body.rank,
-                losses=packed if packed is not None else b.losses,
-                indices=b.packed_indices() if b.indices_i64 is not None else b.indices,
-            )
-        )
+    if body.columns is not None:
+        rows = _column_rows(body.columns, body.nonfinite_as_null, body.rank)
+    else:
+        rows = [_row(b, body) for b in body.batches or ()]
     accepted, dups = await store.write_async(
         lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
     )
