@@ -9,13 +9,15 @@
    call while the sender thread is busy converting and posting a backlog (GIL contention
    included), counting only the calls made while it was busy.
 3. Sender throughput in batches/s for floats, 0-dim tensors and tensors with 64 per-sample
-   losses and indices: the conversion of a 2 000-batch request alone (encode + gzip, the
-   sender's whole CPU cost), and end to end against a real daemon (log 20 000, ``stop()``;
-   batches over the time from the first log to ``stop()`` returning).
-4. A real training loop (MLP on MNIST-1D, batch 64, one torch thread, >1 000 steps/s) that
-   logs per-sample losses and indices: epochs timed in interleaved, rotating order,
-   unprofiled, profiled, and logging through a synchronous HTTP POST per batch (what a
-   naive client does). Medians over repeats and the ratio to unprofiled.
+   losses and indices: the conversion of a 2 000-batch request alone (encode: the sender's
+   whole CPU cost for a daemon on loopback; encode + gzip: for a daemon on another machine),
+   and end to end against a real daemon (log 20 000, ``stop()``; batches over the time from
+   the first log to ``stop()`` returning).
+4. A real training loop (MLP on MNIST-1D, batch 64, one torch thread, about 1 000 steps/s)
+   that logs per-sample losses and indices: long segments (15 s), one logging mode each,
+   unprofiled against profiled (and a synchronous HTTP POST per batch, what a naive client
+   does), in ABBA order; per pair, the ratio of the segments' median epochs; the median over
+   pairs. Plus the CPU share of the training thread, the sender thread and the daemon.
 
     PYTHONPATH=. python benchmarks/client_overhead.py [--quick]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import re
 import resource
@@ -31,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -200,9 +204,26 @@ def sender_throughput(url: str, data_dir: Path, repeats: int, n_e2e: int) -> dic
     return res
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(stat: str) -> float:
+    """CPU seconds (user + system) of a process or thread, from its /proc stat file."""
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def training(
-    url: str, token: str, data_dir: Path, data, repeats: int, sync: bool
+    url: str, token: str, data_dir: Path, data, pairs: int, segment_s: float, sync: bool
 ) -> dict[str, Any]:
+    """Epochs of a real training loop in long segments, one logging mode per segment, in
+    ABBA order (so a linear drift of the machine's speed cancels). Each segment's median
+    epoch is compared with the neighbouring segments' of the other mode.
+
+    Segments, not single epochs: the sender posts once a second, so with modes alternating
+    epoch by epoch its work would land in the unprofiled epochs as often as in the profiled
+    ones. Inside a long segment only its first second can carry the previous segment's
+    sender work, which the median epoch ignores."""
     x, y = data.x_train, data.y_train
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -236,30 +257,55 @@ def training(
         )  # fmt: skip
 
     prof = H3Profiler("bench-train", url=url, data_dir=data_dir)
+    sender = next(t.native_id for t in threading.enumerate() if t.name == "h3-exporter")
+    daemon_pid = json.loads((data_dir / "daemon.json").read_text())["pid"]
+    stats = {
+        "sender": f"/proc/self/task/{sender}/stat",
+        "daemon": f"/proc/{daemon_pid}/stat",
+        "training": f"/proc/self/task/{threading.get_native_id()}/stat",
+    }
+    profiled = "H3Profiler (per-sample losses + indices)"
     modes = {
         "unprofiled": lambda loss, losses, b: None,
-        "H3Profiler (per-sample losses + indices)": lambda loss, losses, b: prof.log_batch(
-            loss, losses=losses, indices=b
-        ),
+        profiled: lambda loss, losses, b: prof.log_batch(loss, losses=losses, indices=b),
     }
     if sync:
         modes["sync HTTP POST per batch"] = sync_log
-    epoch(modes["unprofiled"])  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    names = list(modes)
-    for r in range(repeats):
-        # rotate the order so no mode always follows another (the HTTP arm's daemon work
-        # spills into the next epoch)
-        for m in names[r % len(names) :] + names[: r % len(names)]:
-            times[m].append(epoch(modes[m]))
+    for _ in range(10):
+        epoch(modes["unprofiled"])  # warm-up
+    segs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    others = [m for m in modes if m != "unprofiled"]
+    order = [  # (mode, pair): each pair is an unprofiled and a logging segment, ABBA
+        (m, (p, other))
+        for p in range(pairs)
+        for other in others
+        for m in (["unprofiled", other] if p % 2 == 0 else [other, "unprofiled"])
+    ]
+    for m, pair in order:
+        before = {k: cpu_s(v) for k, v in stats.items()}
+        t0, eps = time.perf_counter(), []
+        while time.perf_counter() - t0 < segment_s:
+            eps.append(epoch(modes[m]))
+        wall = time.perf_counter() - t0
+        cpu = {k: (cpu_s(v) - before[k]) / wall for k, v in stats.items()}
+        segs[m].append({"median": statistics.median(eps), "epochs": eps, "cpu": cpu, "pair": pair})
         print(
-            f"repeat {r + 1}/{repeats}: " + ", ".join(f"{m} {times[m][-1]:.4f} s" for m in modes),
+            f"{m}: {len(eps)} epochs, median {statistics.median(eps) * 1e3:.2f} ms; CPU share "
+            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in cpu.items()),
             flush=True,
         )
     res = prof.stop(timeout_s=300)
     assert res["batches_posted"] == res["batches_logged"], res
     http.close()
-    return {"epochs": times, "batches_per_epoch": (len(y) + 63) // 64}
+    # each mode's segment against the unprofiled segment of its pair (ABBA: adjacent)
+    base = {seg["pair"]: seg["median"] for seg in segs["unprofiled"]}
+    ratios = {m: [seg["median"] / base[seg["pair"]] - 1 for seg in segs[m]] for m in others}
+    return {
+        "segments": segs,
+        "ratios": ratios,
+        "segment_s": segment_s,
+        "batches_per_epoch": (len(y) + 63) // 64,
+    }
 
 
 def main() -> None:
@@ -269,6 +315,8 @@ def main() -> None:
     ap.add_argument(
         "--no-sync", action="store_true", help="leave out the slow sync-HTTP training arm"
     )
+    ap.add_argument("--pairs", type=int, help="training: segment pairs (default 8, quick 2)")
+    ap.add_argument("--segment-s", type=float, default=15.0, help="training: seconds a segment")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/client_overhead.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -284,7 +332,13 @@ def main() -> None:
         res["log"] = log_batch_costs(url, Path(tmp), calls, timer)
         res["sender"] = sender_throughput(url, Path(tmp), repeats, 20_000)
         res["train"] = training(
-            url, token, Path(tmp), data, repeats, sync=not (args.quick or args.no_sync)
+            url,
+            token,
+            Path(tmp),
+            data,
+            args.pairs or (2 if args.quick else 8),
+            args.segment_s / 3 if args.quick else args.segment_s,
+            sync=not (args.quick or args.no_sync),
         )
     write(args, res, calls, repeats)
 
@@ -292,13 +346,13 @@ def main() -> None:
 def flags(args) -> str:
     out = " --quick" if args.quick else ""
     out += f" --repeats {args.repeats}" if args.repeats else ""
+    out += f" --pairs {args.pairs}" if args.pairs else ""
+    out += f" --segment-s {args.segment_s:g}" if args.segment_s != 15.0 else ""
     return out + (" --no-sync" if args.no_sync else "")
 
 
 def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
     imp, log, snd, tr = res["import"], res["log"], res["sender"], res["train"]
-    base = statistics.median(tr["epochs"]["unprofiled"])
-    steps = tr["batches_per_epoch"] / base
     lines = [
         "# Client overhead benchmark",
         "",
@@ -338,7 +392,7 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         "**Sender throughput** (batches/s; conversion of one 2 000-batch request, medians of "
         f"{repeats} interleaved repeats; end to end: 20 000 batches logged then `stop()`, against the daemon):",
         "",
-        "| batches carry | encode | encode + gzip (whole sender CPU) | end to end to a real daemon |",
+        "| batches carry | encode (to a loopback daemon) | encode + gzip (to a remote daemon) | end to end to a real daemon on loopback |",
         "|---|---:|---:|---:|",
     ]
     for kind in KINDS:
@@ -346,18 +400,35 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         lines.append(
             f"| {kind} | {s['encode']:,.0f} | {s['encode+gzip']:,.0f} | {s['end to end']:,.0f} |"
         )
+    segs, ratios = tr["segments"], tr["ratios"]
+    base = statistics.median(seg["median"] for seg in segs["unprofiled"])
+    steps = tr["batches_per_epoch"] / base
     lines += [
         "",
-        f"**Training loop** (MLP 40-256-256-10 on MNIST-1D, {tr['batches_per_epoch']} batches of 64 per epoch, "
-        f"{steps:,.0f} steps/s unprofiled, {len(tr['epochs']['unprofiled'])} interleaved repeats in rotating "
-        "order, median epoch time):",
+        f"**Training loop** (MLP 40-256-256-10 on MNIST-1D, {tr['batches_per_epoch']} batches of "
+        f"64 per epoch, {steps:,.0f} steps/s unprofiled; {len(segs['unprofiled'])} pairs of "
+        f"{tr['segment_s']:g}-second segments, one logging mode per segment, in ABBA order; a "
+        "segment's figure is its median epoch; the overhead is the median over pairs of "
+        "(logging segment / its pair's unprofiled segment − 1). CPU: each thread's or process's "
+        "CPU seconds per second of the segment, from /proc):",
         "",
-        "| logging | median epoch s | vs unprofiled |",
-        "|---|---:|---:|",
+        "| logging | median epoch ms | overhead, median of pairs | pairs min … max "
+        "| training thread CPU | sender thread CPU | daemon CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for m, ts in tr["epochs"].items():
-        med = statistics.median(ts)
-        lines.append(f"| {m} | {med:.4f} | {100 * (med / base - 1):+.2f} % |")
+    for m, ss in segs.items():
+        med = statistics.median(seg["median"] for seg in ss)
+        cpu = {k: statistics.median(seg["cpu"][k] for seg in ss) for k in ss[0]["cpu"]}
+        r = ratios.get(m)
+        over = (
+            f"**{100 * statistics.median(r):+.2f} %** | {100 * min(r):+.2f} … {100 * max(r):+.2f} %"
+            if r
+            else "— | —"
+        )
+        lines.append(
+            f"| {m} | {1e3 * med:.2f} | {over} | {100 * cpu['training']:.1f} % "
+            f"| {100 * cpu['sender']:.2f} % | {100 * cpu['daemon']:.2f} % |"
+        )
     lines += [
         "",
         "Budgets (DESIGN.md §8, issue 17): `import h3client` ≤ 50 ms over a bare interpreter; "

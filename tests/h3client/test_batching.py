@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from h3client._batching import BatchProcessor, encode_batches
+from h3client._batching import B64_PIECE, BatchProcessor, _b64, encode_batches
 from h3client._exporter import Outcome, Request
 from h3client._spool import batch_seqs
 
@@ -474,3 +474,10 @@ def test_a_large_request_is_converted_in_slices_and_keeps_its_order() -> None:
     assert [r["seq"] for r in rows] == [s for s in range(n) if s != _batching.SLICE + 7]
     assert all(r["loss"] == r["seq"] for r in rows)
     assert unpack(rows[-1]["losses_f32"], "f") == (vec + n - 1).tolist()
+
+
+@pytest.mark.parametrize("n", [0, 1, B64_PIECE - 1, B64_PIECE, B64_PIECE + 1, 3 * B64_PIECE + 2])
+def test_base64_written_in_pieces_is_the_base64_of_the_whole(n: int) -> None:
+    block = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+    assert _b64(block) == base64.b64encode(block).decode()
+    assert _b64(memoryview(bytearray(block))) == base64.b64encode(block).decode()
