@@ -26,6 +26,7 @@ def _is_loopback(url: str) -> bool:
     host = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
     return host.startswith(_LOOPBACK)
 
+
 #: The operations a profiler sends (and spools): name -> (method, path template).
 OPERATIONS = {
     "create": ("POST", "/v1/runs"),
