@@ -10,14 +10,17 @@ enqueued on the current stream. They are turned into numbers here, on the worker
 worker wakes when a batch is full or every ``flush_interval_s`` and sends up to
 ``max_batch`` batches per request.
 
-A request is converted as a whole (:func:`encode_batches`), ``SLICE`` batches at a time: the
-queued bytes are joined per dtype and converted with one tensor operation per dtype and
-request (none for float32 losses and int64 indices, the common case; non-finite losses are
-found by a byte test on the joined block), base64-encoded per batch, and written into the JSON
-text with one format operation per slice; the text is gzipped once when it is sent. Nothing
-in it does a tensor operation or runs Python code per batch in the common case, and the GIL is
-yielded between slices: the training thread, coming back from a torch operation, would
-otherwise wait up to the interpreter's switch interval (5 ms) for the GIL.
+A request is converted as a whole (:func:`encode_batches`) into packed columns (the
+daemon's ``BatchColumns``): the sequence numbers, times and losses as one array each, and the
+queued per-sample bytes joined per dtype into one block, converted with one tensor operation
+per dtype and request (none for float32 losses and int64 indices, the common case; non-finite
+losses are found by a byte test on the block) and base64-encoded once. Nothing in it does a
+tensor operation or runs Python code per batch in the common case. The GIL is yielded between
+the steps and between 48 KiB pieces of base64: the training thread, coming back from a torch
+operation, waits for one piece at most (otherwise up to the interpreter's switch interval,
+5 ms). A request holding a batch that cannot be read falls back to one JSON object per batch,
+which finds and leaves out that batch. Bodies to a daemon on another machine are gzipped; on
+loopback they are not (gzip cost ~30 ms of CPU per MB and saved nothing there).
 
 Where a request goes: the daemon; the spool on disk when the daemon does not answer (or the
 queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when

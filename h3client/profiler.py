@@ -64,7 +64,7 @@ class H3Profiler:
 
     ``log_batch`` only appends a copy of what it is given to an in-memory queue (about 2 µs
     with per-sample losses and indices, no I/O, no device sync, never raises); a background
-    thread batches, gzips and posts to the local ``h3d`` daemon, and spools to disk while
+    thread packs whole requests and posts them to the ``h3d`` daemon, and spools to disk while
     the daemon is unreachable. ``stop()`` accounts for every batch: logged = posted +
     spooled + rejected + lost, where "lost" is only what neither the daemon nor the disk
     took (reported in the results and by a warning).
