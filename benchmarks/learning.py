@@ -87,6 +87,7 @@ TASKS = {
     "mnist1d-noisy": Task("MNIST-1D 20 % flipped, MLP", "mnist1d", "mlp", 20, 64, 0.2),
     "mnist-mlp": Task("MNIST, MLP 784-256-256-10", "mnist", "mlp", 8, 128),
     "mnist-cnn": Task("MNIST, small CNN", "mnist", "cnn", 6, 128, train_subset=20_000),
+    "mnist-cnn-full": Task("MNIST, small CNN, all 50 000 training samples", "mnist", "cnn", 6, 128),
 }
 # One learning rate per task for every arm, chosen for uniform Adam alone by ``--sweep-lr``
 # (validation accuracy on a hold-out of the training set, seeds 0 and 1); 1e-3 until swept
