@@ -1,12 +1,12 @@
 """The sampler thread: reads every backend each period and stores the readings in batches.
 
-Storage errors never stop it: readings wait in memory and are retried at every flush. At
-most ``max_unstored_rows`` readings wait, counting the write in flight, after every tick;
-beyond that the oldest are given up, so what is lost is always the oldest unstored span and
-one outage leaves one contiguous gap (see ``_trim``). What had to be dropped is missing from
-the store, so the energy integration reports it as a gap, and ``storage()`` (shown in
-``/v1/devices``) says what happened. Readings not stored yet are visible to queries through
-``unstored()`` (the store's read overlay), so reads never wait for a write.
+Storage errors never stop it: readings wait in memory and are retried at every flush. After
+every tick at most ``max_unstored_rows`` readings wait, counting the write in flight; beyond
+that the oldest are given up (see ``_trim``), so an outage leaves one contiguous gap. What had
+to be dropped is missing from the store, so the energy integration reports it as a gap, and
+``storage()`` (shown in ``/v1/devices``) says what happened. Readings not stored yet are
+visible to queries through ``unstored()`` (the store's read overlay), so reads never wait for
+a write.
 
 Time: each tick is stamped ``wall0 + (monotonic() - mono0)``: a Unix time that the
 monotonic clock drives, so NTP steps do not bend the integration, and that still lines up
@@ -431,7 +431,10 @@ class PowerSampler:
         The oldest go first, and the write in flight holds the oldest: its first readings are
         given up on (counted as waiting no more, dropped if the write fails, stored if it
         succeeds) before any pending one is dropped. Dropping pending readings while older
-        ones are in flight would leave those between two gaps if the write then failed.
+        ones are in flight would leave those between two gaps if the write then failed. Two
+        gaps remain possible only if a write outlasts ``max_unstored_rows`` readings (all of
+        it given up on, then pending ones dropped) and then succeeds. Readings given up on
+        stay in memory, held by the store's job, until the store answers.
         """
         excess = self._unstored_rows() - self.max_unstored_rows
         if excess > 0 and self._inflight is not None:
