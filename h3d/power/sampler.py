@@ -1,10 +1,12 @@
 """The sampler thread: reads every backend each period and stores the readings in batches.
 
-Storage errors never stop it: readings wait in memory (up to ``max_unstored_rows``, the
-oldest dropped beyond that) and are retried at every flush; what had to be dropped is
-missing from the store, so the energy integration reports it as a gap, and ``storage()``
-(shown in ``/v1/devices``) says what happened. Readings not stored yet are visible to
-queries through ``unstored()`` (the store's read overlay), so reads never wait for a write.
+Storage errors never stop it: readings wait in memory and are retried at every flush. After
+every tick at most ``max_unstored_rows`` readings wait, counting the write in flight; beyond
+that the oldest are given up (see ``_trim``), so an outage leaves one contiguous gap. What had
+to be dropped is missing from the store, so the energy integration reports it as a gap, and
+``storage()`` (shown in ``/v1/devices``) says what happened. Readings not stored yet are
+visible to queries through ``unstored()`` (the store's read overlay), so reads never wait for
+a write.
 
 Time: each tick is stamped ``wall0 + (monotonic() - mono0)``: a Unix time that the
 monotonic clock drives, so NTP steps do not bend the integration, and that still lines up
@@ -98,6 +100,9 @@ class PowerSampler:
         self.max_unstored_rows = max_unstored_rows
         self.health = StorageHealth()
         self._inflight: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        # how many of the write in flight's first readings were given up on (see _trim)
+        self._inflight_given_up = 0
+        self._dropped_since_stored = 0  # readings dropped since the last write that worked
         self._settled = threading.Event()  # set while no write is in flight
         self._settled.set()
         # Energy attributed to each active run since this daemon began following it: the
@@ -231,6 +236,7 @@ class PowerSampler:
         self.ticks += 1
         with self._lock:
             self._pending.extend(rows)
+            self._trim()
         return t
 
     def _increment(
@@ -354,12 +360,10 @@ class PowerSampler:
         """Hand pending readings to the store's writer (one write in flight at a time).
 
         ``wait``: block until that write is done (tests and shutdown). A failed write puts
-        its rows back; beyond ``max_unstored_rows`` the oldest are dropped (a gap).
+        its rows back, less those given up on while it was in flight (see ``_trim``).
         """
         if self._inflight is not None:
             if not wait:
-                with self._lock:
-                    self._trim()
                 return
             self._settled.wait()
         with self._lock:
@@ -371,6 +375,7 @@ class PowerSampler:
             if not (rows or shares or idle):
                 return
             self._inflight = (rows, shares)
+            self._inflight_given_up = 0
             self._settled.clear()
 
         def write(s: Session) -> None:
@@ -391,12 +396,17 @@ class PowerSampler:
     def _stored(self, exc: BaseException | None) -> None:
         with self._lock:
             inflight, self._inflight = self._inflight, None
+            given_up, self._inflight_given_up = self._inflight_given_up, 0
             self._settled.set()
             h = self.health
-            if exc is None:
-                if h.status != "ok":
-                    logger.info("storing power readings works again")
+            if exc is None:  # readings given up on were stored after all: no gap
+                if h.status != "ok" or self._dropped_since_stored:
+                    logger.info(
+                        "storing power readings works again (%d dropped meanwhile)",
+                        self._dropped_since_stored,
+                    )
                 h.status, h.reason = "ok", None
+                self._dropped_since_stored = 0
                 return
             h.failures += 1
             if h.status == "ok":
@@ -405,25 +415,53 @@ class PowerSampler:
             if inflight is None:
                 return
             rows, shares = inflight
-            self._pending[:0] = rows
+            self._dropped(rows[:given_up])
+            self._pending[:0] = rows[given_up:]
             self._pending_shares[:0] = shares
             self._trim()
 
+    def _unstored_rows(self) -> int:
+        """Readings waiting: pending, and those of the write in flight not given up on."""
+        inflight = len(self._inflight[0]) - self._inflight_given_up if self._inflight else 0
+        return len(self._pending) + inflight
+
     def _trim(self) -> None:
-        """Keep at most ``max_unstored_rows`` readings waiting (the lock is held)."""
-        h = self.health
-        excess = len(self._pending) - self.max_unstored_rows
+        """Keep at most ``max_unstored_rows`` readings waiting (the lock is held).
+
+        The oldest go first, and the write in flight holds the oldest: its first readings are
+        given up on (counted as waiting no more, dropped if the write fails, stored if it
+        succeeds) before any pending one is dropped. Dropping pending readings while older
+        ones are in flight would leave those between two gaps if the write then failed. Two
+        gaps remain possible only if a write outlasts ``max_unstored_rows`` readings (all of
+        it given up on, then pending ones dropped) and then succeeds. Readings given up on
+        stay in memory, held by the store's job, until the store answers.
+        """
+        excess = self._unstored_rows() - self.max_unstored_rows
+        if excess > 0 and self._inflight is not None:
+            give_up = min(excess, len(self._inflight[0]) - self._inflight_given_up)
+            self._inflight_given_up += give_up
+            excess -= give_up
         if excess > 0:
-            lost = self._pending[:excess]
+            self._dropped(self._pending[:excess])
             del self._pending[:excess]
-            h.dropped_rows += excess
-            t0, t1 = min(r["t"] for r in lost), max(r["t"] for r in lost)
-            h.dropped_t0 = t0 if h.dropped_t0 is None else min(h.dropped_t0, t0)
-            h.dropped_t1 = t1 if h.dropped_t1 is None else max(h.dropped_t1, t1)
-            logger.warning(
-                "dropped %d power readings that could not be stored: a gap in energy", excess
-            )
         del self._pending_shares[: max(0, len(self._pending_shares) - self.max_unstored_rows)]
+
+    def _dropped(self, lost: list[dict[str, Any]]) -> None:
+        """Count readings lost for good; their span is a gap in energy (the lock is held)."""
+        if not lost:
+            return
+        h = self.health
+        h.dropped_rows += len(lost)
+        t0, t1 = min(r["t"] for r in lost), max(r["t"] for r in lost)
+        h.dropped_t0 = t0 if h.dropped_t0 is None else min(h.dropped_t0, t0)
+        h.dropped_t1 = t1 if h.dropped_t1 is None else max(h.dropped_t1, t1)
+        if not self._dropped_since_stored:  # once until a write works again, not every tick
+            logger.warning(
+                "more than %d power readings wait to be stored: dropping the oldest (a gap in "
+                "energy)",
+                self.max_unstored_rows,
+            )
+        self._dropped_since_stored += len(lost)
 
     def unstored(self) -> dict[str, Any]:
         """Readings and shares not stored yet, for the store's read overlay."""
@@ -450,8 +488,7 @@ class PowerSampler:
                 "status": h.status,
                 "reason": h.reason,
                 "failures": h.failures,
-                "unstored_rows": len(self._pending)
-                + (len(self._inflight[0]) if self._inflight else 0),
+                "unstored_rows": self._unstored_rows(),
                 "dropped_rows": h.dropped_rows,
                 "dropped_t0": h.dropped_t0,
                 "dropped_t1": h.dropped_t1,

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from h3d.energy import EnergyCurve
+from h3d.errors import StorageUnavailable
 from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
 from h3d.power.fake import ConstantBackend
 from h3d.power.sampler import PowerSampler
@@ -16,6 +23,8 @@ from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, session_scope
 from h3d.storage.models import PowerSample
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -132,50 +141,237 @@ def test_gpu_shares_come_from_process_utilisation(store) -> None:
     assert {v for _t, v in shares[("", -1, "gpu:nvml:GPU-test")]} == {0.75}
 
 
-def test_sampler_survives_a_locked_store_and_reports_the_gap(tmp_path: Path) -> None:
-    import sqlite3
+# --- storing under a failing store: the tick/flush logic, step by step ------------------
 
-    from h3d.energy import EnergyCurve
+
+class GatedStore(Store):
+    """A real store whose writes from the sampler wait at a gate the test opens.
+
+    Only the write seam is faked: ``submit`` (the sampler's flush) parks the job; ``succeed``
+    runs the oldest parked job on the real store, ``fail`` fails it as a locked SQLite store
+    does. Nothing else changes, so what ``succeed`` stores is really stored.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.parked: list[tuple[Callable[[Session], Any], Future[Any]]] = []
+
+    def submit(self, fn: Callable[[Session], T]) -> Future[T]:
+        fut: Future[T] = Future()
+        self.parked.append((fn, fut))
+        return fut
+
+    def write(self, fn: Callable[[Session], T]) -> T:  # registration and pruning: straight through
+        return super().submit(fn).result()
+
+    def succeed(self) -> None:
+        fn, fut = self.parked.pop(0)
+        fut.set_result(self.write(fn))
+
+    def fail(self) -> None:
+        _fn, fut = self.parked.pop(0)
+        fut.set_exception(StorageUnavailable("the store is unavailable: database is locked"))
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[GatedStore]:
+    st = GatedStore(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(st.engine)
+    yield st
+    st.close()
+
+
+def stored_ts(st: Store) -> list[float]:
+    with st.read() as sess:
+        return list(sess.scalars(select(PowerSample.t).order_by(PowerSample.t)))
+
+
+def test_a_failing_store_holds_at_most_max_unstored_rows_and_drops_one_span(
+    gated: GatedStore,
+) -> None:
+    """The bound counts the write in flight; what is dropped is the oldest, so one span."""
+    clock = Clock()
+    s = PowerSampler(
+        [ConstantBackend(30.0)], gated, interval_s=0.1, clock=clock, max_unstored_rows=5
+    )
+    t: dict[int, float] = {}  # reading number -> its time stamp
+
+    def tick(k: int, unstored: int) -> None:
+        clock.t += 0.1
+        t[k] = s.tick()
+        assert s.storage()["unstored_rows"] == unstored  # never above max_unstored_rows
+
+    # the store works
+    for k in (1, 2, 3):
+        tick(k, unstored=k)
+    s.flush(wait=False)
+    gated.succeed()
+    assert s.storage()["unstored_rows"] == 0 and stored_ts(gated) == [t[1], t[2], t[3]]
+
+    # the store is locked: a write of 4, 5 stalls while readings keep coming
+    tick(4, unstored=1)
+    tick(5, unstored=2)
+    s.flush(wait=False)
+    for k, n in [(6, 3), (7, 4), (8, 5), (9, 5)]:  # 9 gives up 4, the oldest (in flight)
+        tick(k, unstored=n)
+    s.flush(wait=False)  # one write in flight at a time: nothing happens
+    assert len(gated.parked) == 1
+    gated.fail()
+    st = s.storage()
+    assert st["status"] == "failing" and "locked" in st["reason"]
+    assert (st["unstored_rows"], st["dropped_rows"]) == (5, 1)
+    assert (st["dropped_t0"], st["dropped_t1"]) == (t[4], t[4])
+
+    s.flush(wait=False)  # retries 5..9, which stalls too
+    for k in range(10, 17):  # gives up 5..9 (in flight), then drops 10, 11
+        tick(k, unstored=5)
+    gated.fail()
+    st = s.storage()
+    assert (st["unstored_rows"], st["dropped_rows"]) == (5, 8)
+    assert (st["dropped_t0"], st["dropped_t1"]) == (t[4], t[11])
+
+    # the lock is gone: a write in flight that was given up on but succeeds is not a gap
+    s.flush(wait=False)  # 12..16
+    tick(17, unstored=5)  # gives up 12
+    gated.succeed()
+    tick(18, unstored=2)
+    s.flush(wait=False)
+    gated.succeed()
+    st = s.storage()
+    assert st["status"] == "ok" and st["reason"] is None
+    assert (st["unstored_rows"], st["dropped_rows"]) == (0, 8)
+    assert (st["dropped_t0"], st["dropped_t1"]) == (t[4], t[11])
+
+    # nothing stored before was lost; the dropped readings are one span, 4..11
+    assert stored_ts(gated) == [t[k] for k in (1, 2, 3, *range(12, 19))]
+    with gated.read() as sess:
+        dev = repo.devices(sess)[0]
+        samples = repo.power_window(sess, device_id=dev.id, t0=t[1], t1=t[18])
+    integral = EnergyCurve(samples, max_gap_s=0.15).integral(t[1], t[18])
+    assert integral.gaps_s == pytest.approx(t[12] - t[3])  # the span, to its stored neighbours
+    assert integral.energy_j == pytest.approx(30.0 * (t[18] - t[12] + t[3] - t[1]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_any_order_of_ticks_flushes_and_failures_keeps_the_bound_and_the_count(
+    gated: GatedStore, seed: int
+) -> None:
+    """Every reading ends stored or counted as dropped, and the bound holds at every step."""
+    rng = random.Random(seed)
+    clock = Clock()
+    s = PowerSampler(
+        [ConstantBackend(30.0), ConstantBackend(5.0, name="constant:1")],
+        gated,
+        interval_s=0.1,
+        clock=clock,
+        max_unstored_rows=7,
+    )
+    taken: list[float] = []
+    for _ in range(300):
+        op = rng.choices(["tick", "flush", "succeed", "fail"], weights=[6, 2, 2, 2])[0]
+        if op == "tick":
+            clock.t += 0.1
+            taken.append(s.tick())
+        elif op == "flush":
+            s.flush(wait=False)
+        elif gated.parked:
+            gated.succeed() if op == "succeed" else gated.fail()
+        assert s.storage()["unstored_rows"] <= 7
+    while gated.parked or s.storage()["unstored_rows"]:
+        if not gated.parked:
+            s.flush(wait=False)
+        gated.succeed()
+    st = s.storage()
+    with gated.read() as sess:
+        stored = {(d, t) for d, t in sess.execute(select(PowerSample.device_id, PowerSample.t))}
+    every = {(d.device_id, t) for t in taken for d in s.devices}
+    assert stored <= every and len(stored) == len(every) - st["dropped_rows"]
+    missing = sorted(t for _d, t in every - stored)
+    if missing:
+        assert (st["dropped_t0"], st["dropped_t1"]) == (missing[0], missing[-1])
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll ``cond`` until it holds: a deadline, never a sleep that guesses the scheduler."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def test_sampler_survives_a_locked_store_and_reports_the_gap(tmp_path: Path) -> None:
+    """The same on a real SQLite file locked by another writer, with the sampler's thread.
+
+    Only facts that hold however the threads are scheduled: the exact bound and the exact
+    span are the step-by-step tests' above.
+    """
+    import sqlite3
 
     path = tmp_path / "h.db"
     st = Store(f"sqlite:///{path}", busy_timeout_s=0.05)
     migrate.upgrade(st.engine)
     s = PowerSampler(
-        [ConstantBackend(30.0)],
-        st,
-        interval_s=0.01,
-        flush_interval_s=0.05,
-        max_unstored_rows=20,
+        [ConstantBackend(30.0)], st, interval_s=0.01, flush_interval_s=0.05, max_unstored_rows=50
     )
+    s.devices[0].recent = deque()  # every reading's time stamp, not only the last 600
+
+    def n_stored(after: float = float("-inf")) -> int:
+        with st.read() as sess:
+            n = sess.scalar(select(func.count()).where(PowerSample.t > after))
+        return n or 0
+
+    def storage() -> dict[str, Any]:
+        now = s.storage()
+        assert now["unstored_rows"] <= 50  # the bound holds at every look
+        return now
+
     s.start()
-    time.sleep(0.3)
-    t_lock = s.now()
+    wait_for("readings are stored", lambda: n_stored() > 0)
     blocker = sqlite3.connect(path, timeout=0)  # another writer holds SQLite's lock
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        time.sleep(1.8)
-        during = s.storage()
+        wait_for("storing fails", lambda: storage()["status"] == "failing")
+        assert "locked" in storage()["reason"]
+        wait_for(  # long enough to show in energy figures that bridge gaps up to 1 s
+            "over 1.5 s of readings are dropped",
+            lambda: (storage()["dropped_t1"] or 0.0) - (storage()["dropped_t0"] or 0.0) > 1.5,
+        )
         assert s.stats()["running"]  # the thread did not die
-        assert during["status"] == "failing" and "locked" in during["reason"]
-        assert 0 < during["unstored_rows"] <= 20 + 10  # bounded (plus one flush interval)
-        assert during["dropped_rows"] > 0
     finally:
         blocker.rollback()
         blocker.close()
-    time.sleep(0.5)
-    after = s.storage()
-    assert after["status"] == "ok" and s.stats()["running"]
-    t_end = s.now()
+    t_unlocked = s.now()
+    wait_for("readings are stored again", lambda: n_stored(after=t_unlocked) > 0)
+    assert storage()["status"] == "ok" and s.stats()["running"]
     s.stop()
     st.close()
+    after = s.storage()
+    assert after["unstored_rows"] == 0
+    taken = [t for t, _p, _e in s.devices[0].recent]
+    assert len(taken) == s.ticks  # every reading's time stamp is known
+
     st2 = Store(f"sqlite:///{path}")
     with st2.read() as sess:
         dev = repo.devices(sess)[0]
-        samples = repo.power_window(sess, device_id=dev.id, t0=t_lock - 0.2, t1=t_end)
+        samples = repo.power_window(sess, device_id=dev.id, t0=taken[0], t1=taken[-1])
     st2.close()
-    integral = EnergyCurve(samples, max_gap_s=1.0).integral(t_lock - 0.2, t_end)
+    stored = [t for t, _p, _e in samples]
+    # the readings missing from the store are exactly those reported dropped, and only them
+    missing = sorted(set(taken) - set(stored))
+    assert set(stored) <= set(taken) and len(missing) == after["dropped_rows"]
+    assert (missing[0], missing[-1]) == (after["dropped_t0"], after["dropped_t1"])
+    assert stored[0] < missing[0] and stored[-1] > missing[-1]  # stored before and after
     # what could not be stored is a gap, never bridged as if measured
-    dropped_s = after["dropped_t1"] - after["dropped_t0"]
-    assert dropped_s > 1.0
-    assert integral.gaps_s == pytest.approx(dropped_s, abs=0.3)
-    assert integral.energy_j == pytest.approx(30.0 * integral.covered_s, rel=0.05)
+    integral = EnergyCurve(samples, max_gap_s=1.0).integral(taken[0], taken[-1])
+    assert integral.gaps_s >= after["dropped_t1"] - after["dropped_t0"]
+    assert integral.energy_j == pytest.approx(30.0 * integral.covered_s)
