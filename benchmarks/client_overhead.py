@@ -14,10 +14,11 @@
    and end to end against a real daemon (log 20 000, ``stop()``; batches over the time from
    the first log to ``stop()`` returning).
 4. A real training loop (MLP on MNIST-1D, batch 64, one torch thread, about 1 000 steps/s)
-   that logs per-sample losses and indices: long segments (15 s), one logging mode each,
-   unprofiled against profiled (and a synchronous HTTP POST per batch, what a naive client
-   does), in ABBA order; per pair, the ratio of the segments' median epochs; the median over
-   pairs. Plus the CPU share of the training thread, the sender thread and the daemon.
+   that logs per-sample losses and indices: rounds of one epoch per mode (unprofiled,
+   profiled, and a synchronous HTTP POST per batch, what a naive client does) in rotating
+   order, the sender paused outside the profiled epochs so that its work is charged to them;
+   the median over rounds of each epoch's ratio to its round's unprofiled epoch. Plus the CPU
+   share of the training thread, the sender thread and the daemon.
 
     PYTHONPATH=. python benchmarks/client_overhead.py [--quick]
 """
@@ -25,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import json
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,26 +217,24 @@ def cpu_s(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def training(
-    url: str, token: str, data_dir: Path, data, pairs: int, segment_s: float, sync: bool
-) -> dict[str, Any]:
-    """Epochs of a real training loop in long segments, one logging mode per segment, in
-    ABBA order (so a linear drift of the machine's speed cancels). Each segment's median
-    epoch is compared with the neighbouring segments' of the other mode.
+def training(url: str, token: str, data_dir: Path, data, rounds: int, sync: bool) -> dict[str, Any]:
+    """Epochs of a real training loop, one epoch of each logging mode per round, in
+    rotating order; each logging epoch is compared with the unprofiled epoch of its round.
 
-    Segments, not single epochs: the sender posts once a second, so with modes alternating
-    epoch by epoch its work would land in the unprofiled epochs as often as in the profiled
-    ones. Inside a long segment only its first second can carry the previous segment's
-    sender work, which the median epoch ignores."""
+    The sender posts once a second: with modes alternating epoch by epoch, its work would
+    land in the unprofiled epochs as often as in the profiled ones. So during every epoch
+    that is not the profiler's, the sender is paused (:func:`sender_paused`): all of its
+    work, and the daemon's answer to it, is charged to the profiled epochs, as it would be
+    in a run that logs every epoch. Adjacent epochs cancel the machine's drift, which on
+    this shared host moved whole 15-second segments by ±20 %."""
     x, y = data.x_train, data.y_train
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     )
-    # Every segment trains the same model from the same start: trained on, the MLP fits
+    # The model restarts from the same weights every 50 rounds: trained on, the MLP fits
     # MNIST-1D, its gradients shrink into denormal floats and its epochs grew 2.3× slower
-    # over 1 000 epochs here, a drift larger than any overhead measured (the cause of the
-    # earlier runs' irreproducible figures). Denormals are flushed for the same reason.
+    # over 1 000 epochs here. Denormals are flushed for the same reason.
     torch.set_flush_denormal(True)
     start = copy.deepcopy(model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -286,40 +287,59 @@ def training(
         modes["sync HTTP POST per batch"] = sync_log
     for _ in range(10):
         epoch(modes["unprofiled"])  # warm-up
-    segs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    others = [m for m in modes if m != "unprofiled"]
-    order = [  # (mode, pair): each pair is an unprofiled and a logging segment, ABBA
-        (m, (p, other))
-        for p in range(pairs)
-        for other in others
-        for m in (["unprofiled", other] if p % 2 == 0 else [other, "unprofiled"])
-    ]
-    for m, pair in order:
-        restart()
-        before = {k: cpu_s(v) for k, v in stats.items()}
-        t0, eps = time.perf_counter(), []
-        while time.perf_counter() - t0 < segment_s:
-            eps.append(epoch(modes[m]))
-        wall = time.perf_counter() - t0
-        cpu = {k: (cpu_s(v) - before[k]) / wall for k, v in stats.items()}
-        segs[m].append({"median": statistics.median(eps), "epochs": eps, "cpu": cpu, "pair": pair})
-        print(
-            f"{m}: {len(eps)} epochs, median {statistics.median(eps) * 1e3:.2f} ms; CPU share "
-            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in cpu.items()),
-            flush=True,
-        )
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu = {m: dict.fromkeys(stats, 0.0) for m in modes}
+    names = list(modes)
+    for r in range(rounds):
+        if r % 50 == 0:
+            restart()
+        for m in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
+            with contextlib.nullcontext() if m == profiled else sender_paused(prof):
+                before = {k: cpu_s(v) for k, v in stats.items()}
+                times[m].append(epoch(modes[m]))
+                for k, v in stats.items():
+                    cpu[m][k] += cpu_s(v) - before[k]
+        if (r + 1) % 50 == 0:
+            print(
+                f"round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{m} {1e3 * statistics.median(t[-50:]):.2f} ms" for m, t in times.items()
+                ),
+                flush=True,
+            )
     res = prof.stop(timeout_s=300)
     assert res["batches_posted"] == res["batches_logged"], res
     http.close()
-    # each mode's segment against the unprofiled segment of its pair (ABBA: adjacent)
-    base = {seg["pair"]: seg["median"] for seg in segs["unprofiled"]}
-    ratios = {m: [seg["median"] / base[seg["pair"]] - 1 for seg in segs[m]] for m in others}
+    others = [m for m in modes if m != "unprofiled"]
     return {
-        "segments": segs,
-        "ratios": ratios,
-        "segment_s": segment_s,
+        "epochs": times,
+        # each logging epoch against the unprofiled epoch of its round (run side by side)
+        "ratios": {
+            m: [a / u - 1 for a, u in zip(times[m], times["unprofiled"], strict=True)]
+            for m in others
+        },
+        "cpu": {m: {k: v / sum(times[m]) for k, v in c.items()} for m, c in cpu.items()},
         "batches_per_epoch": (len(y) + 63) // 64,
     }
+
+
+@contextlib.contextmanager
+def sender_paused(prof: H3Profiler) -> Iterator[None]:
+    """The profiler's sender does nothing while the block runs: its lock is taken at a
+    moment when no request is in flight, so the worker waits at its next pop. The sender's
+    work for the batches logged in profiled epochs is then done in profiled epochs only."""
+    proc = prof._proc
+    assert proc is not None
+    while True:
+        proc._lock.acquire()
+        if proc._inflight is None:
+            break
+        proc._lock.release()
+        time.sleep(0.001)
+    try:
+        yield
+    finally:
+        proc._lock.release()
 
 
 def main() -> None:
@@ -329,8 +349,7 @@ def main() -> None:
     ap.add_argument(
         "--no-sync", action="store_true", help="leave out the slow sync-HTTP training arm"
     )
-    ap.add_argument("--pairs", type=int, help="training: segment pairs (default 8, quick 2)")
-    ap.add_argument("--segment-s", type=float, default=15.0, help="training: seconds a segment")
+    ap.add_argument("--rounds", type=int, help="training: rounds of epochs (default 400)")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/client_overhead.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -350,8 +369,7 @@ def main() -> None:
             token,
             Path(tmp),
             data,
-            args.pairs or (2 if args.quick else 8),
-            args.segment_s / 3 if args.quick else args.segment_s,
+            args.rounds or (40 if args.quick else 400),
             sync=not (args.quick or args.no_sync),
         )
     write(args, res, calls, repeats)
@@ -360,8 +378,7 @@ def main() -> None:
 def flags(args) -> str:
     out = " --quick" if args.quick else ""
     out += f" --repeats {args.repeats}" if args.repeats else ""
-    out += f" --pairs {args.pairs}" if args.pairs else ""
-    out += f" --segment-s {args.segment_s:g}" if args.segment_s != 15.0 else ""
+    out += f" --rounds {args.rounds}" if args.rounds else ""
     return out + (" --no-sync" if args.no_sync else "")
 
 
@@ -414,34 +431,32 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         lines.append(
             f"| {kind} | {s['encode']:,.0f} | {s['encode+gzip']:,.0f} | {s['end to end']:,.0f} |"
         )
-    segs, ratios = tr["segments"], tr["ratios"]
-    base = statistics.median(seg["median"] for seg in segs["unprofiled"])
+    eps, ratios = tr["epochs"], tr["ratios"]
+    base = statistics.median(eps["unprofiled"])
     steps = tr["batches_per_epoch"] / base
     lines += [
         "",
         f"**Training loop** (MLP 40-256-256-10 on MNIST-1D, {tr['batches_per_epoch']} batches of "
-        f"64 per epoch, {steps:,.0f} steps/s unprofiled; {len(segs['unprofiled'])} pairs of "
-        f"{tr['segment_s']:g}-second segments, one logging mode per segment, in ABBA order; a "
-        "segment's figure is its median epoch; the overhead is the median over pairs of "
-        "(logging segment / its pair's unprofiled segment − 1). CPU: each thread's or process's "
-        "CPU seconds per second of the segment, from /proc):",
+        f"64 per epoch, {steps:,.0f} steps/s unprofiled; {len(eps['unprofiled'])} rounds of one "
+        "epoch per mode in rotating order, the sender paused outside profiled epochs so that all "
+        "its work is charged to them; the overhead is the median over rounds of (logging epoch / "
+        "the round's unprofiled epoch − 1), with the quartiles of those ratios. CPU: each "
+        "thread's or process's CPU seconds per second of the mode's epochs, from /proc):",
         "",
-        "| logging | median epoch ms | overhead, median of pairs | pairs min … max "
+        "| logging | median epoch ms | overhead, median of rounds | quartiles "
         "| training thread CPU | sender thread CPU | daemon CPU |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for m, ss in segs.items():
-        med = statistics.median(seg["median"] for seg in ss)
-        cpu = {k: statistics.median(seg["cpu"][k] for seg in ss) for k in ss[0]["cpu"]}
-        r = ratios.get(m)
-        over = (
-            f"**{100 * statistics.median(r):+.2f} %** | {100 * min(r):+.2f} … {100 * max(r):+.2f} %"
-            if r
-            else "— | —"
-        )
+    for m, ts in eps.items():
+        c, r = tr["cpu"][m], ratios.get(m)
+        if r:
+            q1, _, q3 = statistics.quantiles(r, n=4)
+            over = f"**{100 * statistics.median(r):+.2f} %** | {100 * q1:+.2f} … {100 * q3:+.2f} %"
+        else:
+            over = "— | —"
         lines.append(
-            f"| {m} | {1e3 * med:.2f} | {over} | {100 * cpu['training']:.1f} % "
-            f"| {100 * cpu['sender']:.2f} % | {100 * cpu['daemon']:.2f} % |"
+            f"| {m} | {1e3 * statistics.median(ts):.2f} | {over} | {100 * c['training']:.1f} % "
+            f"| {100 * c['sender']:.2f} % | {100 * c['daemon']:.2f} % |"
         )
     lines += [
         "",
