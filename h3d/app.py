@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from h3d import __version__, openapi
-from h3d.api import api_router
+from h3d.api import add_routes
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.dashboard import STATIC_TYPES, static_path_exists, static_text
@@ -162,7 +162,7 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         max_body_bytes=settings.max_body_bytes,
         allowed_hosts=settings.host_names,
     )
-    app.include_router(api_router, prefix="/v1")
+    add_routes(app, "/v1")
     openapi.install(app)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
