@@ -85,16 +85,23 @@ def _allowed(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
-def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    backends: Sequence[PowerBackend] | None = None,
+    store_checked: bool = False,
+) -> FastAPI:
+    """The app; its lifespan opens the store (upgraded or verified, unless ``store_checked``:
+    ``h3d serve`` has done it, under the data dir's lock, just before binding)."""
     make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         store = Store(settings.database_url)
-        if settings.auto_migrate:
+        if not store_checked and settings.auto_migrate:
             migrate.upgrade(store.engine)
-        else:
+        elif not store_checked:
             migrate.verify_schema(store.engine)
         devs = (
             list(backends)

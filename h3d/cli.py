@@ -143,7 +143,7 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     settings.public_url = f"http://{host}:{port}"
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: reachable from other hosts (token required)", host)
-    app = create_app(settings)
+    app = create_app(settings, store_checked=True)  # checked above, under the lock
     config = uvicorn.Config(
         app, log_level=settings.log_level.lower(), access_log=False, log_config=None
     )
