@@ -3,7 +3,7 @@
 FastAPI builds a route's state (its dependencies, parameter and response models) when the
 route is created. A route declared on an ``APIRouter`` that the app includes is built twice:
 by the decorator, at import, and again for the inclusion, at the first request that reaches
-it (FastAPI >= 0.16x builds included routers lazily). For the daemon's routes that was
+it (FastAPI 0.165 builds an included router lazily). For the daemon's routes that was
 ~30 ms of CPU at import and ~30 ms more in the first answer of every start (issue #12).
 ``Routes`` only records what its decorators are given (the ``APIRouter`` decorator surface:
 ``prefix``, ``tags``, and the keyword arguments of ``add_api_route``); ``add_to`` creates
