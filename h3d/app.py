@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from h3d import __version__, openapi
-from h3d.api import api_router
+from h3d.api import add_routes
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.dashboard import STATIC_TYPES, static_path_exists, static_text
@@ -85,16 +85,23 @@ def _allowed(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
-def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    backends: Sequence[PowerBackend] | None = None,
+    store_checked: bool = False,
+) -> FastAPI:
+    """The app; its lifespan opens the store (upgraded or verified, unless ``store_checked``:
+    ``h3d serve`` has done it, under the data dir's lock, just before binding)."""
     make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         store = Store(settings.database_url)
-        if settings.auto_migrate:
+        if not store_checked and settings.auto_migrate:
             migrate.upgrade(store.engine)
-        else:
+        elif not store_checked:
             migrate.verify_schema(store.engine)
         devs = (
             list(backends)
@@ -162,7 +169,7 @@ def create_app(settings: Settings, *, backends: Sequence[PowerBackend] | None = 
         max_body_bytes=settings.max_body_bytes,
         allowed_hosts=settings.host_names,
     )
-    app.include_router(api_router, prefix="/v1")
+    add_routes(app, "/v1")
     openapi.install(app)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)

@@ -1,13 +1,13 @@
-"""The /v1 router: every resource module, aggregated."""
+"""The /v1 routes: every resource module's, added to the app by ``add_routes``."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import FastAPI
 
 from h3d.api.routes import analysis, ingest, runs, system
 
-api_router = APIRouter()
-api_router.include_router(runs.router)
-api_router.include_router(ingest.router)
-api_router.include_router(analysis.router)
-api_router.include_router(system.router)
+
+def add_routes(app: FastAPI, prefix: str = "/v1") -> None:
+    """Create the routes of every resource module on ``app`` (each built once: see _routes)."""
+    for module in (runs, ingest, analysis, system):
+        module.router.add_to(app, prefix)

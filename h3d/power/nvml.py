@@ -15,9 +15,12 @@ NVML error is translated once, here, into :class:`PowerBackendError` with a huma
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import importlib.util
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from types import ModuleType
@@ -48,6 +51,31 @@ _VALUE_MEMBERS = (
     ("NVML_VALUE_TYPE_SIGNED_LONG_LONG", "sllVal"),
     ("NVML_VALUE_TYPE_SIGNED_INT", "siVal"),
 )
+
+
+def driver_library_loads() -> bool:
+    """Whether ``libnvidia-ml.so.1`` loads: the one name nvidia-ml-py's ``nvmlInit`` loads on
+    Linux (``NVMLError_LibraryNotFound`` when it cannot)."""
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _no_driver_library() -> bool:
+    """Linux, an installed binding not imported yet, and no driver library for it: NVML is
+    absent for the reason ``nvmlInit`` would give, known without importing nvidia-ml-py
+    (~9 ms of every daemon start on a host without the NVIDIA driver). A binding already
+    imported (or a stand-in in ``sys.modules``) is used as it is; one that is not installed
+    says so on import."""
+    if not sys.platform.startswith("linux") or "pynvml" in sys.modules:
+        return False
+    try:
+        installed = importlib.util.find_spec("pynvml") is not None
+    except (ImportError, ValueError):
+        return False
+    return installed and not driver_library_loads()
 
 
 def import_pynvml() -> ModuleType:
@@ -256,6 +284,8 @@ def measure_periods(gpus: list[NvmlGpu], budget_s: float = 0.3) -> list[float | 
 
 def discover(env: Mapping[str, str] | None = None, *, probe_period: bool = True) -> list[NvmlGpu]:
     """Every visible GPU. Raises PowerBackendError with the reason when NVML is unusable."""
+    if _no_driver_library():
+        raise PowerBackendError(f"NVML: {_REASONS['NVMLError_LibraryNotFound']}")
     nvml = import_pynvml()
     try:
         nvml.nvmlInit()

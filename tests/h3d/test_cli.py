@@ -257,5 +257,14 @@ def test_serve_imports_no_http_client_alembic_or_torch() -> None:
     # What `h3d serve` imports before it answers: the CLI and the app. httpx is the CLI's
     # client for the other commands and the carbon fetch; Alembic only migrates old stores;
     # SQLAlchemy's PostgreSQL dialect arrives with a PostgreSQL engine.
-    heavy = ("httpx", "alembic", "mako", "torch", "numpy", "h3client", "h3optim")
+    heavy = (
+        "httpx",
+        "alembic",
+        "mako",
+        "torch",
+        "numpy",
+        "h3client",
+        "h3optim",
+        "pydantic_settings",
+    )
     assert loaded("import h3d.cli, h3d.app", (*heavy, "sqlalchemy.dialects.postgresql")) == []

@@ -45,6 +45,9 @@ def test_vendor_modules_that_fail_on_import_are_absent(
     monkeypatch.syspath_prepend(str(lib))
     for name in ("pynvml", "zeus_apple_silicon", "amdsmi"):
         monkeypatch.delitem(sys.modules, name, raising=False)
+    # a host with the NVIDIA driver library: the binding is imported (without one it is not:
+    # see test_no_driver_library_is_absent_without_importing_the_binding)
+    monkeypatch.setattr(nvml, "driver_library_loads", lambda: True)
     monkeypatch.setattr(detect.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(apple, "sudo_allows_powermetrics", lambda: False)
     roots = {
@@ -58,6 +61,26 @@ def test_vendor_modules_that_fail_on_import_are_absent(
     assert shown in probes["nvml"].reason and shown in probes["apple"].reason
     assert shown in probes["amdsmi"].reason
     assert detect.detect_backends(**roots) == []
+
+
+def test_no_driver_library_is_absent_without_importing_the_binding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken_module(tmp_path, "pynvml", "raise RuntimeError('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    monkeypatch.setattr(nvml.sys, "platform", "linux")
+    monkeypatch.setattr(nvml, "driver_library_loads", lambda: False)
+    probe = detect.probe_all(powercap_root=tmp_path / "none")[0]
+    assert probe.family == "nvml" and not probe.ok
+    assert probe.reason == "NVML: the NVIDIA driver library (libnvidia-ml.so) is not installed"
+    assert "pynvml" not in sys.modules
+    assert probe.fix == "install or load the NVIDIA driver; `nvidia-smi` must work"
+    monkeypatch.setattr(nvml, "driver_library_loads", lambda: True)  # the driver: imported
+    assert "RuntimeError: imported" in detect.probe_all(powercap_root=tmp_path / "none")[0].reason
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the import says so
+    monkeypatch.setattr(nvml, "driver_library_loads", lambda: False)
+    assert "not importable" in detect.probe_all(powercap_root=tmp_path / "none")[0].reason
 
 
 def test_a_probe_that_crashes_in_discovery_is_absent(

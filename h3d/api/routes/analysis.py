@@ -5,10 +5,11 @@ import io
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 from fastapi.responses import StreamingResponse
 
 from h3d import analysis
+from h3d.api._routes import Routes
 from h3d.api.deps import SettingsDep, StoreDep
 from h3d.api.schemas import EnergyPublic, EtaPublic, SeriesPublic
 from h3d.errors import InvalidInput
@@ -16,7 +17,7 @@ from h3d.storage import repository as repo
 
 # Every read sees the sampler's readings up to now without flushing them: store.read()
 # adds the ones not committed yet (h3d/storage/engine.py, Store.overlay).
-router = APIRouter(tags=["analysis"])
+router = Routes(tags=["analysis"])
 
 
 @router.get("/runs/{run_id}/energy", response_model=EnergyPublic)

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from itertools import accumulate
 from typing import cast
 
-from fastapi import APIRouter
-
+from h3d.api._routes import Routes
 from h3d.api.deps import SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import (
     BatchColumns,
@@ -21,7 +20,7 @@ from h3d.api.schemas import (
 from h3d.errors import NonFiniteLoss, PayloadTooLarge
 from h3d.storage import repository as repo
 
-router = APIRouter(prefix="/runs", tags=["ingest"])
+router = Routes(prefix="/runs", tags=["ingest"])
 
 F32_MAX = 3.4028234663852886e38  # per-sample losses are stored as float32
 

@@ -3,15 +3,16 @@ from __future__ import annotations
 import socket
 import time
 
-from fastapi import APIRouter, Query, status
+from fastapi import Query, status
 from sqlalchemy.orm import Session
 
+from h3d.api._routes import Routes
 from h3d.api.deps import ReaperDep, SamplerDep, SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import RunCreate, RunPublic, RunsPublic, RunUpdate
 from h3d.storage import repository as repo
 from h3d.storage.models import Run
 
-router = APIRouter(prefix="/runs", tags=["runs"])
+router = Routes(prefix="/runs", tags=["runs"])
 
 
 def to_public(run: Run, tags: list[str]) -> RunPublic:

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-
+from h3d.api._routes import Routes
 from h3d.api.deps import SamplerDep, SettingsDep, StoreDep
 from h3d.storage import repository as repo
 
-router = APIRouter(tags=["system"])
+router = Routes(tags=["system"])
 
 
 @router.get("/devices")
