@@ -481,3 +481,16 @@ def test_base64_written_in_pieces_is_the_base64_of_the_whole(n: int) -> None:
     block = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
     assert _b64(block) == base64.b64encode(block).decode()
     assert _b64(memoryview(bytearray(block))) == base64.b64encode(block).decode()
+
+
+def test_epoch_step_and_phase_columns_keep_each_batch_s_value() -> None:
+    items = [item(0), item(1), item(2)]
+    items[0] = (*items[0][:8], "warmup")
+    items[2] = (*items[2][:6], None, None, 'th"ermo')  # no epoch or step; a quote to escape
+    got, bad = decoded(items)
+    assert bad == 0
+    assert [(r["epoch"], r["step"], r["phase"]) for r in got] == [
+        (0, 0, "warmup"),
+        (0, 1, None),
+        (None, None, 'th"ermo'),
+    ]
