@@ -27,12 +27,20 @@ from h3d.storage.models import PowerSample
 T = TypeVar("T")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(f"sqlite:///{tmp_path / 'h.db'}")
+S = TypeVar("S", bound=Store)
+
+
+def opened(cls: type[S], tmp_path: Path) -> Iterator[S]:
+    """A store of class ``cls`` on a migrated SQLite file, closed after the test."""
+    st = cls(f"sqlite:///{tmp_path / 'h.db'}")
     migrate.upgrade(st.engine)
     yield st
     st.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    yield from opened(Store, tmp_path)
 
 
 class Flaky:
@@ -185,10 +193,7 @@ class Clock:
 
 @pytest.fixture
 def gated(tmp_path: Path) -> Iterator[GatedStore]:
-    st = GatedStore(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(st.engine)
-    yield st
-    st.close()
+    yield from opened(GatedStore, tmp_path)
 
 
 def stored_ts(st: Store) -> list[float]:
