@@ -10,9 +10,9 @@ in file order:
 
 A batches body is what the sender posts: its batches as packed columns (``"columns"``, the
 daemon's ``BatchColumns``), or one object per batch (``"batches"``: older files, and the
-rare request that holds an unreadable batch). Every operation is idempotent at the daemon (a batch seq or an epoch already stored is
-acknowledged; a create or status update refused because the run exists or finished counts as
-done, see :func:`already_done`), so
+rare request that holds an unreadable batch). Every operation is idempotent at the daemon
+(a batch seq or an epoch already stored is acknowledged; a create or status update refused
+because the run exists or finished counts as done, see :func:`already_done`), so
 replaying a file twice, or a file that was half replayed before a crash, stores everything
 exactly once. Batches or epochs refused because their run was closed (``409 run_finished``:
 a run whose process was gone, which the daemon marked failed) were never stored: the replay

@@ -17,14 +17,15 @@ if TYPE_CHECKING:
     import httpx
 
 _GZIP_MIN_BYTES = 4096
+
+
 # Bodies to a daemon on this machine travel as they are: gzip would cost the sender about
 # 30 ms of CPU for each MB it saves on a loopback link (most of the sender's CPU time).
-_LOOPBACK = ("127.", "localhost", "[::1]")
-
-
 def _is_loopback(url: str) -> bool:
-    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-    return host.startswith(_LOOPBACK)
+    from urllib.parse import urlsplit  # imported by pathlib already
+
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 #: The operations a profiler sends (and spools): name -> (method, path template).

@@ -383,6 +383,8 @@ def test_replay_into_a_closed_run_keeps_the_spool(tmp_path: Path) -> None:
         ("http://localhost:8765", False),
         ("http://[::1]:8765", False),
         ("http://gpu-node-3:8765", True),
+        ("http://localhost.example.com:8765", True),
+        ("http://127.0.0.2:8765/", False),
         ("https://user@10.0.0.7/h3", True),
     ],
 )
