@@ -68,6 +68,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def short_rev(rev: str = "HEAD", *, check: bool = True) -> str:
+    """``git rev-parse --short rev`` in this repository (with ``check=False``: "" if git
+    cannot say)."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=REPO, check=check, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}"
 

@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 import zlib
@@ -41,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import short_rev  # noqa: E402
 from benchmarks._traces import Trace, bursts, steps  # noqa: E402
 from h3d.energy import integrate  # noqa: E402
 
@@ -110,13 +110,7 @@ def main() -> None:
     except OSError:
         pass
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            check=False,
-        ).stdout.strip()
+        rev = short_rev(check=False)
     except OSError:
         rev = "?"
     cmd = "PYTHONPATH=. python benchmarks/counter_granularity.py" + (

@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import daemon, machine, short_rev  # noqa: E402
 
 KINDS = (
     "float",
@@ -248,17 +248,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30, help="training epochs per mode")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/log_batch_ab.md"))
     args = ap.parse_args()
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", args.before],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    rev, head = short_rev(args.before), short_rev()
     dirty = bool(
         subprocess.run(
             ["git", "status", "--porcelain", "h3client"], cwd=REPO, capture_output=True, text=True
