@@ -18,16 +18,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import daemon, machine  # noqa: E402
+from h3client._batching import encode_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def body(seq0: int, n_batches: int, per_sample: int, t0: float) -> bytes:
+def body(seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "rows") -> bytes:
+    """A request of ``n_batches``: one JSON object per batch ("rows"), or the packed columns
+    the client's sender writes ("columns", by its own encoder)."""
+    if form == "columns":
+        items = [
+            (s, t0 + s * 1e-3, 1.0 + (s % 97) / 97,
+             [round(0.5 + ((s * 31 + i) % 101) / 50, 4) for i in range(per_sample)] if per_sample else None,
+             list(range(s * per_sample, (s + 1) * per_sample)) if per_sample else None,
+             64, s // 1000, None, None)
+            for s in range(seq0, seq0 + n_batches)
+        ]  # fmt: skip
+        req, bad = encode_batches(items)
+        assert req is not None and not bad and '"columns"' in req.body
+        return req.body.encode()
     batches = []
     for s in range(seq0, seq0 + n_batches):
         b: dict[str, object] = {
@@ -44,10 +59,12 @@ def body(seq0: int, n_batches: int, per_sample: int, t0: float) -> bytes:
     return json.dumps({"batches": batches}).encode()
 
 
-def measure(http: httpx.Client, n_batches: int, per_sample: int, requests: int) -> dict[str, float]:
+def measure(
+    http: httpx.Client, n_batches: int, per_sample: int, requests: int, form: str = "rows"
+) -> dict[str, Any]:
     run = http.post("/v1/runs", json={"name": f"bench-{n_batches}-{per_sample}"}).json()["id"]
     t0 = time.time()
-    bodies = [body(i * n_batches, n_batches, per_sample, t0) for i in range(requests)]
+    bodies = [body(i * n_batches, n_batches, per_sample, t0, form) for i in range(requests)]
     lat = []
     start = time.perf_counter()
     for b in bodies:
@@ -62,6 +79,7 @@ def measure(http: httpx.Client, n_batches: int, per_sample: int, requests: int) 
     assert stored == n_batches * requests
     lat.sort()
     return {
+        "form": form,
         "batches_per_request": n_batches,
         "per_sample": per_sample,
         "requests": requests,
@@ -79,15 +97,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/ingest.md"))
     args = ap.parse_args()
     configs = [
-        (100, 0, 200),
-        (1000, 0, 40),
-        (10_000, 0, 8),
-        (100, 128, 60),
-        (1000, 128, 10),
-        (1000, 512, 4),
+        (100, 0, 200, "rows"),
+        (1000, 0, 40, "rows"),
+        (10_000, 0, 8, "rows"),
+        (100, 128, 60, "rows"),
+        (1000, 128, 10, "rows"),
+        (1000, 512, 4, "rows"),
+        # what the client sends: packed columns (h3client's encoder)
+        (1000, 0, 40, "columns"),
+        (100, 128, 60, "columns"),
+        (1000, 128, 10, "columns"),
+        (1000, 512, 4, "columns"),
     ]
     if args.quick:
-        configs = [(n, p, max(2, r // 10)) for n, p, r in configs]
+        configs = [(n, p, max(2, r // 10), f) for n, p, r, f in configs]
     rows = []
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -97,11 +120,11 @@ def main() -> None:
         ) as http,
     ):
         measure(http, 100, 8, 5)  # warm-up: imports, SQLite page cache
-        for n, p, r in configs:
-            res = measure(http, n, p, r)
+        for n, p, r, f in configs:
+            res = measure(http, n, p, r, f)
             rows.append(res)
             print(
-                f"{n:>6} batches/req x {p:>3} per-sample: {res['rows_per_s']:>9.0f} rows/s "
+                f"{f:7s} {n:>6} batches/req x {p:>3} per-sample: {res['rows_per_s']:>9.0f} rows/s "
                 f"{res['losses_per_s']:>10.0f} losses/s  p50 {res['p50_ms']:.1f} ms  p99 {res['p99_ms']:.1f} ms",
                 flush=True,
             )
@@ -110,14 +133,16 @@ def main() -> None:
         "",
         f"`python benchmarks/ingest.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
         f"{machine()}, SQLite file in a temp dir (WAL). "
-        "Client and daemon share the machine; bodies are JSON encoded before timing; one keep-alive connection.",
+        "Client and daemon share the machine; bodies are JSON encoded before timing; one keep-alive connection. "
+        "Form: `rows`, one JSON object per batch with per-sample values as JSON lists; `columns`, the packed "
+        "columns the client's sender writes (base64 arrays, one per column).",
         "",
-        "| batches/request | per-sample losses/batch | requests | batch rows/s | per-sample losses/s | MB/request | p50 ms | p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| form | batches/request | per-sample losses/batch | requests | batch rows/s | per-sample losses/s | MB/request | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['batches_per_request']} | {r['per_sample']} | {r['requests']} | {r['rows_per_s']:,.0f} | "
+            f"| {r['form']} | {r['batches_per_request']} | {r['per_sample']} | {r['requests']} | {r['rows_per_s']:,.0f} | "
             f"{r['losses_per_s']:,.0f} | {r['mb_per_request']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
         )
     lines += [
