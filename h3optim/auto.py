@@ -290,7 +290,8 @@ class AutoH3:
         indices: Any,
     ) -> float:
         """Forward, per-sample losses, (re-weighted) backward, step; returns the batch loss."""
-        model.train()
+        if not model.training:  # after an evaluation (a walk over every module, so not always)
+            model.train()
         idx = torch.as_tensor(indices)
         windows = self._windows
         if windows is not None and self._window_loss is None and self.controller.window_testing:

@@ -85,23 +85,43 @@ class LossTracker:
         self.num_samples = num_samples
         self.smoothing = smoothing
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        self.ema = torch.zeros(num_samples, device=dev)
-        self.seen = torch.zeros(num_samples, dtype=torch.bool, device=dev)
-        self.counts = torch.zeros(num_samples, dtype=torch.int32, device=dev)
-        # each sample's first observed loss: the reference the sampler's noise guard compares
-        # the EMA with (a loss that rose while the model learned points at a wrong label)
-        self.first = torch.zeros(num_samples, device=dev)
-        # each sample's latest loss: whether it is learned *now* (the EMA remembers its start)
-        self.last = torch.zeros(num_samples, device=dev)
+        # One (4, N) float32 state, rows EMA, first loss, latest loss and sightings, so that
+        # an update is one gather, one interpolation and one scatter for all of them (a
+        # dozen small kernels in all, about half what a tensor per field took). ``first``
+        # is each sample's first observed loss: the reference the sampler's noise guard
+        # compares the EMA with (a loss that rose while the model learned points at a wrong
+        # label); ``last`` says whether it is learned *now* (the EMA remembers its start).
+        self._state = torch.zeros(4, num_samples, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
 
+    @property
+    def ema(self) -> torch.Tensor:
+        """Each sample's EMA loss (0 where never seen); a view of the tracker's state."""
+        return self._state[0]
+
+    @property
+    def first(self) -> torch.Tensor:
+        """Each sample's first observed loss (0 where never seen); a view."""
+        return self._state[1]
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Each sample's latest loss (0 where never seen); a view."""
+        return self._state[2]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """How many finite losses each sample had (a new int32 tensor)."""
+        return self._state[3].int()
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Whether each sample had a finite loss yet (a new bool tensor)."""
+        return self._state[3] > 0
+
     def _to(self, device: torch.device) -> None:
-        if self.ema.device != device:
-            self.ema = self.ema.to(device)
-            self.seen = self.seen.to(device)
-            self.counts = self.counts.to(device)
-            self.first = self.first.to(device)
-            self.last = self.last.to(device)
+        if self._state.device != device:
+            self._state = self._state.to(device)
             self._nonfinite = self._nonfinite.to(device)
 
     @torch.no_grad()
@@ -112,20 +132,23 @@ class LossTracker:
         idx = torch.as_tensor(indices, device=losses.device).reshape(-1).long()
         if idx.numel() != losses.numel():
             raise ValueError(f"{idx.numel()} indices for {losses.numel()} losses")
-        # non-finite losses leave a sample's state as it was (a mask by where, not by
-        # boolean indexing, which would synchronise with the device)
-        finite = torch.isfinite(losses)
+        # non-finite losses leave a sample's state as it was: weight 0 in the interpolation
+        # below (a mask by arithmetic, not by boolean indexing, which would synchronise
+        # with the device)
+        finite = (losses - losses) == 0  # isfinite in two kernels (it takes six)
         self._nonfinite += finite.numel() - finite.sum()
-        was_seen = self.seen[idx]
-        old = self.ema[idx]
-        keep_old = ~finite
-        self.ema[idx] = torch.where(
-            keep_old, old, torch.where(was_seen, old.lerp(losses, self.smoothing), losses)
+        f = finite.float()
+        old = self._state.index_select(1, idx)
+        seen = old[3] > 0
+        # weights toward the new loss: EMA `smoothing` once seen, 1 at the first sighting;
+        # first loss 1 at the first sighting only; latest loss 1; sightings +1 (weight 1
+        # toward old + 1); all 0 for a non-finite loss. lerp is exact at weights 0 and 1.
+        weights = torch.stack(
+            (torch.where(seen, f * self.smoothing, f), f.masked_fill(seen, 0), f, f)
         )
-        self.first[idx] = torch.where(was_seen | keep_old, self.first[idx], losses)
-        self.last[idx] = torch.where(keep_old, self.last[idx], losses)
-        self.seen[idx] = was_seen | finite
-        self.counts[idx] += finite.int()
+        loss = losses.masked_fill(~finite, 0)
+        target = torch.stack((loss, loss, loss, old[3] + 1.0))
+        self._state.index_copy_(1, idx, torch.lerp(old, target, weights))
 
     @property
     def nonfinite_count(self) -> int:
@@ -144,10 +167,11 @@ class LossTracker:
         while the model learned is not counted: its label likely disagrees with what the
         model learns (a flipped label), and keeping it teaches nothing. One host sync.
         """
-        if not self.seen.any():
+        seen = self.seen
+        if not seen.any():
             return 1.0
-        scale = ratio * self.first[self.seen].mean()
-        settled = self.seen & ((self.last <= scale) | (self.last > self.first))
+        scale = ratio * self.first[seen].mean()
+        settled = seen & ((self.last <= scale) | (self.last > self.first))
         return 1.0 - float(settled.float().mean())
 
     def get(self, indices: Any) -> torch.Tensor:
@@ -160,7 +184,8 @@ class LossTracker:
 
     def summary(self) -> dict[str, float]:
         """Mean, std, min, max of the tracked losses, and the fraction seen."""
-        seen = self.ema[self.seen]
+        mask = self.seen
+        seen = self.ema[mask]
         if seen.numel() == 0:
             return {
                 "seen_frac": 0.0,
@@ -171,7 +196,7 @@ class LossTracker:
                 "nonfinite": float(self.nonfinite_count),
             }
         return {
-            "seen_frac": float(self.seen.float().mean()),
+            "seen_frac": float(mask.float().mean()),
             "mean": float(seen.mean()),
             "std": float(seen.std()) if seen.numel() > 1 else 0.0,
             "min": float(seen.min()),
@@ -184,8 +209,8 @@ class LossTracker:
             "num_samples": self.num_samples,
             "smoothing": self.smoothing,
             "ema": self.ema.clone(),
-            "seen": self.seen.clone(),
-            "counts": self.counts.clone(),
+            "seen": self.seen,
+            "counts": self.counts,
             "first": self.first.clone(),
             "last": self.last.clone(),
             "nonfinite": self._nonfinite.clone(),
@@ -196,12 +221,13 @@ class LossTracker:
             raise ValueError(
                 f"state is for {state['num_samples']} samples, tracker has {self.num_samples}"
             )
-        dev = self.ema.device
+        dev = self._state.device
         self.smoothing = state["smoothing"]
-        self.ema = state["ema"].to(dev).clone()
-        self.seen = state["seen"].to(dev).clone()
-        self.counts = state["counts"].to(dev).clone()
-        # states saved before ``first`` existed: the EMA is the best reference there is
-        self.first = state.get("first", state["ema"]).to(dev).clone()
-        self.last = state.get("last", state["ema"]).to(dev).clone()
+        ema = state["ema"].to(dev).float()
+        # a sample marked seen counts at least one sighting
+        counts = torch.maximum(state["counts"].to(dev).float(), state["seen"].to(dev).float())
+        # states saved before ``first`` and ``last`` existed: the EMA is the best reference
+        first = state.get("first", state["ema"]).to(dev).float()
+        last = state.get("last", state["ema"]).to(dev).float()
+        self._state = torch.stack((ema, first, last, counts))
         self._nonfinite = state["nonfinite"].to(dev).clone()

@@ -75,3 +75,35 @@ def test_unlearned_fraction_against_the_mean_first_loss() -> None:
     t.update(torch.tensor([7]), torch.tensor([3.0]))  # rose above its first: likely mislabeled
     assert t.unlearned_fraction() == pytest.approx(0.4)
     assert t.unlearned_fraction(ratio=0.01) == pytest.approx(0.9)  # only the mislabeled one settled
+
+
+def test_update_matches_the_per_sample_rule() -> None:
+    """The fused update against the rule written out sample by sample: first sighting
+    assigns, later ones blend with ``smoothing``, non-finite losses change nothing."""
+    n, s = 50, 0.2
+    t = LossTracker(n, smoothing=s)
+    ema, first, last, counts = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+    g = torch.Generator().manual_seed(0)
+    bad = 0
+    for _ in range(200):
+        idx = torch.randperm(n, generator=g)[:16]
+        losses = torch.rand(16, generator=g) * 3
+        losses[torch.rand(16, generator=g) < 0.1] = math.nan
+        losses[torch.rand(16, generator=g) < 0.05] = math.inf
+        t.update(idx, losses)
+        for i, v in zip(idx.tolist(), losses.tolist(), strict=True):
+            if not math.isfinite(v):
+                bad += 1
+                continue
+            v32 = float(torch.tensor(v))
+            ema[i] = float(torch.tensor(ema[i]).lerp(torch.tensor(v32), s)) if counts[i] else v32
+            first[i] = first[i] if counts[i] else v32
+            last[i] = v32
+            counts[i] += 1
+    assert t.ema.tolist() == ema
+    assert t.first.tolist() == first and t.last.tolist() == last
+    assert t.counts.tolist() == counts and t.seen.tolist() == [c > 0 for c in counts]
+    assert t.nonfinite_count == bad
+    u = LossTracker(n)
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u._state, t._state)
