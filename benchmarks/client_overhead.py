@@ -217,7 +217,27 @@ def cpu_s(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def training(url: str, token: str, data_dir: Path, data, rounds: int, sync: bool) -> dict[str, Any]:
+class NullExporter:
+    """An exporter that takes every request and sends it nowhere (``--diagnose``)."""
+
+    online = True
+
+    def ready(self) -> bool:
+        return True
+
+    def send(self, request: Any) -> str:
+        return "sent"
+
+    def spool(self, request: Any) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+def training(
+    url: str, token: str, data_dir: Path, data, rounds: int, sync: bool, diagnose: bool = False
+) -> dict[str, Any]:
     """Epochs of a real training loop, one epoch of each logging mode per round, in
     rotating order; each logging epoch is compared with the unprofiled epoch of its round.
 
@@ -283,6 +303,29 @@ def training(url: str, token: str, data_dir: Path, data, rounds: int, sync: bool
         "unprofiled": lambda loss, losses, b: None,
         profiled: lambda loss, losses, b: prof.log_batch(loss, losses=losses, indices=b),
     }
+    live = {profiled: prof}  # the profiler whose sender runs in a mode's epochs; others wait
+    after: dict[str, Any] = {}
+    extra: list[H3Profiler] = []
+    if diagnose:  # the profiler's cost taken apart (see --diagnose)
+        held = H3Profiler("bench-train-held", url=url, data_dir=data_dir)
+        null = H3Profiler("bench-train-null", url=url, data_dir=data_dir)
+        assert null._proc is not None and held._proc is not None
+        null._proc.exporter, null._proc.on_tick = NullExporter(), None
+        log_only, no_http = "log_batch only (sender held, queue discarded)", "sender to a null sink"
+        modes[log_only] = lambda loss, losses, b: held.log_batch(loss, losses=losses, indices=b)
+        modes[no_http] = lambda loss, losses, b: null.log_batch(loss, losses=losses, indices=b)
+        live[no_http] = null
+
+        def discard(proc: Any = held._proc) -> None:
+            proc.dropped += len(proc.batches)  # counted as lost: the run's accounting adds up
+            proc.batches.clear()
+
+        after[log_only] = discard
+        scalar = H3Profiler("bench-train-scalar", url=url, data_dir=data_dir)
+        mean_only = "H3Profiler (mean loss only)"
+        modes[mean_only] = lambda loss, losses, b: scalar.log_batch(loss)
+        live[mean_only] = scalar
+        extra += [held, null, scalar]
     if sync:
         modes["sync HTTP POST per batch"] = sync_log
     for _ in range(10):
@@ -290,15 +333,20 @@ def training(url: str, token: str, data_dir: Path, data, rounds: int, sync: bool
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu = {m: dict.fromkeys(stats, 0.0) for m in modes}
     names = list(modes)
+    senders = {prof, *live.values(), *extra}  # held's sender is never live: always paused
     for r in range(rounds):
         if r % 50 == 0:
             restart()
         for m in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
-            with contextlib.nullcontext() if m == profiled else sender_paused(prof):
+            with contextlib.ExitStack() as stack:
+                for p in senders - {live.get(m)}:
+                    stack.enter_context(sender_paused(p))
                 before = {k: cpu_s(v) for k, v in stats.items()}
                 times[m].append(epoch(modes[m]))
                 for k, v in stats.items():
                     cpu[m][k] += cpu_s(v) - before[k]
+                if m in after:
+                    after[m]()
         if (r + 1) % 50 == 0:
             print(
                 f"round {r + 1}/{rounds}: "
@@ -308,6 +356,8 @@ def training(url: str, token: str, data_dir: Path, data, rounds: int, sync: bool
                 flush=True,
             )
     res = prof.stop(timeout_s=300)
+    for p in extra:
+        p.stop(timeout_s=60, report=False)
     assert res["batches_posted"] == res["batches_logged"], res
     http.close()
     others = [m for m in modes if m != "unprofiled"]
@@ -350,6 +400,13 @@ def main() -> None:
         "--no-sync", action="store_true", help="leave out the slow sync-HTTP training arm"
     )
     ap.add_argument("--rounds", type=int, help="training: rounds of epochs (default 400)")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="training: three more modes that take the profiler's cost apart: log_batch alone "
+        "(its sender held, the queue discarded), the sender converting to a null sink "
+        "(no HTTP, no daemon work, no η fetch), and logging the mean loss only",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/client_overhead.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -371,6 +428,7 @@ def main() -> None:
             data,
             args.rounds or (40 if args.quick else 400),
             sync=not (args.quick or args.no_sync),
+            diagnose=args.diagnose,
         )
     write(args, res, calls, repeats)
 
@@ -379,6 +437,7 @@ def flags(args) -> str:
     out = " --quick" if args.quick else ""
     out += f" --repeats {args.repeats}" if args.repeats else ""
     out += f" --rounds {args.rounds}" if args.rounds else ""
+    out += " --diagnose" if args.diagnose else ""
     return out + (" --no-sync" if args.no_sync else "")
 
 
