@@ -18,7 +18,9 @@
    profiled, and a synchronous HTTP POST per batch, what a naive client does) in rotating
    order, the sender paused outside the profiled epochs so that its work is charged to them;
    the median over rounds of each epoch's ratio to its round's unprofiled epoch. Plus the CPU
-   share of the training thread, the sender thread and the daemon.
+   share of the training thread, the sender thread and the daemon. ``--diagnose`` adds three
+   modes that take the overhead apart: ``log_batch`` alone (its sender held), the sender
+   converting to a null sink, and the mean loss only.
 
     PYTHONPATH=. python benchmarks/client_overhead.py [--quick]
 """
