@@ -41,9 +41,13 @@ class _WindowedBatches(Sampler[torch.Tensor]):
         self.batch_size = batch_size
         self.window_steps = window_steps
         self.draws: dict[str, tuple[float, float, torch.Tensor, torch.Tensor]] = {}
-        current = (controller.keep_frac, controller.uniform_mix)
-        for label, k, u in (("A", *current), ("B", *controller.probe_setting())):
-            idx, probs = sampler.draw(k, u)
+        settings = {
+            "A": (controller.keep_frac, controller.uniform_mix),
+            "B": controller.probe_setting(),
+        }
+        for (label, (k, u)), (idx, probs) in zip(
+            settings.items(), sampler.draws(list(settings.values())), strict=True
+        ):
             weights = sampler.weights_from(probs, max(1, int(round(k * sampler.n))))
             self.draws[label] = (k, u, sampler.shard(idx), weights)
         self.num_batches = math.ceil(self.draws["A"][2].numel() / batch_size)

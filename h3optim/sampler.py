@@ -161,34 +161,59 @@ class InformationWeightedSampler(Sampler[int]):
         inclusion probability: tensor operations only, deterministic for (seed, epoch).
 
         :meth:`epoch_indices` is ``draw`` at the sampler's own fractions; a controller that
-        compares two settings within an epoch draws both from the same losses.
+        compares two settings within an epoch draws both from the same losses
+        (:meth:`draws`).
         """
+        idx, probs, _ = self._draw(keep_frac, uniform_mix, None)
+        return idx, probs
+
+    def draws(self, settings: list[tuple[float, float]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`draw` for each (``keep_frac``, ``uniform_mix``) in ``settings``, the same
+        results, with the samples ranked by loss once for all of them (the ranking depends
+        only on the tracked losses and the epoch's seed)."""
+        ranked = None
+        out = []
+        for keep_frac, uniform_mix in settings:
+            idx, probs, ranked = self._draw(keep_frac, uniform_mix, ranked)
+            out.append((idx, probs))
+        return out
+
+    def _rank(self, jitter: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every sample, unseen first (in random order), then by tracked loss, descending;
+        and how many are eligible for the loss-driven share (outliers and likely flipped
+        labels wait for the uniform draw)."""
+        ema = self.tracker.ema.detach().float().cpu()
+        seen = self.tracker.seen.cpu()
+        score = ema.clone()
+        if seen.any():
+            cap = (
+                torch.quantile(ema[seen], self.outlier_quantile)
+                if self.outlier_quantile < 1
+                else math.inf
+            )
+            score[seen & (ema > cap)] = -math.inf
+            if self.noise_guard is not None:
+                # a loss that rose above its first value while the model learned: the
+                # label likely disagrees with what the model learns (a flipped label)
+                first = self.tracker.first.detach().float().cpu()
+                score[seen & (ema > self.noise_guard * first)] = -math.inf
+        score[~seen] = math.inf
+        order = torch.argsort(score + jitter, descending=True)  # jitter: random among ties
+        return order, int(torch.isfinite(score[order]).sum() + (~seen).sum())
+
+    def _draw(
+        self, keep_frac: float, uniform_mix: float, ranked: tuple[torch.Tensor, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, int] | None]:
         g = self._generator()
         n = self.n
         k = max(1, int(round(keep_frac * n)))
         n_loss = int(round((1.0 - uniform_mix) * k))
         probs = torch.zeros(n)
         if n_loss > 0:
-            ema = self.tracker.ema.detach().float().cpu()
-            seen = self.tracker.seen.cpu()
-            # unseen first (in random order), then by loss; outliers wait for the uniform draw
-            score = ema.clone()
-            if seen.any():
-                cap = (
-                    torch.quantile(ema[seen], self.outlier_quantile)
-                    if self.outlier_quantile < 1
-                    else math.inf
-                )
-                score[seen & (ema > cap)] = -math.inf
-                if self.noise_guard is not None:
-                    # a loss that rose above its first value while the model learned: the
-                    # label likely disagrees with what the model learns (a flipped label)
-                    first = self.tracker.first.detach().float().cpu()
-                    score[seen & (ema > self.noise_guard * first)] = -math.inf
-            score[~seen] = math.inf
-            jitter = torch.rand(n, generator=g) * 1e-6  # random order among ties
-            order = torch.argsort(score + jitter, descending=True)
-            eligible = int(torch.isfinite(score[order]).sum() + (~seen).sum())
+            jitter = torch.rand(n, generator=g) * 1e-6  # drawn either way: g's state after it
+            if ranked is None:
+                ranked = self._rank(jitter)
+            order, eligible = ranked
             chosen = order[: min(n_loss, eligible)]
         else:
             chosen = torch.empty(0, dtype=torch.long)
@@ -201,7 +226,7 @@ class InformationWeightedSampler(Sampler[int]):
         if rest.numel() > 0:
             probs[rest] = n_uniform / rest.numel()
         idx = torch.cat([chosen, pick])
-        return idx[torch.randperm(idx.numel(), generator=g)], probs
+        return idx[torch.randperm(idx.numel(), generator=g)], probs, ranked
 
     def shard(self, idx: torch.Tensor) -> torch.Tensor:
         """This replica's share of all replicas' ``idx`` (padded like ``DistributedSampler``)."""

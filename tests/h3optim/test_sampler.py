@@ -153,6 +153,23 @@ def test_indices_unchanged_for_the_same_seed_and_epoch() -> None:
     assert list(s)[:12] == [105, 145, 121, 103, 149, 102, 151, 129, 116, 125, 119, 139]
 
 
+def test_draws_rank_once_and_give_what_draw_gives() -> None:
+    """Several settings drawn together (a windowed A/B epoch) are the draws made one by one:
+    with unseen samples, a noise-guarded one, and a setting with no loss-driven share."""
+    t = tracker_with_losses(300)
+    t.update(torch.tensor([5, 6]), torch.tensor([9.0, 9.0]))  # rose: noise guard
+    t2 = LossTracker(300)  # 50 samples never seen
+    t2.update(torch.arange(250), torch.rand(250, generator=torch.Generator().manual_seed(1)))
+    for tracker in (t, t2):
+        s = InformationWeightedSampler(300, tracker, seed=4)
+        s.set_epoch(3)
+        settings = [(0.6, 0.3), (0.5, 0.3), (1.0, 1.0), (0.4, 0.0)]
+        for (a, pa), (b, pb) in zip(
+            s.draws(settings), [s.draw(k, u) for k, u in settings], strict=True
+        ):
+            assert torch.equal(a, b) and torch.equal(pa, pb)
+
+
 def test_noise_guard_keeps_rising_losses_out_of_the_loss_driven_share() -> None:
     n = 100
     t = LossTracker(n, smoothing=1.0)
