@@ -541,10 +541,12 @@ def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
     and how many items were unreadable and left out (a loss that is not a number; indices
     that do not match the per-sample losses; a vector that cannot be read).
 
-    Converted ``SLICE`` batches at a time, yielding the GIL in between: the conversion holds
-    the GIL (base64 and formatting are C calls that keep it), and a training thread that
-    wants it back after a torch operation would otherwise wait for the interpreter's switch
-    interval (5 ms) each time.
+    The request carries packed columns (:func:`_encode_columns`). Only when something in it
+    cannot be read does it fall back to one JSON object per batch, converted ``SLICE``
+    batches at a time with the GIL yielded in between (base64 and formatting are C calls
+    that keep it, and a training thread that wants it back after a torch operation would
+    otherwise wait for the interpreter's switch interval, 5 ms), which leaves out the
+    unreadable batches one by one.
     """
     try:
         columns = _encode_columns(items)
