@@ -300,11 +300,12 @@ def training(
         "daemon": f"/proc/{daemon_pid}/stat",
         "training": f"/proc/self/task/{threading.get_native_id()}/stat",
     }
+
+    def per_sample(p: H3Profiler) -> Any:
+        return lambda loss, losses, b: p.log_batch(loss, losses=losses, indices=b)
+
     profiled = "H3Profiler (per-sample losses + indices)"
-    modes = {
-        "unprofiled": lambda loss, losses, b: None,
-        profiled: lambda loss, losses, b: prof.log_batch(loss, losses=losses, indices=b),
-    }
+    modes = {"unprofiled": lambda loss, losses, b: None, profiled: per_sample(prof)}
     live = {profiled: prof}  # the profiler whose sender runs in a mode's epochs; others wait
     after: dict[str, Any] = {}
     extra: list[H3Profiler] = []
@@ -314,8 +315,7 @@ def training(
         assert null._proc is not None and held._proc is not None
         null._proc.exporter, null._proc.on_tick = NullExporter(), None
         log_only, no_http = "log_batch only (sender held, queue discarded)", "sender to a null sink"
-        modes[log_only] = lambda loss, losses, b: held.log_batch(loss, losses=losses, indices=b)
-        modes[no_http] = lambda loss, losses, b: null.log_batch(loss, losses=losses, indices=b)
+        modes[log_only], modes[no_http] = per_sample(held), per_sample(null)
         live[no_http] = null
 
         def discard(proc: Any = held._proc) -> None:
@@ -335,7 +335,7 @@ def training(
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu = {m: dict.fromkeys(stats, 0.0) for m in modes}
     names = list(modes)
-    senders = {prof, *live.values(), *extra}  # held's sender is never live: always paused
+    senders = {prof, *extra}  # held's sender is never live: always paused
     for r in range(rounds):
         if r % 50 == 0:
             restart()
