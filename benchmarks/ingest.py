@@ -41,8 +41,9 @@ def body(seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "row
             for s in range(seq0, seq0 + n_batches)
         ]  # fmt: skip
         req, bad = encode_batches(items)
-        assert req is not None and not bad and '"columns"' in req.body
-        return req.body.encode()
+        assert req is not None and not bad and isinstance(req.body, bytes)
+        assert b'"columns"' in req.body
+        return req.body
     batches = []
     for s in range(seq0, seq0 + n_batches):
         b: dict[str, object] = {

@@ -12,13 +12,14 @@ worker wakes when a batch is full or every ``flush_interval_s`` and sends up to
 
 A request is converted as a whole (:func:`encode_batches`) into packed columns (the
 daemon's ``BatchColumns``): the sequence numbers, times and losses as one array each, and the
-queued per-sample bytes joined per dtype into one block, converted with one tensor operation
-per dtype and request (none for float32 losses and int64 indices, the common case; non-finite
-losses are found by a byte test on the block) and base64-encoded once. Nothing in it does a
-tensor operation or runs Python code per batch in the common case. The GIL is yielded between
-the steps and between 48 KiB pieces of base64: the training thread, coming back from a torch
-operation, waits for one piece at most (otherwise up to the interpreter's switch interval,
-5 ms). A request holding a batch that cannot be read falls back to one JSON object per batch,
+queued per-sample bytes converted per dtype as one block with one tensor operation per
+dtype and request (none for float32 losses and int64 indices, the common case), then joined
+and base64-encoded 48 KiB at a time (non-finite losses found by a byte test on each piece)
+straight into the body, which is built as bytes by one final join: the block is never held
+whole, nor its text copied. Nothing in it does a tensor operation or runs Python code per
+batch in the common case. The GIL is yielded between the steps and between the pieces: the
+training thread, coming back from a torch operation, waits for one piece at most (otherwise
+up to the interpreter's switch interval, 5 ms). A request holding a batch that cannot be read falls back to one JSON object per batch,
 which finds and leaves out that batch. Bodies to a daemon on another machine are gzipped; on
 loopback they are not (gzip cost ~30 ms of CPU per MB and saved nothing there).
 
@@ -302,20 +303,28 @@ def _converted(raws: list[Any], dtype: Any, target: Any) -> list[memoryview]:
 _HUGE_F32 = bytes(1 if (b & 0x7F) == 0x7F else 0 for b in range(256))
 
 
-def _nan_for_nonfinite(chunks: list[Any]) -> list[Any]:
-    """float32 chunks with every non-finite value as NaN (the daemon stores those as null).
+def _f32_nan(block: Any) -> Any:
+    """float32 bytes with every non-finite value as NaN (the daemon stores those as null):
+    ``block`` itself when it holds none, else a corrected copy.
 
     No tensor operation when every value is below 2**127 in magnitude (any loss): their high
     bytes are read, one in four, with two C calls. Otherwise the block is checked exactly.
     """
-    block = bytearray().join(chunks)
-    if 1 not in block[3::4].translate(_HUGE_F32):
-        return chunks
+    if 1 not in bytes(block[3::4]).translate(_HUGE_F32):
+        return block
     import torch
 
-    t = torch.frombuffer(block, dtype=torch.float32)
-    t.masked_fill_(~torch.isfinite(t), math.nan)  # in place, in block
-    return _split(block, list(map(len, chunks)))
+    fixed = bytearray(block)
+    t = torch.frombuffer(fixed, dtype=torch.float32)
+    t.masked_fill_(~torch.isfinite(t), math.nan)  # in place, in fixed
+    return fixed
+
+
+def _nan_for_nonfinite(chunks: list[Any]) -> list[Any]:
+    """:func:`_f32_nan` for a list of float32 chunks (the row form's)."""
+    block = b"".join(chunks)
+    fixed = _f32_nan(block)
+    return chunks if fixed is block else _split(fixed, list(map(len, chunks)))
 
 
 def _chunks(col: Sequence[Any], kind: Literal["f", "q"]) -> tuple[list[Any], list[int]]:
@@ -454,32 +463,49 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
     return ",".join([fmt] * count) % values, count, len(bad)
 
 
-#: base64 is written in pieces of this many bytes (about 0.1 ms each; a multiple of 3, so the
-#: pieces' texts join into the text of the whole), the GIL yielded between two pieces.
-B64_PIECE = 3 * 16384
+#: base64 is written in pieces of this many bytes (about 0.1 ms each; a multiple of 12, so
+#: the pieces' texts join into the text of the whole and a piece holds whole float32 values),
+#: the GIL yielded between two pieces.
+B64_PIECE = 12 * 4096
 
 
-def _b64(block: Any) -> str:
-    """base64 of ``block``, yielding the GIL between pieces: a training thread coming back
-    from a torch operation waits for one piece at most, not for the whole block."""
-    if len(block) <= B64_PIECE:
-        return _b2a(block).decode()
-    view, parts = memoryview(block), []
-    for at in range(0, len(view), B64_PIECE):
-        parts.append(_b2a(view[at : at + B64_PIECE]))
-        time.sleep(0)  # releases the GIL: a waiting training thread takes it first
-    return b"".join(parts).decode()
+def _b64(chunks: Sequence[Any], out: list[Any], f32: bool = False) -> None:
+    """Append to ``out`` the base64 of the concatenation of ``chunks`` (None ones skipped),
+    in pieces of about ``B64_PIECE`` bytes; with ``f32``, every non-finite float32 as NaN
+    (:func:`_f32_nan`).
+
+    The whole block is never joined nor its text copied: chunks are joined a piece at a time,
+    and the pieces' texts go into the request's one final join. The GIL is yielded between
+    pieces: a training thread coming back from a torch operation waits for one piece at
+    most, not for the whole block."""
+    carry, group, size, first = b"", [], 0, True
+    for c in chunks:
+        if c is None:
+            continue
+        group.append(c)
+        size += len(c)
+        if size < B64_PIECE:
+            continue
+        joined = memoryview(b"".join([carry, *group]))
+        cut = len(joined) - len(joined) % 12
+        carry, group, size = joined[cut:].tobytes(), [], 0
+        for at in range(0, cut, B64_PIECE):  # a chunk larger than a piece: several pieces
+            if not first:
+                time.sleep(0)  # releases the GIL: a waiting training thread takes it first
+            first = False
+            piece = joined[at : min(cut, at + B64_PIECE)]
+            out.append(_b2a(_f32_nan(piece) if f32 else piece))
+    rest = b"".join([carry, *group])
+    if rest or first:
+        out.append(_b2a(_f32_nan(rest) if f32 else rest))
 
 
-def _joined(chunks: list[Any], lens: list[int]) -> bytes:
-    return b"".join(chunks if -1 not in lens else [c for c in chunks if c is not None])
-
-
-def _encode_columns(items: Sequence[BatchItem]) -> str | None:
-    """The ``columns`` object of a request for ``items`` (the daemon's ``BatchColumns``):
-    each column packed whole with a few C calls, nothing done per batch in Python. None
-    when the items need the row form: an unreadable loss, or indices that do not pair with
-    the per-sample losses (those batches are then left out one by one)."""
+def _encode_columns(items: Sequence[BatchItem]) -> bytes | None:
+    """The body of a request for ``items`` with its batches as packed columns (the daemon's
+    ``BatchColumns``), as bytes: each column packed whole with a few C calls, nothing done
+    per batch in Python, the text built by one final join. None when the items need the row
+    form: an unreadable loss, or indices that do not pair with the per-sample losses (those
+    batches are then left out one by one)."""
     seqs, ts, losses, vecs, idxs, ns, epochs, steps, phases = zip(*items, strict=True)
     loss_vals, bad = _scalars(losses)
     if bad:
@@ -487,30 +513,37 @@ def _encode_columns(items: Sequence[BatchItem]) -> str | None:
     time.sleep(0)  # here and below: the GIL yielded between steps of about 0.1-0.3 ms
     if None in loss_vals:  # non-finite: NaN on the wire, stored as missing
         loss_vals = [math.nan if v is None else v for v in loss_vals]
-    parts = [
-        f'"seq_i64":"{_b2a(array("q", seqs)).decode()}"',
-        f'"t_f64":"{_b2a(array("d", ts)).decode()}"',
-        f'"loss_f64":"{_b2a(array("d", cast("list[float]", loss_vals))).decode()}"',
+    out = [
+        b'{"nonfinite_as_null":true,"columns":{"seq_i64":"',
+        _b2a(array("q", seqs)),
+        b'","t_f64":"',
+        _b2a(array("d", ts)),
+        b'","loss_f64":"',
+        _b2a(array("d", cast("list[float]", loss_vals))),
+        b'"',
     ]
     lens = [-1] * len(items)
     if _any_set(vecs):
         chunks, lens = _chunks(vecs, "f")
         time.sleep(0)
-        (block,) = _nan_for_nonfinite([_joined(chunks, lens)])
-        parts.append(f'"sizes_i64":"{_b2a(array("q", lens)).decode()}"')
-        parts.append(f'"losses_f32":"{_b64(block)}"')
+        out += [b',"sizes_i64":"', _b2a(array("q", lens)), b'","losses_f32":"']
+        _b64(chunks, out, f32=True)
+        out.append(b'"')
     if _any_set(idxs):
         chunks, ilens = _chunks(idxs, "q")
         if ilens != lens:
             return None
         time.sleep(0)
-        parts.append(f'"indices_i64":"{_b64(_joined(chunks, ilens))}"')
+        out.append(b',"indices_i64":"')
+        _b64(chunks, out)
+        out.append(b'"')
     if _any_set(ns):  # else the daemon takes each batch's number of per-sample losses
         ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
     for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
         if _any_set(col):
-            parts.append(f'"{name}":{json.dumps(col)}')  # one C call for the column
-    return ",".join(parts)
+            out.append(f',"{name}":{json.dumps(col)}'.encode())  # one C call for the column
+    out.append(b"}}")
+    return b"".join(out)
 
 
 #: Batches converted between two yields of the GIL (about 1 ms of work, see encode_batches).
@@ -553,8 +586,7 @@ def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
     except Exception:  # something unreadable: the row form finds which batches
         columns = None
     if columns is not None:
-        body = '{"nonfinite_as_null":true,"columns":{' + columns + "}}"
-        return Request("batches", body, len(items)), 0
+        return Request("batches", columns, len(items)), 0
     parts: list[str] = []
     count = bad = 0
     for k in range(0, len(items), SLICE):

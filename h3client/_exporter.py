@@ -31,7 +31,7 @@ class Request(NamedTuple):
     """One operation, encoded once: what is posted and, if need be, what is spooled."""
 
     op: str  # "create", "batches", "epochs", "update"
-    body: str  # the request body as JSON text
+    body: str | bytes  # the request body as JSON text (bytes: UTF-8, the sender's batches)
     n_batches: int = 0  # batches it carries
 
 
@@ -88,7 +88,10 @@ class HttpExporter:
     def _stamped(self, request: Request) -> Request:
         if self._rank_prefix is None or request.op != "batches":
             return request
-        return request._replace(body=self._rank_prefix + request.body[1:])
+        body = request.body
+        if isinstance(body, bytes):
+            return request._replace(body=self._rank_prefix.encode() + body[1:])
+        return request._replace(body=self._rank_prefix + body[1:])
 
     def send(self, request: Request) -> Outcome:
         request = self._stamped(request)

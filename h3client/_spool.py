@@ -105,26 +105,32 @@ class Spool:
         self.path = spool_dir / f"{run_id}.jsonl"
         self.run_id = run_id
 
-    def append(self, op: str, body: dict[str, Any] | str) -> None:
-        """Append one operation durably (``body`` as a dict or as its JSON text).
+    def append(self, op: str, body: dict[str, Any] | str | bytes) -> None:
+        """Append one operation durably (``body`` as a dict or as its JSON text, str or
+        UTF-8 bytes).
 
         Raises OSError (disk full, read-only) to the caller.
         """
-        text = body if isinstance(body, str) else json.dumps(body)
+        text = json.dumps(body) if isinstance(body, dict) else body
         self.append_lines([(op, text)])
 
-    def append_lines(self, ops: list[tuple[str, str]]) -> None:
+    def append_lines(self, ops: list[tuple[str, str | bytes]]) -> None:
         """Append operations (op, body JSON text) with one write and one fsync."""
         if not ops:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         head = '{"v": %d, "op": "%s", "run_id": "%s", "body": '
-        data = "".join(head % (VERSION, op, self.run_id) + text + "}\n" for op, text in ops)
+        data = b"".join(
+            (head % (VERSION, op, self.run_id)).encode()
+            + (text.encode() if isinstance(text, str) else text)
+            + b"}\n"
+            for op, text in ops
+        )
         with _locked_for_append(self.path) as f:
             fd = f.fileno()
             start = os.lseek(fd, 0, os.SEEK_END)
             try:
-                view = memoryview(data.encode())
+                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)

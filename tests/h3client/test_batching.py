@@ -479,8 +479,33 @@ def test_a_large_request_is_converted_in_slices_and_keeps_its_order() -> None:
 @pytest.mark.parametrize("n", [0, 1, B64_PIECE - 1, B64_PIECE, B64_PIECE + 1, 3 * B64_PIECE + 2])
 def test_base64_written_in_pieces_is_the_base64_of_the_whole(n: int) -> None:
     block = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
-    assert _b64(block) == base64.b64encode(block).decode()
-    assert _b64(memoryview(bytearray(block))) == base64.b64encode(block).decode()
+    # chunks of uneven sizes (and absent ones), as a request's per-batch vectors are
+    sizes = [1, 255, 256, 7, 4096, 13] * (n // 4628 + 1)
+    chunks: list[Any] = []
+    at = 0
+    for k in sizes:
+        chunks += [block[at : at + k], None]
+        at += k
+    for given in ([block], [memoryview(bytearray(block))], chunks):
+        out: list[Any] = []
+        _b64(given, out)
+        assert b"".join(out).decode() == base64.b64encode(block).decode()
+        assert len(out) >= n // B64_PIECE  # written in pieces, never the whole at once
+
+
+def test_float32_blocks_in_pieces_carry_every_nonfinite_value_as_nan() -> None:
+    values = torch.arange(3 * B64_PIECE // 4 + 5, dtype=torch.float32)
+    at = [0, 7, B64_PIECE // 4 - 1, B64_PIECE // 4, 2 * B64_PIECE // 4 + 3, len(values) - 1]
+    values[at] = torch.tensor([math.inf, -math.inf, math.nan, math.inf, -math.inf, math.inf])
+    raw = values.numpy().tobytes()
+    chunks = [raw[i : i + 300] for i in range(0, len(raw), 300)]  # not aligned to pieces
+    out: list[Any] = []
+    _b64(chunks, out, f32=True)
+    got = torch.frombuffer(bytearray(base64.b64decode(b"".join(out))), dtype=torch.float32)
+    assert got.isnan().nonzero().flatten().tolist() == sorted(at)
+    keep = torch.ones(len(values), dtype=torch.bool)
+    keep[at] = False
+    assert torch.equal(got[keep], values[keep])
 
 
 def test_epoch_step_and_phase_columns_keep_each_batch_s_value() -> None:
