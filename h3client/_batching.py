@@ -3,10 +3,10 @@ BatchProcessor).
 
 ``log_batch`` (which does ``add_batch`` inline) is the training thread's whole cost: a copy
 of what it is given and one tuple appended to a deque. No I/O, no lock, no logging, no device
-synchronisation. What it queues of a tensor is its values at log time (:func:`snapshot`): a
-CPU tensor's bytes, copied straight from its memory (no tensor operation, no autograd, no
-reference to the tensor or its graph), or for a CUDA tensor a non-blocking copy to the host
-enqueued on the current stream. They are turned into numbers here, on the worker thread. The
+synchronisation. What it queues of a tensor is its values at log time: a CPU loss's value
+(``item()``), a CPU tensor's bytes, copied straight from its memory (:func:`snapshot`: no
+tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA tensor
+a non-blocking copy to the host enqueued on the current stream. They are turned into numbers here, on the worker thread. The
 worker wakes when a batch is full or every ``flush_interval_s`` and sends up to
 ``max_batch`` batches per request.
 

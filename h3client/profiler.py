@@ -308,13 +308,16 @@ class H3Profiler:
         proc = self._proc
         assert proc is not None
         try:
-            # the fast path, inline: a contiguous CPU torch.Tensor's bytes are copied from its
-            # memory (about 0.5 µs, what a detach() costs, which would still share the
-            # tensor's memory); everything else goes through snapshot()
+            # the fast paths, inline: a CPU torch.Tensor loss is read with item() (one call,
+            # about 0.4 µs, no device to sync); a contiguous CPU tensor's bytes are copied
+            # from its memory (about 0.5 µs, what a detach() costs, which would still share
+            # the tensor's memory); everything else goes through snapshot()
             tensor, mem = _batching.TENSOR, _batching.MEMORY
-            if type(loss) is tensor and loss.is_cpu and loss.is_contiguous():
-                p = loss.data_ptr()
-                loss = (mem[p : p + loss.nbytes].tobytes(), loss.dtype)
+            if type(loss) is tensor and loss.is_cpu:
+                try:
+                    loss = loss.item()
+                except RuntimeError:  # not one element: queued as it is, the sender rejects it
+                    loss = snapshot_loss(loss)
             elif type(loss) is not float:
                 loss = snapshot_loss(loss)
             if losses is not None:

@@ -241,17 +241,24 @@ def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path)
     hidden = w * 3  # saved by the graph below
     losses = hidden**2
     idx = torch.arange(32)
-    prof.log_batch(losses.mean(), losses=losses, indices=idx)
+    mean = losses.mean()
+    prof.log_batch(mean, losses=losses, indices=idx)
+    prof.log_batch(losses, losses=losses, indices=idx)  # a loss of 32 elements: unreadable
     assert prof._proc is not None
-    (_seq, _t, loss, vec, ids, *_rest) = prof._proc.batches[-1]
-    assert [type(x) for x in (loss, vec, ids)] == [tuple] * 3
+    (_seq, _t, loss, vec, ids, *_rest) = prof._proc.batches[0]
+    assert type(loss) is float and loss == mean.item()  # a CPU loss is read with item()
+    assert [type(x) for x in (vec, ids)] == [tuple] * 2
     assert vec[0] == losses.detach().numpy().tobytes() and ids[0] == idx.numpy().tobytes()
+    unreadable = prof._proc.batches[1][2]  # queued as bytes; the sender rejects it
+    assert type(unreadable) is tuple and unreadable[0] == vec[0]
+    del mean
     kept = weakref.ref(hidden)
     del hidden, losses
     gc.collect()
     assert kept() is None
     res = prof.stop(timeout_s=10)
-    assert res["batches_spooled"] == 1 and res["log_errors"] == 0
+    assert res["batches_spooled"] == 1 and res["batches_rejected"] == 1
+    assert res["log_errors"] == 0
 
 
 def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
