@@ -193,7 +193,10 @@ _b2a = partial(binascii.b2a_base64, newline=False)
 def _by_dtype(vals: list[Any]) -> list[tuple[Any, list[int]]]:
     """The positions of the ``(bytes, dtype)`` snapshots in ``vals``, grouped by dtype: one
     group, found without a Python loop, in the common case."""
-    if set(map(type, vals)) == {tuple}:
+    types = set(map(type, vals))
+    if tuple not in types:  # numbers only (a CPU loss is queued as its value): no loop
+        return []
+    if types == {tuple}:
         dtypes = set(map(_dtype, vals))
         if len(dtypes) == 1:
             return [(dtypes.pop(), list(range(len(vals))))]
