@@ -6,9 +6,9 @@ of what it is given and one tuple appended to a deque. No I/O, no lock, no loggi
 synchronisation. What it queues of a tensor is its values at log time: a CPU loss's value
 (``item()``), a CPU tensor's bytes, copied straight from its memory (:func:`snapshot`: no
 tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA tensor
-a non-blocking copy to the host enqueued on the current stream. They are turned into numbers here, on the worker thread. The
-worker wakes when a batch is full or every ``flush_interval_s`` and sends up to
-``max_batch`` batches per request.
+a non-blocking copy to the host enqueued on the current stream. They are turned into numbers
+here, on the worker thread. The worker wakes when a batch is full or every
+``flush_interval_s`` and sends up to ``max_batch`` batches per request.
 
 A request is converted as a whole (:func:`encode_batches`) into packed columns (the
 daemon's ``BatchColumns``): the sequence numbers, times and losses as one array each, and the
@@ -19,9 +19,10 @@ straight into the body, which is built as bytes by one final join: the block is 
 whole, nor its text copied. Nothing in it does a tensor operation or runs Python code per
 batch in the common case. The GIL is yielded between the steps and between the pieces: the
 training thread, coming back from a torch operation, waits for one piece at most (otherwise
-up to the interpreter's switch interval, 5 ms). A request holding a batch that cannot be read falls back to one JSON object per batch,
-which finds and leaves out that batch. Bodies to a daemon on another machine are gzipped; on
-loopback they are not (gzip cost ~30 ms of CPU per MB and saved nothing there).
+up to the interpreter's switch interval, 5 ms). A request holding a batch that cannot be read
+falls back to one JSON object per batch, which finds and leaves out that batch. Bodies to a
+daemon on another machine are gzipped; on loopback they are not (gzip cost ~30 ms of CPU per
+MB and saved nothing there).
 
 Where a request goes: the daemon; the spool on disk when the daemon does not answer (or the
 queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when
