@@ -195,6 +195,9 @@ class H3Profiler:
             on_tick=self._refresh_eta,
         )
         self._t_start = time.time()
+        # torch imported already (the usual training script): log_batch's fast paths are
+        # armed from its first call, not after a first tensor went the slow way
+        _batching.bind_torch()
         if not self._resume:
             tags = list(self.tags)
             if self.device != "auto" and f"device:{self.device}" not in tags:

@@ -242,7 +242,7 @@ def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path)
     losses = hidden**2
     idx = torch.arange(32)
     mean = losses.mean()
-    prof.log_batch(mean, losses=losses, indices=idx)
+    prof.log_batch(mean, losses=losses, indices=idx)  # torch was imported before start()
     prof.log_batch(losses, losses=losses, indices=idx)  # a loss of 32 elements: unreadable
     assert prof._proc is not None
     (_seq, _t, loss, vec, ids, *_rest) = prof._proc.batches[0]
@@ -259,6 +259,26 @@ def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path)
     res = prof.stop(timeout_s=10)
     assert res["batches_spooled"] == 1 and res["batches_rejected"] == 1
     assert res["log_errors"] == 0
+
+
+def test_the_first_log_batch_of_a_fresh_process_takes_the_fast_path(tmp_path: Path) -> None:
+    """torch imported before the profiler starts (a training script): the first loss logged
+    is already read as its value, not copied the slow way."""
+    code = (
+        "import os, torch\n"
+        "from h3client import H3Profiler\n"
+        f"p = H3Profiler('x', url='http://127.0.0.1:9', data_dir={str(tmp_path)!r}, "
+        "autostart=False, flush_interval_s=3600)\n"
+        "w = torch.randn(4, requires_grad=True)\n"
+        "p.log_batch((w * 2).mean())\n"
+        "print(type(p._proc.batches[0][2]).__name__)\n"
+        "p.stop(timeout_s=10)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["float"]
 
 
 def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
