@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks._common import daemon, machine  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
-from h3client._batching import encode_batches, snapshot, snapshot_loss  # noqa: E402
+from h3client._batching import encode_batches, snapshot  # noqa: E402
 
 KINDS = ("float", "0-dim tensor", "tensor + 64 per-sample losses")
 
@@ -159,17 +159,18 @@ def log_batch_costs(url: str, data_dir: Path, calls: int, timer: float) -> dict[
 
 
 def items(kind: str, n: int) -> list[tuple[Any, ...]]:
-    """``n`` queued batches, as ``log_batch`` queues them (its copies of the tensors)."""
+    """``n`` queued batches, as ``log_batch`` queues them: a CPU loss tensor as its value
+    (``item()``), the per-sample tensors as copies of their bytes."""
     base, idx = torch.arange(64, dtype=torch.float32) / 64, torch.arange(64)
     out = []
     for k in range(n):
         if kind == "float":
             out.append((k, time.time(), 1.0 / (1 + k), None, None, None, 0, None, None))
         elif kind == "0-dim tensor":
-            loss = snapshot_loss(torch.tensor(1.0 / (1 + k)))
+            loss = torch.tensor(1.0 / (1 + k)).item()
             out.append((k, time.time(), loss, None, None, None, 0, None, None))
         else:
-            loss, vec, ids = snapshot_loss(torch.tensor(1.0)), snapshot(base + k), snapshot(idx + k)
+            loss, vec, ids = torch.tensor(1.0).item(), snapshot(base + k), snapshot(idx + k)
             out.append((k, time.time(), loss, vec, ids, None, 0, None, None))
     return out
 
