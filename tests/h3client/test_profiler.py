@@ -242,6 +242,9 @@ def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path)
     losses = hidden**2
     idx = torch.arange(32)
     mean = losses.mean()
+    # the worker's first pass (the run's create) done: it then sleeps until its hour-long
+    # tick, and the queue below is read as log_batch left it
+    assert prof.flush(timeout_s=10)
     prof.log_batch(mean, losses=losses, indices=idx)  # torch was imported before start()
     prof.log_batch(losses, losses=losses, indices=idx)  # a loss of 32 elements: unreadable
     assert prof._proc is not None
@@ -265,10 +268,11 @@ def test_the_first_log_batch_of_a_fresh_process_takes_the_fast_path(tmp_path: Pa
     """torch imported before the profiler starts (a training script): the first loss logged
     is already read as its value, not copied the slow way."""
     code = (
-        "import os, torch\n"
+        "import torch\n"
         "from h3client import H3Profiler\n"
         f"p = H3Profiler('x', url='http://127.0.0.1:9', data_dir={str(tmp_path)!r}, "
         "autostart=False, flush_interval_s=3600)\n"
+        "assert p.flush(timeout_s=10)\n"  # the worker's first pass done: it sleeps now
         "w = torch.randn(4, requires_grad=True)\n"
         "p.log_batch((w * 2).mean())\n"
         "print(type(p._proc.batches[0][2]).__name__)\n"
