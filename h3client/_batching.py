@@ -604,7 +604,7 @@ def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
     if not count:
         return None, bad
     body = '{"nonfinite_as_null":true,"batches":[' + ",".join(parts) + "]}"
-    return Request("batches", body, count), bad
+    return Request("batches", body.encode(), count), bad
 
 
 # --- the worker ------------------------------------------------------------------------------
@@ -684,7 +684,7 @@ class BatchProcessor:
 
         Raises ValueError/TypeError if ``body`` is not JSON (NaN included).
         """
-        self.others.append(Request(op, json.dumps(body, allow_nan=False)))
+        self.others.append(Request(op, json.dumps(body, allow_nan=False).encode()))
         self._wake.set()
 
     # --- the worker ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class Request(NamedTuple):
     """One operation, encoded once: what is posted and, if need be, what is spooled."""
 
     op: str  # "create", "batches", "epochs", "update"
-    body: str | bytes  # the request body as JSON text (bytes: UTF-8, the sender's batches)
+    body: bytes  # the request body: JSON text, UTF-8
     n_batches: int = 0  # batches it carries
 
 
@@ -56,7 +56,7 @@ class HttpExporter:
         self.client = client
         self.run_id = run_id
         # a distributed run's rank: every batches request says which rank logged it
-        self._rank_prefix = None if rank is None else f'{{"rank":{int(rank)},'
+        self._rank_prefix = None if rank is None else f'{{"rank":{int(rank)},'.encode()
         self.spool_file = Spool(client.config.spool_dir, run_id)
         self.online = True
         self._retry_at = 0.0
@@ -88,10 +88,7 @@ class HttpExporter:
     def _stamped(self, request: Request) -> Request:
         if self._rank_prefix is None or request.op != "batches":
             return request
-        body = request.body
-        if isinstance(body, bytes):
-            return request._replace(body=self._rank_prefix.encode() + body[1:])
-        return request._replace(body=self._rank_prefix + body[1:])
+        return request._replace(body=self._rank_prefix + request.body[1:])
 
     def send(self, request: Request) -> Outcome:
         request = self._stamped(request)
