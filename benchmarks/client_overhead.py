@@ -298,10 +298,8 @@ def training(
         )  # fmt: skip
 
     prof = H3Profiler("bench-train", url=url, data_dir=data_dir)
-    sender = next(t.native_id for t in threading.enumerate() if t.name == "h3-exporter")
     daemon_pid = json.loads((data_dir / "daemon.json").read_text())["pid"]
     stats = {
-        "sender": f"/proc/self/task/{sender}/stat",
         "daemon": f"/proc/{daemon_pid}/stat",
         "training": f"/proc/self/task/{threading.get_native_id()}/stat",
     }
@@ -339,7 +337,7 @@ def training(
     calls: dict[str, list[int]] = {m: [] for m in modes}  # ns per log call, in the loop
     for _ in range(10):
         epoch(modes["unprofiled"], [])  # warm-up
-    cpu = {m: dict.fromkeys(stats, 0.0) for m in modes}
+    cpu = {m: dict.fromkeys([*stats, "sender"], 0.0) for m in modes}
     names = list(modes)
     senders = {prof, *extra}  # held's sender is never live: always paused
     for r in range(rounds):
@@ -349,9 +347,13 @@ def training(
             with contextlib.ExitStack() as stack:
                 for p in senders - {live.get(m)}:
                     stack.enter_context(sender_paused(p))
-                before = {k: cpu_s(v) for k, v in stats.items()}
+                # the CPU of this mode's own sender thread, if it has a live one
+                proc = live[m]._proc if m in live else None
+                sender = proc._thread.native_id if proc is not None else None
+                st = {**stats, "sender": f"/proc/self/task/{sender}/stat"} if sender else stats
+                before = {k: cpu_s(v) for k, v in st.items()}
                 times[m].append(epoch(modes[m], calls[m]))
-                for k, v in stats.items():
+                for k, v in st.items():
                     cpu[m][k] += cpu_s(v) - before[k]
                 if m in after:
                     after[m]()
