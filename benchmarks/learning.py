@@ -35,6 +35,7 @@ import argparse
 import functools
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import cpu_model, daemon  # noqa: E402
 from benchmarks._data import Split, flip_labels, load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3optim import (  # noqa: E402
@@ -292,6 +293,7 @@ def run_arm(
         "controller": report,
         "lr": lr,
         "load_1min": os.getloadavg()[0],
+        "host": cpu_model(),
     }
 
 
@@ -439,6 +441,28 @@ def _paired(a: list[float], b: list[float]) -> str:
     return f"{statistics.mean(d):+.2f} points, {wins}/{len(d)} seeds ahead, paired t-test p = {t.pvalue:.3g}"
 
 
+def _host(row: dict[str, Any]) -> str:
+    """The CPU a row ran on (``host``, written with every row since 2026-11-30)."""
+    return str(row.get("host", "not recorded"))
+
+
+def _hosts_note(by_arm: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """Which seeds ran on which host, when a task's seeds ran on more than one."""
+    seeds: dict[str, set[int]] = {}
+    for rs in by_arm.values():
+        for seed, r in rs.items():
+            seeds.setdefault(_host(r), set()).add(seed)
+    if len(seeds) < 2:
+        return ""
+    return (
+        " Hosts: "
+        + "; ".join(
+            f"{h}: seeds {', '.join(map(str, sorted(s)))}" for h, s in sorted(seeds.items())
+        )
+        + " (each seed's arms ran back to back on one host, so its ratios are same-run)."
+    )
+
+
 def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) -> None:
     lrs = {key: chosen_lr(key, lr_rows) for key in TASKS}
     # only the rows trained at the task's chosen lr (a re-sweep leaves older rows aside)
@@ -456,7 +480,8 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
         "# Learning benchmark: does energy-aware training save energy?",
         "",
         f"`PYTHONPATH=. python benchmarks/learning.py` (resumable; rows in `learning.jsonl`), "
-        f"{machine()}, torch {torch.__version__} with 1 thread; {load}. Ratios are "
+        f"{os.cpu_count()} cores ({' and '.join(sorted({_host(r) for r in rows}))}), Python "
+        f"{platform.python_version()}, torch {torch.__version__} with 1 thread; {load}. Ratios are "
         "per seed (arms of one seed run back to back, in rotating order) and then the median. "
         "Energy is what the h3d daemon attributed to each run, with its source (`estimated` is "
         "the CPU model utilisation × TDP: no RAPL or GPU here — a model, not a measurement). "
@@ -507,7 +532,8 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
             )
             + ". Seeds run: "
             + ", ".join(f"{a}: {len(s)}" for a, s in by_arm.items())
-            + ".",
+            + "."
+            + _hosts_note(by_arm),
             "",
             "| arm | test accuracy % | samples back-propagated | vs Adam | wall s | wall vs Adam (median) | energy J | energy vs Adam (median) | GFLOPs | flipped share % |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
