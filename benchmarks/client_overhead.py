@@ -14,10 +14,12 @@
    and end to end against a real daemon (log 20 000, ``stop()``; batches over the time from
    the first log to ``stop()`` returning).
 4. A real training loop (MLP on MNIST-1D, batch 64, one torch thread, about 1 000 steps/s)
-   that logs per-sample losses and indices: rounds of one epoch per mode (unprofiled,
-   profiled, and a synchronous HTTP POST per batch, what a naive client does) in rotating
-   order, the sender paused outside the profiled epochs so that its work is charged to them;
-   the median over rounds of each epoch's ratio to its round's unprofiled epoch. Plus the CPU
+   that logs per-sample losses and indices: rounds of one block of epochs per mode
+   (unprofiled, profiled, and a synchronous HTTP POST per batch, what a naive client does) in
+   rotating order, a block lasting ``--block-s`` seconds so that the sender posts about once
+   a second of the mode's training, as in a run; the sender paused outside its mode's blocks
+   so that its work is charged to them; the median over rounds of each block's ratio to its
+   round's unprofiled block. Plus the CPU
    share of the training thread, the sender thread and the daemon. ``--diagnose`` adds three
    modes that take the overhead apart: ``log_batch`` alone (its sender held), the sender
    converting to a null sink, and the mean loss only.
@@ -32,6 +34,7 @@ import contextlib
 import copy
 import gzip
 import json
+import math
 import os
 import re
 import resource
@@ -239,17 +242,25 @@ class NullExporter:
 
 
 def training(
-    url: str, token: str, data_dir: Path, data, rounds: int, sync: bool, diagnose: bool = False
+    url: str,
+    token: str,
+    data_dir: Path,
+    data,
+    rounds: int,
+    sync: bool,
+    diagnose: bool = False,
+    block_s: float = 3.0,
 ) -> dict[str, Any]:
-    """Epochs of a real training loop, one epoch of each logging mode per round, in
-    rotating order; each logging epoch is compared with the unprofiled epoch of its round.
+    """Epochs of a real training loop: per round, one block of epochs (``block_s`` seconds)
+    of each logging mode, in rotating order; each logging block is compared with the
+    unprofiled block of its round.
 
-    The sender posts once a second: with modes alternating epoch by epoch, its work would
-    land in the unprofiled epochs as often as in the profiled ones. So during every epoch
-    that is not the profiler's, the sender is paused (:func:`sender_paused`): all of its
-    work, and the daemon's answer to it, is charged to the profiled epochs, as it would be
-    in a run that logs every epoch. Adjacent epochs cancel the machine's drift, which on
-    this shared host moved whole 15-second segments by ±20 %."""
+    The sender posts once a second: with modes alternating, its work would land in the
+    unprofiled blocks as often as in the profiled ones. So during every block that is not
+    its mode's, a sender is paused (:func:`sender_paused`): all of its work, and the
+    daemon's answer to it, is charged to its mode's blocks, as it would be in a run that
+    logs every step. Adjacent blocks cancel the machine's drift, which on these shared
+    hosts moved whole 15-second segments by ±20 %."""
     x, y = data.x_train, data.y_train
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -335,13 +346,19 @@ def training(
         modes["sync HTTP POST per batch"] = sync_log
     times: dict[str, list[float]] = {m: [] for m in modes}
     calls: dict[str, list[int]] = {m: [] for m in modes}  # ns per log call, in the loop
-    for _ in range(10):
-        epoch(modes["unprofiled"], [])  # warm-up
+    warm = [epoch(modes["unprofiled"], []) for _ in range(10)]
+    # Each mode trains for a block of per_block epochs (at least block_s seconds) a round. The
+    # sender posts on a 1 s timer; paused through the other modes' epochs, it would find its
+    # timer due at every resumption and post once per epoch: with single-epoch blocks it
+    # sent 4-9 requests per second of its mode's training, of a few hundred batches each,
+    # against the one request a second of a run, so its per-request costs were charged
+    # several times over. Blocks of a few seconds give it a run's rhythm.
+    per_block = max(1, math.ceil(block_s / statistics.median(warm)))
     cpu = {m: dict.fromkeys([*stats, "sender"], 0.0) for m in modes}
     names = list(modes)
     senders = {prof, *extra}  # held's sender is never live: always paused
     for r in range(rounds):
-        if r % 50 == 0:
+        if r % max(1, 50 // per_block) == 0:  # every ~50 epochs of each mode
             restart()
         for m in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
             with contextlib.ExitStack() as stack:
@@ -352,16 +369,17 @@ def training(
                 sender = proc._thread.native_id if proc is not None else None
                 st = {**stats, "sender": f"/proc/self/task/{sender}/stat"} if sender else stats
                 before = {k: cpu_s(v) for k, v in st.items()}
-                times[m].append(epoch(modes[m], calls[m]))
+                times[m].append(sum(epoch(modes[m], calls[m]) for _ in range(per_block)))
                 for k, v in st.items():
                     cpu[m][k] += cpu_s(v) - before[k]
                 if m in after:
                     after[m]()
-        if (r + 1) % 50 == 0:
+        if (r + 1) % 10 == 0:
             print(
-                f"round {r + 1}/{rounds}: "
+                f"round {r + 1}/{rounds} ({per_block} epochs a block): "
                 + ", ".join(
-                    f"{m} {1e3 * statistics.median(t[-50:]):.2f} ms" for m, t in times.items()
+                    f"{m} {1e3 * statistics.median(t[-10:]) / per_block:.2f} ms"
+                    for m, t in times.items()
                 ),
                 flush=True,
             )
@@ -372,7 +390,8 @@ def training(
     http.close()
     others = [m for m in modes if m != "unprofiled"]
     return {
-        "epochs": times,
+        "epochs": times,  # seconds per block of k epochs
+        "per_block": per_block,
         # each logging epoch against the unprofiled epoch of its round (run side by side)
         "ratios": {
             m: [a / u - 1 for a, u in zip(times[m], times["unprofiled"], strict=True)]
@@ -415,7 +434,15 @@ def main() -> None:
     ap.add_argument(
         "--no-sync", action="store_true", help="leave out the slow sync-HTTP training arm"
     )
-    ap.add_argument("--rounds", type=int, help="training: rounds of epochs (default 400)")
+    ap.add_argument(
+        "--rounds", type=int, help="training: rounds of one block per mode (default 60)"
+    )
+    ap.add_argument(
+        "--block-s",
+        type=float,
+        default=3.0,
+        help="training: seconds of each mode's block of epochs per round (default 3)",
+    )
     ap.add_argument(
         "--diagnose",
         action="store_true",
@@ -442,9 +469,10 @@ def main() -> None:
             token,
             Path(tmp),
             data,
-            args.rounds or (40 if args.quick else 400),
+            args.rounds or (8 if args.quick else 60),
             sync=not (args.quick or args.no_sync),
             diagnose=args.diagnose,
+            block_s=args.block_s,
         )
     write(args, res, calls, repeats)
 
@@ -453,6 +481,7 @@ def flags(args) -> str:
     out = " --quick" if args.quick else ""
     out += f" --repeats {args.repeats}" if args.repeats else ""
     out += f" --rounds {args.rounds}" if args.rounds else ""
+    out += f" --block-s {args.block_s:g}" if args.block_s != 3.0 else ""
     out += " --diagnose" if args.diagnose else ""
     return out + (" --no-sync" if args.no_sync else "")
 
@@ -506,16 +535,17 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         lines.append(
             f"| {kind} | {s['encode']:,.0f} | {s['encode+gzip']:,.0f} | {s['end to end']:,.0f} |"
         )
-    eps, ratios = tr["epochs"], tr["ratios"]
-    base = statistics.median(eps["unprofiled"])
+    eps, ratios, k = tr["epochs"], tr["ratios"], tr["per_block"]
+    base = statistics.median(eps["unprofiled"]) / k  # an epoch
     steps = tr["batches_per_epoch"] / base
     lines += [
         "",
         f"**Training loop** (MLP 40-256-256-10 on MNIST-1D, {tr['batches_per_epoch']} batches of "
-        f"64 per epoch, {steps:,.0f} steps/s unprofiled; {len(eps['unprofiled'])} rounds of one "
-        "epoch per mode in rotating order, the sender paused outside profiled epochs so that all "
-        "its work is charged to them; the overhead is the median over rounds of (logging epoch / "
-        "the round's unprofiled epoch − 1), with the quartiles of those ratios. CPU: each "
+        f"64 per epoch, {steps:,.0f} steps/s unprofiled; {len(eps['unprofiled'])} rounds of a block "
+        f"of {k} epochs per mode in rotating order, so that each sender posts about once a "
+        "second of its mode's training, as in a run; the sender paused outside its mode's blocks "
+        "so that all its work is charged to them; the overhead is the median over rounds of "
+        "(logging block / the round's unprofiled block − 1), with the quartiles of those ratios. CPU: each "
         "thread's or process's CPU seconds per second of the mode's epochs, from /proc. The log "
         "call in the loop: every call timed as the loop pays it, right after a training step, "
         "median over the unprofiled mode's empty call, and that as a share of the unprofiled "
@@ -535,7 +565,7 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         else:
             over = "— | —"
         lines.append(
-            f"| {m} | {1e3 * statistics.median(ts):.2f} | {over} | {tr['call_us'][m]:.2f} µs "
+            f"| {m} | {1e3 * statistics.median(ts) / k:.2f} | {over} | {tr['call_us'][m]:.2f} µs "
             f"| {100 * tr['call_us'][m] / step_us:.2f} % | {100 * c['training']:.1f} % "
             f"| {100 * c['sender']:.2f} % | {100 * c['daemon']:.2f} % |"
         )
