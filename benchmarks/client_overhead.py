@@ -355,6 +355,13 @@ def training(
     # several times over. Blocks of a few seconds give it a run's rhythm.
     per_block = max(1, math.ceil(block_s / statistics.median(warm)))
     cpu = {m: dict.fromkeys([*stats, "sender"], 0.0) for m in modes}
+    # each mode's /proc files: its own sender thread's too, if it has a live one
+    mode_stats = {
+        m: {**stats, "sender": f"/proc/self/task/{live[m]._proc._thread.native_id}/stat"}
+        if m in live
+        else stats
+        for m in modes
+    }
     names = list(modes)
     senders = {prof, *extra}  # held's sender is never live: always paused
     for r in range(rounds):
@@ -364,10 +371,7 @@ def training(
             with contextlib.ExitStack() as stack:
                 for p in senders - {live.get(m)}:
                     stack.enter_context(sender_paused(p))
-                # the CPU of this mode's own sender thread, if it has a live one
-                proc = live[m]._proc if m in live else None
-                sender = proc._thread.native_id if proc is not None else None
-                st = {**stats, "sender": f"/proc/self/task/{sender}/stat"} if sender else stats
+                st = mode_stats[m]
                 before = {k: cpu_s(v) for k, v in st.items()}
                 times[m].append(sum(epoch(modes[m], calls[m]) for _ in range(per_block)))
                 for k, v in st.items():
@@ -390,9 +394,9 @@ def training(
     http.close()
     others = [m for m in modes if m != "unprofiled"]
     return {
-        "epochs": times,  # seconds per block of k epochs
+        "epochs": times,  # seconds per block of per_block epochs
         "per_block": per_block,
-        # each logging epoch against the unprofiled epoch of its round (run side by side)
+        # each logging block against the unprofiled block of its round (run side by side)
         "ratios": {
             m: [a / u - 1 for a, u in zip(times[m], times["unprofiled"], strict=True)]
             for m in others
