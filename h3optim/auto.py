@@ -352,12 +352,13 @@ class AutoH3:
         model.eval()
         correct = total = 0
         loss_sum = 0.0
-        for batch in test_loader:
-            data, target = batch[0], batch[1]
-            out = model(data)
-            loss_sum += float(torch.nn.functional.cross_entropy(out, target, reduction="sum"))
-            correct += int((out.argmax(1) == target).sum())
-            total += len(target)
+        with torch.no_grad():  # no autograd graph for an evaluation
+            for batch in test_loader:
+                data, target = batch[0], batch[1]
+                out = model(data)
+                loss_sum += float(torch.nn.functional.cross_entropy(out, target, reduction="sum"))
+                correct += int((out.argmax(1) == target).sum())
+                total += len(target)
         acc = correct / max(total, 1)
         held_out = loss_sum / max(total, 1)
         end = self._energy()

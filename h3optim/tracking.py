@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,12 +87,12 @@ class LossTracker:
         self.smoothing = smoothing
         dev = torch.device(device) if device is not None else torch.device("cpu")
         # One (4, N) float32 state, rows EMA, first loss, latest loss and sightings, so that
-        # an update is one gather, one interpolation and one scatter for all of them (a
-        # dozen small kernels in all, about half what a tensor per field took). ``first``
-        # is each sample's first observed loss: the reference the sampler's noise guard
-        # compares the EMA with (a loss that rose while the model learned points at a wrong
-        # label); ``last`` says whether it is learned *now* (the EMA remembers its start).
-        self._state = torch.zeros(4, num_samples, device=dev)
+        # an update is one gather, a few element-wise kernels and one scatter for all of them
+        # (about a dozen small kernels in all). ``first`` is each sample's first observed
+        # loss: the reference the sampler's noise guard compares the EMA with (a loss that
+        # rose while the model learned points at a wrong label); ``last`` says whether it is
+        # learned *now* (the EMA remembers its start).
+        self._state = torch.zeros(4, num_samples, dtype=torch.float32, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
 
     @property
@@ -132,23 +133,30 @@ class LossTracker:
         idx = torch.as_tensor(indices, device=losses.device).reshape(-1).long()
         if idx.numel() != losses.numel():
             raise ValueError(f"{idx.numel()} indices for {losses.numel()} losses")
-        # non-finite losses leave a sample's state as it was: weight 0 in the interpolation
-        # below (a mask by arithmetic, not by boolean indexing, which would synchronise
-        # with the device)
-        finite = (losses - losses) == 0  # isfinite in two kernels (it takes six)
-        self._nonfinite += finite.numel() - finite.sum()
-        f = finite.float()
+        # Non-finite losses leave a sample's state as it was. On the CPU one sum read back
+        # (no device to wait for) says whether there are any, and the common all-finite
+        # batch skips the mask; elsewhere the mask is arithmetic, not boolean indexing,
+        # which would synchronise with the device.
+        finite = None
+        if not (losses.is_cpu and math.isfinite(losses.sum().item())):
+            finite = (losses - losses) == 0  # isfinite in two kernels (it takes six)
+            self._nonfinite += finite.numel() - finite.sum()
         old = self._state.index_select(1, idx)
-        seen = old[3] > 0
-        # weights toward the new loss: EMA `smoothing` once seen, 1 at the first sighting;
-        # first loss 1 at the first sighting only; latest loss 1; sightings +1 (weight 1
-        # toward old + 1); all 0 for a non-finite loss. lerp is exact at weights 0 and 1.
-        weights = torch.stack(
-            (torch.where(seen, f * self.smoothing, f), f.masked_fill(seen, 0), f, f)
+        ema, first, _, count = old
+        seen = count > 0
+        # the EMA moves toward the loss by `smoothing` once seen and is the loss at the
+        # first sighting; the first loss is kept once seen
+        new = torch.stack(
+            (
+                torch.where(seen, ema.lerp(losses, self.smoothing), losses),
+                torch.where(seen, first, losses),
+                losses,
+                count + 1.0,
+            )
         )
-        loss = losses.masked_fill(~finite, 0)
-        target = torch.stack((loss, loss, loss, old[3] + 1.0))
-        self._state.index_copy_(1, idx, torch.lerp(old, target, weights))
+        if finite is not None:
+            new = torch.where(finite, new, old)
+        self._state.index_copy_(1, idx, new)
 
     @property
     def nonfinite_count(self) -> int:

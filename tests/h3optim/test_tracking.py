@@ -107,3 +107,18 @@ def test_update_matches_the_per_sample_rule() -> None:
     u = LossTracker(n)
     u.load_state_dict(t.state_dict())
     assert torch.equal(u._state, t._state)
+
+
+def test_state_is_float32_whatever_the_default_dtype() -> None:
+    """A script that sets float64 as torch's default dtype still tracks (float32 state)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        t = LossTracker(4)
+        t.update(torch.tensor([1, 2]), torch.tensor([0.5, 0.75]))
+        t.update(torch.tensor([1, 3]), torch.tensor([1.5, math.nan]))
+    finally:
+        torch.set_default_dtype(previous)
+    assert t.ema.dtype == torch.float32
+    assert t.ema.tolist() == [0.0, 0.6000000238418579, 0.75, 0.0]
+    assert t.counts.tolist() == [0, 2, 1, 0] and t.nonfinite_count == 1
