@@ -4,6 +4,9 @@ Arms (same model, data, batch size, epochs and data path):
 - ``uniform Adam``: every sample every epoch.
 - ``Adam + sampler``: Adam with ``InformationWeightedSampler`` at fixed fractions in the
   thermodynamic phase (the same phases and budget as AutoH3's starting setting).
+- ``Adam + sampler (unbiased)``: the same draws, each loss weighted by the sampler's
+  ``weights`` (inverse inclusion probability), so an epoch's expected gradient is the full
+  data's.
 - ``random subset``: Adam with a uniformly random subset of exactly that per-epoch budget
   (the baseline any data-selection claim must beat).
 - ``AutoH3 (balanced)``: H3Optimizer + sampler, steered by the windowed A/B controller.
@@ -100,7 +103,14 @@ SWEEP_SEEDS = (0, 1)
 # much as its training and hide what the arms differ in.
 MONITOR = 2000
 VALIDATION = 0.1
-ARMS = ["uniform Adam", "Adam + sampler", "random subset", "AutoH3 (balanced)", "H3 mnist_fast"]
+ARMS = [
+    "uniform Adam",
+    "Adam + sampler",
+    "Adam + sampler (unbiased)",
+    "random subset",
+    "AutoH3 (balanced)",
+    "H3 mnist_fast",
+]
 # AutoH3 trains with Adam here (its ``optimizer=`` factory): H3Optimizer's step is being made
 # as cheap as Adam's on another branch; until then it would measure that step, not the loop
 
@@ -175,17 +185,20 @@ def train_loop(
     *,
     tracker: LossTracker | None = None,
     closure_step: bool = False,
+    weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     for epoch in range(epochs):
         model.train()
         for x, y, idx in loader_for(epoch):
             seen: dict[str, torch.Tensor] = {}
 
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            def closure(
+                x: torch.Tensor = x, y: torch.Tensor = y, idx: torch.Tensor = idx
+            ) -> torch.Tensor:
                 opt.zero_grad()
                 losses = nn.functional.cross_entropy(model(x), y, reduction="none")
                 seen.setdefault("l", losses.detach())  # noqa: B023 (read before the next batch)
-                loss = losses.mean()
+                loss = (losses * weights(idx)).mean() if weights is not None else losses.mean()
                 loss.backward()  # type: ignore[no-untyped-call]
                 return loss
 
@@ -228,10 +241,11 @@ def run_arm(
         train_loop(
             model, opt, lambda e: batch_loader(ds, rs, task.batch), task.epochs, counter, prof, data
         )
-    elif arm in ("Adam + sampler", "random subset"):
+    elif arm in ("Adam + sampler", "Adam + sampler (unbiased)", "random subset"):
         tracker = LossTracker(n)
-        mix = MIX if arm == "Adam + sampler" else 1.0
-        sampler = InformationWeightedSampler(ds, tracker, seed=seed)
+        mix = 1.0 if arm == "random subset" else MIX
+        unbiased = arm == "Adam + sampler (unbiased)"
+        sampler = InformationWeightedSampler(ds, tracker, seed=seed, unbiased=unbiased)
         sched = PhaseSchedule(task.epochs, WARMUP, CONSOLIDATION)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
 
@@ -241,7 +255,17 @@ def run_arm(
             sampler.set_epoch(epoch)
             return batch_loader(ds, sampler, task.batch)
 
-        train_loop(model, opt, loader, task.epochs, counter, prof, data, tracker=tracker)
+        train_loop(
+            model,
+            opt,
+            loader,
+            task.epochs,
+            counter,
+            prof,
+            data,
+            tracker=tracker,
+            weights=sampler.weights if unbiased else None,
+        )
     elif arm == "H3 mnist_fast":
         setup = h3_mnist_fast(model.parameters(), ds, seed=seed, lr=lr)
         train_loop(
@@ -489,7 +513,8 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
         "without gradient), so H3Optimizer's curvature probe and AutoH3's probe-set evaluations "
         f"are counted. Sampled arms: phases {WARMUP:.0%} warmup / {CONSOLIDATION:.0%} "
         f"consolidation uniform (AutoH3's defaults); Adam + sampler and the random subset keep "
-        f"{KEEP} per thermodynamic epoch (sampler: {MIX} of it uniform, unbiased=False); AutoH3 "
+        f"{KEEP} per thermodynamic epoch (sampler: {MIX} of it uniform, unbiased=False, and "
+        "unbiased=True in its own arm); AutoH3 "
         "starts at mode balanced's (0.6, 0.3) and its windowed A/B may lower keep_frac; "
         "AutoH3 trains with Adam through its `optimizer=` factory, so that it measures "
         "the loop (H3 mnist_fast measures H3Optimizer with its curvature probe). **One learning "
@@ -579,6 +604,7 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
         lines += [
             f"- AutoH3 − uniform Adam: {pair('AutoH3 (balanced)', 'uniform Adam')}.",
             f"- Adam + sampler − random subset (equal budget): {pair('Adam + sampler', 'random subset')}.",
+            f"- Adam + sampler (unbiased) − random subset: {pair('Adam + sampler (unbiased)', 'random subset')}.",
             f"- AutoH3 − random subset: {pair('AutoH3 (balanced)', 'random subset')}.",
             f"- AutoH3 − H3 mnist_fast (the fixed preset): {pair('AutoH3 (balanced)', 'H3 mnist_fast')}.",
         ]

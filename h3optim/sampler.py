@@ -124,6 +124,7 @@ class InformationWeightedSampler(Sampler[int]):
         self.uniform_mix = 1.0
         self.set_fractions(keep_frac, uniform_mix)
         self._probs: torch.Tensor | None = None
+        self._weights: tuple[torch.Tensor, tuple[int, float | None], torch.Tensor] | None = None
 
     def set_fractions(self, keep_frac: float, uniform_mix: float) -> None:
         if not 0.0 < keep_frac <= 1.0:
@@ -252,8 +253,13 @@ class InformationWeightedSampler(Sampler[int]):
             return torch.ones(idx.numel())
         if self._probs is None:
             self.epoch_indices()
-        assert self._probs is not None
-        return self.weights_from(self._probs, self.num_kept)[idx]
+        probs, key = self._probs, (self.num_kept, self.max_weight)
+        assert probs is not None
+        cache = self._weights
+        if cache is None or cache[0] is not probs or cache[1] != key:
+            # the epoch's vector, computed once per draw and not per batch
+            cache = self._weights = (probs, key, self.weights_from(probs, key[0]))
+        return cache[2][idx]
 
     def weights_from(self, probs: torch.Tensor, num_kept: int) -> torch.Tensor:
         """Every sample's unbiased weight under inclusion probabilities ``probs``, capped at

@@ -195,3 +195,22 @@ def test_weights_are_one_gather_and_can_be_capped() -> None:
     assert w.shape == idx.shape and float(w.max()) <= 2.0
     uncapped = InformationWeightedSampler(1000, t, 0.3, 0.1, unbiased=True)
     assert float(uncapped.weights(uncapped.indices()).max()) > 2.0
+
+
+def test_the_weight_vector_is_computed_once_per_draw_and_follows_changes() -> None:
+    t = tracker_with_losses(1000)
+    s = InformationWeightedSampler(1000, t, 0.3, 0.1, unbiased=True)
+    idx = s.indices()
+    first = s.weights(idx)
+    assert s._weights is not None
+    vector = s._weights[2]
+    assert s.weights(idx[:5]).tolist() == first[:5].tolist() and s._weights[2] is vector
+    s.max_weight = 1.5  # a changed cap is applied at once
+    assert float(s.weights(idx).max()) <= 1.5
+    s.max_weight = None
+    t.update(torch.arange(1000), torch.rand(1000, generator=torch.Generator().manual_seed(3)))
+    s.set_fractions(0.5, 0.2)
+    s.set_epoch(1)
+    idx = s.indices()  # a new draw: new inclusion probabilities, a new vector
+    assert s._probs is not None
+    assert torch.equal(s.weights(idx), s.weights_from(s._probs, s.num_kept)[idx])
