@@ -618,13 +618,16 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
             goal = d_acc >= -0.2 and r_s <= 0.75 and r_w <= 0.80 and r_e <= 0.80
             lines.append(
                 f"- Target (AutoH3 within 0.2 points of Adam, ≥ 25 % fewer samples, ≤ 0.80× wall and energy): "
-                f"{'**met**' if goal else '**NOT met**'} (Δacc {d_acc:+.2f}, samples {r_s:.2f}×, wall {r_w:.2f}×, energy {r_e:.2f}×)."
+                f"{'**met**' if goal else '**NOT met**'} (Δacc {d_acc:+.2f}, samples {r_s:.3f}×, wall {r_w:.3f}×, energy {r_e:.3f}×)."
             )
             held = sum("cannot beat the fixed schedule" in r["controller"] for r in auto.values())
+            short = sum("too short" in r["controller"] for r in auto.values())
             adopted = sum("keep_frac down" in r["controller"] for r in auto.values())
             lines.append(
-                f"- AutoH3's controller: held the fixed schedule in {held}/{len(auto)} seeds, "
-                f"adopted a leaner setting in {adopted}/{len(auto)}. Seed {min(auto)}'s report:"
+                f"- AutoH3's controller: held the fixed schedule after its windowed A/B in "
+                f"{held}/{len(auto)} seeds and without a test (the run too short for one) in "
+                f"{short}/{len(auto)}, adopted a leaner setting in {adopted}/{len(auto)}. "
+                f"Seed {min(auto)}'s report:"
             )
             lines += ["", "```", auto[min(auto)]["controller"], "```"]
             headline.append(

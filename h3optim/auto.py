@@ -232,6 +232,8 @@ class AutoH3:
         self._energy_at_epoch_start = self._energy()
         self._windows = None
         if self.controller.window_testing:
+            self.controller.plan_windows(self._windows_ahead(batch_size))
+        if self.controller.window_testing:
             self._windows = _WindowedBatches(
                 self.controller, self.sampler, batch_size, self.window_steps, self._window_step
             )
@@ -242,6 +244,16 @@ class AutoH3:
                 **loader_kwargs,
             )
         return batch_loader(self.indexed_dataset, self.sampler, batch_size, **loader_kwargs)
+
+    def _windows_ahead(self, batch_size: int) -> int:
+        """Windows of ``window_steps`` that the thermodynamic epochs from this one on hold,
+        at this epoch's steps per epoch."""
+        schedule = self.controller.schedule
+        epochs = sum(
+            schedule.phase(e) == "thermodynamic" for e in range(self.epoch, self.total_epochs)
+        )
+        steps = math.ceil(len(self.sampler) / batch_size)
+        return epochs * steps // self.window_steps
 
     def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
         """Mean loss on the fixed probe subset of the training data (no gradient)."""

@@ -25,8 +25,9 @@ window reports its marginal η, and every B window is compared with the mean of 
 on either side (which cancels the smooth decay of η). After ``min_pairs`` comparisons the
 relative differences decide, with a t-like test: B is adopted when it is better by more than
 ``threshold`` and by ``z`` standard errors; a B that is worse by ``z`` standard errors ends the
-test at once (fast back-off); ``max_pairs`` comparisons without evidence end it too. In both
-last cases the controller holds the fixed schedule — the current setting through the
+test at once (fast back-off); ``max_pairs`` comparisons without evidence end it too, and a
+test that the phase ahead has no room for (:meth:`plan_windows`) does not start. In those
+cases the controller holds the fixed schedule — the current setting through the
 thermodynamic phase — and says so in :meth:`get_report`. Once windows are observed the
 epoch-by-epoch A/B/A alternation is off, and the accuracy guard backs off only from an
 adopted setting, straight to the setting it replaced (a held-out accuracy that wobbles by a
@@ -346,6 +347,26 @@ class EtaController:
         if self.window_testing and len(self._windows) % 2 == 1:
             return ("B", *self.probe_setting())
         return ("A", self.keep_frac, self.uniform_mix)
+
+    def plan_windows(self, windows: int) -> None:
+        """Before a windowed A/B test starts: hold the fixed schedule at once if the
+        thermodynamic phase ahead holds fewer than ``2·max_pairs + 1`` windows.
+
+        A test that cannot run to its end pays for its probes and, even when it adopts B, has
+        few steps left to save on; a short run is better served by the safe setting it
+        starts from. Does nothing once the test has observed a window, or is not running.
+        """
+        needed = 2 * self.max_pairs + 1
+        if not self.window_testing or self._windows or windows >= needed:
+            return
+        self.window_state = "held"
+        self._decide(
+            "hold fixed schedule",
+            f"windowed A/B: the thermodynamic phase ahead holds about {windows} windows and a "
+            f"test needs {needed}: the run is too short for the η loop to gather evidence; "
+            f"holding keep_frac {self.keep_frac:.2f}, uniform_mix {self.uniform_mix:.2f}",
+            windows=windows,
+        )
 
     def observe_window(self, eta: float | None) -> None:
         """Take the marginal η (bits/J) of the window just trained with :meth:`window_setting`.

@@ -184,3 +184,31 @@ def test_autoh3_learning_floor_keeps_what_is_not_learned_yet() -> None:
     res = auto.finish()
     assert keeps[0] > 0.6 and keeps[-1] < keeps[0]  # binding at first, then falling
     assert "learning floor" in res["controller_report"]
+
+
+def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() -> None:
+    # 6 epochs of 1 400 samples at batch 64: the four thermodynamic epochs hold about 56
+    # steps, one 50-step window; a test needs 17. No probe is evaluated, no window is drawn.
+    train_set, test, model = digits_and_model()
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        total_epochs=6,
+        profile=False,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        learned_ratio=None,
+    )
+    windowed = 0
+    crit = nn.CrossEntropyLoss()
+    for _ in range(6):
+        loader = auto.get_loader(batch_size=64)
+        windowed += auto._windows is not None
+        for data, target, idx in loader:
+            auto.training_step(model, data, target, crit, idx)
+        auto.evaluate_epoch(model, test)
+    res = auto.finish()
+    assert windowed == 0 and auto._probe_batch is None
+    assert auto.controller.window_state == "held"
+    assert "too short" in res["controller_report"]
+    # the fixed schedule, held: the thermodynamic epochs keep balanced's 0.6
+    assert res["samples_backpropagated"] < 6 * len(train_set)

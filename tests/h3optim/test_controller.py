@@ -209,3 +209,27 @@ def test_learning_floor_keeps_what_is_not_learned_yet() -> None:
     report = c.get_report()
     assert "epochs 7–8: learning floor" in report and "from 60% to 50%" in report
     assert report.count("learning floor") == 3  # twice at epoch 5 (not consecutive), 7–8 once
+
+
+def test_a_test_the_phase_has_no_room_for_does_not_start() -> None:
+    c = EtaController("balanced", total_epochs=20)  # max_pairs 8: a test needs 17 windows
+    thermo(c)
+    c.control_step()
+    start = (c.keep_frac, c.uniform_mix)
+    c.plan_windows(17)
+    assert c.window_testing  # room enough: the test runs
+    c.plan_windows(16)
+    assert c.window_state == "held" and not c.window_testing
+    assert (c.keep_frac, c.uniform_mix) == start
+    held = next(d for d in c.decisions if d["change"] == "hold fixed schedule")
+    assert "too short" in held["reason"] and held["windows"] == 16
+    assert "too short" in c.get_report()
+
+
+def test_planning_changes_nothing_once_a_test_has_begun() -> None:
+    c = EtaController("balanced", total_epochs=20)
+    thermo(c)
+    c.control_step()
+    c.observe_window(1.0)  # the first window is in
+    c.plan_windows(3)
+    assert c.window_testing
