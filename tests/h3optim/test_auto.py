@@ -31,6 +31,18 @@ def digits_and_model() -> tuple[TensorDataset, DataLoader[Any], nn.Module]:
     return train_set, test, nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def offline_auto(model: nn.Module, train_set: TensorDataset, epochs: int, **kw: Any) -> AutoH3:
+    """AutoH3 without a daemon, training with Adam (lr 1e-3)."""
+    return AutoH3(
+        model.parameters(),
+        train_set,
+        total_epochs=epochs,
+        profile=False,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        **kw,
+    )
+
+
 def train(auto: AutoH3, model: nn.Module, test: DataLoader[Any], epochs: int) -> list[float]:
     crit = nn.CrossEntropyLoss()
     accs = []
@@ -101,15 +113,13 @@ def test_preset_unpacks_and_samples_by_phase() -> None:
 
 def test_autoh3_windowed_ab_runs_inside_the_epoch_and_reports() -> None:
     train_set, test, model = digits_and_model()
-    auto = AutoH3(
-        model.parameters(),
+    auto = offline_auto(
+        model,
         train_set,
+        6,
         mode="balanced",
-        total_epochs=6,
-        profile=False,
         window_steps=2,
         probe_size=128,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
         learned_ratio=None,  # windows from the first thermodynamic epoch (no learning floor)
     )
     assert isinstance(auto.optimizer, torch.optim.Adam)
@@ -141,14 +151,12 @@ def test_autoh3_windows_continue_across_epochs() -> None:
     # 15 steps per thermodynamic epoch and 10-step windows: windows run across epoch ends
     # and epochs start in a B window; the test must still gather its comparisons and decide
     train_set, test, model = digits_and_model()
-    auto = AutoH3(
-        model.parameters(),
+    auto = offline_auto(
+        model,
         train_set,
-        total_epochs=10,
-        profile=False,
+        10,
         window_steps=10,
         probe_size=128,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
         learned_ratio=None,  # windows from the first thermodynamic epoch (no learning floor)
     )
     auto.controller.min_pairs = auto.controller.max_pairs = 3
@@ -162,14 +170,7 @@ def test_autoh3_learning_floor_keeps_what_is_not_learned_yet() -> None:
     """Early in training most samples still teach: the thermodynamic epochs keep them all;
     as the model learns them the floor falls to the mode's setting."""
     train_set, test, model = digits_and_model()
-    auto = AutoH3(
-        model.parameters(),
-        train_set,
-        mode="balanced",  # keep 0.6, uniform 0.3
-        total_epochs=12,
-        profile=False,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
-    )
+    auto = offline_auto(model, train_set, 12, mode="balanced")  # keep 0.6, uniform 0.3
     keeps = []
     for _ in range(12):
         unlearned = auto.loss_tracker.unlearned_fraction()
@@ -190,14 +191,7 @@ def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() 
     # 6 epochs of 1 400 samples at batch 64: the four thermodynamic epochs hold about 56
     # steps, one 50-step window; a test needs 17. No probe is evaluated, no window is drawn.
     train_set, test, model = digits_and_model()
-    auto = AutoH3(
-        model.parameters(),
-        train_set,
-        total_epochs=6,
-        profile=False,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
-        learned_ratio=None,
-    )
+    auto = offline_auto(model, train_set, 6, learned_ratio=None)
     windowed = 0
     crit = nn.CrossEntropyLoss()
     for _ in range(6):
