@@ -354,7 +354,8 @@ class EtaController:
 
         A test that cannot run to its end pays for its probes and, even when it adopts B, has
         few steps left to save on; a short run is better served by the safe setting it
-        starts from. Does nothing once the test has observed a window, or is not running.
+        starts from. Does nothing once the test has observed a window, or is not running; a
+        new test after an adoption is planned again.
         """
         needed = 2 * self.max_pairs + 1
         if not self.window_testing or self._windows or windows >= needed:
