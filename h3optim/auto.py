@@ -231,8 +231,7 @@ class AutoH3:
         self._epoch_samples = self._epoch_steps = 0
         self._energy_at_epoch_start = self._energy()
         self._windows = None
-        if self.controller.window_testing:
-            self.controller.plan_windows(self._windows_ahead(batch_size))
+        self.controller.plan_windows(self._windows_ahead(batch_size))  # may end the test
         if self.controller.window_testing:
             self._windows = _WindowedBatches(
                 self.controller, self.sampler, batch_size, self.window_steps, self._window_step
