@@ -6,10 +6,11 @@ Arms (same model, data, batch size, epochs and data path):
   thermodynamic phase (the same phases and budget as AutoH3's starting setting).
 - ``Adam + sampler (unbiased)``: the same draws, each loss weighted by the sampler's
   ``weights`` (inverse inclusion probability), so an epoch's expected gradient is the full
-  data's.
+  data's (less the samples whose loss rose 0.5 nats above its first: weight 0).
 - ``random subset``: Adam with a uniformly random subset of exactly that per-epoch budget
   (the baseline any data-selection claim must beat).
-- ``AutoH3 (balanced)``: H3Optimizer + sampler, steered by the windowed A/B controller.
+- ``AutoH3 (balanced)``: the sampler with AutoH3's defaults (unbiased, noise margin 0.5),
+  steered by the windowed A/B controller (trained with Adam, through its ``optimizer=``).
 - ``H3 mnist_fast``: the fixed preset (H3Optimizer + sampler, keep 0.5, uniform 0.3).
 
 Every arm reads its batches the same way: ``h3optim.batch_loader`` over an
@@ -514,7 +515,8 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
         f"are counted. Sampled arms: phases {WARMUP:.0%} warmup / {CONSOLIDATION:.0%} "
         f"consolidation uniform (AutoH3's defaults); Adam + sampler and the random subset keep "
         f"{KEEP} per thermodynamic epoch (sampler: {MIX} of it uniform, unbiased=False, and "
-        "unbiased=True in its own arm); AutoH3 "
+        "unbiased=True in its own arm, where a sample whose loss rose more than 0.5 nats above "
+        "its first gets weight 0); AutoH3 draws unbiased with that margin (its defaults), "
         "starts at mode balanced's (0.6, 0.3) and its windowed A/B may lower keep_frac; "
         "AutoH3 trains with Adam through its `optimizer=` factory, so that it measures "
         "the loop (H3 mnist_fast measures H3Optimizer with its curvature probe). **One learning "

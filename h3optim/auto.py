@@ -92,7 +92,14 @@ class AutoH3:
         total_epochs: Planned epochs (phases and the controller depend on it).
         lr: Initial step of :class:`~h3optim.H3Optimizer`.
         accuracy_tolerance: Points of accuracy the controller may give up before backing off.
-        unbiased: Re-weight losses so the expected gradient matches full-data training.
+        unbiased: Weight each loss by the inverse of its inclusion probability, so an
+            epoch's expected gradient is the full data's, less the samples whose loss rose
+            more than ``noise_margin`` above its first value (likely mislabeled: weight 0).
+            True by default: on clean labels it beats the loss-biased draw, and with the
+            margin it keeps the biased draw's protection from flipped labels
+            (docs/optim.md, "Biased or unbiased draws"). ``False`` trains on the draw as it is.
+        noise_margin: See :class:`~h3optim.InformationWeightedSampler` (in the loss's unit;
+            0.5 suits a cross-entropy in nats; None weights every drawn sample).
         seed: Sampler seed.
         profile: Stream to the daemon through an ``h3client.H3Profiler``.
         profiler: A profiler-like object to use instead (``log_batch``, ``log_epoch``,
@@ -131,7 +138,8 @@ class AutoH3:
         total_epochs: int = 10,
         lr: float = 1e-3,
         accuracy_tolerance: float = 1.0,
-        unbiased: bool = False,
+        unbiased: bool = True,
+        noise_margin: float | None = 0.5,
         seed: int = 0,
         profile: bool = True,
         profiler: Any = None,
@@ -166,7 +174,11 @@ class AutoH3:
         )
         self.controller.windowed = True  # windowed A/B from the start (see EtaController)
         self.sampler = InformationWeightedSampler(
-            self.indexed_dataset, self.loss_tracker, seed=seed, unbiased=unbiased
+            self.indexed_dataset,
+            self.loss_tracker,
+            seed=seed,
+            unbiased=unbiased,
+            noise_margin=noise_margin,
         )
         self.window_steps = window_steps
         self.probe_size = probe_size
@@ -186,6 +198,7 @@ class AutoH3:
             "lr": lr,
             "total_epochs": total_epochs,
             "unbiased": unbiased,
+            "noise_margin": noise_margin,
             **(config or {}),
         }
         self.profiler_kwargs = dict(profiler_kwargs or {})

@@ -206,3 +206,26 @@ def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() 
     assert "too short" in res["controller_report"]
     # the fixed schedule, held: the thermodynamic epochs keep balanced's 0.6
     assert res["samples_backpropagated"] < 6 * len(train_set)
+
+
+def test_autoh3_weights_likely_flipped_labels_zero_and_the_rest_unbiased() -> None:
+    train_set, test, model = digits_and_model()
+    x, y = train_set.tensors
+    g = torch.Generator().manual_seed(1)
+    flipped = torch.rand(len(y), generator=g) < 0.2
+    noisy = torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y)
+    auto = offline_auto(model, TensorDataset(x, noisy), 12)
+    assert auto.sampler.unbiased and auto.sampler.noise_margin == 0.5  # the defaults
+    train(auto, model, test, 12)
+    flagged = auto.sampler.likely_mislabeled()
+    precision = float(flipped[flagged].float().mean())
+    recall = float(flagged[flipped].float().mean())
+    assert precision > 0.9 and recall > 0.3, (precision, recall)
+    probs = torch.full((len(y),), 0.5)
+    w = auto.sampler.weights_from(probs, len(y) // 2)
+    assert bool((w[flagged] == 0).all()) and bool((w[~flagged] == 1).all())
+    # on the clean labels, hardly any sample is set aside
+    train_set, test, model = digits_and_model()
+    clean = offline_auto(model, train_set, 12)
+    train(clean, model, test, 12)
+    assert float(clean.sampler.likely_mislabeled().float().mean()) < 0.01

@@ -197,6 +197,41 @@ def test_weights_are_one_gather_and_can_be_capped() -> None:
     assert float(uncapped.weights(uncapped.indices()).max()) > 2.0
 
 
+def test_samples_whose_loss_rose_past_the_margin_get_weight_zero() -> None:
+    n = 1000
+    t = LossTracker(n, smoothing=1.0)
+    first = torch.full((n,), 2.3)
+    t.update(torch.arange(n), first)
+    later = first - 1.0  # most samples are being learned
+    later[:50] = 2.3 + 0.6  # these rose by 0.6 nats: their labels disagree with the model
+    later[50:80] = 2.3 + 0.4  # these by 0.4: within the margin
+    t.update(torch.arange(n), later)
+    s = InformationWeightedSampler(n, t, 0.5, 0.3, unbiased=True)
+    assert s.likely_mislabeled().nonzero().reshape(-1).tolist() == list(range(50))
+    plain = InformationWeightedSampler(n, t, 0.5, 0.3, unbiased=True, noise_margin=None)
+    idx = s.indices()
+    assert torch.equal(idx, plain.indices())  # the margin changes the weights, not the draw
+    w, w_plain = s.weights(idx), plain.weights(idx)
+    rose = idx < 50
+    assert rose.any() and bool((w[rose] == 0).all())
+    assert torch.equal(w[~rose], w_plain[~rose]) and bool((w_plain[rose] > 0).all())
+    # a changed margin is applied at once, as a changed cap is
+    s.noise_margin = 0.3
+    assert int((s.weights(idx) == 0).sum()) == int((idx < 80).sum())
+
+
+def test_a_model_that_is_not_learning_is_not_mistaken_for_bad_labels() -> None:
+    n = 100
+    t = LossTracker(n, smoothing=1.0)
+    t.update(torch.arange(n), torch.full((n,), 1.0))
+    t.update(torch.arange(n), torch.full((n,), 3.0))  # every loss rose: a divergence
+    s = InformationWeightedSampler(n, t, 0.5, 0.3, unbiased=True)
+    assert not s.likely_mislabeled().any()
+    assert bool((s.weights(s.indices()) > 0).all())
+    with pytest.raises(ValueError):
+        InformationWeightedSampler(n, t, noise_margin=-0.1)
+
+
 def test_the_weight_vector_is_computed_once_per_draw_and_follows_changes() -> None:
     t = tracker_with_losses(1000)
     s = InformationWeightedSampler(1000, t, 0.3, 0.1, unbiased=True)
