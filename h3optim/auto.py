@@ -114,6 +114,11 @@ class AutoH3:
             counts as learned once its tracked loss is below this fraction of the mean
             first-sighting loss; while few are, thermodynamic epochs keep every sample not
             learned yet. ``None`` turns the floor off.
+        log_per_sample: Also stream every batch's per-sample losses and indices to the
+            daemon (stored with the run), not only its mean loss. Off by default: the
+            controller reads its own tracker, the daemon's η needs only the means, and in a
+            fast loop the vectors cost the training thread several µs a step
+            (docs/client.md).
         optimizer: A factory ``params -> torch.optim.Optimizer`` to train with instead of
             :class:`~h3optim.H3Optimizer` (``lr`` and the optimizer keyword arguments then
             do not apply), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
@@ -150,6 +155,7 @@ class AutoH3:
         warmup: float = 0.1,
         consolidation: float = 0.15,
         learned_ratio: float | None = 0.3,
+        log_per_sample: bool = False,
         optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
@@ -183,6 +189,7 @@ class AutoH3:
         self.window_steps = window_steps
         self.probe_size = probe_size
         self.learned_ratio = learned_ratio
+        self.log_per_sample = log_per_sample
         self._probe_batch: tuple[Any, Any] | None = None
         self._windows: _WindowedBatches | None = None
         self._window_step = 0
@@ -361,9 +368,12 @@ class AutoH3:
         self._epoch_steps += 1
         mean = losses.mean()
         if self.profiler is not None:
-            self.profiler.log_batch(
-                mean, losses=losses, indices=idx, epoch=self.epoch, phase=self.phase
-            )
+            if self.log_per_sample:
+                self.profiler.log_batch(
+                    mean, losses=losses, indices=idx, epoch=self.epoch, phase=self.phase
+                )
+            else:
+                self.profiler.log_batch(mean, epoch=self.epoch, phase=self.phase)
         if windows is not None and self.controller.window_testing:
             self._window_tick(model, criterion)
         if isinstance(loss, torch.Tensor):
@@ -422,6 +432,10 @@ class AutoH3:
             skipped_steps=getattr(self.optimizer, "skipped_steps", 0),
             final_keep_frac=self.controller.keep_frac,
             final_uniform_mix=self.controller.uniform_mix,
+            # samples whose loss rose past noise_margin: weight 0 in the unbiased draws
+            likely_mislabeled=int(self.sampler.likely_mislabeled().sum())
+            if self.sampler.unbiased
+            else 0,
         )
         return results
 

@@ -224,8 +224,47 @@ def test_autoh3_weights_likely_flipped_labels_zero_and_the_rest_unbiased() -> No
     probs = torch.full((len(y),), 0.5)
     w = auto.sampler.weights_from(probs, len(y) // 2)
     assert bool((w[flagged] == 0).all()) and bool((w[~flagged] == 1).all())
+    assert auto.finish()["likely_mislabeled"] == int(flagged.sum())
     # on the clean labels, hardly any sample is set aside
     train_set, test, model = digits_and_model()
     clean = offline_auto(model, train_set, 12)
     train(clean, model, test, 12)
     assert float(clean.sampler.likely_mislabeled().float().mean()) < 0.01
+
+
+class _Recorder:
+    """A profiler-like object (AutoH3's ``profiler=``) that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+
+    def log_batch(self, loss: Any, **kw: Any) -> None:
+        self.batches.append({"loss": float(loss), **kw})
+
+    def log_epoch(self, *args: Any, **kw: Any) -> None:
+        pass
+
+    def live_eta(self) -> None:
+        return None
+
+    def energy_j(self) -> None:
+        return None
+
+    def stop(self) -> dict[str, Any]:
+        return {}
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_autoh3_streams_mean_losses_and_per_sample_ones_only_when_asked(per_sample: bool) -> None:
+    train_set, test, model = digits_and_model()
+    rec = _Recorder()
+    auto = offline_auto(model, train_set, 1, profiler=rec, log_per_sample=per_sample)
+    train(auto, model, test, 1)
+    assert len(rec.batches) == -(-len(train_set) // 64)  # the warmup epoch: every batch
+    first = rec.batches[0]
+    assert first["epoch"] == 0 and first["phase"] == "warmup" and first["loss"] > 0
+    if per_sample:
+        assert first["losses"].shape == (64,) and first["indices"].shape == (64,)
+        assert first["loss"] == pytest.approx(float(first["losses"].mean()))
+    else:
+        assert "losses" not in first and "indices" not in first
