@@ -65,9 +65,10 @@ class H3Profiler:
     ``log_batch`` only appends a copy of what it is given to an in-memory queue (about 2 µs
     alone with per-sample losses and indices, 7–14 µs right after a training step; no I/O,
     no device sync, never raises); a background thread packs whole requests and posts them
-    to the ``h3d`` daemon, and spools to disk while the daemon is unreachable. ``stop()`` accounts for every batch: logged = posted +
-    spooled + rejected + lost, where "lost" is only what neither the daemon nor the disk
-    took (reported in the results and by a warning).
+    to the ``h3d`` daemon, and spools to disk while the daemon is unreachable. ``stop()``
+    accounts for every batch: logged = posted + spooled + rejected + lost, where "lost" is
+    only what neither the daemon nor the disk took (reported in the results and by a
+    warning).
 
     Args:
         name: Run name (default: ``run-<id prefix>``).
