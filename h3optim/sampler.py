@@ -210,11 +210,8 @@ class InformationWeightedSampler(Sampler[int]):
                 else math.inf
             )
             score[seen & (ema > cap)] = -math.inf
-            if self.noise_guard is not None:
-                # a loss that rose above its first value while the model learned: the
-                # label likely disagrees with what the model learns (a flipped label)
-                first = self.tracker.first.detach().float().cpu()
-                score[seen & (ema > self.noise_guard * first)] = -math.inf
+            if self.noise_guard is not None:  # likely a flipped label (LossTracker.rose)
+                score[self.tracker.rose(factor=self.noise_guard).cpu()] = -math.inf
         score[~seen] = math.inf
         order = torch.argsort(score + jitter, descending=True)  # jitter: random among ties
         return order, int(torch.isfinite(score[order]).sum() + (~seen).sum())
@@ -293,13 +290,10 @@ class InformationWeightedSampler(Sampler[int]):
         """Which samples' tracked loss rose more than ``noise_margin`` above its first value
         (a bool mask on the CPU; all False without a margin, or when more than half the seen
         samples rose, which is a model that is not learning rather than bad labels)."""
-        seen = self.tracker.seen.cpu()
-        if self.noise_margin is None or not seen.any():
+        if self.noise_margin is None:
             return torch.zeros(self.n, dtype=torch.bool)
-        ema = self.tracker.ema.detach().float().cpu()
-        first = self.tracker.first.detach().float().cpu()
-        rose = seen & (ema > first + self.noise_margin)
-        if 2 * int(rose.sum()) > int(seen.sum()):
+        rose = self.tracker.rose(margin=self.noise_margin).cpu()
+        if 2 * int(rose.sum()) > int(self.tracker.seen.sum()):
             return torch.zeros(self.n, dtype=torch.bool)
         return rose
 

@@ -182,6 +182,14 @@ class LossTracker:
         settled = seen & ((self.last <= scale) | (self.last > self.first))
         return 1.0 - float(settled.float().mean())
 
+    @torch.no_grad()
+    def rose(self, factor: float = 1.0, margin: float = 0.0) -> torch.Tensor:
+        """Which samples' EMA loss rose above ``factor`` × their first loss + ``margin`` (a
+        bool mask on the tracker's device; never-seen samples are False). A loss that rose
+        while the model learned points at a label that disagrees with what the model learns
+        (the sampler's noise guard and its ``noise_margin`` both ask this)."""
+        return self.seen & (self.ema > factor * self.first + margin)
+
     def get(self, indices: Any) -> torch.Tensor:
         idx = torch.as_tensor(indices, device=self.ema.device).long()
         return self.ema[idx]

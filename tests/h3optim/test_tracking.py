@@ -62,6 +62,16 @@ def test_first_loss_is_kept_and_old_states_load() -> None:
     assert torch.equal(u.first, t.ema)
 
 
+def test_rose_compares_the_ema_with_the_first_loss() -> None:
+    t = LossTracker(4, smoothing=1.0)
+    t.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 1.0]))
+    t.update(torch.tensor([0, 1, 2]), torch.tensor([0.5, 1.2, 1.8]))
+    assert t.rose().tolist() == [False, True, True, False]  # never seen: False
+    assert t.rose(margin=0.5).tolist() == [False, False, True, False]
+    assert t.rose(factor=1.5).tolist() == [False, False, True, False]
+    assert t.rose(factor=2.0).tolist() == [False, False, False, False]
+
+
 def test_unlearned_fraction_against_the_mean_first_loss() -> None:
     t = LossTracker(10)
     assert t.unlearned_fraction() == 1.0  # nothing seen
