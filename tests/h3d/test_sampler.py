@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -139,7 +141,11 @@ def test_gpu_shares_come_from_process_utilisation(store) -> None:
         ).id
     assert s.run_started(run_id, os.getpid())
     s.start()
-    time.sleep(0.4)
+    # the run works, as a training run does (here in a child, as a DataLoader worker would):
+    # on an idle machine the busy-CPU counter may not move for a whole 50 ms window, and
+    # such a window has no CPU share (0 of 0)
+    burn = "import time\nt = time.monotonic() + 0.4\nwhile time.monotonic() < t: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
     s.run_ended(run_id)
     s.stop()
     with session_scope(store.sessions) as sess:
