@@ -219,9 +219,17 @@ class Client:
         return list(r.json()["points"])
 
     def export_csv(self, run_id: str, path: str | Path) -> Path:
+        """The run's batches as CSV (seq, t, epoch, step, phase, n, loss; one row a batch)."""
+        return self._download(f"/v1/runs/{run_id}/export.csv", path)
+
+    def export_samples_csv(self, run_id: str, path: str | Path) -> Path:
+        """The run's per-sample losses as CSV (seq, epoch, index, loss; one row a sample),
+        read into memory first: ``h3d export RUN --samples -o FILE`` streams a large one."""
+        return self._download(f"/v1/runs/{run_id}/samples.csv", path)
+
+    def _download(self, url_path: str, path: str | Path) -> Path:
         out = Path(path)
-        r = self.request("GET", f"/v1/runs/{run_id}/export.csv")
-        out.write_bytes(r.content)
+        out.write_bytes(self.request("GET", url_path).content)
         return out
 
     def compare(self, run_ids: list[str]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``h3d``: serve the daemon and inspect what it stored.
 
 h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME]
-h3d status | runs | show RUN [--json | --html FILE] | export RUN [-o FILE] | stop
+h3d status | runs | show RUN [--json | --html FILE] | export RUN [--samples] [-o FILE] | stop
 h3d db upgrade | db current
 h3d doctor
 h3d demo
@@ -302,11 +302,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     c = DaemonClient(_settings(args))
     rid = _resolve(c, args.run)
-    total = c.get(f"/v1/runs/{rid}")["n_batches"]
+    if args.samples:  # one row per sample: how many is not known before the end
+        path, what, total = f"/v1/runs/{rid}/samples.csv", "per-sample losses", ""
+    else:
+        path, what = f"/v1/runs/{rid}/export.csv", "batches"
+        total = f"/{c.get(f'/v1/runs/{rid}')['n_batches']}"
     out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     lines = 0
     try:
-        with c.http.stream("GET", f"/v1/runs/{rid}/export.csv") as r:
+        with c.http.stream("GET", path) as r:
             if r.status_code != 200:
                 r.read()
                 raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
@@ -314,14 +318,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                 out.write(chunk)
                 lines += chunk.count("\n")
                 if args.output and sys.stderr.isatty():
-                    print(
-                        f"\rexported {max(lines - 1, 0)}/{total} batches", end="", file=sys.stderr
-                    )
+                    print(f"\rexported {max(lines - 1, 0)}{total} {what}", end="", file=sys.stderr)
     finally:
         if args.output:
             out.close()
     if args.output:
-        print(f"\rexported {max(lines - 1, 0)} batches to {args.output}", file=sys.stderr)
+        print(f"\rexported {max(lines - 1, 0)} {what} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -506,7 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     sh.set_defaults(func=cmd_show)
     ex = sub.add_parser("export", parents=[common], help="a run's batches as CSV")
-    ex.add_argument("run")
+    ex.add_argument("run", help="run id, unique id prefix, or name")
+    ex.add_argument(
+        "--samples",
+        action="store_true",
+        help="the per-sample losses instead, one row per sample (seq, epoch, index, loss)",
+    )
     ex.add_argument("-o", "--output", help="file (default: stdout)")
     ex.set_defaults(func=cmd_export)
     sub.add_parser("stop", parents=[common], help="stop the running daemon").set_defaults(

@@ -676,20 +676,39 @@ def batch_page(session: Session, *, run_id: str, after_seq: int, limit: int) -> 
     )
 
 
+def _vectors(losses: bytes, indices: bytes | None) -> tuple[list[float], list[int] | None]:
+    vals = array("f")
+    vals.frombytes(losses)
+    if indices is None:
+        return vals.tolist(), None
+    idx = array("q")
+    idx.frombytes(indices)
+    return vals.tolist(), idx.tolist()
+
+
 def sample_losses(
     session: Session, *, run_id: str, seq: int
 ) -> tuple[list[float], list[int] | None]:
+    """Batch ``seq``'s per-sample losses (NaN where one was not finite) and indices."""
     row = session.get(SampleLosses, (run_id, seq))
     if row is None:
         raise InvalidInput(f"batch {seq} of run {run_id} has no per-sample losses")
-    losses = array("f")
-    losses.frombytes(row.losses)
-    idx = None
-    if row.indices is not None:
-        a = array("q")
-        a.frombytes(row.indices)
-        idx = a.tolist()
-    return losses.tolist(), idx
+    return _vectors(row.losses, row.indices)
+
+
+def sample_loss_page(
+    session: Session, *, run_id: str, after_seq: int, limit: int
+) -> list[tuple[int, int | None, list[float], list[int] | None]]:
+    """(seq, epoch, losses, indices) of the next ``limit`` batches with per-sample losses
+    and seq > ``after_seq`` (keyset paging, as :func:`batch_page`)."""
+    q = (
+        select(SampleLosses.seq, Batch.epoch, SampleLosses.losses, SampleLosses.indices)
+        .join(Batch, (Batch.run_id == SampleLosses.run_id) & (Batch.seq == SampleLosses.seq))
+        .where(SampleLosses.run_id == run_id, SampleLosses.seq > after_seq)
+        .order_by(SampleLosses.seq)
+        .limit(limit)
+    )
+    return [(seq, epoch, *_vectors(blob, idx)) for seq, epoch, blob, idx in session.execute(q)]
 
 
 def running_runs(session: Session) -> list[Run]:

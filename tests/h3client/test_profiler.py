@@ -183,15 +183,23 @@ def test_log_batch_never_raises(daemon: Daemon) -> None:
 
 
 def stored_sample_losses(daemon: Daemon, run_id: str, n: int) -> list[Any]:
-    from h3d.storage import repository as repo
-    from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+    """Batches 0..n-1's (losses, indices) as a user reads them: the per-sample CSV export."""
+    import csv
+    import struct
 
-    engine = make_engine(f"sqlite:///{daemon.data_dir / 'h3d.db'}")
-    try:
-        with session_scope(make_sessionmaker(engine)) as s:
-            return [repo.sample_losses(s, run_id=run_id, seq=k) for k in range(n)]
-    finally:
-        engine.dispose()
+    def f32(text: str) -> float:  # 9 digits name one float32 exactly: read it back as one
+        return float(struct.unpack("f", struct.pack("f", float(text)))[0])
+
+    out = daemon.data_dir / f"{run_id}-samples.csv"
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        c.export_samples_csv(run_id, out)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    by_seq: dict[int, tuple[list[float], list[int]]] = {k: ([], []) for k in range(n)}
+    for r in rows:
+        losses, indices = by_seq[int(r["seq"])]
+        losses.append(f32(r["loss"]))
+        indices.append(int(r["index"]))
+    return [by_seq[k] for k in range(n)]
 
 
 def test_what_is_stored_is_what_was_logged_though_the_tensors_change_afterwards(

@@ -447,6 +447,54 @@ def test_packed_per_sample_losses_are_stored_like_lists(daemon: Any) -> None:
     engine.dispose()
 
 
+def test_per_sample_losses_come_back_as_csv(daemon: Any) -> None:
+    """What log_batch(losses=, indices=) stored is served: one row per sample, in seq order,
+    float32 values exactly, non-finite and absent fields empty, across export pages."""
+    import csv
+    import io
+
+    import numpy as np
+
+    with daemon.client() as api:
+        run = make_run(api)
+        url = f"/v1/runs/{run['id']}/batches"
+        first = [
+            {"seq": 0, "t": 1.0, "loss": 1.0, "epoch": 0, "losses": [0.5, 0.1, None],
+             "indices": [3, 4, 2**40]},
+            {"seq": 1, "t": 1.1, "loss": 1.0, "epoch": 0},  # no per-sample losses: no rows
+            {"seq": 2, "t": 1.2, "loss": 1.0, "epoch": 1, "losses": [2.25]},  # no indices
+        ]  # fmt: skip
+        rng = np.random.default_rng(0)
+        many = [
+            {"seq": k, "t": 2.0 + k, "loss": 1.0, "epoch": 2,
+             "losses": rng.random(4).tolist(), "indices": [4 * k + j for j in range(4)]}
+            for k in range(3, 503)
+        ]  # fmt: skip
+        for chunk in (first, many):
+            body = {"batches": chunk, "nonfinite_as_null": True}
+            assert api.post(url, json=body).json()["accepted"] == len(chunk)
+        r = api.get(f"/v1/runs/{run['id']}/samples.csv")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        rows = list(csv.reader(io.StringIO(r.text)))
+        assert rows[0] == ["seq", "epoch", "index", "loss"]
+        assert rows[1:5] == [
+            ["0", "0", "3", "0.5"],
+            ["0", "0", "4", f"{np.float32(0.1):.9g}"],
+            ["0", "0", str(2**40), ""],  # sent as non-finite: stored as missing
+            ["2", "1", "", "2.25"],  # logged without indices
+        ]
+        assert len(rows) == 1 + 4 + 500 * 4  # every sample once, past the 200-batch pages
+        expected = [(b["seq"], i, np.float32(v)) for b in many for i, v in
+                    zip(b["indices"], b["losses"], strict=True)]  # fmt: skip
+        got = [(int(a), int(i), np.float32(v)) for a, _e, i, v in rows[5:]]
+        assert got == expected  # float32 values read back exactly
+        empty = make_run(api)
+        r = api.get(f"/v1/runs/{empty['id']}/samples.csv")
+        assert r.status_code == 200 and r.text.strip() == "seq,epoch,index,loss"
+        r = api.get(f"/v1/runs/{'0' * 32}/samples.csv")
+        assert r.status_code == 404 and err(r)["code"] == "run_not_found"
+
+
 def columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``rows`` (the row form, per-sample values as lists) as a columnar body."""
     import base64

@@ -58,6 +58,19 @@ def test_status_runs_show_export(daemon: Daemon, tmp_path: Path) -> None:
     assert ex.returncode == 0, ex.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == "seq,t,epoch,step,phase,n,loss" and len(lines) == 121
+    with daemon.client() as api:  # a run that logged per-sample losses
+        run2 = api.post("/v1/runs", json={"name": "per-sample"}).json()
+        api.post(
+            f"/v1/runs/{run2['id']}/batches",
+            json={"batches": [{"seq": i, "t": now, "loss": 1.0, "epoch": 0,
+                               "losses": [0.25, 0.5], "indices": [2 * i, 2 * i + 1]}
+                              for i in range(3)]},
+        ).raise_for_status()  # fmt: skip
+    ex = h3d(daemon, "export", "per-sample", "--samples", "-o", str(out))
+    assert ex.returncode == 0 and "exported 6 per-sample losses" in ex.stderr, ex.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "seq,epoch,index,loss" and lines[1:3] == ["0,0,0,0.25", "0,0,1,0.5"]
+    assert len(lines) == 7
 
 
 def test_status_when_no_daemon_runs(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterator
+from itertools import repeat
 from typing import Any, Literal
 
 from fastapi import Query
@@ -117,6 +119,46 @@ def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
         rows(),
         media_type="text/csv",
         headers={"Content-Disposition": f'attachment; filename="{run_id}.csv"'},
+    )
+
+
+SAMPLE_CSV_COLUMNS = ("seq", "epoch", "index", "loss")
+
+
+@router.get("/runs/{run_id}/samples.csv", response_class=StreamingResponse)
+def export_samples_csv(run_id: str, store: StoreDep) -> StreamingResponse:
+    """The per-sample losses the client logged (``log_batch(..., losses=, indices=)``), one
+    row per sample: its batch's seq and epoch, its dataset index (empty if none was logged)
+    and its loss in nats (float32, empty where it was not finite). Batches logged without
+    per-sample losses have no rows."""
+    with store.read() as s:
+        repo.get_run(s, run_id=run_id)  # 404 before the stream starts
+
+    def rows() -> Iterator[str]:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(SAMPLE_CSV_COLUMNS)
+        last = -1
+        while True:
+            with store.read() as s:  # a session per page, as export_csv
+                page = repo.sample_loss_page(s, run_id=run_id, after_seq=last, limit=200)
+            if not page:
+                break
+            for seq, epoch, losses, indices in page:
+                # 9 significant digits: every float32 reads back exactly
+                vals = ["" if math.isnan(v) else f"{v:.9g}" for v in losses]
+                where = indices if indices is not None else [""] * len(vals)
+                writer.writerows(zip(repeat(seq), repeat(epoch), where, vals, strict=False))
+            last = page[-1][0]
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        yield buf.getvalue()
+
+    return StreamingResponse(
+        rows(),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{run_id}-samples.csv"'},
     )
 
 
