@@ -270,7 +270,17 @@ class PowerSampler:
             return pid is not None and self._shares.track((run_id, rank), pid)
 
     def run_ended(self, run_id: str, rank: int | None = None) -> None:
-        """The run ended here: one rank of it, or (``rank`` None) all of it."""
+        """The run ended here: one rank of it, or (``rank`` None) all of it.
+
+        Its share of each device is sampled once more first, up to now: otherwise the share
+        of the last whole interval would stand for the time since, and a run shorter than an
+        interval would get the share measured while it was still starting (nothing, often).
+        """
+        with self._lock:
+            keys = cast(list[tuple[str, int | None]], self._shares.tracked)
+            followed = any(rid == run_id for rid, _rank in keys)
+        if followed:
+            self.sample_shares()
         with self._lock:
             keys = [k for k in self._active_runs if k[0] == run_id]
             for key in keys if rank is None else [(run_id, rank)]:

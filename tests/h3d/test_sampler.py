@@ -116,6 +116,49 @@ def test_retention_thins_old_samples_but_keeps_run_windows(store) -> None:
     assert deleted == 2000 - len(left)
 
 
+def test_a_run_shorter_than_a_share_interval_gets_the_cpu_it_used(store) -> None:
+    """The periodic share sample fell while the run's process was still idle (the machine
+    busy with other work); the run then worked and ended before the next sample. Ending
+    samples its share once more, so its work is counted; before, the idle start stood for
+    the whole run (it gave a 0.18 s h3-tune trial 0 J of the device's 35)."""
+    work = (
+        "import sys, time\n"
+        "print('ready', flush=True); sys.stdin.readline()\n"
+        "t = time.thread_time() + 0.3\n"
+        "while time.thread_time() < t: pass\n"
+        "print('done', flush=True); sys.stdin.readline()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", work], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as run:
+        assert run.stdin is not None and run.stdout is not None
+        try:
+            assert run.stdout.readline() == "ready\n"  # started: its start-up is not the run's
+            s = PowerSampler([ConstantBackend(50.0)], store, interval_s=0.01, flush_interval_s=60.0)
+            with session_scope(store.sessions) as sess:
+                run_id = repo.create_run(
+                    sess, name="short", config={}, tags=[], pid=run.pid, host=None,
+                    n_train=None, now=s.now(),
+                ).id  # fmt: skip
+            assert s.run_started(run_id, run.pid)
+            s.sample_shares()  # the sampler's first look: the shares' clock starts
+            burn = time.thread_time() + 0.1  # other work on the machine; the run is idle
+            while time.thread_time() < burn:
+                pass
+            s.sample_shares()  # the periodic sample, as the sampler thread takes it
+            run.stdin.write("go\n")
+            run.stdin.flush()
+            assert run.stdout.readline() == "done\n"  # the run worked 0.3 s of CPU
+            s.run_ended(run_id)  # ... and ended before the next periodic sample
+            s.flush()
+        finally:
+            run.kill()
+    with session_scope(store.sessions) as sess:
+        pieces = repo.run_shares(sess, run_id=run_id)[("", -1, "cpu")]
+    assert len(pieces) == 2 and pieces[0][1] < 0.2  # the idle start
+    assert pieces[1][1] > 0.3  # the work, measured: 0.3 s of CPU in about 0.3 s
+
+
 def test_gpu_shares_come_from_process_utilisation(store) -> None:
     import os
 
