@@ -402,6 +402,9 @@ def test_a_group_commit_of_overlapping_ingests_stores_and_counts_each_row_once(
         ]
         odd = repo.sample_losses(s, run_id=run_id, seq=5)[0]
         assert odd[0] == 5.0 and math.isnan(odd[1])
+        page = repo.sample_loss_page(s, run_id=run_id, after_seq=3, limit=3)  # the export's
+        assert [(q, e, i) for q, e, _l, i in page] == [(q, 0, [q, 2**40]) for q in (4, 5, 6)]
+        assert page[0][2] == [4.0, -4.0] and math.isnan(page[1][2][1])
         assert [e.metrics for e in repo.epochs(s, run_id=run_id)] == [{"f1": 0.0}, {"f1": 0.25}]
         assert repo.get_run(s, run_id=done_id).n_batches == 0
     store.close()

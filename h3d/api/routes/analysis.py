@@ -3,7 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from typing import Any, Literal
 
@@ -88,10 +88,18 @@ def get_report(
 
 
 CSV_COLUMNS = ("seq", "t", "epoch", "step", "phase", "n", "loss")
+SAMPLE_CSV_COLUMNS = ("seq", "epoch", "index", "loss")
 
 
-@router.get("/runs/{run_id}/export.csv", response_class=StreamingResponse)
-def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
+def _csv_download(
+    store: Any,
+    run_id: str,
+    filename: str,
+    columns: tuple[str, ...],
+    page: Callable[[Any, int], tuple[list[Sequence[Any]], int | None]],
+) -> StreamingResponse:
+    """A run's rows as streamed CSV. ``page(session, after_seq)`` gives the next page's rows
+    and its last seq (None: no more)."""
     with store.read() as s:
         repo.get_run(s, run_id=run_id)  # 404 before the stream starts
 
@@ -100,16 +108,15 @@ def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
         # opened per page, never held across those hops.
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         last = -1
         while True:
             with store.read() as s:
-                page = repo.batch_page(s, run_id=run_id, after_seq=last, limit=2000)
-            if not page:
+                lines, end = page(s, last)
+            if end is None:
                 break
-            for b in page:
-                writer.writerow([b.seq, repr(b.t), b.epoch, b.step, b.phase, b.n, b.loss])
-            last = page[-1].seq
+            writer.writerows(lines)
+            last = end
             yield buf.getvalue()
             buf.seek(0)
             buf.truncate()
@@ -118,11 +125,20 @@ def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
     return StreamingResponse(
         rows(),
         media_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="{run_id}.csv"'},
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 
-SAMPLE_CSV_COLUMNS = ("seq", "epoch", "index", "loss")
+@router.get("/runs/{run_id}/export.csv", response_class=StreamingResponse)
+def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
+    def page(s: Any, after: int) -> tuple[list[Sequence[Any]], int | None]:
+        got = repo.batch_page(s, run_id=run_id, after_seq=after, limit=2000)
+        lines: list[Sequence[Any]] = [
+            (b.seq, repr(b.t), b.epoch, b.step, b.phase, b.n, b.loss) for b in got
+        ]
+        return lines, (got[-1].seq if got else None)
+
+    return _csv_download(store, run_id, f"{run_id}.csv", CSV_COLUMNS, page)
 
 
 @router.get("/runs/{run_id}/samples.csv", response_class=StreamingResponse)
@@ -131,35 +147,18 @@ def export_samples_csv(run_id: str, store: StoreDep) -> StreamingResponse:
     row per sample: its batch's seq and epoch, its dataset index (empty if none was logged)
     and its loss in nats (float32, empty where it was not finite). Batches logged without
     per-sample losses have no rows."""
-    with store.read() as s:
-        repo.get_run(s, run_id=run_id)  # 404 before the stream starts
 
-    def rows() -> Iterator[str]:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(SAMPLE_CSV_COLUMNS)
-        last = -1
-        while True:
-            with store.read() as s:  # a session per page, as export_csv
-                page = repo.sample_loss_page(s, run_id=run_id, after_seq=last, limit=200)
-            if not page:
-                break
-            for seq, epoch, losses, indices in page:
-                # 9 significant digits: every float32 reads back exactly
-                vals = ["" if math.isnan(v) else f"{v:.9g}" for v in losses]
-                where = indices if indices is not None else [""] * len(vals)
-                writer.writerows(zip(repeat(seq), repeat(epoch), where, vals, strict=False))
-            last = page[-1][0]
-            yield buf.getvalue()
-            buf.seek(0)
-            buf.truncate()
-        yield buf.getvalue()
+    def page(s: Any, after: int) -> tuple[list[Sequence[Any]], int | None]:
+        got = repo.sample_loss_page(s, run_id=run_id, after_seq=after, limit=200)
+        lines: list[Sequence[Any]] = []
+        for seq, epoch, losses, indices in got:
+            # 9 significant digits: every float32 reads back exactly
+            vals = ["" if math.isnan(v) else f"{v:.9g}" for v in losses]
+            where = indices if indices is not None else [""] * len(vals)
+            lines += zip(repeat(seq), repeat(epoch), where, vals, strict=False)
+        return lines, (got[-1][0] if got else None)
 
-    return StreamingResponse(
-        rows(),
-        media_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="{run_id}-samples.csv"'},
-    )
+    return _csv_download(store, run_id, f"{run_id}-samples.csv", SAMPLE_CSV_COLUMNS, page)
 
 
 @router.get("/compare")
