@@ -272,14 +272,18 @@ class PowerSampler:
     def run_ended(self, run_id: str, rank: int | None = None) -> None:
         """The run ended here: one rank of it, or (``rank`` None) all of it.
 
-        Its share of each device is sampled once more first, up to now: otherwise the share
-        of the last whole interval would stand for the time since, and a run shorter than an
-        interval would get the share measured while it was still starting (nothing, often).
+        Its share of each device is sampled once more first, up to now, while its processes
+        live: otherwise the share of the last whole interval would stand for the time since,
+        and a run shorter than an interval would get the share measured while it was still
+        starting (nothing, often). A run whose process is gone (the reaper's case) keeps
+        that extrapolation: its last CPU time cannot be read any more.
         """
         with self._lock:
             keys = cast(list[tuple[str, int | None]], self._shares.tracked)
-            followed = any(rid == run_id for rid, _rank in keys)
-        if followed:
+            mine = {k for k in keys if k[0] == run_id and (rank is None or k[1] == rank)}
+            # a process already gone cannot be read: its last interval would read as 0
+            live = mine - set(self._shares.gone()) if mine else mine
+        if live:
             self.sample_shares()
         with self._lock:
             keys = [k for k in self._active_runs if k[0] == run_id]

@@ -159,6 +159,30 @@ def test_a_run_shorter_than_a_share_interval_gets_the_cpu_it_used(store) -> None
     assert pieces[1][1] > 0.3  # the work, measured: 0.3 s of CPU in about 0.3 s
 
 
+def test_a_run_whose_process_is_gone_keeps_its_last_measured_share(store) -> None:
+    """Ended by the reaper after its process exited: the final interval cannot be read (the
+    process's CPU time went with it), so no share of 0 is recorded for it; the last measured
+    share stands."""
+    work = "import time\nt = time.thread_time() + 0.3\nwhile time.thread_time() < t: pass\n"
+    s = PowerSampler([ConstantBackend(50.0)], store, interval_s=0.01, flush_interval_s=60.0)
+    with subprocess.Popen([sys.executable, "-c", work]) as run:
+        with session_scope(store.sessions) as sess:
+            run_id = repo.create_run(
+                sess, name="gone", config={}, tags=[], pid=run.pid, host=None, n_train=None,
+                now=s.now(),
+            ).id  # fmt: skip
+        assert s.run_started(run_id, run.pid)
+        s.sample_shares()  # the shares' clock starts
+        time.sleep(0.15)
+        s.sample_shares()  # the run working
+        run.wait()  # it exits; the reaper then ends its run
+    s.run_ended(run_id)
+    s.flush()
+    with session_scope(store.sessions) as sess:
+        pieces = repo.run_shares(sess, run_id=run_id)[("", -1, "cpu")]
+    assert len(pieces) == 1 and pieces[0][1] > 0.3
+
+
 def test_gpu_shares_come_from_process_utilisation(store) -> None:
     import os
 
