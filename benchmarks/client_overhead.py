@@ -250,6 +250,7 @@ def training(
     sync: bool,
     diagnose: bool = False,
     block_s: float = 3.0,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """Epochs of a real training loop: per round, one block of epochs (``block_s`` seconds)
     of each logging mode, in rotating order; each logging block is compared with the
@@ -346,6 +347,12 @@ def training(
         modes["sync HTTP POST per batch"] = sync_log
     times: dict[str, list[float]] = {m: [] for m in modes}
     calls: dict[str, list[int]] = {m: [] for m in modes}  # ns per log call, in the loop
+    if pin:  # the training thread alone on CPU 0; every sender thread and the daemon on CPU 1
+        os.sched_setaffinity(threading.get_native_id(), {0})
+        others = [p._proc._thread.native_id for p in (prof, *extra)]
+        others += [int(t) for t in os.listdir(f"/proc/{daemon_pid}/task")]
+        for tid in others:
+            os.sched_setaffinity(tid, {1})
     warm = [epoch(modes["unprofiled"], []) for _ in range(10)]
     # Each mode trains for a block of per_block epochs (at least block_s seconds) a round. The
     # sender posts on a 1 s timer; paused through the other modes' epochs, it would find its
@@ -454,6 +461,12 @@ def main() -> None:
         "(its sender held, the queue discarded), the sender converting to a null sink "
         "(no HTTP, no daemon work, no η fetch), and logging the mean loss only",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="training: the training thread alone on CPU 0, the senders and the daemon on "
+        "CPU 1 (does H3's own work cost the loop by landing on its core?)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/client_overhead.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -477,6 +490,7 @@ def main() -> None:
             sync=not (args.quick or args.no_sync),
             diagnose=args.diagnose,
             block_s=args.block_s,
+            pin=args.pin,
         )
     write(args, res, calls, repeats)
 
@@ -487,6 +501,7 @@ def flags(args) -> str:
     out += f" --rounds {args.rounds}" if args.rounds else ""
     out += f" --block-s {args.block_s:g}" if args.block_s != 3.0 else ""
     out += " --diagnose" if args.diagnose else ""
+    out += " --pin" if args.pin else ""
     return out + (" --no-sync" if args.no_sync else "")
 
 
