@@ -130,21 +130,7 @@ class Client:
         except (httpx.TransportError, RuntimeError) as exc:
             # RuntimeError: httpx's "the client has been closed" (a profiler stopping)
             raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
-        if r.status_code >= 400:
-            code, message, details = "http_error", r.text[:300], None
-            try:
-                err = r.json()["error"]
-                code, message, details = err["code"], err["message"], err.get("details")
-            except (ValueError, KeyError, TypeError):
-                pass
-            cls = H3RunNotFound if code == "run_not_found" else H3HTTPStatusError
-            raise cls(
-                f"{r.status_code} {code}: {message}",
-                request=r.request,
-                response=r,
-                code=code,
-                details=details,
-            )
+        _raise_for_status(r)
         return r
 
     def health(self, timeout_s: float = 1.0) -> bool:
@@ -223,13 +209,24 @@ class Client:
         return self._download(f"/v1/runs/{run_id}/export.csv", path)
 
     def export_samples_csv(self, run_id: str, path: str | Path) -> Path:
-        """The run's per-sample losses as CSV (seq, epoch, index, loss; one row a sample),
-        read into memory first: ``h3d export RUN --samples -o FILE`` streams a large one."""
+        """The run's per-sample losses as CSV (seq, epoch, index, loss; one row a sample)."""
         return self._download(f"/v1/runs/{run_id}/samples.csv", path)
 
     def _download(self, url_path: str, path: str | Path) -> Path:
+        """Stream a GET's body to ``path`` (a large export is never held in memory)."""
+        import httpx
+
         out = Path(path)
-        out.write_bytes(self.request("GET", url_path).content)
+        try:
+            with self.http.stream("GET", url_path, headers=self._headers) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_status(r)
+                with out.open("wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+        except (httpx.TransportError, RuntimeError) as exc:
+            raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
         return out
 
     def compare(self, run_ids: list[str]) -> dict[str, Any]:
@@ -248,3 +245,21 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_for_status(r: httpx.Response) -> None:
+    """The daemon's error answer as an exception: ``H3RunNotFound`` for an unknown run,
+    ``H3HTTPStatusError`` (its code, message and details) for any other."""
+    if r.status_code < 400:
+        return
+    code, message, details = "http_error", r.text[:300], None
+    try:
+        err = r.json()["error"]
+        code, message, details = err["code"], err["message"], err.get("details")
+    except (ValueError, KeyError, TypeError):
+        pass
+    cls = H3RunNotFound if code == "run_not_found" else H3HTTPStatusError
+    raise cls(
+        f"{r.status_code} {code}: {message}", request=r.request, response=r, code=code,
+        details=details,
+    )  # fmt: skip

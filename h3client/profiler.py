@@ -600,6 +600,13 @@ class H3Profiler:
         with self._query_client() as c:
             return c.export_csv(str(self.run_id), path)
 
+    def export_samples_csv(self, path: str | Path) -> Path:
+        """Write the per-sample losses logged so far (seq, epoch, index, loss; one row a
+        sample) to ``path``."""
+        self.flush()
+        with self._query_client() as c:
+            return c.export_samples_csv(str(self.run_id), path)
+
     def __enter__(self) -> H3Profiler:
         return self.start()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from h3client import Client, H3Profiler, replay_spool
+from h3client import Client, H3Profiler, H3RunNotFound, replay_spool
 from tests.conftest import REPO, Daemon, daemon_env
 
 
@@ -78,6 +78,11 @@ def test_a_real_training_loop_end_to_end(daemon: Daemon, tmp_path: Path) -> None
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["seq"]) for r in rows] == list(range(90))
+    with open(prof.export_samples_csv(tmp_path / "samples.csv"), newline="") as f:
+        assert f.readline().strip() == "seq,epoch,index,loss"  # logged without per-sample
+    with Client(daemon.url, data_dir=daemon.data_dir) as c, pytest.raises(H3RunNotFound):
+        c.export_samples_csv("0" * 32, tmp_path / "none.csv")
+    assert not (tmp_path / "none.csv").exists()  # an error answer writes no file
 
 
 def test_the_daemon_killed_twice_mid_stream_loses_nothing(daemon: Daemon) -> None:
