@@ -217,15 +217,19 @@ class Client:
         import httpx
 
         out = Path(path)
+        writing = False
         try:
             with self.http.stream("GET", url_path, headers=self._headers) as r:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for_status(r)
                 with out.open("wb") as f:
+                    writing = True
                     for chunk in r.iter_bytes():
                         f.write(chunk)
         except (httpx.TransportError, RuntimeError) as exc:
+            if writing:  # cut off midway: no partial file is left
+                out.unlink(missing_ok=True)
             raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
         return out
 

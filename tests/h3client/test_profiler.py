@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from h3client import Client, H3Profiler, H3RunNotFound, replay_spool
+from h3client import Client, H3ConnectionError, H3Profiler, H3RunNotFound, replay_spool
 from tests.conftest import REPO, Daemon, daemon_env
 
 
@@ -83,6 +83,11 @@ def test_a_real_training_loop_end_to_end(daemon: Daemon, tmp_path: Path) -> None
     with Client(daemon.url, data_dir=daemon.data_dir) as c, pytest.raises(H3RunNotFound):
         c.export_samples_csv("0" * 32, tmp_path / "none.csv")
     assert not (tmp_path / "none.csv").exists()  # an error answer writes no file
+    kept = tmp_path / "kept.csv"
+    kept.write_text("the user's file\n")
+    with Client("http://127.0.0.1:9", data_dir=tmp_path) as c, pytest.raises(H3ConnectionError):
+        c.export_samples_csv(str(prof.run_id), kept)  # no daemon there
+    assert kept.read_text() == "the user's file\n"  # left as it was
 
 
 def test_the_daemon_killed_twice_mid_stream_loses_nothing(daemon: Daemon) -> None:
