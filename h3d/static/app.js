@@ -43,13 +43,32 @@
 
   class Unauthorized extends Error {}
 
-  async function api(path) {
+  async function authed(path) {
     const r = await fetch(path, {headers: {Authorization: "Bearer " + (sessionStorage.getItem(TOKEN_KEY) || "")}});
     if (r.status === 401) throw new Unauthorized("unauthorized");
+    return r;
+  }
+
+  async function api(path) {
+    const r = await authed(path);
     let body = null;
     try { body = await r.json(); } catch (e) { body = null; }
     if (!r.ok) throw new Error(body && body.error ? body.error.message : `${r.status} ${r.statusText}`);
     return body;
+  }
+
+  // a file the API streams (the exports), saved through a link: the token stays in a header
+  async function download(path, filename) {
+    const r = await authed(path);
+    if (!r.ok) throw new Error(`${r.status} ${r.statusText}`);
+    const url = URL.createObjectURL(await r.blob());
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = filename;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
   }
 
   function showLogin() {
@@ -406,7 +425,13 @@
       document.title = `${r.name} — h3d`;
       $("#run-head").innerHTML = `<h2>${esc(r.name)} ${statusBadge(r.status)}</h2>
         <div class="sub"><code>${esc(r.id)}</code> · started ${esc(when(r.created_at))}${r.finished_at ? " · ended " + esc(when(r.finished_at)) : ""}${r.host ? " · host " + esc(r.host) : ""}
-        ${OFFLINE ? ` · report written ${esc(when(OFFLINE.generated_at))}` : ` · <span class="live" id="live" data-state="${running ? "live" : "stopped"}" data-polls="${polls}">${running ? `live: updates every ${POLL_MS / 1000} s` : "not running: no live updates"}</span>`}</div>`;
+        ${OFFLINE ? ` · report written ${esc(when(OFFLINE.generated_at))}` : ` · <span class="live" id="live" data-state="${running ? "live" : "stopped"}" data-polls="${polls}">${running ? `live: updates every ${POLL_MS / 1000} s` : "not running: no live updates"}</span>`}</div>
+        ${OFFLINE ? "" : `<div class="downloads">download as CSV: <button type="button" id="dl-batches">batches</button> <button type="button" id="dl-samples">per-sample losses</button></div>`}`;
+      if (!OFFLINE) {
+        const base = "/v1/runs/" + encodeURIComponent(r.id);
+        $("#dl-batches").addEventListener("click", () => download(base + "/export.csv", `${r.id}.csv`).catch(showError));
+        $("#dl-samples").addEventListener("click", () => download(base + "/samples.csv", `${r.id}-samples.csv`).catch(showError));
+      }
       drawRun(b);
       $("#config").textContent = JSON.stringify(r.config, null, 2);
       $("#tags").innerHTML = r.tags.length ? r.tags.map(t => OFFLINE ? `<span class="tag">${esc(t)}</span>` : `<a class="tag" href="#/runs?tag=${encodeURIComponent(t)}">${esc(t)}</a>`).join(" ") : "none";

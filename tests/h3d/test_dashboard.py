@@ -360,6 +360,18 @@ def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
     live = page.locator("#live")
     assert live.get_attribute("data-state") == "stopped"
     tab.shot("run")
+    # the exports, downloaded from the page (the token goes in a header, never in a link)
+    with page.expect_download() as dl:
+        page.click("#dl-batches")
+    assert dl.value.suggested_filename == f"{run['id']}.csv"
+    lines = Path(dl.value.path()).read_text().splitlines()
+    assert lines[0] == "seq,t,epoch,step,phase,n,loss" and len(lines) == 1 + run["n_batches"]
+    logged = sum(int(line.split(",")[5]) for line in lines[1:])  # per-sample losses, per batch
+    with page.expect_download() as dl:
+        page.click("#dl-samples")
+    assert dl.value.suggested_filename == f"{run['id']}-samples.csv"
+    lines = Path(dl.value.path()).read_text().splitlines()
+    assert lines[0] == "seq,epoch,index,loss" and len(lines) == 1 + logged
 
 
 @needs_browser
