@@ -307,19 +307,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         path, what = f"/v1/runs/{rid}/export.csv", "batches"
         total = f"/{c.get(f'/v1/runs/{rid}')['n_batches']}"
-    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     lines = 0
-    try:
-        with c.http.stream("GET", path) as r:
-            if r.status_code != 200:
-                r.read()
-                raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
+    with c.http.stream("GET", path) as r:
+        if r.status_code != 200:
+            r.read()
+            raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
+        # the file is opened only once the daemon answers with the export
+        out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+        try:
             for chunk in r.iter_text():
                 out.write(chunk)
                 lines += chunk.count("\n")
                 if args.output and sys.stderr.isatty():
                     print(f"\rexported {max(lines - 1, 0)}{total} {what}", end="", file=sys.stderr)
-    finally:
+        except BaseException:
+            if args.output:  # cut off midway: no partial file is left
+                out.close()
+                os.unlink(args.output)
+            raise
         if args.output:
             out.close()
     if args.output:
