@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--epochs", type=int, default=20, help="epochs per mode and round")
     args = ap.parse_args()
+    if not {0, 1} <= os.sched_getaffinity(0):
+        raise SystemExit(
+            "contention.py needs CPUs 0 and 1 (the loop on one, the spinner on the other)"
+        )
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
