@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from h3optim.tracking import IndexedDataset
+from h3optim.tracking import IndexedDataset, take_rows
 
 
 class TensorBatchSampler(Sampler[torch.Tensor]):
@@ -70,7 +70,7 @@ class _TensorBatches:
         return len(self.tensors[0])
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t[index] for t in self.tensors)
+        return tuple(take_rows(t, index) for t in self.tensors)
 
 
 def is_batchable(dataset: Any) -> bool:

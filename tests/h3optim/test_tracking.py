@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from h3optim import IndexedDataset, LossTracker
+from h3optim.tracking import take_rows
 
 
 def test_indexed_dataset_tuple_and_dict_items() -> None:
@@ -132,3 +133,26 @@ def test_state_is_float32_whatever_the_default_dtype() -> None:
     assert t.ema.dtype == torch.float32
     assert t.ema.tolist() == [0.0, 0.6000000238418579, 0.75, 0.0]
     assert t.counts.tolist() == [0, 2, 1, 0] and t.nonfinite_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_take_rows_is_advanced_indexing(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 4, generator=g)
+    if dtype is torch.bool:
+        index = torch.rand(50, generator=g) > 0.5
+    else:
+        index = torch.randint(0, 50, (17,), generator=g).to(dtype)
+    assert torch.equal(take_rows(x, index), x[index])
+    assert torch.equal(take_rows(x[:, 0, 0], index), x[:, 0, 0][index])
+
+
+def test_batch_fetch_matches_per_item_fetch() -> None:
+    x, y = torch.randn(30, 5), torch.randint(0, 10, (30,))
+    ds = IndexedDataset(TensorDataset(x, y))
+    idx = torch.tensor([4, 0, 29, 4])
+    bx, by, bi = ds[idx]
+    items = [ds[int(i)] for i in idx]
+    assert torch.equal(bx, torch.stack([it[0] for it in items]))
+    assert torch.equal(by, torch.stack([it[1] for it in items]))
+    assert bi is idx
