@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from h3optim.controller import EtaController
+from h3optim.denormals import flush_denormal_enabled, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler
@@ -122,6 +123,11 @@ class AutoH3:
         optimizer: A factory ``params -> torch.optim.Optimizer`` to train with instead of
             :class:`~h3optim.H3Optimizer` (``lr`` and the optimizer keyword arguments then
             do not apply), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
+        flush_denormal: From :meth:`start` to :meth:`finish`, the calling thread computes
+            subnormal floats (below about 1.2e-38) as zero on the CPU
+            (``torch.set_flush_denormal``); :meth:`finish` restores the mode it found. Adam's
+            second moments decay into that range, where a CPU takes many times as long per
+            operation (:mod:`h3optim.denormals`). No effect on GPU kernels.
 
     Example:
         >>> auto = AutoH3(model.parameters(), train_set, mode="balanced", total_epochs=20)  # doctest: +SKIP
@@ -157,6 +163,7 @@ class AutoH3:
         learned_ratio: float | None = 0.3,
         log_per_sample: bool = False,
         optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
+        flush_denormal: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         if window_steps < 1:
@@ -214,6 +221,8 @@ class AutoH3:
         self.samples_backpropagated = 0
         self._epoch_samples = self._epoch_steps = 0
         self._energy_at_epoch_start: float | None = None
+        self.flush_denormal = flush_denormal
+        self._flush_before: bool | None = None  # the thread's mode before start(), if changed
         self._started = False
 
     def start(self) -> AutoH3:
@@ -231,6 +240,10 @@ class AutoH3:
             )
         if self.profiler is not None and self.controller.eta_source is None:
             self.controller.eta_source = self.profiler.live_eta
+        if self.flush_denormal:
+            before = flush_denormal_enabled()
+            if torch.set_flush_denormal(True):  # False: this CPU has no such mode
+                self._flush_before = before
         self._started = True
         return self
 
@@ -423,6 +436,9 @@ class AutoH3:
     def finish(self) -> dict[str, Any]:
         """Stop the run; results from the daemon plus what the controller did."""
         results: dict[str, Any] = {}
+        if self._flush_before is not None:
+            torch.set_flush_denormal(self._flush_before)  # the thread's mode as start() found it
+            self._flush_before = None
         if self.profiler is not None:
             results.update(self.profiler.stop())
         results.update(
@@ -436,6 +452,9 @@ class AutoH3:
             likely_mislabeled=int(self.sampler.likely_mislabeled().sum())
             if self.sampler.unbiased
             else 0,
+            # of the parameters and the optimizer's state: what the CPU would compute slowly
+            # without flush_denormal (see h3optim.denormals)
+            subnormal_share=subnormal_share(self.optimizer),
         )
         return results
 

@@ -1,0 +1,72 @@
+"""Subnormal floats on the CPU: how much of a model's state is subnormal, and flush-to-zero.
+
+A float below the smallest normal number (about 1.2e-38 in float32) but not zero is
+*subnormal*. x86 CPUs compute with subnormal operands or results at a fraction of their speed
+(a microcode assist per operation), and Adam-style optimizers put them there: the second-moment
+estimate of a weight whose gradient is tiny or has stopped decays by ``beta2`` every step, down
+through the subnormal range, and every later step reads it. A long or small CPU run can then
+spend more time on those values than on the rest of the arithmetic
+(``benchmarks/denormals.py``). Flushing them to zero (``torch.set_flush_denormal(True)``, the
+CPU's FTZ and DAZ modes, which TensorFlow and XLA's CPU back end turn on by default) removes
+the cost; what it changes is below 1.2e-38, far under Adam's ``eps``.
+
+The mode is per thread: ``torch.set_flush_denormal`` sets it for the calling thread only, so
+with more than one intra-op thread the work PyTorch hands to its other threads keeps
+computing subnormals. GPU kernels are not affected either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+# (integer view, exponent mask, mantissa mask) per floating-point dtype: a subnormal has
+# all exponent bits 0 and a mantissa that is not (read from the bits, so that the count
+# does not depend on the thread's flush-to-zero mode)
+_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float32: (torch.int32, 0x7F800000, 0x007FFFFF),
+    torch.float64: (torch.int64, 0x7FF0000000000000, 0x000FFFFFFFFFFFFF),
+    torch.float16: (torch.int16, 0x7C00, 0x03FF),
+    torch.bfloat16: (torch.int16, 0x7F80, 0x007F),
+}
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether the calling thread computes subnormal floats as zero on the CPU."""
+    return float(torch.tensor(1e-39) * 2.0) == 0.0
+
+
+def subnormal_count(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """(subnormal elements, floating-point elements) over ``tensors``; others are skipped."""
+    sub = total = 0
+    for t in tensors:
+        bits = _BITS.get(t.dtype)
+        if bits is None or t.numel() == 0:
+            continue
+        view, exp_mask, man_mask = bits
+        raw = t.detach().contiguous().view(view)
+        sub += int(((raw & exp_mask) == 0).logical_and_((raw & man_mask) != 0).sum())
+        total += t.numel()
+    return sub, total
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """The parameters an optimizer updates and the tensors of its state (Adam's moments)."""
+    for group in optimizer.param_groups:
+        yield from group["params"]
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                yield value
+
+
+def subnormal_share(source: torch.optim.Optimizer | Iterable[torch.Tensor]) -> float:
+    """Share of the floating-point elements that are subnormal: of an optimizer's parameters
+    and state, or of any tensors. 0.0 when there are none."""
+    tensors: Iterable[Any] = (
+        optimizer_tensors(source) if isinstance(source, torch.optim.Optimizer) else source
+    )
+    sub, total = subnormal_count(tensors)
+    return sub / total if total else 0.0
