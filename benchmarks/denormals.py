@@ -3,7 +3,8 @@
 Adam's second moments decay into the subnormal range (below about 1.2e-38) for weights whose
 gradients are tiny or have stopped, and x86 CPUs compute with such values many times slower
 (``h3optim.denormals``). This trains the same model from the same seed with and without
-``torch.set_flush_denormal(True)`` (what ``AutoH3(flush_denormal=True)``, its default, sets),
+flush-to-zero (``h3optim.denormals.set_flush_denormal(True)``, what ``AutoH3``'s default
+``flush_denormal=True`` and h3-tune's ``flush_denormal`` technique set),
 alternating the two (the order swapped every repeat), and reports the medians of wall time,
 the paired ratio, the test accuracy of both and the subnormal share of parameters and Adam
 state at the end of the plain run. Workloads:
@@ -12,8 +13,9 @@ state at the end of the plain run. Workloads:
   batch 32, Adam lr 1e-3, 20 epochs);
 - ``mnist1d``: ``benchmarks/learning.py``'s MNIST-1D MLP (batch 64, Adam lr 2e-3, 20 epochs).
 
-The flush-to-zero mode is per thread: with ``--threads 2`` PyTorch's second intra-op thread
-keeps computing subnormals, which is what the 2-thread rows show.
+The mode is per thread: ``set_flush_denormal`` sets it on every intra-op thread, and
+``--torch-only`` measures ``torch.set_flush_denormal(True)`` alone, which reaches the calling
+thread only (with ``--threads 2`` the second thread keeps computing subnormals).
 
     PYTHONPATH=. python benchmarks/denormals.py --repeats 5 [--threads 1 2]
 """
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from benchmarks._common import machine
-from h3optim.denormals import subnormal_share
+from h3optim.denormals import set_flush_denormal, subnormal_share
 
 Workload = Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -63,12 +65,14 @@ WORKLOADS: dict[str, tuple[Workload, int, float]] = {  # data, batch, lr; 20 epo
 }
 
 
-def run(name: str, flush: bool, epochs: int) -> dict[str, float]:
+def run(name: str, flush: bool, epochs: int, torch_only: bool = False) -> dict[str, float]:
     make, batch, lr = WORKLOADS[name]
     model, x, y, xt, yt = make()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
-    assert torch.set_flush_denormal(flush) or not flush, "no flush-to-zero on this CPU"
+    if flush:
+        ok = torch.set_flush_denormal(True) if torch_only else set_flush_denormal(True)
+        assert ok, "no flush-to-zero on this CPU"
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(epochs):
@@ -79,7 +83,7 @@ def run(name: str, flush: bool, epochs: int) -> dict[str, float]:
                 opt.step()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
-        torch.set_flush_denormal(False)
+        set_flush_denormal(False)
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
     return {"wall": wall, "cpu": cpu, "acc": 100 * acc, "sub": subnormal_share(opt)}
@@ -91,8 +95,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument(
+        "--torch-only",
+        action="store_true",
+        help="flush with torch.set_flush_denormal alone (the calling thread only)",
+    )
     args = ap.parse_args()
+    how = "torch.set_flush_denormal alone" if args.torch_only else "set_flush_denormal"
     print(f"{machine()}; torch {torch.__version__}; {args.repeats} repeats, {args.epochs} epochs")
+    print(f"flush-to-zero by {how}")
     print(
         "| workload | threads | wall s, plain | wall s, flush-to-zero | flush / plain (paired) "
         "| CPU s plain → flush | test acc % plain / flush | subnormal share at the end, plain |"
@@ -104,7 +115,7 @@ def main() -> None:
             rows: dict[bool, list[dict[str, float]]] = {False: [], True: []}
             for r in range(args.repeats):
                 for flush in (False, True) if r % 2 == 0 else (True, False):
-                    rows[flush].append(run(name, flush, args.epochs))
+                    rows[flush].append(run(name, flush, args.epochs, args.torch_only))
             med = {
                 f: {k: statistics.median(x[k] for x in v) for k in v[0]} for f, v in rows.items()
             }

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from h3optim.controller import EtaController
-from h3optim.denormals import flush_denormal_enabled, subnormal_share
+from h3optim.denormals import flush_denormal_enabled, set_flush_denormal, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler
@@ -123,9 +123,10 @@ class AutoH3:
         optimizer: A factory ``params -> torch.optim.Optimizer`` to train with instead of
             :class:`~h3optim.H3Optimizer` (``lr`` and the optimizer keyword arguments then
             do not apply), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
-        flush_denormal: From :meth:`start` to :meth:`finish`, the calling thread computes
-            subnormal floats (below about 1.2e-38) as zero on the CPU
-            (``torch.set_flush_denormal``); :meth:`finish` restores the mode it found. Adam's
+        flush_denormal: From :meth:`start` to :meth:`finish`, the calling thread and its
+            intra-op threads compute subnormal floats (below about 1.2e-38) as zero on the CPU
+            (:func:`h3optim.denormals.set_flush_denormal`); :meth:`finish` restores the mode
+            the calling thread had. Adam's
             second moments decay into that range, where a CPU takes many times as long per
             operation (:mod:`h3optim.denormals`). No effect on GPU kernels.
 
@@ -242,7 +243,7 @@ class AutoH3:
             self.controller.eta_source = self.profiler.live_eta
         if self.flush_denormal:
             before = flush_denormal_enabled()
-            if torch.set_flush_denormal(True):  # False: this CPU has no such mode
+            if set_flush_denormal(True):  # 0 threads: this CPU has no such mode
                 self._flush_before = before
         self._started = True
         return self
@@ -437,7 +438,7 @@ class AutoH3:
         """Stop the run; results from the daemon plus what the controller did."""
         results: dict[str, Any] = {}
         if self._flush_before is not None:
-            torch.set_flush_denormal(self._flush_before)  # the thread's mode as start() found it
+            set_flush_denormal(self._flush_before)  # the mode as start() found it
             self._flush_before = None
         if self.profiler is not None:
             results.update(self.profiler.stop())

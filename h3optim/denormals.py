@@ -11,16 +11,26 @@ CPU's FTZ and DAZ modes, which TensorFlow and XLA's CPU back end turn on by defa
 the cost; what it changes is below 1.2e-38, far under Adam's ``eps``.
 
 The mode is per thread: ``torch.set_flush_denormal`` sets it for the calling thread only, so
-with more than one intra-op thread the work PyTorch hands to its other threads keeps
-computing subnormals. GPU kernels are not affected either way.
+with more than one intra-op thread the work PyTorch hands to its other threads would keep
+computing subnormals (and a parallel region waits for its slowest thread).
+:func:`set_flush_denormal` therefore also runs ``torch.set_flush_denormal`` on each thread of
+the OpenMP team the calling thread's parallel regions use (the runtime PyTorch loaded: libgomp
+on Linux builds, libomp or libiomp5 elsewhere). GPU kernels are not affected either way.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
+import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+
+_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")
+_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 # (integer view, exponent mask, mantissa mask) per floating-point dtype: a subnormal has
 # all exponent bits 0 and a mantissa that is not (read from the bits, so that the count
@@ -36,6 +46,58 @@ _BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 def flush_denormal_enabled() -> bool:
     """Whether the calling thread computes subnormal floats as zero on the CPU."""
     return float(torch.tensor(1e-39) * 2.0) == 0.0
+
+
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime already loaded into this process (PyTorch's), or None."""
+    paths: list[str] = []
+    if sys.platform.startswith("linux"):
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            maps = ""
+        paths = [line.split()[-1] for line in maps.splitlines() if line.count("/")]
+    else:  # macOS and others: the copy shipped in torch/lib, which torch itself loads
+        paths = [str(p) for p in (Path(torch.__file__).parent / "lib").glob("lib*omp*")]
+    for name in _OPENMP_NAMES:
+        for path in paths:
+            if Path(path).name.startswith(name + "."):
+                try:
+                    lib = ctypes.CDLL(path)
+                    lib.GOMP_parallel.argtypes = [
+                        _CALLBACK,
+                        ctypes.c_void_p,
+                        ctypes.c_uint,
+                        ctypes.c_uint,
+                    ]
+                    return lib
+                except (OSError, AttributeError):
+                    continue
+    return None
+
+
+def set_flush_denormal(on: bool) -> int:
+    """Set flush-to-zero ``on`` or off for the calling thread and every thread of its OpenMP
+    team (the threads ``torch.get_num_threads()`` counts).
+
+    Returns how many threads were set: 0 when the CPU has no such mode, 1 when only the
+    calling thread could be (no OpenMP runtime found). Threads PyTorch starts later, after a
+    larger ``torch.set_num_threads``, start without it: call again after changing the count.
+    """
+    if not torch.set_flush_denormal(on):
+        return 0
+    runtime = _openmp_runtime() if torch.get_num_threads() > 1 else None
+    if runtime is None:
+        return 1
+    ids: set[int] = set()
+
+    def on_each_thread(_data: Any) -> None:  # ctypes takes the GIL around it
+        torch.set_flush_denormal(on)
+        ids.add(threading.get_native_id())
+
+    callback = _CALLBACK(on_each_thread)
+    runtime.GOMP_parallel(callback, None, torch.get_num_threads(), 0)  # GIL released meanwhile
+    return max(1, len(ids))
 
 
 def subnormal_count(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:

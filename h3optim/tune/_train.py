@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
 
+from h3optim.denormals import flush_denormal_enabled, set_flush_denormal
 from h3optim.sampler import PhaseSchedule
 from h3optim.tracking import IndexedDataset
 from h3optim.tune import _interrupt
@@ -284,6 +285,9 @@ def run_trial(
     metric: float | None = None
     stopped_at: int | None = None
     first_step_s: float | None = None
+    flush_before = flush_denormal_enabled()
+    if cfg.flush_denormal:
+        set_flush_denormal(True)
     try:
         with PeakMemory(device, children=cfg.num_workers > 0) as mem:
             t0 = time.perf_counter()
@@ -355,9 +359,13 @@ def run_trial(
             if metric is None:  # the loader ran dry early (cannot happen with a valid plan)
                 metric = _evaluate(task, model)
             wall_s = time.perf_counter() - t0
+            extra["flush_denormal"] = flush_denormal_enabled()  # as the trial trained
     except BaseException:
         prof.stop(status="failed")
         raise
+    finally:
+        if cfg.flush_denormal:
+            set_flush_denormal(flush_before)
     res = prof.stop()
     finish_pruning(model)
     if cfg.compile:

@@ -245,6 +245,11 @@ def code_for(settings: dict[str, Any], device: str = "cpu") -> str:
     lines: list[str] = []
     if not cfg.changes():
         return "# no change: train as the baseline does"
+    if cfg.flush_denormal:
+        lines.append("from h3optim.denormals import set_flush_denormal")
+        lines.append(
+            "set_flush_denormal(True)  # CPU: subnormals as zero, on every intra-op thread"
+        )
     if cfg.channels_last:
         lines.append("model = model.to(memory_format=torch.channels_last)  # inputs too")
     if cfg.checkpoint_blocks:

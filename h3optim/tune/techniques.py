@@ -41,6 +41,8 @@ class TrialConfig:
             ``prune_at`` of the budget is spent; the rest of the budget fine-tunes.
         prune_at: Budget fraction after which pruning happens.
         h3_preset: Draw samples with H3's sampler as this preset configures it.
+        flush_denormal: Compute subnormal floats as zero on the CPU during the trial
+            (on the training thread and its intra-op threads; see :mod:`h3optim.denormals`).
     """
 
     amp: Literal["bf16", "fp16"] | None = None
@@ -56,6 +58,7 @@ class TrialConfig:
     prune_amount: float = 0.0
     prune_at: float = 0.75
     h3_preset: str | None = None
+    flush_denormal: bool = False
 
     def changes(self) -> dict[str, Any]:
         """The settings that differ from the baseline's."""
@@ -208,6 +211,16 @@ def _h3_sampler(task: Task, env: Env) -> str | None:
     return None
 
 
+def _flush_denormal(task: Task, env: Env) -> str | None:
+    if env.device.type != "cpu":
+        return f"flush-to-zero changes CPU arithmetic; the model trains on {env.device.type}"
+    from h3optim.denormals import flush_denormal_enabled
+
+    if not torch.set_flush_denormal(flush_denormal_enabled()):  # a no-op that says if it can
+        return "this CPU has no flush-to-zero mode"
+    return None
+
+
 def _prune(task: Task, env: Env) -> str | None:
     return None if env.has_conv2d or env.has_linear else "no nn.Conv2d or nn.Linear to prune"
 
@@ -229,6 +242,12 @@ def builtin_techniques() -> dict[str, Technique]:
             excludes=("prune",),
         ),
         Technique("channels_last", {"channels_last": True}, _channels_last),
+        Technique(
+            "flush_denormal",
+            {"flush_denormal": True},
+            _flush_denormal,
+            note="subnormal floats computed as zero on the CPU (training and intra-op threads)",
+        ),
         Technique(
             "checkpointing",
             {"checkpoint_blocks": 2},

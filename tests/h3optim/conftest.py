@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
-from h3optim.denormals import flush_denormal_enabled
+from h3optim.denormals import flush_denormal_enabled, set_flush_denormal
 
 _SESSION_MODE = flush_denormal_enabled()
 
@@ -16,4 +15,4 @@ _SESSION_MODE = flush_denormal_enabled()
 @pytest.fixture(autouse=True)
 def _flush_denormal_restored() -> Iterator[None]:
     yield
-    torch.set_flush_denormal(_SESSION_MODE)
+    set_flush_denormal(_SESSION_MODE)

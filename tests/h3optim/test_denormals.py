@@ -8,7 +8,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from h3optim import AutoH3
-from h3optim.denormals import flush_denormal_enabled, subnormal_count, subnormal_share
+from h3optim.denormals import (
+    flush_denormal_enabled,
+    set_flush_denormal,
+    subnormal_count,
+    subnormal_share,
+)
 
 
 @pytest.mark.parametrize("flush", [False, True])
@@ -85,3 +90,17 @@ def test_autoh3_leaves_flush_to_zero_on_when_it_was_on() -> None:
     auto.start()
     auto.finish()
     assert flush_denormal_enabled()
+
+
+def test_set_flush_denormal_reaches_every_intra_op_thread() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.full((4_000_000,), 1e-39)  # large enough to be split between two threads
+        assert int(((x * 1.0) == 0).sum()) == 0  # subnormals computed as such; pool started
+        assert set_flush_denormal(True) == 2
+        assert int(((x * 1.0) == 0).sum()) == x.numel()  # torch's own call flushes about half
+        assert set_flush_denormal(False) == 2
+        assert int(((x * 1.0) == 0).sum()) == 0 and not flush_denormal_enabled()
+    finally:
+        torch.set_num_threads(threads)

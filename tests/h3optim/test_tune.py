@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from h3client.report import main as h3_report
+from h3optim.denormals import flush_denormal_enabled
 from h3optim.tune import (
     Task,
     Technique,
@@ -88,7 +89,7 @@ def session(
     result = tune(
         example.make_task(),
         budget=BUDGET,
-        techniques=["amp_fp16", "channels_last", _wreck()],
+        techniques=["amp_fp16", "channels_last", "flush_denormal", _wreck()],
         combine=["channels_last", "lr_x1000"],
         segments=3,
         out=out,
@@ -105,7 +106,7 @@ def test_every_trial_is_a_daemon_run_with_energy(
     result, _out, events = session
     assert not result.interrupted
     names = [t.technique for t in result.trials]
-    assert names == ["baseline", "channels_last", "lr_x1000", "combined"]
+    assert names == ["baseline", "channels_last", "flush_denormal", "lr_x1000", "combined"]
     assert all(t.error is None and t.outcome is not None for t in result.trials)
     with tune_daemon.client() as api:
         runs = api.get("/v1/runs", params={"tag": f"tune:{result.session}"}).json()["data"]
@@ -124,7 +125,11 @@ def test_every_trial_is_a_daemon_run_with_energy(
             assert o.samples == BUDGET * 64 and o.steps == BUDGET
     base = result.trials[0].outcome
     assert base is not None and base.metric > 0.3  # learned something: chance is 0.1
-    assert [e for e, _ in events].count("trial_end") == 4
+    assert [e for e, _ in events].count("trial_end") == 5
+    # flush-to-zero was on while its trial trained, off in the others, and off again after
+    flushed = {t.technique: t.outcome.extra["flush_denormal"] for t in result.trials if t.outcome}
+    assert flushed == {n: n == "flush_denormal" for n in names}
+    assert not flush_denormal_enabled()
 
 
 def test_non_applicable_technique_is_skipped_with_reason(
@@ -171,7 +176,7 @@ def test_session_is_written_and_grouped_in_h3_report(
 ) -> None:
     result, out, _events = session
     data = json.loads((out / f"tune-{result.session}.json").read_text())
-    assert len(data["trials"]) == 4 and data["interrupted"] is False
+    assert len(data["trials"]) == 5 and data["interrupted"] is False
     assert {r["technique"] for r in data["summary"]} == {t.technique for t in result.trials}
     report = (out / f"tune-{result.session}-report.md").read_text()
     assert report == format_report(result) + "\n"
@@ -180,8 +185,8 @@ def test_session_is_written_and_grouped_in_h3_report(
     monkeypatch.setenv("H3D_TOKEN", tune_daemon.token)
     assert h3_report(["--tune", result.session, "--url", tune_daemon.url]) == 0
     text = capsys.readouterr().out
-    assert f"h3-tune session {result.session}: 4 runs, 4 techniques" in text
-    for name in ("baseline", "channels_last", "lr_x1000", "combined"):
+    assert f"h3-tune session {result.session}: 5 runs, 5 techniques" in text
+    for name in ("baseline", "channels_last", "flush_denormal", "lr_x1000", "combined"):
         assert f"  {name} " in text
 
 
@@ -296,3 +301,24 @@ def test_plan_segments_and_h3_sampler_budget() -> None:
     sized = _Plan(100, [40] * 6, 16, seed=0, setup=Setup())
     assert sized.phases == ["warmup"] + ["thermodynamic"] * 4 + ["consolidation"]
     assert sized.sizes == [40, 20, 20, 20, 20, 40]
+
+
+def test_flush_denormal_applies_on_the_cpu_says_why_not_on_a_gpu_and_reads_as_code() -> None:
+    import dataclasses
+
+    from h3optim.tune.report import code_for
+
+    mlp = Task(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))),
+        TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))),
+        nn.CrossEntropyLoss(),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+    env = probe_env(mlp)
+    technique = builtin_techniques()["flush_denormal"]
+    assert technique.applies(mlp, env) is None  # every x86-64 and AArch64 CPU has the mode
+    gpu = dataclasses.replace(env, device=torch.device("cuda"))
+    reason = technique.applies(mlp, gpu)
+    assert reason is not None and "trains on cuda" in reason
+    assert "set_flush_denormal(True)" in code_for({"flush_denormal": True})
