@@ -48,31 +48,35 @@ def flush_denormal_enabled() -> bool:
     return float(torch.tensor(1e-39) * 2.0) == 0.0
 
 
+def _openmp_candidates(paths: Iterable[str], torch_lib: Path) -> list[str]:
+    """The OpenMP runtimes among loaded library ``paths``, PyTorch's own copy first (a pip
+    wheel ships ``torch/lib/libgomp-<hash>.so.1``; another copy may be loaded beside it)."""
+    found = []
+    for path in dict.fromkeys(paths):
+        name = Path(path).name
+        if any(name.startswith((n + ".", n + "-")) for n in _OPENMP_NAMES):
+            found.append(path)
+    return sorted(found, key=lambda p: Path(p).parent != torch_lib)
+
+
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime already loaded into this process (PyTorch's), or None."""
-    paths: list[str] = []
+    """The OpenMP runtime PyTorch loaded into this process, or None."""
+    torch_lib = Path(torch.__file__).parent / "lib"
     if sys.platform.startswith("linux"):
         try:
             maps = Path("/proc/self/maps").read_text()
         except OSError:
             maps = ""
-        paths = [line.split()[-1] for line in maps.splitlines() if line.count("/")]
+        paths = [line.split()[-1] for line in maps.splitlines() if "/" in line]
     else:  # macOS and others: the copy shipped in torch/lib, which torch itself loads
-        paths = [str(p) for p in (Path(torch.__file__).parent / "lib").glob("lib*omp*")]
-    for name in _OPENMP_NAMES:
-        for path in paths:
-            if Path(path).name.startswith(name + "."):
-                try:
-                    lib = ctypes.CDLL(path)
-                    lib.GOMP_parallel.argtypes = [
-                        _CALLBACK,
-                        ctypes.c_void_p,
-                        ctypes.c_uint,
-                        ctypes.c_uint,
-                    ]
-                    return lib
-                except (OSError, AttributeError):
-                    continue
+        paths = [str(p) for p in torch_lib.glob("lib*omp*")]
+    for path in _openmp_candidates(paths, torch_lib):
+        try:
+            lib = ctypes.CDLL(path)
+            lib.GOMP_parallel.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            return lib
+        except (OSError, AttributeError):
+            continue
     return None
 
 

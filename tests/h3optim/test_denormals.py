@@ -104,3 +104,24 @@ def test_set_flush_denormal_reaches_every_intra_op_thread() -> None:
         assert int(((x * 1.0) == 0).sum()) == 0 and not flush_denormal_enabled()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_openmp_runtime_is_pytorchs_own_copy_first() -> None:
+    from pathlib import Path
+
+    from h3optim.denormals import _openmp_candidates
+
+    lib = Path("/venv/torch/lib")
+    paths = [
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1",
+        "/venv/torch/lib/libgomp-a34b3233.so.1",  # a pip wheel's renamed copy
+        "/venv/torch/lib/libgomp-a34b3233.so.1",  # mapped more than once
+        "/venv/torch/lib/libtorch_cpu.so",
+        "/opt/intel/lib/libiomp5.so",
+        "/usr/lib/libgomputil.so",
+    ]
+    assert _openmp_candidates(paths, lib) == [
+        "/venv/torch/lib/libgomp-a34b3233.so.1",
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1",
+        "/opt/intel/lib/libiomp5.so",
+    ]
