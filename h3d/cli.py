@@ -78,7 +78,22 @@ class _StartupGcPause:
         self.end()  # a start that failed, or a server that stopped before it was up
 
 
+def _defer_model_builds() -> None:
+    """Pydantic models defined from here on build their validators and serializers when
+    first used, not when their class is created (pydantic's ``defer_build``).
+
+    Importing FastAPI defines some hundred models for the OpenAPI document that only
+    ``/openapi.json`` and ``/docs`` ever use; building them at every start cost about 70 ms
+    of a 0.8 s start on a slow host (benchmarks/results/startup.md). The document served is
+    the same (tested); what a model needs is built when a request first uses it.
+    """
+    from pydantic import BaseModel
+
+    BaseModel.model_config.setdefault("defer_build", True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _defer_model_builds()
     with _StartupGcPause() as gc_pause:
         return _serve(args, gc_pause)
 
