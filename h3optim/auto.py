@@ -126,9 +126,9 @@ class AutoH3:
         flush_denormal: From :meth:`start` to :meth:`finish`, the calling thread and its
             intra-op threads compute subnormal floats (below about 1.2e-38) as zero on the CPU
             (:func:`h3optim.denormals.set_flush_denormal`); :meth:`finish` restores the mode
-            the calling thread had. Adam's
-            second moments decay into that range, where a CPU takes many times as long per
-            operation (:mod:`h3optim.denormals`). No effect on GPU kernels.
+            the calling thread had. Adam's second moments decay into that range, where a CPU
+            takes many times as long per operation (:mod:`h3optim.denormals`). No effect on
+            GPU kernels.
 
     Example:
         >>> auto = AutoH3(model.parameters(), train_set, mode="balanced", total_epochs=20)  # doctest: +SKIP

@@ -60,7 +60,10 @@ def _openmp_candidates(paths: Iterable[str], torch_lib: Path) -> list[str]:
 
 
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime PyTorch loaded into this process, or None."""
+    """The OpenMP runtime PyTorch's intra-op threads run on, or None (another backend, or
+    none found)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None  # a build on PyTorch's native thread pool: its threads are not reachable
     torch_lib = Path(torch.__file__).parent / "lib"
     if sys.platform.startswith("linux"):
         try:
@@ -85,8 +88,9 @@ def set_flush_denormal(on: bool) -> int:
     team (the threads ``torch.get_num_threads()`` counts).
 
     Returns how many threads were set: 0 when the CPU has no such mode, 1 when only the
-    calling thread could be (no OpenMP runtime found). Threads PyTorch starts later, after a
-    larger ``torch.set_num_threads``, start without it: call again after changing the count.
+    calling thread could be (PyTorch not on OpenMP, or its runtime not found). Threads
+    PyTorch starts later, after a larger ``torch.set_num_threads``, start without it: call
+    again after changing the count.
     """
     if not torch.set_flush_denormal(on):
         return 0
