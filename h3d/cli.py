@@ -78,22 +78,29 @@ class _StartupGcPause:
         self.end()  # a start that failed, or a server that stopped before it was up
 
 
-def _defer_model_builds() -> None:
-    """Pydantic models defined from here on build their validators and serializers when
-    first used, not when their class is created (pydantic's ``defer_build``).
+def _import_fastapi_deferred() -> None:
+    """Import FastAPI with pydantic's model builds deferred to first use (``defer_build``).
 
-    Importing FastAPI defines some hundred models for the OpenAPI document that only
+    FastAPI defines some hundred models for the OpenAPI document at import, which only
     ``/openapi.json`` and ``/docs`` ever use; building them at every start cost about 70 ms
-    of a 0.8 s start on a slow host (benchmarks/results/startup.md). The document served is
-    the same (tested); what a model needs is built when a request first uses it.
+    of a 0.8 s start on a slow host (benchmarks/results/startup.md). The default is restored
+    before h3d's own models are defined, so they are built (and checked) at start as before.
+    The document served is the same (tested).
     """
     from pydantic import BaseModel
 
-    BaseModel.model_config.setdefault("defer_build", True)
+    config = BaseModel.model_config
+    had = "defer_build" in config
+    config.setdefault("defer_build", True)
+    try:
+        import fastapi  # noqa: F401  (its OpenAPI models, through fastapi.params)
+    finally:
+        if not had:
+            config.pop("defer_build", None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _defer_model_builds()
+    _import_fastapi_deferred()
     with _StartupGcPause() as gc_pause:
         return _serve(args, gc_pause)
 
