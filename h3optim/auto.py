@@ -214,6 +214,7 @@ class AutoH3:
             "total_epochs": total_epochs,
             "unbiased": unbiased,
             "noise_margin": noise_margin,
+            "flush_denormal": flush_denormal,  # runs compared in the dashboard say which
             **(config or {}),
         }
         self.profiler_kwargs = dict(profiler_kwargs or {})

@@ -88,6 +88,7 @@ def test_autoh3_against_a_real_daemon_stores_run_epochs_eta_and_decisions(daemon
             run["status"] == "finished"
             and run["n_epochs"] == 8
             and run["config"]["mode"] == "balanced"
+            and run["config"]["flush_denormal"] is True
         )
         assert run["n_batches"] == res["batches_logged"]
         rep = c.report(res["run_id"])
