@@ -132,6 +132,17 @@ def test_every_trial_is_a_daemon_run_with_energy(
     assert not flush_denormal_enabled()
 
 
+def tiny_mlp_task() -> Task:
+    """A model without convolutions, on random data (what applicability checks need)."""
+    return Task(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))),
+        TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))),
+        nn.CrossEntropyLoss(),
+        lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+
+
 def test_non_applicable_technique_is_skipped_with_reason(
     session: tuple[TuneResult, Path, list[tuple[str, dict[str, Any]]]],
 ) -> None:
@@ -140,13 +151,7 @@ def test_non_applicable_technique_is_skipped_with_reason(
     assert ("skip", {"technique": "amp_fp16", "reason": result.skipped["amp_fp16"]}) in events
     assert "amp_fp16: fp16 autocast needs CUDA" in format_report(result)
     # and on a model without convolutions, channels_last says why it does not apply
-    mlp = Task(
-        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
-        TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))),
-        TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))),
-        nn.CrossEntropyLoss(),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-    )
+    mlp = tiny_mlp_task()
     env = probe_env(mlp)
     reason = builtin_techniques()["channels_last"].applies(mlp, env)
     assert reason is not None and "no nn.Conv2d" in reason
@@ -308,13 +313,7 @@ def test_flush_denormal_applies_on_the_cpu_says_why_not_on_a_gpu_and_reads_as_co
 
     from h3optim.tune.report import code_for
 
-    mlp = Task(
-        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
-        TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))),
-        TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))),
-        nn.CrossEntropyLoss(),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-    )
+    mlp = tiny_mlp_task()
     env = probe_env(mlp)
     technique = builtin_techniques()["flush_denormal"]
     assert technique.applies(mlp, env) is None  # every x86-64 and AArch64 CPU has the mode
