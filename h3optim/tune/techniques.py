@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from h3optim.denormals import flush_denormal_enabled
 from h3optim.tune.task import Task
 
 PRESETS = ("h3_mnist_fast", "h3_cifar_safe", "h3_edge")
@@ -214,8 +215,6 @@ def _h3_sampler(task: Task, env: Env) -> str | None:
 def _flush_denormal(task: Task, env: Env) -> str | None:
     if env.device.type != "cpu":
         return f"flush-to-zero changes CPU arithmetic; the model trains on {env.device.type}"
-    from h3optim.denormals import flush_denormal_enabled
-
     if not torch.set_flush_denormal(flush_denormal_enabled()):  # a no-op that says if it can
         return "this CPU has no flush-to-zero mode"
     return None
