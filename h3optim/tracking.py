@@ -106,6 +106,7 @@ class LossTracker:
         # learned *now* (the EMA remembers its start).
         self._state = torch.zeros(4, num_samples, dtype=torch.float32, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
+        self._cols: tuple[Any, ...] | None = None  # see _columns
 
     @property
     def ema(self) -> torch.Tensor:
@@ -137,12 +138,43 @@ class LossTracker:
             self._state = self._state.to(device)
             self._nonfinite = self._nonfinite.to(device)
 
-    @torch.no_grad()
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(4, 1) columns over the state's rows (EMA, first, last, sightings), on its device:
+        how far each row moves toward a new loss for a seen sample and for an unseen one
+        (``lerp`` by 0 keeps the value exactly, by 1 takes the loss exactly), and what each
+        row adds (one sighting)."""
+        key = (self._state.device, self.smoothing)
+        if self._cols is None or self._cols[0] != key:
+            kw: dict[str, Any] = {"device": self._state.device, "dtype": torch.float32}
+            self._cols = (
+                key,
+                torch.tensor([[self.smoothing], [0.0], [1.0], [0.0]], **kw),
+                torch.tensor([[1.0], [1.0], [1.0], [0.0]], **kw),
+                torch.tensor([[0.0], [0.0], [0.0], [1.0]], **kw),
+            )
+        return self._cols[1], self._cols[2], self._cols[3]
+
     def update(self, indices: Any, losses: torch.Tensor) -> None:
-        """Record per-sample ``losses`` (any shape with N elements) of dataset ``indices``."""
-        losses = losses.detach().reshape(-1).float()
+        """Record per-sample ``losses`` (any shape with N elements) of dataset ``indices``.
+
+        About ten tensor operations, whatever the batch: in a training loop each one is
+        paid at full price (the step before has evicted what they run on), so their count
+        is the cost (``benchmarks/tracker_update.py``).
+        """
+        if losses.requires_grad:
+            losses = losses.detach()  # then nothing here records a graph
+        if losses.dim() != 1:
+            losses = losses.reshape(-1)
+        if losses.dtype != torch.float32:
+            losses = losses.float()
         self._to(losses.device)
-        idx = torch.as_tensor(indices, device=losses.device).reshape(-1).long()
+        idx = indices
+        if not (type(idx) is torch.Tensor and idx.device == losses.device):
+            idx = torch.as_tensor(indices, device=losses.device)
+        if idx.dim() != 1:
+            idx = idx.reshape(-1)
+        if idx.dtype != torch.int64:
+            idx = idx.long()
         if idx.numel() != losses.numel():
             raise ValueError(f"{idx.numel()} indices for {losses.numel()} losses")
         # Non-finite losses leave a sample's state as it was. On the CPU one sum read back
@@ -153,19 +185,13 @@ class LossTracker:
         if not (losses.is_cpu and math.isfinite(losses.sum().item())):
             finite = (losses - losses) == 0  # isfinite in two kernels (it takes six)
             self._nonfinite += finite.numel() - finite.sum()
+        seen_weight, unseen_weight, step = self._columns()
         old = self._state.index_select(1, idx)
-        ema, first, _, count = old
-        seen = count > 0
-        # the EMA moves toward the loss by `smoothing` once seen and is the loss at the
-        # first sighting; the first loss is kept once seen
-        new = torch.stack(
-            (
-                torch.where(seen, ema.lerp(losses, self.smoothing), losses),
-                torch.where(seen, first, losses),
-                losses,
-                count + 1.0,
-            )
-        )
+        # each row moves toward the loss by its weight: the EMA by `smoothing` once seen,
+        # the first loss not at all once seen, the latest loss all the way; at a first
+        # sighting all three take it; the sightings row adds one
+        weight = torch.where(old[3] > 0, seen_weight, unseen_weight)
+        new = old.lerp(losses, weight).add_(step)
         if finite is not None:
             new = torch.where(finite, new, old)
         self._state.index_copy_(1, idx, new)

@@ -156,3 +156,19 @@ def test_batch_fetch_matches_per_item_fetch() -> None:
     assert torch.equal(bx, torch.stack([it[0] for it in items]))
     assert torch.equal(by, torch.stack([it[1] for it in items]))
     assert bi is idx
+
+
+def test_update_follows_a_smoothing_changed_by_a_loaded_state() -> None:
+    t = LossTracker(3, smoothing=0.5)
+    t.update([0], torch.tensor([2.0]))
+    t.update([0], torch.tensor([4.0]))
+    assert t.get([0]).item() == 3.0  # 2 moved halfway to 4
+    state = t.state_dict()
+    state["smoothing"] = 0.25
+    u = LossTracker(3, smoothing=0.5)
+    u.update([1], torch.tensor([1.0]))  # its columns cached at smoothing 0.5
+    u.load_state_dict(state)
+    u.update([0], torch.tensor([7.0]))
+    assert u.get([0]).item() == 4.0  # 3 moved a quarter of the way to 7
+    assert u.first.tolist()[0] == 2.0 and u.last.tolist()[0] == 7.0
+    assert u.counts.tolist() == [3, 0, 0]
