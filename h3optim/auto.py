@@ -15,6 +15,7 @@ from h3optim.denormals import flush_denormal_enabled, set_flush_denormal, subnor
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler
+from h3optim.tracking import take_rows
 
 LN2 = math.log(2.0)
 
@@ -349,7 +350,9 @@ class AutoH3:
         weights = None
         if self.sampler.unbiased:
             weights = (
-                windows.weights[idx.long()] if windows is not None else self.sampler.weights(idx)
+                take_rows(windows.weights, idx)
+                if windows is not None
+                else self.sampler.weights(idx)
             )
         reduction = getattr(criterion, "reduction", None)
         seen: dict[str, torch.Tensor] = {}
@@ -381,8 +384,8 @@ class AutoH3:
         self.samples_backpropagated += len(idx)
         self._epoch_samples += len(idx)
         self._epoch_steps += 1
-        mean = losses.mean()
         if self.profiler is not None:
+            mean = losses.mean()
             if self.log_per_sample:
                 self.profiler.log_batch(
                     mean, losses=losses, indices=idx, epoch=self.epoch, phase=self.phase
@@ -393,7 +396,7 @@ class AutoH3:
             self._window_tick(model, criterion)
         if isinstance(loss, torch.Tensor):
             return float(loss.detach())
-        return float(loss) if loss is not None else float(mean)
+        return float(loss) if loss is not None else float(losses.mean())
 
     @torch.no_grad()
     def evaluate_epoch(self, model: torch.nn.Module, test_loader: Iterable[Any]) -> float:

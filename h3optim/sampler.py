@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from h3optim.tracking import LossTracker
+from h3optim.tracking import LossTracker, take_rows
 
 PHASES = ("warmup", "thermodynamic", "consolidation")
 
@@ -262,7 +262,7 @@ class InformationWeightedSampler(Sampler[int]):
         """Loss weights for ``indices`` drawn this epoch: mean(w·loss) is unbiased for the
         full-data mean loss (requires ``unbiased=True``; all ones otherwise). One gather
         from the epoch's weight vector."""
-        idx = torch.as_tensor(indices).long().cpu()
+        idx = indices if type(indices) is torch.Tensor else torch.as_tensor(indices)
         if not self.unbiased:
             return torch.ones(idx.numel())
         if self._probs is None:
@@ -273,7 +273,7 @@ class InformationWeightedSampler(Sampler[int]):
         if cache is None or cache[0] is not probs or cache[1] != key:
             # the epoch's vector, computed once per draw and not per batch
             cache = self._weights = (probs, key, self.weights_from(probs, key[0]))
-        return cache[2][idx]
+        return take_rows(cache[2], idx if idx.dtype == torch.int64 else idx.long())
 
     def weights_from(self, probs: torch.Tensor, num_kept: int) -> torch.Tensor:
         """Every sample's unbiased weight under inclusion probabilities ``probs``, capped at
