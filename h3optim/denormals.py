@@ -21,6 +21,7 @@ on Linux builds, libomp or libiomp5 elsewhere). GPU kernels are not affected eit
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -59,9 +60,10 @@ def _openmp_candidates(paths: Iterable[str], torch_lib: Path) -> list[str]:
     return sorted(found, key=lambda p: Path(p).parent != torch_lib)
 
 
+@functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime PyTorch's intra-op threads run on, or None (another backend, or
-    none found)."""
+    none found). Looked up once: what torch loaded at its import does not change."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None  # a build on PyTorch's native thread pool: its threads are not reachable
     torch_lib = Path(torch.__file__).parent / "lib"
