@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,11 +85,22 @@ class LossTracker:
     ``smoothing``. Non-finite losses are ignored and counted, never written. All updates
     are tensor operations: no host-device synchronisation.
 
+    On the CPU, :meth:`update` only records its tensors, and the recorded updates are applied
+    together, in order, when the state is next read (any property or method below) or every
+    ``max_pending`` samples: in a training loop every tensor operation costs its full
+    dispatch, so one bulk update an epoch costs a small fraction of one update a step
+    (``benchmarks/tracker_update.py``). The result is bit-identical to applying each update
+    at once. Like autograd's saved tensors, the recorded tensors must not be modified in
+    place before they are applied: an update whose tensors were is left out, with a warning.
+
     Args:
         num_samples: Dataset size N.
         smoothing: EMA weight of a new observation, in (0, 1].
         device: Where the state lives (default: CPU; moved to the losses' device on update).
     """
+
+    #: CPU samples recorded by :meth:`update` before they are applied without a read.
+    max_pending = 65536
 
     def __init__(self, num_samples: int, smoothing: float = 0.1, device: Any = None) -> None:
         if num_samples <= 0:
@@ -107,34 +119,44 @@ class LossTracker:
         self._state = torch.zeros(4, num_samples, dtype=torch.float32, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
         self._cols: tuple[Any, ...] | None = None  # see _columns
+        # CPU updates not applied yet: (indices, losses, their version counters), in order
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        self._pending_samples = 0
 
     @property
     def ema(self) -> torch.Tensor:
         """Each sample's EMA loss (0 where never seen); a view of the tracker's state."""
-        return self._state[0]
+        return self._applied()[0]
 
     @property
     def first(self) -> torch.Tensor:
         """Each sample's first observed loss (0 where never seen); a view."""
-        return self._state[1]
+        return self._applied()[1]
 
     @property
     def last(self) -> torch.Tensor:
         """Each sample's latest loss (0 where never seen); a view."""
-        return self._state[2]
+        return self._applied()[2]
 
     @property
     def counts(self) -> torch.Tensor:
         """How many finite losses each sample had (a new int32 tensor)."""
-        return self._state[3].int()
+        return self._applied()[3].int()
 
     @property
     def seen(self) -> torch.Tensor:
         """Whether each sample had a finite loss yet (a new bool tensor)."""
-        return self._state[3] > 0
+        return self._applied()[3] > 0
+
+    def _applied(self) -> torch.Tensor:
+        """The state with every recorded update applied."""
+        if self._pending:
+            self._apply_pending()
+        return self._state
 
     def _to(self, device: torch.device) -> None:
         if self._state.device != device:
+            self._applied()
             self._state = self._state.to(device)
             self._nonfinite = self._nonfinite.to(device)
 
@@ -157,9 +179,9 @@ class LossTracker:
     def update(self, indices: Any, losses: torch.Tensor) -> None:
         """Record per-sample ``losses`` (any shape with N elements) of dataset ``indices``.
 
-        About ten tensor operations, whatever the batch: in a training loop each one is
-        paid at full price (the step before has evicted what they run on), so their count
-        is the cost (``benchmarks/tracker_update.py``).
+        On the CPU the update is recorded and applied with the others when the state is next
+        read (see the class; an index out of range raises then). Elsewhere it is applied now:
+        about ten tensor operations, queued on the device.
         """
         if losses.requires_grad:
             losses = losses.detach()  # then nothing here records a graph
@@ -169,14 +191,86 @@ class LossTracker:
             losses = losses.float()
         self._to(losses.device)
         idx = indices
-        if not (type(idx) is torch.Tensor and idx.device == losses.device):
-            idx = torch.as_tensor(indices, device=losses.device)
+        if not isinstance(idx, torch.Tensor):
+            idx = torch.tensor(indices, device=losses.device)  # a copy, as a list gives
+        elif idx.device != losses.device:
+            idx = idx.to(losses.device)
         if idx.dim() != 1:
             idx = idx.reshape(-1)
         if idx.dtype != torch.int64:
             idx = idx.long()
         if idx.numel() != losses.numel():
             raise ValueError(f"{idx.numel()} indices for {losses.numel()} losses")
+        if losses.is_cpu:
+            try:
+                versions = (idx._version, losses._version)
+            except RuntimeError:  # an inference tensor has no version counter: apply it now
+                pass
+            else:
+                self._pending.append((idx, losses, *versions))
+                self._pending_samples += idx.numel()
+                if self._pending_samples >= self.max_pending:
+                    self._apply_pending()
+                return
+        self._applied()
+        self._apply(idx, losses)
+
+    def _apply_pending(self) -> None:
+        """Apply the recorded updates, in order: as one update when no sample repeats."""
+        pending, self._pending, self._pending_samples = self._pending, [], 0
+        intact = [(i, x) for i, x, vi, vx in pending if i._version == vi and x._version == vx]
+        if len(intact) < len(pending):
+            warnings.warn(
+                f"LossTracker: {len(pending) - len(intact)} update(s) left out: their indices "
+                "or losses were modified in place after update() and before the tracker "
+                "applied them (pass tensors that are not modified afterwards, e.g. "
+                "losses.detach().clone())",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if not intact:
+            return
+        idx = torch.cat([i for i, _ in intact]) if len(intact) > 1 else intact[0][0]
+        losses = torch.cat([x for _, x in intact]) if len(intact) > 1 else intact[0][1]
+        low, high = torch.aminmax(idx) if idx.numel() else (torch.zeros(()), torch.zeros(()))
+        if int(low) < 0 or int(high) >= self.num_samples:
+            self._apply_each(intact)  # raises, naming the update; applies every valid one
+            return
+        # a sample recorded k times is updated in k rounds, in order (each round blends with
+        # the last one's result); within a round no sample repeats, so one scatter is exact
+        rounds = int(torch.bincount(idx).max()) if idx.numel() else 0
+        if rounds <= 1:
+            self._apply(idx, losses)
+            return
+        sorted_idx, order = torch.sort(idx, stable=True)
+        pos = torch.arange(idx.numel())
+        first = torch.ones_like(sorted_idx, dtype=torch.bool)
+        first[1:] = sorted_idx[1:] != sorted_idx[:-1]
+        start = torch.cummax(torch.where(first, pos, 0), 0).values
+        occurrence = torch.empty_like(pos)
+        occurrence[order] = pos - start
+        for r in range(rounds):
+            sel = occurrence == r
+            self._apply(idx[sel], losses[sel])
+
+    def _apply_each(self, updates: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Apply ``updates`` one at a time; raise about the first that has an index out of
+        range after applying the others."""
+        error: Exception | None = None
+        for k, (idx, losses) in enumerate(updates):
+            try:
+                self._apply(idx, losses)
+            except (IndexError, RuntimeError) as exc:
+                error = error or IndexError(
+                    f"LossTracker.update: an index out of range for {self.num_samples} "
+                    f"samples (update {k + 1} of the {len(updates)} recorded since the state "
+                    f"was last read; the others are applied): {exc}"
+                )
+        if error is not None:
+            raise error
+
+    def _apply(self, idx: torch.Tensor, losses: torch.Tensor) -> None:
+        """One update: 1-D int64 ``idx`` and float32 ``losses`` on the state's device."""
         # Non-finite losses leave a sample's state as it was. On the CPU one sum read back
         # (no device to wait for) says whether there are any, and the common all-finite
         # batch skips the mask; elsewhere the mask is arithmetic, not boolean indexing,
@@ -184,7 +278,6 @@ class LossTracker:
         finite = None
         if not (losses.is_cpu and math.isfinite(losses.sum().item())):
             finite = (losses - losses) == 0  # isfinite in two kernels (it takes six)
-            self._nonfinite += finite.numel() - finite.sum()
         seen_weight, unseen_weight, step = self._columns()
         old = self._state.index_select(1, idx)
         # each row moves toward the loss by its weight: the EMA by `smoothing` once seen,
@@ -194,11 +287,13 @@ class LossTracker:
         new = old.lerp(losses, weight).add_(step)
         if finite is not None:
             new = torch.where(finite, new, old)
+            self._nonfinite += finite.numel() - finite.sum()
         self._state.index_copy_(1, idx, new)
 
     @property
     def nonfinite_count(self) -> int:
         """How many non-finite losses were ignored (reads the device counter)."""
+        self._applied()
         return int(self._nonfinite.item())
 
     @torch.no_grad()
@@ -259,6 +354,7 @@ class LossTracker:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        self._applied()
         return {
             "num_samples": self.num_samples,
             "smoothing": self.smoothing,
@@ -275,7 +371,7 @@ class LossTracker:
             raise ValueError(
                 f"state is for {state['num_samples']} samples, tracker has {self.num_samples}"
             )
-        dev = self._state.device
+        dev = self._applied().device  # what was recorded before belongs to the old state
         self.smoothing = state["smoothing"]
         ema = state["ema"].to(dev).float()
         # a sample marked seen counts at least one sighting

@@ -172,3 +172,94 @@ def test_update_follows_a_smoothing_changed_by_a_loaded_state() -> None:
     assert u.get([0]).item() == 4.0  # 3 moved a quarter of the way to 7
     assert u.first.tolist()[0] == 2.0 and u.last.tolist()[0] == 7.0
     assert u.counts.tolist() == [3, 0, 0]
+
+
+def _stream(seed: int, n: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Updates with samples repeated across and within batches, odd sizes, NaN and inf."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        size = int(torch.randint(1, 24, (1,), generator=g))
+        idx = torch.randint(0, n, (size,), generator=g)
+        losses = torch.rand(size, generator=g) * 4
+        losses[torch.rand(size, generator=g) < 0.1] = math.nan
+        losses[torch.rand(size, generator=g) < 0.05] = -math.inf
+        out.append((idx, losses))
+    return out
+
+
+def test_recorded_updates_apply_as_if_each_applied_at_once() -> None:
+    """CPU updates are recorded and applied in bulk at the next read: the state is
+    bit-identical to reading it after every update, repeats and non-finite losses included."""
+    n = 40
+    each, bulk = LossTracker(n, smoothing=0.3), LossTracker(n, smoothing=0.3)
+    for k, (idx, losses) in enumerate(_stream(1, n, 300)):
+        each.update(idx, losses)
+        _ = each.ema  # a read applies what was recorded
+        bulk.update(idx, losses)
+        if k % 97 == 0:
+            assert torch.equal(bulk.counts, each.counts)  # a read midway, then on recording
+    assert bulk._pending and not torch.equal(bulk._state, each._state)  # waiting for a read
+    assert torch.equal(bulk.ema, each.ema) and torch.equal(bulk._state, each._state)
+    assert bulk.nonfinite_count == each.nonfinite_count > 0
+
+
+def test_a_sample_twice_in_one_update_is_two_sightings_in_order() -> None:
+    t = LossTracker(3, smoothing=0.5)
+    t.update(torch.tensor([1, 1, 1]), torch.tensor([2.0, 4.0, 8.0]))
+    assert t.first.tolist()[1] == 2.0 and t.last.tolist()[1] == 8.0
+    assert t.get([1]).item() == 5.5  # 2, then halfway to 4 (3), then halfway to 8
+    assert t.counts.tolist() == [0, 3, 0]
+
+
+def test_pending_updates_are_bounded() -> None:
+    t = LossTracker(100)
+    t.max_pending = 50
+    for i in range(40):
+        t.update(torch.arange(i % 10 * 10, i % 10 * 10 + 10), torch.full((10,), float(i)))
+        assert t._pending_samples < 50
+    assert t.counts.sum().item() == 400
+
+
+def test_losses_modified_in_place_before_they_are_applied_are_left_out() -> None:
+    t = LossTracker(4)
+    kept = torch.tensor([1.0, 2.0])
+    t.update(torch.tensor([0, 1]), kept)
+    changed = torch.tensor([5.0, 6.0])
+    t.update(torch.tensor([2, 3]), changed)
+    changed.mul_(100)  # after update(), before the tracker read it
+    with pytest.warns(RuntimeWarning, match="1 update.*modified in place"):
+        assert t.seen.tolist() == [True, True, False, False]
+    assert t.ema.tolist() == [1.0, 2.0, 0.0, 0.0]
+    grad = torch.tensor([3.0, 4.0], requires_grad=True) * 1
+    t.update(torch.tensor([2, 3]), grad)  # detached inside; the version is shared
+    grad.detach().zero_()
+    with pytest.warns(RuntimeWarning):
+        assert t.counts.tolist() == [1, 1, 0, 0]
+
+
+def test_an_index_out_of_range_raises_at_the_read_and_the_rest_is_applied() -> None:
+    t = LossTracker(4)
+    t.update(torch.tensor([0]), torch.tensor([1.0]))
+    t.update(torch.tensor([2, 9]), torch.tensor([1.0, 2.0]))
+    t.update(torch.tensor([3]), torch.tensor([3.0]))
+    with pytest.raises(IndexError, match="out of range for 4 samples.*update 2 of the 3"):
+        _ = t.ema
+    assert t.ema.tolist() == [1.0, 0.0, 0.0, 3.0]
+    t.update(torch.tensor([-1]), torch.tensor([1.0]))
+    with pytest.raises(IndexError):
+        t.state_dict()
+
+
+def test_indices_from_a_reused_numpy_buffer_and_inference_tensors() -> None:
+    np = pytest.importorskip("numpy")
+    t = LossTracker(6)
+    buf = np.array([0, 1])
+    t.update(buf, torch.tensor([1.0, 2.0]))
+    buf[:] = [4, 5]  # numpy writes bypass torch's version counter: update() copied them
+    t.update(buf, torch.tensor([3.0, 4.0]))
+    assert t.ema.tolist() == [1.0, 2.0, 0.0, 0.0, 3.0, 4.0]
+    with torch.inference_mode():
+        idx, losses = torch.tensor([2]), torch.tensor([7.0])
+    t.update(idx, losses)  # no version counter: applied at once
+    assert not t._pending and t.ema.tolist()[2] == 7.0
