@@ -154,6 +154,12 @@ class LossTracker:
             self._apply_pending()
         return self._state
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied (``torch.save``, ``copy.deepcopy``) with every recorded update
+        applied, and a pending list of its own."""
+        self._applied()
+        return {**self.__dict__, "_pending": []}
+
     def _to(self, device: torch.device) -> None:
         if self._state.device != device:
             self._applied()

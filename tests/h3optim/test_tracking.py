@@ -263,3 +263,27 @@ def test_indices_from_a_reused_numpy_buffer_and_inference_tensors() -> None:
         idx, losses = torch.tensor([2]), torch.tensor([7.0])
     t.update(idx, losses)  # no version counter: applied at once
     assert not t._pending and t.ema.tolist()[2] == 7.0
+
+
+def test_a_pickled_or_copied_tracker_carries_its_recorded_updates() -> None:
+    import copy
+    import io
+
+    t = LossTracker(5)
+    losses = torch.tensor([1.0, 2.0])
+    losses.add_(1.0)  # a version counter past 0, which a fresh unpickled tensor would not have
+    t.update(torch.tensor([0, 4]), losses)
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.ema.tolist() == [2.0, 0.0, 0.0, 0.0, 3.0]
+    t.update(torch.tensor([1]), torch.tensor([5.0]))
+    c = copy.copy(t)
+    c.update(torch.tensor([2]), torch.tensor([7.0]))
+    assert t._pending == [] and c._pending  # its own list: recorded in the copy only
+    _ = c.ema  # a shallow copy shares the state tensor, as before
+    assert t.counts.tolist() == [1, 1, 1, 0, 1]
+    d = copy.deepcopy(t)
+    d.update(torch.tensor([3]), torch.tensor([9.0]))
+    assert t.counts.tolist() == [1, 1, 1, 0, 1] and d.counts.tolist() == [1, 1, 1, 1, 1]
