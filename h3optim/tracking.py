@@ -236,16 +236,21 @@ class LossTracker:
             )
         if not intact:
             return
-        idx = torch.cat([i for i, _ in intact]) if len(intact) > 1 else intact[0][0]
-        losses = torch.cat([x for _, x in intact]) if len(intact) > 1 else intact[0][1]
-        low, high = torch.aminmax(idx) if idx.numel() else (torch.zeros(()), torch.zeros(()))
+        if len(intact) == 1:
+            idx, losses = intact[0]
+        else:
+            idx = torch.cat([i for i, _ in intact])
+            losses = torch.cat([x for _, x in intact])
+        if not idx.numel():  # updates of no samples change nothing
+            return
+        low, high = torch.aminmax(idx)
         if int(low) < 0 or int(high) >= self.num_samples:
             self._apply_each(intact)  # raises, naming the update; applies every valid one
             return
         # a sample recorded k times is updated in k rounds, in order (each round blends with
         # the last one's result); within a round no sample repeats, so one scatter is exact
-        rounds = int(torch.bincount(idx).max()) if idx.numel() else 0
-        if rounds <= 1:
+        rounds = int(torch.bincount(idx).max())
+        if rounds == 1:
             self._apply(idx, losses)
             return
         sorted_idx, order = torch.sort(idx, stable=True)
