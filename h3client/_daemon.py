@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from h3client._config import ClientConfig, read_daemon_file
@@ -17,20 +18,44 @@ from h3client._config import ClientConfig, read_daemon_file
 logger = logging.getLogger(__name__)
 
 
-def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
-    """True if ``GET {url}/healthz`` answers 200 within ``timeout_s``."""
+def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[bool, bool | None]:
+    """``GET {url}/healthz`` with ``token``: (healthy, authorized).
+
+    ``healthy``: it answered 200 within ``timeout_s``. ``authorized``: whether that daemon
+    takes ``token`` (False when none is given), or None when it does not say (an h3d older
+    than the field) or did not answer.
+    """
     import http.client
+    import json
 
     parts = urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout_s)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        conn.request("GET", parts.path.rstrip("/") + "/healthz")
-        return conn.getresponse().status == 200
+        conn.request("GET", parts.path.rstrip("/") + "/healthz", headers=headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return False, None
+        try:
+            authorized = json.loads(resp.read()).get("authorized")
+        except (ValueError, AttributeError):
+            authorized = None
+        return True, authorized if isinstance(authorized, bool) else None
     except (OSError, http.client.HTTPException):
-        return False
+        return False, None
     finally:
         conn.close()
+
+
+def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
+    """True if ``GET {url}/healthz`` answers 200 within ``timeout_s``."""
+    return probe(url, timeout_s=timeout_s)[0]
+
+
+#: Daemons this process started: held, so that a ``Popen`` is not collected (with a
+#: ResourceWarning) while its daemon serves on.
+_started: list[Any] = []  # subprocess.Popen (imported when one is started)
 
 
 def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None:
@@ -51,6 +76,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # not killed with the training process's group
         )
+    _started.append(proc)  # it outlives this process, which need not wait for it
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info = read_daemon_file(data_dir)
@@ -65,9 +91,25 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
 
 
 def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
-    """The URL of a healthy daemon for ``config``, starting one if allowed; else None."""
-    if is_healthy(config.url):
-        return config.url
+    """The URL of a healthy daemon for ``config``, starting one if allowed; else None.
+
+    A daemon found on the default port when the data dir records none (no ``daemon.json``)
+    is used only if it takes the token: one that refuses it serves another data dir (say a
+    demo's, with this one in ``H3D_DATA_DIR``), whose every request would answer 401, so
+    this data dir gets a daemon of its own, on a free port, as when none answers.
+    """
+    healthy, authorized = probe(config.url, config.token)
+    if healthy and (
+        authorized is not False or config.url_is_explicit or read_daemon_file(config.data_dir)
+    ):
+        return config.url  # an explicit URL or this data dir's daemon: the caller's choice
+    if healthy:
+        logger.warning(
+            "h3: the daemon at %s refuses this data dir's token (%s): it serves another data dir%s",
+            config.url,
+            config.data_dir,
+            "; starting one for this data dir" if autostart else "",
+        )
     if not autostart or config.url_is_explicit:
         return None
     url = start_local_daemon(config.data_dir)

@@ -4,7 +4,8 @@ The worker (``_batching.BatchProcessor``) decides what goes where; an exporter o
 
 - ``send(request)`` posts one request to the daemon and says what happened: "sent" (stored,
   or already stored), "rejected" (the daemon refused it as invalid: resending cannot help) or
-  "down" (no answer, or a 5xx: try again later, keep it meanwhile);
+  "down" (no answer, a 5xx, or a 401/403 for a token that daemon does not take: try again
+  later, keep it meanwhile);
 - ``spool(request)`` appends it to the run's spool file on disk; False if the disk refused;
 - ``ready()`` says whether sending is worth trying now (online, or the back-off has passed).
 
@@ -69,9 +70,20 @@ class HttpExporter:
             self._warned.add(key)
             logger.warning(msg, *args)
 
-    def offline(self, why: str) -> None:
-        """Mark the daemon unreachable; the next try waits for an exponential back-off."""
-        if self.online:
+    def offline(self, why: str, *, refused: bool = False) -> None:
+        """Mark the daemon unreachable, or ``refused`` (it did not take the token); the next
+        try waits for an exponential back-off."""
+        if refused:
+            self._warn_once(
+                "refused",
+                "h3: the daemon at %s refused this profiler's token (%s); spooling to %s: "
+                "give the daemon's token (H3D_TOKEN, or its data dir), or replay the spool "
+                "with `h3d import` on the daemon the run belongs to",
+                self.client.url,
+                why,
+                self.spool_file.path,
+            )
+        elif self.online:
             self._warn_once(
                 "offline",
                 "h3: daemon unreachable (%s); spooling to %s until it answers",
@@ -108,6 +120,9 @@ class HttpExporter:
                 return "sent"
             if exc.status_code >= 500 or exc.status_code == 429:
                 self.offline(str(exc))
+                return "down"
+            if exc.status_code in (401, 403):  # not the data's fault: keep it for a daemon
+                self.offline(str(exc), refused=True)  # that takes it
                 return "down"
             self._warn_once(exc.code, "h3: the daemon refused %s: %s", request.op, exc)
             return "rejected"

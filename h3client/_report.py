@@ -99,11 +99,11 @@ def format_report(rep: dict[str, Any]) -> str:
             )
     if rep.get("epochs"):
         lines.append(
-            f"  {'epoch':>7} {'loss':>9} {'accuracy':>9} {'energy J':>10} {'η bits/J':>11}"
+            f"  {'epoch':>7} {'loss':>10} {'accuracy':>9} {'energy J':>10} {'η bits/J':>11}"
         )
         for ep in rep["epochs"]:
             lines.append(
-                f"  {ep['epoch']:>7} {_f(ep['loss']):>9} {_f(ep['accuracy']):>9} "
+                f"  {ep['epoch']:>7} {_f(ep['loss']):>10} {_f(ep['accuracy']):>9} "
                 f"{_f(ep['energy_j']):>10} {_f(ep['eta_bits_per_j']):>11}"
             )
         if any((ep["eta_bits_per_j"] or 0.0) < 0 for ep in rep["epochs"]):

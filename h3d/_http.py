@@ -42,19 +42,56 @@ def read_token(settings: Settings) -> str | None:
         return None
 
 
-def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
+def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[bool, bool | None]:
+    """(healthy, authorized): ``/healthz`` answered 200; whether that daemon takes ``token``
+    (None: it did not say, an h3d older than the field)."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        return httpx.get(f"{url}/healthz", timeout=timeout_s).status_code == 200
+        r = httpx.get(f"{url}/healthz", headers=headers, timeout=timeout_s)
     except httpx.HTTPError:
-        return False
+        return False, None
+    if r.status_code != 200:
+        return False, None
+    try:
+        authorized = r.json().get("authorized")
+    except (ValueError, AttributeError):
+        authorized = None
+    return True, authorized if isinstance(authorized, bool) else None
+
+
+def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
+    return probe(url, timeout_s=timeout_s)[0]
+
+
+def find_daemon(settings: Settings) -> tuple[str, str | None]:
+    """The URL of this data dir's daemon, and None if it answers there; else why not.
+
+    A daemon on the default port when the data dir records none (no ``daemon.json``, no
+    ``H3D_URL``) and that refuses the data dir's token serves another data dir: every /v1
+    request would answer 401, so it is not this data dir's daemon.
+    """
+    url = discover_url(settings)
+    healthy, authorized = probe(url, read_token(settings))
+    if not healthy:
+        return url, f"no daemon answers at {url}"
+    explicit = bool(os.environ.get("H3D_URL")) or settings.daemon_file.exists()
+    if authorized is False and not explicit:
+        return url, (
+            f"no daemon serves {settings.data_dir}: the daemon at {url} serves another data "
+            f"dir (it refuses this one's token); start one with `h3d serve --data-dir "
+            f"{settings.data_dir} --port 0`, or name that daemon's data dir (--data-dir) or "
+            "token (H3D_TOKEN)"
+        )
+    return url, None
 
 
 class DaemonClient:
     def __init__(self, settings: Settings, url: str | None = None) -> None:
         import httpx
 
+        self.settings = settings
         self.url = url or discover_url(settings)
         token = read_token(settings)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -67,6 +104,10 @@ class DaemonClient:
             r = self.http.request(method, path, **kw)
         except httpx.ConnectError as exc:
             raise DaemonDown(f"no h3d daemon answers at {self.url} (start it: h3d serve)") from exc
+        if r.status_code == 401:
+            _, problem = find_daemon(self.settings)
+            if problem:  # the daemon of another data dir: say so, not just "401"
+                raise SystemExit(f"h3d: {problem}")
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -186,9 +187,20 @@ def create_app(
             raise StarletteHTTPException(404, f"no static file {name!r}")
         return Response(static_text(name), media_type=kind, headers={"Cache-Control": "no-cache"})
 
+    expected_auth = f"Bearer {token}".encode()
+
     @app.get("/healthz", tags=["system"])
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__}
+    def healthz(request: Request) -> dict[str, Any]:
+        # open, like /docs; "authorized" tells a client whether this daemon takes the token
+        # it sent (none sent: False), so that a client which found a daemon on the default
+        # port, serving another data dir, starts its own instead of being refused every
+        # request (/v1 answers 401 to the same token anyway: this reveals nothing more)
+        sent = request.headers.get("authorization", "").encode()
+        return {
+            "status": "ok",
+            "version": __version__,
+            "authorized": secrets.compare_digest(sent, expected_auth),
+        }
 
     carbon_totals = CarbonTotals()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3d import __version__
-from h3d._http import DaemonClient, DaemonDown, discover_url, is_healthy
+from h3d._http import DaemonClient, DaemonDown, find_daemon
 from h3d.datadir import DataDirBusy, DataDirLock, lock_holder, make_private
 from h3d.errors import H3DError
 
@@ -191,9 +191,9 @@ def _fmt(v: Any, unit: str = "", digits: int = 4) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    url = discover_url(settings)
-    if not is_healthy(url):
-        print(f"h3d: no daemon answers at {url}")
+    url, problem = find_daemon(settings)
+    if problem:
+        print(f"h3d: {problem}")
         return 1
     c = DaemonClient(settings, url)
     devs = c.get("/v1/devices")
@@ -291,11 +291,11 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"  marginal eta {_fmt(eta['marginal_eta_bits_per_j'], ' bits/J')} ({span})")
     if rep["epochs"]:
         print(
-            f"  {'epoch':>5} {'phase':<14} {'loss':>8} {'acc':>7} {'energy J':>10} {'eta b/J':>10}"
+            f"  {'epoch':>5} {'phase':<14} {'loss':>10} {'acc':>7} {'energy J':>10} {'eta b/J':>10}"
         )
         for ep in rep["epochs"]:
             print(
-                f"  {ep['epoch']:>5} {str(ep['phase'] or '-'):<14} {_fmt(ep['loss']):>8} "
+                f"  {ep['epoch']:>5} {str(ep['phase'] or '-'):<14} {_fmt(ep['loss']):>10} "
                 f"{_fmt(ep['accuracy']):>7} {_fmt(ep['energy_j']):>10} {_fmt(ep['eta_bits_per_j']):>10}"
             )
         if any((ep["eta_bits_per_j"] or 0.0) < 0 for ep in rep["epochs"]):

@@ -12,15 +12,15 @@ import subprocess
 import sys
 import time
 
-from h3d._http import DaemonClient, discover_url, is_healthy
+from h3d._http import DaemonClient, find_daemon, is_healthy
 from h3d.cli import print_report
 from h3d.config import Settings
 
 
 def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, int | None]:
     """Return the URL of a healthy daemon for this data dir, starting one if needed."""
-    url = discover_url(settings)
-    if is_healthy(url):
+    url, problem = find_daemon(settings)
+    if problem is None:
         print(f"using the running daemon at {url}")
         return url, None
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,13 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the daemon's and the client's tests run without torch
     pass
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:

@@ -458,3 +458,35 @@ def test_large_bodies_are_gzipped_only_to_another_machine(url: str, gzipped: boo
     assert (req.headers.get("content-encoding") == "gzip") is gzipped
     raw = gzip.decompress(req.content) if gzipped else req.content
     assert json.loads(raw) == json.loads(body)
+
+
+def test_a_daemon_of_another_data_dir_is_not_taken_for_this_ones(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from h3client._config import ClientConfig, read_daemon_file, resolve
+    from h3client._daemon import ensure_daemon, probe
+
+    # what resolve() gives a data dir with no daemon.json: the default port, where here the
+    # fixture's daemon (another data dir: a demo's, say) answers and refuses this one's token
+    mine = tmp_path / "mine"
+    cfg = ClientConfig(url=daemon.url, token=None, data_dir=mine, url_is_explicit=False)
+    with caplog.at_level("WARNING", logger="h3client"):
+        assert ensure_daemon(cfg, autostart=False) is None
+    assert f"the daemon at {daemon.url} refuses this data dir's token" in caplog.text
+    # an explicit URL is the caller's choice, token or not
+    assert ensure_daemon(cfg._replace(url_is_explicit=True), autostart=False) == daemon.url
+    url = ensure_daemon(cfg, autostart=True)  # this data dir gets a daemon of its own
+    info = read_daemon_file(mine)
+    try:
+        assert url is not None and url != daemon.url and info is not None and info["url"] == url
+        assert probe(url, (mine / "token").read_text().strip()) == (True, True)
+        assert probe(url, daemon.token) == (True, False)
+        found = resolve(data_dir=mine)  # and it is found through this data dir's daemon.json
+        assert found.url == url and ensure_daemon(found, autostart=False) == url
+    finally:
+        from h3client import _daemon
+
+        for proc in _daemon._started:  # the daemon ensure_daemon started, and only it
+            proc.terminate()
+            proc.wait(timeout=30)
+        _daemon._started.clear()

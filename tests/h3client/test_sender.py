@@ -15,6 +15,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from h3client import Client, H3Profiler, H3RunNotFound
@@ -178,6 +179,38 @@ def test_a_daemon_killed_for_good_leaves_everything_in_the_spool_for_import(
     seqs, sample_seqs, _ = stored(daemon, prof.run_id)
     assert seqs == sample_seqs == list(range(N))
     assert not list((daemon.data_dir / "spool").glob("*.jsonl"))
+
+
+def test_a_refused_token_spools_everything_for_the_daemon_that_takes_it(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a 401 says nothing against the data: it waits on disk, as when no daemon answers,
+    # instead of being dropped as rejected
+    mine = tmp_path / "mine"
+    with caplog.at_level("WARNING", logger="h3client"):
+        prof = H3Profiler(
+            "refused", url=daemon.url, token="not-its-token", data_dir=mine, flush_interval_s=0.05
+        )
+        log_tensors(prof, 0, 300)
+        prof.log_epoch(0, accuracy=0.5)
+        res = prof.stop(timeout_s=20)
+    assert res["batches_logged"] == res["batches_spooled"] == 300
+    assert res["batches_posted"] == res["batches_rejected"] == res["batches_lost"] == 0
+    assert f"the daemon at {daemon.url} refused this profiler's token" in caplog.text
+    assert caplog.text.count("refused this profiler's token") == 1  # once, not per request
+    spool = mine / "spool" / f"{prof.run_id}.jsonl"
+    r = subprocess.run(  # replayed on the daemon it belongs to (its data dir, its token)
+        [sys.executable, "-m", "h3d", "import", str(spool)],
+        env=daemon.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(str(prof.run_id))
+    assert run["status"] == "finished" and run["n_batches"] == 300
 
 
 def test_a_hung_daemon_stop_returns_by_its_deadline_with_everything_spooled(

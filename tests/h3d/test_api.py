@@ -37,7 +37,13 @@ def err(r: httpx.Response) -> dict[str, Any]:
 
 
 def test_healthz_is_open_and_v1_needs_the_token(daemon: Any) -> None:
-    assert httpx.get(f"{daemon.url}/healthz").json()["status"] == "ok"
+    health = httpx.get(f"{daemon.url}/healthz").json()
+    assert health["status"] == "ok" and health["authorized"] is False
+    # whether this daemon takes the token sent: how a client tells its data dir's daemon
+    # from another data dir's on the same port
+    for token, taken in ((daemon.token, True), ("wrong", False)):
+        r = httpx.get(f"{daemon.url}/healthz", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["authorized"] is taken
     r = httpx.get(f"{daemon.url}/v1/runs")
     assert r.status_code == 401 and err(r)["code"] == "unauthorized"
     r = httpx.get(f"{daemon.url}/v1/runs", headers={"Authorization": "Bearer wrong"})

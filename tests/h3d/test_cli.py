@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 
 from h3d.storage import migrate
-from tests.conftest import REPO, Daemon, daemon_env
+from tests.conftest import REPO, Daemon, daemon_env, free_port
 
 
 def h3d(
-    daemon_or_dir: Daemon | Path, *args: str, timeout: float = 120
+    daemon_or_dir: Daemon | Path, *args: str, timeout: float = 120, **env: str
 ) -> subprocess.CompletedProcess[str]:
     data = daemon_or_dir.data_dir if isinstance(daemon_or_dir, Daemon) else daemon_or_dir
     return subprocess.run(
         [sys.executable, "-m", "h3d", *args],
-        env=daemon_env(data),
+        env=daemon_env(data, **env),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -74,10 +74,28 @@ def test_status_runs_show_export(daemon: Daemon, tmp_path: Path) -> None:
 
 
 def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
-    r = h3d(tmp_path / "empty", "status")
+    port = str(free_port())  # nothing answers there, whatever else runs on this machine
+    r = h3d(tmp_path / "empty", "status", H3D_PORT=port)
     assert r.returncode == 1 and "no daemon answers" in r.stdout
-    r = h3d(tmp_path / "empty", "runs")
+    r = h3d(tmp_path / "empty", "runs", H3D_PORT=port)
     assert r.returncode == 1 and "no h3d daemon answers" in r.stderr
+
+
+def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # a data dir with no daemon.json: the commands look on the port, where the fixture's
+    # daemon (another data dir: a demo's, say) answers and refuses this one's token
+    mine, port = tmp_path / "mine", str(daemon.port)
+    r = h3d(mine, "status", H3D_PORT=port)
+    assert r.returncode == 1, r.stdout
+    assert f"no daemon serves {mine}" in r.stdout and "serves another data dir" in r.stdout
+    assert f"h3d serve --data-dir {mine} --port 0" in r.stdout
+    r = h3d(mine, "runs", H3D_PORT=port)
+    assert r.returncode == 1 and "serves another data dir" in r.stderr, r.stderr
+    # with that daemon's token (a daemon in a container, on its published port) it is used
+    r = h3d(mine, "status", H3D_PORT=port, H3D_TOKEN=daemon.token)
+    assert r.returncode == 0 and "runs: 0 stored" in r.stdout, r.stdout + r.stderr
 
 
 def test_db_upgrade_and_current(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ from h3client._distributed import RankInfo, derived_run_id, detect, shared_run_i
 from h3client.errors import H3ClientError
 from h3d.storage import repository as repo
 from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
-from tests.conftest import REPO, Daemon
+from tests.conftest import REPO, Daemon, free_port
 
 SCRIPT = Path(__file__).with_name("ddp_ranks.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(n: int, daemon: Daemon, out: Path, *extra: str) -> list[dict[str, object]]:
