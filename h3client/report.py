@@ -287,8 +287,9 @@ def _print_compare(rows: list[dict[str, Any]], tolerance: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from h3client._config import resolve
     from h3client.client import Client
-    from h3client.errors import H3ClientError
+    from h3client.errors import H3ClientError, H3HTTPStatusError
 
     p = argparse.ArgumentParser(prog="h3-report", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="a run: id, name (newest of that name) or unique id prefix")
@@ -327,6 +328,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"runs": rows}, indent=2))
         else:
             _print_compare(rows, args.tolerance)
+    except H3HTTPStatusError as exc:
+        if exc.status_code != 401:
+            print(f"h3-report: {exc}", file=sys.stderr)
+        else:  # say whose token and what to do, not just "401"
+            cfg = resolve(args.url)
+            print(
+                f"h3-report: the daemon at {cfg.url} refuses the token of data dir "
+                f"{cfg.data_dir}: it serves another data dir; point H3D_DATA_DIR at that "
+                "one, or give its token in H3D_TOKEN",
+                file=sys.stderr,
+            )
+        return 1
     except (H3ClientError, OSError) as exc:
         print(f"h3-report: {exc}", file=sys.stderr)
         return 1

@@ -123,3 +123,18 @@ def test_compare_audit_logs_and_runs(daemon: Daemon, tmp_path: Path) -> None:
     assert IDS[0] in r.stdout and IDS[2] in r.stdout and Path(logs[0]).name in r.stdout
     missing = _cmd(daemon, "-m", "h3client.report", "--compare", str(tmp_path / "nope.csv"))
     assert missing.returncode == 1 and "no audit log" in missing.stderr
+
+
+def test_a_refused_token_is_explained_not_just_a_401(daemon: Daemon, tmp_path: Path) -> None:
+    other = tmp_path / "other"  # a data dir with no token of this daemon's
+    r = subprocess.run(
+        [sys.executable, "-m", "h3client.report", "--run", "alpha"],
+        env=daemon_env(other, H3D_URL=daemon.url),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert f"the daemon at {daemon.url} refuses the token of data dir {other}" in r.stderr
+    assert "H3D_TOKEN" in r.stderr
