@@ -6,9 +6,12 @@ on the training thread, and httpx (~90 ms to import) is left to the sender threa
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,13 +93,51 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
     return None
 
 
+def _serves(url: str, data_dir: Path) -> bool:
+    """A daemon answers at ``url`` and takes ``data_dir``'s token: it serves that data dir."""
+    try:
+        token = (data_dir / "token").read_text().strip() or None
+    except OSError:
+        token = None
+    healthy, authorized = probe(url, token)
+    return healthy and authorized is not False
+
+
+@contextlib.contextmanager
+def _one_starter(data_dir: Path, timeout_s: float) -> Iterator[None]:
+    """One autostart at a time per data dir, across processes: ``torchrun``'s ranks, or
+    scripts started together, would otherwise each start a daemon, and all but one of those
+    exit at the data dir's lock while their profilers go offline. Waits up to ``timeout_s``
+    (then goes on unlocked); no wait where there is no ``flock`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(data_dir / "autostart.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
     """The URL of a healthy daemon for ``config``, starting one if allowed; else None.
 
     A daemon found on the default port when the data dir records none (no ``daemon.json``)
     is used only if it takes the token: one that refuses it serves another data dir (say a
     demo's, with this one in ``H3D_DATA_DIR``), whose every request would answer 401, so
-    this data dir gets a daemon of its own, on a free port, as when none answers.
+    this data dir gets a daemon of its own, on a free port, as when none answers. Processes
+    that start together start one daemon between them.
     """
     healthy, authorized = probe(config.url, config.token)
     if healthy and (
@@ -112,7 +153,12 @@ def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
         )
     if not autostart or config.url_is_explicit:
         return None
-    url = start_local_daemon(config.data_dir)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    with _one_starter(config.data_dir, timeout_s=30.0):
+        info = read_daemon_file(config.data_dir)
+        if info and _serves(str(info["url"]), config.data_dir):
+            return str(info["url"])  # another process started it while this one waited
+        url = start_local_daemon(config.data_dir)
     if url:
         logger.info("started a local h3d daemon at %s (data dir %s)", url, config.data_dir)
     return url

@@ -331,6 +331,48 @@ def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) 
         os.kill(info["pid"], signal.SIGTERM)
 
 
+def test_profilers_that_start_together_start_one_daemon_between_them(tmp_path: Path) -> None:
+    # torchrun's ranks, or scripts launched together, on a data dir no daemon serves yet:
+    # before, each started a daemon, all but one exited at the data dir's lock, and their
+    # profilers ran offline on the spool
+    data = tmp_path / "together"
+    code = (
+        "import sys\n"
+        "from h3client import H3Profiler\n"
+        "p = H3Profiler('together-' + sys.argv[1])\n"
+        "p.log_batch(1.0); p.log_batch(0.5)\n"
+        "r = p.stop()\n"
+        "print(r['batches_posted'], r['offline'])\n"
+    )
+    env = daemon_env(data, H3D_POWER_BACKENDS="constant:5", H3D_LOG_LEVEL="WARNING")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    import json
+    import os
+    import signal
+
+    info = json.loads((data / "daemon.json").read_text())
+    try:
+        for p, (out, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0 and out.split() == ["2", "False"], err
+        with Client(info["url"], data_dir=data) as c:
+            runs = c.list_runs()["data"]
+        assert sorted(r["name"] for r in runs) == [f"together-{i}" for i in range(3)]
+        assert all(r["n_batches"] == 2 for r in runs)
+    finally:
+        os.kill(info["pid"], signal.SIGTERM)
+
+
 def test_import_is_light() -> None:
     code = "import sys, time; t=time.perf_counter(); import h3client; print(time.perf_counter()-t, 'torch' in sys.modules, 'numpy' in sys.modules)"
     out = subprocess.run(
