@@ -58,7 +58,23 @@ def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, i
     raise SystemExit(f"h3d: the daemon did not become healthy; see {settings.data_dir / 'h3d.log'}")
 
 
+def missing_training_packages() -> list[str]:
+    """What the demo's training needs and this environment lacks (h3d itself needs neither)."""
+    from importlib.util import find_spec
+
+    return [name for name in ("torch", "sklearn") if find_spec(name) is None]
+
+
 def main(settings: Settings, *, epochs: int = 20, keep: bool = True) -> int:
+    missing = missing_training_packages()
+    if missing:  # before a daemon is started for nothing
+        print(
+            f"h3d demo trains a small network with PyTorch on scikit-learn's digits; not "
+            f"installed here: {', '.join(missing)} (for example `pip install torch "
+            "scikit-learn`; `make demo` in the repository installs them)",
+            file=sys.stderr,
+        )
+        return 1
     url, pid = start_daemon(settings)
     env = {**os.environ, "H3D_URL": url, "H3D_DATA_DIR": str(settings.data_dir)}
     print(f"training an MLP on scikit-learn's digits for {epochs} epochs, streaming to h3d")

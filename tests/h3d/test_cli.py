@@ -120,6 +120,26 @@ def test_demo_profiles_a_real_training_run(tmp_path: Path) -> None:
     assert (data / "h3d.db").exists()
 
 
+def test_demo_without_torch_says_what_to_install_and_starts_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    code = (  # torch absent, as after `pip install h3` (h3d itself never needs it)
+        "import sys; sys.modules['torch'] = None\n"
+        "from h3d.cli import main\n"
+        "raise SystemExit(main(['demo', '--epochs', '1']))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=daemon_env(data),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "not installed here: torch" in r.stderr and "pip install torch" in r.stderr
+    assert not (data / "daemon.json").exists()  # no daemon started for nothing
+
+
 def test_import_replays_a_client_spool(daemon: Daemon) -> None:
     from h3client import H3Profiler
 
