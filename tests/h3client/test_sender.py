@@ -123,9 +123,9 @@ def test_a_stop_that_times_out_with_a_backlog_spools_it_and_exits_cleanly(daemon
     assert run["status"] == "finished" and run["n_batches"] == N
 
 
-def h3d_import(daemon: Daemon) -> subprocess.CompletedProcess[str]:
+def h3d_import(daemon: Daemon, *files: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "h3d", "import"],
+        [sys.executable, "-m", "h3d", "import", *files],
         env=daemon.env,
         cwd=REPO,
         capture_output=True,
@@ -199,14 +199,7 @@ def test_a_refused_token_spools_everything_for_the_daemon_that_takes_it(
     assert f"the daemon at {daemon.url} refused this profiler's token" in caplog.text
     assert caplog.text.count("refused this profiler's token") == 1  # once, not per request
     spool = mine / "spool" / f"{prof.run_id}.jsonl"
-    r = subprocess.run(  # replayed on the daemon it belongs to (its data dir, its token)
-        [sys.executable, "-m", "h3d", "import", str(spool)],
-        env=daemon.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = h3d_import(daemon, str(spool))  # on the daemon it belongs to (its data dir, token)
     assert r.returncode == 0, r.stderr
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
         run = c.get_run(str(prof.run_id))
