@@ -461,10 +461,14 @@ def _ms(xs: list[float], digits: int = 2) -> str:
 
 
 def _ratio(rs: dict[int, dict[str, Any]], uni: dict[int, dict[str, Any]], field: str) -> str:
-    """Median over the seeds both ran on one host of this arm's ``field`` over uniform
-    Adam's; "–" if none did (an arm run later on another host: its wall time and energy are
-    not comparable; its samples are, but are kept to the same rule)."""
-    pairs = [rs[s][field] / uni[s][field] for s in rs if s in uni and _host(rs[s]) == _host(uni[s])]
+    """Median over the seeds both ran of this arm's ``field`` over uniform Adam's; for wall
+    time and energy, which depend on the host, only over seeds both ran on one host ("–" if
+    none: an arm run later on another host)."""
+    pairs = [
+        rs[s][field] / uni[s][field]
+        for s in rs
+        if s in uni and (field == "samples" or _host(rs[s]) == _host(uni[s]))
+    ]
     return f"{statistics.median(pairs):.2f}×" if pairs else "–"
 
 
@@ -485,19 +489,31 @@ def _host(row: dict[str, Any]) -> str:
 
 
 def _hosts_note(by_arm: dict[str, dict[int, dict[str, Any]]]) -> str:
-    """Which seeds ran on which host, when a task's seeds ran on more than one."""
+    """Which seeds, or which arms, ran on which host, when a task's rows ran on more than one."""
     seeds: dict[str, set[int]] = {}
-    for rs in by_arm.values():
+    arms: dict[str, list[str]] = {}
+    per_seed: dict[int, set[str]] = {}
+    for arm, rs in by_arm.items():
         for seed, r in rs.items():
             seeds.setdefault(_host(r), set()).add(seed)
+            per_seed.setdefault(seed, set()).add(_host(r))
+            if arm not in arms.setdefault(_host(r), []):
+                arms[_host(r)].append(arm)
     if len(seeds) < 2:
         return ""
+    if all(len(h) == 1 for h in per_seed.values()):
+        return (
+            " Hosts: "
+            + "; ".join(
+                f"{h}: seeds {', '.join(map(str, sorted(s)))}" for h, s in sorted(seeds.items())
+            )
+            + " (each seed's arms ran back to back on one host, so its ratios are same-run)."
+        )
     return (
         " Hosts: "
-        + "; ".join(
-            f"{h}: seeds {', '.join(map(str, sorted(s)))}" for h, s in sorted(seeds.items())
-        )
-        + " (each seed's arms ran back to back on one host, so its ratios are same-run)."
+        + "; ".join(f"{h}: {', '.join(a)}" for h, a in sorted(arms.items()))
+        + " (an arm run on another host than uniform Adam has no wall-time or energy ratio:"
+        " those depend on the host; its accuracy, samples and FLOPs do not)."
     )
 
 
