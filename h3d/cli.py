@@ -10,6 +10,7 @@ h3d demo
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import logging
@@ -158,7 +159,15 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     try:
         sock.bind((settings.host, settings.port))
     except OSError as exc:
-        print(f"h3d: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        hint = (
+            " (another program or another data dir's daemon has it: `--port 0` takes a free "
+            "port, which clients find in the data dir's daemon.json)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        print(
+            f"h3d: cannot listen on {settings.host}:{settings.port}: {exc}{hint}", file=sys.stderr
+        )
         return 2
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host

@@ -120,6 +120,12 @@ def test_demo_profiles_a_real_training_run(tmp_path: Path) -> None:
     assert (data / "h3d.db").exists()
 
 
+def test_serve_on_a_port_in_use_says_how_to_take_a_free_one(daemon: Daemon, tmp_path: Path) -> None:
+    r = h3d(tmp_path / "second", "serve", "--port", str(daemon.port), timeout=60)
+    assert r.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{daemon.port}" in r.stderr and "--port 0" in r.stderr
+
+
 def test_demo_without_torch_says_what_to_install_and_starts_nothing(tmp_path: Path) -> None:
     data = tmp_path / "demo"
     code = (  # torch absent, as after `pip install h3` (h3d itself never needs it)
