@@ -25,6 +25,18 @@ def default_data_dir() -> Path:
     return base / "h3d"
 
 
+def default_url() -> str:
+    """Where a daemon listens when its data dir records none: ``H3D_HOST``:``H3D_PORT``, as
+    ``h3d serve`` reads them (a wildcard bind address is reached on loopback), else
+    127.0.0.1:8421."""
+    host = os.environ.get("H3D_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{os.environ.get('H3D_PORT') or DEFAULT_PORT}"
+
+
 def read_daemon_file(data_dir: Path) -> dict[str, object] | None:
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
         info = json.loads((data_dir / "daemon.json").read_text())
@@ -59,7 +71,7 @@ def resolve(
         final_url = explicit
     else:
         info = read_daemon_file(ddir)
-        final_url = str(info["url"]) if info else f"http://127.0.0.1:{DEFAULT_PORT}"
+        final_url = str(info["url"]) if info else default_url()
     tok = token or os.environ.get("H3D_TOKEN")
     if tok is None:
         with contextlib.suppress(FileNotFoundError, OSError):

@@ -29,6 +29,8 @@ def discover_url(settings: Settings) -> str:
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
         return str(json.loads(settings.daemon_file.read_text())["url"]).rstrip("/")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
     return f"http://{host}:{settings.port}"
 
 

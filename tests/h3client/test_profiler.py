@@ -532,3 +532,24 @@ def test_a_daemon_of_another_data_dir_is_not_taken_for_this_ones(
             proc.terminate()
             proc.wait(timeout=30)
         _daemon._started.clear()
+
+
+def test_the_default_url_follows_the_daemons_host_and_port_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from h3client._config import resolve
+
+    monkeypatch.delenv("H3D_URL", raising=False)
+    cases: list[tuple[dict[str, str], str]] = [
+        ({}, "http://127.0.0.1:8421"),
+        ({"H3D_PORT": "9000"}, "http://127.0.0.1:9000"),
+        ({"H3D_HOST": "0.0.0.0", "H3D_PORT": "9001"}, "http://127.0.0.1:9001"),  # a wildcard bind
+        ({"H3D_HOST": "10.0.0.5"}, "http://10.0.0.5:8421"),
+        ({"H3D_HOST": "::1"}, "http://[::1]:8421"),
+    ]
+    for env, url in cases:
+        for name in ("H3D_HOST", "H3D_PORT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert resolve(data_dir=tmp_path / "no-daemon-json").url == url, env
