@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from h3optim.controller import EtaController
-from h3optim.denormals import flush_denormal_enabled, set_flush_denormal, subnormal_share
+from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler
@@ -225,7 +226,7 @@ class AutoH3:
         self._epoch_samples = self._epoch_steps = 0
         self._energy_at_epoch_start: float | None = None
         self.flush_denormal = flush_denormal
-        self._flush_before: bool | None = None  # the thread's mode before start(), if changed
+        self._flushing = contextlib.ExitStack()  # start()'s flush-to-zero, undone by finish()
         self._started = False
 
     def start(self) -> AutoH3:
@@ -243,10 +244,8 @@ class AutoH3:
             )
         if self.profiler is not None and self.controller.eta_source is None:
             self.controller.eta_source = self.profiler.live_eta
-        if self.flush_denormal:
-            before = flush_denormal_enabled()
-            if set_flush_denormal(True):  # 0 threads: this CPU has no such mode
-                self._flush_before = before
+        if self.flush_denormal:  # until finish() closes it
+            self._flushing.enter_context(flushing_denormals())
         self._started = True
         return self
 
@@ -441,9 +440,7 @@ class AutoH3:
     def finish(self) -> dict[str, Any]:
         """Stop the run; results from the daemon plus what the controller did."""
         results: dict[str, Any] = {}
-        if self._flush_before is not None:
-            set_flush_denormal(self._flush_before)  # the mode as start() found it
-            self._flush_before = None
+        self._flushing.close()  # the flush-to-zero mode as start() found it
         if self.profiler is not None:
             results.update(self.profiler.stop())
         results.update(

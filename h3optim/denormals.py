@@ -20,6 +20,7 @@ on Linux builds, libomp or libiomp5 elsewhere). GPU kernels are not affected eit
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import sys
@@ -108,6 +109,20 @@ def set_flush_denormal(on: bool) -> int:
     callback = _CALLBACK(on_each_thread)
     runtime.GOMP_parallel(callback, None, torch.get_num_threads(), 0)  # GIL released meanwhile
     return max(1, len(ids))
+
+
+@contextlib.contextmanager
+def flushing_denormals(on: bool = True) -> Iterator[int]:
+    """:func:`set_flush_denormal` (``on``) for a block, then the calling thread's mode as the
+    block found it, however the block ends. Yields how many threads were set (0: this CPU
+    has no such mode, and nothing is restored)."""
+    before = flush_denormal_enabled()
+    n = set_flush_denormal(on)
+    try:
+        yield n
+    finally:
+        if n:
+            set_flush_denormal(before)
 
 
 def subnormal_count(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:

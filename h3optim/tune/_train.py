@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
 
-from h3optim.denormals import flush_denormal_enabled, set_flush_denormal
+from h3optim.denormals import flush_denormal_enabled, flushing_denormals
 from h3optim.sampler import PhaseSchedule
 from h3optim.tracking import IndexedDataset
 from h3optim.tune import _interrupt
@@ -285,11 +285,9 @@ def run_trial(
     metric: float | None = None
     stopped_at: int | None = None
     first_step_s: float | None = None
-    flush_before = flush_denormal_enabled()
-    if cfg.flush_denormal:
-        set_flush_denormal(True)
+    flushing = flushing_denormals() if cfg.flush_denormal else contextlib.nullcontext()
     try:
-        with PeakMemory(device, children=cfg.num_workers > 0) as mem:
+        with flushing, PeakMemory(device, children=cfg.num_workers > 0) as mem:
             t0 = time.perf_counter()
             model.train()
             for x, y, idx in loader:
@@ -363,9 +361,6 @@ def run_trial(
     except BaseException:
         prof.stop(status="failed")
         raise
-    finally:
-        if cfg.flush_denormal:
-            set_flush_denormal(flush_before)
     res = prof.stop()
     finish_pruning(model)
     if cfg.compile:

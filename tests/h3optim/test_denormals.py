@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 from h3optim import AutoH3
 from h3optim.denormals import (
     flush_denormal_enabled,
+    flushing_denormals,
     set_flush_denormal,
     subnormal_count,
     subnormal_share,
@@ -28,6 +29,20 @@ def test_subnormals_are_counted_from_the_bits_in_either_mode(flush: bool) -> Non
     assert subnormal_count([f64, f16, bf16, ints]) == (3, 8)
     assert subnormal_share([f32, ints]) == 2 / 8
     assert subnormal_share([]) == 0.0
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_flushing_denormals_restores_the_mode_it_found_however_the_block_ends(
+    before: bool,
+) -> None:
+    torch.set_flush_denormal(before)
+    with flushing_denormals() as n:
+        assert n >= 1 and flush_denormal_enabled()
+    assert flush_denormal_enabled() is before
+    with pytest.raises(RuntimeError, match="inside"), flushing_denormals(not before):
+        assert flush_denormal_enabled() is not before
+        raise RuntimeError("inside")
+    assert flush_denormal_enabled() is before
 
 
 def decayed_adam() -> torch.optim.Adam:
