@@ -228,7 +228,10 @@ def _active_or_unknown(
 ) -> tuple[float | None, str | None]:
     """Energy above idle, or None with the reason when the baseline cannot be trusted."""
     if idle_w is None:
-        return None, "no idle period measured yet: energy above idle is unknown"
+        return None, (
+            "no idle baseline yet (the daemon measures one once it has seen H3D_IDLE_MIN_S, 30 s "
+            "by default, without a run): energy above idle is unknown"
+        )
     if device_j > 0 and idle_w * covered_s >= (1.0 - IDLE_SEPARATION) * device_j:
         return None, (
             f"the device drew no more than its idle baseline ({idle_w:.3g} W) during the run: "

@@ -114,6 +114,7 @@ def create_app(
             store,
             interval_s=settings.sample_interval_s,
             flush_interval_s=settings.flush_interval_s,
+            idle_min_s=settings.idle_min_s,
             full_resolution_s=settings.power_full_resolution_s,
             downsample_s=settings.power_downsample_s,
             node=settings.node,

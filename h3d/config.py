@@ -53,6 +53,10 @@ class Settings(BaseModel):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     sample_interval_s: float = Field(0.1, ge=0.01, le=60.0)
     flush_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+    # A device's idle baseline (for energy above idle) is the median of its power while no
+    # run is active, once this many seconds of such samples exist: a few seconds would take
+    # a busy start (a script importing torch before its run opens) for idle.
+    idle_min_s: float = Field(30.0, ge=0.0)
     log_level: str = "INFO"
     auto_migrate: bool = True
     # Comma-separated backend families to probe: auto | estimated | constant:<watts> | none.

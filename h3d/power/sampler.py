@@ -16,6 +16,7 @@ with the client's wall-clock batch timestamps.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
@@ -32,6 +33,10 @@ from h3d.storage import repository as repo
 from h3d.storage.engine import Store
 
 logger = logging.getLogger(__name__)
+
+
+#: Power readings a device keeps from times without a run, for its idle baseline.
+IDLE_KEPT = 3000
 
 
 @dataclass
@@ -51,7 +56,7 @@ class DeviceState:
         default_factory=lambda: deque(maxlen=600)
     )
     # Power readings taken while no run was active: the idle baseline is their median.
-    idle: deque[float] = field(default_factory=lambda: deque(maxlen=3000))
+    idle: deque[float] = field(default_factory=lambda: deque(maxlen=IDLE_KEPT))
     idle_power_w: float | None = None
 
 
@@ -76,6 +81,7 @@ class PowerSampler:
         *,
         interval_s: float = 0.1,
         flush_interval_s: float = 1.0,
+        idle_min_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         full_resolution_s: float = 7 * 86400.0,
         downsample_s: float = 10.0,
@@ -96,6 +102,9 @@ class PowerSampler:
         self._active_runs: set[tuple[str, int | None]] = set()
         self.interval_s = interval_s
         self.flush_interval_s = flush_interval_s
+        # samples without a run before a device's idle baseline is set (at least 20; at
+        # most what a device keeps)
+        self._idle_min_samples = min(IDLE_KEPT, max(20, math.ceil(idle_min_s / interval_s)))
         self._store = store
         self.max_unstored_rows = max_unstored_rows
         self.health = StorageHealth()
@@ -363,7 +372,7 @@ class PowerSampler:
     def _update_idle(self) -> list[tuple[int, float]]:
         changed = []
         for d in self.devices:
-            if len(d.idle) >= 20:
+            if len(d.idle) >= self._idle_min_samples:
                 idle = statistics.median(d.idle)
                 if d.idle_power_w is None or abs(idle - d.idle_power_w) > 0.01 * max(idle, 1e-9):
                     d.idle_power_w = idle

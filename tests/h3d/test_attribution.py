@@ -94,7 +94,7 @@ def test_busier_run_gets_about_twice_the_active_energy(tmp_path: Path) -> None:
     migrate.upgrade(store.engine)
     factory = store.sessions
     meter = BurnerMeter()
-    sampler = PowerSampler([meter], store, interval_s=0.05, flush_interval_s=0.2)
+    sampler = PowerSampler([meter], store, interval_s=0.05, flush_interval_s=0.2, idle_min_s=1.0)
     sampler.start()
     time.sleep(1.5)  # no run active: the idle baseline (10 W) is measured
     busy, light = burner(0.6, 4.0), burner(0.3, 4.0)

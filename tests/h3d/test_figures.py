@@ -5,23 +5,39 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from typing import Any
 
 from h3d.analysis import _active_or_unknown
 from tests.conftest import REPO, Daemon
 
 
 def test_active_energy_is_unknown_without_a_trustworthy_baseline() -> None:
-    assert _active_or_unknown(None, None, 100.0, 10.0) == (
-        None,
-        "no idle period measured yet: energy above idle is unknown",
-    )
+    active, note = _active_or_unknown(None, None, 100.0, 10.0)
+    assert active is None and note is not None and note.startswith("no idle baseline yet")
     # the "idle" baseline was the whole draw: the machine was busy when it was measured
     active, note = _active_or_unknown(2e-15, 10.0, 100.0, 10.0)
     assert active is None and note is not None and "busy" in note
     assert _active_or_unknown(40.0, 6.0, 100.0, 10.0) == (40.0, None)
 
 
-def test_report_of_a_short_run_says_what_its_figures_cover(daemon: Daemon) -> None:
+def test_a_run_right_after_the_daemon_starts_has_no_idle_baseline_yet(daemon: Daemon) -> None:
+    # as in `make demo`: the daemon starts and a run opens seconds later, while the script
+    # was importing torch; a baseline from those seconds would be a busy machine's
+    time.sleep(0.8)  # 40 samples without a run: far from the default 30 s
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "early"}).json()
+        now = time.time()
+        batches = [{"seq": s, "t": now + 0.002 * s, "loss": 2.0 - 0.01 * s} for s in range(50)]
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches}).raise_for_status()
+        time.sleep(0.3)
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        e = api.get(f"/v1/runs/{run['id']}/report").json()["energy"]
+    assert e["active_energy_j"] is None and e["energy_j"] > 0
+    assert e["active_energy_note"].startswith("no idle baseline yet")
+
+
+def test_report_of_a_short_run_says_what_its_figures_cover(daemon_factory: Any) -> None:
+    daemon = daemon_factory(H3D_IDLE_MIN_S="0.4")
     time.sleep(0.8)  # constant 50 W with no run active: the idle baseline becomes 50 W
     with daemon.client() as api:
         run = api.post("/v1/runs", json={"name": "short"}).json()
