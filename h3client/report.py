@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -287,6 +288,14 @@ def _print_compare(rows: list[dict[str, Any]], tolerance: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `h3-report --run RUN | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from h3client._config import resolve
     from h3client.client import Client
     from h3client.errors import H3ClientError, H3HTTPStatusError

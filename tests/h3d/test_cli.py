@@ -73,6 +73,24 @@ def test_status_runs_show_export(daemon: Daemon, tmp_path: Path) -> None:
     assert len(lines) == 7
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly(daemon: Daemon) -> None:
+    with daemon.client() as api:  # `h3d show RUN | head -1`: the pipe closes under the report
+        run = api.post("/v1/runs", json={"name": "piped"}).json()
+    with subprocess.Popen(
+        [sys.executable, "-m", "h3d", "show", run["id"]],
+        env=daemon_env(daemon.data_dir),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the command writes a line
+        err = proc.stderr.read()
+        code = proc.wait(timeout=60)
+    assert code == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
     port = str(free_port())  # nothing answers there, whatever else runs on this machine
     r = h3d(tmp_path / "empty", "status", H3D_PORT=port)
