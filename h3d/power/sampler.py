@@ -134,28 +134,29 @@ class PowerSampler:
         self.devices: list[DeviceState] = []
         now = self.now()
 
-        def register(s: Session) -> list[tuple[int, float | None]]:
-            return [
-                (dev.id, dev.idle_power_w)
-                for dev in (
-                    repo.upsert_device(
-                        s,
-                        name=b.info.name,
-                        kind=b.info.kind,
-                        source=b.info.source,
-                        model=b.info.model,
-                        uuid_=b.info.uuid,
-                        now=now,
-                        # a device that does not say how often it updates changes once per read
-                        granularity_s=b.info.granularity_s or interval_s,
-                        node=node,
-                    )
-                    for b in backends
+        def register(s: Session) -> list[int]:
+            ids = []
+            for b in backends:
+                dev = repo.upsert_device(
+                    s,
+                    name=b.info.name,
+                    kind=b.info.kind,
+                    source=b.info.source,
+                    model=b.info.model,
+                    uuid_=b.info.uuid,
+                    now=now,
+                    # a device that does not say how often it updates changes once per read
+                    granularity_s=b.info.granularity_s or interval_s,
+                    node=node,
                 )
-            ]
+                # an idle baseline from an earlier session was the machine as it was then
+                # (another load, another TDP setting): this session measures its own
+                dev.idle_power_w = None
+                ids.append(dev.id)
+            return ids
 
-        for b, (dev_id, idle_w) in zip(backends, store.write(register), strict=True):
-            self.devices.append(DeviceState(backend=b, device_id=dev_id, idle_power_w=idle_w))
+        for b, dev_id in zip(backends, store.write(register), strict=True):
+            self.devices.append(DeviceState(backend=b, device_id=dev_id))
 
     def now(self) -> float:
         """The sampler's clock: Unix seconds driven by the monotonic clock."""

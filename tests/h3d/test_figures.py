@@ -36,6 +36,29 @@ def test_a_run_right_after_the_daemon_starts_has_no_idle_baseline_yet(daemon: Da
     assert e["active_energy_note"].startswith("no idle baseline yet")
 
 
+def test_a_restarted_daemon_measures_its_own_idle_baseline(daemon_factory: Any) -> None:
+    daemon = daemon_factory(H3D_IDLE_MIN_S="0.4")
+
+    def report() -> dict[str, Any]:
+        with daemon.client() as api:
+            run = api.post("/v1/runs", json={"name": "r"}).json()
+            now = time.time()
+            batches = [{"seq": s, "t": now + 0.002 * s, "loss": 1.0} for s in range(20)]
+            api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches})
+            time.sleep(0.3)
+            api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+            energy: dict[str, Any] = api.get(f"/v1/runs/{run['id']}/report").json()["energy"]
+            return energy
+
+    time.sleep(0.8)  # measured: 50 W
+    assert report()["by_device"][0]["idle_power_w"] == 50.0
+    daemon.env["H3D_IDLE_MIN_S"] = "30"
+    daemon.restart()  # a baseline of the earlier session is not this machine as it is now
+    e = report()
+    assert e["by_device"][0]["idle_power_w"] is None
+    assert e["active_energy_note"].startswith("no idle baseline yet")
+
+
 def test_report_of_a_short_run_says_what_its_figures_cover(daemon_factory: Any) -> None:
     daemon = daemon_factory(H3D_IDLE_MIN_S="0.4")
     time.sleep(0.8)  # constant 50 W with no run active: the idle baseline becomes 50 W
