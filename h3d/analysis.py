@@ -229,8 +229,8 @@ def _active_or_unknown(
     """Energy above idle, or None with the reason when the baseline cannot be trusted."""
     if idle_w is None:
         return None, (
-            "no idle baseline yet (the daemon measures one once it has seen H3D_IDLE_MIN_S, 30 s "
-            "by default, without a run): energy above idle is unknown"
+            "no idle baseline yet: the daemon sets one after H3D_IDLE_MIN_S, 30 s by default, "
+            "without a run"
         )
     if device_j > 0 and idle_w * covered_s >= (1.0 - IDLE_SEPARATION) * device_j:
         return None, (
