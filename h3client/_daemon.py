@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[bool, bool | None]:
     """``GET {url}/healthz`` with ``token``: (healthy, authorized).
 
-    ``healthy``: it answered 200 within ``timeout_s``. ``authorized``: whether that daemon
+    ``healthy``: an h3d answered 200 within ``timeout_s`` (another program's 200 is not
+    one). ``authorized``: whether that daemon
     takes ``token`` (False when none is given), or None when it does not say (an h3d older
     than the field) or did not answer.
     """
@@ -41,9 +42,12 @@ def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[b
         if resp.status != 200:
             return False, None
         try:
-            authorized = json.loads(resp.read()).get("authorized")
-        except (ValueError, AttributeError):
-            authorized = None
+            body = json.loads(resp.read())
+        except ValueError:
+            body = None
+        if not (isinstance(body, dict) and body.get("status") == "ok" and "version" in body):
+            return False, None  # another program's health check on this port, not an h3d
+        authorized = body.get("authorized")
         return True, authorized if isinstance(authorized, bool) else None
     except (OSError, http.client.HTTPException):
         return False, None

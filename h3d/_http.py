@@ -45,7 +45,7 @@ def read_token(settings: Settings) -> str | None:
 
 
 def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[bool, bool | None]:
-    """(healthy, authorized): ``/healthz`` answered 200; whether that daemon takes ``token``
+    """(healthy, authorized): an h3d's ``/healthz`` answered 200; whether it takes ``token``
     (None: it did not say, an h3d older than the field)."""
     import httpx
 
@@ -54,12 +54,13 @@ def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[b
         r = httpx.get(f"{url}/healthz", headers=headers, timeout=timeout_s)
     except httpx.HTTPError:
         return False, None
-    if r.status_code != 200:
-        return False, None
     try:
-        authorized = r.json().get("authorized")
-    except (ValueError, AttributeError):
-        authorized = None
+        body = r.json() if r.status_code == 200 else None
+    except ValueError:
+        body = None
+    if not (isinstance(body, dict) and body.get("status") == "ok" and "version" in body):
+        return False, None  # no answer, or another program's on this port: not an h3d
+    authorized = body.get("authorized")
     return True, authorized if isinstance(authorized, bool) else None
 
 

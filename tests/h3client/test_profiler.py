@@ -553,3 +553,17 @@ def test_the_default_url_follows_the_daemons_host_and_port_settings(
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert resolve(data_dir=tmp_path / "no-daemon-json").url == url, env
+
+
+def test_another_programs_health_check_on_the_port_is_not_taken_for_a_daemon(
+    tmp_path: Path,
+) -> None:
+    from h3client._config import ClientConfig
+    from h3client._daemon import ensure_daemon, probe
+    from tests.conftest import another_program_on_a_port
+
+    with another_program_on_a_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        assert probe(url) == (False, None)  # its /healthz says 200 "ok", but it is no h3d
+        cfg = ClientConfig(url=url, token=None, data_dir=tmp_path / "mine", url_is_explicit=False)
+        assert ensure_daemon(cfg, autostart=False) is None  # batches go to the spool, not there

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from h3d.storage import migrate
-from tests.conftest import REPO, Daemon, daemon_env, free_port
+from tests.conftest import REPO, Daemon, another_program_on_a_port, daemon_env, free_port
 
 
 def h3d(
@@ -97,6 +97,12 @@ def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no daemon answers" in r.stdout
     r = h3d(tmp_path / "empty", "runs", H3D_PORT=port)
     assert r.returncode == 1 and "no h3d daemon answers" in r.stderr
+
+
+def test_another_program_on_the_port_is_no_daemon(tmp_path: Path) -> None:
+    with another_program_on_a_port() as port:  # its /healthz answers 200 "ok"
+        r = h3d(tmp_path / "empty", "status", H3D_PORT=str(port))
+    assert r.returncode == 1 and f"no daemon answers at http://127.0.0.1:{port}" in r.stdout
 
 
 def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
