@@ -139,6 +139,8 @@ class H3Profiler:
         self.device = device
         self.config = dict(config or {})
         self.tags = list(tags or [])
+        _check_run_fields(name, self.tags, n_train)
+        self._config_json = _json_config(self.config)  # a ValueError here, before any thread
         self.autostart = autostart
         self.n_train = n_train
         self.run_id: str | None = run_id
@@ -209,7 +211,7 @@ class H3Profiler:
                     "id": self.run_id,
                     "created_at": self._t_start,
                     "name": self.name,
-                    "config": _json_config(self.config),
+                    "config": self._config_json,
                     "tags": tags,
                     "pid": os.getpid(),
                     "host": socket.gethostname(),
@@ -616,12 +618,42 @@ class H3Profiler:
         self.stop(status="failed" if tp is not None else "finished")
 
 
+# The daemon's limits on a run's fields (h3d.api.schemas.RunCreate): a run it would refuse is
+# refused here, at construction, not after training with every batch rejected behind it.
+NAME_MAX, TAGS_MAX, TAG_MAX, CONFIG_MAX_BYTES = 200, 100, 100, 64 * 1024
+
+
+def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> None:
+    if name is not None and not (isinstance(name, str) and len(name) <= NAME_MAX):
+        raise ValueError(
+            f"H3Profiler name: a string of at most {NAME_MAX} characters, not {name!r:.80}"
+        )
+    if len(tags) > TAGS_MAX:
+        raise ValueError(f"H3Profiler tags: at most {TAGS_MAX}, not {len(tags)}")
+    for tag in tags:
+        if not (isinstance(tag, str) and 1 <= len(tag) <= TAG_MAX):
+            raise ValueError(
+                f"H3Profiler tags: strings of 1 to {TAG_MAX} characters, not {tag!r:.80}"
+            )
+    if n_train is not None and not (
+        isinstance(n_train, int) and not isinstance(n_train, bool) and n_train >= 1
+    ):
+        raise ValueError(
+            f"H3Profiler n_train: a positive int (the training-set size), not {n_train!r}"
+        )
+
+
 def _json_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` as the daemon will store it: as given, non-JSON values as their str."""
     try:
         text = json.dumps(config, default=str, allow_nan=False)
     except ValueError as exc:
         raise ValueError(f"H3Profiler config: {exc} (NaN and inf cannot be stored)") from exc
+    if len(text.encode()) > CONFIG_MAX_BYTES:
+        raise ValueError(
+            f"H3Profiler config: {len(text.encode())} bytes as JSON, over the daemon's "
+            f"{CONFIG_MAX_BYTES}: keep hyperparameters there, not data"
+        )
     out: dict[str, Any] = json.loads(text)
     return out
 

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from array import array
 from pathlib import Path
@@ -272,8 +273,47 @@ def test_the_config_is_stored_as_given(daemon: Daemon) -> None:
 
 
 def test_a_config_that_json_cannot_hold_is_a_clear_error(tmp_path: Path) -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="NaN"):
         H3Profiler("bad", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
                    config={"lr": float("nan")})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "x" * 201}, "name: a string of at most 200"),
+        ({"name": 7}, "name: a string"),
+        ({"tags": ["t" * 101]}, "tags: strings of 1 to 100"),
+        ({"tags": [""]}, "tags: strings of 1 to 100"),
+        ({"tags": [str(i) for i in range(101)]}, "tags: at most 100"),
+        ({"n_train": 0}, "n_train: a positive int"),
+        ({"n_train": 1.5}, "n_train: a positive int"),
+        ({"config": {"data": "x" * 70_000}}, "over the daemon's 65536"),
+    ],
+)
+def test_a_run_the_daemon_would_refuse_is_refused_at_construction(
+    tmp_path: Path, kwargs: dict[str, Any], match: str
+) -> None:
+    # before: the daemon refused the create (422), then every batch (404 run_not_found), and
+    # the whole run was counted rejected, found out only from warnings after training
+    kw: dict[str, Any] = {"name": "ok", "url": "http://127.0.0.1:9", "data_dir": tmp_path}
+    kw.update(kwargs, autostart=False)
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match=match):
+        H3Profiler(**kw)
+    assert threading.active_count() == threads  # no sender left behind
+
+
+def test_a_run_at_the_daemons_limits_is_taken(daemon: Daemon) -> None:
+    # the client's checks are the daemon's, not stricter
+    prof = H3Profiler(
+        "x" * 200,
+        url=daemon.url,
+        data_dir=daemon.data_dir,
+        tags=["t" * 100] * 100,
+        n_train=1,
+        config={"data": "x" * 60_000},
+    )
+    prof.log_batch(1.0)
+    res = prof.stop()
+    assert res["batches_posted"] == 1 and res["batches_rejected"] == 0
