@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import operator
 import os
 import sys
 import threading
@@ -139,10 +140,9 @@ class H3Profiler:
         self.device = device
         self.config = dict(config or {})
         self.tags = list(tags or [])
-        _check_run_fields(name, self.tags, n_train)
+        self.n_train = _check_run_fields(name, self.tags, n_train)
         self._config_json = _json_config(self.config)  # a ValueError here, before any thread
         self.autostart = autostart
-        self.n_train = n_train
         self.run_id: str | None = run_id
         self._resume = run_id is not None
         self.flush_interval_s = flush_interval_s
@@ -623,7 +623,9 @@ class H3Profiler:
 NAME_MAX, TAGS_MAX, TAG_MAX, CONFIG_MAX_BYTES = 200, 100, 100, 64 * 1024
 
 
-def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> None:
+def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
+    """Raise ValueError for what the daemon would refuse; ``n_train`` as an int (from a
+    numpy or 0-dim tensor integer too)."""
     if name is not None and not (isinstance(name, str) and len(name) <= NAME_MAX):
         raise ValueError(
             f"H3Profiler name: a string of at most {NAME_MAX} characters, not {name!r:.80}"
@@ -635,12 +637,17 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> None:
             raise ValueError(
                 f"H3Profiler tags: strings of 1 to {TAG_MAX} characters, not {tag!r:.80}"
             )
-    if n_train is not None and not (
-        isinstance(n_train, int) and not isinstance(n_train, bool) and n_train >= 1
-    ):
+    if n_train is None:
+        return None
+    try:
+        n = operator.index(n_train)
+    except TypeError:
+        n = 0
+    if isinstance(n_train, bool) or n < 1:
         raise ValueError(
             f"H3Profiler n_train: a positive int (the training-set size), not {n_train!r}"
         )
+    return n
 
 
 def _json_config(config: dict[str, Any]) -> dict[str, Any]:

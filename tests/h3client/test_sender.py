@@ -305,15 +305,18 @@ def test_a_run_the_daemon_would_refuse_is_refused_at_construction(
 
 
 def test_a_run_at_the_daemons_limits_is_taken(daemon: Daemon) -> None:
-    # the client's checks are the daemon's, not stricter
+    import numpy as np
+
+    # the client's checks are the daemon's, not stricter; a numpy integer is an int
     prof = H3Profiler(
         "x" * 200,
         url=daemon.url,
         data_dir=daemon.data_dir,
         tags=["t" * 100] * 100,
-        n_train=1,
+        n_train=np.int64(1),
         config={"data": "x" * 60_000},
     )
+    assert type(prof.n_train) is int
     prof.log_batch(1.0)
     res = prof.stop()
     assert res["batches_posted"] == 1 and res["batches_rejected"] == 0
