@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import operator
 import os
 import sys
@@ -366,28 +367,27 @@ class H3Profiler:
         self, epoch: int | None = None, *, accuracy: float | None = None, **metrics: Any
     ) -> None:
         """Record end-of-epoch figures: ``accuracy``, ``loss``, ``val_loss``, ``phase`` and
-        any other named numbers (kept under ``metrics``)."""
+        any other named numbers (kept under ``metrics``). Numbers may be floats, ints, 0-dim
+        tensors or numpy scalars; a figure that is not a finite number (NaN, inf, a string)
+        is left out, and the epoch's other figures are kept."""
         proc = self._proc
         if proc is None or not self._accepting:
             return
         try:
             ep = self._epoch if epoch is None else int(epoch)
             row: dict[str, Any] = {"epoch": ep, "t": time.time()}
-            for key in ("phase", "loss", "val_loss"):
-                if metrics.get(key) is not None:
-                    row[key] = metrics.pop(key) if key == "phase" else float(metrics.pop(key))
-            if accuracy is not None:
-                row["accuracy"] = float(accuracy)
-            row["metrics"] = {
-                k: float(v)
-                for k, v in metrics.items()
-                if isinstance(v, (int, float)) or hasattr(v, "item")
+            if metrics.get("phase") is not None:
+                row["phase"] = str(metrics.pop("phase"))
+            figures = {"accuracy": accuracy, **metrics}
+            # each figure alone: one that is not a finite number (a NaN grad norm, a string)
+            # is left out, not the epoch with it
+            numbers = {
+                k: f for k, f in ((k, _finite(v)) for k, v in figures.items()) if f is not None
             }
-            row = {
-                k: v
-                for k, v in row.items()
-                if not isinstance(v, float) or v == v and abs(v) != float("inf")
-            }
+            for key in ("accuracy", "loss", "val_loss"):
+                if key in numbers:
+                    row[key] = numbers.pop(key)
+            row["metrics"] = numbers
             proc.add("epochs", {"epochs": [row]})
             self._epoch = ep + 1
             self._eta_due = True  # refresh live_eta once this epoch's batches are posted
@@ -621,6 +621,15 @@ class H3Profiler:
 # The daemon's limits on a run's fields (h3d.api.schemas.RunCreate): a run it would refuse is
 # refused here, at construction, not after training with every batch rejected behind it.
 NAME_MAX, TAGS_MAX, TAG_MAX, CONFIG_MAX_BYTES = 200, 100, 100, 64 * 1024
+
+
+def _finite(v: Any) -> float | None:
+    """``v`` as a finite float (an int, a float, a 0-dim tensor or numpy number), or None."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:

@@ -320,3 +320,25 @@ def test_a_run_at_the_daemons_limits_is_taken(daemon: Daemon) -> None:
     prof.log_batch(1.0)
     res = prof.stop()
     assert res["batches_posted"] == 1 and res["batches_rejected"] == 0
+
+
+def test_an_epoch_keeps_its_figures_when_one_of_them_is_not_a_number(daemon: Daemon) -> None:
+    # before: a NaN in any extra metric made the whole epoch unsendable (accuracy with it),
+    # counted only in log_errors
+    prof = H3Profiler("epoch-figures", url=daemon.url, data_dir=daemon.data_dir)
+    prof.log_batch(1.0)
+    prof.log_epoch(
+        0,
+        accuracy=torch.tensor(0.9),
+        val_loss=float("inf"),
+        grad_norm=float("nan"),
+        note="warm-up",
+        lr=1e-3,
+        kept=torch.tensor(7),
+    )
+    prof.stop()
+    assert prof.log_errors == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        (epoch,) = c.report(str(prof.run_id))["epochs"]
+    assert epoch["accuracy"] == pytest.approx(0.9) and epoch["val_loss"] is None
+    assert epoch["metrics"] == {"lr": 1e-3, "kept": 7.0}
