@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import accumulate, chain, repeat
-from operator import is_not, itemgetter
+from operator import index, is_not, itemgetter
 from typing import Any, Literal, cast
 
 from h3client._exporter import Exporter, Request
@@ -573,10 +573,68 @@ def _encode_each(items: Sequence[BatchItem]) -> tuple[str, int, int]:
         return ",".join(parts), count, bad
 
 
-def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
+#: The daemon's bounds on a batch's ``n``, ``epoch`` and ``step`` (JSON-safe integers) and
+#: on its ``phase`` (h3d.api.schemas); one batch outside them would make the daemon refuse
+#: the whole request, so the worker leaves it out alone.
+INT_MAX, PHASE_MAX = 2**53 - 1, 32
+_META_FIELDS = ((5, "n"), (6, "epoch"), (7, "step"))
+
+
+def _checked_meta(
+    items: Sequence[BatchItem], warned: set[str] | None = None
+) -> tuple[Sequence[BatchItem], int]:
+    """``items`` with their ``n``/``epoch``/``step`` as ints (a numpy or 0-dim tensor integer
+    is converted), less those whose fields the daemon would refuse (counted, and named in a
+    warning once per field in ``warned``). One pass of C calls per column when all is well."""
+    warned = set() if warned is None else warned
+    fixed: dict[int, list[Any]] = {}
+    bad: dict[int, str] = {}
+    for k, name in _META_FIELDS:
+        col: list[Any] = [it[k] for it in items]
+        kinds = set(map(type, col)) - {type(None)}
+        if not kinds:
+            continue
+        if kinds == {int}:
+            values = [v for v in col if v is not None]
+            if min(values) >= 0 and max(values) <= INT_MAX:
+                continue
+        for i, v in enumerate(col):  # something to convert, or to refuse
+            if v is None or type(v) is int and 0 <= v <= INT_MAX:
+                continue
+            try:
+                iv = -1 if isinstance(v, bool) else index(v)
+            except (TypeError, ValueError, RuntimeError):
+                iv = -1
+            if 0 <= iv <= INT_MAX:
+                fixed.setdefault(i, list(items[i]))[k] = iv
+            else:
+                bad.setdefault(i, f"{name} {v!r:.40} is not an integer from 0 to {INT_MAX}")
+    phases = [it[8] for it in items]
+    if (
+        set(map(type, phases)) - {type(None), str}
+        or max((len(p) for p in phases if p is not None), default=0) > PHASE_MAX
+    ):
+        for i, ph in enumerate(phases):
+            if ph is not None and not (isinstance(ph, str) and len(ph) <= PHASE_MAX):
+                bad.setdefault(i, f"phase {ph!r:.40} is not a string of at most {PHASE_MAX}")
+    if not (fixed or bad):
+        return items, 0
+    for why in dict.fromkeys(w.split(" ", 1)[0] for w in bad.values()):
+        if why not in warned:
+            warned.add(why)
+            first = next(w for w in bad.values() if w.startswith(why))
+            logger.warning("h3: batches left out (counted rejected): %s", first)
+    kept = [tuple(fixed[i]) if i in fixed else it for i, it in enumerate(items) if i not in bad]
+    return cast("list[BatchItem]", kept), len(bad)
+
+
+def encode_batches(
+    items: Sequence[BatchItem], warned: set[str] | None = None
+) -> tuple[Request | None, int]:
     """One ``POST /v1/runs/{id}/batches`` request for ``items`` (None if none was readable),
     and how many items were unreadable and left out (a loss that is not a number; indices
-    that do not match the per-sample losses; a vector that cannot be read).
+    that do not match the per-sample losses; a vector that cannot be read; an ``n``,
+    ``epoch``, ``step`` or ``phase`` the daemon would refuse, see :func:`_checked_meta`).
 
     The request carries packed columns (:func:`_encode_columns`). Only when something in it
     cannot be read does it fall back to one JSON object per batch, converted ``SLICE``
@@ -585,14 +643,17 @@ def encode_batches(items: Sequence[BatchItem]) -> tuple[Request | None, int]:
     otherwise wait for the interpreter's switch interval, 5 ms), which leaves out the
     unreadable batches one by one.
     """
+    items, invalid = _checked_meta(items, warned)
+    if not items:
+        return None, invalid
     try:
         columns = _encode_columns(items)
     except Exception:  # something unreadable: the row form finds which batches
         columns = None
     if columns is not None:
-        return Request("batches", columns, len(items)), 0
+        return Request("batches", columns, len(items)), invalid
     parts: list[str] = []
-    count = bad = 0
+    count, bad = 0, invalid
     for k in range(0, len(items), SLICE):
         if k:
             time.sleep(0)  # releases the GIL: a waiting training thread takes it first
@@ -649,6 +710,7 @@ class BatchProcessor:
         self._converting = False  # the worker is in torch code (see close())
         self._rate = 10_000.0  # batches/s the worker converts (measured): close() plans by it
         self._close_result: bool | None = None
+        self._warned: set[str] = set()  # fields of left-out batches, warned about once
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
         self._thread.start()
 
@@ -780,7 +842,7 @@ class BatchProcessor:
             self._converting = True
             t0 = time.perf_counter()
             try:
-                req, invalid = encode_batches(items)
+                req, invalid = encode_batches(items, self._warned)
             finally:
                 self._converting = False
             if len(items) >= 100:
@@ -862,7 +924,7 @@ class BatchProcessor:
             if isinstance(chunk, Request):
                 todo.append(chunk)
                 continue
-            req, invalid = encode_batches(chunk)
+            req, invalid = encode_batches(chunk, self._warned)
             self.rejected += invalid
             if req is not None:
                 todo.append(req)

@@ -170,6 +170,34 @@ def test_unreadable_items_are_left_out_and_counted() -> None:
     assert encode_batches([item(0, torch.tensor([1.0, 2.0]))]) == (None, 1)
 
 
+def test_a_batch_with_a_field_the_daemon_would_refuse_is_left_out_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # before: one such batch made the daemon refuse the whole request (422), every batch
+    # of it counted rejected
+    import numpy as np
+
+    def meta(seq: int, n: Any = None, epoch: Any = 0, step: Any = None, phase: Any = None) -> Any:
+        return (seq, 1000.0 + seq, 1.0, None, None, n, epoch, step, phase)
+
+    items = [
+        meta(0),
+        meta(1, epoch="x"),
+        meta(2, step=-5),
+        meta(3, n=np.int64(3), epoch=np.int64(2), step=torch.tensor(4)),  # converted
+        meta(4, phase="p" * 33),
+        meta(5, epoch=True),
+        meta(6, phase="thermodynamic"),
+        meta(7, epoch=2**53),
+    ]
+    with caplog.at_level("WARNING", logger="h3client"):
+        rows, bad = decoded(items)
+    assert bad == 5 and [r["seq"] for r in rows] == [0, 3, 6]
+    assert (rows[1]["n"], rows[1]["epoch"], rows[1]["step"]) == (3, 2, 4)
+    assert rows[2]["phase"] == "thermodynamic"
+    assert "epoch 'x' is not an integer" in caplog.text and "phase 'ppp" in caplog.text
+
+
 def test_a_stalled_exporter_never_blocks_the_training_thread_and_overflow_spills() -> None:
     mem = Memory()
     mem.release.clear()  # the daemon hangs

@@ -342,3 +342,19 @@ def test_an_epoch_keeps_its_figures_when_one_of_them_is_not_a_number(daemon: Dae
         (epoch,) = c.report(str(prof.run_id))["epochs"]
     assert epoch["accuracy"] == pytest.approx(0.9) and epoch["val_loss"] is None
     assert epoch["metrics"] == {"lr": 1e-3, "kept": 7.0}
+
+
+def test_one_batch_with_a_bad_field_costs_that_batch_only(daemon: Daemon) -> None:
+    import numpy as np
+
+    prof = H3Profiler("bad-field", url=daemon.url, data_dir=daemon.data_dir)
+    for _ in range(100):
+        prof.log_batch(1.0)
+    prof.log_batch(1.0, epoch="x")  # the daemon would refuse it, and the request with it
+    prof.log_batch(1.0, epoch=np.int64(1))  # an integer all the same
+    for _ in range(100):
+        prof.log_batch(1.0)
+    res = prof.stop()
+    assert res["batches_posted"] == 201 and res["batches_rejected"] == 1
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert c.get_run(str(prof.run_id))["n_batches"] == 201
