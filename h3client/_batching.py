@@ -550,6 +550,11 @@ def _encode_columns(items: Sequence[BatchItem]) -> bytes | None:
     return b"".join(out)
 
 
+#: The largest request body the worker builds: half the daemon's default limit on a body
+#: (``H3D_MAX_BODY_BYTES``, 32 MiB), so that many batches of per-sample (per-token) losses
+#: go in several requests, not in one the daemon refuses whole.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
 #: Batches converted between two yields of the GIL (about 1 ms of work, see encode_batches).
 SLICE = 250
 
@@ -686,9 +691,14 @@ class BatchProcessor:
         flush_interval_s: float = 1.0,
         max_queue: int = 100_000,
         on_tick: Callable[[], None] | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.exporter = exporter
         self.max_batch = max_batch
+        self.max_request_bytes = max_request_bytes
+        # batches that fit one request, learned from the bodies encoded: per-token losses
+        # (65 536 a batch) fill 16 MiB with about 20
+        self._fit = max_batch
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
         self.hard_limit = 4 * max_queue
@@ -832,7 +842,7 @@ class BatchProcessor:
             if req is None or not self._deliver(req):
                 return True
         while n_batches > 0:
-            take = min(self.max_batch, n_batches)
+            take = min(self.max_batch, n_batches, self._fit)
             n_batches -= take
             # behind by more than max_queue: the oldest go to disk, not to memory
             overflowing = len(self.batches) > self.max_queue
@@ -848,6 +858,14 @@ class BatchProcessor:
             if len(items) >= 100:
                 rate = len(items) / max(1e-6, time.perf_counter() - t0)
                 self._rate = 0.5 * self._rate + 0.5 * rate
+            if self._refit(len(items), req):  # over the body limit: back to the queue's
+                with self._lock:  # front, in order, and taken again fewer at a time
+                    if self._inflight is not items:
+                        return True  # close() took them over
+                    self.batches.extendleft(reversed(items))
+                    self._inflight = None
+                n_batches += len(items)
+                continue
             with self._lock:
                 if self._inflight is not items:
                     return True  # close() took them over
@@ -860,6 +878,20 @@ class BatchProcessor:
             if req is None or not self._deliver(req):
                 return True
         return True
+
+    def _refit(self, n_items: int, req: Request | None) -> bool:
+        """Learn how many batches fit a request from one encoded of ``n_items``; True if
+        that one is over ``max_request_bytes`` and must be split (a single batch is sent as
+        it is: the daemon refuses it if it is over its own limit)."""
+        if req is None or not req.n_batches:
+            return False
+        size = len(req.body)
+        fit = int(n_items * 0.9 * self.max_request_bytes / max(1, size))
+        if size > self.max_request_bytes and n_items > 1:
+            self._fit = max(1, min(n_items - 1, fit))
+            return True
+        self._fit = max(1, min(self.max_batch, fit))
+        return False
 
     def _worker(self) -> None:
         while not (self._exit or self._abandoned):
@@ -924,10 +956,16 @@ class BatchProcessor:
             if isinstance(chunk, Request):
                 todo.append(chunk)
                 continue
-            req, invalid = encode_batches(chunk, self._warned)
-            self.rejected += invalid
-            if req is not None:
-                todo.append(req)
+            start = 0
+            while start < len(chunk):  # spool lines within the body limit, for `h3d import`
+                part = chunk[start : start + self._fit]
+                req, invalid = encode_batches(part, self._warned)
+                if self._refit(len(part), req):
+                    continue
+                start += len(part)
+                self.rejected += invalid
+                if req is not None:
+                    todo.append(req)
         todo += [r for r in others if r.op != "create"]
         for req in todo:
             if self.exporter.spool(req):

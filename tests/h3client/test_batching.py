@@ -198,6 +198,48 @@ def test_a_batch_with_a_field_the_daemon_would_refuse_is_left_out_alone(
     assert "epoch 'x' is not an integer" in caplog.text and "phase 'ppp" in caplog.text
 
 
+class Sizes(Memory):
+    """A Memory exporter that also records each request's body size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []  # (bytes, batches)
+
+    def send(self, req: Request) -> Outcome:
+        self.sizes.append((len(req.body), req.n_batches))
+        return super().send(req)
+
+    def spool(self, req: Request) -> bool:
+        self.sizes.append((len(req.body), req.n_batches))
+        return super().spool(req)
+
+
+def per_token(seq: int) -> tuple[Any, ...]:  # 4 096 per-sample losses: ~64 KiB a batch
+    return item(seq, 1.0, losses=torch.rand(4096), indices=torch.arange(4096))
+
+
+def test_batches_of_many_per_sample_losses_go_in_requests_within_the_body_limit() -> None:
+    # before: one request of every batch queued, which the daemon refused whole (413)
+    limit = 256 * 1024
+    mem = Sizes()
+    p = BatchProcessor(mem, max_batch=2000, flush_interval_s=60.0, max_request_bytes=limit)
+    for k in range(40):
+        p.batches.append(per_token(k))
+    assert p.close(timeout_s=30)
+    assert mem.seqs("sent") == list(range(40)) and p.posted == 40
+    counted(p, 40)
+    assert len(mem.sizes) > 1 and all(size <= limit for size, _ in mem.sizes)
+    # a stop that spools (no daemon) writes spool lines within the limit too, for `h3d import`
+    mem2 = Sizes()
+    mem2.up = False
+    p2 = BatchProcessor(mem2, max_batch=2000, flush_interval_s=60.0, max_request_bytes=limit)
+    for k in range(40):
+        p2.batches.append(per_token(k))
+    p2.close(timeout_s=1)
+    assert mem2.seqs("spilled") == list(range(40)) and p2.spooled == 40
+    assert all(size <= limit for size, n in mem2.sizes if n > 1)
+
+
 def test_a_stalled_exporter_never_blocks_the_training_thread_and_overflow_spills() -> None:
     mem = Memory()
     mem.release.clear()  # the daemon hangs

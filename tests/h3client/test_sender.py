@@ -358,3 +358,17 @@ def test_one_batch_with_a_bad_field_costs_that_batch_only(daemon: Daemon) -> Non
     assert res["batches_posted"] == 201 and res["batches_rejected"] == 1
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
         assert c.get_run(str(prof.run_id))["n_batches"] == 201
+
+
+def test_per_token_losses_are_posted_in_requests_the_daemon_takes(daemon: Daemon) -> None:
+    # 60 batches of 65 536 per-sample losses (a language model's per-token losses) logged
+    # faster than the sender's tick: about 60 MiB as one request, which the daemon refused
+    # whole (413, its 32 MiB body limit): every batch counted rejected
+    prof = H3Profiler("per-token", url=daemon.url, data_dir=daemon.data_dir, flush_interval_s=5)
+    losses, idx = torch.rand(65536), torch.arange(65536)
+    for _ in range(60):
+        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+    res = prof.stop()
+    assert res["batches_posted"] == 60 and res["batches_rejected"] == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert c.get_run(str(prof.run_id))["n_batches"] == 60
