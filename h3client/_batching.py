@@ -697,7 +697,7 @@ class BatchProcessor:
         self.max_batch = max_batch
         self.max_request_bytes = max_request_bytes
         # batches that fit one request, learned from the bodies encoded: per-token losses
-        # (65 536 a batch) fill 16 MiB with about 20
+        # (65 536 a batch, about 1 MiB encoded) fill a 16 MiB request with about 14
         self._fit = max_batch
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
