@@ -675,7 +675,7 @@ def encode_batches(
 
 # --- the worker ------------------------------------------------------------------------------
 
-Route = Literal["sent", "rejected", "spooled", "held"]
+Route = Literal["sent", "rejected", "spooled", "held", "too_large"]
 
 
 class BatchProcessor:
@@ -721,6 +721,7 @@ class BatchProcessor:
         self._rate = 10_000.0  # batches/s the worker converts (measured): close() plans by it
         self._close_result: bool | None = None
         self._warned: set[str] = set()  # fields of left-out batches, warned about once
+        self._requeued = 0  # batches of a request over the daemon's limit, queued again
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
         self._thread.start()
 
@@ -786,8 +787,14 @@ class BatchProcessor:
         elif route == "rejected":
             self.rejected += n
 
-    def _deliver(self, req: Request, prefer_spool: bool = False) -> bool:
-        """Route ``req`` (the worker's in-flight request); False if it is held back."""
+    def _deliver(
+        self, req: Request, prefer_spool: bool = False, items: list[BatchItem] | None = None
+    ) -> bool:
+        """Route ``req`` (the worker's in-flight request); False if it is held back.
+
+        A batches request the daemon finds over its body limit goes back to the queue's
+        front as its ``items``, in order, to be sent fewer at a time (``_requeued`` says how
+        many); a single batch over the limit is counted rejected."""
         route = self._route(req, prefer_spool)
         with self._lock:
             if self._inflight is not req:
@@ -796,6 +803,20 @@ class BatchProcessor:
             if route == "held":
                 self._held.appendleft(req)
                 return False
+            if route == "too_large":
+                if items is not None and len(items) > 1:
+                    self.batches.extendleft(reversed(items))
+                    self._requeued = len(items)
+                    self._fit = max(1, len(items) // 2)
+                    self.max_request_bytes = min(self.max_request_bytes, len(req.body) // 2)
+                    return True
+                route = "rejected"
+                logger.warning(
+                    "h3: %d batch(es) of %d bytes over the daemon's body limit (413): left "
+                    "out; log fewer per-sample losses a batch",
+                    req.n_batches,
+                    len(req.body),
+                )
             self._count(req, route)
             return True
 
@@ -871,8 +892,12 @@ class BatchProcessor:
                     return True  # close() took them over
                 self.rejected += invalid
                 self._inflight = req
-            if req is not None and not self._deliver(req, prefer_spool=overflowing):
+            if req is not None and not self._deliver(req, overflowing, items):
                 return True
+            if self._requeued:  # the daemon's limit is lower than ours: sent again, split
+                n_batches += self._requeued
+                self.rejected -= invalid  # counted again when they are encoded again
+                self._requeued = 0
         for _ in range(n_others):
             req = self._pop(self.others)
             if req is None or not self._deliver(req):

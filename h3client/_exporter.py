@@ -5,7 +5,8 @@ The worker (``_batching.BatchProcessor``) decides what goes where; an exporter o
 - ``send(request)`` posts one request to the daemon and says what happened: "sent" (stored,
   or already stored), "rejected" (the daemon refused it as invalid: resending cannot help) or
   "down" (no answer, a 5xx, or a 401/403 for a token that daemon does not take: try again
-  later, keep it meanwhile);
+  later, keep it meanwhile) or "too_large" (a batches request over the daemon's body
+  limit: split it);
 - ``spool(request)`` appends it to the run's spool file on disk; False if the disk refused;
 - ``ready()`` says whether sending is worth trying now (online, or the back-off has passed).
 
@@ -25,7 +26,7 @@ from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal["sent", "rejected", "down"]
+Outcome = Literal["sent", "rejected", "down", "too_large"]
 
 
 class Request(NamedTuple):
@@ -124,6 +125,8 @@ class HttpExporter:
             if exc.status_code in (401, 403):  # not the data's fault: keep it for a daemon
                 self.offline(str(exc), refused=True)  # that takes it
                 return "down"
+            if exc.status_code == 413 and request.op == "batches":
+                return "too_large"  # the worker sends its batches again, fewer at a time
             self._warn_once(exc.code, "h3: the daemon refused %s: %s", request.op, exc)
             return "rejected"
         self.online, self._backoff_s = True, 0.5

@@ -372,3 +372,23 @@ def test_per_token_losses_are_posted_in_requests_the_daemon_takes(daemon: Daemon
     assert res["batches_posted"] == 60 and res["batches_rejected"] == 0
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
         assert c.get_run(str(prof.run_id))["n_batches"] == 60
+
+
+def test_a_daemon_with_a_lower_body_limit_gets_the_batches_in_smaller_requests(
+    daemon_factory: Any,
+) -> None:
+    # a daemon set to 1 MiB (H3D_MAX_BODY_BYTES) answers 413 to the sender's first, larger
+    # requests: their batches go back to the queue and are sent fewer at a time
+    small = daemon_factory("small", H3D_MAX_BODY_BYTES=str(1024 * 1024))
+    prof = H3Profiler("small-limit", url=small.url, data_dir=small.data_dir, flush_interval_s=5)
+    losses, idx = torch.rand(16384), torch.arange(16384)  # about 260 KiB a batch, encoded
+    for _ in range(60):
+        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+    big = torch.rand(100_000)  # one batch over the limit on its own: refused, and only it
+    prof.log_batch(torch.tensor(1.0), losses=big, indices=torch.arange(100_000))
+    for _ in range(5):
+        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+    res = prof.stop()
+    assert res["batches_posted"] == 65 and res["batches_rejected"] == 1
+    with Client(small.url, data_dir=small.data_dir) as c:
+        assert c.get_run(str(prof.run_id))["n_batches"] == 65
