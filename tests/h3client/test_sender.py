@@ -356,8 +356,7 @@ def test_one_batch_with_a_bad_field_costs_that_batch_only(daemon: Daemon) -> Non
         prof.log_batch(1.0)
     res = prof.stop()
     assert res["batches_posted"] == 201 and res["batches_rejected"] == 1
-    with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        assert c.get_run(str(prof.run_id))["n_batches"] == 201
+    assert n_stored(daemon, prof) == 201
 
 
 def test_per_token_losses_are_posted_in_requests_the_daemon_takes(daemon: Daemon) -> None:
@@ -365,13 +364,22 @@ def test_per_token_losses_are_posted_in_requests_the_daemon_takes(daemon: Daemon
     # faster than the sender's tick: about 60 MiB as one request, which the daemon refused
     # whole (413, its 32 MiB body limit): every batch counted rejected
     prof = H3Profiler("per-token", url=daemon.url, data_dir=daemon.data_dir, flush_interval_s=5)
-    losses, idx = torch.rand(65536), torch.arange(65536)
-    for _ in range(60):
-        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+    log_wide(prof, 60, 65536)
     res = prof.stop()
     assert res["batches_posted"] == 60 and res["batches_rejected"] == 0
+    assert n_stored(daemon, prof) == 60
+
+
+def log_wide(prof: H3Profiler, batches: int, width: int) -> None:
+    """``batches`` batches of ``width`` per-sample losses and indices each."""
+    losses, idx = torch.rand(width), torch.arange(width)
+    for _ in range(batches):
+        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+
+
+def n_stored(daemon: Daemon, prof: H3Profiler) -> int:
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        assert c.get_run(str(prof.run_id))["n_batches"] == 60
+        return int(c.get_run(str(prof.run_id))["n_batches"])
 
 
 def test_a_daemon_with_a_lower_body_limit_gets_the_batches_in_smaller_requests(
@@ -381,14 +389,9 @@ def test_a_daemon_with_a_lower_body_limit_gets_the_batches_in_smaller_requests(
     # requests: their batches go back to the queue and are sent fewer at a time
     small = daemon_factory("small", H3D_MAX_BODY_BYTES=str(1024 * 1024))
     prof = H3Profiler("small-limit", url=small.url, data_dir=small.data_dir, flush_interval_s=5)
-    losses, idx = torch.rand(16384), torch.arange(16384)  # about 260 KiB a batch, encoded
-    for _ in range(60):
-        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
-    big = torch.rand(100_000)  # one batch over the limit on its own: refused, and only it
-    prof.log_batch(torch.tensor(1.0), losses=big, indices=torch.arange(100_000))
-    for _ in range(5):
-        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+    log_wide(prof, 60, 16384)  # about 260 KiB a batch, encoded
+    log_wide(prof, 1, 100_000)  # one batch over the limit on its own: refused, and only it
+    log_wide(prof, 5, 16384)
     res = prof.stop()
     assert res["batches_posted"] == 65 and res["batches_rejected"] == 1
-    with Client(small.url, data_dir=small.data_dir) as c:
-        assert c.get_run(str(prof.run_id))["n_batches"] == 65
+    assert n_stored(small, prof) == 65
