@@ -37,6 +37,13 @@ def default_url() -> str:
     return f"http://{host}:{os.environ.get('H3D_PORT') or DEFAULT_PORT}"
 
 
+def read_token_file(data_dir: Path) -> str | None:
+    """The bearer token the data dir's daemon wrote (``<data dir>/token``), if any."""
+    with contextlib.suppress(OSError):
+        return (data_dir / "token").read_text().strip() or None
+    return None
+
+
 def read_daemon_file(data_dir: Path) -> dict[str, object] | None:
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
         info = json.loads((data_dir / "daemon.json").read_text())
@@ -74,8 +81,7 @@ def resolve(
         final_url = str(info["url"]) if info else default_url()
     tok = token or os.environ.get("H3D_TOKEN")
     if tok is None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            tok = (ddir / "token").read_text().strip() or None
+        tok = read_token_file(ddir)
     return ClientConfig(
         url=final_url.rstrip("/"), token=tok, data_dir=ddir, url_is_explicit=bool(explicit)
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from h3client._config import ClientConfig, read_daemon_file
+from h3client._config import ClientConfig, read_daemon_file, read_token_file
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
 
 def _serves(url: str, data_dir: Path) -> bool:
     """A daemon answers at ``url`` and takes ``data_dir``'s token: it serves that data dir."""
-    try:
-        token = (data_dir / "token").read_text().strip() or None
-    except OSError:
-        token = None
-    healthy, authorized = probe(url, token)
+    healthy, authorized = probe(url, read_token_file(data_dir))
     return healthy and authorized is not False
 
 
