@@ -65,7 +65,7 @@ class H3Profiler:
     """Measure what a training run costs in joules and what it learns per joule.
 
     ``log_batch`` only appends a copy of what it is given to an in-memory queue (1.3–3.5 µs
-    alone with per-sample losses and indices, 4–14 µs right after a training step; no I/O,
+    alone with per-sample losses and indices, 4–16 µs right after a training step; no I/O,
     no device sync, never raises); a background thread packs whole requests and posts them
     to the ``h3d`` daemon, and spools to disk while the daemon is unreachable. ``stop()``
     accounts for every batch: logged = posted + spooled + rejected + lost, where "lost" is
@@ -299,10 +299,11 @@ class H3Profiler:
         """Record one batch's mean loss (a float or a 0-dim tensor, in nats).
 
         Optionally its per-sample ``losses`` and their dataset ``indices`` (tensors or
-        sequences of equal length). For one thread, the training loop's: it takes no lock. Costs 1.3–3.5 µs alone, 4–14 µs right after a training
-        step, by host (docs/client.md); never raises, never blocks, never syncs a GPU. A loss that is
-        not a number is counted in ``log_errors`` and not logged; after ``stop()``, and in a
-        forked child, it does nothing.
+        sequences of equal length). For one thread, the training loop's: it takes no lock.
+        Costs 1.3–3.5 µs alone, 4–16 µs right after a training step, by host
+        (docs/client.md); never raises, never blocks, never syncs a GPU. A loss that is not a
+        number is counted in ``log_errors`` and not logged; after ``stop()``, and in a forked
+        child, it does nothing.
 
         What is recorded is the values at the call: changing a logged tensor or list in place
         afterwards, or freeing its autograd graph, does not change it. A CPU tensor's memory
