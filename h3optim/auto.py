@@ -16,9 +16,38 @@ from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler
-from h3optim.tracking import take_rows
+from h3optim.tracking import LEARNED_RATIO, take_rows
 
 LN2 = math.log(2.0)
+
+
+def _moved(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or a dict, list or tuple of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _moved(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_moved(v, device) for v in batch)
+    return batch
+
+
+def _per_sample(
+    criterion: Callable[..., torch.Tensor], out: Any, target: Any, n: int
+) -> torch.Tensor:
+    """``criterion``'s loss of each of the ``n`` samples: a ``reduction`` attribute (as
+    ``nn.CrossEntropyLoss`` has) is set to ``"none"`` for the call, else ``reduction="none"``
+    is passed; a loss with more dimensions is averaged per sample."""
+    reduction = getattr(criterion, "reduction", None)
+    if reduction is not None:
+        criterion.reduction = "none"  # type: ignore[attr-defined]
+        try:
+            losses = criterion(out, target)
+        finally:
+            criterion.reduction = reduction  # type: ignore[attr-defined]
+    else:
+        losses = criterion(out, target, reduction="none")
+    return losses.reshape(n, -1).mean(1) if losses.dim() > 1 else losses
 
 
 class _WindowedBatches(Sampler[torch.Tensor]):
@@ -114,9 +143,12 @@ class AutoH3:
             window boundary while a test runs; the window's η is their loss drop per joule.
         warmup, consolidation: Phase fractions (uniform epochs at the start and the end).
         learned_ratio: The learning floor (see :meth:`EtaController.control_step`): a sample
-            counts as learned once its tracked loss is below this fraction of the mean
-            first-sighting loss; while few are, thermodynamic epochs keep every sample not
-            learned yet. ``None`` turns the floor off.
+            counts as learned once its loss is below this fraction of the mean
+            first-sighting loss (0.05: about 0.115 nats for 10 classes, the right class at
+            89 %); while few are, thermodynamic epochs keep every sample not learned yet.
+            Judged at the start of each thermodynamic epoch on the ``probe_size`` probe
+            samples with the model as it is then (one forward pass without gradient).
+            ``None`` turns the floor off.
         log_per_sample: Also stream every batch's per-sample losses and indices to the
             daemon (stored with the run), not only its mean loss. Off by default: the
             controller reads its own tracker, the daemon's η needs only the means, and in a
@@ -163,7 +195,7 @@ class AutoH3:
         probe_size: int = 512,
         warmup: float = 0.1,
         consolidation: float = 0.15,
-        learned_ratio: float | None = 0.3,
+        learned_ratio: float | None = LEARNED_RATIO,
         log_per_sample: bool = False,
         optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
         flush_denormal: bool = True,
@@ -200,7 +232,9 @@ class AutoH3:
         self.probe_size = probe_size
         self.learned_ratio = learned_ratio
         self.log_per_sample = log_per_sample
-        self._probe_batch: tuple[Any, Any] | None = None
+        self._probe_batch: tuple[torch.Tensor, Any, Any] | None = None  # (indices, x, y)
+        # the model and criterion of the last training step: the learning floor's probe
+        self._fitting: tuple[torch.nn.Module, Callable[..., torch.Tensor]] | None = None
         self._windows: _WindowedBatches | None = None
         self._window_step = 0
         self._window_loss: float | None = None
@@ -255,12 +289,7 @@ class AutoH3:
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
         of ``window_steps`` batches alternate between its two settings."""
         self.start()
-        unlearned = (
-            self.loss_tracker.unlearned_fraction(self.learned_ratio)
-            if self.learned_ratio is not None
-            else None
-        )
-        keep, mix, self.phase = self.controller.control_step(unlearned)
+        keep, mix, self.phase = self.controller.control_step(self._unlearned())
         self.sampler.set_fractions(keep, mix)
         self.sampler.set_epoch(self.epoch)
         self._epoch_samples = self._epoch_steps = 0
@@ -289,8 +318,28 @@ class AutoH3:
         steps = math.ceil(len(self.sampler) / batch_size)
         return epochs * steps // self.window_steps
 
-    def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
-        """Mean loss on the fixed probe subset of the training data (no gradient)."""
+    def _unlearned(self) -> float | None:
+        """The learning floor's share of training samples not learned yet, for a
+        thermodynamic epoch (None otherwise, or with the floor off): among the probe
+        samples, by their losses under the model as it is now once a step has run (a
+        tracked loss is as old as its sample's last sighting: after a first epoch, the
+        early batches' losses are those of a model that had barely trained and would hold
+        the floor up); before any step, by the tracked losses."""
+        if (
+            self.learned_ratio is None
+            or self.controller.schedule.phase(self.epoch) != "thermodynamic"
+        ):
+            return None
+        if self._fitting is None:
+            return self.loss_tracker.unlearned_fraction(self.learned_ratio)
+        idx, losses = self._probe_losses(*self._fitting)
+        return self.loss_tracker.unlearned_fraction(self.learned_ratio, idx, losses)
+
+    def _probe_losses(
+        self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, per-sample losses) of the fixed probe subset of the training data, one
+        forward pass without gradient in eval mode."""
         if self._probe_batch is None:
             n = len(self.indexed_dataset)
             g = torch.Generator().manual_seed(self.sampler.seed + 7919)
@@ -301,15 +350,23 @@ class AutoH3:
                 x, y, _ = default_collate(  # type: ignore[no-untyped-call]
                     [self.indexed_dataset[int(i)] for i in idx]
                 )
-            self._probe_batch = (x, y)
-        x, y = self._probe_batch
+            self._probe_batch = (idx, x, y)
+        idx, x, y = self._probe_batch
+        param = next(model.parameters(), None)
+        if param is not None:  # the model where the training loop put it (a GPU, say)
+            x = _moved(x, param.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
             out = model(x)
-            loss = criterion(out, y.to(out.device) if isinstance(y, torch.Tensor) else y)
+            target = _moved(y, out.device) if isinstance(out, torch.Tensor) else y
+            losses = _per_sample(criterion, out, target, idx.numel())
         model.train(was_training)
-        return float(loss.mean())
+        return idx, losses
+
+    def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
+        """Mean loss on the fixed probe subset of the training data (no gradient)."""
+        return float(self._probe_losses(model, criterion)[1].mean())
 
     def _window_tick(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> None:
         """After a step in a windowed epoch: at a window's end, its η to the controller."""
@@ -353,21 +410,12 @@ class AutoH3:
                 if windows is not None
                 else self.sampler.weights(idx)
             )
-        reduction = getattr(criterion, "reduction", None)
+        self._fitting = (model, criterion)
         seen: dict[str, torch.Tensor] = {}
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad()
-            out = model(data)
-            if reduction is not None:
-                criterion.reduction = "none"  # type: ignore[attr-defined]
-                try:
-                    losses = criterion(out, target)
-                finally:
-                    criterion.reduction = reduction  # type: ignore[attr-defined]
-            else:
-                losses = criterion(out, target, reduction="none")
-            losses = losses.reshape(len(idx), -1).mean(1) if losses.dim() > 1 else losses
+            losses = _per_sample(criterion, model(data), target, len(idx))
             seen.setdefault("losses", losses.detach())
             if weights is not None:
                 loss = (losses * weights.to(losses.device)).mean()

@@ -11,6 +11,9 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 _TARGET_KEYS = ("target", "label", "labels", "y")
+#: :meth:`LossTracker.unlearned_fraction`: a sample counts as learned once its loss is below
+#: this fraction of the mean first-sighting loss (the learning floor of ``AutoH3``).
+LEARNED_RATIO = 0.05
 
 
 def take_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -308,22 +311,39 @@ class LossTracker:
         return int(self._nonfinite.item())
 
     @torch.no_grad()
-    def unlearned_fraction(self, ratio: float = 0.3) -> float:
+    def unlearned_fraction(
+        self,
+        ratio: float = LEARNED_RATIO,
+        indices: Any = None,
+        losses: torch.Tensor | None = None,
+    ) -> float:
         """Share of the samples not learned yet: never seen, or whose latest loss is above
         ``ratio`` × the mean first-sighting loss (for cross-entropy from a 10-class start and
-        ``ratio=0.3``, about 0.69 nats: the right class under 50 % probability, so possibly
-        not the one predicted).
+        the default ``ratio=0.05``, about 0.115 nats: the right class under 89 %
+        probability, not yet learned with confidence).
 
         The latest loss, not the EMA: with smoothing 0.1 the EMA still carries half of a
         sample's first loss after seven sightings. A sample whose loss rose above its first
         while the model learned is not counted: its label likely disagrees with what the
         model learns (a flipped label), and keeping it teaches nothing. One host sync.
+
+        ``indices`` and ``losses``: the share among those samples, judged by these losses
+        (measured now, e.g. on a fixed subset) instead of the tracked latest ones. A latest
+        loss is as old as its sample's last sighting: after one epoch, the first batches'
+        losses are those of a model that had barely trained.
         """
         seen = self.seen
         if not seen.any():
             return 1.0
         scale = ratio * self.first[seen].mean()
-        settled = seen & ((self.last <= scale) | (self.last > self.first))
+        first, last = self.first, self.last
+        if indices is not None and losses is not None:
+            idx = torch.as_tensor(indices, device=seen.device).long().reshape(-1)
+            seen, first = seen[idx], first[idx]
+            last = losses.detach().float().to(seen.device).reshape(-1)
+            if last.numel() != idx.numel():
+                raise ValueError(f"{idx.numel()} indices but {last.numel()} losses")
+        settled = seen & ((last <= scale) | (last > first))
         return 1.0 - float(settled.float().mean())
 
     @torch.no_grad()

@@ -169,23 +169,44 @@ def test_autoh3_windows_continue_across_epochs() -> None:
 
 def test_autoh3_learning_floor_keeps_what_is_not_learned_yet() -> None:
     """Early in training most samples still teach: the thermodynamic epochs keep them all;
-    as the model learns them the floor falls to the mode's setting."""
+    as the model learns them the floor falls to the mode's setting. The floor judges the
+    probe samples by the model as it is at the epoch's start, not by tracked losses as old
+    as each sample's last sighting."""
     train_set, test, model = digits_and_model()
     auto = offline_auto(model, train_set, 12, mode="balanced")  # keep 0.6, uniform 0.3
-    keeps = []
+    keeps, fresh = [], []
+    crit = nn.CrossEntropyLoss()
     for _ in range(12):
-        unlearned = auto.loss_tracker.unlearned_fraction()
         loader = auto.get_loader(batch_size=32)
         if auto.phase == "thermodynamic":
-            expected = max(0.6, min(1.0, unlearned / 0.7))
+            assert auto._probe_batch is not None
+            idx, x, y = auto._probe_batch
+            with torch.no_grad():
+                now = nn.functional.cross_entropy(model(x), y, reduction="none")
+            fresh.append(auto.loss_tracker.unlearned_fraction(indices=idx, losses=now))
+            expected = max(0.6, min(1.0, fresh[-1] / 0.7))
             assert auto.sampler.keep_frac == pytest.approx(expected)
             keeps.append(auto.sampler.keep_frac)
         for data, target, idx in loader:
-            auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
+            auto.training_step(model, data, target, crit, idx)
         auto.evaluate_epoch(model, test)
     res = auto.finish()
     assert keeps[0] > 0.6 and keeps[-1] < keeps[0]  # binding at first, then falling
     assert "learning floor" in res["controller_report"]
+
+
+def test_autoh3_learning_floor_off_or_outside_the_thermodynamic_phase() -> None:
+    """No floor, no probe evaluation: with ``learned_ratio=None``, and in warmup epochs."""
+    train_set, test, model = digits_and_model()
+    auto = offline_auto(model, train_set, 10, learned_ratio=None)
+    train(auto, model, test, 3)
+    assert auto._probe_batch is None
+    assert not any(d["change"] == "learning floor" for d in auto.controller.decisions)
+    auto = offline_auto(model, train_set, 10)
+    train(auto, model, test, 1)  # the warmup epoch
+    assert auto._probe_batch is None
+    auto.get_loader(batch_size=64)  # the first thermodynamic epoch
+    assert auto._probe_batch is not None
 
 
 def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() -> None:
@@ -269,3 +290,16 @@ def test_autoh3_streams_mean_losses_and_per_sample_ones_only_when_asked(per_samp
         assert first["loss"] == pytest.approx(float(first["losses"].mean()))
     else:
         assert "losses" not in first and "indices" not in first
+
+
+def test_probe_batches_follow_the_model_to_its_device() -> None:
+    """The probe samples come from the dataset (on the CPU) and go where the model is, with
+    a dict, list or tuple of tensors moved element by element."""
+    from h3optim.auto import _moved
+
+    meta = torch.device("meta")
+    batch = {"x": torch.zeros(2, 3), "parts": [torch.ones(2), (torch.ones(1), "tag")]}
+    moved = _moved(batch, meta)
+    assert moved["x"].device == meta and moved["parts"][0].device == meta
+    assert moved["parts"][1][0].device == meta and moved["parts"][1][1] == "tag"
+    assert isinstance(moved["parts"][1], tuple) and batch["x"].device.type == "cpu"

@@ -78,14 +78,29 @@ def test_unlearned_fraction_against_the_mean_first_loss() -> None:
     assert t.unlearned_fraction() == 1.0  # nothing seen
     t.update(torch.arange(8), torch.full((8,), 2.0))  # first sightings: mean first loss 2.0
     assert t.unlearned_fraction() == 1.0  # seen, not learned; 2 never seen
-    t.update(torch.arange(5), torch.full((5,), 0.1))  # five fall below 0.3 x 2.0 at once
-    assert t.ema[0] > 0.3 * 2.0  # (the EMA still remembers their start)
+    t.update(torch.arange(5), torch.full((5,), 0.05))  # five fall below 0.05 x 2.0 at once
+    assert t.ema[0] > 0.05 * 2.0  # (the EMA still remembers their start)
     assert t.unlearned_fraction() == pytest.approx(0.5)  # 5 of 10 learned
     t.update(torch.tensor([0]), torch.tensor([float("nan")]))  # a NaN leaves it learned
     assert t.unlearned_fraction() == pytest.approx(0.5)
     t.update(torch.tensor([7]), torch.tensor([3.0]))  # rose above its first: likely mislabeled
     assert t.unlearned_fraction() == pytest.approx(0.4)
     assert t.unlearned_fraction(ratio=0.01) == pytest.approx(0.9)  # only the mislabeled one settled
+    assert t.unlearned_fraction(ratio=0.3) == pytest.approx(0.4)
+
+
+def test_unlearned_fraction_of_losses_measured_now() -> None:
+    """With indices and fresh losses, the share among those samples by those losses: the
+    tracked latest losses (stale after one epoch) do not count, the rules do."""
+    t = LossTracker(6)
+    t.update(torch.arange(5), torch.full((5,), 2.0))  # sample 5 never seen
+    assert t.unlearned_fraction() == 1.0  # by the tracked latest losses
+    idx = torch.tensor([0, 1, 2, 3, 5])
+    now = torch.tensor([0.05, 0.05, 1.0, 2.5, 0.0])  # learned, learned, not, rose, unseen
+    assert t.unlearned_fraction(indices=idx, losses=now) == pytest.approx(2 / 5)
+    assert t.last[0] == 2.0  # the tracker's state is left as it was
+    with pytest.raises(ValueError, match="5 indices but 4 losses"):
+        t.unlearned_fraction(indices=idx, losses=now[:4])
 
 
 def test_update_matches_the_per_sample_rule() -> None:
