@@ -60,6 +60,8 @@ class _DeviceModel:
     # piecewise-constant share of the device: (start, share); each piece runs to the next
     starts: list[float]
     shares: list[float]
+    # the idle baseline that applies to the run (W): stored at its end, else the device's now
+    idle_w: float | None = None
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
         """(energy × share, (energy − idle) × share) over [a, b]."""
@@ -102,6 +104,7 @@ class EnergyModel:
     ) -> None:
         self.devices: list[_DeviceModel] = []
         shares = repo.run_shares(session, run_id=run_id) if run_id else {}
+        kept = repo.run_idle(session, run_id=run_id) if run_id else None
         # per-rank pieces, for the breakdown: (node, rank, kind) -> pieces
         self.rank_shares = {k: v for k, v in shares.items() if k[1] >= 0}
         for dev in repo.devices(session, nodes=nodes):
@@ -110,8 +113,9 @@ class EnergyModel:
             if curve.method == "none":
                 continue
             pieces = shares.get((dev.node, -1, share_kind(dev)), [])
+            idle = kept.get(dev.id) if kept is not None else dev.idle_power_w
             self.devices.append(
-                _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces])
+                _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces], idle)
             )
 
     def breakdown(
@@ -173,9 +177,9 @@ class EnergyModel:
         by_device: list[dict[str, Any]] = []
         for m in self.devices:
             integral = m.curve.integral(a, max(a, b), granularity_s=m.dev.granularity_s)
-            energy, active = m.attributed(a, max(a, b), m.dev.idle_power_w)
+            energy, active = m.attributed(a, max(a, b), m.idle_w)
             active, idle_note = _active_or_unknown(
-                active, m.dev.idle_power_w, integral.energy_j, integral.covered_s
+                active, m.idle_w, integral.energy_j, integral.covered_s
             )
             by_device.append(
                 {
@@ -188,7 +192,7 @@ class EnergyModel:
                     "energy_j": energy,
                     "device_energy_j": integral.energy_j,
                     "active_energy_j": active,
-                    "idle_power_w": m.dev.idle_power_w,
+                    "idle_power_w": m.idle_w,
                     "idle_note": idle_note,
                     "share": energy / integral.energy_j if integral.energy_j > 0 else 0.0,
                     "attribution": "process" if m.starts else "whole_device",
@@ -230,7 +234,7 @@ def _active_or_unknown(
     if idle_w is None:
         return None, (
             "no idle baseline yet: the daemon sets one after H3D_IDLE_MIN_S, 30 s by default, "
-            "without a run"
+            "without a run (a finished run keeps the baseline known when it ended)"
         )
     if device_j > 0 and idle_w * covered_s >= (1.0 - IDLE_SEPARATION) * device_j:
         return None, (

@@ -144,6 +144,20 @@ class Device(Base):
     __table_args__ = (UniqueConstraint("node", "name"),)
 
 
+class RunIdle(Base):
+    """A device's idle baseline as it stood when a run ended, so that the run's energy
+    above idle stays what it was when later daemon sessions measure other baselines.
+    ``idle_power_w`` None: no baseline was known then (the figure stays unknown)."""
+
+    __tablename__ = "run_idle"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    idle_power_w: Mapped[float | None] = mapped_column(Float)
+
+
 class PowerSample(Base):
     """One reading of one device (and so of the device's node). ``t`` is the sampler's
     monotonic-anchored Unix time."""

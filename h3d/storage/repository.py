@@ -35,6 +35,7 @@ from h3d.storage.models import (
     Epoch,
     PowerSample,
     Run,
+    RunIdle,
     RunRank,
     RunShare,
     RunTag,
@@ -212,6 +213,30 @@ def _finish_rank(session: Session, run: Run, *, rank: int, status: str, now: flo
     ):
         run.status = "failed" if any(r.status == "failed" for r in ranks) else "finished"
         run.finished_at = max(r.finished_at or now for r in ranks)
+        _keep_idle_baselines(session, run, ranks)
+
+
+def _keep_idle_baselines(session: Session, run: Run, ranks: Sequence[RunRank]) -> None:
+    """At a run's end, store the idle baseline each of its nodes' devices has now (None
+    where none is known), so that its energy above idle does not change when a later daemon
+    session measures another baseline."""
+    q = select(Device.id, Device.idle_power_w)
+    if run.node is not None:  # None: a run from before nodes, on the store's one node
+        q = q.where(Device.node.in_({run.node} | {r.node for r in ranks}))
+    session.execute(delete(RunIdle).where(RunIdle.run_id == run.id))
+    session.add_all(
+        RunIdle(run_id=run.id, device_id=dev_id, idle_power_w=idle)
+        for dev_id, idle in session.execute(q)
+    )
+
+
+def run_idle(session: Session, *, run_id: str) -> dict[int, float | None] | None:
+    """The idle baselines stored when the run ended, by device id; None if none were (a
+    run still going, or one that ended before h3d stored them)."""
+    rows = session.execute(
+        select(RunIdle.device_id, RunIdle.idle_power_w).where(RunIdle.run_id == run_id)
+    ).all()
+    return {dev_id: idle for dev_id, idle in rows} if rows else None
 
 
 def get_run(session: Session, *, run_id: str) -> Run:
@@ -291,6 +316,8 @@ def update_run(
             )
         run.status = status
         run.finished_at = now if status in ("finished", "failed") else None
+        if run.finished_at is not None:
+            _keep_idle_baselines(session, run, run_ranks(session, run_id=run_id))
     if name is not None:
         run.name = name
     if tags is not None:

@@ -37,9 +37,11 @@ def test_a_run_right_after_the_daemon_starts_has_no_idle_baseline_yet(daemon: Da
 
 
 def test_a_restarted_daemon_measures_its_own_idle_baseline(daemon_factory: Any) -> None:
+    """Each daemon session measures its own baseline; a finished run keeps the one known
+    when it ended, so its energy above idle reads the same in every later session."""
     daemon = daemon_factory(H3D_IDLE_MIN_S="0.4")
 
-    def report() -> dict[str, Any]:
+    def finished_run() -> str:
         with daemon.client() as api:
             run = api.post("/v1/runs", json={"name": "r"}).json()
             now = time.time()
@@ -47,16 +49,39 @@ def test_a_restarted_daemon_measures_its_own_idle_baseline(daemon_factory: Any) 
             api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches})
             time.sleep(0.3)
             api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
-            energy: dict[str, Any] = api.get(f"/v1/runs/{run['id']}/report").json()["energy"]
-            return energy
+            return str(run["id"])
+
+    def energy(run_id: str) -> dict[str, Any]:
+        with daemon.client() as api:
+            e: dict[str, Any] = api.get(f"/v1/runs/{run_id}/report").json()["energy"]
+            return e
 
     time.sleep(0.8)  # measured: 50 W
-    assert report()["by_device"][0]["idle_power_w"] == 50.0
+    first = finished_run()
+    before = energy(first)
+    assert before["by_device"][0]["idle_power_w"] == 50.0
     daemon.env["H3D_IDLE_MIN_S"] = "30"
     daemon.restart()  # a baseline of the earlier session is not this machine as it is now
-    e = report()
+    second = finished_run()
+    e = energy(second)
     assert e["by_device"][0]["idle_power_w"] is None
     assert e["active_energy_note"].startswith("no idle baseline yet")
+    kept = energy(first)  # the baseline it ended with, not this session's (none yet)
+    assert kept["by_device"][0]["idle_power_w"] == 50.0
+    assert kept["active_energy_note"] == before["active_energy_note"]
+    daemon.env["H3D_IDLE_MIN_S"] = "0.4"
+    daemon.restart()
+    time.sleep(0.8)  # a baseline again, after the second run ended without one
+    assert energy(second)["active_energy_j"] is None
+    assert energy(first)["by_device"][0]["idle_power_w"] == 50.0
+    with daemon.client() as api:  # a run still going reads the baseline of now
+        run = api.post("/v1/runs", json={"name": "going"}).json()
+        now = time.time()
+        api.post(
+            f"/v1/runs/{run['id']}/batches",
+            json={"batches": [{"seq": s, "t": now + 0.002 * s, "loss": 1.0} for s in range(20)]},
+        ).raise_for_status()
+    assert energy(run["id"])["by_device"][0]["idle_power_w"] == 50.0
 
 
 def test_report_of_a_short_run_says_what_its_figures_cover(daemon_factory: Any) -> None:
