@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
@@ -262,6 +263,7 @@ class AutoH3:
         self.flush_denormal = flush_denormal
         self._flushing = contextlib.ExitStack()  # start()'s flush-to-zero, undone by finish()
         self._started = False
+        self._world = 1  # torch.distributed ranks, read by start()
 
     def start(self) -> AutoH3:
         """Open the profiled run (if profiling) and wire the controller to its live η."""
@@ -280,6 +282,12 @@ class AutoH3:
             self.controller.eta_source = self.profiler.live_eta
         if self.flush_denormal:  # until finish() closes it
             self._flushing.enter_context(flushing_denormals())
+        self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self._world > 1 and self.controller.window_state == "testing":
+            self.controller.hold(
+                f"off under torch.distributed ({self._world} ranks): a decision inside an "
+                "epoch would have to reach every rank at the same step"
+            )
         self._started = True
         return self
 
@@ -289,7 +297,15 @@ class AutoH3:
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
         of ``window_steps`` batches alternate between its two settings."""
         self.start()
-        keep, mix, self.phase = self.controller.control_step(self._unlearned())
+        unlearned = self._unlearned()  # on every rank: a DDP forward is a collective
+        if self._world > 1:
+            # rank 0's controller decides for all: the ranks' held-out figures and energy
+            # readings differ, and every rank must draw the same epoch to shard it
+            shared: list[Any] = [self.controller.state_dict(), unlearned]
+            dist.broadcast_object_list(shared, src=0)
+            self.controller.load_state_dict(shared[0])
+            unlearned = shared[1]
+        keep, mix, self.phase = self.controller.control_step(unlearned)
         self.sampler.set_fractions(keep, mix)
         self.sampler.set_epoch(self.epoch)
         self._epoch_samples = self._epoch_steps = 0

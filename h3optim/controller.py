@@ -360,13 +360,21 @@ class EtaController:
         needed = 2 * self.max_pairs + 1
         if not self.window_testing or self._windows or windows >= needed:
             return
+        self.hold(
+            f"the thermodynamic phase ahead holds about {windows} windows and a test needs "
+            f"{needed}: the run is too short for the η loop to gather evidence",
+            windows=windows,
+        )
+
+    def hold(self, why: str, **values: Any) -> None:
+        """End the windowed A/B test (or never start it) and hold the current setting — the
+        fixed schedule — to the end; the report says ``why``."""
         self.window_state = "held"
         self._decide(
             "hold fixed schedule",
-            f"windowed A/B: the thermodynamic phase ahead holds about {windows} windows and a "
-            f"test needs {needed}: the run is too short for the η loop to gather evidence; "
-            f"holding keep_frac {self.keep_frac:.2f}, uniform_mix {self.uniform_mix:.2f}",
-            windows=windows,
+            f"windowed A/B: {why}; holding keep_frac {self.keep_frac:.2f}, uniform_mix "
+            f"{self.uniform_mix:.2f}",
+            **values,
         )
 
     def observe_window(self, eta: float | None) -> None:
@@ -412,20 +420,14 @@ class EtaController:
                 after=(self.keep_frac, self.uniform_mix),
             )
         elif mean + self.z * se < 0:
-            self.window_state = "held"
-            self._decide(
-                "hold fixed schedule",
-                f"windowed A/B: keep_frac {probe[0]:.2f} lost to {old[0]:.2f} ({stats}): "
-                f"the η loop cannot beat the fixed schedule here; holding keep_frac "
-                f"{old[0]:.2f}, uniform_mix {old[1]:.2f}",
+            self.hold(
+                f"keep_frac {probe[0]:.2f} lost to {old[0]:.2f} ({stats}): the η loop cannot "
+                "beat the fixed schedule here"
             )
         elif n >= self.max_pairs:
-            self.window_state = "held"
-            self._decide(
-                "hold fixed schedule",
-                f"windowed A/B: no evidence that keep_frac {probe[0]:.2f} beats {old[0]:.2f} "
-                f"({stats}): the η loop cannot beat the fixed schedule here; holding keep_frac "
-                f"{old[0]:.2f}, uniform_mix {old[1]:.2f}",
+            self.hold(
+                f"no evidence that keep_frac {probe[0]:.2f} beats {old[0]:.2f} ({stats}): the "
+                "η loop cannot beat the fixed schedule here"
             )
 
     # --- reporting and state ---------------------------------------------------------------

@@ -151,7 +151,13 @@ class InformationWeightedSampler(Sampler[int]):
         self.keep_frac, self.uniform_mix = float(keep_frac), float(uniform_mix)
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch`` next. With several replicas under ``torch.distributed``, the
+        loss trackers of all ranks are made the same first (:meth:`LossTracker.sync`), so
+        that every rank draws the same epoch and the shards split it: call it on every rank
+        at every epoch, as with ``DistributedSampler``."""
         self.epoch = epoch
+        if self.num_replicas > 1:
+            self.tracker.sync()
 
     @property
     def num_kept(self) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, TensorDataset
 
 _TARGET_KEYS = ("target", "label", "labels", "y")
@@ -309,6 +310,39 @@ class LossTracker:
         """How many non-finite losses were ignored (reads the device counter)."""
         self._applied()
         return int(self._nonfinite.item())
+
+    @torch.no_grad()
+    def sync(self, group: Any = None) -> None:
+        """Make every rank's tracker the same under ``torch.distributed`` (a collective: call
+        it on every rank; a no-op without an initialised process group or with one rank).
+
+        Each rank tracks the samples of its own shard, so without this the ranks would rank
+        samples by different losses, and their shards of a loss-driven draw would overlap
+        and leave samples out. Each sample takes the state of the rank that has seen it
+        most often (its newest state: shards are disjoint within an epoch), the lowest such
+        rank on a tie. Three all-reduces of the (4, N) state. The non-finite count stays
+        per rank. :meth:`InformationWeightedSampler.set_epoch` calls it.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        state = self._applied()
+        work = state
+        if dist.get_backend(group) == "nccl" and not state.is_cuda:  # NCCL needs CUDA tensors
+            work = state.to(torch.device("cuda", torch.cuda.current_device()))
+        counts = work[3].clone()
+        most = counts.clone()
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+        rank = float(dist.get_rank(group))
+        owner = torch.where(counts == most, rank, float(world))
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN, group=group)
+        merged = torch.where(
+            owner == rank, work, torch.zeros((), dtype=work.dtype, device=work.device)
+        )
+        dist.all_reduce(merged, op=dist.ReduceOp.SUM, group=group)
+        self._state.copy_(merged)
 
     @torch.no_grad()
     def unlearned_fraction(
