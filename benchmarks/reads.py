@@ -90,12 +90,6 @@ def main() -> None:
         ) as http,
     ):
         run, posting = fill(http, args.batches, args.runs)
-        detail = http.get(f"/v1/runs/{run}").json()
-        assert detail["n_batches"] == args.batches and detail["status"] == "finished", detail
-        listed = http.get("/v1/runs", params={"limit": 1000}).json()["data"]
-        assert len(listed) == args.runs + 1
-        report = http.get(f"/v1/runs/{run}/report").json()
-        samples = sum(d["n_samples"] for d in report["energy"]["by_device"])
         paths = {
             "run list (`GET /v1/runs?limit=1000`)": "/v1/runs?limit=1000",
             "run detail (`GET /v1/runs/{id}`)": f"/v1/runs/{run}",
@@ -108,8 +102,17 @@ def main() -> None:
             ),
         }
         times: dict[str, list[float]] = {k: [] for k in paths}
-        for p in paths.values():  # warm-up: imports, caches, SQLite pages
+        first: dict[str, float] = {}
+        for k, p in paths.items():  # the first view of the page, then warm: caches, pages
+            s = time.perf_counter()
             http.get(p).raise_for_status()
+            first[k] = (time.perf_counter() - s) * 1e3
+        detail = http.get(f"/v1/runs/{run}").json()
+        assert detail["n_batches"] == args.batches and detail["status"] == "finished", detail
+        listed = http.get("/v1/runs", params={"limit": 1000}).json()["data"]
+        assert len(listed) == args.runs + 1
+        report = http.get(f"/v1/runs/{run}/report").json()
+        samples = sum(d["n_samples"] for d in report["energy"]["by_device"])
         for _ in range(args.repeats):
             for k, p in paths.items():
                 s = time.perf_counter()
@@ -119,7 +122,7 @@ def main() -> None:
     rows = []
     for k, ts in times.items():
         p50, p95 = statistics.median(ts), percentile(ts, 0.95)
-        rows.append(f"| {k} | {p50:.1f} | {p95:.1f} | {max(ts):.1f} |")
+        rows.append(f"| {k} | {first[k]:.1f} | {p50:.1f} | {p95:.1f} | {max(ts):.1f} |")
         print(f"{k:55s} p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  max {max(ts):6.1f} ms", flush=True)
     lines = [
         "# Run list and run page latency",
@@ -132,10 +135,12 @@ def main() -> None:
         f"{args.repeats} requests of each kind over one keep-alive connection, the kinds "
         "interleaved; client and daemon share the machine's cores. Budget (DESIGN.md §8): run "
         "list and run detail p95 ≤ 50 ms; the other rows are the rest of what the dashboard's "
-        "run page fetches.",
+        "run page fetches. First: the first request of each kind after the run finished, in "
+        "the order listed (the report reads the run's batches; the daemon keeps an ended "
+        "run's rows, so the series after it and every later request do not).",
         "",
-        "| request | p50 ms | p95 ms | max ms |",
-        "|---|---:|---:|---:|",
+        "| request | first ms | p50 ms | p95 ms | max ms |",
+        "|---|---:|---:|---:|---:|",
         *rows,
         "",
     ]

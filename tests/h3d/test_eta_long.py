@@ -52,3 +52,38 @@ def test_long_run_eta_equals_reading_every_point(session: Session, n: int, windo
     assert fast == pytest.approx(full)
     if n >= analysis._LONG_RUN:  # three short queries, no LIMIT-less read of the batches
         assert len(selects) == 3 and all("LIMIT" in q.upper() for q in selects)
+
+
+def test_an_ended_runs_batches_are_read_once_for_its_page(session: Session) -> None:
+    """The report and the series of a finished run's page each need every batch: they share
+    one read, and give what reading them again gives; a running run is read each time."""
+    run = repo.get_run(session, run_id=make_run(session, 500, seed=1))
+    selects: list[str] = []
+
+    def count(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM batches" in statement:
+            selects.append(statement)
+
+    engine = session.get_bind()
+    analysis._ENDED_ROWS.clear()
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        first = analysis.run_report(session, run=run, interval_s=0.1)
+        read = len(selects)
+        series = analysis.loss_series(session, run=run, points=100)
+        again = analysis.run_report(session, run=run, interval_s=0.1)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert read >= 1 and len(selects) == read  # the series and the second report: no read
+    assert again == first and len(series) > 3
+    analysis._ENDED_ROWS.clear()
+    assert analysis.run_report(session, run=run, interval_s=0.1) == first  # read afresh
+
+    going = repo.create_run(
+        session, name="g", config={}, tags=[], pid=1, host="h", n_train=10, now=100.0
+    )
+    for seq in range(2):  # a running run is read afresh each time, never served stale
+        row = repo.BatchRow(seq, 100.5 + seq, 1.0 - seq / 10, 8, 0, None, None, None, None)
+        repo.add_batches(session, run_id=going.id, batches=[row])
+        assert len(analysis.step_rows(session, going)) == seq + 1
+    assert all(key[1] != going.id for key in analysis._ENDED_ROWS)
