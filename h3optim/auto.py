@@ -297,15 +297,15 @@ class AutoH3:
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
         of ``window_steps`` batches alternate between its two settings."""
         self.start()
-        unlearned = self._unlearned()  # on every rank: a DDP forward is a collective
+        unlearned, train_loss = self._probe_figures()  # every rank: a DDP forward is collective
         if self._world > 1:
             # rank 0's controller decides for all: the ranks' held-out figures and energy
             # readings differ, and every rank must draw the same epoch to shard it
-            shared: list[Any] = [self.controller.state_dict(), unlearned]
+            shared: list[Any] = [self.controller.state_dict(), unlearned, train_loss]
             dist.broadcast_object_list(shared, src=0)
             self.controller.load_state_dict(shared[0])
-            unlearned = shared[1]
-        keep, mix, self.phase = self.controller.control_step(unlearned)
+            unlearned, train_loss = shared[1], shared[2]
+        keep, mix, self.phase = self.controller.control_step(unlearned, train_loss)
         self.sampler.set_fractions(keep, mix)
         self.sampler.set_epoch(self.epoch)
         self._epoch_samples = self._epoch_steps = 0
@@ -334,22 +334,28 @@ class AutoH3:
         steps = math.ceil(len(self.sampler) / batch_size)
         return epochs * steps // self.window_steps
 
-    def _unlearned(self) -> float | None:
-        """The learning floor's share of training samples not learned yet, for a
-        thermodynamic epoch (None otherwise, or with the floor off): among the probe
-        samples, by their losses under the model as it is now once a step has run (a
-        tracked loss is as old as its sample's last sighting: after a first epoch, the
-        early batches' losses are those of a model that had barely trained and would hold
-        the floor up); before any step, by the tracked losses."""
-        if (
-            self.learned_ratio is None
-            or self.controller.schedule.phase(self.epoch) != "thermodynamic"
-        ):
-            return None
+    def _probe_figures(self) -> tuple[float | None, float | None]:
+        """For a thermodynamic epoch (Nones otherwise): the learning floor's share of
+        training samples not learned yet (None with the floor off), and the probe samples'
+        mean loss (the controller's starvation guard tells overfitting by it).
+
+        Both from the probe samples' losses under the model as it is now once a step has
+        run (a tracked loss is as old as its sample's last sighting: after a first epoch,
+        the early batches' losses are those of a model that had barely trained and would
+        hold the floor up); before any step, the share by the tracked losses."""
+        if self.controller.schedule.phase(self.epoch) != "thermodynamic":
+            return None, None
         if self._fitting is None:
-            return self.loss_tracker.unlearned_fraction(self.learned_ratio)
+            if self.learned_ratio is None:
+                return None, None
+            return self.loss_tracker.unlearned_fraction(self.learned_ratio), None
         idx, losses = self._probe_losses(*self._fitting)
-        return self.loss_tracker.unlearned_fraction(self.learned_ratio, idx, losses)
+        unlearned = (
+            self.loss_tracker.unlearned_fraction(self.learned_ratio, idx, losses)
+            if self.learned_ratio is not None
+            else None
+        )
+        return unlearned, float(losses.mean())
 
     def _probe_losses(
         self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]

@@ -124,6 +124,7 @@ class EtaController:
         self._b_eta: float | None = None
         self._current: tuple[float, float, str] = (1.0, 1.0, "warmup")
         self.floor: float | None = None  # this epoch's learning floor, when it binds
+        self._train_loss: float | None = None  # control_step's, recorded by observe
         self.min_pairs, self.max_pairs, self.z = min_pairs, max_pairs, z
         self.windowed = False  # set by the first observe_window: epoch A/B/A is then off
         self.window_state = "testing"  # or "held": the fixed schedule is held to the end
@@ -134,8 +135,14 @@ class EtaController:
     def probe_setting(self) -> tuple[float, float]:
         return max(self.min_keep_frac, self.keep_frac - self.step_size), self.uniform_mix
 
-    def control_step(self, unlearned: float | None = None) -> tuple[float, float, str]:
+    def control_step(
+        self, unlearned: float | None = None, train_loss: float | None = None
+    ) -> tuple[float, float, str]:
         """The (keep_frac, uniform_mix, phase) to use for the coming epoch.
+
+        ``train_loss``: the mean loss of a fixed subset of the *training* samples now, for
+        the starvation guard (see :meth:`observe`): a held-out loss that rises while this one
+        falls is overfitting, which no sampling setting causes or cures.
 
         ``unlearned``: the share of training samples not yet learned (see
         :meth:`~h3optim.LossTracker.unlearned_fraction`). In the thermodynamic phase it sets a
@@ -147,6 +154,9 @@ class EtaController:
         """
         phase = self.schedule.phase(self.epoch)
         self.floor = None
+        self._train_loss = (
+            train_loss if train_loss is not None and math.isfinite(train_loss) else None
+        )
         if phase != "thermodynamic":
             self._current = (1.0, 1.0, phase)
         elif self._probing and not self.windowed:
@@ -217,6 +227,7 @@ class EtaController:
                 "loss": loss,
                 "energy": energy,
                 "info": info,
+                "train_loss": self._train_loss,  # at the epoch's start (control_step)
             }
         )
         guarded = self._guards(accuracy, phase)
@@ -274,6 +285,9 @@ class EtaController:
                 and _volatility(recent) > 2 * _volatility(earlier)
                 and _volatility(recent) > 0.05
             )
+            trains = [h["train_loss"] for h in self.history[-3:] if h.get("train_loss") is not None]
+            if rising and len(trains) >= 2 and trains[-1] <= trains[0]:
+                rising = False  # the training loss fell meanwhile: overfitting, not starvation
             if rising and self.uniform_mix < 1.0:
                 old_u = self.uniform_mix
                 self.uniform_mix = min(1.0, self.uniform_mix + 0.1)

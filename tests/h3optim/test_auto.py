@@ -196,12 +196,13 @@ def test_autoh3_learning_floor_keeps_what_is_not_learned_yet() -> None:
 
 
 def test_autoh3_learning_floor_off_or_outside_the_thermodynamic_phase() -> None:
-    """No floor, no probe evaluation: with ``learned_ratio=None``, and in warmup epochs."""
+    """No floor with ``learned_ratio=None``; no probe evaluation in warmup epochs."""
     train_set, test, model = digits_and_model()
     auto = offline_auto(model, train_set, 10, learned_ratio=None)
     train(auto, model, test, 3)
-    assert auto._probe_batch is None
     assert not any(d["change"] == "learning floor" for d in auto.controller.decisions)
+    # the thermodynamic epochs' probe still gives the starvation guard its training loss
+    assert [h["train_loss"] is not None for h in auto.controller.history] == [False, True, True]
     auto = offline_auto(model, train_set, 10)
     train(auto, model, test, 1)  # the warmup epoch
     assert auto._probe_batch is None
@@ -211,7 +212,7 @@ def test_autoh3_learning_floor_off_or_outside_the_thermodynamic_phase() -> None:
 
 def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() -> None:
     # 6 epochs of 1 400 samples at batch 64: the four thermodynamic epochs hold about 56
-    # steps, one 50-step window; a test needs 17. No probe is evaluated, no window is drawn.
+    # steps, one 50-step window; a test needs 17. No window is drawn.
     train_set, test, model = digits_and_model()
     auto = offline_auto(model, train_set, 6, learned_ratio=None)
     windowed = 0
@@ -223,7 +224,7 @@ def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() 
             auto.training_step(model, data, target, crit, idx)
         auto.evaluate_epoch(model, test)
     res = auto.finish()
-    assert windowed == 0 and auto._probe_batch is None
+    assert windowed == 0
     assert auto.controller.window_state == "held"
     assert "too short" in res["controller_report"]
     # the fixed schedule, held: the thermodynamic epochs keep balanced's 0.6
@@ -290,6 +291,29 @@ def test_autoh3_streams_mean_losses_and_per_sample_ones_only_when_asked(per_samp
         assert first["loss"] == pytest.approx(float(first["losses"].mean()))
     else:
         assert "losses" not in first and "indices" not in first
+
+
+def test_starvation_guard_tells_overfitting_by_the_training_loss() -> None:
+    """A held-out loss that rises and swings is starvation only if the training samples'
+    loss rose too; while that one falls the model overfits, and uniform_mix stays."""
+    from h3optim import EtaController
+
+    def run(train_losses: list[float]) -> EtaController:
+        c = EtaController("green", total_epochs=60)
+        while c.schedule.phase(c.epoch) != "thermodynamic":
+            c.control_step()
+            c.observe()
+        for held_out, train_loss in zip(
+            (1.0, 0.99, 0.98, 0.9, 1.2, 1.5), train_losses, strict=True
+        ):
+            c.control_step(train_loss=train_loss)
+            c.observe(loss=held_out)
+        return c
+
+    overfit = run([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    assert overfit.uniform_mix == pytest.approx(0.2) and "starved" not in overfit.get_report()
+    starved = run([1.0, 0.9, 0.8, 0.8, 0.9, 1.1])
+    assert starved.uniform_mix == pytest.approx(0.3) and "starved" in starved.get_report()
 
 
 def test_probe_batches_follow_the_model_to_its_device() -> None:
