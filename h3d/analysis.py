@@ -63,6 +63,7 @@ class _DeviceModel:
     shares: list[float]
     # the idle baseline that applies to the run (W): stored at its end, else the device's now
     idle_w: float | None = None
+    idle_kept: bool = False  # idle_w is the one stored when the run ended
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
         """(energy × share, (energy − idle) × share) over [a, b]."""
@@ -115,8 +116,11 @@ class EnergyModel:
                 continue
             pieces = shares.get((dev.node, -1, share_kind(dev)), [])
             idle = kept.get(dev.id) if kept is not None else dev.idle_power_w
+            ended = kept is not None
             self.devices.append(
-                _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces], idle)
+                _DeviceModel(
+                    dev, curve, [p[0] for p in pieces], [p[1] for p in pieces], idle, ended
+                )
             )
 
     def breakdown(
@@ -180,7 +184,7 @@ class EnergyModel:
             integral = m.curve.integral(a, max(a, b), granularity_s=m.dev.granularity_s)
             energy, active = m.attributed(a, max(a, b), m.idle_w)
             active, idle_note = _active_or_unknown(
-                active, m.idle_w, integral.energy_j, integral.covered_s
+                active, m.idle_w, integral.energy_j, integral.covered_s, ended=m.idle_kept
             )
             by_device.append(
                 {
@@ -229,14 +233,23 @@ IDLE_SEPARATION = 0.02
 
 
 def _active_or_unknown(
-    active: float | None, idle_w: float | None, device_j: float, covered_s: float
+    active: float | None,
+    idle_w: float | None,
+    device_j: float,
+    covered_s: float,
+    *,
+    ended: bool = False,
 ) -> tuple[float | None, str | None]:
-    """Energy above idle, or None with the reason when the baseline cannot be trusted."""
-    if idle_w is None:
-        return None, (
-            "no idle baseline yet: the daemon sets one after H3D_IDLE_MIN_S, 30 s by default, "
-            "without a run (a finished run keeps the baseline known when it ended)"
+    """Energy above idle, or None with the reason when the baseline cannot be trusted.
+    ``ended``: the baseline is the one the run kept when it ended."""
+    how = "the daemon sets one after H3D_IDLE_MIN_S, 30 s by default, without a run"
+    if idle_w is None and ended:
+        return (
+            None,
+            f"no idle baseline when the run ended ({how}; a run keeps the one it ends with)",
         )
+    if idle_w is None:
+        return None, f"no idle baseline yet: {how}"
     if device_j > 0 and idle_w * covered_s >= (1.0 - IDLE_SEPARATION) * device_j:
         return None, (
             f"the device drew no more than its idle baseline ({idle_w:.3g} W) during the run: "

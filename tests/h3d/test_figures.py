@@ -14,6 +14,8 @@ from tests.conftest import REPO, Daemon
 def test_active_energy_is_unknown_without_a_trustworthy_baseline() -> None:
     active, note = _active_or_unknown(None, None, 100.0, 10.0)
     assert active is None and note is not None and note.startswith("no idle baseline yet")
+    active, note = _active_or_unknown(None, None, 100.0, 10.0, ended=True)  # a run that ended
+    assert active is None and note is not None and note.startswith("no idle baseline when the run")
     # the "idle" baseline was the whole draw: the machine was busy when it was measured
     active, note = _active_or_unknown(2e-15, 10.0, 100.0, 10.0)
     assert active is None and note is not None and "busy" in note
@@ -33,7 +35,7 @@ def test_a_run_right_after_the_daemon_starts_has_no_idle_baseline_yet(daemon: Da
         api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
         e = api.get(f"/v1/runs/{run['id']}/report").json()["energy"]
     assert e["active_energy_j"] is None and e["energy_j"] > 0
-    assert e["active_energy_note"].startswith("no idle baseline yet")
+    assert e["active_energy_note"].startswith("no idle baseline when the run ended")
 
 
 def test_a_restarted_daemon_measures_its_own_idle_baseline(daemon_factory: Any) -> None:
@@ -65,7 +67,7 @@ def test_a_restarted_daemon_measures_its_own_idle_baseline(daemon_factory: Any) 
     second = finished_run()
     e = energy(second)
     assert e["by_device"][0]["idle_power_w"] is None
-    assert e["active_energy_note"].startswith("no idle baseline yet")
+    assert e["active_energy_note"].startswith("no idle baseline when the run ended")
     kept = energy(first)  # the baseline it ended with, not this session's (none yet)
     assert kept["by_device"][0]["idle_power_w"] == 50.0
     assert kept["active_energy_note"] == before["active_energy_note"]
