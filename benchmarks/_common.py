@@ -50,6 +50,22 @@ def daemon(data_dir: Path, *, poll_s: float = 0.05, **env: str) -> Iterator[tupl
         proc.wait()
 
 
+@contextlib.contextmanager
+def daemon_client(**env: str) -> Iterator[httpx.Client]:
+    """A real daemon on a temporary data dir (see :func:`daemon`) and a keep-alive client of
+    it that sends its token."""
+    import tempfile
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        daemon(Path(tmp), **env) as (url, token),
+        httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+        ) as http,
+    ):
+        yield http
+
+
 def cold_start_s() -> float:
     """Seconds from spawning ``h3d serve`` to a healthy /healthz (polled every 5 ms)."""
     import tempfile

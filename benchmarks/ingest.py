@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import daemon_client, machine  # noqa: E402
 from h3client._batching import encode_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,13 +112,7 @@ def main() -> None:
     if args.quick:
         configs = [(n, p, max(2, r // 10), f) for n, p, r, f in configs]
     rows = []
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        daemon(Path(tmp), H3D_POWER_BACKENDS="estimated") as (url, token),
-        httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-        ) as http,
-    ):
+    with daemon_client(H3D_POWER_BACKENDS="estimated") as http:
         measure(http, 100, 8, 5)  # warm-up: imports, SQLite page cache
         for n, p, r, f in configs:
             res = measure(http, n, p, r, f)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import daemon_client, machine  # noqa: E402
 from benchmarks.ingest import body  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,13 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/reads.md"))
     args = ap.parse_args()
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        daemon(Path(tmp), H3D_POWER_BACKENDS="estimated") as (url, token),
-        httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-        ) as http,
-    ):
+    with daemon_client(H3D_POWER_BACKENDS="estimated") as http:
         run, posting = fill(http, args.batches, args.runs)
         paths = {
             "run list (`GET /v1/runs?limit=1000`)": "/v1/runs?limit=1000",
