@@ -63,7 +63,6 @@ class _DeviceModel:
     shares: list[float]
     # the idle baseline that applies to the run (W): stored at its end, else the device's now
     idle_w: float | None = None
-    idle_kept: bool = False  # idle_w is the one stored when the run ended
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
         """(energy × share, (energy − idle) × share) over [a, b]."""
@@ -107,6 +106,7 @@ class EnergyModel:
         self.devices: list[_DeviceModel] = []
         shares = repo.run_shares(session, run_id=run_id) if run_id else {}
         kept = repo.run_idle(session, run_id=run_id) if run_id else None
+        self.idle_kept = kept is not None  # the baselines are those the run ended with
         # per-rank pieces, for the breakdown: (node, rank, kind) -> pieces
         self.rank_shares = {k: v for k, v in shares.items() if k[1] >= 0}
         for dev in repo.devices(session, nodes=nodes):
@@ -116,11 +116,8 @@ class EnergyModel:
                 continue
             pieces = shares.get((dev.node, -1, share_kind(dev)), [])
             idle = kept.get(dev.id) if kept is not None else dev.idle_power_w
-            ended = kept is not None
             self.devices.append(
-                _DeviceModel(
-                    dev, curve, [p[0] for p in pieces], [p[1] for p in pieces], idle, ended
-                )
+                _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces], idle)
             )
 
     def breakdown(
@@ -184,7 +181,7 @@ class EnergyModel:
             integral = m.curve.integral(a, max(a, b), granularity_s=m.dev.granularity_s)
             energy, active = m.attributed(a, max(a, b), m.idle_w)
             active, idle_note = _active_or_unknown(
-                active, m.idle_w, integral.energy_j, integral.covered_s, ended=m.idle_kept
+                active, m.idle_w, integral.energy_j, integral.covered_s, ended=self.idle_kept
             )
             by_device.append(
                 {
