@@ -666,9 +666,10 @@ def _json_config(config: dict[str, Any]) -> dict[str, Any]:
         text = json.dumps(config, default=str, allow_nan=False)
     except ValueError as exc:
         raise ValueError(f"H3Profiler config: {exc} (NaN and inf cannot be stored)") from exc
-    if len(text.encode()) > CONFIG_MAX_BYTES:
+    size = len(text.encode())
+    if size > CONFIG_MAX_BYTES:
         raise ValueError(
-            f"H3Profiler config: {len(text.encode())} bytes as JSON, over the daemon's "
+            f"H3Profiler config: {size} bytes as JSON, over the daemon's "
             f"{CONFIG_MAX_BYTES}: keep hyperparameters there, not data"
         )
     out: dict[str, Any] = json.loads(text)
