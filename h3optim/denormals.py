@@ -93,11 +93,15 @@ def set_flush_denormal(on: bool) -> int:
     Returns how many threads were set: 0 when the CPU has no such mode, 1 when only the
     calling thread could be (PyTorch not on OpenMP, or its runtime not found). Threads
     PyTorch starts later, after a larger ``torch.set_num_threads``, start without it: call
-    again after changing the count.
+    again after changing the count. While the interpreter shuts down (a block of
+    :func:`flushing_denormals` closed by the garbage collector at exit) only the calling
+    thread is set: the team's threads could no longer take the GIL to run the setter, and
+    the call would wait for them forever.
     """
     if not torch.set_flush_denormal(on):
         return 0
-    runtime = _openmp_runtime() if torch.get_num_threads() > 1 else None
+    threads = torch.get_num_threads() > 1 and not sys.is_finalizing()
+    runtime = _openmp_runtime() if threads else None
     if runtime is None:
         return 1
     ids: set[int] = set()

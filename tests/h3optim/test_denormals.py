@@ -140,3 +140,26 @@ def test_openmp_runtime_is_pytorchs_own_copy_first() -> None:
         "/usr/lib/x86_64-linux-gnu/libgomp.so.1",
         "/opt/intel/lib/libiomp5.so",
     ]
+
+
+def test_a_script_that_never_calls_finish_exits() -> None:
+    """AutoH3 started and left without ``finish()``: at interpreter exit its flush-to-zero
+    block is closed by the garbage collector, when the intra-op threads can no longer run
+    Python; the mode is restored on the calling thread only, and the process exits."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from h3optim import AutoH3\n"
+        "torch.set_num_threads(2)\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "ds = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))\n"
+        "auto = AutoH3(model.parameters(), ds, profile=False).start()\n"
+        "print('started', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout == "started\n", proc.stderr[-2000:]
