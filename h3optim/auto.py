@@ -316,6 +316,8 @@ class AutoH3:
             self._windows = _WindowedBatches(
                 self.controller, self.sampler, batch_size, self.window_steps, self._window_step
             )
+            if self._window_loss is None and train_loss is not None:
+                self._window_loss = train_loss  # the first window's start: measured just now
             return DataLoader(
                 self.indexed_dataset if is_batchable(self.indexed_dataset) else _Items(self),
                 sampler=self._windows,
