@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,31 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the daemon's and the client's tests run without torch
     pass
+
+
+def torchrun(
+    n: int,
+    script: Path,
+    *args: str,
+    out: Path,
+    env: dict[str, str] | None = None,
+    launcher: Sequence[str] = (),
+    timeout_s: float = 600,
+) -> list[dict[str, Any]]:
+    """Run ``script args... out`` on ``n`` ranks under ``torch.distributed.run`` (launcher
+    options ``launcher``; one intra-op thread each); every rank writes ``out/rank<r>.json``,
+    returned in rank order."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", *launcher]
+    proc = subprocess.run(
+        [*cmd, str(script), *args, str(out)],
+        cwd=REPO,
+        env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
 def free_port() -> int:

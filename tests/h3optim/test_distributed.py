@@ -7,29 +7,15 @@ out; without one controller they could draw epochs of different lengths, and DDP
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import torchrun
 
 SCRIPT = Path(__file__).with_name("ddp_sampling.py")
 
 
 def test_ranks_share_one_tracker_and_one_controller(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(SCRIPT)]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path)],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    r0, r1 = torchrun(2, SCRIPT, out=tmp_path, timeout_s=300)
 
     # the sampler: after set_epoch the trackers agree, and the shards split each epoch
     assert r0["sampler"]["synced"] == r1["sampler"]["synced"]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,24 +12,16 @@ from h3client._distributed import RankInfo, derived_run_id, detect, shared_run_i
 from h3client.errors import H3ClientError
 from h3d.storage import repository as repo
 from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
-from tests.conftest import REPO, Daemon, free_port
+from tests.conftest import Daemon, free_port, torchrun
 
 SCRIPT = Path(__file__).with_name("ddp_ranks.py")
 
 
 def launch(n: int, daemon: Daemon, out: Path, *extra: str) -> list[dict[str, object]]:
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", *extra]
-    proc = subprocess.run(
-        [*cmd, str(SCRIPT), daemon.url, str(daemon.data_dir), str(out)],
-        cwd=REPO,
-        env={**daemon.env, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return torchrun(
+        n, SCRIPT, daemon.url, str(daemon.data_dir), out=out, env=daemon.env, launcher=extra
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
 @pytest.mark.parametrize(
