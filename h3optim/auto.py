@@ -41,11 +41,14 @@ def _per_sample(
     is passed; a loss with more dimensions is averaged per sample."""
     reduction = getattr(criterion, "reduction", None)
     if reduction is not None:
-        criterion.reduction = "none"  # type: ignore[attr-defined]
+        # a plain attribute (as torch's losses have) is set past nn.Module.__setattr__'s
+        # parameter/buffer/module checks: 0.7 µs a step instead of 6
+        put = object.__setattr__ if "reduction" in vars(criterion) else setattr
+        put(criterion, "reduction", "none")
         try:
             losses = criterion(out, target)
         finally:
-            criterion.reduction = reduction  # type: ignore[attr-defined]
+            put(criterion, "reduction", reduction)
     else:
         losses = criterion(out, target, reduction="none")
     return losses.reshape(n, -1).mean(1) if losses.dim() > 1 else losses
@@ -419,8 +422,12 @@ class AutoH3:
         target: Any,
         criterion: Callable[..., torch.Tensor],
         indices: Any,
-    ) -> float:
-        """Forward, per-sample losses, (re-weighted) backward, step; returns the batch loss."""
+    ) -> torch.Tensor:
+        """Forward, per-sample losses, (re-weighted) backward, step.
+
+        Returns the batch's (weighted) mean loss as a detached 0-dim tensor on the model's
+        device: ``float()`` it when a number is needed (on a GPU that waits for the step,
+        which is why the step itself does not)."""
         if not model.training:  # after an evaluation (a walk over every module, so not always)
             model.train()
         idx = torch.as_tensor(indices)
@@ -442,7 +449,10 @@ class AutoH3:
             losses = _per_sample(criterion, model(data), target, len(idx))
             seen.setdefault("losses", losses.detach())
             if weights is not None:
-                loss = (losses * weights.to(losses.device)).mean()
+                # mean(w·loss) as one dot product with w / n (no gradient flows into w):
+                # a third of the autograd work of a product and a mean
+                w = weights.to(device=losses.device, dtype=losses.dtype)
+                loss = losses @ w.mul(1.0 / losses.numel())
             else:
                 loss = losses.mean()
             loss.backward()  # type: ignore[no-untyped-call]
@@ -466,8 +476,8 @@ class AutoH3:
         if windows is not None and self.controller.window_testing:
             self._window_tick(model, criterion)
         if isinstance(loss, torch.Tensor):
-            return float(loss.detach())
-        return float(loss) if loss is not None else float(losses.mean())
+            return loss.detach()
+        return torch.tensor(float(loss)) if loss is not None else losses.mean()
 
     @torch.no_grad()
     def evaluate_epoch(self, model: torch.nn.Module, test_loader: Iterable[Any]) -> float:

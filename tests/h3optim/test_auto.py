@@ -255,6 +255,26 @@ def test_autoh3_weights_likely_flipped_labels_zero_and_the_rest_unbiased() -> No
     assert float(clean.sampler.likely_mislabeled().float().mean()) < 0.01
 
 
+def test_training_step_weights_each_loss_and_returns_a_detached_tensor() -> None:
+    """The step minimises mean(w · loss) with the sampler's weights of the batch (a dot
+    product with w / n), returns that loss without a host sync, and leaves the criterion's
+    reduction as it was."""
+    train_set, test, model = digits_and_model()
+    auto = offline_auto(model, train_set, 10, learned_ratio=None)  # no floor: keep 0.6
+    train(auto, model, test, 2)  # warmup, then a thermodynamic epoch: weights differ from 1
+    data, target, idx = next(iter(auto.get_loader(batch_size=64)))
+    assert auto.phase == "thermodynamic"
+    w = auto.sampler.weights(idx)
+    assert not bool((w == 1).all())
+    with torch.no_grad():
+        expected = (nn.functional.cross_entropy(model(data), target, reduction="none") * w).mean()
+    crit = nn.CrossEntropyLoss()
+    loss = auto.training_step(model, data, target, crit, idx)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert crit.reduction == "mean"
+
+
 class _Recorder:
     """A profiler-like object (AutoH3's ``profiler=``) that keeps what it is given."""
 
