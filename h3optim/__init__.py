@@ -21,7 +21,7 @@ from h3optim.models import (
 from h3optim.ngdt import NGDT
 from h3optim.optimizer import H3Optimizer
 from h3optim.presets import H3Setup, create_controlled_h3, h3_cifar_safe, h3_edge, h3_mnist_fast
-from h3optim.sampler import InformationWeightedSampler, PhaseSchedule
+from h3optim.sampler import InformationWeightedSampler, PhaseSchedule, weighted_mean
 from h3optim.tracking import IndexedDataset, LossTracker
 
 __all__ = [
@@ -50,4 +50,5 @@ __all__ = [
     "h3_mnist_fast",
     "information_optimal_loss",
     "is_batchable",
+    "weighted_mean",
 ]

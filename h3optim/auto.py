@@ -16,7 +16,7 @@ from h3optim.controller import EtaController
 from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
-from h3optim.sampler import InformationWeightedSampler
+from h3optim.sampler import InformationWeightedSampler, weighted_mean
 from h3optim.tracking import LEARNED_RATIO, take_rows
 
 LN2 = math.log(2.0)
@@ -448,13 +448,7 @@ class AutoH3:
             self.optimizer.zero_grad()
             losses = _per_sample(criterion, model(data), target, len(idx))
             seen.setdefault("losses", losses.detach())
-            if weights is not None:
-                # mean(w·loss) as one dot product with w / n (no gradient flows into w):
-                # a third of the autograd work of a product and a mean
-                w = weights.to(device=losses.device, dtype=losses.dtype)
-                loss = losses @ w.mul(1.0 / losses.numel())
-            else:
-                loss = losses.mean()
+            loss = weighted_mean(losses, weights) if weights is not None else losses.mean()
             loss.backward()  # type: ignore[no-untyped-call]
             return loss
 

@@ -249,3 +249,19 @@ def test_the_weight_vector_is_computed_once_per_draw_and_follows_changes() -> No
     idx = s.indices()  # a new draw: new inclusion probabilities, a new vector
     assert s._probs is not None
     assert torch.equal(s.weights(idx), s.weights_from(s._probs, s.num_kept)[idx])
+
+
+def test_weighted_mean_is_the_mean_of_weighted_losses_with_its_gradient() -> None:
+    from h3optim import weighted_mean
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 5, (37,), generator=g)
+    w = torch.rand(37, generator=g, dtype=torch.float64)  # another dtype than the losses
+    losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    got = weighted_mean(losses, w)
+    (grad,) = torch.autograd.grad(got, logits, retain_graph=True)
+    want = (losses * w.float()).mean()
+    (want_grad,) = torch.autograd.grad(want, logits)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert torch.allclose(got, want) and torch.allclose(grad, want_grad)
