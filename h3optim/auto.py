@@ -24,12 +24,21 @@ LN2 = math.log(2.0)
 
 def _moved(batch: Any, device: torch.device) -> Any:
     """``batch`` (a tensor, or a dict, list or tuple of them) on ``device``."""
+    return _each_tensor(batch, lambda t: t.to(device))
+
+
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in ``batch`` (a tensor, dict, list or tuple)."""
+    return _each_tensor(batch, lambda t: t[start:stop])
+
+
+def _each_tensor(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: _moved(v, device) for k, v in batch.items()}
+        return {k: _each_tensor(v, fn) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_moved(v, device) for v in batch)
+        return type(batch)(_each_tensor(v, fn) for v in batch)
     return batch
 
 
@@ -145,6 +154,8 @@ class AutoH3:
         window_steps: Steps per window of the controller's windowed A/B test.
         probe_size: Training samples (a fixed random subset) whose loss is evaluated at each
             window boundary while a test runs; the window's η is their loss drop per joule.
+            Evaluated without gradient in chunks of twice the loader's batch size, each
+            moved to the model's device in turn.
         warmup, consolidation: Phase fractions (uniform epochs at the start and the end).
         learned_ratio: The learning floor (see :meth:`EtaController.control_step`): a sample
             counts as learned once its loss is below this fraction of the mean
@@ -237,6 +248,7 @@ class AutoH3:
         self.learned_ratio = learned_ratio
         self.log_per_sample = log_per_sample
         self._probe_batch: tuple[torch.Tensor, Any, Any] | None = None  # (indices, x, y)
+        self._batch_size: int | None = None  # get_loader's: the probe's chunks are twice it
         # the model and criterion of the last training step: the learning floor's probe
         self._fitting: tuple[torch.nn.Module, Callable[..., torch.Tensor]] | None = None
         self._windows: _WindowedBatches | None = None
@@ -300,6 +312,7 @@ class AutoH3:
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
         of ``window_steps`` batches alternate between its two settings."""
         self.start()
+        self._batch_size = batch_size
         unlearned, train_loss = self._probe_figures()  # every rank: a DDP forward is collective
         if self._world > 1:
             # rank 0's controller decides for all: the ranks' held-out figures and energy
@@ -380,16 +393,26 @@ class AutoH3:
             self._probe_batch = (idx, x, y)
         idx, x, y = self._probe_batch
         param = next(model.parameters(), None)
-        if param is not None:  # the model where the training loop put it (a GPU, say)
-            x = _moved(x, param.device)
+        n = idx.numel()
+        # in chunks of twice the training batch: a forward without gradient keeps about two
+        # layers' activations where training keeps every layer's, so this fits wherever the
+        # training step does (512 samples at once might not, on a GPU)
+        chunk = 2 * self._batch_size if self._batch_size else n
+        parts = []
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            out = model(x)
-            target = _moved(y, out.device) if isinstance(out, torch.Tensor) else y
-            losses = _per_sample(criterion, out, target, idx.numel())
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                xs = _rows(x, start, stop)
+                if param is not None:  # the model where the training loop put it (a GPU)
+                    xs = _moved(xs, param.device)
+                out = model(xs)
+                ys = _rows(y, start, stop)
+                target = _moved(ys, out.device) if isinstance(out, torch.Tensor) else ys
+                parts.append(_per_sample(criterion, out, target, stop - start))
         model.train(was_training)
-        return idx, losses
+        return idx, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
         """Mean loss on the fixed probe subset of the training data (no gradient)."""

@@ -336,6 +336,25 @@ def test_starvation_guard_tells_overfitting_by_the_training_loss() -> None:
     assert starved.uniform_mix == pytest.approx(0.3) and "starved" in starved.get_report()
 
 
+def test_probe_is_evaluated_in_chunks_of_twice_the_batch_with_the_same_losses() -> None:
+    """A 512-sample probe in one forward could exhaust a GPU that trains at batch 64: it is
+    evaluated in chunks of 2 × the loader's batch size, with the losses of one pass."""
+    train_set, test, model = digits_and_model()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    auto = offline_auto(model, train_set, 10)
+    train(auto, model, test, 2)  # batch 64; the thermodynamic epoch measured the probe
+    assert auto._probe_batch is not None
+    idx, x, y = auto._probe_batch
+    assert idx.numel() == 512
+    seen.clear()
+    _, chunked = auto._probe_losses(model, nn.CrossEntropyLoss())
+    assert seen == [128, 128, 128, 128]
+    with torch.no_grad():
+        whole = nn.functional.cross_entropy(model.eval()(x), y, reduction="none")
+    assert torch.allclose(chunked, whole, atol=1e-6)
+
+
 def test_probe_batches_follow_the_model_to_its_device() -> None:
     """The probe samples come from the dataset (on the CPU) and go where the model is, with
     a dict, list or tuple of tensors moved element by element."""
