@@ -498,19 +498,28 @@ class AutoH3:
 
     @torch.no_grad()
     def evaluate_epoch(self, model: torch.nn.Module, test_loader: Iterable[Any]) -> float:
-        """Held-out accuracy (a fraction); feeds the controller and the profiler."""
+        """Held-out accuracy (a fraction); feeds the controller and the profiler.
+
+        ``test_loader`` yields ``(data, target, ...)`` batches; they are moved to the model's
+        device, and the sums stay there until the end (one host sync per evaluation)."""
         model.eval()
-        correct = total = 0
-        loss_sum = 0.0
+        param = next(model.parameters(), None)
+        total = 0
+        loss_sum: torch.Tensor | None = None
+        correct: torch.Tensor | None = None
         with torch.no_grad():  # no autograd graph for an evaluation
             for batch in test_loader:
                 data, target = batch[0], batch[1]
+                if param is not None:  # a CPU loader's batches for a model on a GPU
+                    data, target = _moved(data, param.device), _moved(target, param.device)
                 out = model(data)
-                loss_sum += float(torch.nn.functional.cross_entropy(out, target, reduction="sum"))
-                correct += int((out.argmax(1) == target).sum())
+                batch_loss = torch.nn.functional.cross_entropy(out, target, reduction="sum")
+                batch_correct = (out.argmax(1) == target).sum()
+                loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+                correct = batch_correct if correct is None else correct + batch_correct
                 total += len(target)
-        acc = correct / max(total, 1)
-        held_out = loss_sum / max(total, 1)
+        acc = int(correct) / total if correct is not None and total else 0.0
+        held_out = float(loss_sum) / total if loss_sum is not None and total else math.nan
         end = self._energy()
         energy = (
             (end - self._energy_at_epoch_start)

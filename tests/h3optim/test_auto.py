@@ -355,6 +355,33 @@ def test_probe_is_evaluated_in_chunks_of_twice_the_batch_with_the_same_losses() 
     assert torch.allclose(chunked, whole, atol=1e-6)
 
 
+def test_evaluation_moves_batches_to_the_model_and_reads_the_device_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CPU test loader's batches go to the model's device (a model on a GPU met CPU
+    tensors before), and the accuracy and loss are those of the whole test set."""
+    import h3optim.auto as auto_mod
+
+    train_set, test, model = digits_and_model()
+    auto = offline_auto(model, train_set, 2)
+    moved: list[torch.device] = []
+
+    def recording(batch: Any, device: torch.device) -> Any:
+        moved.append(device)
+        return auto_mod._each_tensor(batch, lambda t: t.to(device))
+
+    monkeypatch.setattr(auto_mod, "_moved", recording)
+    acc = auto.evaluate_epoch(model, test)
+    assert moved == [torch.device("cpu")] * (2 * len(test))  # data and target of each batch
+    x, y = test.dataset.tensors  # type: ignore[attr-defined]
+    with torch.no_grad():
+        out = model(x)
+    assert acc == pytest.approx(float((out.argmax(1) == y).float().mean()))
+    assert auto.controller.history[-1]["loss"] == pytest.approx(
+        float(nn.functional.cross_entropy(out, y)), rel=1e-5
+    )
+
+
 def test_probe_batches_follow_the_model_to_its_device() -> None:
     """The probe samples come from the dataset (on the CPU) and go where the model is, with
     a dict, list or tuple of tensors moved element by element."""
