@@ -20,6 +20,7 @@ from h3optim.sampler import InformationWeightedSampler, weighted_mean
 from h3optim.tracking import LEARNED_RATIO, take_rows
 
 LN2 = math.log(2.0)
+_CPU = torch.device("cpu")
 
 
 def _moved(batch: Any, device: torch.device) -> Any:
@@ -249,6 +250,7 @@ class AutoH3:
         self.log_per_sample = log_per_sample
         self._probe_batch: tuple[torch.Tensor, Any, Any] | None = None  # (indices, x, y)
         self._batch_size: int | None = None  # get_loader's: the probe's chunks are twice it
+        self._device: torch.device | None = None  # the model's, read at an epoch's first step
         # the model and criterion of the last training step: the learning floor's probe
         self._fitting: tuple[torch.nn.Module, Callable[..., torch.Tensor]] | None = None
         self._windows: _WindowedBatches | None = None
@@ -313,6 +315,7 @@ class AutoH3:
         of ``window_steps`` batches alternate between its two settings."""
         self.start()
         self._batch_size = batch_size
+        self._device = None
         unlearned, train_loss = self._probe_figures()  # every rank: a DDP forward is collective
         if self._world > 1:
             # rank 0's controller decides for all: the ranks' held-out figures and energy
@@ -453,6 +456,12 @@ class AutoH3:
         which is why the step itself does not)."""
         if not model.training:  # after an evaluation (a walk over every module, so not always)
             model.train()
+        device = self._device
+        if device is None:  # once an epoch: where the training loop put the model
+            param = next(model.parameters(), None)
+            device = self._device = param.device if param is not None else _CPU
+        if device.type != "cpu":  # the loader's CPU batches to a GPU (no-ops if already there)
+            data, target = _moved(data, device), _moved(target, device)
         idx = torch.as_tensor(indices)
         windows = self._windows
         if windows is not None and self._window_loss is None and self.controller.window_testing:

@@ -382,6 +382,26 @@ def test_evaluation_moves_batches_to_the_model_and_reads_the_device_once(
     )
 
 
+def test_training_step_moves_the_loaders_batches_to_the_model() -> None:
+    """get_loader's batches are CPU tensors; a model elsewhere (a GPU; here the meta device,
+    which computes shapes only) gets them moved, as evaluate_epoch's, so the documented loop
+    runs unchanged on a GPU."""
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).to("meta")
+    auto = AutoH3(
+        model.parameters(),
+        TensorDataset(x, y),
+        total_epochs=2,
+        profile=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        flush_denormal=False,
+    )
+    data, target, idx = next(iter(auto.get_loader(batch_size=64)))
+    assert data.device.type == "cpu"
+    loss = auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
+    assert loss.device.type == "meta"
+
+
 def test_probe_batches_follow_the_model_to_its_device() -> None:
     """The probe samples come from the dataset (on the CPU) and go where the model is, with
     a dict, list or tuple of tensors moved element by element."""
