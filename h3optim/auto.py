@@ -53,7 +53,7 @@ def _per_sample(
     if reduction is not None:
         # a plain attribute (as torch's losses have) is set past nn.Module.__setattr__'s
         # parameter/buffer/module checks: 0.7 µs a step instead of 6
-        put = object.__setattr__ if "reduction" in vars(criterion) else setattr
+        put = object.__setattr__ if "reduction" in getattr(criterion, "__dict__", ()) else setattr
         put(criterion, "reduction", "none")
         try:
             losses = criterion(out, target)

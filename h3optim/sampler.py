@@ -16,15 +16,17 @@ PHASES = ("warmup", "thermodynamic", "consolidation")
 
 
 def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``mean(weights · losses)`` over a batch's 1-D per-sample ``losses``: the loss to
-    back-propagate with :meth:`InformationWeightedSampler.weights`.
+    """``mean(weights · losses)`` over a batch's per-sample ``losses`` (one per sample, of
+    any shape): the loss to back-propagate with :meth:`InformationWeightedSampler.weights`.
 
     The weights (no gradient flows into them) may be on another device or of another dtype
     than the losses (the sampler's are float32 on the CPU). Computed as one dot product with
     ``weights / n``, which costs autograd a third of a product followed by a mean.
     """
+    if losses.dim() != 1:
+        losses = losses.reshape(-1)
     w = weights.to(device=losses.device, dtype=losses.dtype)
-    return losses @ w.mul(1.0 / losses.numel())
+    return losses @ (w if w.dim() == 1 else w.reshape(-1)).mul(1.0 / losses.numel())
 
 
 class PhaseSchedule:

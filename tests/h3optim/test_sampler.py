@@ -265,3 +265,5 @@ def test_weighted_mean_is_the_mean_of_weighted_losses_with_its_gradient() -> Non
     (want_grad,) = torch.autograd.grad(want, logits)
     assert got.dtype == torch.float32 and got.dim() == 0
     assert torch.allclose(got, want) and torch.allclose(grad, want_grad)
+    column = weighted_mean(losses.detach().reshape(-1, 1), w)  # one loss per sample, any shape
+    assert torch.allclose(column, want.detach())
