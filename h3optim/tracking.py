@@ -332,7 +332,7 @@ class LossTracker:
         work = state
         if dist.get_backend(group) == "nccl" and not state.is_cuda:  # NCCL needs CUDA tensors
             work = state.to(torch.device("cuda", torch.cuda.current_device()))
-        counts = work[3].clone()
+        counts = work[3]  # read, never written: the reductions work on copies
         most = counts.clone()
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
         rank = float(dist.get_rank(group))
