@@ -33,6 +33,13 @@ def _rows(batch: Any, start: int, stop: int) -> Any:
     return _each_tensor(batch, lambda t: t[start:stop])
 
 
+def _device_of(model: torch.nn.Module) -> torch.device | None:
+    """Where the training loop put ``model`` (its first parameter's device); None without
+    parameters."""
+    param = next(model.parameters(), None)
+    return None if param is None else param.device
+
+
 def _each_tensor(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, torch.Tensor):
         return fn(batch)
@@ -395,7 +402,7 @@ class AutoH3:
                 )
             self._probe_batch = (idx, x, y)
         idx, x, y = self._probe_batch
-        param = next(model.parameters(), None)
+        device = _device_of(model)
         n = idx.numel()
         # in chunks of twice the training batch: a forward without gradient keeps about two
         # layers' activations where training keeps every layer's, so this fits wherever the
@@ -408,8 +415,8 @@ class AutoH3:
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 xs = _rows(x, start, stop)
-                if param is not None:  # the model where the training loop put it (a GPU)
-                    xs = _moved(xs, param.device)
+                if device is not None:  # the model where the training loop put it (a GPU)
+                    xs = _moved(xs, device)
                 out = model(xs)
                 ys = _rows(y, start, stop)
                 target = _moved(ys, out.device) if isinstance(out, torch.Tensor) else ys
@@ -458,8 +465,7 @@ class AutoH3:
             model.train()
         device = self._device
         if device is None:  # once an epoch: where the training loop put the model
-            param = next(model.parameters(), None)
-            device = self._device = param.device if param is not None else _CPU
+            device = self._device = _device_of(model) or _CPU
         if device.type != "cpu":  # the loader's CPU batches to a GPU (no-ops if already there)
             data, target = _moved(data, device), _moved(target, device)
         idx = torch.as_tensor(indices)
@@ -512,15 +518,15 @@ class AutoH3:
         ``test_loader`` yields ``(data, target, ...)`` batches; they are moved to the model's
         device, and the sums stay there until the end (one host sync per evaluation)."""
         model.eval()
-        param = next(model.parameters(), None)
+        device = _device_of(model)
         total = 0
         loss_sum: torch.Tensor | None = None
         correct: torch.Tensor | None = None
         with torch.no_grad():  # no autograd graph for an evaluation
             for batch in test_loader:
                 data, target = batch[0], batch[1]
-                if param is not None:  # a CPU loader's batches for a model on a GPU
-                    data, target = _moved(data, param.device), _moved(target, param.device)
+                if device is not None:  # a CPU loader's batches for a model on a GPU
+                    data, target = _moved(data, device), _moved(target, device)
                 out = model(data)
                 batch_loss = torch.nn.functional.cross_entropy(out, target, reduction="sum")
                 batch_correct = (out.argmax(1) == target).sum()
