@@ -170,7 +170,7 @@ class AutoH3:
             first-sighting loss (0.05: about 0.115 nats for 10 classes, the right class at
             89 %); while few are, thermodynamic epochs keep every sample not learned yet.
             Judged at the start of each thermodynamic epoch on the ``probe_size`` probe
-            samples with the model as it is then (one forward pass without gradient).
+            samples with the model as it is then (a pass without gradient).
             ``None`` turns the floor off.
         log_per_sample: Also stream every batch's per-sample losses and indices to the
             daemon (stored with the run), not only its mean loss. Off by default: the
@@ -389,7 +389,7 @@ class AutoH3:
         self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, per-sample losses) of the fixed probe subset of the training data, one
-        forward pass without gradient in eval mode."""
+        pass without gradient in eval mode, in chunks (see ``probe_size``)."""
         if self._probe_batch is None:
             n = len(self.indexed_dataset)
             g = torch.Generator().manual_seed(self.sampler.seed + 7919)
