@@ -46,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,8 @@ def train_loop(
     tracker: LossTracker | None = None,
     closure_step: bool = False,
     weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> None:
+) -> Iterator[None]:
+    """The arms' training loop, one epoch per ``next()`` (see :func:`arm_epochs`)."""
     for epoch in range(epochs):
         model.train()
         for x, y, idx in loader_for(epoch):
@@ -222,9 +223,23 @@ def train_loop(
             counter.batch(idx)
             prof.log_batch(seen["l"].mean(), epoch=epoch)
         prof.log_epoch(epoch, accuracy=accuracy(model, data, MONITOR))
+        yield
 
 
-def run_arm(
+@dataclass
+class Arm:
+    """One arm's run in progress: its model, counter and profiler, the seconds its set-up
+    took after the profiler's (the optimizer, the sampler, AutoH3), and AutoH3's controller
+    report once its epochs are done."""
+
+    model: nn.Module
+    counter: Counter
+    prof: H3Profiler
+    setup_s: float = 0.0
+    report: str = ""
+
+
+def arm_epochs(
     arm: str,
     task: Task,
     data: Split,
@@ -233,7 +248,10 @@ def run_arm(
     url: str,
     tmp: str,
     lr: float,
-) -> dict[str, Any]:
+) -> tuple[Arm, Iterator[None]]:
+    """Arm ``arm`` set up (model, sampler, profiled run) and its training, one epoch per
+    ``next()``: :func:`run_arm` runs them back to back, ``benchmarks/auto_overhead.py``
+    interleaves two arms' epochs."""
     torch.manual_seed(seed)
     model = make_model(task.model, data.input_dim)
     counter = Counter(model, counter_noisy)
@@ -242,13 +260,13 @@ def run_arm(
     prof = H3Profiler(
         f"{task.name}/{arm}/{seed}", url=url, data_dir=tmp, n_train=n, eta_interval_s=1.0
     )
-    report = ""
+    state = Arm(model, counter, prof)
     t0 = time.perf_counter()
     if arm == "uniform Adam":
         g = torch.Generator().manual_seed(seed)
         rs = RandomSampler(range(n), generator=g)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
-        train_loop(
+        epochs = train_loop(
             model, opt, lambda e: batch_loader(ds, rs, task.batch), task.epochs, counter, prof, data
         )
     elif arm in ("Adam + sampler", "Adam + sampler (unbiased)", "random subset"):
@@ -265,7 +283,7 @@ def run_arm(
             sampler.set_epoch(epoch)
             return batch_loader(ds, sampler, task.batch)
 
-        train_loop(
+        epochs = train_loop(
             model,
             opt,
             loader,
@@ -278,7 +296,7 @@ def run_arm(
         )
     elif arm in PRESETS:
         setup = PRESETS[arm](model.parameters(), ds, seed=seed, lr=lr)
-        train_loop(
+        epochs = train_loop(
             model,
             setup.optimizer,
             lambda e: setup.get_loader(e, task.epochs, task.batch)[1],
@@ -304,34 +322,65 @@ def run_arm(
             flush_denormal=False,
         )
         auto.start()
-        crit = nn.CrossEntropyLoss()
-        test = [(data.x_test[:MONITOR], data.y_test[:MONITOR])]  # the same monitor set
-        for _ in range(task.epochs):
-            for x, y, idx in auto.get_loader(task.batch):
-                auto.training_step(model, x, y, crit, idx)
-                counter.batch(idx)
-            auto.evaluate_epoch(model, test)
-        report = auto.controller.get_report()
+
+        def auto_epochs() -> Iterator[None]:
+            crit = nn.CrossEntropyLoss()
+            test = [(data.x_test[:MONITOR], data.y_test[:MONITOR])]  # the same monitor set
+            for _ in range(task.epochs):
+                for x, y, idx in auto.get_loader(task.batch):
+                    auto.training_step(model, x, y, crit, idx)
+                    counter.batch(idx)
+                auto.evaluate_epoch(model, test)
+                yield
+            state.report = auto.controller.get_report()
+
+        epochs = auto_epochs()
     else:
+        prof.stop()
         raise ValueError(arm)
-    wall = time.perf_counter() - t0
-    res = prof.stop()
+    state.setup_s = time.perf_counter() - t0
+    return state, epochs
+
+
+def arm_row(state: Arm, task: Task, data: Split, wall: float, lr: float) -> dict[str, Any]:
+    """The results row of an arm whose epochs are done (stops its profiled run)."""
+    res = state.prof.stop()
+    counter = state.counter
     f_fwd, f_both = FLOPS[(task.model, data.input_dim, task.batch)]
     return {
-        "acc": 100 * accuracy(model, data),
+        "acc": 100 * accuracy(state.model, data),
         "samples": counter.backprop,
         "flipped_pct": 100 * counter.flipped / counter.backprop
-        if counter_noisy is not None
+        if counter.noisy is not None
         else None,
         "wall_s": wall,
         "energy_j": res["total_energy_j"],
         "energy_source": res["energy_source"],
         "flops": counter.train * f_both + counter.eval * f_fwd,
-        "controller": report,
+        "controller": state.report,
         "lr": lr,
         "load_1min": os.getloadavg()[0],
         "host": cpu_model(),
     }
+
+
+def run_arm(
+    arm: str,
+    task: Task,
+    data: Split,
+    seed: int,
+    counter_noisy: torch.Tensor | None,
+    url: str,
+    tmp: str,
+    lr: float,
+) -> dict[str, Any]:
+    """Arm ``arm``'s whole run, timed from its set-up (after its profiler's) to its last
+    epoch."""
+    state, epochs = arm_epochs(arm, task, data, seed, counter_noisy, url, tmp, lr)
+    t0 = time.perf_counter()
+    for _ in epochs:
+        pass
+    return arm_row(state, task, data, state.setup_s + time.perf_counter() - t0, lr)
 
 
 FLOPS: dict[tuple[str, int, int], tuple[float, float]] = {}
