@@ -255,6 +255,61 @@ def test_autoh3_weights_likely_flipped_labels_zero_and_the_rest_unbiased() -> No
     assert float(clean.sampler.likely_mislabeled().float().mean()) < 0.01
 
 
+def test_training_step_leaves_out_samples_of_weight_zero_with_the_same_update() -> None:
+    """Likely-mislabeled samples (weight 0) are cut from the batch before the forward: the
+    model sees only the others, the update is the whole batch's, and the skipped samples are
+    counted and not tracked."""
+    import copy
+
+    train_set, test, model = digits_and_model()
+    x, y = train_set.tensors
+    g = torch.Generator().manual_seed(1)
+    flipped = torch.rand(len(y), generator=g) < 0.2
+    noisy = torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y)
+    auto = offline_auto(model, TensorDataset(x, noisy), 12)
+    auto.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # an update easy to redo
+    train(auto, model, test, 8)
+    assert auto.samples_skipped > 0  # flagged samples were drawn and left out
+    batches = iter(auto.get_loader(batch_size=64))
+    data, target, idx = next(batches)
+    while not bool((auto.sampler.weights(idx) == 0).any()):
+        data, target, idx = next(batches)  # StopIteration: no batch holds a sample of weight 0
+    w = auto.sampler.weights(idx)
+    reference = copy.deepcopy(model)
+    losses = nn.functional.cross_entropy(reference(data), target, reduction="none")
+    (losses * w).mean().backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    ema_before = auto.loss_tracker.ema.clone()
+    skipped = auto.samples_skipped
+    auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
+    hook.remove()
+    n_zero = int((w == 0).sum())
+    assert seen == [len(idx) - n_zero]
+    assert auto.samples_skipped == skipped + n_zero
+    assert auto.last_indices is not None and torch.equal(auto.last_indices, idx[w != 0])
+    assert torch.equal(auto.loss_tracker.ema[idx[w == 0]], ema_before[idx[w == 0]])
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert auto.finish()["samples_skipped"] == auto.samples_skipped
+
+
+def test_rows_of_a_batch_are_cut_only_where_every_part_is_a_tensor_of_its_rows() -> None:
+    from h3optim.auto import _rows_at
+
+    rows = torch.tensor([0, 2])
+    batch = {"ids": torch.arange(6).reshape(3, 2), "mask": [torch.ones(3), torch.zeros(3)]}
+    cut = _rows_at(batch, rows, 3)
+    assert torch.equal(cut["ids"], torch.tensor([[0, 1], [4, 5]]))
+    assert torch.equal(cut["mask"][0], torch.ones(2))
+    assert _rows_at((torch.zeros(3), ["a", "b", "c"]), rows, 3) is None  # not a tensor
+    assert _rows_at(torch.zeros(4), rows, 3) is None  # not one row per sample
+    assert _rows_at(torch.tensor(1.0), rows, 3) is None
+
+
 def test_training_step_weights_each_loss_and_returns_a_detached_tensor() -> None:
     """The step minimises mean(w · loss) with the sampler's weights of the batch (a dot
     product with w / n), returns that loss without a host sync, and leaves the criterion's
