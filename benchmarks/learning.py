@@ -329,7 +329,7 @@ def arm_epochs(
             for _ in range(task.epochs):
                 for x, y, idx in auto.get_loader(task.batch):
                     auto.training_step(model, x, y, crit, idx)
-                    counter.batch(auto.last_indices)  # less the samples of weight 0 it skipped
+                    counter.batch(idx)
                 auto.evaluate_epoch(model, test)
                 yield
             state.report = auto.controller.get_report()

@@ -33,22 +33,6 @@ def _rows(batch: Any, start: int, stop: int) -> Any:
     return _each_tensor(batch, lambda t: t[start:stop])
 
 
-def _rows_at(batch: Any, rows: torch.Tensor, n: int) -> Any:
-    """Rows ``rows`` of every tensor in ``batch`` (a tensor, dict, list or tuple); None when
-    some part of it is not a tensor of ``n`` rows (then it cannot be cut row by row)."""
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0 or batch.shape[0] != n:
-            return None
-        return batch[rows if rows.device == batch.device else rows.to(batch.device)]
-    if isinstance(batch, dict):
-        picked = {k: _rows_at(v, rows, n) for k, v in batch.items()}
-        return None if any(v is None for v in picked.values()) else picked
-    if isinstance(batch, (list, tuple)):
-        parts = [_rows_at(v, rows, n) for v in batch]
-        return None if any(v is None for v in parts) else type(batch)(parts)
-    return None
-
-
 def _device_of(model: torch.nn.Module) -> torch.device | None:
     """Where the training loop put ``model`` (its first parameter's device); None without
     parameters."""
@@ -87,6 +71,30 @@ def _per_sample(
     return losses.reshape(n, -1).mean(1) if losses.dim() > 1 else losses
 
 
+def _weighted(idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The drawn ``idx`` less the samples of weight 0 in the epoch's ``weights`` (one per
+    sample of the dataset): they would add nothing to a step's loss or gradient, so an epoch
+    without them makes the same updates from fewer samples and steps."""
+    return idx[take_rows(weights, idx).ne(0)]
+
+
+class _Drawn(Sampler[int]):
+    """One epoch's indices, drawn already (``indices()``: :func:`~h3optim.batch_loader`'s
+    one-tensor path)."""
+
+    def __init__(self, idx: torch.Tensor) -> None:
+        self.idx = idx
+
+    def __len__(self) -> int:
+        return self.idx.numel()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.idx.tolist())
+
+    def indices(self) -> torch.Tensor:
+        return self.idx
+
+
 class _WindowedBatches(Sampler[torch.Tensor]):
     """A thermodynamic epoch during a windowed A/B test: batches of ``window_steps`` windows
     come from the A draw (current setting) or the B draw (probe) as the controller says.
@@ -118,6 +126,11 @@ class _WindowedBatches(Sampler[torch.Tensor]):
             settings.items(), sampler.draws(list(settings.values())), strict=True
         ):
             weights = sampler.weights_from(probs, max(1, int(round(k * sampler.n))))
+            drawn = idx.numel()
+            if sampler.noise_margin is not None:
+                idx = _weighted(idx, weights)
+            if label == "A":  # the epoch trains on as many samples as A's draw holds
+                self.skipped = drawn - idx.numel()
             self.draws[label] = (k, u, sampler.shard(idx), weights)
         self.num_batches = math.ceil(self.draws["A"][2].numel() / batch_size)
         self.label: str | None = None  # the current window's label; None: not part of a test
@@ -167,11 +180,10 @@ class AutoH3:
             True by default: on clean labels it beats the loss-biased draw, and with the
             margin it keeps the biased draw's protection from flipped labels
             (docs/optim.md, "Biased or unbiased draws"). ``False`` trains on the draw as it is.
-            :meth:`training_step` cuts the samples of weight 0 out of the batch before the
-            forward (when every part of the batch is a tensor of one row per sample): they add
-            nothing to the loss or its gradient, so the update is the same and they cost
-            nothing; their tracked losses stay as they were, so they stay at weight 0
-            (``samples_skipped`` counts them).
+            :meth:`get_loader` leaves the drawn samples of weight 0 out of the epoch: they
+            would add nothing to a step's loss or gradient, so the epoch makes the same
+            updates from fewer samples and steps (their tracked losses then stay as they
+            were, and so does their weight; ``samples_skipped`` counts them).
         noise_margin: See :class:`~h3optim.InformationWeightedSampler` (in the loss's unit;
             0.5 suits a cross-entropy in nats; None weights every drawn sample).
         seed: Sampler seed.
@@ -303,10 +315,7 @@ class AutoH3:
         self.epoch = 0
         self.phase = "warmup"
         self.samples_backpropagated = 0
-        # samples of weight 0 that training_step left out of the forward and backward
-        self.samples_skipped = 0
-        # the dataset indices of the samples the last training_step back-propagated
-        self.last_indices: torch.Tensor | None = None
+        self.samples_skipped = 0  # drawn at weight 0 and left out of their epochs
         self._epoch_samples = self._epoch_steps = 0
         self._energy_at_epoch_start: float | None = None
         self.flush_denormal = flush_denormal
@@ -367,6 +376,7 @@ class AutoH3:
             self._windows = _WindowedBatches(
                 self.controller, self.sampler, batch_size, self.window_steps, self._window_step
             )
+            self.samples_skipped += self._windows.skipped
             if self._window_loss is None and train_loss is not None:
                 self._window_loss = train_loss  # the first window's start: measured just now
             return DataLoader(
@@ -375,7 +385,13 @@ class AutoH3:
                 batch_size=None,
                 **loader_kwargs,
             )
-        return batch_loader(self.indexed_dataset, self.sampler, batch_size, **loader_kwargs)
+        sampler: Sampler[int] = self.sampler
+        if self.sampler.unbiased and self.sampler.noise_margin is not None:
+            drawn = self.sampler.epoch_indices()
+            kept = _weighted(drawn, self.sampler.weights(torch.arange(self.sampler.n)))
+            self.samples_skipped += drawn.numel() - kept.numel()
+            sampler = _Drawn(self.sampler.shard(kept))
+        return batch_loader(self.indexed_dataset, sampler, batch_size, **loader_kwargs)
 
     def _windows_ahead(self, batch_size: int) -> int:
         """Windows of ``window_steps`` that the thermodynamic epochs from this one on hold,
@@ -491,29 +507,19 @@ class AutoH3:
         device = self._device
         if device is None:  # once an epoch: where the training loop put the model
             device = self._device = _device_of(model) or _CPU
+        if device.type != "cpu":  # the loader's CPU batches to a GPU (no-ops if already there)
+            data, target = _moved(data, device), _moved(target, device)
         idx = torch.as_tensor(indices)
         windows = self._windows
         if windows is not None and self._window_loss is None and self.controller.window_testing:
             self._window_loss = self._probe_loss(model, criterion)  # the first window's start
         weights = None
-        batch_size = len(idx)
         if self.sampler.unbiased:
             weights = (
                 take_rows(windows.weights, idx)
                 if windows is not None
                 else self.sampler.weights(idx)
             )
-            # samples of weight 0 (likely mislabeled) add nothing to the weighted loss or its
-            # gradient: left out before the forward, the step is the same and costs less
-            kept = weights.ne(0)
-            if not bool(kept.all()) and bool(kept.any()):  # the weights are on the CPU
-                rows = kept.nonzero().reshape(-1)
-                picked = _rows_at((data, target), rows, batch_size)
-                if picked is not None:
-                    data, target = picked
-                    idx, weights = take_rows(idx, rows.to(idx.device)), weights[rows]
-        if device.type != "cpu":  # the loader's CPU batches to a GPU (no-ops if already there)
-            data, target = _moved(data, device), _moved(target, device)
         self._fitting = (model, criterion)
         seen: dict[str, torch.Tensor] = {}
 
@@ -521,9 +527,7 @@ class AutoH3:
             self.optimizer.zero_grad()
             losses = _per_sample(criterion, model(data), target, len(idx))
             seen.setdefault("losses", losses.detach())
-            loss = (
-                weighted_mean(losses, weights, batch_size) if weights is not None else losses.mean()
-            )
+            loss = weighted_mean(losses, weights) if weights is not None else losses.mean()
             loss.backward()  # type: ignore[no-untyped-call]
             return loss
 
@@ -531,9 +535,7 @@ class AutoH3:
         loss = self.optimizer.step(closure)  # type: ignore[arg-type]
         losses = seen["losses"]
         self.loss_tracker.update(idx, losses)
-        self.last_indices = idx
         self.samples_backpropagated += len(idx)
-        self.samples_skipped += batch_size - len(idx)
         self._epoch_samples += len(idx)
         self._epoch_steps += 1
         if self.profiler is not None:

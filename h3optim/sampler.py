@@ -15,25 +15,18 @@ from h3optim.tracking import LossTracker, take_rows
 PHASES = ("warmup", "thermodynamic", "consolidation")
 
 
-def weighted_mean(
-    losses: torch.Tensor, weights: torch.Tensor, batch_size: int | None = None
-) -> torch.Tensor:
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``mean(weights · losses)`` over a batch's per-sample ``losses`` (one per sample, of
     any shape): the loss to back-propagate with :meth:`InformationWeightedSampler.weights`.
 
     The weights (no gradient flows into them) may be on another device or of another dtype
     than the losses (the sampler's are float32 on the CPU). Computed as one dot product with
     ``weights / n``, which costs autograd a third of a product followed by a mean.
-
-    ``batch_size`` is ``n`` when ``losses`` hold only part of the batch: the samples of
-    weight 0 left out of the forward (they add nothing to the sum), the loss and its
-    gradient stay those of the whole batch.
     """
     if losses.dim() != 1:
         losses = losses.reshape(-1)
-    n = losses.numel() if batch_size is None else batch_size
     w = weights.to(device=losses.device, dtype=losses.dtype)
-    return losses @ (w if w.dim() == 1 else w.reshape(-1)).mul(1.0 / n)
+    return losses @ (w if w.dim() == 1 else w.reshape(-1)).mul(1.0 / losses.numel())
 
 
 class PhaseSchedule:

@@ -255,59 +255,56 @@ def test_autoh3_weights_likely_flipped_labels_zero_and_the_rest_unbiased() -> No
     assert float(clean.sampler.likely_mislabeled().float().mean()) < 0.01
 
 
-def test_training_step_leaves_out_samples_of_weight_zero_with_the_same_update() -> None:
-    """Likely-mislabeled samples (weight 0) are cut from the batch before the forward: the
-    model sees only the others, the update is the whole batch's, and the skipped samples are
-    counted and not tracked."""
-    import copy
-
+def test_epochs_leave_out_the_drawn_samples_of_weight_zero() -> None:
+    """With flipped labels, the likely mislabeled samples drawn (weight 0: nothing to a
+    step's loss or gradient) are left out of their epochs and counted; every epoch trains
+    on its draw less them."""
     train_set, test, model = digits_and_model()
     x, y = train_set.tensors
     g = torch.Generator().manual_seed(1)
     flipped = torch.rand(len(y), generator=g) < 0.2
     noisy = torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y)
-    auto = offline_auto(model, TensorDataset(x, noisy), 12)
-    auto.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # an update easy to redo
-    train(auto, model, test, 8)
-    assert auto.samples_skipped > 0  # flagged samples were drawn and left out
-    batches = iter(auto.get_loader(batch_size=64))
-    data, target, idx = next(batches)
-    while not bool((auto.sampler.weights(idx) == 0).any()):
-        data, target, idx = next(batches)  # StopIteration: no batch holds a sample of weight 0
-    w = auto.sampler.weights(idx)
-    reference = copy.deepcopy(model)
-    losses = nn.functional.cross_entropy(reference(data), target, reduction="none")
-    (losses * w).mean().backward()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p -= 0.1 * p.grad
-    seen: list[int] = []
-    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
-    ema_before = auto.loss_tracker.ema.clone()
-    skipped = auto.samples_skipped
-    auto.training_step(model, data, target, nn.CrossEntropyLoss(), idx)
-    hook.remove()
-    n_zero = int((w == 0).sum())
-    assert seen == [len(idx) - n_zero]
-    assert auto.samples_skipped == skipped + n_zero
-    assert auto.last_indices is not None and torch.equal(auto.last_indices, idx[w != 0])
-    assert torch.equal(auto.loss_tracker.ema[idx[w == 0]], ema_before[idx[w == 0]])
-    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6)
-    assert auto.finish()["samples_skipped"] == auto.samples_skipped
+    auto = offline_auto(model, TensorDataset(x, noisy), 14, learned_ratio=None)
+    crit = nn.CrossEntropyLoss()
+    for _ in range(14):
+        skipped = auto.samples_skipped
+        trained = 0
+        for data, target, idx in auto.get_loader(batch_size=64):
+            assert bool((auto.sampler.weights(idx) != 0).all())  # nothing at weight 0 trains
+            auto.training_step(model, data, target, crit, idx)
+            trained += len(idx)
+        assert trained + auto.samples_skipped - skipped == auto.sampler.num_kept
+        auto.evaluate_epoch(model, test)
+    res = auto.finish()
+    assert res["samples_skipped"] == auto.samples_skipped > 0
+    assert res["samples_backpropagated"] + res["samples_skipped"] < 14 * len(y)
 
 
-def test_rows_of_a_batch_are_cut_only_where_every_part_is_a_tensor_of_its_rows() -> None:
-    from h3optim.auto import _rows_at
+def test_windowed_draws_leave_out_the_samples_of_weight_zero() -> None:
+    """A windowed epoch's A and B draws leave out their samples of weight 0 (here 20
+    samples whose tracked loss rose from 1 to 3 nats); the epoch is as long as A's draw
+    less them, which is what it counts as skipped."""
+    from h3optim import EtaController, InformationWeightedSampler, LossTracker
+    from h3optim.auto import _WindowedBatches
 
-    rows = torch.tensor([0, 2])
-    batch = {"ids": torch.arange(6).reshape(3, 2), "mask": [torch.ones(3), torch.zeros(3)]}
-    cut = _rows_at(batch, rows, 3)
-    assert torch.equal(cut["ids"], torch.tensor([[0, 1], [4, 5]]))
-    assert torch.equal(cut["mask"][0], torch.ones(2))
-    assert _rows_at((torch.zeros(3), ["a", "b", "c"]), rows, 3) is None  # not a tensor
-    assert _rows_at(torch.zeros(4), rows, 3) is None  # not one row per sample
-    assert _rows_at(torch.tensor(1.0), rows, 3) is None
+    tracker = LossTracker(200)
+    tracker.update(torch.arange(200), torch.ones(200))
+    for _ in range(50):
+        tracker.update(torch.arange(20), torch.full((20,), 3.0))
+    sampler = InformationWeightedSampler(200, tracker, unbiased=True, seed=3)
+    flagged = sampler.likely_mislabeled()
+    assert int(flagged.sum()) == 20
+    controller = EtaController("balanced", total_epochs=10)
+    controller.windowed = True
+    sampler.set_fractions(controller.keep_frac, controller.uniform_mix)
+    windows = _WindowedBatches(controller, sampler, 16, 3)
+    assert windows.skipped > 0
+    for _k, _u, idx, _w in windows.draws.values():
+        assert not bool(flagged[idx].any())
+    a_drawn = sampler.num_kept
+    batches = list(windows)
+    assert sum(len(b) for b in batches) == a_drawn - windows.skipped
+    assert not bool(flagged[torch.cat(batches)].any())
 
 
 def test_training_step_weights_each_loss_and_returns_a_detached_tensor() -> None:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from h3optim import InformationWeightedSampler, LossTracker, PhaseSchedule
 
@@ -268,23 +267,3 @@ def test_weighted_mean_is_the_mean_of_weighted_losses_with_its_gradient() -> Non
     assert torch.allclose(got, want) and torch.allclose(grad, want_grad)
     column = weighted_mean(losses.detach().reshape(-1, 1), w)  # one loss per sample, any shape
     assert torch.allclose(column, want.detach())
-
-
-def test_weighted_mean_of_part_of_a_batch_is_the_whole_batchs() -> None:
-    """With ``batch_size``, the losses of the samples of nonzero weight alone give the whole
-    batch's loss and gradient (what AutoH3's step relies on to leave the others out)."""
-    from h3optim import weighted_mean
-
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(40, 5, generator=g, requires_grad=True)
-    target = torch.randint(0, 5, (40,), generator=g)
-    w = torch.rand(40, generator=g)
-    w[::3] = 0.0
-    kept = w.nonzero().reshape(-1)
-    whole = weighted_mean(nn.functional.cross_entropy(logits, target, reduction="none"), w)
-    (whole_grad,) = torch.autograd.grad(whole, logits)
-    part = weighted_mean(
-        nn.functional.cross_entropy(logits[kept], target[kept], reduction="none"), w[kept], 40
-    )
-    (part_grad,) = torch.autograd.grad(part, logits)
-    assert torch.allclose(part, whole) and torch.allclose(part_grad, whole_grad)
