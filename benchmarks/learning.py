@@ -9,8 +9,9 @@ Arms (same model, data, batch size, epochs and data path):
   data's (less the samples whose loss rose 0.5 nats above its first: weight 0).
 - ``random subset``: Adam with a uniformly random subset of exactly that per-epoch budget
   (the baseline any data-selection claim must beat).
-- ``AutoH3 (balanced)``: the sampler with AutoH3's defaults (unbiased, noise margin 0.5),
-  steered by the windowed A/B controller (trained with Adam, through its ``optimizer=``).
+- ``AutoH3 (balanced)``: the sampler with AutoH3's defaults (unbiased, noise margin 0.5;
+  the drawn samples of weight 0 left out of the epoch), steered by the windowed A/B
+  controller (trained with Adam, through its ``optimizer=``).
 - ``H3 mnist_fast``, ``H3 cifar_safe``, ``H3 edge``: the fixed presets (H3Optimizer +
   sampler; keep 0.5, 0.8 and 0.4 of the data per thermodynamic epoch), against which AutoH3
   must not end more than 0.3 points lower.
@@ -596,7 +597,8 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
         f"consolidation uniform (AutoH3's defaults); Adam + sampler and the random subset keep "
         f"{KEEP} per thermodynamic epoch (sampler: {MIX} of it uniform, unbiased=False, and "
         "unbiased=True in its own arm, where a sample whose loss rose more than 0.5 nats above "
-        "its first gets weight 0); AutoH3 draws unbiased with that margin (its defaults), "
+        "its first gets weight 0); AutoH3 draws unbiased with that margin (its defaults) and "
+        "leaves the drawn samples of weight 0 out of the epoch, "
         "starts at mode balanced's (0.6, 0.3) and its windowed A/B may lower keep_frac; "
         "AutoH3 trains with Adam through its `optimizer=` factory, so that it measures "
         "the loop (H3 mnist_fast measures H3Optimizer with its curvature probe). **One learning "

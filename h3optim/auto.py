@@ -72,10 +72,10 @@ def _per_sample(
 
 
 def _weighted(idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The drawn ``idx`` less the samples of weight 0 in the epoch's ``weights`` (one per
-    sample of the dataset): they would add nothing to a step's loss or gradient, so an epoch
-    without them makes the same updates from fewer samples and steps."""
-    return idx[take_rows(weights, idx).ne(0)]
+    """The drawn ``idx`` less those whose weight (``weights``, one per index) is 0: they
+    would add nothing to a step's loss or gradient, so the epoch's gradients sum to the same
+    without them, from fewer samples and steps."""
+    return idx[weights.ne(0)]
 
 
 class _Drawn(Sampler[int]):
@@ -127,8 +127,8 @@ class _WindowedBatches(Sampler[torch.Tensor]):
         ):
             weights = sampler.weights_from(probs, max(1, int(round(k * sampler.n))))
             drawn = idx.numel()
-            if sampler.noise_margin is not None:
-                idx = _weighted(idx, weights)
+            if sampler.unbiased and sampler.noise_margin is not None:
+                idx = _weighted(idx, take_rows(weights, idx))
             if label == "A":  # the epoch trains on as many samples as A's draw holds
                 self.skipped = drawn - idx.numel()
             self.draws[label] = (k, u, sampler.shard(idx), weights)
@@ -181,8 +181,8 @@ class AutoH3:
             margin it keeps the biased draw's protection from flipped labels
             (docs/optim.md, "Biased or unbiased draws"). ``False`` trains on the draw as it is.
             :meth:`get_loader` leaves the drawn samples of weight 0 out of the epoch: they
-            would add nothing to a step's loss or gradient, so the epoch makes the same
-            updates from fewer samples and steps (their tracked losses then stay as they
+            would add nothing to a step's loss or gradient, so the epoch's gradients sum to
+            the same from fewer samples and steps (their tracked losses then stay as they
             were, and so does their weight; ``samples_skipped`` counts them).
         noise_margin: See :class:`~h3optim.InformationWeightedSampler` (in the loss's unit;
             0.5 suits a cross-entropy in nats; None weights every drawn sample).
@@ -388,7 +388,7 @@ class AutoH3:
         sampler: Sampler[int] = self.sampler
         if self.sampler.unbiased and self.sampler.noise_margin is not None:
             drawn = self.sampler.epoch_indices()
-            kept = _weighted(drawn, self.sampler.weights(torch.arange(self.sampler.n)))
+            kept = _weighted(drawn, self.sampler.weights(drawn))
             self.samples_skipped += drawn.numel() - kept.numel()
             sampler = _Drawn(self.sampler.shard(kept))
         return batch_loader(self.indexed_dataset, sampler, batch_size, **loader_kwargs)
