@@ -74,8 +74,10 @@ def _per_sample(
 def _weighted(idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The drawn ``idx`` less those whose weight (``weights``, one per index) is 0: they
     would add nothing to a step's loss or gradient, so the epoch's gradients sum to the same
-    without them, from fewer samples and steps."""
-    return idx[weights.ne(0)]
+    without them, from fewer samples and steps. All of ``idx`` if every weight is 0 (an
+    epoch, or a window's draw, is never empty)."""
+    kept = idx[weights.ne(0)]
+    return kept if kept.numel() else idx
 
 
 class _Drawn(Sampler[int]):

@@ -465,3 +465,11 @@ def test_probe_batches_follow_the_model_to_its_device() -> None:
     assert moved["x"].device == meta and moved["parts"][0].device == meta
     assert moved["parts"][1][0].device == meta and moved["parts"][1][1] == "tag"
     assert isinstance(moved["parts"][1], tuple) and batch["x"].device.type == "cpu"
+
+
+def test_a_draw_whose_weights_are_all_zero_is_kept_whole() -> None:
+    from h3optim.auto import _weighted
+
+    idx = torch.tensor([4, 1, 7])
+    assert torch.equal(_weighted(idx, torch.tensor([0.0, 2.0, 0.0])), torch.tensor([1]))
+    assert torch.equal(_weighted(idx, torch.zeros(3)), idx)  # never an empty epoch
