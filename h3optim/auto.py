@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -71,13 +72,23 @@ def _per_sample(
     return losses.reshape(n, -1).mean(1) if losses.dim() > 1 else losses
 
 
-def _weighted(idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The drawn ``idx`` less those whose weight (``weights``, one per index) is 0: they
-    would add nothing to a step's loss or gradient, so the epoch's gradients sum to the same
-    without them, from fewer samples and steps. All of ``idx`` if every weight is 0 (an
-    epoch, or a window's draw, is never empty)."""
-    kept = idx[weights.ne(0)]
-    return kept if kept.numel() else idx
+def _weighted(
+    sampler: InformationWeightedSampler,
+    idx: torch.Tensor,
+    weights_of: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, int]:
+    """This replica's share (``sampler.shard``) of the drawn epoch ``idx`` less the samples
+    the step would weight 0 (``weights_of(idx)``: one weight per index), and how many were
+    left out. They would add nothing to a step's loss or gradient, so the epoch's gradients
+    sum to the same without them, from fewer samples and steps. Only an unbiased draw with a
+    noise margin weights samples 0; all of ``idx`` if every weight is 0 (an epoch, or a
+    window's draw, is never empty)."""
+    kept = idx
+    if sampler.unbiased and sampler.noise_margin is not None:
+        kept = idx[weights_of(idx).ne(0)]
+        if not kept.numel():
+            kept = idx
+    return sampler.shard(kept), idx.numel() - kept.numel()
 
 
 class _Drawn(Sampler[int]):
@@ -128,12 +139,10 @@ class _WindowedBatches(Sampler[torch.Tensor]):
             settings.items(), sampler.draws(list(settings.values())), strict=True
         ):
             weights = sampler.weights_from(probs, max(1, int(round(k * sampler.n))))
-            drawn = idx.numel()
-            if sampler.unbiased and sampler.noise_margin is not None:
-                idx = _weighted(idx, take_rows(weights, idx))
+            share, skipped = _weighted(sampler, idx, functools.partial(take_rows, weights))
             if label == "A":  # the epoch trains on as many samples as A's draw holds
-                self.skipped = drawn - idx.numel()
-            self.draws[label] = (k, u, sampler.shard(idx), weights)
+                self.skipped = skipped
+            self.draws[label] = (k, u, share, weights)
         self.num_batches = math.ceil(self.draws["A"][2].numel() / batch_size)
         self.label: str | None = None  # the current window's label; None: not part of a test
         self.weights = self.draws["A"][3]
@@ -387,13 +396,9 @@ class AutoH3:
                 batch_size=None,
                 **loader_kwargs,
             )
-        sampler: Sampler[int] = self.sampler
-        if self.sampler.unbiased and self.sampler.noise_margin is not None:
-            drawn = self.sampler.epoch_indices()
-            kept = _weighted(drawn, self.sampler.weights(drawn))
-            self.samples_skipped += drawn.numel() - kept.numel()
-            sampler = _Drawn(self.sampler.shard(kept))
-        return batch_loader(self.indexed_dataset, sampler, batch_size, **loader_kwargs)
+        share, skipped = _weighted(self.sampler, self.sampler.epoch_indices(), self.sampler.weights)
+        self.samples_skipped += skipped
+        return batch_loader(self.indexed_dataset, _Drawn(share), batch_size, **loader_kwargs)
 
     def _windows_ahead(self, batch_size: int) -> int:
         """Windows of ``window_steps`` that the thermodynamic epochs from this one on hold,

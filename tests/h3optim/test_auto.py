@@ -468,8 +468,12 @@ def test_probe_batches_follow_the_model_to_its_device() -> None:
 
 
 def test_a_draw_whose_weights_are_all_zero_is_kept_whole() -> None:
+    from h3optim import InformationWeightedSampler, LossTracker
     from h3optim.auto import _weighted
 
+    sampler = InformationWeightedSampler(10, LossTracker(10), unbiased=True)
     idx = torch.tensor([4, 1, 7])
-    assert torch.equal(_weighted(idx, torch.tensor([0.0, 2.0, 0.0])), torch.tensor([1]))
-    assert torch.equal(_weighted(idx, torch.zeros(3)), idx)  # never an empty epoch
+    some = _weighted(sampler, idx, lambda _i: torch.tensor([0.0, 2.0, 0.0]))
+    assert torch.equal(some[0], torch.tensor([1])) and some[1] == 2
+    whole = _weighted(sampler, idx, lambda _i: torch.zeros(3))
+    assert torch.equal(whole[0], idx) and whole[1] == 0  # never an empty epoch
