@@ -16,9 +16,9 @@ Per task and seed:
 - **per sample**: wall over samples, AutoH3's time per back-propagated sample against uniform
   Adam's: 1.00 would be a saving in samples that shows in full in time; above 1, what AutoH3's
   bookkeeping (loss tracking, weights, the probe set, the controller, draws) costs;
-- **full epochs**: the median, over the epochs where AutoH3 trains on every sample (warm-up
-  and consolidation), of AutoH3's epoch time over uniform Adam's: the same work, so the
-  bookkeeping alone.
+- **full epochs**: the median, over the epochs where AutoH3 trains on as many samples as
+  uniform Adam (warm-up, and consolidation epochs with no sample of weight 0 left out), of
+  AutoH3's epoch time over uniform Adam's: the same work, so the bookkeeping alone.
 
 Energy is not split here: the two runs are open at once, and the daemon gives each the
 device's whole draw. ``learning.py`` reports energy, whole runs apart.
@@ -50,14 +50,16 @@ from benchmarks._common import daemon, machine, short_rev  # noqa: E402
 ARMS = ("uniform Adam", "AutoH3 (balanced)")
 
 
-def interleaved(key: str, seed: int, url: str, tmp: str) -> dict[str, Any]:
-    """One seed of task ``key``: both arms' epochs in turn; per-arm totals and per-epoch times."""
-    task = learning.TASKS[key]
-    lr = learning.chosen_lr(key, learning.read_rows(learning.RESULTS / "learning_lr.jsonl"))
-    data, noisy = learning.task_data(task)
-    learning.FLOPS[(task.model, data.input_dim, task.batch)] = learning.flops_per_sample(
-        task.model, data.input_dim, task.batch
-    )
+def interleaved(
+    task: learning.Task,
+    data: learning.Split,
+    noisy: torch.Tensor | None,
+    lr: float,
+    seed: int,
+    url: str,
+    tmp: str,
+) -> dict[str, Any]:
+    """One seed of ``task``: both arms' epochs in turn; per-arm totals and per-epoch times."""
     runs: dict[str, tuple[learning.Arm, Iterator[None]]] = {
         arm: learning.arm_epochs(arm, task, data, seed, noisy, url, tmp, lr) for arm in ARMS
     }
@@ -163,9 +165,16 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, _token):
-        for key in args.tasks:
+        lr_rows = learning.read_rows(learning.RESULTS / "learning_lr.jsonl")
+        for key in args.tasks:  # the task's data, lr and FLOPs once, as learning.py does
+            task = learning.TASKS[key]
+            lr = learning.chosen_lr(key, lr_rows)
+            data, noisy = learning.task_data(task)
+            learning.FLOPS[(task.model, data.input_dim, task.batch)] = learning.flops_per_sample(
+                task.model, data.input_dim, task.batch
+            )
             for seed in range(args.seeds):
-                r = interleaved(key, seed, url, tmp)
+                r = interleaved(task, data, noisy, lr, seed, url, tmp)
                 results.setdefault(key, []).append(r)
                 print(
                     f"{key:14s} seed {seed}: wall {r['wall']:.3f} samples {r['samples']:.3f} "
