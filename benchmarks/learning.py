@@ -11,7 +11,11 @@ Arms (same model, data, batch size, epochs and data path):
   (the baseline any data-selection claim must beat).
 - ``AutoH3 (balanced)``: the sampler with AutoH3's defaults (unbiased, noise margin 0.5;
   the drawn samples of weight 0 left out of the epoch), steered by the windowed A/B
-  controller (trained with Adam, through its ``optimizer=``).
+  controller (trained with Adam, through its ``optimizer=``, so that the arm measures the
+  sampling and the controller).
+- ``AutoH3 (H3Optimizer)``: the same with AutoH3's own default optimizer, as a user who
+  passes no ``optimizer=`` gets it (its curvature probe: one extra forward/backward every 10
+  steps).
 - ``H3 mnist_fast``, ``H3 cifar_safe``, ``H3 edge``: the fixed presets (H3Optimizer +
   sampler; keep 0.5, 0.8 and 0.4 of the data per thermodynamic epoch), against which AutoH3
   must not end more than 0.3 points lower.
@@ -117,13 +121,15 @@ ARMS = [
     "Adam + sampler (unbiased)",
     "random subset",
     "AutoH3 (balanced)",
+    "AutoH3 (H3Optimizer)",
     "H3 mnist_fast",
     "H3 cifar_safe",
     "H3 edge",
 ]
+AUTO_ARMS = ("AutoH3 (balanced)", "AutoH3 (H3Optimizer)")
 PRESETS = {"H3 mnist_fast": h3_mnist_fast, "H3 cifar_safe": h3_cifar_safe, "H3 edge": h3_edge}
-# AutoH3 trains with Adam here (its ``optimizer=`` factory): H3Optimizer's step is being made
-# as cheap as Adam's on another branch; until then it would measure that step, not the loop
+# "AutoH3 (balanced)" trains with Adam (its ``optimizer=`` factory), so that its difference
+# from uniform Adam is the sampling's; "AutoH3 (H3Optimizer)" is AutoH3 with every default
 
 
 def make_model(kind: str, d_in: int) -> nn.Module:
@@ -308,7 +314,7 @@ def arm_epochs(
             tracker=setup.loss_tracker,
             closure_step=True,
         )
-    elif arm == "AutoH3 (balanced)":
+    elif arm in AUTO_ARMS:
         auto = AutoH3(
             model.parameters(),
             ds,
@@ -317,7 +323,9 @@ def arm_epochs(
             lr=lr,
             seed=seed,
             profiler=prof,
-            optimizer=lambda p: torch.optim.Adam(p, lr=lr),
+            optimizer=(lambda p: torch.optim.Adam(p, lr=lr))
+            if arm == "AutoH3 (balanced)"
+            else None,
             # every arm computes subnormals alike, so that a difference in wall time is the
             # sampling's; benchmarks/denormals.py measures flush-to-zero on its own
             flush_denormal=False,
@@ -495,7 +503,7 @@ def main() -> None:
                             f"{row['wall_s']:.1f} s {row['energy_j']:.1f} J",
                             flush=True,
                         )
-    write(read_rows(path), read_rows(lr_path), Path(args.out))
+    write(read_rows(path), read_rows(lr_path), Path(args.out), path.name)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -569,7 +577,9 @@ def _hosts_note(by_arm: dict[str, dict[int, dict[str, Any]]]) -> str:
     )
 
 
-def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) -> None:
+def write(
+    rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path, source: str
+) -> None:
     lrs = {key: chosen_lr(key, lr_rows) for key in TASKS}
     # only the rows trained at the task's chosen lr (a re-sweep leaves older rows aside)
     rows = [r for r in rows if r.get("lr", 1e-3) == lrs[r["task"]]]
@@ -585,7 +595,7 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
     lines = [
         "# Learning benchmark: does energy-aware training save energy?",
         "",
-        f"`PYTHONPATH=. python benchmarks/learning.py` (resumable; rows in `learning.jsonl`), "
+        f"`PYTHONPATH=. python benchmarks/learning.py` (resumable; rows in `{source}`), "
         f"{os.cpu_count()} cores ({' and '.join(sorted({_host(r) for r in rows}))}), Python "
         f"{platform.python_version()}, torch {torch.__version__} with 1 thread; {load}. Ratios are "
         "per seed (arms of one seed run back to back, in rotating order) and then the median. "
@@ -600,8 +610,12 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
         "its first gets weight 0); AutoH3 draws unbiased with that margin (its defaults) and "
         "leaves the drawn samples of weight 0 out of the epoch, "
         "starts at mode balanced's (0.6, 0.3) and its windowed A/B may lower keep_frac; "
-        "AutoH3 trains with Adam through its `optimizer=` factory, so that it measures "
-        "the loop (H3 mnist_fast measures H3Optimizer with its curvature probe). **One learning "
+        "AutoH3 (balanced) trains with Adam through its `optimizer=` factory, so that its "
+        "difference from uniform Adam is the sampling's; AutoH3 (H3Optimizer) is the same with "
+        "AutoH3's own default optimizer, as a user who passes no `optimizer=` gets it (PyTorch's "
+        "fused Adam kernel, cheaper on the CPU than `torch.optim.Adam()`'s default per-tensor "
+        "loop, plus its curvature probe: an extra forward/backward every 10 steps; "
+        "`benchmarks/optimizer_step.py`). **One learning "
         "rate per task for every arm**, chosen for uniform Adam alone by `--sweep-lr`: "
         f"validation accuracy on a {VALIDATION:.0%} hold-out of the training set, seeds "
         f"{', '.join(map(str, SWEEP_SEEDS))}, lr in {', '.join(f'{lr:g}' for lr in SWEEP_LRS)} "
@@ -690,6 +704,7 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
             f"- Adam + sampler − random subset (equal budget): {pair('Adam + sampler', 'random subset')}.",
             f"- Adam + sampler (unbiased) − random subset: {pair('Adam + sampler (unbiased)', 'random subset')}.",
             f"- AutoH3 − random subset: {pair('AutoH3 (balanced)', 'random subset')}.",
+            f"- AutoH3 with H3Optimizer − AutoH3 with Adam: {pair('AutoH3 (H3Optimizer)', 'AutoH3 (balanced)')}.",
             *(
                 f"- AutoH3 − {p} (a fixed preset): {pair('AutoH3 (balanced)', p)}."
                 for p in PRESETS
@@ -710,8 +725,10 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
                 f"- Against the best fixed preset on this data ({best}): {gaps[best]:+.2f} points "
                 f"(bound: no more than 0.3 below): {'**met**' if gaps[best] >= -0.3 else '**NOT met**'}."
             )
-        if "AutoH3 (balanced)" in by_arm:
-            auto = by_arm["AutoH3 (balanced)"]
+        for arm in AUTO_ARMS:
+            if arm not in by_arm:
+                continue
+            auto = by_arm[arm]
             common = [s for s in auto if s in uni]
             d_acc = statistics.mean(auto[s]["acc"] - uni[s]["acc"] for s in common)
             r_s = statistics.median(auto[s]["samples"] / uni[s]["samples"] for s in common)
@@ -719,14 +736,14 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
             r_e = statistics.median(auto[s]["energy_j"] / uni[s]["energy_j"] for s in common)
             goal = d_acc >= -0.2 and r_s <= 0.75 and r_w <= 0.80 and r_e <= 0.80
             lines.append(
-                f"- Target (AutoH3 within 0.2 points of Adam, ≥ 25 % fewer samples, ≤ 0.80× wall and energy): "
+                f"- Target ({arm} within 0.2 points of Adam, ≥ 25 % fewer samples, ≤ 0.80× wall and energy): "
                 f"{'**met**' if goal else '**NOT met**'} (Δacc {d_acc:+.2f}, samples {r_s:.3f}×, wall {r_w:.3f}×, energy {r_e:.3f}×)."
             )
             held = sum("cannot beat the fixed schedule" in r["controller"] for r in auto.values())
             short = sum("too short" in r["controller"] for r in auto.values())
             adopted = sum("keep_frac down" in r["controller"] for r in auto.values())
             lines.append(
-                f"- AutoH3's controller: held the fixed schedule after its windowed A/B in "
+                f"- {arm}'s controller: held the fixed schedule after its windowed A/B in "
                 f"{held}/{len(auto)} seeds and without a test (the run too short for one) in "
                 f"{short}/{len(auto)}, adopted a leaner setting in {adopted}/{len(auto)}. "
                 f"Seed {min(auto)}'s report:"
@@ -736,20 +753,20 @@ def write(rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]], out: Path) 
             walls = [auto[s]["wall_s"] / uni[s]["wall_s"] for s in common]
             q_w = statistics.quantiles(walls) if len(walls) > 1 else [walls[0]] * 3
             headline.append(
-                f"| {task.name} | {len(common)} | {d_acc:+.2f} | {r_s:.2f}× | {r_f:.2f}× | "
+                f"| {task.name} | {arm} | {len(common)} | {d_acc:+.2f} | {r_s:.2f}× | {r_f:.2f}× | "
                 f"{r_w:.3f}× ({q_w[0]:.2f}–{q_w[2]:.2f}) | {r_e:.3f}× | "
                 f"{'met' if goal else 'not met'} |"
             )
         lines.append("")
     if headline:
         lines += [
-            "## Headline: AutoH3 (balanced) against uniform Adam, medians of per-seed ratios",
+            "## Headline: AutoH3 against uniform Adam, medians of per-seed ratios",
             "",
             "FLOPs do not depend on the machine; wall time (with the quartiles of the per-seed "
             "ratios) and energy do, and on a shared 2-core host they scatter.",
             "",
-            "| task | seeds | Δ accuracy (points) | samples | FLOPs | wall time (quartiles) | energy | target |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| task | arm | seeds | Δ accuracy (points) | samples | FLOPs | wall time (quartiles) | energy | target |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
             *headline,
             "",
         ]

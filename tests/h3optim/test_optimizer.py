@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -131,9 +132,11 @@ def test_a_pickled_optimizer_keeps_working() -> None:
     assert opt2.lr_history == opt.lr_history and len(opt2.lr_history) == 1
     assert opt2.skipped_steps == 1
     x2 = opt2.param_groups[0]["params"][0]
-    for _ in range(4):
+    for _ in range(12):  # the copy probes when the original does, and moves as it does
+        opt.step(closure_for(opt, x))
         opt2.step(closure_for(opt2, x2))
-    assert len(opt2.lr_history) == 3 and opt2.skipped_steps == 1
+    assert opt2.lr_history == opt.lr_history and len(opt2.lr_history) >= 3
+    assert torch.equal(x2, x) and opt2.skipped_steps == 1
 
 
 def test_curvature_estimate_is_exact_on_a_quadratic_in_adams_metric() -> None:
@@ -225,11 +228,62 @@ def test_step_neither_collapses_nor_explodes_on_real_data() -> None:
 
             opt.step(closure)
     lrs = opt.lr_history
-    assert len(lrs) > 50
+    assert len(lrs) >= 10  # 855 steps: probes every 10 to 80 steps
     assert min(lrs[len(lrs) // 2 :]) >= 1e-3  # no collapse (the published package's failure)
     assert max(lrs) <= 1e-2  # bounded by lr_max
     acc = (model(xs).argmax(1) == ys).float().mean().item()
     assert acc > 0.95
+
+
+def _probe_steps(lr: float, steps: int, **kw: Any) -> tuple[list[int], list[float]]:
+    """The steps (1-based) at which H3Optimizer ran its curvature probe on ½‖x‖², and the
+    step size after each probe."""
+    x = nn.Parameter(torch.linspace(1.0, 3.0, 10))
+    opt = H3Optimizer([x], lr=lr, **kw)
+    calls: list[int] = []
+    step = 0
+
+    def closure() -> torch.Tensor:
+        calls.append(step)
+        opt.zero_grad()
+        loss = 0.5 * (x * x).sum()
+        loss.backward()
+        return loss
+
+    for step in range(1, steps + 1):  # noqa: B007 (read by the closure)
+        opt.step(closure)
+    return sorted({s for s in calls if calls.count(s) == 2}), opt.lr_history
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_probe_waits_longer_while_the_step_has_room(impl: str) -> None:
+    # at lr 0.01, γ/L̂ (about 1 in Adam's metric here) is far above the ceiling lr_max = lr:
+    # every probe finds room, so the interval doubles from 10 up to 80 and stays there
+    probes, lrs = _probe_steps(0.01, 400, **IMPLS[impl])
+    assert probes == [10, 30, 70, 150, 230, 310, 390] and set(lrs) == {0.01}
+    # with the interval fixed, as the published package probed
+    probes, _ = _probe_steps(0.01, 60, lipschitz_max_interval=10, **IMPLS[impl])
+    assert probes == [10, 20, 30, 40, 50, 60]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_probe_keeps_its_shortest_interval_while_the_step_lacks_room(impl: str) -> None:
+    # at lr 1.0, γ/L̂ is 1.26 at the first probe (less than HEADROOM × the ceiling), then
+    # below the ceiling: the probes lower the step, every lipschitz_update_interval steps
+    probes, lrs = _probe_steps(1.0, 100, **IMPLS[impl])
+    assert probes == list(range(10, 101, 10))
+    assert lrs[0] == 1.0 and lrs[-1] < 0.6 and lrs == sorted(lrs, reverse=True)
+
+
+def test_a_state_without_a_probe_schedule_probes_every_interval() -> None:
+    # an optimizer state saved before the schedule existed has no "lipschitz_next": it
+    # probes every lipschitz_update_interval steps until its first probe sets one
+    x = nn.Parameter(torch.ones(3))
+    opt = H3Optimizer([x], lipschitz_update_interval=4)
+    group = opt.param_groups[0]
+    assert not opt._due(group, 3) and opt._due(group, 4)
+    opt._schedule(group, 4, roomy=True)
+    assert group["lipschitz_next"] == 12 and not opt._due(group, 8) and opt._due(group, 12)
 
 
 def test_validation_messages() -> None:
@@ -238,6 +292,8 @@ def test_validation_messages() -> None:
         H3Optimizer([x], lr=-1)
     with pytest.raises(ValueError, match="lr_min <= lr <= lr_max"):
         H3Optimizer([x], lr=1.0, lr_max=0.1)
+    with pytest.raises(ValueError, match="Invalid lipschitz_max_interval: 5"):
+        H3Optimizer([x], lipschitz_update_interval=10, lipschitz_max_interval=5)
 
 
 def test_foreach_and_fused_need_each_other_out_and_a_kernel() -> None:
@@ -305,7 +361,8 @@ def test_fast_paths_give_the_reference_update(impl: str, mixed_dtypes: bool) -> 
     ref_params, ref = _run_random_problem(IMPLS["single"], mixed_dtypes=mixed_dtypes)
     params, opt = _run_random_problem(IMPLS[impl], mixed_dtypes=mixed_dtypes)
     assert ref.skipped_steps == opt.skipped_steps == 1
-    assert len(ref.lr_history) == len(opt.lr_history) >= 6  # curvature updates happened
+    assert len(ref.lr_history) == len(opt.lr_history) >= 4  # curvature updates happened
+    assert min(ref.lr_history) < 1e-2  # and one lowered the step
     assert opt.lr_history == pytest.approx(ref.lr_history, rel=1e-4)
     for p, q in zip(ref_params, params, strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
@@ -376,6 +433,7 @@ def test_the_probe_leaves_parameters_and_gradients_exactly_as_they_were(
             lr_min=1e-2,
             lr_max=1e-2,
             lipschitz_update_interval=2,
+            lipschitz_max_interval=2,
             **IMPLS[impl],
         )
         x, y = torch.randn(16, 5), torch.randn(16, 2)
