@@ -421,7 +421,8 @@ class H3Optimizer(Optimizer):
         group["lr"] = max(group["lr_min"], new_lr)
         self.lr_history.append(group["lr"])
         self.lipschitz_history.append(math.exp(log_l))
-        return group["lr"] >= group["lr_max"] and target >= HEADROOM * group["lr_max"]
+        ceiling: float = group["lr_max"]
+        return bool(group["lr"] >= ceiling and target >= HEADROOM * ceiling)
 
     @staticmethod
     def _schedule(group: dict[str, Any], step: int, roomy: bool) -> None:
@@ -440,7 +441,7 @@ class H3Optimizer(Optimizer):
         """Is the curvature probe due at ``step`` (a state without a schedule: every
         ``lipschitz_update_interval`` steps, as before the schedule existed)?"""
         nxt = group.get("lipschitz_next")
-        return step % group["lipschitz_update_interval"] == 0 if nxt is None else step >= nxt
+        return bool(step % group["lipschitz_update_interval"] == 0 if nxt is None else step >= nxt)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
