@@ -25,6 +25,10 @@ device's whole draw. ``learning.py`` reports energy, whole runs apart.
 
     PYTHONPATH=. python benchmarks/auto_overhead.py [--tasks mnist1d mnist1d-noisy mnist1d-long] [--seeds 5]
 
+``--arms BASE AUTO`` pairs two other arms of ``learning.py`` the same way (for example
+``"uniform Adam (fused)" "AutoH3 (H3Optimizer)"``: AutoH3 with its default optimizer against
+Adam with the same fused kernel).
+
 Writes ``benchmarks/results/auto_overhead.md``.
 """
 
@@ -58,15 +62,16 @@ def interleaved(
     seed: int,
     url: str,
     tmp: str,
+    arms: tuple[str, str] = ARMS,
 ) -> dict[str, Any]:
     """One seed of ``task``: both arms' epochs in turn; per-arm totals and per-epoch times."""
     runs: dict[str, tuple[learning.Arm, Iterator[None]]] = {
-        arm: learning.arm_epochs(arm, task, data, seed, noisy, url, tmp, lr) for arm in ARMS
+        arm: learning.arm_epochs(arm, task, data, seed, noisy, url, tmp, lr) for arm in arms
     }
-    epoch_s: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    epoch_samples: dict[str, list[int]] = {arm: [] for arm in ARMS}
+    epoch_s: dict[str, list[float]] = {arm: [] for arm in arms}
+    epoch_samples: dict[str, list[int]] = {arm: [] for arm in arms}
     for epoch in range(task.epochs):
-        for arm in ARMS if epoch % 2 == 0 else ARMS[::-1]:
+        for arm in arms if epoch % 2 == 0 else arms[::-1]:
             state, epochs = runs[arm]
             before = state.counter.backprop
             t0 = time.perf_counter()
@@ -79,14 +84,14 @@ def interleaved(
         arm: learning.arm_row(state, task, data, state.setup_s + sum(epoch_s[arm]), lr)
         for arm, (state, _) in runs.items()
     }
-    uni, auto = (rows[a] for a in ARMS)
+    uni, auto = (rows[a] for a in arms)
     full = [
         a / u
         for a, u, n_a, n_u in zip(
-            epoch_s[ARMS[1]],
-            epoch_s[ARMS[0]],
-            epoch_samples[ARMS[1]],
-            epoch_samples[ARMS[0]],
+            epoch_s[arms[1]],
+            epoch_s[arms[0]],
+            epoch_samples[arms[1]],
+            epoch_samples[arms[0]],
             strict=True,
         )
         if n_a == n_u
@@ -101,7 +106,7 @@ def interleaved(
         "d_acc": auto["acc"] - uni["acc"],
         "uniform_s": uni["wall_s"],
         "auto_s": auto["wall_s"],
-        "epoch_spread": max(epoch_s[ARMS[0]]) / min(epoch_s[ARMS[0]]),
+        "epoch_spread": max(epoch_s[arms[0]]) / min(epoch_s[arms[0]]),
     }
 
 
@@ -113,13 +118,19 @@ def _q(xs: list[float]) -> str:
     return f"{med:.3f} ({q1:.3f}–{q3:.3f})"
 
 
-def write(results: dict[str, list[dict[str, Any]]], out: Path, started: str) -> None:
+def write(
+    results: dict[str, list[dict[str, Any]]],
+    out: Path,
+    started: str,
+    arms: tuple[str, str] = ARMS,
+) -> None:
+    base, auto = arms
     lines = [
-        "# AutoH3 against uniform Adam, epochs interleaved",
+        f"# {auto} against {base}, epochs interleaved",
         "",
         f"`PYTHONPATH=. python benchmarks/auto_overhead.py` at {short_rev()} on {started} UTC, "
         f"{machine()}; one torch thread. Method: the docstring of "
-        "`benchmarks/auto_overhead.py`. Ratios are AutoH3 over uniform Adam, per seed; the "
+        f"`benchmarks/auto_overhead.py`. Ratios are {auto} over {base}, per seed; the "
         "table gives their medians (quartiles).",
         "",
         "| task | seeds | Δ accuracy (points, mean) | samples | FLOPs | wall, interleaved "
@@ -138,10 +149,10 @@ def write(results: dict[str, list[dict[str, Any]]], out: Path, started: str) -> 
         )
     lines += [
         "",
-        "Per seed (uniform Adam's slowest epoch over its fastest shows the host's drift "
+        f"Per seed ({base}'s slowest epoch over its fastest shows the host's drift "
         "within one run):",
         "",
-        "| task | seed | uniform Adam s | AutoH3 s | wall | samples | per sample "
+        f"| task | seed | {base} s | {auto} s | wall | samples | per sample "
         "| full epochs (n) | drift |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -160,7 +171,11 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["mnist1d", "mnist1d-noisy", "mnist1d-long"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default=str(learning.RESULTS / "auto_overhead.md"))
+    ap.add_argument(
+        "--arms", nargs=2, default=list(ARMS), metavar=("BASE", "AUTO"), choices=learning.ARMS
+    )
     args = ap.parse_args()
+    arms: tuple[str, str] = (args.arms[0], args.arms[1])
     torch.set_num_threads(1)
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     results: dict[str, list[dict[str, Any]]] = {}
@@ -174,7 +189,7 @@ def main() -> None:
                 task.model, data.input_dim, task.batch
             )
             for seed in range(args.seeds):
-                r = interleaved(task, data, noisy, lr, seed, url, tmp)
+                r = interleaved(task, data, noisy, lr, seed, url, tmp, arms)
                 results.setdefault(key, []).append(r)
                 print(
                     f"{key:14s} seed {seed}: wall {r['wall']:.3f} samples {r['samples']:.3f} "
@@ -182,7 +197,7 @@ def main() -> None:
                     f"{r['full_epochs']:.3f} Δacc {r['d_acc']:+.2f}",
                     flush=True,
                 )
-    write(results, Path(args.out), started)
+    write(results, Path(args.out), started, arms)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Arms (same model, data, batch size, epochs and data path):
 - ``uniform Adam``: every sample every epoch.
+- ``uniform Adam (fused)``: the same with PyTorch's fused Adam kernel (``fused=True``), the
+  kernel H3Optimizer's step uses: what the sampling saves against the fastest Adam step.
 - ``Adam + sampler``: Adam with ``InformationWeightedSampler`` at fixed fractions in the
   thermodynamic phase (the same phases and budget as AutoH3's starting setting).
 - ``Adam + sampler (unbiased)``: the same draws, each loss weighted by the sampler's
@@ -117,6 +119,7 @@ MONITOR = 2000
 VALIDATION = 0.1
 ARMS = [
     "uniform Adam",
+    "uniform Adam (fused)",
     "Adam + sampler",
     "Adam + sampler (unbiased)",
     "random subset",
@@ -269,10 +272,11 @@ def arm_epochs(
     )
     state = Arm(model, counter, prof)
     t0 = time.perf_counter()
-    if arm == "uniform Adam":
+    if arm in ("uniform Adam", "uniform Adam (fused)"):
         g = torch.Generator().manual_seed(seed)
         rs = RandomSampler(range(n), generator=g)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        fused = True if arm == "uniform Adam (fused)" else None  # None: torch's default
+        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
         epochs = train_loop(
             model, opt, lambda e: batch_loader(ds, rs, task.batch), task.epochs, counter, prof, data
         )
@@ -705,6 +709,15 @@ def write(
             f"- Adam + sampler (unbiased) − random subset: {pair('Adam + sampler (unbiased)', 'random subset')}.",
             f"- AutoH3 − random subset: {pair('AutoH3 (balanced)', 'random subset')}.",
             f"- AutoH3 with H3Optimizer − AutoH3 with Adam: {pair('AutoH3 (H3Optimizer)', 'AutoH3 (balanced)')}.",
+            f"- AutoH3 with H3Optimizer − uniform Adam (fused), the same Adam kernel: "
+            f"{pair('AutoH3 (H3Optimizer)', 'uniform Adam (fused)')}"
+            + (
+                f"; wall {_ratio(by_arm['AutoH3 (H3Optimizer)'], by_arm['uniform Adam (fused)'], 'wall_s')}, "
+                f"energy {_ratio(by_arm['AutoH3 (H3Optimizer)'], by_arm['uniform Adam (fused)'], 'energy_j')} "
+                "(medians of per-seed ratios)."
+                if "AutoH3 (H3Optimizer)" in by_arm and "uniform Adam (fused)" in by_arm
+                else "."
+            ),
             *(
                 f"- AutoH3 − {p} (a fixed preset): {pair('AutoH3 (balanced)', p)}."
                 for p in PRESETS
