@@ -17,7 +17,7 @@ Arms (same model, data, batch size, epochs and data path):
   sampling and the controller).
 - ``AutoH3 (H3Optimizer)``: the same with AutoH3's own default optimizer, as a user who
   passes no ``optimizer=`` gets it (its curvature probe: one extra forward/backward every 10
-  steps).
+  steps, and up to every 80 while the step has room).
 - ``H3 mnist_fast``, ``H3 cifar_safe``, ``H3 edge``: the fixed presets (H3Optimizer +
   sampler; keep 0.5, 0.8 and 0.4 of the data per thermodynamic epoch), against which AutoH3
   must not end more than 0.3 points lower.
@@ -625,7 +625,8 @@ def write(
         "difference from uniform Adam is the sampling's; AutoH3 (H3Optimizer) is the same with "
         "AutoH3's own default optimizer, as a user who passes no `optimizer=` gets it (PyTorch's "
         "fused Adam kernel, cheaper on the CPU than `torch.optim.Adam()`'s default per-tensor "
-        "loop, plus its curvature probe: an extra forward/backward every 10 steps; "
+        "loop, plus its curvature probe: an extra forward/backward every 10 steps, up to "
+        "every 80 while the step has room; "
         "`benchmarks/optimizer_step.py`). **One learning "
         "rate per task for every arm**, chosen for uniform Adam alone by `--sweep-lr`: "
         f"validation accuracy on a {VALIDATION:.0%} hold-out of the training set, seeds "
