@@ -61,7 +61,7 @@ class H3Optimizer(Optimizer):
     confirm it, so the interval doubles after each such probe, up to
     ``lipschitz_max_interval``; a probe that finds less room, or lowers the step, sets it
     back to ``lipschitz_update_interval``. Between probes the step stays where it is, at most
-    ``lr`` (Adam's step at the same ``lr``). The probe keeps two
+    ``lr_max`` (by default ``lr``: Adam's step at the same ``lr``). The probe keeps two
     parameter-sized buffers per parameter (the snapshot, which is part of the state_dict,
     and a scratch copy, which is not), allocated once and reused.
 
