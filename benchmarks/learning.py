@@ -129,6 +129,8 @@ ARMS = [
     "H3 cifar_safe",
     "H3 edge",
 ]
+# "AutoH3 (balanced)" trains with Adam (its ``optimizer=`` factory), so that its difference
+# from uniform Adam is the sampling's; "AutoH3 (H3Optimizer)" is AutoH3 with every default
 AUTO_ARMS = ("AutoH3 (balanced)", "AutoH3 (H3Optimizer)")
 # (AutoH3 arm, the uniform arm it is judged against) in the headline: the same Adam kernel,
 # and AutoH3 as a user gets it against torch.optim.Adam() as a user has it
@@ -138,8 +140,6 @@ HEADLINE = [
     ("AutoH3 (H3Optimizer)", "uniform Adam"),
 ]
 PRESETS = {"H3 mnist_fast": h3_mnist_fast, "H3 cifar_safe": h3_cifar_safe, "H3 edge": h3_edge}
-# "AutoH3 (balanced)" trains with Adam (its ``optimizer=`` factory), so that its difference
-# from uniform Adam is the sampling's; "AutoH3 (H3Optimizer)" is AutoH3 with every default
 
 
 def make_model(kind: str, d_in: int) -> nn.Module:
