@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import os
 import statistics
 import sys
 import time
@@ -181,9 +182,10 @@ def write(
         "# Optimizer step: H3Optimizer against torch.optim.Adam(foreach=True)",
         "",
         f"`PYTHONPATH=. python benchmarks/optimizer_step.py` on {dt.date.today()}, "
-        f"{machine()}, torch {torch.__version__} with 1 thread. **The machine was shared** "
-        "with seven other engineers' builds and tests while this ran, so absolute times are "
-        "noisy; the ratios are what to read: every arm owns a copy of the same initial model, "
+        f"{machine()}, torch {torch.__version__} with 1 thread; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when it finished. The machine is "
+        "shared, so absolute times are noisy; the ratios are what to read: every arm owns a "
+        "copy of the same initial model, "
         "the arms run interleaved step by step in one process (the order rotates every "
         "step), and each ratio compares the same round's blocks of two arms "
         f"({rounds} rounds after a warm-up round). Data: the 5 000-digit MNIST subset "
@@ -249,8 +251,8 @@ def write(
         "the cheaper update. Against Adam(fused=True) that extra compute is what remains.",
         "- `foreach=True` adds the finiteness check (a read-and-write pass) to Adam's foreach "
         "passes; `foreach=False` is the per-tensor reference, kept for correctness, not speed.",
-        "- The spread (min/max) comes from the shared machine (load average above 10 on 2 "
-        "cores during the run); the medians of per-round ratios are the figures to use.",
+        "- The spread (min/max) comes from the shared machine; the medians of per-round "
+        "ratios are the figures to use.",
         "",
     ]
     args.out.write_text("\n".join(lines))
