@@ -239,17 +239,17 @@ def _active_or_unknown(
 ) -> tuple[float | None, str | None]:
     """Energy above idle, or None with the reason when the baseline cannot be trusted.
     ``ended``: the baseline is the one the run kept when it ended."""
-    how = "the daemon sets one after H3D_IDLE_MIN_S, 30 s by default, without a run"
+    how = "the daemon sets one after H3D_IDLE_MIN_S seconds without a run, 30 by default"
     if idle_w is None and ended:
         return (
             None,
-            f"no idle baseline when the run ended ({how}; a run keeps the one it ends with)",
+            f"no idle baseline when the run ended: {how}, and a run keeps the one it ends with",
         )
     if idle_w is None:
         return None, f"no idle baseline yet: {how}"
     if device_j > 0 and idle_w * covered_s >= (1.0 - IDLE_SEPARATION) * device_j:
         return None, (
-            f"the device drew no more than its idle baseline ({idle_w:.3g} W) during the run: "
+            f"the device drew no more than its idle baseline of {idle_w:.3g} W during the run: "
             "the baseline was measured while the machine was busy, so energy above idle is unknown"
         )
     return active, None

@@ -19,6 +19,11 @@ def test_active_energy_is_unknown_without_a_trustworthy_baseline() -> None:
     # the "idle" baseline was the whole draw: the machine was busy when it was measured
     active, note = _active_or_unknown(2e-15, 10.0, 100.0, 10.0)
     assert active is None and note is not None and "busy" in note
+    # `h3d show` and the client's report print a note in parentheses: none nested inside
+    for args in ((None, None, 100.0, 10.0), (2e-15, 10.0, 100.0, 10.0)):
+        for ended in (False, True):
+            note = _active_or_unknown(*args, ended=ended)[1]
+            assert note is not None and "(" not in note and ")" not in note, note
     assert _active_or_unknown(40.0, 6.0, 100.0, 10.0) == (40.0, None)
 
 
