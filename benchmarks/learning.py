@@ -374,8 +374,8 @@ def arm_epochs(
 
 def short_epochs(task: Task) -> int:
     """The whole epochs of uniform training within 3/4 of the task's samples (the target's
-    budget): 15 of 20, 6 of 8, 4 of 6."""
-    return int(0.75 * task.epochs)
+    budget): 15 of 20, 6 of 8, 4 of 6; at least one."""
+    return max(1, int(0.75 * task.epochs))
 
 
 def arm_row(state: Arm, task: Task, data: Split, wall: float, lr: float) -> dict[str, Any]:
