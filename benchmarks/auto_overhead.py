@@ -176,7 +176,8 @@ def main() -> None:
         nargs=2,
         default=list(ARMS),
         metavar=("BASE", "AUTO"),
-        choices=[a for a in learning.ARMS if a != learning.SHORT],  # same epochs
+        # the stopped-early arm has fewer epochs than the one it would interleave with
+        choices=[a for a in learning.ARMS if a != learning.SHORT],
     )
     args = ap.parse_args()
     arms: tuple[str, str] = (args.arms[0], args.arms[1])
