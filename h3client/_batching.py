@@ -90,12 +90,15 @@ def off_device(t: Any) -> Any:
     """Detach ``t``; for a CUDA tensor, start a non-blocking copy to pinned host memory and
     record an event, so the training thread never waits for the GPU on H3's behalf."""
     t = t.detach()
-    if t.is_cuda:
-        host = t.to("cpu", non_blocking=True)
-        event = event_factory()
-        event.record()
-        return PendingCopy(host, event)
-    return t
+    return _enqueue_copy(t) if t.is_cuda else t
+
+
+def _enqueue_copy(t: Any) -> PendingCopy:
+    """``off_device`` of a detached CUDA tensor (``snapshot`` has detached it already)."""
+    host = t.to("cpu", non_blocking=True)  # PyTorch pins the host side of such a copy
+    event = event_factory()
+    event.record()
+    return PendingCopy(host, event)
 
 
 # --- what log_batch keeps of a tensor --------------------------------------------------------
@@ -154,7 +157,7 @@ def snapshot(x: Any) -> Any:
     bind_torch()
     t = x.detach()
     if t.is_cuda:
-        return off_device(t)
+        return _enqueue_copy(t)
     if type(t) is TENSOR and t.is_cpu and t.is_contiguous():
         p = t.data_ptr()
         return (MEMORY[p : p + t.nbytes].tobytes(), t.dtype)

@@ -366,8 +366,10 @@ class FakeCudaTensor:
     def __init__(self, value: torch.Tensor) -> None:
         self.value = value
         self.copies: list[tuple[str, bool]] = []
+        self.detaches = 0
 
     def detach(self) -> FakeCudaTensor:
+        self.detaches += 1
         return self
 
     def to(self, device: str, non_blocking: bool = False) -> torch.Tensor:
@@ -524,6 +526,7 @@ def test_cuda_tensors_take_the_non_blocking_copy_through_snapshot(
     vec = FakeCudaTensor(torch.tensor([0.5, 1.5]))
     snap = snapped(vec)
     assert type(snap) is _batching.PendingCopy and vec.copies == [("cpu", True)]
+    assert vec.detaches == 1  # each detach is a tensor made on the training thread
     rows, _ = decoded([item(0, _batching.snapshot_loss(FakeCudaTensor(torch.tensor(2.0))),
                             losses=snap)])  # fmt: skip
     assert rows[0]["loss"] == 2.0 and unpack(rows[0]["losses_f32"], "f") == [0.5, 1.5]
