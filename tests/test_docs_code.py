@@ -126,3 +126,15 @@ def test_page_code_runs_as_written(
     assert code
     for i, block in enumerate(code):
         exec(compile(block, f"docs/{page} python block {i}", "exec"), ns)  # noqa: S102
+
+
+def test_docs_links_exist() -> None:
+    """Every relative link of every page of ``docs/`` names a file of this tree."""
+    missing = [
+        f"{page.name} -> {target}"
+        for page in sorted(DOCS.glob("*.md"))
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+        if not target.startswith(("http://", "https://", "mailto:"))
+        and not (page.parent / target).exists()
+    ]
+    assert not missing, missing
