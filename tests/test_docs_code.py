@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -110,7 +111,7 @@ def test_every_page_with_python_is_covered() -> None:
 @pytest.mark.filterwarnings("ignore:The number of training batches")
 @pytest.mark.parametrize("page", sorted(PAGES))
 def test_page_code_runs_as_written(
-    page: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path
+    page: str, daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     needs, prelude = PAGES[page]
     for module in needs:
