@@ -6,8 +6,8 @@ of what it is given and one tuple appended to a deque. No I/O, no lock, no loggi
 synchronisation. What it queues of a tensor is its values at log time: a CPU loss's value
 (``item()``), a CPU tensor's bytes, copied straight from its memory (:func:`snapshot`: no
 tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA tensor
-a non-blocking copy to the host enqueued on the current stream. They are turned into numbers
-here, on the worker thread. The worker wakes when a batch is full or every
+a non-blocking copy to the host enqueued on its device's current stream. They are turned into
+numbers here, on the worker thread. The worker wakes when a batch is full or every
 ``flush_interval_s`` and sends up to ``max_batch`` batches per request.
 
 A request is converted as a whole (:func:`encode_batches`) into packed columns (the
@@ -76,14 +76,15 @@ class PendingCopy:
         return self.host
 
 
-def _cuda_event() -> Any:
+def _torch_cuda() -> Any:
     import torch
 
-    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+    return torch.cuda
 
 
-#: Where CUDA events come from (the hardware seam: tests replace it on machines without a GPU).
-event_factory = _cuda_event
+#: ``torch.cuda``, where events and streams come from (the hardware seam: tests replace it on
+#: machines without a GPU with an object of the same surface, ``Event`` and ``current_stream``).
+cuda_module = _torch_cuda
 
 
 def off_device(t: Any) -> Any:
@@ -96,8 +97,11 @@ def off_device(t: Any) -> Any:
 def _enqueue_copy(t: Any) -> PendingCopy:
     """``off_device`` of a detached CUDA tensor (``snapshot`` has detached it already)."""
     host = t.to("cpu", non_blocking=True)  # PyTorch pins the host side of such a copy
-    event = event_factory()
-    event.record()
+    cuda = cuda_module()
+    event = cuda.Event()
+    # on the stream the copy went to: the current stream of the tensor's device (a bare
+    # record() takes the current device's, which does not order a copy from another GPU)
+    event.record(cuda.current_stream(t.device))
     return PendingCopy(host, event)
 
 
@@ -147,8 +151,9 @@ def snapshot(x: Any) -> Any:
     - a contiguous CPU ``torch.Tensor`` (``log_batch`` does this inline, its fast path):
       ``(bytes, dtype)``, its memory copied; no tensor operation, nothing kept of ``x``;
     - a CUDA tensor: a :class:`PendingCopy`, a non-blocking copy to the host enqueued on the
-      current stream, so it holds the values as of now in that stream's order (a kernel
-      enqueued later, on that stream, that changes ``x`` runs after the copy);
+      current stream of its device (its event recorded there), so it holds the values as of
+      now in that stream's order (a kernel enqueued later, on that stream, that changes ``x``
+      runs after the copy);
     - any other tensor (another device, not contiguous, a subclass): a copy on the CPU;
     - anything else, a sequence of numbers: a list of its elements.
     """

@@ -308,9 +308,9 @@ class H3Profiler:
         What is recorded is the values at the call: changing a logged tensor or list in place
         afterwards, or freeing its autograd graph, does not change it. A CPU tensor's memory
         is copied during the call (nothing of the tensor is kept); a CUDA tensor's copy to the
-        host is enqueued on the current stream during the call, so it sees the tensor as of
-        the call in that stream's order (a later in-place kernel on another stream, without
-        synchronising, is the caller's race); a list is copied.
+        host is enqueued on its device's current stream during the call, so it sees the tensor
+        as of the call in that stream's order (a later in-place kernel on another stream,
+        without synchronising, is the caller's race); a list is copied.
         """
         if not self._accepting:
             return  # not started, stopped, or a forked child (DataLoader worker): inert

@@ -359,12 +359,13 @@ def test_the_worker_keeps_its_pace_with_batches_logged_during_a_request() -> Non
 
 
 class FakeCudaTensor:
-    """A CUDA tensor's surface at the seam: is_cuda, detach, to(device, non_blocking)."""
+    """A CUDA tensor's surface at the seam: is_cuda, device, detach, to(device, non_blocking)."""
 
     is_cuda = True
 
-    def __init__(self, value: torch.Tensor) -> None:
+    def __init__(self, value: torch.Tensor, device: str = "cuda:0") -> None:
         self.value = value
+        self.device = device
         self.copies: list[tuple[str, bool]] = []
         self.detaches = 0
 
@@ -378,29 +379,49 @@ class FakeCudaTensor:
 
 
 class FakeEvent:
+    """``torch.cuda.Event``'s surface: record(stream=None), synchronize()."""
+
+    made: list[FakeEvent] = []
+
     def __init__(self) -> None:
         self.recorded = self.synced = False
+        self.stream: Any = None
+        FakeEvent.made.append(self)
 
-    def record(self) -> None:
-        self.recorded = True
+    def record(self, stream: Any = None) -> None:
+        self.recorded, self.stream = True, stream
 
     def synchronize(self) -> None:
         assert self.recorded
         self.synced = True
 
 
+class FakeCuda:
+    """``torch.cuda``'s surface at the seam: Event, current_stream(device)."""
+
+    Event = FakeEvent
+
+    @staticmethod
+    def current_stream(device: Any = None) -> tuple[str, Any]:
+        return ("current stream of", device)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[FakeEvent]:
+    """torch.cuda replaced at the seam; the events made through it."""
+    from h3client import _batching
+
+    FakeEvent.made = []
+    monkeypatch.setattr(_batching, "cuda_module", lambda: FakeCuda)
+    return FakeEvent.made
+
+
 def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(
-    monkeypatch: pytest.MonkeyPatch,
+    fake_cuda: list[FakeEvent],
 ) -> None:
     from h3client import _batching
 
-    events: list[FakeEvent] = []
-
-    def factory() -> FakeEvent:
-        events.append(FakeEvent())
-        return events[-1]
-
-    monkeypatch.setattr(_batching, "event_factory", factory)
+    events = fake_cuda
     loss = FakeCudaTensor(torch.tensor(0.25))
     vec = FakeCudaTensor(torch.tensor([0.5, float("nan")]))
     pending = _batching.off_device(loss)
@@ -518,11 +539,10 @@ def test_a_request_of_snapshots_with_mixed_dtypes_and_absent_vectors() -> None:
 
 
 def test_cuda_tensors_take_the_non_blocking_copy_through_snapshot(
-    monkeypatch: pytest.MonkeyPatch,
+    fake_cuda: list[FakeEvent],
 ) -> None:
     from h3client import _batching
 
-    monkeypatch.setattr(_batching, "event_factory", FakeEvent)
     vec = FakeCudaTensor(torch.tensor([0.5, 1.5]))
     snap = snapped(vec)
     assert type(snap) is _batching.PendingCopy and vec.copies == [("cpu", True)]
@@ -530,6 +550,22 @@ def test_cuda_tensors_take_the_non_blocking_copy_through_snapshot(
     rows, _ = decoded([item(0, _batching.snapshot_loss(FakeCudaTensor(torch.tensor(2.0))),
                             losses=snap)])  # fmt: skip
     assert rows[0]["loss"] == 2.0 and unpack(rows[0]["losses_f32"], "f") == [0.5, 1.5]
+
+
+def test_the_copy_event_is_recorded_on_the_stream_of_the_tensors_device(
+    fake_cuda: list[FakeEvent],
+) -> None:
+    """A tensor on a GPU that is not the current device (``model.to("cuda:1")`` without
+    ``set_device``) is copied on that device's stream; an event recorded on the current
+    device's stream would not wait for the copy, and the sender would read the host buffer
+    before the values arrived."""
+    from h3client import _batching
+
+    snap = _batching.snapshot(FakeCudaTensor(torch.tensor([0.5]), device="cuda:1"))
+    assert type(snap) is _batching.PendingCopy
+    assert [e.stream for e in fake_cuda] == [("current stream of", "cuda:1")]
+    pending = _batching.off_device(FakeCudaTensor(torch.tensor(1.0), device="cuda:0"))
+    assert pending.event.stream == ("current stream of", "cuda:0")
 
 
 def test_a_large_request_is_converted_in_slices_and_keeps_its_order() -> None:
