@@ -127,6 +127,14 @@ def test_page_code_runs_as_written(
     assert code
     for i, block in enumerate(code):
         exec(compile(block, f"docs/{page} python block {i}", "exec"), ns)  # noqa: S102
+    # what the page's runs told the reader: every batch reached the daemon
+    reports = [v for v in ns.values() if isinstance(v, dict) and "batches_lost" in v]
+    reports += [r for v in ns.values() if isinstance(r := getattr(v, "results", None), dict)]
+    if page in ("client.md", "optim.md", "lightning.md", "huggingface.md"):
+        assert reports, f"docs/{page}: no run's results to check"
+    for results in reports:
+        assert results["batches_lost"] == 0 and results["batches_spooled"] == 0, results
+        assert results["batches_posted"] == results["batches_logged"] > 0, results
 
 
 def test_docs_links_exist() -> None:
