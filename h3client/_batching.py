@@ -87,15 +87,9 @@ def _torch_cuda() -> Any:
 cuda_module = _torch_cuda
 
 
-def off_device(t: Any) -> Any:
-    """Detach ``t``; for a CUDA tensor, start a non-blocking copy to pinned host memory and
+def off_device(t: Any) -> PendingCopy:
+    """For the detached CUDA tensor ``t``: start a non-blocking copy to pinned host memory and
     record an event, so the training thread never waits for the GPU on H3's behalf."""
-    t = t.detach()
-    return _enqueue_copy(t) if t.is_cuda else t
-
-
-def _enqueue_copy(t: Any) -> PendingCopy:
-    """``off_device`` of a detached CUDA tensor (``snapshot`` has detached it already)."""
     host = t.to("cpu", non_blocking=True)  # PyTorch pins the host side of such a copy
     cuda = cuda_module()
     event = cuda.Event()
@@ -162,7 +156,7 @@ def snapshot(x: Any) -> Any:
     bind_torch()
     t = x.detach()
     if t.is_cuda:
-        return _enqueue_copy(t)
+        return off_device(t)
     if type(t) is TENSOR and t.is_cpu and t.is_contiguous():
         p = t.data_ptr()
         return (MEMORY[p : p + t.nbytes].tobytes(), t.dtype)
