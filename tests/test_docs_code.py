@@ -11,13 +11,13 @@ leave to the reader, fails here. The runs go to a real daemon through the enviro
 
 from __future__ import annotations
 
-import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, Daemon
+from tests.test_readme import assert_delivered, blocks, missing_links, run_as_users_shell
 
 DOCS = REPO / "docs"
 
@@ -95,12 +95,8 @@ NOT_HERE = {
 }
 
 
-def blocks(page: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), flags=re.S | re.M)
-
-
 def test_every_page_with_python_is_covered() -> None:
-    with_code = {p.name for p in DOCS.glob("*.md") if blocks(p.name)}
+    with_code = {p.name for p in DOCS.glob("*.md") if blocks("python", p)}
     assert with_code == set(PAGES) | set(NOT_HERE)
 
 
@@ -116,14 +112,12 @@ def test_page_code_runs_as_written(
     needs, prelude = PAGES[page]
     for module in needs:
         pytest.importorskip(module)
-    monkeypatch.setenv("H3D_DATA_DIR", str(daemon.data_dir))
-    monkeypatch.delenv("H3D_URL", raising=False)
-    monkeypatch.delenv("H3D_TOKEN", raising=False)
+    run_as_users_shell(daemon, monkeypatch)
     monkeypatch.setenv("H3_TUNE_CACHE", str(tmp_path / "mnist5k.npz"))
     monkeypatch.chdir(tmp_path)  # what a block writes to its working directory lands here
     ns: dict[str, object] = {"__name__": f"docs_{page}", "_tmp": tmp_path}
     exec(compile(textwrap.dedent(prelude), f"prelude of {page}", "exec"), ns)  # noqa: S102
-    code = blocks(page)
+    code = blocks("python", DOCS / page)
     assert code
     for i, block in enumerate(code):
         exec(compile(block, f"docs/{page} python block {i}", "exec"), ns)  # noqa: S102
@@ -133,17 +127,12 @@ def test_page_code_runs_as_written(
     if page in ("client.md", "optim.md", "lightning.md", "huggingface.md"):
         assert reports, f"docs/{page}: no run's results to check"
     for results in reports:
-        assert results["batches_lost"] == 0 and results["batches_spooled"] == 0, results
-        assert results["batches_posted"] == results["batches_logged"] > 0, results
+        assert_delivered(results)
 
 
 def test_docs_links_exist() -> None:
     """Every relative link of every page of ``docs/`` names a file of this tree."""
     missing = [
-        f"{page.name} -> {target}"
-        for page in sorted(DOCS.glob("*.md"))
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
-        if not target.startswith(("http://", "https://", "mailto:"))
-        and not (page.parent / target).exists()
+        f"{page.name} -> {t}" for page in sorted(DOCS.glob("*.md")) for t in missing_links(page)
     ]
     assert not missing, missing
