@@ -199,6 +199,7 @@ class H3Profiler:
             on_tick=self._refresh_eta,
         )
         self._t_start = time.time()
+        cpu = os.times()  # the daemon counts this process's CPU share from here
         # torch imported already (the usual training script): log_batch's fast paths are
         # armed from its first call, not after a first tensor went the slow way
         _batching.bind_torch()
@@ -215,6 +216,7 @@ class H3Profiler:
                     "config": self._config_json,
                     "tags": tags,
                     "pid": os.getpid(),
+                    "cpu_s": cpu.user + cpu.system + cpu.children_user + cpu.children_system,
                     "host": socket.gethostname(),
                     "n_train": self.n_train,
                     **rank_fields,

@@ -9,12 +9,21 @@ the child ran is taken off when it arrives there). The share of an interval is
 
 so the shares of all runs never add up to more than 1 (to measurement rounding, which is
 clamped), and a run alone on an otherwise idle machine gets close to 1.
+
+A run is followed from when its create request arrives, which a client sends from its own
+thread some time after the run began (its HTTP stack is imported there first). A client
+that says what its process's CPU time was when the run began (``cpu_s`` at ``since_t``)
+has its first interval start there instead: its CPU since then over the machine's busy time
+since then, read off the busy readings of earlier intervals. Without that, a run shorter
+than the delay would be seen doing nothing and get no energy.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -39,6 +48,8 @@ class _Tree:
     last_s: dict[int, float] = field(default_factory=dict)
     ppid: dict[int, int] = field(default_factory=dict)
     counted_s: float = 0.0
+    # the run began before it was tracked: (when, its root's CPU seconds from then to now)
+    since: tuple[float, float] | None = None
 
 
 def _cpu_s(p: psutil.Process) -> float:
@@ -58,20 +69,50 @@ class CpuShareTracker:
     ranks of one run share the machine.
     """
 
+    #: busy readings kept for runs that began before they were tracked (one per sample)
+    HISTORY = 256
+
     def __init__(self) -> None:
         self._runs: dict[Hashable, _Tree] = {}
         self._last_busy: float | None = None
+        self._busy: deque[tuple[float, float]] = deque(maxlen=self.HISTORY)  # (t, busy CPU s)
+        #: keys whose share in the last :meth:`sample` runs from their start, and that start
+        self.starts: dict[Hashable, float] = {}
 
-    def track(self, run_id: Hashable, pid: int) -> bool:
-        """Start following ``pid`` and its children for ``run_id``; False if it is gone."""
+    def track(
+        self,
+        run_id: Hashable,
+        pid: int,
+        *,
+        cpu_s: float | None = None,
+        since_t: float | None = None,
+    ) -> bool:
+        """Start following ``pid`` and its children for ``run_id``; False if it is gone.
+
+        ``cpu_s``: the process's CPU seconds (user + system, waited-for children included,
+        as ``os.times()`` reads them) at ``since_t``, when the run began; its first share is
+        then counted from there, if :meth:`sample` (given times) has busy readings that old.
+        """
         try:
             root = psutil.Process(pid)
             tree = _Tree(root=root)
             self._refresh(tree, baseline=True)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
+        now_s = tree.last_s.get(pid)
+        if cpu_s is not None and since_t is not None and now_s is not None and cpu_s <= now_s:
+            tree.since = (since_t, now_s - cpu_s)  # more than now: not this process's reading
         self._runs[run_id] = tree
         return True
+
+    def _busy_at(self, t: float) -> float | None:
+        """The machine's busy CPU seconds at ``t``, interpolated; None before the readings."""
+        h = self._busy
+        i = bisect.bisect_right(h, t, key=lambda r: r[0])
+        if i == 0:
+            return None
+        (ta, ba), (tb, bb) = h[i - 1], h[min(i, len(h) - 1)]
+        return ba if tb <= ta else ba + (bb - ba) * (t - ta) / (tb - ta)
 
     def untrack(self, run_id: Hashable) -> None:
         self._runs.pop(run_id, None)
@@ -149,14 +190,34 @@ class CpuShareTracker:
             parent = tree.ppid.get(parent)
         return False
 
-    def sample(self) -> dict[Hashable, float]:
+    def sample(self, t: float | None = None) -> dict[Hashable, float]:
+        """Each run's share since the last call. ``t``: now, on the caller's clock; with it,
+        a run tracked with its start gets its first share from that start (see
+        :attr:`starts`)."""
         busy = busy_cpu_s()
         gained = {rid: self._refresh(tree) for rid, tree in list(self._runs.items())}
         prev, self._last_busy = self._last_busy, busy
-        if prev is None or busy - prev <= 0:
-            return {}
-        total = busy - prev
-        shares = {rid: min(1.0, g / total) for rid, g in gained.items()}
+        if t is not None:
+            self._busy.append((t, busy))
+        self.starts = {}
+        since_total: dict[Hashable, float] = {}
+        for rid, tree in self._runs.items():
+            if tree.since is None:
+                continue
+            (t0, before), tree.since = tree.since, None
+            busy0 = self._busy_at(t0) if t is not None else None
+            if busy0 is not None and busy - busy0 > 0:
+                # its CPU from its start to when it was tracked, and the machine's since then
+                gained[rid] += before
+                tree.counted_s += before
+                since_total[rid] = busy - busy0
+                self.starts[rid] = t0
+        total = busy - prev if prev is not None else 0.0
+        shares = {
+            rid: min(1.0, g / d)
+            for rid, g in gained.items()
+            if (d := since_total.get(rid, total)) > 0
+        }
         s = sum(shares.values())
         if s > 1.0:  # rounding between the per-process and the system counters
             shares = {rid: v / s for rid, v in shares.items()}

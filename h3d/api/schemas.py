@@ -86,6 +86,14 @@ class RunCreate(BaseModel):
     )
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     pid: int | None = Field(None, ge=0, le=INT_MAX)
+    cpu_s: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="CPU seconds of process `pid` at `created_at` (user + system, waited-for "
+        "children included, as `os.times()` reads them). With it the daemon counts the run's "
+        "CPU share from `created_at` rather than from when this request arrived.",
+    )
     host: str | None = Field(None, max_length=255)
     n_train: int | None = Field(
         None, ge=1, le=INT_MAX, description="Training-set size, for ΔI_total."

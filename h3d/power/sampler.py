@@ -169,6 +169,7 @@ class PowerSampler:
 
     def _run(self) -> None:
         self._started_mono = self._clock()
+        self.sample_shares()  # the first busy reading: a run that starts now can count from it
         next_tick = self._started_mono
         last_flush = next_tick
         last_prune = next_tick - self.prune_every_s + 5.0  # first pass soon after start
@@ -270,14 +271,24 @@ class PowerSampler:
 
     # --- runs: attribution and the idle baseline ----------------------------------------
 
-    def run_started(self, run_id: str, pid: int | None, rank: int | None = None) -> bool:
+    def run_started(
+        self,
+        run_id: str,
+        pid: int | None,
+        rank: int | None = None,
+        *,
+        cpu_s: float | None = None,
+        since_t: float | None = None,
+    ) -> bool:
         """A run (or one rank of it) is active; follow its process tree if it runs here.
-        True if followed."""
+        True if followed. ``cpu_s`` at ``since_t``: its process's CPU time when it began
+        (see :meth:`CpuShareTracker.track`)."""
         with self._lock:
             self._active_runs.add((run_id, rank))
             self.run_energy_j.setdefault(run_id, 0.0)
             self.run_followed_since.setdefault(run_id, self.now())
-            return pid is not None and self._shares.track((run_id, rank), pid)
+            key = (run_id, rank)
+            return pid is not None and self._shares.track(key, pid, cpu_s=cpu_s, since_t=since_t)
 
     def run_ended(self, run_id: str, rank: int | None = None) -> None:
         """The run ended here: one rank of it, or (``rank`` None) all of it.
@@ -332,7 +343,8 @@ class PowerSampler:
         """
         t = self.now()
         with self._lock:
-            shares = self._shares.sample()
+            shares = self._shares.sample(t)
+            starts = cast(dict[tuple[str, int | None], float], self._shares.starts)
             t0, self._share_t = self._share_t, t
             if t0 is None:
                 return
@@ -347,7 +359,10 @@ class PowerSampler:
             rows: list[dict[str, Any]] = []
 
             def emit(rid: str, kind: str, per_rank: dict[int | None, float], union: float) -> None:
-                base = {"run_id": rid, "node": self.node, "kind": kind, "t0": t0, "t1": t}
+                # a run's first share runs from its start when its client said what it was
+                first = [v for (r, _rank), v in starts.items() if r == rid]
+                start = min(first) if kind == "cpu" and first else t0
+                base = {"run_id": rid, "node": self.node, "kind": kind, "t0": start, "t1": t}
                 self._last_share[(rid, kind)] = min(1.0, union)
                 rows.append({**base, "rank": -1, "share": min(1.0, union)})
                 rows.extend(

@@ -274,7 +274,6 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
             json={"epochs": [{"epoch": epoch, "t": time.time(), "accuracy": 0.5 + 0.1 * epoch}]},
         ).raise_for_status()
     api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
-    time.sleep(0.2)  # let the sampler take a reading past the window's end (edge interpolation)
     done = api.get(f"/v1/runs/{run['id']}").json()
     duration = done["finished_at"] - done["created_at"]
     energy = api.get(f"/v1/runs/{run['id']}/energy").json()
@@ -318,6 +317,21 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
     assert cmp["runs"][0]["final_accuracy"] == pytest.approx(0.7)
     assert api.get("/v1/compare", params={"runs": f"{run['id']},nope"}).status_code == 404
     assert t0 <= done["created_at"] + 1
+
+
+def test_a_report_asked_for_at_the_end_sees_the_whole_run(daemon_factory: Any) -> None:
+    """The run's last readings and shares are stored when it ends, not at the next scheduled
+    flush (here a minute away): a client that asks at once gets the whole window's energy."""
+    d = daemon_factory(H3D_FLUSH_INTERVAL_S="60")
+    with d.client() as api:
+        run = make_run(api)
+        time.sleep(0.3)
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        done = api.get(f"/v1/runs/{run['id']}").json()
+        energy = api.get(f"/v1/runs/{run['id']}/report").json()["energy"]
+    assert energy["energy_j"] == pytest.approx(
+        50.0 * (done["finished_at"] - done["created_at"]), rel=0.05
+    )
 
 
 def test_devices_and_sampler_stats(api: httpx.Client) -> None:

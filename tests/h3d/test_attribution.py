@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -190,3 +192,56 @@ def test_several_runs_never_get_more_than_the_machine() -> None:
             busy[k] += shares.get(k, 0.0)
     assert all(s <= 1.0 + 1e-9 for s in sums), sums
     assert busy["r0"] > busy["r1"]  # the busier one gets more
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@pytest.mark.parametrize("says_its_start", [True, False])
+def test_a_run_announced_late_is_counted_from_its_start(daemon: Any, says_its_start: bool) -> None:
+    """A client's create arrives after the run began (its sender thread sends it). The run
+    here burns its CPU before the daemon hears of it and ends at once: told the process's
+    CPU time at ``created_at``, the daemon counts that CPU; not told, it sees nothing."""
+    t0, cpu0 = time.time(), _cpu_s()
+    _burn(0.4)
+    body: dict[str, Any] = {"name": "late", "created_at": t0, "pid": os.getpid()}
+    if says_its_start:
+        body["cpu_s"] = cpu0
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json=body).json()
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        done = api.get(f"/v1/runs/{run['id']}").json()
+        energy = api.get(f"/v1/runs/{run['id']}/energy").json()
+    device_j = 50.0 * (done["finished_at"] - done["created_at"])  # the constant:50 backend
+    assert energy["by_device"][0]["attribution"] == "process"
+    if says_its_start:  # this process had most of the machine's busy time: most of the energy
+        assert 0.5 * device_j < energy["energy_j"] <= 1.001 * device_j, energy
+    else:
+        assert energy["energy_j"] < 0.2 * device_j, energy
+
+
+def test_tracker_counts_from_a_start_only_inside_its_busy_readings() -> None:
+    tr = CpuShareTracker()
+    tr.sample(t=100.0)  # the first busy reading, at 100 on the caller's clock
+    cpu0 = _cpu_s()
+    _burn(0.3)
+    me = os.getpid()
+    assert tr.track("from-start", me, cpu_s=cpu0, since_t=100.0)
+    assert tr.track("before-the-readings", me, cpu_s=cpu0, since_t=50.0)
+    assert tr.track("not-its-reading", me, cpu_s=1e9, since_t=100.0)  # more than it has
+    assert tr.track("plain", me)
+    shares = tr.sample(t=100.5)
+    assert tr.starts == {"from-start": 100.0}
+    assert shares["from-start"] > 0.5, shares
+    for key in ("before-the-readings", "not-its-reading", "plain"):  # from when tracked: idle
+        assert shares.get(key, 0.0) < 0.2, shares
+    assert tr.cpu_s("from-start") >= 0.25 > tr.cpu_s("plain")
+    assert tr.sample(t=100.6) is not None and tr.starts == {}  # only the first share

@@ -74,7 +74,13 @@ def create_run(
     if sampler is not None:
         if sampler.devices:
             sampler.mark()
-        sampler.run_started(out.id, body.pid if is_local(body.host) else None, body.rank)
+        sampler.run_started(
+            out.id,
+            body.pid if is_local(body.host) else None,
+            body.rank,
+            cpu_s=body.cpu_s,
+            since_t=now,
+        )
     return out
 
 
