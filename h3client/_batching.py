@@ -87,16 +87,40 @@ def _torch_cuda() -> Any:
 cuda_module = _torch_cuda
 
 
-def off_device(t: Any) -> PendingCopy:
+#: Copies enqueued by one ``log_batch`` call, each with its tensor's device, whose event is
+#: recorded once they all are (:func:`record_copies`).
+Copies = list[tuple[PendingCopy, Any]]
+
+
+def off_device(t: Any, copies: Copies | None = None) -> PendingCopy:
     """For the detached CUDA tensor ``t``: start a non-blocking copy to pinned host memory and
-    record an event, so the training thread never waits for the GPU on H3's behalf."""
+    record an event, so the training thread never waits for the GPU on H3's behalf.
+
+    With ``copies``, the event is left to :func:`record_copies`: the copies of one call then
+    share one event per device instead of making one each.
+    """
     host = t.to("cpu", non_blocking=True)  # PyTorch pins the host side of such a copy
+    pending = PendingCopy(host, None)
+    if copies is None:
+        record_copies([(pending, t.device)])
+    else:
+        copies.append((pending, t.device))
+    return pending
+
+
+def record_copies(copies: Copies) -> None:
+    """Give each enqueued copy its event: one per device, recorded after all of them on that
+    device's current stream, where they were enqueued (a bare ``record()`` takes the current
+    device's stream, which does not order a copy from another GPU). An event orders every
+    copy enqueued on its stream before it, so one serves them all."""
     cuda = cuda_module()
-    event = cuda.Event()
-    # on the stream the copy went to: the current stream of the tensor's device (a bare
-    # record() takes the current device's, which does not order a copy from another GPU)
-    event.record(cuda.current_stream(t.device))
-    return PendingCopy(host, event)
+    events: dict[Any, Any] = {}
+    for pending, device in copies:
+        event = events.get(device)
+        if event is None:
+            event = events[device] = cuda.Event()
+            event.record(cuda.current_stream(device))
+        pending.event = event
 
 
 # --- what log_batch keeps of a tensor --------------------------------------------------------
@@ -138,7 +162,7 @@ def bind_torch() -> None:
     TENSOR = torch.Tensor  # last: the fast path reads MEMORY once TENSOR matches
 
 
-def snapshot(x: Any) -> Any:
+def snapshot(x: Any, copies: Copies | None = None) -> Any:
     """What ``log_batch`` queues of the tensor or sequence ``x``: its values as of now, so
     that changing ``x`` in place afterwards, or freeing its autograd graph, changes nothing.
 
@@ -150,22 +174,24 @@ def snapshot(x: Any) -> Any:
       runs after the copy);
     - any other tensor (another device, not contiguous, a subclass): a copy on the CPU;
     - anything else, a sequence of numbers: a list of its elements.
+
+    ``copies``: see :func:`off_device`.
     """
     if not hasattr(x, "detach"):
         return list(x)
     bind_torch()
     t = x.detach()
     if t.is_cuda:
-        return off_device(t)
+        return off_device(t, copies)
     if type(t) is TENSOR and t.is_cpu and t.is_contiguous():
         p = t.data_ptr()
         return (MEMORY[p : p + t.nbytes].tobytes(), t.dtype)
     return t.to("cpu", copy=True)
 
 
-def snapshot_loss(x: Any) -> Any:
+def snapshot_loss(x: Any, copies: Copies | None = None) -> Any:
     """``snapshot`` for the loss: a tensor as above, anything else as a float."""
-    return snapshot(x) if hasattr(x, "detach") else float(x)
+    return snapshot(x, copies) if hasattr(x, "detach") else float(x)
 
 
 def _ready(xs: Sequence[Any]) -> list[Any]:

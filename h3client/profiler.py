@@ -324,25 +324,28 @@ class H3Profiler:
             # from its memory (about 0.5 µs, what a detach() costs, which would still share
             # the tensor's memory); everything else goes through snapshot()
             tensor, mem = _batching.TENSOR, _batching.MEMORY
+            copies: _batching.Copies = []  # CUDA copies: one event per device, at the end
             if type(loss) is tensor and loss.is_cpu:
                 try:
                     loss = loss.item()
                 except RuntimeError:  # not one element: queued as it is, the sender rejects it
                     loss = snapshot_loss(loss)
             elif type(loss) is not float:
-                loss = snapshot_loss(loss)
+                loss = snapshot_loss(loss, copies)
             if losses is not None:
                 if type(losses) is tensor and losses.is_cpu and losses.is_contiguous():
                     p = losses.data_ptr()
                     losses = (mem[p : p + losses.nbytes].tobytes(), losses.dtype)
                 else:
-                    losses = snapshot(losses)
+                    losses = snapshot(losses, copies)
             if indices is not None:
                 if type(indices) is tensor and indices.is_cpu and indices.is_contiguous():
                     p = indices.data_ptr()
                     indices = (mem[p : p + indices.nbytes].tobytes(), indices.dtype)
                 else:
-                    indices = snapshot(indices)
+                    indices = snapshot(indices, copies)
+            if copies:
+                _batching.record_copies(copies)
             seq = self._seq
             self._seq = seq + self._seq_step
             q = proc.batches  # proc.add_batch, inline

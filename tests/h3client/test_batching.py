@@ -16,6 +16,7 @@ import torch
 from h3client._batching import B64_PIECE, BatchProcessor, _b64, encode_batches
 from h3client._exporter import Outcome, Request
 from h3client._spool import batch_seqs
+from tests.h3client.conftest import FakeCudaTensor, FakeEvent
 
 
 class Memory:
@@ -356,64 +357,6 @@ def test_the_worker_keeps_its_pace_with_batches_logged_during_a_request() -> Non
     assert p.close(10.0)
     assert mem.seqs() == list(range(5000))
     counted(p, 5000)
-
-
-class FakeCudaTensor:
-    """A CUDA tensor's surface at the seam: is_cuda, device, detach, to(device, non_blocking)."""
-
-    is_cuda = True
-
-    def __init__(self, value: torch.Tensor, device: str = "cuda:0") -> None:
-        self.value = value
-        self.device = device
-        self.copies: list[tuple[str, bool]] = []
-        self.detaches = 0
-
-    def detach(self) -> FakeCudaTensor:
-        self.detaches += 1
-        return self
-
-    def to(self, device: str, non_blocking: bool = False) -> torch.Tensor:
-        self.copies.append((device, non_blocking))
-        return self.value.clone()
-
-
-class FakeEvent:
-    """``torch.cuda.Event``'s surface: record(stream=None), synchronize()."""
-
-    made: list[FakeEvent] = []
-
-    def __init__(self) -> None:
-        self.recorded = self.synced = False
-        self.stream: Any = None
-        FakeEvent.made.append(self)
-
-    def record(self, stream: Any = None) -> None:
-        self.recorded, self.stream = True, stream
-
-    def synchronize(self) -> None:
-        assert self.recorded
-        self.synced = True
-
-
-class FakeCuda:
-    """``torch.cuda``'s surface at the seam: Event, current_stream(device)."""
-
-    Event = FakeEvent
-
-    @staticmethod
-    def current_stream(device: Any = None) -> tuple[str, Any]:
-        return ("current stream of", device)
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[FakeEvent]:
-    """torch.cuda replaced at the seam; the events made through it."""
-    from h3client import _batching
-
-    FakeEvent.made = []
-    monkeypatch.setattr(_batching, "cuda_module", lambda: FakeCuda)
-    return FakeEvent.made
 
 
 def test_cuda_losses_are_copied_without_blocking_and_read_on_the_worker(

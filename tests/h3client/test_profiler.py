@@ -17,6 +17,7 @@ from torch import nn
 
 from h3client import Client, H3ConnectionError, H3Profiler, H3RunNotFound, replay_spool
 from tests.conftest import REPO, Daemon, daemon_env
+from tests.h3client.conftest import FakeCudaTensor, FakeEvent
 
 
 def digits_loop(prof: H3Profiler, epochs: int = 3) -> tuple[list[float], list[float]]:
@@ -244,6 +245,39 @@ def test_what_is_stored_is_what_was_logged_though_the_tensors_change_afterwards(
     stored = stored_sample_losses(daemon, str(prof.run_id), 400)
     assert [s[0] for s in stored] == [e[1] for e in expected]
     assert [s[1] for s in stored] == [e[2] for e in expected]
+
+
+def test_a_calls_cuda_copies_share_one_event_per_device(
+    daemon: Daemon, fake_cuda: list[FakeEvent]
+) -> None:
+    """The loss, the per-sample losses and the indices of one call are copied off the GPU
+    without blocking; one event per device, recorded after its copies on its stream, is what
+    the sender waits on (not one per tensor: each record is a driver call on the training
+    thread)."""
+    prof = H3Profiler("gpu", url=daemon.url, data_dir=daemon.data_dir)
+    vec, idx = torch.tensor([0.5, 1.5, 2.5]), torch.tensor([7, 8, 9])
+    prof.log_batch(
+        FakeCudaTensor(torch.tensor(0.25)),
+        losses=FakeCudaTensor(vec),
+        indices=FakeCudaTensor(idx),
+    )
+    assert [e.stream for e in fake_cuda] == [("current stream of", "cuda:0")]
+    prof.log_batch(  # a model split over two GPUs: one event on each
+        FakeCudaTensor(torch.tensor(0.75), device="cuda:1"),
+        losses=FakeCudaTensor(vec * 2, device="cuda:0"),
+        indices=idx + 3,  # on the CPU: copied during the call, no event
+    )
+    assert [e.stream for e in fake_cuda[1:]] == [
+        ("current stream of", "cuda:1"),
+        ("current stream of", "cuda:0"),
+    ]
+    res = prof.stop()
+    assert res["batches_posted"] == 2 and res["log_errors"] == 0
+    assert all(e.synced for e in fake_cuda)  # the sender waited on them, not the loop
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert [v for _t, v in c.series(str(prof.run_id), "loss")] == [0.25, 0.75]
+    stored = stored_sample_losses(daemon, str(prof.run_id), 2)
+    assert stored == [([0.5, 1.5, 2.5], [7, 8, 9]), ([1.0, 3.0, 5.0], [10, 11, 12])]
 
 
 def test_log_batch_queues_bytes_and_keeps_nothing_of_the_tensors(tmp_path: Path) -> None:
