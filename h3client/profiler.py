@@ -324,25 +324,29 @@ class H3Profiler:
             # from its memory (about 0.5 µs, what a detach() costs, which would still share
             # the tensor's memory); everything else goes through snapshot()
             tensor, mem = _batching.TENSOR, _batching.MEMORY
-            copies: _batching.Copies = []  # CUDA copies: one event per device, at the end
+            # CUDA copies (made off the fast paths only): one event per device, at the end
+            copies: _batching.Copies | None = None
             if type(loss) is tensor and loss.is_cpu:
                 try:
                     loss = loss.item()
                 except RuntimeError:  # not one element: queued as it is, the sender rejects it
                     loss = snapshot_loss(loss)
             elif type(loss) is not float:
+                copies = []
                 loss = snapshot_loss(loss, copies)
             if losses is not None:
                 if type(losses) is tensor and losses.is_cpu and losses.is_contiguous():
                     p = losses.data_ptr()
                     losses = (mem[p : p + losses.nbytes].tobytes(), losses.dtype)
                 else:
+                    copies = [] if copies is None else copies
                     losses = snapshot(losses, copies)
             if indices is not None:
                 if type(indices) is tensor and indices.is_cpu and indices.is_contiguous():
                     p = indices.data_ptr()
                     indices = (mem[p : p + indices.nbytes].tobytes(), indices.dtype)
                 else:
+                    copies = [] if copies is None else copies
                     indices = snapshot(indices, copies)
             if copies:
                 _batching.record_copies(copies)
