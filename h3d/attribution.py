@@ -100,8 +100,9 @@ class CpuShareTracker:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
         now_s = tree.last_s.get(pid)
+        # a cpu_s above the process's CPU time now is not its reading (a reused pid): ignored
         if cpu_s is not None and since_t is not None and now_s is not None and cpu_s <= now_s:
-            tree.since = (since_t, now_s - cpu_s)  # more than now: not this process's reading
+            tree.since = (since_t, now_s - cpu_s)
         self._runs[run_id] = tree
         return True
 
