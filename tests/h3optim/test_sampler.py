@@ -232,6 +232,25 @@ def test_a_model_that_is_not_learning_is_not_mistaken_for_bad_labels() -> None:
         InformationWeightedSampler(n, t, noise_margin=-0.1)
 
 
+@pytest.mark.parametrize(("rose", "flagged"), [(10, 0), (19, 0), (20, 20), (80, 80)])
+def test_a_few_rising_losses_are_hard_samples_not_bad_labels(rose: int, flagged: int) -> None:
+    """Under ``noise_min_share`` (2 %) of the seen samples flagged, none is set to 0: on clean
+    data that is what a model still learning its hard samples looks like."""
+    n = 1000
+    t = LossTracker(n, smoothing=1.0)
+    t.update(torch.arange(n), torch.full((n,), 2.3))
+    later = torch.full((n,), 1.3)
+    later[:rose] = 2.9  # rose by 0.6 nats, past the margin
+    t.update(torch.arange(n), later)
+    s = InformationWeightedSampler(n, t, 0.5, 0.3, unbiased=True)
+    assert int(s.likely_mislabeled().sum()) == flagged
+    assert int((s.weights(torch.arange(n)) == 0).sum()) == flagged
+    every = InformationWeightedSampler(n, t, 0.5, 0.3, unbiased=True, noise_min_share=0.0)
+    assert int(every.likely_mislabeled().sum()) == rose
+    with pytest.raises(ValueError):
+        InformationWeightedSampler(n, t, noise_min_share=0.6)
+
+
 def test_the_weight_vector_is_computed_once_per_draw_and_follows_changes() -> None:
     t = tracker_with_losses(1000)
     s = InformationWeightedSampler(1000, t, 0.3, 0.1, unbiased=True)
