@@ -320,8 +320,9 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
 
 
 def test_a_report_asked_for_at_the_end_sees_the_whole_run(daemon_factory: Any) -> None:
-    """The run's last readings and shares are stored when it ends, not at the next scheduled
-    flush (here a minute away): a client that asks at once gets the whole window's energy."""
+    """Readings the sampler has not stored yet are read too (its read overlay): a client that
+    asks the moment its run ends gets the whole window's energy, though the next scheduled
+    flush is a minute away."""
     d = daemon_factory(H3D_FLUSH_INTERVAL_S="60")
     with d.client() as api:
         run = make_run(api)
