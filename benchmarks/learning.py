@@ -24,6 +24,9 @@ Arms (same model, data, batch size, epochs and data path, but where an arm says 
 - ``H3 mnist_fast``, ``H3 cifar_safe``, ``H3 edge``: the fixed presets (H3Optimizer +
   sampler; keep 0.5, 0.8 and 0.4 of the data per thermodynamic epoch), against which AutoH3
   must not end more than 0.3 points lower.
+- ``--auto-variant LABEL JSON`` adds an arm ``LABEL``: ``AutoH3 (balanced)`` (with Adam)
+  given the keyword arguments in ``JSON`` as well, e.g. ``'AutoH3, learned_ratio=0.1'
+  '{"learned_ratio": 0.1}'`` (a setting's trade-off, measured beside the defaults).
 
 Every arm reads its batches the same way: ``h3optim.batch_loader`` over an
 ``IndexedDataset(TensorDataset)`` (one indexing operation per batch), with the arm's sampler
@@ -139,6 +142,8 @@ ARMS = [
 # "AutoH3 (balanced)" trains with Adam (its ``optimizer=`` factory), so that its difference
 # from uniform Adam is the sampling's; "AutoH3 (H3Optimizer)" is AutoH3 with every default
 AUTO_ARMS = ("AutoH3 (balanced)", "AutoH3 (H3Optimizer)")
+# --auto-variant: label -> AutoH3 keyword arguments, for arms of "AutoH3 (balanced)" + those
+AUTO_VARIANTS: dict[str, dict[str, Any]] = {}
 # (AutoH3 arm, the uniform arm it is judged against) in the headline: the same Adam kernel,
 # and AutoH3 as a user gets it against torch.optim.Adam() as a user has it
 HEADLINE = [
@@ -338,7 +343,7 @@ def arm_epochs(
             tracker=setup.loss_tracker,
             closure_step=True,
         )
-    elif arm in AUTO_ARMS:
+    elif arm in AUTO_ARMS or arm in AUTO_VARIANTS:
         auto = AutoH3(
             model.parameters(),
             ds,
@@ -348,11 +353,12 @@ def arm_epochs(
             seed=seed,
             profiler=prof,
             optimizer=(lambda p: torch.optim.Adam(p, lr=lr))
-            if arm == "AutoH3 (balanced)"
+            if arm != "AutoH3 (H3Optimizer)"
             else None,
             # every arm computes subnormals alike, so that a difference in wall time is the
             # sampling's; benchmarks/denormals.py measures flush-to-zero on its own
             flush_denormal=False,
+            **AUTO_VARIANTS.get(arm, {}),
         )
         auto.start()
 
@@ -494,6 +500,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "learning.md"))
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
+        "--auto-variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LABEL", "JSON"),
+        help="an extra arm LABEL: AutoH3 (balanced) with these keyword arguments as well",
+    )
+    ap.add_argument(
         "--sweep-lr",
         action="store_true",
         help="first choose each task's lr: uniform Adam at each of SWEEP_LRS on a validation "
@@ -502,6 +516,8 @@ def main() -> None:
     ap.add_argument("--lr-jsonl", default=str(RESULTS / "learning_lr.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
+    AUTO_VARIANTS.update({label: json.loads(kw) for label, kw in args.auto_variant})
+    args.arms += [label for label in AUTO_VARIANTS if label not in args.arms]
     path, lr_path = Path(args.jsonl), Path(args.lr_jsonl)
     if not args.report_only:
         with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, _token):
@@ -665,7 +681,7 @@ def write(
                 "",
                 f"Not run (`--tasks {key}`: {task.epochs} epochs, batch {task.batch}"
                 + (f", {task.train_subset} training samples" if task.train_subset else "")
-                + "); the shared machine did not leave the time.",
+                + "): not in this run.",
                 "",
             ]
             continue
@@ -692,7 +708,7 @@ def write(
             "| arm | test accuracy % | samples back-propagated | vs Adam | wall s | wall vs Adam (median) | energy J | energy vs Adam (median) | GFLOPs | flipped share % |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for arm in ARMS:
+        for arm in ARMS + [a for a in by_arm if a not in ARMS]:  # --auto-variant arms last
             if arm not in by_arm:
                 continue
             rs = by_arm[arm]
@@ -746,6 +762,9 @@ def write(
                 f"- AutoH3 − {p} (a fixed preset): {pair('AutoH3 (balanced)', p)}."
                 for p in PRESETS
                 if p in by_arm
+            ),
+            *(  # --auto-variant arms
+                f"- {a} − uniform Adam: {pair(a, 'uniform Adam')}." for a in by_arm if a not in ARMS
             ),
         ]
         ran = [p for p in PRESETS if p in by_arm]
