@@ -241,6 +241,14 @@ class NullExporter:
         pass
 
 
+# --only's keys for the diagnostic modes
+DIAGNOSTIC = {
+    "log-only": "log_batch only (sender held, queue discarded)",
+    "null": "sender to a null sink",
+    "mean": "H3Profiler (mean loss only)",
+}
+
+
 def training(
     url: str,
     token: str,
@@ -251,6 +259,7 @@ def training(
     diagnose: bool = False,
     block_s: float = 3.0,
     pin: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Epochs of a real training loop: per round, one block of epochs (``block_s`` seconds)
     of each logging mode, in rotating order; each logging block is compared with the
@@ -343,6 +352,10 @@ def training(
         modes[mean_only] = lambda loss, losses, b: scalar.log_batch(loss)
         live[mean_only] = scalar
         extra += [held, null, scalar]
+        if only:  # --only: of the diagnostic modes, these
+            keep = {DIAGNOSTIC[k] for k in only}
+            for m in [m for m in DIAGNOSTIC.values() if m not in keep]:
+                del modes[m]
     if sync:
         modes["sync HTTP POST per batch"] = sync_log
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -462,6 +475,12 @@ def main() -> None:
         "(no HTTP, no daemon work, no η fetch), and logging the mean loss only",
     )
     ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(DIAGNOSTIC),
+        help="training: of --diagnose's modes, only these (more rounds in the same time)",
+    )
+    ap.add_argument(
         "--pin",
         action="store_true",
         help="training: the training thread alone on CPU 0, the senders and the daemon on "
@@ -488,9 +507,10 @@ def main() -> None:
             data,
             args.rounds or (8 if args.quick else 60),
             sync=not (args.quick or args.no_sync),
-            diagnose=args.diagnose,
+            diagnose=args.diagnose or bool(args.only),
             block_s=args.block_s,
             pin=args.pin,
+            only=args.only,
         )
     write(args, res, calls, repeats)
 
@@ -501,6 +521,7 @@ def flags(args) -> str:
     out += f" --rounds {args.rounds}" if args.rounds else ""
     out += f" --block-s {args.block_s:g}" if args.block_s != 3.0 else ""
     out += " --diagnose" if args.diagnose else ""
+    out += f" --only {' '.join(args.only)}" if args.only else ""
     out += " --pin" if args.pin else ""
     return out + (" --no-sync" if args.no_sync else "")
 
