@@ -675,6 +675,7 @@ def write(
         for r in rows:
             if r["task"] == key:
                 by_arm.setdefault(r["arm"], {})[r["seed"]] = r
+        variants = [a for a in by_arm if a not in ARMS]  # --auto-variant arms
         if "uniform Adam" not in by_arm:
             lines += [
                 f"## {task.name}",
@@ -708,7 +709,7 @@ def write(
             "| arm | test accuracy % | samples back-propagated | vs Adam | wall s | wall vs Adam (median) | energy J | energy vs Adam (median) | GFLOPs | flipped share % |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for arm in ARMS + [a for a in by_arm if a not in ARMS]:  # --auto-variant arms last
+        for arm in ARMS + variants:
             if arm not in by_arm:
                 continue
             rs = by_arm[arm]
@@ -763,9 +764,7 @@ def write(
                 for p in PRESETS
                 if p in by_arm
             ),
-            *(  # --auto-variant arms
-                f"- {a} − uniform Adam: {pair(a, 'uniform Adam')}." for a in by_arm if a not in ARMS
-            ),
+            *(f"- {a} − uniform Adam: {pair(a, 'uniform Adam')}." for a in variants),
         ]
         ran = [p for p in PRESETS if p in by_arm]
         # each AutoH3 arm against the preset it trails most; the presets train with
