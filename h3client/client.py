@@ -28,6 +28,11 @@ def _is_loopback(url: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _is_https(url: str) -> bool:
+    """Whether ``url`` is reached over TLS (and so needs a verifying SSL context)."""
+    return url[:6].lower() == "https:"
+
+
 #: The operations a profiler sends (and spools): name -> (method, path template).
 OPERATIONS = {
     "create": ("POST", "/v1/runs"),
@@ -79,9 +84,12 @@ class Client:
             if self._closed:
                 raise H3ConnectionError("this Client was closed")
             # TCP_NODELAY: a request written as headers then body must not wait for the
-            # peer's delayed ACK (~40 ms per request on Linux loopback otherwise).
+            # peer's delayed ACK (~40 ms per request on Linux loopback otherwise). An SSL
+            # context only for an https daemon: building one loads the CA bundle, 25-100 ms
+            # of CPU in one call that holds the GIL, stalling the training thread that long.
             transport = httpx.HTTPTransport(
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+                verify=_is_https(self.config.url),
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             )
             self._http = httpx.Client(
                 base_url=self.config.url,

@@ -182,6 +182,26 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 
 
 @pytest.fixture
+def ca_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every CA-bundle load by an SSL context made during the test (what makes building a
+    verifying context cost 25-100 ms of CPU), by the name of the method that loaded it."""
+    import ssl
+
+    loads: list[str] = []
+    for name in ("load_verify_locations", "load_default_certs"):
+        real = getattr(ssl.SSLContext, name)
+
+        def counted(
+            self: ssl.SSLContext, *a: Any, _real: Any = real, _name: str = name, **kw: Any
+        ) -> Any:
+            loads.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(ssl.SSLContext, name, counted)
+    return loads
+
+
+@pytest.fixture
 def api(daemon: Daemon) -> Iterator[httpx.Client]:
     with daemon.client() as c:
         yield c

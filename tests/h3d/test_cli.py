@@ -91,6 +91,22 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(daemon: Daemon) -> 
     assert code == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_cli_talks_to_a_plain_http_daemon_without_a_ca_bundle(
+    daemon: Daemon, ca_loads: list[str]
+) -> None:
+    from h3d._http import DaemonClient, http_client, probe
+    from h3d.config import Settings
+
+    # a verifying SSL context cost every command 25-100 ms of CPU, twice (probe and client)
+    assert probe(daemon.url, daemon.token) == (True, True)
+    client = DaemonClient(Settings(data_dir=daemon.data_dir), url=daemon.url)
+    assert client.get("/v1/runs")["count"] == 0
+    client.http.close()
+    assert ca_loads == []
+    http_client("https://127.0.0.1:1", None, 1.0).close()
+    assert ca_loads, "an https daemon is reached with certificate verification"
+
+
 def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
     port = str(free_port())  # nothing answers there, whatever else runs on this machine
     r = h3d(tmp_path / "empty", "status", H3D_PORT=port)
