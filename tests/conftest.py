@@ -184,7 +184,7 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 @pytest.fixture
 def ca_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every CA-bundle load by an SSL context made during the test (what makes building a
-    verifying context cost 25-100 ms of CPU), by the name of the method that loaded it."""
+    verifying context cost 34-52 ms of CPU), by the name of the method that loaded it."""
     import ssl
 
     loads: list[str] = []

@@ -97,7 +97,7 @@ def test_cli_talks_to_a_plain_http_daemon_without_a_ca_bundle(
     from h3d._http import DaemonClient, http_client, probe
     from h3d.config import Settings
 
-    # a verifying SSL context cost every command 25-100 ms of CPU, twice (probe and client)
+    # a verifying SSL context cost every command 34-52 ms of CPU, once or twice (probe and client)
     assert probe(daemon.url, daemon.token) == (True, True)
     client = DaemonClient(Settings(data_dir=daemon.data_dir), url=daemon.url)
     assert client.get("/v1/runs")["count"] == 0
