@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m h3d demo
 
+# pytest runs on one worker per core (pytest-xdist), at most 4: each worker imports torch
+# and starts its own daemons. `pytest` alone runs serially.
 # The dashboard's tests drive Debian's chromium through Playwright (no browser download).
 # As root (CI) it is installed when missing; otherwise those tests skip and say why.
 browser:
@@ -45,7 +47,7 @@ test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
