@@ -120,9 +120,20 @@ class Trainer:
                 acc = (self.model(self.data.x_test).argmax(1) == self.data.y_test).float().mean()
             prof.log_epoch(self.epoch, accuracy=float(acc))
             self.epoch += 1
-            # An epoch of this MLP takes ~10 ms on a quiet machine: without a pause the
-            # sampler (every 50 ms here) would see a run too short to draw a power curve.
-            time.sleep(0.1)
+            # An epoch of this MLP takes ~10 ms on a quiet machine: the sampler (every 50 ms
+            # here) would see a run too short to draw a power curve. A run's energy is its
+            # share of the machine's busy CPU time, read in 10 ms ticks, so 0.1 s of CPU per
+            # epoch, not a sleep: the runs' energies then follow their epoch counts (2 to 6)
+            # wherever another test loads the machine (pytest-xdist's other worker), which
+            # halves a share at most.
+            _burn_cpu(0.1)
+
+
+def _burn_cpu(seconds: float) -> None:
+    """Keep this thread on the CPU for ``seconds`` of its own CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
 
 def _daemon(root: Path) -> Daemon:
