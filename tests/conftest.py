@@ -55,6 +55,13 @@ def torchrun(
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
+def burn_cpu(seconds: float) -> None:
+    """Keep this thread on the CPU for ``seconds`` of its own CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (now)."""
     with socket.socket() as s:

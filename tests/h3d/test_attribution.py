@@ -20,6 +20,7 @@ from h3d.power.sampler import PowerSampler
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, session_scope
+from tests.conftest import burn_cpu
 
 BURN = """
 import sys, time
@@ -194,12 +195,6 @@ def test_several_runs_never_get_more_than_the_machine() -> None:
     assert busy["r0"] > busy["r1"]  # the busier one gets more
 
 
-def _burn(seconds: float) -> None:
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
-
-
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
@@ -211,7 +206,7 @@ def test_a_run_announced_late_is_counted_from_its_start(daemon: Any) -> None:
     CPU time at ``created_at``, the daemon counts that CPU. (Not told, it saw the process
     idle from the create on and gave it next to nothing: this failed before cpu_s.)"""
     t0, cpu0, busy0 = time.time(), _cpu_s(), busy_cpu_s()
-    _burn(0.4)
+    burn_cpu(0.4)
     body = {"name": "late", "created_at": t0, "pid": os.getpid(), "cpu_s": cpu0}
     with daemon.client() as api:
         run = api.post("/v1/runs", json=body).json()
@@ -229,7 +224,7 @@ def test_tracker_counts_from_a_start_only_inside_its_busy_readings() -> None:
     tr = CpuShareTracker()
     tr.sample(t=100.0)  # the first busy reading, at 100 on the caller's clock
     cpu0, busy0 = _cpu_s(), busy_cpu_s()
-    _burn(0.3)
+    burn_cpu(0.3)
     me = os.getpid()
     assert tr.track("from-start", me, cpu_s=cpu0, since_t=100.0)
     assert tr.track("before-the-readings", me, cpu_s=cpu0, since_t=50.0)

@@ -25,7 +25,7 @@ import pytest
 
 from h3client import H3Profiler
 from h3client._report import diminishing_returns
-from tests.conftest import REPO, Daemon, daemon_env
+from tests.conftest import REPO, Daemon, burn_cpu, daemon_env
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = REPO / "build" / "screenshots"
@@ -126,14 +126,7 @@ class Trainer:
             # epoch, not a sleep: the runs' energies then follow their epoch counts (2 to 6)
             # wherever another test loads the machine (pytest-xdist's other worker), which
             # halves a share at most.
-            _burn_cpu(0.1)
-
-
-def _burn_cpu(seconds: float) -> None:
-    """Keep this thread on the CPU for ``seconds`` of its own CPU time."""
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
+            burn_cpu(0.1)
 
 
 def _daemon(root: Path) -> Daemon:

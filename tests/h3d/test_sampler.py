@@ -27,6 +27,7 @@ from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, session_scope
 from h3d.storage.models import PowerSample
+from tests.conftest import burn_cpu
 
 T = TypeVar("T")
 
@@ -159,9 +160,7 @@ def test_a_run_shorter_than_a_share_interval_gets_the_cpu_it_used(store) -> None
                 ).id  # fmt: skip
             assert s.run_started(run_id, run.pid)
             s.sample_shares()  # the sampler's first look: the shares' clock starts
-            burn = time.thread_time() + 0.1  # other work on the machine; the run is idle
-            while time.thread_time() < burn:
-                pass
+            burn_cpu(0.1)  # other work on the machine; the run is idle
             s.sample_shares()  # the periodic sample, as the sampler thread takes it
             before = _cpu_now(run.pid)
             run.stdin.write("go\n")
