@@ -33,8 +33,6 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m h3d demo
 
-# pytest runs on one worker per core (pytest-xdist), at most 4: each worker imports torch
-# and starts its own daemons. `pytest` alone runs serially.
 # The dashboard's tests drive Debian's chromium through Playwright (no browser download).
 # As root (CI) it is installed when missing; otherwise those tests skip and say why.
 browser:
@@ -43,6 +41,8 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	    || echo "chromium could not be installed: the browser tests will skip"; fi
 
+# pytest runs on one worker per core (pytest-xdist), at most 4: each worker imports torch
+# and starts its own daemons. `pytest` alone runs serially.
 test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
