@@ -35,10 +35,18 @@ _IDLE_FIELDS = ("idle", "iowait")
 _GUEST_FIELDS = ("guest", "guest_nice")  # already counted in user/nice on Linux
 
 
-def busy_cpu_s() -> float:
+def cpu_s() -> tuple[float, float]:
+    """The whole machine's (busy, total) CPU seconds since boot, summed over its CPUs, from
+    one read of ``/proc/stat`` (as ``psutil.cpu_percent`` counts them: busy is all but idle
+    and iowait; guest time is already in user and nice)."""
     t = psutil.cpu_times()
-    busy = (getattr(t, f) for f in t._fields if f not in _IDLE_FIELDS and f not in _GUEST_FIELDS)
-    return float(sum(busy))
+    total = sum(getattr(t, f) for f in t._fields if f not in _GUEST_FIELDS)
+    idle = sum(getattr(t, f) for f in _IDLE_FIELDS if hasattr(t, f))
+    return float(total - idle), float(total)
+
+
+def busy_cpu_s() -> float:
+    return cpu_s()[0]
 
 
 @dataclass

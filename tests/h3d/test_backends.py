@@ -12,6 +12,7 @@ import pytest
 
 from h3d.power import apple, detect, nvml, rapl
 from h3d.power.base import PowerBackendError
+from h3d.power.estimated import EstimatedCpuBackend
 from tests.h3d.fake_pynvml import FakeGpu, NVMLError_LibraryNotFound
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -185,3 +186,53 @@ def test_powermetrics_plist_stream_is_parsed_into_power() -> None:
 def test_recorded_stream_fixture_is_real_plist() -> None:
     docs = (FIXTURES / "powermetrics.plist.stream").read_bytes().split(b"\0")
     assert plistlib.loads(docs[0].strip())["processor"]["combined_power"] == 4321
+
+
+# --- the estimated CPU model ----------------------------------------------------------------
+
+
+def test_estimated_reads_utilisation_over_whole_windows_only() -> None:
+    """A read off the sampler's schedule (a run's start or end), a few ms after a scheduled
+    one, measured a window of one or two 10 ms ticks: 0 % or 100 % of a busy machine, a dip
+    to 0 W in the README's own figure. It now repeats the last figure and leaves the window
+    open, so the next read measures the whole window."""
+    now = [0.0]
+    cpu = [(0.0, 0.0)]  # (busy, total) CPU seconds, as /proc/stat counts them
+    est = EstimatedCpuBackend(20.0, clock=lambda: now[0], cpu_times=lambda: cpu[0])
+    now[0], cpu[0] = 0.1, (0.1, 0.2)  # one of two cores busy for 100 ms
+    assert est.read().power_w == pytest.approx(10.0)
+    now[0], cpu[0] = 0.11, (0.1, 0.22)  # 10 ms later: no busy tick counted yet
+    assert est.read().power_w == pytest.approx(10.0)  # not 0 W
+    now[0], cpu[0] = 0.2, (0.2, 0.4)
+    assert est.read().power_w == pytest.approx(10.0)  # (0.2 - 0.1) / (0.4 - 0.2): whole
+    now[0], cpu[0] = 0.3, (0.4, 0.6)
+    assert est.read().power_w == pytest.approx(20.0)  # a window that is long enough counts
+    now[0], cpu[0] = 0.4, (0.4, 0.6)  # a stalled /proc/stat: no tick at all
+    assert est.read().power_w == pytest.approx(20.0)
+
+
+def test_estimated_agrees_with_psutil_on_a_busy_machine() -> None:
+    """On this machine, with one core kept busy by a child process: every 100 ms window reads
+    what ``psutil.cpu_percent`` reads over the same window, and a read 2 ms after one repeats
+    it."""
+    import subprocess
+
+    import psutil
+
+    est = EstimatedCpuBackend(100.0)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        est.read()
+        psutil.cpu_percent(interval=None)
+        for _ in range(5):
+            time.sleep(0.1)
+            w = est.read().power_w
+            pct = psutil.cpu_percent(interval=None)
+            assert w is not None and abs(w - pct) <= 10.0  # µs apart: a tick or two at most
+            assert w >= 100.0 / (psutil.cpu_count() or 1) * 0.8  # a busy core shows
+            time.sleep(0.002)
+            assert est.read().power_w == w
+    finally:
+        busy.kill()
+        busy.wait()
