@@ -15,7 +15,7 @@ else
 endif
 STAMP := .venv/.h3-installed
 
-.PHONY: demo test lint bench env clean browser
+.PHONY: demo test lint bench env clean browser screenshot
 
 env: $(STAMP)
 
@@ -48,6 +48,11 @@ test: $(STAMP) browser
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m pytest -n auto --maxprocesses 4
+
+# The README's figure, docs/img/dashboard.png: the run page of a real `h3d demo` run on a
+# fresh data dir, taken in chromium (the daemon it starts is stopped afterwards).
+screenshot: $(STAMP) browser
+	$(PY) docs/img/capture.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
