@@ -12,16 +12,16 @@
 
   const esc = s => String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 
-  /** A number for people: 3 significant digits, k/M/G or m/µ prefixes. */
+  /** A number for people: 3 significant digits, k/M/G or m/µ prefixes (0.01 to 1000 plain,
+   * beyond those exponents). Rounded first, so that 999.96 reads 1k and 0.0099996 reads 0.01. */
   function num(v, digits = 3) {
     if (v === null || v === undefined || !Number.isFinite(v)) return "–";
-    const a = Math.abs(v);
+    const r = Number(v.toPrecision(digits)), a = Math.abs(r);
     if (a === 0) return "0";
-    const units = [[1e9, "G"], [1e6, "M"], [1e3, "k"]];
-    for (const [f, p] of units) if (a >= f) return trim((v / f).toPrecision(digits)) + p;
-    if (a >= 0.01) return trim(v.toPrecision(digits));
-    if (a >= 1e-6 && a < 1e-3) return trim((v * 1e6).toPrecision(digits)) + "µ";
-    return trim(v.toExponential(digits - 1));
+    if (a >= 1e12 || a < 1e-6) return trim(r.toExponential(digits - 1));
+    const rungs = [[1e9, "G"], [1e6, "M"], [1e3, "k"], [0.01, ""], [1e-3, "m"], [1e-6, "µ"]];
+    const [f, p] = rungs.find(([f]) => a >= f);
+    return trim((p ? r / f : r).toPrecision(digits)) + p;
   }
   function trim(s) { return s.includes("e") || !s.includes(".") ? s : s.replace(/\.?0+$/, ""); }
 

@@ -325,6 +325,23 @@ def test_runs_list_sorts_by_energy_and_filters_by_tag(tab: Tab, trained: Daemon)
 
 
 @needs_browser
+def test_numbers_read_on_one_ladder_of_prefixes(tab: Tab, trained: Daemon) -> None:
+    """Every figure on the pages goes through H3Charts.num: plain from 0.01 to 1000, then k/M/G
+    and m/µ. The m rung was missing, so an epoch table read 9.08e-3 next to 899µ; and a value
+    that rounds up to the next rung (999.96) read 1.00e+3."""
+    _goto(tab, trained)
+    tab.page.wait_for_selector("table.runs-table tbody tr")
+    cases = {
+        0: "0", 2.31: "2.31", 0.0164: "0.0164", 0.00908: "9.08m", -0.00276: "-2.76m",
+        0.000899: "899µ", 4.1e-5: "41µ", 27.7: "27.7", 1234: "1.23k", 999.96: "1k",
+        0.0099996: "0.01", 0.00099996: "1m", 2.5e6: "2.5M", 2.5e-8: "2.50e-8",
+    }  # fmt: skip
+    got = tab.page.evaluate("xs => xs.map(x => H3Charts.num(x))", list(cases))
+    assert dict(zip(cases, got, strict=True)) == cases
+    assert tab.page.evaluate("[NaN, null, Infinity].map(x => H3Charts.num(x))") == ["–"] * 3
+
+
+@needs_browser
 def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
     page = tab.page
     run = next(r for r in _runs(trained) if r["name"] == "mlp-64-e6")
