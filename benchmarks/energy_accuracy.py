@@ -33,8 +33,8 @@ from benchmarks._common import cold_start_s, machine  # noqa: E402
 from benchmarks._traces import bursts, ramp, steps  # noqa: E402
 from h3d.energy import EnergyCurve  # noqa: E402
 from h3d.power.base import DeviceInfo, PowerReading  # noqa: E402
-from h3d.power.estimated import EstimatedCpuBackend  # noqa: E402
 from h3d.power.sampler import PowerSampler  # noqa: E402
+from h3d.power.select import build_backends  # noqa: E402
 from h3d.storage import migrate  # noqa: E402
 from h3d.storage import repository as repo  # noqa: E402
 from h3d.storage.engine import Store, session_scope  # noqa: E402
@@ -102,7 +102,9 @@ def sampler_cost(interval_s: float, seconds: float) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(f"sqlite:///{tmp}/b.db")
         migrate.upgrade(store.engine)
-        s = PowerSampler([EstimatedCpuBackend(65.0)], store, interval_s=interval_s)
+        # the backend as the daemon builds it for this period
+        devs = build_backends("estimated", cpu_tdp_w=65.0, sample_interval_s=interval_s)
+        s = PowerSampler(devs, store, interval_s=interval_s)
         s.start()
         time.sleep(seconds)
         frac = s.stats()["cpu_fraction_of_core"]

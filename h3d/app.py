@@ -107,7 +107,11 @@ def create_app(
         devs = (
             list(backends)
             if backends is not None
-            else build_backends(settings.power_backends, cpu_tdp_w=settings.cpu_tdp_w)
+            else build_backends(
+                settings.power_backends,
+                cpu_tdp_w=settings.cpu_tdp_w,
+                sample_interval_s=settings.sample_interval_s,
+            )
         )
         sampler = PowerSampler(
             devs,

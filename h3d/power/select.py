@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from h3d.power.base import PowerBackend
-from h3d.power.estimated import EstimatedCpuBackend
+from h3d.power.estimated import MIN_WINDOW_S, EstimatedCpuBackend
 from h3d.power.fake import ConstantBackend
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,22 @@ def _hardware() -> list[PowerBackend]:
         return []
 
 
-def build_backends(spec: str, *, cpu_tdp_w: float | None) -> list[PowerBackend]:
-    """``auto`` | ``estimated`` | ``constant:<W>`` | ``none``, comma-separated."""
+def build_backends(
+    spec: str, *, cpu_tdp_w: float | None, sample_interval_s: float | None = None
+) -> list[PowerBackend]:
+    """``auto`` | ``estimated`` | ``constant:<W>`` | ``none``, comma-separated.
+
+    ``sample_interval_s``: the sampler's period. The estimated model's shortest window is
+    kept under half of it, so that every scheduled read measures (a 50 ms period with a 50 ms
+    shortest window would skip about every other read, by the wake-ups' jitter); only a read
+    off the schedule that close to a scheduled one repeats the last figure."""
+    min_window_s = (
+        MIN_WINDOW_S if sample_interval_s is None else min(MIN_WINDOW_S, sample_interval_s / 2)
+    )
+
+    def estimated() -> EstimatedCpuBackend:
+        return EstimatedCpuBackend(cpu_tdp_w, min_window_s=min_window_s)
+
     out: list[PowerBackend] = []
     for i, item in enumerate(p.strip() for p in spec.split(",") if p.strip()):
         if item == "auto":
@@ -33,10 +47,10 @@ def build_backends(spec: str, *, cpu_tdp_w: float | None) -> list[PowerBackend]:
                     "no power device is readable (NVML, RAPL, Apple): using the ESTIMATED "
                     "CPU model (utilisation x TDP); `h3d doctor` says how to enable one"
                 )
-                hw = [EstimatedCpuBackend(cpu_tdp_w)]
+                hw = [estimated()]
             out.extend(hw)
         elif item == "estimated":
-            out.append(EstimatedCpuBackend(cpu_tdp_w))
+            out.append(estimated())
         elif item.startswith("constant:"):
             watts = float(item.split(":", 1)[1])
             out.append(ConstantBackend(watts, name=f"constant:{i}"))

@@ -12,7 +12,8 @@ import pytest
 
 from h3d.power import apple, detect, nvml, rapl
 from h3d.power.base import PowerBackendError
-from h3d.power.estimated import EstimatedCpuBackend
+from h3d.power.estimated import MIN_WINDOW_S, EstimatedCpuBackend
+from h3d.power.select import build_backends
 from tests.h3d.fake_pynvml import FakeGpu, NVMLError_LibraryNotFound
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -208,6 +209,25 @@ def test_estimated_reads_utilisation_over_whole_windows_only() -> None:
     now[0], cpu[0] = 0.3, (0.4, 0.6)
     assert est.read().power_w == pytest.approx(20.0)  # a window that is long enough counts
     now[0], cpu[0] = 0.4, (0.4, 0.6)  # a stalled /proc/stat: no tick at all
+    assert est.read().power_w == pytest.approx(20.0)
+
+
+def test_estimated_scheduled_reads_always_measure() -> None:
+    """The daemon builds the model with a shortest window of half its sampling period (at
+    most 50 ms): at a 50 ms period a scheduled read that wakes 1 ms early still measures,
+    where a 50 ms shortest window would have skipped it."""
+    (est,) = build_backends("estimated", cpu_tdp_w=20.0, sample_interval_s=0.05)
+    assert isinstance(est, EstimatedCpuBackend) and est.min_window_s == pytest.approx(0.025)
+    (default,) = build_backends("estimated", cpu_tdp_w=20.0, sample_interval_s=1.0)
+    assert isinstance(default, EstimatedCpuBackend) and default.min_window_s == MIN_WINDOW_S
+    now = [0.0]
+    cpu = [(0.0, 0.0)]
+    est = EstimatedCpuBackend(
+        20.0, min_window_s=0.025, clock=lambda: now[0], cpu_times=lambda: cpu[0]
+    )
+    now[0], cpu[0] = 0.05, (0.05, 0.1)
+    assert est.read().power_w == pytest.approx(10.0)
+    now[0], cpu[0] = 0.099, (0.148, 0.198)  # 49 ms later: both cores busy throughout
     assert est.read().power_w == pytest.approx(20.0)
 
 
