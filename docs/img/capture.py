@@ -35,7 +35,6 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix="h3-shot-") as tmp:
-        data_dir = Path(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
         demo = subprocess.run(
             [sys.executable, "-m", "h3d", "demo", "--data-dir", tmp, "--epochs", str(args.epochs)],
@@ -64,7 +63,7 @@ def main() -> int:
                 browser.close()
         finally:
             subprocess.run(
-                [sys.executable, "-m", "h3d", "stop", "--data-dir", str(data_dir)],
+                [sys.executable, "-m", "h3d", "stop", "--data-dir", tmp],
                 env=env,
                 check=False,
             )
