@@ -8,8 +8,17 @@ in /metrics. Two rules:
   run for ``grace_s``: failed (the grace covers a client that flushes after its main
   process ended, e.g. a spool replay);
 - any other running run (remote, or local and not followable) with no request for
-  ``timeout_s``: failed. Its "heartbeat" is the daemon's own clock at the run's last request
-  (create, ingest, update), so clock skew between hosts does not matter.
+  ``timeout_s`` to any daemon of the store: failed. Its "heartbeat" is the serving daemon's
+  own clock at the run's last request (create, ingest, update), so the clocks of the hosts
+  that train do not matter.
+
+Several daemons can share one store (a cluster's nodes on one PostgreSQL database), and each
+sees every running run, including those only another node serves, or whose ranks on this node
+are done. So each reaper writes the heartbeats of the runs it served to the store
+(``runs.seen_at``, once per pass, one statement), and times every run from the latest
+heartbeat of any daemon, or from when it first saw the run, whichever is later. The daemons'
+clocks are compared with each other there, so they should agree to well within
+``timeout_s`` (NTP does).
 
 A reaped run gets ``finished_at`` = its last activity, and takes no more data (409), like a
 run its client finished.
@@ -50,6 +59,7 @@ class Reaper:
         self.every_s = every_s
         self._clock = clock
         self._seen: dict[str, float] = {}
+        self._unwritten: dict[str, float] = {}  # heartbeats not yet on the store
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,7 +67,7 @@ class Reaper:
     def seen(self, run_id: str) -> None:
         """A request for ``run_id`` arrived (its heartbeat)."""
         with self._lock:
-            self._seen[run_id] = self._clock()
+            self._seen[run_id] = self._unwritten[run_id] = self._clock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="h3d-reaper", daemon=True)
@@ -77,18 +87,29 @@ class Reaper:
 
     def reap(self) -> list[str]:
         """Mark failed every run the rules above find; returns their ids."""
+        with self._lock:
+            beats, self._unwritten = self._unwritten, {}
+        if beats:
+            try:
+                self.store.write(lambda s: repo.write_heartbeats(s, beats))
+            except Exception:
+                with self._lock:  # the next pass writes them (or later ones)
+                    self._unwritten = {**beats, **self._unwritten}
+                raise
         now = self._clock()
         exited = set(self.sampler.exited_runs())
         doomed: dict[str, float] = {}
         with self.store.read() as s:
-            running = [r.id for r in repo.running_runs(s)]
+            running = repo.running_heartbeats(s)
         with self._lock:
-            for rid in running:
+            for rid, stored in running.items():
                 last = self._seen.setdefault(rid, now)  # first look: the clock starts now
+                if stored is not None and stored > last:
+                    last = stored  # another daemon served it since
                 limit = self.grace_s if rid in exited else self.timeout_s
                 if now - last >= limit:
                     doomed[rid] = last
-            for rid in set(self._seen) - set(running):
+            for rid in set(self._seen) - running.keys():
                 del self._seen[rid]
         for rid, last in doomed.items():
 

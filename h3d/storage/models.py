@@ -50,6 +50,10 @@ class Run(Base):
     n_nonfinite: Mapped[int] = mapped_column(Integer, default=0)
     last_seq: Mapped[int | None] = mapped_column(Integer)
     last_t: Mapped[float | None] = mapped_column(Float)
+    # The run's heartbeat on a shared store: the clock of the daemon that last served a
+    # request for it, at that request, as its reaper writes it every few seconds
+    # (h3d/reaper.py). NULL: no daemon has written one yet.
+    seen_at: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         Index("ix_runs_created_at_id", "created_at", "id"),

@@ -742,6 +742,27 @@ def running_runs(session: Session) -> list[Run]:
     return list(session.scalars(select(Run).where(Run.status == "running")))
 
 
+def running_heartbeats(session: Session) -> dict[str, float | None]:
+    """Each running run's id and its heartbeat on the store (``seen_at``; None: none yet)."""
+    q = select(Run.id, Run.seen_at).where(Run.status == "running")
+    return {rid: seen for rid, seen in session.execute(q)}
+
+
+def write_heartbeats(session: Session, seen: dict[str, float]) -> None:
+    """Move each run's heartbeat forward to the time given for it (never back: another
+    daemon may have written a later one)."""
+    if not seen:
+        return
+    runs: Any = Run.__table__
+    at = bindparam("at", type_=Float)
+    session.execute(
+        update(runs)
+        .where(runs.c.id == bindparam("rid"), or_(runs.c.seen_at.is_(None), runs.c.seen_at < at))
+        .values(seen_at=at),
+        [{"rid": rid, "at": t} for rid, t in seen.items()],
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _loss_end_sql(dialect: Dialect, *, last: bool) -> _Driver:
     t: Any = Batch.__table__

@@ -126,3 +126,35 @@ def test_daemons_starting_at_once_migrate_once(nodes: Callable[..., Daemon], pg_
     for d in daemons:
         assert httpx.get(f"{d.url}/healthz").status_code == 200
     engine.dispose()
+
+
+def test_a_run_that_one_node_serves_is_not_reaped_by_the_other(
+    nodes: Callable[..., Daemon], pg_url: str
+) -> None:
+    """Every daemon of a shared store sees every running run. Node b never serves this one:
+    it must time it by node a's heartbeat on the store, not fail it after its own timeout."""
+    timing = {"H3D_RUN_TIMEOUT_S": "2", "H3D_RUN_REAP_EVERY_S": "0.2"}
+    a = nodes("node-a", pg_url, **timing)
+    b = nodes("node-b", pg_url, **timing)
+    with a.client() as api_a, b.client() as api_b:
+        r = api_a.post("/v1/runs", json={"name": "served-by-a", "pid": 1, "host": "gpu-7"})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        t0 = time.monotonic()
+        seq = 0
+        while time.monotonic() - t0 < 6:  # three of b's timeouts, a request every 0.5 s
+            got = api_a.post(
+                f"/v1/runs/{run_id}/batches",
+                json={"batches": [{"seq": seq, "t": time.time(), "loss": 1.0, "n": 8}]},
+            )
+            assert got.status_code == 200, (seq, got.text)  # a 409: someone failed the run
+            seq += 1
+            time.sleep(0.5)
+        assert api_b.get(f"/v1/runs/{run_id}").json()["status"] == "running"
+        # silent now: failed after the timeout, by one daemon or the other
+        deadline = time.monotonic() + 10
+        while (got := api_b.get(f"/v1/runs/{run_id}").json())["status"] == "running":
+            assert time.monotonic() < deadline, "the silent run was never reaped"
+            time.sleep(0.2)
+        assert got["status"] == "failed"
+        assert got["finished_at"] == pytest.approx(time.time() - 2, abs=2.0)
