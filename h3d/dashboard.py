@@ -10,6 +10,7 @@ one chart implementation.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -64,6 +65,8 @@ def render_report(bundle: dict[str, Any], *, now: float | None = None) -> str:
     # In a <script> element only "</" can end it early; \u003c keeps the JSON valid.
     data = data.replace("<", "\\u003c")
     page = static_text("index.html")
+    # the tab icon (an SVG data URL) names the SVG namespace's URL: the file keeps none
+    page = re.sub(r'<link rel="icon" [^>]*>\n', "", page, count=1)
     page = _inline(
         page, "<title>h3d</title>", f"<title>{_esc(bundle['run']['name'])} — h3d report</title>"
     )

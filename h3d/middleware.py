@@ -16,20 +16,24 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
-# The dashboard and /docs: only our own scripts and styles (the page is inline), data only
-# from this origin, and never inside another site's frame (clickjacking).
-PAGE_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'self'; script-src 'self' 'unsafe-inline'; "
-        b"style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-        b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-    ),
+# Pages: data only from this origin, never inside another site's frame (clickjacking). The
+# dashboard has no inline script or style, so it gets the strict policy; Swagger UI and ReDoc
+# (/docs, /redoc) start from an inline script, so they need 'unsafe-inline'.
+_OTHER_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
-PAGES = ("/", "/docs", "/redoc", "/docs/oauth2-redirect")
+_CSP = (
+    b"default-src 'self'; script-src 'self'%s; style-src 'self'%s; img-src 'self' data:; "
+    b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+DASHBOARD_HEADERS = [(b"content-security-policy", _CSP % (b"", b"")), *_OTHER_HEADERS]
+PAGE_HEADERS = [
+    (b"content-security-policy", _CSP % (b" 'unsafe-inline'", b" 'unsafe-inline'")),
+    *_OTHER_HEADERS,
+]
+PAGES = ("/docs", "/redoc", "/docs/oauth2-redirect")
 
 
 def host_allowed(host_header: bytes, allowed: frozenset[str]) -> bool:
@@ -119,7 +123,9 @@ class GuardMiddleware:
                 "add the name to H3D_ALLOWED_HOSTS if it is yours",
             )
             return
-        if scope["path"] in PAGES:
+        if scope["path"] == "/":
+            send = _with_headers(send, DASHBOARD_HEADERS)
+        elif scope["path"] in PAGES:
             send = _with_headers(send, PAGE_HEADERS)
         if is_protected(scope["path"]) and not secrets.compare_digest(
             headers.get(b"authorization", b""), self.expected

@@ -731,7 +731,9 @@ def test_browser_defences_host_check_csp_and_offline_docs(daemon: Any) -> None:
     for host in ("localhost", "127.0.0.1", f"localhost:{daemon.port}"):
         assert httpx.get(f"{daemon.url}/healthz", headers={"Host": host}).status_code == 200
     page = httpx.get(f"{daemon.url}/")
-    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp  # docs/dashboard.md
+    assert "script-src 'self';" in csp and "style-src 'self';" in csp
     assert page.headers["x-frame-options"] == "DENY"
     docs = httpx.get(f"{daemon.url}/docs")
     assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
