@@ -210,6 +210,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     running = c.get("/v1/runs", params={"status": "running", "limit": 1})
     print(f"h3d {c.get('/healthz')['version']} at {url}  (data dir {settings.data_dir})")
     print(f"runs: {runs['count']} stored, {running['count']} running")
+    try:
+        token = settings.token_path.read_text().strip()
+    except OSError:  # another user's data dir: the link is theirs to give
+        print(f"dashboard: {url}/ (it asks for the token in {settings.token_path})")
+    else:
+        print(f"dashboard: {url}/#token={token}")
     if not devs["devices"]:
         print("devices: none readable (source=none): energy is unknown; see `h3d doctor`")
     for d in devs["devices"]:

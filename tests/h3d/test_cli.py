@@ -47,6 +47,7 @@ def test_status_runs_show_export(daemon: Daemon, tmp_path: Path) -> None:
     assert st.returncode == 0, st.stderr
     assert "runs: 1 stored, 0 running" in st.stdout and "constant:0" in st.stdout
     assert "ESTIMATE" in st.stdout  # an estimate is never shown as a measurement
+    assert f"dashboard: {daemon.url}/#token={daemon.token}" in st.stdout  # the README's link
     runs = h3d(daemon, "runs")
     assert run["id"] in runs.stdout and "cli-run" in runs.stdout and "(1 of 1)" in runs.stdout
     show = h3d(daemon, "show", run["id"][:8])
