@@ -459,12 +459,14 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
     loss_vals, bad = _scalars(losses)
     fmt = '{"seq":%d,"t":%r'
     cols: list[Sequence[Any]] = [seqs, ts]
+    # each loss as a float, as the packed columns write it: a bool (a bool tensor's item())
+    # is 1.0 or 0.0, not ``True``, which is not JSON and would sink the whole request
     if None in loss_vals:
         fmt += ',"loss":%s'
-        cols.append(["null" if v is None else repr(v) for v in loss_vals])
+        cols.append(["null" if v is None else repr(float(v)) for v in loss_vals])
     else:
         fmt += ',"loss":%r'
-        cols.append(loss_vals)
+        cols.append(list(map(float, cast("list[float]", loss_vals))))
     lens = [-1] * len(items)
     if _any_set(vecs):
         f32, lens = _packed(vecs, "f")

@@ -84,7 +84,8 @@ class H3Profiler:
         tags: Labels to filter runs by.
         autostart: Start a local daemon (same data dir, detached) if none answers. The run
             opens on construction either way; without a daemon it runs offline on its spool.
-        run_id: Resume this run (its spool is replayed first, sequence numbers continue).
+        run_id: Resume this run: its spool is replayed first, sequence numbers and the
+            epoch counter continue after those stored (see docs/client.md).
         data_dir: The daemon's data dir (default ``H3D_DATA_DIR`` or ``~/.local/share/h3d``).
         n_train: Training-set size, for ΔI_total.
         flush_interval_s: How often the sender posts (also when a batch is full).
@@ -151,6 +152,7 @@ class H3Profiler:
         self.max_queue = max_queue
         self.eta_interval_s = eta_interval_s
         self._seq = 0
+        self._seq0 = 0  # this profiler's first seq (a resumed run's is past the stored ones)
         self._seq_step = 1  # a rank's k-th batch is seq k·world_size + rank: unique in the run
         self._rank_arg, self._world_arg = rank, world_size
         self.dist: RankInfo | None = None
@@ -190,7 +192,8 @@ class H3Profiler:
             self._client, self.run_id, rank=None if self.dist is None else self.dist.rank
         )
         if self._resume:
-            self._seq = self._resume_seq(online)
+            self._seq, self._epoch = self._resume_point(online)
+            self._seq0 = self._seq
         self._proc = BatchProcessor(
             self._exporter,
             max_batch=self.max_batch,
@@ -255,16 +258,19 @@ class H3Profiler:
         if self.run_id is None:
             self.run_id = _distributed.shared_run_id(self.dist, self.name)
         self._resume = False  # every rank joins the shared id; joining is idempotent
-        self._seq, self._seq_step = self.dist.rank, self.dist.world_size
+        self._seq = self._seq0 = self.dist.rank
+        self._seq_step = self.dist.world_size
         fields: dict[str, Any] = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         if self.dist.local_rank is not None:
             fields["local_rank"] = self.dist.local_rank
         return fields
 
-    def _resume_seq(self, online: bool) -> int:
-        """Continue after the highest sequence number stored or spooled for the run."""
+    def _resume_point(self, online: bool) -> tuple[int, int]:
+        """Where a resumed run continues: after the highest sequence number stored or
+        spooled for it, and at the epoch after those stored (the daemon's ``n_epochs``:
+        epochs numbered from 0, as ``log_epoch()`` numbers them) or spooled."""
         assert self._client is not None and self.run_id is not None
-        top = -1
+        top, top_epoch = -1, -1
         spool = Spool(self._client.config.spool_dir, self.run_id)
         if spool.exists():
             for line in spool.path.read_text().splitlines():
@@ -272,18 +278,25 @@ class H3Profiler:
                     op = json.loads(line)
                     if op.get("op") == "batches":
                         top = max([top, *batch_seqs(op["body"])])
+                    elif op.get("op") == "epochs":
+                        top_epoch = max(
+                            [top_epoch, *(int(e["epoch"]) for e in op["body"]["epochs"])]
+                        )
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a damaged line: the replay reports it
             if online:
                 replay_spool(self._client, self._client.config.spool_dir, self.run_id)
+        next_epoch = top_epoch + 1
         if online:
             try:
-                last = self._client.get_run(self.run_id).get("last_seq")
+                run = self._client.get_run(self.run_id)
+                last = run.get("last_seq")
                 if last is not None:
                     top = max(top, int(last))
+                next_epoch = max(next_epoch, int(run.get("n_epochs") or 0))
             except H3ClientError as exc:
                 logger.warning("h3: cannot resume run %s: %s", self.run_id, exc)
-        return top + 1
+        return top + 1, next_epoch
 
     # --- the training loop's calls ---------------------------------------------------------
 
@@ -379,7 +392,11 @@ class H3Profiler:
         """Record end-of-epoch figures: ``accuracy``, ``loss``, ``val_loss``, ``phase`` and
         any other named numbers (kept under ``metrics``). Numbers may be floats, ints, 0-dim
         tensors or numpy scalars; a figure that is not a finite number (NaN, inf, a string)
-        is left out, and the epoch's other figures are kept."""
+        is left out, and the epoch's other figures are kept.
+
+        ``epoch`` defaults to the one after the last logged (from 0; a resumed run continues
+        after its stored epochs). An epoch is stored once per run: the number of one the
+        run already holds is taken by the daemon as a duplicate and not stored."""
         proc = self._proc
         if proc is None or not self._accepting:
             return
@@ -406,8 +423,8 @@ class H3Profiler:
 
     @property
     def batches_logged(self) -> int:
-        first = 0 if self.dist is None else self.dist.rank
-        return (self._seq - first) // self._seq_step
+        """Batches this profiler logged (a resumed run's earlier sessions not counted)."""
+        return (self._seq - self._seq0) // self._seq_step
 
     # --- live figures ----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ point between epochs does not push a fixed schedule toward ``safe``).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -479,7 +480,13 @@ class EtaController:
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("eta_source", "schedule")}
+        """The controller's state (its settings, history, decisions and tests in progress),
+        a copy: training on does not change a state already taken."""
+        return copy.deepcopy(
+            {k: v for k, v in self.__dict__.items() if k not in ("eta_source", "schedule")}
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        """Take ``state`` (from :meth:`state_dict`) as a copy: controllers loaded from one
+        state, and the state itself, stay independent."""
+        self.__dict__.update(copy.deepcopy(state))

@@ -189,9 +189,16 @@ class LossTracker:
     def update(self, indices: Any, losses: torch.Tensor) -> None:
         """Record per-sample ``losses`` (any shape with N elements) of dataset ``indices``.
 
+        ``indices``: integers, as a tensor of any integer dtype, a list or a numpy integer
+        array; a bool mask or floating-point values are a ``TypeError`` (they would be cast
+        to sample numbers). A sample twice in one update counts as two sightings, in order.
+
         On the CPU the update is recorded and applied with the others when the state is next
-        read (see the class; an index out of range raises then). Elsewhere it is applied now:
-        about ten tensor operations, queued on the device.
+        read (see the class; an index out of range raises ``IndexError`` then). Inference
+        tensors (made under ``torch.inference_mode()``) have no version counter to record
+        them by: such an update is applied now, with the same result (and the same
+        ``IndexError``, raised now). Elsewhere it is applied now: about ten tensor
+        operations, queued on the device.
         """
         if losses.requires_grad:
             losses = losses.detach()  # then nothing here records a graph
@@ -203,30 +210,41 @@ class LossTracker:
         idx = indices
         if not isinstance(idx, torch.Tensor):
             idx = torch.tensor(indices, device=losses.device)  # a copy, as a list gives
+            if not idx.numel():
+                idx = idx.long()  # [] reads as float32: no index, nothing to refuse
         elif idx.device != losses.device:
             idx = idx.to(losses.device)
         if idx.dim() != 1:
             idx = idx.reshape(-1)
         if idx.dtype != torch.int64:
+            if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+                raise TypeError(
+                    f"LossTracker.update: indices must be integers (dataset indices), not "
+                    f"{idx.dtype}: a bool mask or floating-point values would be cast to "
+                    "sample numbers (pass mask.nonzero().flatten() for a mask)"
+                )
             idx = idx.long()
         if idx.numel() != losses.numel():
             raise ValueError(f"{idx.numel()} indices for {losses.numel()} losses")
         if losses.is_cpu:
             try:
                 versions = (idx._version, losses._version)
-            except RuntimeError:  # an inference tensor has no version counter: apply it now
-                pass
-            else:
-                self._pending.append((idx, losses, *versions))
-                self._pending_samples += idx.numel()
-                if self._pending_samples >= self.max_pending:
-                    self._apply_pending()
+            except RuntimeError:
+                # an inference tensor has no version counter: applied now, as a recorded
+                # update is (repeats in order, an index out of range an IndexError)
+                self._applied()
+                self._apply_updates([(idx, losses)], recorded=False)
                 return
+            self._pending.append((idx, losses, *versions))
+            self._pending_samples += idx.numel()
+            if self._pending_samples >= self.max_pending:
+                self._apply_pending()
+            return
         self._applied()
         self._apply(idx, losses)
 
     def _apply_pending(self) -> None:
-        """Apply the recorded updates, in order: as one update when no sample repeats."""
+        """Apply the recorded updates, in order (those modified in place left out)."""
         pending, self._pending, self._pending_samples = self._pending, [], 0
         intact = [(i, x) for i, x, vi, vx in pending if i._version == vi and x._version == vx]
         if len(intact) < len(pending):
@@ -238,18 +256,25 @@ class LossTracker:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if not intact:
+        self._apply_updates(intact)
+
+    def _apply_updates(
+        self, updates: list[tuple[torch.Tensor, torch.Tensor]], recorded: bool = True
+    ) -> None:
+        """Apply CPU ``updates``, in order: as one update when no sample repeats."""
+        if not updates:
             return
-        if len(intact) == 1:
-            idx, losses = intact[0]
+        if len(updates) == 1:
+            idx, losses = updates[0]
         else:
-            idx = torch.cat([i for i, _ in intact])
-            losses = torch.cat([x for _, x in intact])
+            idx = torch.cat([i for i, _ in updates])
+            losses = torch.cat([x for _, x in updates])
         if not idx.numel():  # updates of no samples change nothing
             return
         low, high = torch.aminmax(idx)
         if int(low) < 0 or int(high) >= self.num_samples:
-            self._apply_each(intact)  # raises, naming the update; applies every valid one
+            # raises, naming the update; applies every valid one
+            self._apply_each(updates, recorded)
             return
         # a sample recorded k times is updated in k rounds, in order (each round blends with
         # the last one's result); within a round no sample repeats, so one scatter is exact
@@ -268,7 +293,9 @@ class LossTracker:
             sel = occurrence == r
             self._apply(idx[sel], losses[sel])
 
-    def _apply_each(self, updates: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _apply_each(
+        self, updates: list[tuple[torch.Tensor, torch.Tensor]], recorded: bool = True
+    ) -> None:
         """Apply ``updates`` one at a time; raise about the first that has an index out of
         range after applying the others."""
         error: Exception | None = None
@@ -276,10 +303,15 @@ class LossTracker:
             try:
                 self._apply(idx, losses)
             except (IndexError, RuntimeError) as exc:
+                which = (
+                    f"update {k + 1} of the {len(updates)} recorded since the state was last "
+                    "read; the others are applied"
+                    if recorded
+                    else "an update of inference tensors, applied at once"
+                )
                 error = error or IndexError(
                     f"LossTracker.update: an index out of range for {self.num_samples} "
-                    f"samples (update {k + 1} of the {len(updates)} recorded since the state "
-                    f"was last read; the others are applied): {exc}"
+                    f"samples ({which}): {exc}"
                 )
         if error is not None:
             raise error

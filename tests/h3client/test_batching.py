@@ -171,6 +171,21 @@ def test_unreadable_items_are_left_out_and_counted() -> None:
     assert encode_batches([item(0, torch.tensor([1.0, 2.0]))]) == (None, 1)
 
 
+def test_a_bool_loss_is_a_number_in_either_form() -> None:
+    """A bool tensor's item() is a Python bool: 1.0 or 0.0, as the packed columns write it,
+    in the one-object-per-batch form too (before: ``True``, which is not JSON, and the
+    daemon refused the whole request)."""
+    together = [item(0, True), item(1, False), item(2, 3), item(3, math.nan)]
+    got, bad = decoded(together)  # packed columns
+    assert bad == 0 and [r["loss"] for r in got] == [1.0, 0.0, 3.0, None]
+    unreadable = item(4, 0.5, losses=torch.rand(3), indices=torch.arange(2))
+    for loss in (True, torch.tensor(True), torch.tensor(False)):
+        got, bad = decoded([*together, item(5, loss), unreadable])  # the row form
+        assert bad == 1 and [r["seq"] for r in got] == [0, 1, 2, 3, 5]
+        assert [r["loss"] for r in got] == [1.0, 0.0, 3.0, None, float(loss)]
+        assert all(type(r["loss"]) is float for r in got if r["loss"] is not None)
+
+
 def test_a_batch_with_a_field_the_daemon_would_refuse_is_left_out_alone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

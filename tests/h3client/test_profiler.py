@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import math
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from h3client import Client, H3ConnectionError, H3Profiler, H3RunNotFound, replay_spool
+from h3client._spool import batch_seqs
 from tests.conftest import REPO, Daemon, daemon_env
 from tests.h3client.conftest import FakeCudaTensor, FakeEvent
 
@@ -172,6 +175,105 @@ def test_resume_continues_the_sequence(daemon: Daemon) -> None:
     assert run["n_batches"] == 15 and run["last_seq"] == 14
 
 
+#: A training process that logs 3 epochs of 4 batches, flushes them, and dies (os._exit: no
+#: final status, as a crash or a SIGKILL). argv: url, data dir. Prints the run id.
+CRASHED_RUN = (
+    "import os, sys\n"
+    "from h3client import H3Profiler\n"
+    "p = H3Profiler('crashed', url=sys.argv[1], data_dir=sys.argv[2], autostart=False)\n"
+    "for e in range(3):\n"
+    "    for _ in range(4):\n"
+    "        p.log_batch(1.0 / (e + 1))\n"
+    "    p.log_epoch(accuracy=0.5 + e / 10)\n"
+    "assert p.flush(timeout_s=60)\n"
+    "print(p.run_id, flush=True)\n"
+    "os._exit(1)\n"
+)
+
+
+def crashed_run(url: str, data_dir: Path) -> str:
+    r = subprocess.run(
+        [sys.executable, "-c", CRASHED_RUN, url, str(data_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    return r.stdout.strip()
+
+
+def test_a_resumed_run_continues_its_epochs_and_counts_only_its_own_batches(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the resumed profiler numbered its batches and epochs from epoch 0 again (its
+    log_epoch, a duplicate of the stored epoch 0, was dropped), and its batches_logged
+    counted the crashed session's 12 batches too (17 logged, 5 posted: "the batch
+    accounting does not add up")."""
+    rid = crashed_run(daemon.url, daemon.data_dir)
+    with caplog.at_level(logging.INFO, logger="h3client"):
+        prof = H3Profiler(url=daemon.url, data_dir=daemon.data_dir, run_id=rid)
+        for _ in range(5):
+            prof.log_batch(0.2)
+        assert prof.batches_logged == 5
+        prof.log_epoch(accuracy=0.9)  # epoch 3's end
+        res = prof.stop()
+    assert res["batches_logged"] == res["batches_posted"] == 5
+    assert res["batches_spooled"] == res["batches_rejected"] == res["batches_lost"] == 0
+    assert "5 batches logged = 5 posted" in caplog.text and "does not add up" not in caplog.text
+    out = tmp_path / "batches.csv"
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(rid)
+        epochs = [(e["epoch"], e["accuracy"]) for e in c.report(rid)["epochs"]]
+        c.export_csv(rid, out)
+    assert run["n_batches"] == 17 and run["n_epochs"] == 4 and run["last_seq"] == 16
+    assert epochs == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.9)]
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 5
+    assert [int(r["seq"]) for r in rows] == list(range(17))
+
+
+def test_an_epoch_number_the_run_holds_is_kept_as_first_logged(daemon: Daemon) -> None:
+    """What docs/client.md says of a resumed run: log_epoch with the number of an epoch
+    already stored is acknowledged as a duplicate and not stored (the first one stays)."""
+    rid = crashed_run(daemon.url, daemon.data_dir)
+    prof = H3Profiler(url=daemon.url, data_dir=daemon.data_dir, run_id=rid)
+    prof.log_epoch(1, accuracy=0.99)  # epoch 1 is stored: this one is not
+    prof.log_epoch(3, accuracy=0.8)
+    res = prof.stop()
+    assert res["log_errors"] == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        epochs = [(e["epoch"], e["accuracy"]) for e in c.report(rid)["epochs"]]
+    assert epochs == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
+
+
+def test_a_run_resumed_offline_continues_after_its_spooled_batches_and_epochs(
+    tmp_path: Path,
+) -> None:
+    data, url = tmp_path / "offline", "http://127.0.0.1:9"
+    rid = crashed_run(url, data)  # no daemon: all of it in the spool
+    prof = H3Profiler(url=url, data_dir=data, run_id=rid, autostart=False)
+    for _ in range(2):
+        prof.log_batch(0.2)
+    prof.log_epoch(accuracy=0.9)
+    res = prof.stop()
+    assert res["offline"] and res["batches_logged"] == res["batches_spooled"] == 2
+    ops = [json.loads(line) for line in (data / "spool" / f"{rid}.jsonl").read_text().splitlines()]
+    batches = [rows for op in ops if op["op"] == "batches" for rows in batch_rows(op["body"])]
+    epochs = [e["epoch"] for op in ops if op["op"] == "epochs" for e in op["body"]["epochs"]]
+    assert [b[0] for b in batches] == list(range(14))
+    assert [b[1] for b in batches] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 2
+    assert epochs == [0, 1, 2, 3]
+
+
+def batch_rows(body: dict[str, Any]) -> list[tuple[int, int | None]]:
+    """(seq, epoch) of each batch of a batches body, in either form."""
+    if "batches" in body:
+        return [(b["seq"], b.get("epoch")) for b in body["batches"]]
+    seqs = batch_seqs(body)
+    return list(zip(seqs, body["columns"].get("epoch", [None] * len(seqs)), strict=True))
+
+
 def test_context_manager_marks_a_crashed_run_failed(daemon: Daemon) -> None:
     with (
         pytest.raises(ZeroDivisionError),
@@ -191,6 +293,31 @@ def test_log_batch_never_raises(daemon: Daemon) -> None:
     prof.log_batch(1.0)
     res = prof.stop()
     assert res["log_errors"] == 2 and res["batches_posted"] == 2
+
+
+def test_a_bool_loss_next_to_an_unreadable_batch_sinks_no_other_batch(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Before: the request fell back to one object per batch, wrote the bool loss as
+    ``True`` (not JSON), and the daemon refused it whole: every batch in it rejected."""
+    prof = H3Profiler("bool-loss", url=daemon.url, data_dir=daemon.data_dir, flush_interval_s=3600)
+    prof.log_batch(1.5, losses=torch.tensor([1.0, 2.0]), indices=torch.tensor([0, 1]))
+    prof.log_batch(torch.tensor(True), losses=torch.tensor([True, False]), indices=[2, 3])
+    prof.log_batch(1.0, losses=torch.tensor([1.0, 2.0, 3.0]), indices=torch.tensor([4, 5]))
+    prof.log_batch(torch.tensor(False))
+    res = prof.stop()  # the four batches in one request
+    assert res["batches_posted"] == 3 and res["batches_rejected"] == 1 and res["log_errors"] == 0
+    out = tmp_path / "batches.csv"
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        c.export_csv(str(prof.run_id), out)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [(int(r["seq"]), float(r["loss"])) for r in rows] == [(0, 1.5), (1, 1.0), (3, 0.0)]
+    # alone in its request (the packed columns), a bool loss is stored as the same number
+    prof = H3Profiler("bool-alone", url=daemon.url, data_dir=daemon.data_dir)
+    prof.log_batch(torch.tensor(True))
+    assert prof.stop()["batches_posted"] == 1
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert [v for _t, v in c.series(str(prof.run_id), "loss")] == [1.0]
 
 
 def stored_sample_losses(daemon: Daemon, run_id: str, n: int) -> list[Any]:

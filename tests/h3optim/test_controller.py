@@ -105,6 +105,37 @@ def test_state_dict_round_trip() -> None:
     assert d.control_step() == c.control_step()
 
 
+def test_a_state_dict_is_a_copy_on_save_and_on_load() -> None:
+    """As a torch optimizer's: a state taken does not change as training goes on, and
+    controllers loaded from one state do not share its lists (before: they did)."""
+    import copy
+
+    c = EtaController("balanced", total_epochs=10, eta_source=lambda: 0.5)
+    for e in range(6):
+        c.control_step(0.3, 1.0)
+        c.observe(accuracy=0.5 + e * 0.05, loss=1.0, energy=10.0)
+    state = c.state_dict()
+    saved = copy.deepcopy(state)
+    assert state["history"] and state["history"] == c.history
+    c.control_step(0.3, 1.0)
+    c.observe(accuracy=0.2, loss=3.0, energy=10.0)  # an accuracy drop: a decision too
+    assert len(c.history) == 7 and c.decisions
+    assert state == saved  # the state taken is as it was
+    a, b = EtaController("balanced", total_epochs=10), EtaController("balanced", total_epochs=10)
+    a.load_state_dict(state)
+    b.load_state_dict(state)
+    for d in (a, b):
+        for k, v in state.items():
+            assert getattr(d, k) == v
+            if isinstance(v, (list, dict)):
+                assert getattr(d, k) is not v
+    a.control_step(0.3, 1.0)
+    a.observe(accuracy=0.2, loss=3.0, energy=10.0)
+    a.history[0]["loss"] = -1.0  # an entry changed in place too
+    assert len(a.history) == 7 and len(b.history) == 6 and state == saved
+    assert b.history[0]["loss"] == 1.0 and b.decisions == saved["decisions"]
+
+
 def test_held_out_loss_and_energy_take_precedence_over_the_source() -> None:
     c = EtaController("balanced", total_epochs=40, eta_source=lambda: 123.0)
     c.control_step()

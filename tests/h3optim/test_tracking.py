@@ -280,6 +280,72 @@ def test_indices_from_a_reused_numpy_buffer_and_inference_tensors() -> None:
     assert not t._pending and t.ema.tolist()[2] == 7.0
 
 
+def test_updates_under_inference_mode_apply_as_recorded_ones() -> None:
+    """Inference tensors are applied at once, with what a recorded update gives: a sample
+    twice is two sightings in order (before: one, the last value), an index out of range an
+    IndexError (before: a raw RuntimeError)."""
+    stream = _stream(2, 20, 60)
+    normal, inference = LossTracker(20, smoothing=0.3), LossTracker(20, smoothing=0.3)
+    for idx, losses in stream:
+        normal.update(idx, losses)
+    with torch.inference_mode():
+        for idx, losses in stream:
+            inference.update(idx.clone(), losses.clone())  # inference tensors
+            assert not inference._pending
+    assert torch.equal(inference._state, normal._applied())  # bit-identical
+    assert inference.nonfinite_count == normal.nonfinite_count
+    t = LossTracker(3, smoothing=0.5)
+    with torch.inference_mode():
+        t.update(torch.tensor([1, 1, 1]), torch.tensor([2.0, 4.0, 8.0]))
+        assert t.counts.tolist() == [0, 3, 0] and t.get([1]).item() == 5.5
+        for bad in ([3], [-1]):
+            with pytest.raises(IndexError, match="out of range for 3 samples"):
+                t.update(torch.tensor(bad), torch.tensor([1.0]))
+    with torch.inference_mode():
+        idx, losses = torch.tensor([0, 5]), torch.tensor([1.0, 2.0])
+    t.update(torch.tensor([2]), torch.tensor([6.0]))  # recorded, then an inference update
+    with pytest.raises(IndexError):
+        t.update(idx, losses)  # outside the mode, inference tensors all the same
+    assert t.counts.tolist() == [0, 3, 1]  # the recorded update applied, in order
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        torch.tensor([True, False, True, False]),
+        torch.tensor([0.0, 1.0, 2.0, 3.0]),
+        torch.tensor([0.9, 2.7, 1.0, 3.0], dtype=torch.float64),
+        [0.5, 1.0, 2.0, 3.0],
+        [True, False, True, False],
+    ],
+)
+def test_indices_that_are_no_integers_are_refused(indices: object) -> None:
+    """Before: a bool mask was cast to samples 0 and 1, float indices were truncated."""
+    t = LossTracker(4)
+    with pytest.raises(TypeError, match="indices must be integers"):
+        t.update(indices, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with torch.inference_mode(), pytest.raises(TypeError, match="indices must be integers"):
+        t.update(indices, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert not t.seen.any()
+
+
+def test_integer_indices_of_any_kind_are_taken() -> None:
+    np = pytest.importorskip("numpy")
+    t = LossTracker(8)
+    losses = torch.tensor([1.0, 2.0])
+    for indices in (
+        torch.tensor([0, 1]),
+        torch.tensor([2, 3], dtype=torch.int32),
+        torch.tensor([4, 5], dtype=torch.uint8),
+        [6, 7],
+        np.array([0, 1], dtype=np.int32),
+        np.array([2, 3]),
+    ):
+        t.update(indices, losses)
+    t.update([], torch.tensor([]))  # an empty list reads as float32: nothing to refuse
+    assert t.counts.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]
+
+
 def test_a_pickled_or_copied_tracker_carries_its_recorded_updates() -> None:
     import copy
     import io
