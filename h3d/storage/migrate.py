@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, inspect, text
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 try:
     import fcntl
@@ -97,11 +97,23 @@ def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as conn:
             return _read_revision(conn)
-    except DatabaseError as exc:
-        raise SchemaMismatch(
-            f"{engine.url.render_as_string(hide_password=True)} is not a readable database "
-            f"({exc.orig}); h3d left it untouched. Move it aside or point --db-url elsewhere."
+    except OperationalError as exc:
+        if engine.dialect.name == "sqlite":  # a file it cannot open: as below
+            raise _unreadable(engine, exc) from exc
+        raise StorageUnavailable(
+            f"cannot reach the database at {engine.url.render_as_string(hide_password=True)} "
+            f"({' '.join(str(exc.orig).split())}); is the server running, and the URL right? h3d "
+            "changed nothing."
         ) from exc
+    except DatabaseError as exc:
+        raise _unreadable(engine, exc) from exc
+
+
+def _unreadable(engine: Engine, exc: DatabaseError) -> SchemaMismatch:
+    return SchemaMismatch(
+        f"{engine.url.render_as_string(hide_password=True)} is not a readable database "
+        f"({exc.orig}); h3d left it untouched. Move it aside or point --db-url elsewhere."
+    )
 
 
 def _check_known(engine: Engine, rev: str | None) -> None:
@@ -134,11 +146,41 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _no_cascades(engine: Engine) -> Iterator[Connection]:
+    """A SQLite connection in a transaction with its foreign keys off until it commits.
+
+    Alembic alters a SQLite table by copying it into a new one and dropping the old (batch
+    mode). With foreign keys on, as every h3d connection has them, that DROP deletes every
+    row that refers to the table through an ON DELETE CASCADE: altering ``devices`` emptied
+    ``power_samples``. SQLite reads the pragma only outside a transaction, so it is set on
+    the driver's connection before the transaction begins, and the references are checked
+    before the commit instead (``PRAGMA foreign_key_check``): a migration that broke one
+    rolls back.
+    """
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise SchemaMismatch(
+                        f"the migration left {len(broken)} rows referring to rows that do not "
+                        f"exist (first: {tuple(broken[0])}); it was rolled back and the "
+                        "database is as it was"
+                    )
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")
+
+
+@contextlib.contextmanager
 def migration_lock(engine: Engine) -> Iterator[Connection]:
     """A connection in a transaction that holds the store's migration lock until it ends."""
     db = engine.url.database
     if engine.dialect.name == "sqlite" and db and db != ":memory:":
-        with _file_lock(Path(f"{db}.migrate-lock")), engine.begin() as conn:
+        with _file_lock(Path(f"{db}.migrate-lock")), _no_cascades(engine) as conn:
             yield conn
         return
     with engine.begin() as conn:

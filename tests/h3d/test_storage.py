@@ -21,7 +21,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import Session
 
-from h3d.errors import RunFinished, SchemaMismatch
+from h3d.errors import RunFinished, SchemaMismatch, StorageUnavailable
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, make_engine, make_sessionmaker, session_scope
@@ -167,6 +167,64 @@ def test_downgrade_then_upgrade_round_trips(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def _one_row_in_every_table(url: str) -> dict[str, int]:
+    """One row in each table of the store at ``url`` (its schema read from the store, so the
+    same code fills a store at any revision); the row counts."""
+    from sqlalchemy import JSON, Float, Integer, LargeBinary, MetaData, create_engine
+
+    engine = create_engine(url)
+    meta = MetaData()
+    meta.reflect(engine)
+    ids = {"runs": "r" * 32, "devices": 1}
+    with engine.begin() as conn:
+        for table in meta.sorted_tables:  # referenced tables first
+            if table.name == "alembic_version":
+                continue
+            row: dict[str, Any] = {}
+            for col in table.columns:
+                fk = next(iter(col.foreign_keys), None)
+                if fk is not None:
+                    row[col.name] = ids[fk.column.table.name]
+                elif table.name in ids and col.primary_key:
+                    row[col.name] = ids[table.name]
+                elif isinstance(col.type, Integer):
+                    row[col.name] = 1
+                elif isinstance(col.type, Float):
+                    row[col.name] = 1.5
+                elif isinstance(col.type, JSON):
+                    row[col.name] = {}
+                elif isinstance(col.type, LargeBinary):
+                    row[col.name] = b"\x00\x00\x80?"
+                else:
+                    row[col.name] = "x"
+            conn.execute(table.insert().values(**row))
+        counts = {
+            t.name: conn.execute(text(f"SELECT count(*) FROM {t.name}")).scalar_one()
+            for t in meta.sorted_tables
+        }
+    engine.dispose()
+    return counts
+
+
+@pytest.mark.parametrize("old", migrate.REVISIONS[:-1])
+def test_an_upgrade_keeps_every_row_of_every_table(tmp_path: Path, old: str) -> None:
+    """A store an older h3d wrote, with a row in every table, upgraded as ``h3d serve`` does
+    it. SQLite alters a table by copying and dropping it, and with foreign keys on the drop
+    of ``devices`` (0004) cascaded into ``power_samples``: every stored power sample, and so
+    every old run's energy, was lost."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    command.upgrade(migrate.alembic_config(url), old)
+    before = _one_row_in_every_table(url)
+    assert set(before) >= {"runs", "batches", "devices", "power_samples", "sample_losses"}
+    engine = make_engine(url)
+    assert migrate.upgrade(engine) == (old, migrate.head_revision())
+    with engine.connect() as conn:
+        after = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in before}
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1  # on again
+    engine.dispose()
+    assert after == before
+
+
 def test_newer_revision_is_refused_and_left_untouched(tmp_path: Path) -> None:
     db = tmp_path / "h.db"
     engine = make_engine(f"sqlite:///{db}")
@@ -218,6 +276,19 @@ def serve_once(data: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def test_a_postgresql_server_that_does_not_answer_is_not_called_an_unreadable_database() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
+    with pytest.raises(StorageUnavailable, match="cannot reach the database") as got:
+        migrate.upgrade(engine)
+    engine.dispose()
+    assert "\n" not in str(got.value) and "Move it aside" not in str(got.value)
 
 
 def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) -> None:
