@@ -66,7 +66,7 @@ def _single_tensor_h3(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     *,
-    step: int,
+    steps: Sequence[Tensor | float],
     lr: float,
     beta1: float,
     beta2: float,
@@ -76,10 +76,12 @@ def _single_tensor_h3(
 ) -> None:
     """The reference: one Adam-family step of size ``lr``, applied only where ``finite`` (a
     0-dim bool tensor) is true: a non-finite gradient leaves parameters and moments untouched
-    without a host-device synchronisation."""
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+    without a host-device synchronisation. ``steps`` holds each parameter's own count (this
+    step included; CPU tensors or numbers): its bias correction, as in ``torch.optim.Adam``."""
+    for p, g, m, v, count in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        step = float(count)
+        bc1 = 1 - beta1**step
+        bc2 = 1 - beta2**step
         g = torch.where(finite, g, torch.zeros_like(g))
         m_new = m * beta1 + g * (1 - beta1)
         v_new = v * beta2 + g * g * (1 - beta2)
@@ -107,7 +109,8 @@ def _multi_tensor_h3(
     found_inf: Tensor,
     host_skip: bool | None = None,
 ) -> None:
-    """The reference update with ``torch._foreach_*`` over tensors of one device and dtype.
+    """The reference update with ``torch._foreach_*`` over tensors of one device and dtype
+    whose step counts are all ``step`` (this step included).
 
     ``found_inf`` (one float32 element, 1.0 = skip) decides the skip. On the CPU the flag is
     read from memory (there is no device to wait for) and a skipped step does no work. On an
@@ -159,7 +162,7 @@ def _fused_h3(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     *,
-    step: Tensor,
+    steps: list[Tensor],
     lr: float,
     beta1: float,
     beta2: float,
@@ -170,10 +173,11 @@ def _fused_h3(
     """The reference update in PyTorch's fused AdamW kernel (one pass over each tensor).
 
     The update is the same function: p ← p·(1 − lr·wd) − (lr/bc₁)·m/(√v/√bc₂ + ε) equals
-    p − lr·(m̂/(√v̂ + ε) + wd·p); only the order of the float operations differs. ``step`` is
-    a float32 tensor on the kernel's device holding the bias-correction step (the group's
-    count, as in the reference); the kernel does not advance it. With ``found_inf`` = 1.0
-    the kernel returns before touching any tensor, with no host-device synchronisation.
+    p − lr·(m̂/(√v̂ + ε) + wd·p); only the order of the float operations differs. ``steps``
+    holds, per parameter, a float32 tensor on the kernel's device with that parameter's
+    bias-correction step (its own count, as in the reference; one tensor may serve several
+    parameters with the same count); the kernel does not advance them. With ``found_inf`` =
+    1.0 the kernel returns before touching any tensor, with no host-device synchronisation.
     """
     torch._fused_adamw_(
         params,
@@ -181,7 +185,7 @@ def _fused_h3(
         exp_avgs,
         exp_avg_sqs,
         [],
-        [step] * len(params),
+        steps,
         lr=lr,
         beta1=beta1,
         beta2=beta2,

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import is_not as _is_not
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ HEADROOM = 1.5
 #: The default ``lipschitz_max_interval``, in multiples of ``lipschitz_update_interval``.
 MAX_INTERVAL_FACTOR = 8
 
+_T = TypeVar("_T")
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -44,6 +46,40 @@ class _Bucket:
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
+    #: None when every parameter's step count is the same (the common case); else the
+    #: indices grouped by count, the highest count first (set by ``_bind_counters``)
+    runs: list[list[int]] | None = None
+
+    def counted_runs(self) -> list[tuple[list[int] | None, int]]:
+        """(indices, step count) per run of parameters with one count; indices ``None``:
+        the whole bucket. Reads CPU tensors: no sync."""
+        if self.runs is None:
+            return [(None, int(self.steps[0].item()))]
+        return [(run, int(self.steps[run[0]].item())) for run in self.runs]
+
+
+@dataclass(slots=True)
+class _Counters:
+    """A bucket's step counters as views of one tensor (see ``_bind_counters``)."""
+
+    ids: tuple[int, ...]
+    counts: Tensor
+    views: list[Tensor]
+    runs: list[list[int]] | None
+
+
+def _runs(values: list[float]) -> list[list[int]] | None:
+    """Indices grouped by equal value, the highest first; ``None`` if all are equal."""
+    if all(v == values[0] for v in values):
+        return None
+    by_count: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        by_count.setdefault(v, []).append(i)
+    return [by_count[v] for v in sorted(by_count, reverse=True)]
+
+
+def _pick(items: list[_T], idx: list[int] | None) -> list[_T]:
+    return items if idx is None else [items[i] for i in idx]
 
 
 class H3Optimizer(Optimizer):
@@ -104,8 +140,10 @@ class H3Optimizer(Optimizer):
         lipschitz_max_interval: Longest interval between curvature estimates while the step
             sits at its ceiling with room to spare (default 8 × ``lipschitz_update_interval``;
             equal to it: a fixed interval).
-        lr_max: Upper bound on the step (default ``lr``).
-        lr_min: Lower bound on the step (default ``lr/100``): the step cannot collapse.
+        lr_max: Upper bound on the step (default: each group's own ``lr``).
+        lr_min: Lower bound on the step (default: each group's own ``lr``/100): the step
+            cannot collapse. A parameter group may give its own ``lr_max``/``lr_min``; every
+            group needs ``lr_min <= lr <= lr_max``.
         max_growth: Largest factor the step may grow by per update.
         lipschitz_smoothing: EMA weight of the newest log L̂.
         foreach: ``True``: multi-tensor path; ``False``: per-tensor reference; ``None``:
@@ -114,8 +152,9 @@ class H3Optimizer(Optimizer):
             CPU or a CUDA device); ``False``: never; ``None``: choose.
 
     Raises:
-        ValueError: On an invalid hyperparameter, on ``foreach=True`` with ``fused=True``,
-            or on ``fused=True`` with a parameter the fused kernel cannot update.
+        ValueError: On an invalid hyperparameter (a group's ``lr`` outside its
+            [``lr_min``, ``lr_max``] included), on ``foreach=True`` with ``fused=True``, or
+            on ``fused=True`` with a parameter the fused kernel cannot update.
 
     Example:
         >>> opt = H3Optimizer(model.parameters(), lr=1e-3)  # doctest: +SKIP
@@ -165,10 +204,8 @@ class H3Optimizer(Optimizer):
             raise ValueError(f"Invalid max_growth: {max_growth}")
         if not 0.0 < lipschitz_smoothing <= 1.0:
             raise ValueError(f"Invalid lipschitz_smoothing: {lipschitz_smoothing}")
-        lr_max = lr if lr_max is None else lr_max
-        lr_min = lr / 100.0 if lr_min is None else lr_min
-        if not lr_min <= lr <= lr_max:
-            raise ValueError(f"need lr_min <= lr <= lr_max, got {lr_min}, {lr}, {lr_max}")
+        # lr_max/lr_min left at None follow each group's own lr (add_param_group), which
+        # also checks lr_min <= lr <= lr_max per group
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -187,8 +224,8 @@ class H3Optimizer(Optimizer):
         self._scratch: dict[Tensor, Tensor] = {}  # the probe's second buffer (not saved)
         self._flags: dict[torch.device, Tensor] = {}  # this step's non-finite flag per device
         self._pending_skips: dict[torch.device, Tensor] = {}  # skips not yet in self.state
-        # per bucket, the parameters' step counters as views of one tensor (see _advance)
-        self._counters: dict[tuple[int, int], tuple[tuple[int, ...], Tensor, list[Tensor]]] = {}
+        # per bucket, the parameters' step counters as views of one tensor (_bind_counters)
+        self._counters: dict[tuple[int, int], _Counters] = {}
         super().__init__(params, defaults)
         self.lr_history: list[float] = []  # the step after each curvature update
         self.lipschitz_history: list[float] = []
@@ -227,11 +264,24 @@ class H3Optimizer(Optimizer):
         self.__dict__.setdefault("lipschitz_history", [])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (as ``torch.optim.Optimizer``), checking its ``foreach``/``fused``."""
+        """Add a group (as ``torch.optim.Optimizer``), checking its ``foreach``/``fused``.
+
+        A group without its own ``lr_max``/``lr_min`` (and no constructor value for them)
+        gets its own ``lr`` and ``lr``/100: the bounds follow the group's step, not the
+        constructor's ``lr``."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["lr_max"] is None:
+            group["lr_max"] = group["lr"]
+        if group["lr_min"] is None:
+            group["lr_min"] = group["lr"] / 100.0
         problem = None
-        if group["fused"] and group["foreach"]:
+        if not group["lr_min"] <= group["lr"] <= group["lr_max"]:
+            problem = (
+                f"param group {len(self.param_groups) - 1}: need lr_min <= lr <= lr_max, "
+                f"got {group['lr_min']}, {group['lr']}, {group['lr_max']}"
+            )
+        elif group["fused"] and group["foreach"]:
             problem = "`fused` and `foreach` cannot be `True` together."
         elif group["fused"] and not all(fused_supported(p) for p in group["params"]):
             problem = (
@@ -285,8 +335,9 @@ class H3Optimizer(Optimizer):
         self._flush_skips()
         for group in self.param_groups:
             for p in group["params"]:
-                if "skipped" in self.state[p]:
-                    return int(self.state[p]["skipped"].item())
+                state = self.state.get(p)  # not self.state[p]: no empty entry for p
+                if state is not None and "skipped" in state:
+                    return int(state["skipped"].item())
         return 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -302,9 +353,9 @@ class H3Optimizer(Optimizer):
             return
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
+                state = self.state.get(p)  # not self.state[p]: no empty entry for p
                 count = pending.get(p.device)
-                if "skipped" in state and count is not None:
+                if state is not None and "skipped" in state and count is not None:
                     state["skipped"] += count.to(torch.int64)
 
     def _found_inf(self, buckets: list[_Bucket]) -> dict[torch.device, Tensor]:
@@ -354,7 +405,7 @@ class H3Optimizer(Optimizer):
             else:  # a parameter without a snapshot (new, or the first due step): take them
                 for b in buckets:
                     self._take_snapshots(b.params)
-                self._schedule(group, int(buckets[0].steps[0].item()) + 1, roomy=False)
+                self._schedule(group, self._clock(buckets) + 1, roomy=False)
         if not ready:
             return
         moved = [b for _, buckets in ready for b in buckets]
@@ -382,20 +433,23 @@ class H3Optimizer(Optimizer):
         lhats: list[Tensor] = []
         i = 0
         for group, buckets in ready:
-            step = int(buckets[0].steps[0].item())  # a CPU tensor: no sync
             beta2, eps = group["betas"][1], group["eps"]
             parts = []
             for b in buckets:
                 now, then, snap = scratch[i], grads_then[i], snaps[i]
                 i += 1
-                if b.impl == "single":
-                    metric = preconditioner(b.exp_avg_sqs, step=step, beta2=beta2, eps=eps)
-                    sums = _single_tensor_curvature(b.grads, then, now, snap, metric)
-                else:
-                    sums = _multi_tensor_curvature(
-                        b.grads, then, now, snap, b.exp_avg_sqs, step=step, beta2=beta2, eps=eps
-                    )
-                parts.append(torch.stack(sums))
+                # the metric's v̂ takes each parameter's own count (before this step's)
+                for idx, step in b.counted_runs():
+                    v, grads = _pick(b.exp_avg_sqs, idx), _pick(b.grads, idx)
+                    lists = (_pick(then, idx), _pick(now, idx), _pick(snap, idx))
+                    if b.impl == "single":
+                        metric = preconditioner(v, step=step, beta2=beta2, eps=eps)
+                        sums = _single_tensor_curvature(grads, *lists, metric)
+                    else:
+                        sums = _multi_tensor_curvature(
+                            grads, *lists, v, step=step, beta2=beta2, eps=eps
+                        )
+                    parts.append(torch.stack(sums))
             lhats.append(_combine(parts))
         first = lhats[0].device
         values = torch.stack([t.to(first) for t in lhats]).tolist()  # the one sync
@@ -404,27 +458,43 @@ class H3Optimizer(Optimizer):
                 self.state[p]["snapshot"] = new
                 self._scratch[p] = old
         for (group, buckets), lhat in zip(ready, values, strict=True):
-            self._schedule(group, int(buckets[0].steps[0].item()) + 1, self._adapt(group, lhat))
+            self._schedule(group, self._clock(buckets) + 1, self._adapt(group, lhat))
 
-    def _advance(self, key: tuple[int, int], b: _Bucket) -> None:
-        """Add one to the step counter of each of the bucket's parameters, in one kernel.
+    def _bind_counters(self, key: tuple[int, int], b: _Bucket) -> Tensor:
+        """The tensor whose ``add_(1)`` advances the step counter of each of the bucket's
+        parameters, in one kernel; sets ``b.runs``.
 
         The counters (``state[p]["step"]``, float32 on the CPU, one per parameter as in
         ``torch.optim.Adam``) are views of one tensor per bucket, so that a step costs one
         ``add_``, not one per parameter (a multi-tensor add over N CPU scalars is N
         dispatches: 100 µs a step for ResNet-18's 62 tensors). A bucket whose parameters or
         counters changed (a parameter without a gradient this step, a new parameter,
-        ``load_state_dict``) gets its counters rebuilt, each keeping its value."""
+        ``load_state_dict``) gets its counters rebuilt, each keeping its value.
+
+        Each parameter's bias correction takes its own count, but the counts need not be
+        read every step: the one ``add_`` advances all of a bucket's counters together, so
+        which of them are equal can only change when the bucket is rebuilt. The rebuild,
+        which reads every count anyway, notes the runs of equal counts (``b.runs``: None
+        when all are equal, the common case, which then costs nothing extra); only a
+        bucket where a parameter sat out a step or joined late is split into runs."""
         ids = tuple(map(id, b.params))
         shared = self._counters.get(key)
-        if shared is None or shared[0] != ids or any(map(_is_not, b.steps, shared[2])):
-            counts = torch.tensor([float(s) for s in b.steps], dtype=torch.float32)
+        if shared is None or shared.ids != ids or any(map(_is_not, b.steps, shared.views)):
+            values = [float(s) for s in b.steps]
+            counts = torch.tensor(values, dtype=torch.float32)
             views = list(counts.unbind())
             for p, view in zip(b.params, views, strict=True):
                 self.state[p]["step"] = view
             b.steps[:] = views
-            shared = self._counters[key] = (ids, counts, views)
-        shared[1].add_(1)
+            shared = self._counters[key] = _Counters(ids, counts, views, _runs(values))
+        b.runs = shared.runs
+        return shared.counts
+
+    @staticmethod
+    def _clock(buckets: list[_Bucket]) -> int:
+        """The group's step count for the probe schedule: that of its most advanced
+        parameter with a gradient this step (CPU reads, no sync)."""
+        return max(int(b.steps[0 if b.runs is None else b.runs[0][0]].item()) for b in buckets)
 
     def _scratch_for(self, p: Tensor) -> Tensor:
         buf = self._scratch.get(p)
@@ -480,15 +550,17 @@ class H3Optimizer(Optimizer):
         groups = [(g, bs) for g in self.param_groups if (bs := self._init_group(g))]
         if not groups:
             return loss
+        counters = [
+            self._bind_counters((id(g), i), b) for g, bs in groups for i, b in enumerate(bs)
+        ]
         found_inf = self._found_inf([b for _, buckets in groups for b in buckets])
         if closure is not None:
-            due = [(g, bs) for g, bs in groups if self._due(g, int(bs[0].steps[0].item()) + 1)]
+            due = [(g, bs) for g, bs in groups if self._due(g, self._clock(bs) + 1)]
             if due:
                 self._probe(due, closure)
+        for counts in counters:
+            counts.add_(1)
         for group, buckets in groups:
-            for i, b in enumerate(buckets):
-                self._advance((id(group), i), b)
-            step = int(buckets[0].steps[0].item())  # a CPU tensor: no sync
             beta1, beta2 = group["betas"]
             hyper = {
                 "lr": group["lr"],
@@ -497,20 +569,35 @@ class H3Optimizer(Optimizer):
                 "eps": group["eps"],
                 "weight_decay": group["weight_decay"],
             }
+            # each parameter's bias correction takes its own step count, as in Adam: the
+            # reference reads every parameter's counter, and so does the fused kernel on the
+            # CPU when the bucket's counts differ; the others run once per run of equal
+            # counts. Equal counts (b.runs None, the common case) cost what they did before
+            # per-parameter counts were honoured (_bind_counters says why that is cheap).
             for b in buckets:
                 flag = found_inf[b.device]
-                args = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs)
-                if b.impl == "fused":
-                    step_t = (
-                        buckets[0].steps[0]
-                        if b.device.type == "cpu"
-                        else torch.full((), step, dtype=torch.float32, device=b.device)
+                if b.impl == "single":
+                    args = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs)
+                    _single_tensor_h3(*args, steps=b.steps, finite=flag == 0, **hyper)
+                    continue
+                if b.impl == "fused" and b.device.type == "cpu":
+                    args = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs)
+                    # equal counts: one counter for all (measured 1 % cheaper than N views)
+                    steps = b.steps if b.runs else [b.steps[0]] * len(b.steps)
+                    _fused_h3(*args, steps=steps, found_inf=flag, **hyper)
+                    continue
+                for idx, step in b.counted_runs():  # CPU reads: no sync
+                    args = (
+                        _pick(b.params, idx),
+                        _pick(b.grads, idx),
+                        _pick(b.exp_avgs, idx),
+                        _pick(b.exp_avg_sqs, idx),
                     )
-                    _fused_h3(*args, step=step_t, found_inf=flag, **hyper)
-                elif b.impl == "foreach":
-                    _multi_tensor_h3(*args, step=step, found_inf=flag, **hyper)
-                else:
-                    _single_tensor_h3(*args, step=step, finite=flag == 0, **hyper)
+                    if b.impl == "fused":  # on an accelerator: the count on the device
+                        step_t = torch.full((), step, dtype=torch.float32, device=b.device)
+                        _fused_h3(*args, steps=[step_t] * len(args[0]), found_inf=flag, **hyper)
+                    else:
+                        _multi_tensor_h3(*args, step=step, found_inf=flag, **hyper)
             if closure is not None and "snapshot" not in self.state[buckets[0].params[0]]:
                 for b in buckets:
                     self._take_snapshots(b.params)
