@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -108,14 +109,37 @@ class _Drawn(Sampler[int]):
         return self.idx
 
 
+_Setting = tuple[str | None, float, float]  # a window's (label, keep_frac, uniform_mix)
+
+
+class _Handed(NamedTuple):
+    """A batch :class:`_WindowedBatches` handed out: its indices, its window's setting
+    (label None: not part of the test) and the weights of the draw it came from."""
+
+    idx: torch.Tensor
+    setting: _Setting
+    weights: torch.Tensor
+
+
 class _WindowedBatches(Sampler[torch.Tensor]):
     """A thermodynamic epoch during a windowed A/B test: batches of ``window_steps`` windows
     come from the A draw (current setting) or the B draw (probe) as the controller says.
 
-    The epoch has as many batches as the A draw alone would (it costs what A costs); A
-    windows read the A draw in order, B windows the B draw. Read lazily, batch by batch, so
-    a decision taken mid-epoch applies to the next window. Windows run on across epoch
-    boundaries (``offset``): an epoch shorter than a window still contributes.
+    The epoch has as many batches as the A draw alone would (it costs what A costs; with
+    ``drop_last`` its full batches only); A windows read the A draw in order, B windows the
+    B draw. Read lazily, batch by batch, so a decision taken mid-epoch applies to the next
+    window. Windows run on across epoch boundaries (``offset``): an epoch shorter than a
+    window still contributes.
+
+    A ``DataLoader`` with workers reads its sampler ahead of the training loop (two batches
+    per worker by default), so a window can start here before the one before it has been
+    trained and observed. Each batch handed out is therefore remembered with its window's
+    setting and its draw's weights, and :meth:`take` gives the training step the record of
+    the batch it trains (matched by its indices), whatever was handed out since. A window
+    that starts while the one before it is still being trained gets the other label (the
+    one the controller will expect once that window is observed); one the controller does
+    not then expect (a window it did not observe, or a decision in between) is trained but
+    not observed (see ``AutoH3._window_tick``).
     """
 
     def __init__(
@@ -125,6 +149,7 @@ class _WindowedBatches(Sampler[torch.Tensor]):
         batch_size: int,
         window_steps: int,
         offset: int = 0,
+        drop_last: bool = False,
     ) -> None:
         self.controller = controller
         self.offset = offset  # steps of the current window trained in earlier epochs
@@ -143,25 +168,60 @@ class _WindowedBatches(Sampler[torch.Tensor]):
             if label == "A":  # the epoch trains on as many samples as A's draw holds
                 self.skipped = skipped
             self.draws[label] = (k, u, share, weights)
-        self.num_batches = math.ceil(self.draws["A"][2].numel() / batch_size)
-        self.label: str | None = None  # the current window's label; None: not part of a test
-        self.weights = self.draws["A"][3]
+        a_count = self.draws["A"][2].numel()
+        self.num_batches = a_count // batch_size if drop_last else math.ceil(a_count / batch_size)
+        self.handed: collections.deque[_Handed] = collections.deque()  # not trained yet
+        self.in_flight = 0  # windows begun here and not yet ended by the training loop
+        self._last: _Setting | None = None  # the setting of the window begun last
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def _next_setting(self) -> _Setting:
+        """The setting of a window about to begin (label None: train on A, untested)."""
+        c = self.controller
+        last = self._last if self.in_flight else None
+        if last is not None and last[0] is not None and c.window_testing:
+            # the window before is still being trained (a loader's workers read ahead): by
+            # the time this one ends, the controller will have observed it and expect the
+            # other label
+            label = "B" if last[0] == "A" else "A"
+            k, u = c.probe_setting() if label == "B" else (c.keep_frac, c.uniform_mix)
+        else:
+            label, k, u = c.window_setting()
+        dk, du, _, _ = self.draws[label]
+        # a setting this epoch did not draw (a decision mid-epoch): train on A, untested
+        return (label, k, u) if (dk, du) == (k, u) else (None, k, u)
+
+    def end_window(self) -> None:
+        """The training loop ended a window."""
+        self.in_flight = max(0, self.in_flight - 1)
+
+    def take(self, idx: torch.Tensor) -> _Handed | None:
+        """The record of the handed-out batch whose indices are ``idx`` (the oldest one not
+        trained yet if none matches: indices changed by the caller), forgotten once taken;
+        None if nothing is left."""
+        handed = self.handed
+        if not handed:
+            return None
+        if idx.device.type == "cpu":
+            for i, batch in enumerate(handed):  # the first one, unless batches were skipped
+                if batch.idx.shape == idx.shape and torch.equal(batch.idx, idx):
+                    del handed[i]
+                    return batch
+        return handed.popleft()
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         cursors = {"A": 0, "B": 0}
         remaining = self.draws["A"][2].numel()  # the epoch trains on exactly what A would
+        self.handed.clear()
+        self.in_flight = 0
+        setting: _Setting = (None, 0.0, 0.0)
         for b in range(self.num_batches):
             if b == 0 or (self.offset + b) % self.window_steps == 0:
-                label, k, u = self.controller.window_setting()
-                dk, du, _, _ = self.draws[label]
-                # a setting this epoch did not draw (a decision mid-epoch): train on A, untested
-                self.label = label if (dk, du) == (k, u) else None
-                if self.label is None:
-                    label = "A"
-            use = self.label or "A"
+                setting = self._last = self._next_setting()
+                self.in_flight += 1
+            use = setting[0] or "A"
             idx = self.draws[use][2]
             n = min(self.batch_size, remaining)
             remaining -= n
@@ -170,7 +230,7 @@ class _WindowedBatches(Sampler[torch.Tensor]):
             chunk = idx[start : start + n]
             if chunk.numel() < n:  # a B draw smaller than A's reads on from its start
                 chunk = torch.cat([chunk, idx[: n - chunk.numel()]])
-            self.weights = self.draws[use][3]
+            self.handed.append(_Handed(chunk, setting, self.draws[use][3]))
             yield chunk
 
 
@@ -307,6 +367,8 @@ class AutoH3:
         self._windows: _WindowedBatches | None = None
         self._window_step = 0
         self._window_loss: float | None = None
+        # the settings the current window's steps trained with: observed only if just one
+        self._window_settings: set[_Setting] = set()
         self._j_per_step: float | None = None
         self.name = name
         self.mode = mode
@@ -364,8 +426,15 @@ class AutoH3:
         """This epoch's loader of ``(data, target, index)`` batches, sampled as the controller
         says. A tensor-backed dataset is fetched a batch at a time (see
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
-        of ``window_steps`` batches alternate between its two settings."""
+        of ``window_steps`` batches alternate between its two settings.
+
+        ``loader_kwargs`` go to the ``DataLoader`` (``num_workers``, ``pin_memory``, ...);
+        ``drop_last=True`` leaves out a last batch smaller than ``batch_size``, in windowed
+        epochs too. With workers the loader reads batches ahead of the training loop: each
+        batch still trains with its own draw's weights and window (see
+        ``_WindowedBatches``)."""
         self.start()
+        drop_last = bool(loader_kwargs.pop("drop_last", False))
         self._batch_size = batch_size
         self._device = None
         unlearned, train_loss = self._probe_figures()  # every rank: a DDP forward is collective
@@ -385,12 +454,17 @@ class AutoH3:
         self.controller.plan_windows(self._windows_ahead(batch_size))  # may end the test
         if self.controller.window_testing:
             self._windows = _WindowedBatches(
-                self.controller, self.sampler, batch_size, self.window_steps, self._window_step
+                self.controller,
+                self.sampler,
+                batch_size,
+                self.window_steps,
+                self._window_step,
+                drop_last=drop_last,
             )
             self.samples_skipped += self._windows.skipped
             if self._window_loss is None and train_loss is not None:
                 self._window_loss = train_loss  # the first window's start: measured just now
-            return DataLoader(
+            return DataLoader(  # drop_last: the windowed sampler gives only full batches
                 self.indexed_dataset if is_batchable(self.indexed_dataset) else _Items(self),
                 sampler=self._windows,
                 batch_size=None,
@@ -398,7 +472,9 @@ class AutoH3:
             )
         share, skipped = _weighted(self.sampler, self.sampler.epoch_indices(), self.sampler.weights)
         self.samples_skipped += skipped
-        return batch_loader(self.indexed_dataset, _Drawn(share), batch_size, **loader_kwargs)
+        return batch_loader(
+            self.indexed_dataset, _Drawn(share), batch_size, drop_last=drop_last, **loader_kwargs
+        )
 
     def _windows_ahead(self, batch_size: int) -> int:
         """Windows of ``window_steps`` that the thermodynamic epochs from this one on hold,
@@ -476,14 +552,31 @@ class AutoH3:
         """Mean loss on the fixed probe subset of the training data (no gradient)."""
         return float(self._probe_losses(model, criterion)[1].mean())
 
-    def _window_tick(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> None:
-        """After a step in a windowed epoch: at a window's end, its η to the controller."""
+    def _window_tick(
+        self,
+        model: torch.nn.Module,
+        criterion: Callable[..., torch.Tensor],
+        setting: _Setting,
+    ) -> None:
+        """After a step in a windowed epoch (trained with ``setting``): at a window's end,
+        its η to the controller, if every step of the window trained with the setting the
+        controller expects (``window_setting()``: it attributes the η to that)."""
         self._window_step += 1
+        self._window_settings.add(setting)
         if self._window_step < self.window_steps:
             return
-        label = self._windows.label if self._windows is not None else None
+        if self._windows is not None:
+            self._windows.end_window()
+        settings, self._window_settings = self._window_settings, set()
+        trained = settings.pop() if len(settings) == 1 else None
         now = self._probe_loss(model, criterion)
-        if label is not None and self._window_loss is not None and self.controller.window_testing:
+        if (
+            trained is not None
+            and trained[0] is not None
+            and trained == self.controller.window_setting()
+            and self._window_loss is not None
+            and self.controller.window_testing
+        ):
             # energy: the measured J per step of the last epoch (the daemon's window is
             # coarser than 50 steps); A and B windows have the same steps and batch size
             joules = self.window_steps * (self._j_per_step or 1.0)
@@ -520,12 +613,16 @@ class AutoH3:
         windows = self._windows
         if windows is not None and self._window_loss is None and self.controller.window_testing:
             self._window_loss = self._probe_loss(model, criterion)  # the first window's start
+        handed = None
+        if windows is not None:  # the batch's own draw and window, however far workers read
+            handed = windows.take(idx)
+            if handed is None:  # not a batch of this epoch's loader: A's weights, untested
+                k, u, _, a_weights = windows.draws["A"]
+                handed = _Handed(idx, (None, k, u), a_weights)
         weights = None
         if self.sampler.unbiased:
             weights = (
-                take_rows(windows.weights, idx)
-                if windows is not None
-                else self.sampler.weights(idx)
+                take_rows(handed.weights, idx) if handed is not None else self.sampler.weights(idx)
             )
         self._fitting = (model, criterion)
         seen: dict[str, torch.Tensor] = {}
@@ -553,8 +650,8 @@ class AutoH3:
                 )
             else:
                 self.profiler.log_batch(mean, epoch=self.epoch, phase=self.phase)
-        if windows is not None and self.controller.window_testing:
-            self._window_tick(model, criterion)
+        if handed is not None and self.controller.window_testing:
+            self._window_tick(model, criterion, handed.setting)
         if isinstance(loss, torch.Tensor):
             return loss.detach()
         return torch.tensor(float(loss)) if loss is not None else losses.mean()

@@ -31,6 +31,9 @@ class TensorBatchSampler(Sampler[torch.Tensor]):
         sampler: The per-sample sampler (its ``set_epoch`` is the caller's business).
         batch_size: Indices per batch.
         drop_last: Drop a last batch smaller than ``batch_size``.
+
+    An empty epoch (or, with ``drop_last``, one shorter than a batch) yields no batch, as
+    ``len()`` says.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool = False) -> None:
@@ -53,6 +56,8 @@ class TensorBatchSampler(Sampler[torch.Tensor]):
         n = idx.numel()
         if self.drop_last:
             n -= n % self.batch_size
+        if n == 0:  # an empty epoch, or one shorter than a batch with drop_last: no batch
+            return  # (torch.split of an empty tensor would give one empty batch)
         yield from torch.split(idx[:n], self.batch_size)
 
     def __len__(self) -> int:

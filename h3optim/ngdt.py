@@ -23,17 +23,23 @@ amplified by 1/damping; it gets a plain-gradient step scaled by 1/(mean in-range
 product + damping) (the hybrid fallback), and is left out of Δ_F. A failed eigendecomposition
 is retried in float64; if that fails too the last good cache is kept and the failure counted.
 
-Parameters K-FAC does not cover (norm layers, embeddings, anything when plain parameters are
-given) take the ``fallback`` update (Adam), so any model trains. Under ``torch.distributed``
-the running factors are averaged across ranks before each eigendecomposition, so every rank
-preconditions identically.
+Parameters K-FAC does not cover (norm layers, embeddings, grouped convolutions, anything when
+plain parameters are given) take the ``fallback`` update (Adam), so any model trains. So does,
+with a warning, a covered layer whose gradient arrives without its factors (its weight used
+without calling the module, as ``nn.MultiheadAttention`` does with ``out_proj``). The factors
+are recorded whenever autograd records a layer's forward, in train or eval mode; a bias frozen
+when the optimizer is built stays as it is, and K-FAC covers its layer's weight alone.
+
+Under ``torch.distributed`` the running factors are averaged across ranks before each
+eigendecomposition, so every rank preconditions identically.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,15 +47,41 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 
-class _Layer:
-    """K-FAC bookkeeping for one Linear or Conv2d layer."""
+def _uncovered(module: nn.Linear | nn.Conv2d) -> str | None:
+    """Why K-FAC leaves a Linear or Conv2d layer to the fallback (None: it covers it)."""
+    if not module.weight.requires_grad:
+        return "its weight is frozen"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"a grouped convolution (groups={module.groups})"
+    return None
 
-    def __init__(self, module: nn.Linear | nn.Conv2d) -> None:
+
+class _Layer:
+    """K-FAC bookkeeping for one Linear or Conv2d layer.
+
+    A bias frozen (``requires_grad=False``) when the optimizer is built is a constant of the
+    layer: K-FAC then covers the weight alone (no column of ones in the activations) and
+    never changes the bias.
+    """
+
+    def __init__(self, module: nn.Linear | nn.Conv2d, name: str = "") -> None:
         self.module = module
+        self.name = name or type(module).__name__
         self.conv = isinstance(module, nn.Conv2d)
         self.weight: Tensor = module.weight
-        self.bias: Tensor | None = module.bias
+        bias = module.bias
+        self.bias: Tensor | None = bias if bias is not None and bias.requires_grad else None
         self.has_bias = self.bias is not None
+        # the padding unfold applies, or None and a pad before it ("same", "valid", a
+        # padding_mode other than zeros: what Conv2d._conv_forward does)
+        self.unfold_padding: tuple[int, ...] = (0, 0)
+        self.pre_pad: tuple[list[int], str] | None = None
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+                self.unfold_padding = tuple(module.padding)
+            else:
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                self.pre_pad = (list(module._reversed_padding_repeated_twice), mode)
         self.a: Tensor | None = None  # last batch's activations (rows × in[+1])
         self.g: Tensor | None = None  # last batch's output gradients (rows × out)
         self.batch = 1
@@ -61,8 +93,12 @@ class _Layer:
         m = self.module
         if self.conv:
             assert isinstance(m, nn.Conv2d)
+            if x.dim() == 3:  # an unbatched image
+                x = x.unsqueeze(0)
+            if self.pre_pad is not None:
+                x = nn.functional.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
             patches = nn.functional.unfold(
-                x, m.kernel_size, m.dilation, cast(tuple[int, ...], m.padding), m.stride
+                x, m.kernel_size, m.dilation, self.unfold_padding, m.stride
             )  # B × (C·k·k) × L
             a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
@@ -73,10 +109,14 @@ class _Layer:
 
     def out_grads(self, gy: Tensor) -> Tensor:
         if self.conv:
-            return gy.transpose(1, 3).reshape(-1, gy.shape[1]) if gy.dim() == 4 else gy
+            if gy.dim() == 3:  # an unbatched image
+                gy = gy.unsqueeze(0)
+            return gy.transpose(1, 3).reshape(-1, gy.shape[1])
         return gy.reshape(-1, gy.shape[-1])
 
     def grad_matrix(self) -> Tensor:
+        """The gradient as one matrix (out × in[+1]); call only when :meth:`grads_missing`
+        is None."""
         w = self.weight
         assert w.grad is not None
         gw = w.grad.reshape(w.shape[0], -1)
@@ -84,6 +124,22 @@ class _Layer:
             assert self.bias.grad is not None
             gw = torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
         return gw
+
+    def frozen_since(self) -> str | None:
+        """Which of the covered parameters was frozen after the optimizer was built (None
+        if none or all were)."""
+        frozen = [n for n, p in self.named_params() if not p.requires_grad]
+        if not frozen or len(frozen) == len(self.params()):
+            return None
+        return frozen[0]
+
+    def grads_missing(self) -> str | None:
+        """None if every covered parameter has a gradient; else which has none."""
+        return next((n for n, p in self.named_params() if p.grad is None), None)
+
+    def named_params(self) -> list[tuple[str, Tensor]]:
+        named = [("weight", self.weight)]
+        return named if self.bias is None else [*named, ("bias", self.bias)]
 
     def weight_matrix(self) -> Tensor:
         wm = self.weight.reshape(self.weight.shape[0], -1)
@@ -104,7 +160,10 @@ class NGDT(Optimizer):
 
     Args:
         params_or_model: An ``nn.Module`` (its Linear/Conv2d layers get K-FAC, the rest the
-            fallback) or parameters (then everything uses the fallback).
+            fallback; grouped convolutions too, listed in ``uncovered``) or parameters (then
+            everything uses the fallback). Which parameters K-FAC covers is settled here:
+            freezing part of a covered layer (its bias, say) afterwards raises a
+            ``ValueError`` at the next step (freezing a whole layer is fine).
         lr_max: η_max, the largest step.
         q_budget: Dissipation budget per step (nats of KL), or a callable ``step -> budget``.
         damping: Tikhonov damping added to the eigenvalue products.
@@ -155,12 +214,19 @@ class NGDT(Optimizer):
         if fallback != "adam":
             raise ValueError(f"Invalid fallback: {fallback!r} (only 'adam')")
         self.layers: list[_Layer] = []
+        # Linear/Conv2d layers left to the fallback, and why (grouped convolutions)
+        self.uncovered: dict[str, str] = {}
         if isinstance(params_or_model, nn.Module):
-            for m in params_or_model.modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad:
-                    layer = _Layer(m)
+            for name, m in params_or_model.named_modules():
+                if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                    continue
+                why = _uncovered(m)
+                if why is None:
+                    layer = _Layer(m, name)
                     m.register_forward_hook(self._make_hook(layer))
                     self.layers.append(layer)
+                elif m.weight.requires_grad:
+                    self.uncovered[name or type(m).__name__] = why
             params: list[Any] = [p for p in params_or_model.parameters() if p.requires_grad]
         else:
             params = list(params_or_model)
@@ -192,29 +258,39 @@ class NGDT(Optimizer):
         self.eig_failures = 0
         self.total_predicted_q = 0.0
         self.last_stats: dict[str, Any] = {}
+        self._warned: set[str] = set()  # layers whose fallback step was warned about
 
     # --- hooks ---------------------------------------------------------------------------
 
     def _make_hook(self, layer: _Layer) -> Callable[..., None]:
-        """Keep the layer's input, and (through a tensor hook on its output) its output
-        gradient, for the factors; only in training with autograd on."""
-
-        def grad_hook(gy: Tensor) -> None:
-            layer.g = layer.out_grads(gy.detach())
+        """Keep the layer's input and, through a tensor hook on its output, its output
+        gradient for the factors, whenever autograd records the forward: in eval mode too
+        (like any torch optimizer, NGDT does not depend on it: fine-tuning with frozen
+        batch-norm statistics trains in eval mode). The pair is kept when the gradient
+        arrives, so a forward that is never back-propagated leaves the last pair alone."""
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if torch.is_grad_enabled() and module.training and output.requires_grad:
-                layer.a = layer.activations(inputs[0].detach())
-                layer.batch = inputs[0].shape[0]
-                output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = inputs[0].detach()
+            a = layer.activations(x)
+            unbatched = x.dim() == (3 if layer.conv else 1)
+            batch = 1 if unbatched else x.shape[0]
+
+            def grad_hook(gy: Tensor) -> None:
+                layer.a, layer.g, layer.batch = a, layer.out_grads(gy.detach()), batch
+
+            output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
 
         return hook
 
     # --- factors and their eigenbases ------------------------------------------------------
 
-    def _update_factors(self, decay: float) -> None:
+    def _update_factors(self, decay: float, every_layer: bool = True) -> None:
+        """Fold each layer's last recorded batch into its running factors (``every_layer``
+        False: only the layers that have none yet); a batch is folded in once."""
         for layer in self.layers:
-            if layer.a is None or layer.g is None:
+            if layer.a is None or layer.g is None or not (every_layer or layer.A is None):
                 continue
             a, g = layer.a.float(), layer.g.float()
             a_cov = a.t() @ a / a.shape[0]
@@ -224,6 +300,7 @@ class NGDT(Optimizer):
             else:
                 layer.A.mul_(decay).add_(a_cov, alpha=1 - decay)
                 layer.G.mul_(decay).add_(g_cov, alpha=1 - decay)
+            layer.a = layer.g = None
 
     @staticmethod
     def _eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -237,10 +314,12 @@ class NGDT(Optimizer):
                 continue
         return None
 
-    def _update_eigs(self) -> None:
+    def _update_eigs(self, every_layer: bool = True) -> None:
+        """Eigendecompose each layer's factors (``every_layer`` False: only the layers
+        without an eigenbasis yet)."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         for layer in self.layers:
-            if layer.A is None or layer.G is None:
+            if layer.A is None or layer.G is None or not (every_layer or layer.eig is None):
                 continue
             if world > 1:  # every rank preconditions with the same factors
                 dist.all_reduce(layer.A)
@@ -292,19 +371,42 @@ class NGDT(Optimizer):
             "nullspace_frac": 0.0,
         }
         if group_k is not None and self.layers:
-            if self.steps % self.factor_update_steps == 0 or self.layers[0].A is None:
-                self._update_factors(group_k["factor_decay"])
-            if (
-                self.steps % self.inv_update_steps == 1
-                or self.inv_update_steps == 1
-                or self.layers[0].eig is None
-            ):
-                self._update_eigs()
+            # on schedule every layer; otherwise the layers recorded for the first time
+            self._update_factors(
+                group_k["factor_decay"], self.steps % self.factor_update_steps == 0
+            )
+            self._update_eigs(self.steps % self.inv_update_steps == 1 or self.inv_update_steps == 1)
             updates = []
             delta_f = torch.zeros(())
             null_fracs = []
             for layer in self.layers:
-                if layer.eig is None or layer.weight.grad is None:
+                frozen = layer.frozen_since()
+                if frozen is not None:
+                    raise ValueError(
+                        f"NGDT: layer {layer.name!r}: its {frozen} was frozen after the "
+                        "optimizer was built, and K-FAC preconditions a layer's weight and "
+                        "bias together; freeze it before building NGDT (a bias frozen then "
+                        "is left as it is), or freeze the whole layer"
+                    )
+                if not layer.weight.requires_grad:  # the whole layer frozen since: nothing
+                    continue
+                missing = layer.grads_missing()
+                if missing is not None and all(p.grad is None for p in layer.params()):
+                    continue  # not used in this step
+                if layer.eig is None or missing is not None:
+                    # a gradient K-FAC cannot precondition: typically the layer's weight was
+                    # used without calling the module (nn.MultiheadAttention's out_proj,
+                    # F.linear(x, layer.weight)), which the hooks do not see
+                    if missing is not None:
+                        why = f"its {missing} has no gradient"
+                    elif layer.A is None:
+                        why = (
+                            "no activations were recorded for it (its weight is used without "
+                            "calling the module)"
+                        )
+                    else:
+                        why = "its factors could not be eigendecomposed"
+                    self._fallback_layer(layer, group_k, why)
                     continue
                 gw = layer.grad_matrix()
                 if group_k["weight_decay"]:
@@ -341,28 +443,44 @@ class NGDT(Optimizer):
             self.stats_callback(dict(stats))
         return loss
 
-    def _adam(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            st = self.state[p]
-            if len(st) == 0:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-            g = p.grad
-            if not torch.isfinite(g).all():
-                continue
-            st["step"] += 1
-            st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
-            p.addcdiv_(
-                st["exp_avg"] / bc1,
-                (st["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"]),
-                value=-group["fallback_lr"],
+    def _fallback_layer(self, layer: _Layer, group: dict[str, Any], why: str) -> None:
+        """A covered layer K-FAC cannot precondition this step: the fallback's update (Adam at
+        ``fallback_lr``) for its parameters with a gradient, and a warning, once a layer."""
+        if layer.name not in self._warned:
+            self._warned.add(layer.name)
+            warnings.warn(
+                f"NGDT: layer {layer.name!r} takes the fallback (Adam) step: {why}",
+                RuntimeWarning,
+                stacklevel=3,
             )
+        for p in layer.params():
+            self._adam_param(p, group)
+
+    def _adam(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            self._adam_param(p, group)
+
+    def _adam_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        if p.grad is None:
+            return
+        beta1, beta2 = group["betas"]
+        st = self.state[p]
+        if len(st) == 0:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        g = p.grad
+        if not torch.isfinite(g).all():
+            return
+        st["step"] += 1
+        st["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
+        p.addcdiv_(
+            st["exp_avg"] / bc1,
+            (st["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"]),
+            value=-group["fallback_lr"],
+        )
 
     # --- state -----------------------------------------------------------------------------
 

@@ -477,3 +477,107 @@ def test_a_draw_whose_weights_are_all_zero_is_kept_whole() -> None:
     assert torch.equal(some[0], torch.tensor([1])) and some[1] == 2
     whole = _weighted(sampler, idx, lambda _i: torch.zeros(3))
     assert torch.equal(whole[0], idx) and whole[1] == 0  # never an empty epoch
+
+
+def _draws_holding(windows: Any, idx: torch.Tensor) -> list[str]:
+    """The labels of the windowed epoch's draws that ``idx`` is a run of (read in order,
+    a B draw wrapping around its end)."""
+    found = []
+    for label, (_k, _u, share, _w) in windows.draws.items():
+        ring = torch.cat([share, share[: idx.numel()]])
+        starts = torch.nonzero(ring == idx[0]).reshape(-1).tolist()
+        if any(torch.equal(ring[s : s + idx.numel()], idx) for s in starts):
+            found.append(label)
+    return found
+
+
+def test_with_loader_workers_each_step_trains_with_its_own_draws_weights_and_window() -> None:
+    """A loader with workers reads the windowed sampler ahead of the training loop: each
+    step still weights its batch by the draw the batch came from, and every window the
+    controller observes trained with the label it records. Up to the test's decision the
+    run is step for step the one without workers; only the batches read ahead of a
+    decision train on the setting they were drawn for (a few, with their own weights)."""
+    from h3optim import weighted_mean
+
+    train_set, test, _ = digits_and_model()
+
+    def run(workers: int) -> tuple[list[tuple[int, float]], list[Any], int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        auto = AutoH3(
+            model.parameters(),
+            train_set,
+            total_epochs=10,
+            profile=False,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),  # step(closure) returns its loss
+            window_steps=3,
+            probe_size=128,
+            learned_ratio=None,  # windows from the first thermodynamic epoch
+        )
+        c = auto.controller
+        crit = nn.CrossEntropyLoss()
+        steps: list[tuple[int, float]] = []  # (windows observed, loss) after each step
+        observed: list[Any] = []  # (label, the draws of the window's steps) per observation
+        window_draws: list[list[str]] = []
+        decision_step = -1
+        for _ in range(6):
+            for data, target, idx in auto.get_loader(batch_size=32, num_workers=workers):
+                windows = auto._windows
+                testing = windows is not None and c.window_testing
+                if windows is not None:
+                    draws = _draws_holding(windows, idx)
+                    assert len(draws) == 1, draws
+                    with torch.no_grad():
+                        losses = nn.functional.cross_entropy(model(data), target, reduction="none")
+                    w = windows.draws[draws[0]][3][idx]
+                    expected = float(weighted_mean(losses, w))
+                    other = "B" if draws[0] == "A" else "A"
+                    wrong = float(weighted_mean(losses, windows.draws[other][3][idx]))
+                    assert wrong != pytest.approx(expected, rel=1e-6)  # the test has power
+                before = len(c._windows), len(c.decisions)
+                loss = float(auto.training_step(model, data, target, crit, idx))
+                if windows is not None:
+                    assert loss == pytest.approx(expected, rel=1e-6)  # its own draw's weights
+                if testing:
+                    window_draws = [*window_draws[-2:], draws]
+                    if (len(c._windows), len(c.decisions)) != before:  # a window observed
+                        label = c._windows[-1][0] if len(c._windows) > before[0] else "A"
+                        observed.append((label, window_draws))
+                        if len(c.decisions) > before[1] and decision_step < 0:
+                            decision_step = len(steps)
+                steps.append((len(c._windows), loss))
+            auto.evaluate_epoch(model, test)
+        return steps, observed, decision_step
+
+    with_workers = run(2)
+    steps, observed, decided = with_workers
+    assert decided > 0 and len(observed) >= 9  # the test ran and decided
+    for label, draws in observed:  # each observed window trained on the draw of its label
+        assert draws == [[label]] * 3, (label, draws)
+    plain = run(0)
+    assert decided == plain[2] and observed == plain[1]
+    assert steps[: decided + 1] == plain[0][: decided + 1]
+
+
+def test_get_loader_drop_last_in_windowed_and_other_epochs() -> None:
+    """``drop_last=True`` gives only full batches, in a windowed A/B epoch as in the others
+    (the windowed loader used to hand it to a DataLoader without batch_size, which refuses
+    it)."""
+    train_set, test, model = digits_and_model()
+    auto = offline_auto(model, train_set, 8, window_steps=3, probe_size=128, learned_ratio=None)
+    crit = nn.CrossEntropyLoss()
+    windowed = 0
+    for _ in range(8):
+        loader = auto.get_loader(batch_size=48, drop_last=True)
+        windows = auto._windows
+        sizes = []
+        for data, target, idx in loader:
+            sizes.append(len(idx))
+            auto.training_step(model, data, target, crit, idx)
+        assert sizes and set(sizes) == {48} and len(sizes) == len(loader)
+        if windows is not None:
+            windowed += 1
+            assert len(sizes) == windows.draws["A"][2].numel() // 48
+        auto.evaluate_epoch(model, test)
+    assert windowed >= 2
+    assert auto.finish()["samples_backpropagated"] % 48 == 0

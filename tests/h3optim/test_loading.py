@@ -63,3 +63,31 @@ def test_tensor_batch_sampler_reads_any_sampler() -> None:
     assert len(TensorBatchSampler(torch.utils.data.SequentialSampler(range(7)), 3, True)) == 2
     with pytest.raises(ValueError):
         TensorBatchSampler(torch.utils.data.SequentialSampler(range(7)), 0)
+
+
+def test_an_epoch_shorter_than_a_batch_with_drop_last_yields_no_batch() -> None:
+    # 50 samples at batch 64 with drop_last: len() is 0 and so is the epoch (it used to
+    # yield one empty batch, whose mean loss is nan)
+    ds = IndexedDataset(data())
+    sampler = torch.utils.data.SequentialSampler(range(50))
+    loader = batch_loader(ds, sampler, 64, drop_last=True)
+    assert len(loader) == 0 and list(loader) == []
+    assert len(list(batch_loader(ds, sampler, 64))) == 1  # without drop_last: the short batch
+    # an empty epoch, with or without drop_last, has no batch either
+    for drop_last in (False, True):
+        empty = TensorBatchSampler(torch.utils.data.SequentialSampler(range(0)), 4, drop_last)
+        assert len(empty) == 0 and list(empty) == []
+        none = torch.utils.data.SequentialSampler(range(0))
+        assert list(batch_loader(ds, none, 4, drop_last=drop_last)) == []
+
+
+def test_the_presets_loader_with_drop_last_trains_on_no_empty_batch() -> None:
+    from h3optim import h3_cifar_safe
+
+    model = torch.nn.Linear(3, 4)
+    setup = h3_cifar_safe(model.parameters(), data())
+    _phase, loader = setup.get_loader(0, 10, batch_size=64, drop_last=True)
+    assert len(loader) == 0
+    for x, y, _idx in loader:  # pragma: no cover - the loop must not run
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        raise AssertionError(f"an empty batch was yielded (loss {float(loss.detach())})")

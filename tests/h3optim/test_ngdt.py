@@ -8,6 +8,8 @@ import math
 import os
 import socket
 import tempfile
+import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -193,3 +195,182 @@ def test_two_gloo_ranks_precondition_identically() -> None:
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
     assert math.isfinite(float(r0["params"][0].sum()))
+
+
+def digits_batch(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` of sklearn's 8×8 digits, as (n, 64) floats in [0, 1] and labels."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x[:n] / 16.0, dtype=torch.float32), torch.tensor(y[:n])
+
+
+def _train(
+    model: nn.Module, opt: NGDT, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_eval_mode_trains_the_covered_layers_as_train_mode_does() -> None:
+    """torch optimizers do not care about train/eval mode (fine-tuning with frozen
+    batch-norm statistics trains in eval mode): NGD-T records its factors in either, and a
+    model without dropout or batch norm takes the same steps in both."""
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    twin = copy.deepcopy(model)  # before NGDT hooks it
+    model.train()
+    twin.eval()
+    _train(model, NGDT(model, lr_max=0.5, q_budget=1e-2), x, y, 5)
+    _train(twin, NGDT(twin, lr_max=0.5, q_budget=1e-2), x, y, 5)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    # fine-tuning with batch norm frozen: eval mode, every Linear layer moves, the loss falls
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        net(x)  # batch-norm statistics from the data, then frozen
+    net.eval()
+    before = [m.weight.detach().clone() for m in (net[0], net[3])]
+    opt = NGDT(net, lr_max=0.5, q_budget=1e-2)
+    losses = _train(net, opt, x, y, 30)
+    assert not net.training and losses[-1] < 0.5 * losses[0]
+    for m, w in zip((net[0], net[3]), before, strict=True):
+        assert not torch.equal(m.weight, w)
+    assert all(layer.eig is not None for layer in opt.layers)
+
+
+def test_a_bias_frozen_before_building_is_left_alone_and_its_weight_preconditioned() -> None:
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    model[0].bias.requires_grad_(False)
+    bias = model[0].bias.detach().clone()
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+    assert opt.layers[0].bias is None and opt.layers[1].bias is model[2].bias
+    losses = _train(model, opt, x, y, 20)
+    assert losses[-1] < 0.7 * losses[0]
+    assert opt.layers[0].A.shape == (64, 64) and opt.layers[1].A.shape == (33, 33)
+    assert torch.equal(model[0].bias, bias)
+    # a frozen bias that holds a gradient is not updated either
+    model[0].bias.grad = torch.ones(32)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(model[0].bias, bias)
+
+
+def test_freezing_part_of_a_covered_layer_after_building_is_a_clear_error() -> None:
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+    _train(model, opt, x, y, 2)
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '2': its bias was frozen after"):
+        _train(model, opt, x, y, 1)
+    # freezing the whole layer is fine: it stays as it is, the others train on
+    model[2].weight.requires_grad_(False)
+    frozen = model[2].weight.detach().clone()
+    first = model[0].weight.detach().clone()
+    _train(model, opt, x, y, 2)
+    assert torch.equal(model[2].weight, frozen) and not torch.equal(model[0].weight, first)
+
+
+def _conv_rows(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output recomputed from NGD-T's activation rows: a @ [W b]ᵀ."""
+    return layer.activations(x) @ layer.weight_matrix().t()
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding="same"),
+        dict(kernel_size=4, padding="same", dilation=2),  # asymmetric padding
+        dict(kernel_size=3, padding="valid", stride=2),
+        dict(kernel_size=3, padding=(1, 2), padding_mode="reflect"),
+        dict(kernel_size=3, padding=1, padding_mode="circular", bias=False),
+        dict(kernel_size=3, padding=1, padding_mode="replicate"),
+    ],
+)
+def test_conv_activations_reproduce_the_layers_output(conv: dict[str, Any]) -> None:
+    """The rows K-FAC's activation factor is built from are the layer's own input patches,
+    for every padding Conv2d takes: each row times the weight gives that output pixel."""
+    x, _ = digits_batch(16)
+    images = x.reshape(-1, 1, 8, 8).repeat(1, 2, 1, 1)
+    torch.manual_seed(0)
+    model = nn.Conv2d(2, 3, **conv)
+    opt = NGDT(model)
+    layer = opt.layers[0]
+    with torch.no_grad():
+        out = model(images)
+        rows = _conv_rows(layer, images)
+        assert torch.allclose(rows, out.permute(0, 2, 3, 1).reshape(-1, 3), atol=1e-5)
+        single = _conv_rows(layer, images[0])  # an unbatched image
+        assert torch.allclose(single, out[0].permute(1, 2, 0).reshape(-1, 3), atol=1e-5)
+
+
+def test_same_padding_and_grouped_convolutions_train() -> None:
+    """padding="same" is preconditioned like any other padding; a grouped convolution,
+    whose weight is not one Kronecker product, is left to the fallback (Adam) and said so
+    in ``uncovered``, with no warning."""
+    x, y = digits_batch()
+    images = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding="same"),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding="same", groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+    assert [layer.name for layer in opt.layers] == ["0", "5"]
+    assert opt.uncovered == {"2": "a grouped convolution (groups=2)"}
+    grouped = model[2].weight.detach().clone()
+    assert all(
+        id(p) not in {id(q) for q in opt.param_groups[0]["params"]} for p in model[2].parameters()
+    )
+    losses = _train(model, opt, images, y, 30)
+    assert losses[-1] < 0.5 * losses[0]
+    assert not torch.equal(model[2].weight, grouped)
+    assert all(layer.eig is not None for layer in opt.layers)
+
+
+def test_a_layer_used_without_its_forward_takes_the_fallback_step_with_a_warning() -> None:
+    """nn.MultiheadAttention uses its out_proj Linear's weight without calling it: no
+    activations are recorded for it. It takes the fallback step (it used to be left
+    unchanged, silently), with one warning naming it."""
+    x, y = digits_batch(128)
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16 * 8, 10)
+
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            h = self.embed(rows.reshape(-1, 8, 8))  # each image as 8 rows of 8 pixels
+            h, _ = self.attn(h, h, h, need_weights=False)
+            return self.head(h.flatten(1))
+
+    torch.manual_seed(0)
+    model = Attend()
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+    assert any(layer.module is model.attn.out_proj for layer in opt.layers)
+    out_proj = model.attn.out_proj.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"'attn.out_proj' takes the fallback \(Adam\) step"):
+        losses = _train(model, opt, x, y, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a layer
+        losses += _train(model, opt, x, y, 29)
+    assert not torch.equal(model.attn.out_proj.weight, out_proj)
+    assert losses[-1] < 0.7 * losses[0]
