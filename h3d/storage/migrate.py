@@ -43,7 +43,15 @@ MIGRATION_LOCK_KEY = int.from_bytes(b"H3D_MIGR", "big")
 
 # Every revision in migrations/versions, oldest first; the last is the head. A new migration
 # adds its id here (tests/h3d/test_storage.py fails until it does).
-REVISIONS = ("0001", "0002", "0003", "0004_nodes_and_ranks", "0005_run_idle", "0006_run_seen_at")
+REVISIONS = (
+    "0001",
+    "0002",
+    "0003",
+    "0004_nodes_and_ranks",
+    "0005_run_idle",
+    "0006_run_seen_at",
+    "0007_bigint_counts",
+)
 HEAD_REVISION = REVISIONS[-1]
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Float,
     ForeignKey,
     Index,
@@ -25,6 +26,13 @@ NAMING = {
 }
 
 
+# The integers a client sends (sequence numbers, steps, epochs, sizes, pids, ranks) go up to
+# the API's 2**53 - 1: 64-bit on PostgreSQL, where INTEGER is 32-bit (a rank's seq is
+# k * world_size + rank, past 2**31 after 262 144 steps on 8 192 ranks). SQLite's INTEGER
+# is 64-bit already, so the column stays INTEGER there (migration 0007).
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -38,17 +46,17 @@ class Run(Base):
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    pid: Mapped[int | None] = mapped_column(Integer)
+    pid: Mapped[int | None] = mapped_column(BigInt)
     host: Mapped[str | None] = mapped_column(String(255))
-    n_train: Mapped[int | None] = mapped_column(Integer)
+    n_train: Mapped[int | None] = mapped_column(BigInt)
     # The node whose daemon created the run; a distributed run lists its ranks in run_ranks.
     node: Mapped[str | None] = mapped_column(String(255))
-    world_size: Mapped[int | None] = mapped_column(Integer)  # None: a single process
+    world_size: Mapped[int | None] = mapped_column(BigInt)  # None: a single process
     # Denormalised counters, updated in the same transaction as the ingest they count.
-    n_batches: Mapped[int] = mapped_column(Integer, default=0)
-    n_epochs: Mapped[int] = mapped_column(Integer, default=0)
-    n_nonfinite: Mapped[int] = mapped_column(Integer, default=0)
-    last_seq: Mapped[int | None] = mapped_column(Integer)
+    n_batches: Mapped[int] = mapped_column(BigInt, default=0)
+    n_epochs: Mapped[int] = mapped_column(BigInt, default=0)
+    n_nonfinite: Mapped[int] = mapped_column(BigInt, default=0)
+    last_seq: Mapped[int | None] = mapped_column(BigInt)
     last_t: Mapped[float | None] = mapped_column(Float)
     # The run's heartbeat on a shared store: the clock of the daemon that last served a
     # request for it, at that request, as its reaper writes it every few seconds
@@ -75,14 +83,14 @@ class Batch(Base):
     __tablename__ = "batches"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInt, primary_key=True)
     t: Mapped[float] = mapped_column(Float)
     loss: Mapped[float | None] = mapped_column(Float)  # NULL: sent as non-finite
-    n: Mapped[int | None] = mapped_column(Integer)
-    epoch: Mapped[int | None] = mapped_column(Integer)
-    step: Mapped[int | None] = mapped_column(Integer)
+    n: Mapped[int | None] = mapped_column(BigInt)
+    epoch: Mapped[int | None] = mapped_column(BigInt)
+    step: Mapped[int | None] = mapped_column(BigInt)
     phase: Mapped[str | None] = mapped_column(String(32))
-    rank: Mapped[int | None] = mapped_column(Integer)  # which rank of a distributed run
+    rank: Mapped[int | None] = mapped_column(BigInt)  # which rank of a distributed run
 
     __table_args__ = (Index("ix_batches_run_id_t", "run_id", "t"),)
 
@@ -93,11 +101,11 @@ class RunRank(Base):
     __tablename__ = "run_ranks"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(BigInt, primary_key=True)
     node: Mapped[str] = mapped_column(String(255))
     host: Mapped[str | None] = mapped_column(String(255))
-    pid: Mapped[int | None] = mapped_column(Integer)
-    local_rank: Mapped[int | None] = mapped_column(Integer)
+    pid: Mapped[int | None] = mapped_column(BigInt)
+    local_rank: Mapped[int | None] = mapped_column(BigInt)
     joined_at: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16))
     finished_at: Mapped[float | None] = mapped_column(Float)
@@ -109,8 +117,8 @@ class SampleLosses(Base):
     __tablename__ = "sample_losses"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
-    count: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInt, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInt)
     losses: Mapped[bytes] = mapped_column(LargeBinary)  # float32; NaN marks a missing value
     indices: Mapped[bytes | None] = mapped_column(LargeBinary)  # int64
 
@@ -119,7 +127,7 @@ class Epoch(Base):
     __tablename__ = "epochs"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInt, primary_key=True)
     t: Mapped[float] = mapped_column(Float)
     phase: Mapped[str | None] = mapped_column(String(32))
     accuracy: Mapped[float | None] = mapped_column(Float)
@@ -185,7 +193,7 @@ class RunShare(Base):
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     node: Mapped[str] = mapped_column(String(255), primary_key=True)
-    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(BigInt, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)  # "cpu" | "gpu:<device>"
     t0: Mapped[float] = mapped_column(Float, primary_key=True)
     t1: Mapped[float] = mapped_column(Float)

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from h3d.errors import AmbiguousRun, InvalidInput, RunExists, RunFinished, RunNotFound
 from h3d.storage.models import (
     Batch,
+    BigInt,
     Device,
     Epoch,
     PowerSample,
@@ -516,13 +517,13 @@ def _present_sql(dialect: Dialect, table: Any, key: str) -> _Driver:
 @functools.lru_cache(maxsize=8)
 def _count_batches_sql(dialect: Dialect) -> _Driver:
     runs: Any = Run.__table__
-    seq, t = bindparam("p_seq", type_=Integer), bindparam("p_t", type_=Float)
+    seq, t = bindparam("p_seq", type_=BigInt), bindparam("p_t", type_=Float)
     return _Driver.of(
         update(runs)
         .where(runs.c.id == bindparam("run_id"))
         .values(
-            n_batches=runs.c.n_batches + bindparam("p_added", type_=Integer),
-            n_nonfinite=runs.c.n_nonfinite + bindparam("p_nonfinite", type_=Integer),
+            n_batches=runs.c.n_batches + bindparam("p_added", type_=BigInt),
+            n_nonfinite=runs.c.n_nonfinite + bindparam("p_nonfinite", type_=BigInt),
             last_seq=_at_least(runs.c.last_seq, seq),
             last_t=_at_least(runs.c.last_t, t),
         ),

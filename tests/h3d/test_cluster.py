@@ -158,3 +158,32 @@ def test_a_run_that_one_node_serves_is_not_reaped_by_the_other(
             time.sleep(0.2)
         assert got["status"] == "failed"
         assert got["finished_at"] == pytest.approx(time.time() - 2, abs=2.0)
+
+
+def test_integers_past_32_bits_are_stored_on_postgresql(
+    nodes: Callable[..., Daemon], pg_url: str
+) -> None:
+    """PostgreSQL's INTEGER is 32-bit; the API takes integers up to 2**53 - 1, and a rank's
+    seq (k * world_size + rank) passes 2**31 on a large job: each was a 500."""
+    big = 2**31 + 7
+    d = nodes("node-a", pg_url)
+    with d.client() as api:
+        r = api.post("/v1/runs", json={"name": "big", "n_train": 3_000_000_000, "pid": big})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        now = time.time()
+        rows = [
+            {"seq": big + i, "t": now + i, "loss": 1.0, "n": big, "step": big + i, "epoch": big}
+            for i in range(2)
+        ]
+        r = api.post(f"/v1/runs/{run_id}/batches", json={"batches": rows})
+        assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+        r = api.post(f"/v1/runs/{run_id}/epochs", json={"epochs": [{"epoch": big, "t": now}]})
+        assert r.status_code == 200, r.text
+        got = api.get(f"/v1/runs/{run_id}").json()
+    assert got["n_train"] == 3_000_000_000 and got["last_seq"] == big + 1
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT seq, n, step, epoch FROM batches ORDER BY seq")).all()
+    engine.dispose()
+    assert [tuple(r) for r in stored] == [(big + i, big, big + i, big) for i in range(2)]
