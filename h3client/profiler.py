@@ -648,6 +648,7 @@ class H3Profiler:
 # The daemon's limits on a run's fields (h3d.api.schemas.RunCreate): a run it would refuse is
 # refused here, at construction, not after training with every batch rejected behind it.
 NAME_MAX, TAGS_MAX, TAG_MAX, CONFIG_MAX_BYTES = 200, 100, 100, 64 * 1024
+CONFIG_MAX_DEPTH = 32  # the config itself is level 1; a value inside it, level 2
 
 
 def _finite(v: Any) -> float | None:
@@ -686,19 +687,54 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
     return n
 
 
+def _config_depth_ok(config: Any) -> bool:
+    """Whether ``config`` is nested at most ``CONFIG_MAX_DEPTH`` levels, counted as the daemon
+    counts them (``h3d.api.schemas.check_config``: every value one level below its dict or
+    list, the config itself level 1). Tuples count as lists, as JSON writes them."""
+    stack: list[tuple[Any, int]] = [(config, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > CONFIG_MAX_DEPTH:
+            return False
+        if isinstance(node, dict):
+            stack.extend((x, depth + 1) for x in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((x, depth + 1) for x in node)
+    return True
+
+
 def _json_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` as the daemon will store it: as given, non-JSON values as their str."""
+    """``config`` as the daemon will store it: as given, non-JSON values as their str.
+
+    Refused with a ValueError, as the daemon would refuse it (``h3d.api.schemas.
+    check_config``): nested deeper than ``CONFIG_MAX_DEPTH`` levels, a NaN or infinite
+    number, a lone surrogate in a string, over ``CONFIG_MAX_BYTES`` of compact JSON; and
+    keys JSON cannot hold (a tuple key)."""
+    if not _config_depth_ok(config):  # before json.dumps, which recurses (RecursionError)
+        raise ValueError(
+            f"H3Profiler config: nested deeper than the daemon's {CONFIG_MAX_DEPTH} levels"
+        )
     try:
         text = json.dumps(config, default=str, allow_nan=False)
     except ValueError as exc:
         raise ValueError(f"H3Profiler config: {exc} (NaN and inf cannot be stored)") from exc
-    size = len(text.encode())
+    except TypeError as exc:  # a key JSON has no form for (default= converts values only)
+        raise ValueError(f"H3Profiler config: {exc}") from exc
+    out: dict[str, Any] = json.loads(text)
+    try:  # a lone surrogate ("\ud800") is valid JSON, escaped, but no Unicode text
+        json.dumps(out, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"H3Profiler config: holds a lone surrogate ({bad}), which is not Unicode text"
+        ) from None
+    # measured as the daemon measures it: compact JSON of what it receives
+    size = len(json.dumps(out, separators=(",", ":")))
     if size > CONFIG_MAX_BYTES:
         raise ValueError(
             f"H3Profiler config: {size} bytes as JSON, over the daemon's "
             f"{CONFIG_MAX_BYTES}: keep hyperparameters there, not data"
         )
-    out: dict[str, Any] = json.loads(text)
     return out
 
 

@@ -198,8 +198,13 @@ def green_score(
     return ratio, f"accuracy within {gap:+.2f} points of the baseline"
 
 
-def explain_thermo_log(path: str | Path, baseline_path: str | Path | None = None) -> str:
-    """A plain-language reading of an audit log: metrics, phases, assessment, verdict."""
+def explain_thermo_log(
+    path: str | Path, baseline_path: str | Path | None = None, *, tolerance: float = 1.0
+) -> str:
+    """A plain-language reading of an audit log: metrics, phases, assessment, verdict.
+
+    With ``baseline_path``, the Green Score against that log, shown only when the final
+    accuracies are within ``tolerance`` points (as ``h3-report --tolerance``)."""
     header, rows = read_audit_log(path)
     s = _summary_from_rows(rows)
     kind, why = assess(rows)
@@ -217,7 +222,7 @@ def explain_thermo_log(path: str | Path, baseline_path: str | Path | None = None
     out.append(f"  assessment: {kind} — {why}")
     if baseline_path is not None:
         _bh, brows = read_audit_log(baseline_path)
-        score, note = green_score(s, _summary_from_rows(brows))
+        score, note = green_score(s, _summary_from_rows(brows), tolerance)
         out.append(f"  Green Score: {_f(score)} ({note})")
     out.append(f"  verdict: {ADVICE[kind]}")
     return "\n".join(out)
@@ -317,10 +322,10 @@ def _main(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     if not (args.run or args.h3_log or args.compare or args.tune):
         p.error("give --run, --h3-log, --compare or --tune")
-    if args.h3_log:
-        print(explain_thermo_log(args.h3_log, args.baseline_log))
-        return 0
     try:
+        if args.h3_log:
+            print(explain_thermo_log(args.h3_log, args.baseline_log, tolerance=args.tolerance))
+            return 0
         if args.compare and all(_is_audit_log(r) for r in args.compare):
             rows = [_compare_row(None, r) for r in args.compare]  # no daemon needed
         else:

@@ -10,18 +10,22 @@ h3d demo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from h3d import __version__
 from h3d._http import DaemonClient, DaemonDown, find_daemon
@@ -34,15 +38,119 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class CommandError(Exception):
+    """A command cannot go on: ``main`` prints ``h3d: <message>`` in one line, exits ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+#: The settings a command-line flag sets (the others come from H3D_* variables only).
+_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "data_dir": "--data-dir",
+    "db_url": "--db-url",
+    "node": "--node",
+    "log_level": "--log-level",
+}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    from h3d.config import Settings  # pydantic: imported inside serve's start-up GC pause
+    from pydantic import ValidationError
+
+    from h3d.config import ENV_PREFIX, Settings  # pydantic: inside serve's start-up GC pause
 
     kw: dict[str, Any] = {}
-    for name in ("host", "port", "data_dir", "db_url", "node", "log_level"):
+    for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value
-    return Settings(**kw)
+    try:
+        return Settings(**kw)
+    except ValidationError as exc:  # one line naming each bad setting, flag or variable
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            env = ENV_PREFIX + field.upper()
+            value = shlex.quote(str(err.get("input", "")))
+            where = f"{_FLAGS[field]} {value} ({env})" if field in kw else f"{env}={value}"
+            why = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {why}" if field else why)
+        raise CommandError("invalid setting " + "; ".join(problems)) from None
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _engine(settings: Settings, args: argparse.Namespace) -> Any:
+    """The store's engine, or a :class:`CommandError` when the URL names no usable database
+    (not a URL; a dialect SQLAlchemy does not know; a driver not installed here)."""
+    from sqlalchemy.exc import ArgumentError
+
+    from h3d.storage.engine import make_engine
+
+    url = settings.database_url
+    try:
+        return make_engine(url)
+    except (ArgumentError, ImportError, TypeError) as exc:
+        shown = _hide_password(url) or "''"
+        where = (
+            f"--db-url {shown}"
+            if getattr(args, "db_url", None) is not None
+            else f"H3D_DB_URL={shown}"
+            if settings.db_url
+            else shown
+        )
+        reason = f"{exc}: its driver is not installed" if isinstance(exc, ImportError) else exc
+        raise CommandError(
+            f"{where} is not a usable database URL ({reason}); h3d supports "
+            "sqlite:///PATH (the default: sqlite:///<data dir>/h3d.db) and "
+            'postgresql+psycopg://USER@HOST/DB (pip install "h3[postgres]")'
+        ) from None
+
+
+def _private_data_dir(settings: Settings) -> None:
+    """The data dir 0700 and its files 0600, as ``serve`` keeps them, and a umask that keeps
+    what this process creates there (the store, its WAL, lock files) private too."""
+    os.umask(0o077)
+    try:
+        make_private(settings.data_dir)
+    except OSError as exc:  # a read-only mount, another user's directory, a full disk
+        raise CommandError(f"{settings.data_dir}: {exc.strerror or exc}") from None
+
+
+def _open_output(path: str) -> IO[str]:
+    """``path`` opened for writing, or a :class:`CommandError` saying why it cannot be."""
+    try:
+        return open(path, "w", newline="")  # noqa: SIM115  (the caller closes it)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
+
+
+def _discard_output(f: IO[str], path: str) -> None:
+    """Close ``f`` and remove the partial file: only a regular file (never a symlink such as
+    /dev/stdout, a FIFO or a device named as the output)."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a close that failed before
+        f.close()
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+def _write_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path``, or raise a :class:`CommandError` saying why it could not be
+    written (no partial file is left)."""
+    f = _open_output(path)
+    try:
+        f.write(text)
+        f.close()
+    except OSError as exc:  # a full disk midway
+        _discard_output(f, path)
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
 
 
 def _configure_logging(level: str) -> None:
@@ -112,7 +220,6 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
 
     from h3d.app import create_app
     from h3d.storage import migrate
-    from h3d.storage.engine import make_engine
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -121,18 +228,20 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    engine = _engine(settings, args)  # a bad URL is one line before anything is created
     os.umask(0o077)  # the store, its WAL and journal: readable by this user only
     lock = DataDirLock(settings.data_dir)
     try:
         make_private(settings.data_dir)
         lock.acquire()
     except DataDirBusy as exc:
+        engine.dispose()
         print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk or a read-only data dir, before the store is opened
+        engine.dispose()
         print(f"h3d: cannot start: {settings.data_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    engine = make_engine(settings.database_url)
     try:  # check the store before binding, so a bad database is one clear line
         migrate.check_integrity(engine)
         if settings.auto_migrate:
@@ -325,7 +434,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.html:
         from h3d.dashboard import render_report, run_bundle
 
-        Path(args.html).write_text(render_report(run_bundle(c.get, _resolve(c, args.run))))
+        _write_file(args.html, render_report(run_bundle(c.get, _resolve(c, args.run))))
         print(f"h3d: wrote {args.html}")
         return 0
     rep = c.get(f"/v1/runs/{_resolve(c, args.run)}/report")
@@ -350,20 +459,31 @@ def cmd_export(args: argparse.Namespace) -> int:
             r.read()
             raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
         # the file is opened only once the daemon answers with the export
-        out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+        out = _open_output(args.output) if args.output else sys.stdout
         try:
             for chunk in r.iter_text():
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    if not args.output:
+                        raise
+                    raise CommandError(
+                        f"cannot write {args.output}: {exc.strerror or exc}", 1
+                    ) from None
                 lines += chunk.count("\n")
                 if args.output and sys.stderr.isatty():
                     print(f"\rexported {max(lines - 1, 0)}{total} {what}", end="", file=sys.stderr)
+            if args.output:
+                try:
+                    out.close()
+                except OSError as exc:  # the last buffer, on a full disk
+                    raise CommandError(
+                        f"cannot write {args.output}: {exc.strerror or exc}", 1
+                    ) from None
         except BaseException:
             if args.output:  # cut off midway: no partial file is left
-                out.close()
-                os.unlink(args.output)
+                _discard_output(out, args.output)
             raise
-        if args.output:
-            out.close()
     if args.output:
         print(f"\rexported {max(lines - 1, 0)} {what} to {args.output}", file=sys.stderr)
     return 0
@@ -407,13 +527,69 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The spool's line format version and operations (h3client/_spool.py, h3client.client).
+_SPOOL_VERSION = 1
+_SPOOL_OPS = {
+    "create": ("POST", "/v1/runs"),
+    "batches": ("POST", "/v1/runs/{}/batches"),
+    "epochs": ("POST", "/v1/runs/{}/epochs"),
+    "update": ("PATCH", "/v1/runs/{}"),
+}
+
+
+def _spool_request(line: bytes) -> tuple[str, str, str, bytes]:
+    """(op, method, URL path, JSON body) of one spool line, or ValueError saying why it cannot
+    be sent. The same lines h3client's replay (``_spool.replay_file``) skips are skipped,
+    and also those it could not send either: a line that is not an operation object (no
+    ``op``, ``run_id`` or ``body``), and a body holding NaN or infinity (JSON has no form
+    for them; h3client never writes one)."""
+    from urllib.parse import quote
+
+    try:
+        op = json.loads(line)
+    except ValueError as exc:  # a torn line after a crash, bytes that are not UTF-8
+        raise ValueError(f"not readable JSON ({exc})") from None
+    if not isinstance(op, dict):
+        raise ValueError(f"not an operation object but a JSON {type(op).__name__}")
+    kind, rid, body = op.get("op"), op.get("run_id"), op.get("body")
+    if kind not in _SPOOL_OPS:
+        raise ValueError(f"unknown operation {kind!r}")
+    if op.get("v") != _SPOOL_VERSION:
+        raise ValueError(f"spool version {op.get('v')!r}, not {_SPOOL_VERSION}")
+    if not (isinstance(rid, str) and rid):
+        raise ValueError(f"no run id (run_id {rid!r})")
+    if not isinstance(body, dict):
+        raise ValueError(f"the body is not a JSON object ({type(body).__name__})")
+    try:
+        text = json.dumps(body, allow_nan=False).encode()
+    except ValueError:
+        raise ValueError("the body holds NaN or infinity, which JSON has no form for") from None
+    method, url = _SPOOL_OPS[kind]
+    return kind, method, url.format(quote(rid, safe="")), text
+
+
+def _error_of(r: Any) -> dict[str, Any]:
+    """The daemon's ``{"code", "message"}`` of an error answer ({} if it sent none)."""
+    try:
+        error = r.json().get("error") if r.content else None
+    except (ValueError, AttributeError):
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """Replay client spool files (``<data dir>/spool/*.jsonl``) through the running daemon.
 
     The format is h3client's (see h3client/_spool.py): one JSON operation per line, each
-    idempotent at the daemon, so importing twice stores everything once.
+    idempotent at the daemon, so importing twice stores everything once. h3d does not import
+    h3client, so the replay is done here, deciding as h3client's ``replay_file`` does: lines
+    that cannot be sent are skipped and reported, and the rest is replayed; a file is
+    deleted only when every line in it was imported (one with skipped lines is kept and the
+    command exits 1). The import stops, keeping the file, at an operation the daemon refuses.
     """
     import fcntl
+
+    import httpx
 
     settings = _settings(args)
     files = [Path(f) for f in args.files] or sorted((settings.data_dir / "spool").glob("*.jsonl"))
@@ -421,64 +597,94 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"h3d: nothing to import in {settings.data_dir / 'spool'}")
         return 0
     c = DaemonClient(settings)
-    # Answers meaning "done already": the run exists (create), the run was finished (update).
-    # A 409 run_finished on batches or epochs is not one of them: the daemon acknowledges a
-    # replay of rows it holds, so that 409 means rows of this spool were never stored.
-    already = {"create": {"run_exists"}, "update": {"run_finished"}}
-    total = 0
+    # Answers meaning "done already" (h3client._spool.already_done): a create (a rank joining
+    # included) or a status update refused because the run exists or finished. A 409
+    # run_finished on batches or epochs is not one of them: the daemon acknowledges a replay
+    # of rows it holds, so that 409 means rows of this spool were never stored.
+    already = {"run_exists", "run_finished"}
+    total = total_skipped = 0
+    kept: list[str] = []
     for path in files:
-        ops = 0
-        with open(path, "r+") as f:
+        ops = skipped = 0
+        try:
+            f = open(path, "rb")  # noqa: SIM115  (closed below)
+        except OSError as exc:
+            print(f"h3d: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        with f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             for n, line in enumerate(f, 1):
-                try:
-                    op = json.loads(line)
-                    kind, rid, body = op["op"], op["run_id"], op["body"]
-                except (ValueError, KeyError, TypeError):
-                    print(f"h3d: {path.name} line {n} is unreadable: skipped", file=sys.stderr)
+                if not line.strip():
                     continue
-                method, url = {
-                    "create": ("POST", "/v1/runs"),
-                    "batches": ("POST", f"/v1/runs/{rid}/batches"),
-                    "epochs": ("POST", f"/v1/runs/{rid}/epochs"),
-                    "update": ("PATCH", f"/v1/runs/{rid}"),
-                }[kind]
-                r = c.http.request(method, url, json=body)
+                try:
+                    kind, method, url, body = _spool_request(line)
+                except ValueError as exc:
+                    print(f"h3d: {path.name} line {n} skipped: {exc}", file=sys.stderr)
+                    skipped += 1
+                    continue
+                try:
+                    r = c.http.request(
+                        method, url, content=body, headers={"Content-Type": "application/json"}
+                    )
+                except httpx.TransportError as exc:
+                    raise DaemonDown(
+                        f"no h3d daemon answers at {c.url} ({exc}); {path.name} is kept, "
+                        f"{ops} operation(s) of it were imported"
+                    ) from None
                 if r.status_code >= 400:
-                    error = r.json().get("error", {}) if r.content else {}
-                    if error.get("code") not in already.get(kind, set()):
-                        if error.get("code") == "run_finished":
+                    error = _error_of(r)
+                    code = error.get("code")
+                    if not (kind in ("create", "update") and code in already):
+                        if code == "run_finished":
                             print(
-                                f"h3d: {path.name} line {n}: not imported: {error['message']} "
+                                f"h3d: {path.name} line {n}: not imported: {error.get('message')} "
                                 "(a run whose process is gone is marked failed and closed). "
                                 f"The file is kept; {ops} operation(s) before this line were "
                                 "imported.",
                                 file=sys.stderr,
                             )
                         else:
+                            text = " ".join(r.text[:200].split())
                             print(
-                                f"h3d: {path.name} line {n}: {r.status_code} {r.text[:200]}",
+                                f"h3d: {path.name} line {n}: {r.status_code} {text}",
                                 file=sys.stderr,
                             )
                         return 1
                 ops += 1
                 if sys.stderr.isatty():
                     print(f"\r{path.name}: {ops} operations", end="", file=sys.stderr)
-            path.unlink()
+            if not skipped:
+                path.unlink()
         total += ops
-        print(f"imported {path.name}: {ops} operations")
+        if skipped:
+            total_skipped += skipped
+            kept.append(path.name)
+        else:
+            print(f"imported {path.name}: {ops} operations")
+    if kept:
+        print(
+            f"h3d: {total_skipped} line(s) skipped (above), not imported; kept "
+            f"{', '.join(kept)} for them; {total} operation(s) imported",
+            file=sys.stderr,
+        )
+        return 1
     print(f"h3d: imported {len(files)} spool file(s), {total} operations")
     return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from h3d.storage import migrate
-    from h3d.storage.engine import make_engine
 
     settings = _settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url)
+    engine = _engine(settings, args)  # a bad URL is one line before anything is created
     url = engine.url.render_as_string(hide_password=True)
+    try:
+        _private_data_dir(settings)  # as `serve` keeps it: 0700, the store 0600
+    except CommandError:
+        engine.dispose()
+        raise
     try:
         if args.db_command == "upgrade":
             before, after = migrate.upgrade(engine)
@@ -491,6 +697,9 @@ def cmd_db(args: argparse.Namespace) -> int:
             print(f"{url}: at {rev or '(empty)'}; this h3d's head is {migrate.head_revision()}")
     except H3DError as exc:
         print(f"h3d: {exc.message}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, OSError) as exc:  # a database down, a path that cannot be opened
+        print(f"h3d: {url}: {getattr(exc, 'orig', None) or exc}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
@@ -514,7 +723,11 @@ def cmd_setup_rapl(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from h3d import demo
 
-    return demo.main(_settings(args), epochs=args.epochs, keep=not args.stop)
+    settings = _settings(args)
+    if settings.db_url:  # passed on to the daemon it starts: a bad one is one line here
+        _engine(settings, args).dispose()
+    os.umask(0o077)  # the data dir and its log, created before the daemon: private as its own
+    return demo.main(settings, epochs=args.epochs, keep=not args.stop)
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -589,6 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except CommandError as exc:
+        print(f"h3d: {exc.message}", file=sys.stderr)
+        return exc.code
     except DaemonDown as exc:
         print(f"h3d: {exc}", file=sys.stderr)
         return 1

@@ -728,3 +728,62 @@ def test_another_programs_health_check_on_the_port_is_not_taken_for_a_daemon(
         assert probe(url) == (False, None)  # its /healthz says 200 "ok", but it is no h3d
         cfg = ClientConfig(url=url, token=None, data_dir=tmp_path / "mine", url_is_explicit=False)
         assert ensure_daemon(cfg, autostart=False) is None  # batches go to the spool, not there
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A config ``levels`` levels deep as the daemon counts them: dicts inside dicts, the
+    innermost empty (the config itself is level 1)."""
+    config: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        config = {"a": config}
+    return config
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        _nested(33),
+        _nested(40),
+        _nested(5000),  # deeper than json.dumps recurses: still a ValueError, not RecursionError
+        {"a": [[_nested(31)]]},  # lists count as levels too
+        {"a": (_nested(32),)},  # a tuple, as JSON writes it: a list
+    ],
+)
+def test_a_config_nested_deeper_than_the_daemon_takes_is_refused_at_construction(
+    tmp_path: Path, config: dict[str, Any]
+) -> None:
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="nested deeper than the daemon's 32 levels"):
+        H3Profiler("deep", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
+                   config=config)  # fmt: skip
+    assert threading.active_count() == threads  # no sender left behind
+
+
+def test_a_config_key_json_cannot_hold_is_a_value_error(tmp_path: Path) -> None:
+    config: dict[Any, Any] = {(1, 2): "x"}  # json.dumps' default= converts values, not keys
+    with pytest.raises(ValueError, match="H3Profiler config: keys must be"):
+        H3Profiler("k", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
+                   config=config)  # fmt: skip
+
+
+def test_a_config_holding_a_lone_surrogate_is_a_value_error(tmp_path: Path) -> None:
+    # valid JSON ("\\ud800" escaped) that the daemon refuses: no Unicode text
+    for config in ({"s": "a\ud800"}, {"k\udfff": 1}, {"l": [{"s": "\ud83d"}]}):
+        with pytest.raises(ValueError, match="lone surrogate"):
+            H3Profiler("s", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
+                       config=config)  # fmt: skip
+    prof = H3Profiler("ok", data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False,
+                      config={"s": "\U0001f600 \x00"})  # fmt: skip
+    prof.stop()  # what JSON writes as a surrogate pair is fine, and a NUL (escaped)
+
+
+def test_a_config_at_the_daemons_depth_and_size_limits_is_taken(daemon: Daemon) -> None:
+    # 32 levels, and 64 KiB as the daemon measures it (compact JSON): 25 000 list items are
+    # 50 KB that way, 75 KB with json.dumps' default ", " separators
+    config = {"deep": _nested(31), "wide": [1] * 25_000}
+    prof = H3Profiler("limits", url=daemon.url, data_dir=daemon.data_dir, config=config)
+    prof.log_batch(1.0)
+    out = prof.stop()
+    assert out["batches_posted"] == 1 and out["batches_rejected"] == 0, out
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert c.get_run(str(prof.run_id))["config"] == config

@@ -99,3 +99,36 @@ def test_h3_report_cli_on_runs(daemon: Daemon) -> None:
     assert ids[0] in r.stdout and ids[1] in r.stdout
     r = run("--run", "nope")
     assert r.returncode == 1 and "run_not_found" in r.stderr
+
+
+def test_h3_report_on_audit_logs_applies_the_tolerance(tmp_path: Path) -> None:
+    run = ThermoAuditLogger("run", log_dir=tmp_path)
+    base = ThermoAuditLogger("base", log_dir=tmp_path)
+    for i in range(3):  # half the energy, 2 points less accuracy
+        run.log_epoch(i, accuracy=0.90, energy_j=5.0)
+        base.log_epoch(i, accuracy=0.92, energy_j=10.0)
+
+    def report(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "h3client.report", *args],
+            env=daemon_env(tmp_path / "no-daemon"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    logs = ("--h3-log", str(run.get_path()), "--baseline-log", str(base.get_path()))
+    r = report(*logs, "--tolerance", "5")
+    assert r.returncode == 0, r.stderr
+    assert "Green Score: 2 (accuracy within -2.00 points of the baseline)" in r.stdout, r.stdout
+    r = report(*logs)  # the default, 1 point
+    assert r.returncode == 0, r.stderr
+    assert "Green Score: - (accuracies differ by -2.00 points (> 1.0)" in r.stdout, r.stdout
+    r = report(*logs, "--tolerance", "0.5")
+    assert "(> 0.5): not comparable" in r.stdout, r.stdout
+    text = explain_thermo_log(run.get_path(), base.get_path(), tolerance=5.0)
+    assert "Green Score: 2 " in text
+    r = report("--h3-log", str(tmp_path / "missing.csv"))  # one line, no traceback
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("h3-report: ") and "missing.csv" in r.stderr

@@ -366,3 +366,157 @@ def test_serve_imports_no_http_client_alembic_or_torch() -> None:
         "pydantic_settings",
     )
     assert loaded("import h3d.cli, h3d.app", (*heavy, "sqlalchemy.dialects.postgresql")) == []
+
+
+# --- one clear line, never a traceback --------------------------------------------------------
+
+
+def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed command printed on stderr (and that it printed no traceback)."""
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("h3d: "), line
+    return line
+
+
+def test_db_upgrade_creates_the_data_dir_private_as_serve_does(tmp_path: Path) -> None:
+    data = tmp_path / "new" / "data"  # parents too: none exists yet
+    r = h3d(data, "db", "upgrade")
+    assert r.returncode == 0, r.stderr
+    assert data.stat().st_mode & 0o777 == 0o700
+    files = sorted(p.name for p in data.iterdir())
+    assert "h3d.db" in files and "h3d.db.migrate-lock" in files, files
+    for name in files:
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    # a data dir another tool left open is tightened, as `serve` tightens it
+    data.chmod(0o755)
+    (data / "h3d.db").chmod(0o644)
+    r = h3d(data, "db", "current")
+    assert r.returncode == 0, r.stderr
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "h3d.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_output_file_that_cannot_be_written_is_one_line(daemon: Daemon, tmp_path: Path) -> None:
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "out"}).json()
+        api.post(
+            f"/v1/runs/{run['id']}/batches",
+            json={"batches": [{"seq": 0, "t": time.time(), "loss": 1.0}]},
+        ).raise_for_status()
+    missing = tmp_path / "nonexistent" / "dir"
+    for args, path in (
+        (("export", "out", "-o"), missing / "x.csv"),
+        (("export", "out", "--samples", "-o"), missing / "s.csv"),
+        (("show", "out", "--html"), missing / "x.html"),
+        (("export", "out", "-o"), tmp_path),  # a directory
+        (("show", "out", "--html"), tmp_path),
+    ):
+        r = h3d(daemon, *args, str(path))
+        assert r.returncode == 1, r.stdout + r.stderr
+        line = one_error_line(r)
+        assert line.startswith(f"h3d: cannot write {path}: "), line
+        assert "No such file or directory" in line or "Is a directory" in line, line
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (("serve", "--port", "70000"), {}, "--port 70000 (H3D_PORT): "),
+        (("status",), {"H3D_PORT": "abc"}, "H3D_PORT=abc: "),
+        (("serve", "--node", ""), {}, "--node '' (H3D_NODE): "),
+        (("status",), {"H3D_SAMPLE_INTERVAL_S": "0"}, "H3D_SAMPLE_INTERVAL_S=0: "),
+        (("runs",), {"H3D_LOG_LEVEL": "loud"}, "H3D_LOG_LEVEL=loud: unknown log level"),
+    ],
+)
+def test_a_bad_setting_names_the_setting_and_its_variable(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    data = tmp_path / "data"
+    r = h3d(data, *args, timeout=60, **env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = one_error_line(r)
+    assert line.startswith("h3d: invalid setting ") and expected in line, line
+    assert "errors.pydantic.dev" not in line
+    assert not data.exists()  # nothing created for a command that cannot run
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shown"),
+    [
+        (("serve", "--port", "0", "--db-url", "nonsense"), {}, "--db-url nonsense"),
+        (("db", "current", "--db-url", "mysql://x@h/db"), {}, "--db-url mysql://x@h/db"),
+        (("db", "upgrade"), {"H3D_DB_URL": "foo://u:secret@h/db"}, "H3D_DB_URL=foo://u:***@h/db"),
+    ],
+)
+def test_a_database_url_h3d_cannot_use_is_one_line_naming_what_it_can(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], shown: str
+) -> None:
+    data = tmp_path / "data"
+    r = h3d(data, *args, timeout=60, **env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = one_error_line(r)
+    assert line.startswith(f"h3d: {shown} is not a usable database URL"), line
+    assert "sqlite:///" in line and "postgresql+psycopg://" in line, line
+    assert "secret" not in line  # a password is never printed
+    assert not data.exists()
+
+
+def test_db_on_a_database_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    r = h3d(tmp_path / "data", "db", "upgrade", "--db-url", f"sqlite:///{tmp_path}/no/such/x.db")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{tmp_path}/no/such/x.db" in one_error_line(r)
+
+
+def _spool_line(op: str, run_id: str, body: str) -> str:
+    return f'{{"v": 1, "op": "{op}", "run_id": "{run_id}", "body": {body}}}\n'
+
+
+def test_import_skips_lines_it_cannot_send_names_them_and_keeps_the_file(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    rid = "0123456789abcdef0123456789abcdef"
+    now = time.time()
+    spool = tmp_path / f"{rid}.jsonl"
+    spool.write_text(
+        _spool_line("create", rid, json.dumps({"id": rid, "name": "odd-spool"}))
+        + '{"op":"frobnicate","run_id":"x","body":{}}\n'  # an operation nobody knows
+        + _spool_line("epochs", rid, '{"epochs": [{"epoch": 0, "accuracy": NaN}]}')
+        + '{"v": 1, "op": "batches", "run_id": "' + rid + '", "bo\n'  # torn
+        + "\n"  # blank lines are nothing to skip
+        + _spool_line("batches", rid, json.dumps({"batches": [{"seq": 0, "t": now, "loss": 1.5}]}))
+        + _spool_line("update", rid, '{"status": "finished"}')
+    )  # fmt: skip
+    before = spool.read_text()
+    r = h3d(daemon, "import", str(spool))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 4, r.stderr
+    assert lines[0] == f"h3d: {spool.name} line 2 skipped: unknown operation 'frobnicate'"
+    assert lines[1].startswith(f"h3d: {spool.name} line 3 skipped: ") and "NaN" in lines[1]
+    assert lines[2].startswith(f"h3d: {spool.name} line 4 skipped: not readable JSON")
+    assert "3 line(s) skipped" in lines[3] and f"kept {spool.name}" in lines[3], lines[3]
+    assert "3 operation(s) imported" in lines[3]
+    assert spool.read_text() == before  # kept as it was, for a person to look at
+    with daemon.client() as api:  # the lines after the skipped ones were imported
+        run = api.get(f"/v1/runs/{rid}").json()
+    assert run["status"] == "finished" and run["n_batches"] == 1 and run["n_epochs"] == 0
+    r = h3d(daemon, "import", str(spool))  # again: idempotent, and still said
+    assert r.returncode == 1 and "3 line(s) skipped" in r.stderr, r.stderr
+    with daemon.client() as api:
+        assert api.get(f"/v1/runs/{rid}").json()["n_batches"] == 1
+
+
+def test_import_with_no_daemon_keeps_the_file_and_says_so(tmp_path: Path) -> None:
+    rid = "0123456789abcdef0123456789abcdef"
+    spool = tmp_path / f"{rid}.jsonl"
+    spool.write_text(_spool_line("create", rid, json.dumps({"id": rid})))
+    r = h3d(tmp_path / "data", "import", str(spool), H3D_URL=f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no h3d daemon answers" in one_error_line(r)
+    assert spool.exists()
+    r = h3d(tmp_path / "data", "import", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 1
+    assert one_error_line(r).startswith(f"h3d: cannot read {tmp_path / 'missing.jsonl'}: ")
