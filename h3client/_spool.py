@@ -17,7 +17,8 @@ replaying a file twice, or a file that was half replayed before a crash, stores 
 exactly once. Batches or epochs refused because their run was closed (``409 run_finished``:
 a run whose process was gone, which the daemon marked failed) were never stored: the replay
 stops there and keeps the file, as ``h3d import`` does. A file is
-deleted only after every line in it was acknowledged. ``h3d import`` replays the same files.
+deleted only after every line in it was acknowledged, or kept aside: a line that cannot be
+sent goes to ``<run id>.jsonl.skipped``. ``h3d import`` replays the same files.
 Appends and replays take an exclusive ``flock`` on the file, so two processes never
 interleave lines or replay one file at once.
 """
@@ -144,42 +145,66 @@ class Spool:
         return self.path.exists() and self.path.stat().st_size > 0
 
 
-def _apply(client: Client, op: dict[str, Any]) -> None:
-    kind = op["op"]
-    if kind not in OPERATIONS:
-        logger.warning("spool: skipping unknown operation %r", kind)
-        return
+def _operation(line: str) -> tuple[str, str, str] | str:
+    """A spool line as (operation, run id, body as JSON text), or why it cannot be sent."""
     try:
-        client.post_json(op["run_id"], kind, json.dumps(op["body"]))
-    except H3HTTPStatusError as exc:
-        if not already_done(kind, exc.code):
-            raise
+        op = json.loads(line)
+    except ValueError as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(op, dict):
+        return "not an operation"
+    if op.get("v") != VERSION:
+        return f"spool version {op.get('v')!r}"
+    kind, run_id, body = op.get("op"), op.get("run_id"), op.get("body")
+    if kind not in OPERATIONS:
+        return f"unknown operation {kind!r}"
+    if not isinstance(run_id, str) or not isinstance(body, dict):
+        return "no run id or body"
+    try:
+        return kind, run_id, json.dumps(body, allow_nan=False)
+    except ValueError:
+        return "a number JSON cannot carry (NaN or infinite)"
 
 
 def replay_file(client: Client, path: Path) -> tuple[int, int]:
-    """Replay one spool file; returns (operations applied, lines skipped as corrupt).
+    """Replay one spool file; returns (operations applied, lines skipped).
 
     Stops at the first operation the daemon does not acknowledge (raising its error), and
-    keeps the file; deletes it once everything was acknowledged.
+    keeps the file; deletes it once everything it could send was acknowledged. A line it
+    cannot send (torn by a crash, written by a newer h3client, or not an operation at all)
+    is skipped with a warning and kept, with the others like it, in ``<file>.skipped``
+    (which no replay reads): nothing is deleted that was not stored.
     """
-    applied = skipped = 0
+    applied = 0
+    skipped: list[str] = []
     with _locked(path, "r+") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                op = json.loads(line)
-                if op.get("v") != VERSION:
-                    raise ValueError(f"spool version {op.get('v')!r}")
-            except ValueError as exc:
-                # a torn last line after a crash; anything else is reported, not guessed at
-                logger.warning("spool %s line %d unreadable (%s): skipped", path.name, n, exc)
-                skipped += 1
+            op = _operation(line)
+            if isinstance(op, str):
+                logger.warning("spool %s line %d not sent (%s): skipped", path.name, n, op)
+                skipped.append(line if line.endswith("\n") else line + "\n")
                 continue
-            _apply(client, op)
+            kind, run_id, body = op
+            try:
+                client.post_json(run_id, kind, body)
+            except H3HTTPStatusError as exc:
+                if not already_done(kind, exc.code):
+                    raise
             applied += 1
+        if skipped:
+            side = path.with_name(path.name + ".skipped")
+            fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.writelines(skipped)
+                out.flush()
+                os.fsync(out.fileno())
+            logger.warning(
+                "spool %s: %d line(s) not sent are kept in %s", path.name, len(skipped), side
+            )
         path.unlink()
-    return applied, skipped
+    return applied, len(skipped)
 
 
 def replay_spool(client: Client, spool_dir: Path, run_id: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -787,3 +788,36 @@ def test_a_config_at_the_daemons_depth_and_size_limits_is_taken(daemon: Daemon) 
     assert out["batches_posted"] == 1 and out["batches_rejected"] == 0, out
     with Client(daemon.url, data_dir=daemon.data_dir) as c:
         assert c.get_run(str(prof.run_id))["config"] == config
+
+
+def test_a_spool_line_that_cannot_be_sent_is_kept_aside_and_the_rest_replayed(
+    daemon: Any, tmp_path: Path
+) -> None:
+    """Lines a replay cannot send (a torn last line, a newer client's version or operation,
+    not an operation, a NaN) are skipped: the rest is stored, and they are kept in a side
+    file that no replay reads, never deleted with the spool."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    rid = uuid.uuid4().hex
+    now = time.time()
+    good = [
+        {"v": 1, "op": "create", "run_id": rid, "body": {"id": rid, "name": "spooled"}},
+        {"v": 1, "op": "epochs", "run_id": rid, "body": {"epochs": [{"epoch": 0, "t": now}]}},
+    ]
+    bad = [
+        "[1]",
+        json.dumps({"v": 1, "op": "frobnicate", "run_id": rid, "body": {}}),
+        json.dumps({"v": 99, "op": "epochs", "run_id": rid, "body": {"epochs": []}}),
+        json.dumps({"v": 1, "op": "epochs", "run_id": rid, "body": {"epochs": [{"t": math.nan}]}}),
+        '{"v": 1, "op": "epo',  # torn by a crash
+    ]
+    path = spool / f"{rid}.jsonl"
+    path.write_text("\n".join([json.dumps(good[0]), bad[0], bad[1], json.dumps(good[1]), *bad[2:]]))
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        summary = replay_spool(c, spool)
+        assert summary == {"files": 1, "operations": 2, "skipped_lines": 5, "failed": []}
+        run = c.get_run(rid)
+    assert run["name"] == "spooled" and run["n_epochs"] == 1
+    assert not path.exists()
+    side = spool / f"{rid}.jsonl.skipped"
+    assert side.read_text().splitlines() == bad and side.stat().st_mode & 0o777 == 0o600
