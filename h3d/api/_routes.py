@@ -7,17 +7,46 @@ it (FastAPI 0.165 builds an included router lazily). For the daemon's routes tha
 ~30 ms of CPU at import and ~30 ms more in the first answer of every start (issue #12).
 ``Routes`` only records what its decorators are given (the ``APIRouter`` decorator surface:
 ``prefix``, ``tags``, and the keyword arguments of ``add_api_route``); ``add_to`` creates
-each route once, on the app, with ``app.add_api_route``.
+each route once, on the app, with ``app.router.add_api_route``, as a ``JSONRoute``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _JSONRequest(Request):
+    """A request whose body, where Python's JSON parser gives up on it with other than a
+    decode error (nested deeper than the recursion limit, an integer of more than 4 300
+    digits, bytes of no Unicode encoding), fails as malformed JSON does: FastAPI answers a
+    decode error with a 422 ``validation_error``, anything else with a bare 400."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except json.JSONDecodeError:
+            raise
+        except (RecursionError, ValueError) as exc:
+            raise json.JSONDecodeError(f"unreadable JSON ({exc})", "", 0) from exc
+
+
+class JSONRoute(APIRoute):
+    """An ``APIRoute`` whose endpoint reads its body as a ``_JSONRequest``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            return await handler(_JSONRequest(request.scope, request.receive))
+
+        return route_handler
 
 
 class Routes:
@@ -48,4 +77,9 @@ class Routes:
         """Create every declared route on ``app``, under ``prefix``, in declaration order."""
         for path, endpoint, kwargs in self.declared:
             tags = [*self.tags, *kwargs.get("tags", [])]
-            app.add_api_route(prefix + path, endpoint, **{**kwargs, "tags": tags})
+            app.router.add_api_route(
+                prefix + path,
+                endpoint,
+                route_class_override=JSONRoute,
+                **{**kwargs, "tags": tags},
+            )

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from h3d.api.schemas import Text
 from h3d.config import Settings
 from h3d.power.sampler import PowerSampler
 from h3d.reaper import Reaper
@@ -39,8 +40,10 @@ async def get_reaper(request: Request) -> Reaper:
     return reaper
 
 
-async def seen_run(request: Request, run_id: str) -> None:
-    """A request for this run arrived: its heartbeat for the reaper."""
+async def seen_run(request: Request, run_id: Text) -> None:
+    """A request for this run arrived: its heartbeat for the reaper. (``Text``: an id the
+    store cannot hold is refused before it is recorded, or the reaper's every write of the
+    heartbeats would fail on it.)"""
     reaper: Reaper = request.state.reaper
     reaper.seen(run_id)
 

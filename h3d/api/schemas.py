@@ -8,9 +8,10 @@ import math
 import time
 from array import array
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,7 +31,36 @@ CONFIG_MAX_BYTES = 64 * 1024
 # Unix seconds a run may claim: not before 1970, not more than a day ahead of the daemon.
 FUTURE_SLACK_S = 86400.0
 
-Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+_T = TypeVar("_T", str, list[str | None])
+
+
+def check_text(v: _T) -> _T:
+    """Text the store keeps and every answer can send back, on any store: no NUL (U+0000:
+    PostgreSQL's text cannot hold one, SQLite's can) and no lone surrogate (``\\ud800`` is
+    valid JSON but no Unicode text: stored, it turned every answer holding it into a 500).
+    ``v`` is one string, or a column of them (one C-speed pass, no Python call per value)."""
+    text = v if isinstance(v, str) else "".join(filter(None, v))
+    if "\x00" in text:
+        raise ValueError("holds a NUL character (\\u0000), which no text field can store")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            bad = text[exc.start].encode("unicode_escape").decode()
+            raise ValueError(f"holds a lone surrogate ({bad}), which is not Unicode text") from None
+    return v
+
+
+# Every string the daemon stores as text, or looks a row up by (the routes' path and query
+# parameters too). A run's config is JSON, checked as a whole (check_config): it may hold a
+# NUL, which JSON text escapes (\u0000) and PostgreSQL's json type (not jsonb) keeps.
+# (A length goes before the check, in StringConstraints: after it, pydantic would check it
+# as a generic length, "at most 32 items".)
+CheckText = AfterValidator(check_text)
+Text = Annotated[str, CheckText]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100), CheckText]
+RunName = Annotated[str, StringConstraints(max_length=200), CheckText]
+Phase = Annotated[str, StringConstraints(max_length=32), CheckText]
 StrictId = Annotated[int, Field(strict=True, ge=0, le=INT_MAX)]
 
 
@@ -54,6 +84,8 @@ def check_config(v: dict[str, Any]) -> dict[str, Any]:
     size = len(json.dumps(v, separators=(",", ":")))
     if size > CONFIG_MAX_BYTES:
         raise ValueError(f"config is {size} bytes of JSON; the limit is {CONFIG_MAX_BYTES}")
+    # no lone surrogate (a NUL is fine: JSON escapes it, even with ensure_ascii=False)
+    check_text(json.dumps(v, separators=(",", ":"), ensure_ascii=False))
     return v
 
 
@@ -64,6 +96,17 @@ def check_timestamp(v: float | None) -> float | None:
             f"(got {v!r}); a run with such a window would claim energy it never used"
         )
     return v
+
+
+def check_name(v: str | None) -> str | None:
+    """A run name without its surrounding spaces (as a run reference is looked up: ``h3d
+    show " a "`` finds run "a"). Only spaces is refused: no reference could name it."""
+    if v is None:
+        return None
+    name = v.strip()
+    if v and not name:
+        raise ValueError("a run name needs a character that is not a space")
+    return name
 
 
 class RunCreate(BaseModel):
@@ -78,7 +121,11 @@ class RunCreate(BaseModel):
     created_at: float | None = Field(
         None, allow_inf_nan=False, description="Unix seconds; default: when the daemon receives it."
     )
-    name: str | None = Field(None, max_length=200)
+    name: RunName | None = Field(
+        None,
+        description="Stored without surrounding spaces; absent or empty: run-<the id's first "
+        "8 digits>. A name of spaces only is a 422.",
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description=f"JSON, at most {CONFIG_MAX_DEPTH} levels deep and {CONFIG_MAX_BYTES} "
@@ -94,7 +141,7 @@ class RunCreate(BaseModel):
         "children included, as `os.times()` reads them). With it the daemon counts the run's "
         "CPU share from `created_at` rather than from when this request arrived.",
     )
-    host: str | None = Field(None, max_length=255)
+    host: Annotated[str, StringConstraints(max_length=255), CheckText] | None = None
     n_train: int | None = Field(
         None, ge=1, le=INT_MAX, description="Training-set size, for ΔI_total."
     )
@@ -122,6 +169,7 @@ class RunCreate(BaseModel):
 
     _config = field_validator("config")(check_config)
     _created = field_validator("created_at")(check_timestamp)
+    _name = field_validator("name")(check_name)
 
 
 class RunUpdate(BaseModel):
@@ -129,9 +177,14 @@ class RunUpdate(BaseModel):
 
     status: Literal["finished", "failed"] | None = None
     finished_at: float | None = Field(
-        None, allow_inf_nan=False, description="With status: when it ended (default: now)."
+        None,
+        allow_inf_nan=False,
+        description="Only with status: when the run (or this rank) ended; default: now. Not "
+        "before the run was created (a rank: before it joined).",
     )
-    name: str | None = Field(None, min_length=1, max_length=200)
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200), CheckText] | None = Field(
+        None, description="Stored without surrounding spaces."
+    )
     tags: list[Tag] | None = Field(None, max_length=100)
     rank: int | None = Field(
         None,
@@ -142,6 +195,15 @@ class RunUpdate(BaseModel):
     )
 
     _finished = field_validator("finished_at")(check_timestamp)
+    _name = field_validator("name")(check_name)
+
+    @model_validator(mode="after")
+    def _final(self) -> RunUpdate:
+        if self.finished_at is not None and self.status is None:
+            raise ValueError(
+                "finished_at needs a final status (finished or failed): it says when the run ended"
+            )
+        return self
 
 
 class RunPublic(BaseModel):
@@ -221,7 +283,7 @@ class BatchIn(BaseModel):
     n: StrictId | None = None
     epoch: StrictId | None = None
     step: StrictId | None = None
-    phase: str | None = Field(None, max_length=32)
+    phase: Phase | None = None
     rank: int | None = Field(None, ge=0, le=INT_MAX, description="The rank that logged it.")
     losses: list[float | None] | None = Field(None, description="Per-sample losses (nats).")
     indices: list[int] | None = Field(None, description="Dataset indices of `losses`.")
@@ -325,7 +387,11 @@ class BatchColumns(BaseModel):
     )
     epoch: list[StrictId | None] | None = None
     step: list[StrictId | None] | None = None
-    phase: list[Annotated[str, StringConstraints(max_length=32)] | None] | None = None
+    # check_text on the whole column: one pass, not a Python call per batch
+    phase: Annotated[
+        list[Annotated[str, StringConstraints(max_length=32)] | None] | None,
+        AfterValidator(lambda v: v if v is None else check_text(v)),
+    ] = None
 
     def __len__(self) -> int:
         return len(self.seq_i64) // 8
@@ -414,11 +480,19 @@ class EpochIn(BaseModel):
 
     epoch: int = Field(strict=True, ge=0, le=INT_MAX)
     t: float = Field(allow_inf_nan=False)
-    phase: str | None = Field(None, max_length=32)
+    phase: Phase | None = None
     accuracy: float | None = None
     loss: float | None = None
     val_loss: float | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, v: dict[str, float]) -> dict[str, float]:
+        # text (check_text), checked together: a name that is not Unicode text could not
+        # even be sent back in an error's location
+        check_text("".join(v))
+        return v
 
 
 class EpochsIn(BaseModel):

@@ -254,14 +254,17 @@ def resolve_run(session: Session, *, ref: str) -> Run:
     """What a person types for a run: a full id, a run name (the newest run of that name),
     or a unique id prefix. An ambiguous prefix raises ``AmbiguousRun`` naming the candidates.
     """
-    ref = ref.strip()
+    raw, ref = ref, ref.strip()
     if not ref:
         raise InvalidInput("an empty run reference")
     run = session.get(Run, ref)
     if run is not None:
         return run
+    # Names are stored stripped, as the ref is; a run named before that may hold spaces
+    # around its name, and is found by them, exactly as typed.
+    names = Run.name.in_((ref, raw)) if raw != ref else Run.name == ref
     named = session.scalars(
-        select(Run).where(Run.name == ref).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
+        select(Run).where(names).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
     ).first()
     if named is not None:
         return named
@@ -306,17 +309,41 @@ def update_run(
     tags: Sequence[str] | None,
     now: float,
     rank: int | None = None,
+    finished_at: float | None = None,
 ) -> Run:
+    """Finish (``status``), rename, retag a run; with ``rank``, finish that rank only.
+
+    The end is ``finished_at`` when the client says when it ended: one before the run began
+    (a rank's: before it joined) is ``InvalidInput``, for it would give the run an empty
+    window (0 J) for good. Otherwise it is ``now``, the daemon's clock, and at least the
+    start: a client clock ahead of the daemon's has sent a ``created_at`` in its future.
+    """
     run = get_run(session, run_id=run_id)
-    if rank is not None and status is not None and run.world_size is not None:
-        _finish_rank(session, run, rank=rank, status=status, now=now)
+    if finished_at is not None and status is None:
+        raise InvalidInput("finished_at needs a final status (finished or failed)")
+    by_rank = rank is not None and status is not None and run.world_size is not None
+    start, what = run.created_at, f"run {run_id} was created"
+    if by_rank:
+        rr = session.get(RunRank, (run_id, rank))
+        if rr is not None:  # None: _finish_rank says it never joined
+            start, what = rr.joined_at, f"rank {rank} of run {run_id} joined"
+    if finished_at is not None and finished_at < start:
+        raise InvalidInput(
+            f"finished_at {finished_at!r} is before the {what} ({start!r}): a run cannot "
+            "end before it began",
+            details={"finished_at": finished_at, "started_at": start},
+        )
+    end = finished_at if finished_at is not None else max(now, start)
+    if by_rank:
+        assert rank is not None and status is not None
+        _finish_rank(session, run, rank=rank, status=status, now=end)
     elif status is not None and status != run.status:
         if run.status != "running":
             raise RunFinished(
                 f"run {run_id} is already {run.status}", details={"status": run.status}
             )
         run.status = status
-        run.finished_at = now if status in ("finished", "failed") else None
+        run.finished_at = end if status in ("finished", "failed") else None
         if run.finished_at is not None:
             _keep_idle_baselines(session, run, run_ranks(session, run_id=run_id))
     if name is not None:
@@ -644,16 +671,18 @@ def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -
 def add_epochs(
     session: Session, *, run_id: str, epochs: Sequence[dict[str, Any]]
 ) -> tuple[int, int]:
+    """Insert the epochs not stored yet; returns (accepted, duplicates).
+
+    No statement binds one parameter per epoch (an IN list of them went past the limit of
+    parameters a statement takes: SQLite's SQLITE_MAX_VARIABLE_NUMBER, PostgreSQL's 65 535,
+    a 503 then): the ones stored already are found by a range scan of the run's keys
+    (``_inserted``), as for batches."""
     keys = {e["epoch"] for e in epochs}
     if not _check_ingestable(session, run_id, Epoch, "epoch", list(keys)):
         return 0, len(epochs)
-    existing = set(
-        session.scalars(select(Epoch.epoch).where(Epoch.run_id == run_id, Epoch.epoch.in_(keys)))
-    )
     candidates: dict[int, dict[str, Any]] = {}
-    for e in epochs:
-        if e["epoch"] not in existing and e["epoch"] not in candidates:
-            candidates[e["epoch"]] = {"run_id": run_id, **e}
+    for e in epochs:  # an epoch repeated inside one request counts once
+        candidates.setdefault(e["epoch"], {"run_id": run_id, **e})
     rows = list(candidates.values())  # every one has the keys of EpochIn, in one order
     columns = tuple(rows[0]) if rows else ()
     new = (

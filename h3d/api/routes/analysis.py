@@ -5,15 +5,16 @@ import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Query
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 
 from h3d import analysis
 from h3d.api._routes import Routes
 from h3d.api.deps import SettingsDep, StoreDep
-from h3d.api.schemas import EnergyPublic, EtaPublic, SeriesPublic
+from h3d.api.schemas import CheckText, EnergyPublic, EtaPublic, SeriesPublic, Text
 from h3d.errors import InvalidInput
 from h3d.storage import repository as repo
 
@@ -23,7 +24,7 @@ router = Routes(tags=["analysis"])
 
 
 @router.get("/runs/{run_id}/energy", response_model=EnergyPublic)
-def get_energy(run_id: str, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+def get_energy(run_id: Text, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
         return analysis.run_energy(
@@ -33,7 +34,7 @@ def get_energy(run_id: str, store: StoreDep, settings: SettingsDep) -> dict[str,
 
 @router.get("/runs/{run_id}/eta", response_model=EtaPublic)
 def get_eta(
-    run_id: str,
+    run_id: Text,
     store: StoreDep,
     settings: SettingsDep,
     window: float = Query(60.0, gt=0, le=30 * 86400, description="Marginal-η window (s)."),
@@ -45,14 +46,15 @@ def get_eta(
 
 @router.get("/runs/{run_id}/series", response_model=SeriesPublic)
 def get_series(
-    run_id: str,
+    run_id: Text,
     store: StoreDep,
     settings: SettingsDep,
     metric: Literal["loss", "power", "eta", "energy"] = "loss",
     points: int = Query(500, ge=3, le=20_000),
-    device: str | None = Query(
-        None, max_length=200, description="metric=power only: one device's power, not the sum."
-    ),
+    device: Annotated[
+        Annotated[str, StringConstraints(max_length=200), CheckText] | None,
+        Query(description="metric=power only: one device's power, not the sum."),
+    ] = None,
 ) -> SeriesPublic:
     if device is not None and metric != "power":
         raise InvalidInput("device is a filter of metric=power only")
@@ -75,7 +77,7 @@ def get_series(
 
 @router.get("/runs/{run_id}/report")
 def get_report(
-    run_id: str,
+    run_id: Text,
     store: StoreDep,
     settings: SettingsDep,
     window: float = Query(60.0, gt=0, le=30 * 86400),
@@ -130,7 +132,7 @@ def _csv_download(
 
 
 @router.get("/runs/{run_id}/export.csv", response_class=StreamingResponse)
-def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
+def export_csv(run_id: Text, store: StoreDep) -> StreamingResponse:
     def page(s: Any, after: int) -> tuple[list[Sequence[Any]], int | None]:
         got = repo.batch_page(s, run_id=run_id, after_seq=after, limit=2000)
         lines: list[Sequence[Any]] = [
@@ -142,7 +144,7 @@ def export_csv(run_id: str, store: StoreDep) -> StreamingResponse:
 
 
 @router.get("/runs/{run_id}/samples.csv", response_class=StreamingResponse)
-def export_samples_csv(run_id: str, store: StoreDep) -> StreamingResponse:
+def export_samples_csv(run_id: Text, store: StoreDep) -> StreamingResponse:
     """The per-sample losses the client logged (``log_batch(..., losses=, indices=)``), one
     row per sample: its batch's seq and epoch, its dataset index (empty if none was logged)
     and its loss in nats (float32, empty where it was not finite). Batches logged without
@@ -165,13 +167,18 @@ def export_samples_csv(run_id: str, store: StoreDep) -> StreamingResponse:
 def compare(
     store: StoreDep,
     settings: SettingsDep,
-    runs: str = Query(
-        ...,
-        min_length=1,
-        max_length=20 * 33,
-        pattern=r"^\s*[^,\s]+\s*(,\s*[^,\s]+\s*){0,19}$",
-        description="Comma-separated run ids (1 to 20).",
-    ),
+    runs: Annotated[
+        Annotated[
+            str,
+            StringConstraints(
+                min_length=1,
+                max_length=20 * 33,
+                pattern=r"^\s*[^,\s]+\s*(,\s*[^,\s]+\s*){0,19}$",
+            ),
+            CheckText,
+        ],
+        Query(description="Comma-separated run ids (1 to 20)."),
+    ],
 ) -> dict[str, Any]:
     ids = [r for r in (x.strip() for x in runs.split(",")) if r]
     if not 1 <= len(ids) <= 20:

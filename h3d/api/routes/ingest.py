@@ -15,6 +15,7 @@ from h3d.api.schemas import (
     BatchIn,
     EpochsIn,
     IngestResult,
+    Text,
     nonfinite_positions,
 )
 from h3d.errors import NonFiniteLoss, PayloadTooLarge
@@ -23,6 +24,8 @@ from h3d.storage import repository as repo
 router = Routes(prefix="/runs", tags=["ingest"])
 
 F32_MAX = 3.4028234663852886e38  # per-sample losses are stored as float32
+# A run logs an epoch a request (the client does); a spool replayed by hand may carry more.
+MAX_EPOCHS_PER_REQUEST = 10_000
 
 
 def _bad(seq: int, what: str, allow_null: bool) -> NonFiniteLoss:
@@ -141,7 +144,7 @@ def _row(b: BatchIn, body: BatchesIn) -> repo.BatchRow:
 
 @router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
 async def post_batches(
-    run_id: str, body: BatchesIn, store: StoreDep, settings: SettingsDep
+    run_id: Text, body: BatchesIn, store: StoreDep, settings: SettingsDep
 ) -> IngestResult:
     # async: the checks below are a few C-speed passes, and the write is awaited, so an
     # ingest never takes a threadpool thread (see Store.write_async).
@@ -161,7 +164,11 @@ async def post_batches(
 
 
 @router.post("/{run_id}/epochs", response_model=IngestResult, dependencies=[SeenRun])
-async def post_epochs(run_id: str, body: EpochsIn, store: StoreDep) -> IngestResult:
+async def post_epochs(run_id: Text, body: EpochsIn, store: StoreDep) -> IngestResult:
+    if len(body.epochs) > MAX_EPOCHS_PER_REQUEST:
+        raise PayloadTooLarge(
+            f"{len(body.epochs)} epochs in one request; the limit is {MAX_EPOCHS_PER_REQUEST}"
+        )
     for e in body.epochs:
         values = [e.t, e.accuracy, e.loss, e.val_loss, *e.metrics.values()]
         if any(v is not None and not math.isfinite(v) for v in values):

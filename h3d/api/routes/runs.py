@@ -2,13 +2,24 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Annotated
 
 from fastapi import Query, status
+from pydantic import StringConstraints
 from sqlalchemy.orm import Session
 
 from h3d.api._routes import Routes
 from h3d.api.deps import ReaperDep, SamplerDep, SeenRun, SettingsDep, StoreDep
-from h3d.api.schemas import RunCreate, RunPublic, RunsPublic, RunUpdate
+from h3d.api.schemas import (
+    CheckText,
+    RunCreate,
+    RunName,
+    RunPublic,
+    RunsPublic,
+    RunUpdate,
+    Text,
+)
+from h3d.errors import InvalidInput
 from h3d.storage import repository as repo
 from h3d.storage.models import Run
 
@@ -93,12 +104,15 @@ def is_local(host: str | None) -> bool:
 def list_runs(
     store: StoreDep,
     status: str | None = Query(None, pattern="^(running|finished|failed)$"),
-    name: str | None = Query(None, max_length=200),
-    tag: str | None = Query(None, max_length=100),
+    name: RunName | None = None,
+    tag: Annotated[str, StringConstraints(max_length=100), CheckText] | None = None,
     since: float | None = Query(None, description="Unix seconds: runs created at or after."),
     limit: int = Query(50, ge=1, le=1000),
     cursor: str | None = Query(None, max_length=200),
 ) -> RunsPublic:
+    # the run id a cursor carries is compared with the stored ones: no NUL (see Text)
+    if cursor and "\x00" in repo._decode_cursor(cursor)[1]:
+        raise InvalidInput("the cursor is not one this daemon issued")
     with store.read() as s:
         runs, count, nxt = repo.list_runs(
             s, status=status, name=name, tag=tag, since=since, limit=limit, cursor=cursor
@@ -111,7 +125,10 @@ def list_runs(
 @router.get("/resolve", response_model=RunPublic)
 def resolve_run(
     store: StoreDep,
-    ref: str = Query(..., min_length=1, max_length=200, description="id, name or id prefix"),
+    ref: Annotated[
+        Annotated[str, StringConstraints(min_length=1, max_length=200), CheckText],
+        Query(description="id, name or id prefix"),
+    ],
 ) -> RunPublic:
     """What a person types for a run, as every H3 command resolves it: a full id, a run name
     (the newest run of that name), or a unique id prefix (409 ``ambiguous_run`` lists the
@@ -121,14 +138,14 @@ def resolve_run(
 
 
 @router.get("/{run_id}", response_model=RunPublic)
-def get_run(run_id: str, store: StoreDep) -> RunPublic:
+def get_run(run_id: Text, store: StoreDep) -> RunPublic:
     with store.read() as s:
         return public(s, repo.get_run(s, run_id=run_id))
 
 
 @router.patch("/{run_id}", response_model=RunPublic, dependencies=[SeenRun])
-def update_run(run_id: str, body: RunUpdate, store: StoreDep, sampler: SamplerDep) -> RunPublic:
-    now = body.finished_at if body.finished_at is not None else time.time()
+def update_run(run_id: Text, body: RunUpdate, store: StoreDep, sampler: SamplerDep) -> RunPublic:
+    now = time.time()
 
     def write(s: Session) -> RunPublic:
         run = repo.update_run(
@@ -139,6 +156,7 @@ def update_run(run_id: str, body: RunUpdate, store: StoreDep, sampler: SamplerDe
             tags=body.tags,
             now=now,
             rank=body.rank,
+            finished_at=body.finished_at,
         )
         return public(s, run)
 
