@@ -667,6 +667,8 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
         raise ValueError(
             f"H3Profiler name: a string of at most {NAME_MAX} characters, not {name!r:.80}"
         )
+    if name and not name.strip():
+        raise ValueError("H3Profiler name: needs a character that is not a space")
     if len(tags) > TAGS_MAX:
         raise ValueError(f"H3Profiler tags: at most {TAGS_MAX}, not {len(tags)}")
     for tag in tags:
@@ -674,6 +676,16 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
             raise ValueError(
                 f"H3Profiler tags: strings of 1 to {TAG_MAX} characters, not {tag!r:.80}"
             )
+    for what, text in (("name", name or ""), *(("tags", t) for t in tags)):
+        if "\x00" in text:
+            raise ValueError(f"H3Profiler {what}: holds a NUL character, which no store keeps")
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"H3Profiler {what}: holds a lone surrogate, which is not Unicode text"
+                ) from None
     if n_train is None:
         return None
     try:

@@ -39,7 +39,7 @@ _WHY = {
     "404": "No such run (or path).",
     "409": "The run is finished or failed (it takes no more data), the id exists, or a run "
     "reference is ambiguous.",
-    "413": "The body is over the size limit (after decompression), or too many batches.",
+    "413": "The body is over the size limit (after decompression), or too many batches or epochs.",
     "415": "A Content-Encoding other than gzip or identity.",
     "422": "The request does not validate; ``details`` lists each problem.",
     "503": "The store is unavailable (locked beyond the busy timeout, disk full, down).",

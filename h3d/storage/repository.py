@@ -362,6 +362,8 @@ def _encode_cursor(created_at: float, run_id: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         ts, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        if "\x00" in rid:  # compared with the stored ids: PostgreSQL's text holds no NUL
+            raise ValueError(rid)
         return float(ts), rid
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput("the cursor is not one this daemon issued") from exc

@@ -778,6 +778,23 @@ def test_a_config_holding_a_lone_surrogate_is_a_value_error(tmp_path: Path) -> N
     prof.stop()  # what JSON writes as a surrogate pair is fine, and a NUL (escaped)
 
 
+def test_a_name_or_tag_the_daemon_refuses_is_refused_at_construction(tmp_path: Path) -> None:
+    # the daemon answers these with a 422 (tests/h3d/test_api_inputs.py): refused at once,
+    # not after a run whose create failed and whose every batch is rejected
+    for kw, match in (
+        ({"name": "   "}, "not a space"),
+        ({"name": "a\x00b"}, "NUL"),
+        ({"name": "a\ud800"}, "lone surrogate"),
+        ({"name": "ok", "tags": ["t\x00"]}, "tags: holds a NUL"),
+        ({"name": "ok", "tags": ["\udfff"]}, "tags: holds a lone surrogate"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            H3Profiler(data_dir=tmp_path, url="http://127.0.0.1:9", autostart=False, **kw)
+    prof = H3Profiler(" spaced \U0001f600 ", data_dir=tmp_path, url="http://127.0.0.1:9",
+                      autostart=False, tags=["caf\u00e9"])  # fmt: skip
+    prof.stop()
+
+
 def test_a_config_at_the_daemons_depth_and_size_limits_is_taken(daemon: Daemon) -> None:
     # 32 levels, and 64 KiB as the daemon measures it (compact JSON): 25 000 list items are
     # 50 KB that way, 75 KB with json.dumps' default ", " separators
