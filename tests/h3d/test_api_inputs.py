@@ -29,19 +29,10 @@ from tests.conftest import Daemon
 NUL_PATH = "a%00b"  # what a client sends for the run id "a\x00b"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh store: a SQLite file, or a PostgreSQL database of its own."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 @pytest.fixture
-def served(daemon_factory: Callable[..., Daemon], db_url: str) -> Daemon:
-    """A daemon on ``db_url`` whose reaper writes the heartbeats it saw every 0.2 s."""
-    return daemon_factory("served", H3D_DB_URL=db_url, H3D_RUN_REAP_EVERY_S="0.2")
+def served(daemon_factory: Callable[..., Daemon], store_url: str) -> Daemon:
+    """A daemon on ``store_url`` whose reaper writes the heartbeats it saw every 0.2 s."""
+    return daemon_factory("served", H3D_DB_URL=store_url, H3D_RUN_REAP_EVERY_S="0.2")
 
 
 @pytest.fixture
@@ -72,7 +63,7 @@ def raw_post(api: httpx.Client, url: str, body: bytes) -> httpx.Response:
 
 
 def test_nul_and_lone_surrogates_are_a_422_on_every_store(
-    client: httpx.Client, served: Daemon, db_url: str
+    client: httpx.Client, served: Daemon, store_url: str
 ) -> None:
     api, now = client, time.time()
     run = new_run(api)
@@ -164,7 +155,7 @@ def test_nul_and_lone_surrogates_are_a_422_on_every_store(
     # a request for an id the store cannot hold is not a heartbeat: the reaper writes the
     # heartbeats it saw in one statement, which such an id failed on PostgreSQL, again and
     # again (every run's heartbeat lost, so other daemons of the store reaped its runs)
-    engine = create_engine(db_url)
+    engine = create_engine(store_url)
     try:
         for _ in range(100):
             api.post(f"/v1/runs/{rid}/batches", json={"batches": [batch]})  # a real heartbeat
@@ -242,12 +233,12 @@ def test_an_epochs_request_is_bounded_and_stored_whole_on_every_store(
     assert api.get(f"/v1/runs/{rid}").json()["n_epochs"] == limit + 1
 
 
-def test_add_epochs_binds_no_parameter_per_epoch(db_url: str) -> None:
+def test_add_epochs_binds_no_parameter_per_epoch(store_url: str) -> None:
     """More epochs than a statement takes parameters (PostgreSQL: 65 535; SQLite: its
     build's limit, lowered here to its historical default, 999): stored, then found again."""
-    sqlite = db_url.startswith("sqlite")
+    sqlite = store_url.startswith("sqlite")
     n = 5_000 if sqlite else 70_000
-    engine = make_engine(db_url)
+    engine = make_engine(store_url)
     if sqlite:
 
         @event.listens_for(engine, "connect")

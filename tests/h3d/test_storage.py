@@ -400,14 +400,6 @@ def _batches(
     return lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'h.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 def test_a_group_commit_of_overlapping_ingests_stores_and_counts_each_row_once(
     store_url: str,
 ) -> None:
