@@ -207,20 +207,24 @@ def _one_row_in_every_table(url: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("old", migrate.REVISIONS[:-1])
-def test_an_upgrade_keeps_every_row_of_every_table(tmp_path: Path, old: str) -> None:
+def test_an_upgrade_keeps_every_row_of_every_table(store_url: str, old: str) -> None:
     """A store an older h3d wrote, with a row in every table, upgraded as ``h3d serve`` does
-    it. SQLite alters a table by copying and dropping it, and with foreign keys on the drop
-    of ``devices`` (0004) cascaded into ``power_samples``: every stored power sample, and so
-    every old run's energy, was lost."""
-    url = f"sqlite:///{tmp_path / 'h.db'}"
-    command.upgrade(migrate.alembic_config(url), old)
-    before = _one_row_in_every_table(url)
+    it, on SQLite and PostgreSQL. SQLite alters a table by copying and dropping it, and with
+    foreign keys on the drop of ``devices`` (0004) cascaded into ``power_samples``: every
+    stored power sample, and so every old run's energy, was lost. On PostgreSQL, 0007 widens
+    the integers in place."""
+    command.upgrade(migrate.alembic_config(store_url), old)
+    before = _one_row_in_every_table(store_url)
     assert set(before) >= {"runs", "batches", "devices", "power_samples", "sample_losses"}
-    engine = make_engine(url)
+    engine = make_engine(store_url)
     assert migrate.upgrade(engine) == (old, migrate.head_revision())
     with engine.connect() as conn:
         after = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in before}
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1  # on again
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1  # on again
+        else:
+            seq = inspect(conn).get_columns("batches")
+            assert {c["name"]: str(c["type"]) for c in seq}["seq"] == "BIGINT"
     engine.dispose()
     assert after == before
 
