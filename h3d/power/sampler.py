@@ -265,8 +265,15 @@ class PowerSampler:
         info = d.backend.info
         kind = f"gpu:{info.name}" if info.kind == "gpu" else "cpu"
         with self._lock:
-            for rid in {r for r, _rank in self._active_runs}:
-                share = self._last_share.get((rid, kind), 1.0)
+            runs = {r for r, _rank in self._active_runs}
+            known = {r: self._last_share[(r, kind)] for r in runs if (r, kind) in self._last_share}
+            # a run with no share yet (before its first share sample, not followed here, or
+            # a GPU without per-process figures) splits what the others leave: together the
+            # runs never take more than the device gave
+            unknown = len(runs) - len(known)
+            rest = max(0.0, 1.0 - sum(known.values())) / unknown if unknown else 0.0
+            for rid in runs:
+                share = known.get(rid, rest)
                 self.run_energy_j[rid] = self.run_energy_j.get(rid, 0.0) + inc * share
 
     # --- runs: attribution and the idle baseline ----------------------------------------

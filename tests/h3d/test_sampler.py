@@ -475,3 +475,34 @@ def test_sampler_survives_a_locked_store_and_reports_the_gap(tmp_path: Path) -> 
     integral = EnergyCurve(samples, max_gap_s=1.0).integral(taken[0], taken[-1])
     assert integral.gaps_s >= after["dropped_t1"] - after["dropped_t0"]
     assert integral.energy_j == pytest.approx(30.0 * integral.covered_s)
+
+
+def test_concurrent_runs_never_take_more_than_the_device_before_or_without_shares(
+    store: Store,
+) -> None:
+    """The live per-run energy (/metrics' h3d_run_energy_joules_total): a run with no share
+    yet (before the first share sample, or never followed here) used to count the whole
+    device, so two runs together counted it twice."""
+    import os
+
+    clock = Clock()
+    device = ConstantBackend(100.0)  # power only: 100 W × 0.1 s = 10 J a tick
+    s = PowerSampler([device], store, interval_s=0.1, clock=clock)
+    s.tick()
+    s.run_started("A", os.getpid())
+    s.run_started("B", os.getpid())
+    for _ in range(5):  # before any share sample
+        clock.t += 0.1
+        s.tick()
+    assert s.run_energy_j["A"] == pytest.approx(25.0) and s.run_energy_j["B"] == pytest.approx(25.0)
+    s.run_ended("B")
+    s.run_started("C", None)  # not followed here: never gets a share
+    with s._lock:
+        s._last_share[("A", "cpu")] = 0.7  # as sample_shares() would set it
+    before = dict(s.run_energy_j)
+    for _ in range(5):
+        clock.t += 0.1
+        s.tick()
+    gained = {r: s.run_energy_j[r] - before[r] for r in ("A", "C")}
+    assert gained == pytest.approx({"A": 35.0, "C": 15.0})  # 0.7 and what is left
+    s.stop()
