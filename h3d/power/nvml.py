@@ -50,6 +50,7 @@ _VALUE_MEMBERS = (
     ("NVML_VALUE_TYPE_UNSIGNED_LONG_LONG", "ullVal"),
     ("NVML_VALUE_TYPE_SIGNED_LONG_LONG", "sllVal"),
     ("NVML_VALUE_TYPE_SIGNED_INT", "siVal"),
+    ("NVML_VALUE_TYPE_UNSIGNED_SHORT", "usVal"),  # nvidia-ml-py 12.560+
 )
 
 
@@ -200,9 +201,11 @@ class NvmlGpu:
         )
 
     def _try(self, fn: Any) -> Any:
+        """``fn()``, or None where NVML does not serve it (or serves a value type this code
+        does not know: the GPU is kept with what does work)."""
         try:
             return fn()
-        except self.nvml.NVMLError:
+        except (self.nvml.NVMLError, PowerBackendError):
             return None
 
     def _raw_counter_j(self) -> float:
@@ -222,8 +225,14 @@ class NvmlGpu:
 
     def read(self) -> PowerReading:
         nvml = self.nvml
+        power = None
+        if self.has_instant and self.has_counter:
+            # the counter is what energy comes from: an instant-power field that fails (a
+            # driver that stops serving it) costs the power figure, not the reading
+            power = self._try(self._instant_w)
         try:
-            power = self._instant_w() if self.has_instant else None
+            if self.has_instant and not self.has_counter:
+                power = self._instant_w()
             if not self.has_counter:
                 if power is None:
                     power = nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0

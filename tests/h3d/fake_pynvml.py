@@ -24,6 +24,7 @@ NVML_VALUE_TYPE_UNSIGNED_LONG = 2
 NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
 NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
 NVML_VALUE_TYPE_SIGNED_INT = 5
+NVML_VALUE_TYPE_UNSIGNED_SHORT = 6
 NVML_FI_DEV_POWER_AVERAGE = 185
 NVML_FI_DEV_POWER_INSTANT = 186
 
@@ -94,8 +95,12 @@ def make_module(
         for fid in ids:
             ok = fid == NVML_FI_DEV_POWER_INSTANT and h.instant
             # a c_nvmlValue_t union: only the member the value type names is meaningful
-            value = types.SimpleNamespace(dVal=-1.0, uiVal=0, ulVal=0, ullVal=0, sllVal=0, siVal=0)
-            member = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+            value = types.SimpleNamespace(
+                dVal=-1.0, uiVal=0, ulVal=0, ullVal=0, sllVal=0, siVal=0, usVal=0
+            )
+            member = {
+                0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"
+            }  # fmt: skip
             if ok:
                 setattr(value, member[h.value_type], h.power_mw)
             out.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from h3d.power import detect, nvml
@@ -44,6 +46,7 @@ def test_cuda_visible_devices_stops_at_the_first_invalid_entry(fake_nvml) -> Non
         fk.NVML_VALUE_TYPE_UNSIGNED_INT,
         fk.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
         fk.NVML_VALUE_TYPE_SIGNED_INT,
+        fk.NVML_VALUE_TYPE_UNSIGNED_SHORT,  # power in mW fits no ushort; a newer type
     ],
 )
 def test_instant_power_is_read_through_the_member_its_value_type_names(
@@ -53,6 +56,22 @@ def test_instant_power_is_read_through_the_member_its_value_type_names(
     (dev,) = nvml.discover(env={}, probe_period=False)
     assert dev.info.source == "nvml_power_instant"
     assert dev.read().power_w == pytest.approx(212.5)
+
+
+def test_an_instant_power_field_that_stops_answering_costs_the_power_not_the_counter(
+    fake_nvml,
+) -> None:
+    mod = fake_nvml([FakeGpu("GPU-a", counter=True, power_mw=150_000)])
+    (dev,) = nvml.discover(env={}, probe_period=False)
+    assert dev.has_instant and dev.has_counter
+    dev.read()
+
+    def refuse(handle: Any, ids: list[int]) -> list[Any]:
+        raise mod.NVMLError_NotSupported()
+
+    mod.nvmlDeviceGetFieldValues = refuse
+    got = dev.read()  # not a PowerBackendError: the counter still answers
+    assert got.power_w is None and got.energy_j is not None and got.energy_j >= 0
 
 
 def test_both_update_periods_are_measured_in_one_bounded_loop(fake_nvml) -> None:
