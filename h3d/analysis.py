@@ -65,10 +65,12 @@ class _DeviceModel:
     idle_w: float | None = None
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
-        """(energy × share, (energy − idle) × share) over [a, b]."""
+        """(energy × share, (energy − idle) × share) over [a, b]. The idle draw is taken off
+        for the time the energy covers: a gap holds no energy, so no idle either."""
+        covered = self.curve.covered
         if not self.starts:
             e = self.curve.between(a, b)
-            return e, (max(0.0, e - idle_w * (b - a)) if idle_w is not None else None)
+            return e, (max(0.0, e - idle_w * covered(a, b)) if idle_w is not None else None)
         total = active = 0.0
         i = max(0, bisect.bisect_right(self.starts, a) - 1)
         while i < len(self.starts) and (i == 0 or self.starts[i] < b):
@@ -78,7 +80,7 @@ class _DeviceModel:
                 e = self.curve.between(pa, pb)
                 total += self.shares[i] * e
                 if idle_w is not None:
-                    active += self.shares[i] * max(0.0, e - idle_w * (pb - pa))
+                    active += self.shares[i] * max(0.0, e - idle_w * covered(pa, pb))
             i += 1
         return total, (active if idle_w is not None else None)
 

@@ -46,6 +46,8 @@ class EnergyCurve:
         counter = [(t, e) for t, _p, e in samples if e is not None]
         power = [(t, p) for t, p, _e in samples if p is not None]
         self.n_samples = len(samples)
+        self.max_gap_s = max_gap_s
+        self._segments: tuple[list[float], list[float], list[float]] | None = None
         self.is_counter = len(counter) >= 2 and len(counter) * 2 >= len(samples)
         pts = counter if self.is_counter else power
         self.method = ("counter" if self.is_counter else "trapezoid") if len(pts) >= 2 else "none"
@@ -86,10 +88,39 @@ class EnergyCurve:
     def between(self, t0: float, t1: float) -> float:
         return max(0.0, self.at(t1) - self.at(t0)) if t1 > t0 else 0.0
 
+    def covered(self, t0: float, t1: float) -> float:
+        """Seconds of [t0, t1] inside segments (backed by samples on both sides): two binary
+        searches over the segments, built once."""
+        if self._segments is None:
+            starts: list[float] = []
+            ends: list[float] = []
+            prefix = [0.0]
+            start = 0
+            for i in range(1, len(self.ts) + 1):
+                if i == len(self.ts) or self.seg[i] != self.seg[i - 1]:
+                    starts.append(self.ts[start])
+                    ends.append(self.ts[i - 1])
+                    prefix.append(prefix[-1] + self.ts[i - 1] - self.ts[start])
+                    start = i
+            self._segments = (starts, ends, prefix)
+        starts, ends, prefix = self._segments
+        i = bisect.bisect_right(ends, t0)  # the first segment that ends after t0
+        j = bisect.bisect_left(starts, t1)  # the segments that start before t1: [i, j)
+        if i >= j:
+            return 0.0
+        total = prefix[j] - prefix[i] - max(0.0, t0 - starts[i]) - max(0.0, ends[j - 1] - t1)
+        return max(0.0, total)
+
     def coverage(self, t0: float, t1: float) -> tuple[float, list[tuple[float, float]]]:
-        """(seconds of [t0, t1] inside segments, the gaps inside [t0, t1])."""
+        """(seconds of [t0, t1] inside segments, the gaps inside [t0, t1]).
+
+        A gap is time between two samples farther apart than ``max_gap_s``, and time at the
+        window's edges that long before the first sample or after the last (a device that
+        appeared during the window, or stopped answering before its end)."""
         covered = 0.0
         gaps: list[tuple[float, float]] = []
+        if self.ts and self.ts[0] - t0 > self.max_gap_s and t1 > t0:
+            gaps.append((t0, min(t1, self.ts[0])))
         start = 0
         for i in range(1, len(self.ts) + 1):
             if i == len(self.ts) or self.seg[i] != self.seg[i - 1]:
@@ -100,6 +131,8 @@ class EnergyCurve:
                     if gb > ga:
                         gaps.append((ga, gb))
                 start = i
+        if self.ts and t1 - self.ts[-1] > self.max_gap_s and t1 > t0:
+            gaps.append((max(t0, self.ts[-1]), t1))
         return covered, gaps
 
     def integral(self, t0: float, t1: float, *, granularity_s: float | None = None) -> Integral:

@@ -56,7 +56,9 @@ def test_tracker_follows_children_and_shares_stay_below_one() -> None:
         time.sleep(0.2)
         shares.append(tr.sample().get("r", 0.0))
     parent.wait()
-    assert max(shares) > 0.2  # the grandchild's CPU time is counted
+    # the grandchild's CPU time is counted (without it the share is ~0: the shell and its
+    # python child sleep); a share of the machine's busy time, so other load lowers it
+    assert max(shares) > 0.05
     assert all(0.0 <= s <= 1.0 for s in shares)
 
 

@@ -98,3 +98,58 @@ def test_curve_windows_agree_with_integrate_and_flag_short_windows() -> None:
         assert curve.between(a, b) == pytest.approx(integrate(s, a, b).energy_j)
     assert curve.integral(1.0, 1.2, granularity_s=0.5).below_granularity
     assert not curve.integral(1.0, 2.0, granularity_s=0.5).below_granularity
+
+
+def test_covered_seconds_agree_with_the_segment_walk_on_random_curves() -> None:
+    import random
+
+    from h3d.energy import EnergyCurve
+
+    rng = random.Random(1)
+    for _ in range(200):
+        t, samples = 0.0, []
+        for _k in range(rng.randint(0, 40)):
+            t += rng.choice([0.1, 0.2, 0.5, 7.0, 12.0])
+            samples.append((t, 100.0, None))
+        curve = EnergyCurve(samples, max_gap_s=5.0)
+        for _w in range(20):
+            a = rng.uniform(-5, t + 5)
+            b = a + rng.uniform(0, 30)
+            assert curve.covered(a, b) == pytest.approx(curve.coverage(a, b)[0], abs=1e-9)
+
+
+def test_a_device_gone_before_the_window_ends_or_come_after_it_began_is_a_gap() -> None:
+    """Time at a window's edges farther than max_gap_s from any sample holds no energy
+    either: it is reported as a gap, as time between two samples is."""
+    samples = [(t / 10, 300.0, None) for t in range(200, 501)]  # samples over [20, 50] only
+    got = integrate(samples, 0.0, 100.0, max_gap_s=1.0)
+    assert got.energy_j == pytest.approx(300.0 * 30.0)
+    assert got.covered_s == pytest.approx(30.0) and got.gaps_s == pytest.approx(70.0)
+    assert [tuple(round(x, 6) for x in g) for g in got.gaps] == [(0.0, 20.0), (50.0, 100.0)]
+    # an edge closer than max_gap_s to its sample is the sampler's period, not a gap
+    edges = integrate(samples, 19.95, 50.05, max_gap_s=1.0)
+    assert edges.gaps_s == 0.0
+
+
+def test_energy_above_idle_takes_idle_off_only_where_there_is_energy() -> None:
+    """A 200 W device with a 100 W idle baseline and a 50 s sampler stall in a 100 s window:
+    50 s of energy (10 000 J), so 5 000 J above idle, not 10 000 − 100 × 100 ≈ 0."""
+    from h3d.analysis import _DeviceModel
+    from h3d.energy import EnergyCurve
+
+    samples = [(t / 10, 200.0, None) for t in range(0, 251)]
+    samples += [(t / 10, 200.0, None) for t in range(750, 1001)]
+    model = _DeviceModel(None, EnergyCurve(samples, max_gap_s=1.0), [], [], 100.0)  # type: ignore[arg-type]
+    energy, active = model.attributed(0.0, 100.0, 100.0)
+    assert energy == pytest.approx(10_000.0) and active == pytest.approx(5_000.0)
+    shared = _DeviceModel(
+        None,  # type: ignore[arg-type]
+        EnergyCurve(samples, max_gap_s=1.0),
+        [0.0, 50.0],
+        [0.5, 1.0],
+        100.0,
+    )
+    energy, active = shared.attributed(0.0, 100.0, 100.0)
+    assert energy == pytest.approx(0.5 * 5_000 + 5_000) and active == pytest.approx(
+        0.5 * 2_500 + 2_500
+    )
