@@ -6,13 +6,19 @@ What it records, per rank (every process of a distributed ``Trainer`` joins one 
   averaged over ``logging_steps``, so the callback reads the model's own output instead: a
   forward hook takes ``outputs.loss`` of each training forward (no device sync; a model
   that returns a loss when given ``labels``, as every ``...ForXxx`` head does), and each
-  step logs the mean over its gradient-accumulation micro-batches. A model that returns
-  no loss (a custom ``compute_loss``) falls back to the logged loss: set
-  ``logging_steps=1`` to get every step that way. ``every_step=False`` always uses the
-  logged loss.
+  step logs the loss the ``Trainer`` itself logs for it: the sum of its micro-batch losses
+  when the model was given ``num_items_in_batch`` (each micro-batch's loss is then already
+  divided by the whole accumulated batch's item count; times the world size when
+  ``average_tokens_across_devices`` counts the items of every rank), their mean otherwise.
+  A model that returns no loss (a custom ``compute_loss``) falls back to the logged loss:
+  set ``logging_steps=1`` to get every step that way. ``every_step=False`` always uses
+  the logged loss.
 - each epoch's evaluation: ``eval_loss`` as the epoch's ``val_loss``, ``eval_accuracy``
-  as its ``accuracy``, the other ``eval_*`` figures under ``metrics``. Without
-  evaluation the epoch is still recorded (its time ends its energy window).
+  as its ``accuracy``, the other ``eval_*`` figures under ``metrics``. With
+  ``eval_strategy="steps"`` the epoch gets the figures of the last evaluation run during
+  it (an epoch without one gets none). Without evaluation the epoch is still recorded
+  (its time ends its energy window). A run resumed mid-epoch labels its batches with the
+  epoch they belong to (``int(state.epoch)``) and stores that epoch when it ends.
 
 The run opens in ``on_train_begin`` and finishes in ``on_train_end``; the results are then
 in ``callback.results`` and appended to ``trainer.state.log_history`` as ``h3_*`` keys.
@@ -69,17 +75,24 @@ class H3Callback(_Base):  # type: ignore[misc]
         self.results: dict[str, Any] | None = None
         self._hook: Any = None
         self._micro: list[Any] = []  # this step's micro-batch losses (detached tensors)
+        self._micro_sum = False  # they were normalized by the whole batch's item count
+        self._sum_scale = 1  # the Trainer's factor for items counted across ranks
         self._hooked_steps = 0
         self._epoch = 0
         self._epoch_open: int | None = None  # ended, waiting for its evaluation
+        self._in_epoch = False  # between on_epoch_begin and on_epoch_end
+        self._last_eval: dict[str, Any] | None = None  # the current epoch's last evaluation
 
     # --- the forward hook: every step's loss ------------------------------------------
 
-    def _capture(self, module: Any, _inputs: Any, output: Any) -> None:
+    def _capture(self, module: Any, _args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if module.training:
             loss = _output_loss(output)
             if loss is not None:
                 self._micro.append(loss.detach())
+                # The Trainer passes num_items_in_batch only to a model that takes loss
+                # kwargs; the loss is then the micro-batch's share of the step's loss.
+                self._micro_sum = kwargs.get("num_items_in_batch") is not None
 
     # --- Trainer events -----------------------------------------------------------------
 
@@ -88,19 +101,30 @@ class H3Callback(_Base):  # type: ignore[misc]
             self.profiler_kwargs, rank=args.process_index, world_size=args.world_size
         )
         self.results = None
+        world = int(getattr(args, "world_size", 1) or 1)
+        across = bool(getattr(args, "average_tokens_across_devices", False))
+        self._sum_scale = world if across and world > 1 else 1
         model = kw.get("model")
         if self.every_step and model is not None:
-            self._hook = model.register_forward_hook(self._capture)
+            self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._close_epoch()
-        self._epoch = round(state.epoch or 0.0)
+        # A run resumed mid-epoch (state.epoch 1.5) is in the epoch of index 1, not 2.
+        self._epoch = int((state.epoch or 0.0) + 1e-9)
+        self._in_epoch = True
+        self._last_eval = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         prof, micro = self.profiler, self._micro
         if prof is None or not micro:
             return
-        loss = micro[0] if len(micro) == 1 else sum(micro[1:], micro[0]) / len(micro)
+        loss = micro[0] if len(micro) == 1 else sum(micro[1:], micro[0])
+        if self._micro_sum:
+            if self._sum_scale != 1:
+                loss = loss * self._sum_scale
+        elif len(micro) > 1:
+            loss = loss / len(micro)
         self._micro = []
         self._hooked_steps += 1
         prof.log_batch(loss, epoch=self._epoch, step=state.global_step)
@@ -115,6 +139,7 @@ class H3Callback(_Base):  # type: ignore[misc]
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._epoch_open = self._epoch  # evaluation, if any, follows this event
+        self._in_epoch = False
 
     def on_evaluate(
         self,
@@ -124,7 +149,10 @@ class H3Callback(_Base):  # type: ignore[misc]
         metrics: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        self._close_epoch(metrics or {})
+        if self._epoch_open is not None:  # eval_strategy="epoch": it follows on_epoch_end
+            self._close_epoch(metrics or {})
+        elif self._in_epoch:  # eval_strategy="steps": kept until the epoch closes
+            self._last_eval = dict(metrics or {})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._close_epoch()
@@ -141,6 +169,9 @@ class H3Callback(_Base):  # type: ignore[misc]
         if prof is None or ep is None:
             return
         self._epoch_open = None
+        if metrics is None:
+            metrics = self._last_eval
+        self._last_eval = None
         figures: dict[str, Any] = {}
         for key, value in (metrics or {}).items():
             if key == "epoch" or not isinstance(value, (int, float)):

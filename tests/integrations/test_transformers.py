@@ -111,3 +111,193 @@ def test_trainer_steps_and_epochs_are_stored(daemon: Daemon, tmp_path: Path) -> 
     assert [e["accuracy"] for e in rep["epochs"]] == pytest.approx(
         [h["eval_accuracy"] for h in evals]
     )
+
+
+# --- gradient accumulation, resumption, step evaluations ------------------------------------
+
+
+def tiny_args(out: Path, **kw: Any) -> Any:
+    base: dict[str, Any] = dict(
+        output_dir=str(out),
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    return tf.TrainingArguments(**{**base, **kw})
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_accumulated_steps_store_the_loss_the_trainer_logs(
+    daemon: Daemon, tmp_path: Path, accumulation: int
+) -> None:
+    # GPT-2 takes loss kwargs: the Trainer passes num_items_in_batch, so each micro-batch's
+    # loss is its share of the step's loss, and the step's loss is their sum.
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for _ in range(32):
+        ids = torch.randint(0, 50, (12,), generator=g)
+        labels = ids.clone()
+        labels[: int(torch.randint(0, 8, (1,), generator=g))] = -100  # uneven token counts
+        data.append({"input_ids": ids, "labels": labels})
+    args = tiny_args(
+        tmp_path / "out",
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=4,
+        learning_rate=1e-3,
+    )
+    cb = H3Callback(name=f"ga{accumulation}", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4
+    res = cb.results
+    assert res is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        stored = c.series(res["run_id"], "loss", points=10_000)
+    assert [v for _t, v in stored] == pytest.approx(logged, rel=1e-4)
+
+
+class Linear(torch.nn.Module):
+    """A model returning a dict with its loss; no loss kwargs, so no num_items_in_batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        logits = self.lin(x)
+        out: dict[str, Any] = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class Points(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_accumulation_without_loss_kwargs_stores_the_logged_loss(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    args = tiny_args(
+        tmp_path / "out",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=4,
+    )
+    cb = H3Callback(name="ga-mean", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = tf.Trainer(model=Linear(), args=args, train_dataset=Points(32, 1), callbacks=[cb])
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        stored = c.series(cb.results["run_id"], "loss", points=10_000)
+    assert [v for _t, v in stored] == pytest.approx(logged, rel=1e-4)
+
+
+def batch_epochs(daemon: Daemon, run_id: str, path: Path) -> list[tuple[int, int]]:
+    """(epoch, step) of every stored batch."""
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        rows = c.export_csv(run_id, path).read_text().splitlines()
+    head = rows[0].split(",")
+    e, s = head.index("epoch"), head.index("step")
+    return [(int(r.split(",")[e]), int(r.split(",")[s])) for r in rows[1:]]
+
+
+def test_resumed_mid_epoch_keeps_the_epoch_of_its_batches(daemon: Daemon, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kw: dict[str, Any] = dict(
+        per_device_train_batch_size=8,  # 32 points: 4 steps an epoch
+        num_train_epochs=3,
+        save_strategy="steps",
+        save_steps=6,  # the checkpoint is at state.epoch 1.5
+    )
+    first = H3Callback(name="before", url=daemon.url, data_dir=daemon.data_dir)
+    torch.manual_seed(0)
+    tf.Trainer(
+        model=Linear(),
+        args=tiny_args(out, max_steps=6, **kw),
+        train_dataset=Points(32, 1),
+        callbacks=[first],
+    ).train()
+    second = H3Callback(name="resumed", url=daemon.url, data_dir=daemon.data_dir)
+    torch.manual_seed(0)
+    resumed = tf.Trainer(
+        model=Linear(),
+        args=tiny_args(out, **kw),
+        train_dataset=Points(32, 1),
+        callbacks=[second],
+    )
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    assert resumed.state.global_step == 12
+    assert first.results is not None and second.results is not None
+    assert batch_epochs(daemon, second.results["run_id"], tmp_path / "b.csv") == [
+        (1, 7),
+        (1, 8),
+        (2, 9),
+        (2, 10),
+        (2, 11),
+        (2, 12),
+    ]
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        before = c.report(first.results["run_id"])
+        after = c.report(second.results["run_id"])
+    assert [e["epoch"] for e in before["epochs"]] == [0, 1]
+    assert [e["epoch"] for e in after["epochs"]] == [1, 2]
+
+
+# The Trainer also evaluates at the last step (12), whatever eval_steps.
+@pytest.mark.parametrize(("eval_steps", "evaluated"), [(3, [3, 6, 12]), (5, [None, 5, 12])])
+def test_step_evaluations_are_stored_on_their_epochs(
+    daemon: Daemon, tmp_path: Path, eval_steps: int, evaluated: list[int | None]
+) -> None:
+    # 4 steps an epoch, 3 epochs: each epoch gets the last evaluation run during it.
+    torch.manual_seed(0)
+    args = tiny_args(
+        tmp_path / "out",
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+    )
+    cb = H3Callback(name=f"eval{eval_steps}", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = tf.Trainer(
+        model=Linear(),
+        args=args,
+        train_dataset=Points(32, 1),
+        eval_dataset=Points(16, 2),
+        compute_metrics=accuracy,
+        callbacks=[cb],
+    )
+    trainer.train()
+    evals = {h["step"]: h for h in trainer.state.log_history if "eval_loss" in h}
+    assert sorted(evals) == sorted({*range(eval_steps, 13, eval_steps), 12})
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        rep = c.report(cb.results["run_id"])
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1, 2]
+    for epoch, step in zip(rep["epochs"], evaluated, strict=True):
+        if step is None:
+            assert epoch.get("val_loss") is None and epoch.get("accuracy") is None
+        else:
+            assert epoch["val_loss"] == pytest.approx(evals[step]["eval_loss"])
+            assert epoch["accuracy"] == pytest.approx(evals[step]["eval_accuracy"])
