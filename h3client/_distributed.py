@@ -6,7 +6,8 @@ Every rank's profiler joins one run. The run id is, in order of preference:
 2. derived from the launcher's job id, identical on every rank without talking to them:
    torchrun's ``TORCHELASTIC_RUN_ID`` (``--rdzv-id``; ``--standalone`` and single-node
    launches make a fresh one) with its restart count, else SLURM's ``SLURM_JOB_ID`` and
-   ``SLURM_STEP_ID`` (one per ``srun``);
+   ``SLURM_STEP_ID`` (one per ``srun``), with torchrun's restart count when torchrun's
+   static rendezvous runs inside the SLURM job (each elastic restart is a new run);
 3. agreed over the default ``torch.distributed`` process group: rank 0 draws an id and
    broadcasts it (a collective: every rank must create its profiler).
 
@@ -53,7 +54,11 @@ def _job_key(env: Mapping[str, str]) -> str | None:
         return f"torchrun:{run}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     job = env.get("SLURM_JOB_ID")
     if job:
-        return f"slurm:{job}:{env.get('SLURM_STEP_ID', '')}"
+        key = f"slurm:{job}:{env.get('SLURM_STEP_ID', '')}"
+        restart = env.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None:  # torchrun inside the job: a restart is a new run
+            key += f":restart{restart}"
+        return key
     return None
 
 

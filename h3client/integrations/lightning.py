@@ -16,8 +16,13 @@ What it records, per rank (every rank of a DDP run joins one run):
           return {"loss": losses.mean(), "losses": losses.detach(), "indices": idx}
 
 - once per training epoch, the epoch's logged metrics (``self.log(...)``, validation's
-  included): ``val_loss`` and ``val_acc``/``val_accuracy`` go to the epoch's ``val_loss``
-  and ``accuracy``, everything else under ``metrics``.
+  included): ``val_loss`` goes to the epoch's ``val_loss``, the first of ``val_acc``,
+  ``val_accuracy``, ``accuracy`` that was logged to its ``accuracy`` (the others stay
+  under ``metrics``), everything else under ``metrics``. Validation figures go only with
+  the epoch whose validation produced them: an epoch without a validation run (e.g.
+  ``check_val_every_n_epoch=2``) has none. A logged name that ``log_epoch`` reserves
+  (``epoch``, ``phase``, or ``accuracy`` when another key supplied the accuracy) is kept
+  as ``user_<name>`` under ``metrics``, with a one-time warning.
 
 The run opens in ``on_fit_start`` and closes in ``on_fit_end``; an exception during the
 fit closes it as failed. The results (energy, bits/J, per epoch) are then in
@@ -47,6 +52,8 @@ else:
         from pytorch_lightning import Callback as _Base
 
 _ACCURACY_KEYS = ("val_acc", "val_accuracy", "accuracy")
+# names log_epoch takes itself: a logged metric by one of these is renamed
+_RESERVED = frozenset({"self", "epoch", "accuracy", "phase"})
 
 
 def _scalar(v: Any) -> float | None:
@@ -75,12 +82,34 @@ class H3Callback(_Base):  # type: ignore[misc]
         self.profiler_kwargs = profiler_kwargs
         self.profiler: H3Profiler | None = None
         self.results: dict[str, Any] | None = None
+        self._val_keys: set[str] = set()  # names any validation run produced
+        self._val_metrics: dict[str, float] = {}  # this epoch's validation figures
+        self._val_before: dict[str, Any] = {}
+        self._warned: set[str] = set()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.profiler = open_profiler(
             self.profiler_kwargs, rank=trainer.global_rank, world_size=trainer.world_size
         )
         self.results = None
+        self._val_keys, self._val_metrics, self._val_before = set(), {}, {}
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._val_before = dict(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.profiler is None or trainer.sanity_checking:
+            return
+        # the figures this validation run produced: Lightning stores a fresh value for
+        # each name logged in it, the others are left from earlier
+        before, self._val_before = self._val_before, {}
+        for key, value in trainer.callback_metrics.items():
+            if before.get(key) is value:
+                continue
+            self._val_keys.add(str(key))
+            v = _scalar(value)
+            if v is not None:
+                self._val_metrics[str(key)] = v
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -106,10 +135,26 @@ class H3Callback(_Base):  # type: ignore[misc]
             return
         metrics: dict[str, float] = {}
         for key, value in trainer.callback_metrics.items():
+            if str(key) in self._val_keys:
+                continue  # validation's: only those of this epoch's run, below
             v = _scalar(value)
             if v is not None:
                 metrics[str(key)] = v
+        metrics.update(self._val_metrics)
+        self._val_metrics = {}
         accuracy = next((metrics.pop(k) for k in _ACCURACY_KEYS if k in metrics), None)
+        for key in sorted(_RESERVED & metrics.keys()):
+            new = f"user_{key}"
+            while new in metrics:
+                new = f"user_{new}"
+            metrics[new] = metrics.pop(key)
+            if key not in self._warned:
+                self._warned.add(key)
+                logger.warning(
+                    "h3: the logged metric %r is stored as %r (log_epoch reserves the name)",
+                    key,
+                    new,
+                )
         prof.log_epoch(trainer.current_epoch, accuracy=accuracy, **metrics)
 
     def _finish(self, trainer: Any, status: str) -> None:

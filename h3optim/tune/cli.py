@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with open(args.report) as f:
                 print(format_report(TuneResult.from_json(json.load(f))))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"h3-tune: cannot read {args.report}: {exc}", file=sys.stderr)
             return 2
         return 0

@@ -70,10 +70,20 @@ class TuneResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TuneResult:
-        """Rebuild a session from its ``tune-<session>.json`` (e.g. to re-print its report)."""
+        """Rebuild a session from its ``tune-<session>.json`` (e.g. to re-print its report).
+
+        Raises:
+            ValueError: ``data`` is not a session (not an object, ``trials`` not a list of
+                objects).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a session is a JSON object, not {type(data).__name__}")
+        trials = data.get("trials", [])
+        if not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):
+            raise ValueError("'trials' is not a list of objects")
         fields = {f.name for f in dataclasses.fields(cls)} - {"trials"}
         result = cls(**{k: v for k, v in data.items() if k in fields})
-        for t in data.get("trials", []):
+        for t in trials:
             o = t.get("outcome")
             result.trials.append(
                 Trial(

@@ -276,6 +276,17 @@ def test_h3_tune_bad_task_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str
         tune(None, techniques=["warp_drive"])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("content", ["[]", "null", '{"trials": "abc"}', '{"trials": [1]}'])
+def test_h3_tune_report_of_a_file_that_is_no_session(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    path = tmp_path / "tune-bad.json"
+    path.write_text(content)
+    assert h3_tune(["--report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"h3-tune: cannot read {path}: ") and "Traceback" not in err
+
+
 def test_greedy_combination_respects_clashes_and_exclusions() -> None:
     t = builtin_techniques()
     settings = {

@@ -60,7 +60,7 @@ class Digits(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def quiet_trainer(cb: H3Callback, max_epochs: int = 3) -> Any:
+def quiet_trainer(cb: H3Callback, max_epochs: int = 3, **kwargs: Any) -> Any:
     return L.Trainer(
         max_epochs=max_epochs,
         callbacks=[cb],
@@ -70,6 +70,7 @@ def quiet_trainer(cb: H3Callback, max_epochs: int = 3) -> Any:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         accelerator="cpu",
+        **kwargs,
     )
 
 
@@ -142,3 +143,82 @@ def test_the_base_class_follows_the_package_the_program_imported() -> None:
         "assert 'lightning' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+class Colliding(Digits):
+    """Logs names that ``log_epoch`` takes itself: ``accuracy`` besides ``val_acc``, and
+    ``epoch``."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.log("accuracy", 0.25)
+        self.log("epoch", float(self.current_epoch))
+
+
+def test_logged_names_that_collide_with_log_epoch_do_not_crash_the_fit(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    train, val = digits(200)
+    cb = H3Callback(name="lit-collide", url=daemon.url, data_dir=daemon.data_dir)
+    with caplog.at_level("WARNING", logger="h3client.integrations.lightning"):
+        quiet_trainer(cb).fit(
+            Colliding(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=300)
+        )
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert c.get_run(cb.results["run_id"])["status"] == "finished"
+        rep = c.report(cb.results["run_id"])
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1, 2]
+    for e in rep["epochs"]:
+        assert e["accuracy"] != 0.25 and 0 <= e["accuracy"] <= 1  # val_acc comes first
+        assert e["metrics"]["user_accuracy"] == 0.25
+        assert e["metrics"]["user_epoch"] == e["epoch"]
+    # one warning per renamed name, not one per epoch
+    assert sum("stored as" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_an_epoch_without_validation_has_no_validation_figures(daemon: Daemon) -> None:
+    torch.manual_seed(0)
+    train, val = digits(200)
+    cb = H3Callback(name="lit-val-every-2", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = quiet_trainer(cb, max_epochs=4, check_val_every_n_epoch=2)
+    trainer.fit(Digits(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=300))
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        rep = c.report(cb.results["run_id"])
+    epochs = rep["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
+    # validation runs after epochs 1 and 3 (check_val_every_n_epoch counts from 1)
+    for e in (epochs[0], epochs[2]):
+        assert e["val_loss"] is None and e["accuracy"] is None
+        assert "val_acc" not in (e["metrics"] or {})
+    for e in (epochs[1], epochs[3]):
+        assert e["val_loss"] is not None and 0 <= e["accuracy"] <= 1
+    assert epochs[1]["val_loss"] != epochs[3]["val_loss"]
+
+
+def test_one_process_in_a_multi_task_slurm_allocation_is_a_single_run(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an `salloc -n 4` shell: SLURM says 4 tasks, the trainer runs one process
+    salloc = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "interactive",  # Lightning leaves an interactive job alone
+        "SLURM_NNODES": "1",
+    }
+    for k, v in salloc.items():
+        monkeypatch.setenv(k, v)
+    train, val = digits(200)
+    cb = H3Callback(name="lit-salloc", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = quiet_trainer(cb, max_epochs=1)
+    trainer.fit(Digits(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=300))
+    assert trainer.world_size == 1
+    assert cb.profiler is not None and cb.profiler.dist is None
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(cb.results["run_id"])
+    assert run["status"] == "finished" and run["world_size"] in (None, 1)
+    assert run["n_batches"] == 4

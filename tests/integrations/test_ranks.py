@@ -100,3 +100,24 @@ def test_rank_detection_from_launchers() -> None:
         detect({}, rank=1)
     with pytest.raises(H3ClientError, match="init_process_group"):
         shared_run_id(RankInfo(1, 2, None, "explicit", None), "x")
+
+
+def test_torchrun_static_rendezvous_in_slurm_restart_is_a_new_run() -> None:
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "SLURM_JOB_ID": "777",
+        "SLURM_STEP_ID": "0",
+        "TORCHELASTIC_RUN_ID": "none",  # static rendezvous: no --rdzv-id
+    }
+    first = detect({**env, "TORCHELASTIC_RESTART_COUNT": "0"})
+    again = detect({**env, "TORCHELASTIC_RESTART_COUNT": "0", "RANK": "0"})
+    restart = detect({**env, "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert first is not None and again is not None and restart is not None
+    assert shared_run_id(first, "x") == shared_run_id(again, "x")  # one attempt, one run
+    assert shared_run_id(first, "x") != shared_run_id(restart, "x")  # a restart, a new run
+    # plain srun (no torchrun): the key is as before
+    slurm = detect(
+        {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0"}
+    )
+    assert slurm is not None and slurm.job_key == "slurm:777:0"
