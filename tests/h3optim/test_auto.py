@@ -491,6 +491,24 @@ def _draws_holding(windows: Any, idx: torch.Tensor) -> list[str]:
     return found
 
 
+def _windowed_auto(train_set: Any) -> tuple[nn.Module, AutoH3]:
+    """A small model and an AutoH3 whose windowed A/B test starts at the first thermodynamic
+    epoch, in windows of 3 steps (SGD: its step(closure) returns the loss)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        total_epochs=10,
+        profile=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        window_steps=3,
+        probe_size=128,
+        learned_ratio=None,  # windows from the first thermodynamic epoch
+    )
+    return model, auto
+
+
 def test_with_loader_workers_each_step_trains_with_its_own_draws_weights_and_window() -> None:
     """A loader with workers reads the windowed sampler ahead of the training loop: each
     step still weights its batch by the draw the batch came from, and every window the
@@ -502,18 +520,7 @@ def test_with_loader_workers_each_step_trains_with_its_own_draws_weights_and_win
     train_set, test, _ = digits_and_model()
 
     def run(workers: int) -> tuple[list[tuple[int, float]], list[Any], int]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-        auto = AutoH3(
-            model.parameters(),
-            train_set,
-            total_epochs=10,
-            profile=False,
-            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),  # step(closure) returns its loss
-            window_steps=3,
-            probe_size=128,
-            learned_ratio=None,  # windows from the first thermodynamic epoch
-        )
+        model, auto = _windowed_auto(train_set)
         c = auto.controller
         crit = nn.CrossEntropyLoss()
         steps: list[tuple[int, float]] = []  # (windows observed, loss) after each step
@@ -590,18 +597,7 @@ def test_without_workers_a_windowed_step_finds_its_batch_by_identity(
     sampler made: its record is found by identity, not by comparing indices (a
     ``torch.equal`` costs about 7 µs, 1 % of a small model's step)."""
     train_set, test, _ = digits_and_model()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    auto = AutoH3(
-        model.parameters(),
-        train_set,
-        total_epochs=10,
-        profile=False,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        window_steps=3,
-        probe_size=128,
-        learned_ratio=None,  # windows from the first thermodynamic epoch
-    )
+    model, auto = _windowed_auto(train_set)
     crit = nn.CrossEntropyLoss()
     compared = 0
     real_equal = torch.equal
