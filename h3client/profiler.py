@@ -660,6 +660,18 @@ def _finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text``, escaped (``\\ud800``), or None: the daemon
+    refuses text that holds one (``h3d.api.schemas.check_text``)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+    return None
+
+
 def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
     """Raise ValueError for what the daemon would refuse; ``n_train`` as an int (from a
     numpy or 0-dim tensor integer too)."""
@@ -679,13 +691,10 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
     for what, text in (("name", name or ""), *(("tags", t) for t in tags)):
         if "\x00" in text:
             raise ValueError(f"H3Profiler {what}: holds a NUL character, which no store keeps")
-        if not text.isascii():
-            try:
-                text.encode()
-            except UnicodeEncodeError:
-                raise ValueError(
-                    f"H3Profiler {what}: holds a lone surrogate, which is not Unicode text"
-                ) from None
+        if _lone_surrogate(text) is not None:
+            raise ValueError(
+                f"H3Profiler {what}: holds a lone surrogate, which is not Unicode text"
+            )
     if n_train is None:
         return None
     try:
@@ -733,13 +742,12 @@ def _json_config(config: dict[str, Any]) -> dict[str, Any]:
     except TypeError as exc:  # a key JSON has no form for (default= converts values only)
         raise ValueError(f"H3Profiler config: {exc}") from exc
     out: dict[str, Any] = json.loads(text)
-    try:  # a lone surrogate ("\ud800") is valid JSON, escaped, but no Unicode text
-        json.dumps(out, ensure_ascii=False).encode()
-    except UnicodeEncodeError as exc:
-        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+    # a lone surrogate ("\ud800") is valid JSON, escaped, but no Unicode text
+    bad = _lone_surrogate(json.dumps(out, ensure_ascii=False))
+    if bad is not None:
         raise ValueError(
             f"H3Profiler config: holds a lone surrogate ({bad}), which is not Unicode text"
-        ) from None
+        )
     # measured as the daemon measures it: compact JSON of what it receives
     size = len(json.dumps(out, separators=(",", ":")))
     if size > CONFIG_MAX_BYTES:
