@@ -123,12 +123,16 @@ def _private_data_dir(settings: Settings) -> None:
         raise CommandError(f"{settings.data_dir}: {exc.strerror or exc}") from None
 
 
+def _cannot_write(path: str, exc: OSError) -> CommandError:
+    return CommandError(f"cannot write {path}: {exc.strerror or exc}", 1)
+
+
 def _open_output(path: str) -> IO[str]:
     """``path`` opened for writing, or a :class:`CommandError` saying why it cannot be."""
     try:
         return open(path, "w", newline="")  # noqa: SIM115  (the caller closes it)
     except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
+        raise _cannot_write(path, exc) from None
 
 
 def _discard_output(f: IO[str], path: str) -> None:
@@ -150,7 +154,7 @@ def _write_file(path: str, text: str) -> None:
         f.close()
     except OSError as exc:  # a full disk midway
         _discard_output(f, path)
-        raise CommandError(f"cannot write {path}: {exc.strerror or exc}", 1) from None
+        raise _cannot_write(path, exc) from None
 
 
 def _configure_logging(level: str) -> None:
@@ -467,9 +471,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 except OSError as exc:
                     if not args.output:
                         raise
-                    raise CommandError(
-                        f"cannot write {args.output}: {exc.strerror or exc}", 1
-                    ) from None
+                    raise _cannot_write(args.output, exc) from None
                 lines += chunk.count("\n")
                 if args.output and sys.stderr.isatty():
                     print(f"\rexported {max(lines - 1, 0)}{total} {what}", end="", file=sys.stderr)
@@ -477,9 +479,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 try:
                     out.close()
                 except OSError as exc:  # the last buffer, on a full disk
-                    raise CommandError(
-                        f"cannot write {args.output}: {exc.strerror or exc}", 1
-                    ) from None
+                    raise _cannot_write(args.output, exc) from None
         except BaseException:
             if args.output:  # cut off midway: no partial file is left
                 _discard_output(out, args.output)
