@@ -51,6 +51,7 @@ REVISIONS = (
     "0005_run_idle",
     "0006_run_seen_at",
     "0007_bigint_counts",
+    "0008_repair_lone_surrogates",
 )
 HEAD_REVISION = REVISIONS[-1]
 

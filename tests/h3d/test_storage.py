@@ -229,6 +229,42 @@ def test_an_upgrade_keeps_every_row_of_every_table(store_url: str, old: str) -> 
     assert after == before
 
 
+def test_an_upgrade_repairs_the_lone_surrogates_an_older_daemon_stored(
+    tmp_path: Path, daemon_factory: Callable[..., Any]
+) -> None:
+    """Before the API refused them, a SQLite store took a config (and a metric name) holding
+    a lone surrogate, and from then on every run list was a 500. 0008 replaces each with
+    U+FFFD; the rest of the row, and a valid pair (an emoji), are kept."""
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    url = f"sqlite:///{data_dir / 'h3d.db'}"
+    command.upgrade(migrate.alembic_config(url), "0007_bigint_counts")
+    rid = "a" * 32
+    with sqlite3.connect(data_dir / "h3d.db") as c:
+        # as SQLAlchemy's JSON wrote it: json.dumps text, with ASCII escapes
+        config = '{"lr": 0.1, "note": "bad\\ud800 x", "k\\udc00": ["\\ud83d\\ude00"]}'
+        c.execute(
+            "INSERT INTO runs (id, name, status, created_at, finished_at, config, n_batches,"
+            " n_epochs, n_nonfinite) VALUES (?, 'old run', 'finished', ?, ?, ?, 0, 1, 0)",
+            (rid, time.time() - 60, time.time() - 30, config),
+        )
+        c.execute(
+            "INSERT INTO epochs (run_id, epoch, t, metrics) VALUES (?, 0, ?, ?)",
+            (rid, time.time() - 40, '{"acc\\udfff": 0.5}'),
+        )
+    daemon = daemon_factory("old")  # upgrades the store at start, as `h3d serve` does
+    with daemon.client() as api:
+        listed = api.get("/v1/runs")
+        assert listed.status_code == 200, listed.text
+        got = api.get(f"/v1/runs/{rid}").json()
+        assert got["config"] == {"lr": 0.1, "note": "bad\ufffd x", "k\ufffd": ["\U0001f600"]}
+        for path in ("report",):  # the answer that holds the epoch
+            r = api.get(f"/v1/runs/{rid}/{path}")
+            assert r.status_code == 200, (path, r.text)
+            assert "acc\ufffd" in r.text or "acc\\ufffd" in r.text, (path, r.text)
+    assert migrate.current_revision(make_engine(url)) == migrate.head_revision()
+
+
 def test_newer_revision_is_refused_and_left_untouched(tmp_path: Path) -> None:
     db = tmp_path / "h.db"
     engine = make_engine(f"sqlite:///{db}")
