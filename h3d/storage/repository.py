@@ -384,7 +384,8 @@ def list_runs(
     if status:
         q = q.where(Run.status == status)
     if name:
-        q = q.where(Run.name.contains(name, autoescape=True))
+        # case-blind on every store: SQLite's LIKE is, PostgreSQL's is not
+        q = q.where(Run.name.icontains(name, autoescape=True))
     if tag:
         q = q.where(Run.id.in_(select(RunTag.run_id).where(RunTag.tag == tag)))
     if since is not None:

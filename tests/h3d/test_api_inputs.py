@@ -319,3 +319,15 @@ def test_a_name_stored_with_spaces_before_is_found_as_typed(tmp_path: Path) -> N
 def test_an_unreadable_body_is_a_422_validation_error(api: httpx.Client, body: bytes) -> None:
     err(raw_post(api, "/v1/runs", body), 422, "validation_error")
     assert api.get("/v1/runs").json()["count"] == 0
+
+
+def test_the_name_filter_ignores_case_on_every_store(client: httpx.Client) -> None:
+    """``?name=`` matched ``mlp-normal`` for ``MLP`` on SQLite (its LIKE is case-blind)
+    and not on PostgreSQL; ``%`` and ``_`` stay literal."""
+    for name in ("mlp-normal", "Big MLP", "cnn", "50%_off"):
+        new_run(client, name=name)
+    counts = {
+        q: client.get("/v1/runs", params={"name": q}).json()["count"]
+        for q in ("MLP", "mlp", "big", "%", "_", "0%_O")
+    }
+    assert counts == {"MLP": 2, "mlp": 2, "big": 1, "%": 1, "_": 1, "0%_O": 1}
