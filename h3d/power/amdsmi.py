@@ -3,19 +3,23 @@
 Per device, in order of preference:
 
 - ``amdsmi_counter``: ``amdsmi_get_energy_count`` — ``energy_accumulator`` ticks of
-  ``counter_resolution`` µJ each. Read as a counter: a value that steps backwards is a wrap
-  (at 2**32 on firmware with a 32-bit accumulator, else at 2**64) when the wrapped
-  difference is a plausible energy, and a reset (re-based, nothing counted) when it is not.
+  ``counter_resolution`` µJ each (the key is ``power`` in the bindings before ROCm 6.3).
+  Read as a counter: a value that steps backwards is a wrap (at 2**32 on firmware with a
+  32-bit accumulator, else at 2**64) when the wrapped difference is a plausible energy, and
+  a reset (re-based, nothing counted) when it is not.
 - ``amdsmi_power_current`` / ``amdsmi_power_average``: ``amdsmi_get_power_info``'s
   ``current_socket_power`` (MI300 and newer) or ``average_socket_power`` (MI200), in W.
-  Either may be the string "N/A"; a field that says "N/A" is never read as 0 W.
+  A field the GPU cannot report is "N/A" (the bindings' word for 0xFFFF) or 4294967295
+  (the library's UINT32_MAX, which the bindings pass through): neither is read as 0 W, nor
+  as 4.29 GW.
 
 Start-up checks, each logged and labelled rather than hidden:
 
 - **plausibility**: the counter's power over a short window is compared with the socket
   power measured over the same window, as Zeus does. A counter off by more than
   :data:`PLAUSIBLE_RATIO` (a wrong resolution once made a GPU read "12.5 MW") is dropped for
-  polled power, with the reason in ``DeviceInfo.note``.
+  polled power, with the reason in ``DeviceInfo.note``. A "not available" marker is never
+  the measured side of that comparison.
 - **VM guests** (``amdsmi_get_gpu_virtualization_mode`` = GUEST): no energy counter is read
   there; polled power only, if the guest sees any.
 - **MI250 / MI250X**: the two dies (GCDs) of one OAM module share one power figure, which
@@ -24,7 +28,8 @@ Start-up checks, each logged and labelled rather than hidden:
 
 ``ROCR_VISIBLE_DEVICES`` then ``HIP_VISIBLE_DEVICES`` (or ``CUDA_VISIBLE_DEVICES``, which HIP
 also honours) select devices as the ROCm runtime does. Every amdsmi error is translated
-once, here, into :class:`PowerBackendError`.
+once, here, into :class:`PowerBackendError`; a GPU that is found but cannot be read is
+absent with its reason (``h3d doctor``), not "no device found".
 """
 
 from __future__ import annotations
@@ -41,7 +46,13 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
+from h3d.power.base import (
+    MAX_PLAUSIBLE_W,
+    DeviceInfo,
+    PowerBackendError,
+    PowerReading,
+    counter_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +61,6 @@ logger = logging.getLogger(__name__)
 PLAUSIBLE_RATIO = 2.0
 #: Below this many watts of difference the ratio test is not applied (idle noise).
 PLAUSIBLE_SLACK_W = 15.0
-#: No GPU draws more than this; a counter step implying more is a reset, not a wrap.
-MAX_PLAUSIBLE_W = 3000.0
 
 # amdsmi_status_t values (amdsmi_wrapper.AMDSMI_STATUS_*) worth a human reason.
 _REASONS = {
@@ -90,10 +99,19 @@ def translate(smi: ModuleType, exc: BaseException, what: str) -> PowerBackendErr
 
 
 def _watts(v: Any) -> float | None:
-    """A power field: None for "N/A" (or anything not a number)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
+    """A power field in W: None for "N/A", for anything not a number, and for what no GPU
+    draws (above MAX_PLAUSIBLE_W): the library's not-supported markers 0xFFFF and UINT32_MAX
+    (amdsmi.h: "Unsupported struct members are set to UINT32_MAX"; the bindings turn only
+    0xFFFF into "N/A", so 4294967295 reaches Python)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v <= MAX_PLAUSIBLE_W:
         return None
     return float(v)
+
+
+def _accumulator(count: Mapping[str, Any]) -> Any:
+    """The ticks of ``amdsmi_get_energy_count``: ``energy_accumulator``, or ``power`` in the
+    bindings before ROCm 6.3 (6.3 returns both)."""
+    return count.get("energy_accumulator", count.get("power"))
 
 
 def _select(selectors: str, order: list[int], ids: Sequence[Sequence[str]]) -> list[int]:
@@ -207,9 +225,10 @@ class AmdGpu:
                 self._power_key = key
                 break
         if not self._has_counter and self._power_key is None:
-            why = "VM guest, and no socket power either" if die.guest else "no energy counter"
+            why = "VM guest: no energy counter there" if die.guest else "no energy counter"
             raise PowerBackendError(
-                f"AMD GPU {die.index} ({die.model}): {why}; power_info fields are N/A"
+                f"AMD GPU {die.index} ({die.model}): {why} and no socket power "
+                "(amdsmi_get_power_info fields are N/A)"
             )
         self._last_raw: int | None = None
         self._last_t: float | None = None
@@ -249,8 +268,8 @@ class AmdGpu:
     def _try(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except self.smi.AmdSmiLibraryException:
-            return None
+        except (self.smi.AmdSmiLibraryException, KeyError, TypeError):
+            return None  # unsupported here, or a bindings release shaped otherwise
 
     def _pick_reporting_die(self) -> Die:
         """The die of an MI250 pair that reports the pair's power (the other reads 0 W)."""
@@ -260,14 +279,14 @@ class AmdGpu:
             if any(w for w in watts if w):
                 return d
             count = self._try(functools.partial(self.smi.amdsmi_get_energy_count, d.handle))
-            if count and count.get("energy_accumulator"):
+            if count and _accumulator(count):
                 return d
         names = ", ".join(str(d.index) for d in self.dies)
         raise PowerBackendError(f"AMD MI250 GCDs {names}: neither die reports power (0 W on both)")
 
     def _raw_counter(self) -> tuple[int, float]:
         c = self.smi.amdsmi_get_energy_count(self._reporting.handle)
-        acc, res = c["energy_accumulator"], c["counter_resolution"]
+        acc, res = _accumulator(c), c.get("counter_resolution")
         if not isinstance(acc, int) or not isinstance(res, int | float) or res <= 0:
             raise self.smi.AmdSmiLibraryException(NOT_SUPPORTED)
         return int(acc), float(res)
@@ -298,22 +317,19 @@ class AmdGpu:
         except self.smi.AmdSmiLibraryException as exc:
             raise translate(self.smi, exc, self.info.name) from exc
         t = self._clock()
-        if self._last_raw is not None and self._last_t is not None:
-            self._total_uj += self._delta_ticks(raw, t - self._last_t, res) * res
+        last = self._last_raw
+        if last is not None and self._last_t is not None:
+            ticks = counter_step(
+                self.info.name,
+                last,
+                raw,
+                wrap_at=2**32 if last < 2**32 else 2**64,  # 32-bit accumulator on some firmware
+                uj_per_unit=res,
+                dt_s=t - self._last_t,
+            )
+            self._total_uj += ticks * res
         self._last_raw, self._last_t = raw, t
         return PowerReading(power_w=power, energy_j=self._total_uj / 1e6)
-
-    def _delta_ticks(self, raw: int, dt_s: float, res_uj: float) -> int:
-        last = self._last_raw
-        assert last is not None
-        if raw >= last:
-            return raw - last
-        modulus = 2**32 if last < 2**32 else 2**64
-        wrapped = modulus - last + raw
-        if wrapped * res_uj / 1e6 <= MAX_PLAUSIBLE_W * max(dt_s, 1e-3):
-            return wrapped
-        logger.warning("%s: energy counter reset (driver reload?); re-based", self.info.name)
-        return 0
 
     def process_share(self, pids: set[int], since_us: int = 0) -> float | None:
         """The pids' share of the GFX engine time used on this GPU (or pair) since the
@@ -391,19 +407,28 @@ def discover(
     clock: Callable[[], float] = time.monotonic,
 ) -> list[AmdGpu]:
     """Every visible AMD GPU (MI250 pairs as one). Raises PowerBackendError when amdsmi is
-    unusable."""
+    unusable, or when GPUs were found and none of them can be read (with every reason)."""
     smi = import_amdsmi()
     try:
         smi.amdsmi_init(smi.AmdSmiInitFlags.INIT_AMD_GPUS)
         handles = list(smi.amdsmi_get_processor_handles())
     except smi.AmdSmiLibraryException as exc:
         raise translate(smi, exc, "amdsmi") from exc
+    errors: list[str] = []
+
+    def rejected(index: int, exc: Exception) -> None:
+        if not isinstance(exc, PowerBackendError):  # the bindings returned another shape
+            exc = PowerBackendError(
+                f"AMD GPU {index}: unexpected amdsmi output ({type(exc).__name__}: {exc})"
+            )
+        errors.append(str(exc))
+
     dies: list[Die] = []
     for i, h in enumerate(handles):
         try:
             dies.append(_describe(smi, h, i))
-        except PowerBackendError as exc:
-            logger.warning("%s", exc)
+        except (PowerBackendError, KeyError, TypeError) as exc:
+            rejected(i, exc)
     if all(d.hip_id is not None for d in dies):
         dies.sort(key=lambda d: d.hip_id or 0)
     shown = {
@@ -419,7 +444,11 @@ def discover(
             continue
         try:
             gpus.append(AmdGpu(smi, members, clock=clock))
-        except PowerBackendError as exc:
-            logger.warning("%s", exc)
+        except (PowerBackendError, KeyError, TypeError) as exc:
+            rejected(members[0].index, exc)
+    if not gpus and errors:
+        raise PowerBackendError("; ".join(errors))
+    for err in errors:  # some GPUs work: the rest is worth one line each, not a failure
+        logger.warning("AMD GPU skipped: %s", err)
     check_plausible(gpus, check_s)
     return gpus

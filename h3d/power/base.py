@@ -10,11 +10,17 @@ cumulative counter that only ever grows for the life of the backend object.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
+
+#: No device H3 reads (a GPU, a CPU package) draws more than this: a counter step implying
+#: more is a reset, not a wrap, and a polled figure above it is a "not available" marker.
+MAX_PLAUSIBLE_W = 3000.0
 
 #: Every provenance a figure can carry. ``none`` means "no device could be read".
 SOURCES = (
@@ -24,7 +30,7 @@ SOURCES = (
     "amdsmi_counter",
     "amdsmi_power_current",
     "amdsmi_power_average",
-    "intel_hwmon",  # i915/xe hwmon energy1_input
+    "intel_hwmon",  # i915/xe hwmon energyN_input
     "level_zero",  # Level Zero Sysman energy counter (pyzes)
     "jetson_ina3221",  # polled rail power, integrated by trapezoid
     "rapl",
@@ -98,19 +104,60 @@ def read_sysfs_int(path: Path, permission_fix: str) -> int:
         raise PowerBackendError(f"{path}: unreadable ({exc})") from exc
 
 
-class MicrojouleCounter:
-    """A 64-bit µJ counter as energy since it was opened: a value that steps back (a driver
-    reload) is re-based, never counted negative."""
+def counter_step(
+    name: str, last: int, cur: int, *, wrap_at: int | None, uj_per_unit: float, dt_s: float
+) -> int:
+    """How far an energy counter moved from ``last`` to ``cur`` in ``dt_s``, in its units.
 
-    def __init__(self, name: str, first_uj: int) -> None:
+    A value that steps back is one wrap at ``wrap_at`` when the wrapped step is a plausible
+    energy (at most :data:`MAX_PLAUSIBLE_W` over the interval, taken as at least 1 ms), and
+    a reset otherwise (a driver reload, suspend/resume): 0 is counted, never a negative
+    step nor a whole range of energy that was never used.
+    """
+    if cur >= last:
+        return cur - last
+    if wrap_at is not None and last < wrap_at:
+        wrapped = wrap_at - last + cur
+        if wrapped * uj_per_unit / 1e6 <= MAX_PLAUSIBLE_W * max(dt_s, 1e-3):
+            return wrapped
+    logger.warning(
+        "%s: energy counter reset (it stepped back from %d to %d, too far for a wrap: a "
+        "driver reload or suspend/resume); re-based, this interval's energy is not counted",
+        name,
+        last,
+        cur,
+    )
+    return 0
+
+
+class MicrojouleCounter:
+    """A µJ counter as energy since it was opened. A value that steps back is a wrap at
+    ``wrap_uj`` where that is plausible, else a reset, re-based (see :func:`counter_step`)."""
+
+    def __init__(
+        self,
+        name: str,
+        first_uj: int,
+        *,
+        wrap_uj: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
+        self.wrap_uj = wrap_uj
+        self._clock = clock
         self._last = first_uj
+        self._last_t = clock()
         self._total_uj = 0
 
     def energy_j(self, cur_uj: int) -> float:
-        if cur_uj >= self._last:
-            self._total_uj += cur_uj - self._last
-        else:
-            logger.warning("%s: energy counter went backwards; re-based", self.name)
-        self._last = cur_uj
+        t = self._clock()
+        self._total_uj += counter_step(
+            self.name,
+            self._last,
+            cur_uj,
+            wrap_at=self.wrap_uj,
+            uj_per_unit=1.0,
+            dt_s=t - self._last_t,
+        )
+        self._last, self._last_t = cur_uj, t
         return self._total_uj / 1e6

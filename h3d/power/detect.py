@@ -85,6 +85,15 @@ def probe_all(
             return "install ROCm's amd-smi-lib (`amd-smi` must work), or set ROCM_PATH"
         if "permission" in reason:
             return "run h3d as a user in the render and video groups"
+        if "VM guest" in reason:
+            return "measure on the host: a guest cannot read the GPU's energy counter"
+        if "N/A" in reason or "neither die reports" in reason:
+            return (
+                "`amd-smi metric --power --energy` shows what the GPU reports; a newer ROCm "
+                "(amdgpu and its firmware) may report the counter or the socket power"
+            )
+        if "unexpected amdsmi output" in reason:
+            return "install the amdsmi bindings of the installed ROCm release (`amd-smi version`)"
         if "driver" in reason or "initialise" in reason:
             return "load the amdgpu driver (`sudo modprobe amdgpu`); `amd-smi list` must work"
         return ""
@@ -93,7 +102,10 @@ def probe_all(
         if "not readable" in reason:
             return "`sudo h3d setup-rapl` shows the udev pattern; adapt it to the hwmon file"
         if "without an energy counter" in reason:
-            return "nothing to fix: the integrated GPU is inside the RAPL package figure"
+            return (
+                "a newer kernel may expose the counter; or read it through Level Zero: install "
+                "level-zero and the compute runtime, `pip install 'h3[intel]'`"
+            )
         if "does not exist" in reason or "no i915/xe" in reason:
             return ""  # no Intel GPU here
         return "Level Zero: install level-zero and the compute runtime, `pip install 'h3[intel]'`"

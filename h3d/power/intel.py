@@ -3,22 +3,27 @@
 The kernel lays a GPU out as ``/sys/class/drm/cardN`` (a link into the PCI device's
 ``drm/`` directory) whose ``device`` links to the PCI function; the driver's hwmon
 directory sits at ``cardN/device/hwmon/hwmonM`` with ``name`` = ``i915`` or ``xe`` and
-``energy1_input`` in µJ. xe labels its counters (``energyK_label`` = ``card`` or ``pkg``);
-the ``card`` counter is preferred because it covers the whole board. The drivers
-accumulate the hardware's 32-bit register into 64 bits, so the file does not wrap; a value
-that steps backwards (driver reload) is re-based, never counted negative.
+``energyK_input`` in µJ. xe labels its counters (``energyK_label`` = ``card`` or ``pkg``);
+the ``card`` counter is preferred because it covers the whole board. On DG2 (Arc) and PVC
+xe has only the ``pkg`` one (``energy2_input``; the card channel is hidden): it is read,
+and the device's note says it is the GPU package, not the board. i915 has one unlabelled
+``energy1_input``. The drivers accumulate the hardware's 32-bit register into 64 bits, so
+the file does not wrap; a value that steps backwards (driver reload) is re-based, never
+counted negative.
 
 Where ``pyzes`` (Level Zero Sysman) is installed, GPUs that hwmon does not cover are read
 through ``zesPowerGetEnergyCounter`` (``level_zero``): the device-level power domain, or
 the sum of the tiles' domains. A GPU read by hwmon is never read again through Level Zero.
 
-Integrated GPUs (and i915 before Linux 6.2) have no hwmon energy: on those the GPU is part
-of the CPU package that RAPL measures. The drm root is a constructor argument so tests
-read a tree laid out as the kernel lays it out.
+i915 and xe register hwmon for discrete GPUs only, so an integrated GPU (or any GPU on i915
+before Linux 6.2) has no i915/xe hwmon at all: it is part of the CPU package that RAPL
+measures. The drm root is a constructor argument so tests read a tree laid out as the
+kernel lays it out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import re
@@ -48,25 +53,36 @@ def _read_uj(path: Path) -> int:
     return read_sysfs_int(path, PERMISSION_FIX)
 
 
-def _energy_file(hwmon: Path) -> Path | None:
-    """The board-wide counter: xe's ``card`` energy, else ``energy1_input``."""
-    for label in sorted(hwmon.glob("energy*_label")):
-        try:
-            if label.read_text().strip() == "card":
-                return hwmon / label.name.replace("_label", "_input")
-        except OSError:
-            continue
-    f = hwmon / "energy1_input"
-    return f if f.exists() else None
+PKG_NOTE = "xe 'pkg' counter: the GPU package, not the whole board (no 'card' counter here)"
+
+
+def _energy_file(hwmon: Path) -> tuple[Path, str] | None:
+    """The widest counter and its label: xe's ``card`` (the board), else ``pkg`` (all xe
+    has on DG2 and PVC), else the first ``energyK_input`` (i915: unlabelled)."""
+    inputs = sorted(
+        (f for f in hwmon.glob("energy*_input") if re.fullmatch(r"energy\d+_input", f.name)),
+        key=lambda f: int(f.name[6:].removesuffix("_input")),
+    )
+    by_label: dict[str, Path] = {}
+    for f in inputs:
+        with contextlib.suppress(OSError):
+            label = (hwmon / f.name.replace("_input", "_label")).read_text().strip()
+            by_label.setdefault(label, f)
+    for want in ("card", "pkg"):
+        if want in by_label:
+            return by_label[want], want
+    return (inputs[0], "") if inputs else None
 
 
 class IntelGpu:
     """One Intel GPU's hwmon energy counter."""
 
-    def __init__(self, energy_file: Path, *, pci: str, driver: str, model: str) -> None:
+    def __init__(
+        self, energy_file: Path, *, pci: str, driver: str, model: str, note: str = ""
+    ) -> None:
         self.path = energy_file
         self.info = DeviceInfo(
-            name=f"intel:{pci}", kind="gpu", source="intel_hwmon", model=model, uuid=None
+            name=f"intel:{pci}", kind="gpu", source="intel_hwmon", model=model, note=note
         )
         self._counter = MicrojouleCounter(self.info.name, _read_uj(energy_file))
         self.driver = driver
@@ -97,9 +113,10 @@ def discover(root: Path = DEFAULT_ROOT) -> list[IntelGpu]:
             if driver not in DRIVERS:
                 continue
             drivers_seen.append(driver)
-            energy = _energy_file(hwmon)
-            if energy is None:
+            found = _energy_file(hwmon)
+            if found is None:
                 continue
+            energy, label = found
             pci = dev.resolve().name
             try:
                 device_id = (dev / "device").read_text().strip()
@@ -112,6 +129,7 @@ def discover(root: Path = DEFAULT_ROOT) -> list[IntelGpu]:
                         pci=pci,
                         driver=driver,
                         model=f"Intel GPU {device_id} ({driver}, {card.name})",
+                        note=PKG_NOTE if label == "pkg" else "",
                     )
                 )
             except PowerBackendError as exc:
@@ -119,12 +137,15 @@ def discover(root: Path = DEFAULT_ROOT) -> list[IntelGpu]:
     if not gpus:
         if errors:
             raise PowerBackendError(errors[0])
-        if drivers_seen:
+        if drivers_seen:  # a discrete GPU: the drivers register hwmon for no other kind
             raise PowerBackendError(
                 f"{'/'.join(sorted(set(drivers_seen)))} hwmon without an energy counter "
-                "(an integrated GPU, measured with the CPU package by RAPL, or Linux < 6.2)"
+                "(this kernel exposes no energyN_input for the GPU)"
             )
-        raise PowerBackendError("no i915/xe GPU with a hwmon directory")
+        raise PowerBackendError(
+            "no i915/xe GPU with a hwmon directory (an integrated GPU has none: it is "
+            "measured with the CPU package by RAPL; a discrete one on i915 needs Linux >= 6.2)"
+        )
     return gpus
 
 

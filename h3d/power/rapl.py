@@ -9,8 +9,10 @@ CPUs expose the same ``intel-rapl`` tree (``intel_rapl_msr`` with AMD Fam17h/19h
 Linux ≥ 5.11): ``package-N`` and a ``core`` subzone, no ``dram``.
 
 ``energy_uj`` wraps at ``max_energy_range_uj``; the wrap is handled here, so ``energy_j``
-only grows. Since CVE-2020-8694 most kernels make ``energy_uj`` root-only: that is reported
-with the fix, not hidden.
+only grows. A counter that restarts near 0 (suspend/resume, a reload of ``intel_rapl_msr``)
+is not a wrap: a step back too large for the interval's plausible energy is re-based,
+never counted as a whole range. Since CVE-2020-8694 most kernels make ``energy_uj``
+root-only: that is reported with the fix, not hidden.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import logging
 import time
 from pathlib import Path
 
-from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading, read_sysfs_int
+from h3d.power.base import (
+    DeviceInfo,
+    MicrojouleCounter,
+    PowerBackendError,
+    PowerReading,
+    read_sysfs_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +57,12 @@ class RaplZone:
         self.zone = zone
         name = (zone / "name").read_text().strip()
         self.max_range_uj = _read_int(zone / "max_energy_range_uj")
-        self._last_uj = _read_int(zone / "energy_uj")
-        self._total_uj = 0
-        self.period_s = measure_periods([zone / "energy_uj"])[0] if measure else None
         kind = "dram" if name == "dram" else "cpu"
         label = name if kind == "cpu" else f"{package}-dram"
+        self._counter = MicrojouleCounter(
+            f"rapl:{label}", _read_int(zone / "energy_uj"), wrap_uj=self.max_range_uj
+        )
+        self.period_s = measure_periods([zone / "energy_uj"])[0] if measure else None
         self.info = DeviceInfo(
             name=f"rapl:{label}",
             kind=kind,
@@ -63,13 +72,7 @@ class RaplZone:
         )
 
     def read(self) -> PowerReading:
-        cur = _read_int(self.zone / "energy_uj")
-        if cur >= self._last_uj:
-            self._total_uj += cur - self._last_uj
-        else:  # wrapped around
-            self._total_uj += self.max_range_uj - self._last_uj + cur
-        self._last_uj = cur
-        return PowerReading(energy_j=self._total_uj / 1e6)
+        return PowerReading(energy_j=self._counter.energy_j(_read_int(self.zone / "energy_uj")))
 
     def close(self) -> None:
         pass

@@ -3,6 +3,15 @@
 Same function names, dict keys, units (W, µJ per tick), enum and exception names as the
 real bindings (checked against the PyPI package's source in test_amdsmi.py), backed by a
 scriptable list of GPU dies. Energy accumulates from ``power_w`` on the die's own clock.
+
+``version`` picks the bindings' release, whose surfaces differ (amdsmi_interface.py of the
+PyPI wheels 6.1.2, 6.2.1, 6.3.3 and 7.0.2): ``amdsmi_get_energy_count`` returns the
+accumulator as ``'power'`` before 6.3, as both ``'power'`` and ``'energy_accumulator'`` in
+6.3, and as ``'energy_accumulator'`` only in 7.0; ``amdsmi_get_power_info`` has no
+``socket_power`` before 6.4, nor do ``amdsmi_get_gpu_virtualization_mode`` and
+``amdsmi_get_gpu_enumeration_info`` exist. Every release turns only 0xFFFF into "N/A": the
+library's UINT32_MAX for an unsupported field (amdsmi.h: "Unsupported struct members are set
+to UINT32_MAX") reaches Python as 4294967295.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ AMDSMI_STATUS_NO_PERM = 10
 AMDSMI_STATUS_INIT_ERROR = 18
 AMDSMI_STATUS_NOT_FOUND = 31
 AMDSMI_STATUS_DRIVER_NOT_LOADED = 34
-UINT16_NA = 0xFFFF  # what the library reports for a power field it cannot read
+UINT16_NA = 0xFFFF  # a power field the library cannot read; the bindings make it "N/A"
+UINT32_NA = 0xFFFFFFFF  # an unsupported field (amdsmi.h); the bindings pass it through
 
 
 class AmdSmiException(Exception):  # noqa: N818 (the real library's name)
@@ -65,8 +75,9 @@ class FakeAmdGpu:
     product_serial: str = "N/A"
     power_w: float = 100.0
     power_limit_w: int = 300
-    current: bool = False  # current_socket_power readable (MI300); else "N/A"
-    average: bool = True  # average_socket_power readable (MI200); else "N/A"
+    current: bool = False  # current_socket_power readable (MI300); else ``unsupported``
+    average: bool = True  # average_socket_power readable (MI200); else ``unsupported``
+    unsupported: int = UINT16_NA  # what the library puts in a field it cannot read
     counter: bool = True
     resolution_uj: float = 15.259  # what amdsmi_get_energy_count reports
     true_resolution_uj: float | None = None  # what the firmware really counts in, if different
@@ -93,10 +104,18 @@ class FakeAmdGpu:
         self._ticks = float(ticks)
 
 
+VERSIONS = ((6, 1), (6, 2), (6, 3), (7, 0))
+
+
 def make_module(
-    gpus: list[FakeAmdGpu], *, init_error: int | None = None, old: bool = False
+    gpus: list[FakeAmdGpu],
+    *,
+    init_error: int | None = None,
+    version: tuple[int, int] = (7, 0),
 ) -> types.ModuleType:
-    """``old``: bindings from before ROCm 6.4 (no virtualization mode, no enumeration info)."""
+    """The bindings of release ``version`` (one of :data:`VERSIONS`) over ``gpus``."""
+    assert version in VERSIONS, version
+    old = version < (6, 4)
     m = types.ModuleType("amdsmi")
     m.AmdSmiException = AmdSmiException
     m.AmdSmiLibraryException = AmdSmiLibraryException
@@ -149,10 +168,10 @@ def make_module(
     def amdsmi_get_power_info(h: FakeAmdGpu) -> dict[str, Any]:
         check(h)
         w = 0 if h.silent else int(round(h.power_w))
-        info: dict[str, Any] = {
-            "socket_power": w,
-            "current_socket_power": w if h.current else UINT16_NA,
-            "average_socket_power": w if h.average else UINT16_NA,
+        info: dict[str, Any] = {} if old else {"socket_power": w}
+        info |= {
+            "current_socket_power": w if h.current else h.unsupported,
+            "average_socket_power": w if h.average else h.unsupported,
             "gfx_voltage": 800,
             "soc_voltage": 900,
             "mem_voltage": 1200,
@@ -163,11 +182,11 @@ def make_module(
     def amdsmi_get_energy_count(h: FakeAmdGpu) -> dict[str, Any]:
         if not check(h).counter or h.mode == AmdSmiVirtualizationMode.GUEST:
             raise AmdSmiLibraryException(AMDSMI_STATUS_NOT_SUPPORTED)
-        return {
-            "energy_accumulator": h.ticks(),
-            "counter_resolution": h.resolution_uj,
-            "timestamp": int(h.clock() * 1e9),
-        }
+        ticks = h.ticks()
+        out: dict[str, Any] = {"power": ticks} if version <= (6, 3) else {}
+        if version >= (6, 3):
+            out["energy_accumulator"] = ticks
+        return out | {"counter_resolution": h.resolution_uj, "timestamp": int(h.clock() * 1e9)}
 
     def amdsmi_get_gpu_process_list(h: FakeAmdGpu) -> list[dict[str, Any]]:
         check(h)

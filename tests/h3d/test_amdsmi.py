@@ -72,22 +72,33 @@ def test_a_counter_reset_is_rebased_not_counted(fake_amdsmi: Install) -> None:
     assert dev.read().energy_j == pytest.approx((e1 or 0) + 100.0, abs=1e-4)
 
 
-def test_na_power_fields_are_never_zero_watts(fake_amdsmi: Install) -> None:
-    # MI200: current_socket_power is N/A, the average is read
-    fake_amdsmi([_gpu(counter=False, current=False, average=True, power_w=150.0)])
+@pytest.mark.parametrize("unsupported", [fk.UINT16_NA, fk.UINT32_NA])
+def test_na_power_fields_are_never_zero_watts(fake_amdsmi: Install, unsupported: int) -> None:
+    # "N/A" (0xFFFF) or 4294967295 (UINT32_MAX, which the bindings pass through): not a figure
+    kw: dict[str, object] = {"counter": False, "unsupported": unsupported}
+    # MI200: current_socket_power is not available, the average is read
+    fake_amdsmi([_gpu(current=False, average=True, power_w=150.0, **kw)])
     (dev,) = amd.discover(env={}, check_s=0)
     assert dev.info.source == "amdsmi_power_average"
     assert dev.read().power_w == 150.0 and dev.read().energy_j is None
     # MI300: the current power is preferred
-    fake_amdsmi([_gpu(counter=False, current=True, average=False, power_w=400.0)])
+    fake_amdsmi([_gpu(current=True, average=False, power_w=400.0, **kw)])
     (dev,) = amd.discover(env={}, check_s=0)
     assert dev.info.source == "amdsmi_power_current"
     assert dev.read().power_w == 400.0
-    # both N/A and no counter: not a device at all, with the reason logged
-    mod = fake_amdsmi([_gpu(counter=False, current=False, average=False)])
-    assert amd.discover(env={}, check_s=0) == []
-    with pytest.raises(PowerBackendError, match="N/A"):
-        amd.AmdGpu(mod, [amd._describe(mod, mod.amdsmi_get_processor_handles()[0], 0)])
+    # neither available and no counter: not a device at all, with the reason
+    fake_amdsmi([_gpu(current=False, average=False, **kw)])
+    with pytest.raises(PowerBackendError, match="no energy counter and no socket power"):
+        amd.discover(env={}, check_s=0)
+
+
+def test_uint32_max_current_power_never_overrules_a_good_counter(fake_amdsmi: Install) -> None:
+    # an MI210 on amdsmi 7.0: current_socket_power unsupported arrives as 4294967295; the
+    # start-up check must compare the counter with the average (250 W), not with 4.29 GW
+    fake_amdsmi([FakeAmdGpu(uuid="a", power_w=250.0, unsupported=fk.UINT32_NA)])
+    (dev,) = amd.discover(env={}, check_s=0.1)
+    assert (dev.info.source, dev.info.note) == ("amdsmi_counter", "")
+    assert dev.read().power_w == 250.0
 
 
 def test_mi250_die_pair_is_one_device_read_from_the_die_that_reports(
@@ -117,7 +128,8 @@ def test_mi250_die_pair_is_one_device_read_from_the_die_that_reports(
 def test_mi250_pair_where_neither_die_reports_is_an_error_not_zero(fake_amdsmi: Install) -> None:
     kw: dict[str, object] = {"market_name": "AMD Instinct MI250", "product_serial": "PS1"}
     fake_amdsmi([_gpu("x", silent=True, **kw), _gpu("y", silent=True, **kw)])
-    assert amd.discover(env={}, check_s=0) == []
+    with pytest.raises(PowerBackendError, match="GCDs 0, 1: neither die reports power"):
+        amd.discover(env={}, check_s=0)
 
 
 def test_vm_guest_reads_no_counter(fake_amdsmi: Install) -> None:
@@ -126,7 +138,8 @@ def test_vm_guest_reads_no_counter(fake_amdsmi: Install) -> None:
     assert dev.info.source == "amdsmi_power_average"
     assert "VM guest" in dev.info.note
     fake_amdsmi([_gpu(mode=fk.AmdSmiVirtualizationMode.GUEST, average=False)])
-    assert amd.discover(env={}, check_s=0) == []
+    with pytest.raises(PowerBackendError, match="VM guest"):
+        amd.discover(env={}, check_s=0)
 
 
 def test_implausible_counter_falls_back_to_power_with_a_label(fake_amdsmi: Install) -> None:
@@ -171,10 +184,43 @@ def test_process_share_from_gfx_engine_time(fake_amdsmi: Install) -> None:
     assert dev.process_share({10}, since_us=3) is None  # nothing ran
 
 
-def test_old_bindings_without_newer_calls_still_work(fake_amdsmi: Install) -> None:
-    fake_amdsmi([_gpu()], old=True)
-    (dev,) = amd.discover(env={}, check_s=0)
+@pytest.mark.parametrize("version", fk.VERSIONS)
+def test_every_bindings_release_reads_the_counter(
+    fake_amdsmi: Install, version: tuple[int, int]
+) -> None:
+    # before 6.3 the accumulator is the 'power' key; before 6.4 there is no virtualization
+    # mode nor enumeration info
+    clk = Clock()
+    fake_amdsmi([_gpu(clock=clk, power_w=200.0)], version=version)
+    (dev,) = amd.discover(env={}, check_s=0, clock=clk)
     assert dev.info.source == "amdsmi_counter"
+    dev.read()
+    clk.t += 10.0
+    assert dev.read().energy_j == pytest.approx(2000.0, abs=2e-5)
+    # an MI250 pair whose power fields are N/A: the reporting die is the one that counts
+    kw: dict[str, object] = {"market_name": "AMD Instinct MI250", "oam_id": 0, "average": False}
+    reporting = _gpu("g1", clk, **kw)
+    reporting.set_ticks(10**9)  # counting since boot
+    fake_amdsmi([_gpu("g0", clk, silent=True, **kw), reporting], version=version)
+    (pair,) = amd.discover(env={}, check_s=0, clock=clk)
+    assert pair.info.name == "amdsmi:g1" and pair.info.source == "amdsmi_counter"
+
+
+def test_a_gpu_found_but_unusable_is_a_reason_not_no_device(
+    fake_amdsmi: Install, tmp_path: Path
+) -> None:
+    fake_amdsmi([_gpu(counter=False, current=False, average=False)])
+    (p,) = [
+        p
+        for p in detect.probe_all(powercap_root=tmp_path, nvml_period=False)
+        if p.family == "amdsmi"
+    ]
+    assert not p.ok
+    assert p.reason.startswith("AMD GPU 0 (AMD Instinct MI210): no energy counter")
+    assert "amd-smi" in p.fix
+    # one usable GPU beside it: that one is the device, the other is logged
+    fake_amdsmi([_gpu("bad", counter=False, current=False, average=False), _gpu("good")])
+    assert [d.info.name for d in amd.discover(env={}, check_s=0)] == ["amdsmi:good"]
 
 
 def test_errors_are_translated_and_a_lost_gpu_degrades(fake_amdsmi: Install) -> None:
@@ -273,8 +319,10 @@ def test_the_fake_has_the_real_bindings_names_keys_and_values() -> None:
     for key in [*proc, *proc["engine_usage"], *proc["memory_usage"]]:
         assert key in strings, key
     # "N/A" power fields, and 0xFFFF as the library's not-available marker
+    # (only 0xFFFF: the library's UINT32_MAX for an unsupported field passes through)
     assert "N/A" in ast.unparse(funcs["amdsmi_get_power_info"])
     assert f"== {fk.UINT16_NA}" in ast.unparse(funcs["amdsmi_get_power_info"])
+    assert str(fk.UINT32_NA) not in ast.unparse(funcs["amdsmi_get_power_info"])
     # status codes and enum values
     consts = _int_constants(real["amdsmi_wrapper"])
     for name in (n for n in dir(fk) if n.startswith("AMDSMI_STATUS_")):

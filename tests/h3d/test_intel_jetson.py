@@ -75,12 +75,50 @@ def test_xe_prefers_the_card_counter_over_the_package(tmp_path: Path) -> None:
     assert gpu.path.name == "energy2_input"
 
 
-def test_integrated_gpu_without_energy_says_why(tmp_path: Path) -> None:
-    cls = drm_tree(tmp_path, {"0000:00:02.0": {"name": "i915", "power1_max": "0"}})
-    with pytest.raises(PowerBackendError, match="integrated GPU"):
+def test_xe_on_dg2_and_pvc_reads_the_pkg_counter(tmp_path: Path) -> None:
+    # xe_hwmon.c: DG2 and PVC have an energy register for CHANNEL_PKG only, so energy1
+    # (card) is hidden and the one counter is energy2_input, labelled "pkg"
+    hw = {"name": "xe", "energy2_input": "123456789", "energy2_label": "pkg", "power2_label": "pkg"}
+    cls = drm_tree(tmp_path, {"0000:03:00.0": hw})
+    (gpu,) = intel.discover(cls)
+    assert gpu.info.name == "intel:0000:03:00.0" and gpu.path.name == "energy2_input"
+    assert "'pkg'" in gpu.info.note and "not the whole board" in gpu.info.note
+    hwmon_file(cls, "card0", "energy2_input").write_text("126456789\n")
+    assert gpu.read().energy_j == pytest.approx(3.0)
+    (p,) = [
+        p
+        for p in detect.probe_all(
+            powercap_root=tmp_path / "none",
+            drm_root=cls,
+            hwmon_root=tmp_path / "none",
+            nvml_period=False,
+        )
+        if p.family == "intel"
+    ]
+    assert p.ok and "intel:0000:03:00.0 (intel_hwmon; " in p.reason
+
+
+def test_a_gpu_without_hwmon_energy_says_why(tmp_path: Path) -> None:
+    # i915 and xe register hwmon for discrete GPUs only: one without an energy file is a
+    # discrete GPU on a kernel that does not expose it, never "an integrated GPU"
+    cls = drm_tree(tmp_path, {"0000:03:00.0": {"name": "i915", "power1_max": "0"}})
+    with pytest.raises(PowerBackendError, match="i915 hwmon without an energy counter") as exc:
         intel.discover(cls)
-    cls2 = drm_tree(tmp_path / "b", {"0000:05:00.0": {"name": "amdgpu", "power1_average": "1"}})
-    with pytest.raises(PowerBackendError, match="no i915/xe"):
+    assert "integrated" not in str(exc.value)
+    (p,) = [
+        p
+        for p in detect.probe_all(
+            powercap_root=tmp_path / "none",
+            drm_root=cls,
+            hwmon_root=tmp_path / "none",
+            nvml_period=False,
+        )
+        if p.family == "intel"
+    ]
+    assert "integrated" not in p.reason + p.fix and "Level Zero" in p.fix
+    # an integrated GPU has no i915/xe hwmon at all: it is inside RAPL's package figure
+    cls2 = drm_tree(tmp_path / "b", {"0000:00:02.0": {"name": "coretemp"}})
+    with pytest.raises(PowerBackendError, match="no i915/xe .*integrated GPU.*RAPL"):
         intel.discover(cls2)
     with pytest.raises(PowerBackendError, match="does not exist"):
         intel.discover(tmp_path / "nothing")

@@ -65,6 +65,28 @@ def test_each_zone_wraps_on_its_own_range(tmp_path: Path) -> None:
     assert dj == pytest.approx((10 + 499_970 + 110 + 199_900) / 1e6)
 
 
+def test_a_counter_that_restarts_near_zero_is_a_reset_not_a_wrap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # S3 suspend/resume or a reload of intel_rapl_msr: the counter starts again from ~0,
+    # which is not 252 kJ of wrap-around (nor ever a full range of phantom energy)
+    root = tmp_path / "powercap"
+    pkg = zone(root / "intel-rapl:0", "package-0", energy_uj=10_000_000_000)
+    (z,) = rapl.discover(root)
+    set_uj(pkg, 10_005_000_000)
+    assert z.read().energy_j == pytest.approx(5.0)
+    set_uj(pkg, 2_000_000)
+    assert z.read().energy_j == pytest.approx(5.0)
+    assert "rapl:package-0: energy counter reset" in caplog.text
+    set_uj(pkg, 5_000_000)  # counted again from the new base
+    assert z.read().energy_j == pytest.approx(8.0)
+    # a real wrap at the top of Intel's range is still one wrap
+    set_uj(pkg, 262_143_328_850 - 1_000_000)
+    e = z.read().energy_j or 0.0
+    set_uj(pkg, 500_000)
+    assert z.read().energy_j == pytest.approx(e + 1.5)
+
+
 def test_update_period_is_measured_not_assumed(tmp_path: Path) -> None:
     root = tmp_path / "powercap"
     zone(root / "intel-rapl:0", "package-0")
