@@ -343,7 +343,7 @@ def nonfinite_positions(values: Sequence[float]) -> list[int]:
     try:
         if math.isfinite(math.fsum(values)):
             return []
-    except OverflowError:  # finite values whose sum overflows: scan
+    except (OverflowError, ValueError):  # a finite sum that overflows, or -inf + inf: scan
         pass
     return [i for i, v in enumerate(values) if not math.isfinite(v)]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import math
+import struct
 import time
 from typing import Any
 
@@ -578,6 +580,19 @@ def test_columnar_batches_are_stored_as_the_same_rows(daemon: Any) -> None:
         inf = columns([rows[0], {**rows[3], "seq": 10, "losses": [1.0, float("inf"), 2.0]}])
         r = api.post(url, json={"columns": inf})
         assert r.status_code == 422 and err(r)["details"] == {"seq": 10, "field": "losses_f32"}
+        # +inf and -inf together (math.fsum raises on them: that was a 500), on every path
+        both = [1.0, float("inf"), float("nan"), float("-inf")]
+        signed = {"seq": 11, "t": t0, "loss": 1.0, "losses": both, "indices": [1, 2, 3, 4]}
+        packed = base64.b64encode(struct.pack("<4f", *both)).decode()
+        c_url = f"/v1/runs/{make_run(api)['id']}/batches"
+        for body in (
+            {"columns": columns([signed])},
+            {"batches": [{"seq": 11, "t": t0, "loss": 1.0, "losses_f32": packed}]},
+        ):
+            r = api.post(c_url, json=body)
+            assert r.status_code == 422 and err(r)["details"]["seq"] == 11, r.text
+            kept = api.post(c_url, json={**body, "nonfinite_as_null": True})
+            assert kept.status_code == 200, kept.text
         good = columns(rows[:1])
         for bad in (
             {"sizes_i64": columns(rows[:2])["sizes_i64"]},  # two sizes for one batch
