@@ -37,6 +37,20 @@ def default_url() -> str:
     return f"http://{host}:{os.environ.get('H3D_PORT') or DEFAULT_PORT}"
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` (and a missing parent) created 0700, as the daemon keeps its data dir:
+    the spool holds the run's config and losses, the token sits beside it."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def private_file(path: str, flags: int) -> int:
+    """An ``opener`` for ``open``: a file it creates is 0600."""
+    return os.open(path, flags, 0o600)
+
+
 def read_token_file(data_dir: Path) -> str | None:
     """The bearer token the data dir's daemon wrote (``<data dir>/token``), if any."""
     with contextlib.suppress(OSError):

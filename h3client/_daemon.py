@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from h3client._config import ClientConfig, read_daemon_file, read_token_file
+from h3client._config import (
+    ClientConfig,
+    private_dir,
+    private_file,
+    read_daemon_file,
+    read_token_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +79,9 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
     """
     import subprocess
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     before = read_daemon_file(data_dir)
-    with open(data_dir / "h3d.log", "ab") as log:
+    with open(data_dir / "h3d.log", "ab", opener=private_file) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "h3d", "serve", "--data-dir", str(data_dir), "--port", "0"],
             stdout=log,
@@ -153,7 +159,7 @@ def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
         )
     if not autostart or config.url_is_explicit:
         return None
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)
     with _one_starter(config.data_dir, timeout_s=30.0):
         info = read_daemon_file(config.data_dir)
         if info and _serves(str(info["url"]), config.data_dir):

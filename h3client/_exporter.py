@@ -65,6 +65,7 @@ class HttpExporter:
         self._backoff_s = 0.5
         self._max_backoff_s = max_backoff_s
         self._warned: set[str] = set()
+        self.status_spooled = False  # a run status (the final one, at stop) is in the spool
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
@@ -136,6 +137,8 @@ class HttpExporter:
         request = self._stamped(request)
         try:
             self.spool_file.append(request.op, request.body)
+            if request.op == "update" and b'"status"' in request.body:
+                self.status_spooled = True
         except OSError as exc:
             self._warn_once(
                 "disk",

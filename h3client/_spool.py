@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from h3client._config import private_dir, private_file
 from h3client.client import OPERATIONS, Client
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
@@ -70,7 +71,7 @@ def batch_seqs(body: dict[str, Any]) -> list[int]:
 
 @contextlib.contextmanager
 def _locked(path: Path, mode: str, buffering: int = -1) -> Iterator[Any]:
-    with open(path, mode, buffering=buffering) as f:
+    with open(path, mode, buffering=buffering, opener=private_file) as f:
         if fcntl is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -119,7 +120,7 @@ class Spool:
         """Append operations (op, body JSON text) with one write and one fsync."""
         if not ops:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         head = '{"v": %d, "op": "%s", "run_id": "%s", "body": '
         data = b"".join(
             (head % (VERSION, op, self.run_id)).encode()

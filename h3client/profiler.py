@@ -576,10 +576,10 @@ class H3Profiler:
                 stopping_point=diminishing_returns(rep["epochs"]),
             )
             self._last_report = rep
-        self._account(out, exp.spool_file.path, proc.worker_alive)
+        self._account(out, exp, proc.worker_alive)
         return out
 
-    def _account(self, out: dict[str, Any], spool: Path, worker_alive: bool) -> None:
+    def _account(self, out: dict[str, Any], exp: HttpExporter, worker_alive: bool) -> None:
         """Log where every batch went; warn about what was lost or left in the spool."""
         logged, posted, spooled, rejected, lost = (
             out["batches_logged"],
@@ -605,14 +605,27 @@ class H3Profiler:
                 self.run_id,
                 lost,
             )
-        if spool.exists() and (out["offline"] or not out["flushed"]):
-            logger.warning(
-                "h3: run %s ended with %d batches and its final status in the spool %s: "
-                "`h3d import` (or a profiler resuming the run) replays it",
-                self.run_id,
-                spooled,
-                spool,
-            )
+        if out["offline"] or not out["flushed"]:
+            spool = exp.spool_file
+            if exp.status_spooled:
+                logger.warning(
+                    "h3: run %s ended with %d batches and its final status in the spool %s: "
+                    "`h3d import` (or a profiler resuming the run) replays it",
+                    self.run_id,
+                    spooled,
+                    spool.path,
+                )
+            else:  # the disk refused it too: say so, never claim the spool holds it
+                logger.warning(
+                    "h3: run %s: its final status reached neither the daemon nor the spool "
+                    "%s%s; the daemon marks the run failed once it has heard nothing of it "
+                    "for H3D_RUN_TIMEOUT_S",
+                    self.run_id,
+                    spool.path,
+                    f" (which holds {spooled} batches: `h3d import` replays them)"
+                    if spool.exists()
+                    else "",
+                )
         if worker_alive:
             logger.warning("h3: run %s: the sender thread did not stop in time", self.run_id)
 

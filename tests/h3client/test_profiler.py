@@ -160,6 +160,34 @@ def test_offline_run_spools_and_is_complete_after_replay(
         d.stop()
 
 
+def test_the_spool_is_private_like_the_daemons_data_dir(tmp_path: Path) -> None:
+    """The spool holds the run's config and losses beside the token: 0700 dirs, 0600 files
+    (they were 0755 and 0644, against docs/daemon.md's Security)."""
+    data = tmp_path / "private"
+    prof = H3Profiler("private", data_dir=data, autostart=False, url="http://127.0.0.1:9")
+    prof.log_batch(1.0)
+    assert prof.stop(timeout_s=5)["batches_spooled"] == 1
+    spool = data / "spool"
+    assert [oct(p.stat().st_mode & 0o777) for p in (data, spool)] == ["0o700", "0o700"]
+    assert {oct(f.stat().st_mode & 0o777) for f in spool.iterdir()} == {"0o600"}
+
+
+def test_a_final_status_the_disk_refused_is_not_said_to_be_in_the_spool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "full"
+    data.mkdir()
+    (data / "spool").write_text("")  # a file where the spool dir goes: every write fails
+    prof = H3Profiler("full", data_dir=data, autostart=False, url="http://127.0.0.1:9")
+    prof.log_batch(1.0)
+    with caplog.at_level(logging.WARNING, logger="h3client"):
+        res = prof.stop(timeout_s=2)
+    assert res["batches_lost"] == 1 and res["batches_spooled"] == 0
+    text = caplog.text
+    assert "final status in the spool" not in text
+    assert "reached neither the daemon nor the spool" in text
+
+
 def test_resume_continues_the_sequence(daemon: Daemon) -> None:
     first = H3Profiler("resume", url=daemon.url, data_dir=daemon.data_dir)
     for _s in range(10):
