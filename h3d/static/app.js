@@ -13,6 +13,7 @@
   const OFFLINE = EMBED ? JSON.parse(EMBED.textContent) : null;
   const TOKEN_KEY = "h3d-token";
   const POLL_MS = 2000;          // live run page refresh while the run is running
+  const POLL_MAX_MS = 4000;      // the longest wait between retries while the daemon does not answer
   const PAGE = 50;               // rows per page of the runs list
   const STOP_FRACTION = 0.10;    // h3client's DIMINISHING_FRACTION: the suggested stopping point
   const POINTS = {loss: 1000, energy: 500, power: 600, compare: 600};
@@ -42,9 +43,17 @@
   }
 
   class Unauthorized extends Error {}
+  class ApiError extends Error {
+    constructor(message, status) { super(message); this.status = status; }
+  }
 
   async function authed(path) {
-    const r = await fetch(path, {headers: {Authorization: "Bearer " + (sessionStorage.getItem(TOKEN_KEY) || "")}});
+    let r;
+    try {
+      r = await fetch(path, {headers: {Authorization: "Bearer " + (sessionStorage.getItem(TOKEN_KEY) || "")}});
+    } catch (err) {
+      throw new Error("the daemon does not answer");  // fetch names no cause: refused, reset, offline
+    }
     if (r.status === 401) throw new Unauthorized("unauthorized");
     return r;
   }
@@ -53,7 +62,7 @@
     const r = await authed(path);
     let body = null;
     try { body = await r.json(); } catch (e) { body = null; }
-    if (!r.ok) throw new Error(body && body.error ? body.error.message : `${r.status} ${r.statusText}`);
+    if (!r.ok) throw new ApiError(body && body.error ? body.error.message : `${r.status} ${r.statusText}`, r.status);
     return body;
   }
 
@@ -71,20 +80,43 @@
     setTimeout(() => URL.revokeObjectURL(url), 60000);
   }
 
-  function showLogin() {
+  const REFUSED = "This daemon refused the token: paste the one in its own data dir.";
+
+  function showLogin(note) {
     main().innerHTML = `<section class="login"><h2>Sign in to this daemon</h2>
       <p>Paste the bearer token from <code>&lt;data dir&gt;/token</code>. It stays in this tab's
       sessionStorage and is sent only to this daemon.</p>
+      ${note ? `<p class="warn" id="login-note" role="alert">${esc(note)}</p>` : ""}
       <form id="login"><input id="tok" type="password" autocomplete="off" aria-label="token"> <button>Open</button></form></section>`;
     $("#login").addEventListener("submit", ev => {
       ev.preventDefault();
-      sessionStorage.setItem(TOKEN_KEY, $("#tok").value.trim());
-      render();
+      signIn($("#tok").value.trim()).catch(showError);
     });
   }
 
+  /** /healthz says whether the daemon takes a token without a 401, so a wrong one pasted
+   *  here is refused before it is kept. */
+  async function signIn(tok) {
+    if (!tok) { showLogin("Paste a token first."); return; }
+    let health = null;
+    try {
+      const r = await fetch("/healthz", {headers: {Authorization: "Bearer " + tok}});
+      health = r.ok ? await r.json() : null;
+    } catch (err) {
+      throw new Error("the daemon does not answer");
+    }
+    if (!health || !health.authorized) { showLogin(REFUSED); return; }
+    sessionStorage.setItem(TOKEN_KEY, tok);
+    await render();
+  }
+
   function showError(err) {
-    if (err instanceof Unauthorized) { showLogin(); return; }
+    if (err instanceof Unauthorized) {
+      generation += 1;  // whatever was loading or polling stops
+      sessionStorage.removeItem(TOKEN_KEY);
+      showLogin(REFUSED);
+      return;
+    }
     const box = $("#error");
     box.textContent = err.message || String(err);
     box.hidden = false;
@@ -150,6 +182,17 @@
     return {epoch: epochs[stop].epoch, t_end: epochs[stop].t_end, peak, energy_after_j: after, energy_after_frac: total > 0 ? after / total : null};
   }
 
+  /** Why stoppingPoint found none, in words for the summary card. */
+  function noStopReason(epochs, energyJ) {
+    const known = epochs.filter(e => e.eta_bits_per_j !== null && e.eta_bits_per_j !== undefined);
+    if (energyJ === null || energyJ === undefined) return "no η: no energy";
+    if (!epochs.length) return "needs η for at least 3 epochs: none logged";
+    if (epochs.length < 3) return `needs η for at least 3 epochs (${epochs.length} logged)`;
+    if (!known.length) return "no epoch has an η";
+    if (!(Math.max(...known.map(e => e.eta_bits_per_j)) > 0)) return "η never rose above 0";
+    return "η has not fallen below 10 % of its peak";
+  }
+
   /** η since the start at each epoch's end (ΔI telescopes: Σ bits / Σ joules). */
   function cumulativeEta(epochs) {
     let bits = 0, joules = 0, ok = true;
@@ -161,20 +204,24 @@
   }
 
   // ---------------------------------------------------------------- runs list
-  const list = {key: null, meta: [], summaries: new Map(), selected: new Set()};
+  // Only finished (or failed) runs' summaries are kept between visits: they no longer change.
+  const list = {summaries: new Map(), selected: new Set()};
 
+  /** Every matching run, read from the daemon on every visit to the list (statuses change and
+   *  new runs appear while the page is open). */
   async function loadMeta(q) {
     const params = new URLSearchParams({limit: "1000"});
     for (const k of ["status", "tag", "name"]) if (q.get(k)) params.set(k, q.get(k));
-    const key = params.toString();
-    if (list.key === key && list.meta.length && !list.stale) return list.meta;
     let out = [], cursor = null;
     do {
       const page = await api("/v1/runs?" + params.toString() + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
       out = out.concat(page.data);
       cursor = page.next_cursor;
     } while (cursor);
-    list.key = key; list.meta = out; list.stale = false;
+    for (const r of out) {  // a run that finished since its summary was read is read again
+      const s = list.summaries.get(r.id);
+      if (s && s.status !== r.status) list.summaries.delete(r.id);
+    }
     return out;
   }
 
@@ -236,7 +283,7 @@
       location.hash = hashWith(q, {status: form.elements.status.value, tag: form.elements.tag.value.trim(), name: form.elements.name.value.trim(), page: null});
     });
     $("#clear").addEventListener("click", () => { location.hash = hashWith(q, {status: null, tag: null, name: null, page: null}); });
-    $("#refresh").addEventListener("click", () => { list.stale = true; for (const [id, s] of list.summaries) if (s.status === "running") list.summaries.delete(id); render(); });
+    $("#refresh").addEventListener("click", () => { render().catch(showError); });
     $("#compare").addEventListener("click", () => { location.hash = "#/compare/" + [...list.selected].join(","); });
     const meta = await loadMeta(q);
     if (gen !== generation) return;
@@ -279,7 +326,7 @@
         <td class="num" data-col="accuracy">${s ? esc(num(s.final_accuracy, 4)) : "…"}</td>
         <td data-col="tags">${tags}</td></tr>`;
     }).join("");
-    $("#table").innerHTML = rows.length ? `<table class="runs-table"><thead>${head}</thead><tbody>${body}</tbody></table>` : `<p class="empty">No runs${filt ? " match " + esc(filt) : " yet: profile a training loop with h3client.H3Profiler"}.</p>`;
+    $("#table").innerHTML = rows.length ? `<div class="scroll-x"><table class="runs-table"><thead>${head}</thead><tbody>${body}</tbody></table></div>` : `<p class="empty">No runs${filt ? " match " + esc(filt) : " yet: profile a training loop with h3client.H3Profiler"}.</p>`;
     $("#pager").innerHTML = pages > 1
       ? `<a class="prev${page <= 1 ? " off" : ""}" href="${esc(hashWith(q, {page: Math.max(1, page - 1)}))}">‹ newer</a> page ${page} of ${pages} <a class="next${page >= pages ? " off" : ""}" href="${esc(hashWith(q, {page: Math.min(pages, page + 1)}))}">older ›</a>`
       : "";
@@ -326,7 +373,7 @@
       ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(num(eta.window_s))} s window)` : `last ${esc(num(eta.window_s))} s`)}
       ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(num(e.co2e_g)) + " g CO₂e", e.co2e_g === null || e.co2e_g === undefined ? "no grid intensity configured" : esc(e.carbon_source || "") + (e.carbon_detail ? ` <span title="${esc(e.carbon_detail)}">ⓘ</span>` : ""))}
       ${card("final accuracy", acc ? esc(num(acc.accuracy, 4)) : "–", acc ? `epoch ${acc.epoch}` : "no accuracy logged")}
-      ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(num(stop.energy_after_j))} J (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : "η has not fallen below 10 % of its peak")}
+      ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(num(stop.energy_after_j))} J (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : esc(noStopReason(rep.epochs, e.energy_j)))}
     </div>`;
   }
 
@@ -345,17 +392,22 @@
     }).join("");
     return `<p>Energy ${e.measured ? "is <b>measured</b>" : "is <b>not</b> (only) measured: part of it is an estimate"} (source <code>${esc(e.source)}</code>).
       Whole devices used ${esc(num(e.device_energy_j))} J over the run's window; the run's attributed share is ${esc(num(e.energy_j))} J.</p>
-      <table class="prov"><thead><tr><th>device</th><th>source</th><th>method</th><th class="num">granularity</th><th class="num">samples</th><th class="num">covered</th><th class="num">gaps</th><th>attribution</th><th class="num">share</th><th class="num">idle baseline</th><th class="num">run's energy</th><th class="num">whole device</th><th>device state</th></tr></thead><tbody>${rows}</tbody></table>`;
+      <div class="scroll-x"><table class="prov"><thead><tr><th>device</th><th>source</th><th>method</th><th class="num">granularity</th><th class="num">samples</th><th class="num">covered</th><th class="num">gaps</th><th>attribution</th><th class="num">share</th><th class="num">idle baseline</th><th class="num">run's energy</th><th class="num">whole device</th><th>device state</th></tr></thead><tbody>${rows}</tbody></table></div>`;
   }
 
   function epochsTable(rep, cum, stop) {
     if (!rep.epochs.length) return `<p>No epochs logged (<code>log_epoch</code>).</p>`;
     const metricKeys = [...new Set(rep.epochs.flatMap(e => Object.keys(e.metrics || {})))].slice(0, 6);
-    return `<table class="epochs"><thead><tr><th>epoch</th><th>phase</th><th class="num">loss (nats)</th><th class="num">val loss</th><th class="num">accuracy</th><th class="num">energy (J)</th><th class="num">ΔI (bits)</th><th class="num">marginal η (bits/J)</th><th class="num">η since start (bits/J)</th>${metricKeys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr></thead><tbody>` +
+    return `<div class="scroll-x"><table class="epochs"><thead><tr><th>epoch</th><th>phase</th><th class="num">loss (nats)</th><th class="num">val loss</th><th class="num">accuracy</th><th class="num">energy (J)</th><th class="num">ΔI (bits/sample)</th><th class="num">marginal η (bits/J)</th><th class="num">η since start (bits/J)</th>${metricKeys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr></thead><tbody>` +
       rep.epochs.map((e, i) => `<tr${stop && stop.epoch === e.epoch ? ' class="stop"' : ""}><td>${e.epoch}${stop && stop.epoch === e.epoch ? ' <span class="stop-tag">suggested stop</span>' : ""}</td><td>${esc(e.phase || "–")}</td><td class="num">${esc(num(e.loss, 4))}</td><td class="num">${esc(num(e.val_loss, 4))}</td><td class="num">${esc(num(e.accuracy, 4))}</td>
-        <td class="num">${esc(num(e.energy_j))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table>` +
+        <td class="num">${esc(num(e.energy_j))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table></div>` +
       (rep.epochs.some(e => e.eta_bits_per_j < 0 && e.eta_bits_per_j !== null) ? `<p class="hint">A negative η means the smoothed training loss rose over that epoch: the model lost information about its training data there.</p>` : "");
   }
+
+  /** Why a run has no loss-against-energy curve: no energy at all, or too few batches (the
+   *  daemon's cumulative energy series needs 2) while the run's energy is known. */
+  const noEnergyCurve = energyJ => energyJ === null || energyJ === undefined
+    ? "no energy: no device was readable" : "too few batches to place on the energy axis";
 
   function drawRun(b) {
     const rep = b.report, t0 = b.run.created_at;
@@ -378,7 +430,7 @@
       title: "Loss against cumulative energy: what each joule bought", x: {label: "energy used by the run", unit: "J"}, y: {label: "loss", unit: "nats"},
       series: hasEnergy ? lossSeries(lossE) : [],
       marks: stop && hasEnergy ? [{x: energyAt(b.energy, t0, stop.t_end), label: `stop: epoch ${stop.epoch}`}] : [],
-      empty: "no energy: no device was readable", warn: rep.energy.measured || !hasEnergy ? "" : "energy is an estimate, not a measurement",
+      empty: noEnergyCurve(rep.energy.energy_j), warn: rep.energy.measured || !hasEnergy ? "" : "energy is an estimate, not a measurement",
     });
     const powerBox = $("#power-charts");
     powerBox.innerHTML = rep.energy.by_device.map((d, i) => `<div class="chart-cell" id="chart-power-${i}"></div>`).join("") || `<div class="chart"><div class="chart-title">Power per device</div><div class="empty">no device was readable over this run</div></div>`;
@@ -417,10 +469,12 @@
       <h3>Provenance</h3><div id="provenance"></div>
       <div class="two"><div><h3>Config</h3><pre id="config"></pre></div><div><h3>Tags</h3><div id="tags"></div></div></div>
     </section>`;
-    let polls = 0;
+    let polls = 0, failures = 0, updated = null;
+    /** Fetch and draw the run; true while it runs (worth another poll). */
     async function refresh() {
       const b = await loadRunBundle(id);
-      if (gen !== generation) return;
+      if (gen !== generation) return false;
+      updated = new Date();
       const r = b.run, running = r.status === "running" && !OFFLINE;
       document.title = `${r.name} — h3d`;
       $("#run-head").innerHTML = `<h2>${esc(r.name)} ${statusBadge(r.status)}</h2>
@@ -435,22 +489,45 @@
       drawRun(b);
       $("#config").textContent = JSON.stringify(r.config, null, 2);
       $("#tags").innerHTML = r.tags.length ? r.tags.map(t => OFFLINE ? `<span class="tag">${esc(t)}</span>` : `<a class="tag" href="#/runs?tag=${encodeURIComponent(t)}">${esc(t)}</a>`).join(" ") : "none";
-      if (running) {
-        setTimeout(() => {
-          if (gen !== generation) return;
-          polls += 1;
-          refresh().catch(showError);
-        }, POLL_MS);
-      }
+      return running;
     }
-    await refresh();
+    function setLive(state, text) {
+      const live = $("#live");
+      live.dataset.state = state;
+      live.dataset.polls = String(polls);
+      live.textContent = text;
+    }
+    // A failed poll keeps the last figures on screen and says so in the header: the page
+    // retries (after POLL_MS, then every POLL_MAX_MS) until the daemon answers again,
+    // and stops for good only when the run is gone or the token is refused.
+    async function poll() {
+      if (gen !== generation) return;
+      polls += 1;
+      let next = null;
+      try {
+        next = await refresh() ? POLL_MS : null;
+        failures = 0;
+      } catch (err) {
+        if (gen !== generation) return;
+        if (err instanceof Unauthorized) { showError(err); return; }
+        const at = updated.toLocaleTimeString();
+        if (err instanceof ApiError && err.status === 404) {
+          setLive("gone", `updates stopped at ${at}: the daemon no longer has this run`);
+          return;
+        }
+        failures += 1;
+        next = Math.min(POLL_MAX_MS, POLL_MS * 2 ** (failures - 1));
+        setLive("retrying", `no update since ${at}: ${err.message || err}; retrying in ${next / 1000} s`);
+      }
+      if (next !== null && gen === generation) setTimeout(poll, next);
+    }
+    if (await refresh()) setTimeout(poll, POLL_MS);
   }
 
   // ---------------------------------------------------------------- compare
   async function viewCompare(arg, gen) {
-    let ids = arg.split(",").map(s => s.trim()).filter(Boolean);
-    const dropped = ids.length > 6 ? ids.slice(6) : [];
-    ids = [...new Set(ids.slice(0, 6))];
+    const unique = [...new Set(arg.split(",").map(s => s.trim()).filter(Boolean))];
+    const ids = unique.slice(0, 6), dropped = unique.slice(6);
     if (ids.length < 2) {
       main().innerHTML = `<p class="empty">Compare needs 2 to 6 runs: select them in the <a href="#/runs">runs list</a>.</p>`;
       return;
@@ -499,8 +576,12 @@
     });
     const sm = pts => smooth(pts, smoothK(pts.length));
     const note = "each run's loss as a centred mean over 1/40 of its stored points (all points kept)";
+    const noEnergy = r => r.energy_j === null || r.energy_j === undefined;
+    const offEnergy = rows.filter((r, i) => !series[i].energy.length).map(r => `${r.name} (${noEnergy(r) ? "no energy" : "too few batches"})`);
     C.line($("#cmp-loss-energy"), {title: "Loss against cumulative energy", x: {label: "energy used by the run", unit: "J"}, y: {label: "loss", unit: "nats"},
-      series: series.map(s => ({name: s.name, points: sm(s.energy), width: 2})), empty: "no energy readable for these runs", note});
+      series: series.map(s => ({name: s.name, points: sm(s.energy), width: 2})),
+      empty: rows.every(noEnergy) ? "no energy readable for these runs" : "too few batches to place these runs on the energy axis",
+      note: offEnergy.length ? `${note}; not on this chart: ${offEnergy.join(", ")}` : note});
     C.line($("#cmp-loss-time"), {title: "Loss against time", x: {label: "time since start", unit: "s"}, y: {label: "loss", unit: "nats"},
       series: series.map(s => ({name: s.name, points: sm(s.time), width: 2})), note});
     const missing = rows.filter(r => r.final_accuracy === null || r.energy_j === null).map(r => r.name);
@@ -533,7 +614,12 @@
     if (OFFLINE) document.body.classList.add("offline");
     else {
       takeTokenFromHash();
-      window.addEventListener("hashchange", () => render().catch(showError));
+      window.addEventListener("hashchange", () => { takeTokenFromHash(); render().catch(showError); });
+      // a header link to the view already shown changes no hash: it reloads the view instead
+      document.querySelector("header").addEventListener("click", ev => {
+        const a = ev.target.closest("a[href^='#']");
+        if (a && a.getAttribute("href") === location.hash) { ev.preventDefault(); render().catch(showError); }
+      });
     }
     render().catch(showError);
   }

@@ -47,18 +47,35 @@
 
   function axisLabel(ax) { return ax.unit ? `${ax.label} (${ax.unit})` : ax.label; }
 
+  // Tick labels are measured in the font svg.plot text uses (app.css), so that the left margin
+  // fits the widest: "1.00e+32" is twice as wide as "0.25". Without a canvas: 0.62 em a glyph.
+  let measure = null;
+  function textWidth(s) {
+    if (measure === null) {
+      const c = typeof document !== "undefined" && document.createElement("canvas");
+      measure = (c && c.getContext && c.getContext("2d")) || false;
+      if (measure) measure.font = "11px system-ui, sans-serif";
+    }
+    return measure ? measure.measureText(s).width : 6.8 * s.length;
+  }
+
   function frame(el, opt) {
     const W = Math.max(320, Math.floor(opt.width || el.clientWidth || 560)), H = opt.height || 260;
     const M = {l: 62, r: 14, t: 10, b: 44};
     return {W, H, M, iw: W - M.l - M.r, ih: H - M.t - M.b};
   }
 
+  /** Ticks, grid and axis titles. Widens the frame's left margin (f.M.l, f.iw) to fit the y
+   *  tick labels between the rotated y title (x 0 to ~20) and the ticks' 7 px gap. */
   function axes(f, xs, ys, opt) {
+    const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
+    const yt = ticks(ys[0], ys[1], 5).ticks.filter(v => v >= ys[0] && v <= ys[1]);
+    const widest = Math.max(0, ...yt.map(v => textWidth(yf(v))));
+    f.M.l = Math.max(f.M.l, Math.ceil(widest) + 30);
+    f.iw = f.W - f.M.l - f.M.r;
     const X = v => f.M.l + f.iw * (v - xs[0]) / (xs[1] - xs[0]);
     const Y = v => f.M.t + f.ih - f.ih * (v - ys[0]) / (ys[1] - ys[0]);
     const xt = ticks(xs[0], xs[1], Math.max(3, Math.round(f.iw / 90))).ticks.filter(v => v >= xs[0] && v <= xs[1]);
-    const yt = ticks(ys[0], ys[1], 5).ticks.filter(v => v >= ys[0] && v <= ys[1]);
-    const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
     let s = `<g class="grid">`;
     for (const v of yt) s += `<line x1="${f.M.l}" x2="${f.M.l + f.iw}" y1="${Y(v).toFixed(1)}" y2="${Y(v).toFixed(1)}"/>`;
     for (const v of xt) s += `<line y1="${f.M.t}" y2="${f.M.t + f.ih}" x1="${X(v).toFixed(1)}" x2="${X(v).toFixed(1)}"/>`;
@@ -142,8 +159,10 @@
     body += `</g>`;
     for (const m of marks) {
       const x = a.X(m.x).toFixed(1);
+      // a label that would run past the plot's right edge reads leftwards from its line
+      const left = +x + 4 + textWidth(m.label) * 1.1 > f.M.l + f.iw;
       body += `<line class="mark" data-label="${esc(m.label)}" x1="${x}" x2="${x}" y1="${f.M.t}" y2="${f.M.t + f.ih}"/>`;
-      body += `<text class="mark-label" x="${(+x + 4).toFixed(1)}" y="${f.M.t + 12}">${esc(m.label)}</text>`;
+      body += `<text class="mark-label" x="${(left ? +x - 4 : +x + 4).toFixed(1)}" y="${f.M.t + 12}" text-anchor="${left ? "end" : "start"}">${esc(m.label)}</text>`;
     }
     body += `<line class="cross" x1="0" x2="0" y1="${f.M.t}" y2="${f.M.t + f.ih}" visibility="hidden"/><g class="dots"></g>`;
     body += `<rect class="hover" x="${f.M.l}" y="${f.M.t}" width="${f.iw}" height="${f.ih}" fill="transparent"/>`;

@@ -160,6 +160,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> Iterato
         d.stop()
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon for runs written straight through the API (tests add their own)."""
+    d = _daemon(tmp_path_factory.mktemp("scratch"))
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
 def _runs(d: Daemon, **params: Any) -> list[dict[str, Any]]:
     with d.client() as c:
         return list(c.get("/v1/runs", params={"limit": 1000, **params}).json()["data"])
@@ -274,6 +284,23 @@ def until(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
 
 def _goto(t: Tab, d: Daemon, route: str = "") -> None:
     t.page.goto(f"{d.url}/#token={d.token}" + (f"&{route}" if route else ""))
+
+
+def _dismiss(t: Tab, *expected: str) -> None:
+    """Drop the console's "Failed to load resource" lines a test provokes on purpose (a
+    refused token, a stopped daemon, a run that is gone): every other error still fails it."""
+    pattern = re.compile(r"console\.error: Failed to load resource: .*(" + "|".join(expected) + ")")
+    t.errors[:] = [e for e in t.errors if not pattern.match(e)]
+
+
+def _post_batches(d: Daemon, run_id: str, start: int, n: int) -> None:
+    now = time.time()
+    batches = [
+        {"seq": start + i, "t": now - 0.001 * (n - i), "loss": 2.0 / (1 + 0.01 * (start + i))}
+        for i in range(n)
+    ]
+    with d.client() as c:
+        c.post(f"/v1/runs/{run_id}/batches", json={"batches": batches}).raise_for_status()
 
 
 # --- the tests -----------------------------------------------------------------------------
@@ -472,6 +499,156 @@ def test_runs_list_pages(browser: Any, tmp_path: Path) -> None:
             assert t.names() == [f"run-{i:03d}" for i in range(50)]
     finally:
         d.stop()
+
+
+@needs_browser
+def test_runs_list_reloads_on_every_visit(browser: Any, scratch: Daemon) -> None:
+    with scratch.client() as c:
+        rid = c.post("/v1/runs", json={"name": "stale-check"}).json()["id"]
+    _post_batches(scratch, rid, 0, 5)
+    with opened(browser, scratch.url) as t:
+        page = t.page
+        _goto(t, scratch)
+        page.wait_for_selector(f"tr[data-id='{rid}'] .status.running")
+        # the run finishes and another starts while the page shows the list
+        with scratch.client() as c:
+            c.patch(f"/v1/runs/{rid}", json={"status": "finished"}).raise_for_status()
+            new = c.post("/v1/runs", json={"name": "brand-new-run"}).json()["id"]
+        page.click(f"tr[data-id='{rid}'] td[data-col=name] a")
+        page.wait_for_selector("#live[data-state=stopped]")
+        page.click("header h1 a")
+        page.wait_for_selector(f"tr[data-id='{new}']", timeout=10_000)
+        page.wait_for_selector(f"tr[data-id='{rid}'] .status.finished", timeout=10_000)
+        # on the list already, the header link reloads it as well
+        with scratch.client() as c:
+            third = c.post("/v1/runs", json={"name": "third-run"}).json()["id"]
+        page.click("header h1 a")
+        page.wait_for_selector(f"tr[data-id='{third}']", timeout=10_000)
+
+
+@needs_browser
+def test_run_page_of_a_one_batch_run(browser: Any, scratch: Daemon) -> None:
+    """One batch has energy but no curve against energy; two epochs, no stopping rule."""
+    with scratch.client() as c:
+        rid = c.post("/v1/runs", json={"name": "one-batch", "n_train": 100}).json()["id"]
+        time.sleep(0.5)  # the sampler's readings cover the run's window
+        now = time.time()
+        c.post(f"/v1/runs/{rid}/batches", json={"batches": [{"seq": 0, "t": now, "loss": 2.0}]})
+        epochs = [{"epoch": e, "t": now - 0.2 + 0.2 * e, "accuracy": 0.3} for e in range(2)]
+        c.post(f"/v1/runs/{rid}/epochs", json={"epochs": epochs}).raise_for_status()
+        c.patch(f"/v1/runs/{rid}", json={"status": "finished"}).raise_for_status()
+    assert _get(scratch, f"/v1/runs/{rid}/report")["energy"]["energy_j"] is not None
+    with opened(browser, scratch.url) as t:
+        page = t.page
+        _goto(t, scratch, f"run={rid}")
+        page.wait_for_selector("#chart-loss-time path.series", state="attached")
+        assert page.inner_text("#chart-loss-energy .empty") == (
+            "too few batches to place on the energy axis"
+        )
+        stop = page.locator("#run-cards .card", has_text="suggested stop").inner_text()
+        assert "needs η for at least 3 epochs" in stop and "has not fallen" not in stop
+        assert "ΔI (bits/sample)" in page.inner_text("table.epochs thead")
+
+
+@needs_browser
+def test_sign_in_refuses_a_wrong_token(tab: Tab, trained: Daemon) -> None:
+    page = tab.page
+    page.goto(f"{trained.url}/#token=wrong-token")  # a link with a stale token
+    page.wait_for_selector("#login-note", timeout=10_000)
+    assert "refused" in page.inner_text("#login-note")
+    _dismiss(tab, "401")
+    page.fill("#tok", "another-wrong-token")
+    page.click("#login button")
+    until(lambda: "another-wrong-token" not in page.input_value("#tok"), 10)
+    page.wait_for_selector("#login-note", timeout=10_000)
+    assert "refused" in page.inner_text("#login-note")
+    assert page.is_hidden("#error")
+    page.fill("#tok", trained.token)
+    page.click("#login button")
+    page.wait_for_selector("table.runs-table tbody tr", timeout=10_000)
+
+
+@needs_browser
+def test_live_page_polls_through_a_restart(browser: Any, tmp_path: Path) -> None:
+    d = _daemon(tmp_path / "restart")
+    try:
+        with d.client() as c:
+            rid = c.post("/v1/runs", json={"name": "live-restart"}).json()["id"]
+        _post_batches(d, rid, 0, 20)
+        with opened(browser, d.url) as t:
+            page = t.page
+            live = page.locator("#live")
+            _goto(t, d, f"run={rid}")
+            page.wait_for_selector("#live[data-state=live]")
+            d.stop()
+            until(lambda: live.get_attribute("data-state") == "retrying")
+            assert "no update since" in live.inner_text()
+            assert page.is_hidden("#error")
+            d.start()  # same port, same store
+            _post_batches(d, rid, 20, 30)
+            until(lambda: t.points("#chart-loss-time")[0] == 50, 40)
+            until(lambda: live.get_attribute("data-state") == "live", 10)
+            # a daemon on another store: the run is gone, and polling ends
+            d.stop()
+            d.env["H3D_DB_URL"] = f"sqlite:///{tmp_path / 'other.db'}"
+            d.start()
+            until(lambda: live.get_attribute("data-state") == "gone", 40)
+            assert "no longer" in live.inner_text()
+            asked = len(t.requests)
+            time.sleep(2.5)  # more than a polling period: nothing more is fetched
+            assert len(t.requests) == asked
+            # a poll cut off by the stop can end in a reset instead of a refusal
+            _dismiss(
+                t, "ERR_CONNECTION_REFUSED", "ERR_CONNECTION_RESET", "ERR_EMPTY_RESPONSE", "404"
+            )
+    finally:
+        d.stop()
+
+
+@needs_browser
+def test_compare_drops_duplicates_before_the_cap(tab: Tab, trained: Daemon) -> None:
+    a, b = (r["id"] for r in _runs(trained)[:2])
+    _goto(tab, trained)
+    tab.page.wait_for_selector("table.runs-table tbody tr")
+    tab.page.goto(f"{trained.url}/#/compare/" + ",".join([a] * 6 + [b]))
+    tab.page.wait_for_selector("#cmp-scatter .chart-title", timeout=10_000)
+    assert tab.page.inner_text("#main h2") == "Compare 2 runs"
+    assert tab.page.locator("p.warn").count() == 0
+
+
+@needs_browser
+def test_narrow_window_and_wide_tick_labels(tab: Tab, trained: Daemon) -> None:
+    page = tab.page
+    page.set_viewport_size({"width": 400, "height": 800})
+    overflow = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    _goto(tab, trained)
+    page.wait_for_selector("table.runs-table tbody tr")
+    assert page.evaluate(overflow) <= 0  # the table scrolls in its box, not the page
+    run = next(r for r in _runs(trained) if r["name"] == "mlp-64-e6")
+    page.click(f"tr[data-id='{run['id']}'] td[data-col=name] a")
+    page.wait_for_selector("table.prov")
+    assert page.evaluate(overflow) <= 0
+    tab.shot("run-narrow")
+    # exponent ticks (8 characters) and a marker at the right edge, drawn at this width
+    boxes = page.evaluate("""() => {
+      const el = document.createElement("div");
+      document.querySelector("#run").prepend(el);
+      H3Charts.line(el, {title: "huge", x: {label: "time", unit: "s"}, y: {label: "loss", unit: "nats"},
+        series: [{name: "a", points: [[0, 1e32], [10, 3e32]]}], marks: [{x: 9.9, label: "stop: epoch 498"}]});
+      const svg = el.querySelector("svg.plot");
+      const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right}; };
+      const ticks = [...svg.querySelectorAll("text.tick[text-anchor=end]")].map(box);
+      return {svg: box(svg), title: box(svg.querySelectorAll("text.label")[1]),
+              tickLeft: Math.min(...ticks.map(b => b.left)), mark: box(svg.querySelector("text.mark-label"))};
+    }""")  # fmt: skip
+    assert boxes["svg"]["left"] <= boxes["title"]["left"]
+    assert boxes["title"]["right"] < boxes["tickLeft"]
+    assert (
+        boxes["svg"]["left"]
+        <= boxes["mark"]["left"]
+        < boxes["mark"]["right"]
+        <= boxes["svg"]["right"]
+    )
 
 
 def _write_html(d: Daemon, ref: str, out: Path) -> None:
