@@ -42,6 +42,20 @@ def _device_of(model: torch.nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside; after, each of its modules in the mode it was in (a
+    model fine-tuned with some modules in eval mode, or all, is left so), its flag restored
+    as Lightning's ``_ModuleMode`` does."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _each_tensor(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, torch.Tensor):
         return fn(batch)
@@ -52,25 +66,76 @@ def _each_tensor(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return batch
 
 
-def _per_sample(
-    criterion: Callable[..., torch.Tensor], out: Any, target: Any, n: int
+_PER_SAMPLE = (
+    "AutoH3 weights and tracks each sample's loss, so the criterion must return one loss per "
+    "sample: accept reduction='none' (as torch's losses and functions do) or have a "
+    "reduction attribute (AutoH3 sets it to 'none' for the call), and return a tensor whose "
+    "first dimension is the batch, not the batch's mean"
+)
+
+
+def _reduced(
+    criterion: Callable[..., torch.Tensor], out: Any, target: Any, reduction: str
 ) -> torch.Tensor:
-    """``criterion``'s loss of each of the ``n`` samples: a ``reduction`` attribute (as
-    ``nn.CrossEntropyLoss`` has) is set to ``"none"`` for the call, else ``reduction="none"``
-    is passed; a loss with more dimensions is averaged per sample."""
-    reduction = getattr(criterion, "reduction", None)
-    if reduction is not None:
+    """``criterion(out, target)`` with ``reduction``: a ``reduction`` attribute (as
+    ``nn.CrossEntropyLoss`` has) is set for the call, else ``reduction=`` is passed."""
+    current = getattr(criterion, "reduction", None)
+    if current is not None:
         # a plain attribute (as torch's losses have) is set past nn.Module.__setattr__'s
         # parameter/buffer/module checks: 0.7 µs a step instead of 6
         put = object.__setattr__ if "reduction" in getattr(criterion, "__dict__", ()) else setattr
-        put(criterion, "reduction", "none")
+        put(criterion, "reduction", reduction)
         try:
-            losses = criterion(out, target)
+            return criterion(out, target)
         finally:
-            put(criterion, "reduction", reduction)
-    else:
-        losses = criterion(out, target, reduction="none")
+            put(criterion, "reduction", current)
+    try:
+        return criterion(out, target, reduction=reduction)
+    except TypeError as exc:
+        if "reduction" not in str(exc):
+            raise
+        raise ValueError(f"{_PER_SAMPLE}; {criterion!r} does not take it: {exc}") from exc
+
+
+def _per_sample(
+    criterion: Callable[..., torch.Tensor], out: Any, target: Any, n: int
+) -> torch.Tensor:
+    """``criterion``'s loss of each of the ``n`` samples (see :func:`_reduced`); a loss with
+    more dimensions is averaged per sample."""
+    losses = _reduced(criterion, out, target, "none")
+    if losses.dim() == 0 or losses.size(0) != n:
+        raise ValueError(
+            f"{_PER_SAMPLE}; {criterion!r} returned a loss of shape {tuple(losses.shape)} "
+            f"for a batch of {n}"
+        )
     return losses.reshape(n, -1).mean(1) if losses.dim() > 1 else losses
+
+
+def _loss_sum(
+    criterion: Callable[..., torch.Tensor], out: Any, target: Any, n: int
+) -> torch.Tensor:
+    """The sum of ``criterion``'s per-sample losses (:func:`_per_sample`) of ``n`` samples.
+    A cross-entropy of (N, C) logits, one loss per sample, sums itself (``reduction="sum"``):
+    the same figure, to the bit what the held-out loss always was for it."""
+    cross_entropy = criterion is torch.nn.functional.cross_entropy or (
+        type(criterion) is torch.nn.CrossEntropyLoss
+    )
+    if cross_entropy and isinstance(out, torch.Tensor) and out.dim() == 2:
+        return _reduced(criterion, out, target, "sum")
+    return _per_sample(criterion, out, target, n).sum()
+
+
+def _class_indices(out: Any, target: Any) -> bool:
+    """Whether ``target`` holds the class index of each row of the scores ``out``: an
+    integer (N,) tensor, with ``out`` (N, C) (what accuracy by ``argmax(1)`` needs)."""
+    return (
+        isinstance(out, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+        and target.dim() == 1
+        and out.dim() == 2
+        and out.shape[0] == target.shape[0]
+    )
 
 
 def _weighted(
@@ -276,7 +341,7 @@ class AutoH3:
             first-sighting loss (0.05: about 0.115 nats for 10 classes, the right class at
             89 %); while few are, thermodynamic epochs keep every sample not learned yet.
             Judged at the start of each thermodynamic epoch on the ``probe_size`` probe
-            samples with the model as it is then (a pass without gradient).
+            samples with the model as it is then (a pass without gradient). In (0, 1];
             ``None`` turns the floor off.
         log_per_sample: Also stream every batch's per-sample losses and indices to the
             daemon (stored with the run), not only its mean loss. Off by default: the
@@ -292,6 +357,10 @@ class AutoH3:
             the calling thread had. Adam's second moments decay into that range, where a CPU
             takes many times as long per operation (:mod:`h3optim.denormals`). No effect on
             GPU kernels.
+
+    Raises:
+        ValueError: An invalid ``mode``, ``total_epochs``, ``window_steps``, ``probe_size``
+            or ``learned_ratio``.
 
     Example:
         >>> auto = AutoH3(model.parameters(), train_set, mode="balanced", total_epochs=20)  # doctest: +SKIP
@@ -334,6 +403,11 @@ class AutoH3:
             raise ValueError(f"Invalid window_steps: {window_steps}")
         if probe_size < 1:
             raise ValueError(f"Invalid probe_size: {probe_size}")
+        if learned_ratio is not None and not 0.0 < learned_ratio <= 1.0:
+            raise ValueError(
+                f"Invalid learned_ratio: {learned_ratio} (a fraction of the mean first loss, "
+                "in (0, 1], or None to turn the learning floor off)"
+            )
         params = list(params)
         h3_opt, self.controller, self.loss_tracker, self.indexed_dataset = create_controlled_h3(
             params,
@@ -434,7 +508,13 @@ class AutoH3:
         ``drop_last=True`` leaves out a last batch smaller than ``batch_size``, in windowed
         epochs too. With workers the loader reads batches ahead of the training loop: each
         batch still trains with its own draw's weights and window (see
-        ``_WindowedBatches``)."""
+        ``_WindowedBatches``).
+
+        Raises:
+            ValueError: ``batch_size`` is below 1.
+        """
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size}")
         self.start()
         drop_last = bool(loader_kwargs.pop("drop_last", False))
         self._batch_size = batch_size
@@ -515,7 +595,8 @@ class AutoH3:
         self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, per-sample losses) of the fixed probe subset of the training data, one
-        pass without gradient in eval mode, in chunks (see ``probe_size``)."""
+        pass without gradient in eval mode (each module then left in its mode), in chunks
+        (see ``probe_size``)."""
         if self._probe_batch is None:
             n = len(self.indexed_dataset)
             g = torch.Generator().manual_seed(self.sampler.seed + 7919)
@@ -535,9 +616,7 @@ class AutoH3:
         # training step does (512 samples at once might not, on a GPU)
         chunk = 2 * self._batch_size if self._batch_size else n
         parts = []
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with _evaluating(model), torch.no_grad():
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 xs = _rows(x, start, stop)
@@ -547,7 +626,6 @@ class AutoH3:
                 ys = _rows(y, start, stop)
                 target = _moved(ys, out.device) if isinstance(out, torch.Tensor) else ys
                 parts.append(_per_sample(criterion, out, target, stop - start))
-        model.train(was_training)
         return idx, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
@@ -603,8 +681,17 @@ class AutoH3:
 
         Returns the batch's (weighted) mean loss as a detached 0-dim tensor on the model's
         device: ``float()`` it when a number is needed (on a GPU that waits for the step,
-        which is why the step itself does not)."""
-        if not model.training:  # after an evaluation (a walk over every module, so not always)
+        which is why the step itself does not).
+
+        A model in eval mode (after the caller's own evaluation, say) is put back in train
+        mode, as the Hugging Face Trainer's ``training_step`` does; modules put in eval mode
+        inside a model in train mode (frozen batch-norm statistics) stay so.
+
+        Raises:
+            ValueError: ``criterion`` cannot give one loss per sample (it must accept
+                ``reduction="none"`` or have a ``reduction`` attribute, as torch's losses do).
+        """
+        if not model.training:  # a flag read: a walk over every module only when it is set
             model.train()
         device = self._device
         if device is None:  # once an epoch: where the training loop put the model
@@ -659,28 +746,54 @@ class AutoH3:
         return torch.tensor(float(loss)) if loss is not None else losses.mean()
 
     @torch.no_grad()
-    def evaluate_epoch(self, model: torch.nn.Module, test_loader: Iterable[Any]) -> float:
-        """Held-out accuracy (a fraction); feeds the controller and the profiler.
+    def evaluate_epoch(
+        self,
+        model: torch.nn.Module,
+        test_loader: Iterable[Any],
+        *,
+        criterion: Callable[..., torch.Tensor] | None = None,
+    ) -> float | None:
+        """The held-out loss and accuracy; both feed the controller (its η is the held-out
+        loss's drop per joule) and the profiler (``val_loss``, ``accuracy``).
 
         ``test_loader`` yields ``(data, target, ...)`` batches; they are moved to the model's
-        device, and the sums stay there until the end (one host sync per evaluation)."""
-        model.eval()
+        device, and the sums stay there until the end (one host sync per evaluation). The
+        model is evaluated in eval mode and left in the mode it was in.
+
+        Args:
+            model: The model being trained.
+            test_loader: The held-out batches.
+            criterion: The held-out loss's criterion (the mean of its per-sample losses);
+                by default the one the last :meth:`training_step` trained with
+                (cross-entropy before any).
+
+        Returns:
+            The accuracy (a fraction) when the targets are class indices (an integer (N,)
+            tensor for (N, C) outputs); otherwise None (a regression, say: only the loss).
+        """
+        if criterion is None:
+            fitting = self._fitting
+            criterion = fitting[1] if fitting is not None else torch.nn.functional.cross_entropy
         device = _device_of(model)
         total = 0
         loss_sum: torch.Tensor | None = None
         correct: torch.Tensor | None = None
-        with torch.no_grad():  # no autograd graph for an evaluation
+        classify = True  # every batch's targets are class indices
+        with _evaluating(model), torch.no_grad():  # no autograd graph for an evaluation
             for batch in test_loader:
                 data, target = batch[0], batch[1]
                 if device is not None:  # a CPU loader's batches for a model on a GPU
                     data, target = _moved(data, device), _moved(target, device)
                 out = model(data)
-                batch_loss = torch.nn.functional.cross_entropy(out, target, reduction="sum")
-                batch_correct = (out.argmax(1) == target).sum()
+                n = len(target)
+                batch_loss = _loss_sum(criterion, out, target, n)
                 loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-                correct = batch_correct if correct is None else correct + batch_correct
-                total += len(target)
-        acc = int(correct) / total if correct is not None and total else 0.0
+                classify = classify and _class_indices(out, target)
+                if classify:
+                    batch_correct = (out.argmax(1) == target).sum()
+                    correct = batch_correct if correct is None else correct + batch_correct
+                total += n
+        acc = (int(correct) / total if correct is not None and total else 0.0) if classify else None
         held_out = float(loss_sum) / total if loss_sum is not None and total else math.nan
         end = self._energy()
         energy = (

@@ -32,6 +32,17 @@ when the optimizer is built stays as it is, and K-FAC covers its layer's weight 
 
 Under ``torch.distributed`` the running factors are averaged across ranks before each
 eigendecomposition, so every rank preconditions identically.
+
+Under ``torch.amp.GradScaler`` the hooks see the gradients of the scaled loss. NGDT takes
+the scale as ``torch.optim.Adam(fused=True)`` does (``_step_supports_amp_scaling``:
+``scaler.step`` hands it ``grad_scale`` and ``found_inf``): it unscales the gradients and the
+recorded output gradients before they reach the factors, so G does not depend on the loss
+scale, and a step whose gradients overflowed changes nothing and leaves its batch out of the
+factors. After an explicit ``scaler.unscale_(opt)`` (to clip) ``scaler.step`` no longer says
+the scale: pass ``grad_scaler=scaler`` to NGDT then.
+
+Build NGDT before calling ``torch.compile`` on the model: hooks added to a module after its
+compiled version has run are not seen by the compiled code, and the layers take the fallback.
 """
 
 from __future__ import annotations
@@ -84,6 +95,7 @@ class _Layer:
                 self.pre_pad = (list(module._reversed_padding_repeated_twice), mode)
         self.a: Tensor | None = None  # last batch's activations (rows × in[+1])
         self.g: Tensor | None = None  # last batch's output gradients (rows × out)
+        self.g_scaled = False  # g recorded since the last step: of a scaled loss under AMP
         self.batch = 1
         self.A: Tensor | None = None
         self.G: Tensor | None = None
@@ -177,12 +189,22 @@ class NGDT(Optimizer):
         weight_decay: L2 penalty added to covered gradients.
         stats_callback: Called with ``last_stats`` after every step (e.g. to hand the figures
             to an ``H3Profiler``: ``lambda s: prof.log_batch(...)`` or a collector).
+        grad_scaler: The ``torch.amp.GradScaler`` the loss is scaled with, needed only when
+            ``scaler.unscale_(opt)`` is called before ``scaler.step(opt)`` (to clip the
+            gradients): ``scaler.step`` alone tells NGDT the scale (see the module's notes).
+
+    Raises:
+        RuntimeError: At a step after ``scaler.unscale_(opt)`` without ``grad_scaler``.
 
     Example:
         >>> opt = NGDT(model, lr_max=0.5, q_budget=1e-3)  # doctest: +SKIP
         >>> loss = criterion(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
-        >>> opt.last_stats["bound"]  # "budget" or "lr_max"  # doctest: +SKIP
+        >>> opt.last_stats["bound"]  # "budget", "lr_max" or "fallback"  # doctest: +SKIP
     """
+
+    # torch.amp.GradScaler.step hands the scale and the overflow flag to the optimizer
+    # (grad_scale, found_inf) instead of unscaling: the hooks' output gradients need it too
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -200,6 +222,7 @@ class NGDT(Optimizer):
         eig_floor: float = 1e-8,
         weight_decay: float = 0.0,
         stats_callback: Callable[[dict[str, Any]], None] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not lr_max > 0.0:
             raise ValueError(f"Invalid lr_max: {lr_max}")
@@ -246,19 +269,41 @@ class NGDT(Optimizer):
             "fallback_lr": fallback_lr,
             "betas": (0.9, 0.999),
             "eps": 1e-8,
+            # a group added later (add_param_group) takes the fallback: K-FAC covers the
+            # layers hooked here
+            "kfac": False,
         }
+        self._built = False
         super().__init__(groups, defaults)
+        self._built = True
         self.q_budget = q_budget
         self.q_decay = q_decay
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
         self.eig_floor = eig_floor
         self.stats_callback = stats_callback
+        self.grad_scaler = grad_scaler
         self.steps = 0
         self.eig_failures = 0
         self.total_predicted_q = 0.0
         self.last_stats: dict[str, Any] = {}
         self._warned: set[str] = set()  # layers whose fallback step was warned about
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as :meth:`torch.optim.Optimizer.add_param_group` does. Its
+        parameters take the fallback (Adam at the group's ``fallback_lr``): K-FAC covers the
+        layers hooked when the optimizer was built.
+
+        Raises:
+            ValueError: For a group with ``"kfac": True`` (no hook records its factors).
+        """
+        if self._built and param_group.get("kfac", False):
+            raise ValueError(
+                "NGDT: a group added after the optimizer was built takes the fallback (Adam) "
+                "step, not K-FAC (kfac=True): no hook records its layers' factors; build NGDT "
+                "from a model that holds them"
+            )
+        super().add_param_group(param_group)
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -279,6 +324,7 @@ class NGDT(Optimizer):
 
             def grad_hook(gy: Tensor) -> None:
                 layer.a, layer.g, layer.batch = a, layer.out_grads(gy.detach()), batch
+                layer.g_scaled = True
 
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
 
@@ -361,15 +407,11 @@ class NGDT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._unscale():
+            return loss  # the gradients overflowed (GradScaler): a skipped step
         self.steps += 1
         group_k = next((g for g in self.param_groups if g["kfac"]), None)
-        stats: dict[str, Any] = {
-            "delta_f": 0.0,
-            "eta": 0.0,
-            "predicted_q": 0.0,
-            "bound": "lr_max",
-            "nullspace_frac": 0.0,
-        }
+        stats = self._no_kfac_stats()
         if group_k is not None and self.layers:
             # on schedule every layer; otherwise the layers recorded for the first time
             self._update_factors(
@@ -396,13 +438,16 @@ class NGDT(Optimizer):
                 if layer.eig is None or missing is not None:
                     # a gradient K-FAC cannot precondition: typically the layer's weight was
                     # used without calling the module (nn.MultiheadAttention's out_proj,
-                    # F.linear(x, layer.weight)), which the hooks do not see
+                    # F.linear(x, layer.weight)), or the model compiled before NGDT hooked
+                    # it: the hooks do not see either
                     if missing is not None:
                         why = f"its {missing} has no gradient"
                     elif layer.A is None:
                         why = (
-                            "no activations were recorded for it (its weight is used without "
-                            "calling the module)"
+                            "no activations were recorded for it: either the model was "
+                            "compiled (torch.compile) and run before NGDT was built, and the "
+                            "compiled code does not see hooks added since (build NGDT before "
+                            "compiling), or its weight is used without calling the module"
                         )
                     else:
                         why = "its factors could not be eigendecomposed"
@@ -417,18 +462,21 @@ class NGDT(Optimizer):
                 delta_f = delta_f + (gw * nat).sum()
                 updates.append((layer, nat + null))
                 null_fracs.append(frac)
-            df = float(delta_f)
             q = self._budget()
-            eta_budget = math.sqrt(2.0 * q / df) if df > 0 else math.inf
-            eta = min(group_k["lr_max"], eta_budget)
-            stats = {
-                "delta_f": df,
-                "eta": eta,
-                "predicted_q": 0.5 * eta * eta * df,
-                "bound": "budget" if eta_budget < group_k["lr_max"] else "lr_max",
-                "q_budget": q,
-                "nullspace_frac": sum(null_fracs) / len(null_fracs) if null_fracs else 0.0,
-            }
+            if updates:
+                df = float(delta_f)
+                eta_budget = math.sqrt(2.0 * q / df) if df > 0 else math.inf
+                eta = min(group_k["lr_max"], eta_budget)
+                stats = {
+                    "delta_f": df,
+                    "eta": eta,
+                    "predicted_q": 0.5 * eta * eta * df,
+                    "bound": "budget" if eta_budget < group_k["lr_max"] else "lr_max",
+                    "q_budget": q,
+                    "nullspace_frac": sum(null_fracs) / len(null_fracs),
+                }
+            else:  # no layer preconditioned: K-FAC took no step (there is no η to report)
+                stats = self._no_kfac_stats(q)
             for layer, upd in updates:
                 n_w = layer.weight[0].numel()
                 layer.weight.sub_(eta * upd[:, :n_w].reshape_as(layer.weight))
@@ -442,6 +490,57 @@ class NGDT(Optimizer):
         if self.stats_callback is not None:
             self.stats_callback(dict(stats))
         return loss
+
+    @staticmethod
+    def _no_kfac_stats(q: float | None = None) -> dict[str, Any]:
+        """``last_stats`` of a step in which K-FAC preconditioned no layer."""
+        stats: dict[str, Any] = {
+            "delta_f": 0.0,
+            "eta": None,
+            "predicted_q": 0.0,
+            "bound": "fallback",
+            "nullspace_frac": 0.0,
+        }
+        if q is not None:
+            stats["q_budget"] = q
+        return stats
+
+    def _unscale(self) -> bool:
+        """Undo ``torch.amp.GradScaler``'s loss scale (its ``step`` sets ``found_inf``, and
+        ``grad_scale`` unless ``unscale_`` ran). False if the gradients overflowed: the output
+        gradients recorded since the last step are dropped, nothing else changes. Else True,
+        with the gradients and the output gradients recorded since the last step unscaled."""
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        inv: Tensor | None = None
+        if found_inf is not None:
+            if float(found_inf) > 0:
+                for layer in self.layers:
+                    if layer.g_scaled:
+                        layer.a = layer.g = None
+                        layer.g_scaled = False
+                return False
+            if grad_scale is not None:  # scaler.step left the gradients scaled
+                # the reciprocal in float64, as GradScaler.unscale_ takes it
+                inv = grad_scale.double().reciprocal().float()
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(inv.to(p.grad.device))
+            elif self.grad_scaler is not None:  # scaler.unscale_ left the hooks' ones scaled
+                inv = torch.tensor(1.0 / self.grad_scaler.get_scale())
+            else:
+                raise RuntimeError(
+                    "NGDT: GradScaler.unscale_ was called before GradScaler.step, so the step "
+                    "does not learn the loss scale that NGDT's recorded output gradients carry: "
+                    "build NGDT with grad_scaler=scaler (or leave the unscaling to "
+                    "scaler.step)"
+                )
+        for layer in self.layers:
+            if layer.g_scaled and inv is not None and layer.g is not None:
+                layer.g = layer.g.float() * inv.to(layer.g.device)
+            layer.g_scaled = False
+        return True
 
     def _fallback_layer(self, layer: _Layer, group: dict[str, Any], why: str) -> None:
         """A covered layer K-FAC cannot precondition this step: the fallback's update (Adam at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -616,3 +617,160 @@ def test_without_workers_a_windowed_step_finds_its_batch_by_identity(
                 auto.training_step(model, data, target, crit, idx)
         auto.evaluate_epoch(model, test)
     assert windowed > 10 and compared == 0
+
+
+class _Epochs(_Recorder):
+    """A profiler-like object that keeps each epoch's figures; its energy counter reads 10 J
+    more at each reading (an epoch's start and its evaluation: 10 J an epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[dict[str, Any]] = []
+        self.joules = 0.0
+
+    def log_epoch(self, *args: Any, **kw: Any) -> None:
+        self.epochs.append(kw)
+
+    def energy_j(self) -> float:  # type: ignore[override]
+        self.joules += 10.0
+        return self.joules
+
+
+def _regression(flat: bool) -> tuple[TensorDataset, DataLoader[Any], nn.Module]:
+    """A noisy linear target of sklearn's digits (N, 1), or (N,) with ``flat``, and an MLP
+    with one output."""
+    train_set, test = digits()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 1, generator=g) / 4
+
+    def targets(ds: TensorDataset) -> TensorDataset:
+        x = ds.tensors[0]
+        y = x @ w + 0.05 * torch.randn(len(x), 1, generator=g)
+        return TensorDataset(x, y.reshape(-1) if flat else y)
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1)]
+    model = nn.Sequential(*layers, nn.Flatten(0)) if flat else nn.Sequential(*layers)
+    test_set = targets(test.dataset)  # type: ignore[arg-type]
+    return targets(train_set), DataLoader(test_set, batch_size=100), model
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_regression_reports_its_held_out_loss_under_its_criterion(flat: bool) -> None:
+    """evaluate_epoch takes the held-out loss by the criterion the run trains with (it was
+    always cross-entropy: -0.0 for an MSE run with (N, 1) targets, an IndexError with (N,)
+    ones), reports no accuracy where the targets are not class indices, and the
+    controller's η is that loss's drop per joule."""
+    train_set, test, model = _regression(flat)
+    rec = _Epochs()
+    auto = offline_auto(model, train_set, 3, profiler=rec)
+    crit = nn.MSELoss()
+    for _ in range(3):
+        for data, target, idx in auto.get_loader(batch_size=64):
+            auto.training_step(model, data, target, crit, idx)
+        assert auto.evaluate_epoch(model, test) is None  # no accuracy for a regression
+        x, y = test.dataset.tensors  # type: ignore[attr-defined]
+        with torch.no_grad():
+            mse = float(crit(model(x), y))
+        last = auto.controller.history[-1]
+        assert last["accuracy"] is None and last["loss"] == pytest.approx(mse, rel=1e-5)
+        assert rec.epochs[-1]["val_loss"] == last["loss"] and rec.epochs[-1]["accuracy"] is None
+    losses = [h["loss"] for h in auto.controller.history]
+    assert losses[-1] < 0.8 * losses[0]  # it learns
+    etas = [h["eta"] for h in auto.controller.history]
+    assert etas[1] == pytest.approx((losses[0] - losses[1]) / math.log(2) / 10.0)
+    assert etas[2] == pytest.approx((losses[1] - losses[2]) / math.log(2) / 10.0)
+
+
+def test_evaluation_uses_the_training_criterion_and_accuracy_only_for_class_indices() -> None:
+    """A classifier's held-out loss is that of its own criterion (label smoothing here), or
+    of the one evaluate_epoch is given; accuracy needs integer class indices."""
+    train_set, test, model = digits_and_model()
+    auto = offline_auto(model, train_set, 2)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.2)
+    for data, target, idx in auto.get_loader(batch_size=64):
+        auto.training_step(model, data, target, crit, idx)
+    x, y = test.dataset.tensors  # type: ignore[attr-defined]
+    with torch.no_grad():
+        out = model(x)
+    acc = auto.evaluate_epoch(model, test)
+    assert acc == pytest.approx(float((out.argmax(1) == y).float().mean()))
+    assert auto.controller.history[-1]["loss"] == pytest.approx(float(crit(out, y)), rel=1e-5)
+    plain = nn.functional.cross_entropy(out, y)
+    assert auto.controller.history[-1]["loss"] != pytest.approx(float(plain), rel=1e-3)
+    auto.evaluate_epoch(model, test, criterion=nn.functional.cross_entropy)
+    assert auto.controller.history[-1]["loss"] == pytest.approx(float(plain), rel=1e-5)
+    # one-hot (class-probability) targets: the loss, and no accuracy
+    soft = DataLoader(TensorDataset(x, nn.functional.one_hot(y, 10).float()), batch_size=128)
+    assert auto.evaluate_epoch(model, soft, criterion=nn.CrossEntropyLoss()) is None
+    assert auto.controller.history[-1]["loss"] == pytest.approx(float(plain), rel=1e-5)
+
+
+def _bn_dropout_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)
+    )
+
+
+def test_autoh3_trains_in_train_mode_and_its_evaluations_restore_each_modules_mode() -> None:
+    """``training_step`` puts a model left in eval mode (by the caller's own evaluation) back
+    in train mode, as the Hugging Face Trainer does, and keeps a module frozen inside a model
+    in train mode (batch-norm statistics); AutoH3's evaluations leave every module's mode as
+    they found it (``evaluate_epoch`` used to leave the whole model in eval mode)."""
+    train_set, test, _ = digits_and_model()
+    model = _bn_dropout_model()
+    auto = offline_auto(model, train_set, 4, window_steps=2, probe_size=64, learned_ratio=None)
+    crit = nn.CrossEntropyLoss()
+    model.train()
+    model[1].eval()  # frozen batch-norm statistics
+    stats = model[1].running_mean.clone()
+    for _ in range(4):
+        for data, target, idx in auto.get_loader(batch_size=64):
+            auto.training_step(model, data, target, crit, idx)
+        auto.evaluate_epoch(model, test)
+        auto._probe_losses(model, crit)
+        assert [m.training for m in model.modules()] == [True, True, False, True, True, True]
+    assert torch.equal(model[1].running_mean, stats)  # the statistics stayed frozen
+    model.eval()  # the caller's own evaluation
+    data, target, idx = next(iter(auto.get_loader(batch_size=64)))
+    auto.training_step(model, data, target, crit, idx)
+    assert all(m.training for m in model.modules())
+
+
+def test_bad_arguments_are_clear_value_errors() -> None:
+    """batch_size < 1 (it was a ZeroDivisionError), a learned_ratio outside (0, 1] (it was
+    accepted) and a criterion that gives the batch's mean loss instead of one per sample (it
+    was a TypeError about ``reduction``) are ValueErrors that say what is wrong."""
+    train_set, _, model = digits_and_model()
+    auto = offline_auto(model, train_set, 2, flush_denormal=False)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"Invalid batch_size: {bad}"):
+            auto.get_loader(batch_size=bad)
+    for ratio in (-1.0, 0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"Invalid learned_ratio: .*\(0, 1\]"):
+            offline_auto(model, train_set, 2, learned_ratio=ratio)
+    assert offline_auto(model, train_set, 2, learned_ratio=1.0).learned_ratio == 1.0
+
+    class MeanCE(nn.Module):  # a typical hand-written loss: the batch's mean
+        def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(out, target, label_smoothing=0.1)
+
+    class IgnoresReduction(nn.Module):  # has the attribute, returns the mean all the same
+        reduction = "mean"
+
+        def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(out, target)
+
+    data, target, idx = next(iter(auto.get_loader(batch_size=64)))
+    criteria: list[Any] = [
+        lambda o, t: nn.functional.cross_entropy(o, t),
+        MeanCE(),
+        IgnoresReduction(),
+    ]
+    for crit in criteria:
+        with pytest.raises(ValueError, match=r"one loss per\s+sample.*reduction='none'"):
+            auto.training_step(model, data, target, crit, idx)
+    # a criterion that takes reduction= as torch's functions do trains
+    loss = auto.training_step(model, data, target, nn.functional.cross_entropy, idx)
+    assert math.isfinite(float(loss))

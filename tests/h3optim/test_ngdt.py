@@ -374,3 +374,148 @@ def test_a_layer_used_without_its_forward_takes_the_fallback_step_with_a_warning
         losses += _train(model, opt, x, y, 29)
     assert not torch.equal(model.attn.out_proj.weight, out_proj)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def _train_scaled(
+    scaler: torch.amp.GradScaler | None,
+    *,
+    overflow_at: int | None = None,
+    clip: bool = False,
+    steps: int = 12,
+) -> tuple[nn.Module, NGDT]:
+    """An MLP on digits batches, NGD-T stepped through ``scaler`` (None: no scaler). At step
+    ``overflow_at`` the loss is inf (without a scaler that step is left out); ``clip``:
+    ``scaler.unscale_`` before ``scaler.step``, as gradient clipping does."""
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2, inv_update_steps=4)
+    for step in range(steps):
+        xb, yb = x[(step * 64) % 512 :][:64], y[(step * 64) % 512 :][:64]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        if step == overflow_at:
+            if scaler is None:
+                continue
+            loss = loss * math.inf
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            continue
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        scaler.step(opt)
+        scaler.update()
+    return model, opt
+
+
+def _scaler() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=10**6)
+
+
+def test_under_a_grad_scaler_the_factors_and_steps_are_the_unscaled_ones() -> None:
+    """GradScaler scales the loss, so the output gradients the hooks record carry the scale
+    (G was scale² too large: K-FAC's steps shrank to nothing). ``scaler.step`` tells NGDT the
+    scale: the run is the one without a scaler, factors and parameters alike."""
+    plain, plain_opt = _train_scaled(None)
+    scaled, scaled_opt = _train_scaled(_scaler())
+    assert scaled_opt.steps == plain_opt.steps == 12
+    for a, b in zip(plain_opt.layers, scaled_opt.layers, strict=True):
+        assert torch.allclose(a.G, b.G, rtol=1e-5, atol=1e-9)
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert scaled_opt.last_stats["bound"] == plain_opt.last_stats["bound"]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in scaled.parameters())
+
+
+def test_an_overflowing_step_under_a_grad_scaler_changes_nothing() -> None:
+    """A step whose gradients overflow is skipped whole: its output gradients are not
+    folded into the factors, and the run is the one that left that step out."""
+    plain, plain_opt = _train_scaled(None, overflow_at=5)
+    scaled, scaled_opt = _train_scaled(_scaler(), overflow_at=5)
+    assert scaled_opt.steps == plain_opt.steps == 11
+    for a, b in zip(plain_opt.layers, scaled_opt.layers, strict=True):
+        assert torch.isfinite(b.G).all() and torch.allclose(a.G, b.G, rtol=1e-5, atol=1e-9)
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_unscaling_before_the_step_needs_the_scaler_handed_to_ngdt() -> None:
+    """After ``scaler.unscale_`` (to clip), ``scaler.step`` no longer says the scale: with
+    ``grad_scaler=scaler`` NGD-T reads it, without it the step is a clear error."""
+    plain, _ = _train_scaled(None)
+    scaler = _scaler()
+    with pytest.raises(RuntimeError, match=r"grad_scaler=scaler"):
+        _train_scaled(scaler, clip=True)
+
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    scaler = _scaler()
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2, inv_update_steps=4, grad_scaler=scaler)
+    for step in range(12):
+        xb, yb = x[(step * 64) % 512 :][:64], y[(step * 64) % 512 :][:64]
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(xb), yb)).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        scaler.step(opt)
+        scaler.update()
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_param_group_added_later_trains_with_the_fallback() -> None:
+    """``add_param_group`` (a new head, unfrozen parameters) as with any torch optimizer: the
+    group takes the Adam fallback (it raised KeyError 'kfac' at the next step)."""
+    x, y = digits_batch()
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(64, 32), nn.Tanh())
+    head = nn.Linear(32, 10)
+    opt = NGDT(body, lr_max=0.5, q_budget=1e-2)
+    opt.add_param_group({"params": head.parameters(), "fallback_lr": 1e-2})
+    assert [g["kfac"] for g in opt.param_groups] == [True, False]
+    model = nn.Sequential(body, head)
+    start = [p.detach().clone() for p in model.parameters()]
+    losses = _train(model, opt, x, y, 30)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(not torch.equal(p, s) for p, s in zip(model.parameters(), start, strict=True))
+    with pytest.raises(ValueError, match=r"takes the fallback \(Adam\) step, not K-FAC"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "kfac": True})
+
+
+def test_a_model_compiled_before_ngdt_gets_a_warning_naming_torch_compile() -> None:
+    """Hooks added to a module after its compiled version ran are not seen by the compiled
+    code: no factors, every layer takes the fallback. The warning says so (it blamed a
+    weight used without calling its module), and ``last_stats`` says K-FAC took no step
+    (it reported η = lr_max). Built before compiling, NGD-T preconditions as usual."""
+    x, y = digits_batch(128)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    compiled = torch.compile(model, backend="eager")
+    nn.functional.cross_entropy(compiled(x), y).backward()  # a first compiled call
+    seen: list[dict[str, Any]] = []
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2, stats_callback=seen.append)
+    with pytest.warns(RuntimeWarning, match=r"torch\.compile.*build NGDT before compiling"):
+        losses = _train(compiled, opt, x, y, 3)
+    assert all(layer.A is None for layer in opt.layers)
+    assert losses[-1] < losses[0]  # the fallback trains
+    for stats in seen:
+        assert stats["eta"] is None and stats["bound"] == "fallback"
+        assert stats["delta_f"] == 0.0 and stats["predicted_q"] == 0.0
+    assert opt.total_predicted_q == 0.0
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(compiled, opt, x, y, 3)
+    assert not [w for w in caught if "NGDT" in str(w.message)]
+    assert all(layer.eig is not None for layer in opt.layers)
+    assert opt.last_stats["bound"] in ("budget", "lr_max") and opt.last_stats["eta"] > 0
