@@ -52,6 +52,14 @@ def _volatility(xs: list[float]) -> float:
     return jumps / max(abs(sum(xs) / len(xs)), 1e-12)
 
 
+def _moved(first: float, last: float) -> str:
+    """How a share went from ``first`` to ``last``, in words, as the report rounds it."""
+    a, b = f"{first:.0%}", f"{last:.0%}"
+    if a == b:
+        return f"stayed at {a}"
+    return f"{'fell' if last < first else 'rose'} from {a} to {b}"
+
+
 #: Starting (keep_frac, uniform_mix) of each mode.
 MODES: dict[str, tuple[float, float]] = {
     "safe": (0.9, 0.5),
@@ -470,8 +478,8 @@ class EtaController:
                 last = changes[j]
                 lines.append(
                     f"  epochs {d['epoch']}–{last['epoch']}: learning floor — the share of "
-                    f"training samples not learned yet fell from {d['unlearned']:.0%} to "
-                    f"{last['unlearned']:.0%}: those epochs kept {d['after'][0]:.2f} to "
+                    f"training samples not learned yet {_moved(d['unlearned'], last['unlearned'])}"
+                    f": those epochs kept {d['after'][0]:.2f} to "
                     f"{last['after'][0]:.2f} instead of {d['before'][0]:.2f}"
                 )
             else:

@@ -107,10 +107,24 @@ class H3Optimizer(Optimizer):
     it. In a stochastic setting γ/L̂ is a stability bound, far above the step that
     generalises best (measured: on MNIST, an MLP whose step was allowed to grow to 10·lr sat
     at 10·lr and ended 1.6 points below Adam at lr); pass a larger ``lr_max`` to let it grow.
-    Without a closure the step stays at its current value (plain Adam). A NaN or infinite gradient anywhere skips
-    the whole step: parameters and moments of every group are left unchanged, the step
-    counters still advance, and the skip is counted in ``skipped_steps`` (a device counter,
-    read only when asked). The decision is taken on the device, without a synchronisation.
+    Without a closure the step stays at its current value (plain Adam).
+
+    An LR scheduler (or ``group["lr"] = x``) sets the step as it does Adam's: the next step
+    sees that ``group["lr"]`` is not the step the optimizer left there, and the group's
+    nominal step (``lr_nominal``) and its bounds scale with the change, keeping their ratios,
+    so the probes adapt within the schedule. Without a closure the step is the scheduler's;
+    with one it is never above the scheduler's step (× ``lr_max``/``lr``). Whether a
+    scheduler multiplied the step the probe left (StepLR, CosineAnnealingLR) or set its own
+    value (OneCycleLR, LambdaLR) cannot be told from the number, so the change is read the
+    way that gives the lower bounds: after a probe lowered the step, a multiplying scheduler
+    carries the lowering on (as torch chains schedulers), and one setting its own values is
+    followed exactly between probes. The probe works under ``torch.autocast`` (it clears
+    autocast's weight cache around its closure).
+
+    A NaN or infinite gradient anywhere skips the whole step: parameters and moments of
+    every group are left unchanged, the step counters still advance, and the skip is counted
+    in ``skipped_steps`` (a device counter, read only when asked). The decision is taken on
+    the device, without a synchronisation.
 
     Implementations (``foreach`` and ``fused`` have ``torch.optim.Adam``'s meaning):
 
@@ -254,6 +268,8 @@ class H3Optimizer(Optimizer):
             )
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("lr_seen", group["lr"])
+            group.setdefault("lr_nominal", group["lr"])
         # a pickled optimizer carries only defaults, state and param_groups; a loaded state
         # brings its own skip counters
         self.__dict__.setdefault("_scratch", {})
@@ -291,10 +307,13 @@ class H3Optimizer(Optimizer):
         if problem is not None:
             self.param_groups.pop()
             raise ValueError(problem)
+        group["lr_seen"] = group["lr_nominal"] = group["lr"]
 
     def _init_group(self, group: dict[str, Any]) -> list[_Bucket]:
         """The group's parameters that have a gradient, bucketed by device and dtype (in
         first-seen order, so ``buckets[0].steps[0]`` is the group's first such parameter)."""
+        if group["lr"] != group["lr_seen"]:  # a scheduler (or the user) set the step
+            self._follow(group)
         buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
         for p in group["params"]:
             grad = p.grad
@@ -339,6 +358,22 @@ class H3Optimizer(Optimizer):
                 if state is not None and "skipped" in state:
                     return int(state["skipped"].item())
         return 0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, with the ``skipped`` counters kept
+        as int64 counts (torch casts every state tensor but ``step`` to its parameter's
+        dtype, and bfloat16 holds a count exactly only up to 256)."""
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved = state_dict["state"]
+        counts = {i: saved[i]["skipped"] for i in ids if "skipped" in saved.get(i, ())}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params, strict=True):  # torch pairs them the same way
+            if i in counts and p in self.state:
+                count = torch.as_tensor(counts[i])
+                if count.is_floating_point():  # saved after a load that had cast it
+                    count = count.round()
+                self.state[p]["skipped"] = count.to(p.device, torch.int64, copy=True)
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``, with the per-parameter ``skipped``
@@ -419,6 +454,16 @@ class H3Optimizer(Optimizer):
         # fresh gradient tensors for the probe, whether the closure zeroes or sets to None
         for p in all_params:
             p.grad = None
+        # autocast keeps its low-precision copies of the weights until the outermost region
+        # exits, keyed by the tensor, not its values: a closure re-run inside the step's
+        # region would compute with the current weights, not the snapshot copied into them
+        # (Δg = 0 exactly), and code after the step with the snapshot's
+        autocast = any(
+            torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t)
+            for t in {b.device.type for b in moved}
+        )
+        if autocast:
+            torch.clear_autocast_cache()
         try:
             with torch.enable_grad():
                 closure()
@@ -426,6 +471,8 @@ class H3Optimizer(Optimizer):
                 [torch.zeros_like(p) if p.grad is None else p.grad for p in b.params] for b in moved
             ]
         finally:
+            if autocast:
+                torch.clear_autocast_cache()
             for b, now in zip(moved, scratch, strict=True):
                 torch._foreach_copy_(b.params, now)
             for p, g in zip(all_params, grads_now, strict=True):
@@ -502,17 +549,41 @@ class H3Optimizer(Optimizer):
             buf = self._scratch[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
+    @staticmethod
+    def _follow(group: dict[str, Any]) -> None:
+        """Carry a step set from outside (an LR scheduler, or ``group["lr"] = x``) into the
+        group's bounds, which keep their ratios to the new nominal step: the probes then
+        adapt within the schedule, never above it.
+
+        Whether the new step was made from the one this optimizer left (a chainable
+        scheduler: StepLR, CosineAnnealingLR, ``*=``) or is the schedule's own value
+        (OneCycleLR, LambdaLR, ``= x``) cannot be told from the number. The nominal step
+        scales by the new step over the larger of the step left and the nominal step, which
+        is never above either reading: after a probe lowered the step, a chainable scheduler
+        carries that lowering on (the step stays below the schedule, as torch chains
+        schedulers), and one setting its own values is followed exactly (measured: the
+        other reading put the step 1.5–3.8× above OneCycleLR, LambdaLR and steps set by
+        hand). A step of 0 leaves the bounds as they were; the next positive step scales
+        them from the nominal one."""
+        new = group["lr"]
+        if new > 0.0:
+            ratio = new / max(group["lr_seen"], group["lr_nominal"])
+            group["lr_nominal"] *= ratio
+            group["lr_min"] *= ratio
+            group["lr_max"] *= ratio
+        group["lr_seen"] = new
+
     def _adapt(self, group: dict[str, Any], lhat: float) -> bool:
         """The step from a new L̂; True if the step sits at its ceiling with room to spare."""
-        if not math.isfinite(lhat) or lhat <= 0:
-            return False
+        if not math.isfinite(lhat) or lhat <= 0 or not group["lr"] > 0.0:
+            return False  # no estimate, or a step of 0 set from outside: nothing to adapt
         prev = group.get("lipschitz_log")
         alpha = group["lipschitz_smoothing"]
         log_l = math.log(lhat) if prev is None else (1 - alpha) * prev + alpha * math.log(lhat)
         group["lipschitz_log"] = log_l
         target = group["lipschitz_safety"] / (math.exp(log_l) + 1e-12)
         new_lr = min(group["lr_max"], group["lr"] * group["max_growth"], target)
-        group["lr"] = max(group["lr_min"], new_lr)
+        group["lr"] = group["lr_seen"] = max(group["lr_min"], new_lr)
         self.lr_history.append(group["lr"])
         self.lipschitz_history.append(math.exp(log_l))
         ceiling: float = group["lr_max"]

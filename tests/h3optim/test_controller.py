@@ -264,3 +264,24 @@ def test_planning_changes_nothing_once_a_test_has_begun() -> None:
     c.observe_window(1.0)  # the first window is in
     c.plan_windows(3)
     assert c.window_testing
+
+
+@pytest.mark.parametrize(
+    ("shares", "words"),
+    [
+        ((0.70, 0.72, 0.75, 0.80), "rose from 70% to 80%"),
+        ((0.80, 0.75, 0.70), "fell from 80% to 70%"),
+        ((0.70, 0.80, 0.70), "stayed at 70%"),
+    ],
+)
+def test_the_report_says_which_way_the_unlearned_share_went(
+    shares: tuple[float, ...], words: str
+) -> None:
+    c = EtaController("balanced", total_epochs=20)
+    c.epoch = 5
+    for share in shares:  # consecutive binding floors: one line in the report
+        c.control_step(unlearned=share)
+        c.observe(accuracy=0.5)
+    report = c.get_report()
+    assert report.count("learning floor") == 1 and words in report
+    assert not any(w in report for w in {"rose", "fell", "stayed"} - {words.split()[0]})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -102,10 +104,12 @@ def test_old_state_dict_passes_setstate() -> None:
     for g in state["param_groups"]:
         for key in ("lr_min", "max_growth", "lipschitz_smoothing", "foreach", "fused"):
             g.pop(key)
+        g.pop("lr_seen"), g.pop("lr_nominal")  # before the bounds followed a scheduler
     opt2 = H3Optimizer([x])
     opt2.load_state_dict(state)
     opt2.__setstate__(opt2.__getstate__())
     assert opt2.param_groups[0]["max_growth"] == 1.5 and "lr_min" in opt2.param_groups[0]
+    assert opt2.param_groups[0]["lr_seen"] == opt2.param_groups[0]["lr_nominal"] == 1e-3
     assert opt2.param_groups[0]["foreach"] is None and opt2.param_groups[0]["fused"] is None
 
 
@@ -491,3 +495,220 @@ def test_step_counters_advance_per_parameter_and_survive_a_state_round_trip(impl
     step(a, b, c)
     assert counts(fresh) == [5.0, 4.0, 3.0]
     assert not any(torch.equal(x, y) for x, y in zip(before, (a, b, c), strict=True))
+
+
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    return torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
+
+
+# --- with an LR scheduler ------------------------------------------------------------------
+
+
+class _SetByHand:
+    """``group["lr"] = x`` between steps, as a user's own schedule does."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.t = opt, 0
+
+    def step(self) -> None:
+        self.t += 1
+        if self.t in (30, 70):
+            for g in self.opt.param_groups:
+                g["lr"] = {30: 2e-3, 70: 5e-3}[self.t]
+
+
+_S = torch.optim.lr_scheduler
+SCHEDULERS: dict[str, Any] = {
+    "StepLR": lambda o: _S.StepLR(o, 25, 0.3),  # multiplies the group's lr
+    "CosineAnnealingLR": lambda o: _S.CosineAnnealingLR(o, 100),  # likewise (chainable form)
+    "CosineAnnealingLR past T_max": lambda o: _S.CosineAnnealingLR(o, 30),  # 0, then up again
+    "OneCycleLR": lambda o: _S.OneCycleLR(o, 0.05, total_steps=100),  # sets its own values
+    "by hand": _SetByHand,
+}
+
+
+def _digits_under(
+    make_opt: Callable[[Any], torch.optim.Optimizer], sched: str, *, closure: bool = True
+) -> tuple[list[float], list[bool], torch.optim.Optimizer]:
+    """100 steps of an MLP on the digits under a scheduler: the lr each step used, and
+    whether it ran the curvature probe (the closure called twice)."""
+    xs, ys = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = make_opt(model.parameters())
+    scheduler = SCHEDULERS[sched](opt)
+    lrs: list[float] = []
+    probed: list[bool] = []
+    for t in range(100):
+        b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
+        calls = 0
+
+        def loss_fn(b: slice = b) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(loss_fn)
+        else:
+            loss_fn()
+            opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        probed.append(calls == 2)
+        scheduler.step()
+    return lrs, probed, opt
+
+
+@pytest.mark.parametrize("sched", SCHEDULERS)
+def test_a_scheduler_sets_the_step_as_it_does_for_adam(sched: str) -> None:
+    adam, _, _ = _digits_under(lambda p: torch.optim.Adam(p, lr=1e-2), sched)
+    plain, _, _ = _digits_under(lambda p: H3Optimizer(p, lr=1e-2), sched, closure=False)
+    assert plain == adam  # without probes: the schedule, exactly
+    h3, probed, opt = _digits_under(lambda p: H3Optimizer(p, lr=1e-2), sched)
+    assert len(opt.lr_history) >= 3  # the probes ran
+    assert all(h <= a for h, a in zip(h3, adam, strict=True))  # never above the schedule
+    # the probes find room under the schedule here (γ/L̂ above it) but past OneCycleLR's peak
+    assert [h for h, p in zip(h3, probed, strict=True) if not p] == [
+        a for a, p in zip(adam, probed, strict=True) if not p
+    ]
+    if sched != "OneCycleLR":
+        assert h3 == adam
+
+
+@pytest.mark.parametrize("sched", SCHEDULERS)
+def test_under_a_scheduler_the_probes_lower_the_step_and_never_raise_it_above(sched: str) -> None:
+    # a small γ: the probes lower the step well below the schedule's
+    adam, _, _ = _digits_under(lambda p: torch.optim.Adam(p, lr=1e-2), sched)
+    h3, probed, opt = _digits_under(lambda p: H3Optimizer(p, lr=1e-2, lipschitz_safety=0.05), sched)
+    ratios = [h / a for h, a in zip(h3, adam, strict=True) if a > 0]
+    assert max(ratios) <= 1.0 and min(ratios) < 0.2
+    group = opt.param_groups[0]  # the bounds the last step had
+    assert group["lr_min"] <= h3[-1] <= group["lr_max"] <= adam[-1] * (1 + 1e-9)
+    if sched == "OneCycleLR":  # it sets its own values: followed exactly between probes
+        assert [h for h, p in zip(h3, probed, strict=True) if not p] == [
+            a for a, p in zip(adam, probed, strict=True) if not p
+        ]
+
+
+@pytest.mark.parametrize("sched", ["StepLR", "OneCycleLR"])
+def test_a_run_under_a_scheduler_resumes_identically_from_its_state(sched: str) -> None:
+    xs, ys = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def make(m: nn.Module) -> tuple[H3Optimizer, Any]:
+        o = H3Optimizer(m.parameters(), lr=1e-2, lipschitz_safety=0.05)
+        return o, SCHEDULERS[sched](o)
+
+    def train(m: nn.Module, o: H3Optimizer, s: Any, steps: range) -> list[float]:
+        lrs = []
+        for t in steps:
+            b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
+
+            def closure(b: slice = b) -> torch.Tensor:
+                o.zero_grad()
+                loss = nn.functional.cross_entropy(m(xs[b]), ys[b])
+                loss.backward()
+                return loss
+
+            o.step(closure)
+            lrs.append(o.param_groups[0]["lr"])
+            s.step()
+        return lrs
+
+    opt, scheduler = make(model)
+    train(model, opt, scheduler, range(37))  # the bounds have followed, the probes adapted
+    assert opt.param_groups[0]["lr_max"] != 1e-2 and len(opt.lr_history) >= 3
+    clone = copy.deepcopy(model)
+    opt2, scheduler2 = make(clone)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    scheduler2.load_state_dict(scheduler.state_dict())
+    assert train(clone, opt2, scheduler2, range(37, 80)) == train(
+        model, opt, scheduler, range(37, 80)
+    )
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt2.param_groups[0] == {**opt.param_groups[0], "params": opt2.param_groups[0]["params"]}
+
+
+# --- under autocast, and the skip counter's type -------------------------------------------
+
+
+def _digits_probes(autocast: bool) -> tuple[H3Optimizer, nn.Module]:
+    xs, ys = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = H3Optimizer(model.parameters(), lr=1e-2, lipschitz_max_interval=10)
+    for t in range(39):  # probes at steps 10, 20 and 30
+        b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
+
+        def closure(b: slice = b) -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
+            loss.backward()
+            return loss
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            opt.step(closure)
+    return opt, model
+
+
+def test_the_probe_measures_the_curvature_under_autocast() -> None:
+    # autocast caches its bfloat16 copies of the weights for the whole region: the probe's
+    # closure, run at the snapshot inside the step's region, must not compute with them
+    full, _ = _digits_probes(autocast=False)
+    bf16, model = _digits_probes(autocast=True)
+    assert len(full.lipschitz_history) == len(bf16.lipschitz_history) == 3
+    assert bf16.lipschitz_history == pytest.approx(full.lipschitz_history, rel=0.05)
+    # a forward after a step that probed, in the step's region, sees the updated weights
+    xs, ys = _digits()
+    b = slice(39 * 64 % 1728, 39 * 64 % 1728 + 64)
+
+    def closure() -> torch.Tensor:
+        bf16.zero_grad()
+        loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
+        loss.backward()
+        return loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16.step(closure)  # step 40: a probe
+        after = model(xs[b])
+    assert len(bf16.lipschitz_history) == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(after, model(xs[b]))
+
+
+def test_the_skip_counter_stays_an_exact_count_through_a_state_round_trip() -> None:
+    # torch casts loaded state tensors (all but "step") to the parameter's dtype: bfloat16
+    # holds integers exactly only up to 256
+    xs, ys = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).bfloat16()
+    opt = H3Optimizer(model.parameters(), lr=1e-2)
+
+    def train(o: H3Optimizer, m: nn.Module, steps: range) -> None:
+        for t in steps:
+            b = slice(t * 16 % 1728, t * 16 % 1728 + 16)
+            o.zero_grad()
+            nn.functional.cross_entropy(m(xs[b].bfloat16()), ys[b]).backward()
+            if t % 5:  # four steps in five overflow
+                next(m.parameters()).grad[0, 0] = float("inf")  # type: ignore[index]
+            o.step()
+
+    train(opt, model, range(324))
+    assert opt.skipped_steps == 259  # in bfloat16: 260
+    clone = copy.deepcopy(model)
+    opt2 = H3Optimizer(clone.parameters(), lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.skipped_steps == 259
+    assert all(s["skipped"].dtype == torch.int64 for s in opt2.state.values())
+    train(opt2, clone, range(324, 327))  # two more skips
+    assert opt2.skipped_steps == 261
+    assert [int(s["skipped"]) for s in opt2.state_dict()["state"].values()] == [261] * 4

@@ -127,6 +127,53 @@ def test_an_old_state_dict_without_bounds_loads_and_behaves_as_before(impl: str)
     assert torch.equal(x2, x)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_groups_bounds_follow_its_own_schedule(impl: str) -> None:
+    # MultiplicativeLR multiplies each group's lr by its own factor: one decays from the
+    # start, one from step 30; a small γ: the probes lower each step below its schedule
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    xs, ys = torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
+    factors: list[Callable[[int], float]] = [lambda t: 0.93, lambda t: 1.0 if t < 30 else 0.9]
+
+    def run(make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]) -> list[list[float]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        opt = make(
+            [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-2}]
+        )
+        scheduler = torch.optim.lr_scheduler.MultiplicativeLR(opt, factors)
+        lrs = []
+        for t in range(60):
+            b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
+
+            def closure(b: slice = b) -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            lrs.append([g["lr"] for g in opt.param_groups])
+            scheduler.step()
+        if isinstance(opt, H3Optimizer):
+            assert len(opt.lr_history) >= 8
+            for lr, (low, high) in zip(lrs[-1], _bounds(opt), strict=True):
+                assert high == pytest.approx(100 * low) and low <= lr <= high
+        return lrs
+
+    adam = run(lambda groups: torch.optim.Adam(groups, lr=1e-2))
+    h3 = run(
+        lambda groups: H3Optimizer(
+            groups, lr=1e-2, lipschitz_safety=0.05, lipschitz_update_interval=5, **IMPLS[impl]
+        )
+    )
+    for i in range(2):
+        ratios = [h[i] / a[i] for h, a in zip(h3, adam, strict=True)]
+        assert max(ratios) <= 1.0 and min(ratios) < 0.5
+
+
 # --- each parameter's own step count -------------------------------------------------------
 
 # which parameters have a gradient at step t (0-based), by name: "a" always, "b" from step
