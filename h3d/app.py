@@ -35,7 +35,7 @@ from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
-from h3d.reaper import Reaper
+from h3d.reaper import NodeLease, Reaper
 from h3d.security import ensure_token
 from h3d.storage import migrate
 from h3d.storage import repository as repo
@@ -104,6 +104,14 @@ def create_app(
             migrate.upgrade(store.engine)
         elif not store_checked:
             migrate.verify_schema(store.engine)
+        # one live daemon per node name in the store: a lease renewed every reaper pass,
+        # lapsing after several missed ones
+        lease = NodeLease(store, settings.node, lease_s=max(30.0, 6 * settings.run_reap_every_s))
+        try:
+            lease.claim()
+        except BaseException:
+            store.close()
+            raise
         devs = (
             list(backends)
             if backends is not None
@@ -137,6 +145,7 @@ def create_app(
             grace_s=settings.run_exit_grace_s,
             timeout_s=settings.run_timeout_s,
             every_s=settings.run_reap_every_s,
+            lease=lease,
         )
         reaper.start()
         _write_daemon_file(settings)
@@ -147,6 +156,10 @@ def create_app(
             _remove_daemon_file(settings)
             reaper.stop()
             sampler.stop()
+            try:
+                lease.release()
+            except Exception:  # the store is gone: the lease lapses on its own
+                logger.warning("could not release node %r's lease", settings.node)
             store.close()
 
     app = FastAPI(

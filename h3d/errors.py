@@ -10,7 +10,8 @@ H3DError
 ├── InvalidInput          422 validation_error
 │   └── NonFiniteLoss     422 nonfinite_loss
 ├── StorageUnavailable    503 storage_unavailable
-└── SchemaMismatch        (start-up only) the database is not at this version's revision
+├── SchemaMismatch        (start-up only) the database is not at this version's revision
+└── NodeTaken             (start-up only) a live daemon samples as this node in this store
 """
 
 from __future__ import annotations
@@ -112,3 +113,10 @@ class SchemaMismatch(H3DError):
 
     status_code = 503
     code = "schema_mismatch"
+
+
+class NodeTaken(H3DError):
+    """Another live daemon already samples as this node in this store."""
+
+    status_code = 503
+    code = "node_taken"

@@ -22,11 +22,16 @@ clocks are compared with each other there, so they should agree to well within
 
 A reaped run gets ``finished_at`` = its last activity, and takes no more data (409), like a
 run its client finished.
+
+Each pass also renews this daemon's lease on its node name (:class:`NodeLease`): one live
+daemon per node name in a store.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +46,91 @@ from h3d.storage.engine import Store
 logger = logging.getLogger(__name__)
 
 
+def _alive(pid: int) -> bool:
+    """A process ``pid`` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NodeLease:
+    """This daemon's claim on its node name in the store.
+
+    Devices are keyed by (node, name): two live daemons sampling as one node would write one
+    device's samples twice over and split every run's share of it. ``claim()`` at start
+    raises NodeTaken while another live daemon holds the name; ``renew()`` (each reaper
+    pass) keeps it; ``release()`` at stop frees it. A lease not renewed for ``lease_s``
+    lapses, so a daemon that died on another host frees its name after ``lease_s``; one
+    that died on this host, at once (its process is gone).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        node: str,
+        *,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.store, self.node, self.lease_s, self._clock = store, node, lease_s, clock
+        self.host = host if host is not None else socket.gethostname()
+        self.pid = pid if pid is not None else os.getpid()
+        self.started_at = clock()
+        self._lost = False
+
+    def claim(self) -> None:
+        now = self._clock()
+        self.store.write(
+            lambda s: repo.claim_node(
+                s,
+                node=self.node,
+                host=self.host,
+                pid=self.pid,
+                started_at=self.started_at,
+                now=now,
+                lease_s=self.lease_s,
+                alive=_alive,
+            )
+        )
+
+    def renew(self) -> None:
+        now = self._clock()
+        held = self.store.write(
+            lambda s: repo.renew_node(
+                s,
+                node=self.node,
+                host=self.host,
+                pid=self.pid,
+                started_at=self.started_at,
+                now=now,
+            )
+        )
+        if not held and not self._lost:
+            self._lost = True
+            logger.error(
+                "this daemon's lease on node %r lapsed and another h3d took it: two daemons "
+                "now sample as one node; stop one of them",
+                self.node,
+            )
+
+    def release(self) -> None:
+        self.store.write(
+            lambda s: repo.release_node(
+                s,
+                node=self.node,
+                host=self.host,
+                pid=self.pid,
+                started_at=self.started_at,
+            )
+        )
+
+
 class Reaper:
     def __init__(
         self,
@@ -51,8 +141,10 @@ class Reaper:
         timeout_s: float = 3600.0,
         every_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        lease: NodeLease | None = None,
     ) -> None:
         self.store = store
+        self.lease = lease
         self.sampler = sampler
         self.grace_s = grace_s
         self.timeout_s = timeout_s
@@ -87,6 +179,8 @@ class Reaper:
 
     def reap(self) -> list[str]:
         """Mark failed every run the rules above find; returns their ids."""
+        if self.lease is not None:
+            self.lease.renew()
         with self._lock:
             beats, self._unwritten = self._unwritten, {}
         if beats:

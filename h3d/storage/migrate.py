@@ -52,6 +52,7 @@ REVISIONS = (
     "0006_run_seen_at",
     "0007_bigint_counts",
     "0008_repair_lone_surrogates",
+    "0009_node_leases",
 )
 HEAD_REVISION = REVISIONS[-1]
 

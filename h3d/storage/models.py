@@ -198,3 +198,18 @@ class RunShare(Base):
     t0: Mapped[float] = mapped_column(Float, primary_key=True)
     t1: Mapped[float] = mapped_column(Float)
     share: Mapped[float] = mapped_column(Float)
+
+
+class NodeLease(Base):
+    """Which daemon samples as ``node`` in this store. Devices are keyed by (node, name), so
+    two live daemons with one node name would write one device's samples twice over and
+    split every run's share of it: a daemon claims its node at start (refused while another
+    live daemon holds it), renews the lease once a reaper pass, and releases it at stop."""
+
+    __tablename__ = "node_leases"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(BigInt)
+    started_at: Mapped[float] = mapped_column(Float)  # with host and pid: one daemon session
+    seen_at: Mapped[float] = mapped_column(Float)  # renewed every reaper pass

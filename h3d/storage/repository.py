@@ -26,14 +26,23 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from h3d.errors import AmbiguousRun, InvalidInput, RunExists, RunFinished, RunNotFound
+from h3d.errors import (
+    AmbiguousRun,
+    InvalidInput,
+    NodeTaken,
+    RunExists,
+    RunFinished,
+    RunNotFound,
+)
 from h3d.storage.models import (
     Batch,
     BigInt,
     Device,
     Epoch,
+    NodeLease,
     PowerSample,
     Run,
     RunIdle,
@@ -987,3 +996,75 @@ def run_shares(session: Session, *, run_id: str) -> dict[ShareKey, list[tuple[fl
 
 def set_idle_power(session: Session, *, device_id: int, idle_power_w: float) -> None:
     session.execute(update(Device).where(Device.id == device_id).values(idle_power_w=idle_power_w))
+
+
+# --- node leases: one live daemon per node name ------------------------------------------
+
+
+def claim_node(
+    session: Session,
+    *,
+    node: str,
+    host: str,
+    pid: int,
+    started_at: float,
+    now: float,
+    lease_s: float,
+    alive: Callable[[int], bool],
+) -> None:
+    """Take ``node`` for the daemon (``host``, ``pid``, ``started_at``), or raise NodeTaken
+    while another daemon holds it: one heard from within ``lease_s``, unless it ran on this
+    host and its process is gone (a daemon killed and started again takes its node back at
+    once; one on another host, once its lease has run out)."""
+    lease = session.get(NodeLease, node, with_for_update=True)
+    if lease is not None and (lease.host, lease.pid, lease.started_at) != (host, pid, started_at):
+        age = max(0.0, now - lease.seen_at)
+        gone = lease.host == host and lease.pid != pid and not alive(lease.pid)
+        if age < lease_s and not gone:
+            wait = (
+                ""
+                if lease.host == host and lease.pid != pid
+                else f", or, if that daemon is gone, start this one again in {lease_s - age:.0f} s"
+            )
+            raise NodeTaken(
+                f"another h3d samples as node {node!r} in this store (pid {lease.pid} on "
+                f"{lease.host}, heard from {age:.0f} s ago): two daemons with one node name "
+                "would split every run's energy between them. Give this one its own name "
+                f"(--node or H3D_NODE){wait}",
+                details={"node": node, "host": lease.host, "pid": lease.pid},
+            )
+    if lease is None:
+        session.add(NodeLease(node=node, host=host, pid=pid, started_at=started_at, seen_at=now))
+        try:
+            session.flush()
+        except IntegrityError:  # another daemon inserted it since the read: it holds it
+            raise NodeTaken(
+                f"another h3d claimed node {node!r} in this store at the same moment: give "
+                "each daemon its own name (--node or H3D_NODE)",
+                details={"node": node},
+            ) from None
+    else:
+        lease.host, lease.pid, lease.started_at, lease.seen_at = host, pid, started_at, now
+
+
+def _lease_is(node: str, host: str, pid: int, started_at: float) -> Any:
+    return and_(
+        NodeLease.node == node,
+        NodeLease.host == host,
+        NodeLease.pid == pid,
+        NodeLease.started_at == started_at,
+    )
+
+
+def renew_node(
+    session: Session, *, node: str, host: str, pid: int, started_at: float, now: float
+) -> bool:
+    """Renew this daemon's lease; False if it no longer holds it (taken after it lapsed)."""
+    res = session.execute(
+        update(NodeLease).where(_lease_is(node, host, pid, started_at)).values(seen_at=now)
+    )
+    return cast(CursorResult[Any], res).rowcount == 1
+
+
+def release_node(session: Session, *, node: str, host: str, pid: int, started_at: float) -> None:
+    session.execute(delete(NodeLease).where(_lease_is(node, host, pid, started_at)))

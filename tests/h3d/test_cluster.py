@@ -187,3 +187,27 @@ def test_integers_past_32_bits_are_stored_on_postgresql(
         stored = conn.execute(text("SELECT seq, n, step, epoch FROM batches ORDER BY seq")).all()
     engine.dispose()
     assert [tuple(r) for r in stored] == [(big + i, big, big + i, big) for i in range(2)]
+
+
+def test_one_node_name_is_held_by_one_live_daemon(
+    daemon_factory: Callable[..., Daemon], pg_url: str
+) -> None:
+    """Two daemons sampling as one node on one store wrote one device's samples twice over
+    and split every run's share (a 5 s run at 100 W was stored as 11.8 J). The second is
+    refused, naming the holder; a node stopped cleanly, or killed on this host, is free at
+    once."""
+    a = daemon_factory("a", H3D_DB_URL=pg_url, H3D_NODE="gpu-7")
+    second = Daemon(a.data_dir.parent / "b", {**a.env, "H3D_DATA_DIR": str(a.data_dir.parent / "b")})
+    with pytest.raises(RuntimeError, match="exited") as refused:
+        second.start(timeout_s=60)
+    said = str(refused.value)
+    assert "another h3d samples as node 'gpu-7'" in said and f"pid {a.proc.pid}" in said
+    a.stop()  # a clean stop releases the node
+    second.start(timeout_s=60)
+    second.kill()  # SIGKILL: no release; its process is gone, so the node is free at once
+    a.start()
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        held = conn.execute(text("SELECT node, pid FROM node_leases")).all()
+    engine.dispose()
+    assert [tuple(r) for r in held] == [("gpu-7", a.proc.pid)]

@@ -559,3 +559,34 @@ def test_driver_inserts_bind_each_value_to_its_column_in_any_order(store_url: st
             1,
         )
     store.close()
+
+
+def test_a_node_lease_of_another_host_lapses_and_its_holder_learns_it_lost_it(
+    store_url: str,
+) -> None:
+    from h3d.errors import NodeTaken
+    from h3d.reaper import NodeLease
+
+    store = Store(store_url)
+    migrate.upgrade(store.engine)
+    clock = [1000.0]
+    there = NodeLease(store, "n", lease_s=30, clock=lambda: clock[0], host="other", pid=1)
+    there.claim()
+    here = NodeLease(store, "n", lease_s=30, clock=lambda: clock[0], host="this", pid=2)
+    clock[0] += 20
+    with pytest.raises(NodeTaken, match=r"pid 1 on other, heard from 20 s ago.*again in 10 s"):
+        here.claim()
+    there.renew()  # heard from again: the 30 s start over
+    clock[0] += 20
+    with pytest.raises(NodeTaken, match="heard from 20 s ago"):
+        here.claim()
+    clock[0] += 11  # lapsed: the other host's daemon is taken to be gone
+    here.claim()
+    assert not there._lost
+    there.renew()
+    assert there._lost  # it logs, once, that two daemons now sample as one node
+    here.renew()
+    here.release()
+    with store.read() as s:
+        assert s.scalar(text("SELECT count(*) FROM node_leases")) == 0
+    store.close()
