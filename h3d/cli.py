@@ -1,10 +1,11 @@
 """``h3d``: serve the daemon and inspect what it stored.
 
-h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME]
+h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME] [--log-level L]
 h3d status | runs | show RUN [--json | --html FILE] | export RUN [--samples] [-o FILE] | stop
-h3d db upgrade | db current
-h3d doctor
-h3d demo
+    | import [FILES]                                                          [--data-dir D]
+h3d db upgrade | db current                                     [--data-dir D] [--db-url U]
+h3d doctor                                                                    [--data-dir D]
+h3d demo                      [--data-dir D] [--db-url U] [--node NAME] [--log-level L]
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 from h3d import __version__
 from h3d._http import DaemonClient, DaemonDown, find_daemon
-from h3d.datadir import DataDirBusy, DataDirLock, lock_holder, make_private
+from h3d.datadir import DataDirLock, lock_holder, make_private
 from h3d.errors import H3DError
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
     from h3d.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -113,14 +116,24 @@ def _engine(settings: Settings, args: argparse.Namespace) -> Any:
         ) from None
 
 
-def _private_data_dir(settings: Settings) -> None:
+def _data_dir_problem(data_dir: Path, exc: OSError) -> str:
+    """Why the data dir cannot be made or used: a file in its place (or in a parent's) is
+    named as such, not as "File exists"."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        there = next((p for p in (data_dir, *data_dir.parents) if p.exists()), data_dir)
+        if not there.is_dir():
+            return f"{there} is not a directory; name another data dir (--data-dir or H3D_DATA_DIR)"
+    return f"{data_dir}: {exc.strerror or exc}"
+
+
+def private_data_dir(settings: Settings) -> None:
     """The data dir 0700 and its files 0600, as ``serve`` keeps them, and a umask that keeps
     what this process creates there (the store, its WAL, lock files) private too."""
     os.umask(0o077)
     try:
         make_private(settings.data_dir)
     except OSError as exc:  # a read-only mount, another user's directory, a full disk
-        raise CommandError(f"{settings.data_dir}: {exc.strerror or exc}") from None
+        raise CommandError(_data_dir_problem(settings.data_dir, exc)) from None
 
 
 def _cannot_write(path: str, exc: OSError) -> CommandError:
@@ -212,6 +225,84 @@ def _import_fastapi_deferred() -> None:
             config.pop("defer_build", None)
 
 
+def _full_disk(settings: Settings, exc: BaseException) -> Path | None:
+    """The directory whose disk ``exc``, or an error it came from, says is full: SQLite's
+    SQLITE_FULL (for the store's directory) or ENOSPC (for the file's); else None."""
+    import sqlite3
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return Path(os.fsdecode(e.filename)).parent if e.filename else settings.data_dir
+        code = getattr(e, "sqlite_errorcode", None)  # set only on errors SQLite returned
+        if isinstance(e, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+            from sqlalchemy.engine import make_url
+
+            db = make_url(settings.database_url).database
+            return Path(db).absolute().parent if db else settings.data_dir
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _cannot_start(settings: Settings, exc: BaseException) -> CommandError:
+    """``serve``'s one line (exit 2) for a start that the data dir or the store stopped,
+    before binding or in the app's start-up (registering the devices, writing daemon.json).
+    A full disk is named as such, whichever write found it."""
+    from h3d.storage.migrate import full_disk_note
+
+    full = _full_disk(settings, exc)
+    if full is not None:
+        why = full_disk_note(full)
+    elif isinstance(exc, H3DError):
+        why = exc.message
+    elif isinstance(exc, OSError):
+        where = Path(os.fsdecode(exc.filename)) if exc.filename else settings.data_dir
+        why = _data_dir_problem(where, exc)
+    else:  # SQLAlchemy's: a database down, a read-only store, ...
+        from sqlalchemy.engine import make_url
+
+        url = make_url(settings.database_url).render_as_string(hide_password=True)
+        why = f"{url}: {getattr(exc, 'orig', None) or exc}"
+    return CommandError(f"cannot start: {why}")
+
+
+class _StartupFailure:
+    """The app, wrapped so that a start-up the store or the disk fails (``errors``) is kept
+    in ``error`` for ``serve`` to say in one line, where uvicorn would log the lifespan's
+    traceback. Any other failure is reported as before; requests pass through untouched."""
+
+    def __init__(self, app: ASGIApp, errors: tuple[type[BaseException], ...]) -> None:
+        self.app = app
+        self.errors = errors
+        self.error: BaseException | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def send_later(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # its text is the traceback: sent once the error is known
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_later)
+        except self.errors as exc:
+            if not held:  # not a start-up failure
+                raise
+            self.error = exc
+            await send({"type": "lifespan.startup.failed", "message": ""})
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _import_fastapi_deferred()
     with _StartupGcPause() as gc_pause:
@@ -233,34 +324,25 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
     engine = _engine(settings, args)  # a bad URL is one line before anything is created
-    os.umask(0o077)  # the store, its WAL and journal: readable by this user only
+    # What stops a start in one line (exit 2): a busy data dir, a full disk, a read-only
+    # mount, a store that is damaged, newer or unreachable.
+    errors = (H3DError, SQLAlchemyError, OSError)
     lock = DataDirLock(settings.data_dir)
     try:
-        make_private(settings.data_dir)
+        try:
+            private_data_dir(settings)  # the store, its WAL and journal: this user's only
+        except CommandError as exc:
+            raise CommandError(f"cannot start: {exc.message}") from None
         lock.acquire()
-    except DataDirBusy as exc:
-        engine.dispose()
-        print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk or a read-only data dir, before the store is opened
-        engine.dispose()
-        print(f"h3d: cannot start: {settings.data_dir}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    try:  # check the store before binding, so a bad database is one clear line
+        # check the store before binding, so a bad database is one clear line
         migrate.check_integrity(engine)
         if settings.auto_migrate:
             migrate.upgrade(engine)
         else:
             migrate.verify_schema(engine)
         migrate.probe_write(engine)
-    except H3DError as exc:
-        print(f"h3d: cannot start: {exc.message}", file=sys.stderr)
-        return 2
-    except (SQLAlchemyError, OSError) as exc:  # a full disk, a read-only mount, ...
-        reason = getattr(exc, "orig", None) or exc
-        url = engine.url.render_as_string(hide_password=True)
-        print(f"h3d: cannot start: {url}: {reason}", file=sys.stderr)
-        return 2
+    except errors as exc:
+        raise _cannot_start(settings, exc) from None
     finally:
         engine.dispose()
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -287,7 +369,12 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     settings.public_url = f"http://{host}:{port}"
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: reachable from other hosts (token required)", host)
-    app = create_app(settings, store_checked=True)  # checked above, under the lock
+    # The store passed the checks above, but the app's start-up writes too (the devices,
+    # daemon.json): a disk that filled meanwhile, or had room only for the probe, stops it
+    # there. uvicorn would log the traceback and "Application startup failed": say it in
+    # one line instead.
+    app = _StartupFailure(create_app(settings, store_checked=True), errors)
+    logging.getLogger("uvicorn.error").addFilter(lambda _record: app.error is None)
     config = uvicorn.Config(
         app, log_level=settings.log_level.lower(), access_log=False, log_config=None
     )
@@ -295,8 +382,13 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     logger.info("serving on %s (data dir %s)", settings.public_url, settings.data_dir)
     try:
         server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit when the start-up failed
+        if app.error is None:
+            raise
     finally:
         lock.release()
+    if app.error is not None:
+        raise _cannot_start(settings, app.error)
     return 0 if server.started else 1
 
 
@@ -315,7 +407,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     url, problem = find_daemon(settings)
     if problem:
-        print(f"h3d: {problem}")
+        print(f"h3d: {problem}", file=sys.stderr)
         return 1
     c = DaemonClient(settings, url)
     devs = c.get("/v1/devices")
@@ -507,10 +599,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
             settings.daemon_file.unlink(missing_ok=True)
             print(
                 f"h3d: no daemon holds {settings.data_dir}; removed a stale daemon.json "
-                f"(pid {recorded} was not signalled)"
+                f"(pid {recorded} was not signalled)",
+                file=sys.stderr,
             )
         else:
-            print(f"h3d: no daemon is running from {settings.data_dir}")
+            print(f"h3d: no daemon is running from {settings.data_dir}", file=sys.stderr)
         return 1
     if recorded is not None and recorded != holder:
         print(
@@ -521,7 +614,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     try:
         os.kill(holder, signal.SIGTERM)
     except ProcessLookupError:
-        print(f"h3d: the daemon (pid {holder}) is gone")
+        print(f"h3d: the daemon (pid {holder}) is gone", file=sys.stderr)
         return 1
     print(f"h3d: asked the daemon (pid {holder}) to stop")
     return 0
@@ -631,6 +724,10 @@ def cmd_import(args: argparse.Namespace) -> int:
                         f"no h3d daemon answers at {c.url} ({exc}); {path.name} is kept, "
                         f"{ops} operation(s) of it were imported"
                     ) from None
+                if r.status_code == 401:
+                    _, problem = find_daemon(settings)
+                    if problem:  # another data dir's daemon: say so, not just "401"
+                        raise CommandError(f"{problem}; {path.name} is kept", 1)
                 if r.status_code >= 400:
                     error = _error_of(r)
                     code = error.get("code")
@@ -681,7 +778,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     engine = _engine(settings, args)  # a bad URL is one line before anything is created
     url = engine.url.render_as_string(hide_password=True)
     try:
-        _private_data_dir(settings)  # as `serve` keeps it: 0700, the store 0600
+        private_data_dir(settings)  # as `serve` keeps it: 0700, the store 0600
     except CommandError:
         engine.dispose()
         raise
@@ -726,7 +823,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.db_url:  # passed on to the daemon it starts: a bad one is one line here
         _engine(settings, args).dispose()
-    os.umask(0o077)  # the data dir and its log, created before the daemon: private as its own
     return demo.main(settings, epochs=args.epochs, keep=not args.stop)
 
 
@@ -734,35 +830,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", dest="data_dir", help="data dir (env H3D_DATA_DIR)")
-    common.add_argument("--db-url", dest="db_url", help="SQLAlchemy URL (env H3D_DB_URL)")
-    common.add_argument(
+    # Each command takes the flags it uses, no others: the commands that talk to the data
+    # dir's daemon took --db-url and ignored it, listing the runs of another store.
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", dest="data_dir", help="data dir (env H3D_DATA_DIR)")
+    store = argparse.ArgumentParser(add_help=False, parents=[data])  # db: the store itself
+    store.add_argument("--db-url", dest="db_url", help="SQLAlchemy URL (env H3D_DB_URL)")
+    daemon = argparse.ArgumentParser(add_help=False, parents=[store])  # serve, demo
+    daemon.add_argument(
         "--node",
         help="this daemon's node name in a shared store (env H3D_NODE; default: host name)",
     )
-    common.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+    daemon.add_argument(
+        "--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ... (env H3D_LOG_LEVEL)"
+    )
     p = argparse.ArgumentParser(prog="h3d", description="The H3 energy daemon.")
     p.add_argument("--version", action="version", version=f"h3d {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", parents=[common], help="run the daemon")
+    s = sub.add_parser("serve", parents=[daemon], help="run the daemon")
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8421; 0 picks a free one)")
     s.set_defaults(func=cmd_serve)
-    sub.add_parser("status", parents=[common], help="is a daemon up; devices").set_defaults(
+    sub.add_parser("status", parents=[data], help="is a daemon up; devices").set_defaults(
         func=cmd_status
     )
-    r = sub.add_parser("runs", parents=[common], help="list runs")
+    r = sub.add_parser("runs", parents=[data], help="list runs")
     r.add_argument("--status", choices=["running", "finished", "failed"])
     r.add_argument("--tag")
     r.add_argument("--limit", type=int, default=20)
     r.set_defaults(func=cmd_runs)
-    sh = sub.add_parser("show", parents=[common], help="a run's report")
+    sh = sub.add_parser("show", parents=[data], help="a run's report")
     sh.add_argument("run", help="run id, unique id prefix, or name")
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     sh.set_defaults(func=cmd_show)
-    ex = sub.add_parser("export", parents=[common], help="a run's batches as CSV")
+    ex = sub.add_parser("export", parents=[data], help="a run's batches as CSV")
     ex.add_argument("run", help="run id, unique id prefix, or name")
     ex.add_argument(
         "--samples",
@@ -771,17 +873,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("-o", "--output", help="file (default: stdout)")
     ex.set_defaults(func=cmd_export)
-    sub.add_parser("stop", parents=[common], help="stop the running daemon").set_defaults(
+    sub.add_parser("stop", parents=[data], help="stop the running daemon").set_defaults(
         func=cmd_stop
     )
-    im = sub.add_parser("import", parents=[common], help="replay client spool files")
+    im = sub.add_parser("import", parents=[data], help="replay client spool files")
     im.add_argument("files", nargs="*", help="spool files (default: <data dir>/spool/*.jsonl)")
     im.set_defaults(func=cmd_import)
-    db = sub.add_parser("db", parents=[common], help="database schema")
+    db = sub.add_parser("db", parents=[store], help="database schema")
     db.add_argument("db_command", choices=["upgrade", "current"])
     db.set_defaults(func=cmd_db)
     sub.add_parser(
-        "doctor", parents=[common], help="which power backends work, and why not"
+        "doctor", parents=[data], help="which power backends work, and why not"
     ).set_defaults(func=cmd_doctor)
     sr = sub.add_parser(
         "setup-rapl", help="RAPL without root: a udev rule and a systemd unit (prints them)"
@@ -791,15 +893,19 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--apply", action="store_true", help="install them (as root)")
     sr.add_argument("--root", default="/", help=argparse.SUPPRESS)  # tests: install under here
     sr.set_defaults(func=cmd_setup_rapl)
-    d = sub.add_parser("demo", parents=[common], help="profile a real small training run")
+    d = sub.add_parser("demo", parents=[daemon], help="profile a real small training run")
     d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--stop", action="store_true", help="stop the daemon it started afterwards")
     d.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # a flag it does not take: its own usage says which
+        command.set_defaults(parser=command)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args))
     except CommandError as exc:

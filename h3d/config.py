@@ -32,8 +32,13 @@ def default_data_dir() -> Path:
 
 
 def _environ(fields: Iterable[str]) -> dict[str, str]:
-    """``H3D_<FIELD>`` for each field that has one; the names are case-insensitive."""
-    env = {k.lower(): v for k, v in os.environ.items()}
+    """``H3D_<FIELD>`` for each field that has one; the names are case-insensitive.
+
+    An empty variable is unset, as for ``H3D_DATA_DIR`` in :func:`default_data_dir` and for
+    the client's variables: ``H3D_DATA_DIR=`` made the current directory the data dir, and
+    ``H3D_HOST=`` bound every interface.
+    """
+    env = {k.lower(): v for k, v in os.environ.items() if v}
     prefix = ENV_PREFIX.lower()
     return {f: env[prefix + f] for f in fields if prefix + f in env}
 
@@ -41,8 +46,10 @@ def _environ(fields: Iterable[str]) -> dict[str, str]:
 class Settings(BaseModel):
     """Everything the daemon can be told. Build one in ``cli.main`` or a test fixture."""
 
-    # validate_default: defaults go through the validators too (data_dir is expanded)
-    model_config = ConfigDict(extra="ignore", validate_default=True)
+    # validate_default: defaults go through the validators too (data_dir is expanded).
+    # allow_inf_nan=False: no setting means anything with NaN or infinity, and several
+    # crashed the daemon after it bound its port (H3D_IDLE_MIN_S=inf).
+    model_config = ConfigDict(extra="ignore", validate_default=True, allow_inf_nan=False)
 
     data_dir: Path = Field(default_factory=default_data_dir)
     db_url: str | None = None  # default: sqlite file ``h3d.db`` in data_dir
@@ -103,6 +110,14 @@ class Settings(BaseModel):
             raise ValueError(f"unknown log level {v!r}")
         return v
 
+    @field_validator("power_backends")
+    @classmethod
+    def _backends(cls, v: str) -> str:
+        from h3d.power.select import parse_backends
+
+        parse_backends(v)  # an unknown family is an error at start-up, before binding
+        return v
+
     @field_validator("carbon_region")
     @classmethod
     def _region(cls, v: str | None) -> str | None:
@@ -115,7 +130,14 @@ class Settings(BaseModel):
 
     @property
     def database_url(self) -> str:
-        return self.db_url or f"sqlite:///{self.data_dir / 'h3d.db'}"
+        if self.db_url:
+            return self.db_url
+        from sqlalchemy.engine import URL  # the client-side commands never need SQLAlchemy
+
+        # Built, not pasted: a path holding "?", "#" or "%41" is no query string or escape
+        # (a data dir "exp?a" put its store in "exp", shared with "exp?b").
+        url = URL.create("sqlite", database=str(self.data_dir / "h3d.db"))
+        return url.render_as_string(hide_password=False)
 
     @property
     def host_names(self) -> list[str]:

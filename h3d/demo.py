@@ -13,7 +13,7 @@ import sys
 import time
 
 from h3d._http import DaemonClient, find_daemon, is_healthy
-from h3d.cli import print_report
+from h3d.cli import print_report, private_data_dir
 from h3d.config import Settings
 
 
@@ -23,9 +23,11 @@ def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, i
     if problem is None:
         print(f"using the running daemon at {url}")
         return url, None
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings)  # 0700, as the daemon keeps it; a file in its place: one line
     log = open(settings.data_dir / "h3d.log", "ab")  # noqa: SIM115  (handed to the child)
+    # the settings the demo's own flags set, passed on (the variables the child inherits)
     cmd = [sys.executable, "-m", "h3d", "serve", "--data-dir", str(settings.data_dir)]
+    cmd += ["--node", settings.node, "--log-level", settings.log_level]
     if settings.db_url:
         cmd += ["--db-url", settings.db_url]
     port_busy = False
@@ -98,18 +100,25 @@ def main(settings: Settings, *, epochs: int = 20, keep: bool = True) -> int:
     print()
     print_report(c.get(f"/v1/runs/{run_id}/report"))
     print()
+    h3d = f"{sys.executable} -m h3d"
+    if pid is not None and not keep:  # the link and `show` would need the daemon just stopped
+        os.kill(pid, 15)
+        where = f"--data-dir {settings.data_dir}"
+        print(
+            f"the daemon it started is stopped; the run is kept in {settings.data_dir}. To see "
+            f"it, start one (`{h3d} serve {where} --port 0`), then `{h3d} show {run_id[:8]} "
+            f"{where}` (or `{h3d} status {where}` for the dashboard link)"
+        )
+        return 0
     token = settings.token_path.read_text().strip()
     print(f"browse: {url}/#token={token}&run={run_id}")
     print(
         f"        (the dashboard; API docs at {url}/docs; or "
-        f"`{sys.executable} -m h3d show {run_id[:8]} --data-dir {settings.data_dir}`)"
+        f"`{h3d} show {run_id[:8]} --data-dir {settings.data_dir}`)"
     )
     if pid is not None:
-        if keep:
-            print(
-                f"the daemon keeps running (pid {pid}); stop it with "
-                f"`{sys.executable} -m h3d stop --data-dir {settings.data_dir}`"
-            )
-        else:
-            os.kill(pid, 15)
+        print(
+            f"the daemon keeps running (pid {pid}); stop it with "
+            f"`{h3d} stop --data-dir {settings.data_dir}`"
+        )
     return 0

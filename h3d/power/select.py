@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import TYPE_CHECKING
 
-from h3d.power.base import PowerBackend
-from h3d.power.estimated import MIN_WINDOW_S, EstimatedCpuBackend
-from h3d.power.fake import ConstantBackend
+if TYPE_CHECKING:  # the backends are imported when built: Settings checks a spec without them
+    from h3d.power.base import PowerBackend
 
 logger = logging.getLogger(__name__)
+
+KNOWN = "auto, estimated, constant:<W>, none"
+
+
+def parse_backends(spec: str) -> list[tuple[str, float | None]]:
+    """``H3D_POWER_BACKENDS`` as (family, watts of ``constant:<W>`` else None) items, in
+    order; a ValueError names the first item that is none of them (Settings checks the
+    variable with it, so a bad one is one line at start, before anything is created)."""
+    out: list[tuple[str, float | None]] = []
+    for item in (p.strip() for p in spec.split(",") if p.strip()):
+        if item in ("auto", "estimated", "none"):
+            out.append((item, None))
+        elif item.startswith("constant:"):
+            try:
+                watts = float(item.split(":", 1)[1])
+            except ValueError:
+                watts = math.nan
+            if not (math.isfinite(watts) and watts >= 0):
+                raise ValueError(
+                    f"{item!r}: the watts of constant:<W> must be a finite number >= 0"
+                )
+            out.append(("constant", watts))
+        else:
+            raise ValueError(f"unknown power backend {item!r} (known: {KNOWN})")
+    return out
 
 
 def _hardware() -> list[PowerBackend]:
@@ -31,6 +57,9 @@ def build_backends(
     kept under half of it, so that every scheduled read measures (a 50 ms period with a 50 ms
     shortest window would skip about every other read, by the wake-ups' jitter); only a read
     off the schedule that close to a scheduled one repeats the last figure."""
+    from h3d.power.estimated import MIN_WINDOW_S, EstimatedCpuBackend
+    from h3d.power.fake import ConstantBackend
+
     min_window_s = (
         MIN_WINDOW_S if sample_interval_s is None else min(MIN_WINDOW_S, sample_interval_s / 2)
     )
@@ -39,7 +68,7 @@ def build_backends(
         return EstimatedCpuBackend(cpu_tdp_w, min_window_s=min_window_s)
 
     out: list[PowerBackend] = []
-    for i, item in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+    for i, (item, watts) in enumerate(parse_backends(spec)):
         if item == "auto":
             hw = _hardware()
             if not hw:
@@ -51,13 +80,9 @@ def build_backends(
             out.extend(hw)
         elif item == "estimated":
             out.append(estimated())
-        elif item.startswith("constant:"):
-            watts = float(item.split(":", 1)[1])
+        elif item == "constant":
+            assert watts is not None
             out.append(ConstantBackend(watts, name=f"constant:{i}"))
-        elif item == "none":
-            continue
-        else:
-            raise ValueError(f"unknown power backend {item!r} in H3D_POWER_BACKENDS")
     if not out:
         logger.warning("no power backend: energy and η will be reported as unknown (source=none)")
     for b in out:

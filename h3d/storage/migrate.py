@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: one daemon per store
     fcntl = None  # type: ignore[assignment]
 
-from h3d.errors import SchemaMismatch, StorageUnavailable
+from h3d.errors import H3DError, SchemaMismatch, StorageUnavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -119,10 +120,45 @@ def current_revision(engine: Engine) -> str | None:
         raise _unreadable(engine, exc) from exc
 
 
-def _unreadable(engine: Engine, exc: DatabaseError) -> SchemaMismatch:
+def _path_problem(database: str | None) -> str | None:
+    """What keeps SQLite from opening a store at ``database`` that is not the file's
+    content: its directory missing, not a directory, read-only or not writable (SQLite
+    writes its WAL index beside the store even to read it), or the file not open to us."""
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).absolute()
+    parent = path.parent
+    if not parent.exists():
+        return f"the directory {parent} does not exist; create it or point --db-url elsewhere"
+    if not parent.is_dir():
+        return f"{parent} is not a directory; point --db-url elsewhere"
+    try:
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return (
+            f"{parent} is on a read-only file system, and SQLite writes beside the store even "
+            "to read it; mount it read-write, or copy the store elsewhere and point --db-url "
+            "at the copy"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable by this user; fix its permissions or use another"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not readable and writable by this user; fix its permissions"
+    return None
+
+
+def _unreadable(engine: Engine, exc: DatabaseError) -> H3DError:
+    """SQLite could not open or read the store: the place it is in, if that is why, else
+    the file itself (not a database)."""
+    url = engine.url.render_as_string(hide_password=True)
+    problem = _path_problem(engine.url.database)
+    if problem is not None:
+        return StorageUnavailable(f"{url}: {problem} ({exc.orig}); h3d changed nothing")
     return SchemaMismatch(
-        f"{engine.url.render_as_string(hide_password=True)} is not a readable database "
-        f"({exc.orig}); h3d left it untouched. Move it aside or point --db-url elsewhere."
+        f"{url} is not a readable database ({exc.orig}); h3d left it untouched. "
+        "Move it aside or point --db-url elsewhere."
     )
 
 
@@ -260,6 +296,11 @@ def verify_schema(engine: Engine) -> None:
         )
 
 
+def full_disk_note(where: Path) -> str:
+    """How a start that failed for want of space says so (``h3d serve``'s checks)."""
+    return f"the disk holding {where} is full; free some space and start again"
+
+
 def _disk_full(engine: Engine) -> Path | None:
     """The SQLite file's directory if the disk holding it has no room left for a page."""
     if not engine.url.database or engine.url.database == ":memory:":
@@ -288,13 +329,9 @@ def check_integrity(engine: Engine) -> None:
         full = _disk_full(engine)
         if full is not None:  # SQLite says "disk I/O error" when it cannot size the WAL index
             raise StorageUnavailable(
-                f"{url}: cannot open it ({exc.orig}): the disk holding {full} is full; "
-                "free some space and start again"
+                f"{url}: cannot open it ({exc.orig}): {full_disk_note(full)}"
             ) from exc
-        raise SchemaMismatch(
-            f"{url} is not a readable database ({exc.orig}); h3d left it untouched. "
-            "Move it aside or point --db-url elsewhere."
-        ) from exc
+        raise _unreadable(engine, exc) from exc
     if rows != ["ok"]:
         path = engine.url.database
         first = " ".join(" ".join(rows).split())[:160]  # quick_check's lines, on one line

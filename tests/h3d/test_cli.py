@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_cli_talks_to_a_plain_http_daemon_without_a_ca_bundle(
 def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
     port = str(free_port())  # nothing answers there, whatever else runs on this machine
     r = h3d(tmp_path / "empty", "status", H3D_PORT=port)
-    assert r.returncode == 1 and "no daemon answers" in r.stdout
+    assert r.returncode == 1 and "no daemon answers" in one_error_line(r) and not r.stdout
     r = h3d(tmp_path / "empty", "runs", H3D_PORT=port)
     assert r.returncode == 1 and "no h3d daemon answers" in r.stderr
 
@@ -119,7 +120,7 @@ def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
 def test_another_program_on_the_port_is_no_daemon(tmp_path: Path) -> None:
     with another_program_on_a_port() as port:  # its /healthz answers 200 "ok"
         r = h3d(tmp_path / "empty", "status", H3D_PORT=str(port))
-    assert r.returncode == 1 and f"no daemon answers at http://127.0.0.1:{port}" in r.stdout
+    assert r.returncode == 1 and f"no daemon answers at http://127.0.0.1:{port}" in r.stderr
 
 
 def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
@@ -130,10 +131,20 @@ def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
     mine, port = tmp_path / "mine", str(daemon.port)
     r = h3d(mine, "status", H3D_PORT=port)
     assert r.returncode == 1, r.stdout
-    assert f"no daemon serves {mine}" in r.stdout and "serves another data dir" in r.stdout
-    assert f"h3d serve --data-dir {mine} --port 0" in r.stdout
+    line = one_error_line(r)  # on stderr, as every error
+    assert f"no daemon serves {mine}" in line and "serves another data dir" in line
+    assert f"h3d serve --data-dir {mine} --port 0" in line
     r = h3d(mine, "runs", H3D_PORT=port)
     assert r.returncode == 1 and "serves another data dir" in r.stderr, r.stderr
+    # a spool is not replayed into it: named as that daemon, not as its raw 401 answer
+    spool = mine / "spool" / "0123456789abcdef0123456789abcdef.jsonl"
+    spool.parent.mkdir(parents=True)
+    spool.write_text(_spool_line("create", spool.stem, json.dumps({"id": spool.stem})))
+    r = h3d(mine, "import", H3D_PORT=port)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = one_error_line(r)
+    assert f"no daemon serves {mine}" in line and f"{spool.name} is kept" in line, line
+    assert "401" not in line and spool.exists()
     # with that daemon's token (a daemon in a container, on its published port) it is used
     r = h3d(mine, "status", H3D_PORT=port, H3D_TOKEN=daemon.token)
     assert r.returncode == 0 and "runs: 0 stored" in r.stdout, r.stdout + r.stderr
@@ -151,14 +162,26 @@ def test_db_upgrade_and_current(tmp_path: Path) -> None:
 
 
 def test_demo_profiles_a_real_training_run(tmp_path: Path) -> None:
+    import sqlite3
+
     data = tmp_path / "demo"
-    r = h3d(data, "demo", "--epochs", "3", "--stop", timeout=300)
+    args = ("--epochs", "3", "--stop", "--node", "demo-node", "--log-level", "WARNING")
+    r = h3d(data, "demo", *args, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     out: Any = r.stdout
     assert "epoch   3/3" in out and "energy" in out and "bits/J" in out
     assert "(epoch mean)" in out and f"--data-dir {data}" in out
     assert "source=estimated" in out or "source=" in out
     assert (data / "h3d.db").exists()
+    # --stop: no link to the daemon it just stopped, but how to see the run again
+    assert "browse:" not in out and "#token=" not in out and "/docs" not in out, out
+    assert "the daemon it started is stopped" in out and f"serve --data-dir {data}" in out
+    # --node and --log-level reached the daemon it started
+    with contextlib.closing(sqlite3.connect(data / "h3d.db")) as db:
+        assert db.execute("SELECT DISTINCT node FROM devices").fetchall() == [("demo-node",)]
+        assert db.execute("SELECT node FROM runs").fetchall() == [("demo-node",)]
+    log = (data / "h3d.log").read_text()
+    assert " INFO " not in log, log
 
 
 def test_serve_on_a_port_in_use_says_how_to_take_a_free_one(daemon: Daemon, tmp_path: Path) -> None:
@@ -266,7 +289,7 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_data_dir(tmp_path: Path
     try:
         (data / "daemon.json").write_text(json.dumps({"url": "http://x", "pid": bystander.pid}))
         r = h3d(data, "stop")
-        assert r.returncode == 1 and "was not signalled" in r.stdout
+        assert r.returncode == 1 and "was not signalled" in one_error_line(r)
         time.sleep(0.2)
         assert bystander.poll() is None  # still alive
         assert not (data / "daemon.json").exists()
@@ -428,6 +451,13 @@ def test_an_output_file_that_cannot_be_written_is_one_line(daemon: Daemon, tmp_p
         (("serve", "--node", ""), {}, "--node '' (H3D_NODE): "),
         (("status",), {"H3D_SAMPLE_INTERVAL_S": "0"}, "H3D_SAMPLE_INTERVAL_S=0: "),
         (("runs",), {"H3D_LOG_LEVEL": "loud"}, "H3D_LOG_LEVEL=loud: unknown log level"),
+        # before anything is created or bound (they crashed the daemon after binding)
+        (
+            ("serve", "--port", "0"),
+            {"H3D_POWER_BACKENDS": "rapl,nvmll"},
+            "H3D_POWER_BACKENDS=rapl,nvmll: unknown power backend 'rapl'",
+        ),
+        (("serve", "--port", "0"), {"H3D_IDLE_MIN_S": "inf"}, "H3D_IDLE_MIN_S=inf: "),
     ],
 )
 def test_a_bad_setting_names_the_setting_and_its_variable(
