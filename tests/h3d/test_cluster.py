@@ -197,11 +197,14 @@ def test_one_node_name_is_held_by_one_live_daemon(
     refused, naming the holder; a node stopped cleanly, or killed on this host, is free at
     once."""
     a = daemon_factory("a", H3D_DB_URL=pg_url, H3D_NODE="gpu-7")
-    second = Daemon(a.data_dir.parent / "b", {**a.env, "H3D_DATA_DIR": str(a.data_dir.parent / "b")})
-    with pytest.raises(RuntimeError, match="exited") as refused:
+    second = Daemon(
+        a.data_dir.parent / "b", {**a.env, "H3D_DATA_DIR": str(a.data_dir.parent / "b")}
+    )
+    with pytest.raises(RuntimeError, match="h3d exited 2") as refused:  # one line, exit 2
         second.start(timeout_s=60)
     said = str(refused.value)
     assert "another h3d samples as node 'gpu-7'" in said and f"pid {a.proc.pid}" in said
+    assert "Traceback" not in said
     a.stop()  # a clean stop releases the node
     second.start(timeout_s=60)
     second.kill()  # SIGKILL: no release; its process is gone, so the node is free at once
