@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -44,6 +45,7 @@ from h3d.storage import repository as repo
 from h3d.storage.engine import Store
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _alive(pid: int) -> bool:
@@ -84,34 +86,16 @@ class NodeLease:
         self.started_at = clock()
         self._lost = False
 
+    def _write(self, fn: Callable[..., _T], **kw: Any) -> _T:
+        """``fn`` on the store, for this daemon's lease (its node, host, pid and start)."""
+        who = {"node": self.node, "host": self.host, "pid": self.pid}
+        return self.store.write(lambda s: fn(s, **who, started_at=self.started_at, **kw))
+
     def claim(self) -> None:
-        now = self._clock()
-        self.store.write(
-            lambda s: repo.claim_node(
-                s,
-                node=self.node,
-                host=self.host,
-                pid=self.pid,
-                started_at=self.started_at,
-                now=now,
-                lease_s=self.lease_s,
-                alive=_alive,
-            )
-        )
+        self._write(repo.claim_node, now=self._clock(), lease_s=self.lease_s, alive=_alive)
 
     def renew(self) -> None:
-        now = self._clock()
-        held = self.store.write(
-            lambda s: repo.renew_node(
-                s,
-                node=self.node,
-                host=self.host,
-                pid=self.pid,
-                started_at=self.started_at,
-                now=now,
-            )
-        )
-        if not held and not self._lost:
+        if not self._write(repo.renew_node, now=self._clock()) and not self._lost:
             self._lost = True
             logger.error(
                 "this daemon's lease on node %r lapsed and another h3d took it: two daemons "
@@ -120,15 +104,7 @@ class NodeLease:
             )
 
     def release(self) -> None:
-        self.store.write(
-            lambda s: repo.release_node(
-                s,
-                node=self.node,
-                host=self.host,
-                pid=self.pid,
-                started_at=self.started_at,
-            )
-        )
+        self._write(repo.release_node)
 
 
 class Reaper:

@@ -75,6 +75,14 @@ def test_xe_prefers_the_card_counter_over_the_package(tmp_path: Path) -> None:
     assert gpu.path.name == "energy2_input"
 
 
+def _intel_probe(tmp_path: Path, drm: Path) -> detect.Probe:
+    """What ``h3d doctor`` says of the Intel GPUs under ``drm`` (no other device there)."""
+    none = tmp_path / "none"
+    probes = detect.probe_all(powercap_root=none, drm_root=drm, hwmon_root=none, nvml_period=False)
+    (p,) = [p for p in probes if p.family == "intel"]
+    return p
+
+
 def test_xe_on_dg2_and_pvc_reads_the_pkg_counter(tmp_path: Path) -> None:
     # xe_hwmon.c: DG2 and PVC have an energy register for CHANNEL_PKG only, so energy1
     # (card) is hidden and the one counter is energy2_input, labelled "pkg"
@@ -85,16 +93,7 @@ def test_xe_on_dg2_and_pvc_reads_the_pkg_counter(tmp_path: Path) -> None:
     assert "'pkg'" in gpu.info.note and "not the whole board" in gpu.info.note
     hwmon_file(cls, "card0", "energy2_input").write_text("126456789\n")
     assert gpu.read().energy_j == pytest.approx(3.0)
-    (p,) = [
-        p
-        for p in detect.probe_all(
-            powercap_root=tmp_path / "none",
-            drm_root=cls,
-            hwmon_root=tmp_path / "none",
-            nvml_period=False,
-        )
-        if p.family == "intel"
-    ]
+    p = _intel_probe(tmp_path, cls)
     assert p.ok and "intel:0000:03:00.0 (intel_hwmon; " in p.reason
 
 
@@ -105,16 +104,7 @@ def test_a_gpu_without_hwmon_energy_says_why(tmp_path: Path) -> None:
     with pytest.raises(PowerBackendError, match="i915 hwmon without an energy counter") as exc:
         intel.discover(cls)
     assert "integrated" not in str(exc.value)
-    (p,) = [
-        p
-        for p in detect.probe_all(
-            powercap_root=tmp_path / "none",
-            drm_root=cls,
-            hwmon_root=tmp_path / "none",
-            nvml_period=False,
-        )
-        if p.family == "intel"
-    ]
+    p = _intel_probe(tmp_path, cls)
     assert "integrated" not in p.reason + p.fix and "Level Zero" in p.fix
     # an integrated GPU has no i915/xe hwmon at all: it is inside RAPL's package figure
     cls2 = drm_tree(tmp_path / "b", {"0000:00:02.0": {"name": "coretemp"}})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from h3optim import H3Optimizer
+from tests.h3optim._digits import digits, digits_closure
 
 CONFIGS = [
     {"lr": 1e-2},
@@ -497,14 +497,6 @@ def test_step_counters_advance_per_parameter_and_survive_a_state_round_trip(impl
     assert not any(torch.equal(x, y) for x, y in zip(before, (a, b, c), strict=True))
 
 
-@functools.cache
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    xs, ys = load_digits(return_X_y=True)
-    return torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
-
-
 # --- with an LR scheduler ------------------------------------------------------------------
 
 
@@ -536,7 +528,6 @@ def _digits_under(
 ) -> tuple[list[float], list[bool], torch.optim.Optimizer]:
     """100 steps of an MLP on the digits under a scheduler: the lr each step used, and
     whether it ran the curvature probe (the closure called twice)."""
-    xs, ys = _digits()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = make_opt(model.parameters())
@@ -544,16 +535,13 @@ def _digits_under(
     lrs: list[float] = []
     probed: list[bool] = []
     for t in range(100):
-        b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
         calls = 0
+        step = digits_closure(opt, model, t)
 
-        def loss_fn(b: slice = b) -> torch.Tensor:
+        def loss_fn(step: Callable[[], torch.Tensor] = step) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
-            loss.backward()
-            return loss
+            return step()
 
         if closure:
             opt.step(loss_fn)
@@ -599,7 +587,7 @@ def test_under_a_scheduler_the_probes_lower_the_step_and_never_raise_it_above(sc
 
 @pytest.mark.parametrize("sched", ["StepLR", "OneCycleLR"])
 def test_a_run_under_a_scheduler_resumes_identically_from_its_state(sched: str) -> None:
-    xs, ys = _digits()
+    xs, ys = digits()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -610,15 +598,7 @@ def test_a_run_under_a_scheduler_resumes_identically_from_its_state(sched: str) 
     def train(m: nn.Module, o: H3Optimizer, s: Any, steps: range) -> list[float]:
         lrs = []
         for t in steps:
-            b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
-
-            def closure(b: slice = b) -> torch.Tensor:
-                o.zero_grad()
-                loss = nn.functional.cross_entropy(m(xs[b]), ys[b])
-                loss.backward()
-                return loss
-
-            o.step(closure)
+            o.step(digits_closure(o, m, t))
             lrs.append(o.param_groups[0]["lr"])
             s.step()
         return lrs
@@ -642,21 +622,12 @@ def test_a_run_under_a_scheduler_resumes_identically_from_its_state(sched: str) 
 
 
 def _digits_probes(autocast: bool) -> tuple[H3Optimizer, nn.Module]:
-    xs, ys = _digits()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = H3Optimizer(model.parameters(), lr=1e-2, lipschitz_max_interval=10)
     for t in range(39):  # probes at steps 10, 20 and 30
-        b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
-
-        def closure(b: slice = b) -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
-            loss.backward()
-            return loss
-
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            opt.step(closure)
+            opt.step(digits_closure(opt, model, t))
     return opt, model
 
 
@@ -668,17 +639,10 @@ def test_the_probe_measures_the_curvature_under_autocast() -> None:
     assert len(full.lipschitz_history) == len(bf16.lipschitz_history) == 3
     assert bf16.lipschitz_history == pytest.approx(full.lipschitz_history, rel=0.05)
     # a forward after a step that probed, in the step's region, sees the updated weights
-    xs, ys = _digits()
+    xs, _ = digits()
     b = slice(39 * 64 % 1728, 39 * 64 % 1728 + 64)
-
-    def closure() -> torch.Tensor:
-        bf16.zero_grad()
-        loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
-        loss.backward()
-        return loss
-
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16.step(closure)  # step 40: a probe
+        bf16.step(digits_closure(bf16, model, 39))  # step 40: a probe
         after = model(xs[b])
     assert len(bf16.lipschitz_history) == 4
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -688,7 +652,7 @@ def test_the_probe_measures_the_curvature_under_autocast() -> None:
 def test_the_skip_counter_stays_an_exact_count_through_a_state_round_trip() -> None:
     # torch casts loaded state tensors (all but "step") to the parameter's dtype: bfloat16
     # holds integers exactly only up to 256
-    xs, ys = _digits()
+    xs, ys = digits()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).bfloat16()
     opt = H3Optimizer(model.parameters(), lr=1e-2)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from h3optim import H3Optimizer
+from tests.h3optim._digits import digits_closure
 
 IMPLS: dict[str, dict[str, Any]] = {
     "single": {"foreach": False},
@@ -131,10 +132,6 @@ def test_an_old_state_dict_without_bounds_loads_and_behaves_as_before(impl: str)
 def test_each_groups_bounds_follow_its_own_schedule(impl: str) -> None:
     # MultiplicativeLR multiplies each group's lr by its own factor: one decays from the
     # start, one from step 30; a small γ: the probes lower each step below its schedule
-    from sklearn.datasets import load_digits
-
-    xs, ys = load_digits(return_X_y=True)
-    xs, ys = torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
     factors: list[Callable[[int], float]] = [lambda t: 0.93, lambda t: 1.0 if t < 30 else 0.9]
 
     def run(make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]) -> list[list[float]]:
@@ -146,15 +143,7 @@ def test_each_groups_bounds_follow_its_own_schedule(impl: str) -> None:
         scheduler = torch.optim.lr_scheduler.MultiplicativeLR(opt, factors)
         lrs = []
         for t in range(60):
-            b = slice(t * 64 % 1728, t * 64 % 1728 + 64)
-
-            def closure(b: slice = b) -> torch.Tensor:
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            opt.step(digits_closure(opt, model, t))
             lrs.append([g["lr"] for g in opt.param_groups])
             scheduler.step()
         if isinstance(opt, H3Optimizer):
