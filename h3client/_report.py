@@ -95,7 +95,7 @@ def format_report(rep: dict[str, Any]) -> str:
         for p in rep["phases"]:
             lines.append(
                 f"    {p['phase']:<15} {p['batches']:>7} batches  {_f(p['energy_j'], ' J'):>12}  "
-                f"ΔI {_f(p['info_gain_bits'], ' bits'):>12}  η {_f(p['eta_bits_per_j'], ' bits/J')}"
+                f"ΔI {_f(p['info_gain_bits'], ' bits/sample'):>19}  η {_f(p['eta_bits_per_j'], ' bits/J')}"
             )
     if rep.get("epochs"):
         lines.append(

@@ -157,6 +157,9 @@ class H3Profiler:
         self._rank_arg, self._world_arg = rank, world_size
         self.dist: RankInfo | None = None
         self._epoch = 0
+        # a batch was logged without epoch= since the last log_epoch (tagged self._epoch)
+        self._tagged_by_default = False
+        self._warned_epoch = False
         self._proc: BatchProcessor | None = None
         self._exporter: HttpExporter | None = None
         self._client: Client | None = None
@@ -363,6 +366,9 @@ class H3Profiler:
                     indices = snapshot(indices, copies)
             if copies:
                 _batching.record_copies(copies)
+            if epoch is None:
+                epoch = self._epoch
+                self._tagged_by_default = True
             seq = self._seq
             self._seq = seq + self._seq_step
             q = proc.batches  # proc.add_batch, inline
@@ -376,7 +382,7 @@ class H3Profiler:
                     losses,
                     indices,
                     n,
-                    self._epoch if epoch is None else epoch,
+                    epoch,
                     step,
                     phase,
                 )
@@ -395,13 +401,25 @@ class H3Profiler:
         is left out, and the epoch's other figures are kept.
 
         ``epoch`` defaults to the one after the last logged (from 0; a resumed run continues
-        after its stored epochs). An epoch is stored once per run: the number of one the
+        after its stored epochs), as does a batch's epoch in ``log_batch``: numbering epochs
+        from 1 here puts the first epoch's batches in epoch 0 (warned once); pass ``epoch=``
+        to both, or to neither. An epoch is stored once per run: the number of one the
         run already holds is taken by the daemon as a duplicate and not stored."""
         proc = self._proc
         if proc is None or not self._accepting:
             return
         try:
             ep = self._epoch if epoch is None else int(epoch)
+            if ep != self._epoch and self._tagged_by_default and not self._warned_epoch:
+                self._warned_epoch = True
+                logger.warning(
+                    "h3: log_epoch(%d) after batches logged as epoch %d (a batch without "
+                    "epoch= takes the one after the last logged, from 0): they stay in that "
+                    "epoch. Number epochs from 0, or pass epoch= to log_batch too",
+                    ep,
+                    self._epoch,
+                )
+            self._tagged_by_default = False
             row: dict[str, Any] = {"epoch": ep, "t": time.time()}
             if metrics.get("phase") is not None:
                 row["phase"] = str(metrics.pop("phase"))
@@ -551,11 +569,13 @@ class H3Profiler:
             "energy_source": "none",
             "energy_measured": False,
             "info_gain_bits": None,
+            "info_gain_total_bits": None,
             "efficiency_bits_per_j": None,
             "co2e_g": None,
             "carbon_source": "none",
             "phases": [],
             "epochs": [],
+            "stopping_point": None,
         }
         if rep is not None:
             e, eta = rep["energy"], rep["eta"]

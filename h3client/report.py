@@ -280,14 +280,14 @@ def _compare_row(c: Any, ref: str) -> dict[str, Any]:
 
 def _print_compare(rows: list[dict[str, Any]], tolerance: float) -> None:
     print(
-        f"{'run or log':<34} {'name':<20} {'energy J':>10} {'ΔI bits':>9} {'η bits/J':>10} "
+        f"{'run or log':<34} {'name':<20} {'energy J':>10} {'ΔI bits/sample':>14} {'η bits/J':>10} "
         f"{'acc':>7}  {'assessment':<12} Green Score vs first"
     )
     for i, r in enumerate(rows):
         score = "baseline" if i == 0 else _f(green_score(r, rows[0], tolerance)[0])
         print(
             f"{r['source'][:34]:<34} {r['name'][:20]:<20} {_f(r['energy_j']):>10} "
-            f"{_f(r['info_gain_bits']):>9} {_f(r['eta_bits_per_j']):>10} "
+            f"{_f(r['info_gain_bits']):>14} {_f(r['eta_bits_per_j']):>10} "
             f"{_f(r['final_accuracy']):>7}  {r['assessment']:<12} {score}"
         )
 

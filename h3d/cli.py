@@ -470,7 +470,13 @@ def print_report(rep: dict[str, Any]) -> None:
     e, eta = rep["energy"], rep["eta"]
     print(f"run {rep['run']}  {rep['name']}  [{rep['status']}]")
     print(f"  duration     {rep['duration_s']:.1f} s, {rep['n_batches']} batches")
-    tag = "" if e["measured"] else "  (ESTIMATED: not a measurement)"
+    tag = (
+        ""
+        if e["measured"]
+        else "  (unknown: no device was readable)"
+        if e["source"] == "none"
+        else "  (ESTIMATED: not a measurement)"
+    )
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
     multi_node = len(e.get("by_node", ())) > 1
     for d in e["by_device"]:

@@ -172,6 +172,33 @@ def test_the_spool_is_private_like_the_daemons_data_dir(tmp_path: Path) -> None:
     assert {oct(f.stat().st_mode & 0o777) for f in spool.iterdir()} == {"0o600"}
 
 
+def test_epochs_numbered_from_1_are_warned_once_and_offline_results_have_every_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``for epoch in range(1, 4)`` with ``log_epoch(epoch)``: the first epoch's batches
+    were stored as epoch 0 silently (a phantom epoch in the report); now a warning says so,
+    once. The offline results carry every key the online ones do (None)."""
+    prof = H3Profiler("from-1", data_dir=tmp_path, autostart=False, url="http://127.0.0.1:9")
+    with caplog.at_level(logging.WARNING, logger="h3client"):
+        for epoch in range(1, 4):
+            for _ in range(3):
+                prof.log_batch(1.0)
+            prof.log_epoch(epoch, accuracy=0.5)
+    warned = [
+        r for r in caplog.records if "log_epoch(1) after batches logged as epoch 0" in r.message
+    ]
+    assert len(warned) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="h3client"):
+        for epoch in range(4, 6):  # epoch= on both: nothing to say
+            prof.log_batch(1.0, epoch=epoch)
+            prof.log_epoch(epoch)
+    assert "log_epoch(" not in caplog.text
+    res = prof.stop(timeout_s=5)
+    assert res["offline"] and res["stopping_point"] is None
+    assert res["info_gain_total_bits"] is None
+
+
 def test_a_final_status_the_disk_refused_is_not_said_to_be_in_the_spool(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -74,7 +74,7 @@ def test_h3_report_cli_on_runs(daemon: Daemon) -> None:
     for name, n in (("fast", 200), ("slow", 400)):
         p = H3Profiler(name, url=daemon.url, data_dir=daemon.data_dir)
         for s in range(n):
-            p.log_batch(2.0 / (1 + s / 50), epoch=s // 100)
+            p.log_batch(2.0 / (1 + s / 50), epoch=s // 100, phase="warmup" if s < 100 else None)
             if s % 100 == 99:
                 p.log_epoch(accuracy=0.9, keep_frac=0.6, uniform_mix=0.3)
         p.stop()
@@ -95,8 +95,9 @@ def test_h3_report_cli_on_runs(daemon: Daemon) -> None:
     assert (
         "H3 report" in r.stdout and "Green Score" in r.stdout and "assessment: moderate" in r.stdout
     )
+    assert "ΔI" in r.stdout and " bits/sample  η" in r.stdout  # the phase line's unit
     r = run("--compare", *ids)
-    assert ids[0] in r.stdout and ids[1] in r.stdout
+    assert ids[0] in r.stdout and ids[1] in r.stdout and "ΔI bits/sample" in r.stdout
     r = run("--run", "nope")
     assert r.returncode == 1 and "run_not_found" in r.stderr
 

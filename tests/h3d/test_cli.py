@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -550,3 +551,16 @@ def test_import_with_no_daemon_keeps_the_file_and_says_so(tmp_path: Path) -> Non
     r = h3d(tmp_path / "data", "import", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 1
     assert one_error_line(r).startswith(f"h3d: cannot read {tmp_path / 'missing.jsonl'}: ")
+
+
+def test_show_calls_unknown_energy_unknown_not_estimated(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory("none", H3D_POWER_BACKENDS="none")
+    with d.client() as api:
+        run = api.post("/v1/runs", json={"name": "dark"}).json()
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"})
+    show = h3d(d, "show", run["id"])
+    assert show.returncode == 0, show.stderr
+    assert "source=none  (unknown: no device was readable)" in show.stdout
+    assert "ESTIMATED" not in show.stdout
