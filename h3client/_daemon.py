@@ -82,6 +82,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
     private_dir(data_dir)
     before = read_daemon_file(data_dir)
     with open(data_dir / "h3d.log", "ab", opener=private_file) as log:
+        since = log.seek(0, os.SEEK_END)  # what this start writes comes after
         proc = subprocess.Popen(
             [sys.executable, "-m", "h3d", "serve", "--data-dir", str(data_dir), "--port", "0"],
             stdout=log,
@@ -98,9 +99,24 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
             if is_healthy(url):
                 return url
         if proc.poll() is not None:
+            why = last_error_line(data_dir / "h3d.log", since)
+            if why:  # its one line (a node in use, a bad store): said here, not only there
+                logger.warning("h3: the daemon it started exited: %s", why)
             return None
         time.sleep(0.02)  # a file read per poll: a 100 ms poll added ~50 ms to autostart
     return None
+
+
+def last_error_line(log: Path, since: int) -> str | None:
+    """The last ``h3d: ...`` line a daemon wrote to its log after offset ``since`` (its
+    one-line reason to exit), or None. (h3d's demo reads its daemon's log the same way.)"""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(since, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line for line in reversed(tail) if line.startswith("h3d: ")), None)
 
 
 def _serves(url: str, data_dir: Path) -> bool:

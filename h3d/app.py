@@ -86,14 +86,22 @@ def _allowed(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
+def node_lease(settings: Settings, store: Store) -> NodeLease:
+    """This daemon's lease on its node name: renewed every reaper pass, lapsing after six
+    missed ones (at least 30 s)."""
+    return NodeLease(store, settings.node, lease_s=max(30.0, 6 * settings.run_reap_every_s))
+
+
 def create_app(
     settings: Settings,
     *,
     backends: Sequence[PowerBackend] | None = None,
     store_checked: bool = False,
+    lease: NodeLease | None = None,
 ) -> FastAPI:
     """The app; its lifespan opens the store (upgraded or verified, unless ``store_checked``:
-    ``h3d serve`` has done it, under the data dir's lock, just before binding)."""
+    ``h3d serve`` has done it, under the data dir's lock, just before binding) and claims
+    the node's lease (unless ``lease``: ``h3d serve`` claimed it then too)."""
     make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 
@@ -106,12 +114,16 @@ def create_app(
             migrate.verify_schema(store.engine)
         # one live daemon per node name in the store: a lease renewed every reaper pass,
         # lapsing after several missed ones
-        lease = NodeLease(store, settings.node, lease_s=max(30.0, 6 * settings.run_reap_every_s))
-        try:
-            lease.claim()
-        except BaseException:
-            store.close()
-            raise
+        if lease is None:
+            held = node_lease(settings, store)
+            try:
+                held.claim()
+            except BaseException:
+                store.close()
+                raise
+        else:
+            held = lease
+            held.store = store  # claimed by `h3d serve` through a store of its own
         devs = (
             list(backends)
             if backends is not None
@@ -145,7 +157,7 @@ def create_app(
             grace_s=settings.run_exit_grace_s,
             timeout_s=settings.run_timeout_s,
             every_s=settings.run_reap_every_s,
-            lease=lease,
+            lease=held,
         )
         reaper.start()
         _write_daemon_file(settings)
@@ -157,7 +169,7 @@ def create_app(
             reaper.stop()
             sampler.stop()
             try:
-                lease.release()
+                held.release()
             except Exception:  # the store is gone: the lease lapses on its own
                 logger.warning("could not release node %r's lease", settings.node)
             store.close()

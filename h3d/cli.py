@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from h3d.config import Settings
+    from h3d.reaper import NodeLease
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +304,20 @@ class _StartupFailure:
             raise
 
 
+def _claim_node(settings: Settings) -> NodeLease:
+    """The node's lease, claimed through a store of its own (the app opens another)."""
+    from h3d.app import node_lease
+    from h3d.storage.engine import Store
+
+    store = Store(settings.database_url)
+    try:
+        lease = node_lease(settings, store)
+        lease.claim()
+    finally:
+        store.close()
+    return lease
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _import_fastapi_deferred()
     with _StartupGcPause() as gc_pause:
@@ -364,6 +379,11 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
             f"h3d: cannot listen on {settings.host}:{settings.port}: {exc}{hint}", file=sys.stderr
         )
         return 2
+    try:  # bound, so a port in use left nothing held; not yet serving: one line if in use
+        lease = _claim_node(settings)
+    except errors as exc:
+        sock.close()
+        raise _cannot_start(settings, exc) from None
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host
     settings.public_url = f"http://{host}:{port}"
@@ -373,7 +393,7 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     # daemon.json): a disk that filled meanwhile, or had room only for the probe, stops it
     # there. uvicorn would log the traceback and "Application startup failed": say it in
     # one line instead.
-    app = _StartupFailure(create_app(settings, store_checked=True), errors)
+    app = _StartupFailure(create_app(settings, store_checked=True, lease=lease), errors)
     logging.getLogger("uvicorn.error").addFilter(lambda _record: app.error is None)
     config = uvicorn.Config(
         app, log_level=settings.log_level.lower(), access_log=False, log_config=None

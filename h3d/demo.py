@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from h3d._http import DaemonClient, find_daemon, is_healthy
 from h3d.cli import print_report, private_data_dir
@@ -25,6 +26,7 @@ def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, i
         return url, None
     private_data_dir(settings)  # 0700, as the daemon keeps it; a file in its place: one line
     log = open(settings.data_dir / "h3d.log", "ab")  # noqa: SIM115  (handed to the child)
+    since = log.seek(0, os.SEEK_END)  # what this start writes comes after
     # the settings the demo's own flags set, passed on (the variables the child inherits)
     cmd = [sys.executable, "-m", "h3d", "serve", "--data-dir", str(settings.data_dir)]
     cmd += ["--node", settings.node, "--log-level", settings.log_level]
@@ -41,6 +43,10 @@ def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, i
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            why = _last_error_line(settings.data_dir / "h3d.log", since)
+            if why and "cannot listen on" not in why:  # not the port: the reason, as it is
+                print()
+                raise SystemExit(why)
             if port_busy:
                 break
             port_busy = True  # the default port may be taken: try a free one
@@ -58,6 +64,16 @@ def start_daemon(settings: Settings, *, timeout_s: float = 30.0) -> tuple[str, i
         time.sleep(0.3)
     print()
     raise SystemExit(f"h3d: the daemon did not become healthy; see {settings.data_dir / 'h3d.log'}")
+
+
+def _last_error_line(log: Path, since: int) -> str | None:
+    """The last ``h3d: ...`` line the daemon wrote to its log after offset ``since`` (its
+    one-line reason to exit). (h3client's autostart reads the log the same way.)"""
+    try:
+        lines = log.read_bytes()[since:][-8192:].decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line for line in reversed(lines) if line.startswith("h3d: ")), None)
 
 
 def missing_training_packages() -> list[str]:

@@ -29,34 +29,54 @@ daemon per node name in a store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from h3d.errors import RunFinished, RunNotFound
+from h3d.errors import NodeTaken, RunFinished, RunNotFound
 from h3d.power.sampler import PowerSampler
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
-def _alive(pid: int) -> bool:
-    """A process ``pid`` exists on this host (one of another user counts)."""
+def _start_ticks(pid: int | str) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), or None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before may hold spaces
+
+
+def proc_identity() -> str | None:
+    """This process as "boot id/pid namespace/start time" (Linux), or None elsewhere."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    ticks = _start_ticks("self")
+    return None if ticks is None else f"{boot}/{ns}/{ticks}"
+
+
+def _holder_alive(proc: str | None, pid: int, mine: str | None) -> bool | None:
+    """Whether the holder (``proc``, ``pid``) still runs, where this process can tell: in
+    its own pid namespace since the same boot. None: it cannot (another host, container or
+    boot, or no /proc); only the holder's renewals tell then."""
+    if proc is None or mine is None or proc.rsplit("/", 1)[0] != mine.rsplit("/", 1)[0]:
+        return None
+    return _start_ticks(pid) == proc.rsplit("/", 1)[1]
 
 
 class NodeLease:
@@ -65,9 +85,10 @@ class NodeLease:
     Devices are keyed by (node, name): two live daemons sampling as one node would write one
     device's samples twice over and split every run's share of it. ``claim()`` at start
     raises NodeTaken while another live daemon holds the name; ``renew()`` (each reaper
-    pass) keeps it; ``release()`` at stop frees it. A lease not renewed for ``lease_s``
-    lapses, so a daemon that died on another host frees its name after ``lease_s``; one
-    that died on this host, at once (its process is gone).
+    pass) keeps it; ``release()`` at stop frees it. A daemon takes the name at once from a
+    holder it can see has exited (same boot and pid namespace, its process gone); from any
+    other (another host, another container) it waits: a holder that renews is alive
+    (refused), and a lease not renewed for ``lease_s`` has lapsed (taken).
     """
 
     def __init__(
@@ -79,23 +100,80 @@ class NodeLease:
         clock: Callable[[], float] = time.time,
         host: str | None = None,
         pid: int | None = None,
+        proc: str | None = "self",
     ) -> None:
         self.store, self.node, self.lease_s, self._clock = store, node, lease_s, clock
         self.host = host if host is not None else socket.gethostname()
         self.pid = pid if pid is not None else os.getpid()
+        self.proc = proc_identity() if proc == "self" else proc
         self.started_at = clock()
         self._lost = False
 
-    def _write(self, fn: Callable[..., _T], **kw: Any) -> _T:
-        """``fn`` on the store, for this daemon's lease (its node, host, pid and start)."""
-        who = {"node": self.node, "host": self.host, "pid": self.pid}
-        return self.store.write(lambda s: fn(s, **who, started_at=self.started_at, **kw))
+    def _who(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": self.started_at,
+        }
 
-    def claim(self) -> None:
-        self._write(repo.claim_node, now=self._clock(), lease_s=self.lease_s, alive=_alive)
+    def claim(self, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Take the node, waiting while its holder can neither be seen exited nor has
+        renewed (at most until its lease lapses); NodeTaken if the holder is alive."""
+        first: float | None = None
+        waited = False
+        while True:
+            held = self.store.write(lambda s: repo.node_lease(s, self.node))
+            now = self._clock()
+            mine = (self.host, self.pid, self.started_at, self.proc)
+            if held is not None and (held[0], held[1], held[2], held[4]) != mine:
+                host, pid, _, seen_at, proc = held
+                age = max(0.0, now - seen_at)
+                alive = _holder_alive(proc, pid, self.proc)
+                renewed = first is not None and seen_at > first
+                if alive or renewed:
+                    raise NodeTaken(
+                        f"another h3d samples as node {self.node!r} in this store (pid {pid} "
+                        f"on {host}, renewed {age:.0f} s ago): two daemons with one node name "
+                        "would split every run's energy between them. Give this one its own "
+                        "name (--node or H3D_NODE)",
+                        details={"node": self.node, "host": host, "pid": pid},
+                    )
+                if alive is None and age < self.lease_s:  # alive only if it renews
+                    first = seen_at if first is None else first
+                    if not waited:
+                        waited = True
+                        logger.warning(
+                            "node %r is held by pid %d on %s, renewed %.0f s ago, which this "
+                            "host cannot see: waiting up to %.0f s for it to renew (then this "
+                            "daemon is refused) or to lapse",
+                            self.node,
+                            pid,
+                            host,
+                            age,
+                            self.lease_s - age,
+                        )
+                    sleep(min(0.5, self.lease_s - age))
+                    continue
+            expect = None if held is None else held[3]
+            try:
+                taken = self.store.write(
+                    functools.partial(
+                        repo.take_node,
+                        **self._who(),
+                        proc=self.proc,
+                        now=now,
+                        expect_seen_at=expect,
+                    )
+                )
+            except IntegrityError:  # another daemon inserted it at the same moment
+                taken = False
+            if taken:
+                return
 
     def renew(self) -> None:
-        if not self._write(repo.renew_node, now=self._clock()) and not self._lost:
+        held = self.store.write(lambda s: repo.renew_node(s, **self._who(), now=self._clock()))
+        if not held and not self._lost:
             self._lost = True
             logger.error(
                 "this daemon's lease on node %r lapsed and another h3d took it: two daemons "
@@ -104,7 +182,7 @@ class NodeLease:
             )
 
     def release(self) -> None:
-        self._write(repo.release_node)
+        self.store.write(lambda s: repo.release_node(s, **self._who()))
 
 
 class Reaper:

@@ -54,6 +54,7 @@ REVISIONS = (
     "0007_bigint_counts",
     "0008_repair_lone_surrogates",
     "0009_node_leases",
+    "0010_node_lease_proc",
 )
 HEAD_REVISION = REVISIONS[-1]
 

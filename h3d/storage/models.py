@@ -213,3 +213,6 @@ class NodeLease(Base):
     pid: Mapped[int] = mapped_column(BigInt)
     started_at: Mapped[float] = mapped_column(Float)  # with host and pid: one daemon session
     seen_at: Mapped[float] = mapped_column(Float)  # renewed every reaper pass
+    # "boot id/pid namespace/start time" of the holder (Linux; NULL elsewhere): says whether
+    # the process pid names on this host is still the holder (migration 0010)
+    proc: Mapped[str | None] = mapped_column(String(200))

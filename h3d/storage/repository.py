@@ -26,13 +26,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from h3d.errors import (
     AmbiguousRun,
     InvalidInput,
-    NodeTaken,
     RunExists,
     RunFinished,
     RunNotFound,
@@ -1001,50 +999,40 @@ def set_idle_power(session: Session, *, device_id: int, idle_power_w: float) -> 
 # --- node leases: one live daemon per node name ------------------------------------------
 
 
-def claim_node(
+def node_lease(session: Session, node: str) -> tuple[str, int, float, float, str | None] | None:
+    """``node``'s lease as (host, pid, started_at, seen_at, proc), or None."""
+    lease = session.get(NodeLease, node)
+    if lease is None:
+        return None
+    return lease.host, lease.pid, lease.started_at, lease.seen_at, lease.proc
+
+
+def take_node(
     session: Session,
     *,
     node: str,
     host: str,
     pid: int,
     started_at: float,
+    proc: str | None,
     now: float,
-    lease_s: float,
-    alive: Callable[[int], bool],
-) -> None:
-    """Take ``node`` for the daemon (``host``, ``pid``, ``started_at``), or raise NodeTaken
-    while another daemon holds it: one heard from within ``lease_s``, unless it ran on this
-    host and its process is gone (a daemon killed and started again takes its node back at
-    once; one on another host, once its lease has run out)."""
+    expect_seen_at: float | None,
+) -> bool:
+    """Take ``node``'s lease for this daemon if it is still as last read (renewed at
+    ``expect_seen_at``; None: no lease); False if it changed meanwhile. Two daemons that
+    both insert it: the second's commit fails (IntegrityError), and it reads again."""
     lease = session.get(NodeLease, node, with_for_update=True)
-    if lease is not None and (lease.host, lease.pid, lease.started_at) != (host, pid, started_at):
-        age = max(0.0, now - lease.seen_at)
-        gone = lease.host == host and lease.pid != pid and not alive(lease.pid)
-        if age < lease_s and not gone:
-            wait = (
-                ""
-                if lease.host == host and lease.pid != pid
-                else f", or, if that daemon is gone, start this one again in {lease_s - age:.0f} s"
-            )
-            raise NodeTaken(
-                f"another h3d samples as node {node!r} in this store (pid {lease.pid} on "
-                f"{lease.host}, heard from {age:.0f} s ago): two daemons with one node name "
-                "would split every run's energy between them. Give this one its own name "
-                f"(--node or H3D_NODE){wait}",
-                details={"node": node, "host": lease.host, "pid": lease.pid},
-            )
+    if (None if lease is None else lease.seen_at) != expect_seen_at:
+        return False
     if lease is None:
-        session.add(NodeLease(node=node, host=host, pid=pid, started_at=started_at, seen_at=now))
-        try:
-            session.flush()
-        except IntegrityError:  # another daemon inserted it since the read: it holds it
-            raise NodeTaken(
-                f"another h3d claimed node {node!r} in this store at the same moment: give "
-                "each daemon its own name (--node or H3D_NODE)",
-                details={"node": node},
-            ) from None
+        session.add(
+            NodeLease(node=node, host=host, pid=pid, started_at=started_at, seen_at=now, proc=proc)
+        )
+        session.flush()
     else:
-        lease.host, lease.pid, lease.started_at, lease.seen_at = host, pid, started_at, now
+        lease.host, lease.pid, lease.started_at = host, pid, started_at
+        lease.seen_at, lease.proc = now, proc
+    return True
 
 
 def _lease_is(node: str, host: str, pid: int, started_at: float) -> Any:

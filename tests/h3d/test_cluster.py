@@ -6,12 +6,14 @@ that is dropped afterwards. Without a server the tests are skipped, saying so.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +22,7 @@ from sqlalchemy import text
 from h3client import Client, H3Profiler
 from h3d.storage import migrate
 from h3d.storage.engine import make_engine
-from tests.conftest import Daemon
+from tests.conftest import Daemon, free_port
 
 
 @pytest.fixture
@@ -204,7 +206,7 @@ def test_one_node_name_is_held_by_one_live_daemon(
         second.start(timeout_s=60)
     said = str(refused.value)
     assert "another h3d samples as node 'gpu-7'" in said and f"pid {a.proc.pid}" in said
-    assert "Traceback" not in said
+    assert "Traceback" not in said and "serving on" not in said  # refused before serving
     a.stop()  # a clean stop releases the node
     second.start(timeout_s=60)
     second.kill()  # SIGKILL: no release; its process is gone, so the node is free at once
@@ -214,3 +216,25 @@ def test_one_node_name_is_held_by_one_live_daemon(
         held = conn.execute(text("SELECT node, pid FROM node_leases")).all()
     engine.dispose()
     assert [tuple(r) for r in held] == [("gpu-7", a.proc.pid)]
+
+
+def test_an_autostarted_daemon_refused_its_node_says_why_in_the_training_script(
+    daemon_factory: Callable[..., Daemon],
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The profiler said only "no daemon at ...": the reason (a node in use) was in the
+    autostarted daemon's log alone."""
+    daemon_factory("a", H3D_DB_URL=pg_url, H3D_NODE="gpu-7")
+    for k, v in {"H3D_DB_URL": pg_url, "H3D_NODE": "gpu-7", "H3D_LOG_LEVEL": "WARNING"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("H3D_PORT", str(free_port()))
+    with caplog.at_level(logging.WARNING, logger="h3client"):
+        prof = H3Profiler("refused", data_dir=tmp_path / "b")
+        prof.log_batch(1.0)
+        prof.stop(timeout_s=5)
+    assert "the daemon it started exited: h3d: cannot start: another h3d samples as node" in (
+        caplog.text
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -561,32 +562,64 @@ def test_driver_inserts_bind_each_value_to_its_column_in_any_order(store_url: st
     store.close()
 
 
-def test_a_node_lease_of_another_host_lapses_and_its_holder_learns_it_lost_it(
+def test_a_node_lease_is_taken_from_a_holder_seen_exited_or_lapsed_never_from_a_live_one(
     store_url: str,
 ) -> None:
+    """Whether the holder of a node's lease lives: where this process can see it (same
+    boot and pid namespace), by its process; elsewhere (another host or container) only by
+    its renewals: a daemon waits, and is refused if the holder renews, or takes the node
+    once the lease lapses. Host and pid alone were wrong both ways across containers."""
     from h3d.errors import NodeTaken
-    from h3d.reaper import NodeLease
+    from h3d.reaper import NodeLease, proc_identity
 
     store = Store(store_url)
     migrate.upgrade(store.engine)
+    me = proc_identity()
+    assert me is not None  # Linux
+    here_ns = me.rsplit("/", 1)[0]
     clock = [1000.0]
-    there = NodeLease(store, "n", lease_s=30, clock=lambda: clock[0], host="other", pid=1)
+
+    def lease(host: str, pid: int, proc: str | None) -> NodeLease:
+        return NodeLease(
+            store, "n", lease_s=30, clock=lambda: clock[0], host=host, pid=pid, proc=proc
+        )
+
+    def sleeping(renew: NodeLease | None) -> Callable[[float], None]:
+        def sleep(dt: float) -> None:
+            clock[0] += dt
+            if renew is not None and clock[0] % 5 < dt:  # its reaper's pass, every 5 s
+                renew.renew()
+
+        return sleep
+
+    # another container (another pid namespace) that renews: alive, refused after waiting
+    there = lease("h", 1, "boot/4026000001/77")
     there.claim()
-    here = NodeLease(store, "n", lease_s=30, clock=lambda: clock[0], host="this", pid=2)
-    clock[0] += 20
-    with pytest.raises(NodeTaken, match=r"pid 1 on other, heard from 20 s ago.*again in 10 s"):
-        here.claim()
-    there.renew()  # heard from again: the 30 s start over
-    clock[0] += 20
-    with pytest.raises(NodeTaken, match="heard from 20 s ago"):
-        here.claim()
-    clock[0] += 11  # lapsed: the other host's daemon is taken to be gone
-    here.claim()
+    clock[0] += 1
+    with pytest.raises(NodeTaken, match="pid 1 on h"):
+        lease("h", 1, me).claim(sleep=sleeping(there))
+    assert 1000 < clock[0] <= 1006  # refused at its first renewal, not after 30 s
+    # the same container gone (a crash; its successor is pid 1 again): waits for the lapse
+    start = clock[0]
+    successor = lease("h", 1, me)
+    successor.claim(sleep=sleeping(None))
+    assert 29 <= clock[0] - start <= 31
     assert not there._lost
     there.renew()
     assert there._lost  # it logs, once, that two daemons now sample as one node
-    here.renew()
-    here.release()
+    # a holder this process can see: alive (this very process) is refused at once ...
+    successor.release()
+    lease("h", os.getpid(), me).claim()
+    start = clock[0]
+    with pytest.raises(NodeTaken):
+        lease("h", 2, me).claim(sleep=sleeping(None))
+    assert clock[0] == start
+    # ... and one whose process is gone (a pid no process has) is taken at once
+    store.write(lambda s: s.execute(text("DELETE FROM node_leases")))
+    lease("h", 2**22 + 7, f"{here_ns}/12345").claim()
+    start = clock[0]
+    lease("h", 3, me).claim(sleep=sleeping(None))
+    assert clock[0] == start
     with store.read() as s:
-        assert s.scalar(text("SELECT count(*) FROM node_leases")) == 0
+        assert s.scalar(text("SELECT pid FROM node_leases")) == 3
     store.close()
