@@ -59,14 +59,20 @@ class _DeviceModel:
     dev: Device
     curve: EnergyCurve
     # piecewise-constant share of the device: (start, share); each piece runs to the next
+    # (the first from the window's start, the last to its end: a run whose process is gone
+    # keeps its last measured share). The sampler stores a run's rows tiling its time.
     starts: list[float]
     shares: list[float]
     # the idle baseline that applies to the run (W): stored at its end, else the device's now
     idle_w: float | None = None
+    # each piece's own end as stored (t1): what the per-rank rows are weighed over
+    ends: list[float] | None = None
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
         """(energy × share, (energy − idle) × share) over [a, b]. The idle draw is taken off
-        for the time the energy covers: a gap holds no energy, so no idle either."""
+        for the time the energy covers: a gap holds no energy, so no idle either. Energy
+        above idle is summed over the pieces as it is, and only the sum is kept from going
+        below 0: a piece below the baseline takes off what it drew less."""
         covered = self.curve.covered
         if not self.starts:
             e = self.curve.between(a, b)
@@ -80,9 +86,17 @@ class _DeviceModel:
                 e = self.curve.between(pa, pb)
                 total += self.shares[i] * e
                 if idle_w is not None:
-                    active += self.shares[i] * max(0.0, e - idle_w * covered(pa, pb))
+                    active += self.shares[i] * (e - idle_w * covered(pa, pb))
             i += 1
-        return total, (active if idle_w is not None else None)
+        return total, (max(0.0, active) if idle_w is not None else None)
+
+
+def _weigh(rows: list[repo.SharePiece], a: float, b: float) -> float:
+    """Share-seconds of ``rows`` (t0, t1, share) within [a, b]; for a point (a == b), the
+    share of the row that holds it."""
+    if b <= a:
+        return next((v for t0, t1, v in rows if t0 <= a <= t1), 0.0)
+    return sum(v * max(0.0, min(b, t1) - max(a, t0)) for t0, t1, v in rows)
 
 
 def run_nodes(session: Session, run: Run) -> set[str] | None:
@@ -106,7 +120,7 @@ class EnergyModel:
         nodes: set[str] | None = None,
     ) -> None:
         self.devices: list[_DeviceModel] = []
-        shares = repo.run_shares(session, run_id=run_id) if run_id else {}
+        shares = repo.run_share_rows(session, run_id=run_id) if run_id else {}
         kept = repo.run_idle(session, run_id=run_id) if run_id else None
         self.idle_kept = kept is not None  # the baselines are those the run ended with
         # per-rank pieces, for the breakdown: (node, rank, kind) -> pieces
@@ -118,9 +132,12 @@ class EnergyModel:
                 continue
             pieces = shares.get((dev.node, -1, share_kind(dev)), [])
             idle = kept.get(dev.id) if kept is not None else dev.idle_power_w
-            self.devices.append(
-                _DeviceModel(dev, curve, [p[0] for p in pieces], [p[1] for p in pieces], idle)
+            starts, ends, values = (
+                [p[0] for p in pieces],
+                [p[1] for p in pieces],
+                [p[2] for p in pieces],
             )
+            self.devices.append(_DeviceModel(dev, curve, starts, values, idle, ends))
 
     def breakdown(
         self, a: float, b: float, ranks: list[RunRank], counts: dict[int, int]
@@ -128,9 +145,11 @@ class EnergyModel:
         """(per node, per rank) attributed energy over [a, b].
 
         A rank gets, in each interval, its fraction of its node's part of a device: its own
-        share over the sum of the node's ranks' shares then (0 once it left). Where the
-        device reports no per-rank figures the node's part is split evenly over its ranks.
-        So the ranks of a node add up to the node, and the nodes to the run.
+        share over the sum of the node's ranks' shares then (0 once it left), each rank's
+        rows counted over their own [t0, t1] (a late rank's first row spans several of the
+        union's). Where the device reports no per-rank figures the node's part is split
+        evenly over its ranks. So the ranks of a node add up to the node, and the nodes to
+        the run.
         """
         b = max(a, b)
         by_node: dict[str, dict[str, Any]] = {}
@@ -152,16 +171,20 @@ class EnergyModel:
             if not local:
                 continue
             kind = share_kind(m.dev)
-            own = {k: dict(self.rank_shares.get((m.dev.node, k, kind), ())) for k in local}
+            own = {k: self.rank_shares.get((m.dev.node, k, kind), []) for k in local}
             if not m.starts or not any(own.values()):
                 for k in local:
                     energy[k] += m.attributed(a, b, None)[0] / len(local)
                 continue
+            ends = m.ends if m.ends is not None else m.starts[1:] + [m.starts[-1]]
+            # each rank's share-seconds within each union piece
+            pieces = list(zip(m.starts, ends, strict=True))
+            weight = {k: [_weigh(own[k], p0, p1) for p0, p1 in pieces] for k in local}
             for k in local:
                 shares = []
-                for t0, union in zip(m.starts, m.shares, strict=True):
-                    total = sum(own[q].get(t0, 0.0) for q in local)
-                    frac = own[k].get(t0, 0.0) / total if total > 0 else 1.0 / len(local)
+                for i, union in enumerate(m.shares):
+                    total = sum(weight[q][i] for q in local)
+                    frac = weight[k][i] / total if total > 0 else 1.0 / len(local)
                     shares.append(union * frac)
                 part = _DeviceModel(m.dev, m.curve, m.starts, shares)
                 energy[k] += part.attributed(a, b, None)[0]

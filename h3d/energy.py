@@ -10,8 +10,12 @@ Two methods, chosen per device by what it reports:
   interpolant of the samples, clipped to the window, with the edges interpolated. Never a
   rectangle sum.
 
+A device's samples may mix the two (retention gives the rows it keeps of a power-only
+device the energy it integrated): each step between two samples takes the counter where both
+carry one, else the trapezoid.
+
 Gaps longer than ``max_gap_s`` between two samples (a stalled sampler, a suspended machine)
-are not bridged: the time is reported in ``gaps_s`` and left out of ``energy_j``. A window
+are not bridged, except a step retention thinned, which says so (:func:`thinned_step`): the time is reported in ``gaps_s`` and left out of ``energy_j``. A window
 shorter than the device's update period is flagged ``below_granularity`` rather than
 reported as if it were exact.
 
@@ -39,36 +43,74 @@ class Integral:
     gaps: tuple[tuple[float, float], ...] = field(default=())
 
 
+def thinned_step(first: Sample, second: Sample) -> bool:
+    """Whether retention thinned the samples between ``first`` and ``second`` away.
+
+    The retention pass marks what it keeps: the first row of a thinned step carries, as its
+    power, the mean power over the step, exactly the cumulative energy's rise over the step's
+    length (``energy_j`` being the counter, or the energy retention integrated for a device
+    that reports power only). Such a step holds the energy of the samples it replaced, so it
+    is bridged whatever its length.
+    """
+    t0, p0, e0 = first
+    t1, _p1, e1 = second
+    return (
+        p0 is not None
+        and e0 is not None
+        and e1 is not None
+        and t1 > t0
+        and (p0 == (e1 - e0) / (t1 - t0))
+    )
+
+
 class EnergyCurve:
-    """Cumulative energy E(t) of one device, from samples sorted by time."""
+    """Cumulative energy E(t) of one device, from samples sorted by time.
+
+    Between two samples: the counter's difference where both carry a cumulative energy,
+    else the trapezoid of their power. A step longer than ``max_gap_s`` is a gap unless
+    retention thinned it (:func:`thinned_step`); a counter that steps back is a reset.
+    """
 
     def __init__(self, samples: Sequence[Sample], *, max_gap_s: float = 5.0) -> None:
-        counter = [(t, e) for t, _p, e in samples if e is not None]
-        power = [(t, p) for t, p, _e in samples if p is not None]
+        pts = [s for s in samples if s[1] is not None or s[2] is not None]
         self.n_samples = len(samples)
         self.max_gap_s = max_gap_s
         self._segments: tuple[list[float], list[float], list[float]] | None = None
-        self.is_counter = len(counter) >= 2 and len(counter) * 2 >= len(samples)
-        pts = counter if self.is_counter else power
-        self.method = ("counter" if self.is_counter else "trapezoid") if len(pts) >= 2 else "none"
         self.ts: list[float] = []
-        self.vs: list[float] = []  # counter value or power, per point
+        self.vs: list[float | None] = []  # power, per point (trapezoid steps)
+        self.linear: list[bool] = []  # step i -> i+1 interpolates E linearly (a counter)
         self.cum: list[float] = []  # energy from the first point to this one
         self.seg: list[int] = []  # segment id: a gap or a counter reset starts a new one
+        kinds: set[str] = set()
         seg, cum = 0, 0.0
-        for i, (t, v) in enumerate(pts):
+        for i, (t, p, e) in enumerate(pts):
             if i:
-                tp, vp = pts[i - 1]
-                if t - tp > max_gap_s or (self.is_counter and v < vp):
+                tp, pp, ep = pts[i - 1]
+                thinned = thinned_step(pts[i - 1], pts[i])
+                linear = ep is not None and e is not None
+                if (t - tp > max_gap_s and not thinned) or (linear and e < ep):  # type: ignore[operator]
                     seg += 1
-                elif self.is_counter:
-                    cum += v - vp
+                elif linear:
+                    cum += e - ep  # type: ignore[operator]
+                    kinds.add("thinned" if thinned and t - tp > max_gap_s else "counter")
+                elif p is not None and pp is not None:
+                    cum += 0.5 * (p + pp) * (t - tp)
+                    kinds.add("trapezoid")
                 else:
-                    cum += 0.5 * (v + vp) * (t - tp)
+                    seg += 1
+                self.linear.append(linear)
             self.ts.append(t)
-            self.vs.append(v)
+            self.vs.append(p)
             self.cum.append(cum)
             self.seg.append(seg)
+        # "thinned": some of the energy comes from steps retention thinned
+        if "thinned" in kinds:
+            self.method = "thinned"
+        elif "counter" in kinds or (not kinds and all(e is not None for _t, _p, e in pts)):
+            self.method = "counter" if len(pts) >= 2 else "none"
+        else:
+            self.method = "trapezoid" if len(pts) >= 2 else "none"
+        self.is_counter = self.method in ("counter", "thinned")
 
     def at(self, t: float) -> float:
         """E(t): constant before the first sample, after the last, and across gaps."""
@@ -80,10 +122,11 @@ class EnergyCurve:
             return self.cum[i]
         dt = ts[i + 1] - ts[i]
         frac = (t - ts[i]) / dt if dt > 0 else 1.0
-        if self.is_counter:
+        p0, p1 = self.vs[i], self.vs[i + 1]
+        if self.linear[i] or p0 is None or p1 is None:
             return self.cum[i] + (self.cum[i + 1] - self.cum[i]) * frac
-        p_t = self.vs[i] + (self.vs[i + 1] - self.vs[i]) * frac
-        return self.cum[i] + 0.5 * (self.vs[i] + p_t) * (t - ts[i])
+        p_t = p0 + (p1 - p0) * frac
+        return self.cum[i] + 0.5 * (p0 + p_t) * (t - ts[i])
 
     def between(self, t0: float, t1: float) -> float:
         return max(0.0, self.at(t1) - self.at(t0)) if t1 > t0 else 0.0

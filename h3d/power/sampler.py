@@ -31,6 +31,7 @@ from h3d.attribution import CpuShareTracker
 from h3d.power.base import PowerBackend, PowerBackendError
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
+from h3d.storage.models import Run
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,15 @@ class PowerSampler:
         self.run_energy_j: dict[str, float] = {}
         self.run_followed_since: dict[str, float] = {}
         self._last_share: dict[tuple[str, str], float] = {}
+        # per run: the CPU union rows stored for it here, newest last, [t0, t1, share before
+        # the cap at 1]: a rank whose share is back-dated to before the last of them (its
+        # create arrived late) is added to the rows it covers, which are stored again
+        self._union_rows: dict[str, deque[list[float]]] = {}
+        # per (run, kind): the open row of a run whose share of that kind is not measured
+        # (not followed here, or a GPU without per-process figures), [t0, t1, share],
+        # extended while its share holds: a few rows per run, one per change of the split
+        self._split_rows: dict[tuple[str, str], list[float]] = {}
+        self._split_start: dict[str, float] = {}  # where a run's first split row begins
         self._clock = clock
         self._mono0 = clock()
         self._wall0 = time.time()
@@ -291,9 +301,19 @@ class PowerSampler:
         True if followed. ``cpu_s`` at ``since_t``: its process's CPU time when it began
         (see :meth:`CpuShareTracker.track`)."""
         with self._lock:
+            now = self.now()
+            new = all(rid != run_id for rid, _rank in self._active_runs)
+            # where a split row of the run would begin: at its start (its window's), but
+            # never before the rows already stored for the others (they hold to there)
+            start = now if since_t is None else min(now, since_t)
+            start = max([start, *(row[1] for row in self._split_rows.values())])
+            if self._active_runs:  # the split changes: the runs' rows so far end here
+                self._pending_shares.extend(self._split(start if new else now, sharing=new))
+            if new:
+                self._split_start[run_id] = start
             self._active_runs.add((run_id, rank))
             self.run_energy_j.setdefault(run_id, 0.0)
-            self.run_followed_since.setdefault(run_id, self.now())
+            self.run_followed_since.setdefault(run_id, now)
             key = (run_id, rank)
             return pid is not None and self._shares.track(key, pid, cpu_s=cpu_s, since_t=since_t)
 
@@ -311,9 +331,14 @@ class PowerSampler:
             mine = {k for k in keys if k[0] == run_id and (rank is None or k[1] == rank)}
             # a process already gone cannot be read: its last interval would read as 0
             live = mine - set(self._shares.gone()) if mine else mine
+        end = self._finished_at(run_id) if rank is None else None
         if live:
-            self.sample_shares()
+            self.sample_shares(split_until=end)
         with self._lock:
+            # the split held to the run's end (its window's, before this call's latency)
+            t = self.now() if end is None else min(self.now(), end)
+            t = max([t, *(row[1] for row in self._split_rows.values())])
+            self._pending_shares.extend(self._split(t))
             keys = [k for k in self._active_runs if k[0] == run_id]
             for key in keys if rank is None else [(run_id, rank)]:
                 self._active_runs.discard(key)
@@ -322,8 +347,26 @@ class PowerSampler:
                 return  # other ranks of the run are still active here
             self.run_energy_j.pop(run_id, None)
             self.run_followed_since.pop(run_id, None)
+            self._union_rows.pop(run_id, None)
+            self._split_start.pop(run_id, None)
             for share_key in [k for k in self._last_share if k[0] == run_id]:
                 del self._last_share[share_key]
+            for split_key in [k for k in self._split_rows if k[0] == run_id]:
+                del self._split_rows[split_key]
+
+    def _finished_at(self, run_id: str) -> float | None:
+        """When the run ended, as stored; None if unknown. Read only where it splits a
+        device with others (one indexed read per run that ends)."""
+        with self._lock:
+            if not self._split_rows and len({r for r, _rank in self._active_runs}) < 2:
+                return None
+        try:
+            with self._store.read() as s:
+                run = s.get(Run, run_id)
+                return run.finished_at if run is not None else None
+        except Exception:  # the figure is then cut at now: never fail a run's end for it
+            logger.debug("cannot read when run %s ended", run_id, exc_info=True)
+            return None
 
     @property
     def active_runs(self) -> set[str]:
@@ -340,13 +383,14 @@ class PowerSampler:
                 if rank is None
             ]
 
-    def sample_shares(self) -> None:
+    def sample_shares(self, *, split_until: float | None = None) -> None:
         """Each tracked run's share since the last call, as stored intervals: of the CPU
         (process CPU time), and of each GPU whose backend reports per-process utilisation.
 
         Rank -1 rows hold the union of a run's processes on this node: a device is counted
         once per run however many of its ranks share it. A distributed run also gets one row
-        per rank (its part of the union), for the per-rank breakdown.
+        per rank (its part of the union, over its own interval), for the per-rank breakdown.
+        Runs whose share is not measured split what the measured ones leave (see ``_split``).
         """
         t = self.now()
         with self._lock:
@@ -365,32 +409,126 @@ class PowerSampler:
                 pids.setdefault(rid, {})[rank] = self._shares.pids(key)
             rows: list[dict[str, Any]] = []
 
-            def emit(rid: str, kind: str, per_rank: dict[int | None, float], union: float) -> None:
-                # a run's first share runs from its start when its client said what it was
-                first = [v for (r, _rank), v in starts.items() if r == rid]
-                start = min(first) if kind == "cpu" and first else t0
-                base = {"run_id": rid, "node": self.node, "kind": kind, "t0": start, "t1": t}
-                self._last_share[(rid, kind)] = min(1.0, union)
-                rows.append({**base, "rank": -1, "share": min(1.0, union)})
-                rows.extend(
-                    {**base, "rank": r, "share": v} for r, v in per_rank.items() if r is not None
+            def row(rid: str, rank: int, kind: str, a: float, b: float, share: float) -> None:
+                rows.append(
+                    {"run_id": rid, "node": self.node, "rank": rank, "kind": kind}
+                    | {"t0": a, "t1": b, "share": share}
                 )
 
             for rid, per_rank in by_run.items():
-                emit(rid, "cpu", per_rank, sum(per_rank.values()))
+                # a rank's first share runs from its start when its client said what it was
+                own = {r: starts.get((rid, r), t0) for r in per_rank}
+                for a, b, v in self._cpu_union(rid, per_rank, own, t0, t):
+                    row(rid, -1, "cpu", a, b, v)
+                for r, v in per_rank.items():
+                    if r is not None:
+                        row(rid, r, "cpu", own[r], t, v)
             since_us = int(t0 * 1e6)
             for d in self.devices:
                 process_share = getattr(d.backend, "process_share", None)
                 if process_share is None:
                     continue
+                kind = f"gpu:{d.backend.info.name}"
                 for rid, ranks in pids.items():
                     union = process_share(set().union(*ranks.values()), since_us)
-                    if union is None:  # NVML cannot say: the whole device is counted
+                    if union is None:  # NVML cannot say: the run splits what others leave
                         continue
-                    per = {r: process_share(p, since_us) for r, p in ranks.items() if r is not None}
-                    known: dict[int | None, float] = {r: v for r, v in per.items() if v is not None}
-                    emit(rid, f"gpu:{d.backend.info.name}", known, union)
+                    self._last_share[(rid, kind)] = min(1.0, union)
+                    row(rid, -1, kind, t0, t, min(1.0, union))
+                    for r, p in ranks.items():
+                        part = process_share(p, since_us) if r is not None else None
+                        if r is not None and part is not None:
+                            row(rid, r, kind, t0, t, part)
             self._pending_shares.extend(rows)
+            self._pending_shares.extend(
+                self._split(t if split_until is None else min(t, split_until))
+            )
+
+    def _cpu_union(
+        self,
+        rid: str,
+        per_rank: dict[int | None, float],
+        own: dict[int | None, float],
+        t0: float,
+        t: float,
+    ) -> list[list[float]]:
+        """The run's CPU union rows to store for this sample (the lock is held): the new one,
+        and earlier ones a late rank's back-dated share was added to.
+
+        Each rank's share is spread evenly over its own interval [start, t]. The new row
+        follows the run's last one (the first from its earliest start); a rank that began
+        before that row is added, pro rata of the overlap, to the rows it covers, so the
+        union rows tile the run's time and none is dropped or counted twice.
+        """
+        self._last_share[(rid, "cpu")] = min(1.0, sum(per_rank.values()))
+        hist = self._union_rows.setdefault(rid, deque(maxlen=CpuShareTracker.HISTORY))
+        c0 = hist[-1][1] if hist else min(own.values())
+        if t <= c0:
+            return []
+        new = sum(v * max(0.0, t - max(own[r], c0)) / (t - c0) for r, v in per_rank.items())
+        late = {r: own[r] for r, v in per_rank.items() if own[r] < c0 and v > 0}
+        changed: list[list[float]] = []
+        if late and hist:
+            first = min(late.values())
+            if first < hist[0][0] and len(hist) < CpuShareTracker.HISTORY:
+                hist.appendleft([first, hist[0][0], 0.0])
+            for piece in hist:
+                a, b = piece[0], piece[1]
+                add = sum(
+                    per_rank[r] * max(0.0, min(b, t) - max(a, s)) / (b - a)
+                    for r, s in late.items()
+                    if b > a
+                )
+                if add > 0:
+                    piece[2] += add
+                    changed.append(piece)
+        hist.append([c0, t, new])
+        return [[a, b, min(1.0, v)] for a, b, v in (*changed, hist[-1])]
+
+    def _split(self, t: float, *, sharing: bool = False) -> list[dict[str, Any]]:
+        """Rows up to ``t`` for the active runs whose share of a device is not measured (the
+        lock is held): the rule ``_add_to_runs`` applies live. They split evenly what the
+        measured runs leave of the device; a run alone gets all of it.
+
+        A run that has only ever been alone needs no rows (no rows: the whole device); from
+        the moment another run joins (``sharing``: one is about to) its rows cover its time
+        from its start. A run followed here has a CPU share from its start once measured,
+        so it gets no CPU split row; a GPU without per-process figures is split between
+        every run.
+        """
+        runs = {rid for rid, _rank in self._active_runs}
+        if not runs:
+            return []
+        followed = {k[0] for k in cast(list[tuple[str, int | None]], self._shares.tracked)}
+        kinds = {
+            f"gpu:{d.backend.info.name}" if d.backend.info.kind == "gpu" else "cpu"
+            for d in self.devices
+        }
+        rows: list[dict[str, Any]] = []
+        for kind in sorted(kinds):
+            known = {r: self._last_share[(r, kind)] for r in runs if (r, kind) in self._last_share}
+            unknown = runs - set(known)
+            if not unknown:
+                continue
+            rest = max(0.0, 1.0 - sum(known.values())) / len(unknown)
+            for rid in sorted(unknown):
+                if kind == "cpu" and rid in followed:
+                    continue  # its measured share will run from its start
+                open_ = self._split_rows.get((rid, kind))
+                if open_ is None and len(runs) == 1 and not sharing:
+                    continue  # alone so far
+                a = open_[1] if open_ is not None else self._split_start.get(rid, t)
+                if t <= a:
+                    continue
+                if open_ is not None and abs(open_[2] - rest) <= 1e-9:
+                    open_[1] = t  # the same split: the row is extended (stored again)
+                else:
+                    open_ = self._split_rows[(rid, kind)] = [a, t, rest]
+                rows.append(
+                    {"run_id": rid, "node": self.node, "rank": -1, "kind": kind}
+                    | {"t0": open_[0], "t1": open_[1], "share": open_[2]}
+                )
+        return rows
 
     def _update_idle(self) -> list[tuple[int, float]]:
         changed = []
@@ -512,18 +650,18 @@ class PowerSampler:
     def unstored(self) -> dict[str, Any]:
         """Readings and shares not stored yet, for the store's read overlay."""
         with self._lock:
-            rows = list(self._pending)
-            shares = list(self._pending_shares)
-            if self._inflight is not None:
-                rows += self._inflight[0]
-                shares += self._inflight[1]
+            # the write in flight first: a pending row of the same key is newer and wins
+            rows = list(self._inflight[0]) if self._inflight is not None else []
+            shares = list(self._inflight[1]) if self._inflight is not None else []
+            rows += self._pending
+            shares += self._pending_shares
         power: dict[int, list[tuple[float, float | None, float | None]]] = {}
         for r in rows:
             power.setdefault(r["device_id"], []).append((r["t"], r["power_w"], r["energy_j"]))
-        by_run: dict[str, list[tuple[str, int, str, float, float]]] = {}
+        by_run: dict[str, list[tuple[str, int, str, float, float, float]]] = {}
         for r in shares:
             by_run.setdefault(r["run_id"], []).append(
-                (r["node"], r["rank"], r["kind"], r["t0"], r["share"])
+                (r["node"], r["rank"], r["kind"], r["t0"], r["t1"], r["share"])
             )
         return {"unstored_power": power, "unstored_shares": by_run}
 

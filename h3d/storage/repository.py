@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import functools
+import itertools
 import math
 import uuid
 from array import array
@@ -28,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
+from h3d.energy import EnergyCurve, Sample, thinned_step
 from h3d.errors import (
     AmbiguousRun,
     InvalidInput,
@@ -61,6 +64,21 @@ def _pg_insert(table: Any) -> Any:
     from sqlalchemy.dialects import postgresql
 
     return postgresql.insert(table)
+
+
+def _upsert_shares(session: Session) -> Any:
+    """An INSERT of run shares where a row with the key already stored is replaced: the
+    sampler amends a run's rows (a run's split extended while it holds, a late rank's
+    share added to the intervals it was back-dated over), and never loses one on a key."""
+    table: Any = RunShare.__table__
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        return table.insert()
+    stmt = sqlite.insert(table) if dialect == "sqlite" else _pg_insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=[c.name for c in table.primary_key],
+        set_={"t1": stmt.excluded.t1, "share": stmt.excluded.share},
+    )
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -925,10 +943,18 @@ def power_window(
 def prune_power_samples(
     session: Session, *, cutoff: float, bucket_s: float, since: float = float("-inf")
 ) -> int:
-    """Downsample power samples in [since, cutoff) to one per device per ``bucket_s``.
+    """Thin power samples in [since, cutoff) to about one per device per ``bucket_s``,
+    keeping every run's energy (docs/power.md "Retention").
 
     Samples inside the window of a run that is still running, or that finished after
-    ``cutoff``, keep full resolution. Returns the number of rows deleted.
+    ``cutoff``, keep full resolution. A kept row stands for the samples thinned after it: its
+    ``power_w`` becomes the mean power up to the next kept row and ``energy_j`` carries the
+    cumulative energy (the counter, or, for a device that reports power only, the energy
+    integrated here), so the energy model counts the thinned steps exactly
+    (:func:`h3d.energy.thinned_step`). Kept too: the two samples around each gap and counter
+    reset, and around each run's start and end and each epoch's end. Steps an older version
+    thinned without marking them are marked, with the trapezoid over the thinned rows.
+    Returns the number of rows deleted.
     """
     protected = [
         (a, b if b is not None else float("inf"))
@@ -938,58 +964,186 @@ def prune_power_samples(
             )
         )
     ]
-    rows = session.execute(
-        select(PowerSample.device_id, PowerSample.t)
+    edges = _edge_times(session, since=since, cutoff=cutoff)
+    cols = (PowerSample.t, PowerSample.power_w, PowerSample.energy_j)
+    deleted = 0
+    for dev in session.scalars(
+        select(PowerSample.device_id)
         .where(PowerSample.t >= since, PowerSample.t < cutoff)
-        .order_by(PowerSample.device_id, PowerSample.t)
-    ).all()
-    doomed: list[tuple[int, float]] = []
-    kept_bucket: tuple[int, int] | None = None
-    for dev, t in rows:
-        if any(a <= t <= b for a, b in protected):
-            continue
-        bucket = (dev, int(t // bucket_s))
-        if bucket == kept_bucket:
-            doomed.append((dev, t))
-        else:
-            kept_bucket = bucket
-    for i in range(0, len(doomed), 500):
-        chunk = doomed[i : i + 500]
-        for dev in {d for d, _ in chunk}:
+        .distinct()
+    ).all():
+        mine = PowerSample.device_id == dev
+        before = session.execute(
+            select(*cols).where(mine, PowerSample.t < since).order_by(PowerSample.t.desc()).limit(1)
+        ).all()
+        inside = session.execute(
+            select(*cols)
+            .where(mine, PowerSample.t >= since, PowerSample.t < cutoff)
+            .order_by(PowerSample.t)
+        ).all()
+        after = session.execute(
+            select(*cols).where(mine, PowerSample.t >= cutoff).order_by(PowerSample.t).limit(1)
+        ).all()
+        rows: list[Sample] = [(r[0], r[1], r[2]) for r in (*before, *inside, *after)]
+        thinnable = [
+            bool(before) <= i < len(rows) - len(after)
+            and not any(a <= rows[i][0] <= b for a, b in protected)
+            for i in range(len(rows))
+        ]
+        doomed, updates = _thin_device(rows, thinnable, bucket_s, edges)
+        for i in range(0, len(doomed), 500):
+            session.execute(delete(PowerSample).where(mine, PowerSample.t.in_(doomed[i : i + 500])))
+        for t, p, e in updates:
             session.execute(
-                delete(PowerSample).where(
-                    PowerSample.device_id == dev,
-                    PowerSample.t.in_([t for d, t in chunk if d == dev]),
-                )
+                update(PowerSample).where(mine, PowerSample.t == t).values(power_w=p, energy_j=e)
             )
+        deleted += len(doomed)
     session.flush()
-    return len(doomed)
+    return deleted
+
+
+def _edge_times(session: Session, *, since: float, cutoff: float) -> list[float]:
+    """Starts and ends of runs, and ends of epochs, in [since, cutoff): the samples around
+    them are kept, so a counter's energy over a run or an epoch stays exact."""
+    out: list[float] = []
+    for a, b in session.execute(
+        select(Run.created_at, Run.finished_at).where(
+            Run.created_at < cutoff, or_(Run.finished_at.is_(None), Run.finished_at >= since)
+        )
+    ):
+        out += [a] if b is None else [a, b]
+    out += session.scalars(select(Epoch.t).where(Epoch.t >= since, Epoch.t < cutoff)).all()
+    return sorted(t for t in out if since <= t < cutoff)
+
+
+def _thin_device(
+    rows: list[Sample], thinnable: list[bool], bucket_s: float, edges: list[float]
+) -> tuple[list[float], list[tuple[float, float | None, float | None]]]:
+    """(times to delete, (t, power_w, energy_j) to write) for one device's rows in time
+    order; ``thinnable[i]``: row i may go."""
+    n = len(rows)
+    ts = [r[0] for r in rows]
+    steps = [b - a for a, b in itertools.pairwise(ts)]
+    short = sorted(s for s in steps if s <= 1.0) or sorted(steps) or [0.1]
+    max_gap = max(1.0, 10.0 * short[len(short) // 2])  # h3d.analysis._max_gap, as stored
+    curve = EnergyCurve(rows, max_gap_s=max_gap)
+    # the energy of each step, None where the model counts nothing (a gap, a reset)
+    index = {t: k for k, t in enumerate(curve.ts)}
+    energy: list[float | None] = []
+    legacy: list[bool] = []
+    for i in range(1, n):
+        a, b = index.get(ts[i - 1]), index.get(ts[i])
+        legacy.append(False)
+        if a is not None and b is not None and curve.seg[a] == curve.seg[b]:
+            energy.append(curve.cum[b] - curve.cum[a])
+        elif _legacy_thinned(rows, steps, i, max_gap, bucket_s):
+            legacy[-1] = True
+            (_ta, pa, ea), (_tb, pb, eb) = rows[i - 1], rows[i]
+            if ea is not None and eb is not None:
+                energy.append(eb - ea if eb >= ea else None)
+            else:
+                energy.append(0.5 * (pa + pb) * steps[i - 1])  # type: ignore[operator]
+        else:
+            energy.append(None)
+    keep = [True] * n
+    last_bucket: int | None = None
+    for i in range(n):
+        if not thinnable[i]:
+            last_bucket = None  # the first thinnable row after a kept stretch stays
+            continue
+        bucket = int(ts[i] // bucket_s)
+        bounds = (i > 0 and energy[i - 1] is None) or (i + 1 < n and energy[i] is None)
+        if bucket != last_bucket or bounds:
+            last_bucket = bucket
+        else:
+            keep[i] = False
+    for t in edges:  # the sample at an edge, else the two around it
+        j = bisect.bisect_left(ts, t)
+        for k in (j,) if j < n and ts[j] == t else (j - 1, j):
+            if 0 <= k < n:
+                keep[k] = True
+    kept = [i for i in range(n) if keep[i]]
+    # merged[k]: kept[k] -> kept[k + 1] stands for thinned samples: some go now, an older
+    # version thinned it unmarked, or it was marked before (its mark is written anew)
+    merged = [
+        j - i > 1 or legacy[i] or thinned_step(rows[i], rows[j])
+        for i, j in itertools.pairwise(kept)
+    ]
+    power_only = any(p is not None and e is None for _t, p, e in rows)
+    new_e = [r[2] for r in rows]
+    if power_only:  # the energy retention integrated, carried from row to row
+        cur: float | None = None
+        for k, i in enumerate(kept):
+            span = [energy[j] for j in range(kept[k - 1], i)] if k else []
+            joined = bool(span) and all(x is not None for x in span)
+            need = (k > 0 and merged[k - 1]) or (k < len(merged) and merged[k])
+            if cur is not None and joined and (need or rows[i][2] is not None):
+                value = cur + sum(span)  # type: ignore[arg-type]
+                old = rows[i][2]
+                same = old is not None and abs(value - old) <= 1e-9 * max(1.0, abs(old))
+                new_e[i] = old if same else value
+            elif need and new_e[i] is None:
+                new_e[i] = 0.0
+            cur = new_e[i]
+    new_p = [r[1] for r in rows]
+    for k in range(len(kept) - 1):
+        i, j = kept[k], kept[k + 1]
+        if merged[k] and new_e[i] is not None and new_e[j] is not None and thinnable[i]:
+            new_p[i] = (new_e[j] - new_e[i]) / (ts[j] - ts[i])  # type: ignore[operator]
+    doomed = [ts[i] for i in range(n) if not keep[i]]
+    updates = [
+        (ts[i], new_p[i], new_e[i])
+        for i in kept
+        if (new_p[i], new_e[i]) != (rows[i][1], rows[i][2])
+    ]
+    return doomed, updates
+
+
+def _legacy_thinned(
+    rows: list[Sample], steps: list[float], i: int, max_gap: float, bucket_s: float
+) -> bool:
+    """Whether the step into row i is one an older version thinned without marking it: no
+    longer than two buckets, both rows with power, and a neighbouring step as long and
+    unmarked too (a stretch thinned the old way, not a lone stall)."""
+    s = steps[i - 1]
+    if not max_gap < s <= 2.0 * bucket_s + max_gap or rows[i - 1][1] is None or rows[i][1] is None:
+        return False
+    near = [k for k in (i - 2, i) if 0 <= k < len(steps) and steps[k] > max_gap]
+    return any(not thinned_step(rows[k], rows[k + 1]) for k in near)
 
 
 def add_run_shares(session: Session, *, rows: Sequence[dict[str, Any]]) -> None:
+    """Store share rows; a row whose key is stored already replaces it (the later one of a
+    batch wins too: PostgreSQL refuses one statement that updates a row twice)."""
     if rows:
-        session.execute(_insert(session, RunShare), list(rows))
+        last = {(r["run_id"], r["node"], r["rank"], r["kind"], r["t0"]): r for r in rows}
+        session.execute(_upsert_shares(session), list(last.values()))
 
 
 ShareKey = tuple[str, int, str]  # (node, rank or -1 for the node's union, kind)
+SharePiece = tuple[float, float, float]  # (t0, t1, share)
+
+
+def run_share_rows(session: Session, *, run_id: str) -> dict[ShareKey, list[SharePiece]]:
+    """(node, rank, kind) -> [(t0, t1, share)] ordered by t0, including the sampler's rows
+    not committed yet (see power_window; a pending row replaces a stored one of its key)."""
+    out: dict[ShareKey, dict[float, SharePiece]] = {}
+    q = select(
+        RunShare.node, RunShare.rank, RunShare.kind, RunShare.t0, RunShare.t1, RunShare.share
+    ).where(RunShare.run_id == run_id)
+    for node, rank, kind, t0, t1, share in session.execute(q):
+        out.setdefault((node, rank, kind), {})[t0] = (t0, t1, share)
+    for node, rank, kind, t0, t1, share in session.info.get("unstored_shares", {}).get(run_id, ()):
+        out.setdefault((node, rank, kind), {})[t0] = (t0, t1, share)
+    return {k: sorted(v.values()) for k, v in out.items()}
 
 
 def run_shares(session: Session, *, run_id: str) -> dict[ShareKey, list[tuple[float, float]]]:
-    """(node, rank, kind) -> [(interval start, share)] ordered by time, including the
-    sampler's shares not committed yet (see power_window)."""
-    out: dict[ShareKey, list[tuple[float, float]]] = {}
-    q = select(RunShare.node, RunShare.rank, RunShare.kind, RunShare.t0, RunShare.share).where(
-        RunShare.run_id == run_id
-    )
-    order = (RunShare.node, RunShare.rank, RunShare.kind, RunShare.t0)
-    for node, rank, kind, t0, share in session.execute(q.order_by(*order)):
-        out.setdefault((node, rank, kind), []).append((t0, share))
-    unstored = session.info.get("unstored_shares", {}).get(run_id)
-    if unstored:
-        for node, rank, kind, t0, share in unstored:
-            out.setdefault((node, rank, kind), []).append((t0, share))
-        out = {k: sorted(dict(v).items()) for k, v in out.items()}
-    return out
+    """(node, rank, kind) -> [(interval start, share)] ordered by time (see run_share_rows)."""
+    return {
+        k: [(t0, share) for t0, _t1, share in v]
+        for k, v in run_share_rows(session, run_id=run_id).items()
+    }
 
 
 def set_idle_power(session: Session, *, device_id: int, idle_power_w: float) -> None:
