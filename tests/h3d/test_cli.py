@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -329,27 +330,32 @@ dd if=/dev/zero of="$H3D_DATA_DIR/filler" bs=4k 2>/dev/null
 """
 
 
-def test_start_on_a_full_disk_fails_in_one_line_naming_the_cause(tmp_path: Path) -> None:
-    import shutil
-
+def in_namespace(script: str, env: dict[str, str], tmp_path: Path) -> str:
+    """Run ``script`` with sh as root of a user and mount namespace of its own (mounts are
+    private to it and gone with it); its stderr. Skips where no such namespace can be made."""
     if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) to mount a small tmpfs in a namespace of its own")
-    data = tmp_path / "data"
-    data.mkdir()
-    env = daemon_env(data, PY=sys.executable, LOG=str(tmp_path / "first.log"))
+        pytest.skip("needs unshare(1) to mount in a namespace of its own")
     r = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _DISK_FULL],
-        env=env,
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        env={**env, "PY": sys.executable},
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     if r.returncode == 77 or "unshare:" in r.stderr:
-        pytest.skip(f"cannot mount a tmpfs in a user and mount namespace here: {r.stderr!r}")
+        pytest.skip(f"cannot mount in a user and mount namespace here: {r.stderr!r}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    return r.stderr
+
+
+def test_start_on_a_full_disk_fails_in_one_line_naming_the_cause(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    env = daemon_env(data, LOG=str(tmp_path / "first.log"))
+    stderr = in_namespace(_DISK_FULL, env, tmp_path)
     assert "cannot start" not in (tmp_path / "first.log").read_text()  # it did serve once
-    assert r.returncode == 2, r.stderr
-    (line,) = r.stderr.strip().splitlines()
+    (line,) = stderr.strip().splitlines()
     assert line.startswith("h3d: cannot start: ") and (
         "No space left on device" in line or "is full" in line
     ), line

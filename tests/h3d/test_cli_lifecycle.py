@@ -7,7 +7,6 @@ needs one, a real mount in a user and mount namespace of its own)."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,28 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Daemon, daemon_env
-from tests.h3d.test_cli import h3d, one_error_line
-
-
-def in_namespace(script: str, env: dict[str, str], tmp_path: Path) -> str:
-    """Run ``script`` with sh as root of a user and mount namespace of its own (mounts are
-    private to it and gone with it); its stderr. Skips where no such namespace can be made."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) to mount in a namespace of its own")
-    r = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-        env={**env, "PY": sys.executable},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if r.returncode == 77 or "unshare:" in r.stderr:
-        pytest.skip(f"cannot mount in a user and mount namespace here: {r.stderr!r}")
-    assert r.returncode == 2, r.stdout + r.stderr
-    return r.stderr
-
+from tests.conftest import Daemon, daemon_env
+from tests.h3d.test_cli import h3d, in_namespace, one_error_line
 
 # --- the store is the data dir's file, whatever the data dir's name -------------------------
 
