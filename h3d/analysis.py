@@ -542,9 +542,16 @@ def cumulative_series(
     l0 = eff.loss_at_start(pts)
     step = max(1, len(pts) // max(points, 1))
     out = []
+    # summed step by step: each point's energy from the start would walk every share piece
+    # before it again (a run that shared its device with 200 others: 4x the whole request)
+    e: float | None = 0.0
+    prev = t0
     for i in range(k, len(pts), step):
         t = pts[i][0]
-        e = model.energy(t0, t)["energy_j"]
+        if t > prev and e is not None:
+            part = model.energy(prev, t)["energy_j"]
+            e = None if part is None else e + part
+            prev = t
         if metric == "energy":
             if e is not None:
                 out.append((t, e))
