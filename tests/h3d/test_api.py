@@ -303,6 +303,12 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
     p = api.get(f"/v1/runs/{run['id']}/series", params={"metric": "power", "points": 50}).json()
     assert p["points"] and all(v == pytest.approx(50.0) for _t, v in p["points"])
     assert api.get(f"/v1/runs/{run['id']}/series", params={"metric": "eta"}).json()["points"]
+    # cumulative energy at each point, summed step by step: 50 W since the run's start
+    es = api.get(f"/v1/runs/{run['id']}/series", params={"metric": "energy", "points": 20})
+    pts = es.json()["points"]
+    assert len(pts) >= 10 and all(b[1] >= a[1] for a, b in zip(pts, pts[1:], strict=False))
+    for t, e in pts:
+        assert e == pytest.approx(50.0 * (t - done["created_at"]), rel=0.05, abs=1.0)
     assert api.get(f"/v1/runs/{run['id']}/series", params={"metric": "bogus"}).status_code == 422
     rep = api.get(f"/v1/runs/{run['id']}/report").json()
     assert [e["epoch"] for e in rep["epochs"]] == [0, 1, 2]
