@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 from h3d import carbon
 from h3d import efficiency as eff
 from h3d.downsample import lttb
-from h3d.energy import EnergyCurve
+from h3d.energy import EnergyCurve, max_gap
 from h3d.errors import InvalidInput
 from h3d.power.base import MEASURED_SOURCES, caveat
 from h3d.storage import repository as repo
@@ -38,10 +38,6 @@ from h3d.storage.models import Batch, Device, Run, RunRank
 def window(run: Run, now: float | None = None) -> tuple[float, float]:
     end = run.finished_at if run.finished_at is not None else (now or time.time())
     return run.created_at, max(end, run.created_at)
-
-
-def _max_gap(interval_s: float) -> float:
-    return max(1.0, 10.0 * interval_s)
 
 
 def combined_source(sources: set[str]) -> str:
@@ -127,7 +123,7 @@ class EnergyModel:
         self.rank_shares = {k: v for k, v in shares.items() if k[1] >= 0}
         for dev in repo.devices(session, nodes=nodes):
             samples = repo.power_window(session, device_id=dev.id, t0=t0, t1=t1)
-            curve = EnergyCurve(samples, max_gap_s=_max_gap(interval_s))
+            curve = EnergyCurve(samples, max_gap_s=max_gap(interval_s))
             if curve.method == "none":
                 continue
             pieces = shares.get((dev.node, -1, share_kind(dev)), [])

@@ -43,6 +43,12 @@ class Integral:
     gaps: tuple[tuple[float, float], ...] = field(default=())
 
 
+def max_gap(interval_s: float) -> float:
+    """The longest step between two samples of a device sampled every ``interval_s`` that
+    is still bridged: longer is a gap (a stalled sampler, a suspended machine)."""
+    return max(1.0, 10.0 * interval_s)
+
+
 def thinned_step(first: Sample, second: Sample) -> bool:
     """Whether retention thinned the samples between ``first`` and ``second`` away.
 

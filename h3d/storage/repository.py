@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from h3d.energy import EnergyCurve, Sample, thinned_step
+from h3d.energy import EnergyCurve, Sample, max_gap, thinned_step
 from h3d.errors import (
     AmbiguousRun,
     InvalidInput,
@@ -66,15 +66,23 @@ def _pg_insert(table: Any) -> Any:
     return postgresql.insert(table)
 
 
+def _dialect_insert(session: Session, table: Any) -> Any:
+    """The store's own INSERT construct for ``table`` (one that can resolve a key conflict),
+    or None on another dialect."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    return _pg_insert(table) if dialect == "postgresql" else None
+
+
 def _upsert_shares(session: Session) -> Any:
     """An INSERT of run shares where a row with the key already stored is replaced: the
     sampler amends a run's rows (a run's split extended while it holds, a late rank's
     share added to the intervals it was back-dated over), and never loses one on a key."""
     table: Any = RunShare.__table__
-    dialect = session.get_bind().dialect.name
-    if dialect not in ("sqlite", "postgresql"):
+    stmt = _dialect_insert(session, table)
+    if stmt is None:
         return table.insert()
-    stmt = sqlite.insert(table) if dialect == "sqlite" else _pg_insert(table)
     return stmt.on_conflict_do_update(
         index_elements=[c.name for c in table.primary_key],
         set_={"t1": stmt.excluded.t1, "share": stmt.excluded.share},
@@ -85,12 +93,8 @@ def _insert(session: Session, table: Any) -> Any:
     """An INSERT that skips rows whose key exists (race-safe idempotent ingest)."""
     # On the Table, not the mapped class: a Core executemany, without the ORM's per-row
     # bookkeeping (a third of the ingest time at 100 batches a request).
-    dialect = session.get_bind().dialect.name
-    if dialect == "sqlite":
-        return sqlite.insert(table.__table__).on_conflict_do_nothing()
-    if dialect == "postgresql":
-        return _pg_insert(table.__table__).on_conflict_do_nothing()
-    return table.__table__.insert()
+    stmt = _dialect_insert(session, table.__table__)
+    return table.__table__.insert() if stmt is None else stmt.on_conflict_do_nothing()
 
 
 # --- runs -----------------------------------------------------------------------------
@@ -1025,8 +1029,8 @@ def _thin_device(
     ts = [r[0] for r in rows]
     steps = [b - a for a, b in itertools.pairwise(ts)]
     short = sorted(s for s in steps if s <= 1.0) or sorted(steps) or [0.1]
-    max_gap = max(1.0, 10.0 * short[len(short) // 2])  # h3d.analysis._max_gap, as stored
-    curve = EnergyCurve(rows, max_gap_s=max_gap)
+    gap = max_gap(short[len(short) // 2])  # the rule the energy model reads them by
+    curve = EnergyCurve(rows, max_gap_s=gap)
     # the energy of each step, None where the model counts nothing (a gap, a reset)
     index = {t: k for k, t in enumerate(curve.ts)}
     energy: list[float | None] = []
@@ -1036,7 +1040,7 @@ def _thin_device(
         legacy.append(False)
         if a is not None and b is not None and curve.seg[a] == curve.seg[b]:
             energy.append(curve.cum[b] - curve.cum[a])
-        elif _legacy_thinned(rows, steps, i, max_gap, bucket_s):
+        elif _legacy_thinned(rows, steps, i, gap, bucket_s):
             legacy[-1] = True
             (_ta, pa, ea), (_tb, pb, eb) = rows[i - 1], rows[i]
             if ea is not None and eb is not None:
