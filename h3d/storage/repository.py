@@ -1056,7 +1056,9 @@ def _thin_device(
             last_bucket = None  # the first thinnable row after a kept stretch stays
             continue
         bucket = int(ts[i] // bucket_s)
-        bounds = (i > 0 and energy[i - 1] is None) or (i + 1 < n and energy[i] is None)
+        # a row beside a gap or a reset stays, and so does the last (nothing after it holds
+        # the energy of the samples thinned before it)
+        bounds = (i > 0 and energy[i - 1] is None) or i + 1 == n or energy[i] is None
         if bucket != last_bucket or bounds:
             last_bucket = bucket
         else:

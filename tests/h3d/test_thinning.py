@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from h3d import analysis
+from h3d.energy import thinned_step
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, session_scope
@@ -108,6 +109,37 @@ def test_thinning_keeps_energy_gaps_and_resets(st: Store) -> None:
     assert before["wide"]["by_device"][0]["gaps_s"] > 3.0  # the stall and the reset
 
 
+def test_the_newest_sample_stays_when_nothing_follows_it(st: Store) -> None:
+    """A store whose newest samples are all older than the cutoff (a daemon stopped for
+    longer than the full-resolution window) and no run ends after them: the last sample is
+    kept, so the thinned step before it still holds its energy. It was thinned away, and
+    the device's energy over that time lost up to one bucket."""
+
+    def device_energy() -> float:
+        with st.read() as s:
+            return float(
+                analysis.EnergyModel(s, t0=0.0, t1=50.0, interval_s=0.1).energy(0.0, 50.0)[
+                    "device_energy_j"
+                ]
+            )
+
+    with session_scope(st.sessions) as s:
+        dev = repo.upsert_device(
+            s, name="d", kind="cpu", source="estimated", model="", uuid_=None, now=0.0
+        )
+        rows = [(t, p) for t, p, _e in _trace(False) if t < 39.95]
+        repo.add_power_samples(
+            s, rows=[{"device_id": dev.id, "t": t, "power_w": p, "energy_j": None} for t, p in rows]
+        )
+    before = device_energy()
+    with session_scope(st.sessions) as s:
+        repo.prune_power_samples(s, cutoff=1000.0, bucket_s=10.0)
+    with st.read() as s:
+        newest = s.scalar(select(PowerSample.t).order_by(PowerSample.t.desc()).limit(1))
+    assert newest == pytest.approx(rows[-1][0])
+    assert device_energy() == pytest.approx(before, rel=1e-9)
+
+
 def test_a_store_thinned_by_an_older_version_reads_the_thinned_rows(st: Store) -> None:
     """An older version kept the first sample of each bucket and nothing else: its runs read
     0 J. The next retention pass marks those steps: the trapezoid over the kept rows."""
@@ -162,7 +194,9 @@ def test_a_daemon_keeps_a_finished_runs_energy_after_thinning(
         ).all()
     st.engine.dispose()
     assert before["by_device"][0]["n_samples"] > 100 and len(rows) < 12  # thinned
-    assert all(e is not None for _t, _p, e in rows)  # the energy the samples held
+    # every step longer than a sampling step holds the energy of the samples it replaced
+    long = [(a, b) for a, b in itertools.pairwise(rows) if b[0] - a[0] > 0.5]
+    assert long and all(thinned_step(a, b) for a, b in long)
     assert before["energy_j"] > 250.0 and before["by_device"][0]["gaps_s"] == 0.0
     assert after["energy_j"] == pytest.approx(before["energy_j"], rel=1e-9)
     assert after["by_device"][0]["gaps_s"] == 0.0
