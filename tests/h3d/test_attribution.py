@@ -237,8 +237,10 @@ def test_tracker_counts_from_a_start_only_inside_its_busy_readings() -> None:
     mine = (_cpu_s() - cpu0) / (busy_cpu_s() - busy0)  # its share, as this test saw it
     shares = tr.sample(t=100.5)
     assert tr.starts == {"from-start": 100.0}
-    assert mine > 0.2 and shares["from-start"] == pytest.approx(mine, rel=0.3), shares
-    for key in ("before-the-readings", "not-its-reading", "plain"):  # from when tracked: idle
-        assert shares.get(key, 0.0) < 0.1, shares
+    # its share of the busy CPU is what the machine's load leaves it (0.17 with other work on
+    # both cores); the pids tracked from when they were tracked were idle since
+    assert shares["from-start"] == pytest.approx(mine, rel=0.3), shares
+    for key in ("before-the-readings", "not-its-reading", "plain"):
+        assert shares.get(key, 0.0) < mine / 4, shares
     assert tr.cpu_s("from-start") >= 0.25 > tr.cpu_s("plain")
     assert tr.sample(t=100.6) is not None and tr.starts == {}  # only the first share
