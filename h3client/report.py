@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import sys
@@ -47,7 +48,8 @@ class ThermoAuditLogger:
     """Append one CSV row per epoch: what the run did, what it cost, what it learned.
 
     Args:
-        name: Run name; the file is ``<log_dir>/<name>-<timestamp>.csv``.
+        name: Run name; the file is ``<log_dir>/<name>-<timestamp>.csv`` (``-2``, ``-3``, ...
+            before ``.csv`` when a logger of the same name took it in the same second).
         metadata: Free-form facts (data set, hardware) written as a header comment.
         config: Hyperparameters, written as a header comment.
         log_dir: Where the file goes (created if missing).
@@ -65,8 +67,8 @@ class ThermoAuditLogger:
         directory = Path(log_dir)
         directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.path = directory / f"{name}-{stamp}.csv"
-        with open(self.path, "w", newline="") as f:
+        self.path, f = _new_file(directory, f"{name}-{stamp}")
+        with f:
             f.write(f"# h3 audit log: {json.dumps({'name': name})}\n")
             f.write(f"# metadata: {json.dumps(metadata or {}, default=str)}\n")
             f.write(f"# config: {json.dumps(config or {}, default=str)}\n")
@@ -105,6 +107,18 @@ class ThermoAuditLogger:
 
     def get_path(self) -> Path:
         return self.path
+
+
+def _new_file(directory: Path, stem: str) -> tuple[Path, Any]:
+    """``<stem>.csv``, or ``<stem>-2.csv``, ``-3``, ... when another logger (a seed sweep, a
+    second rank) took the name in the same second: created, never truncated."""
+    for k in itertools.count(1):
+        path = directory / (f"{stem}.csv" if k == 1 else f"{stem}-{k}.csv")
+        try:
+            return path, open(path, "x", newline="")  # noqa: SIM115 (the caller closes it)
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def read_audit_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

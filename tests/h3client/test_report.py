@@ -55,6 +55,18 @@ def test_audit_log_round_trip_and_explanation(tmp_path: Path) -> None:
     assert "Green Score: 1.667" in text  # 50 J against 30 J at comparable accuracy
 
 
+def test_audit_logs_of_one_name_in_one_second_never_overwrite(tmp_path: Path) -> None:
+    """A seed sweep creates its loggers within a second: each keeps its own file (the
+    second one truncated the first)."""
+    logs = [ThermoAuditLogger("sweep", {"seed": k}, log_dir=tmp_path) for k in range(3)]
+    for k, log in enumerate(logs):
+        log.log_epoch(0, loss=float(k + 1))
+    assert len({log.get_path() for log in logs}) == 3
+    for k, log in enumerate(logs):
+        header, rows = read_audit_log(log.get_path())
+        assert header["metadata"] == {"seed": k} and rows[0]["loss"] == float(k + 1)
+
+
 def test_green_score_refuses_incomparable_accuracy() -> None:
     score, note = green_score(
         {"energy_j": 5, "final_accuracy": 0.80}, {"energy_j": 10, "final_accuracy": 0.95}
