@@ -63,6 +63,10 @@ class _DeviceModel:
     idle_w: float | None = None
     # each piece's own end as stored (t1): what the per-rank rows are weighed over
     ends: list[float] | None = None
+    # where the last piece ends: None, the window's end (a finished run); a running run's
+    # ends where its last stored row does, so that its energy only grows as rows arrive
+    # (stretched to now at the last share, it fell when a lower share replaced the stretch)
+    last_end: float | None = None
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
         """(energy × share, (energy − idle) × share) over [a, b]. The idle draw is taken off
@@ -77,7 +81,10 @@ class _DeviceModel:
         i = max(0, bisect.bisect_right(self.starts, a) - 1)
         while i < len(self.starts) and (i == 0 or self.starts[i] < b):
             pa = a if i == 0 else max(a, self.starts[i])
-            pb = b if i + 1 >= len(self.starts) else min(b, self.starts[i + 1])
+            if i + 1 < len(self.starts):
+                pb = min(b, self.starts[i + 1])
+            else:
+                pb = b if self.last_end is None else min(b, self.last_end)
             if pb > pa:
                 e = self.curve.between(pa, pb)
                 total += self.shares[i] * e
@@ -114,6 +121,7 @@ class EnergyModel:
         interval_s: float,
         run_id: str | None = None,
         nodes: set[str] | None = None,
+        running: bool = False,
     ) -> None:
         self.devices: list[_DeviceModel] = []
         shares = repo.run_share_rows(session, run_id=run_id) if run_id else {}
@@ -133,7 +141,8 @@ class EnergyModel:
                 [p[1] for p in pieces],
                 [p[2] for p in pieces],
             )
-            self.devices.append(_DeviceModel(dev, curve, starts, values, idle, ends))
+            last_end = ends[-1] if running and ends else None
+            self.devices.append(_DeviceModel(dev, curve, starts, values, idle, ends, last_end))
 
     def breakdown(
         self, a: float, b: float, ranks: list[RunRank], counts: dict[int, int]
@@ -182,7 +191,7 @@ class EnergyModel:
                     total = sum(weight[q][i] for q in local)
                     frac = weight[k][i] / total if total > 0 else 1.0 / len(local)
                     shares.append(union * frac)
-                part = _DeviceModel(m.dev, m.curve, m.starts, shares)
+                part = _DeviceModel(m.dev, m.curve, m.starts, shares, last_end=m.last_end)
                 energy[k] += part.attributed(a, b, None)[0]
         by_rank = [
             {
@@ -287,6 +296,7 @@ def run_model(
         interval_s=interval_s,
         run_id=run.id,
         nodes=run_nodes(session, run),
+        running=run.finished_at is None,
     )
 
 
@@ -572,6 +582,7 @@ def run_report(
     pts: list[eff.BatchPoint] = []
     by_epoch: dict[int, list[eff.BatchPoint]] = defaultdict(list)
     by_phase: dict[str, list[eff.BatchPoint]] = defaultdict(list)
+    last_epoch: dict[str, int | None] = {}  # the epoch of each phase's last batch
     for t, loss, n, epoch, phase in step_rows(session, run):
         p = (t, loss, n)
         pts.append(p)
@@ -579,6 +590,7 @@ def run_report(
             by_epoch[epoch].append(p)
         if phase is not None:
             by_phase[phase].append(p)
+            last_epoch[phase] = epoch
     eta = run_eta(
         session, run=run, window_s=window_s, interval_s=interval_s, now=now, model=model, pts=pts
     )
@@ -615,9 +627,20 @@ def run_report(
         )
         prev_t = t_end
         prev_loss = end_loss if end_loss is not None else prev_loss
+    # the phases tile the run as the epochs do: each from the previous one's end (the first
+    # from the run's start) to the end of the epoch that holds its last batch, or its last
+    # batch when the next phase starts inside that epoch
+    epoch_end = {e["epoch"]: e["t_end"] for e in epochs_out}
+    order = sorted(by_phase, key=lambda name: by_phase[name][0][0])
     phases_out = []
-    for name, ph_pts in by_phase.items():
-        a, b = ph_pts[0][0], ph_pts[-1][0]
+    b = t0
+    for i, name in enumerate(order):
+        ph_pts = by_phase[name]
+        a, last = b, ph_pts[-1][0]
+        nxt = by_phase[order[i + 1]][0][0] if i + 1 < len(order) else t1
+        last_ep = last_epoch[name]
+        end = epoch_end.get(last_ep, last) if last_ep is not None else last
+        b = max(last, min(end, nxt))
         k = eff.smoothing_k(len(ph_pts))
         bits = eff.info_gain_bits(eff.loss_at_start(ph_pts), eff.smoothed(ph_pts[-k:]))
         e = model.energy(a, b)
@@ -632,7 +655,6 @@ def run_report(
                 "eta_bits_per_j": eff.eta(bits, e["energy_j"]),
             }
         )
-    phases_out.sort(key=lambda p: p["t_start"])
     return {
         "run": run.id,
         "name": run.name,

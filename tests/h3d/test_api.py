@@ -313,9 +313,15 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
     rep = api.get(f"/v1/runs/{run['id']}/report").json()
     assert [e["epoch"] for e in rep["epochs"]] == [0, 1, 2]
     assert rep["epochs"][2]["accuracy"] == pytest.approx(0.7)
-    assert {p["phase"] for p in rep["phases"]} == {"warmup", "thermodynamic"}
+    assert [p["phase"] for p in rep["phases"]] == ["warmup", "thermodynamic"]
     total_epoch_energy = sum(e["energy_j"] for e in rep["epochs"])
     assert total_epoch_energy <= energy["energy_j"] * 1.001
+    # the phases tile the epochs: warmup is epoch 0 and costs what epoch 0 cost (it left out
+    # the time before its first batch and after its last)
+    ph, ep = rep["phases"], rep["epochs"]
+    assert ph[0]["energy_j"] == pytest.approx(ep[0]["energy_j"], rel=1e-9)
+    assert ph[1]["energy_j"] == pytest.approx(ep[1]["energy_j"] + ep[2]["energy_j"], rel=1e-9)
+    assert ph[0]["t_end"] == ph[1]["t_start"] == ep[0]["t_end"]
     csv_text = api.get(f"/v1/runs/{run['id']}/export.csv").text.splitlines()
     assert csv_text[0] == "seq,t,epoch,step,phase,n,loss" and len(csv_text) == 76
     assert float(csv_text[1].split(",")[-1]) == pytest.approx(losses[0])
