@@ -6,6 +6,7 @@ import collections
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -436,6 +437,7 @@ class AutoH3:
         self.learned_ratio = learned_ratio
         self.log_per_sample = log_per_sample
         self._probe_batch: tuple[torch.Tensor, Any, Any] | None = None  # (indices, x, y)
+        self._probe_warned = False  # no finite probe loss: warned once (_probe_mean)
         self._batch_size: int | None = None  # get_loader's: the probe's chunks are twice it
         self._device: torch.device | None = None  # the model's, read at an epoch's first step
         # the model and criterion of the last training step: the learning floor's probe
@@ -519,6 +521,9 @@ class AutoH3:
         drop_last = bool(loader_kwargs.pop("drop_last", False))
         self._batch_size = batch_size
         self._device = None
+        # a controller state loaded on its own (not through load_state_dict) carries the
+        # epoch: the run goes on there, not at epoch 0's draws with a later epoch's phase
+        self.epoch = self.controller.epoch
         unlearned, train_loss = self._probe_figures()  # every rank: a DDP forward is collective
         if self._world > 1:
             # rank 0's controller decides for all: the ranks' held-out figures and energy
@@ -589,7 +594,7 @@ class AutoH3:
             if self.learned_ratio is not None
             else None
         )
-        return unlearned, float(losses.mean())
+        return unlearned, self._probe_mean(losses)
 
     def _probe_losses(
         self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]
@@ -629,8 +634,31 @@ class AutoH3:
         return idx, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
-        """Mean loss on the fixed probe subset of the training data (no gradient)."""
-        return float(self._probe_losses(model, criterion)[1].mean())
+        """Mean loss on the fixed probe subset of the training data (no gradient; see
+        :meth:`_probe_mean`)."""
+        return self._probe_mean(self._probe_losses(model, criterion)[1])
+
+    def _probe_mean(self, losses: torch.Tensor) -> float:
+        """The mean of the probe samples' finite ``losses``. One corrupt probe sample (a NaN
+        input) would otherwise make every probe mean NaN: no window η would ever be observed
+        and the starvation guard would lose its training loss. NaN if none is finite, with
+        a warning the first time."""
+        mean = float(losses.mean())  # the common case: one host sync
+        if math.isfinite(mean):
+            return mean
+        finite = losses[torch.isfinite(losses)]
+        if finite.numel():
+            return float(finite.mean())
+        if not self._probe_warned:
+            self._probe_warned = True
+            warnings.warn(
+                f"AutoH3: none of the {losses.numel()} probe samples has a finite loss: "
+                "windows are not observed, and the starvation guard has no training loss, "
+                "until some do (are the model's parameters or the inputs NaN?)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return math.nan
 
     def _window_tick(
         self,
@@ -843,6 +871,81 @@ class AutoH3:
             subnormal_share=subnormal_share(self.optimizer),
         )
         return results
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs that is not the model's: the state dicts of the
+        optimizer, the loss tracker, the sampler and the controller, the epoch, the window
+        counters and the sample counters.
+
+        Take it between epochs (after :meth:`evaluate_epoch`, before the next
+        :meth:`get_loader`), beside ``model.state_dict()``. Plain containers, numbers,
+        strings and tensors: ``torch.save`` stores it and ``torch.load`` (``weights_only=True``,
+        its default) reads it back. The optimizer's part holds its live tensors, as
+        ``Optimizer.state_dict()`` does; the rest is a copy.
+
+        Example:
+            >>> torch.save({"model": model.state_dict(), "auto": auto.state_dict()}, path)  # doctest: +SKIP
+        """
+        return {
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "samples_backpropagated": self.samples_backpropagated,
+            "samples_skipped": self.samples_skipped,
+            # the window under way: its steps trained so far, its start's probe loss and the
+            # settings its steps trained with (a list: a set does not load weights-only)
+            "window_step": self._window_step,
+            "window_loss": self._window_loss,
+            "window_settings": sorted(self._window_settings, key=repr),
+            "j_per_step": self._j_per_step,
+            # whether a step had run: the learning floor then judges by the probe
+            "fitted": self._fitting is not None,
+            "optimizer": self.optimizer.state_dict(),
+            "loss_tracker": self.loss_tracker.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "controller": self.controller.state_dict(),
+        }
+
+    def load_state_dict(
+        self,
+        state: dict[str, Any],
+        *,
+        model: torch.nn.Module | None = None,
+        criterion: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        """Resume from ``state`` (from :meth:`state_dict`) in an AutoH3 built with the same
+        arguments over the same dataset, before its first :meth:`get_loader`: the run goes
+        on at the saved epoch with the draws, windows and decisions it would have had
+        without the break (the model's own state is the caller's to load).
+
+        Args:
+            state: From :meth:`state_dict`.
+            model: The model being trained (its state loaded). The learning floor and the
+                windowed test's training loss judge the probe samples by the model as it is
+                at an epoch's start, the model of the last training step; without it the
+                first resumed epoch judges the floor by the tracked losses, as a run's
+                first thermodynamic epoch before any step does.
+            criterion: The criterion the run trains with (cross-entropy if None), for the
+                same probe.
+
+        Raises:
+            ValueError: The state is for a dataset of another size (from the tracker).
+        """
+        self.loss_tracker.load_state_dict(state["loss_tracker"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.controller.load_state_dict(state["controller"])
+        self.epoch = int(state["epoch"])
+        self.phase = str(state["phase"])
+        self.samples_backpropagated = int(state["samples_backpropagated"])
+        self.samples_skipped = int(state["samples_skipped"])
+        self._window_step = int(state["window_step"])
+        self._window_loss = state["window_loss"]
+        self._window_settings = {
+            (label, float(k), float(u)) for label, k, u in state["window_settings"]
+        }
+        self._j_per_step = state["j_per_step"]
+        if state["fitted"] and model is not None:
+            self._fitting = (model, criterion or torch.nn.functional.cross_entropy)
 
 
 class _Items(Dataset[Any]):

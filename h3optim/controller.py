@@ -14,8 +14,11 @@ knob's effect from that decay. In the thermodynamic phase the controller therefo
 alternates two settings, the current one (A) and a probe one step more aggressive (B),
 epoch by epoch, and compares each B epoch with the mean of the A epochs on either side:
 B is adopted if it beats them by ``threshold``, abandoned (and the current setting eased) if
-it loses by as much. Guards: accuracy more than ``accuracy_tolerance`` points below the best
-seen backs off toward ``safe``; rising loss volatility (starvation) raises ``uniform_mix``.
+it loses by as much. While the learning floor binds (see :meth:`EtaController.control_step`)
+the comparison pauses: such an epoch trains at the floor, neither at A nor at B, and the next
+epoch the floor leaves free begins a new A, B, A. Guards: accuracy more than
+``accuracy_tolerance`` points below the best seen backs off toward ``safe``; rising loss
+volatility (starvation) raises ``uniform_mix``.
 
 **Windowed A/B** (what :class:`~h3optim.AutoH3` uses). In an 8–20-epoch run one η per epoch
 is too little evidence, too late. With :meth:`observe_window` the comparison runs over windows
@@ -158,8 +161,8 @@ class EtaController:
         **learning floor**: ``keep_frac`` is raised for the epoch to ``unlearned / (1 −
         uniform_mix)``, so that the loss-driven share can hold every sample the model has not
         learned yet. While the model is still far from fitting its data (every sample still
-        teaches), cutting samples cuts learning; the floor keeps them, and windowed A/B tests
-        pause until it no longer binds.
+        teaches), cutting samples cuts learning; the floor keeps them, and A/B tests (windowed
+        or epoch by epoch) pause until it no longer binds.
         """
         phase = self.schedule.phase(self.epoch)
         self.floor = None
@@ -241,7 +244,13 @@ class EtaController:
         )
         guarded = self._guards(accuracy, phase)
         if phase == "thermodynamic" and not guarded and not self.windowed:
-            self._steer(m_eta)
+            if self.floor is None:
+                self._steer(m_eta)
+            else:
+                # the epoch trained at the learning floor, neither at A nor at B: its η is
+                # no evidence about either, and a pair must not span it (the next free
+                # epoch begins a new A, B, A)
+                self._reset_probe()
         if loss is not None and math.isfinite(loss):
             self.last_loss = loss
         self.epoch += 1

@@ -67,6 +67,8 @@ class InformationWeightedSampler(Sampler[int]):
     all the others, so no sample is starved forever. Samples whose loss is above the
     ``outlier_quantile`` of seen losses are not eligible for the loss-driven share (loss-driven
     selection otherwise keeps choosing mislabeled examples); they can still be drawn uniformly.
+    Nor is a sample whose losses were all non-finite (a corrupt input, say) once it has been
+    sighted: never seen, it would otherwise be ranked first and drawn every epoch.
 
     Deterministic for (``seed``, epoch): it uses its own generator, never global RNG state.
     With ``num_replicas`` it shards like ``DistributedSampler`` (padded to equal length,
@@ -76,8 +78,12 @@ class InformationWeightedSampler(Sampler[int]):
     samples whose loss rose more than ``noise_margin`` above its first value: their labels
     likely disagree with what the model learns, and they get weight 0.
 
+    N is fixed when the sampler is built, as its tracker's is: a dataset whose length
+    changed since raises ``RuntimeError`` at the next epoch (:meth:`set_epoch`, or a draw:
+    iterating, :meth:`indices`, :meth:`draw`); build a new tracker and sampler for it.
+
     Args:
-        dataset_or_n: The dataset (its length is used) or N.
+        dataset_or_n: The dataset (its length is used, and checked at every epoch) or N.
         loss_tracker: Where per-sample losses come from.
         keep_frac: Fraction of N drawn per epoch, in (0, 1].
         uniform_mix: Fraction of the drawn set that is uniform, in [0, 1].
@@ -149,6 +155,8 @@ class InformationWeightedSampler(Sampler[int]):
         if not 0.0 <= noise_min_share <= 0.5:
             raise ValueError(f"Invalid noise_min_share: {noise_min_share}")
         self.n = n
+        #: The dataset whose length N is, checked at every epoch (None when built from N).
+        self.data_source: Sized | None = None if isinstance(dataset_or_n, int) else dataset_or_n
         self.tracker = loss_tracker
         self.num_replicas = num_replicas
         self.rank = rank
@@ -178,10 +186,28 @@ class InformationWeightedSampler(Sampler[int]):
         """Draw epoch ``epoch`` next. With several replicas under ``torch.distributed``, the
         loss trackers of all ranks are made the same first (:meth:`LossTracker.sync`), so
         that every rank draws the same epoch and the shards split it: call it on every rank
-        at every epoch, as with ``DistributedSampler``."""
+        at every epoch, as with ``DistributedSampler``.
+
+        Raises:
+            RuntimeError: The dataset's length changed since the sampler was built.
+        """
+        self._check_size()
         self.epoch = epoch
         if self.num_replicas > 1:
             self.tracker.sync()
+
+    def _check_size(self) -> None:
+        """Raise if the dataset's length is no longer N: its new samples would never be
+        drawn (and the tracker could not hold their losses), without a word."""
+        if self.data_source is None:
+            return
+        size = len(self.data_source)
+        if size != self.n:
+            raise RuntimeError(
+                f"the dataset changed from {self.n} to {size} samples since the sampler was "
+                f"built: InformationWeightedSampler and its LossTracker hold {self.n}; build a "
+                f"new LossTracker and InformationWeightedSampler for the {size} samples"
+            )
 
     @property
     def num_kept(self) -> int:
@@ -227,11 +253,17 @@ class InformationWeightedSampler(Sampler[int]):
         return out
 
     def _rank(self, jitter: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Every sample, unseen first (in random order), then by tracked loss, descending;
-        and how many are eligible for the loss-driven share (outliers and likely flipped
-        labels wait for the uniform draw)."""
+        """Every sample, never sighted first (in random order), then by tracked loss,
+        descending; and how many are eligible for the loss-driven share (outliers, likely
+        flipped labels and samples sighted only with non-finite losses wait for the uniform
+        draw)."""
         ema = self.tracker.ema.detach().float().cpu()
         seen = self.tracker.seen.cpu()
+        # no finite loss yet: never sighted (first), or sighted with non-finite losses only
+        # (a corrupt sample: ranked first, it would be drawn every epoch and its NaN
+        # gradient skip its batch's step each time)
+        unseen = ~seen
+        fresh = unseen & (self.tracker.nonfinite_counts.cpu() == 0)
         score = ema.clone()
         if seen.any():
             cap = (
@@ -242,13 +274,15 @@ class InformationWeightedSampler(Sampler[int]):
             score[seen & (ema > cap)] = -math.inf
             if self.noise_guard is not None:  # likely a flipped label (LossTracker.rose)
                 score[self.tracker.rose(factor=self.noise_guard).cpu()] = -math.inf
-        score[~seen] = math.inf
+        score[unseen] = -math.inf
+        score[fresh] = math.inf
         order = torch.argsort(score + jitter, descending=True)  # jitter: random among ties
-        return order, int(torch.isfinite(score[order]).sum() + (~seen).sum())
+        return order, int(torch.isfinite(score).sum() + fresh.sum())
 
     def _draw(
         self, keep_frac: float, uniform_mix: float, ranked: tuple[torch.Tensor, int] | None
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, int] | None]:
+        self._check_size()
         g = self._generator()
         n = self.n
         k = max(1, int(round(keep_frac * n)))

@@ -86,8 +86,9 @@ class LossTracker:
     """Per-sample exponential moving average of the loss, kept on the losses' device.
 
     The first sighting of a sample assigns its loss; later ones blend it with weight
-    ``smoothing``. Non-finite losses are ignored and counted, never written. All updates
-    are tensor operations: no host-device synchronisation.
+    ``smoothing``. Non-finite losses are ignored and counted (in all, and per sample:
+    :attr:`nonfinite_counts`), never written. All updates are tensor operations: no
+    host-device synchronisation.
 
     On the CPU, :meth:`update` only records its tensors, and the recorded updates are applied
     together, in order, when the state is next read (any property or method below) or every
@@ -114,13 +115,15 @@ class LossTracker:
         self.num_samples = num_samples
         self.smoothing = smoothing
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        # One (4, N) float32 state, rows EMA, first loss, latest loss and sightings, so that
-        # an update is one gather, a few element-wise kernels and one scatter for all of them
-        # (about a dozen small kernels in all). ``first`` is each sample's first observed
-        # loss: the reference the sampler's noise guard compares the EMA with (a loss that
-        # rose while the model learned points at a wrong label); ``last`` says whether it is
-        # learned *now* (the EMA remembers its start).
-        self._state = torch.zeros(4, num_samples, dtype=torch.float32, device=dev)
+        # One (5, N) float32 state, rows EMA, first loss, latest loss, sightings (finite
+        # losses) and non-finite losses, so that an update is one gather, a few element-wise
+        # kernels and one scatter for all of them (about a dozen small kernels in all).
+        # ``first`` is each sample's first observed loss: the reference the sampler's noise
+        # guard compares the EMA with (a loss that rose while the model learned points at a
+        # wrong label); ``last`` says whether it is learned *now* (the EMA remembers its
+        # start). The last row tells a sample never sighted (the sampler draws it first) from
+        # one sighted only with non-finite losses (which it must not draw first forever).
+        self._state = torch.zeros(5, num_samples, dtype=torch.float32, device=dev)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
         self._cols: tuple[Any, ...] | None = None  # see _columns
         # CPU updates not applied yet: (indices, losses, their version counters), in order
@@ -152,6 +155,13 @@ class LossTracker:
         """Whether each sample had a finite loss yet (a new bool tensor)."""
         return self._applied()[3] > 0
 
+    @property
+    def nonfinite_counts(self) -> torch.Tensor:
+        """How many non-finite (ignored) losses each sample had (a new int32 tensor). A
+        sample not :attr:`seen` with a count above 0 was sighted, but never with a finite
+        loss."""
+        return self._applied()[4].int()
+
     def _applied(self) -> torch.Tensor:
         """The state with every recorded update applied."""
         if self._pending:
@@ -170,21 +180,23 @@ class LossTracker:
             self._state = self._state.to(device)
             self._nonfinite = self._nonfinite.to(device)
 
-    def _columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(4, 1) columns over the state's rows (EMA, first, last, sightings), on its device:
-        how far each row moves toward a new loss for a seen sample and for an unseen one
-        (``lerp`` by 0 keeps the value exactly, by 1 takes the loss exactly), and what each
-        row adds (one sighting)."""
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(5, 1) columns over the state's rows (EMA, first, last, sightings, non-finite
+        losses), on its device: how far each row moves toward a new loss for a seen sample
+        and for an unseen one (``lerp`` by 0 keeps the value exactly, by 1 takes the loss
+        exactly), what each row adds for a finite loss (one sighting) and what it adds for a
+        non-finite one (one non-finite loss)."""
         key = (self._state.device, self.smoothing)
         if self._cols is None or self._cols[0] != key:
             kw: dict[str, Any] = {"device": self._state.device, "dtype": torch.float32}
             self._cols = (
                 key,
-                torch.tensor([[self.smoothing], [0.0], [1.0], [0.0]], **kw),
-                torch.tensor([[1.0], [1.0], [1.0], [0.0]], **kw),
-                torch.tensor([[0.0], [0.0], [0.0], [1.0]], **kw),
+                torch.tensor([[self.smoothing], [0.0], [1.0], [0.0], [0.0]], **kw),
+                torch.tensor([[1.0], [1.0], [1.0], [0.0], [0.0]], **kw),
+                torch.tensor([[0.0], [0.0], [0.0], [1.0], [0.0]], **kw),
+                torch.tensor([[0.0], [0.0], [0.0], [0.0], [1.0]], **kw),
             )
-        return self._cols[1], self._cols[2], self._cols[3]
+        return self._cols[1], self._cols[2], self._cols[3], self._cols[4]
 
     def update(self, indices: Any, losses: torch.Tensor) -> None:
         """Record per-sample ``losses`` (any shape with N elements) of dataset ``indices``.
@@ -318,14 +330,14 @@ class LossTracker:
 
     def _apply(self, idx: torch.Tensor, losses: torch.Tensor) -> None:
         """One update: 1-D int64 ``idx`` and float32 ``losses`` on the state's device."""
-        # Non-finite losses leave a sample's state as it was. On the CPU one sum read back
-        # (no device to wait for) says whether there are any, and the common all-finite
-        # batch skips the mask; elsewhere the mask is arithmetic, not boolean indexing,
-        # which would synchronise with the device.
+        # Non-finite losses leave a sample's state as it was, but for its count of them.
+        # On the CPU one sum read back (no device to wait for) says whether there are any,
+        # and the common all-finite batch skips the mask; elsewhere the mask is arithmetic,
+        # not boolean indexing, which would synchronise with the device.
         finite = None
         if not (losses.is_cpu and math.isfinite(losses.sum().item())):
             finite = (losses - losses) == 0  # isfinite in two kernels (it takes six)
-        seen_weight, unseen_weight, step = self._columns()
+        seen_weight, unseen_weight, step, nonfinite_step = self._columns()
         old = self._state.index_select(1, idx)
         # each row moves toward the loss by its weight: the EMA by `smoothing` once seen,
         # the first loss not at all once seen, the latest loss all the way; at a first
@@ -333,7 +345,7 @@ class LossTracker:
         weight = torch.where(old[3] > 0, seen_weight, unseen_weight)
         new = old.lerp(losses, weight).add_(step)
         if finite is not None:
-            new = torch.where(finite, new, old)
+            new = torch.where(finite, new, old + nonfinite_step)
             self._nonfinite += finite.numel() - finite.sum()
         self._state.index_copy_(1, idx, new)
 
@@ -352,8 +364,11 @@ class LossTracker:
         samples by different losses, and their shards of a loss-driven draw would overlap
         and leave samples out. Each sample takes the state of the rank that has seen it
         most often (its newest state: shards are disjoint within an epoch), the lowest such
-        rank on a tie. Three all-reduces of the (4, N) state. The non-finite count stays
-        per rank. :meth:`InformationWeightedSampler.set_epoch` calls it.
+        rank on a tie; a sighting is a finite or a non-finite loss, so every rank also
+        agrees on which samples were sighted only with non-finite losses. Three
+        all-reduces of the (5, N) state. The total non-finite count
+        (:attr:`nonfinite_count`) stays per rank. :meth:`InformationWeightedSampler.set_epoch`
+        calls it.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
@@ -364,7 +379,7 @@ class LossTracker:
         work = state
         if dist.get_backend(group) == "nccl" and not state.is_cuda:  # NCCL needs CUDA tensors
             work = state.to(torch.device("cuda", torch.cuda.current_device()))
-        counts = work[3]  # read, never written: the reductions work on copies
+        counts = work[3] + work[4]  # every sighting; the reductions work on copies
         most = counts.clone()
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
         rank = float(dist.get_rank(group))
@@ -461,6 +476,7 @@ class LossTracker:
             "first": self.first.clone(),
             "last": self.last.clone(),
             "nonfinite": self._nonfinite.clone(),
+            "nonfinite_counts": self.nonfinite_counts,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,5 +492,8 @@ class LossTracker:
         # states saved before ``first`` and ``last`` existed: the EMA is the best reference
         first = state.get("first", state["ema"]).to(dev).float()
         last = state.get("last", state["ema"]).to(dev).float()
-        self._state = torch.stack((ema, first, last, counts))
+        # states saved before the per-sample non-finite counts: none counted
+        bad = state.get("nonfinite_counts")
+        bad = torch.zeros_like(ema) if bad is None else bad.to(dev).float()
+        self._state = torch.stack((ema, first, last, counts, bad))
         self._nonfinite = state["nonfinite"].to(dev).clone()

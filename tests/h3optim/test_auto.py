@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -774,3 +776,128 @@ def test_bad_arguments_are_clear_value_errors() -> None:
     # a criterion that takes reduction= as torch's functions do trains
     loss = auto.training_step(model, data, target, nn.functional.cross_entropy, idx)
     assert math.isfinite(float(loss))
+
+
+def test_a_nonfinite_probe_sample_leaves_the_windowed_test_and_train_loss_running() -> None:
+    """One probe sample whose loss is NaN (a corrupt input) made every probe mean NaN: no
+    window was ever observed, the test was then held as "too short", and the starvation
+    guard lost its training loss. The probe averages its finite losses."""
+    train_set, test, model = digits_and_model()
+    x, y = train_set.tensors
+    kw: dict[str, Any] = dict(
+        total_epochs=8, profile=False, lr=3e-3, window_steps=4, probe_size=128, learned_ratio=None
+    )
+    ce = nn.functional.cross_entropy
+    probe, _ = AutoH3(model.parameters(), train_set, **kw)._probe_losses(model, ce)
+    x[probe[0]] = math.nan  # in the probe subset of every AutoH3 of this seed
+    auto = AutoH3(model.parameters(), train_set, **kw)  # H3Optimizer: skips a NaN step
+    auto.controller.min_pairs = auto.controller.max_pairs = 3
+    train(auto, model, test, 8)
+    res = auto.finish()
+    thermo = [h for h in auto.controller.history if h["phase"] == "thermodynamic"]
+    assert thermo and all(h["train_loss"] is not None for h in thermo)
+    assert all(math.isfinite(h["train_loss"]) for h in thermo)
+    assert "window pairs" in res["controller_report"]  # decided on observed windows
+    assert "too short" not in res["controller_report"]
+    _, losses = auto._probe_losses(model, ce)
+    assert losses.isnan().sum() == 1 and losses[0].isnan()
+    assert auto._probe_loss(model, ce) == pytest.approx(float(losses[1:].mean()))
+
+
+def test_a_probe_without_any_finite_loss_warns_once() -> None:
+    train_set, _, model = digits_and_model()
+    auto = offline_auto(model, train_set, 4)
+
+    nan_model = nn.Linear(64, 10)
+    nn.init.constant_(nan_model.weight, math.nan)  # every probe loss NaN
+    with pytest.warns(RuntimeWarning, match="none of the 512 probe samples has a finite loss"):
+        assert math.isnan(auto._probe_loss(nan_model, nn.functional.cross_entropy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(auto._probe_loss(nan_model, nn.functional.cross_entropy))
+
+
+def _resumable(model: nn.Module, train_set: TensorDataset) -> AutoH3:
+    """An AutoH3 (H3Optimizer) whose 8 epochs hold floored epochs (1–3; epoch 3's floor,
+    0.79, judged by the probe) and a windowed A/B test that runs across the epoch 4/5
+    boundary and decides in epoch 5."""
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        total_epochs=8,
+        profile=False,
+        window_steps=3,
+        probe_size=128,
+        learned_ratio=0.5,
+    )
+    auto.controller.min_pairs, auto.controller.max_pairs = 3, 4
+    return auto
+
+
+def _epochs(auto: AutoH3, model: nn.Module, test: DataLoader[Any], stop: int) -> list[Any]:
+    """Train up to epoch ``stop``; each epoch's (epoch, keep_frac, windowed, indices)."""
+    crit = nn.CrossEntropyLoss()
+    out = []
+    while auto.epoch < stop:
+        loader = auto.get_loader(batch_size=64)
+        drawn = []
+        for data, target, idx in loader:
+            auto.training_step(model, data, target, crit, idx)
+            drawn += idx.tolist()
+        out.append((auto.epoch, auto.sampler.keep_frac, auto._windows is not None, drawn))
+        auto.evaluate_epoch(model, test)
+    return out
+
+
+@pytest.mark.parametrize("stop", [3, 5])
+def test_a_resumed_autoh3_draws_and_decides_as_an_uninterrupted_run(
+    stop: int, tmp_path: Path
+) -> None:
+    """AutoH3.state_dict() holds what is not the model's (optimizer, tracker, sampler,
+    controller, epoch, window and sample counters) and loads, through torch.load's
+    weights_only unpickler, into a fresh AutoH3 that goes on as if never stopped: the
+    same draws, windows, decisions and weights (before: it started again at epoch 0 and
+    replayed the first epochs' draws)."""
+    train_set, test, model = digits_and_model()
+    whole = _resumable(model, train_set)
+    expected = _epochs(whole, model, test, 8)
+    assert {e[2] for e in expected} == {False, True}  # windowed epochs and others
+    assert any(e[1] not in (0.6, 1.0) for e in expected)  # a floor judged by the probe
+    res = whole.finish()
+    assert "window pairs" in res["controller_report"]
+
+    train_set, test, model = digits_and_model()
+    first = _resumable(model, train_set)
+    assert _epochs(first, model, test, stop) == expected[:stop]
+    torch.save({"model": model.state_dict(), "auto": first.state_dict()}, tmp_path / "ck.pt")
+    first.finish()
+    del first, model
+
+    train_set, test, model = digits_and_model()  # a fresh model, AutoH3 and dataset
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model.load_state_dict(saved["model"])
+    resumed = _resumable(model, train_set)
+    resumed.load_state_dict(saved["auto"], model=model, criterion=nn.CrossEntropyLoss())
+    assert resumed.epoch == stop
+    assert _epochs(resumed, model, test, 8) == expected[stop:]
+    again = resumed.finish()
+    for key in ("controller_report", "samples_backpropagated", "samples_skipped", "skipped_steps"):
+        assert again[key] == res[key]
+    assert again["controller_decisions"] == res["controller_decisions"]
+    for p, q in zip(model.parameters(), whole.optimizer.param_groups[0]["params"], strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_controller_state_loaded_on_its_own_carries_the_epoch() -> None:
+    """Parts restored without AutoH3.load_state_dict: the run goes on at the controller's
+    epoch (before: at epoch 0, replaying its draws while the controller was further on)."""
+    train_set, test, model = digits_and_model()
+    auto = offline_auto(model, train_set, 6, learned_ratio=None)
+    train(auto, model, test, 2)
+    fresh = offline_auto(model, train_set, 6, learned_ratio=None)
+    fresh.loss_tracker.load_state_dict(auto.loss_tracker.state_dict())
+    fresh.controller.load_state_dict(auto.controller.state_dict())
+    fresh.get_loader(batch_size=64)
+    auto.get_loader(batch_size=64)
+    assert fresh.epoch == fresh.sampler.epoch == auto.sampler.epoch == 2
+    assert torch.equal(fresh.sampler.epoch_indices(), auto.sampler.epoch_indices())

@@ -285,3 +285,31 @@ def test_the_report_says_which_way_the_unlearned_share_went(
     report = c.get_report()
     assert report.count("learning floor") == 1 and words in report
     assert not any(w in report for w in {"rose", "fell", "stayed"} - {words.split()[0]})
+
+
+def test_the_epoch_ab_test_pauses_while_the_learning_floor_binds() -> None:
+    """Epochs the learning floor raised all train at the floor, not at A or B: no
+    decision comes from them, and no A/B/A triple spans one (before: noise between
+    identical floored epochs moved keep_frac from 0.6 to 0.4)."""
+    c = EtaController("balanced", total_epochs=30, warmup=0.1, consolidation=0.1)
+    while c.schedule.phase(c.epoch) != "thermodynamic":
+        c.control_step()
+        c.observe(eta=1.0)
+
+    def epoch(eta: float, unlearned: float | None = None) -> float:
+        k, _u, phase = c.control_step(unlearned=unlearned)
+        assert phase == "thermodynamic"
+        c.observe(eta=eta)
+        return k
+
+    for eta in (1.0, 1.0, 0.9, 0.85, 0.95, 0.7, 0.8, 0.6, 0.7):  # 90 % not learned yet
+        assert epoch(eta, unlearned=0.9) == 1.0
+    assert c.keep_frac == 0.6
+    assert not [d for d in c.decisions if d["change"].startswith("keep_frac")]
+    # an A epoch, then the floor binds again: the next free epoch starts a new triple (A)
+    assert epoch(1.0) == 0.6
+    assert epoch(9.0, unlearned=0.9) == 1.0
+    assert [epoch(1.0), epoch(2.0), epoch(1.0)] == pytest.approx([0.6, 0.5, 0.6])
+    assert c.keep_frac == pytest.approx(0.5)  # B beat both A neighbours: adopted
+    adopted = [d for d in c.decisions if d["change"] == "keep_frac down"]
+    assert len(adopted) == 1 and "probe η 2 beat 1 " in adopted[0]["reason"]

@@ -2,8 +2,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from h3optim import InformationWeightedSampler, LossTracker, PhaseSchedule
+from h3optim import (
+    IndexedDataset,
+    InformationWeightedSampler,
+    LossTracker,
+    PhaseSchedule,
+    batch_loader,
+)
 
 
 def tracker_with_losses(n: int, seed: int = 0) -> LossTracker:
@@ -286,3 +293,59 @@ def test_weighted_mean_is_the_mean_of_weighted_losses_with_its_gradient() -> Non
     assert torch.allclose(got, want) and torch.allclose(grad, want_grad)
     column = weighted_mean(losses.detach().reshape(-1, 1), w)  # one loss per sample, any shape
     assert torch.allclose(column, want.detach())
+
+
+def test_samples_never_finite_wait_for_the_uniform_share() -> None:
+    """A sample whose loss is never finite stays unseen; once sighted it must not be ranked
+    first forever (before: drawn with probability 1 in every epoch once the rest had been
+    seen), only drawn by the uniform share like any sample outside the loss-driven one."""
+    n, bad = 1000, torch.tensor([3, 42, 500, 777, 901])
+    t = LossTracker(n)
+    s = InformationWeightedSampler(n, t, keep_frac=0.3, uniform_mix=0.1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    drawn, sighted = [], torch.zeros(len(bad), dtype=torch.bool)
+    for epoch in range(8):
+        s.set_epoch(epoch)
+        idx = s.indices()
+        losses = torch.rand(idx.numel(), generator=g) + 0.5
+        losses[torch.isin(idx, bad)] = float("inf")
+        t.update(idx, losses)
+        drawn.append(int(torch.isin(bad, idx).sum()))
+        sighted |= torch.isin(bad, idx)
+        _, probs = s.draw(0.3, 0.1)  # the next epoch's inclusion probabilities
+        assert (probs[bad[sighted]] < 0.1).all()  # 30 uniform picks among the other 730
+    assert sighted.all() and not t.seen[bad].any()
+    assert sum(drawn[3:]) < 5  # before: all 5 in each of those 5 epochs
+
+
+class _Growing(Dataset[tuple[torch.Tensor, int]]):
+    """A map-style dataset that new labelled samples join (active learning, say)."""
+
+    def __init__(self, n: int) -> None:
+        self.items = [(torch.full((2,), float(i)), i % 2) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.items[i]
+
+
+def test_a_dataset_whose_size_changed_is_a_clear_error_at_the_next_epoch() -> None:
+    """N is fixed when the sampler and its tracker are built: a dataset that grew since
+    raises, naming both sizes, where the new samples were silently never drawn before."""
+    base = _Growing(10)
+    ds = IndexedDataset(base)
+    s = InformationWeightedSampler(ds, LossTracker(len(ds)), keep_frac=1.0, uniform_mix=1.0)
+    s.set_epoch(0)
+    assert sorted(i for b in batch_loader(ds, s, 4) for i in b[2].tolist()) == list(range(10))
+    base.items += [(torch.zeros(2), 1)] * 5
+    for start_epoch in (lambda: s.set_epoch(1), lambda: list(s), s.indices):
+        with pytest.raises(RuntimeError, match=r"from 10 to 15 samples.*new LossTracker"):
+            start_epoch()
+    del base.items[8:]
+    with pytest.raises(RuntimeError, match="from 10 to 8 samples"):
+        s.set_epoch(1)
+    base.items += [(torch.zeros(2), 1)] * 2  # back to the size it was built for
+    s.set_epoch(1)
+    assert len(list(s)) == 10

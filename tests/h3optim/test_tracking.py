@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -368,3 +369,39 @@ def test_a_pickled_or_copied_tracker_carries_its_recorded_updates() -> None:
     d = copy.deepcopy(t)
     d.update(torch.tensor([3]), torch.tensor([9.0]))
     assert t.counts.tolist() == [1, 1, 1, 0, 1] and d.counts.tolist() == [1, 1, 1, 1, 1]
+
+
+def test_nonfinite_sightings_are_counted_per_sample() -> None:
+    """A sample whose losses were all non-finite is not seen, but it was sighted: the
+    tracker counts its non-finite losses (the sampler leaves it to the uniform share)."""
+    t = LossTracker(4)
+    t.update(torch.tensor([0, 1, 1, 2]), torch.tensor([math.nan, math.inf, 2.0, -math.inf]))
+    t.update(torch.tensor([2, 0]), torch.tensor([math.nan, 1.0]))
+    assert t.nonfinite_counts.tolist() == [1, 1, 2, 0]
+    assert t.counts.tolist() == [1, 1, 0, 0] and t.seen.tolist() == [True, True, False, False]
+    assert t.nonfinite_count == 4 and t.ema.tolist() == [1.0, 2.0, 0.0, 0.0]
+    u = LossTracker(4)
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u.nonfinite_counts, t.nonfinite_counts) and torch.equal(u.ema, t.ema)
+
+
+def test_a_state_saved_before_per_sample_nonfinite_counts_loads(tmp_path: Path) -> None:
+    """The keys a tracker's state_dict had before the per-sample non-finite counts: it
+    loads (through torch.load's weights_only unpickler too), with no sample counted."""
+    old = {
+        "num_samples": 3,
+        "smoothing": 0.5,
+        "ema": torch.tensor([1.0, 0.0, 2.0]),
+        "seen": torch.tensor([True, False, True]),
+        "counts": torch.tensor([2, 0, 1], dtype=torch.int32),
+        "first": torch.tensor([1.5, 0.0, 2.0]),
+        "last": torch.tensor([0.5, 0.0, 2.0]),
+        "nonfinite": torch.tensor(4),
+    }
+    torch.save(old, tmp_path / "tracker.pt")
+    t = LossTracker(3)
+    t.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
+    assert t.nonfinite_counts.tolist() == [0, 0, 0] and t.nonfinite_count == 4
+    assert t.ema.tolist() == [1.0, 0.0, 2.0] and t.counts.tolist() == [2, 0, 1]
+    t.update(torch.tensor([1, 2]), torch.tensor([math.nan, 4.0]))
+    assert t.nonfinite_counts.tolist() == [0, 1, 0] and t.ema.tolist() == [1.0, 0.0, 3.0]
