@@ -71,6 +71,18 @@ def marginal_window(eta: dict[str, Any]) -> str:
     return f"last {eta['window_s']:g} s"
 
 
+def carbon(e: dict[str, Any]) -> str:
+    """The carbon line: grams of CO2e and their source, or ``unknown`` with the daemon's
+    reason (nothing configured, or a configured source failing and why)."""
+    source = e.get("carbon_source", "none")
+    if source != "none" and e.get("co2e_g") is not None:
+        return f"  carbon              {_f(e['co2e_g'], ' g CO2e')} ({source})"
+    why = e.get("carbon_detail") or "no carbon intensity configured"
+    if source != "none":  # an intensity, but the energy is unknown
+        why = f"{source}: energy unknown"
+    return f"  carbon              unknown ({why})"
+
+
 def format_report(rep: dict[str, Any]) -> str:
     e, eta = rep["energy"], rep["eta"]
     lines = [
@@ -80,6 +92,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"whole devices, {above_idle(e)}",
         f"  provenance          {e['source']}"
         + ("" if e["measured"] else "  (ESTIMATED: a model, not a measurement)"),
+        *([carbon(e)] if "carbon_source" in e else []),
         f"  loss                {_f(eta['loss_start'])} -> {_f(eta['loss_now'])} nats",
         f"  information gained  {_f(eta['info_gain_bits'], ' bits/sample')}"
         + (

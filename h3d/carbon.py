@@ -14,7 +14,9 @@ own provenance, ``carbon_source``:
 - ``region_average``: the annual average of ``H3D_CARBON_REGION`` from the shipped table
   (:mod:`h3d.carbon_regions`, data set and year named in ``carbon_detail``).
 
-Nothing configured: ``co2e_g`` is null and ``carbon_source`` is ``none``. Nothing is ever
+Nothing configured: ``co2e_g`` is null and ``carbon_source`` is ``none``; a source configured
+but unusable (every one failed) gives the same, with ``carbon_detail`` "carbon intensity
+unavailable" and each failure. Unknown energy gives a null ``co2e_g``. Nothing is ever
 guessed (no IP geolocation, no default country). Before the first point and after the last
 one of a series the nearest value holds; ``carbon_detail`` says when that happened.
 """
@@ -82,8 +84,11 @@ def co2e_g(
     """Grams of CO2e over ``[t0, t1]``: Σ energy(piece) × intensity(piece) / 3.6 MJ/kWh."""
     if intensity is None:
         return None
+    pieces = intensity.pieces(t0, t1)
+    if not pieces:  # an empty window: 0 g of a known energy, unknown of an unknown one
+        return None if energy_j(t0, t1) is None else 0.0
     total = 0.0
-    for a, b, g_per_kwh in intensity.pieces(t0, t1):
+    for a, b, g_per_kwh in pieces:
         e = energy_j(a, b)
         if e is None:
             return None
@@ -103,22 +108,34 @@ def _parse_time(s: str) -> float:
     return dt.timestamp()
 
 
-def read_timeseries(path: Path) -> tuple[tuple[float, float], ...]:
-    """``time,g_per_kwh`` rows (a header row is allowed), sorted by time."""
+def _is_number(s: str) -> bool:
     try:
-        text = path.read_text()
-    except OSError as exc:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def read_timeseries(path: Path) -> tuple[tuple[float, float], ...]:
+    """``time,g_per_kwh`` rows, sorted by time. Blank and ``#`` lines are skipped, and the
+    first other row may be a header (its intensity column is not a number)."""
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" begins with a byte order mark
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
         raise CarbonConfigError(f"carbon time series {path}: unreadable ({exc})") from exc
     points: list[tuple[float, float]] = []
+    first = True
     for n, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
         if len(row) < 2:
             raise CarbonConfigError(f"{path}:{n}: expected time,g_per_kwh; got {row!r}")
+        header_allowed, first = first, False
         try:
             t, g = _parse_time(row[0]), float(row[1])
         except ValueError as exc:
-            if n == 1 and not points:
+            if header_allowed and not _is_number(row[1]):
                 continue  # a header
             raise CarbonConfigError(f"{path}:{n}: {exc}") from exc
         if not g >= 0 or g == float("inf"):
@@ -135,7 +152,8 @@ def region(code: str) -> Intensity:
     if key not in REGIONS:
         raise CarbonConfigError(
             f"unknown carbon region {code!r}; known: {', '.join(sorted(REGIONS))} "
-            "(or set H3D_CARBON_INTENSITY_G_PER_KWH)"
+            "(or unset H3D_CARBON_REGION and set H3D_CARBON_INTENSITY_G_PER_KWH, "
+            "H3D_CARBON_TIMESERIES_CSV or H3D_CARBON_ZONE)"
         )
     g, name, dataset = REGIONS[key]
     return Intensity(
@@ -205,6 +223,10 @@ class LiveProvider:
 
             try:
                 fresh = self._fetch()
+            except httpx.HTTPStatusError as exc:  # its text adds the URL and a help link
+                error = f"HTTP {exc.response.status_code} {exc.response.reason_phrase}"
+                logger.warning("live carbon intensity (%s) failed: %s", self.zone, exc)
+                data.update(failed_at=now, error=error)
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 logger.warning("live carbon intensity (%s) failed: %s", self.zone, error)
@@ -306,7 +328,12 @@ def run_carbon(
     """``co2e_g``, ``carbon_source``, ``carbon_detail`` for a window (null when unknown)."""
     intensity, note = resolve(settings, t0, t1)
     grams = co2e_g(energy_j, intensity, t0, t1)
-    detail = intensity.detail if intensity is not None else "no carbon intensity configured"
+    if intensity is not None:
+        detail = intensity.detail
+    elif configured(settings):  # set, but unusable: the note says why
+        detail = "carbon intensity unavailable"
+    else:
+        detail = "no carbon intensity configured"
     if note:
         detail = f"{detail}; {note}"
     return {

@@ -522,7 +522,11 @@ def print_report(rep: dict[str, Any]) -> None:
         print(f"  carbon       {_fmt(e.get('co2e_g'), ' gCO2e')}  source={e['carbon_source']}")
         print(f"               {e.get('carbon_detail', '')}")
     elif "carbon_source" in e:
-        print("  carbon       unknown (no intensity set: H3D_CARBON_INTENSITY_G_PER_KWH, ...)")
+        # the daemon's reason: nothing configured, or a configured source failing and why
+        why = e.get("carbon_detail") or "no carbon intensity configured"
+        if why == "no carbon intensity configured":
+            why += ": set H3D_CARBON_INTENSITY_G_PER_KWH, H3D_CARBON_REGION, ..."
+        print(f"  carbon       unknown ({why})")
     print(
         f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
         f"(smoothed over {eta['smoothing_batches']} batches)"

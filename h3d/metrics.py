@@ -7,7 +7,10 @@ A scrape costs O(devices + running runs): device figures and each run's energy c
 sampler's running totals (kept per tick), and η needs only the first and last few batches
 of each run (index seeks), never an integration over the run's history. Like every counter,
 a run's energy total starts over when the daemon restarts; η is given only for runs this
-daemon followed from their start. ``/metrics`` needs the bearer token, as /v1 does.
+daemon followed from their start. A run with no measured energy (no readable device) has no
+run series at all: unknown, never 0. A run whose process is followed counts nothing until its
+first share is measured, then what it drew since at that share (see ``PowerSampler``), so it
+never reads more here than over REST. ``/metrics`` needs the bearer token, as /v1 does.
 """
 
 from __future__ import annotations

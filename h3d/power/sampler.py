@@ -116,8 +116,13 @@ class PowerSampler:
         self._settled = threading.Event()  # set while no write is in flight
         self._settled.set()
         # Energy attributed to each active run since this daemon began following it: the
-        # running totals /metrics serves without re-integrating history.
+        # running totals /metrics serves without re-integrating history. A run is in it
+        # once a device measured energy while it ran (before that its energy is unknown).
         self.run_energy_j: dict[str, float] = {}
+        # per (run, kind): energy a followed run drew before its first share of that kind
+        # was measured, counted at that share once it is (the stored share is back-dated
+        # to the run's start, so /metrics and the stored figure agree)
+        self._held_j: dict[tuple[str, str], float] = {}
         self.run_followed_since: dict[str, float] = {}
         self._last_share: dict[tuple[str, str], float] = {}
         # per run: the CPU union rows stored for it here, newest last, [t0, t1, share before
@@ -244,9 +249,10 @@ class PowerSampler:
                 logger.info("device %s recovered", d.backend.info.name)
             d.status, d.reason = "ok", None
             inc = self._increment(d, t, r.power_w, r.energy_j)
-            d.energy_total_j += inc
-            if inc and self._active_runs:
-                self._add_to_runs(d, inc)
+            if inc is not None:
+                d.energy_total_j += inc
+                if self._active_runs:
+                    self._add_to_runs(d, inc)
             if not self._active_runs and r.power_w is not None:
                 d.idle.append(r.power_w)
             d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
@@ -262,29 +268,62 @@ class PowerSampler:
 
     def _increment(
         self, d: DeviceState, t: float, power_w: float | None, energy_j: float | None
-    ) -> float:
+    ) -> float | None:
+        """Energy since the device's last reading; None when nothing was measured."""
         if d.last_t is None or t - d.last_t > max(1.0, 10 * self.interval_s):
-            return 0.0  # first reading, or a gap: nothing is bridged
+            return None  # first reading, or a gap: nothing is bridged
         if energy_j is not None and d.last_energy_j is not None:
             return max(0.0, energy_j - d.last_energy_j)
         if power_w is not None and d.last_power_w is not None:
             return 0.5 * (power_w + d.last_power_w) * (t - d.last_t)
-        return 0.0
+        return None
+
+    def _rest(self, runs: set[str], kind: str) -> float:
+        """What a run with no share of ``kind`` gets (the lock is held): an even part of
+        what the runs with one leave, so together they never take more than the device."""
+        known = [self._last_share[(r, kind)] for r in runs if (r, kind) in self._last_share]
+        unknown = len(runs) - len(known)
+        return max(0.0, 1.0 - sum(known)) / unknown if unknown else 0.0
 
     def _add_to_runs(self, d: DeviceState, inc: float) -> None:
         info = d.backend.info
         kind = f"gpu:{info.name}" if info.kind == "gpu" else "cpu"
         with self._lock:
             runs = {r for r, _rank in self._active_runs}
-            known = {r: self._last_share[(r, kind)] for r in runs if (r, kind) in self._last_share}
-            # a run with no share yet (before its first share sample, not followed here, or
-            # a GPU without per-process figures) splits what the others leave: together the
-            # runs never take more than the device gave
-            unknown = len(runs) - len(known)
-            rest = max(0.0, 1.0 - sum(known.values())) / unknown if unknown else 0.0
+            # a run followed here whose share of the device will be measured (its CPU, or a
+            # GPU with per-process figures) but is not yet: its energy waits for that share
+            measurable = kind == "cpu" or getattr(d.backend, "process_share", None) is not None
+            awaiting = (
+                {k[0] for k in cast(list[tuple[str, int | None]], self._shares.tracked)}
+                if measurable
+                else set()
+            )
+            # a run with no share yet and none to wait for (not followed here, or a GPU
+            # without per-process figures) splits what the others leave
+            rest = self._rest(runs, kind)
             for rid in runs:
-                share = known.get(rid, rest)
+                share = self._last_share.get((rid, kind))
+                if share is None and rid in awaiting:
+                    self._held_j[(rid, kind)] = self._held_j.get((rid, kind), 0.0) + inc
+                    self.run_energy_j.setdefault(rid, 0.0)
+                    continue
+                share = rest if share is None else share
                 self.run_energy_j[rid] = self.run_energy_j.get(rid, 0.0) + inc * share
+
+    def _count_held(self) -> None:
+        """Count the energy held for runs awaiting a share (the lock is held): at the share
+        just measured, which the stored rows back-date to the run's start. A GPU that could
+        not say this time splits as ``_add_to_runs`` does; a CPU share not measured yet (no
+        busy time on the machine) keeps waiting."""
+        runs = {r for r, _rank in self._active_runs}
+        for (rid, kind), joules in list(self._held_j.items()):
+            share = self._last_share.get((rid, kind))
+            if share is None:
+                if kind == "cpu":
+                    continue
+                share = self._rest(runs, kind)
+            del self._held_j[(rid, kind)]
+            self.run_energy_j[rid] = self.run_energy_j.get(rid, 0.0) + joules * share
 
     # --- runs: attribution and the idle baseline ----------------------------------------
 
@@ -312,7 +351,6 @@ class PowerSampler:
             if new:
                 self._split_start[run_id] = start
             self._active_runs.add((run_id, rank))
-            self.run_energy_j.setdefault(run_id, 0.0)
             self.run_followed_since.setdefault(run_id, now)
             key = (run_id, rank)
             return pid is not None and self._shares.track(key, pid, cpu_s=cpu_s, since_t=since_t)
@@ -351,6 +389,8 @@ class PowerSampler:
             self._split_start.pop(run_id, None)
             for share_key in [k for k in self._last_share if k[0] == run_id]:
                 del self._last_share[share_key]
+            for held_key in [k for k in self._held_j if k[0] == run_id]:
+                del self._held_j[held_key]
             for split_key in [k for k in self._split_rows if k[0] == run_id]:
                 del self._split_rows[split_key]
 
@@ -443,6 +483,7 @@ class PowerSampler:
             self._pending_shares.extend(
                 self._split(t if split_until is None else min(t, split_until))
             )
+            self._count_held()
 
     def _cpu_union(
         self,

@@ -360,6 +360,17 @@
     return {run, report, loss: loss.points, energy: energy.points, power, devices: devices.devices};
   }
 
+  // The carbon card's line. Grams known: their source, the detail on hover. Unknown: why,
+  // as the daemon says it: an intensity but no energy to weigh, nothing configured, or a
+  // configured source that failed (carbon_detail names each failure).
+  function carbonNote(e) {
+    const source = e.carbon_source || "none";
+    const info = e.carbon_detail ? ` <span title="${esc(e.carbon_detail)}">ⓘ</span>` : "";
+    if (e.co2e_g !== null && e.co2e_g !== undefined) return esc(source) + info;
+    if (source !== "none") return `${esc(source)}: energy unknown${info}`;
+    return esc(e.carbon_detail || "no grid intensity configured");
+  }
+
   function summaryCards(b, stop) {
     const rep = b.report, e = rep.energy, eta = rep.eta;
     const acc = [...rep.epochs].reverse().find(x => x.accuracy !== null && x.accuracy !== undefined);
@@ -371,7 +382,7 @@
       ${card("information gained ΔI", esc(num(eta.info_gain_bits)) + " bits/sample", eta.info_gain_total_bits !== null ? esc(num(eta.info_gain_total_bits)) + " bits about the training set" : "")}
       ${card("η", esc(num(eta.eta_bits_per_j)) + " bits/J", "since the start")}
       ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(num(eta.window_s))} s window)` : `last ${esc(num(eta.window_s))} s`)}
-      ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(num(e.co2e_g)) + " g CO₂e", e.co2e_g === null || e.co2e_g === undefined ? "no grid intensity configured" : esc(e.carbon_source || "") + (e.carbon_detail ? ` <span title="${esc(e.carbon_detail)}">ⓘ</span>` : ""))}
+      ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(num(e.co2e_g)) + " g CO₂e", carbonNote(e))}
       ${card("final accuracy", acc ? esc(num(acc.accuracy, 4)) : "–", acc ? `epoch ${acc.epoch}` : "no accuracy logged")}
       ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(num(stop.energy_after_j))} J (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : esc(noStopReason(rep.epochs, e.energy_j)))}
     </div>`;

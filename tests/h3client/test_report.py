@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from h3client import H3Profiler, ThermoAuditLogger, explain_thermo_log
 from h3client._report import diminishing_returns
 from h3client.report import assess, green_score, read_audit_log
-from tests.conftest import REPO, Daemon, daemon_env
+from tests.conftest import REPO, Daemon, daemon_env, free_port
 
 
 def ep(i: int, eta: float | None, energy: float = 10.0) -> dict:
@@ -145,3 +146,62 @@ def test_h3_report_on_audit_logs_applies_the_tolerance(tmp_path: Path) -> None:
     r = report("--h3-log", str(tmp_path / "missing.csv"))  # one line, no traceback
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("h3-report: ") and "missing.csv" in r.stderr
+
+
+def test_h3_report_run_shows_carbon_and_why_it_is_unknown(tmp_path: Path) -> None:
+    """`h3d show` printed a run's grams of CO2e; `h3-report --run` printed energy, loss and
+    η but no carbon line at all (the figure was only in its --json)."""
+
+    def report(d: Daemon, run_id: str) -> tuple[str, dict]:
+        r = subprocess.run(
+            [sys.executable, "-m", "h3client.report", "--run", run_id],
+            env=daemon_env(d.data_dir),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        with d.client() as c:
+            return r.stdout, c.get(f"/v1/runs/{run_id}/report").json()
+
+    daemons = {
+        "constant": {"H3D_CARBON_INTENSITY_G_PER_KWH": "300"},
+        # configured, but a token no provider accepts (nothing listens there): unavailable
+        "failing": {
+            "H3D_ELECTRICITYMAPS_TOKEN": "tok",
+            "H3D_CARBON_ZONE": "DE",
+            "H3D_CARBON_LIVE_URL": f"http://127.0.0.1:{free_port()}",
+        },
+    }
+    out: dict[str, tuple[str, dict]] = {}
+    for name, extra in daemons.items():
+        d = Daemon(
+            tmp_path / name,
+            daemon_env(
+                tmp_path / name,
+                H3D_POWER_BACKENDS="constant:50",
+                H3D_SAMPLE_INTERVAL_S="0.02",
+                H3D_FLUSH_INTERVAL_S="0.2",
+                H3D_LOG_LEVEL="WARNING",
+                **extra,
+            ),
+        ).start()
+        try:
+            p = H3Profiler(name, url=d.url, data_dir=d.data_dir)
+            for s in range(50):
+                p.log_batch(2.0 / (1 + s / 10))
+            time.sleep(0.3)
+            p.stop()
+            assert p.run_id is not None
+            out[name] = report(d, p.run_id)
+        finally:
+            d.stop()
+    text, rep = out["constant"]
+    assert rep["carbon_source"] == "constant" and rep["co2e_g"] > 0
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("carbon"))
+    assert f"{rep['co2e_g']:.4g} g CO2e" in line and "constant" in line
+    text, rep = out["failing"]
+    assert rep["co2e_g"] is None
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("carbon"))
+    assert "unknown" in line and "unavailable" in line and "ConnectError" in line, line

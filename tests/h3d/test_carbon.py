@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -246,3 +248,210 @@ def test_api_report_show_and_metrics_carry_co2e(daemon_factory: Any) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "gCO2e  source=constant" in out.stdout
+
+
+# --- CSV edge cases -------------------------------------------------------------------------
+
+
+def test_a_csv_saved_with_a_byte_order_mark_keeps_its_first_row(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM: the first row's time read as
+    '\\ufeff1700000000', failed, and was skipped as if it were a header, so the next row's
+    value held back over the run (+50 % in the audit's case)."""
+    csv = tmp_path / "bom.csv"
+    csv.write_text(f"{T0:.0f},200\n{T0 + 3600:.0f},400\n", encoding="utf-8-sig")
+    assert carbon.read_timeseries(csv) == ((T0, 200.0), (T0 + 3600.0, 400.0))
+    s = make_settings(tmp_path, carbon_timeseries_csv=csv)
+    out = carbon.run_carbon(s, trace().between, T0, T0 + 7200)
+    assert out["co2e_g"] == pytest.approx(140.0) and "edge values" not in out["carbon_detail"]
+    # with a header too
+    csv.write_text(f"time,g_per_kwh\n{T0:.0f},200\n", encoding="utf-8-sig")
+    assert carbon.read_timeseries(csv) == ((T0, 200.0),)
+
+
+def test_a_first_row_with_a_number_is_data_never_taken_for_a_header(tmp_path: Path) -> None:
+    """A first row whose intensity is a number is a data row: if its time cannot be read it
+    is an error (with its line), not a header silently dropped."""
+    csv = tmp_path / "grid.csv"
+    csv.write_text(f"2023-13-45T00:00:00Z,200\n{T0:.0f},400\n")
+    with pytest.raises(carbon.CarbonConfigError, match="grid.csv:1"):
+        carbon.read_timeseries(csv)
+
+
+def test_comment_lines_before_the_header_are_allowed(tmp_path: Path) -> None:
+    """docs/power.md: "a header and # lines are allowed"; a # line before the header made
+    the header line 2, which was then refused and the whole series unusable."""
+    csv = tmp_path / "grid.csv"
+    csv.write_text(
+        f"# hourly grid intensity, g/kWh\n\ntime,g_per_kwh\n{T0:.0f},200\n{T0 + 3600:.0f},400\n"
+    )
+    assert carbon.read_timeseries(csv) == ((T0, 200.0), (T0 + 3600.0, 400.0))
+    out = carbon.run_carbon(
+        make_settings(tmp_path, carbon_timeseries_csv=csv), trace().between, T0, T0 + 7200
+    )
+    assert out["carbon_source"] == "timeseries" and out["co2e_g"] == pytest.approx(140.0)
+    # a second header-like row, after data, is still an error
+    csv.write_text(f"time,g_per_kwh\n{T0:.0f},200\ntime,g_per_kwh\n")
+    with pytest.raises(carbon.CarbonConfigError, match="grid.csv:3"):
+        carbon.read_timeseries(csv)
+
+
+def test_an_unknown_region_says_to_unset_it(tmp_path: Path) -> None:
+    """Setting H3D_CARBON_INTENSITY_G_PER_KWH, which the message suggested, does not help:
+    the region must be unset (it is checked at start-up whatever else is set)."""
+    with pytest.raises(ValidationError, match="unset H3D_CARBON_REGION") as err:
+        make_settings(tmp_path, carbon_region="us", carbon_intensity_g_per_kwh=400)
+    assert "or set H3D_CARBON_INTENSITY_G_PER_KWH)" not in str(err.value)
+
+
+# --- unknown energy, a configured source that fails, /metrics against REST -----------------
+
+
+def _metric_values(text: str, name: str, run_id: str) -> list[float]:
+    """The values of ``name`` for ``run_id`` in a /metrics body."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{run="{run_id}"'):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def test_co2e_is_null_whenever_energy_is_null_even_for_an_empty_window() -> None:
+    series = carbon.Intensity("constant", "test", ((0.0, 300.0),))
+    assert carbon.co2e_g(lambda a, b: None, series, T0, T0) is None
+    assert carbon.co2e_g(lambda a, b: 0.0, series, T0, T0) == 0.0
+
+
+def test_unknown_energy_is_absent_from_metrics_and_null_over_rest(daemon_factory: Any) -> None:
+    """No readable device: REST says energy and co2e are null; /metrics exported a measured
+    0 J and 0 g for the run. A zero-length run got co2e 0.0 beside its null energy."""
+    d = daemon_factory(H3D_POWER_BACKENDS="none", H3D_CARBON_REGION="fr")
+    with d.client() as api:
+        rid = api.post("/v1/runs", json={"name": "blind"}).json()["id"]
+        api.post(
+            f"/v1/runs/{rid}/batches",
+            json={
+                "batches": [{"seq": i, "t": time.time(), "loss": 2.0 - 0.1 * i} for i in range(5)]
+            },
+        ).raise_for_status()
+        time.sleep(0.5)
+        metrics = api.get("/metrics").text
+        e = api.get(f"/v1/runs/{rid}/energy").json()
+        assert e["energy_j"] is None and e["co2e_g"] is None
+        assert e["carbon_source"] == "region_average"
+        assert rid not in metrics, metrics
+        t = time.time()
+        zero = api.post("/v1/runs", json={"name": "zero", "created_at": t}).json()["id"]
+        api.patch(f"/v1/runs/{zero}", json={"status": "finished", "finished_at": t})
+        e = api.get(f"/v1/runs/{zero}/energy").json()
+        assert e["energy_j"] is None and e["co2e_g"] is None
+
+
+def test_metrics_never_count_a_followed_run_above_rest(daemon_factory: Any) -> None:
+    """A run whose process the daemon follows was charged the whole device on /metrics until
+    its first CPU-share sample, while REST back-dates that share to the run's start: an idle
+    process read 36 J on /metrics against 0 J over REST. The increments are now held until
+    the share is measured, then counted at it."""
+    d = daemon_factory(H3D_CARBON_INTENSITY_G_PER_KWH="300", H3D_FLUSH_INTERVAL_S="1.0")
+    idle = subprocess.Popen(["sleep", "120"])
+    try:
+        with d.client() as api:
+            rid = api.post(
+                "/v1/runs", json={"name": "idle", "pid": idle.pid, "host": socket.gethostname()}
+            ).json()["id"]
+            deadline = time.monotonic() + 30
+            while True:  # until REST attributes by the measured share
+                e = api.get(f"/v1/runs/{rid}/energy").json()
+                if e["by_device"] and e["by_device"][0]["attribution"] == "process":
+                    break
+                assert time.monotonic() < deadline, e
+                time.sleep(0.1)
+            time.sleep(1.2)  # a fresh rendering of /metrics, a few shares in
+            metrics = api.get("/metrics").text
+            after = api.get(f"/v1/runs/{rid}/energy").json()
+    finally:
+        idle.kill()
+        idle.wait()
+    (energy,) = _metric_values(metrics, "h3d_run_energy_joules_total", rid)
+    (grams,) = _metric_values(metrics, "h3d_run_co2e_grams_total", rid)
+    assert after["device_energy_j"] > 50.0  # the device ran for over a second
+    # an idle process: a share of about 0, on both
+    assert energy <= after["energy_j"] + 0.01 * after["device_energy_j"] + 1e-9
+    assert grams <= after["co2e_g"] + 0.01 * after["device_energy_j"] * 300 / 3.6e6 + 1e-12
+
+
+def test_a_configured_source_that_fails_says_why_everywhere(
+    daemon_factory: Any, emaps: FakeElectricityMaps
+) -> None:
+    """A live source answering 401 read "no carbon intensity configured; live ... failed"
+    over REST, "no intensity set" in `h3d show`: configured, but unavailable, and why."""
+    d = daemon_factory(
+        H3D_ELECTRICITYMAPS_TOKEN="bad", H3D_CARBON_ZONE="DE", H3D_CARBON_LIVE_URL=emaps.url
+    )
+    with d.client() as api:
+        rid = api.post("/v1/runs", json={"name": "c"}).json()["id"]
+        time.sleep(0.3)
+        api.patch(f"/v1/runs/{rid}", json={"status": "finished"})
+        e = api.get(f"/v1/runs/{rid}/energy").json()
+    assert e["co2e_g"] is None and e["carbon_source"] == "none"
+    assert "not configured" not in e["carbon_detail"] and "no carbon" not in e["carbon_detail"]
+    assert e["carbon_detail"].startswith("carbon intensity unavailable")
+    assert "401" in e["carbon_detail"]
+    out = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", rid],
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("carbon"))
+    assert "no intensity set" not in line and "401" in out.stdout.split("carbon", 1)[1]
+    # nothing configured: said so
+    nothing = carbon.run_carbon(make_settings(d.data_dir / "n"), trace().between, T0, T0 + 1)
+    assert nothing["carbon_detail"] == "no carbon intensity configured"
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_dashboard_carbon_card_says_why_co2e_is_unknown(
+    daemon_factory: Any, emaps: FakeElectricityMaps
+) -> None:
+    """The carbon card read "no grid intensity configured" whenever co2e_g was null: with a
+    live source failing (401), and with a region set but no readable device."""
+    from playwright.sync_api import sync_playwright
+
+    failing = daemon_factory(
+        "failing",
+        H3D_ELECTRICITYMAPS_TOKEN="bad",
+        H3D_CARBON_ZONE="DE",
+        H3D_CARBON_LIVE_URL=emaps.url,
+    )
+    blind = daemon_factory("blind", H3D_POWER_BACKENDS="none", H3D_CARBON_REGION="FR")
+    runs = {}
+    for d in (failing, blind):
+        with d.client() as api:
+            rid = api.post("/v1/runs", json={"name": "c"}).json()["id"]
+            time.sleep(0.3)
+            api.patch(f"/v1/runs/{rid}", json={"status": "finished"})
+        runs[d.data_dir.name] = rid
+    cards = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            for d in (failing, blind):
+                page = browser.new_page()
+                page.goto(f"{d.url}/#token={d.token}&run={runs[d.data_dir.name]}")
+                card = page.locator("#run-cards .card", has_text="carbon")
+                card.wait_for(timeout=20_000)
+                cards[d.data_dir.name] = card.inner_text()
+                page.close()
+        finally:
+            browser.close()
+    assert "no grid intensity configured" not in cards["failing"]
+    assert "unavailable" in cards["failing"] and "401" in cards["failing"]
+    assert "no grid intensity configured" not in cards["blind"]
+    assert "region_average" in cards["blind"] and "energy unknown" in cards["blind"]

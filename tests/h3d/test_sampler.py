@@ -482,7 +482,10 @@ def test_concurrent_runs_never_take_more_than_the_device_before_or_without_share
 ) -> None:
     """The live per-run energy (/metrics' h3d_run_energy_joules_total): a run with no share
     yet (before the first share sample, or never followed here) used to count the whole
-    device, so two runs together counted it twice."""
+    device, so two runs together counted it twice. A followed run's energy now waits for its
+    first measured share and is then counted at it, as the stored share (back-dated to the
+    run's start) counts it: before, it took the whole device until then (an idle process
+    read 36 J on /metrics, 0 J over REST)."""
     import os
 
     clock = Clock()
@@ -491,14 +494,20 @@ def test_concurrent_runs_never_take_more_than_the_device_before_or_without_share
     s.tick()
     s.run_started("A", os.getpid())
     s.run_started("B", os.getpid())
-    for _ in range(5):  # before any share sample
+    for _ in range(5):  # before any share sample: followed runs wait for their shares
         clock.t += 0.1
         s.tick()
-    assert s.run_energy_j["A"] == pytest.approx(25.0) and s.run_energy_j["B"] == pytest.approx(25.0)
+    assert s.run_energy_j == {"A": 0.0, "B": 0.0}
     s.run_ended("B")
     s.run_started("C", None)  # not followed here: never gets a share
+    for _ in range(5):  # C splits the device with A, whose share is not known yet
+        clock.t += 0.1
+        s.tick()
+    assert s.run_energy_j == pytest.approx({"A": 0.0, "C": 25.0})
     with s._lock:
-        s._last_share[("A", "cpu")] = 0.7  # as sample_shares() would set it
+        s._last_share[("A", "cpu")] = 0.7  # as sample_shares() would set it ...
+        s._count_held()  # ... and then count what A drew until then: 100 J x 0.7
+    assert s.run_energy_j["A"] == pytest.approx(70.0)
     before = dict(s.run_energy_j)
     for _ in range(5):
         clock.t += 0.1
