@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypedDict
 
+import psutil
 import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,6 +87,19 @@ def _allowed(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _take_up(sampler: PowerSampler, run_id: str, pid: int | None, rank: int | None) -> None:
+    """Follow a run still running when the daemon started, unless its local process died
+    meanwhile: that one takes no share, and is failed after the exit grace."""
+    try:
+        gone = pid is not None and not psutil.pid_exists(pid)
+    except (OverflowError, ValueError):  # no such pid on this system
+        gone = True
+    if gone:
+        sampler.run_gone(run_id, rank)
+    else:
+        sampler.run_started(run_id, pid, rank)
+
+
 def node_lease(settings: Settings, store: Store) -> NodeLease:
     """This daemon's lease on its node name: renewed every reaper pass, lapsing after six
     missed ones (at least 30 s)."""
@@ -147,9 +161,9 @@ def create_app(
         with store.read() as s:  # runs still running when the daemon stopped
             for run in repo.running_runs(s):
                 if run.world_size is None and run.node == settings.node:
-                    sampler.run_started(run.id, run.pid if is_local(run.host) else None)
+                    _take_up(sampler, run.id, run.pid if is_local(run.host) else None, None)
             for rr in repo.running_ranks(s, node=settings.node):
-                sampler.run_started(rr.run_id, rr.pid if is_local(rr.host) else None, rr.rank)
+                _take_up(sampler, rr.run_id, rr.pid if is_local(rr.host) else None, rr.rank)
         sampler.start()
         reaper = Reaper(
             store,

@@ -256,7 +256,9 @@ class Reaper:
                     last = stored  # another daemon served it since
                 limit = self.grace_s if rid in exited else self.timeout_s
                 if now - last >= limit:
-                    doomed[rid] = last
+                    # it ended at its last activity on the store, not at this daemon's first
+                    # look (a restarted daemon's start: a 5 s run read 30 s, and its energy)
+                    doomed[rid] = stored if stored is not None else last
             for rid in set(self._seen) - running.keys():
                 del self._seen[rid]
         for rid, last in doomed.items():

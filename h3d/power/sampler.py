@@ -123,6 +123,10 @@ class PowerSampler:
         # was measured, counted at that share once it is (the stored share is back-dated
         # to the run's start, so /metrics and the stored figure agree)
         self._held_j: dict[tuple[str, str], float] = {}
+        # runs (or ranks) whose local process was gone when they were started here (a
+        # daemon restarted after its training process died): no share, and the reaper's
+        # exit grace rather than its timeout
+        self._gone_at_start: set[tuple[str, int | None]] = set()
         self.run_followed_since: dict[str, float] = {}
         self._last_share: dict[tuple[str, str], float] = {}
         # per run: the CPU union rows stored for it here, newest last, [t0, t1, share before
@@ -355,6 +359,15 @@ class PowerSampler:
             key = (run_id, rank)
             return pid is not None and self._shares.track(key, pid, cpu_s=cpu_s, since_t=since_t)
 
+    def run_gone(self, run_id: str, rank: int | None = None) -> None:
+        """A running run of the store (or one rank of it) whose local process was gone when
+        this daemon started (it died while no daemon ran): not active here, so it takes no
+        share of a device, as a run followed here gets none once its process exits; and
+        :meth:`exited_runs` names it, for the reaper's exit grace. Left active, unfollowed,
+        it split every device with the runs that came after, up to all of it."""
+        with self._lock:
+            self._gone_at_start.add((run_id, rank))
+
     def run_ended(self, run_id: str, rank: int | None = None) -> None:
         """The run ended here: one rank of it, or (``rank`` None) all of it.
 
@@ -377,6 +390,9 @@ class PowerSampler:
             t = self.now() if end is None else min(self.now(), end)
             t = max([t, *(row[1] for row in self._split_rows.values())])
             self._pending_shares.extend(self._split(t))
+            self._gone_at_start -= {
+                k for k in self._gone_at_start if k[0] == run_id and rank in (None, k[1])
+            }
             keys = [k for k in self._active_runs if k[0] == run_id]
             for key in keys if rank is None else [(run_id, rank)]:
                 self._active_runs.discard(key)
@@ -417,11 +433,8 @@ class PowerSampler:
         """Active single-process runs whose local process this sampler followed and that
         has exited. (A distributed run's ranks finish one by one; its rows say when.)"""
         with self._lock:
-            return [
-                rid
-                for rid, rank in cast(list[tuple[str, int | None]], self._shares.gone())
-                if rank is None
-            ]
+            gone = cast(list[tuple[str, int | None]], self._shares.gone())
+            return [rid for rid, rank in [*gone, *self._gone_at_start] if rank is None]
 
     def sample_shares(self, *, split_until: float | None = None) -> None:
         """Each tracked run's share since the last call, as stored intervals: of the CPU

@@ -374,7 +374,11 @@ def update_run(
         run.status = status
         run.finished_at = end if status in ("finished", "failed") else None
         if run.finished_at is not None:
-            _keep_idle_baselines(session, run, run_ranks(session, run_id=run_id))
+            ranks = run_ranks(session, run_id=run_id)
+            for rr in ranks:  # the run ended as a whole (the reaper, a PATCH): so did its ranks
+                if rr.status == "running":
+                    rr.status, rr.finished_at = status, max(end, rr.joined_at)
+            _keep_idle_baselines(session, run, ranks)
     if name is not None:
         run.name = name
     if tags is not None:

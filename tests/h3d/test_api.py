@@ -707,6 +707,55 @@ def test_runs_whose_process_is_gone_are_reaped_as_failed(daemon_factory: Any) ->
             time.sleep(0.2)
 
 
+def test_a_restarted_daemon_fails_a_run_whose_process_died_meanwhile(
+    daemon_factory: Any,
+) -> None:
+    """The training process died while the daemon was down. The restarted daemon does not
+    follow a process that is gone: the run takes no share of the devices (it split them with
+    the runs that came after, up to all of each), is failed after the exit grace (not the
+    timeout), at its last activity (not the restart)."""
+    import sqlite3
+    import subprocess
+
+    d = daemon_factory(
+        "restart-dead",
+        H3D_POWER_BACKENDS="constant:100",
+        H3D_RUN_EXIT_GRACE_S="0.5",
+        H3D_RUN_TIMEOUT_S="600",
+        H3D_RUN_REAP_EVERY_S="0.2",
+    )
+    trainer = subprocess.Popen(["sleep", "60"])
+    with d.client() as api:
+        dead = make_run(api, pid=trainer.pid)
+        api.post(f"/v1/runs/{dead['id']}/batches", json={"batches": batches(0, 1)})
+        time.sleep(0.6)  # its heartbeat reaches the store
+    d.stop()
+    con = sqlite3.connect(f"file:{d.data_dir / 'h3d.db'}?mode=ro", uri=True)
+    with con:
+        (last,) = con.execute("SELECT seen_at FROM runs WHERE id = ?", (dead["id"],)).fetchone()
+    con.close()
+    assert last is not None
+    trainer.kill()
+    trainer.wait()
+    time.sleep(1.0)
+    d.start()
+    with d.client() as api:
+        deadline = time.monotonic() + 10
+        while api.get(f"/v1/runs/{dead['id']}").json()["status"] == "running":
+            assert time.monotonic() < deadline, "the dead run waited for the timeout"
+            time.sleep(0.1)
+        got = api.get(f"/v1/runs/{dead['id']}").json()
+        assert got["status"] == "failed" and got["finished_at"] == pytest.approx(last)
+        energy = api.get(f"/v1/runs/{dead['id']}/energy").json()["energy_j"]
+        alone = make_run(api)
+        time.sleep(1.5)
+        api.patch(f"/v1/runs/{alone['id']}", json={"status": "finished"}).raise_for_status()
+        done = api.get(f"/v1/runs/{alone['id']}").json()
+        e = api.get(f"/v1/runs/{alone['id']}/energy").json()["energy_j"]
+        assert e == pytest.approx(100.0 * (done["finished_at"] - done["created_at"]), rel=0.05)
+        assert api.get(f"/v1/runs/{dead['id']}/energy").json()["energy_j"] == energy
+
+
 def test_hostile_inputs_are_4xx_with_the_error_body(api: httpx.Client) -> None:
     deep: Any = 1
     for _ in range(300):

@@ -63,6 +63,17 @@ def test_ranks_join_once_and_the_run_ends_with_its_last_rank(session: Session) -
         )
 
 
+def test_a_run_failed_as_a_whole_fails_its_running_ranks(session: Session) -> None:
+    """The reaper (or a PATCH) ends the whole run: a rank still marked running ends with it.
+    Before, `h3d show` listed a dead rank as running under a failed run."""
+    join(session, 0, "a", world_size=2)
+    join(session, 1, "a", world_size=2)
+    repo.update_run(session, run_id=RUN, status="finished", name=None, tags=None, now=110.0, rank=0)
+    repo.update_run(session, run_id=RUN, status="failed", name=None, tags=None, now=115.0)
+    ranks = {r.rank: (r.status, r.finished_at) for r in repo.run_ranks(session, run_id=RUN)}
+    assert ranks == {0: ("finished", 110.0), 1: ("failed", 115.0)}
+
+
 def test_energy_splits_by_node_and_by_rank_and_counts_each_device_once(
     session: Session,
 ) -> None:
