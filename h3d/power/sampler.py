@@ -344,6 +344,7 @@ class PowerSampler:
         True if followed. ``cpu_s`` at ``since_t``: its process's CPU time when it began
         (see :meth:`CpuShareTracker.track`)."""
         with self._lock:
+            self._gone_at_start.discard((run_id, rank))  # resumed by a new process
             now = self.now()
             new = all(rid != run_id for rid, _rank in self._active_runs)
             # where a split row of the run would begin: at its start (its window's), but
