@@ -11,6 +11,7 @@ global step: the k-th batch of every rank is step k, and the step's loss is thei
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import threading
 import time
@@ -102,6 +103,25 @@ def _weigh(rows: list[repo.SharePiece], a: float, b: float) -> float:
     return sum(v * max(0.0, min(b, t1) - max(a, t0)) for t0, t1, v in rows)
 
 
+def _weights(rows: list[repo.SharePiece], pieces: list[tuple[float, float]]) -> list[float]:
+    """``_weigh(rows, a, b)`` for each piece [a, b], each by binary searches over ``rows``
+    (ordered by t0) for the rows that meet it: a day of one row a second against as many
+    pieces was 10⁹ steps. The same floats: a row that does not meet the piece adds 0."""
+    t0s = [r[0] for r in rows]
+    reach = list(itertools.accumulate((r[1] for r in rows), max))  # latest t1 so far
+    out: list[float] = []
+    for a, b in pieces:
+        if b <= a:  # the first row that holds the point: after those that all end before it
+            lo, hi = bisect.bisect_left(reach, a), bisect.bisect_right(t0s, a)
+            out.append(next((v for t0, t1, v in rows[lo:hi] if t0 <= a <= t1), 0.0))
+        else:  # rows before lo end by a, rows from hi on start at b or later
+            lo, hi = bisect.bisect_right(reach, a), bisect.bisect_left(t0s, b)
+            out.append(
+                sum((v * max(0.0, min(b, t1) - max(a, t0)) for t0, t1, v in rows[lo:hi]), 0.0)
+            )
+    return out
+
+
 def run_nodes(session: Session, run: Run) -> set[str] | None:
     """The nodes a run ran on (its creating daemon's and its ranks'); None: unknown, all."""
     if run.node is None:
@@ -184,11 +204,12 @@ class EnergyModel:
             ends = m.ends if m.ends is not None else m.starts[1:] + [m.starts[-1]]
             # each rank's share-seconds within each union piece
             pieces = list(zip(m.starts, ends, strict=True))
-            weight = {k: [_weigh(own[k], p0, p1) for p0, p1 in pieces] for k in local}
+            weight = {k: _weights(own[k], pieces) for k in local}
+            totals = [sum(weight[q][i] for q in local) for i in range(len(pieces))]
             for k in local:
                 shares = []
                 for i, union in enumerate(m.shares):
-                    total = sum(weight[q][i] for q in local)
+                    total = totals[i]
                     frac = weight[k][i] / total if total > 0 else 1.0 / len(local)
                     shares.append(union * frac)
                 part = _DeviceModel(m.dev, m.curve, m.starts, shares, last_end=m.last_end)

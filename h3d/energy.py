@@ -137,9 +137,8 @@ class EnergyCurve:
     def between(self, t0: float, t1: float) -> float:
         return max(0.0, self.at(t1) - self.at(t0)) if t1 > t0 else 0.0
 
-    def covered(self, t0: float, t1: float) -> float:
-        """Seconds of [t0, t1] inside segments (backed by samples on both sides): two binary
-        searches over the segments, built once."""
+    def _segs(self) -> tuple[list[float], list[float], list[float]]:
+        """(first time, last time, prefix of lengths) of each segment, built once."""
         if self._segments is None:
             starts: list[float] = []
             ends: list[float] = []
@@ -152,7 +151,12 @@ class EnergyCurve:
                     prefix.append(prefix[-1] + self.ts[i - 1] - self.ts[start])
                     start = i
             self._segments = (starts, ends, prefix)
-        starts, ends, prefix = self._segments
+        return self._segments
+
+    def covered(self, t0: float, t1: float) -> float:
+        """Seconds of [t0, t1] inside segments (backed by samples on both sides): two binary
+        searches over the segments, built once."""
+        starts, ends, prefix = self._segs()
         i = bisect.bisect_right(ends, t0)  # the first segment that ends after t0
         j = bisect.bisect_left(starts, t1)  # the segments that start before t1: [i, j)
         if i >= j:
@@ -165,23 +169,31 @@ class EnergyCurve:
 
         A gap is time between two samples farther apart than ``max_gap_s``, and time at the
         window's edges that long before the first sample or after the last (a device that
-        appeared during the window, or stopped answering before its end)."""
+        appeared during the window, or stopped answering before its end).
+
+        Binary searches find the segments and the gaps that meet the window, so the cost is
+        theirs, not the whole curve's: a series asks for hundreds of short windows of a day
+        of samples. The seconds are summed segment by segment in time order, as a walk over
+        every segment would (those outside the window add nothing), to the same float.
+        """
+        ts = self.ts
         covered = 0.0
         gaps: list[tuple[float, float]] = []
-        if self.ts and self.ts[0] - t0 > self.max_gap_s and t1 > t0:
-            gaps.append((t0, min(t1, self.ts[0])))
-        start = 0
-        for i in range(1, len(self.ts) + 1):
-            if i == len(self.ts) or self.seg[i] != self.seg[i - 1]:
-                a, b = max(t0, self.ts[start]), min(t1, self.ts[i - 1])
-                covered += max(0.0, b - a)
-                if i < len(self.ts):
-                    ga, gb = max(t0, self.ts[i - 1]), min(t1, self.ts[i])
-                    if gb > ga:
-                        gaps.append((ga, gb))
-                start = i
-        if self.ts and t1 - self.ts[-1] > self.max_gap_s and t1 > t0:
-            gaps.append((max(t0, self.ts[-1]), t1))
+        if ts and ts[0] - t0 > self.max_gap_s and t1 > t0:
+            gaps.append((t0, min(t1, ts[0])))
+        starts, ends, _prefix = self._segs()
+        # segments that end after t0 and start before t1
+        for m in range(bisect.bisect_right(ends, t0), bisect.bisect_left(starts, t1)):
+            covered += max(0.0, min(t1, ends[m]) - max(t0, starts[m]))
+        # the gap after segment m, from ends[m] to starts[m + 1]: ends before t1, and the
+        # next segment starts after t0
+        first = max(0, bisect.bisect_right(starts, t0) - 1)
+        for m in range(first, min(len(starts) - 1, bisect.bisect_left(ends, t1))):
+            ga, gb = max(t0, ends[m]), min(t1, starts[m + 1])
+            if gb > ga:
+                gaps.append((ga, gb))
+        if ts and t1 - ts[-1] > self.max_gap_s and t1 > t0:
+            gaps.append((max(t0, ts[-1]), t1))
         return covered, gaps
 
     def integral(self, t0: float, t1: float, *, granularity_s: float | None = None) -> Integral:

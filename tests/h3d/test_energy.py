@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from h3d import efficiency as eff
 from h3d.downsample import lttb
-from h3d.energy import integrate
+from h3d.energy import EnergyCurve, Sample, integrate
 
 
 def ramp(t0: float, t1: float, dt: float, f) -> list[tuple[float, float | None, float | None]]:
@@ -153,3 +157,137 @@ def test_energy_above_idle_takes_idle_off_only_where_there_is_energy() -> None:
     assert energy == pytest.approx(0.5 * 5_000 + 5_000) and active == pytest.approx(
         0.5 * 2_500 + 2_500
     )
+
+
+def _walk_coverage(
+    curve: EnergyCurve, t0: float, t1: float
+) -> tuple[float, list[tuple[float, float]]]:
+    """Coverage as a walk over every sample (the reference the binary searches must match)."""
+    ts, seg = curve.ts, curve.seg
+    covered = 0.0
+    gaps: list[tuple[float, float]] = []
+    if ts and ts[0] - t0 > curve.max_gap_s and t1 > t0:
+        gaps.append((t0, min(t1, ts[0])))
+    start = 0
+    for i in range(1, len(ts) + 1):
+        if i == len(ts) or seg[i] != seg[i - 1]:
+            covered += max(0.0, min(t1, ts[i - 1]) - max(t0, ts[start]))
+            if i < len(ts):
+                ga, gb = max(t0, ts[i - 1]), min(t1, ts[i])
+                if gb > ga:
+                    gaps.append((ga, gb))
+            start = i
+    if ts and t1 - ts[-1] > curve.max_gap_s and t1 > t0:
+        gaps.append((max(t0, ts[-1]), t1))
+    return covered, gaps
+
+
+def _random_trace(rng: random.Random) -> list[Sample]:
+    """Samples with stalls, counter resets, steps retention thinned, rows without a power or
+    a counter, and repeated times."""
+    counter = rng.random() < 0.6
+    t, e = rng.uniform(-20, 20), 0.0
+    rows: list[Sample] = []
+    for _k in range(rng.randint(0, 60)):
+        step = rng.choice([0.0, 0.1, 0.1, 0.2, 0.5, 3.0, 7.0, 12.0, 40.0])
+        p = rng.uniform(0, 300)
+        if rows and step > 5.0 and rng.random() < 0.4:  # a thinned step: it says so
+            t_prev, _p, e_prev = rows[-1]
+            e_prev = e if e_prev is None else e_prev
+            e_next = e_prev + rng.uniform(0, 300) * step
+            rows[-1] = (t_prev, (e_next - e_prev) / (t + step - t_prev), e_prev)
+            t, e = t + step, e_next
+            rows.append((t, p, e))
+            continue
+        t += step
+        e += p * step
+        if counter and rng.random() < 0.05:
+            e = rng.uniform(0, 10)  # a reset
+        r = rng.random()
+        rows.append((t, None if r < 0.05 else p, e if counter and r > 0.1 else None))
+    return rows
+
+
+def test_coverage_agrees_with_a_walk_over_every_sample_on_random_traces() -> None:
+    from h3d.energy import thinned_step
+
+    rng = random.Random(7)
+    thinned = resets = 0
+    for _ in range(400):
+        rows = _random_trace(rng)
+        thinned += sum(
+            thinned_step(a, b) and b[0] - a[0] > 5.0 for a, b in itertools.pairwise(rows)
+        )
+        curve = EnergyCurve(rows, max_gap_s=5.0)
+        resets += len(set(curve.seg)) - 1
+        end = curve.ts[-1] if curve.ts else 0.0
+        windows = [(-100.0, end + 100.0), (end, end), (-30.0, -30.0)]
+        for _w in range(30):
+            a = rng.uniform(-40, end + 40)
+            windows.append((a, a + rng.choice([0.0, 0.05, rng.uniform(0, 5), rng.uniform(0, 80)])))
+        windows += [(t, t + 1.0) for t in curve.ts[:5]] + [(t - 1.0, t) for t in curve.ts[-5:]]
+        for a, b in windows:
+            covered, gaps = curve.coverage(a, b)
+            want_covered, want_gaps = _walk_coverage(curve, a, b)
+            assert covered == pytest.approx(want_covered, rel=1e-12, abs=0.0)
+            assert len(gaps) == len(want_gaps)
+            for got, want in zip(gaps, want_gaps, strict=True):
+                assert got == pytest.approx(want, rel=1e-12, abs=0.0)
+            if curve.method != "none":
+                r = curve.integral(a, b)
+                assert r.covered_s == covered and r.gaps == tuple(gaps)
+    assert thinned > 100 and resets > 1000  # the traces had what they are meant to have
+
+
+class _CountingList(list[Any]):
+    """A list that counts the reads of its items."""
+
+    reads = 0
+
+    def __getitem__(self, i: Any) -> Any:
+        _CountingList.reads += 1
+        return super().__getitem__(i)
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def test_coverage_of_a_short_window_reads_a_few_samples_not_all_of_them() -> None:
+    """A day at 10 Hz with a stall an hour: the energy series asks for hundreds of short
+    windows, each read all 864 000 samples (3.6 s for an hour's run, 85 s for a day's)."""
+    n = 864_000
+    rows = [(k * 0.1 + (60.0 if k >= n // 2 else 0.0), 200.0, None) for k in range(n)]
+    curve = EnergyCurve(rows, max_gap_s=1.0)
+    want = [_walk_coverage(curve, a, a + 170.0) for a in (0.0, 43_150.0, 86_000.0)]
+    curve.coverage(0.0, 1.0)  # the segments are built once, on the first window
+    curve.ts, curve.seg = _CountingList(curve.ts), _CountingList(curve.seg)
+    _CountingList.reads = 0
+    got = [curve.coverage(a, a + 170.0) for a in (0.0, 43_150.0, 86_000.0)]
+    # a walk over every sample read 2 × 864 000 a window; binary searches read about 2 × 20
+    assert _CountingList.reads <= 3 * 100
+    assert got == want and want[1][1] == [(43_199.9, 43_260.0)]
+    _CountingList.reads = 0
+    for _ in range(200):
+        curve.integral(40_000.0, 40_010.0)
+    assert _CountingList.reads <= 200 * 100
+
+
+def test_rank_weights_by_binary_search_match_the_sum_over_every_row() -> None:
+    """A rank's share-seconds in each union piece, found by binary search over its rows, are
+    the sums over all its rows (a late rank's first row spans several pieces)."""
+    from h3d.analysis import _weigh, _weights
+
+    rng = random.Random(3)
+    for _ in range(300):
+        rows, t = [], rng.uniform(0, 5)
+        for _k in range(rng.randint(0, 40)):
+            length = rng.choice([0.0, 0.5, 1.0, 1.0, 7.5])
+            rows.append((t, t + length, rng.choice([0.0, 0.25, rng.random()])))
+            t += rng.choice([0.0, 0.5, 1.0, 1.0, 2.0])
+        rows.sort()
+        cuts = sorted(rng.uniform(-2, t + 2) for _c in range(rng.randint(1, 30)))
+        pieces = list(itertools.pairwise(cuts)) + [(c, c) for c in cuts]
+        pieces += [(r[0], r[1]) for r in rows[:5]] + [(r[1], r[1]) for r in rows[:5]]
+        got = _weights(rows, pieces)
+        assert got == [_weigh(rows, a, b) for a, b in pieces]
