@@ -89,7 +89,8 @@ def _allowed(app: FastAPI, request: Request) -> list[str]:
 
 def _take_up(sampler: PowerSampler, run_id: str, pid: int | None, rank: int | None) -> None:
     """Follow a run still running when the daemon started, unless its local process died
-    meanwhile: that one takes no share, and is failed after the exit grace."""
+    meanwhile: that one takes no share, and is failed after the exit grace. Runs are taken
+    up together, before sampling starts: the first share sample writes their split."""
     try:
         gone = pid is not None and not psutil.pid_exists(pid)
     except (OverflowError, ValueError):  # no such pid on this system
@@ -97,7 +98,7 @@ def _take_up(sampler: PowerSampler, run_id: str, pid: int | None, rank: int | No
     if gone:
         sampler.run_gone(run_id, rank)
     else:
-        sampler.run_started(run_id, pid, rank)
+        sampler.run_started(run_id, pid, rank, split=False)
 
 
 def node_lease(settings: Settings, store: Store) -> NodeLease:

@@ -25,13 +25,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from h3d.attribution import CpuShareTracker
+from h3d.energy import max_gap
 from h3d.power.base import PowerBackend, PowerBackendError
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
-from h3d.storage.models import Run
+from h3d.storage.models import Device, Run
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class PowerSampler:
         full_resolution_s: float = 7 * 86400.0,
         downsample_s: float = 10.0,
         prune_every_s: float = 600.0,
+        prune_first_s: float = 5.0,
         node: str = "",
         max_unstored_rows: int = 200_000,
     ) -> None:
@@ -94,7 +97,12 @@ class PowerSampler:
         self.full_resolution_s = full_resolution_s
         self.downsample_s = downsample_s
         self.prune_every_s = prune_every_s
-        self._pruned_to = float("-inf")
+        self.prune_first_s = prune_first_s  # the first pass, after start
+        self.prune_slice_rows = 5000  # samples of one device thinned per transaction
+        self._pruned_to = float("-inf")  # the last complete pass's cutoff
+        # the runs whose samples that pass kept at full resolution (id: start): once one is
+        # no longer kept so, a pass thins from its start
+        self._kept_runs: dict[str, float] = {}
         self._shares = CpuShareTracker()
         self._share_t: float | None = None
         self._pending_shares: list[dict[str, Any]] = []
@@ -146,6 +154,7 @@ class PowerSampler:
         self._tick_lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
         self._thread: threading.Thread | None = None
+        self._retention: threading.Thread | None = None
         self._intervals: deque[float] = deque(maxlen=1000)
         self._cpu_s = 0.0
         self._started_mono: float | None = None
@@ -185,13 +194,27 @@ class PowerSampler:
         if self._thread is None and self.devices:
             self._thread = threading.Thread(target=self._run, name="h3d-sampler", daemon=True)
             self._thread.start()
+            # retention on a thread of its own: a pass over a large store must not hold up
+            # a single reading
+            self._retention = threading.Thread(
+                target=self._retain, name="h3d-retention", daemon=True
+            )
+            self._retention.start()
+
+    def _retain(self) -> None:
+        wait = self.prune_first_s  # the first pass soon after start
+        while not self._stop.wait(wait):
+            try:
+                self.prune()
+            except Exception:  # nothing may end the retention thread
+                logger.exception("retention pass failed; will retry")
+            wait = self.prune_every_s
 
     def _run(self) -> None:
         self._started_mono = self._clock()
         self.sample_shares()  # the first busy reading: a run that starts now can count from it
         next_tick = self._started_mono
         last_flush = next_tick
-        last_prune = next_tick - self.prune_every_s + 5.0  # first pass soon after start
         prev: float | None = None
         while not self._stop.is_set():
             c0 = time.thread_time()
@@ -205,9 +228,6 @@ class PowerSampler:
                     self.sample_shares()
                     self.flush(wait=False)
                     last_flush = mono
-                if mono - last_prune >= self.prune_every_s:
-                    self.prune()
-                    last_prune = mono
             except Exception:  # nothing may end the sampling thread
                 logger.exception("sampler step failed; sampling goes on")
             self._cpu_s += time.thread_time() - c0
@@ -339,10 +359,14 @@ class PowerSampler:
         *,
         cpu_s: float | None = None,
         since_t: float | None = None,
+        split: bool = True,
     ) -> bool:
         """A run (or one rank of it) is active; follow its process tree if it runs here.
         True if followed. ``cpu_s`` at ``since_t``: its process's CPU time when it began
-        (see :meth:`CpuShareTracker.track`)."""
+        (see :meth:`CpuShareTracker.track`). ``split`` False: the split rows the runs
+        already active would get up to now are not written; for runs taken up together
+        (the daemon's start, before sampling begins), so that the first share sample writes
+        one split of all of them: n rows, not one split per run taken up (n(n+1)/2)."""
         with self._lock:
             self._gone_at_start.discard((run_id, rank))  # resumed by a new process
             now = self.now()
@@ -351,7 +375,7 @@ class PowerSampler:
             # never before the rows already stored for the others (they hold to there)
             start = now if since_t is None else min(now, since_t)
             start = max([start, *(row[1] for row in self._split_rows.values())])
-            if self._active_runs:  # the split changes: the runs' rows so far end here
+            if self._active_runs and split:  # the split changes: the rows so far end here
                 self._pending_shares.extend(self._split(start if new else now, sharing=new))
             if new:
                 self._split_start[run_id] = start
@@ -734,29 +758,86 @@ class PowerSampler:
             }
 
     def prune(self) -> int:
-        """Apply the retention policy; runs in the sampler thread every ``prune_every_s``."""
+        """One retention pass (the retention thread's, every ``prune_every_s``); returns the
+        number of samples deleted.
+
+        Each device is thinned in slices of about ``prune_slice_rows`` samples, each slice
+        its own short write, so sampling and every other write go on between them; the
+        slices thin as one pass would (:func:`repo.prune_power_slice`). A pass covers the
+        time since the last one's cutoff and, of each run that was kept at full resolution
+        then but no longer is (it has ended since, and its full-resolution time passed), the
+        time since the run's start: not the whole history, and no run is skipped for good.
+        A pass that fails or is stopped is taken up again by the next one.
+        """
         cutoff = self.now() - self.full_resolution_s
-        since = self._pruned_to
         try:
-            n = self._store.write(
-                lambda s: repo.prune_power_samples(
-                    s, cutoff=cutoff, bucket_s=self.downsample_s, since=since
-                )
-            )
-        except Exception:  # retention must never stop sampling
+            with self._store.read() as s:
+                devices = list(s.scalars(select(Device.id).order_by(Device.id)))
+            kept = self._kept_at(cutoff)
+        except Exception:  # retention must never stop anything else
             logger.exception("pruning power samples failed; will retry")
             return 0
-        self._pruned_to = cutoff - self.downsample_s
-        if n:
+        # the runs the last pass kept that this one does not: their samples before its
+        # cutoff were skipped (they ended since, or their end was set back, or they are gone)
+        freed = [t0 for rid, t0 in self._kept_runs.items() if rid not in kept]
+        since = min([self._pruned_to, *freed]) - self.downsample_s
+        gap = max_gap(self.interval_s)
+        deleted = 0
+        for dev in devices:
+            a = since
+            while a < cutoff:
+                if self._stop.is_set():
+                    return deleted
+
+                def thin(s: Session, dev: int = dev, a: float = a) -> tuple[int, float]:
+                    return repo.prune_power_slice(
+                        s,
+                        device_id=dev,
+                        since=a,
+                        cutoff=cutoff,
+                        bucket_s=self.downsample_s,
+                        max_rows=self.prune_slice_rows,
+                        max_gap_s=gap,
+                    )
+
+                try:
+                    n, a = self._store.write(thin)
+                except Exception:
+                    logger.exception("pruning power samples failed; will retry")
+                    return deleted
+                deleted += n
+        try:  # and those that became so while the pass ran
+            kept |= self._kept_at(cutoff)
+        except Exception:
+            logger.exception("pruning power samples failed; will retry")
+            return deleted
+        self._pruned_to, self._kept_runs = cutoff, kept
+        if deleted:
             logger.info(
-                "retention: thinned %d power samples older than %.0f s", n, self.full_resolution_s
+                "retention: thinned %d power samples older than %.0f s",
+                deleted,
+                self.full_resolution_s,
             )
-        return n
+        return deleted
+
+    def _kept_at(self, cutoff: float) -> dict[str, float]:
+        """The runs whose samples a pass up to ``cutoff`` keeps at full resolution (see
+        :func:`repo.prune_power_samples`), with their starts."""
+        with self._store.read() as s:
+            rows = s.execute(
+                select(Run.id, Run.created_at).where(
+                    or_(Run.finished_at.is_(None), Run.finished_at >= cutoff),
+                    Run.created_at < cutoff,
+                )
+            )
+            return {rid: t0 for rid, t0 in rows}
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._retention is not None:  # it stops after the slice it is at
+            self._retention.join(timeout=10)
         for _ in range(2):  # a write in flight, then what was left
             self.flush()
             with self._lock:

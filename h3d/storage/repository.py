@@ -952,7 +952,8 @@ def prune_power_samples(
     session: Session, *, cutoff: float, bucket_s: float, since: float = float("-inf")
 ) -> int:
     """Thin power samples in [since, cutoff) to about one per device per ``bucket_s``,
-    keeping every run's energy (docs/power.md "Retention").
+    keeping every run's energy (docs/power.md "Retention"), in one transaction. The daemon
+    thins in slices instead (:func:`prune_power_slice`), with the same result.
 
     Samples inside the window of a run that is still running, or that finished after
     ``cutoff``, keep full resolution. A kept row stands for the samples thinned after it: its
@@ -964,7 +965,84 @@ def prune_power_samples(
     thinned without marking them are marked, with the trapezoid over the thinned rows.
     Returns the number of rows deleted.
     """
-    protected = [
+    protected = _protected(session, cutoff=cutoff)
+    deleted = 0
+    for dev in session.scalars(
+        select(PowerSample.device_id)
+        .where(PowerSample.t >= since, PowerSample.t < cutoff)
+        .distinct()
+    ).all():
+        deleted += _prune_device(
+            session,
+            dev,
+            since=since,
+            until=cutoff,
+            cutoff=cutoff,
+            bucket_s=bucket_s,
+            protected=protected,
+        )
+    session.flush()
+    return deleted
+
+
+def prune_power_slice(
+    session: Session,
+    *,
+    device_id: int,
+    since: float,
+    cutoff: float,
+    bucket_s: float,
+    max_rows: int,
+    max_gap_s: float | None = None,
+) -> tuple[int, float]:
+    """Thin one slice of one device's samples: :func:`prune_power_samples` from ``since``
+    over about ``max_rows`` samples, up to a bucket's start (or ``cutoff``). Returns (rows
+    deleted, where the next slice begins: ``cutoff`` once the device is done).
+
+    Slices in turn, each in its own transaction, thin as one pass over [since, cutoff)
+    does: a slice ends where a bucket begins, so a bucket is never split; the last sample
+    before a slice (which the previous slice kept, holding the cumulative energy up to the
+    slice's first sample) and the first after it are read as context and never thinned; and
+    a run or epoch edge between a slice's last sample and the next one keeps both. A slice
+    without a step of a second or less (all of it thinned already) reads steps longer than
+    ``max_gap_s`` as gaps, not by a period estimated from its thinned steps.
+    """
+    if since >= cutoff:
+        return 0, cutoff
+    mine = PowerSample.device_id == device_id
+    nth = session.scalar(
+        select(PowerSample.t)
+        .where(mine, PowerSample.t >= since, PowerSample.t < cutoff)
+        .order_by(PowerSample.t)
+        .offset(max(1, max_rows))
+        .limit(1)
+    )
+    until = cutoff
+    if nth is not None:
+        bucket = math.floor(nth / bucket_s)
+        if bucket * bucket_s <= since:  # more than max_rows in one bucket: all of the bucket
+            bucket += 1
+        until = min(cutoff, bucket * bucket_s)
+        if until <= since:  # rounding (a bucket not a whole number of seconds): go on anyway
+            until = min(cutoff, nth)
+    deleted = _prune_device(
+        session,
+        device_id,
+        since=since,
+        until=until,
+        cutoff=cutoff,
+        bucket_s=bucket_s,
+        protected=_protected(session, cutoff=cutoff),
+        max_gap_s=max_gap_s,
+    )
+    session.flush()
+    return deleted, until
+
+
+def _protected(session: Session, *, cutoff: float) -> list[tuple[float, float]]:
+    """The windows whose samples keep full resolution: runs still running, or that finished
+    after ``cutoff``."""
+    return [
         (a, b if b is not None else float("inf"))
         for a, b in session.execute(
             select(Run.created_at, Run.finished_at).where(
@@ -972,42 +1050,52 @@ def prune_power_samples(
             )
         )
     ]
-    edges = _edge_times(session, since=since, cutoff=cutoff)
+
+
+def _prune_device(
+    session: Session,
+    dev: int,
+    *,
+    since: float,
+    until: float,
+    cutoff: float,
+    bucket_s: float,
+    protected: list[tuple[float, float]],
+    max_gap_s: float | None = None,
+) -> int:
+    """Thin one device's samples in [since, until) (``until`` ≤ ``cutoff``, the pass's)."""
+    mine = PowerSample.device_id == dev
     cols = (PowerSample.t, PowerSample.power_w, PowerSample.energy_j)
-    deleted = 0
-    for dev in session.scalars(
-        select(PowerSample.device_id)
-        .where(PowerSample.t >= since, PowerSample.t < cutoff)
-        .distinct()
-    ).all():
-        mine = PowerSample.device_id == dev
-        before = session.execute(
-            select(*cols).where(mine, PowerSample.t < since).order_by(PowerSample.t.desc()).limit(1)
-        ).all()
-        inside = session.execute(
-            select(*cols)
-            .where(mine, PowerSample.t >= since, PowerSample.t < cutoff)
-            .order_by(PowerSample.t)
-        ).all()
-        after = session.execute(
-            select(*cols).where(mine, PowerSample.t >= cutoff).order_by(PowerSample.t).limit(1)
-        ).all()
-        rows: list[Sample] = [(r[0], r[1], r[2]) for r in (*before, *inside, *after)]
-        thinnable = [
-            bool(before) <= i < len(rows) - len(after)
-            and not any(a <= rows[i][0] <= b for a, b in protected)
-            for i in range(len(rows))
-        ]
-        doomed, updates = _thin_device(rows, thinnable, bucket_s, edges)
-        for i in range(0, len(doomed), 500):
-            session.execute(delete(PowerSample).where(mine, PowerSample.t.in_(doomed[i : i + 500])))
-        for t, p, e in updates:
-            session.execute(
-                update(PowerSample).where(mine, PowerSample.t == t).values(power_w=p, energy_j=e)
-            )
-        deleted += len(doomed)
-    session.flush()
-    return deleted
+    inside = session.execute(
+        select(*cols)
+        .where(mine, PowerSample.t >= since, PowerSample.t < until)
+        .order_by(PowerSample.t)
+    ).all()
+    if not inside:
+        return 0
+    before = session.execute(
+        select(*cols).where(mine, PowerSample.t < since).order_by(PowerSample.t.desc()).limit(1)
+    ).all()
+    after = session.execute(
+        select(*cols).where(mine, PowerSample.t >= until).order_by(PowerSample.t).limit(1)
+    ).all()
+    rows: list[Sample] = [(r[0], r[1], r[2]) for r in (*before, *inside, *after)]
+    thinnable = [
+        bool(before) <= i < len(rows) - len(after)
+        and not any(a <= rows[i][0] <= b for a, b in protected)
+        for i in range(len(rows))
+    ]
+    # the edges up to the next sample: one between the last sample and it keeps both (a
+    # pass's edges end at its cutoff)
+    edges = _edge_times(session, since=since, cutoff=min(cutoff, after[0][0]) if after else cutoff)
+    doomed, updates = _thin_device(rows, thinnable, bucket_s, edges, max_gap_s=max_gap_s)
+    for i in range(0, len(doomed), 500):
+        session.execute(delete(PowerSample).where(mine, PowerSample.t.in_(doomed[i : i + 500])))
+    for t, p, e in updates:
+        session.execute(
+            update(PowerSample).where(mine, PowerSample.t == t).values(power_w=p, energy_j=e)
+        )
+    return len(doomed)
 
 
 def _edge_times(session: Session, *, since: float, cutoff: float) -> list[float]:
@@ -1025,15 +1113,25 @@ def _edge_times(session: Session, *, since: float, cutoff: float) -> list[float]
 
 
 def _thin_device(
-    rows: list[Sample], thinnable: list[bool], bucket_s: float, edges: list[float]
+    rows: list[Sample],
+    thinnable: list[bool],
+    bucket_s: float,
+    edges: list[float],
+    *,
+    max_gap_s: float | None = None,
 ) -> tuple[list[float], list[tuple[float, float | None, float | None]]]:
     """(times to delete, (t, power_w, energy_j) to write) for one device's rows in time
-    order; ``thinnable[i]``: row i may go."""
+    order; ``thinnable[i]``: row i may go. ``max_gap_s``: the longest step bridged where no
+    step is a second or less (else estimated from the steps)."""
     n = len(rows)
     ts = [r[0] for r in rows]
     steps = [b - a for a, b in itertools.pairwise(ts)]
-    short = sorted(s for s in steps if s <= 1.0) or sorted(steps) or [0.1]
-    gap = max_gap(short[len(short) // 2])  # the rule the energy model reads them by
+    short = sorted(s for s in steps if s <= 1.0)
+    if short or max_gap_s is None:
+        short = short or sorted(steps) or [0.1]
+        gap = max_gap(short[len(short) // 2])  # the rule the energy model reads them by
+    else:
+        gap = max_gap_s
     curve = EnergyCurve(rows, max_gap_s=gap)
     # the energy of each step, None where the model counts nothing (a gap, a reset)
     index = {t: k for k, t in enumerate(curve.ts)}

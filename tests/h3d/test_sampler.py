@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from h3d import analysis
 from h3d.attribution import busy_cpu_s
 from h3d.energy import EnergyCurve
 from h3d.errors import StorageUnavailable
@@ -515,3 +518,151 @@ def test_concurrent_runs_never_take_more_than_the_device_before_or_without_share
     gained = {r: s.run_energy_j[r] - before[r] for r in ("A", "C")}
     assert gained == pytest.approx({"A": 35.0, "C": 15.0})  # 0.7 and what is left
     s.stop()
+
+
+# --- retention beside the sampler -----------------------------------------------------------
+
+
+class WatchedStore(Store):
+    """A real store that records which thread asked for each write, in order."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writers: list[str] = []
+
+    def submit(self, fn: Callable[[Session], T]) -> Future[T]:
+        self.writers.append(threading.current_thread().name)
+        return super().submit(fn)
+
+
+@pytest.fixture
+def watched_store(tmp_path: Path) -> Iterator[WatchedStore]:
+    yield from opened(WatchedStore, tmp_path)
+
+
+def _seed(st: Store, name: str, t0: float, n: int, step: float = 0.1) -> int:
+    """A power-only device with ``n`` readings from ``t0``, every ``step``."""
+    with session_scope(st.sessions) as sess:
+        dev = repo.upsert_device(
+            sess, name=name, kind="gpu", source="nvml_power_instant", model="", uuid_=None, now=t0
+        )
+        rows = [
+            {"device_id": dev.id, "t": t0 + k * step, "power_w": 100.0 + (k % 37), "energy_j": None}
+            for k in range(n)
+        ]
+        for i in range(0, n, 20_000):
+            repo.add_power_samples(sess, rows=rows[i : i + 20_000])
+        return dev.id
+
+
+def test_a_retention_pass_never_stops_sampling_nor_holds_the_writer(
+    watched_store: WatchedStore,
+) -> None:
+    """A pass over a large store ran in the sampler thread, in one transaction: no reading
+    was taken, and no other write (ingest, run create) was stored, until it was done (55 s
+    at 3.45 M rows). It now runs on a thread of its own, in short writes, and the sampler's
+    readings are taken and stored in between."""
+    st = watched_store
+    s = PowerSampler(
+        [ConstantBackend(30.0, counter=True)],
+        st,
+        interval_s=0.01,
+        flush_interval_s=0.05,
+        full_resolution_s=3600.0,
+        downsample_s=10.0,
+    )
+    old = _seed(st, "old", s.now() - 3600.0 - 7000.0, 60_000)
+    s.prune_first_s = 0.0  # the first pass at once (5 s after start by default)
+    s.prune_slice_rows = 500
+    seen: dict[str, Any] = {}
+    done = threading.Event()
+    prune = s.prune
+
+    def watched() -> int:
+        seen["thread"] = threading.current_thread().name
+        first, t0, ticks0 = len(st.writers), s.now(), s.ticks
+        deleted = prune()
+        seen["writers"], t1 = st.writers[first:], s.now()
+        seen["ticks"] = s.ticks - ticks0
+        with st.read() as sess:  # readings taken during the pass and stored by its end
+            seen["stored"] = sess.scalar(
+                select(func.count())
+                .select_from(PowerSample)
+                .where(PowerSample.device_id == s.devices[0].device_id)
+                .where(PowerSample.t > t0, PowerSample.t < t1)
+            )
+        done.set()
+        return deleted
+
+    s.prune = watched  # type: ignore[method-assign]
+    s.start()
+    assert done.wait(120)
+    s.stop()
+    assert seen["thread"] != "h3d-sampler"
+    assert seen["ticks"] > 0 and seen["stored"] > 0
+    mine = [w for w in seen["writers"] if w == seen["thread"]]
+    assert len(mine) > 60_000 // 500  # one short write per slice
+    # the sampler's writes went in between the pass's
+    first = seen["writers"].index(seen["thread"])
+    last = len(seen["writers"]) - seen["writers"][::-1].index(seen["thread"])
+    assert "h3d-sampler" in seen["writers"][first:last]
+    with st.read() as sess:
+        left = sess.scalar(
+            select(func.count()).select_from(PowerSample).where(PowerSample.device_id == old)
+        )
+    assert left <= 7000 // 10 + 2  # one per 10 s bucket
+
+
+def test_a_run_running_when_a_pass_went_by_is_thinned_once_it_has_ended(store: Store) -> None:
+    """Each pass began at the last one's cutoff, so the samples of a run still running when
+    they crossed the cutoff were never looked at again: the store kept any run longer than
+    the pass period at full resolution until the daemon restarted."""
+    clock = Clock()
+    s = PowerSampler([], store, clock=clock, full_resolution_s=100.0, downsample_s=10.0)
+    now0 = s.now()
+    _seed(store, "d", now0 - 1000.0, 14_000)  # to now0 + 400
+    with session_scope(store.sessions) as sess:
+        run = repo.create_run(
+            sess, name="long", config={}, tags=[], pid=None, host=None, n_train=None, now=now0 - 500
+        )
+        run_id = run.id
+    s.prune()  # cutoff now0 - 100: the run's samples so far are kept, it runs
+    clock.t += 100.0
+    with session_scope(store.sessions) as sess:
+        repo.get_run(sess, run_id=run_id).finished_at = now0 + 50.0
+    s.prune()  # cutoff now0: it ended, but less than full_resolution_s ago
+    with store.read() as sess:
+        before = analysis.run_energy(sess, run=repo.get_run(sess, run_id=run_id), interval_s=0.1)
+    clock.t += 200.0
+    s.prune()  # cutoff now0 + 200: its full-resolution time has passed
+    with store.read() as sess:
+        ts = list(sess.scalars(select(PowerSample.t).order_by(PowerSample.t)))
+        after = analysis.run_energy(sess, run=repo.get_run(sess, run_id=run_id), interval_s=0.1)
+    in_run = [t for t in ts if now0 - 500.0 <= t <= now0 + 50.0]
+    assert len(in_run) <= 55 + 4  # one per 10 s bucket, and the samples at its edges
+    assert len([t for t in ts if t >= now0 + 200.0]) == 2000  # recent: full resolution
+    assert before["by_device"][0]["n_samples"] > 5000
+    assert after["device_energy_j"] == pytest.approx(before["device_energy_j"], rel=1e-6)
+    assert after["by_device"][0]["gaps_s"] == before["by_device"][0]["gaps_s"] == 0.0
+
+
+def test_running_runs_taken_up_at_start_write_one_split(daemon_factory: Any) -> None:
+    """A daemon that starts with n running runs took each up in turn, and each closed the
+    split rows of those before it: n(n+1)/2 rows at every restart (1275 for 50 runs). They
+    are now taken up together and split once: n rows."""
+    n = 12
+    d = daemon_factory()
+    with d.client() as c:
+        for k in range(n):  # no pid: remote runs, which split the device
+            c.post("/v1/runs", json={"name": f"r{k}"}).raise_for_status()
+    d.stop()
+
+    def share_rows() -> int:
+        with sqlite3.connect(f"file:{d.data_dir / 'h3d.db'}?mode=ro", uri=True) as con:
+            return int(con.execute("SELECT count(*) FROM run_shares").fetchone()[0])
+
+    rows = share_rows()
+    d.start()
+    time.sleep(1.0)  # a few share samples: the split is extended, not written anew
+    d.stop()
+    assert share_rows() - rows <= 2 * n

@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from h3d import analysis
 from h3d.energy import thinned_step
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, session_scope
-from h3d.storage.models import Epoch, PowerSample
+from h3d.storage.models import Device, Epoch, PowerSample
 
 Row = tuple[float, float | None, float | None]
 
@@ -202,3 +202,89 @@ def test_a_daemon_keeps_a_finished_runs_energy_after_thinning(
     assert after["by_device"][0]["gaps_s"] == 0.0
     assert after["by_device"][0]["method"] == "thinned"
     assert eta_after.get("eta_bits_per_j") == eta_before.get("eta_bits_per_j")
+
+
+def _seed(st: Store) -> list[int]:
+    """The two devices' traces shifted by half a sampling period, so that bucket (and slice)
+    boundaries fall between samples."""
+    with session_scope(st.sessions) as s:
+        ids = []
+        for name, counter in (("counter", True), ("power", False)):
+            dev = s.scalar(select(Device).where(Device.name == name)) or repo.upsert_device(
+                s, name=name, kind="cpu", source="estimated", model="", uuid_=None, now=0.0
+            )
+            s.flush()
+            ids.append(dev.id)
+            rows = [
+                {"device_id": dev.id, "t": t + 0.05, "power_w": p, "energy_j": e}
+                for t, p, e in _trace(counter)
+            ]
+            repo.add_power_samples(s, rows=rows)
+    return ids
+
+
+def _kept(st: Store) -> list[Row]:
+    with st.read() as s:
+        return [
+            (t, p, e)
+            for t, p, e in s.execute(
+                select(PowerSample.t, PowerSample.power_w, PowerSample.energy_j).order_by(
+                    PowerSample.device_id, PowerSample.t
+                )
+            )
+        ]
+
+
+def _sliced_figures(st: Store, run_id: str) -> list[float]:
+    with st.read() as s:
+        run = repo.get_run(s, run_id=run_id)
+        model = analysis.run_model(s, run=run, interval_s=0.1)
+        wide = analysis.EnergyModel(s, t0=0.0, t1=180.0, interval_s=0.1)
+        figs = [model.energy(*analysis.window(run))]
+        figs += [model.energy(a, b) for a, b in ((50.0, 70.0), (70.0, 95.02), (95.02, 120.0))]
+        figs += [wide.energy(a, b) for a, b in ((0.0, 180.0), (125.0, 135.0), (129.0, 131.0))]
+    return [d["device_energy_j"] for f in figs for d in f["by_device"]]
+
+
+@pytest.mark.parametrize("max_rows", [50, 250])
+def test_thinning_in_slices_is_thinning_in_one_go(st: Store, max_rows: int) -> None:
+    """The daemon thins one device's slice of samples per transaction, so that the writer is
+    never held for long. Slices in turn keep exactly the rows one pass keeps, with the same
+    energy on them: the row before a slice (kept by the previous one) carries the energy up
+    to the slice's first sample, and a run or epoch edge between a slice's last sample and
+    the next slice's first (here at 130.0 and 50.0, on a slice boundary) keeps both."""
+    ids = _seed(st)
+    with session_scope(st.sessions) as s:
+        run = repo.create_run(
+            s, name="old", config={}, tags=[], pid=None, host=None, n_train=None, now=50.0
+        )
+        run.finished_at = 120.0
+        run_id = run.id
+        for k, t in enumerate((70.0, 95.02, 130.0)):
+            s.add(Epoch(run_id=run_id, epoch=k, t=t, metrics={}))
+    before = _sliced_figures(st, run_id)
+    with session_scope(st.sessions) as s:
+        repo.prune_power_samples(s, cutoff=180.0, bucket_s=10.0)
+    one_go, one_go_figures = _kept(st), _sliced_figures(st, run_id)
+    with session_scope(st.sessions) as s:
+        s.execute(delete(PowerSample))
+    _seed(st)
+    slices = 0
+    for dev in ids:
+        a = float("-inf")
+        while a < 180.0:
+            with session_scope(st.sessions) as s:
+                _n, a = repo.prune_power_slice(
+                    s, device_id=dev, since=a, cutoff=180.0, bucket_s=10.0, max_rows=max_rows
+                )
+            slices += 1
+    assert slices >= 2 * 9  # a bucket or two each, to 180 s
+    sliced = _kept(st)
+    assert [r[0] for r in sliced] == [r[0] for r in one_go]
+    for (_t, p1, e1), (_t, p2, e2) in zip(sliced, one_go, strict=True):
+        assert (p1, e1) == pytest.approx((p2, e2), rel=1e-9, abs=1e-9)
+    assert len(sliced) < 4000 / 4
+    figures = _sliced_figures(st, run_id)
+    assert figures == pytest.approx(one_go_figures, rel=1e-9)
+    # the counter's energy over the run and its epochs, exactly as before thinning
+    assert figures[0:8:2] == pytest.approx(before[0:8:2], rel=1e-9)
