@@ -448,15 +448,41 @@ def _column(name: str, texts: Sequence[str | None], quoted: bool) -> tuple[str, 
     return f',"{name}":%s', ["null" if t is None else t for t in texts]
 
 
-def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
+class _Unreadable(ValueError):
+    """One field of a request's batches could not be read (see :func:`_encode`)."""
+
+    def __init__(self, field: str, exc: Exception) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}")
+        self.field = field
+
+
+def _left_out(warned: set[str], field: str, why: str) -> None:
+    """Warn that batches are left out for ``why``, once per ``field`` (``warned`` holds the
+    fields warned about already)."""
+    if field not in warned:
+        warned.add(field)
+        logger.warning("h3: batches left out (counted rejected): %s", why)
+
+
+def _read(field: str, convert: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return convert(*args)
+    except Exception as exc:
+        raise _Unreadable(field, exc) from exc
+
+
+def _encode(items: Sequence[BatchItem], warned: set[str]) -> tuple[str, int, int]:
     """The JSON objects of ``items``, comma-separated; how many there are; how many were left
-    out as unreadable.
+    out as unreadable (each field that left one out warned about once, in ``warned``).
 
     Every column is converted as a whole, and the objects are written with one format
     operation for the whole request: no Python loop over the batches in the common case.
+    Raises :class:`_Unreadable` naming the field that could not be read at all.
     """
     seqs, ts, losses, vecs, idxs, ns, epochs, steps, phases = zip(*items, strict=True)
-    loss_vals, bad = _scalars(losses)
+    loss_vals, bad = _read("loss", _scalars, losses)
+    if bad:
+        _left_out(warned, "loss", f"loss of batch seq={seqs[min(bad)]} is not one number")
     fmt = '{"seq":%d,"t":%r'
     cols: list[Sequence[Any]] = [seqs, ts]
     # each loss as a float, as the packed columns write it: a bool (a bool tensor's item())
@@ -469,7 +495,7 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
         cols.append(list(map(float, cast("list[float]", loss_vals))))
     lens = [-1] * len(items)
     if _any_set(vecs):
-        f32, lens = _packed(vecs, "f")
+        f32, lens = _read("losses", _packed, vecs, "f")
         if set(ns) == {None} and -1 not in lens:
             ns = tuple(lens)
         else:
@@ -477,11 +503,13 @@ def _encode(items: Sequence[BatchItem]) -> tuple[str, int, int]:
         f, c = _column("losses_f32", f32, quoted=True)
         fmt, cols = fmt + f, [*cols, c]
     if _any_set(idxs):
-        i64, ilens = _packed(idxs, "q")
+        i64, ilens = _read("indices", _packed, idxs, "q")
         if ilens != lens:
             for i, (a, b) in enumerate(zip(lens, ilens, strict=True)):
                 if b >= 0 and a != b:  # indices without losses, or of another length
                     bad.add(i)
+                    why = f"indices of batch seq={seqs[i]}: {b} for {max(a, 0)} per-sample losses"
+                    _left_out(warned, "indices", why)
         f, c = _column("indices_i64", i64, quoted=True)
         fmt, cols = fmt + f, [*cols, c]
     for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
@@ -589,18 +617,20 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 SLICE = 250
 
 
-def _encode_each(items: Sequence[BatchItem]) -> tuple[str, int, int]:
+def _encode_each(items: Sequence[BatchItem], warned: set[str]) -> tuple[str, int, int]:
     """``_encode``, and when something in ``items`` is unreadable: item by item, keeping the
-    rest."""
+    rest (each field that cannot be read warned about once, in ``warned``)."""
     try:
-        return _encode(items)
+        return _encode(items, warned)
     except Exception:
         parts, count, bad = [], 0, 0
         for item in items:
             try:
-                one, c, b = _encode([item])
-            except Exception:
+                one, c, b = _encode([item], warned)
+            except Exception as exc:
                 one, c, b = "", 0, 1
+                field = exc.field if isinstance(exc, _Unreadable) else type(exc).__name__
+                _left_out(warned, field, f"{field} of batch seq={item[0]} cannot be read ({exc})")
             if c:
                 parts.append(one)
             count += c
@@ -678,6 +708,7 @@ def encode_batches(
     otherwise wait for the interpreter's switch interval, 5 ms), which leaves out the
     unreadable batches one by one.
     """
+    warned = set() if warned is None else warned
     items, invalid = _checked_meta(items, warned)
     if not items:
         return None, invalid
@@ -692,7 +723,7 @@ def encode_batches(
     for k in range(0, len(items), SLICE):
         if k:
             time.sleep(0)  # releases the GIL: a waiting training thread takes it first
-        text, c, b = _encode_each(items[k : k + SLICE])
+        text, c, b = _encode_each(items[k : k + SLICE], warned)
         if c:
             parts.append(text)
         count += c
@@ -750,6 +781,9 @@ class BatchProcessor:
         self._converting = False  # the worker is in torch code (see close())
         self._rate = 10_000.0  # batches/s the worker converts (measured): close() plans by it
         self._close_result: bool | None = None
+        # close() tries the daemon once whatever the exporter's back-off (up to 10 s): the
+        # daemon may be answering again, and what is spooled now waits for `h3d import`
+        self._try_once = False
         self._warned: set[str] = set()  # fields of left-out batches, warned about once
         self._requeued = 0  # batches of a request over the daemon's limit, queued again
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
@@ -797,10 +831,11 @@ class BatchProcessor:
         for way in ("spool", "send") if prefer_spool else ("send", "spool"):
             try:
                 if way == "send":
-                    if exp.ready():
+                    if exp.ready() or self._try_once:
                         outcome = exp.send(req)
                         if outcome != "down":
                             return outcome
+                        self._try_once = False  # tried: the back-off holds from here
                 elif not self._abandoned and exp.spool(req):
                     return "spooled"
             except Exception:  # an exporter bug: keep the request, never end the worker
@@ -1041,6 +1076,7 @@ class BatchProcessor:
             return self._close_result
         deadline = time.monotonic() + timeout_s
         self._closing = True
+        self._try_once = True
         while True:
             # keep enough time to convert and spool what is still queued, at the rate the
             # worker has been converting (x2, plus a margin for the disk)

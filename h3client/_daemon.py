@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from h3client._config import (
     ClientConfig,
+    UnsafeDir,
     private_dir,
     private_file,
     read_daemon_file,
@@ -28,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 
 def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[bool, bool | None]:
-    """``GET {url}/healthz`` with ``token``: (healthy, authorized).
+    """``GET {url}/healthz?nonce=N``: (healthy, authorized). The token is never sent.
 
     ``healthy``: an h3d answered 200 within ``timeout_s`` (another program's 200 is not
-    one). ``authorized``: whether that daemon
-    takes ``token`` (False when none is given), or None when it does not say (an h3d older
-    than the field) or did not answer.
+    one). ``authorized``: True if the answer's ``proof`` shows that the server holds
+    ``token`` (:func:`proof`), False if it proves another token (another data dir's daemon)
+    or no token is given, None if it proves nothing (an h3d older than the proof, or another
+    program that answers like one) or did not answer. Only a daemon that proved it holds
+    the token is sent it: anyone may listen on the port a client probes.
     """
     import http.client
     import json
@@ -41,9 +44,9 @@ def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[b
     parts = urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout_s)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    nonce = os.urandom(16).hex()
     try:
-        conn.request("GET", parts.path.rstrip("/") + "/healthz", headers=headers)
+        conn.request("GET", parts.path.rstrip("/") + f"/healthz?nonce={nonce}")
         resp = conn.getresponse()
         if resp.status != 200:
             return False, None
@@ -53,12 +56,31 @@ def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[b
             body = None
         if not (isinstance(body, dict) and body.get("status") == "ok" and "version" in body):
             return False, None  # another program's health check on this port, not an h3d
-        authorized = body.get("authorized")
-        return True, authorized if isinstance(authorized, bool) else None
+        if token is None:
+            return True, False
+        sent = body.get("proof")
+        if not isinstance(sent, str):
+            return True, None
+        import hmac
+
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return True, hmac.compare_digest(sent.encode(), proof(token, port, nonce).encode())
     except (OSError, http.client.HTTPException):
         return False, None
     finally:
         conn.close()
+
+
+def proof(token: str, port: int, nonce: str) -> str:
+    """What a daemon holding ``token`` answers at ``/healthz?nonce=<nonce>`` on ``port``:
+    HMAC-SHA256, keyed with the token, of ``h3d-healthz <port> <nonce>``, in hex (the
+    daemon's ``h3d.security.healthz_proof``; h3client never imports h3d). The port binds
+    the proof to the connection: one relayed from the daemon's own port does not pass."""
+    import hashlib
+    import hmac
+
+    message = f"h3d-healthz {port} {nonce}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
 def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
@@ -79,7 +101,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
     """
     import subprocess
 
-    private_dir(data_dir)
+    private_dir(data_dir, in_data_dir=False)
     before = read_daemon_file(data_dir)
     with open(data_dir / "h3d.log", "ab", opener=private_file) as log:
         since = log.seek(0, os.SEEK_END)  # what this start writes comes after
@@ -96,7 +118,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
         info = read_daemon_file(data_dir)
         if info and info != before and info.get("pid") == proc.pid:
             url = str(info["url"])
-            if is_healthy(url):
+            if _serves(url, data_dir):
                 return url
         if proc.poll() is not None:
             why = last_error_line(data_dir / "h3d.log", since)
@@ -120,9 +142,10 @@ def last_error_line(log: Path, since: int) -> str | None:
 
 
 def _serves(url: str, data_dir: Path) -> bool:
-    """A daemon answers at ``url`` and takes ``data_dir``'s token: it serves that data dir."""
+    """A daemon answers at ``url`` and proves it holds ``data_dir``'s token: it serves that
+    data dir."""
     healthy, authorized = probe(url, read_token_file(data_dir))
-    return healthy and authorized is not False
+    return healthy and authorized is True
 
 
 @contextlib.contextmanager
@@ -155,27 +178,46 @@ def _one_starter(data_dir: Path, timeout_s: float) -> Iterator[None]:
 def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
     """The URL of a healthy daemon for ``config``, starting one if allowed; else None.
 
-    A daemon found on the default port when the data dir records none (no ``daemon.json``)
-    is used only if it takes the token: one that refuses it serves another data dir (say a
-    demo's, with this one in ``H3D_DATA_DIR``), whose every request would answer 401, so
-    this data dir gets a daemon of its own, on a free port, as when none answers. Processes
-    that start together start one daemon between them.
+    A daemon found through the data dir's ``daemon.json`` or on the default port is used
+    only if it proves that it holds the token (:func:`probe`), which is sent to no other
+    server: anyone may listen on a port (another local user, waiting for tokens and runs),
+    and a daemon that refuses the token serves another data dir (say a demo's, with this
+    one in ``H3D_DATA_DIR``), whose every request would answer 401. This data dir then gets
+    a daemon of its own, on a free port, as when none answers. An explicit URL (argument or
+    ``H3D_URL``) is the caller's choice. Processes that start together start one daemon
+    between them. None also when the data dir is another user's or writable by one (a
+    token given, none read there: :func:`h3client._config.private_dir`); the found URL
+    then still has to prove itself before it is sent the token (``Client.proven``).
     """
-    healthy, authorized = probe(config.url, config.token)
-    if healthy and (
-        authorized is not False or config.url_is_explicit or read_daemon_file(config.data_dir)
-    ):
-        return config.url  # an explicit URL or this data dir's daemon: the caller's choice
-    if healthy:
+    # (no token yet: one its daemon wrote since the config was resolved)
+    token = config.token if config.token is not None else read_token_file(config.data_dir)
+    healthy, authorized = probe(config.url, token)
+    if healthy and (authorized or config.url_is_explicit):
+        return config.url  # proven to hold the token, or named by the caller
+    starting = "; starting one for this data dir" if autostart else ""
+    if healthy and authorized is False:
         logger.warning(
             "h3: the daemon at %s refuses this data dir's token (%s): it serves another data dir%s",
             config.url,
             config.data_dir,
-            "; starting one for this data dir" if autostart else "",
+            starting,
+        )
+    elif healthy:
+        logger.warning(
+            "h3: what answers at %s did not prove that it holds this data dir's token (%s), "
+            "so the token is not sent to it (another user's program on that port, or an h3d "
+            "older than this client)%s",
+            config.url,
+            config.data_dir,
+            starting,
         )
     if not autostart or config.url_is_explicit:
         return None
-    private_dir(config.data_dir)
+    try:
+        private_dir(config.data_dir, in_data_dir=False)
+    except UnsafeDir as exc:  # (a token given, none read there): no daemon for it either
+        logger.warning("h3: not starting a daemon: %s", exc)
+        return None
     with _one_starter(config.data_dir, timeout_s=30.0):
         info = read_daemon_file(config.data_dir)
         if info and _serves(str(info["url"]), config.data_dir):

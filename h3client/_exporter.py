@@ -11,17 +11,26 @@ The worker (``_batching.BatchProcessor``) decides what goes where; an exporter o
 - ``ready()`` says whether sending is worth trying now (online, or the back-off has passed).
 
 ``HttpExporter`` replays the run's spool, in order, before anything new once the daemon
-answers again, so the daemon sees the operations in the order they were logged.
+answers again, so the daemon sees the operations in the order they were logged. A 401 or
+403 with a token read from the data dir (none given) reads ``<data dir>/token`` again and,
+if it changed, tries once more at once: a daemon that started after the profiler, on a
+fresh data dir, writes its token then. A URL found (not given) is sent nothing until what
+answers there proves it holds the token (``Client.proven``, asked here, on the sender
+thread, and again after an outage): until then the daemon counts as unreachable. A resumed
+run's create says it is one
+(``RESUME_HEADERS``), so that the daemon follows this process, not the one that died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Literal, NamedTuple, Protocol
 
-from h3client._spool import Spool, already_done, replay_spool
-from h3client.client import Client
+from h3client._config import UnsafeDir
+from h3client._spool import Spool, already_done, replay_file
+from h3client.client import RESUME_HEADERS, Client
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 logger = logging.getLogger(__name__)
@@ -53,10 +62,20 @@ class HttpExporter:
     """Posts to the daemon through ``client``; spools to ``<data dir>/spool/<run id>.jsonl``."""
 
     def __init__(
-        self, client: Client, run_id: str, *, max_backoff_s: float = 10.0, rank: int | None = None
+        self,
+        client: Client,
+        run_id: str,
+        *,
+        max_backoff_s: float = 10.0,
+        rank: int | None = None,
+        resume: bool = False,
     ) -> None:
         self.client = client
         self.run_id = run_id
+        # a resumed run: its create asks the daemon to follow this process; one that went
+        # to the spool (no daemon then) is sent again, as such, once the spool is replayed
+        self.resume = resume
+        self._resume_create: bytes | None = None
         # a distributed run's rank: every batches request says which rank logged it
         self._rank_prefix = None if rank is None else f'{{"rank":{int(rank)},'.encode()
         self.spool_file = Spool(client.config.spool_dir, run_id)
@@ -85,13 +104,16 @@ class HttpExporter:
                 why,
                 self.spool_file.path,
             )
-        elif self.online:
-            self._warn_once(
-                "offline",
-                "h3: daemon unreachable (%s); spooling to %s until it answers",
-                why,
-                self.spool_file.path,
-            )
+        else:
+            if self.online:
+                self._warn_once(
+                    "offline",
+                    "h3: daemon unreachable (%s); spooling to %s until it answers",
+                    why,
+                    self.spool_file.path,
+                )
+            self.client.forget_proof()  # the next try asks a found URL for its proof again
+            self.client.forget_proof()  # the next try asks a found URL for its proof again
         self.online = False
         self._retry_at = time.monotonic() + self._backoff_s
         self._backoff_s = min(self._max_backoff_s, self._backoff_s * 2)
@@ -104,34 +126,67 @@ class HttpExporter:
             return request
         return request._replace(body=self._rank_prefix + request.body[1:])
 
+    def _replay(self) -> None:
+        """Replay what waits in the spool; raise H3ConnectionError if it is not all stored
+        (401 and 403 as they are: a refusal of the token, not of the data)."""
+        path = self.spool_file.path
+        try:
+            replay_file(self.client, path)
+        except FileNotFoundError:
+            return  # nothing waits, or another process replayed it
+        except H3HTTPStatusError as exc:
+            if exc.status_code in (401, 403):
+                raise
+            logger.warning("spool %s not replayed: %s", path.name, exc)
+            raise H3ConnectionError(f"spool replay did not complete: {exc}") from exc
+        if not self.online:
+            logger.info("h3: daemon answers again; spool replayed")
+
+    def _post(self, request: Request) -> None:
+        if self.spool_file.exists():  # what waited goes first, in order
+            self._replay()
+        resume = self._resume_create
+        if resume is not None and request.op != "create":  # the daemon follows this process
+            # its data is in the spool, replayed already: following is all it adds
+            with contextlib.suppress(H3HTTPStatusError):
+                self.client.post_json(self.run_id, "create", resume, headers=RESUME_HEADERS)
+            self._resume_create = None
+        headers = RESUME_HEADERS if self.resume and request.op == "create" else None
+        self.client.post_json(self.run_id, request.op, request.body, headers=headers)
+
     def send(self, request: Request) -> Outcome:
         request = self._stamped(request)
-        try:
-            if self.spool_file.exists():  # what waited goes first, in order
-                result = replay_spool(self.client, self.spool_file.path.parent, self.run_id)
-                if result["failed"]:
-                    raise H3ConnectionError("spool replay did not complete")
-                if not self.online:
-                    logger.info("h3: daemon answers again; spool replayed")
-            self.client.post_json(self.run_id, request.op, request.body)
-        except H3ConnectionError as exc:
-            self.offline(str(exc))
-            return "down"
-        except H3HTTPStatusError as exc:
-            if already_done(request.op, exc.code):
-                return "sent"
-            if exc.status_code >= 500 or exc.status_code == 429:
+        retried = False
+        while True:
+            if not self.client.proven():  # a found URL: no token, no run, until proven
+                self.offline(
+                    f"what answers at {self.client.url} did not prove that it serves the "
+                    f"data dir {self.client.config.data_dir}"
+                )
+                return "down"
+            try:
+                self._post(request)
+            except H3ConnectionError as exc:
                 self.offline(str(exc))
                 return "down"
-            if exc.status_code in (401, 403):  # not the data's fault: keep it for a daemon
-                self.offline(str(exc), refused=True)  # that takes it
-                return "down"
-            if exc.status_code == 413 and request.op == "batches":
-                return "too_large"  # the worker sends its batches again, fewer at a time
-            self._warn_once(exc.code, "h3: the daemon refused %s: %s", request.op, exc)
-            return "rejected"
-        self.online, self._backoff_s = True, 0.5
-        return "sent"
+            except H3HTTPStatusError as exc:
+                if already_done(request.op, exc.code):
+                    return "sent"
+                if exc.status_code >= 500 or exc.status_code == 429:
+                    self.offline(str(exc))
+                    return "down"
+                if exc.status_code in (401, 403):  # not the data's fault: keep it for a
+                    if not retried and self.client.reload_token():  # daemon that takes it
+                        retried = True  # the data dir's token was written (or changed)
+                        continue
+                    self.offline(str(exc), refused=True)
+                    return "down"
+                if exc.status_code == 413 and request.op == "batches":
+                    return "too_large"  # the worker sends its batches again, fewer at a time
+                self._warn_once(exc.code, "h3: the daemon refused %s: %s", request.op, exc)
+                return "rejected"
+            self.online, self._backoff_s = True, 0.5
+            return "sent"
 
     def spool(self, request: Request) -> bool:
         request = self._stamped(request)
@@ -139,6 +194,11 @@ class HttpExporter:
             self.spool_file.append(request.op, request.body)
             if request.op == "update" and b'"status"' in request.body:
                 self.status_spooled = True
+            elif request.op == "create" and self.resume:
+                self._resume_create = request.body
+        except UnsafeDir as exc:  # retried (a `chmod go-w` makes it usable), then lost
+            self._warn_once("unsafe", "h3: not spooling: %s", exc)
+            return False
         except OSError as exc:
             self._warn_once(
                 "disk",

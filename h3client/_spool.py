@@ -14,13 +14,22 @@ rare request that holds an unreadable batch). Every operation is idempotent at t
 (a batch seq or an epoch already stored is acknowledged; a create or status update refused
 because the run exists or finished counts as done, see :func:`already_done`), so
 replaying a file twice, or a file that was half replayed before a crash, stores everything
-exactly once. Batches or epochs refused because their run was closed (``409 run_finished``:
-a run whose process was gone, which the daemon marked failed) were never stored: the replay
-stops there and keeps the file, as ``h3d import`` does. A file is
-deleted only after every line in it was acknowledged, or kept aside: a line that cannot be
-sent goes to ``<run id>.jsonl.skipped``. ``h3d import`` replays the same files.
-Appends and replays take an exclusive ``flock`` on the file, so two processes never
-interleave lines or replay one file at once.
+exactly once. A replay says so (``REPLAY_HEADERS``): the daemon then takes the rows of a run
+its reaper failed (its process gone, no final status heard: the final status is often in
+this very file), never those of a run its client ended. Batches or epochs refused because
+their run was closed (``409 run_finished``) were never stored: the replay stops there and
+keeps the file, as ``h3d import`` does. A batches line over the daemon's body limit (413) is
+sent in halves, and halves of those, down to single batches; a single batch over the limit
+cannot be sent at all and is kept aside. A file is deleted only after every line in it was
+acknowledged, or kept aside: a line that cannot be sent goes to ``<run id>.jsonl.skipped``.
+``h3d import`` replays the same files.
+
+Appends take an exclusive ``flock`` on the file, so two processes never interleave lines;
+an append that finds the file's last line torn (a process killed in the middle of a write)
+ends it first, so that its own lines stay whole. A replay takes the lock only to read a
+line (and at the end, to delete the file), never across a request: an append (``stop()``
+spooling what is left by its deadline) waits for one read at most, and the replay reads
+what was appended meanwhile before it reaches the end.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from h3client._config import private_dir, private_file
-from h3client.client import OPERATIONS, Client
+from h3client.client import OPERATIONS, REPLAY_HEADERS, Client
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 try:
@@ -69,6 +78,62 @@ def batch_seqs(body: dict[str, Any]) -> list[int]:
     return [int(b["seq"]) for b in body.get("batches", ())]
 
 
+def batch_epochs(body: dict[str, Any]) -> list[int]:
+    """The epochs the batches of a batches body were logged in (those that say one)."""
+    columns = body.get("columns")
+    if columns is not None:
+        col = columns.get("epoch") or ()
+    else:
+        col = [b.get("epoch") for b in body.get("batches", ())]
+    return [int(e) for e in col if e is not None]
+
+
+def _b64(raw: bytes) -> str:
+    return binascii.b2a_base64(raw, newline=False).decode()
+
+
+def split_batches(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A batches body as two, each with half of its batches (in order); None if it holds
+    one batch or fewer (or a column this version does not know), which cannot be split."""
+    columns = body.get("columns")
+    if columns is None:
+        rows = body.get("batches") or []
+        if len(rows) < 2:
+            return None
+        h = len(rows) // 2
+        return {**body, "batches": rows[:h]}, {**body, "batches": rows[h:]}
+    known = {"seq_i64", "t_f64", "loss_f64", "sizes_i64", "losses_f32", "indices_i64"}
+    lists = {"n", "epoch", "step", "phase"}
+    if set(columns) - known - lists:
+        return None
+
+    def values(name: str, code: str) -> array[Any]:
+        a = array(code)
+        a.frombytes(binascii.a2b_base64(columns[name]))
+        return a
+
+    seqs = values("seq_i64", "q")
+    if len(seqs) < 2:
+        return None
+    h = len(seqs) // 2
+    first: dict[str, Any] = {}
+    second: dict[str, Any] = {}
+    for name, code in (("seq_i64", "q"), ("t_f64", "d"), ("loss_f64", "d"), ("sizes_i64", "q")):
+        if columns.get(name) is not None:
+            a = values(name, code)
+            first[name], second[name] = _b64(a[:h].tobytes()), _b64(a[h:].tobytes())
+    if columns.get("sizes_i64") is not None:  # the first half's share of the per-sample values
+        cut = sum(max(0, n) for n in values("sizes_i64", "q")[:h])
+        for name, width in (("losses_f32", 4), ("indices_i64", 8)):
+            if columns.get(name) is not None:
+                raw = binascii.a2b_base64(columns[name])
+                first[name], second[name] = _b64(raw[: cut * width]), _b64(raw[cut * width :])
+    for name in lists:
+        if columns.get(name) is not None:
+            first[name], second[name] = columns[name][:h], columns[name][h:]
+    return {**body, "columns": first}, {**body, "columns": second}
+
+
 @contextlib.contextmanager
 def _locked(path: Path, mode: str, buffering: int = -1) -> Iterator[Any]:
     with open(path, mode, buffering=buffering, opener=private_file) as f:
@@ -82,6 +147,25 @@ def _locked(path: Path, mode: str, buffering: int = -1) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
+def _lock(fd: int) -> Iterator[None]:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (not deleted, not replaced)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
 def _locked_for_append(path: Path) -> Iterator[Any]:
     """Open ``path`` for appending under its lock, never to a file a replay just deleted.
 
@@ -90,12 +174,9 @@ def _locked_for_append(path: Path) -> Iterator[Any]:
     lines would be gone). So after locking, check that the path still names the open file.
     """
     while True:
-        with _locked(path, "ab", buffering=0) as f:
-            try:
-                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+        # read and append: the last byte says whether the last line is whole
+        with _locked(path, "a+b", buffering=0) as f:
+            if _names(path, f.fileno()):
                 yield f
                 return
 
@@ -131,6 +212,10 @@ class Spool:
         with _locked_for_append(self.path) as f:
             fd = f.fileno()
             start = os.lseek(fd, 0, os.SEEK_END)
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                # a torn last line (killed mid-write): end it, or the first line written
+                # now would continue it, and the replay would skip both as one torn line
+                data = b"\n" + data
             try:
                 view = memoryview(data)
                 while view:
@@ -146,10 +231,12 @@ class Spool:
         return self.path.exists() and self.path.stat().st_size > 0
 
 
-def _operation(line: str) -> tuple[str, str, str] | str:
+def _operation(line: bytes) -> tuple[str, str, str] | str:
     """A spool line as (operation, run id, body as JSON text), or why it cannot be sent."""
     try:
-        op = json.loads(line)
+        op = json.loads(line.decode())
+    except UnicodeDecodeError as exc:  # bytes a crash or a power loss left
+        return f"not UTF-8 text ({exc})"
     except ValueError as exc:
         return f"not JSON ({exc})"
     if not isinstance(op, dict):
@@ -167,45 +254,79 @@ def _operation(line: str) -> tuple[str, str, str] | str:
         return "a number JSON cannot carry (NaN or infinite)"
 
 
+def _send(client: Client, run_id: str, kind: str, body: str, aside: list[bytes]) -> None:
+    """Post one operation as a replay; a batches body over the daemon's body limit (413) in
+    halves, recursively. A single batch over the limit is added to ``aside`` as a line of
+    its own (it cannot be sent to that daemon at all)."""
+    try:
+        client.post_json(run_id, kind, body, headers=REPLAY_HEADERS)
+    except H3HTTPStatusError as exc:
+        if already_done(kind, exc.code):
+            return
+        if exc.status_code != 413 or kind != "batches":
+            raise
+        halves = split_batches(json.loads(body))
+        if halves is None:
+            logger.warning(
+                "spool: a batch of run %s is over the daemon's body limit (%s): kept aside",
+                run_id,
+                exc,
+            )
+            line = '{"v": %d, "op": "batches", "run_id": "%s", "body": %s}\n'
+            aside.append((line % (VERSION, run_id, body)).encode())
+            return
+        for half in halves:
+            _send(client, run_id, kind, json.dumps(half), aside)
+
+
 def replay_file(client: Client, path: Path) -> tuple[int, int]:
     """Replay one spool file; returns (operations applied, lines skipped).
 
     Stops at the first operation the daemon does not acknowledge (raising its error), and
     keeps the file; deletes it once everything it could send was acknowledged. A line it
-    cannot send (torn by a crash, written by a newer h3client, or not an operation at all)
-    is skipped with a warning and kept, with the others like it, in ``<file>.skipped``
-    (which no replay reads): nothing is deleted that was not stored.
+    cannot send (torn by a crash, bytes that are not UTF-8, written by a newer h3client, not
+    an operation at all, a single batch over the daemon's body limit) is skipped with a
+    warning and kept, with the others like it, in ``<file>.skipped`` (which no replay
+    reads): nothing is deleted that was not stored. The file's lock is held while a line is
+    read, never while it is sent (see the module's docstring). Raises FileNotFoundError if
+    another process replayed the file meanwhile.
     """
     applied = 0
-    skipped: list[str] = []
-    with _locked(path, "r+") as f:
-        for n, line in enumerate(f, 1):
+    skipped: list[bytes] = []
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        n = 0
+        while True:
+            with _lock(fd):
+                line = f.readline()
+                if not line:  # the end, under the lock: nothing can be appended meanwhile
+                    if not _names(path, fd):
+                        raise FileNotFoundError(path)  # replayed (and deleted) by another
+                    if skipped:
+                        _keep_aside(path, skipped)
+                    path.unlink()
+                    return applied, len(skipped)
+            n += 1
             if not line.strip():
                 continue
             op = _operation(line)
             if isinstance(op, str):
                 logger.warning("spool %s line %d not sent (%s): skipped", path.name, n, op)
-                skipped.append(line if line.endswith("\n") else line + "\n")
+                skipped.append(line if line.endswith(b"\n") else line + b"\n")
                 continue
             kind, run_id, body = op
-            try:
-                client.post_json(run_id, kind, body)
-            except H3HTTPStatusError as exc:
-                if not already_done(kind, exc.code):
-                    raise
+            _send(client, run_id, kind, body, skipped)
             applied += 1
-        if skipped:
-            side = path.with_name(path.name + ".skipped")
-            fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.writelines(skipped)
-                out.flush()
-                os.fsync(out.fileno())
-            logger.warning(
-                "spool %s: %d line(s) not sent are kept in %s", path.name, len(skipped), side
-            )
-        path.unlink()
-    return applied, len(skipped)
+
+
+def _keep_aside(path: Path, lines: list[bytes]) -> None:
+    side = path.with_name(path.name + ".skipped")
+    fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.writelines(lines)
+        out.flush()
+        os.fsync(out.fileno())
+    logger.warning("spool %s: %d line(s) not sent are kept in %s", path.name, len(lines), side)
 
 
 def replay_spool(client: Client, spool_dir: Path, run_id: str | None = None) -> dict[str, Any]:

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from h3client._config import ClientConfig, resolve
-from h3client.errors import H3ConnectionError, H3HTTPStatusError, H3RunNotFound
+from h3client._config import ClientConfig, read_token_file, resolve
+from h3client.errors import H3ClientError, H3ConnectionError, H3HTTPStatusError, H3RunNotFound
 
 if TYPE_CHECKING:
     import httpx
@@ -32,6 +32,12 @@ def _is_https(url: str) -> bool:
     """Whether ``url`` is reached over TLS (and so needs a verifying SSL context)."""
     return url[:6].lower() == "https:"
 
+
+#: Headers of a spool's replay (by a profiler or ``h3d import``): the daemon may then take
+#: the rows of a run its reaper failed (docs/daemon.md, "Runs whose process is gone").
+REPLAY_HEADERS = {"H3-Replay": "1"}
+#: Headers of a resumed profiler's create: the daemon then follows the new process.
+RESUME_HEADERS = {"H3-Resume": "1"}
 
 #: The operations a profiler sends (and spools): name -> (method, path template).
 OPERATIONS = {
@@ -72,6 +78,66 @@ class Client:
             {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
         )
         self._gzip = not _is_loopback(self.config.url)
+        # the token that what answers at a discovered URL proved it holds (see ``proven``)
+        self._proven_token: str | None = None
+
+    def reload_token(self) -> bool:
+        """Read ``<data dir>/token`` again, unless the token was given (argument or
+        ``H3D_TOKEN``); True if it changed. For a refused request: a daemon that started
+        after this client (its data dir's first start) wrote its token since."""
+        if self.config.token_is_explicit:
+            return False
+        try:
+            token = read_token_file(self.config.data_dir)
+        except H3ClientError:  # a data dir no token should be read from: keep this one
+            return False
+        if token == self.config.token:
+            return False
+        self.config = self.config._replace(token=token)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return True
+
+    @property
+    def must_prove(self) -> bool:
+        """Whether what answers at the URL must prove it holds the token before it is
+        sent: a URL found (the data dir's ``daemon.json``, the default port), not given
+        (argument or ``H3D_URL``), reached by this client's own connection (not a borrowed
+        ``http``), since anyone may listen on a local port."""
+        return not self.config.url_is_explicit and self._owns_http
+
+    def proven(self) -> bool:
+        """True if the token may be sent: the URL was given, or what answers there proved
+        (``/healthz?nonce=``, :func:`h3client._daemon.probe`) that it holds the token (the
+        data dir's, read again if none was read yet). Asks once per token; False with no
+        token to prove, or no answer."""
+        if not self.must_prove:
+            return True
+        if self.config.token is None:
+            self.reload_token()  # a daemon that started since wrote it
+        token = self.config.token
+        if token is None:
+            return False
+        if self._proven_token != token:
+            from h3client._daemon import probe
+
+            if probe(self.url, token, timeout_s=min(2.0, self._timeout_s)) != (True, True):
+                return False
+            self._proven_token = token
+        return True
+
+    def forget_proof(self) -> None:
+        """Ask for the proof again before the next request (what answers at the URL may
+        have changed: a daemon that stopped, another program on its port since)."""
+        self._proven_token = None
+
+    def _check_proven(self) -> None:
+        if self._headers and not self.proven():
+            raise H3ClientError(
+                f"not sending the token to {self.url}: what answers there could not prove "
+                f"that it serves the data dir {self.config.data_dir} (no h3d of that data "
+                "dir, or another program on its port); start its daemon (`h3d serve`), or "
+                "give the URL of one you trust (H3D_URL)"
+            )
 
     @property
     def http(self) -> httpx.Client:
@@ -111,18 +177,20 @@ class Client:
         *,
         json_body: Any = None,
         json_text: str | bytes | None = None,
+        headers: dict[str, str] | None = None,
         **kw: Any,
     ) -> httpx.Response:
         """Send a request; ``json_body`` is encoded here, ``json_text`` was already.
 
         Bodies of 4 KiB or more travel gzipped (one compression per request), except to a
-        daemon on a loopback address.
+        daemon on a loopback address. ``headers`` go with it, besides the token's.
         """
         import gzip
 
         import httpx
 
-        headers = dict(self._headers)
+        self._check_proven()
+        headers = {**self._headers, **(headers or {})}
         content = None
         if json_body is not None:
             json_text = json.dumps(json_body, allow_nan=False)
@@ -181,13 +249,17 @@ class Client:
         body = {"batches": batches, "nonfinite_as_null": nonfinite_as_null}
         return dict(self.request("POST", f"/v1/runs/{run_id}/batches", json_body=body).json())
 
-    def post_json(self, run_id: str, op: str, text: str | bytes) -> dict[str, Any]:
+    def post_json(
+        self, run_id: str, op: str, text: str | bytes, *, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Send one spool-style operation whose body is JSON text already (the sender's path).
 
-        ``op``: "create", "batches", "epochs" or "update".
+        ``op``: "create", "batches", "epochs" or "update"; ``headers``: say a replay
+        (``REPLAY_HEADERS``) or a resumed run's create (``RESUME_HEADERS``).
         """
         method, path = OPERATIONS[op]
-        return dict(self.request(method, path.format(run_id=run_id), json_text=text).json())
+        url = path.format(run_id=run_id)
+        return dict(self.request(method, url, json_text=text, headers=headers).json())
 
     def post_epochs(self, run_id: str, epochs: list[dict[str, Any]]) -> dict[str, int]:
         body = {"epochs": epochs}
@@ -224,6 +296,7 @@ class Client:
         """Stream a GET's body to ``path`` (a large export is never held in memory)."""
         import httpx
 
+        self._check_proven()
         out = Path(path)
         writing = False
         try:

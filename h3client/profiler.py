@@ -22,9 +22,9 @@ from h3client._config import resolve
 from h3client._daemon import ensure_daemon
 from h3client._exporter import HttpExporter
 from h3client._report import diminishing_returns, format_report
-from h3client._spool import Spool, batch_seqs, replay_spool
+from h3client._spool import Spool, batch_epochs, batch_seqs, replay_spool
 from h3client.client import Client
-from h3client.errors import H3ClientError
+from h3client.errors import H3ClientError, H3RunNotFound
 
 if TYPE_CHECKING:
     from h3client._distributed import RankInfo
@@ -85,7 +85,8 @@ class H3Profiler:
         autostart: Start a local daemon (same data dir, detached) if none answers. The run
             opens on construction either way; without a daemon it runs offline on its spool.
         run_id: Resume this run: its spool is replayed first, sequence numbers and the
-            epoch counter continue after those stored (see docs/client.md).
+            epoch counter continue after those stored, and the daemon follows this process
+            from then on (see docs/client.md).
         data_dir: The daemon's data dir (default ``H3D_DATA_DIR`` or ``~/.local/share/h3d``).
         n_train: Training-set size, for ΔI_total.
         flush_interval_s: How often the sender posts (also when a batch is full).
@@ -103,7 +104,10 @@ class H3Profiler:
 
     Raises:
         H3ClientError: in a distributed job, when the ranks cannot agree on a run id (no
-            launcher job id, no initialised process group and no ``run_id``).
+            launcher job id, no initialised process group and no ``run_id``); resuming a run
+            (``run_id``) when no daemon says where it stopped and its spool holds none of
+            its batches to say it either (numbering from 0 would make every batch and
+            epoch a duplicate of a stored one: start the daemon, then resume).
 
     Example:
         >>> with H3Profiler("mnist-mlp", config={"lr": 1e-3}) as prof:  # doctest: +SKIP
@@ -177,7 +181,12 @@ class H3Profiler:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> H3Profiler:
-        """Open the run (idempotent). Never raises: without a daemon it runs offline."""
+        """Open the run (idempotent). Without a daemon it runs offline.
+
+        Raises:
+            H3ClientError: only when resuming a run that neither a daemon nor the run's
+                spool can say where it stopped (see the class's Raises).
+        """
         if self._proc is not None:
             return self
         import socket  # here, not at import: ``import h3client`` stays light
@@ -186,16 +195,28 @@ class H3Profiler:
         url = ensure_daemon(cfg, autostart=self.autostart) if self._http is None else cfg.url
         if url is not None and url != cfg.url:
             cfg = resolve(url, self._token, self._data_dir)
-        self._client = Client(cfg.url, cfg.token, data_dir=cfg.data_dir, http=self._http)
+        # the token as given (None: the data dir's, read again if the daemon refuses it)
+        self._client = Client(cfg.url, self._token, data_dir=cfg.data_dir, http=self._http)
+        # a URL found, not given, gets the token only once it proved that it holds it
+        # (Client.proven, asked on the sender thread): ensure_daemon found none that did, or
+        # what answers there may change while the run goes on
+        self._client.config = self._client.config._replace(url_is_explicit=cfg.url_is_explicit)
         online = url is not None
         rank_fields = self._join_ranks()
         if self.run_id is None:
             self.run_id = os.urandom(16).hex()  # 128 random bits, as uuid4 without its import
         self._exporter = HttpExporter(
-            self._client, self.run_id, rank=None if self.dist is None else self.dist.rank
+            self._client,
+            self.run_id,
+            rank=None if self.dist is None else self.dist.rank,
+            resume=self._resume,
         )
         if self._resume:
-            self._seq, self._epoch = self._resume_point(online)
+            try:
+                self._seq, self._epoch = self._resume_point(online)
+            except H3ClientError:
+                self._client.close()
+                raise
             self._seq0 = self._seq
         self._proc = BatchProcessor(
             self._exporter,
@@ -209,25 +230,28 @@ class H3Profiler:
         # torch imported already (the usual training script): log_batch's fast paths are
         # armed from its first call, not after a first tensor went the slow way
         _batching.bind_torch()
-        if not self._resume:
-            tags = list(self.tags)
-            if self.device != "auto" and f"device:{self.device}" not in tags:
-                tags.append(f"device:{self.device}")
-            self._proc.add(
-                "create",
-                {
-                    "id": self.run_id,
-                    "created_at": self._t_start,
-                    "name": self.name,
-                    "config": self._config_json,
-                    "tags": tags,
-                    "pid": os.getpid(),
-                    "cpu_s": cpu.user + cpu.system + cpu.children_user + cpu.children_system,
-                    "host": socket.gethostname(),
-                    "n_train": self.n_train,
-                    **rank_fields,
-                },
-            )
+        # A resumed run sends its create too, saying it resumes (the exporter's headers):
+        # the daemon then follows this process (its pid and CPU time from here), not the
+        # one that died, whose exit would get the run failed during any pause longer than
+        # the daemon's exit grace. The run exists: nothing else of it changes.
+        tags = list(self.tags)
+        if self.device != "auto" and f"device:{self.device}" not in tags:
+            tags.append(f"device:{self.device}")
+        self._proc.add(
+            "create",
+            {
+                "id": self.run_id,
+                "created_at": self._t_start,
+                "name": self.name,
+                "config": self._config_json,
+                "tags": tags,
+                "pid": os.getpid(),
+                "cpu_s": cpu.user + cpu.system + cpu.children_user + cpu.children_system,
+                "host": socket.gethostname(),
+                "n_train": self.n_train,
+                **rank_fields,
+            },
+        )
         if online:
             logger.info("h3: run %s streaming to %s", self.run_id, cfg.url)
         else:
@@ -271,25 +295,35 @@ class H3Profiler:
     def _resume_point(self, online: bool) -> tuple[int, int]:
         """Where a resumed run continues: after the highest sequence number stored or
         spooled for it, and at the epoch after those stored (the daemon's ``n_epochs``:
-        epochs numbered from 0, as ``log_epoch()`` numbers them) or spooled."""
+        epochs numbered from 0, as ``log_epoch()`` numbers them) or spooled, or at the epoch
+        its spooled batches were logged in, if later.
+
+        Without a daemon that says where the run stopped, the spool alone can: once a line
+        goes to it, every later one does until it is replayed whole (and deleted), so its
+        highest sequence number is the run's. A spool without a batch cannot say it, and
+        neither can no spool: then this raises H3ClientError rather than number from 0,
+        which would make every batch and epoch a duplicate of a stored one.
+        """
         assert self._client is not None and self.run_id is not None
-        top, top_epoch = -1, -1
+        top, top_epoch, batch_epoch = -1, -1, 0
         spool = Spool(self._client.config.spool_dir, self.run_id)
         if spool.exists():
-            for line in spool.path.read_text().splitlines():
+            for line in spool.path.read_bytes().split(b"\n"):
                 try:
-                    op = json.loads(line)
+                    op = json.loads(line.decode())
                     if op.get("op") == "batches":
                         top = max([top, *batch_seqs(op["body"])])
+                        batch_epoch = max([batch_epoch, *batch_epochs(op["body"])])
                     elif op.get("op") == "epochs":
                         top_epoch = max(
                             [top_epoch, *(int(e["epoch"]) for e in op["body"]["epochs"])]
                         )
                 except (ValueError, KeyError, TypeError, AttributeError):
-                    continue  # a damaged line: the replay reports it
+                    continue  # a damaged line (not UTF-8 included): the replay reports it
             if online:
                 replay_spool(self._client, self._client.config.spool_dir, self.run_id)
-        next_epoch = top_epoch + 1
+        next_epoch = max(top_epoch + 1, batch_epoch)
+        why = f"no daemon answers at {self._client.url}"
         if online:
             try:
                 run = self._client.get_run(self.run_id)
@@ -297,8 +331,19 @@ class H3Profiler:
                 if last is not None:
                     top = max(top, int(last))
                 next_epoch = max(next_epoch, int(run.get("n_epochs") or 0))
-            except H3ClientError as exc:
+                why = ""
+            except H3RunNotFound as exc:  # none of it reached this daemon: nothing to follow
                 logger.warning("h3: cannot resume run %s: %s", self.run_id, exc)
+                why = ""
+            except H3ClientError as exc:
+                why = f"the daemon at {self._client.url} did not say where it stopped ({exc})"
+        if why and top < 0:
+            raise H3ClientError(
+                f"cannot resume run {self.run_id}: {why}, and its spool ({spool.path}) holds "
+                "none of its batches to say it; numbered from 0, every batch and epoch would "
+                "be a duplicate of a stored one. Start the daemon (`h3d serve`) and resume "
+                "again"
+            )
         return top + 1, next_epoch
 
     # --- the training loop's calls ---------------------------------------------------------
@@ -500,7 +545,8 @@ class H3Profiler:
 
         Returns within about ``timeout_s`` whatever the daemon does: what it has not
         acknowledged by then (the queue, the request in flight, the final status) is
-        written to the spool, which ``h3d import`` or a resumed profiler replays. The
+        written to the spool, which ``h3d import`` or a resumed profiler replays. After an
+        outage it tries the daemon once whatever is left of the sender's back-off. The
         results count every batch: ``batches_logged`` = ``batches_posted`` +
         ``batches_spooled`` + ``batches_rejected`` + ``batches_lost``.
 
@@ -539,7 +585,10 @@ class H3Profiler:
         if self._client is None:
             raise H3ClientError("the profiler was never started")
         c = self._client.config
-        return Client(c.url, c.token, data_dir=c.data_dir, http=self._http, timeout_s=timeout_s)
+        q = Client(c.url, c.token, data_dir=c.data_dir, http=self._http, timeout_s=timeout_s)
+        q.config = q.config._replace(url_is_explicit=c.url_is_explicit)  # proven as found
+        q._proven_token = self._client._proven_token
+        return q
 
     def _report_dict(self, timeout_s: float = 10.0) -> dict[str, Any] | None:
         try:

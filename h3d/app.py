@@ -37,7 +37,7 @@ from h3d.power.base import PowerBackend
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
 from h3d.reaper import NodeLease, Reaper
-from h3d.security import ensure_token
+from h3d.security import MAX_NONCE_CHARS, ensure_token, healthz_proof
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
@@ -224,28 +224,48 @@ def create_app(
         # browsers never send to the server) and reads /v1 with it like any client.
         return HTMLResponse(static_text("index.html"))
 
+    shipped: set[str] = set()  # the static files' names, listed at the first request
+
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
-        # separate files, no inline script or style: the page runs under a strict CSP
+        # separate files, no inline script or style: the page runs under a strict CSP. Any
+        # name the package does not ship is a 404 without a file-system lookup: one longer
+        # than a file name may be made is_file() raise (a 500, a traceback logged each time).
+        if not shipped:
+            from importlib import resources
+
+            names = (f.name for f in resources.files("h3d").joinpath("static").iterdir())
+            shipped.update(n for n in names if static_path_exists(n))
         kind = STATIC_TYPES.get(os.path.splitext(name)[1])
-        if kind is None or not static_path_exists(name):
-            raise StarletteHTTPException(404, f"no static file {name!r}")
+        if kind is None or name not in shipped:
+            raise StarletteHTTPException(404, f"no static file {name[:100]!r}")
         return Response(static_text(name), media_type=kind, headers={"Cache-Control": "no-cache"})
 
     expected_auth = f"Bearer {token}".encode()
 
     @app.get("/healthz", tags=["system"])
     def healthz(request: Request) -> dict[str, Any]:
+        """Liveness. With ``?nonce=N`` (at most 128 characters), also ``proof``: the
+        HMAC-SHA256, keyed with the token, of ``h3d-healthz <port> <N>`` (hex), ``port``
+        being the one the request came in on. A client checks it before it sends the token:
+        a program on the port that does not hold the token cannot answer it."""
         # open, like /docs; "authorized" tells a client whether this daemon takes the token
         # it sent (none sent: False), so that a client which found a daemon on the default
         # port, serving another data dir, starts its own instead of being refused every
-        # request (/v1 answers 401 to the same token anyway: this reveals nothing more)
+        # request (/v1 answers 401 to the same token anyway: this reveals nothing more).
+        # The proof reveals nothing of the token either, and a client needs no token to ask.
         sent = request.headers.get("authorization", "").encode()
-        return {
+        body: dict[str, Any] = {
             "status": "ok",
             "version": __version__,
             "authorized": secrets.compare_digest(sent, expected_auth),
         }
+        nonce = request.query_params.get("nonce")
+        if nonce and len(nonce) <= MAX_NONCE_CHARS:
+            server = request.scope.get("server")
+            port = server[1] if server and isinstance(server[1], int) else 0
+            body["proof"] = healthz_proof(token, port, nonce)
+        return body
 
     carbon_totals = CarbonTotals()
 

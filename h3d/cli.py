@@ -395,8 +395,14 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     # one line instead.
     app = _StartupFailure(create_app(settings, store_checked=True, lease=lease), errors)
     logging.getLogger("uvicorn.error").addFilter(lambda _record: app.error is None)
+    from h3d.security import serve_limits  # connections bounded, never held idle
+
     config = uvicorn.Config(
-        app, log_level=settings.log_level.lower(), access_log=False, log_config=None
+        app,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        log_config=None,
+        **serve_limits(),
     )
     server = Server(config)
     logger.info("serving on %s (data dir %s)", settings.public_url, settings.data_dir)
@@ -463,6 +469,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive number")
+    return n
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     c = DaemonClient(_settings(args))
     params: dict[str, Any] = {"limit": args.limit}
@@ -470,14 +486,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
         params["status"] = args.status
     if args.tag:
         params["tag"] = args.tag
-    page = c.get("/v1/runs", params=params)
+    # a page holds at most 1000 runs (the API's limit): follow the cursor to --limit
+    rows: list[dict[str, Any]] = []
+    while True:
+        page = c.get("/v1/runs", params={**params, "limit": min(1000, args.limit - len(rows))})
+        rows += page["data"]
+        if len(rows) >= args.limit or not page.get("next_cursor"):
+            break
+        params["cursor"] = page["next_cursor"]
     print(f"{'id':<32}  {'name':<24} {'status':<9} {'batches':>8}  created")
-    for r in page["data"]:
+    for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
         print(
             f"{r['id']:<32}  {r['name'][:24]:<24} {r['status']:<9} {r['n_batches']:>8}  {created}"
         )
-    print(f"({len(page['data'])} of {page['count']})")
+    print(f"({len(rows)} of {page['count']})")
     return 0
 
 
@@ -497,12 +520,17 @@ def print_report(rep: dict[str, Any]) -> None:
         if e["source"] == "none"
         else "  (ESTIMATED: not a measurement)"
     )
+    devices = e["by_device"]
+    if devices and rep["duration_s"] > 0 and all(not d.get("covered_s") for d in devices):
+        tag += "  (no readings while it ran: the daemon was not sampling)"
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
     multi_node = len(e.get("by_node", ())) > 1
-    for d in e["by_device"]:
+    for d in devices:
         where = f"{d['node']}/" if multi_node else ""
+        gaps = f", {d['gaps_s']:.1f} s unmeasured" if d.get("gaps_s") else ""
         print(
-            f"    {where + d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, {d['source']}"
+            f"    {where + d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, "
+            f"{d['source']}{gaps}"
         )
     if e.get("active_energy_j") is not None:
         print(f"  above idle   {_fmt(e['active_energy_j'], ' J')}")
@@ -691,6 +719,66 @@ def _spool_request(line: bytes) -> tuple[str, str, str, bytes]:
     return kind, method, url.format(quote(rid, safe="")), text
 
 
+def _split_batches(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A batches body as two, each with half of its batches in order (as h3client's
+    ``_spool.split_batches``); None for one batch or fewer, or a column it does not know."""
+    import base64
+    from array import array
+
+    columns = body.get("columns")
+    if columns is None:
+        rows = body.get("batches") or []
+        h = len(rows) // 2
+        return ({**body, "batches": rows[:h]}, {**body, "batches": rows[h:]}) if h else None
+    lists = ("n", "epoch", "step", "phase")
+    packed = {"seq_i64": "q", "t_f64": "d", "loss_f64": "d", "sizes_i64": "q"}
+    vectors = (("losses_f32", 4), ("indices_i64", 8))
+    if not isinstance(columns, dict) or set(columns) - {*lists, *packed, *dict(vectors)}:
+        return None
+
+    def values(name: str) -> array[Any]:
+        a = array(packed[name])
+        a.frombytes(base64.b64decode(columns[name]))
+        return a
+
+    h = len(values("seq_i64")) // 2
+    if not h:
+        return None
+    halves: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    for name in packed:
+        if columns.get(name) is not None:
+            a = values(name)
+            for half, part in zip(halves, (a[:h], a[h:]), strict=True):
+                half[name] = base64.b64encode(part.tobytes()).decode()
+    if columns.get("sizes_i64") is not None:  # the first half's share of the per-sample values
+        cut = sum(max(0, n) for n in values("sizes_i64")[:h])
+        for name, width in vectors:
+            if columns.get(name) is not None:
+                raw = base64.b64decode(columns[name])
+                cuts = (raw[: cut * width], raw[cut * width :])
+                for half, piece in zip(halves, cuts, strict=True):
+                    half[name] = base64.b64encode(piece).decode()
+    for name in lists:
+        if columns.get(name) is not None:
+            halves[0][name], halves[1][name] = columns[name][:h], columns[name][h:]
+    return {**body, "columns": halves[0]}, {**body, "columns": halves[1]}
+
+
+def _replay(c: Any, kind: str, method: str, url: str, body: bytes) -> Any:
+    """Send one spool operation as a replay (``H3-Replay``: the daemon then takes the rows of
+    a run its reaper failed, never of one its client ended); a batches body over the
+    daemon's body limit (413) in halves, recursively. The first answer that is not a
+    success, else the last (a single batch over the limit: its 413)."""
+    headers = {"Content-Type": "application/json", "H3-Replay": "1"}
+    r = c.http.request(method, url, content=body, headers=headers)
+    too_large = r.status_code == 413 and kind == "batches"
+    for half in (_split_batches(json.loads(body)) if too_large else None) or ():
+        r = _replay(c, kind, method, url, json.dumps(half).encode())
+        if r.status_code >= 400:
+            break
+    return r
+
+
 def _error_of(r: Any) -> dict[str, Any]:
     """The daemon's ``{"code", "message"}`` of an error answer ({} if it sent none)."""
     try:
@@ -709,6 +797,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     that cannot be sent are skipped and reported, and the rest is replayed; a file is
     deleted only when every line in it was imported (one with skipped lines is kept and the
     command exits 1). The import stops, keeping the file, at an operation the daemon refuses.
+    Its requests say they are a replay, so a run the daemon's reaper failed (its process
+    gone, its final status in this file) takes them; a batches line over the daemon's body
+    limit goes in halves. The file's lock is held to read a line, not while it is sent: a
+    profiler appending to it (its ``stop()``) waits for one read at most.
     """
     import fcntl
 
@@ -735,8 +827,17 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(f"h3d: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         with f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            for n, line in enumerate(f, 1):
+            fd, n = f.fileno(), 0
+            while True:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                line = f.readline()
+                if not line:  # the end, locked until the file closes: nothing appended since
+                    with contextlib.suppress(FileNotFoundError):  # another import deleted it
+                        if not skipped and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                            path.unlink()  # (and not a new file of that name)
+                    break
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                n += 1
                 if not line.strip():
                     continue
                 try:
@@ -746,9 +847,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                     skipped += 1
                     continue
                 try:
-                    r = c.http.request(
-                        method, url, content=body, headers={"Content-Type": "application/json"}
-                    )
+                    r = _replay(c, kind, method, url, body)
                 except httpx.TransportError as exc:
                     raise DaemonDown(
                         f"no h3d daemon answers at {c.url} ({exc}); {path.name} is kept, "
@@ -765,7 +864,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                         if code == "run_finished":
                             print(
                                 f"h3d: {path.name} line {n}: not imported: {error.get('message')} "
-                                "(a run whose process is gone is marked failed and closed). "
+                                "(a run its client ended takes no more data). "
                                 f"The file is kept; {ops} operation(s) before this line were "
                                 "imported.",
                                 file=sys.stderr,
@@ -780,8 +879,6 @@ def cmd_import(args: argparse.Namespace) -> int:
                 ops += 1
                 if sys.stderr.isatty():
                     print(f"\r{path.name}: {ops} operations", end="", file=sys.stderr)
-            if not skipped:
-                path.unlink()
         total += ops
         if skipped:
             total_skipped += skipped
@@ -887,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", parents=[data], help="list runs")
     r.add_argument("--status", choices=["running", "finished", "failed"])
     r.add_argument("--tag")
-    r.add_argument("--limit", type=int, default=20)
+    r.add_argument("--limit", type=_at_least_one, default=20, help="how many (newest first)")
     r.set_defaults(func=cmd_runs)
     sh = sub.add_parser("show", parents=[data], help="a run's report")
     sh.add_argument("run", help="run id, unique id prefix, or name")

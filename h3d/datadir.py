@@ -1,4 +1,9 @@
-"""The data dir: private modes, and an exclusive lock held by the one daemon that uses it.
+"""The data dir: this user's alone, private modes, and an exclusive lock held by the one
+daemon that uses it.
+
+A data dir or token that another user owns, or may write, is refused (:func:`check_private`):
+whoever could write there could have put a token of theirs in it. :func:`make_private`
+changes the modes of H3's own files only (:data:`OWN_FILES`, the spool), never through a link.
 
 The lock is ``flock`` on ``<data dir>/h3d.lock`` (the daemon's pid written inside), held for
 the daemon's whole life and released by the kernel when the process ends, however it ends:
@@ -9,8 +14,11 @@ pid only if that pid is the process holding the lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import fnmatch
 import os
+import stat
 from pathlib import Path
 
 from h3d.errors import H3DError
@@ -27,21 +35,141 @@ class DataDirBusy(H3DError):
     code = "data_dir_busy"
 
 
+#: H3's own entries in a data dir: the only ones :func:`make_private` touches. The store
+#: (the default SQLite file and SQLite's side files, the migration lock), the token, what a
+#: serving daemon writes (``daemon.json`` through ``daemon.tmp``, the lock, the log of a
+#: daemon a client or the demo started) and the client's autostart lock.
+OWN_FILES = frozenset(
+    {
+        "token",
+        "daemon.json",
+        "daemon.tmp",
+        LOCK_NAME,
+        "h3d.db",
+        "h3d.db-wal",
+        "h3d.db-shm",
+        "h3d.db-journal",
+        "h3d.db.migrate-lock",
+        "h3d.log",
+        "autostart.lock",
+    }
+)
+#: The cached live carbon intensity (``carbon-live-<zone>.json``, written through a .tmp).
+OWN_PATTERNS = ("carbon-live-*.json", "carbon-live-*.tmp")
+#: The client's spool: every regular file in it is H3's (``<run id>.jsonl``, ``.skipped``).
+SPOOL_NAME = "spool"
+
+
+class UnsafeDataDir(PermissionError):
+    """A data dir, or a token, that another local user owns or may write: never used.
+
+    Another user who created ``/tmp/h3d-alice`` first, or who may write into it, could have
+    put a token (or a ``daemon.json``) of their own there: the daemon would take their token,
+    and the client would hand them the runs.
+    """
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}" if self.filename else str(self.strerror)
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def check_private(path: Path, st: os.stat_result, what: str) -> None:
+    """Raise :class:`UnsafeDataDir` unless ``st`` (``path``'s, described as ``what``: "it",
+    "its token") is owned by this user and writable by nobody else."""
+    me = os.getuid()
+    instead = "use a directory that only you own and can write (one under $HOME, under "
+    instead += "$XDG_RUNTIME_DIR, or made by `mktemp -d`)"
+    if st.st_uid != me:
+        why = f"{what} is owned by {_user(st.st_uid)}, not by {_user(me)}"
+    elif st.st_mode & 0o022:
+        who = {0o020: "its group", 0o002: "other users", 0o022: "its group and other users"}
+        why = f"{what} is writable by {who[st.st_mode & 0o022]} (mode {stat.S_IMODE(st.st_mode):o})"
+        instead = f"`chmod go-w` it if nothing in it is another user's, or {instead}"
+    else:
+        return
+    raise UnsafeDataDir(
+        errno.EPERM,
+        f"{why}: another local user could have put a token or daemon.json of theirs there "
+        f"and read the runs, so h3d does not use it; {instead}",
+        str(path),
+    )
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """The data dir and its token, if they exist, are this user's and writable by nobody
+    else (:func:`check_private`); the directory's owner is the one that counts, wherever a
+    symbolic link to it leads."""
+    try:
+        st = os.stat(data_dir)
+    except FileNotFoundError:
+        return
+    check_private(data_dir, st, "it")
+    token = data_dir / "token"
+    try:
+        fd = os.open(token, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except PermissionError:  # another user's, most likely: say so, not "Permission denied"
+        check_private(data_dir, os.stat(token), "its token")
+        raise
+    try:
+        check_private(data_dir, os.fstat(fd), "its token")
+    finally:
+        os.close(fd)
+
+
+def _tighten(path: Path, mode: int, *, directory: bool = False) -> None:
+    """``path`` to ``mode`` if it is a regular file (a directory) of this user's: never
+    through a symbolic link (``O_NOFOLLOW``: a link is left as it is, and so is what it
+    points to), never a FIFO or a device."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # gone, a link (ELOOP), not a directory, not readable
+        return
+    try:
+        st = os.fstat(fd)
+        kind = stat.S_ISDIR if directory else stat.S_ISREG
+        if kind(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != mode:
+            with contextlib.suppress(PermissionError):
+                os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def make_private(data_dir: Path) -> None:
-    """Create the data dir 0700 (or tighten it) and make the files in it 0600.
+    """Create the data dir 0700 (or tighten it), and make H3's own files in it 0600.
 
     The token guards the API, so the store, its WAL and the spool must not be readable by
-    other local users either. The process umask covers files SQLite creates later.
+    other local users either. The process umask covers files SQLite creates later. Only
+    H3's files are touched (:data:`OWN_FILES`, the spool and the files in it), never through
+    a symbolic link: a data dir named in a project folder leaves the project's files and
+    folders as they were. A data dir or token that another user owns, or may write, is
+    refused (:class:`UnsafeDataDir`) before anything is written there.
     """
     data_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    with contextlib.suppress(PermissionError):
-        os.chmod(data_dir, DIR_MODE)
-    for p in data_dir.iterdir():
-        with contextlib.suppress(PermissionError, FileNotFoundError):
-            if p.is_file():
-                os.chmod(p, FILE_MODE)
-            elif p.is_dir():
-                os.chmod(p, DIR_MODE)
+    check_data_dir(data_dir)
+    os.chmod(data_dir, DIR_MODE)
+    for name in OWN_FILES:
+        _tighten(data_dir / name, FILE_MODE)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(data_dir):
+            if any(fnmatch.fnmatchcase(entry.name, p) for p in OWN_PATTERNS):
+                _tighten(Path(entry.path), FILE_MODE)
+    spool = data_dir / SPOOL_NAME
+    _tighten(spool, DIR_MODE, directory=True)
+    if spool.is_dir() and not spool.is_symlink():
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(spool):
+                _tighten(Path(entry.path), FILE_MODE)
 
 
 class DataDirLock:

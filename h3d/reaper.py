@@ -21,7 +21,20 @@ clocks are compared with each other there, so they should agree to well within
 ``timeout_s`` (NTP does).
 
 A reaped run gets ``finished_at`` = its last activity, and takes no more data (409), like a
-run its client finished.
+run its client finished, with two exceptions, for what its client did send but the daemon
+did not get (an outage near the run's end sends it to the client's spool):
+
+- a replay of the run's spool (``h3d import``, or a profiler's replay: requests with the
+  header ``H3-Replay: 1``) is taken, rows and final status alike (:func:`replaying`): the
+  rows the daemon lacks are stored, once each (the store keeps a (run, seq) once, as
+  ever), the run staying failed, its end moved to its last batch; a replayed final status
+  ends it as its client ended it, and from then on it is a run its client ended;
+- a resumed profiler's create (``H3-Resume: 1``) reopens it, and the daemon follows the
+  new process (:func:`resumed_run`).
+
+A run its client ended (finished or failed) is never reopened. Which runs the reaper failed
+is kept in the row: their ``seen_at`` is ``REAPED`` (+inf), which no heartbeat changes
+(heartbeats only move it forward), so no new column (and no migration) is needed.
 
 Each pass also renews this daemon's lease on its node name (:class:`NodeLease`): one live
 daemon per node name in a store.
@@ -29,25 +42,92 @@ daemon per node name in a store.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from h3d.errors import NodeTaken, RunFinished, RunNotFound
+from h3d.errors import NodeTaken, RunExists, RunFinished, RunNotFound
 from h3d.power.sampler import PowerSampler
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
+from h3d.storage.models import Run, RunIdle
 
 logger = logging.getLogger(__name__)
+
+#: ``runs.seen_at`` of a run the reaper failed (see the module's docstring).
+REAPED = math.inf
+#: The request headers of a spool's replay and of a resumed profiler's create.
+REPLAY_HEADER, RESUME_HEADER = "h3-replay", "h3-resume"
+
+
+def is_reaped(run: Run) -> bool:
+    """Whether the reaper failed ``run`` (and no replay of its client ended it since)."""
+    return run.status == "failed" and run.seen_at == REAPED
+
+
+@contextlib.contextmanager
+def replaying(session: Session, run_id: str, *, replay: bool, now: float) -> Iterator[bool]:
+    """Around a replayed ingest or status update (``replay``): let it into the run if the
+    reaper failed it; yields whether it did.
+
+    The run is running for the request's statements only, inside its transaction (its row
+    locked on PostgreSQL; SQLite has one writer), so nobody sees it reopened. Afterwards it
+    is failed again, as the reaper left it, its end moved to its last batch if that is
+    later; or, if the request ended it (the client's final status, replayed; not a rank's
+    of a distributed run, whose other ranks' spools may follow), it ends as its client
+    ended it, a run its client ended from then on."""
+    row = None
+    if replay:  # a column read (as the ingest's own): no ORM object left behind, stale
+        q = select(Run.status, Run.seen_at).where(Run.id == run_id).with_for_update()
+        row = session.execute(q).one_or_none()
+    if row is None or not (row.status == "failed" and row.seen_at == REAPED):
+        yield False
+        return
+    run = session.get(Run, run_id, populate_existing=True)
+    assert run is not None
+    end = run.finished_at
+    run.status = "running"
+    session.flush()
+    yield True
+    session.refresh(run)
+    if run.status != "running" and run.world_size is None:
+        run.seen_at = now  # its client's final status, replayed: a run its client ended now
+    else:  # rows, or one rank's end: failed as the reaper left it (its ranks' spools to come)
+        run.status = "failed"
+        run.finished_at = max(x for x in (end, run.last_t, run.created_at) if x is not None)
+    session.flush()
+
+
+def resumed_run(session: Session, run_id: str, *, now: float) -> Run | None:
+    """The run a resumed profiler continues (``H3-Resume``), reopened if the reaper failed
+    it; None if there is none (the create makes it). A run its client ended is a 409
+    ``run_exists``, as any create of an id that exists."""
+    run = session.get(Run, run_id, with_for_update=True, populate_existing=True)
+    if run is None:
+        return None
+    if is_reaped(run):
+        run.status, run.finished_at, run.seen_at = "running", None, now
+        # the baselines kept at its end: it has not ended (it keeps new ones when it does)
+        session.execute(delete(RunIdle).where(RunIdle.run_id == run_id))
+        session.flush()
+        logger.info("run %s resumed by a new process: running again", run_id)
+    elif run.status != "running":
+        raise RunExists(
+            f"a run with id {run_id} exists and is {run.status}", details={"run_id": run_id}
+        )
+    return run
 
 
 def _start_ticks(pid: int | str) -> str | None:
@@ -261,13 +341,23 @@ class Reaper:
                     doomed[rid] = stored if stored is not None else last
             for rid in set(self._seen) - running.keys():
                 del self._seen[rid]
+        spared: set[str] = set()
         for rid, last in doomed.items():
 
-            def fail(s: Session, rid: str = rid, last: float = last) -> None:
-                repo.update_run(s, run_id=rid, status="failed", name=None, tags=None, now=last)
+            def fail(s: Session, rid: str = rid, last: float = last) -> bool:
+                seen = s.execute(select(Run.seen_at).where(Run.id == rid)).scalar()
+                if seen is not None and seen > last:  # a request came meanwhile (a resumed
+                    return False  # process's create, another daemon's heartbeat)
+                run = repo.update_run(
+                    s, run_id=rid, status="failed", name=None, tags=None, now=last
+                )
+                run.seen_at = REAPED  # failed by the reaper, not by its client
+                return True
 
             try:
-                self.store.write(fail)
+                if not self.store.write(fail):
+                    spared.add(rid)
+                    continue
             except (RunFinished, RunNotFound):  # finished meanwhile
                 continue
             self.sampler.run_ended(rid)
@@ -275,4 +365,4 @@ class Reaper:
                 self._seen.pop(rid, None)
             why = "its process exited" if rid in exited else f"no request for {self.timeout_s:g} s"
             logger.warning("run %s marked failed: %s", rid, why)
-        return list(doomed)
+        return [rid for rid in doomed if rid not in spared]

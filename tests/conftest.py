@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,77 @@ def another_program_on_a_port() -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class Listener:
+    """Another user's program on a loopback port that clients probe: it answers ``/healthz``
+    as an h3d would, with the ``body`` given (or with what ``relay`` answers: the real
+    daemon's, passed on), and records every request it gets (a client must send it no
+    token, nor any run)."""
+
+    def __init__(self, body: dict[str, Any] | None = None, relay: str | None = None) -> None:
+        self.seen: list[dict[str, Any]] = []
+        listener = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                listener.seen.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "authorization": self.headers.get("Authorization"),
+                        "body": self.rfile.read(length) if length else b"",
+                    }
+                )
+                if relay is not None:  # what the real daemon answers, passed on as it is
+                    data = httpx.get(relay + self.path, timeout=10).content
+                elif self.path.startswith("/healthz"):
+                    data = json.dumps(body).encode()
+                else:
+                    data = json.dumps({"id": "x", "status": "running"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = _answer  # noqa: N815 (the stdlib's names)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Listener:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def tokens_seen(self) -> list[str]:
+        return [r["authorization"] for r in self.seen if r["authorization"]]
+
+
+IMPERSONATIONS: list[dict[str, Any]] = [
+    {"status": "ok", "version": "0.1.0", "authorized": True},  # says it takes the token
+    {"status": "ok", "version": "0.1.0"},  # says nothing (as an h3d older than the field)
+    {"status": "ok", "version": "0.1.0", "authorized": True, "proof": "0" * 64},  # a guess
+]
+
+
+def data_dir_with_a_token(path: Path, token: str = "the-victims-token") -> Path:
+    """A data dir as a daemon that ran once leaves it: 0700, its token 0600."""
+    path.mkdir(mode=0o700, parents=True)
+    (path / "token").write_text(token + "\n")
+    (path / "token").chmod(0o600)
+    return path
 
 
 def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:

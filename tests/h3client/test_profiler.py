@@ -18,7 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from h3client import Client, H3ConnectionError, H3Profiler, H3RunNotFound, replay_spool
+from h3client import (
+    Client,
+    H3ClientError,
+    H3ConnectionError,
+    H3Profiler,
+    H3RunNotFound,
+    replay_spool,
+)
 from h3client._spool import batch_seqs
 from tests.conftest import REPO, Daemon, daemon_env
 from tests.h3client.conftest import FakeCudaTensor, FakeEvent
@@ -893,3 +900,153 @@ def test_a_spool_line_that_cannot_be_sent_is_kept_aside_and_the_rest_replayed(
     assert not path.exists()
     side = spool / f"{rid}.jsonl.skipped"
     assert side.read_text().splitlines() == bad and side.stat().st_mode & 0o777 == 0o600
+
+
+# --- resuming: the daemon follows the new process, and the resume point is never a guess -----
+
+
+def test_a_resumed_run_is_followed_through_a_pause_longer_than_the_exit_grace(
+    daemon_factory: Any,
+) -> None:
+    """The daemon kept following the dead first process: a pause of the resumed one (an
+    evaluation, a checkpoint) longer than H3D_RUN_EXIT_GRACE_S got the run failed, and its
+    later batches and final status were refused (409)."""
+    d = daemon_factory("grace", H3D_RUN_EXIT_GRACE_S="1", H3D_RUN_REAP_EVERY_S="0.2")
+    rid = crashed_run(d.url, d.data_dir)  # 12 batches, 3 epochs, then the process is gone
+    prof = H3Profiler(url=d.url, data_dir=d.data_dir, run_id=rid, flush_interval_s=0.05)
+    for _ in range(5):
+        prof.log_batch(0.2)
+    assert prof.flush(timeout_s=30)
+    time.sleep(3)  # the pause: three times the exit grace
+    for _ in range(5):
+        prof.log_batch(0.1)
+    prof.log_epoch(accuracy=0.9)
+    res = prof.stop()
+    assert res["batches_posted"] == 10 and res["batches_rejected"] == 0
+    with Client(d.url, data_dir=d.data_dir) as c:
+        run = c.get_run(rid)
+    assert run["status"] == "finished" and run["n_batches"] == 22 and run["n_epochs"] == 4
+
+
+def test_resuming_with_no_daemon_and_nothing_spooled_is_a_clear_error(daemon: Daemon) -> None:
+    """With no daemon to say where the run stopped, the resumed profiler numbered from seq 0
+    and epoch 0, silently: every batch and epoch it logged was a duplicate of a stored one,
+    dropped at import."""
+    rid = crashed_run(daemon.url, daemon.data_dir)  # all of it reached the daemon
+    daemon.stop()
+    threads = threading.active_count()
+    with pytest.raises(H3ClientError, match=f"cannot resume run {rid}"):
+        H3Profiler(url=daemon.url, data_dir=daemon.data_dir, run_id=rid, autostart=False)
+    assert threading.active_count() == threads  # no sender left behind
+
+
+#: CRASHED_RUN, but the daemon goes away after its 3 epochs: the test kills it, then sends a
+#: line on stdin, and the process logs 4 more batches (spooled) before it dies.
+CUT_OFF_RUN = (
+    "import os, sys\n"
+    "from h3client import H3Profiler\n"
+    "p = H3Profiler('cut-off', url=sys.argv[1], data_dir=sys.argv[2], autostart=False,\n"
+    "               flush_interval_s=0.05)\n"
+    "for e in range(3):\n"
+    "    for _ in range(4):\n"
+    "        p.log_batch(1.0 / (e + 1))\n"
+    "    p.log_epoch(accuracy=0.5 + e / 10)\n"
+    "assert p.flush(timeout_s=60)\n"
+    "print(p.run_id, flush=True)\n"
+    "sys.stdin.readline()\n"
+    "for _ in range(4):\n"
+    "    p.log_batch(0.2)\n"
+    "assert p.flush(timeout_s=60)\n"
+    "os._exit(1)\n"
+)
+
+
+def test_a_run_resumed_offline_takes_its_epoch_from_its_spooled_batches(daemon: Daemon) -> None:
+    """Its spool held batches of epoch 3 and no epoch: the resumed profiler counted epochs
+    from 0 again, and its log_epoch() was a duplicate of the stored epoch 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CUT_OFF_RUN, daemon.url, str(daemon.data_dir)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    rid = proc.stdout.readline().strip()
+    daemon.kill()
+    _, err = proc.communicate("\n", timeout=120)  # its 4 last batches go to the spool
+    assert proc.returncode == 1, err
+    prof = H3Profiler(url=daemon.url, data_dir=daemon.data_dir, run_id=rid, autostart=False)
+    for _ in range(2):
+        prof.log_batch(0.1)
+    prof.log_epoch(accuracy=0.9)
+    assert prof.stop()["batches_spooled"] == 2
+    daemon.start()
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        assert replay_spool(c, daemon.data_dir / "spool")["failed"] == []
+        epochs = [(e["epoch"], e["accuracy"]) for e in c.report(rid)["epochs"]]
+        run = c.get_run(rid)
+    assert run["n_batches"] == 18 and run["last_seq"] == 17 and run["status"] == "finished"
+    assert epochs == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.9)]
+
+
+#: A process that spools 60 batches in two lines (no daemon) and dies. argv: url, data dir.
+SPOOLED_AND_DEAD = (
+    "import os, sys\n"
+    "from h3client import H3Profiler\n"
+    "p = H3Profiler('torn', url=sys.argv[1], data_dir=sys.argv[2], autostart=False)\n"
+    "for half in range(2):\n"
+    "    for _ in range(30):\n"
+    "        p.log_batch(1.0)\n"
+    "    assert p.flush(timeout_s=60)\n"
+    "print(p.run_id, flush=True)\n"
+    "os._exit(1)\n"
+)
+
+
+def test_an_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    """A process killed while writing a spool line leaves it torn, with no newline: the next
+    append was glued to it, and both were lost to the replay (`stop()` had counted the
+    appended batches as spooled)."""
+    data, url = tmp_path / "torn", "http://127.0.0.1:9"
+    r = subprocess.run(
+        [sys.executable, "-c", SPOOLED_AND_DEAD, url, str(data)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    rid = r.stdout.strip()
+    spool = data / "spool" / f"{rid}.jsonl"
+    lines = spool.read_bytes().split(b"\n")
+    assert len(lines) == 4 and lines[-1] == b""  # create, batches 0-29, batches 30-59
+    torn = lines[2][: len(lines[2]) // 2]
+    spool.write_bytes(b"\n".join(lines[:2]) + b"\n" + torn)  # killed in the middle of a write
+    prof = H3Profiler(url=url, data_dir=data, run_id=rid, autostart=False)
+    for _ in range(60):
+        prof.log_batch(0.5)
+    assert prof.stop()["batches_spooled"] == 60
+    after = spool.read_bytes().split(b"\n")
+    assert after[:3] == [*lines[:2], torn]  # the torn line stays alone, as it was
+    ops = [json.loads(line) for line in after[3:] if line]
+    seqs = [s for op in ops if op["op"] == "batches" for s in batch_seqs(op["body"])]
+    assert seqs == list(range(30, 90)) and ops[-1]["op"] == "update"
+
+
+def test_a_spool_holding_bytes_that_are_not_utf8_is_replayed_around_them(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A power loss can leave bytes that are not UTF-8 in a spool: resuming the run raised
+    UnicodeDecodeError from the constructor (which never raises), and the sender's replay
+    failed on them."""
+    data = tmp_path / "offline"
+    rid = crashed_run("http://127.0.0.1:9", data)  # all of it in the spool
+    spool = data / "spool" / f"{rid}.jsonl"
+    with spool.open("ab") as f:
+        f.write(b"\xff\xfe\x00garbage\n")
+    prof = H3Profiler(url=daemon.url, token=daemon.token, data_dir=data, run_id=rid)
+    for _ in range(2):
+        prof.log_batch(0.2)
+    res = prof.stop()
+    assert res["batches_posted"] == 2 and not res["offline"]
+    with Client(daemon.url, daemon.token) as c:
+        run = c.get_run(rid)
+    assert run["n_batches"] == 14 and run["n_epochs"] == 3 and run["last_seq"] == 13
+    assert not spool.exists()
+    assert (data / "spool" / f"{rid}.jsonl.skipped").read_bytes() == b"\xff\xfe\x00garbage\n"

@@ -4,15 +4,18 @@ process that exits without ``stop()``. Every batch is accounted for in each case
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import torch
 
 from h3client import Client, H3Profiler, H3RunNotFound
 from h3client._spool import batch_seqs
-from tests.conftest import REPO, Daemon, daemon_env
+from tests.conftest import REPO, Daemon, daemon_env, free_port
 
 N = 20_000
 
@@ -395,3 +398,199 @@ def test_a_daemon_with_a_lower_body_limit_gets_the_batches_in_smaller_requests(
     res = prof.stop()
     assert res["batches_posted"] == 65 and res["batches_rejected"] == 1
     assert n_stored(small, prof) == 65
+
+
+# --- the spool, replayed: outages, limits, tokens and deadlines -----------------------------
+
+
+@contextlib.contextmanager
+def hanging_up(port: int) -> Iterator[list[float]]:
+    """Something on ``port`` that takes each connection and closes it at once, as a daemon
+    that is down makes every try fail straight away; the times of the connections."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+    srv.settimeout(0.05)
+    seen: list[float] = []
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            seen.append(time.monotonic())
+            conn.close()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
+        srv.close()
+
+
+def daemon_on(data: Path, port: int, **env: str) -> Daemon:
+    env = {"H3D_POWER_BACKENDS": "constant:50", "H3D_LOG_LEVEL": "WARNING", **env}
+    return Daemon(data, daemon_env(data, **env), port=port).start()
+
+
+def with_token(data: Path) -> Path:
+    """``data`` as a data dir whose daemon's token exists already (it ran there before)."""
+    data.mkdir(mode=0o700, parents=True)
+    (data / "token").write_text("a-token-of-an-earlier-start\n")
+    (data / "token").chmod(0o600)
+    return data
+
+
+def test_stop_tries_the_daemon_once_whatever_the_back_off(tmp_path: Path) -> None:
+    """The daemon answered again, but the sender's back-off (it doubles up to 10 s) had not
+    run out: stop() spooled everything without one try, and the run stayed `running` on the
+    daemon until the reaper failed it."""
+    data, port = with_token(tmp_path / "data"), free_port()
+    with hanging_up(port) as tries:
+        prof = H3Profiler(
+            "backoff", url=f"http://127.0.0.1:{port}", data_dir=data, autostart=False,
+            flush_interval_s=0.05,
+        )  # fmt: skip
+        n = 0
+        deadline = time.monotonic() + 60
+        while len(tries) < 5:  # the probe at start, then tries 0.5, 1, 2 and 4 s apart
+            prof.log_batch(1.0)
+            n += 1
+            time.sleep(0.005)
+            assert time.monotonic() < deadline
+    d = daemon_on(data, port)  # the next try is 8 s away
+    try:
+        for _ in range(10):
+            prof.log_batch(0.5)
+        res = prof.stop(timeout_s=30)
+        assert not res["offline"] and res["flushed"]
+        assert res["batches_logged"] == n + 10 and res["batches_lost"] == 0
+        with Client(d.url, data_dir=data) as c:
+            run = c.get_run(str(prof.run_id))
+        assert run["status"] == "finished" and run["n_batches"] == n + 10
+        assert not (data / "spool" / f"{prof.run_id}.jsonl").exists()
+    finally:
+        d.stop()
+
+
+def test_a_token_the_daemon_writes_after_the_profiler_started_is_read_on_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """A profiler that starts before its data dir's first daemon (compose, systemd): the
+    token did not exist yet, was never read again, and every request was refused (401) and
+    spooled, the warning pointing at the very file that held the token."""
+    data, port = tmp_path / "fresh", free_port()
+    prof = H3Profiler(
+        "late-daemon", url=f"http://127.0.0.1:{port}", data_dir=data, autostart=False,
+        flush_interval_s=0.05,
+    )  # fmt: skip
+    d = daemon_on(data, port)
+    try:
+        for _ in range(200):
+            prof.log_batch(1.0)
+            time.sleep(0.005)
+        res = prof.stop(timeout_s=30)
+        assert not res["offline"] and res["batches_lost"] == res["batches_rejected"] == 0
+        with Client(d.url, data_dir=data) as c:
+            run = c.get_run(str(prof.run_id))
+        assert run["status"] == "finished" and run["n_batches"] == 200
+    finally:
+        d.stop()
+
+
+def test_a_spool_line_over_the_daemons_body_limit_is_replayed_in_halves(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A line the daemon refuses as too large (413: a daemon or a proxy set lower than the
+    line) blocked the run's spool for good: replayed whole, every time, refused every time."""
+    small = daemon_factory("small", H3D_MAX_BODY_BYTES=str(1024 * 1024))
+    data = tmp_path / "offline"
+    prof = H3Profiler(
+        "big-line", url="http://127.0.0.1:9", data_dir=data, autostart=False, flush_interval_s=60
+    )
+    log_wide(prof, 100, 4096)  # 6.4 MiB: in one spool line, or two
+    assert prof.stop()["batches_spooled"] == 100
+    spool = data / "spool" / f"{prof.run_id}.jsonl"
+    assert max(len(line) for line in spool.read_bytes().splitlines()) > 3 * 1024 * 1024
+    again = H3Profiler(url=small.url, token=small.token, data_dir=data, run_id=prof.run_id)
+    res = again.stop()
+    assert not res["offline"]
+    with Client(small.url, small.token) as c:
+        run = c.get_run(str(prof.run_id))
+    assert run["n_batches"] == 100 and run["status"] == "finished"
+    assert not spool.exists()
+
+
+def test_stop_returns_by_its_deadline_while_the_sender_replays_a_long_spool(
+    tmp_path: Path,
+) -> None:
+    """The sender held the spool's lock for its whole replay, across every request, and
+    stop()'s take-over waited for it to write the rest: stop(timeout_s=2) took 10 s."""
+    data, port = with_token(tmp_path / "data"), free_port()
+    prof = H3Profiler(
+        "replaying", url=f"http://127.0.0.1:{port}", data_dir=data, autostart=False,
+        flush_interval_s=0.05, max_batch=50,
+    )  # fmt: skip
+    n = 100_000
+    for k in range(n):
+        prof.log_batch(1.0, losses=[0.5, 0.25], indices=[1, 2])
+        if k % 5000 == 0:
+            prof.flush(30)
+    assert prof.flush(120)
+    spool = data / "spool" / f"{prof.run_id}.jsonl"
+    d = daemon_on(data, port)
+    try:
+        with Client(d.url, data_dir=data) as c:
+            deadline = time.monotonic() + 60
+            while True:  # the loop goes on until the sender replays: part of it stored
+                prof.log_batch(1.0)
+                n += 1
+                try:
+                    if c.get_run(str(prof.run_id))["n_batches"] > 0:
+                        break
+                except H3RunNotFound:
+                    pass
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert spool.exists()
+        t0 = time.monotonic()
+        res = prof.stop(timeout_s=2)
+        took = time.monotonic() - t0
+        assert took < 5, (took, res)  # its deadline, with room for a loaded machine
+        assert res["batches_logged"] == res["batches_posted"] + res["batches_spooled"] == n
+        assert res["batches_lost"] == res["batches_rejected"] == 0
+        r = h3d_import(d)
+        assert r.returncode == 0, r.stderr
+        with Client(d.url, data_dir=data) as c:
+            run = c.get_run(str(prof.run_id))
+        assert run["status"] == "finished" and run["n_batches"] == n
+    finally:
+        d.stop()
+
+
+def test_every_field_that_leaves_a_batch_out_is_warned_about_once(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loss of two elements and indices of another length than the losses left their
+    batches out with no word (only a bad epoch was warned about)."""
+    prof = H3Profiler("warned", url=daemon.url, data_dir=daemon.data_dir)
+    with caplog.at_level("WARNING", logger="h3client"):
+        prof.log_batch(1.0)
+        for _ in range(2):
+            prof.log_batch(torch.tensor([1.0, 2.0]))  # a loss of two elements
+            prof.log_batch(1.0, losses=[1.0, 2.0], indices=[1])  # indices of another length
+            prof.log_batch(1.0, epoch=-1)  # an epoch the daemon refuses
+        res = prof.stop()
+    assert res["batches_posted"] == 1 and res["batches_rejected"] == 6
+    left_out = [
+        r.getMessage().split("(counted rejected): ", 1)[1]
+        for r in caplog.records
+        if "batches left out" in r.getMessage()
+    ]
+    assert sorted(w.split(" ", 1)[0] for w in left_out) == ["epoch", "indices", "loss"], left_out

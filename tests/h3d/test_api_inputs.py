@@ -331,3 +331,41 @@ def test_the_name_filter_ignores_case_on_every_store(client: httpx.Client) -> No
         for q in ("MLP", "mlp", "big", "%", "_", "0%_O")
     }
     assert counts == {"MLP": 2, "mlp": 2, "big": 1, "%": 1, "_": 1, "0%_O": 1}
+
+
+# --- gzip bodies of many members ----------------------------------------------------------
+
+
+def test_a_gzip_body_of_many_members_is_a_400_not_a_stall(api: httpx.Client) -> None:
+    import gzip
+    import json
+
+    gz = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    bomb = gzip.compress(b"", mtime=0) * 200_000  # 4 MB: inflating it stalled the daemon 24 s
+    r = api.post("/v1/runs", content=bomb, headers=gz)
+    assert "more than 1000 members" in err(r, 400, "bad_encoding")["message"]
+    # a few members, as `cat a.gz b.gz` makes, and zero padding after the last: all read
+    body = json.dumps({"name": "in-three-members"}).encode()
+    three = b"".join(gzip.compress(body[i : i + 9]) for i in range(0, len(body), 9)) + bytes(7)
+    r = api.post("/v1/runs", content=three, headers=gz)
+    assert r.status_code in (200, 201) and r.json()["name"] == "in-three-members", r.text
+
+
+def test_gunzip_takes_time_linear_in_the_members() -> None:
+    import gzip
+    import zlib
+
+    from h3d.middleware import _gunzip
+
+    member = gzip.compress(b"x", mtime=0)
+    many = member * 200_000 + gzip.compress(b"end", mtime=0) + bytes(3)
+    t0 = time.monotonic()
+    assert _gunzip(many, 1 << 25, max_members=300_000) == b"x" * 200_000 + b"end"
+    # generous: linear takes well under a second; re-copying the rest per member took ~25 s
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ValueError, match="more than 1000 members"):
+        _gunzip(member * 1001, 1 << 25)
+    assert _gunzip(gzip.compress(b"y" * 5000), 4999) is None  # inflates past the limit
+    for bad in (member[:-3], member + b"junk", member + bytes(2) + member):
+        with pytest.raises(zlib.error):
+            _gunzip(bad, 1 << 25)

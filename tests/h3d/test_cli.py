@@ -319,7 +319,7 @@ def test_second_daemon_on_a_locked_data_dir_refuses_in_one_line(daemon: Daemon) 
 # Runs in a mount namespace of its own, where a 4 MiB tmpfs is the data dir: the daemon
 # serves and stops once (a store, a lock file, a token), the disk is filled, and it restarts.
 _DISK_FULL = """
-mount -t tmpfs -o size=4m tmpfs "$H3D_DATA_DIR" || exit 77
+mount -t tmpfs -o size=4m,mode=0700 tmpfs "$H3D_DATA_DIR" || exit 77
 "$PY" -m h3d serve --port 0 2>"$LOG" &
 i=0
 until [ -f "$H3D_DATA_DIR/daemon.json" ] || [ $i -ge 600 ]; do sleep 0.05; i=$((i+1)); done
@@ -570,3 +570,106 @@ def test_show_calls_unknown_energy_unknown_not_estimated(
     assert show.returncode == 0, show.stderr
     assert "source=none  (unknown: no device was readable)" in show.stdout
     assert "ESTIMATED" not in show.stdout
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_import_completes_a_run_the_reaper_failed(
+    daemon_factory: Callable[..., Daemon], request: pytest.FixtureRequest, store: str
+) -> None:
+    """A short outage at the end of a run: its rest and its final status went to the spool,
+    and the daemon, back, failed the run (no request came for it). `h3d import` was then
+    refused (409 run_finished) and those batches could never be stored. A replay may fill
+    a run the reaper failed, exactly once; never one its client ended (see
+    test_import_into_a_closed_run_says_what_was_not_stored)."""
+    from h3client import H3Profiler
+
+    env = {"H3D_RUN_TIMEOUT_S": "1", "H3D_RUN_REAP_EVERY_S": "0.2"}
+    if store == "postgresql":
+        env["H3D_DB_URL"] = request.getfixturevalue("pg_url")
+    d = daemon_factory(f"reaped-{store}", **env)
+    prof = H3Profiler("reaped", url=d.url, data_dir=d.data_dir, flush_interval_s=0.05)
+    for s in range(50):
+        prof.log_batch(2.0 - s / 100)
+    assert prof.flush(timeout_s=30)
+    d.kill()
+    for s in range(50, 100):
+        prof.log_batch(2.0 - s / 100)
+    prof.log_epoch(0, accuracy=0.5)
+    t_stop = time.time()
+    res = prof.stop(timeout_s=10)
+    assert res["batches_posted"] == 50 and res["batches_spooled"] == 50
+    d.start()
+    with d.client() as api:
+        deadline = time.monotonic() + 60
+        while api.get(f"/v1/runs/{prof.run_id}").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    spool = d.data_dir / "spool" / f"{prof.run_id}.jsonl"
+    copy = d.data_dir / "copy.jsonl"
+    shutil.copy(spool, copy)
+    r = h3d(d, "import", str(spool))
+    assert r.returncode == 0, r.stderr
+    with d.client() as api:
+        run = api.get(f"/v1/runs/{prof.run_id}").json()
+    assert run["status"] == "finished" and run["n_batches"] == 100 and run["n_epochs"] == 1
+    assert run["last_seq"] == 99 and t_stop <= run["finished_at"] <= t_stop + 10  # its own end
+    # replayed again: every row once; the run its client ended stays as it ended
+    assert h3d(d, "import", str(copy)).returncode == 0
+    with d.client() as api:
+        assert api.get(f"/v1/runs/{prof.run_id}").json() == run
+
+
+def test_import_sends_a_line_over_the_daemons_body_limit_in_halves(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A spool line over the daemon's (or a proxy's) body limit was refused (413) at every
+    import: nothing after it could ever be stored."""
+    import torch
+
+    from h3client import H3Profiler
+
+    d = daemon_factory("small", H3D_MAX_BODY_BYTES=str(1024 * 1024))
+    prof = H3Profiler(
+        "big-line", data_dir=d.data_dir, url="http://127.0.0.1:9", autostart=False,
+        flush_interval_s=60,
+    )  # fmt: skip
+    losses, idx = torch.rand(4096), torch.arange(4096)
+    for _ in range(100):  # one spool line of 6.4 MiB
+        prof.log_batch(torch.tensor(1.0), losses=losses, indices=idx)
+    assert prof.stop()["batches_spooled"] == 100
+    r = h3d(d, "import")
+    assert r.returncode == 0, r.stderr
+    with d.client() as api:
+        run = api.get(f"/v1/runs/{prof.run_id}").json()
+    assert run["n_batches"] == 100 and run["status"] == "finished"
+    assert not list((d.data_dir / "spool").glob("*.jsonl"))
+
+
+def test_runs_pages_past_the_apis_limit_and_show_names_gaps(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """`h3d runs --limit 1001` was a 422 (a page holds 1000); `h3d show` of a run the daemon
+    did not sample printed "energy 0 J" and no word of the gap."""
+    d = daemon_factory("many", H3D_POWER_BACKENDS="constant:50")
+    time.sleep(0.5)
+    d.stop()
+    down = time.time()
+    time.sleep(2.5)  # no daemon samples: the run below lies in that gap
+    d.start()
+    with d.client() as api:
+        ids = [api.post("/v1/runs", json={"name": f"r{i}"}).json()["id"] for i in range(1002)]
+        old = api.post("/v1/runs", json={"name": "unsampled", "created_at": down + 0.5})
+        api.patch(
+            f"/v1/runs/{old.json()['id']}",
+            json={"status": "finished", "finished_at": down + 2.0},
+        ).raise_for_status()
+    r = h3d(d, "runs", "--limit", "1002")
+    assert r.returncode == 0, r.stderr
+    listed = [line.split()[0] for line in r.stdout.splitlines()[1:-1]]
+    assert len(listed) == len(set(listed)) == 1002 and "(1002 of 1003)" in r.stdout
+    assert set(ids[1:]) <= set(listed)  # the newest 1002: the first run made is left out
+    bad = h3d(d, "runs", "--limit", "0")
+    assert bad.returncode == 2 and "0 is not a positive number" in bad.stderr
+    show = h3d(d, "show", "unsampled")
+    assert show.returncode == 0, show.stderr
+    assert "no readings while it ran" in show.stdout and "1.5 s unmeasured" in show.stdout

@@ -129,7 +129,7 @@ def test_serve_and_demo_take_every_store_flag_and_db_its_url() -> None:
 # registration in the app's start-up fills the disk: a trigger makes it write 4 MB into a
 # 2 MiB tmpfs, a real "database or disk is full" at exactly that step.
 _FULL_AT_REGISTRATION = """
-mount -t tmpfs -o size=2m tmpfs "$H3D_DATA_DIR" || exit 77
+mount -t tmpfs -o size=2m,mode=0700 tmpfs "$H3D_DATA_DIR" || exit 77
 "$PY" -m h3d db upgrade >/dev/null || exit 3
 "$PY" - "$H3D_DATA_DIR/h3d.db" <<'EOF' || exit 4
 import sqlite3, sys

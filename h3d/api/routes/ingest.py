@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import math
+import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
 from typing import cast
 
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from h3d import reaper
 from h3d.api._routes import Routes
 from h3d.api.deps import SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import (
@@ -142,9 +147,15 @@ def _row(b: BatchIn, body: BatchesIn) -> repo.BatchRow:
     )
 
 
+def is_replay(request: Request) -> bool:
+    """A spool's replay (``h3d import``, a profiler's): it may fill a run the reaper failed
+    (see h3d/reaper.py)."""
+    return request.headers.get(reaper.REPLAY_HEADER) == "1"
+
+
 @router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
 async def post_batches(
-    run_id: Text, body: BatchesIn, store: StoreDep, settings: SettingsDep
+    run_id: Text, body: BatchesIn, store: StoreDep, settings: SettingsDep, request: Request
 ) -> IngestResult:
     # async: the checks below are a few C-speed passes, and the write is awaited, so an
     # ingest never takes a threadpool thread (see Store.write_async).
@@ -157,14 +168,20 @@ async def post_batches(
         rows = _column_rows(body.columns, body.nonfinite_as_null, body.rank)
     else:
         rows = [_row(b, body) for b in body.batches or ()]
-    accepted, dups = await store.write_async(
-        lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
-    )
+    replay, now = is_replay(request), time.time()
+
+    def write(s: Session) -> tuple[int, int]:
+        with reaper.replaying(s, run_id, replay=replay, now=now):
+            return repo.add_batches(s, run_id=run_id, batches=rows)
+
+    accepted, dups = await store.write_async(write)
     return IngestResult(accepted=accepted, duplicates=dups)
 
 
 @router.post("/{run_id}/epochs", response_model=IngestResult, dependencies=[SeenRun])
-async def post_epochs(run_id: Text, body: EpochsIn, store: StoreDep) -> IngestResult:
+async def post_epochs(
+    run_id: Text, body: EpochsIn, store: StoreDep, request: Request
+) -> IngestResult:
     if len(body.epochs) > MAX_EPOCHS_PER_REQUEST:
         raise PayloadTooLarge(
             f"{len(body.epochs)} epochs in one request; the limit is {MAX_EPOCHS_PER_REQUEST}"
@@ -176,7 +193,11 @@ async def post_epochs(run_id: Text, body: EpochsIn, store: StoreDep) -> IngestRe
                 f"epoch {e.epoch}: a value is not a finite number", details={"epoch": e.epoch}
             )
     epochs = [e.model_dump() for e in body.epochs]
-    accepted, dups = await store.write_async(
-        lambda s: repo.add_epochs(s, run_id=run_id, epochs=epochs)
-    )
+    replay, now = is_replay(request), time.time()
+
+    def write(s: Session) -> tuple[int, int]:
+        with reaper.replaying(s, run_id, replay=replay, now=now):
+            return repo.add_epochs(s, run_id=run_id, epochs=epochs)
+
+    accepted, dups = await store.write_async(write)
     return IngestResult(accepted=accepted, duplicates=dups)

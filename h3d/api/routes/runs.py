@@ -4,12 +4,14 @@ import socket
 import time
 from typing import Annotated
 
-from fastapi import Query, status
+from fastapi import Query, Request, Response, status
 from pydantic import StringConstraints
 from sqlalchemy.orm import Session
 
+from h3d import reaper as reaping
 from h3d.api._routes import Routes
 from h3d.api.deps import ReaperDep, SamplerDep, SeenRun, SettingsDep, StoreDep
+from h3d.api.routes.ingest import is_replay
 from h3d.api.schemas import (
     CheckText,
     RunCreate,
@@ -58,10 +60,24 @@ def create_run(
     sampler: SamplerDep,
     reaper: ReaperDep,
     settings: SettingsDep,
+    request: Request,
+    response: Response,
 ) -> RunPublic:
     now = body.created_at if body.created_at is not None else time.time()
+    # a resumed profiler's create (H3-Resume): the run continues in the process that sends
+    # it, which the daemon follows from now on (200); one the reaper failed is reopened
+    resume = (
+        body.id is not None
+        and body.rank is None
+        and request.headers.get(reaping.RESUME_HEADER) == "1"
+        and not is_replay(request)
+    )
 
-    def write(s: Session) -> RunPublic:
+    def write(s: Session) -> tuple[RunPublic, bool]:
+        if resume and body.id is not None:
+            resumed = reaping.resumed_run(s, body.id, now=time.time())
+            if resumed is not None:
+                return public(s, resumed), True
         run = repo.create_run(
             s,
             name=body.name,
@@ -77,9 +93,11 @@ def create_run(
             world_size=body.world_size,
             local_rank=body.local_rank,
         )
-        return public(s, run)
+        return public(s, run), False
 
-    out = store.write(write)
+    out, resumed = store.write(write)
+    if resumed:
+        response.status_code = status.HTTP_200_OK
     reaper.seen(out.id)
     if sampler is not None:
         if sampler.devices:
@@ -140,23 +158,28 @@ def get_run(run_id: Text, store: StoreDep) -> RunPublic:
 
 
 @router.patch("/{run_id}", response_model=RunPublic, dependencies=[SeenRun])
-def update_run(run_id: Text, body: RunUpdate, store: StoreDep, sampler: SamplerDep) -> RunPublic:
-    now = time.time()
+def update_run(
+    run_id: Text, body: RunUpdate, store: StoreDep, sampler: SamplerDep, request: Request
+) -> RunPublic:
+    now, replay = time.time(), is_replay(request)
 
-    def write(s: Session) -> RunPublic:
-        run = repo.update_run(
-            s,
-            run_id=run_id,
-            status=body.status,
-            name=body.name,
-            tags=body.tags,
-            now=now,
-            rank=body.rank,
-            finished_at=body.finished_at,
-        )
-        return public(s, run)
+    def write(s: Session) -> tuple[RunPublic, bool]:
+        with reaping.replaying(s, run_id, replay=replay, now=now) as reaped:
+            run = repo.update_run(
+                s,
+                run_id=run_id,
+                status=body.status,
+                name=body.name,
+                tags=body.tags,
+                now=now,
+                rank=body.rank,
+                finished_at=body.finished_at,
+            )
+        return public(s, run), reaped
 
-    out = store.write(write)
+    out, reaped = store.write(write)
+    if reaped:
+        return out  # the sampler follows nothing of a run the reaper failed
     if sampler is not None and body.rank is not None and body.status is not None:
         if sampler.devices:
             sampler.mark()
