@@ -192,9 +192,11 @@ def test_h3_report_run_shows_carbon_and_why_it_is_unknown(tmp_path: Path) -> Non
             for s in range(50):
                 p.log_batch(2.0 / (1 + s / 10))
             time.sleep(0.3)
-            p.stop()
+            results = p.stop()
             assert p.run_id is not None
             out[name] = report(d, p.run_id)
+            # the profiler's results carry the daemon's reason too
+            assert results["carbon_detail"] == out[name][1]["energy"]["carbon_detail"] is not None
         finally:
             d.stop()
     text, rep = out["constant"]
