@@ -4,7 +4,7 @@ import math
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import cast
 
@@ -25,6 +25,7 @@ from h3d.api.schemas import (
 )
 from h3d.errors import NonFiniteLoss, PayloadTooLarge
 from h3d.storage import repository as repo
+from h3d.storage.engine import Store
 
 router = Routes(prefix="/runs", tags=["ingest"])
 
@@ -153,6 +154,20 @@ def is_replay(request: Request) -> bool:
     return request.headers.get(reaper.REPLAY_HEADER) == "1"
 
 
+async def _write(
+    store: Store, request: Request, run_id: str, add: Callable[[Session], tuple[int, int]]
+) -> tuple[int, int]:
+    """``add`` rows to the run in one awaited write; a replay's may fill a run the reaper
+    failed (:func:`h3d.reaper.replaying`)."""
+    replay, now = is_replay(request), time.time()
+
+    def write(s: Session) -> tuple[int, int]:
+        with reaper.replaying(s, run_id, replay=replay, now=now):
+            return add(s)
+
+    return await store.write_async(write)
+
+
 @router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
 async def post_batches(
     run_id: Text, body: BatchesIn, store: StoreDep, settings: SettingsDep, request: Request
@@ -168,13 +183,9 @@ async def post_batches(
         rows = _column_rows(body.columns, body.nonfinite_as_null, body.rank)
     else:
         rows = [_row(b, body) for b in body.batches or ()]
-    replay, now = is_replay(request), time.time()
-
-    def write(s: Session) -> tuple[int, int]:
-        with reaper.replaying(s, run_id, replay=replay, now=now):
-            return repo.add_batches(s, run_id=run_id, batches=rows)
-
-    accepted, dups = await store.write_async(write)
+    accepted, dups = await _write(
+        store, request, run_id, lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
+    )
     return IngestResult(accepted=accepted, duplicates=dups)
 
 
@@ -193,11 +204,7 @@ async def post_epochs(
                 f"epoch {e.epoch}: a value is not a finite number", details={"epoch": e.epoch}
             )
     epochs = [e.model_dump() for e in body.epochs]
-    replay, now = is_replay(request), time.time()
-
-    def write(s: Session) -> tuple[int, int]:
-        with reaper.replaying(s, run_id, replay=replay, now=now):
-            return repo.add_epochs(s, run_id=run_id, epochs=epochs)
-
-    accepted, dups = await store.write_async(write)
+    accepted, dups = await _write(
+        store, request, run_id, lambda s: repo.add_epochs(s, run_id=run_id, epochs=epochs)
+    )
     return IngestResult(accepted=accepted, duplicates=dups)
