@@ -20,7 +20,7 @@ from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler, weighted_mean
-from h3optim.tracking import LEARNED_RATIO, take_rows
+from h3optim.tracking import LEARNED_RATIO, IndexedDataset, LossTracker, take_rows
 
 LN2 = math.log(2.0)
 _CPU = torch.device("cpu")
@@ -350,8 +350,11 @@ class AutoH3:
             fast loop the vectors cost the training thread several µs a step
             (docs/client.md).
         optimizer: A factory ``params -> torch.optim.Optimizer`` to train with instead of
-            :class:`~h3optim.H3Optimizer` (``lr`` and the optimizer keyword arguments then
-            do not apply), e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
+            :class:`~h3optim.H3Optimizer`, e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
+            No H3Optimizer is built then: the factory gets ``params`` as given (parameter
+            groups without any key added, so its own ``lr`` and ``weight_decay`` apply where
+            a group sets none), ``lr`` does not apply, and H3Optimizer's keyword arguments
+            are a ``TypeError``.
         flush_denormal: From :meth:`start` to :meth:`finish`, the calling thread and its
             intra-op threads compute subnormal floats (below about 1.2e-38) as zero on the CPU
             (:func:`h3optim.denormals.set_flush_denormal`); :meth:`finish` restores the mode
@@ -362,6 +365,7 @@ class AutoH3:
     Raises:
         ValueError: An invalid ``mode``, ``total_epochs``, ``window_steps``, ``probe_size``
             or ``learned_ratio``.
+        TypeError: H3Optimizer's keyword arguments together with ``optimizer``.
 
     Example:
         >>> auto = AutoH3(model.parameters(), train_set, mode="balanced", total_epochs=20)  # doctest: +SKIP
@@ -379,9 +383,9 @@ class AutoH3:
         dataset: Any,
         mode: str = "balanced",
         name: str | None = None,
+        lr: float = 1e-3,
         *,
         total_epochs: int = 10,
-        lr: float = 1e-3,
         accuracy_tolerance: float = 1.0,
         unbiased: bool = True,
         noise_margin: float | None = 0.5,
@@ -410,20 +414,42 @@ class AutoH3:
                 "in (0, 1], or None to turn the learning floor off)"
             )
         params = list(params)
-        h3_opt, self.controller, self.loss_tracker, self.indexed_dataset = create_controlled_h3(
-            params,
-            dataset,
-            mode,
-            accuracy_tolerance,
-            total_epochs,
-            lr=lr,
-            warmup=warmup,
-            consolidation=consolidation,
-            **optimizer_kwargs,
-        )
-        self.optimizer: torch.optim.Optimizer = (
-            optimizer(params) if optimizer is not None else h3_opt
-        )
+        self.optimizer: torch.optim.Optimizer
+        if optimizer is None:
+            self.optimizer, self.controller, self.loss_tracker, self.indexed_dataset = (
+                create_controlled_h3(
+                    params,
+                    dataset,
+                    mode=mode,
+                    accuracy_tolerance=accuracy_tolerance,
+                    total_epochs=total_epochs,
+                    lr=lr,
+                    warmup=warmup,
+                    consolidation=consolidation,
+                    accuracy_unit="fraction",  # evaluate_epoch reports fractions
+                    **optimizer_kwargs,
+                )
+            )
+        else:
+            # no H3Optimizer at all: torch's add_param_group fills a group dict in place with
+            # the optimizer's defaults, so the factory would get the user's groups with
+            # H3Optimizer's lr and weight_decay set, and its own never applied
+            if optimizer_kwargs:
+                raise TypeError(
+                    f"AutoH3: {sorted(optimizer_kwargs)} are H3Optimizer's arguments, which "
+                    "do not apply with optimizer= (a factory): give them to the factory"
+                )
+            ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
+            self.indexed_dataset, self.loss_tracker = ds, LossTracker(len(ds))
+            self.controller = EtaController(
+                mode,
+                accuracy_tolerance,
+                total_epochs,
+                warmup=warmup,
+                consolidation=consolidation,
+                accuracy_unit="fraction",
+            )
+            self.optimizer = optimizer(params)
         self.controller.windowed = True  # windowed A/B from the start (see EtaController)
         self.sampler = InformationWeightedSampler(
             self.indexed_dataset,
@@ -436,7 +462,12 @@ class AutoH3:
         self.probe_size = probe_size
         self.learned_ratio = learned_ratio
         self.log_per_sample = log_per_sample
+        self._probe_idx: torch.Tensor | None = None  # the probe samples' indices
         self._probe_batch: tuple[torch.Tensor, Any, Any] | None = None  # (indices, x, y)
+        # the probe's (data, target) chunks as the user's collate_fn makes them (or the
+        # default one, for data not tensor-backed), with the (chunk size, collate) they are for
+        self._probe_collated: tuple[tuple[int, Any], list[tuple[Any, Any]]] | None = None
+        self._collate: Callable[[list[Any]], Any] | None = None  # get_loader's collate_fn
         self._probe_warned = False  # no finite probe loss: warned once (_probe_mean)
         self._batch_size: int | None = None  # get_loader's: the probe's chunks are twice it
         self._device: torch.device | None = None  # the model's, read at an epoch's first step
@@ -508,8 +539,10 @@ class AutoH3:
 
         ``loader_kwargs`` go to the ``DataLoader`` (``num_workers``, ``pin_memory``, ...);
         ``drop_last=True`` leaves out a last batch smaller than ``batch_size``, in windowed
-        epochs too. With workers the loader reads batches ahead of the training loop: each
-        batch still trains with its own draw's weights and window (see
+        epochs too. A ``collate_fn`` makes each batch from its ``(data, target, index)``
+        items, once (fetched per sample, tensor data too), and each chunk of the probe
+        samples as well. With workers the loader reads batches ahead of the training loop:
+        each batch still trains with its own draw's weights and window (see
         ``_WindowedBatches``).
 
         Raises:
@@ -519,6 +552,9 @@ class AutoH3:
             raise ValueError(f"Invalid batch_size: {batch_size}")
         self.start()
         drop_last = bool(loader_kwargs.pop("drop_last", False))
+        # the user's collate_fn makes batches of items: applied once per batch by AutoH3
+        # (windowed epochs and the probe collate items themselves), never by the loader too
+        collate = self._collate = loader_kwargs.pop("collate_fn", None)
         self._batch_size = batch_size
         self._device = None
         # a controller state loaded on its own (not through load_state_dict) carries the
@@ -551,14 +587,28 @@ class AutoH3:
             self.samples_skipped += self._windows.skipped
             if self._window_loss is None and train_loss is not None:
                 self._window_loss = train_loss  # the first window's start: measured just now
-            return DataLoader(  # drop_last: the windowed sampler gives only full batches
-                self.indexed_dataset if is_batchable(self.indexed_dataset) else _Items(self),
+            if collate is None and is_batchable(self.indexed_dataset):
+                return DataLoader(  # drop_last: the windowed sampler gives only full batches
+                    self.indexed_dataset, sampler=self._windows, batch_size=None, **loader_kwargs
+                )
+            return DataLoader(  # _Items collates each batch: the loader passes it on as is
+                _Items(self.indexed_dataset, collate or default_collate),
                 sampler=self._windows,
                 batch_size=None,
+                collate_fn=_as_is,
                 **loader_kwargs,
             )
         share, skipped = _weighted(self.sampler, self.sampler.epoch_indices(), self.sampler.weights)
         self.samples_skipped += skipped
+        if collate is not None:  # batches of items: batch_loader would hand it a fetched batch
+            return DataLoader(
+                self.indexed_dataset,
+                batch_size=batch_size,
+                sampler=_Drawn(share),
+                drop_last=drop_last,
+                collate_fn=collate,
+                **loader_kwargs,
+            )
         return batch_loader(
             self.indexed_dataset, _Drawn(share), batch_size, drop_last=drop_last, **loader_kwargs
         )
@@ -602,18 +652,7 @@ class AutoH3:
         """(indices, per-sample losses) of the fixed probe subset of the training data, one
         pass without gradient in eval mode (each module then left in its mode), in chunks
         (see ``probe_size``)."""
-        if self._probe_batch is None:
-            n = len(self.indexed_dataset)
-            g = torch.Generator().manual_seed(self.sampler.seed + 7919)
-            idx = torch.randperm(n, generator=g)[: min(self.probe_size, n)]
-            if is_batchable(self.indexed_dataset):
-                x, y, _ = self.indexed_dataset[idx]
-            else:
-                x, y, _ = default_collate(  # type: ignore[no-untyped-call]
-                    [self.indexed_dataset[int(i)] for i in idx]
-                )
-            self._probe_batch = (idx, x, y)
-        idx, x, y = self._probe_batch
+        idx = self._probe_indices()
         device = _device_of(model)
         n = idx.numel()
         # in chunks of twice the training batch: a forward without gradient keeps about two
@@ -622,16 +661,50 @@ class AutoH3:
         chunk = 2 * self._batch_size if self._batch_size else n
         parts = []
         with _evaluating(model), torch.no_grad():
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                xs = _rows(x, start, stop)
+            for start, (xs, ys) in zip(range(0, n, chunk), self._probe_parts(chunk), strict=True):
                 if device is not None:  # the model where the training loop put it (a GPU)
                     xs = _moved(xs, device)
                 out = model(xs)
-                ys = _rows(y, start, stop)
                 target = _moved(ys, out.device) if isinstance(out, torch.Tensor) else ys
-                parts.append(_per_sample(criterion, out, target, stop - start))
+                parts.append(_per_sample(criterion, out, target, min(chunk, n - start)))
         return idx, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _probe_indices(self) -> torch.Tensor:
+        """The fixed probe subset: ``probe_size`` training samples drawn once, by the seed."""
+        if self._probe_idx is None:
+            n = len(self.indexed_dataset)
+            g = torch.Generator().manual_seed(self.sampler.seed + 7919)
+            self._probe_idx = torch.randperm(n, generator=g)[: min(self.probe_size, n)]
+        return self._probe_idx
+
+    def _probe_parts(self, chunk: int) -> list[tuple[Any, Any]]:
+        """The probe samples' ``(data, target)`` in chunks of ``chunk``, fetched once.
+
+        Tensor data are fetched in one indexing operation and sliced. Other data, or any
+        data given a ``collate_fn``, are collated a chunk at a time by that function (the
+        default one without): each chunk is a batch as the training loop gets it (padded to
+        its own longest sequence, say), whatever the function returns besides tensors."""
+        idx = self._probe_indices()
+        n = idx.numel()
+        collate = self._collate
+        if collate is None and is_batchable(self.indexed_dataset):
+            if self._probe_batch is None:
+                x, y, _ = self.indexed_dataset[idx]
+                self._probe_batch = (idx, x, y)
+            _, x, y = self._probe_batch
+            return [
+                (_rows(x, start, start + chunk), _rows(y, start, start + chunk))
+                for start in range(0, n, chunk)
+            ]
+        key = (chunk, collate)
+        if self._probe_collated is None or self._probe_collated[0] != key:
+            fn = collate or default_collate
+            parts = []
+            for start in range(0, n, chunk):
+                batch = fn([self.indexed_dataset[int(i)] for i in idx[start : start + chunk]])
+                parts.append((batch[0], batch[1]))  # (data, target, index): the loop's unpacking
+            self._probe_collated = (key, parts)
+        return self._probe_collated[1]
 
     def _probe_loss(self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]) -> float:
         """Mean loss on the fixed probe subset of the training data (no gradient; see
@@ -948,14 +1021,22 @@ class AutoH3:
             self._fitting = (model, criterion or torch.nn.functional.cross_entropy)
 
 
-class _Items(Dataset[Any]):
-    """Per-sample fetching for a windowed epoch over a dataset that is not tensor-backed."""
+def _as_is(batch: Any) -> Any:
+    """A loader's ``collate_fn`` for batches collated already (:class:`_Items`)."""
+    return batch
 
-    def __init__(self, auto: AutoH3) -> None:
-        self.dataset = auto.indexed_dataset
+
+class _Items(Dataset[Any]):
+    """Per-sample fetching for a windowed epoch over a dataset that is not tensor-backed, or
+    given a ``collate_fn``: a batch of indices is fetched item by item and collated by
+    ``collate`` (the loader over it must not collate again: :func:`_as_is`)."""
+
+    def __init__(self, dataset: Dataset[Any], collate: Callable[[list[Any]], Any]) -> None:
+        self.dataset = dataset
+        self.collate = collate
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: torch.Tensor) -> Any:
-        return default_collate([self.dataset[int(i)] for i in index])  # type: ignore[no-untyped-call]
+        return self.collate([self.dataset[int(i)] for i in index])

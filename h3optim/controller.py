@@ -40,6 +40,7 @@ point between epochs does not push a fixed schedule toward ``safe``).
 from __future__ import annotations
 
 import copy
+import enum
 import math
 from collections.abc import Callable
 from typing import Any
@@ -72,13 +73,31 @@ MODES: dict[str, tuple[float, float]] = {
 }
 
 
+class OperatingMode(enum.StrEnum):
+    """The controller's modes as an enum, the name ``h3-optimizer`` 0.2.0 gave them.
+
+    Each member is its mode's string (``OperatingMode.GREEN == "green"``), so either may be
+    passed wherever a mode is taken; :data:`MODES` gives where each starts.
+    """
+
+    SAFE = "safe"
+    BALANCED = "balanced"
+    GREEN = "green"
+    EXTREME = "extreme"
+
+
+#: How :meth:`EtaController.observe` reads accuracies (see ``accuracy_unit``).
+ACCURACY_UNITS = ("auto", "fraction", "percent")
+
+
 class EtaController:
     """Steer the sampler's ``keep_frac`` and ``uniform_mix`` by measured efficiency.
 
     Args:
-        mode: ``safe``, ``balanced``, ``green`` or ``extreme`` (see :data:`MODES`).
-        accuracy_tolerance: Accuracy points below the best seen that trigger a back-off
-            (accuracies in [0, 1] are read as fractions and scaled to points).
+        mode: ``safe``, ``balanced``, ``green`` or ``extreme`` (see :data:`MODES`), or the
+            :class:`OperatingMode` member of one.
+        accuracy_tolerance: Accuracy points (percent) below the best seen that trigger a
+            back-off.
         total_epochs: Length of training, for the phase schedule.
         eta_source: Callable returning the current marginal η (bits/J) or None.
         step: How much one move changes ``keep_frac``.
@@ -89,6 +108,15 @@ class EtaController:
         max_pairs: Windowed A/B: comparisons after which, without evidence, the test ends and
             the fixed schedule is held.
         z: Windowed A/B: standard errors a difference must clear to count as evidence.
+        accuracy_unit: How the accuracies given to :meth:`observe` are read, decided for the
+            whole run, not value by value: ``"fraction"`` (in [0, 1]; a value above 1 is a
+            ``ValueError``), ``"percent"``, or ``"auto"`` (the default): fractions until a
+            value above 1 shows that the run reports percent; from then on it is
+            ``"percent"``, and the values seen before are read again as percent (the best
+            accuracy too). A percent run whose values all stay at or below 1 (chance level
+            on 100 classes or more) cannot be told from fractions that way: pass
+            ``"percent"``. Before, each value ≤ 1 was read as a fraction, so one
+            chance-level 1.0 % became a best of 100 points and every later epoch backed off.
     """
 
     def __init__(
@@ -108,6 +136,7 @@ class EtaController:
         min_pairs: int = 3,
         max_pairs: int = 8,
         z: float = 2.0,
+        accuracy_unit: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; choose from {sorted(MODES)}")
@@ -117,7 +146,12 @@ class EtaController:
             raise ValueError(f"Invalid keep_frac bounds: [{min_keep_frac}, {max_keep_frac}]")
         if not 2 <= min_pairs <= max_pairs:
             raise ValueError(f"Invalid min_pairs/max_pairs: {min_pairs}, {max_pairs}")
-        self.mode = mode
+        if accuracy_unit not in ACCURACY_UNITS:
+            raise ValueError(
+                f"Invalid accuracy_unit: {accuracy_unit!r}; choose from {ACCURACY_UNITS}"
+            )
+        self.mode = str(mode)  # an OperatingMode is its string
+        self.accuracy_unit = accuracy_unit
         self.accuracy_tolerance = accuracy_tolerance
         self.schedule = PhaseSchedule(total_epochs, warmup, consolidation)
         self.eta_source = eta_source
@@ -221,7 +255,7 @@ class EtaController:
         Args:
             eta: Marginal η of the epoch (bits/J); default from ``eta_source``, else from
                 ``loss`` and ``energy``.
-            accuracy: Held-out accuracy (fraction or percent).
+            accuracy: Held-out accuracy, in the run's ``accuracy_unit``.
             loss: Smoothed loss, preferably held-out (nats).
             energy: Energy of the epoch (J).
             info: Information gained this epoch (bits), recorded only.
@@ -263,7 +297,7 @@ class EtaController:
 
     def _guards(self, accuracy: float | None, phase: str) -> bool:
         if accuracy is not None and math.isfinite(accuracy):
-            acc = accuracy * 100.0 if accuracy <= 1.0 else accuracy
+            acc = self._points(accuracy)
             if self.best_accuracy is None or acc > self.best_accuracy:
                 self.best_accuracy = acc
             elif phase == "thermodynamic" and acc < self.best_accuracy - self.accuracy_tolerance:
@@ -318,6 +352,23 @@ class EtaController:
                 return True
         return False
 
+    def _points(self, accuracy: float) -> float:
+        """``accuracy`` in points (percent), read in the run's unit (``accuracy_unit``)."""
+        if self.accuracy_unit == "auto" and accuracy > 1.0:
+            # no fraction is above 1: the run reports percent, and so did the values read
+            # as fractions until now
+            self.accuracy_unit = "percent"
+            if self.best_accuracy is not None:
+                self.best_accuracy /= 100.0
+        if self.accuracy_unit == "percent":
+            return accuracy
+        if accuracy > 1.0:
+            raise ValueError(
+                f"accuracy {accuracy} is above 1 with accuracy_unit='fraction' (pass "
+                "accuracy_unit='percent' for a percent accuracy)"
+            )
+        return accuracy * 100.0
+
     def _reset_probe(self) -> None:
         self._probing = False
         self._a_etas = []
@@ -357,6 +408,12 @@ class EtaController:
                 before=old,
                 after=(self.keep_frac, self.uniform_mix),
             )
+        if (self.keep_frac, self.uniform_mix) != old:
+            # the right-hand A trained at the replaced setting: it cannot be the left-hand A
+            # of the next triple (before: it was, so the next B was compared with a mean of
+            # the old and the new setting's η); the next epoch is a fresh A
+            self._reset_probe()
+            return
         self._a_etas = self._a_etas[-1:]
         self._b_eta = None
         self._probing = self.probe_setting()[0] < self.keep_frac

@@ -176,14 +176,17 @@ class NGDT(Optimizer):
             everything uses the fallback). Which parameters K-FAC covers is settled here:
             freezing part of a covered layer (its bias, say) afterwards raises a
             ``ValueError`` at the next step (freezing a whole layer is fine).
-        lr_max: η_max, the largest step.
+        lr_max: η_max, the largest step: the K-FAC group's ``"lr"``, which an LR scheduler
+            drives as on any torch optimizer (the budget still bounds each step below it).
         q_budget: Dissipation budget per step (nats of KL), or a callable ``step -> budget``.
         damping: Tikhonov damping added to the eigenvalue products.
         factor_decay: Running-average weight of the old factors.
         factor_update_steps: Steps between factor updates.
         inv_update_steps: Steps between eigendecompositions.
         fallback: ``"adam"`` for parameters K-FAC does not cover.
-        fallback_lr: The fallback's learning rate.
+        fallback_lr: The fallback's learning rate: the ``"lr"`` of the group of parameters
+            K-FAC does not cover (a scheduler drives it too), and the fixed step of a covered
+            layer that takes the fallback (see the module's notes).
         q_decay: Multiply the budget by this every step (a decaying schedule).
         eig_floor: Relative eigenvalue-product floor below which a direction is nullspace.
         weight_decay: L2 penalty added to covered gradients.
@@ -193,8 +196,14 @@ class NGDT(Optimizer):
             ``scaler.unscale_(opt)`` is called before ``scaler.step(opt)`` (to clip the
             gradients): ``scaler.step`` alone tells NGDT the scale (see the module's notes).
 
+    Each group's ``"lr"`` is what a torch LR scheduler reads and writes: for the K-FAC group
+    the cap η_max (η_T = min(lr, √(2·Q_budget/Δ_F)), so a schedule lowers the cap and the
+    budget still holds), for the fallback groups Adam's step. A schedule of the budget itself
+    is a callable ``q_budget`` or ``q_decay``.
+
     Raises:
-        RuntimeError: At a step after ``scaler.unscale_(opt)`` without ``grad_scaler``.
+        RuntimeError: At a step after ``scaler.unscale_(opt)`` without ``grad_scaler``, or
+            with a sparse gradient (``nn.Embedding(sparse=True)``).
 
     Example:
         >>> opt = NGDT(model, lr_max=0.5, q_budget=1e-3)  # doctest: +SKIP
@@ -257,12 +266,12 @@ class NGDT(Optimizer):
         groups: list[dict[str, Any]] = []
         kfac = [p for p in params if isinstance(p, Tensor) and id(p) in covered]
         rest = [p for p in params if not (isinstance(p, Tensor) and id(p) in covered)]
+        # "lr": what an LR scheduler drives (the K-FAC step's cap, the fallback's Adam step)
         if kfac:
-            groups.append({"params": kfac, "kfac": True})
+            groups.append({"params": kfac, "kfac": True, "lr": lr_max})
         if rest:
-            groups.append({"params": rest, "kfac": False})
+            groups.append({"params": rest, "kfac": False, "lr": fallback_lr})
         defaults = {
-            "lr_max": lr_max,
             "damping": damping,
             "factor_decay": factor_decay,
             "weight_decay": weight_decay,
@@ -291,8 +300,9 @@ class NGDT(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, as :meth:`torch.optim.Optimizer.add_param_group` does. Its
-        parameters take the fallback (Adam at the group's ``fallback_lr``): K-FAC covers the
-        layers hooked when the optimizer was built.
+        parameters take the fallback (Adam at the group's ``"lr"``; without one, at its
+        ``fallback_lr``, or the optimizer's): K-FAC covers the layers hooked when the
+        optimizer was built.
 
         Raises:
             ValueError: For a group with ``"kfac": True`` (no hook records its factors).
@@ -303,7 +313,19 @@ class NGDT(Optimizer):
                 "step, not K-FAC (kfac=True): no hook records its layers' factors; build NGDT "
                 "from a model that holds them"
             )
+        if "lr" not in param_group:
+            param_group["lr"] = param_group.get("fallback_lr", self.defaults["fallback_lr"])
         super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # a checkpoint from before groups had an "lr" held the step's cap in "lr_max"
+            # (the K-FAC group) and the fallback's step in "fallback_lr"
+            lr_max = group.pop("lr_max", None)
+            if "lr" not in group:
+                kfac = group["kfac"] and lr_max is not None
+                group["lr"] = lr_max if kfac else group["fallback_lr"]
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -407,6 +429,7 @@ class NGDT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_dense()
         if not self._unscale():
             return loss  # the gradients overflowed (GradScaler): a skipped step
         self.steps += 1
@@ -466,12 +489,13 @@ class NGDT(Optimizer):
             if updates:
                 df = float(delta_f)
                 eta_budget = math.sqrt(2.0 * q / df) if df > 0 else math.inf
-                eta = min(group_k["lr_max"], eta_budget)
+                cap = group_k["lr"]  # lr_max, or where an LR scheduler has put it
+                eta = min(cap, eta_budget)
                 stats = {
                     "delta_f": df,
                     "eta": eta,
                     "predicted_q": 0.5 * eta * eta * df,
-                    "bound": "budget" if eta_budget < group_k["lr_max"] else "lr_max",
+                    "bound": "budget" if eta_budget < cap else "lr_max",
                     "q_budget": q,
                     "nullspace_frac": sum(null_fracs) / len(null_fracs),
                 }
@@ -485,7 +509,8 @@ class NGDT(Optimizer):
             self.total_predicted_q += stats["predicted_q"]
         for group in self.param_groups:
             if not group["kfac"]:
-                self._adam(group)
+                for p in group["params"]:
+                    self._adam_param(p, group, group["lr"])
         self.last_stats = stats
         if self.stats_callback is not None:
             self.stats_callback(dict(stats))
@@ -553,13 +578,22 @@ class NGDT(Optimizer):
                 stacklevel=3,
             )
         for p in layer.params():
-            self._adam_param(p, group)
+            self._adam_param(p, group, group["fallback_lr"])
 
-    def _adam(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
-            self._adam_param(p, group)
+    def _check_dense(self) -> None:
+        """Raise, before anything changes, for a sparse gradient (the fallback's Adam, like
+        torch's, has none; K-FAC's layers never get one)."""
+        for group in self.param_groups:
+            if group["kfac"]:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "NGDT does not support sparse gradients (nn.Embedding(sparse=True)): "
+                        "use sparse=False, or torch.optim.SparseAdam for those parameters"
+                    )
 
-    def _adam_param(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _adam_param(self, p: Tensor, group: dict[str, Any], lr: float) -> None:
         if p.grad is None:
             return
         beta1, beta2 = group["betas"]
@@ -578,7 +612,7 @@ class NGDT(Optimizer):
         p.addcdiv_(
             st["exp_avg"] / bc1,
             (st["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"]),
-            value=-group["fallback_lr"],
+            value=-lr,
         )
 
     # --- state -----------------------------------------------------------------------------

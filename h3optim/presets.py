@@ -1,4 +1,10 @@
-"""Ready-made set-ups that keep the published ``h3-optimizer`` names."""
+"""Ready-made set-ups that keep the published ``h3-optimizer`` names.
+
+The names and positional orders are ``h3-optimizer`` 0.2.0's, so a call written for it works
+here unchanged: ``create_controlled_h3(params, dataset, mode, accuracy_tolerance, lr,
+total_epochs)``, ``h3_mnist_fast(params, dataset, lr)`` and the preset classes
+``MNISTFast(params, dataset, lr)``, ``CIFAR10Safe`` and ``EdgeDevice``.
+"""
 
 from __future__ import annotations
 
@@ -19,21 +25,43 @@ def create_controlled_h3(
     dataset: Any,
     mode: str = "balanced",
     accuracy_tolerance: float = 1.0,
+    lr: float = 1e-3,
     total_epochs: int = 10,
     *,
-    lr: float = 1e-3,
     eta_source: Callable[[], float | None] | None = None,
     warmup: float = 0.15,
     consolidation: float = 0.15,
+    accuracy_unit: str = "auto",
     **optimizer_kwargs: Any,
 ) -> tuple[H3Optimizer, EtaController, LossTracker, IndexedDataset]:
     """An optimizer, an η-controller, a loss tracker and an indexed dataset that fit together.
 
-    ``warmup`` and ``consolidation`` are the controller's phase fractions; the other keyword
-    arguments go to :class:`~h3optim.H3Optimizer`.
+    The positional order is ``h3-optimizer`` 0.2.0's, ``lr`` before ``total_epochs``: a
+    0.2.0 call ``create_controlled_h3(params, ds, "balanced", 1.0, 1e-2)`` once put its
+    ``lr`` into ``total_epochs`` and trained at the default ``lr`` with a schedule that never
+    sampled. A ``total_epochs`` that is not a whole number is a ``ValueError``.
+
+    Args:
+        params: Model parameters (or parameter groups) for :class:`~h3optim.H3Optimizer`.
+        dataset: Map-style training dataset (wrapped in :class:`~h3optim.IndexedDataset`
+            unless it is one).
+        mode: Controller mode (``safe``, ``balanced``, ``green``, ``extreme``).
+        accuracy_tolerance: Accuracy points below the best that trigger a back-off.
+        lr: The optimizer's learning rate.
+        total_epochs: Length of training, for the phase schedule.
+        eta_source: The controller's η source (see :class:`~h3optim.EtaController`).
+        warmup, consolidation: The controller's phase fractions.
+        accuracy_unit: How the controller reads accuracies (``"auto"``, ``"fraction"``,
+            ``"percent"``; see :class:`~h3optim.EtaController`).
+        **optimizer_kwargs: Passed to :class:`~h3optim.H3Optimizer`.
 
     Returns:
         ``(optimizer, controller, loss_tracker, indexed_dataset)``.
+
+    Example:
+        >>> opt, ctrl, tracker, ds = create_controlled_h3(  # doctest: +SKIP
+        ...     model.parameters(), train_set, "balanced", 1.0, 1e-3, 20
+        ... )
     """
     ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
     tracker = LossTracker(len(ds))
@@ -44,6 +72,7 @@ def create_controlled_h3(
         eta_source,
         warmup=warmup,
         consolidation=consolidation,
+        accuracy_unit=accuracy_unit,
     )
     return H3Optimizer(params, lr=lr, **optimizer_kwargs), controller, tracker, ds
 
@@ -56,6 +85,9 @@ class H3Setup:
     ``get_loader(epoch, total_epochs, batch_size)`` returns ``(phase, loader)`` over that
     sampler, fetching whole batches from a tensor-backed dataset (:func:`~h3optim.batch_loader`).
     """
+
+    #: The preset's name (``h3-optimizer`` 0.2.0's preset classes have one).
+    name = "custom"
 
     def __init__(
         self,
@@ -79,6 +111,11 @@ class H3Setup:
     def __iter__(self) -> Iterator[Any]:
         return iter((self.optimizer, self.loss_tracker, self.indexed_dataset))
 
+    def get_components(self) -> tuple[H3Optimizer, LossTracker, IndexedDataset]:
+        """``(optimizer, loss_tracker, indexed_dataset)``, as ``h3-optimizer`` 0.2.0's preset
+        classes give them (the set-up unpacks to the same three)."""
+        return self.optimizer, self.loss_tracker, self.indexed_dataset
+
     def get_sampler(self, epoch: int, total_epochs: int) -> tuple[str, InformationWeightedSampler]:
         phase = PhaseSchedule(total_epochs).phase(epoch)
         if phase == "thermodynamic":
@@ -96,44 +133,84 @@ class H3Setup:
         return phase, batch_loader(self.indexed_dataset, sampler, batch_size, **loader_kwargs)
 
 
-def _preset(
-    params: Iterable[Any],
-    dataset: Any,
-    *,
-    lr: float,
-    keep_frac: float,
-    uniform_mix: float,
-    **kw: Any,
-) -> H3Setup:
+def _parts(
+    params: Iterable[Any], dataset: Any, lr: float, kw: dict[str, Any]
+) -> tuple[H3Optimizer, LossTracker, IndexedDataset, int, bool]:
+    """A preset's optimizer, tracker and dataset, and the sampler's ``seed`` and ``unbiased``
+    taken out of ``kw`` (the rest goes to the optimizer)."""
     ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
     seed = kw.pop("seed", 0)
     unbiased = kw.pop("unbiased", False)
-    opt = H3Optimizer(params, lr=lr, **kw)
-    return H3Setup(
-        opt,
-        LossTracker(len(ds)),
-        ds,
-        keep_frac=keep_frac,
-        uniform_mix=uniform_mix,
-        seed=seed,
-        unbiased=unbiased,
-    )
+    return H3Optimizer(params, lr=lr, **kw), LossTracker(len(ds)), ds, seed, unbiased
 
 
-def h3_mnist_fast(params: Iterable[Any], dataset: Any, **kw: Any) -> H3Setup:
-    """Small image classifiers: half the data per thermodynamic epoch, 30 % of it uniform."""
-    kw.setdefault("lr", 1e-3)
-    return _preset(params, dataset, keep_frac=0.5, uniform_mix=0.3, **kw)
+class MNISTFast(H3Setup):
+    """Small image classifiers: half the data per thermodynamic epoch, 30 % of it uniform.
+
+    The set-up :func:`h3_mnist_fast` returns, under ``h3-optimizer`` 0.2.0's class name;
+    ``lr`` is positional as there. Keyword arguments ``seed`` and ``unbiased`` go to the
+    sampler, the others to :class:`~h3optim.H3Optimizer`. Its fractions and phases are
+    h3optim's (see docs/optim.md), not 0.2.0's.
+    """
+
+    name = "mnist_fast"
+
+    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
+        opt, tracker, ds, seed, unbiased = _parts(params, dataset, lr, kw)
+        super().__init__(
+            opt, tracker, ds, keep_frac=0.5, uniform_mix=0.3, seed=seed, unbiased=unbiased
+        )
+        self.lr = lr
 
 
-def h3_cifar_safe(params: Iterable[Any], dataset: Any, **kw: Any) -> H3Setup:
-    """Harder data: 80 % per epoch, half of it uniform, weight decay."""
-    kw.setdefault("lr", 1e-3)
-    kw.setdefault("weight_decay", 5e-4)
-    return _preset(params, dataset, keep_frac=0.8, uniform_mix=0.5, **kw)
+class CIFAR10Safe(H3Setup):
+    """Harder data: 80 % per epoch, half of it uniform, weight decay (5e-4 by default).
+
+    The set-up :func:`h3_cifar_safe` returns, under ``h3-optimizer`` 0.2.0's class name (see
+    :class:`MNISTFast`).
+    """
+
+    name = "cifar10_safe"
+
+    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
+        kw.setdefault("weight_decay", 5e-4)
+        opt, tracker, ds, seed, unbiased = _parts(params, dataset, lr, kw)
+        super().__init__(
+            opt, tracker, ds, keep_frac=0.8, uniform_mix=0.5, seed=seed, unbiased=unbiased
+        )
+        self.lr = lr
 
 
-def h3_edge(params: Iterable[Any], dataset: Any, **kw: Any) -> H3Setup:
-    """Tight energy budgets: 40 % per epoch, 20 % of it uniform."""
-    kw.setdefault("lr", 1e-3)
-    return _preset(params, dataset, keep_frac=0.4, uniform_mix=0.2, **kw)
+class EdgeDevice(H3Setup):
+    """Tight energy budgets: 40 % per epoch, 20 % of it uniform.
+
+    The set-up :func:`h3_edge` returns, under ``h3-optimizer`` 0.2.0's class name (see
+    :class:`MNISTFast`).
+    """
+
+    name = "edge_device"
+
+    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
+        opt, tracker, ds, seed, unbiased = _parts(params, dataset, lr, kw)
+        super().__init__(
+            opt, tracker, ds, keep_frac=0.4, uniform_mix=0.2, seed=seed, unbiased=unbiased
+        )
+        self.lr = lr
+
+
+def h3_mnist_fast(params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> H3Setup:
+    """Small image classifiers: half the data per thermodynamic epoch, 30 % of it uniform.
+
+    ``lr`` may be passed positionally, as in ``h3-optimizer`` 0.2.0; see :class:`MNISTFast`.
+    """
+    return MNISTFast(params, dataset, lr, **kw)
+
+
+def h3_cifar_safe(params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> H3Setup:
+    """Harder data: 80 % per epoch, half of it uniform, weight decay (see :class:`CIFAR10Safe`)."""
+    return CIFAR10Safe(params, dataset, lr, **kw)
+
+
+def h3_edge(params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> H3Setup:
+    """Tight energy budgets: 40 % per epoch, 20 % of it uniform (see :class:`EdgeDevice`)."""
+    return EdgeDevice(params, dataset, lr, **kw)

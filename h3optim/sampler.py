@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -29,18 +30,52 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return losses @ (w if w.dim() == 1 else w.reshape(-1)).mul(1.0 / losses.numel())
 
 
+def _epoch_count(total_epochs: object) -> int:
+    """``total_epochs`` as an ``int`` above 0, or a clear error.
+
+    Accepts integers (numpy's too) and integral floats (``10.0``); refuses a bool (``True``
+    is no count of epochs), a fraction (``0.01``: an ``lr`` in the wrong place) and 0 or less.
+    """
+    if isinstance(total_epochs, bool) or not isinstance(total_epochs, numbers.Real):
+        raise TypeError(
+            f"total_epochs must be a whole number of epochs, got {type(total_epochs).__name__} "
+            f"{total_epochs!r}"
+        )
+    if isinstance(total_epochs, numbers.Integral):
+        count = int(total_epochs)
+    elif float(total_epochs).is_integer():
+        count = int(float(total_epochs))
+    else:
+        raise ValueError(
+            f"Invalid total_epochs: {total_epochs!r} is not a whole number of epochs (a learning "
+            "rate passed where total_epochs stands?)"
+        )
+    if count <= 0:
+        raise ValueError(f"Invalid total_epochs: {total_epochs!r}")
+    return count
+
+
 class PhaseSchedule:
     """Which phase an epoch is in: warmup → thermodynamic → consolidation.
 
     Warmup and consolidation sample uniformly over all data; the thermodynamic phase is where
     information weighting applies. Fractions are of ``total_epochs`` (15/70/15 by default).
+
+    ``total_epochs`` is a whole number of epochs (an integral float such as ``10.0`` is taken
+    as ``10``). A fraction is refused: ``0.01``, say, an ``lr`` passed where ``total_epochs``
+    stands, made every epoch after the first "consolidation", so the run never sampled, and
+    nothing said so.
+
+    Raises:
+        TypeError: ``total_epochs`` is a bool or not a real number.
+        ValueError: ``total_epochs`` is not a whole number above 0, or the fractions are
+            out of range.
     """
 
     def __init__(
         self, total_epochs: int, warmup: float = 0.15, consolidation: float = 0.15
     ) -> None:
-        if total_epochs <= 0:
-            raise ValueError(f"Invalid total_epochs: {total_epochs}")
+        total_epochs = _epoch_count(total_epochs)
         if warmup < 0 or consolidation < 0 or warmup + consolidation > 1:
             raise ValueError(
                 f"Invalid phase fractions: warmup={warmup}, consolidation={consolidation}"

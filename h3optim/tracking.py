@@ -101,17 +101,38 @@ class LossTracker:
     Args:
         num_samples: Dataset size N.
         smoothing: EMA weight of a new observation, in (0, 1].
+        initial_loss: ``h3-optimizer`` 0.2.0's third argument, accepted so that its calls
+            (``LossTracker(n, 0.1, 1.0)``) work; it has no effect, with a warning: 0.2.0 gave
+            never-seen samples this loss to rank them among the seen ones, and here a
+            never-seen sample is drawn before any seen one whatever its loss.
         device: Where the state lives (default: CPU; moved to the losses' device on update).
     """
 
     #: CPU samples recorded by :meth:`update` before they are applied without a read.
     max_pending = 65536
 
-    def __init__(self, num_samples: int, smoothing: float = 0.1, device: Any = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        smoothing: float = 0.1,
+        initial_loss: float | None = None,
+        *,
+        device: Any = None,
+    ) -> None:
         if num_samples <= 0:
             raise ValueError(f"Invalid num_samples: {num_samples}")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"Invalid smoothing: {smoothing}")
+        if initial_loss is not None:
+            if not initial_loss > 0.0:
+                raise ValueError(f"Invalid initial_loss: {initial_loss}")
+            warnings.warn(
+                f"LossTracker: initial_loss={initial_loss} has no effect in h3optim (kept for "
+                "h3-optimizer 0.2.0 calls): a never-seen sample is drawn before any seen one "
+                "whatever its loss",
+                UserWarning,
+                stacklevel=2,
+            )
         self.num_samples = num_samples
         self.smoothing = smoothing
         dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -63,6 +63,8 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, stack: ReversibleStack, *params: Tensor) -> Tensor:
         ctx.stack = stack
+        # the parameters to differentiate: the trainable ones, as ReversibleStack hands them
+        ctx.param_ids = [id(p) for p in params]
         with torch.no_grad():
             y = x
             for unit in stack.unit_list():
@@ -74,20 +76,27 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> Any:
         (y,) = ctx.saved_tensors
         stack: ReversibleStack = ctx.stack
-        params = [p for unit in stack.unit_list() for p in unit.parameters()]
-        grads = {id(p): torch.zeros_like(p) for p in params}
+        # only the parameters forward was handed: autograd.grad refuses a frozen one (it
+        # does not require grad), and a frozen unit still passes its input's gradient on
+        wanted = set(ctx.param_ids)
+        grads = {
+            id(p): torch.zeros_like(p)
+            for unit in stack.unit_list()
+            for p in unit.parameters()
+            if id(p) in wanted
+        }
         for unit in reversed(stack.unit_list()):
             x = unit.inverse(y)
             with torch.enable_grad():
                 x_ = x.detach().requires_grad_(True)
                 out = unit(x_)
-                unit_params = list(unit.parameters())
+                unit_params = [p for p in unit.parameters() if id(p) in wanted]
                 got = torch.autograd.grad(out, [x_, *unit_params], grad_y)
             grad_y = got[0]
             for p, g in zip(unit_params, got[1:], strict=True):
                 grads[id(p)] += g
             y = x
-        return (grad_y, None, *[grads[id(p)] for p in params])
+        return (grad_y, None, *[grads[i] for i in ctx.param_ids])
 
 
 class ReversibleStack(nn.Module):
@@ -109,7 +118,8 @@ class ReversibleStack(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_saving and torch.is_grad_enabled():
-            params = [p for unit in self.units for p in unit.parameters()]
+            # the trainable parameters only: a frozen unit (fine-tuning) has no gradient to give
+            params = [p for unit in self.units for p in unit.parameters() if p.requires_grad]
             y = _ReversibleFunction.apply(x, self, *params)  # type: ignore[no-untyped-call]
         else:
             y = x

@@ -901,3 +901,137 @@ def test_a_controller_state_loaded_on_its_own_carries_the_epoch() -> None:
     auto.get_loader(batch_size=64)
     assert fresh.epoch == fresh.sampler.epoch == auto.sampler.epoch == 2
     assert torch.equal(fresh.sampler.epoch_indices(), auto.sampler.epoch_indices())
+
+
+def test_an_optimizer_factory_gets_the_users_param_groups_untouched() -> None:
+    """``optimizer=factory`` with dict groups: the factory's own lr and weight decay apply to
+    the groups that set none. AutoH3 used to build an H3Optimizer from the same dicts first,
+    which filled them in place with its defaults (lr 1e-3, weight_decay 0) and private keys:
+    AdamW(lr=3e-4, weight_decay=0.05) trained at 1e-3 without decay. No H3Optimizer is built
+    now, so a group lr above its lr_max is no error, and its keyword arguments are refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    auto = AutoH3(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        data,
+        total_epochs=2,
+        profile=False,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.05),
+    )
+    groups = auto.optimizer.param_groups
+    assert isinstance(auto.optimizer, torch.optim.AdamW)
+    assert [g["lr"] for g in groups] == [3e-4, 3e-4]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert not any(k.startswith(("lipschitz", "lr_")) for g in groups for k in g)
+    sgd = AutoH3(
+        [{"params": decay, "lr": 0.5}, {"params": no_decay}],  # above H3Optimizer's lr_max
+        data,
+        total_epochs=2,
+        profile=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    )
+    assert [g["lr"] for g in sgd.optimizer.param_groups] == [0.5, 0.1]
+    with pytest.raises(TypeError, match=r"\['lipschitz_safety'\].*give them to the factory"):
+        AutoH3(
+            model.parameters(),
+            data,
+            profile=False,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            lipschitz_safety=0.5,
+        )
+
+
+class _VarLen(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Token sequences of 2 to 8 tokens, labelled by the parity of their sum."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(2, 9, (n,), generator=g).tolist()
+        self.seqs = [torch.randint(1, 20, (k,), generator=g) for k in lengths]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.seqs[i], int(self.seqs[i].sum()) % 2
+
+
+class _PadCollate:
+    """Pads a batch of ``(sequence, label, index)`` items; fails on anything else (a batch
+    collated already, or by ``default_collate`` first)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert isinstance(items, list), f"collated twice: got a {type(items).__name__}"
+        assert all(isinstance(it, tuple) and len(it) == 3 for it in items)
+        self.sizes.append(len(items))
+        return (
+            nn.utils.rnn.pad_sequence([it[0] for it in items], batch_first=True),
+            torch.tensor([int(it[1]) for it in items]),
+            torch.tensor([int(it[2]) for it in items]),
+        )
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=0)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(x).sum(1))
+
+
+def test_the_users_collate_fn_makes_every_batch_and_probe_chunk_once() -> None:
+    """Variable-length sequences padded by the ``collate_fn`` given to ``get_loader``: the
+    probe used ``default_collate`` (a RuntimeError, "stack expects each tensor to be equal
+    size", at the first thermodynamic epoch), and windowed epochs collated with it too
+    before the loader applied the user's function to the collated batch. Now the function
+    makes each training batch and each probe chunk from its items, once, in windowed
+    epochs and the others."""
+    torch.manual_seed(0)
+    model, collate = _Bag(), _PadCollate()
+    auto = AutoH3(
+        model.parameters(),
+        _VarLen(64),
+        total_epochs=8,
+        profile=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        window_steps=1,
+        probe_size=16,
+        learned_ratio=None,  # the windowed test from the first thermodynamic epoch
+    )
+    crit = nn.CrossEntropyLoss()
+    test = [collate([(*auto.indexed_dataset.dataset[i], i) for i in range(64)])]
+    windowed = 0
+    for _ in range(8):
+        loader = auto.get_loader(batch_size=8, collate_fn=collate)
+        windowed += auto.controller.window_testing
+        for data, target, idx in loader:
+            assert data.dim() == 2 and len(target) == len(idx) <= 8
+            auto.training_step(model, data, target, crit, idx)
+        auto.evaluate_epoch(model, test)
+    assert windowed >= 2
+    assert 16 in collate.sizes  # the probe, in one chunk of up to twice the batch
+    # a tensor dataset given a collate_fn: batches of its items too (not a fetched batch)
+    seen = []
+
+    def record(items: list[Any]) -> Any:
+        seen.append(items)
+        return torch.utils.data.default_collate(items)
+
+    plain = AutoH3(
+        model.parameters(),
+        TensorDataset(torch.randn(20, 3), torch.randint(0, 2, (20,))),
+        total_epochs=2,
+        profile=False,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+    batches = list(plain.get_loader(batch_size=8, collate_fn=record))
+    assert [len(b[2]) for b in batches] == [8, 8, 4]
+    assert all(isinstance(items, list) and len(items[0]) == 3 for items in seen)

@@ -313,3 +313,67 @@ def test_the_epoch_ab_test_pauses_while_the_learning_floor_binds() -> None:
     assert c.keep_frac == pytest.approx(0.5)  # B beat both A neighbours: adopted
     adopted = [d for d in c.decisions if d["change"] == "keep_frac down"]
     assert len(adopted) == 1 and "probe η 2 beat 1 " in adopted[0]["reason"]
+
+
+def _epochs_at(c: EtaController, eta_of: dict[float, float], epochs: int) -> list[float]:
+    """Train ``epochs`` epochs whose η depends on keep_frac alone; their keep_fracs."""
+    kept = []
+    for _ in range(epochs):
+        k, _u, _phase = c.control_step()
+        kept.append(round(k, 2))
+        c.observe(eta=eta_of[round(k, 2)], accuracy=0.9)
+    return kept
+
+
+def test_after_an_adoption_the_next_triple_compares_a_epochs_at_the_new_setting() -> None:
+    """0.5 beats 0.6 by 20 % (adopted); 0.4 beats 0.5 by 1.7 %, under the 5 % threshold.
+    Before, the epoch after an adoption was already the next B, and its left-hand A was the
+    last epoch at 0.6: 0.4 was compared with the mean of 0.6's and 0.5's η and adopted."""
+    c = EtaController("balanced", total_epochs=20, threshold=0.05)
+    eta_of = {1.0: 1.0, 0.6: 1.0, 0.5: 1.2, 0.4: 1.22, 0.3: 1.23, 0.2: 1.235}
+    assert _epochs_at(c, eta_of, 3) == [1.0, 1.0, 1.0]  # warmup
+    assert _epochs_at(c, eta_of, 3) == [0.6, 0.5, 0.6]  # A, B, A: 0.5 adopted
+    assert c.keep_frac == pytest.approx(0.5)
+    assert _epochs_at(c, eta_of, 3) == [0.5, 0.4, 0.5]  # a fresh A at the new setting first
+    _epochs_at(c, eta_of, 8)
+    adopted = [d for d in c.decisions if d["change"] == "keep_frac down"]
+    assert c.keep_frac == pytest.approx(0.5) and len(adopted) == 1
+
+
+def test_after_a_back_off_from_the_probe_the_next_a_is_at_the_eased_setting() -> None:
+    c = EtaController("balanced", total_epochs=20, threshold=0.05)
+    eta_of = {1.0: 1.0, 0.65: 2.0, 0.6: 1.0, 0.55: 1.0, 0.5: 0.5}
+    _epochs_at(c, eta_of, 3)  # warmup
+    assert _epochs_at(c, eta_of, 3) == [0.6, 0.5, 0.6]  # B loses: keep_frac eased up
+    assert c.keep_frac == pytest.approx(0.65)
+    # the next A trains at 0.65 (before: the next epoch was B, 0.55, beside a 0.6 A)
+    assert _epochs_at(c, eta_of, 2) == [0.65, 0.55]
+
+
+def test_the_accuracy_unit_is_decided_for_the_run_not_for_each_value() -> None:
+    """A 100-class task in percent starts at chance, 1.0 %. Read as a fraction it became a
+    best of 100 points, and every later epoch backed off toward safe."""
+    c = EtaController("green", total_epochs=10)
+    for acc in (1.0, 20.0, 30.0, 38.0, 44.0, 48.0, 51.0, 53.0, 54.0, 55.0):
+        c.control_step()
+        c.observe(eta=1.0, accuracy=acc)
+    assert not [d for d in c.decisions if d["change"] == "back off toward safe"]
+    assert c.best_accuracy == 55.0 and c.accuracy_unit == "percent"
+    # a percent run that stays at or below 1 % is told as much
+    p = EtaController("green", total_epochs=10, accuracy_unit="percent")
+    thermo(p)
+    for acc in (1.0, 0.8):  # 0.2 points lower: within the tolerance of 1 point
+        p.control_step()
+        p.observe(eta=1.0, accuracy=acc)
+    assert p.best_accuracy == 1.0 and p.keep_frac == MODES["green"][0]
+    # fractions, as AutoH3 gives them, still back off
+    f = EtaController("green", total_epochs=10, accuracy_unit="fraction")
+    thermo(f)
+    for acc in (0.95, 0.92):
+        f.control_step()
+        f.observe(eta=1.0, accuracy=acc)
+    assert f.best_accuracy == pytest.approx(95.0) and "back off toward safe" in f.get_report()
+    with pytest.raises(ValueError, match="accuracy_unit='percent'"):
+        f.observe(accuracy=37.0)
+    with pytest.raises(ValueError, match="accuracy_unit"):
+        EtaController(accuracy_unit="points")

@@ -185,3 +185,30 @@ def test_the_network_trains_on_real_digits() -> None:
         model, DataLoader(TensorDataset(xs[1500:], ys[1500:]), batch_size=128)
     )
     assert 0 < res["bits_per_sample"] <= res["h_y_bits"] + 1e-9 and math.isfinite(res["total_bits"])
+
+
+def test_memory_saving_backward_with_frozen_units_gives_autograds_gradients() -> None:
+    """Fine-tuning with a unit frozen whole and another in part: the reversible backward
+    asked autograd for every parameter's gradient, frozen ones included, and raised
+    ("One of the differentiated Tensors does not require grad"). It now gives the trainable
+    parameters autograd's gradients and leaves the frozen ones without any."""
+    torch.manual_seed(0)
+    units = [AdiabaticProcessingUnit(8, temperature=1.3).double() for _ in range(3)]
+    units[1].requires_grad_(False)
+    units[2].f.requires_grad_(False)
+    saving, plain = (
+        ReversibleStack(units, memory_saving=True),
+        ReversibleStack(units, memory_saving=False),
+    )
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for stack in (saving, plain):
+        stack.zero_grad(set_to_none=True)
+        x.grad = None
+        (stack(x) ** 3).sum().backward()
+        assert all(p.grad is None for p in stack.parameters() if not p.requires_grad)
+        trained = [p.grad for p in stack.parameters() if p.requires_grad]
+        assert all(g is not None for g in trained)
+        grads.append([x.grad, *trained])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)

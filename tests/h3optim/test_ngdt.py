@@ -519,3 +519,70 @@ def test_a_model_compiled_before_ngdt_gets_a_warning_naming_torch_compile() -> N
     assert not [w for w in caught if "NGDT" in str(w.message)]
     assert all(layer.eig is not None for layer in opt.layers)
     assert opt.last_stats["bound"] in ("budget", "lr_max") and opt.last_stats["eta"] > 0
+
+
+def test_lr_schedulers_drive_the_cap_and_the_fallbacks_step() -> None:
+    """Torch LR schedulers raised ``KeyError: 'lr'`` (the groups had none). Each group's
+    ``"lr"`` is now the K-FAC step's cap (``lr_max``) or the fallback's Adam step
+    (``fallback_lr``), and the step follows what a scheduler writes there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    x, y = torch.randn(32, 5), torch.randint(0, 2, (32,))
+    opt = NGDT(model, lr_max=0.5, q_budget=math.inf, fallback_lr=1e-2)  # the cap always holds
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 1e-2]
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for k in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        assert opt.last_stats["bound"] == "lr_max"
+        assert opt.last_stats["eta"] == pytest.approx(0.5 * 0.5**k)
+    # the fallback's step is the scheduled one: as torch's Adam under the same schedule
+    p, q = nn.Parameter(torch.linspace(-1, 1, 4)), nn.Parameter(torch.linspace(-1, 1, 4))
+    ngdt, adam = NGDT([p], fallback_lr=0.1), torch.optim.Adam([q], lr=0.1)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.3) for o in (ngdt, adam)]
+    for _ in range(4):
+        for param, o in ((p, ngdt), (q, adam)):
+            o.zero_grad()
+            (param**4).sum().backward()
+            o.step()
+        for s in scheds:
+            s.step()
+    assert torch.allclose(p, q, atol=1e-6) and not torch.allclose(p, torch.linspace(-1, 1, 4))
+    for make in (
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.5, 1e-2], total_steps=10),
+    ):
+        make(NGDT(model, lr_max=0.5))
+
+
+def test_a_checkpoint_from_before_the_groups_lr_loads_with_its_steps() -> None:
+    """A state_dict whose groups hold ``lr_max`` and ``fallback_lr`` and no ``lr`` (saved
+    before groups had one) loads with the cap and the fallback's step it had."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    opt = NGDT(model, lr_max=0.3, fallback_lr=2e-2)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group["lr"]
+        group["lr_max"] = 0.3
+    fresh = NGDT(model, lr_max=0.5)
+    fresh.load_state_dict(old)
+    assert [g["lr"] for g in fresh.param_groups] == [0.3, 2e-2]
+    assert not any("lr_max" in g for g in fresh.param_groups)
+
+
+def test_sparse_gradients_are_a_clear_runtime_error_before_any_change() -> None:
+    """An ``nn.Embedding(sparse=True)`` gradient reached the fallback's Adam and raised a
+    dispatcher dump (NotImplementedError, ``aten::ne.Scalar`` on SparseCPU) after the K-FAC
+    layers had stepped; it is a RuntimeError, as under H3Optimizer or Adam, before any
+    parameter changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(torch.tensor([1, 2, 3])), torch.tensor([0, 1, 0])).backward()
+    with pytest.raises(RuntimeError, match=r"NGDT does not support sparse gradients.*SparseAdam"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

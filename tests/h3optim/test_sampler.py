@@ -349,3 +349,36 @@ def test_a_dataset_whose_size_changed_is_a_clear_error_at_the_next_epoch() -> No
     base.items += [(torch.zeros(2), 1)] * 2  # back to the size it was built for
     s.set_epoch(1)
     assert len(list(s)) == 10
+
+
+@pytest.mark.parametrize("bad", [0.01, 2.5, float("nan"), float("inf")])
+def test_total_epochs_that_is_no_whole_number_is_refused(bad: float) -> None:
+    """An ``lr`` in ``total_epochs``' place (h3-optimizer 0.2.0's order) was accepted: 0.01
+    epochs made every epoch after the first "consolidation", and nothing was sampled."""
+    from torch import nn
+
+    from h3optim import EtaController, create_controlled_h3
+
+    with pytest.raises(ValueError, match="whole number of epochs"):
+        PhaseSchedule(bad)
+    with pytest.raises(ValueError, match="whole number of epochs"):
+        EtaController("balanced", 1.0, bad)
+    with pytest.raises(ValueError, match="whole number of epochs"):
+        create_controlled_h3(nn.Linear(2, 1).parameters(), [(0, 0)], total_epochs=bad)
+
+
+@pytest.mark.parametrize("bad", [True, False, "10", None])
+def test_total_epochs_of_another_type_is_refused(bad: object) -> None:
+    with pytest.raises(TypeError, match="whole number of epochs"):
+        PhaseSchedule(bad)  # type: ignore[arg-type]
+
+
+def test_total_epochs_may_be_an_integral_float_or_a_numpy_integer() -> None:
+    import numpy as np
+
+    for count in (10.0, np.int64(10), np.float64(10.0)):
+        s = PhaseSchedule(count)  # type: ignore[arg-type]
+        assert s.total_epochs == 10 and type(s.total_epochs) is int
+        assert [s.phase(e) for e in (1, 2, 8)] == ["warmup", "thermodynamic", "consolidation"]
+    with pytest.raises(ValueError):
+        PhaseSchedule(0.0)

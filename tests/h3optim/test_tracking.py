@@ -405,3 +405,15 @@ def test_a_state_saved_before_per_sample_nonfinite_counts_loads(tmp_path: Path) 
     assert t.ema.tolist() == [1.0, 0.0, 2.0] and t.counts.tolist() == [2, 0, 1]
     t.update(torch.tensor([1, 2]), torch.tensor([math.nan, 4.0]))
     assert t.nonfinite_counts.tolist() == [0, 1, 0] and t.ema.tolist() == [1.0, 0.0, 3.0]
+
+
+def test_h3_optimizer_020_third_argument_is_accepted_and_said_to_have_no_effect() -> None:
+    """h3-optimizer 0.2.0's ``LossTracker(n, smoothing, initial_loss)``: the third
+    positional was this tracker's ``device`` (``torch.device(1.0)``: a TypeError)."""
+    with pytest.warns(UserWarning, match="initial_loss=1.0 has no effect"):
+        t = LossTracker(4, 0.1, 1.0)
+    t.update(torch.tensor([1]), torch.tensor([2.0]))
+    assert t.seen.tolist() == [False, True, False, False] and t.ema[1].item() == 2.0
+    with pytest.raises(ValueError, match="initial_loss"):
+        LossTracker(4, 0.1, 0.0)
+    assert LossTracker(4, device="cpu").ema.device == torch.device("cpu")

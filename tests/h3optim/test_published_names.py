@@ -1,0 +1,174 @@
+"""The names of the published ``h3-optimizer`` 0.2.0, called as its README calls them.
+
+DESIGN.md §6: its users "keep those names and signatures, so their code moves over by
+changing imports"; docs/optim.md lists what is kept and what differs. The lists below are
+0.2.0's ``h3/__init__.py`` ``__all__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import h3optim
+from h3optim import (
+    CIFAR10Safe,
+    EdgeDevice,
+    EtaController,
+    H3Optimizer,
+    H3Setup,
+    IndexedDataset,
+    InformationWeightedSampler,
+    LossTracker,
+    MNISTFast,
+    OperatingMode,
+    auto_h3,
+    create_controlled_h3,
+    h3_cifar_safe,
+    h3_edge,
+    h3_mnist_fast,
+)
+
+#: 0.2.0's ``__all__``, by where each name is now.
+IN_H3OPTIM = [
+    "AutoH3",
+    "CIFAR10Safe",
+    "EdgeDevice",
+    "EtaController",
+    "H3Optimizer",
+    "IndexedDataset",
+    "InformationWeightedSampler",
+    "LossTracker",
+    "MNISTFast",
+    "OperatingMode",
+    "auto_h3",
+    "create_controlled_h3",
+    "h3_cifar_safe",
+    "h3_edge",
+    "h3_mnist_fast",
+]
+IN_H3CLIENT = ["EnergyTracker", "H3Profiler", "ThermoAuditLogger", "explain_thermo_log"]
+NOT_KEPT = ["CoherenceTarget", "compare_runs", "create_baseline_logger", "green_score"]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "optim.md"
+
+
+def test_every_published_name_is_kept_or_documented_as_not_kept() -> None:
+    assert len(IN_H3OPTIM + IN_H3CLIENT + NOT_KEPT) == 23  # 0.2.0's __all__
+    for name in IN_H3OPTIM:
+        assert name in h3optim.__all__ and hasattr(h3optim, name), name
+    h3client = importlib.import_module("h3client")
+    for name in IN_H3CLIENT:
+        assert hasattr(h3client, name), name
+    docs = DOCS.read_text(encoding="utf-8")
+    for name in IN_H3CLIENT + NOT_KEPT:
+        assert f"`{name}`" in docs, f"docs/optim.md does not say where {name} went"
+
+
+def data(n: int = 40) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def test_presets_take_lr_positionally_and_unpack_as_in_0_2_0() -> None:
+    model = nn.Linear(4, 2)
+    optimizer, loss_tracker, indexed_dataset = h3_mnist_fast(model.parameters(), data())
+    assert isinstance(optimizer, H3Optimizer) and isinstance(loss_tracker, LossTracker)
+    assert isinstance(indexed_dataset, IndexedDataset)
+    for factory, cls in ((h3_mnist_fast, MNISTFast), (h3_cifar_safe, CIFAR10Safe)):
+        setup = factory(model.parameters(), data(), 1e-2)  # 0.2.0: lr third, positional
+        assert isinstance(setup, cls) and isinstance(setup, H3Setup)
+        assert setup.optimizer.param_groups[0]["lr"] == 1e-2
+    assert h3_edge(model.parameters(), data(), lr=3e-3).optimizer.param_groups[0]["lr"] == 3e-3
+    assert h3_cifar_safe(model.parameters(), data()).optimizer.param_groups[0]["weight_decay"] > 0
+
+
+@pytest.mark.parametrize("cls", [MNISTFast, CIFAR10Safe, EdgeDevice])
+def test_preset_classes_as_the_0_2_0_readme_uses_them(cls: type[H3Setup]) -> None:
+    model = nn.Linear(4, 2)
+    preset = cls(model.parameters(), data(), lr=1e-3)
+    optimizer, loss_tracker, indexed_dataset = preset.get_components()
+    assert preset.name != "custom" and optimizer.param_groups[0]["lr"] == 1e-3
+    phases = []
+    for epoch in range(10):
+        phase, sampler = preset.get_sampler(epoch, 10)
+        phases.append(phase)
+        loader = DataLoader(indexed_dataset, sampler=sampler, batch_size=8)
+        for x, y, idx in loader:
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            loss_tracker.update(idx, losses.detach())
+            optimizer.zero_grad()
+            losses.mean().backward()
+            optimizer.step()
+    assert phases[0] == "warmup" and "thermodynamic" in phases and phases[-1] == "consolidation"
+
+
+def test_create_controlled_h3_takes_the_0_2_0_positional_order() -> None:
+    """0.2.0: ``(params, dataset, mode, accuracy_tolerance, lr, total_epochs)``. Before,
+    the fifth positional was ``total_epochs``: a 0.2.0 ``lr`` of 1e-2 became 0.01 epochs,
+    and the optimizer ran at the default lr."""
+    model = nn.Linear(4, 2)
+    opt, ctrl, tracker, ds = create_controlled_h3(model.parameters(), data(), "balanced", 1.0, 1e-2)
+    assert opt.param_groups[0]["lr"] == 1e-2 and ctrl.schedule.total_epochs == 10
+    opt, ctrl, _, _ = create_controlled_h3(model.parameters(), data(), "green", 2.0, 1e-2, 20)
+    assert (opt.param_groups[0]["lr"], ctrl.schedule.total_epochs) == (1e-2, 20)
+    assert (ctrl.mode, ctrl.accuracy_tolerance) == ("green", 2.0)
+    # the README's keyword call, and its loop
+    optimizer, controller, loss_tracker, indexed_dataset = create_controlled_h3(
+        model.parameters(), data(), mode="balanced", accuracy_tolerance=1.0, total_epochs=20
+    )
+    assert controller.schedule.total_epochs == 20
+    for epoch in range(20):
+        keep_frac, uniform_mix, phase = controller.control_step()
+        sampler = InformationWeightedSampler(
+            indexed_dataset, loss_tracker, keep_frac=keep_frac, uniform_mix=uniform_mix
+        )
+        loader = DataLoader(indexed_dataset, sampler=sampler, batch_size=16)
+        for x, y, idx in loader:
+            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            loss_tracker.update(idx, losses.detach())
+            optimizer.zero_grad()
+            losses.mean().backward()
+            optimizer.step()
+        eta, accuracy, loss, energy, info = 1.0 / (epoch + 1), 50.0 + epoch, 1.0, 10.0, 0.1
+        controller.observe(eta, accuracy, loss, energy, info)  # 0.2.0: accuracy in percent
+    assert controller.best_accuracy == 69.0 and "EtaController" in controller.get_report()
+
+
+def test_operating_mode_is_the_mode_string_and_the_0_2_0_readme_calls_work() -> None:
+    assert [m.value for m in OperatingMode] == ["safe", "balanced", "green", "extreme"]
+    assert OperatingMode("green") is OperatingMode.GREEN and OperatingMode.GREEN == "green"
+    c = EtaController(OperatingMode.EXTREME, total_epochs=10)
+    assert c.mode == "extreme" and type(c.mode) is str and "mode=extreme" in c.get_report()
+    with pytest.raises(ValueError):
+        OperatingMode("turbo")
+    model = nn.Linear(4, 2)
+    dataset = IndexedDataset(data())
+    loss_tracker = LossTracker(num_samples=len(dataset))
+    optimizer = H3Optimizer(model.parameters(), lr=1e-3)
+    assert loss_tracker.num_samples == 40 and optimizer.param_groups[0]["lr"] == 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        LossTracker(40, 0.1, 1.0)  # 0.2.0's third positional, initial_loss
+
+
+def test_auto_h3_is_autoh3() -> None:
+    model = nn.Linear(4, 2)
+    auto = auto_h3(model.parameters(), data(), mode="green", total_epochs=5, profile=False)
+    assert isinstance(auto, h3optim.AutoH3) and auto.controller.mode == "green"
+    assert auto.controller.schedule.total_epochs == 5
+
+
+def test_autoh3_takes_020s_positional_lr_and_reads_its_accuracies_as_fractions() -> None:
+    # 0.2.0: AutoH3(model_params, train_dataset, mode, name, lr, ...)
+    model = nn.Linear(4, 2)
+    auto = h3optim.AutoH3(model.parameters(), data(), "balanced", "run", 3e-3, profile=False)
+    assert auto.optimizer.param_groups[0]["lr"] == 3e-3
+    # evaluate_epoch reports fractions: a chance-level 0.01 must never turn into 100 %
+    assert auto.controller.accuracy_unit == "fraction"
