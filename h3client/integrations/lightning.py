@@ -6,7 +6,8 @@ class comes from the package the program already imported (``lightning`` when ne
 What it records, per rank (every rank of a DDP run joins one run):
 
 - each training batch's loss: ``training_step``'s loss (the returned tensor, or its
-  ``"loss"`` key), un-scaled from gradient accumulation;
+  ``"loss"`` key), un-scaled from gradient accumulation, labelled with the optimizer step
+  it contributes to (with ``accumulate_grad_batches=3``, batches 0-2 are step 1);
 - per-sample losses when ``training_step`` returns them as ``"losses"`` (a 1-D tensor, not
   reduced), with their dataset indices as ``"indices"`` when it has them::
 
@@ -20,9 +21,13 @@ What it records, per rank (every rank of a DDP run joins one run):
   ``val_accuracy``, ``accuracy`` that was logged to its ``accuracy`` (the others stay
   under ``metrics``), everything else under ``metrics``. Validation figures go only with
   the epoch whose validation produced them: an epoch without a validation run (e.g.
-  ``check_val_every_n_epoch=2``) has none. A logged name that ``log_epoch`` reserves
-  (``epoch``, ``phase``, or ``accuracy`` when another key supplied the accuracy) is kept
-  as ``user_<name>`` under ``metrics``, with a one-time warning.
+  ``check_val_every_n_epoch=2``) has none. Once a validation run (the sanity check's
+  included) has logged ``val_acc`` or ``val_accuracy``, a training-logged ``accuracy`` is
+  never the epoch's accuracy, also on epochs without validation. A logged name that
+  ``log_epoch`` reserves (``epoch``, ``phase``, or ``accuracy`` when another key supplied
+  the accuracy) is kept as ``user_<name>`` under ``metrics``, with a one-time warning.
+  Under DDP the epochs are logged by the global-zero rank only, with its figures: log
+  epoch metrics with ``sync_dist=True`` to get the figures of every rank's shard.
 
 The run opens in ``on_fit_start`` and closes in ``on_fit_end``; an exception during the
 fit closes it as failed. The results (energy, bits/J, per epoch) are then in
@@ -52,6 +57,7 @@ else:
         from pytorch_lightning import Callback as _Base
 
 _ACCURACY_KEYS = ("val_acc", "val_accuracy", "accuracy")
+_VAL_ACCURACY_KEYS = frozenset(_ACCURACY_KEYS[:2])
 # names log_epoch takes itself: a logged metric by one of these is renamed
 _RESERVED = frozenset({"self", "epoch", "accuracy", "phase"})
 
@@ -84,6 +90,7 @@ class H3Callback(_Base):  # type: ignore[misc]
         self.results: dict[str, Any] | None = None
         self._val_keys: set[str] = set()  # names any validation run produced
         self._val_metrics: dict[str, float] = {}  # this epoch's validation figures
+        self._step = 0  # the optimizer step the current batch contributes to
         self._val_before: dict[str, Any] = {}
         self._warned: set[str] = set()
 
@@ -98,7 +105,7 @@ class H3Callback(_Base):  # type: ignore[misc]
         self._val_before = dict(trainer.callback_metrics)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.profiler is None or trainer.sanity_checking:
+        if self.profiler is None:
             return
         # the figures this validation run produced: Lightning stores a fresh value for
         # each name logged in it, the others are left from earlier
@@ -108,8 +115,19 @@ class H3Callback(_Base):  # type: ignore[misc]
                 continue
             self._val_keys.add(str(key))
             v = _scalar(value)
-            if v is not None:
+            # the sanity check's names tell which keys validation supplies (a training
+            # `accuracy` is then not the epoch's accuracy from the first epoch on); its
+            # figures belong to no epoch
+            if v is not None and not trainer.sanity_checking:
                 self._val_metrics[str(key)] = v
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The step this batch contributes to. Read at the batch's end, global_step has
+        # moved on only on the batch that stepped, so with accumulate_grad_batches the
+        # earlier micro-batches of step s would carry s - 1.
+        self._step = trainer.global_step + 1
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -127,11 +145,16 @@ class H3Callback(_Base):  # type: ignore[misc]
             return
         if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches  # Lightning divided it
-        prof.log_batch(loss, epoch=trainer.current_epoch, step=trainer.global_step, **extra)
+        prof.log_batch(loss, epoch=trainer.current_epoch, step=self._step, **extra)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         prof = self.profiler
-        if prof is None:
+        val_metrics, self._val_metrics = self._val_metrics, {}
+        # Under DDP each rank validates its own shard and holds its own figures unless they
+        # were logged with sync_dist=True; the daemon would keep whichever rank's epoch came
+        # first. Rank 0's are kept, as a torchrun script does; every rank's batches still
+        # carry their epoch.
+        if prof is None or not trainer.is_global_zero:
             return
         metrics: dict[str, float] = {}
         for key, value in trainer.callback_metrics.items():
@@ -140,9 +163,18 @@ class H3Callback(_Base):  # type: ignore[misc]
             v = _scalar(value)
             if v is not None:
                 metrics[str(key)] = v
-        metrics.update(self._val_metrics)
-        self._val_metrics = {}
-        accuracy = next((metrics.pop(k) for k in _ACCURACY_KEYS if k in metrics), None)
+        metrics.update(val_metrics)
+        # Once validation supplies the accuracy, a training-logged `accuracy` never is the
+        # epoch's accuracy, also on an epoch without validation: one column, one meaning.
+        from_val = bool(self._val_keys & _VAL_ACCURACY_KEYS)
+        accuracy = next(
+            (
+                metrics.pop(k)
+                for k in _ACCURACY_KEYS
+                if k in metrics and (k in self._val_keys or not from_val)
+            ),
+            None,
+        )
         for key in sorted(_RESERVED & metrics.keys()):
             new = f"user_{key}"
             while new in metrics:

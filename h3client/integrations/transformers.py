@@ -6,13 +6,16 @@ What it records, per rank (every process of a distributed ``Trainer`` joins one 
   averaged over ``logging_steps``, so the callback reads the model's own output instead: a
   forward hook takes ``outputs.loss`` of each training forward (no device sync; a model
   that returns a loss when given ``labels``, as every ``...ForXxx`` head does), and each
-  step logs the loss the ``Trainer`` itself logs for it: the sum of its micro-batch losses
-  when the model was given ``num_items_in_batch`` (each micro-batch's loss is then already
-  divided by the whole accumulated batch's item count; times the world size when
+  step logs the mean loss of its items: the sum of its micro-batch losses when the model
+  divides its loss by the ``num_items_in_batch`` the ``Trainer`` passes (each micro-batch's
+  loss is then its share of the step's; times the world size when
   ``average_tokens_across_devices`` counts the items of every rank), their mean otherwise.
-  A model that returns no loss (a custom ``compute_loss``) falls back to the logged loss:
-  set ``logging_steps=1`` to get every step that way. ``every_step=False`` always uses
-  the logged loss.
+  Being *given* ``num_items_in_batch`` is not enough: the ``Trainer`` passes it to every
+  model whose ``forward`` takes ``**kwargs``, and many heads (BERT's among them) drop it
+  and return the micro-batch's mean, which the ``Trainer`` then sums into a loss inflated
+  by the accumulation steps (see :func:`model_normalises_loss`). A model that returns no
+  loss (a custom ``compute_loss``) falls back to the logged loss: set ``logging_steps=1``
+  to get every step that way. ``every_step=False`` always uses the logged loss.
 - each epoch's evaluation: ``eval_loss`` as the epoch's ``val_loss``, ``eval_accuracy``
   as its ``accuracy``, the other ``eval_*`` figures under ``metrics``. With
   ``eval_strategy="steps"`` the epoch gets the figures of the last evaluation run during
@@ -28,8 +31,11 @@ interpreter exit; code that catches it calls ``callback.stop("failed")``.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+import textwrap
+from typing import TYPE_CHECKING, Any, Literal
 
 from h3client.integrations._common import open_profiler
 from h3client.profiler import H3Profiler
@@ -42,6 +48,46 @@ else:
 logger = logging.getLogger(__name__)
 
 _RESULT_KEYS = ("total_energy_j", "info_gain_bits", "efficiency_bits_per_j", "energy_source")
+
+
+def model_normalises_loss(model: Any) -> bool | None:
+    """Whether ``model`` divides its loss by the ``num_items_in_batch`` it is given.
+
+    The ``Trainer`` passes ``num_items_in_batch`` to any model whose ``forward`` takes
+    ``**kwargs``; whether the loss honours it is up to the model. A ``transformers`` head
+    that honours it hands its kwargs to ``self.loss_function`` (4.46 and later: GPT-2's
+    LM head, the ``...ForCausalLM`` heads), one that does not computes the loss itself
+    (``CrossEntropyLoss()`` in BERT's heads) or calls ``self.loss_function`` without them
+    (the generic ``...ForSequenceClassification``). So: a ``forward`` that names
+    ``num_items_in_batch`` uses it; otherwise it does iff its source calls
+    ``loss_function`` with ``**kwargs`` or ``num_items_in_batch=``. A PEFT wrapper is
+    judged by its base model, as the ``Trainer`` does, a ``torch.compile``'d model by the
+    original.
+
+    Returns:
+        True or False; None when the source of ``forward`` cannot be read.
+    """
+    base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if callable(getattr(base, "get_base_model", None)):  # PEFT's
+        base = base.get_base_model()
+    forward = getattr(type(base), "forward", None)
+    if forward is None:
+        return None
+    try:
+        if "num_items_in_batch" in inspect.signature(forward).parameters:
+            return True
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, ValueError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "loss_function"
+            and any(k.arg in (None, "num_items_in_batch") for k in node.keywords)
+        ):
+            return True
+    return False
 
 
 def _output_loss(output: Any) -> Any:
@@ -57,6 +103,11 @@ class H3Callback(_Base):  # type: ignore[misc]
     Args:
         every_step: Log every optimizer step's loss from the model's outputs (see the
             module docstring); False: only the losses the ``Trainer`` logs.
+        loss_reduction: What the model's loss is when the ``Trainer`` passes it
+            ``num_items_in_batch``: ``"sum"``, the micro-batch's share of the step's loss
+            (summed over the step's micro-batches); ``"mean"``, the micro-batch's mean
+            (averaged over them); ``"auto"`` (default) reads it from the model's
+            ``forward`` (:func:`model_normalises_loss`; ``"sum"`` when that cannot tell).
         **profiler_kwargs: Passed to :class:`h3client.H3Profiler` (``name``, ``url``,
             ``config``, ``tags``, ``n_train``, ...). Rank and world size come from the
             ``TrainingArguments``.
@@ -68,14 +119,26 @@ class H3Callback(_Base):  # type: ignore[misc]
         >>> h3.results["efficiency_bits_per_j"]  # doctest: +SKIP
     """
 
-    def __init__(self, *, every_step: bool = True, **profiler_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        every_step: bool = True,
+        loss_reduction: Literal["auto", "sum", "mean"] = "auto",
+        **profiler_kwargs: Any,
+    ) -> None:
+        if loss_reduction not in ("auto", "sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'auto', 'sum' or 'mean': {loss_reduction!r}")
         self.every_step = every_step
+        self.loss_reduction = loss_reduction
         self.profiler_kwargs = profiler_kwargs
         self.profiler: H3Profiler | None = None
         self.results: dict[str, Any] | None = None
         self._hook: Any = None
         self._micro: list[Any] = []  # this step's micro-batch losses (detached tensors)
         self._micro_sum = False  # they were normalized by the whole batch's item count
+        self._normalises = True  # the model divides its loss by num_items_in_batch
+        self._dropped_items = False  # it was given num_items_in_batch and ignored it
+        self._warned_dropped = False
         self._sum_scale = 1  # the Trainer's factor for items counted across ranks
         self._hooked_steps = 0
         self._epoch = 0
@@ -90,9 +153,12 @@ class H3Callback(_Base):  # type: ignore[misc]
             loss = _output_loss(output)
             if loss is not None:
                 self._micro.append(loss.detach())
-                # The Trainer passes num_items_in_batch only to a model that takes loss
-                # kwargs; the loss is then the micro-batch's share of the step's loss.
-                self._micro_sum = kwargs.get("num_items_in_batch") is not None
+                # The Trainer passes num_items_in_batch to a model that takes loss kwargs;
+                # the loss is then the micro-batch's share of the step's loss if the model
+                # divides by it, and the micro-batch's mean if it drops it.
+                given = kwargs.get("num_items_in_batch") is not None
+                self._micro_sum = given and self._normalises
+                self._dropped_items = self._dropped_items or (given and not self._normalises)
 
     # --- Trainer events -----------------------------------------------------------------
 
@@ -105,6 +171,12 @@ class H3Callback(_Base):  # type: ignore[misc]
         across = bool(getattr(args, "average_tokens_across_devices", False))
         self._sum_scale = world if across and world > 1 else 1
         model = kw.get("model")
+        if self.loss_reduction == "auto":
+            judged = None if model is None else model_normalises_loss(model)
+            self._normalises = judged is not False  # unknown: as the Trainer assumes
+        else:
+            self._normalises = self.loss_reduction == "sum"
+        self._dropped_items = self._warned_dropped = False
         if self.every_step and model is not None:
             self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
 
@@ -127,6 +199,14 @@ class H3Callback(_Base):  # type: ignore[misc]
             loss = loss / len(micro)
         self._micro = []
         self._hooked_steps += 1
+        if self._dropped_items and not self._warned_dropped:
+            self._warned_dropped = True
+            logger.warning(
+                "h3: %s is given num_items_in_batch but returns each micro-batch's mean "
+                "loss: h3 stores the mean over the step's micro-batches; the Trainer's own "
+                "logged loss is their sum (pass loss_reduction='sum' if the model does divide)",
+                type(kw.get("model")).__name__ if kw.get("model") is not None else "the model",
+            )
         prof.log_batch(loss, epoch=self._epoch, step=state.global_step)
 
     def on_log(

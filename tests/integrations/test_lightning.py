@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from h3client import Client
 from h3d.storage import repository as repo
 from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
-from tests.conftest import REPO, Daemon
+from tests.conftest import REPO, Daemon, torchrun
 
 # lightning 2.6 still uses a torch pytree class that torch 2.13 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -61,6 +63,7 @@ class Digits(L.LightningModule):
 
 
 def quiet_trainer(cb: H3Callback, max_epochs: int = 3, **kwargs: Any) -> Any:
+    kwargs.setdefault("num_sanity_val_steps", 0)
     return L.Trainer(
         max_epochs=max_epochs,
         callbacks=[cb],
@@ -68,7 +71,6 @@ def quiet_trainer(cb: H3Callback, max_epochs: int = 3, **kwargs: Any) -> Any:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         accelerator="cpu",
         **kwargs,
     )
@@ -222,3 +224,128 @@ def test_one_process_in_a_multi_task_slurm_allocation_is_a_single_run(
         run = c.get_run(cb.results["run_id"])
     assert run["status"] == "finished" and run["world_size"] in (None, 1)
     assert run["n_batches"] == 4
+
+
+class TrainAccuracy(Digits):
+    """Logs a training-side ``accuracy``; validation supplies ``val_acc``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        self.log("accuracy", 0.5)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("sanity_steps", [0, 1])
+def test_a_training_accuracy_never_stands_in_for_the_validation_accuracy(
+    daemon: Daemon, sanity_steps: int
+) -> None:
+    # Validation runs after epochs 1 and 3 only. Once it has supplied val_acc, the training
+    # `accuracy` stays user_accuracy, also on the epochs without validation; with a sanity
+    # check the callback knows that from the first epoch on.
+    torch.manual_seed(0)
+    train, val = digits(200)
+    cb = H3Callback(name="lit-train-acc", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = quiet_trainer(
+        cb, max_epochs=4, check_val_every_n_epoch=2, num_sanity_val_steps=sanity_steps
+    )
+    trainer.fit(TrainAccuracy(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=300))
+    assert cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        epochs = c.report(cb.results["run_id"])["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
+    later = epochs if sanity_steps else epochs[1:]
+    for e in later:
+        assert e["accuracy"] != 0.5 and e["metrics"]["user_accuracy"] == 0.5
+    assert epochs[2]["accuracy"] is None and epochs[2]["val_loss"] is None
+    assert all(0 <= e["accuracy"] <= 1 for e in (epochs[1], epochs[3]))
+    # the sanity check's figures belong to no epoch
+    assert epochs[0]["val_loss"] is None and "val_acc" not in (epochs[0]["metrics"] or {})
+
+
+def test_every_micro_batch_carries_the_optimizer_step_it_contributes_to(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # 8 batches an epoch, accumulate 3: optimizer steps after batches 2, 5 and 7.
+    torch.manual_seed(0)
+    train, val = digits(200)
+    cb = H3Callback(name="lit-accum-steps", url=daemon.url, data_dir=daemon.data_dir)
+    trainer = quiet_trainer(cb, max_epochs=2, accumulate_grad_batches=3)
+    trainer.fit(Digits(), DataLoader(train, batch_size=25), DataLoader(val, batch_size=300))
+    assert trainer.global_step == 6 and cb.results is not None
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        text = c.export_csv(cb.results["run_id"], tmp_path / "b.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [
+        *((0, s) for s in (1, 1, 1, 2, 2, 2, 3, 3)),
+        *((1, s) for s in (4, 4, 4, 5, 5, 5, 6, 6)),
+    ]
+
+
+DDP_SCRIPT = '''
+import json, sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+from h3client.integrations.lightning import H3Callback
+from tests.integrations.test_lightning import Digits, digits
+
+url, data_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+
+
+class RankDigits(Digits):
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_rank", float(self.global_rank))  # no sync_dist: each rank its own
+
+
+class CountEpochs(L.Callback):
+    """Counts this rank's log_epoch calls (the real ones still run)."""
+
+    def __init__(self, h3):
+        self.h3, self.n = h3, 0
+
+    def on_train_start(self, trainer, pl_module):
+        real = self.h3.profiler.log_epoch
+
+        def counted(*a, **kw):
+            self.n += 1
+            return real(*a, **kw)
+
+        self.h3.profiler.log_epoch = counted
+
+
+torch.manual_seed(0)
+train, val = digits(200)
+h3 = H3Callback(name="lit-ddp-epochs", url=url, data_dir=data_dir)
+count = CountEpochs(h3)
+trainer = L.Trainer(
+    max_epochs=2, strategy="ddp", devices=2, accelerator="cpu", callbacks=[h3, count],
+    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    enable_model_summary=False, num_sanity_val_steps=0,
+)
+trainer.fit(RankDigits(), DataLoader(train, batch_size=50), DataLoader(val, batch_size=100))
+out.joinpath(f"rank{trainer.global_rank}.json").write_text(
+    json.dumps({"run_id": h3.results["run_id"], "epochs_logged": count.n})
+)
+'''
+
+
+@pytest.mark.slow  # two Lightning processes under torchrun: about a minute on 2 loaded cores
+def test_under_ddp_the_epochs_are_rank_zeros(daemon: Daemon, tmp_path: Path) -> None:
+    # Each rank validates its own shard; unless every figure is logged with sync_dist=True
+    # the ranks' epoch figures differ, and the daemon would keep whichever came first.
+    script = tmp_path / "lit_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    ranks = torchrun(2, script, daemon.url, str(daemon.data_dir), out=out, env=daemon.env)
+    assert [r["epochs_logged"] for r in ranks] == [2, 0]
+    assert ranks[0]["run_id"] == ranks[1]["run_id"]
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        run = c.get_run(ranks[0]["run_id"])
+        rep = c.report(run["id"])
+    assert run["status"] == "finished" and run["world_size"] == 2 and run["n_batches"] == 8
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1]
+    assert [e["metrics"]["val_rank"] for e in rep["epochs"]] == [0.0, 0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be fetched: the model is built
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 tf = pytest.importorskip("transformers", reason="transformers is in the dev extra")
 
-from h3client.integrations.transformers import H3Callback  # noqa: E402
+from h3client.integrations.transformers import H3Callback, model_normalises_loss  # noqa: E402
 
 
 class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -301,3 +302,85 @@ def test_step_evaluations_are_stored_on_their_epochs(
         else:
             assert epoch["val_loss"] == pytest.approx(evals[step]["eval_loss"])
             assert epoch["accuracy"] == pytest.approx(evals[step]["eval_accuracy"])
+
+
+# --- heads that are given num_items_in_batch and drop it --------------------------------------
+
+
+def tiny_bert(head: Any = None) -> Any:
+    config = tf.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    return (head or tf.BertForSequenceClassification)(config)
+
+
+@pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")  # torch.compile's import
+def test_which_models_divide_their_loss_by_num_items_in_batch() -> None:
+    gpt2 = tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    lm = tf.GPT2LMHeadModel(gpt2)
+    assert model_normalises_loss(lm) is True
+    assert model_normalises_loss(torch.compile(lm)) is True  # judged by the original
+    assert model_normalises_loss(tf.GPT2ForSequenceClassification(gpt2)) is False
+    assert model_normalises_loss(tiny_bert()) is False
+    assert model_normalises_loss(tiny_bert(tf.BertForTokenClassification)) is False
+    assert model_normalises_loss(Linear()) is False  # computes its own mean
+
+    class Named(Linear):
+        def forward(self, x: Any, labels: Any = None, num_items_in_batch: Any = None) -> Any:
+            return super().forward(x, labels)
+
+    assert model_normalises_loss(Named()) is True  # takes it by name: uses it
+
+
+@pytest.mark.parametrize("reduction", ["auto", "sum"])
+def test_a_head_that_drops_num_items_in_batch_stores_its_mean_loss(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture, reduction: Any
+) -> None:
+    # BERT's forward takes **kwargs, so the Trainer passes num_items_in_batch, but the head
+    # returns each micro-batch's mean cross-entropy: ln 2 at initialisation on 2 classes.
+    # Its step loss is their mean, not their sum (the Trainer logs the sum, ~3 ln 2).
+    torch.manual_seed(0)
+    model = tiny_bert()
+    micro: list[float] = []
+    model.register_forward_hook(
+        lambda m, _a, out: micro.append(out.loss.item()) if m.training else None
+    )
+    args = tiny_args(
+        tmp_path / "out",
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=3,
+        max_steps=3,
+        learning_rate=1e-6,
+    )
+    cb = H3Callback(
+        name=f"bert-ga3-{reduction}",
+        url=daemon.url,
+        data_dir=daemon.data_dir,
+        loss_reduction=reduction,
+    )
+    trainer = tf.Trainer(model=model, args=args, train_dataset=Tokens(160, 1), callbacks=[cb])
+    assert trainer.model_accepts_loss_kwargs  # the Trainer does pass num_items_in_batch
+    with caplog.at_level("WARNING", logger="h3client.integrations.transformers"):
+        trainer.train()
+    assert cb.results is not None and len(micro) == 9
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        stored = [v for _t, v in c.series(cb.results["run_id"], "loss", points=10_000)]
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if reduction == "sum":  # the override: as the Trainer logs it
+        assert stored == pytest.approx(logged, rel=1e-4)
+        return
+    assert stored == pytest.approx([sum(micro[k : k + 3]) / 3 for k in (0, 3, 6)], rel=1e-5)
+    assert stored == pytest.approx([math.log(2)] * 3, abs=0.02)
+    assert logged == pytest.approx([3 * v for v in stored], rel=1e-3)  # upstream's figure
+    assert sum("num_items_in_batch" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_loss_reduction_is_checked() -> None:
+    with pytest.raises(ValueError, match="loss_reduction"):
+        H3Callback(loss_reduction="median")  # type: ignore[arg-type]
