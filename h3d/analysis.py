@@ -494,13 +494,22 @@ def run_eta(
     lt = eff.smoothed(tail[-k:]) if n >= 2 else None
     bits = eff.info_gain_bits(l0, lt)
     energy = model.energy(t0, t1)
-    t_last = tail[-1][0] if n else t1
-    w0 = max(t0, t_last - window_s)
+    # The window ends where the run's energy does once it has ended: what it spent after
+    # its last batch (a final evaluation, a checkpoint, a rank waiting for the others) is
+    # part of what the last stretch cost. A running run's ends at its last batch: the
+    # energy spent since has no loss logged for it yet.
+    w_end = t1 if run.finished_at is not None or not n else tail[-1][0]
+    w0 = max(t0, w_end - window_s)
     l_w = before(w0, k) if n else None
     whole_run = l_w is None or w0 <= t0
     if l_w is None and n >= 2:  # the run is younger than the window: since its start
         l_w = l0
-    w_energy = model.energy(w0, t_last)["energy_j"] if n else None
+    if not n:
+        w_energy = None
+    elif whole_run:  # ΔI since the start: over the energy since the start, η's own
+        w_energy = energy["energy_j"]
+    else:
+        w_energy = model.energy(w0, w_end)["energy_j"]
     return {
         "run_id": run.id,
         "eta_bits_per_j": eff.eta(bits, energy["energy_j"]),
@@ -533,21 +542,66 @@ def power_series(
     run: Run,
     points: int,
     device: str | None = None,
+    node: str | None = None,
+    interval_s: float = 0.1,
     now: float | None = None,
 ) -> list[tuple[float, float]]:
-    """Total power of all devices (or of one named device) at each sampler tick."""
+    """Total power of the run's devices (or of those of one node, or of one device) over its
+    window.
+
+    Device names are unique per node only (every node of a cluster has its ``nvml:0``): a
+    ``device`` held by several of the run's nodes needs ``node``, else InvalidInput. Each
+    node's sampler ticks at its own instants, so a sum over devices is taken at every time
+    any of them was read, each device's power there interpolated between its own readings
+    (held at the window's edges); across a gap of its readings (``max_gap``) a device adds
+    nothing, as it adds no energy there.
+    """
     t0, t1 = window(run, now)
-    total: dict[float, float] = defaultdict(float)
     devs = repo.devices(session, nodes=run_nodes(session, run))
+    if node is not None:
+        devs = [d for d in devs if d.node == node]
+        if not devs:
+            raise InvalidInput(f"the run has no device on node {node!r}")
     if device is not None:
         devs = [d for d in devs if d.name == device]
         if not devs:
-            raise InvalidInput(f"no device named {device!r} (see /v1/devices)")
+            where = f" on node {node!r}" if node is not None else ""
+            raise InvalidInput(f"no device named {device!r}{where} (see /v1/devices)")
+        held = sorted({d.node for d in devs})
+        if len(held) > 1:
+            raise InvalidInput(
+                f"device {device!r} is on nodes {', '.join(held)} of this run: name one with node="
+            )
+    readings = []
     for dev in devs:
-        for t, p, _e in repo.power_window(session, device_id=dev.id, t0=t0, t1=t1):
-            if p is not None and t0 <= t <= t1:
-                total[t] += p
-    return lttb(sorted(total.items()), points)
+        pts = [
+            (t, p)
+            for t, p, _e in repo.power_window(session, device_id=dev.id, t0=t0, t1=t1)
+            if p is not None
+        ]
+        if pts:
+            readings.append(pts)
+    if len(readings) == 1:
+        return lttb([(t, p) for t, p in readings[0] if t0 <= t <= t1], points)
+    times = sorted({t for pts in readings for t, _p in pts if t0 <= t <= t1})
+    total = [0.0] * len(times)
+    gap = max_gap(interval_s)
+    for pts in readings:
+        j = 0  # pts[j] is the device's last reading at or before times[i], if any
+        for i, t in enumerate(times):
+            while j + 1 < len(pts) and pts[j + 1][0] <= t:
+                j += 1
+            ta, pa = pts[j]
+            if ta == t:
+                total[i] += pa
+            elif ta > t:  # before the device's first reading
+                total[i] += pa if ta - t <= gap else 0.0
+            elif j + 1 == len(pts):  # after its last
+                total[i] += pa if t - ta <= gap else 0.0
+            elif pts[j + 1][0] - ta <= gap:
+                tb, pb = pts[j + 1]
+                total[i] += pa + (pb - pa) * (t - ta) / (tb - ta)
+    return lttb(list(zip(times, total, strict=True)), points)
 
 
 def cumulative_series(
@@ -573,7 +627,10 @@ def cumulative_series(
     # before it again (a run that shared its device with 200 others: 4x the whole request)
     e: float | None = 0.0
     prev = t0
-    for i in range(k, len(pts), step):
+    grid = list(range(k, len(pts), step))
+    if grid[-1] != len(pts) - 1:  # the last batch, or the curve's tail stands on one x
+        grid.append(len(pts) - 1)
+    for i in grid:
         t = pts[i][0]
         if t > prev and e is not None:
             part = model.energy(prev, t)["energy_j"]

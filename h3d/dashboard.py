@@ -42,13 +42,15 @@ def run_bundle(get: Callable[[str], Any], run_id: str) -> dict[str, Any]:
         "report": report,
         "loss": get(f"{base}/series?metric=loss&points={LOSS_POINTS}")["points"],
         "energy": get(f"{base}/series?metric=energy&points={ENERGY_POINTS}")["points"],
-        "power": {
-            d["device"]: get(
-                f"{base}/series?metric=power&device={quote(d['device'], safe='')}"
-                f"&points={POWER_POINTS}"
+        # one series per row of by_device, in its order: a device is named by its node and
+        # its name together (every node of a cluster has its own nvml:0)
+        "power": [
+            get(
+                f"{base}/series?metric=power&node={quote(d['node'], safe='')}"
+                f"&device={quote(d['device'], safe='')}&points={POWER_POINTS}"
             )["points"]
             for d in report["energy"]["by_device"]
-        },
+        ],
         "devices": get("/v1/devices")["devices"],
     }
 

@@ -8,7 +8,7 @@
  */
 "use strict";
 (function () {
-  const C = window.H3Charts, esc = C.esc, num = C.num;
+  const C = window.H3Charts, esc = C.esc, num = C.num, qty = C.qty;
   const EMBED = document.getElementById("h3d-data");
   const OFFLINE = EMBED ? JSON.parse(EMBED.textContent) : null;
   const TOKEN_KEY = "h3d-token";
@@ -124,7 +124,7 @@
 
   // ---------------------------------------------------------------- formatting helpers
   const when = s => s ? new Date(s * 1000).toLocaleString() : "–";
-  const secs = s => s === null || s === undefined ? "–" : s < 120 ? num(s) + " s" : s < 7200 ? num(s / 60) + " min" : num(s / 3600) + " h";
+  const secs = s => s === null || s === undefined ? "–" : s < 120 ? qty(s, "s") : s < 7200 ? num(s / 60) + " min" : num(s / 3600) + " h";
   function badge(source, measured) {
     if (!source || source === "none") return `<span class="badge none" title="no power readable: energy unknown">no energy</span>`;
     return measured
@@ -193,6 +193,16 @@
     return "η has not fallen below 10 % of its peak";
   }
 
+  /** Why the η chart has nothing to draw: no epoch has an η (nor η since the start). */
+  function noEtaReason(epochs, energyJ) {
+    const none = v => v === null || v === undefined;
+    if (!epochs.length) return "no epochs logged (log_epoch)";
+    if (none(energyJ)) return "no epoch has an η: no energy (no device was readable)";
+    if (epochs.every(e => none(e.info_gain_bits))) return "no epoch has an η: ΔI needs a smoothed loss at an epoch's start and end (at least 2 batches)";
+    if (epochs.every(e => none(e.energy_j) || !(e.energy_j > 0))) return "no epoch has an η: no energy was measured within an epoch";
+    return "no epoch has an η";
+  }
+
   /** η since the start at each epoch's end (ΔI telescopes: Σ bits / Σ joules). */
   function cumulativeEta(epochs) {
     let bits = 0, joules = 0, ok = true;
@@ -248,7 +258,7 @@
     {key: "name", label: "name", get: r => r.name.toLowerCase()},
     {key: "status", label: "status", get: r => r.status},
     {key: "duration", label: "duration", num: true, get: r => duration(r)},
-    {key: "energy", label: "energy (J)", num: true, summary: true, get: (r, s) => s ? s.energy_j : undefined},
+    {key: "energy", label: "energy", num: true, summary: true, get: (r, s) => s ? s.energy_j : undefined},
     {key: "eta", label: "η (bits/J)", num: true, summary: true, get: (r, s) => s ? s.eta_bits_per_j : undefined},
     {key: "accuracy", label: "final accuracy", num: true, summary: true, get: (r, s) => s ? s.final_accuracy : undefined},
     {key: "tags", label: "tags", get: r => r.tags.join(",").toLowerCase()},
@@ -321,7 +331,7 @@
         <td data-col="name"><a href="#/run/${esc(r.id)}">${esc(r.name)}</a></td>
         <td data-col="status">${statusBadge(r.status)}</td>
         <td class="num" data-col="duration">${esc(secs(duration(r)))}</td>
-        <td class="num" data-col="energy" data-value="${s && s.energy_j !== null ? s.energy_j : ""}">${s ? esc(num(s.energy_j)) + " " + badge(s.source, s.measured) : "…"}</td>
+        <td class="num" data-col="energy" data-value="${s && s.energy_j !== null ? s.energy_j : ""}">${s ? esc(qty(s.energy_j, "J")) + " " + badge(s.source, s.measured) : "…"}</td>
         <td class="num" data-col="eta">${s ? esc(num(s.eta_bits_per_j)) : "…"}</td>
         <td class="num" data-col="accuracy">${s ? esc(num(s.final_accuracy, 4)) : "…"}</td>
         <td data-col="tags">${tags}</td></tr>`;
@@ -353,10 +363,10 @@
       api(base), api(base + "/report"), api(`${base}/series?metric=loss&points=${POINTS.loss}`),
       api(`${base}/series?metric=energy&points=${POINTS.energy}`), api("/v1/devices"),
     ]);
-    const power = {};
-    await Promise.all(report.energy.by_device.map(async d => {
-      power[d.device] = (await api(`${base}/series?metric=power&device=${encodeURIComponent(d.device)}&points=${POINTS.power}`)).points;
-    }));
+    // one series per row of by_device, in its order: a device is its node and its name
+    // together (every node of a cluster has its own nvml:0)
+    const power = await Promise.all(report.energy.by_device.map(async d =>
+      (await api(`${base}/series?metric=power&node=${encodeURIComponent(d.node)}&device=${encodeURIComponent(d.device)}&points=${POINTS.power}`)).points));
     return {run, report, loss: loss.points, energy: energy.points, power, devices: devices.devices};
   }
 
@@ -376,42 +386,46 @@
     const acc = [...rep.epochs].reverse().find(x => x.accuracy !== null && x.accuracy !== undefined);
     const card = (label, value, sub) => `<div class="card"><div class="card-label">${label}</div><div class="card-value">${value}</div>${sub ? `<div class="card-sub">${sub}</div>` : ""}</div>`;
     return `<div class="cards">
-      ${card("duration", esc(secs(rep.duration_s)), `${rep.n_batches} batches${rep.n_nonfinite ? `, ${rep.n_nonfinite} non-finite` : ""}`)}
-      ${card("energy", e.energy_j === null ? "–" : esc(num(e.energy_j)) + " J", badge(e.source, e.measured) + (e.active_energy_j !== null && e.active_energy_j !== undefined ? ` ${esc(num(e.active_energy_j))} J above idle` : e.energy_j !== null ? ` <span title="${esc(e.active_energy_note || "no idle baseline")}">above idle unknown</span>` : ""))}
+      ${card("duration", esc(secs(rep.duration_s)), `${rep.n_batches} batch${rep.n_batches === 1 ? "" : "es"}${rep.n_nonfinite ? `, ${rep.n_nonfinite} non-finite` : ""}`)}
+      ${card("energy", esc(qty(e.energy_j, "J")), badge(e.source, e.measured) + (e.active_energy_j !== null && e.active_energy_j !== undefined ? ` ${esc(qty(e.active_energy_j, "J"))} above idle` : e.energy_j !== null ? ` <span title="${esc(e.active_energy_note || "no idle baseline")}">above idle unknown</span>` : ""))}
       ${card("loss", `${esc(num(eta.loss_start))} → ${esc(num(eta.loss_now))}`, "nats, smoothed")}
       ${card("information gained ΔI", esc(num(eta.info_gain_bits)) + " bits/sample", eta.info_gain_total_bits !== null ? esc(num(eta.info_gain_total_bits)) + " bits about the training set" : "")}
       ${card("η", esc(num(eta.eta_bits_per_j)) + " bits/J", "since the start")}
-      ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(num(eta.window_s))} s window)` : `last ${esc(num(eta.window_s))} s`)}
-      ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(num(e.co2e_g)) + " g CO₂e", carbonNote(e))}
+      ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(qty(eta.window_s, "s"))} window)` : `last ${esc(qty(eta.window_s, "s"))}`)}
+      ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(qty(e.co2e_g, "g")) + " CO₂e", carbonNote(e))}
       ${card("final accuracy", acc ? esc(num(acc.accuracy, 4)) : "–", acc ? `epoch ${acc.epoch}` : "no accuracy logged")}
-      ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(num(stop.energy_after_j))} J (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : esc(noStopReason(rep.epochs, e.energy_j)))}
+      ${card("suggested stop", stop ? `after epoch ${stop.epoch}` : "–", stop ? `η fell below 10 % of its peak; ${esc(qty(stop.energy_after_j, "J"))} (${esc(num(100 * (stop.energy_after_frac || 0)))} %) spent after` : esc(noStopReason(rep.epochs, e.energy_j)))}
     </div>`;
   }
 
   function provenance(b) {
-    const e = b.report.energy, live = new Map((b.devices || []).map(d => [d.name, d]));
+    // /v1/devices lists the answering daemon's node only: a device is its node and its name
+    const key = (node, name) => JSON.stringify([node, name]);
+    const e = b.report.energy, live = new Map((b.devices || []).map(d => [key(d.node, d.name), d]));
+    const here = new Set((b.devices || []).map(d => d.node));
+    const manyNodes = new Set(e.by_device.map(d => d.node)).size > 1;
     if (!e.by_device.length) return `<p>No device was readable over this run: its energy is unknown (source <code>none</code>), and η with it.</p>`;
     const rows = e.by_device.map(d => {
-      const dv = live.get(d.device);
-      return `<tr><td>${esc(d.device)}<br><small>${esc(d.model || d.kind)}</small>${d.caveat ? `<small class="note">${esc(d.caveat)}</small>` : ""}</td><td>${esc(d.source)} ${badge(d.source, d.source !== "estimated")}</td>
-        <td>${esc(d.method)}</td><td class="num">${d.granularity_s === null ? "–" : esc(num(d.granularity_s)) + " s"}${d.below_granularity ? ' <span class="warn" title="the window is shorter than the update period">below</span>' : ""}</td>
-        <td class="num">${d.n_samples}</td><td class="num">${esc(num(d.covered_s))} s</td><td class="num${d.gaps_s > 0 ? " warn" : ""}">${esc(num(d.gaps_s))} s</td>
+      const dv = live.get(key(d.node, d.device));
+      return `<tr><td>${esc(d.device)}${manyNodes ? ` <small>on ${esc(d.node)}</small>` : ""}<br><small>${esc(d.model || d.kind)}</small>${d.caveat ? `<small class="note">${esc(d.caveat)}</small>` : ""}</td><td>${esc(d.source)} ${badge(d.source, d.source !== "estimated")}</td>
+        <td>${esc(d.method)}</td><td class="num">${esc(qty(d.granularity_s, "s"))}${d.below_granularity ? ' <span class="warn" title="the window is shorter than the update period">below</span>' : ""}</td>
+        <td class="num">${d.n_samples}</td><td class="num">${esc(qty(d.covered_s, "s"))}</td><td class="num${d.gaps_s > 0 ? " warn" : ""}">${esc(qty(d.gaps_s, "s"))}</td>
         <td>${esc(d.attribution === "process" ? "process share" : "whole device")}</td><td class="num">${esc(num(100 * d.share))} %</td>
-        <td class="num">${d.idle_power_w === null ? "–" : esc(num(d.idle_power_w)) + " W"}${d.idle_note ? `<br><small class="note">${esc(d.idle_note)}</small>` : ""}</td>
-        <td class="num">${esc(num(d.energy_j))} J</td><td class="num">${esc(num(d.device_energy_j))} J</td>
-        <td>${dv ? esc(dv.status) + (dv.reason && dv.status !== "ok" ? `<br><small>${esc(dv.reason)}</small>` : "") : "–"}</td></tr>`;
+        <td class="num">${esc(qty(d.idle_power_w, "W"))}${d.idle_note ? `<br><small class="note">${esc(d.idle_note)}</small>` : ""}</td>
+        <td class="num">${esc(qty(d.energy_j, "J"))}</td><td class="num">${esc(qty(d.device_energy_j, "J"))}</td>
+        <td>${dv ? esc(dv.status) + (dv.reason && dv.status !== "ok" ? `<br><small>${esc(dv.reason)}</small>` : "") : here.size && !here.has(d.node) ? `–<br><small class="note">on node ${esc(d.node)}: its own daemon knows</small>` : "–"}</td></tr>`;
     }).join("");
     return `<p>Energy ${e.measured ? "is <b>measured</b>" : "is <b>not</b> (only) measured: part of it is an estimate"} (source <code>${esc(e.source)}</code>).
-      Whole devices used ${esc(num(e.device_energy_j))} J over the run's window; the run's attributed share is ${esc(num(e.energy_j))} J.</p>
+      Whole devices used ${esc(qty(e.device_energy_j, "J"))} over the run's window; the run's attributed share is ${esc(qty(e.energy_j, "J"))}.</p>
       <div class="scroll-x"><table class="prov"><thead><tr><th>device</th><th>source</th><th>method</th><th class="num">granularity</th><th class="num">samples</th><th class="num">covered</th><th class="num">gaps</th><th>attribution</th><th class="num">share</th><th class="num">idle baseline</th><th class="num">run's energy</th><th class="num">whole device</th><th>device state</th></tr></thead><tbody>${rows}</tbody></table></div>`;
   }
 
   function epochsTable(rep, cum, stop) {
     if (!rep.epochs.length) return `<p>No epochs logged (<code>log_epoch</code>).</p>`;
     const metricKeys = [...new Set(rep.epochs.flatMap(e => Object.keys(e.metrics || {})))].slice(0, 6);
-    return `<div class="scroll-x"><table class="epochs"><thead><tr><th>epoch</th><th>phase</th><th class="num">loss (nats)</th><th class="num">val loss</th><th class="num">accuracy</th><th class="num">energy (J)</th><th class="num">ΔI (bits/sample)</th><th class="num">marginal η (bits/J)</th><th class="num">η since start (bits/J)</th>${metricKeys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr></thead><tbody>` +
+    return `<div class="scroll-x"><table class="epochs"><thead><tr><th>epoch</th><th>phase</th><th class="num">loss (nats)</th><th class="num">val loss</th><th class="num">accuracy</th><th class="num">energy</th><th class="num">ΔI (bits/sample)</th><th class="num">marginal η (bits/J)</th><th class="num">η since start (bits/J)</th>${metricKeys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr></thead><tbody>` +
       rep.epochs.map((e, i) => `<tr${stop && stop.epoch === e.epoch ? ' class="stop"' : ""}><td>${e.epoch}${stop && stop.epoch === e.epoch ? ' <span class="stop-tag">suggested stop</span>' : ""}</td><td>${esc(e.phase || "–")}</td><td class="num">${esc(num(e.loss, 4))}</td><td class="num">${esc(num(e.val_loss, 4))}</td><td class="num">${esc(num(e.accuracy, 4))}</td>
-        <td class="num">${esc(num(e.energy_j))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table></div>` +
+        <td class="num">${esc(qty(e.energy_j, "J"))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table></div>` +
       (rep.epochs.some(e => e.eta_bits_per_j < 0 && e.eta_bits_per_j !== null) ? `<p class="hint">A negative η means the smoothed training loss rose over that epoch: the model lost information about its training data there.</p>` : "");
   }
 
@@ -434,6 +448,7 @@
     C.line($("#chart-loss-time"), {
       title: "Loss against time", x: {label: "time since start", unit: "s"}, y: {label: "loss", unit: "nats"},
       series: lossSeries(b.loss.map(p => [p[0] - t0, p[1]])), marks: stopMarkT,
+      empty: rep.n_batches ? `no finite loss among the ${rep.n_batches} batches` : b.run.status === "running" ? "no batches logged yet" : "no batches logged",
     });
     const hasEnergy = b.energy.length > 0;
     const lossE = hasEnergy ? b.loss.map(p => [energyAt(b.energy, t0, p[0]), p[1]]) : [];
@@ -445,14 +460,16 @@
     });
     const powerBox = $("#power-charts");
     powerBox.innerHTML = rep.energy.by_device.map((d, i) => `<div class="chart-cell" id="chart-power-${i}"></div>`).join("") || `<div class="chart"><div class="chart-title">Power per device</div><div class="empty">no device was readable over this run</div></div>`;
+    const manyNodes = new Set(rep.energy.by_device.map(d => d.node)).size > 1;
     rep.energy.by_device.forEach((d, i) => {
-      const pts = (b.power[d.device] || []).map(p => [p[0] - t0, p[1]]);
-      const series = [{name: `${d.device} power`, points: pts, color: C.PALETTE[0], dash: ""}];
+      const dev = manyNodes ? `${d.device} on ${d.node}` : d.device;
+      const pts = (b.power[i] || []).map(p => [p[0] - t0, p[1]]);
+      const series = [{name: `${dev} power`, points: pts, color: C.PALETTE[0], dash: ""}];
       if (d.share < 0.999) series.push({name: `run's share (${num(100 * d.share)} % on average)`, points: pts.map(p => [p[0], p[1] * d.share]), color: C.PALETTE[2], dash: "", area: true, width: 1.2});
       C.line($("#chart-power-" + i), {
-        title: `Power per device: ${d.device}${d.source === "estimated" ? " (estimated)" : ""}`, x: {label: "time since start", unit: "s"}, y: {label: "power", unit: "W", zero: true},
-        series, marks: stopMarkT, legend: [...series.map(s => ({name: s.name, color: s.color})), ...(d.idle_power_w !== null ? [{name: `idle baseline ${num(d.idle_power_w)} W`, color: "#555", dash: "4 3"}] : [])],
-        hlines: d.idle_power_w !== null ? [{y: d.idle_power_w, label: `idle ${num(d.idle_power_w)} W`}] : [],
+        title: `Power per device: ${dev}${d.source === "estimated" ? " (estimated)" : ""}`, x: {label: "time since start", unit: "s"}, y: {label: "power", unit: "W", zero: true},
+        series, marks: stopMarkT, legend: [...series.map(s => ({name: s.name, color: s.color})), ...(d.idle_power_w !== null ? [{name: `idle baseline ${qty(d.idle_power_w, "W")}`, color: "#555", dash: "4 3"}] : [])],
+        hlines: d.idle_power_w !== null ? [{y: d.idle_power_w, label: `idle ${qty(d.idle_power_w, "W")}`}] : [],
       });
     });
     const ep = rep.epochs;
@@ -462,7 +479,7 @@
         {name: "η since start", points: ep.map((e, i) => [e.epoch, cum[i]]).filter(p => p[1] !== null)},
         {name: "marginal η (the epoch's own)", points: ep.filter(e => e.eta_bits_per_j !== null).map(e => [e.epoch, e.eta_bits_per_j])},
       ],
-      marks: stop ? [{x: stop.epoch, label: "suggested stop"}] : [], empty: "no epochs with energy logged",
+      marks: stop ? [{x: stop.epoch, label: "suggested stop"}] : [], empty: noEtaReason(ep, rep.energy.energy_j),
     });
     $("#epochs").innerHTML = epochsTable(rep, cum, stop);
     $("#provenance").innerHTML = provenance(b);
@@ -538,17 +555,37 @@
   // ---------------------------------------------------------------- compare
   async function viewCompare(arg, gen) {
     const unique = [...new Set(arg.split(",").map(s => s.trim()).filter(Boolean))];
-    const ids = unique.slice(0, 6), dropped = unique.slice(6);
-    if (ids.length < 2) {
-      main().innerHTML = `<p class="empty">Compare needs 2 to 6 runs: select them in the <a href="#/runs">runs list</a>.</p>`;
+    const asked = unique.slice(0, 6), dropped = unique.slice(6);
+    const needs = `Compare needs 2 to 6 runs: select them in the <a href="#/runs">runs list</a>.`;
+    if (asked.length < 2) {
+      main().innerHTML = `<p class="empty">${needs}</p>`;
       return;
     }
-    main().innerHTML = `<section class="compare"><h2>Compare ${ids.length} runs</h2>${dropped.length ? `<p class="warn">Only the first 6 runs are compared; left out: ${dropped.map(esc).join(", ")}</p>` : ""}
+    main().innerHTML = `<section class="compare"><h2>Compare ${asked.length} runs</h2>${dropped.length ? `<p class="warn">Only the first 6 runs are compared; left out: ${dropped.map(esc).join(", ")}</p>` : ""}
+      <div id="cmp-missing"></div>
       <div class="cmp-top"><div id="cmp-table">loading…</div><div class="chart-cell" id="cmp-scatter"></div></div>
       <div class="charts"><div class="chart-cell" id="cmp-loss-energy"></div><div class="chart-cell" id="cmp-loss-time"></div></div></section>`;
-    const [cmp, runs, losses, energies] = await Promise.all([
+    // A run deleted since the link was made (or an id this store never held) is named, and
+    // the others are compared without it: one 404 must not leave the whole view loading.
+    const found = await Promise.all(asked.map(id => api("/v1/runs/" + encodeURIComponent(id)).catch(err => {
+      if (err instanceof ApiError && err.status === 404) return null;
+      throw err;
+    })));
+    if (gen !== generation) return;
+    const ids = asked.filter((id, i) => found[i] !== null), runs = found.filter(r => r !== null);
+    const gone = asked.filter((id, i) => found[i] === null);
+    if (gone.length) {
+      const what = `${gone.length === 1 ? "No run with id" : "No runs with ids"} ${gone.map(id => `<code>${esc(id)}</code>`).join(", ")} in this daemon's store (deleted, or never stored here)`;
+      if (ids.length < 2) {
+        const left = runs.map(r => `<a href="#/run/${esc(encodeURIComponent(r.id))}">${esc(r.name)}</a>`).join(", ");
+        main().innerHTML = `<p class="warn" id="cmp-missing">${what}.${left ? ` Still here: ${left}.` : ""}</p><p class="empty">${needs}</p>`;
+        return;
+      }
+      $("#main h2").textContent = `Compare ${ids.length} runs`;
+      $("#cmp-missing").innerHTML = `<p class="warn">${what}: not compared; <a href="#/compare/${esc(ids.map(encodeURIComponent).join(","))}">the link without ${gone.length === 1 ? "it" : "them"}</a>.</p>`;
+    }
+    const [cmp, losses, energies] = await Promise.all([
       api("/v1/compare?runs=" + ids.map(encodeURIComponent).join(",")),
-      Promise.all(ids.map(id => api("/v1/runs/" + encodeURIComponent(id)))),
       Promise.all(ids.map(id => api(`/v1/runs/${encodeURIComponent(id)}/series?metric=loss&points=${POINTS.compare}`))),
       Promise.all(ids.map(id => api(`/v1/runs/${encodeURIComponent(id)}/series?metric=energy&points=${POINTS.energy}`))),
     ]);
@@ -569,7 +606,7 @@
       ${metric("started", (r) => runs[rows.indexOf(r)].created_at, v => esc(when(v)))}
       ${metric("duration", r => r.duration_s, v => esc(secs(v)), "pct")}
       ${metric("batches", r => r.n_batches, v => esc(String(v)), "pct")}
-      ${metric("energy (J)", r => r.energy_j, (v, r) => f(v) + " " + badge(r.source, r.measured), "pct")}
+      ${metric("energy", r => r.energy_j, (v, r) => esc(qty(v, "J")) + " " + badge(r.source, r.measured), "pct")}
       ${metric("ΔI (bits/sample)", r => r.info_gain_bits, f, "abs")}
       ${metric("η (bits/J)", r => r.eta_bits_per_j, f, "ratio")}
       ${metric("final loss (nats)", r => r.loss_now, f, "abs")}

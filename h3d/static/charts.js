@@ -23,6 +23,17 @@
     const [f, p] = rungs.find(([f]) => a >= f);
     return trim((p ? r / f : r).toPrecision(digits)) + p;
   }
+  // Units a prefix joins: "2.23 mJ", "224 µs". Others follow the number as num() writes it.
+  const SI_UNITS = new Set(["s", "J", "W", "g", "Wh"]);
+
+  /** A quantity for people: num()'s figure with its unit, the prefix written with the unit
+   * ("2.23 mJ", not "2.23m J", which reads as metre-joules); "–" when unknown. */
+  function qty(v, unit, digits = 3) {
+    const s = num(v, digits);
+    if (s === "–" || !unit) return s;
+    const m = /^(.*?)([kMGmµ]?)$/.exec(s);
+    return SI_UNITS.has(unit) ? `${m[1]} ${m[2]}${unit}` : `${s} ${unit}`;
+  }
   function trim(s) { return s.includes("e") || !s.includes(".") ? s : s.replace(/\.?0+$/, ""); }
 
   /** Round tick positions covering [lo, hi] (Heckbert's nice numbers). */
@@ -43,6 +54,12 @@
     if (hi === lo) { const d = Math.abs(lo) * 0.05 || 1; return [lo - d, hi + d]; }
     const pad = (hi - lo) * 0.04;
     return [includeZero && lo === 0 ? 0 : lo - pad, hi + pad];
+  }
+
+  /** A hover readout: an axis's own format, else num's prefix joined with the unit. */
+  function withUnit(fmt, v, ax) {
+    if (ax.fmt) return ax.unit ? `${fmt(v)} ${ax.unit}` : fmt(v);
+    return qty(v, ax.unit);
   }
 
   function axisLabel(ax) { return ax.unit ? `${ax.label} (${ax.unit})` : ax.label; }
@@ -179,14 +196,14 @@
         const p = nearestByX(s.points, x);
         if (first === null) first = p;
         dotsSvg += `<circle cx="${a.X(p[0]).toFixed(1)}" cy="${a.Y(p[1]).toFixed(1)}" r="3.5" fill="${s.color}"/>`;
-        html += `<div><span class="sw" data-color="${s.color}"></span>${esc(s.name)}: <b>${esc(yf(p[1]))}</b>${opt.y.unit ? " " + esc(opt.y.unit) : ""}` +
-          (series.length > 1 ? ` <small>at ${esc(xf(p[0]))}${opt.x.unit ? " " + esc(opt.x.unit) : ""}</small>` : "") + `</div>`;
+        html += `<div><span class="sw" data-color="${s.color}"></span>${esc(s.name)}: <b>${esc(withUnit(yf, p[1], opt.y))}</b>` +
+          (series.length > 1 ? ` <small>at ${esc(withUnit(xf, p[0], opt.x))}</small>` : "") + `</div>`;
       }
       if (first === null) return;
       const cx = a.X(first[0]);
       cross.setAttribute("x1", cx.toFixed(1)); cross.setAttribute("x2", cx.toFixed(1)); cross.setAttribute("visibility", "visible");
       dots.innerHTML = dotsSvg;
-      const head = `<div class="tip-x">${esc(opt.x.label)}: ${esc(xf(first[0]))}${opt.x.unit ? " " + esc(opt.x.unit) : ""}</div>`;
+      const head = `<div class="tip-x">${esc(opt.x.label)}: ${esc(withUnit(xf, first[0], opt.x))}</div>`;
       placeTip(tip, svg, cx * r.width / f.W, (ev.clientY - r.top), head + html);
       tip.querySelectorAll(".sw").forEach(sw => { sw.style.background = sw.dataset.color; });
     }
@@ -243,12 +260,12 @@
       for (const p of ok) { const d = (a.X(p.x) - px) ** 2 + (a.Y(p.y) - py) ** 2; if (d < bd) { bd = d; best = p; } }
       if (!best) { tip.hidden = true; return; }
       placeTip(tip, svg, a.X(best.x) * r.width / f.W, a.Y(best.y) * r.height / f.H,
-        `<div class="tip-x">${esc(best.label)}</div><div>${esc(opt.x.label)}: <b>${esc(xf(best.x))}</b> ${esc(opt.x.unit || "")}</div>` +
-        `<div>${esc(opt.y.label)}: <b>${esc(yf(best.y))}</b> ${esc(opt.y.unit || "")}</div>${onFront.has(best) ? "<div>on the Pareto front</div>" : "<div>dominated</div>"}`);
+        `<div class="tip-x">${esc(best.label)}</div><div>${esc(opt.x.label)}: <b>${esc(withUnit(xf, best.x, opt.x))}</b></div>` +
+        `<div>${esc(opt.y.label)}: <b>${esc(withUnit(yf, best.y, opt.y))}</b></div>${onFront.has(best) ? "<div>on the Pareto front</div>" : "<div>dominated</div>"}`);
     });
     svg.addEventListener("mouseleave", () => { tip.hidden = true; });
   }
 
   let uid = 0;
-  global.H3Charts = {line, scatter, paretoFront, ticks, num, esc, PALETTE, DASHES};
+  global.H3Charts = {line, scatter, paretoFront, ticks, num, qty, esc, PALETTE, DASHES};
 })(typeof window !== "undefined" ? window : globalThis);

@@ -6,6 +6,7 @@ that is dropped afterwards. Without a server the tests are skipped, saying so.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -238,3 +239,62 @@ def test_an_autostarted_daemon_refused_its_node_says_why_in_the_training_script(
     assert "the daemon it started exited: h3d: cannot start: another h3d samples as node" in (
         caplog.text
     )
+
+
+def test_power_of_a_run_over_two_nodes_is_per_node_and_device(
+    nodes: Callable[..., Daemon], pg_url: str, tmp_path: Path
+) -> None:
+    """Every node has its own ``constant:0``: by name alone, the two nodes' readings were
+    interleaved into one saw-tooth (20, 200, 200, 20 ... W), and so was the run's total,
+    on the API, the run page and in ``h3d show --html``."""
+    a = nodes("node-a", pg_url, H3D_POWER_BACKENDS="constant:20")
+    b = nodes("node-b", pg_url, H3D_POWER_BACKENDS="constant:200")
+    run_id = uuid.uuid4().hex
+    profs = [
+        H3Profiler("two-tdps", url=d.url, data_dir=d.data_dir, run_id=run_id, rank=r, world_size=2)
+        for r, d in enumerate((a, b))
+    ]
+    for k in range(20):
+        for p in profs:
+            p.log_batch(2.0 - 0.05 * k)
+        time.sleep(0.02)
+    for p in profs:
+        p.stop()
+    time.sleep(0.5)  # both samplers have written their samples past the window's end
+    series = f"/v1/runs/{run_id}/series"
+    with a.client() as api:
+
+        def power(**params: str) -> list[float]:
+            r = api.get(series, params={"metric": "power", **params})
+            assert r.status_code == 200, r.text
+            return [p[1] for p in r.json()["points"]]
+
+        total = power()
+        assert len(total) >= 10 and total == pytest.approx([220.0] * len(total))
+        assert set(power(node="node-a", device="constant:0")) == {20.0}
+        assert set(power(node="node-b", device="constant:0")) == {200.0}
+        assert set(power(node="node-b")) == {200.0}  # a node's devices summed
+        r = api.get(series, params={"metric": "power", "device": "constant:0"})
+        assert r.status_code == 422  # which node's? refused, naming both
+        said = r.json()["error"]["message"]
+        assert "node-a, node-b" in said and "node=" in said
+        r = api.get(series, params={"metric": "power", "node": "node-c"})
+        assert r.status_code == 422 and "node-c" in r.json()["error"]["message"]
+        r = api.get(series, params={"metric": "loss", "node": "node-a"})
+        assert r.status_code == 422 and "metric=power" in r.json()["error"]["message"]
+    out = tmp_path / "two-nodes.html"
+    shown = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", run_id, "--html", str(out)],
+        env=b.env,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    data = out.read_text().split('<script type="application/json" id="h3d-data">')[1]
+    bundle = json.loads(data.split("</script>")[0])["bundle"]
+    rows = bundle["report"]["energy"]["by_device"]
+    assert [(d["node"], d["device"]) for d in rows] == [
+        ("node-a", "constant:0"),
+        ("node-b", "constant:0"),
+    ]
+    assert [{p[1] for p in pts} for pts in bundle["power"]] == [{20.0}, {200.0}]

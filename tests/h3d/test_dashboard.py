@@ -361,6 +361,14 @@ def test_numbers_read_on_one_ladder_of_prefixes(tab: Tab, trained: Daemon) -> No
     got = tab.page.evaluate("xs => xs.map(x => H3Charts.num(x))", list(cases))
     assert dict(zip(cases, got, strict=True)) == cases
     assert tab.page.evaluate("[NaN, null, Infinity].map(x => H3Charts.num(x))") == ["–"] * 3
+    # with a unit, the prefix goes with the unit: "2.23m J" read as metre-joules
+    units = [
+        (0.00223, "J", "2.23 mJ"), (0.000224, "s", "224 µs"), (27.7, "W", "27.7 W"),
+        (1234, "J", "1.23 kJ"), (0, "J", "0 J"), (2.5e-8, "s", "2.50e-8 s"),
+        (None, "J", "–"), (0.00908, "nats", "9.08m nats"),
+    ]  # fmt: skip
+    got = tab.page.evaluate("cs => cs.map(([v, u]) => H3Charts.qty(v, u))", units)
+    assert got == [want for _v, _u, want in units]
 
 
 @needs_browser
@@ -548,6 +556,27 @@ def test_run_page_of_a_one_batch_run(browser: Any, scratch: Daemon) -> None:
         stop = page.locator("#run-cards .card", has_text="suggested stop").inner_text()
         assert "needs η for at least 3 epochs" in stop and "has not fallen" not in stop
         assert "ΔI (bits/sample)" in page.inner_text("table.epochs thead")
+        # its epochs have energy: what the η chart lacks is ΔI, which needs 2 batches
+        assert page.inner_text("#chart-eta .empty").startswith("no epoch has an η: ΔI needs")
+        duration = page.locator("#run-cards .card", has_text="duration").inner_text()
+        assert duration.split("\n")[-1] == "1 batch"
+        energies = page.eval_on_selector_all(
+            "table.epochs tbody tr td:nth-child(6)", "tds => tds.map(t => t.textContent)"
+        )
+        assert len(energies) == 2
+        assert all(re.fullmatch(r"-?[\d.]+ [kmµ]?J", e) for e in energies), energies
+
+
+@needs_browser
+def test_run_page_of_a_finished_run_without_batches(browser: Any, scratch: Daemon) -> None:
+    """The loss chart said "no data yet" of a run that had ended: nothing more will come."""
+    with scratch.client() as c:
+        rid = c.post("/v1/runs", json={"name": "zero-batches"}).json()["id"]
+        c.patch(f"/v1/runs/{rid}", json={"status": "finished"}).raise_for_status()
+    with opened(browser, scratch.url) as t:
+        _goto(t, scratch, f"run={rid}")
+        t.page.wait_for_selector("#chart-loss-time .empty")
+        assert t.page.inner_text("#chart-loss-time .empty") == "no batches logged"
 
 
 @needs_browser
@@ -614,6 +643,46 @@ def test_compare_drops_duplicates_before_the_cap(tab: Tab, trained: Daemon) -> N
     tab.page.wait_for_selector("#cmp-scatter .chart-title", timeout=10_000)
     assert tab.page.inner_text("#main h2") == "Compare 2 runs"
     assert tab.page.locator("p.warn").count() == 0
+
+
+@needs_browser
+def test_compare_names_a_run_that_is_not_in_the_store(tab: Tab, trained: Daemon) -> None:
+    """One unknown (or deleted) id left the whole view on "loading…": the others are now
+    compared and the missing one named, with the link without it."""
+    a, b = (r["id"] for r in _runs(trained)[:2])
+    _goto(tab, trained)
+    tab.page.wait_for_selector("table.runs-table tbody tr")
+    tab.page.goto(f"{trained.url}/#/compare/{a},deadbeef,{b}")
+    tab.page.wait_for_selector("#cmp-scatter circle.pt")
+    assert tab.page.locator("#cmp-scatter circle.pt").count() == 2
+    assert tab.page.inner_text("#main h2") == "Compare 2 runs"
+    note = tab.page.inner_text("#cmp-missing")
+    assert "No run with id deadbeef" in note and "not compared" in note
+    link = tab.page.get_attribute("#cmp-missing a", "href")
+    assert link == f"#/compare/{a},{b}"
+    assert "loading" not in tab.page.inner_text("#main")
+    tab.page.goto(f"{trained.url}/#/compare/{a},deadbeef")  # one left: nothing to compare
+    tab.page.wait_for_selector("#cmp-missing >> text=Still here")
+    assert "Compare needs 2 to 6 runs" in tab.page.inner_text("#main")
+    assert "loading" not in tab.page.inner_text("#main")
+    assert tab.page.is_hidden("#error")
+    _dismiss(tab, "404")
+
+
+@needs_browser
+def test_a_long_tag_does_not_widen_a_narrow_page(browser: Any, scratch: Daemon) -> None:
+    with scratch.client() as c:
+        body = {"name": "long-tag", "tags": ["x" * 64]}
+        rid = c.post("/v1/runs", json=body).json()["id"]
+    _post_batches(scratch, rid, 0, 5)
+    with opened(browser, scratch.url) as t:
+        t.page.set_viewport_size({"width": 400, "height": 800})
+        _goto(t, scratch, f"run={rid}")
+        t.page.wait_for_selector("#tags a.tag")
+        overflow = t.page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0
 
 
 @needs_browser
@@ -733,3 +802,56 @@ def test_power_series_of_one_device(trained: Daemon) -> None:
         assert r.status_code == 422 and "metric=power" in r.json()["error"]["message"]
         cmp = c.get("/v1/compare", params={"runs": run["id"]}).json()["runs"][0]
         assert cmp["measured"] is False and cmp["source"] == "estimated"
+
+
+@needs_browser
+def test_run_over_two_nodes_draws_each_nodes_device(
+    browser: Any, daemon_factory: Callable[..., Daemon], pg_url: str
+) -> None:
+    """Both nodes have a ``constant:0``: the page drew two identical charts titled alike, each
+    the two nodes' readings interleaved (20, 200, 200, 20 ... W), and looked the device's
+    state up by its name alone."""
+    a = daemon_factory("a", H3D_DB_URL=pg_url, H3D_NODE="node-a", H3D_POWER_BACKENDS="constant:20")
+    b = daemon_factory("b", H3D_DB_URL=pg_url, H3D_NODE="node-b", H3D_POWER_BACKENDS="constant:200")
+    run_id = "c" * 32
+    profs = [
+        H3Profiler("two-tdps", url=d.url, data_dir=d.data_dir, run_id=run_id, rank=r, world_size=2)
+        for r, d in enumerate((a, b))
+    ]
+    for k in range(20):
+        for p in profs:
+            p.log_batch(2.0 - 0.05 * k)
+        time.sleep(0.02)
+    for p in profs:
+        p.stop()
+    time.sleep(0.5)  # both samplers have written their samples past the window's end
+    with opened(browser, a.url) as t:
+        _goto(t, a, f"run={run_id}")
+        t.page.wait_for_selector("#chart-power-1 path.series", state="attached")
+        titles = [t.page.inner_text(f"#chart-power-{i} .chart-title") for i in (0, 1)]
+        assert titles == [
+            "Power per device: constant:0 on node-a (estimated)",
+            "Power per device: constant:0 on node-b (estimated)",
+        ]
+        # each chart a flat line at its own node's draw (y of every point alike)
+        ys = [
+            {
+                y
+                for y in re.findall(
+                    r"[ML][\d.]+,([\d.]+)",
+                    t.page.get_attribute(f"#chart-power-{i} path.series", "d") or "",
+                )
+            }
+            for i in (0, 1)
+        ]
+        assert all(len(y) == 1 for y in ys), ys
+        ticks = t.page.eval_on_selector_all(
+            "#chart-power-1 text.tick", "ts => ts.map(t => t.textContent)"
+        )
+        assert "200" in ticks
+        # node a's daemon knows its own device's state only
+        rows = t.page.eval_on_selector_all(
+            "table.prov tbody tr", "trs => trs.map(r => r.lastElementChild.textContent)"
+        )
+        assert rows[0].strip() == "ok"
+        assert rows[1].startswith("–") and "node-b" in rows[1]

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+import pytest
+
 from h3d.analysis import _active_or_unknown
 from tests.conftest import REPO, Daemon
 
@@ -127,3 +129,46 @@ def test_report_of_a_short_run_says_what_its_figures_cover(daemon_factory: Any) 
     assert "whole run, shorter than the 60 s window" in out
     assert "negative eta: the smoothed training loss rose" in out
     assert "e-15" not in out
+
+
+def test_marginal_eta_of_a_short_run_is_the_whole_runs_eta(daemon: Daemon) -> None:
+    """A run that trains, then evaluates before it ends: its window ended at the last batch,
+    so the "whole run" marginal η left the evaluation's energy out (0.148 against the run's
+    η of 0.0835 bits/J). A finished run's window ends where its energy does."""
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "eval-tail"}).json()
+        now = time.time()
+        batches = [{"seq": s, "t": now + 0.003 * s, "loss": 2.3 - 0.01 * s} for s in range(100)]
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches}).raise_for_status()
+        time.sleep(1.2)  # the evaluation pass: energy spent, no batch logged
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        eta = api.get(f"/v1/runs/{run['id']}/eta").json()
+        tail = api.get(f"/v1/runs/{run['id']}/eta", params={"window": 0.5}).json()
+        energy = api.get(f"/v1/runs/{run['id']}/energy").json()
+    assert eta["window_is_whole_run"] is True and eta["eta_bits_per_j"] > 0
+    assert eta["window_energy_j"] == pytest.approx(eta["energy_j"])
+    assert eta["marginal_eta_bits_per_j"] == pytest.approx(eta["eta_bits_per_j"])
+    # a window shorter than the run: its last 0.5 s, the evaluation, which learnt nothing
+    assert tail["window_is_whole_run"] is False
+    share = 0.5 / energy["duration_s"]
+    assert tail["window_energy_j"] == pytest.approx(share * energy["energy_j"], rel=0.15)
+    assert tail["marginal_eta_bits_per_j"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_energy_series_ends_at_the_last_batch(daemon: Daemon) -> None:
+    """The grid took every len/500-th batch from the k-th and could stop short of the last:
+    the loss-against-energy curve's last batches then all stood on its last point."""
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "grid"}).json()
+        now = time.time()
+        batches = [{"seq": s, "t": now + 0.0005 * s, "loss": 2.0 - 1e-3 * s} for s in range(1234)]
+        for i in range(0, len(batches), 500):
+            got = api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches[i : i + 500]})
+            got.raise_for_status()
+        time.sleep(0.8)
+        api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        for metric in ("energy", "eta"):
+            got = api.get(
+                f"/v1/runs/{run['id']}/series", params={"metric": metric, "points": 500}
+            ).json()["points"]
+            assert len(got) > 100 and got[-1][0] == batches[-1]["t"], metric

@@ -53,17 +53,31 @@ def get_series(
     points: int = Query(500, ge=3, le=20_000),
     device: Annotated[
         Annotated[str, StringConstraints(max_length=200), CheckText] | None,
-        Query(description="metric=power only: one device's power, not the sum."),
+        Query(
+            description="metric=power only: one device's power, not the sum. Names are unique "
+            "per node only: on a run over several nodes that have it, give node as well."
+        ),
+    ] = None,
+    node: Annotated[
+        Annotated[str, StringConstraints(max_length=255), CheckText] | None,
+        Query(description="metric=power only: the devices of this node of the run only."),
     ] = None,
 ) -> SeriesPublic:
-    if device is not None and metric != "power":
-        raise InvalidInput("device is a filter of metric=power only")
+    if (device is not None or node is not None) and metric != "power":
+        raise InvalidInput("device and node are filters of metric=power only")
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
         if metric == "loss":
             pts = analysis.loss_series(s, run=run, points=points)
         elif metric == "power":
-            pts = analysis.power_series(s, run=run, points=points, device=device)
+            pts = analysis.power_series(
+                s,
+                run=run,
+                points=points,
+                device=device,
+                node=node,
+                interval_s=settings.sample_interval_s,
+            )
         else:
             pts = analysis.cumulative_series(
                 s,
