@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 #: An epoch is past the point of diminishing returns when its η, and every later epoch's,
@@ -15,15 +16,13 @@ def diminishing_returns(
     """The suggested stopping point: the last epoch after which η stayed < fraction × peak.
 
     Returns ``{"epoch", "peak_eta_bits_per_j", "energy_after_j", "energy_after_frac"}`` or
-    None when η never fell that far (or there are fewer than 3 epochs).
+    None when η never fell that far, or when its course cannot tell
+    (:func:`stopping_point_unknown` says why: fewer than 3 epochs, η unknown).
     """
+    if stopping_point_unknown(epochs) is not None:
+        return None
     etas = [e.get("eta_bits_per_j") for e in epochs]
-    known = [v for v in etas if v is not None]
-    if len(epochs) < 3 or not known:
-        return None
-    peak = max(known)
-    if peak <= 0:
-        return None
+    peak = max(v for v in etas if v is not None)
     stop = None
     for i in range(len(epochs) - 1, -1, -1):
         v = etas[i]
@@ -40,6 +39,33 @@ def diminishing_returns(
         "energy_after_j": after,
         "energy_after_frac": after / total if total > 0 else None,
     }
+
+
+def stopping_point_unknown(epochs: list[dict[str, Any]]) -> str | None:
+    """Why η's course cannot tell a stopping point (too few epochs, no epoch's η known, none
+    positive), or None when :func:`diminishing_returns`' None means "not reached yet"."""
+    known = [v for e in epochs if (v := e.get("eta_bits_per_j")) is not None]
+    if len(epochs) < 3:
+        return f"{len(epochs)} epoch{'' if len(epochs) == 1 else 's'}, too few to tell"
+    if not known:
+        return "η is unknown for every epoch"
+    if max(known) <= 0:
+        return "no epoch's η was positive"
+    return None
+
+
+#: Characters a terminal acts on rather than shows: C0/C1 controls (ESC starts a sequence
+#: that can clear the screen), line breaks, and the bidirectional overrides.
+_UNSHOWN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def shown(text: object) -> str:
+    """``text`` safe to print, those characters written as escapes (``\\x1b``, ``\\n``):
+    run names and phases are anyone's with the daemon's token, or anyone's who wrote the
+    audit log, and must not clear the screen or break a table."""
+    return _UNSHOWN.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), str(text))
 
 
 def _f(v: Any, unit: str = "", digits: int = 4) -> str:
@@ -83,15 +109,24 @@ def carbon(e: dict[str, Any]) -> str:
     return f"  carbon              unknown ({why})"
 
 
+def provenance_note(e: dict[str, Any]) -> str:
+    """What the energy's source means when it is not a measurement: nothing read at all
+    (``none``: the energy is unknown) is no model's estimate."""
+    if e["measured"]:
+        return ""
+    if e["source"] == "none":
+        return "  (unknown: no device was readable)"
+    return "  (ESTIMATED: a model, not a measurement)"
+
+
 def format_report(rep: dict[str, Any]) -> str:
     e, eta = rep["energy"], rep["eta"]
     lines = [
-        f"H3 report — run {rep['run']} ({rep['name']}, {rep['status']})",
+        f"H3 report — run {rep['run']} ({shown(rep['name'])}, {rep['status']})",
         f"  duration            {_f(rep['duration_s'], ' s')}, {rep['n_batches']} batches",
         f"  energy              {_f(e['energy_j'], ' J')} attributed, {_f(e['device_energy_j'], ' J')} "
         f"whole devices, {above_idle(e)}",
-        f"  provenance          {e['source']}"
-        + ("" if e["measured"] else "  (ESTIMATED: a model, not a measurement)"),
+        f"  provenance          {e['source']}{provenance_note(e)}",
         *([carbon(e)] if "carbon_source" in e else []),
         f"  loss                {_f(eta['loss_start'])} -> {_f(eta['loss_now'])} nats",
         f"  information gained  {_f(eta['info_gain_bits'], ' bits/sample')}"
@@ -107,7 +142,7 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append("  phases:")
         for p in rep["phases"]:
             lines.append(
-                f"    {p['phase']:<15} {p['batches']:>7} batches  {_f(p['energy_j'], ' J'):>12}  "
+                f"    {shown(p['phase']):<15} {p['batches']:>7} batches  {_f(p['energy_j'], ' J'):>12}  "
                 f"ΔI {_f(p['info_gain_bits'], ' bits/sample'):>19}  η {_f(p['eta_bits_per_j'], ' bits/J')}"
             )
     if rep.get("epochs"):
@@ -122,7 +157,10 @@ def format_report(rep: dict[str, Any]) -> str:
         if any((ep["eta_bits_per_j"] or 0.0) < 0 for ep in rep["epochs"]):
             lines.append(NEGATIVE_ETA_NOTE)
         dr = diminishing_returns(rep["epochs"])
-        if dr is None:
+        unknown = stopping_point_unknown(rep["epochs"])
+        if unknown is not None:  # no claim about a course of η it does not have
+            lines.append(f"  point of diminishing returns unknown ({unknown})")
+        elif dr is None:
             lines.append(
                 "  no point of diminishing returns yet (η stayed above "
                 f"{DIMINISHING_FRACTION:.0%} of its peak)"

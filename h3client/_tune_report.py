@@ -11,7 +11,7 @@ import json
 import statistics
 from typing import Any
 
-from h3client._report import _f
+from h3client._report import _f, shown
 from h3client.client import Client
 
 _COMPARE_MAX = 20  # the daemon's /v1/compare limit
@@ -61,9 +61,9 @@ def _mean(values: list[Any]) -> float | None:
 def format_tune_session(data: dict[str, Any]) -> str:
     groups = data["groups"]
     if not groups:
-        return f"no runs tagged tune:{data['session']}"
+        return f"no runs tagged tune:{shown(data['session'])}"
     lines = [
-        f"h3-tune session {data['session']}: {sum(len(g['runs']) for g in groups)} runs, "
+        f"h3-tune session {shown(data['session'])}: {sum(len(g['runs']) for g in groups)} runs, "
         f"{len(groups)} techniques (means over each technique's runs)",
         f"  {'technique':<16} {'runs':>4} {'η bits/J':>10} {'energy J':>10} {'time s':>8} "
         f"{'accuracy':>9}  status",
@@ -72,14 +72,14 @@ def format_tune_session(data: dict[str, Any]) -> str:
         rs = g["runs"]
         status = ",".join(sorted({r["status"] for r in rs}))
         lines.append(
-            f"  {g['technique']:<16} {len(rs):>4} "
+            f"  {shown(g['technique']):<16} {len(rs):>4} "
             f"{_f(_mean([r['eta_bits_per_j'] for r in rs])):>10} "
             f"{_f(_mean([r['energy_j'] for r in rs])):>10} "
             f"{_f(_mean([r['duration_s'] for r in rs])):>8} "
             f"{_f(_mean([r['final_accuracy'] for r in rs])):>9}  {status}"
         )
         for r in rs:
-            lines.append(f"      {r['run_id']}  {r['name']}")
+            lines.append(f"      {r['run_id']}  {shown(r['name'])}")
     return "\n".join(lines)
 
 

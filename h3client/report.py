@@ -19,6 +19,7 @@ import argparse
 import csv
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from h3client._report import _f, format_report
+from h3client._report import _f, format_report, shown
 
 COLUMNS = (
     "epoch",
@@ -121,34 +122,88 @@ def _new_file(directory: Path, stem: str) -> tuple[Path, Any]:
     raise AssertionError("unreachable")
 
 
+class NotAnAuditLog(ValueError):
+    """A file given as an audit log that is not one a :class:`ThermoAuditLogger` writes (no
+    header row or not its columns, a cell that is not a number, bytes that are not text)."""
+
+
+#: The columns a row's figures are read from: a file without them is not an audit log.
+_NUMBERS = frozenset(COLUMNS) - {"epoch", "samples", "phase", "extra"}
+
+
 def read_audit_log(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(header: name/metadata/config, rows with numbers parsed) of an audit CSV."""
+    """(header: name/metadata/config, rows with numbers parsed) of an audit CSV.
+
+    Raises:
+        NotAnAuditLog: (a ``ValueError``) the file is not an audit log, saying why, with the
+            file's name (and the row, for a bad cell): a CSV of other columns (an ``h3d
+            export``), an empty file, a cell that is not a number, bytes that are not text.
+        OSError: the file cannot be read.
+    """
     header: dict[str, Any] = {}
     body: list[str] = []
-    with open(path, newline="") as f:
-        for line in f:
-            if line.startswith("# "):
-                key, _, value = line[2:].partition(": ")
-                try:
-                    header[key.strip()] = json.loads(value)
-                except ValueError:
-                    header[key.strip()] = value.strip()
-            else:
-                body.append(line)
+    try:
+        with open(path, newline="") as f:  # the encoding the logger wrote it in
+            for line in f:
+                if line.startswith("# "):
+                    key, _, value = line[2:].partition(": ")
+                    try:
+                        header[key.strip()] = json.loads(value)
+                    except ValueError:
+                        header[key.strip()] = value.strip()
+                else:
+                    body.append(line)
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise NotAnAuditLog(
+            f"{path} is not an H3 audit log: not {exc.encoding} text "
+            f"(byte {byte:#04x} at offset {exc.start})"
+        ) from None
     rows = []
-    for r in csv.DictReader(body):
-        row: dict[str, Any] = {}
-        for k, v in r.items():
-            if k in ("phase",):
+    try:
+        reader = csv.DictReader(body)
+        if not reader.fieldnames:  # an empty file, or comments only
+            raise NotAnAuditLog(f"{path} is not an H3 audit log: it has no header row")
+        missing = [c for c in COLUMNS if c not in reader.fieldnames]
+        if missing:
+            raise NotAnAuditLog(
+                f"{path} is not an H3 audit log: no {', '.join(missing)} column"
+                f"{'s' if len(missing) > 1 else ''}"
+            )
+        for i, r in enumerate(reader, start=1):
+            if None in r:  # more cells than the header names
+                raise NotAnAuditLog(f"{path}, row {i}: more cells than the header has columns")
+            rows.append(_parse_row(r, f"{path}, row {i}"))
+    except csv.Error as exc:  # a NUL byte, an unterminated quote at the end
+        raise NotAnAuditLog(f"{path} is not an H3 audit log: {exc}") from None
+    return header, rows
+
+
+def _parse_row(r: dict[str, str | None], where: str) -> dict[str, Any]:
+    """One CSV row's figures; columns a later logger may add are kept as text."""
+    row: dict[str, Any] = {}
+    for k, v in r.items():
+        try:
+            if k == "phase":
                 row[k] = v or None
             elif k == "extra":
                 row[k] = json.loads(v) if v else {}
             elif k in ("epoch", "samples"):
                 row[k] = int(v) if v else None
-            else:
+            elif k in _NUMBERS:
                 row[k] = float(v) if v else None
-        rows.append(row)
-    return header, rows
+            else:
+                row[k] = v
+        except ValueError:
+            what = {"extra": "JSON", "epoch": "a whole number", "samples": "a whole number"}
+            raise NotAnAuditLog(f"{where}: {k} {v!r} is not {what.get(k, 'a number')}") from None
+    return row
+
+
+def _log_name(header: dict[str, Any]) -> str:
+    """The run name the log's ``# h3 audit log`` line holds, or ``?``."""
+    info = header.get("h3 audit log")
+    return str(info.get("name", "?")) if isinstance(info, dict) else "?"
 
 
 def assess(rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -207,7 +262,7 @@ def green_score(
         return ratio, "accuracy unknown: the ratio compares energy only"
     scale = 100.0 if max(a, ab) <= 1.0 else 1.0  # fractions or percentages
     gap = (a - ab) * scale
-    if abs(gap) > tolerance:
+    if not abs(gap) <= tolerance:  # a NaN gap or tolerance compares nothing: not comparable
         return None, f"accuracies differ by {gap:+.2f} points (> {tolerance}): not comparable"
     return ratio, f"accuracy within {gap:+.2f} points of the baseline"
 
@@ -223,7 +278,7 @@ def explain_thermo_log(
     s = _summary_from_rows(rows)
     kind, why = assess(rows)
     out = [
-        f"H3 audit log {Path(path).name} ({header.get('h3 audit log', {}).get('name', '?')})",
+        f"H3 audit log {shown(Path(path).name)} ({shown(_log_name(header))})",
         f"  epochs {s['epochs']}, final accuracy {_f(s['final_accuracy'])}, "
         f"final loss {_f(s['final_loss'])}, energy {_f(s['energy_j'], ' J')}",
     ]
@@ -232,7 +287,7 @@ def explain_thermo_log(
         phases.setdefault(r.get("phase") or "-", []).append(r)
     for name, rs in phases.items():
         e = sum(r["energy_j"] or 0.0 for r in rs)
-        out.append(f"  phase {name:<15} {len(rs):>4} epochs  {_f(e, ' J')}")
+        out.append(f"  phase {shown(name):<15} {len(rs):>4} epochs  {_f(e, ' J')}")
     out.append(f"  assessment: {kind} — {why}")
     if baseline_path is not None:
         _bh, brows = read_audit_log(baseline_path)
@@ -272,7 +327,7 @@ def _compare_row(c: Any, ref: str) -> dict[str, Any]:
         etas = [r["eta_bits_per_j"] for r in rows if r.get("eta_bits_per_j") is not None]
         return {
             "source": Path(ref).name,
-            "name": str(header.get("h3 audit log", {}).get("name", "?")),
+            "name": _log_name(header),
             "energy_j": s["energy_j"],
             "info_gain_bits": None,
             "eta_bits_per_j": sum(etas) / len(etas) if etas else None,
@@ -300,7 +355,7 @@ def _print_compare(rows: list[dict[str, Any]], tolerance: float) -> None:
     for i, r in enumerate(rows):
         score = "baseline" if i == 0 else _f(green_score(r, rows[0], tolerance)[0])
         print(
-            f"{r['source'][:34]:<34} {r['name'][:20]:<20} {_f(r['energy_j']):>10} "
+            f"{shown(r['source'])[:34]:<34} {shown(r['name'])[:20]:<20} {_f(r['energy_j']):>10} "
             f"{_f(r['info_gain_bits']):>14} {_f(r['eta_bits_per_j']):>10} "
             f"{_f(r['final_accuracy']):>7}  {r['assessment']:<12} {score}"
         )
@@ -312,6 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `h3-report --run RUN | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
+
+
+def _tolerance(text: str) -> float:
+    """``--tolerance``: a finite number of points >= 0. NaN compared as "within" for every
+    pair of runs (a Green Score for a run 10 points worse), a negative one as within for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -329,7 +396,10 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     p.add_argument("--tune", metavar="SESSION", help="an h3-tune session's runs, grouped")
     p.add_argument(
-        "--tolerance", type=float, default=1.0, help="accuracy points for the Green Score"
+        "--tolerance",
+        type=_tolerance,
+        default=1.0,
+        help="accuracy points for the Green Score (a finite number >= 0; default 1)",
     )
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -358,7 +428,7 @@ def _main(argv: Sequence[str] | None) -> int:
             _print_compare(rows, args.tolerance)
     except H3HTTPStatusError as exc:
         if exc.status_code != 401:
-            print(f"h3-report: {exc}", file=sys.stderr)
+            print(f"h3-report: {shown(exc)}", file=sys.stderr)
         else:  # say whose token and what to do, not just "401"
             cfg = resolve(args.url)
             print(
@@ -368,8 +438,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 file=sys.stderr,
             )
         return 1
-    except (H3ClientError, OSError) as exc:
-        print(f"h3-report: {exc}", file=sys.stderr)
+    except (H3ClientError, OSError, NotAnAuditLog) as exc:
+        print(f"h3-report: {shown(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -383,7 +453,7 @@ def _report_run(c: Any, args: argparse.Namespace) -> int:
     if args.baseline:
         base = c.report(c.resolve_run(args.baseline)["id"])
         score, note = green_score(_run_summary(rep), _run_summary(base), args.tolerance)
-        print(f"  Green Score vs {args.baseline}: {_f(score)} ({note})")
+        print(f"  Green Score vs {shown(args.baseline)}: {_f(score)} ({note})")
     # Every run is assessed: one that logged no keep_frac trained on all data each epoch.
     kind, why = assess(_assessment_rows(rep))
     print(f"  assessment: {kind} — {why}\n  verdict: {ADVICE[kind]}")

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -37,7 +36,7 @@ from h3d.power.base import PowerBackend
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
 from h3d.reaper import NodeLease, Reaper
-from h3d.security import MAX_NONCE_CHARS, ensure_token, healthz_proof
+from h3d.security import MAX_NONCE_CHARS, bearer_matches, ensure_token, healthz_proof
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
@@ -241,7 +240,7 @@ def create_app(
             raise StarletteHTTPException(404, f"no static file {name[:100]!r}")
         return Response(static_text(name), media_type=kind, headers={"Cache-Control": "no-cache"})
 
-    expected_auth = f"Bearer {token}".encode()
+    token_bytes = token.encode()
 
     @app.get("/healthz", tags=["system"])
     def healthz(request: Request) -> dict[str, Any]:
@@ -258,7 +257,7 @@ def create_app(
         body: dict[str, Any] = {
             "status": "ok",
             "version": __version__,
-            "authorized": secrets.compare_digest(sent, expected_auth),
+            "authorized": bearer_matches(sent, token_bytes),
         }
         nonce = request.query_params.get("nonce")
         if nonce and len(nonce) <= MAX_NONCE_CHARS:

@@ -421,12 +421,28 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
 # --- client-side commands ------------------------------------------------------------------
 
 
+#: Characters a terminal acts on rather than shows: C0/C1 controls (ESC starts a sequence
+#: that can clear the screen or retitle the window), line breaks, and the bidirectional
+#: overrides that make a text read differently from what it holds.
+_UNSHOWN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def _shown(text: object) -> str:
+    """``text`` safe to print: characters a terminal would act on are written as escapes
+    (``\\x1b``, ``\\n``, ``\\u202e``). Run names, tags and phases are anyone's with a
+    token (on a shared store, another user's), and a name must not clear the screen or
+    break the runs table."""
+    return _UNSHOWN.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), str(text))
+
+
 def _fmt(v: Any, unit: str = "", digits: int = 4) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.{digits}g}{unit}"
-    return f"{v}{unit}"
+    return f"{_shown(v)}{unit}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -454,11 +470,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         label = " (ESTIMATE, not a measurement)" if d["source"] == "estimated" else ""
         print(
-            f"  {d['name']:<24} {d['status']:<9} {d['source']:<18} "
-            f"{_fmt(d['last_power_w'], ' W')}{label}  {d['model']}"
+            f"  {_shown(d['name']):<24} {d['status']:<9} {d['source']:<18} "
+            f"{_fmt(d['last_power_w'], ' W')}{label}  {_shown(d['model'])}"
         )
         if d["reason"] and d["status"] != "ok":
-            print(f"      reason: {d['reason']}")
+            print(f"      reason: {_shown(d['reason'])}")
     s = devs.get("sampler") or {}
     if s:
         print(
@@ -498,20 +514,30 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
         print(
-            f"{r['id']:<32}  {r['name'][:24]:<24} {r['status']:<9} {r['n_batches']:>8}  {created}"
+            f"{r['id']:<32}  {_shown(r['name'])[:24]:<24} {r['status']:<9} {r['n_batches']:>8}  "
+            f"{created}"
         )
     print(f"({len(rows)} of {page['count']})")
     return 0
 
 
 def _resolve(c: DaemonClient, ref: str) -> str:
-    """A run id, a run name (newest wins) or a unique id prefix, resolved by the daemon."""
+    """A run id, a run name (newest wins) or a unique id prefix, resolved by the daemon.
+
+    A blank ``RUN`` is refused here, in the command's words: the daemon's answer names its
+    query parameter (``422 validation_error: query.ref: ...``), which the user never typed.
+    """
+    if not ref.strip():
+        raise CommandError(
+            f"no run given ({ref!r}): name one by its id, a unique id prefix or its name "
+            "(`h3d runs` lists them)"
+        )
     return str(c.get("/v1/runs/resolve", params={"ref": ref})["id"])
 
 
 def print_report(rep: dict[str, Any]) -> None:
     e, eta = rep["energy"], rep["eta"]
-    print(f"run {rep['run']}  {rep['name']}  [{rep['status']}]")
+    print(f"run {rep['run']}  {_shown(rep['name'])}  [{rep['status']}]")
     print(f"  duration     {rep['duration_s']:.1f} s, {rep['n_batches']} batches")
     tag = (
         ""
@@ -529,32 +555,34 @@ def print_report(rep: dict[str, Any]) -> None:
         where = f"{d['node']}/" if multi_node else ""
         gaps = f", {d['gaps_s']:.1f} s unmeasured" if d.get("gaps_s") else ""
         print(
-            f"    {where + d['device']:<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, "
+            f"    {_shown(where + d['device']):<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, "
             f"{d['source']}{gaps}"
         )
     if e.get("active_energy_j") is not None:
         print(f"  above idle   {_fmt(e['active_energy_j'], ' J')}")
     else:
-        print(f"  above idle   unknown ({e.get('active_energy_note') or 'no idle baseline'})")
+        print(
+            f"  above idle   unknown ({_shown(e.get('active_energy_note') or 'no idle baseline')})"
+        )
     if rep.get("world_size") or multi_node:
         print(f"  {rep.get('world_size') or 1} ranks, {rep.get('n_steps')} global steps")
         for n in e["by_node"]:
             ranks = ",".join(str(r) for r in n["ranks"]) or "-"
-            print(f"    node {n['node']:<17} {_fmt(n['energy_j'], ' J')}  ranks {ranks}")
+            print(f"    node {_shown(n['node']):<17} {_fmt(n['energy_j'], ' J')}  ranks {ranks}")
         for r in e.get("by_rank", ()):
             print(
-                f"    rank {r['rank']:<4} {r['node']:<12} {_fmt(r['energy_j'], ' J')}  "
+                f"    rank {r['rank']:<4} {_shown(r['node']):<12} {_fmt(r['energy_j'], ' J')}  "
                 f"{r['n_batches']} batches, {r['status']}"
             )
     if e.get("carbon_source", "none") != "none":
         print(f"  carbon       {_fmt(e.get('co2e_g'), ' gCO2e')}  source={e['carbon_source']}")
-        print(f"               {e.get('carbon_detail', '')}")
+        print(f"               {_shown(e.get('carbon_detail', ''))}")
     elif "carbon_source" in e:
         # the daemon's reason: nothing configured, or a configured source failing and why
         why = e.get("carbon_detail") or "no carbon intensity configured"
         if why == "no carbon intensity configured":
             why += ": set H3D_CARBON_INTENSITY_G_PER_KWH, H3D_CARBON_REGION, ..."
-        print(f"  carbon       unknown ({why})")
+        print(f"  carbon       unknown ({_shown(why)})")
     print(
         f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
         f"(smoothed over {eta['smoothing_batches']} batches)"
@@ -573,7 +601,7 @@ def print_report(rep: dict[str, Any]) -> None:
         )
         for ep in rep["epochs"]:
             print(
-                f"  {ep['epoch']:>5} {str(ep['phase'] or '-'):<14} {_fmt(ep['loss']):>10} "
+                f"  {ep['epoch']:>5} {_shown(ep['phase'] or '-'):<14} {_fmt(ep['loss']):>10} "
                 f"{_fmt(ep['accuracy']):>7} {_fmt(ep['energy_j']):>10} {_fmt(ep['eta_bits_per_j']):>10}"
             )
         if any((ep["eta_bits_per_j"] or 0.0) < 0 for ep in rep["epochs"]):
@@ -588,7 +616,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.html:
         from h3d.dashboard import render_report, run_bundle
 
-        _write_file(args.html, render_report(run_bundle(c.get, _resolve(c, args.run))))
+        page = render_report(run_bundle(c.get, _resolve(c, args.run)))
+        if args.html == _STDOUT:
+            sys.stdout.write(page)
+            return 0
+        _write_file(args.html, page)
         print(f"h3d: wrote {args.html}")
         return 0
     rep = c.get(f"/v1/runs/{_resolve(c, args.run)}/report")
@@ -599,7 +631,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The output file name that means standard output (``-o -``), as in most Unix tools; a file
+#: named ``-`` is still written as ``-o ./-``.
+_STDOUT = "-"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.output == _STDOUT:
+        args.output = None
     c = DaemonClient(_settings(args))
     rid = _resolve(c, args.run)
     if args.samples:  # one row per sample: how many is not known before the end
@@ -863,14 +902,15 @@ def cmd_import(args: argparse.Namespace) -> int:
                     if not (kind in ("create", "update") and code in already):
                         if code == "run_finished":
                             print(
-                                f"h3d: {path.name} line {n}: not imported: {error.get('message')} "
+                                f"h3d: {path.name} line {n}: not imported: "
+                                f"{_shown(error.get('message'))} "
                                 "(a run its client ended takes no more data). "
                                 f"The file is kept; {ops} operation(s) before this line were "
                                 "imported.",
                                 file=sys.stderr,
                             )
                         else:
-                            text = " ".join(r.text[:200].split())
+                            text = _shown(" ".join(r.text[:200].split()))
                             print(
                                 f"h3d: {path.name} line {n}: {r.status_code} {text}",
                                 file=sys.stderr,
@@ -896,6 +936,25 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_store(settings: Settings, engine: Any) -> Path | None:
+    """The SQLite file of ``engine`` when there is none yet (opening it would create it), or
+    None: a file is there, or the URL names no file (memory, a PostgreSQL server), or one in
+    a directory that is missing or not a directory, which opening it names as such. The
+    default store's data dir may be missing too: a data dir not made yet has no store."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    if engine.url.query.get("uri"):  # a file: URI with its own modes: SQLite reads it
+        return None
+    path = Path(database)
+    if os.path.lexists(path):
+        return None
+    parent = path.parent
+    if parent.is_dir() or (not settings.db_url and not os.path.lexists(parent)):
+        return path
+    return None
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -904,6 +963,14 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = _engine(settings, args)  # a bad URL is one line before anything is created
     url = engine.url.render_as_string(hide_password=True)
+    missing = _missing_store(settings, engine) if args.db_command == "current" else None
+    if missing is not None:  # a question: it creates nothing (a typo'd path made a store)
+        engine.dispose()
+        raise CommandError(
+            f"{url}: no store there (nothing was created); `h3d db upgrade` or `h3d serve` "
+            "creates it",
+            1,
+        )
     try:
         private_data_dir(settings)  # as `serve` keeps it: 0700, the store 0600
     except CommandError:
@@ -989,7 +1056,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", parents=[data], help="a run's report")
     sh.add_argument("run", help="run id, unique id prefix, or name")
     sh.add_argument("--json", action="store_true")
-    sh.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    sh.add_argument(
+        "--html", metavar="FILE", help="write a self-contained HTML report (-: to stdout)"
+    )
     sh.set_defaults(func=cmd_show)
     ex = sub.add_parser("export", parents=[data], help="a run's batches as CSV")
     ex.add_argument("run", help="run id, unique id prefix, or name")
@@ -998,7 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the per-sample losses instead, one row per sample (seq, epoch, index, loss)",
     )
-    ex.add_argument("-o", "--output", help="file (default: stdout)")
+    ex.add_argument("-o", "--output", help="file (default, or -: stdout)")
     ex.set_defaults(func=cmd_export)
     sub.add_parser("stop", parents=[data], help="stop the running daemon").set_defaults(
         func=cmd_stop
@@ -1040,6 +1109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except DaemonDown as exc:
         print(f"h3d: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # the daemon's answer in one line: it may quote a run's name
+        if not isinstance(exc.code, str):
+            raise
+        print(_shown(exc.code), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import secrets
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from h3d.security import bearer_matches
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 # Pages: data only from this origin, never inside another site's frame (clickjacking). The
@@ -124,6 +125,10 @@ def _gunzip(data: bytes, limit: int, max_members: int = MAX_GZIP_MEMBERS) -> byt
             return b"".join(out)
 
 
+#: Content-Encoding values that name a coding the daemon reads by another name.
+_CODINGS = {b"": b"identity", b"x-gzip": b"gzip"}
+
+
 class GuardMiddleware:
     def __init__(
         self,
@@ -134,7 +139,7 @@ class GuardMiddleware:
         allowed_hosts: Iterable[str] = (),
     ) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
         self.max_body = max_body_bytes
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
 
@@ -156,8 +161,8 @@ class GuardMiddleware:
             send = _with_headers(send, DASHBOARD_HEADERS)
         elif scope["path"] in PAGES:
             send = _with_headers(send, PAGE_HEADERS)
-        if is_protected(scope["path"]) and not secrets.compare_digest(
-            headers.get(b"authorization", b""), self.expected
+        if is_protected(scope["path"]) and not bearer_matches(
+            headers.get(b"authorization", b""), self.token
         ):
             await _send_error(
                 send, 401, "unauthorized", "missing or wrong bearer token (see <data dir>/token)"
@@ -167,9 +172,16 @@ class GuardMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             await _send_error(send, 413, "payload_too_large", self._too_large())
             return
-        encoding = headers.get(b"content-encoding", b"identity").lower()
+        # RFC 9110 §8.4: an empty list of codings is none, and x-gzip is gzip
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        encoding = _CODINGS.get(encoding, encoding)
         if encoding not in (b"identity", b"gzip"):
-            await _send_error(send, 415, "unsupported_encoding", "only gzip bodies are accepted")
+            await _send_error(
+                send,
+                415,
+                "unsupported_encoding",
+                "only gzip bodies are accepted (Content-Encoding: gzip, or none)",
+            )
             return
         if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             await self.app(scope, receive, send)

@@ -110,10 +110,17 @@ def replaying(session: Session, run_id: str, *, replay: bool, now: float) -> Ite
     session.flush()
 
 
-def resumed_run(session: Session, run_id: str, *, now: float) -> Run | None:
+def resumed_run(
+    session: Session, run_id: str, *, pid: int | None, host: str | None, now: float
+) -> Run | None:
     """The run a resumed profiler continues (``H3-Resume``), reopened if the reaper failed
     it; None if there is none (the create makes it). A run its client ended is a 409
-    ``run_exists``, as any create of an id that exists."""
+    ``run_exists``, as any create of an id that exists.
+
+    The run's process is the new one (``pid`` on ``host``) in the row too, not only in this
+    daemon's sampler: a restarted daemon takes the store's running runs up by their stored
+    pid, and with the old, dead one it gave the live run no share and failed it after the
+    exit grace."""
     run = session.get(Run, run_id, with_for_update=True, populate_existing=True)
     if run is None:
         return None
@@ -121,12 +128,15 @@ def resumed_run(session: Session, run_id: str, *, now: float) -> Run | None:
         run.status, run.finished_at, run.seen_at = "running", None, now
         # the baselines kept at its end: it has not ended (it keeps new ones when it does)
         session.execute(delete(RunIdle).where(RunIdle.run_id == run_id))
-        session.flush()
         logger.info("run %s resumed by a new process: running again", run_id)
     elif run.status != "running":
         raise RunExists(
             f"a run with id {run_id} exists and is {run.status}", details={"run_id": run_id}
         )
+    else:  # its heartbeat: the reaper times it from this request, not from the last one
+        run.seen_at = now if run.seen_at is None else max(run.seen_at, now)
+    run.pid, run.host = pid, host
+    session.flush()
     return run
 
 

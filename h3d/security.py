@@ -38,6 +38,15 @@ KEEP_ALIVE_S = 5
 MAX_NONCE_CHARS = 128
 
 
+def bearer_matches(header: bytes, token: bytes) -> bool:
+    """Whether an ``Authorization`` header value carries ``token`` in the Bearer scheme.
+
+    The scheme is case-blind (RFC 9110 §11.1: ``bearer`` is ``Bearer``; some proxies and
+    clients send it so), the token exact and compared in constant time."""
+    scheme, _, sent = header.partition(b" ")
+    return scheme.lower() == b"bearer" and secrets.compare_digest(sent.lstrip(b" "), token)
+
+
 def ensure_token(path: Path) -> str:
     """Return the token at ``path``, creating it (0600, never overwritten) on first start.
 

@@ -138,3 +138,34 @@ def test_a_refused_token_is_explained_not_just_a_401(daemon: Daemon, tmp_path: P
     assert r.returncode == 1
     assert f"the daemon at {daemon.url} refuses the token of data dir {other}" in r.stderr
     assert "H3D_TOKEN" in r.stderr
+
+
+def test_a_name_that_is_another_runs_id_prefix_is_ambiguous(tmp_path: Path) -> None:
+    """A run named ``27b67c60`` silently won over run ``27b67c602a1f…``: ``h3d show
+    27b67c60`` showed another run than the id prefix names, with no hint."""
+    from h3d.errors import AmbiguousRun
+    from h3d.storage import migrate
+    from h3d.storage import repository as repo
+    from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(engine)
+    prefixed, named, own = "27b67c60" + "a" * 24, "a49df5be" + "b" * 24, "ee11" + "c" * 28
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            for rid, name, t in ((prefixed, "first", 1.0), (named, "27b67c60", 2.0),
+                                 (own, "ee11", 3.0)):  # fmt: skip
+                repo.create_run(s, name=name, config={}, tags=[], pid=None, host=None,
+                                n_train=None, now=t, run_id=rid)  # fmt: skip
+        with session_scope(make_sessionmaker(engine)) as s:
+            with pytest.raises(AmbiguousRun) as got:
+                repo.resolve_run(s, ref="27b67c60")
+            ids = [c["id"] for c in got.value.details["candidates"]]
+            assert ids == [named, prefixed]  # the named run first, then the prefix's
+            assert "27b67c60aaaa (first)" in got.value.message
+            assert "a49df5bebbbb (27b67c60)" in got.value.message
+            assert repo.resolve_run(s, ref="27b67c60a").id == prefixed  # more of the id
+            assert repo.resolve_run(s, ref="ee11").id == own  # its own id's prefix: one run
+            assert repo.resolve_run(s, ref="first").id == prefixed
+    finally:
+        engine.dispose()

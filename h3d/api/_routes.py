@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 
+from h3d.errors import InvalidInput
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -37,13 +39,33 @@ class _JSONRequest(Request):
             raise json.JSONDecodeError(f"unreadable JSON ({exc})", "", 0) from exc
 
 
+def is_json(content_type: str) -> bool:
+    """Whether a Content-Type is one FastAPI reads a body as JSON by: application/json or
+    application/*+json, any parameters (charset) after it."""
+    kind = content_type.partition(";")[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
 class JSONRoute(APIRoute):
-    """An ``APIRoute`` whose endpoint reads its body as a ``_JSONRequest``."""
+    """An ``APIRoute`` whose endpoint reads its body as a ``_JSONRequest``, and refuses a
+    body sent as another Content-Type in words that say so: FastAPI does not parse it, and
+    its 422 said "Input should be a valid dictionary or object to extract fields from" of
+    valid JSON sent as text/plain."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        takes_body = self.body_field is not None
 
         async def route_handler(request: Request) -> Response:
+            content_type = request.headers.get("content-type")
+            if takes_body and content_type is not None and not is_json(content_type):
+                raise InvalidInput(
+                    f"the body is sent as {content_type[:100]!r}; send it as JSON, with "
+                    "Content-Type: application/json",
+                    details={"content_type": content_type[:100]},
+                )
             return await handler(_JSONRequest(request.scope, request.receive))
 
         return route_handler

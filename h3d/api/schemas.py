@@ -203,6 +203,10 @@ class RunUpdate(BaseModel):
             raise ValueError(
                 "finished_at needs a final status (finished or failed): it says when the run ended"
             )
+        if self.rank is not None and self.status is None:  # it was a silent 200 that did nothing
+            raise ValueError(
+                "rank needs a final status (finished or failed): it says which rank ended"
+            )
         return self
 
 
@@ -301,7 +305,7 @@ class BatchIn(BaseModel):
     @classmethod
     def _index_range(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and v and (min(v) < -INT_MAX or max(v) > INT_MAX):
-            raise ValueError("an index is out of the 64-bit range")
+            raise ValueError(f"an index is outside {-INT_MAX}..{INT_MAX} (±(2**53 - 1))")
         return v
 
     @model_validator(mode="after")

@@ -29,10 +29,36 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from h3d.errors import StorageUnavailable
+from h3d.storage.migrate import REVISIONS
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _fold(text: str | None) -> str | None:
+    """SQL ``h3_fold(x)`` on SQLite: ``x`` case-folded as Python folds it (any script)."""
+    return None if text is None else text.casefold()
+
+
+def _may_switch_to_wal(cur: Any) -> bool:
+    """Whether a connection may set WAL mode: the file is not in it yet (the mode is
+    persistent: set once, every later connection opens in it), and it is h3d's to change,
+    empty or at a revision this h3d knows.
+
+    The mode is written into the file's header: set on every connection, it changed a
+    database h3d then refused (foreign tables, a newer revision) and promised to leave
+    untouched, which then needed ``-wal``/``-shm`` files beside it, on any file system.
+    migrate.py refuses such a store; it is read in the file's own mode meanwhile."""
+    if cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return False
+    tables = {r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    revs: set[str] = set()
+    if "alembic_version" in tables:
+        revs = {r[0] for r in cur.execute("SELECT version_num FROM alembic_version")}
+    if not revs:  # empty (h3d creates it), or foreign
+        return not tables - {"alembic_version"}
+    return len(revs) == 1 and revs <= set(REVISIONS)
 
 
 def make_engine(
@@ -63,8 +89,11 @@ def make_engine(
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # the run list's case-blind name filter (SQLite's lower() folds ASCII only)
+            dbapi_conn.create_function("h3_fold", 1, _fold, deterministic=True)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            if _may_switch_to_wal(cur):
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")

@@ -234,6 +234,11 @@ def _finish_rank(session: Session, run: Run, *, rank: int, status: str, now: flo
         raise InvalidInput(f"rank {rank} never joined run {run.id}")
     if rr.status == "running":
         rr.status, rr.finished_at = status, now
+    elif rr.status != status:  # as a run's conflicting second status: not a silent 200
+        raise RunFinished(
+            f"rank {rank} of run {run.id} is already {rr.status}",
+            details={"status": rr.status, "rank": rank},
+        )
     session.flush()
     ranks = run_ranks(session, run_id=run.id)
     if (
@@ -295,8 +300,6 @@ def resolve_run(session: Session, *, ref: str) -> Run:
     named = session.scalars(
         select(Run).where(names).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
     ).first()
-    if named is not None:
-        return named
     prefixed = list(
         session.scalars(
             select(Run)
@@ -305,6 +308,13 @@ def resolve_run(session: Session, *, ref: str) -> Run:
             .limit(RESOLVE_CANDIDATES + 1)
         )
     )
+    if named is not None:
+        # a name that is also another run's id prefix (a run named "27b67c60"): which one
+        # was meant cannot be told, as for a prefix of several ids; neither silently wins
+        others = [r for r in prefixed if r.id != named.id]
+        if not others:
+            return named
+        prefixed = [named, *others]
     if len(prefixed) == 1:
         return prefixed[0]
     if not prefixed:
@@ -417,8 +427,14 @@ def list_runs(
     if status:
         q = q.where(Run.status == status)
     if name:
-        # case-blind on every store: SQLite's LIKE is, PostgreSQL's is not
-        q = q.where(Run.name.icontains(name, autoescape=True))
+        # case-blind on every store, beyond ASCII too: SQLite's lower() and LIKE fold ASCII
+        # only ("école" missed "ÉCOLE"), so there names are folded by Python's casefold
+        # (engine.py registers it on every SQLite connection); PostgreSQL's lower() folds all
+        if session.get_bind().dialect.name == "sqlite":
+            folded = func.h3_fold(Run.name, type_=Run.name.type)
+            q = q.where(folded.contains(name.casefold(), autoescape=True))
+        else:
+            q = q.where(Run.name.icontains(name, autoescape=True))
     if tag:
         q = q.where(Run.id.in_(select(RunTag.run_id).where(RunTag.tag == tag)))
     if since is not None:
@@ -657,12 +673,32 @@ BATCH_COLUMNS = ("run_id", "seq", "t", "loss", "n", "epoch", "step", "phase", "r
 VECTOR_COLUMNS = ("run_id", "seq", "count", "losses", "indices")
 
 
+def _check_rank(session: Session, run_id: str, batch: BatchRow) -> None:
+    """A batch's rank is one of its run's: below its world_size (a run of one process: 0).
+    A rank of it that has not joined yet is taken (a replayed spool may come before its
+    rank's join reaches this store); one no rank of the run can have is refused, for its
+    rows would belong to no rank (the ranks' counts would not add up to the run's)."""
+    size = session.execute(select(Run.world_size).where(Run.id == run_id)).scalar()
+    assert batch.rank is not None
+    if batch.rank >= (size or 1):
+        what = f"world_size is {size}" if size else "one process (no world_size)"
+        raise InvalidInput(
+            f"batch seq={batch.seq}: rank {batch.rank} is not a rank of run {run_id}: its {what}",
+            details={"seq": batch.seq, "rank": batch.rank, "world_size": size},
+        )
+
+
 def add_batches(session: Session, *, run_id: str, batches: Sequence[BatchRow]) -> tuple[int, int]:
     """Insert the batches not stored yet; returns (accepted, duplicates)."""
     if not _check_ingestable(session, run_id, Batch, "seq", [b.seq for b in batches]):
         return 0, len(batches)
     if not batches:
         return 0, 0
+    ranks = {b.rank for b in batches}  # one rank a request, as the client sends them
+    ranks.discard(None)
+    if ranks:
+        top = max(r for r in ranks if r is not None)
+        _check_rank(session, run_id, next(b for b in batches if b.rank == top))
     candidates: dict[int, BatchRow] = {}
     for b in batches:  # a seq repeated inside one request counts once
         candidates.setdefault(b.seq, b)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from h3client import H3Profiler, ThermoAuditLogger, explain_thermo_log
-from h3client._report import diminishing_returns
+from h3client._report import diminishing_returns, format_report, stopping_point_unknown
 from h3client.report import assess, green_score, read_audit_log
 from tests.conftest import REPO, Daemon, daemon_env, free_port
 
@@ -207,3 +208,133 @@ def test_h3_report_run_shows_carbon_and_why_it_is_unknown(tmp_path: Path) -> Non
     assert rep["co2e_g"] is None
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("carbon"))
     assert "unknown" in line and "unavailable" in line and "ConnectError" in line, line
+
+
+def _audit_log(tmp_path: Path, name: str = "run") -> Path:
+    log = ThermoAuditLogger(name, log_dir=tmp_path)
+    for i in range(3):
+        log.log_epoch(i, loss=1.0 / (i + 1), accuracy=0.9, energy_j=5.0)
+    return log.get_path()
+
+
+def test_h3_report_refuses_a_file_that_is_not_an_audit_log_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`h3-report --h3-log` on an `h3d export` CSV, a log with a bad cell or bytes that are
+    not text ended in a traceback (KeyError 'energy_j', ValueError, UnicodeDecodeError); an
+    empty file printed a whole "report" (exit 0), and `--compare` a row of dashes for it."""
+    from h3client.report import main
+
+    good = _audit_log(tmp_path)
+    bad_cell = tmp_path / "bad_cell.csv"  # a real log, one accuracy cell edited by hand
+    bad_cell.write_text(good.read_text().replace("0.9,5.0", "abc,5.0", 1))
+    cases = {
+        "export.csv": ("seq,t,epoch,step,phase,loss,n\n0,1.7e9,0,0,,2.0,32\n", "no val_loss"),
+        "bytes.csv": (b"\x00\xab\xff\xfe" * 20, "not utf-8 text"),
+        "empty.csv": ("", "it has no header row"),
+        "bad_cell.csv": (None, "row 1: accuracy 'abc' is not a number"),
+    }
+    for name, (content, why) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        for argv in (["--h3-log", str(path)], ["--compare", str(path), str(good)]):
+            assert main(argv) == 1, argv
+            out, err = capsys.readouterr()
+            (line,) = err.splitlines()  # one line, no traceback
+            assert line.startswith(f"h3-report: {path}") and why in line, line
+            assert out == "", out
+        with pytest.raises(ValueError, match="not an H3 audit log|is not a number"):
+            read_audit_log(path)
+    assert main(["--compare", str(good), str(good)]) == 0  # a real log is still read
+    assert "baseline" in capsys.readouterr().out
+
+
+def test_h3_report_tolerance_is_a_finite_number_of_points(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--tolerance nan` gave a run 10 points worse a Green Score (NaN compares as within);
+    a negative tolerance made every pair incomparable."""
+    from h3client.report import main
+
+    log = _audit_log(tmp_path)
+    for bad in ("nan", "inf", "-5", "abc"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--h3-log", str(log), "--tolerance", bad])
+        assert exc.value.code == 2
+        assert f"argument --tolerance: '{bad}' is not a" in capsys.readouterr().err
+    assert main(["--h3-log", str(log), "--baseline-log", str(log), "--tolerance", "0"]) == 0
+    assert "Green Score: 1 (accuracy within +0.00 points" in capsys.readouterr().out
+    worse, base = {"energy_j": 5, "final_accuracy": 0.80}, {"energy_j": 10, "final_accuracy": 0.90}
+    score, note = green_score(worse, base, float("nan"))  # the Python API takes any float
+    assert score is None and "not comparable" in note
+
+
+def test_report_calls_unknown_energy_unknown_and_claims_nothing_about_eta(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """With no readable device h3-report said "ESTIMATED: a model, not a measurement" and
+    "η stayed above 10% of its peak" for a run whose η is unknown in every epoch."""
+    d = daemon_factory("none", H3D_POWER_BACKENDS="none")
+    with d.client() as api:
+        run = api.post("/v1/runs", json={"name": "dark", "n_train": 10}).json()
+        t = time.time()
+        batches = [
+            {"seq": i, "t": t + i * 0.01, "loss": 2 - i * 0.01, "epoch": i // 10} for i in range(40)
+        ]
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches}).raise_for_status()
+        epochs = [{"epoch": k, "t": t + 0.1 * (k + 1), "accuracy": 0.5} for k in range(4)]
+        api.post(f"/v1/runs/{run['id']}/epochs", json={"epochs": epochs}).raise_for_status()
+        rep = api.get(f"/v1/runs/{run['id']}/report").json()
+    assert len(rep["epochs"]) == 4 and all(e["eta_bits_per_j"] is None for e in rep["epochs"])
+    text = format_report(rep)
+    assert "provenance          none  (unknown: no device was readable)" in text, text
+    assert "ESTIMATED" not in text and "stayed above" not in text, text
+    assert "point of diminishing returns unknown (η is unknown for every epoch)" in text, text
+
+
+def test_too_few_epochs_tell_no_point_of_diminishing_returns() -> None:
+    assert stopping_point_unknown([ep(0, 1.0), ep(1, 0.5)]) == "2 epochs, too few to tell"
+    assert stopping_point_unknown([ep(0, -1.0), ep(1, None), ep(2, 0.0)]) == (
+        "no epoch's η was positive"
+    )
+    assert stopping_point_unknown([ep(0, 1.0), ep(1, 0.5), ep(2, 0.4)]) is None  # not yet
+
+
+def test_h3_report_prints_names_and_phases_with_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run name or phase holding terminal escapes was printed raw: `\\x1b[2J` cleared the
+    screen of whoever read the report."""
+    from h3client.report import main
+
+    log = ThermoAuditLogger("evil\x1b[2J", log_dir=tmp_path)
+    for i in range(3):
+        log.log_epoch(i, accuracy=0.9, energy_j=5.0, phase="p\x1b]0;t\x07\nx")
+    text = explain_thermo_log(log.get_path())
+    assert "(evil\\x1b[2J)" in text and "phase p\\x1b]0;t\\x07\\nx " in text, text
+    assert main(["--compare", str(log.get_path())]) == 0
+    out = capsys.readouterr().out
+    assert "evil\\x1b[2J" in out
+    assert not any(c in text + out for c in "\x1b\x07"), text + out
+
+
+def test_tune_session_view_prints_names_and_techniques_with_control_characters_escaped() -> None:
+    from h3client._tune_report import format_tune_session
+
+    row = {
+        "run_id": "a" * 32,
+        "name": "x\x1b[2Jy",
+        "status": "finished",
+        "eta_bits_per_j": 1.0,
+        "energy_j": 2.0,
+        "duration_s": 3.0,
+        "final_accuracy": 0.9,
+    }
+    text = format_tune_session(
+        {"session": "s\n", "groups": [{"technique": "t\x1b[31m", "runs": [row]}]}
+    )
+    assert "\x1b" not in text and "\\x1b[2J" in text and "\\x1b[31m" in text
+    assert text.count("\n") == 3  # the session's newline did not add a line

@@ -575,7 +575,8 @@ def test_columnar_batches_are_stored_as_the_same_rows(daemon: Any) -> None:
         for r in rows
     ]
     with daemon.client() as api:
-        a, b = make_run(api), make_run(api)
+        a = make_run(api)
+        b = make_run(api, id="c0" * 16, rank=2, world_size=3)  # its batches carry rank 2
         r = api.post(
             f"/v1/runs/{a['id']}/batches", json={"batches": plain, "nonfinite_as_null": True}
         )
@@ -820,3 +821,38 @@ def test_browser_defences_host_check_csp_and_offline_docs(daemon: Any) -> None:
     with daemon.client() as api:
         r = api.options("/v1/runs")
     assert r.status_code == 405 and set(r.headers["allow"].split(", ")) >= {"GET", "POST"}
+
+
+def test_a_rank_the_run_cannot_have_is_refused_and_a_rank_ends_once(api: httpx.Client) -> None:
+    """In a run of 2 ranks, batches of rank 7 and of rank 2**40 were stored (n_batches 22,
+    its ranks' counts 20); a rank's "finished" then "failed" got 200 twice, the second
+    dropped. A rank that has not joined yet is taken (a replayed spool may come first)."""
+    rid = "ab" * 16
+    r = api.post("/v1/runs", json={"id": rid, "rank": 0, "world_size": 2})
+    assert r.status_code == 201, r.text
+    url = f"/v1/runs/{rid}/batches"
+    early = api.post(url, json={"rank": 1, "batches": batches(0, 2)})  # before rank 1 joins
+    assert early.json() == {"accepted": 2, "duplicates": 0}, early.text
+    for body in (
+        {"rank": 7, "batches": batches(10, 2)},
+        {"batches": [{**batches(10, 1)[0], "rank": 2**40}, *batches(11, 1)]},
+        {"rank": 2, "columns": columns(batches(10, 2))},
+    ):
+        r = api.post(url, json=body)
+        e = err(r)
+        assert r.status_code == 422 and e["code"] == "validation_error", r.text
+        assert "is not a rank of run" in e["message"] and e["details"]["world_size"] == 2
+    single = make_run(api)["id"]
+    r = api.post(f"/v1/runs/{single}/batches", json={"rank": 1, "batches": batches(0, 1)})
+    assert r.status_code == 422 and "one process" in err(r)["message"], r.text
+    r = api.post(f"/v1/runs/{single}/batches", json={"rank": 0, "batches": batches(0, 1)})
+    assert r.json() == {"accepted": 1, "duplicates": 0}, r.text
+    assert api.get(f"/v1/runs/{rid}").json()["n_batches"] == 2
+    # one rank's final status: repeated, a 200; contradicted, a 409 as a run's
+    done = {"status": "finished", "rank": 0}
+    assert api.patch(f"/v1/runs/{rid}", json=done).status_code == 200
+    assert api.patch(f"/v1/runs/{rid}", json=done).status_code == 200
+    r = api.patch(f"/v1/runs/{rid}", json={"status": "failed", "rank": 0})
+    assert r.status_code == 409 and err(r)["code"] == "run_finished", r.text
+    assert err(r)["details"] == {"status": "finished", "rank": 0}
+    assert api.get(f"/v1/runs/{rid}").json()["status"] == "running"  # rank 1 has not ended

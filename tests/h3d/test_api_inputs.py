@@ -302,6 +302,47 @@ def test_a_name_stored_with_spaces_before_is_found_as_typed(tmp_path: Path) -> N
         store.close()
 
 
+# --- a batch's or an epoch's time ---------------------------------------------------------
+
+
+def columns(seqs: list[int], times: list[float]) -> dict[str, Any]:
+    def b64(code: str, values: list[Any]) -> str:
+        return base64.b64encode(struct.pack(f"<{len(values)}{code}", *values)).decode()
+
+    return {
+        "seq_i64": b64("q", seqs),
+        "t_f64": b64("d", times),
+        "loss_f64": b64("d", [1.0] * len(seqs)),
+    }
+
+
+def test_a_batch_or_epoch_time_outside_1970_to_tomorrow_is_a_422_naming_it(
+    api: httpx.Client,
+) -> None:
+    """A ``t`` in milliseconds, 1e308 or -1e308 was stored: the run's last_t became 1e308,
+    its marginal η null, its series' x axis jumped to 1e308 and back, for good (a resend
+    is a duplicate). Old but valid times (a spool replayed late) are taken."""
+    rid = new_run(api)["id"]
+    url, now = f"/v1/runs/{rid}/batches", time.time()
+    ok = [{"seq": 0, "t": now, "loss": 1.0}, {"seq": 1, "t": 1.0e9, "loss": 1.0}]
+    assert api.post(url, json={"batches": ok}).json() == {"accepted": 2, "duplicates": 0}
+    for seq, t in enumerate((now * 1000, 1e308, -1e308, -0.5, now + 2 * 86400), start=2):
+        batch = {"seq": seq, "t": t, "loss": 1.0}
+        e = err(api.post(url, json={"batches": [ok[0], batch]}), 422, "validation_error")
+        assert e["message"].startswith(f"batch seq={seq}: t=") and e["details"]["seq"] == seq
+        e = err(api.post(url, json={"columns": columns([9, seq], [now, t])}), 422,
+                "validation_error")  # fmt: skip
+        assert e["message"].startswith(f"batch seq={seq}: t=") and e["details"]["seq"] == seq
+        epoch = {"epoch": seq, "t": t}
+        e = err(api.post(f"/v1/runs/{rid}/epochs", json={"epochs": [epoch]}), 422,
+                "validation_error")  # fmt: skip
+        assert e["message"].startswith(f"epoch {seq}: t=") and e["details"]["epoch"] == seq
+    r = api.post(url, json={"columns": columns([5, 6], [1.0e9, now])})
+    assert r.json() == {"accepted": 2, "duplicates": 0}, r.text
+    run = api.get(f"/v1/runs/{rid}").json()
+    assert run["n_batches"] == 4 and run["last_t"] == now and run["n_epochs"] == 0
+
+
 # --- bodies Python's JSON parser gives up on ---------------------------------------------
 
 
@@ -323,14 +364,54 @@ def test_an_unreadable_body_is_a_422_validation_error(api: httpx.Client, body: b
 
 def test_the_name_filter_ignores_case_on_every_store(client: httpx.Client) -> None:
     """``?name=`` matched ``mlp-normal`` for ``MLP`` on SQLite (its LIKE is case-blind)
-    and not on PostgreSQL; ``%`` and ``_`` stay literal."""
-    for name in ("mlp-normal", "Big MLP", "cnn", "50%_off"):
+    and not on PostgreSQL; ``%`` and ``_`` stay literal. Beyond ASCII, SQLite's LIKE and
+    lower() are not case-blind: ``école`` missed ``ÉCOLE`` there."""
+    for name in ("mlp-normal", "Big MLP", "cnn", "50%_off", "ÉCOLE normale", "Ωmega"):
         new_run(client, name=name)
     counts = {
         q: client.get("/v1/runs", params={"name": q}).json()["count"]
-        for q in ("MLP", "mlp", "big", "%", "_", "0%_O")
+        for q in ("MLP", "mlp", "big", "%", "_", "0%_O", "école", "ÉCOLE", "ωMEGA", "é")
     }
-    assert counts == {"MLP": 2, "mlp": 2, "big": 1, "%": 1, "_": 1, "0%_O": 1}
+    assert counts == {
+        "MLP": 2, "mlp": 2, "big": 1, "%": 1, "_": 1, "0%_O": 1,
+        "école": 1, "ÉCOLE": 1, "ωMEGA": 1, "é": 1,
+    }  # fmt: skip
+
+
+# --- what a refusal says ------------------------------------------------------------------
+
+
+def test_refusals_say_what_is_wrong_and_codings_are_read_by_their_names(
+    api: httpx.Client,
+) -> None:
+    """JSON sent as text/plain was "Input should be a valid dictionary or object"; an index
+    of 2**53 "out of the 64-bit range"; an empty Content-Encoding (no coding) and x-gzip
+    (gzip, RFC 9110 §8.4.1.3) were 415; PATCH ``{"rank": 0}`` was a 200 that did nothing."""
+    import gzip
+    import json
+
+    body = json.dumps({"name": "plain"}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
+        e = err(api.post("/v1/runs", content=body, headers={"Content-Type": kind}), 422,
+                "validation_error")  # fmt: skip
+        assert "send it as JSON, with Content-Type: application/json" in e["message"], e
+    for kind in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = api.post("/v1/runs", content=body, headers={"Content-Type": kind})
+        assert r.status_code == 201, (kind, r.text)
+    rid = r.json()["id"]
+    batch = {"seq": 0, "t": time.time(), "loss": 1.0, "losses": [1.0], "indices": [2**53]}
+    e = err(api.post(f"/v1/runs/{rid}/batches", json={"batches": [batch]}), 422,
+            "validation_error")  # fmt: skip
+    assert f"outside {-(2**53 - 1)}..{2**53 - 1}" in e["message"], e
+    json_h = {"Content-Type": "application/json"}
+    for coding, content in (("", body), ("x-gzip", gzip.compress(body)), ("X-GZIP", gzip.compress(body))):  # fmt: skip
+        r = api.post("/v1/runs", content=content, headers={**json_h, "Content-Encoding": coding})
+        assert r.status_code == 201 and r.json()["name"] == "plain", (coding, r.text)
+    r = api.post("/v1/runs", content=body, headers={**json_h, "Content-Encoding": "br"})
+    assert "Content-Encoding: gzip, or none" in err(r, 415, "unsupported_encoding")["message"]
+    e = err(api.patch(f"/v1/runs/{rid}", json={"rank": 0}), 422, "validation_error")
+    assert "rank needs a final status" in e["message"], e
+    assert api.patch(f"/v1/runs/{rid}", json={}).json()["status"] == "running"  # the run, as is
 
 
 # --- gzip bodies of many members ----------------------------------------------------------

@@ -154,8 +154,8 @@ def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
 
 def test_db_upgrade_and_current(tmp_path: Path) -> None:
     data = tmp_path / "d"
-    r = h3d(data, "db", "current")
-    assert "(empty)" in r.stdout
+    r = h3d(data, "db", "current")  # a question: it makes neither the data dir nor a store
+    assert r.returncode == 1 and "no store there" in r.stderr and not data.exists()
     r = h3d(data, "db", "upgrade")
     head = migrate.head_revision()
     assert r.returncode == 0 and f"upgraded (empty) -> {head}" in r.stdout
@@ -673,3 +673,74 @@ def test_runs_pages_past_the_apis_limit_and_show_names_gaps(
     show = h3d(d, "show", "unsampled")
     assert show.returncode == 0, show.stderr
     assert "no readings while it ran" in show.stdout and "1.5 s unmeasured" in show.stdout
+
+
+def test_run_names_and_phases_are_printed_with_control_characters_escaped(
+    daemon: Daemon,
+) -> None:
+    """A run named with terminal escapes cleared the screen on `h3d runs` / `h3d show`, and
+    a newline in a name broke the runs table: names are anyone's with a token."""
+    evil = "\x1b[2J\x1b[31mpwned\x1b[0m\nnext\u202eline"
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": evil}).json()
+        now = time.time()
+        batches = [{"seq": i, "t": now + i * 0.01, "loss": 2.0, "epoch": 0} for i in range(5)]
+        api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches}).raise_for_status()
+        epoch = {"epoch": 0, "t": now + 0.1, "phase": "p\x1b]0;title\x07"}
+        api.post(f"/v1/runs/{run['id']}/epochs", json={"epochs": [epoch]}).raise_for_status()
+    shown = "\\x1b[2J\\x1b[31mpwned\\x1b[0m\\nnext\\u202eline"
+    runs = h3d(daemon, "runs")
+    assert runs.returncode == 0, runs.stderr
+    assert runs.stdout.splitlines()[1].startswith(f"{run['id']}  {shown[:24]} ")
+    assert len(runs.stdout.splitlines()) == 3  # header, the run, the count
+    show = h3d(daemon, "show", run["id"])
+    assert show.returncode == 0, show.stderr
+    assert (
+        f"{run['id']}  {shown}  [running]" in show.stdout and "p\\x1b]0;title\\x07" in show.stdout
+    )
+    missing = h3d(daemon, "show", "\x1b[2Jnope")  # the daemon's answer quotes what was typed
+    assert missing.returncode == 1 and "\\x1b[2Jnope" in missing.stderr, missing.stderr
+    for r in (runs, show, missing):
+        assert not any(c in r.stdout + r.stderr for c in "\x1b\x07\u202e"), r
+
+
+def test_a_blank_run_and_output_to_stdout_are_said_in_the_commands_words(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """`h3d show ""` printed the API's `422 validation_error: query.ref: String should have at
+    least 1 character`; `h3d export RUN -o -` wrote a file named `-`."""
+    for args in (("show", ""), ("export", "  "), ("show", "", "--html", "-")):
+        r = h3d(daemon, *args)
+        assert r.returncode == 2, r
+        line = one_error_line(r)
+        assert line.startswith("h3d: no run given (") and "unique id prefix" in line, line
+        assert "query.ref" not in line and "422" not in line, line
+    with daemon.client() as api:
+        run = api.post("/v1/runs", json={"name": "to-stdout"}).json()
+        api.post(
+            f"/v1/runs/{run['id']}/batches",
+            json={"batches": [{"seq": 0, "t": time.time(), "loss": 1.0}]},
+        ).raise_for_status()
+    here = tmp_path / "cwd"  # a directory of its own: a file named `-` would show there
+    here.mkdir()
+    ex = subprocess.run(
+        [sys.executable, "-m", "h3d", "export", "to-stdout", "-o", "-"],
+        env=daemon_env(daemon.data_dir),
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ex.returncode == 0, ex.stderr
+    assert ex.stdout.splitlines()[0] == "seq,t,epoch,step,phase,n,loss"
+    assert len(ex.stdout.splitlines()) == 2 and list(here.iterdir()) == []
+    html = subprocess.run(
+        [sys.executable, "-m", "h3d", "show", "to-stdout", "--html", "-"],
+        env=daemon_env(daemon.data_dir),
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert html.returncode == 0, html.stderr
+    assert "<html" in html.stdout[:500].lower() and list(here.iterdir()) == []

@@ -57,8 +57,8 @@ def test_an_empty_data_dir_variable_is_the_default_data_dir_not_the_current_one(
         text=True,
         timeout=120,
     )
-    assert r.returncode == 0, r.stderr
-    assert f"{tmp_path / 'xdg' / 'h3d' / 'h3d.db'}: at (empty)" in r.stdout, r.stdout
+    assert r.returncode == 1, r.stderr  # no store there yet: `db current` makes none
+    assert f"{tmp_path / 'xdg' / 'h3d' / 'h3d.db'}: no store there" in r.stderr, r.stderr
     # the current directory untouched: no store in it, its modes as they were
     assert [p.name for p in project.iterdir()] == ["notes.txt"]
     assert project.stat().st_mode & 0o777 == 0o755
@@ -200,3 +200,21 @@ def test_a_file_where_the_data_dir_should_be_is_named_as_such(tmp_path: Path) ->
             f"{prefix}{file} is not a directory; name another data dir (--data-dir or H3D_DATA_DIR)"
         )
     assert file.read_text() == "x"
+
+
+def test_db_current_on_a_path_with_no_store_creates_none(tmp_path: Path) -> None:
+    """`h3d db current --db-url sqlite:///typo.db`, a read-only question, created a 4 KiB
+    store at the typo'd path (and the data dir) and answered "at (empty)"."""
+    data = tmp_path / "data"
+    typo = tmp_path / "typo.db"
+    r = h3d(data, "db", "current", "--db-url", f"sqlite:///{typo}")
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = one_error_line(r)
+    assert line == (
+        f"h3d: sqlite:///{typo}: no store there (nothing was created); `h3d db upgrade` or "
+        "`h3d serve` creates it"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no data dir
+    typo.touch()  # an empty file is a store at no revision yet: answered as before
+    r = h3d(data, "db", "current", "--db-url", f"sqlite:///{typo}")
+    assert r.returncode == 0 and "at (empty)" in r.stdout, r.stdout + r.stderr

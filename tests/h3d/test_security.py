@@ -340,3 +340,21 @@ def test_serve_on_an_existing_folder_leaves_its_other_files_alone(project: Path)
     assert got["proj/train.sh"] == "0o755" and got["proj/shared_ckpts"] == "0o755"
     assert got["proj/shared_ckpts/ckpt.pt"] == "0o644" and got["outside.txt"] == "0o644"
     assert got["proj/h3d.db"] == "0o600" and got["proj/spool/r.jsonl"] == "0o600"
+
+
+def test_the_bearer_scheme_is_case_blind_and_the_token_exact(daemon: Daemon) -> None:
+    """``Authorization: bearer TOKEN`` was a 401 (RFC 9110 §11.1: the scheme is case-blind;
+    some proxies and clients send it so); the token itself is still compared exactly."""
+    url, token = f"{daemon.url}/v1/runs", daemon.token
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        r = httpx.get(url, headers={"Authorization": f"{scheme} {token}"})
+        assert r.status_code == 200, (scheme, r.text)
+        health = httpx.get(f"{daemon.url}/healthz", headers={"Authorization": f"{scheme} {token}"})
+        assert health.json()["authorized"] is True, scheme
+    for refused in (token, f"Bearer {token.upper()}", f"Basic {token}", f"Bearer{token}",
+                    f"Bearer {token}x", "Bearer", ""):  # fmt: skip
+        r = httpx.get(url, headers={"Authorization": refused})
+        assert r.status_code == 401, refused
+    from h3d.security import bearer_matches
+
+    assert bearer_matches(b"bearer  tok", b"tok") and not bearer_matches(b"bearer tok ", b"tok")

@@ -342,6 +342,39 @@ def test_serve_refuses_a_corrupt_database_with_one_clear_line(tmp_path: Path) ->
     assert (data / "h3d.db").read_bytes() == b"garbage" * 1000
 
 
+def test_serve_leaves_a_foreign_or_newer_database_byte_for_byte_untouched(tmp_path: Path) -> None:
+    """Every connection switched the file to WAL before the check refused it: the header
+    of a database h3d "will not write into" changed, and it needed -wal/-shm files."""
+    foreign = tmp_path / "foreign" / "h3d.db"
+    foreign.parent.mkdir()
+    with sqlite3.connect(foreign) as c:
+        c.execute("CREATE TABLE customers (id)")
+        c.execute("INSERT INTO customers VALUES (1)")
+    newer = tmp_path / "newer" / "h3d.db"
+    newer.parent.mkdir()
+    engine = make_engine(f"sqlite:///{newer}")
+    migrate.upgrade(engine)
+    engine.dispose()
+    c = sqlite3.connect(newer)
+    with c:
+        c.execute("UPDATE alembic_version SET version_num = 'f00dcafe'")
+    # as a newer h3d might leave it, or another program
+    assert c.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    c.close()
+    for db, why in ((foreign, "no h3d revision"), (newer, "newer h3d")):
+        before = db.read_bytes()
+        r = serve_once(db.parent)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+        assert db.read_bytes() == before, db
+        assert not [p.name for p in db.parent.glob("h3d.db-*")]  # no -wal, -shm, -journal
+    fresh = tmp_path / "fresh.db"  # h3d's own store is still put in WAL mode
+    engine = make_engine(f"sqlite:///{fresh}")
+    migrate.upgrade(engine)
+    engine.dispose()
+    with sqlite3.connect(fresh) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 def test_per_sample_losses_are_compact_blobs(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
     migrate.upgrade(engine)

@@ -15,6 +15,7 @@ from h3d import reaper
 from h3d.api._routes import Routes
 from h3d.api.deps import SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import (
+    FUTURE_SLACK_S,
     BatchColumns,
     BatchesIn,
     BatchIn,
@@ -23,7 +24,7 @@ from h3d.api.schemas import (
     Text,
     nonfinite_positions,
 )
-from h3d.errors import NonFiniteLoss, PayloadTooLarge
+from h3d.errors import InvalidInput, NonFiniteLoss, PayloadTooLarge
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
 
@@ -39,6 +40,22 @@ def _bad(seq: int, what: str, allow_null: bool) -> NonFiniteLoss:
     return NonFiniteLoss(
         f"batch seq={seq}: {what} is not a finite number (float32 for losses){hint}",
         details={"seq": seq, "field": what},
+    )
+
+
+def _latest_t() -> float:
+    """The latest ``t`` a batch or an epoch may carry (as a run's ``created_at``)."""
+    return time.time() + FUTURE_SLACK_S
+
+
+def _bad_time(what: str, t: float, key: dict[str, int]) -> InvalidInput:
+    """A ``t`` outside 1970 … a day from now. It cuts the run's energy windows (marginal η,
+    per epoch, per phase) and its series' x axis, and a resend of the batch is a duplicate:
+    stored, it could never be repaired. Far out is most often milliseconds or nanoseconds."""
+    return InvalidInput(
+        f"{what}: t={t!r} is not Unix seconds between 1970 and a day from now (a time in "
+        "milliseconds or nanoseconds?)",
+        details={**key, "field": "t", "t": t},
     )
 
 
@@ -90,6 +107,10 @@ def _split(block: bytes | None, sizes: Sequence[int], width: int) -> list[bytes 
 def _column_rows(c: BatchColumns, allow_null: bool, rank: int | None) -> list[repo.BatchRow]:
     """The rows of a columnar request (validation has checked its lengths and ranges)."""
     seqs, k = c.seqs(), len(c)
+    times, latest = c.times(), _latest_t()
+    if k and (min(times) < 0.0 or max(times) > latest):  # C-speed passes; a scan if one fails
+        i = next(i for i, t in enumerate(times) if not 0.0 <= t <= latest)
+        raise _bad_time(f"batch seq={seqs[i]}", times[i], {"seq": seqs[i]})
     losses: list[float | None] = list(c.losses())
     bad = nonfinite_positions(cast("list[float]", losses))
     if bad and not allow_null:
@@ -111,7 +132,7 @@ def _column_rows(c: BatchColumns, allow_null: bool, rank: int | None) -> list[re
         repo.BatchRow(seq=q, t=t, loss=v, n=n, epoch=e, step=s, phase=p, rank=rank,
                       losses=vec, indices=idx)
         for q, t, v, n, e, s, p, vec, idx in zip(
-            seqs, c.times(), losses, ns, c.epoch or none, c.step or none, c.phase or none,
+            seqs, times, losses, ns, c.epoch or none, c.step or none, c.phase or none,
             vectors, indices, strict=True,
         )
     ]  # fmt: skip
@@ -131,7 +152,9 @@ def _finite_or_null(b: BatchIn, allow_null: bool) -> None:
         _check_values(b, values, allow_null, "losses")
 
 
-def _row(b: BatchIn, body: BatchesIn) -> repo.BatchRow:
+def _row(b: BatchIn, body: BatchesIn, latest: float) -> repo.BatchRow:
+    if not 0.0 <= b.t <= latest:
+        raise _bad_time(f"batch seq={b.seq}", b.t, {"seq": b.seq})
     _finite_or_null(b, body.nonfinite_as_null)
     packed = _packed(b, body.nonfinite_as_null)
     return repo.BatchRow(
@@ -182,7 +205,8 @@ async def post_batches(
     if body.columns is not None:
         rows = _column_rows(body.columns, body.nonfinite_as_null, body.rank)
     else:
-        rows = [_row(b, body) for b in body.batches or ()]
+        latest = _latest_t()
+        rows = [_row(b, body, latest) for b in body.batches or ()]
     accepted, dups = await _write(
         store, request, run_id, lambda s: repo.add_batches(s, run_id=run_id, batches=rows)
     )
@@ -197,12 +221,15 @@ async def post_epochs(
         raise PayloadTooLarge(
             f"{len(body.epochs)} epochs in one request; the limit is {MAX_EPOCHS_PER_REQUEST}"
         )
+    latest = _latest_t()
     for e in body.epochs:
         values = [e.t, e.accuracy, e.loss, e.val_loss, *e.metrics.values()]
         if any(v is not None and not math.isfinite(v) for v in values):
             raise NonFiniteLoss(
                 f"epoch {e.epoch}: a value is not a finite number", details={"epoch": e.epoch}
             )
+        if not 0.0 <= e.t <= latest:
+            raise _bad_time(f"epoch {e.epoch}", e.t, {"epoch": e.epoch})
     epochs = [e.model_dump() for e in body.epochs]
     accepted, dups = await _write(
         store, request, run_id, lambda s: repo.add_epochs(s, run_id=run_id, epochs=epochs)

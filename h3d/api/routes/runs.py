@@ -75,7 +75,7 @@ def create_run(
 
     def write(s: Session) -> tuple[RunPublic, bool]:
         if resume and body.id is not None:
-            resumed = reaping.resumed_run(s, body.id, now=time.time())
+            resumed = reaping.resumed_run(s, body.id, pid=body.pid, host=body.host, now=time.time())
             if resumed is not None:
                 return public(s, resumed), True
         run = repo.create_run(
