@@ -2,11 +2,15 @@
 
 A training process killed by SIGKILL or the OOM killer never sends its "finished": without
 this its run stays "running" forever, keeps its power samples at full resolution and stays
-in /metrics. Two rules:
+in /metrics. Three rules:
 
 - a run whose local process this daemon followed has exited, and nothing arrived for the
   run for ``grace_s``: failed (the grace covers a client that flushes after its main
   process ended, e.g. a spool replay);
+- a distributed run whose every joined rank has ended (finished or failed), and nothing
+  arrived for it for ``grace_s``: failed. It waits only for ranks that never joined (a job
+  that made a profiler on rank 0 alone): they never will (a rank's spool, replayed later,
+  still fills it, as below);
 - any other running run (remote, or local and not followable) with no request for
   ``timeout_s`` to any daemon of the store: failed. Its "heartbeat" is the serving daemon's
   own clock at the run's last request (create, ingest, update), so the clocks of the hosts
@@ -339,12 +343,14 @@ class Reaper:
         doomed: dict[str, float] = {}
         with self.store.read() as s:
             running = repo.running_heartbeats(s)
+            ranks_done = repo.ranks_all_ended(s) if running else set()
         with self._lock:
             for rid, stored in running.items():
                 last = self._seen.setdefault(rid, now)  # first look: the clock starts now
                 if stored is not None and stored > last:
                     last = stored  # another daemon served it since
-                limit = self.grace_s if rid in exited else self.timeout_s
+                short = rid in exited or rid in ranks_done
+                limit = self.grace_s if short else self.timeout_s
                 if now - last >= limit:
                     # it ended at its last activity on the store, not at this daemon's first
                     # look (a restarted daemon's start: a 5 s run read 30 s, and its energy)
@@ -373,6 +379,11 @@ class Reaper:
             self.sampler.run_ended(rid)
             with self._lock:
                 self._seen.pop(rid, None)
-            why = "its process exited" if rid in exited else f"no request for {self.timeout_s:g} s"
+            if rid in exited:
+                why = "its process exited"
+            elif rid in ranks_done:
+                why = "every rank that joined it ended; the others never joined"
+            else:
+                why = f"no request for {self.timeout_s:g} s"
             logger.warning("run %s marked failed: %s", rid, why)
         return [rid for rid in doomed if rid not in spared]

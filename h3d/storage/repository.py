@@ -850,6 +850,20 @@ def running_heartbeats(session: Session) -> dict[str, float | None]:
     return {rid: seen for rid, seen in session.execute(q)}
 
 
+def ranks_all_ended(session: Session) -> set[str]:
+    """The running distributed runs whose every joined rank has ended (finished or failed):
+    each waits only for ranks that never joined (a job that made a profiler on rank 0
+    alone, or a rank that died before its own). The reaper gives them the exit grace."""
+    q = (
+        select(Run.id)
+        .join(RunRank, RunRank.run_id == Run.id)
+        .where(Run.status == "running", Run.world_size.is_not(None))
+        .group_by(Run.id)
+        .having(func.sum(case((RunRank.status == "running", 1), else_=0)) == 0)
+    )
+    return set(session.scalars(q))
+
+
 def write_heartbeats(session: Session, seen: dict[str, float]) -> None:
     """Move each run's heartbeat forward to the time given for it (never back: another
     daemon may have written a later one)."""

@@ -708,6 +708,34 @@ def test_runs_whose_process_is_gone_are_reaped_as_failed(daemon_factory: Any) ->
             time.sleep(0.2)
 
 
+def test_a_run_whose_joined_ranks_all_ended_waits_the_grace_not_the_timeout(
+    daemon_factory: Any,
+) -> None:
+    """Only rank 0 of a 2-rank job made a profiler (or rank 1 died before making its own):
+    rank 0 finished and its process exited, and the run stayed running for the hour of
+    H3D_RUN_TIMEOUT_S. It is failed after the exit grace, at its last activity; a run whose
+    joined rank is still running is not."""
+    d = daemon_factory(
+        "ranks-ended",
+        H3D_RUN_EXIT_GRACE_S="0.5",
+        H3D_RUN_TIMEOUT_S="600",
+        H3D_RUN_REAP_EVERY_S="0.2",
+    )
+    with d.client() as api:
+        lone = make_run(api, id="1d" * 16, rank=0, world_size=2, pid=1, host="elsewhere")
+        going = make_run(api, id="2d" * 16, rank=0, world_size=2, pid=1, host="elsewhere")
+        api.post(f"/v1/runs/{lone['id']}/batches", json={"rank": 0, "batches": batches(0, 2)})
+        r = api.patch(f"/v1/runs/{lone['id']}", json={"status": "finished", "rank": 0})
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        deadline = time.monotonic() + 10
+        while api.get(f"/v1/runs/{lone['id']}").json()["status"] == "running":
+            assert time.monotonic() < deadline, "the run waited for the timeout"
+            time.sleep(0.1)
+        got = api.get(f"/v1/runs/{lone['id']}").json()
+        assert got["status"] == "failed" and got["finished_at"] is not None
+        assert api.get(f"/v1/runs/{going['id']}").json()["status"] == "running"
+
+
 def test_a_restarted_daemon_fails_a_run_whose_process_died_meanwhile(
     daemon_factory: Any,
 ) -> None:
