@@ -133,69 +133,62 @@ class H3Setup:
         return phase, batch_loader(self.indexed_dataset, sampler, batch_size, **loader_kwargs)
 
 
-def _parts(
-    params: Iterable[Any], dataset: Any, lr: float, kw: dict[str, Any]
-) -> tuple[H3Optimizer, LossTracker, IndexedDataset, int, bool]:
-    """A preset's optimizer, tracker and dataset, and the sampler's ``seed`` and ``unbiased``
-    taken out of ``kw`` (the rest goes to the optimizer)."""
-    ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
-    seed = kw.pop("seed", 0)
-    unbiased = kw.pop("unbiased", False)
-    return H3Optimizer(params, lr=lr, **kw), LossTracker(len(ds)), ds, seed, unbiased
+class _Preset(H3Setup):
+    """A preset built from its parameters and dataset, as ``h3-optimizer`` 0.2.0's classes
+    were: ``lr`` positional; keyword arguments ``seed`` and ``unbiased`` go to the sampler,
+    the others to :class:`~h3optim.H3Optimizer`. Its fractions (``fractions``: keep_frac,
+    uniform_mix) and phases are h3optim's (see docs/optim.md), not 0.2.0's."""
+
+    fractions: tuple[float, float]
+    weight_decay: float | None = None  # the preset's default, if it has one
+
+    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
+        if self.weight_decay is not None:
+            kw.setdefault("weight_decay", self.weight_decay)
+        ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
+        seed, unbiased = kw.pop("seed", 0), kw.pop("unbiased", False)
+        keep_frac, uniform_mix = self.fractions
+        super().__init__(
+            H3Optimizer(params, lr=lr, **kw),
+            LossTracker(len(ds)),
+            ds,
+            keep_frac=keep_frac,
+            uniform_mix=uniform_mix,
+            seed=seed,
+            unbiased=unbiased,
+        )
+        self.lr = lr
 
 
-class MNISTFast(H3Setup):
+class MNISTFast(_Preset):
     """Small image classifiers: half the data per thermodynamic epoch, 30 % of it uniform.
 
-    The set-up :func:`h3_mnist_fast` returns, under ``h3-optimizer`` 0.2.0's class name;
-    ``lr`` is positional as there. Keyword arguments ``seed`` and ``unbiased`` go to the
-    sampler, the others to :class:`~h3optim.H3Optimizer`. Its fractions and phases are
-    h3optim's (see docs/optim.md), not 0.2.0's.
+    The set-up :func:`h3_mnist_fast` returns, under ``h3-optimizer`` 0.2.0's class name.
     """
 
     name = "mnist_fast"
-
-    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
-        opt, tracker, ds, seed, unbiased = _parts(params, dataset, lr, kw)
-        super().__init__(
-            opt, tracker, ds, keep_frac=0.5, uniform_mix=0.3, seed=seed, unbiased=unbiased
-        )
-        self.lr = lr
+    fractions = (0.5, 0.3)
 
 
-class CIFAR10Safe(H3Setup):
+class CIFAR10Safe(_Preset):
     """Harder data: 80 % per epoch, half of it uniform, weight decay (5e-4 by default).
 
-    The set-up :func:`h3_cifar_safe` returns, under ``h3-optimizer`` 0.2.0's class name (see
-    :class:`MNISTFast`).
+    The set-up :func:`h3_cifar_safe` returns, under ``h3-optimizer`` 0.2.0's class name.
     """
 
     name = "cifar10_safe"
-
-    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
-        kw.setdefault("weight_decay", 5e-4)
-        opt, tracker, ds, seed, unbiased = _parts(params, dataset, lr, kw)
-        super().__init__(
-            opt, tracker, ds, keep_frac=0.8, uniform_mix=0.5, seed=seed, unbiased=unbiased
-        )
-        self.lr = lr
+    fractions = (0.8, 0.5)
+    weight_decay = 5e-4
 
 
-class EdgeDevice(H3Setup):
+class EdgeDevice(_Preset):
     """Tight energy budgets: 40 % per epoch, 20 % of it uniform.
 
-    The set-up :func:`h3_edge` returns, under ``h3-optimizer`` 0.2.0's class name (see
-    :class:`MNISTFast`).
+    The set-up :func:`h3_edge` returns, under ``h3-optimizer`` 0.2.0's class name.
     """
 
     name = "edge_device"
-
-    def __init__(self, params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> None:
-        opt, tracker, ds, seed, unbiased = _parts(params, dataset, lr, kw)
-        super().__init__(
-            opt, tracker, ds, keep_frac=0.4, uniform_mix=0.2, seed=seed, unbiased=unbiased
-        )
-        self.lr = lr
+    fractions = (0.4, 0.2)
 
 
 def h3_mnist_fast(params: Iterable[Any], dataset: Any, lr: float = 1e-3, **kw: Any) -> H3Setup:

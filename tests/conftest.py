@@ -284,3 +284,22 @@ def ca_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def api(daemon: Daemon) -> Iterator[httpx.Client]:
     with daemon.client() as c:
         yield c
+
+
+def profile_on_two_nodes(a: Daemon, b: Daemon, run_id: str, *, batches: int = 20) -> None:
+    """One 2-rank run, rank 0 profiled through daemon ``a`` and rank 1 through ``b`` (two
+    nodes of one store), ``batches`` batches a rank, both stopped, then half a second for
+    both samplers to write their samples past the run's end."""
+    from h3client import H3Profiler
+
+    profs = [
+        H3Profiler("two-tdps", url=d.url, data_dir=d.data_dir, run_id=run_id, rank=r, world_size=2)
+        for r, d in enumerate((a, b))
+    ]
+    for k in range(batches):
+        for p in profs:
+            p.log_batch(2.0 - 0.05 * k)
+        time.sleep(0.02)
+    for p in profs:
+        p.stop()
+    time.sleep(0.5)

@@ -23,7 +23,7 @@ from sqlalchemy import text
 from h3client import Client, H3Profiler
 from h3d.storage import migrate
 from h3d.storage.engine import make_engine
-from tests.conftest import Daemon, free_port
+from tests.conftest import Daemon, free_port, profile_on_two_nodes
 
 
 @pytest.fixture
@@ -250,17 +250,7 @@ def test_power_of_a_run_over_two_nodes_is_per_node_and_device(
     a = nodes("node-a", pg_url, H3D_POWER_BACKENDS="constant:20")
     b = nodes("node-b", pg_url, H3D_POWER_BACKENDS="constant:200")
     run_id = uuid.uuid4().hex
-    profs = [
-        H3Profiler("two-tdps", url=d.url, data_dir=d.data_dir, run_id=run_id, rank=r, world_size=2)
-        for r, d in enumerate((a, b))
-    ]
-    for k in range(20):
-        for p in profs:
-            p.log_batch(2.0 - 0.05 * k)
-        time.sleep(0.02)
-    for p in profs:
-        p.stop()
-    time.sleep(0.5)  # both samplers have written their samples past the window's end
+    profile_on_two_nodes(a, b, run_id)
     series = f"/v1/runs/{run_id}/series"
     with a.client() as api:
 

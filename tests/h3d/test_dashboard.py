@@ -25,7 +25,7 @@ import pytest
 
 from h3client import H3Profiler
 from h3client._report import diminishing_returns
-from tests.conftest import REPO, Daemon, burn_cpu, daemon_env
+from tests.conftest import REPO, Daemon, burn_cpu, daemon_env, profile_on_two_nodes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = REPO / "build" / "screenshots"
@@ -814,17 +814,7 @@ def test_run_over_two_nodes_draws_each_nodes_device(
     a = daemon_factory("a", H3D_DB_URL=pg_url, H3D_NODE="node-a", H3D_POWER_BACKENDS="constant:20")
     b = daemon_factory("b", H3D_DB_URL=pg_url, H3D_NODE="node-b", H3D_POWER_BACKENDS="constant:200")
     run_id = "c" * 32
-    profs = [
-        H3Profiler("two-tdps", url=d.url, data_dir=d.data_dir, run_id=run_id, rank=r, world_size=2)
-        for r, d in enumerate((a, b))
-    ]
-    for k in range(20):
-        for p in profs:
-            p.log_batch(2.0 - 0.05 * k)
-        time.sleep(0.02)
-    for p in profs:
-        p.stop()
-    time.sleep(0.5)  # both samplers have written their samples past the window's end
+    profile_on_two_nodes(a, b, run_id)
     with opened(browser, a.url) as t:
         _goto(t, a, f"run={run_id}")
         t.page.wait_for_selector("#chart-power-1 path.series", state="attached")
