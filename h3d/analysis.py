@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 from h3d import carbon
 from h3d import efficiency as eff
+from h3d.attribution import SPLIT_RANK
 from h3d.downsample import lttb
 from h3d.energy import EnergyCurve, max_gap
 from h3d.errors import InvalidInput
@@ -68,6 +69,15 @@ class _DeviceModel:
     # ends where its last stored row does, so that its energy only grows as rows arrive
     # (stretched to now at the last share, it fell when a lower share replaced the stretch)
     last_end: float | None = None
+    # the pieces whose share was measured (rank -1 rows, not split ones): (t0, t1)
+    measured: list[tuple[float, float]] | None = None
+
+    def attribution(self, a: float, b: float) -> str:
+        """``process`` where a measured share covers part of [a, b]; else the run had the
+        whole device, alone or split evenly with the runs beside it (``whole_device``)."""
+        if any(t0 <= b and t1 >= a for t0, t1 in self.measured or ()):
+            return "process"
+        return "whole_device"
 
     def attributed(self, a: float, b: float, idle_w: float | None) -> tuple[float, float | None]:
         """(energy × share, (energy − idle) × share) over [a, b]. The idle draw is taken off
@@ -154,7 +164,9 @@ class EnergyModel:
             curve = EnergyCurve(samples, max_gap_s=max_gap(interval_s))
             if curve.method == "none":
                 continue
-            pieces = shares.get((dev.node, -1, share_kind(dev)), [])
+            measured = shares.get((dev.node, -1, share_kind(dev)), [])
+            split = shares.get((dev.node, SPLIT_RANK, share_kind(dev)), [])
+            pieces = sorted([*measured, *split])
             idle = kept.get(dev.id) if kept is not None else dev.idle_power_w
             starts, ends, values = (
                 [p[0] for p in pieces],
@@ -162,7 +174,11 @@ class EnergyModel:
                 [p[2] for p in pieces],
             )
             last_end = ends[-1] if running and ends else None
-            self.devices.append(_DeviceModel(dev, curve, starts, values, idle, ends, last_end))
+            self.devices.append(
+                _DeviceModel(
+                    dev, curve, starts, values, idle, ends, last_end, [p[:2] for p in measured]
+                )
+            )
 
     def breakdown(
         self, a: float, b: float, ranks: list[RunRank], counts: dict[int, int]
@@ -248,7 +264,7 @@ class EnergyModel:
                     "idle_power_w": m.idle_w,
                     "idle_note": idle_note,
                     "share": energy / integral.energy_j if integral.energy_j > 0 else 0.0,
-                    "attribution": "process" if m.starts else "whole_device",
+                    "attribution": m.attribution(a, max(a, b)),
                     "n_samples": integral.n_samples,
                     "covered_s": integral.covered_s,
                     "gaps_s": integral.gaps_s,

@@ -31,6 +31,12 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
+#: The rank of a run's stored share rows on a node whose share was not measured there (a
+#: run not followed here, a GPU without per-process figures): its split of what the measured
+#: runs leave. Rank -1 rows are measured shares of the union of its processes; the two never
+#: cover the same time, and together they are what the node's devices are attributed by.
+SPLIT_RANK = -2
+
 _IDLE_FIELDS = ("idle", "iowait")
 _GUEST_FIELDS = ("guest", "guest_nice")  # already counted in user/nice on Linux
 

@@ -28,7 +28,7 @@ from typing import Any, cast
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from h3d.attribution import CpuShareTracker
+from h3d.attribution import SPLIT_RANK, CpuShareTracker
 from h3d.energy import max_gap
 from h3d.power.base import PowerBackend, PowerBackendError
 from h3d.storage import repository as repo
@@ -146,6 +146,12 @@ class PowerSampler:
         # extended while its share holds: a few rows per run, one per change of the split
         self._split_rows: dict[tuple[str, str], list[float]] = {}
         self._split_start: dict[str, float] = {}  # where a run's first split row begins
+        # (run, GPU kind): followed runs whose GPU share a sample could not measure (NVML
+        # had no figure for its processes): until then their share is awaited, and their
+        # split rows wait in _awaited_rows: a measured share (back-dated to the last sample)
+        # drops them, a sample that cannot measure it stores them
+        self._unmeasured: set[tuple[str, str]] = set()
+        self._awaited_rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._clock = clock
         self._mono0 = clock()
         self._wall0 = time.time()
@@ -252,9 +258,14 @@ class PowerSampler:
             return self._tick()
 
     def _tick(self) -> float:
-        t = self.now()
+        """Read every device; return the tick's start. Each reading is stamped at its own
+        read (the middle of the call): a device read after a slow one (a busy driver, a GPU
+        falling off the bus) is not back-dated to the tick's start, which put the power
+        change between the two times into the wrong side of a run's edge."""
+        t_tick = self.now()
         rows = []
         for d in self.devices:
+            before = self.now()
             try:
                 r = d.backend.read()
             except PowerBackendError as exc:
@@ -269,6 +280,7 @@ class PowerSampler:
                     logger.exception("device %s raised; marked degraded", d.backend.info.name)
                 d.status, d.reason = "degraded", f"{type(exc).__name__}: {exc}"
                 continue
+            t = 0.5 * (before + self.now())
             if d.status != "ok":
                 logger.info("device %s recovered", d.backend.info.name)
             d.status, d.reason = "ok", None
@@ -277,8 +289,15 @@ class PowerSampler:
                 d.energy_total_j += inc
                 if self._active_runs:
                     self._add_to_runs(d, inc)
-            if not self._active_runs and r.power_w is not None:
-                d.idle.append(r.power_w)
+            if not self._active_runs:
+                idle_w = r.power_w
+                if idle_w is None and inc is not None and r.energy_j is not None:
+                    # an energy-only device (RAPL, a GPU without instant power): its power
+                    # over the counter's step since the last reading (no gap: inc is set)
+                    dt = t - cast(float, d.last_t)
+                    idle_w = inc / dt if dt > 0 else None
+                if idle_w is not None:
+                    d.idle.append(idle_w)
             d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
             d.recent.append((t, r.power_w, r.energy_j))
             rows.append(
@@ -288,7 +307,7 @@ class PowerSampler:
         with self._lock:
             self._pending.extend(rows)
             self._trim()
-        return t
+        return t_tick
 
     def _increment(
         self, d: DeviceState, t: float, power_w: float | None, energy_j: float | None
@@ -434,6 +453,10 @@ class PowerSampler:
                 del self._held_j[held_key]
             for split_key in [k for k in self._split_rows if k[0] == run_id]:
                 del self._split_rows[split_key]
+            self._unmeasured -= {k for k in self._unmeasured if k[0] == run_id}
+            # its share was never sampled (its process was gone): the split stands
+            for awaited_key in [k for k in self._awaited_rows if k[0] == run_id]:
+                self._pending_shares.extend(self._awaited_rows.pop(awaited_key))
 
     def _finished_at(self, run_id: str) -> float | None:
         """When the run ended, as stored; None if unknown. Read only where it splits a
@@ -510,7 +533,13 @@ class PowerSampler:
                 for rid, ranks in pids.items():
                     union = process_share(set().union(*ranks.values()), since_us)
                     if union is None:  # NVML cannot say: the run splits what others leave
+                        self._unmeasured.add((rid, kind))
+                        rows.extend(self._awaited_rows.pop((rid, kind), []))
                         continue
+                    # the measured share covers the time its split rows waited for
+                    self._awaited_rows.pop((rid, kind), None)
+                    if (rid, kind) not in self._unmeasured:
+                        self._split_rows.pop((rid, kind), None)  # never stored
                     self._last_share[(rid, kind)] = min(1.0, union)
                     row(rid, -1, kind, t0, t, min(1.0, union))
                     for r, p in ranks.items():
@@ -572,8 +601,11 @@ class PowerSampler:
         A run that has only ever been alone needs no rows (no rows: the whole device); from
         the moment another run joins (``sharing``: one is about to) its rows cover its time
         from its start. A run followed here has a CPU share from its start once measured,
-        so it gets no CPU split row; a GPU without per-process figures is split between
-        every run.
+        so it gets no CPU split row. Its split rows of a GPU with per-process figures wait
+        (``_awaited_rows``) until a sample says whether its share there is measured: the
+        measured share is back-dated to the last sample, and a split row stored beside it
+        made two rows of one time (the whole device on top of its share). A GPU without
+        per-process figures is split between every run.
         """
         runs = {rid for rid, _rank in self._active_runs}
         if not runs:
@@ -582,6 +614,13 @@ class PowerSampler:
         kinds = {
             f"gpu:{d.backend.info.name}" if d.backend.info.kind == "gpu" else "cpu"
             for d in self.devices
+        }
+        # GPUs whose share of a followed run is measured (the rule of _add_to_runs)
+        measurable = {
+            f"gpu:{d.backend.info.name}"
+            for d in self.devices
+            if d.backend.info.kind == "gpu"
+            and getattr(d.backend, "process_share", None) is not None
         }
         rows: list[dict[str, Any]] = []
         for kind in sorted(kinds):
@@ -593,6 +632,9 @@ class PowerSampler:
             for rid in sorted(unknown):
                 if kind == "cpu" and rid in followed:
                     continue  # its measured share will run from its start
+                awaited = (
+                    kind in measurable and rid in followed and (rid, kind) not in self._unmeasured
+                )
                 open_ = self._split_rows.get((rid, kind))
                 if open_ is None and len(runs) == 1 and not sharing:
                     continue  # alone so far
@@ -603,10 +645,15 @@ class PowerSampler:
                     open_[1] = t  # the same split: the row is extended (stored again)
                 else:
                     open_ = self._split_rows[(rid, kind)] = [a, t, rest]
-                rows.append(
-                    {"run_id": rid, "node": self.node, "rank": -1, "kind": kind}
-                    | {"t0": open_[0], "t1": open_[1], "share": open_[2]}
-                )
+                row = {"run_id": rid, "node": self.node, "rank": SPLIT_RANK, "kind": kind} | {
+                    "t0": open_[0],
+                    "t1": open_[1],
+                    "share": open_[2],
+                }
+                if awaited:
+                    self._awaited_rows.setdefault((rid, kind), []).append(row)
+                else:
+                    rows.append(row)
         return rows
 
     def _update_idle(self) -> list[tuple[int, float]]:

@@ -186,8 +186,9 @@ class PowerSample(Base):
 
 class RunShare(Base):
     """A run's share of a kind of device on one node over one sampler interval (process
-    attribution). ``rank`` -1 is the union of the run's processes on the node (what its
-    devices are attributed by); ``rank`` r ≥ 0 is one rank's part of it."""
+    attribution). ``rank`` -1 is the measured share of the union of the run's processes on
+    the node, ``rank`` -2 (``h3d.attribution.SPLIT_RANK``) its split where none was measured
+    (together, what its devices are attributed by); ``rank`` r ≥ 0 is one rank's part."""
 
     __tablename__ = "run_shares"
 

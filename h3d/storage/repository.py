@@ -1278,7 +1278,7 @@ def add_run_shares(session: Session, *, rows: Sequence[dict[str, Any]]) -> None:
         session.execute(_upsert_shares(session), list(last.values()))
 
 
-ShareKey = tuple[str, int, str]  # (node, rank or -1 for the node's union, kind)
+ShareKey = tuple[str, int, str]  # (node, rank; -1 the node's union, -2 its split; kind)
 SharePiece = tuple[float, float, float]  # (t0, t1, share)
 
 

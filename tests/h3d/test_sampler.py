@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import subprocess
@@ -20,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from h3d import analysis
-from h3d.attribution import busy_cpu_s
+from h3d.attribution import SPLIT_RANK, busy_cpu_s
 from h3d.energy import EnergyCurve
 from h3d.errors import StorageUnavailable
 from h3d.power.base import DeviceInfo, PowerBackendError, PowerReading
@@ -29,7 +30,7 @@ from h3d.power.sampler import PowerSampler
 from h3d.storage import migrate
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store, session_scope
-from h3d.storage.models import PowerSample
+from h3d.storage.models import Device, PowerSample
 from tests.conftest import burn_cpu
 
 T = TypeVar("T")
@@ -666,3 +667,202 @@ def test_running_runs_taken_up_at_start_write_one_split(daemon_factory: Any) -> 
     time.sleep(1.0)  # a few share samples: the split is extended, not written anew
     d.stop()
     assert share_rows() - rows <= 2 * n
+
+
+class ClockGpu:
+    """A GPU drawing ``power_w`` on the test's clock: a counter, and per-process figures
+    (``share``: this process's tree's share of SM utilisation, the rest to any other; None:
+    NVML has no figure)."""
+
+    def __init__(self, clock: Clock, power_w: float, share: float | None) -> None:
+        self.info = DeviceInfo(name="nvml:GPU-clock", kind="gpu", source="nvml_counter")
+        self.clock, self.power_w, self.share = clock, power_w, share
+
+    def read(self) -> PowerReading:
+        return PowerReading(energy_j=self.power_w * self.clock.t)
+
+    def process_share(self, pids: set[int], since_us: int) -> float | None:
+        if self.share is None:
+            return None
+        return self.share if os.getpid() in pids else 1.0 - self.share
+
+    def close(self) -> None:
+        pass
+
+
+def _runs(st: Store, *ids: str) -> None:
+    with session_scope(st.sessions) as sess:
+        for rid in ids:
+            repo.create_run(
+                sess, name=rid, config={}, tags=[], pid=None, host=None, n_train=None, now=0.0,
+                run_id=rid,
+            )  # fmt: skip
+
+
+def test_a_run_awaiting_its_gpu_share_gets_no_split_row_beside_it(store: Store) -> None:
+    """Run B joins run A before A's first GPU share sample: A (followed, on a GPU with
+    per-process figures) awaits its measured share, which is back-dated to the last sample.
+    Before, B's start also wrote A a split row of the whole device for that time, so A got
+    1.0 on top of its 0.75 there and the two runs more than the device."""
+    _runs(store, "A", "B")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        clock = Clock()
+        gpu = ClockGpu(clock, 300.0, 0.75)
+        s = PowerSampler([gpu], store, interval_s=0.1, clock=clock)
+        s.tick()
+        s.sample_shares()  # the first share time, a little before A starts
+        clock.t += 0.05
+        assert s.run_started("A", os.getpid())
+        for _ in range(3):
+            clock.t += 0.1
+            s.tick()
+        assert s.run_started("B", child.pid)  # before A's first share sample
+        for _ in range(3):
+            clock.t += 0.1
+            s.tick()
+        s.sample_shares()
+        for _ in range(3):
+            clock.t += 0.1
+            s.tick()
+        s.run_ended("A")
+        s.run_ended("B")
+        s.flush()
+        s.stop()
+    finally:
+        child.kill()
+        child.wait()
+    kind = "gpu:nvml:GPU-clock"
+    with store.read() as sess:
+        rows = {rid: repo.run_share_rows(sess, run_id=rid)[("", -1, kind)] for rid in "AB"}
+    assert [v for _a, _b, v in rows["A"]] == pytest.approx([0.75] * len(rows["A"])), rows["A"]
+    assert [v for _a, _b, v in rows["B"]] == pytest.approx([0.25] * len(rows["B"])), rows["B"]
+    for rid in "AB":  # no two rows of one run cover the same time
+        spans = sorted((a, b) for a, b, _v in rows[rid])
+        assert all(
+            b0 <= a1 + 1e-9 for (_a0, b0), (a1, _b1) in zip(spans, spans[1:], strict=False)
+        ), spans
+
+
+def test_a_gpu_share_nvml_cannot_measure_is_split_from_the_runs_start(store: Store) -> None:
+    """The other side of the rule above: a followed run whose GPU share NVML cannot say
+    gets the whole device while alone and splits it with the runs beside it after."""
+    _runs(store, "A", "B")
+    clock = Clock()
+    s = PowerSampler([ClockGpu(clock, 300.0, None)], store, interval_s=0.1, clock=clock)
+    s.tick()
+    s.sample_shares()
+    assert s.run_started("A", os.getpid())
+    t_a = s.now()
+    clock.t += 0.3
+    s.run_started("B", None)
+    t_b = s.now()
+    clock.t += 0.3
+    s.sample_shares()
+    s.run_ended("A")
+    s.run_ended("B")
+    s.flush()
+    s.stop()
+    with store.read() as sess:
+        rows = repo.run_share_rows(sess, run_id="A")[("", SPLIT_RANK, "gpu:nvml:GPU-clock")]
+    assert [(a, b, v) for a, b, v in rows][:2] == [
+        (pytest.approx(t_a), pytest.approx(t_b), 1.0),
+        (pytest.approx(t_b), pytest.approx(t_b + 0.3), 0.5),
+    ], rows
+
+
+class SlowRead:
+    """A device whose read takes ``delay_s`` of the test's clock (a busy driver)."""
+
+    def __init__(self, clock: Clock, delay_s: float) -> None:
+        self.info = DeviceInfo(name="slow:0", kind="gpu", source="nvml_counter")
+        self.clock, self.delay_s = clock, delay_s
+
+    def read(self) -> PowerReading:
+        self.clock.t += self.delay_s
+        return PowerReading(energy_j=50.0 * self.clock.t)
+
+    def close(self) -> None:
+        pass
+
+
+def test_each_reading_is_stamped_at_its_own_read(store: Store) -> None:
+    """A device read after a slow one is stamped when it was read, not at the tick's start:
+    before, its counter was put 0.3 s early, so a power change at a run's edge (300 W −
+    50 W here) moved 75 J across it. ``mark()`` still returns the tick's start."""
+    clock = Clock()
+    fast = ClockGpu(clock, 100.0, None)
+    s = PowerSampler([SlowRead(clock, 0.3), fast], store, interval_s=0.1, clock=clock)
+    start = s.now()
+    assert s.mark() - start == pytest.approx(0.0, abs=1e-9)
+    slow_t, fast_t = (d.recent[-1][0] for d in s.devices)
+    assert fast_t - start == pytest.approx(0.3)  # read once the slow one returned
+    assert slow_t - start == pytest.approx(0.15)  # the middle of its read
+    s.stop()
+
+
+def test_an_energy_only_device_gets_an_idle_baseline_from_its_counter(store: Store) -> None:
+    """RAPL zones (and GPUs without instant power) report energy only: the idle baseline
+    is the median of the counter's steps over time. Before, it needed power readings, so
+    such devices never got one and energy above idle stayed null forever."""
+    clock = Clock()
+    s = PowerSampler(
+        [ClockGpu(clock, 40.0, None)], store, interval_s=0.1, idle_min_s=1.0, clock=clock
+    )
+    for _ in range(22):  # 21 counter steps: at least 20 idle readings
+        s.tick()
+        clock.t += 0.1
+    s.flush()
+    s.stop()
+    assert s.devices[0].idle_power_w == pytest.approx(40.0)
+    with store.read() as sess:
+        dev = sess.get(Device, s.devices[0].device_id)
+        assert dev is not None and dev.idle_power_w == pytest.approx(40.0)
+
+
+def test_a_split_gpu_share_is_labelled_whole_device_not_process(store: Store) -> None:
+    """Run A (followed) on a GPU without per-process figures, run B (no pid) joining it:
+    A gets the whole device alone and half of it beside B, labelled ``whole_device``.
+    Before, the split rows were stored as measured ones, so the figure read ``process``
+    although no process share of the GPU was measured."""
+    clock = Clock()
+    s = PowerSampler([ClockGpu(clock, 300.0, None)], store, interval_s=0.1, clock=clock)
+    s.tick()
+    s.sample_shares()
+
+    def create(rid: str) -> None:
+        with session_scope(store.sessions) as sess:
+            repo.create_run(
+                sess, name=rid, config={}, tags=[], pid=None, host=None, n_train=None,
+                now=s.now(), run_id=rid,
+            )  # fmt: skip
+        s.mark()
+
+    def finish(rid: str) -> None:
+        with session_scope(store.sessions) as sess:
+            run = repo.get_run(sess, run_id=rid)
+            run.finished_at = s.now()
+            run.status = "finished"
+        s.mark()
+        s.run_ended(rid)
+
+    create("A")
+    assert s.run_started("A", os.getpid())
+    for _ in range(3):
+        clock.t += 0.1
+        s.tick()
+    create("B")
+    s.run_started("B", None)
+    for _ in range(3):
+        clock.t += 0.1
+        s.tick()
+    s.sample_shares()
+    finish("A")
+    finish("B")
+    s.flush()
+    s.stop()
+    with session_scope(store.sessions) as sess:
+        e = analysis.run_energy(sess, run=repo.get_run(sess, run_id="A"), interval_s=0.1)
+    gpu = e["by_device"][0]
+    assert gpu["energy_j"] == pytest.approx(300.0 * 0.3 + 0.5 * 300.0 * 0.3)
+    assert gpu["attribution"] == "whole_device"
