@@ -7,6 +7,8 @@ stays cheap, and a profiler's sender thread pays for the HTTP stack, not the tra
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,56 @@ if TYPE_CHECKING:
     import httpx
 
 _GZIP_MIN_BYTES = 4096
+
+# The HTTP stack's first load, and fork. A profiler's sender thread imports httpx (and, as it
+# builds its transport, httpcore, h11, anyio, trio: about 180 modules) right after the
+# profiler starts. A fork meanwhile (a multiprocessing child, started the next line) copied
+# a module lock that thread held, or a module half initialised: the child's own profiler
+# then waited on that import for ever (its sender sent nothing; stop() took its 30 s). Fork
+# waits for the first load to end instead (once a process, about 0.1 s), and loads after
+# the first take no lock.
+_LOADING = threading.Lock()
+_loaded = False
+_held_for_fork = False
+
+
+def load_http_stack() -> None:
+    """Import what a request needs, once a process, under the lock that fork waits for."""
+    global _loaded
+    if _loaded:
+        return
+    with _LOADING:
+        if _loaded:
+            return
+        import gzip  # noqa: F401
+        import hashlib  # noqa: F401
+        import hmac  # noqa: F401
+        import http.client  # noqa: F401
+        import socket  # noqa: F401
+
+        import httpx
+
+        httpx.Client(transport=httpx.HTTPTransport(verify=False)).close()  # what it loads
+        _loaded = True
+
+
+def _before_fork() -> None:
+    global _held_for_fork
+    # bounded: a fork from inside the first load (no import forks; one could) goes on
+    _held_for_fork = _LOADING.acquire(timeout=5.0)
+
+
+def _after_fork() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _LOADING.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork
+    )
 
 
 # Bodies to a daemon on this machine travel as they are: gzip would cost the sender about
@@ -118,6 +170,7 @@ class Client:
         if token is None:
             return False
         if self._proven_token != token:
+            load_http_stack()
             from h3client._daemon import probe
 
             if probe(self.url, token, timeout_s=min(2.0, self._timeout_s)) != (True, True):
@@ -143,6 +196,7 @@ class Client:
     def http(self) -> httpx.Client:
         """The ``httpx.Client`` (created, and httpx imported, on first use)."""
         if self._http is None:
+            load_http_stack()
             import socket
 
             import httpx
@@ -185,6 +239,7 @@ class Client:
         Bodies of 4 KiB or more travel gzipped (one compression per request), except to a
         daemon on a loopback address. ``headers`` go with it, besides the token's.
         """
+        load_http_stack()
         import gzip
 
         import httpx

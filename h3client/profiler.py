@@ -739,7 +739,7 @@ def _finite(v: Any) -> float | None:
     """``v`` as a finite float (an int, a float, a 0-dim tensor or numpy number), or None."""
     try:
         f = float(v)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # 10**400: no float holds it
         return None
     return f if math.isfinite(f) else None
 

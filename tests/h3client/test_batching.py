@@ -586,3 +586,54 @@ def test_epoch_step_and_phase_columns_keep_each_batch_s_value() -> None:
         (0, 1, None),
         (None, None, 'th"ermo'),
     ]
+
+
+def test_epochs_queued_together_go_in_one_request_in_order() -> None:
+    """A request an epoch held a fast loop of log_epoch calls to ~170 epochs/s: 10 000 of
+    them outlasted stop()'s 30 s and a normally ended run was failed, half its epochs in
+    the spool. Epochs queued back to back go together (up to MAX_EPOCHS_MERGED a request),
+    in order, and never across another operation (an update after them stays after them)."""
+    from h3client._batching import MAX_EPOCHS_MERGED
+
+    mem = Memory()
+    mem.release.clear()  # hold the worker until everything is queued
+    p = BatchProcessor(mem, max_batch=500, flush_interval_s=60.0)
+    p.add("create", {"id": "x"})
+    n = MAX_EPOCHS_MERGED + 5
+    for e in range(n):
+        p.add("epochs", {"epochs": [{"epoch": e, "accuracy": 0.5}]})
+    p.add_batch(item(0))
+    p.add("epochs", {"epochs": [{"epoch": n}]})
+    p.add("update", {"status": "finished"})
+    mem.release.set()
+    assert p.flush(10.0)
+    ops = [(op, len(body.get("epochs", ()))) for op, body in mem.sent]
+    epochs = [k for op, k in ops if op == "epochs"]
+    # how the epochs split between passes depends on when each pass began; a pass merges
+    # what it found queued, up to MAX_EPOCHS_MERGED (one request each, before: 1 006)
+    assert sum(epochs) == n + 1 and max(epochs) <= MAX_EPOCHS_MERGED and len(epochs) <= 4, ops
+    assert ops[0][0] == "create" and ops[-1][0] == "update", ops
+    sent = [e["epoch"] for op, body in mem.sent if op == "epochs" for e in body["epochs"]]
+    assert sent == list(range(n + 1))
+    p.close()
+
+
+def test_epochs_are_merged_only_within_the_passs_snapshot() -> None:
+    """The pass sends what was queued when it began: an epoch queued after that may follow
+    batches the pass does not send, and the final update behind it must not overtake them
+    (a merge beyond the snapshot let the update through first: the run finished, and its
+    last batches were refused with a 409)."""
+    from collections import deque
+
+    from h3client._batching import _merge_epochs
+    from h3client._exporter import Request
+
+    def ep(e: int) -> Request:
+        return Request("epochs", json.dumps({"epochs": [{"epoch": e}]}).encode())
+
+    queue = deque([ep(1), ep(2), Request("update", b"{}")])
+    merged, taken = _merge_epochs(ep(0), queue, most=2)
+    assert taken == 2 and [e["epoch"] for e in json.loads(merged.body)["epochs"]] == [0, 1]
+    assert [r.op for r in queue] == ["epochs", "update"]
+    merged, taken = _merge_epochs(queue.popleft(), queue, most=5)
+    assert taken == 1 and [r.op for r in queue] == ["update"]  # never across another op

@@ -1050,3 +1050,61 @@ def test_a_spool_holding_bytes_that_are_not_utf8_is_replayed_around_them(
     assert run["n_batches"] == 14 and run["n_epochs"] == 3 and run["last_seq"] == 13
     assert not spool.exists()
     assert (data / "spool" / f"{rid}.jsonl.skipped").read_bytes() == b"\xff\xfe\x00garbage\n"
+
+
+def test_a_figure_no_float_holds_is_left_out_and_its_epoch_kept(daemon: Daemon) -> None:
+    """``log_epoch(2, accuracy=0.7, huge=10**400)`` lost the whole epoch (float() raised
+    OverflowError, which the per-figure check did not catch), and the next epoch's batches
+    were filed under epoch 2. The figure is left out; the epoch and its others are kept."""
+    prof = H3Profiler("overflow", url=daemon.url, data_dir=daemon.data_dir)
+    for epoch in range(3):
+        prof.log_batch(1.0 - 0.1 * epoch)
+        prof.log_batch(0.9 - 0.1 * epoch)
+        prof.log_epoch(epoch, accuracy=0.5 + 0.1 * epoch, huge=10**400 if epoch == 1 else 1.0)
+    res = prof.stop()
+    assert res["log_errors"] == 0
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        epochs = c.report(prof.run_id)["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert [e["accuracy"] for e in epochs] == pytest.approx([0.5, 0.6, 0.7])
+    assert "huge" not in epochs[1]["metrics"] and epochs[2]["metrics"]["huge"] == 1.0
+    assert all(e["loss"] is not None for e in epochs)  # each epoch has its own batches
+
+
+FORKED_CHILDREN = r"""
+import multiprocessing as mp, sys
+from h3client import H3Profiler
+
+url, data_dir = sys.argv[1], sys.argv[2]
+
+def child(k):
+    prof = H3Profiler(f"child-{k}", url=url, data_dir=data_dir)
+    for i in range(50):
+        prof.log_batch(1.0 / (i + 1))
+    res = prof.stop(timeout_s=20)
+    sys.exit(0 if res["batches_posted"] == 50 else 3)
+
+parent = H3Profiler("parent", url=url, data_dir=data_dir)  # its sender starts loading httpx
+procs = [mp.get_context("fork").Process(target=child, args=(k,)) for k in range(3)]
+for p in procs:
+    p.start()
+for p in procs:
+    p.join(60)
+parent.stop()
+print([p.exitcode for p in procs])
+"""
+
+
+def test_a_forked_child_right_after_a_profiler_started_sends_with_its_own(
+    daemon: Daemon,
+) -> None:
+    """A multiprocessing child forked while the parent's sender was loading the HTTP stack
+    inherited a module lock that thread held: the child's own profiler waited on that import
+    for ever, sent nothing and its stop() took the whole timeout (3 runs in 4 on the
+    auditor's 2-core host). Fork now waits for that first load to end."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORKED_CHILDREN, daemon.url, str(daemon.data_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0]", out.stdout + out.stderr[-2000:]
