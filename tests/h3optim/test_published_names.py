@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +59,16 @@ NOT_KEPT = ["CoherenceTarget", "compare_runs", "create_baseline_logger", "green_
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "optim.md"
 
 
+def train_epoch(model: nn.Module, loader: Any, loss_tracker: Any, optimizer: Any) -> None:
+    """The published README's epoch: per-sample losses into the tracker, their mean stepped."""
+    for x, y, idx in loader:
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        loss_tracker.update(idx, losses.detach())
+        optimizer.zero_grad()
+        losses.mean().backward()
+        optimizer.step()
+
+
 def test_every_published_name_is_kept_or_documented_as_not_kept() -> None:
     assert len(IN_H3OPTIM + IN_H3CLIENT + NOT_KEPT) == 23  # 0.2.0's __all__
     for name in IN_H3OPTIM:
@@ -99,13 +110,8 @@ def test_preset_classes_as_the_0_2_0_readme_uses_them(cls: type[H3Setup]) -> Non
     for epoch in range(10):
         phase, sampler = preset.get_sampler(epoch, 10)
         phases.append(phase)
-        loader = DataLoader(indexed_dataset, sampler=sampler, batch_size=8)
-        for x, y, idx in loader:
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-            loss_tracker.update(idx, losses.detach())
-            optimizer.zero_grad()
-            losses.mean().backward()
-            optimizer.step()
+        train_epoch(model, DataLoader(indexed_dataset, sampler=sampler, batch_size=8),
+                    loss_tracker, optimizer)  # fmt: skip
     assert phases[0] == "warmup" and "thermodynamic" in phases and phases[-1] == "consolidation"
 
 
@@ -129,13 +135,8 @@ def test_create_controlled_h3_takes_the_0_2_0_positional_order() -> None:
         sampler = InformationWeightedSampler(
             indexed_dataset, loss_tracker, keep_frac=keep_frac, uniform_mix=uniform_mix
         )
-        loader = DataLoader(indexed_dataset, sampler=sampler, batch_size=16)
-        for x, y, idx in loader:
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-            loss_tracker.update(idx, losses.detach())
-            optimizer.zero_grad()
-            losses.mean().backward()
-            optimizer.step()
+        train_epoch(model, DataLoader(indexed_dataset, sampler=sampler, batch_size=16),
+                    loss_tracker, optimizer)  # fmt: skip
         eta, accuracy, loss, energy, info = 1.0 / (epoch + 1), 50.0 + epoch, 1.0, 10.0, 0.1
         controller.observe(eta, accuracy, loss, energy, info)  # 0.2.0: accuracy in percent
     assert controller.best_accuracy == 69.0 and "EtaController" in controller.get_report()
