@@ -6,7 +6,7 @@ COPY h3d ./h3d
 COPY h3client ./h3client
 COPY h3optim ./h3optim
 COPY migrations ./migrations
-RUN pip install --no-cache-dir ".[nvidia]"
+RUN pip install --no-cache-dir ".[nvidia,postgres]"
 ENV H3D_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8421

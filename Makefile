@@ -13,7 +13,10 @@ ifeq ($(ACTIVE_ENV),)
 else
   PY := $(ACTIVE_ENV)/bin/python
 endif
-STAMP := .venv/.h3-installed
+# One stamp per environment and clone, kept inside the environment: switching between an
+# active env and ./.venv (or deleting .venv) installs again.
+ENV_DIR := $(or $(ACTIVE_ENV),.venv)
+STAMP := $(ENV_DIR)/.h3-installed$(subst /,_,$(CURDIR))
 
 .PHONY: demo test lint bench env clean browser screenshot
 
@@ -22,7 +25,6 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	@if [ -z "$(ACTIVE_ENV)" ] && [ ! -x .venv/bin/python ]; then \
 	  echo "creating .venv"; $(PYTHON_BASE) -m venv --system-site-packages .venv; fi
-	@mkdir -p .venv
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "no torch importable: installing torch==2.13.0 from your package index"; \
 	  echo "(on a stock Linux x86_64 machine that is the CUDA build, several GB; to choose, install torch first)"; \
