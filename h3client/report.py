@@ -324,13 +324,20 @@ def _compare_row(c: Any, ref: str) -> dict[str, Any]:
             raise FileNotFoundError(f"no audit log at {ref}")
         header, rows = read_audit_log(ref)
         s = _summary_from_rows(rows)
-        etas = [r["eta_bits_per_j"] for r in rows if r.get("eta_bits_per_j") is not None]
+        # η = bits over joules, as a run's: each epoch's bits (η × energy) over the energy of
+        # the epochs that have both; a mean of the epochs' η weighed a 10 J epoch as 1000 J
+        both = [
+            (r["eta_bits_per_j"], r["energy_j"])
+            for r in rows
+            if r.get("eta_bits_per_j") is not None and r.get("energy_j") is not None
+        ]
+        joules = sum(e for _eta, e in both)
         return {
             "source": Path(ref).name,
             "name": _log_name(header),
             "energy_j": s["energy_j"],
             "info_gain_bits": None,
-            "eta_bits_per_j": sum(etas) / len(etas) if etas else None,
+            "eta_bits_per_j": sum(eta * e for eta, e in both) / joules if joules > 0 else None,
             "final_accuracy": s["final_accuracy"],
             "assessment": assess(rows)[0],
         }

@@ -6,8 +6,8 @@ own provenance, ``carbon_source``:
 - ``live``: Electricity Maps (``H3D_ELECTRICITYMAPS_TOKEN``, zone ``H3D_CARBON_ZONE`` or
   ``H3D_CARBON_REGION``). Fetched points are cached in the data directory and kept, so a
   run stays covered after the provider's 24 h history has moved on. When the provider
-  fails, or cannot cover the run's window, the next source below is used and
-  ``carbon_detail`` says why.
+  fails, or cannot cover the run's window (its points are hourly: the latest one covers
+  the hour after it), the next source below is used and ``carbon_detail`` says why.
 - ``timeseries``: a CSV of ``time,g_per_kwh`` rows (Unix seconds or ISO 8601; naive
   times are UTC) at ``H3D_CARBON_TIMESERIES_CSV``.
 - ``constant``: ``H3D_CARBON_INTENSITY_G_PER_KWH``.
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 J_PER_KWH = 3.6e6
 LIVE_HISTORY_S = 24 * 3600.0  # what the provider's history endpoint returns
 LIVE_RETRY_S = 60.0  # after a failure, do not ask again sooner than this
+LIVE_STEP_S = 3600.0  # the provider's points are hourly: the latest stands for its hour
 
 
 class CarbonConfigError(ValueError):
@@ -71,8 +72,14 @@ class Intensity:
             i += 1
         return out
 
-    def covers(self, t0: float, t1: float) -> bool:
-        return bool(self.points) and self.points[0][0] <= t0 and t1 <= self.points[-1][0] + 3600
+    def covers(self, t0: float, t1: float, *, last_holds_s: float = 0.0) -> bool:
+        """Whether ``[t0, t1]`` lies within the points, the last one counting for
+        ``last_holds_s`` more (a provider's hourly point stands for its hour)."""
+        return (
+            bool(self.points)
+            and self.points[0][0] <= t0
+            and t1 <= self.points[-1][0] + last_holds_s
+        )
 
 
 def co2e_g(
@@ -277,7 +284,7 @@ def resolve(settings: Settings, t0: float, t1: float) -> tuple[Intensity | None,
             cache_dir=settings.data_dir,
             ttl_s=settings.carbon_live_ttl_s,
         ).intensity()
-        if live is not None and live.covers(t0, t1):
+        if live is not None and live.covers(t0, t1, last_holds_s=LIVE_STEP_S):
             return live, ""
         if live is None:
             notes.append(live_err)

@@ -4,13 +4,18 @@ Names after Kepler's: ``h3d_device_energy_joules_total``, ``h3d_device_power_wat
 appear only while they are running, so finished runs do not grow the series set forever.
 
 A scrape costs O(devices + running runs): device figures and each run's energy come from the
-sampler's running totals (kept per tick), and η needs only the first and last few batches
-of each run (index seeks), never an integration over the run's history. Like every counter,
-a run's energy total starts over when the daemon restarts; η is given only for runs this
-daemon followed from their start. A run with no measured energy (no readable device) has no
-run series at all: unknown, never 0. A run whose process is followed counts nothing until its
-first share is measured, then what it drew since at that share (see ``PowerSampler``), so it
-never reads more here than over REST. ``/metrics`` needs the bearer token, as /v1 does.
+sampler's running totals (kept per tick), and η needs only the first and last few batches of
+a single-process run (index seeks), never an integration over the run's history; a
+distributed run's loss is over global steps, so its batches are read whole, as
+``/v1/runs/{id}/eta`` reads them. Like every counter, a run's energy total starts over when
+the daemon restarts; η is given only for runs this daemon followed from their start. A run
+with no measured energy (no readable device) has no run series at all: unknown, never 0. A
+run whose process is followed counts nothing until its first share is measured, then what it
+drew since at that share (see ``PowerSampler``). The total runs to the sampler's last reading,
+each tick at the share last measured, while REST's energy of a running run ends where its
+last share interval does, each interval at the share measured over it: the two (and η over
+them) differ by up to about one share interval's energy, either way. ``/metrics`` needs the
+bearer token, as /v1 does.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
-from h3d import carbon
+from h3d import analysis, carbon
 from h3d import efficiency as eff
 from h3d.power.sampler import PowerSampler
 from h3d.storage import repository as repo
+from h3d.storage.models import Run
 
 if TYPE_CHECKING:
     from h3d.config import Settings
@@ -76,6 +82,28 @@ class CarbonTotals:
             self._grams[rid] = self._grams.get(rid, 0.0) + delta * g_per_kwh / carbon.J_PER_KWH
             out[rid] = (self._grams[rid], intensity.source)
         return out
+
+
+def _eta(session: Session, run: Run, energy_j: float) -> float | None:
+    """The run's η since its start over ``energy_j``, from the L₀ and Lₜ of
+    ``/v1/runs/{id}/eta``: a single-process run's first and last few batches, by index seeks;
+    a distributed run's global steps (the k-th batch of every rank is step k, its loss their
+    mean: :func:`h3d.analysis.step_rows`), read whole."""
+    if (run.world_size or 1) > 1:
+        first = last = [
+            (t, loss, n) for t, loss, n, _epoch, _phase in analysis.step_rows(session, run)
+        ]
+        b = len(first)
+    else:
+        b = (run.n_batches or 0) - (run.n_nonfinite or 0)
+        first, last = repo.loss_ends(
+            session, run_id=run.id, k0=eff.start_k(b), k=eff.smoothing_k(b)
+        )
+    if b < 2:
+        return None
+    # loss_at_start over the first start_k points picks what run_eta picks
+    lt = eff.smoothed(last[-eff.smoothing_k(b) :])
+    return eff.eta(eff.info_gain_bits(eff.loss_at_start_of(first, b), lt), energy_j)
 
 
 def render(
@@ -130,14 +158,7 @@ def render(
                 continue
             eta = None
             if since.get(run.id, float("inf")) - run.created_at < 5.0:  # followed from start
-                b = (run.n_batches or 0) - (run.n_nonfinite or 0)
-                first, last = repo.loss_ends(
-                    session, run_id=run.id, k0=eff.start_k(b), k=eff.smoothing_k(b)
-                )
-                if b >= 2:
-                    # loss_at_start over the first start_k points picks what run_eta picks
-                    bits = eff.info_gain_bits(eff.loss_at_start_of(first, b), eff.smoothed(last))
-                    eta = eff.eta(bits, energy)
+                eta = _eta(session, run, energy)
             run_rows.append((run, energy, eta))
     lines += _family(
         "h3d_run_energy_joules_total",

@@ -338,3 +338,24 @@ def test_tune_session_view_prints_names_and_techniques_with_control_characters_e
     )
     assert "\x1b" not in text and "\\x1b[2J" in text and "\\x1b[31m" in text
     assert text.count("\n") == 3  # the session's newline did not add a line
+
+
+def test_compare_gives_an_audit_logs_eta_as_bits_over_joules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--compare` showed a log's η as the plain mean of its epochs' η, beside runs' ΔI/E:
+    1 bit over 1000 J and 1 bit over 10 J read 0.0505 bits/J, not 2 bits / 1010 J."""
+    from h3client.report import main
+
+    log = ThermoAuditLogger("cmp", log_dir=tmp_path)
+    log.log_epoch(0, energy_j=1000.0, eta_bits_per_j=0.001, accuracy=0.5)
+    log.log_epoch(1, energy_j=10.0, eta_bits_per_j=0.1, accuracy=0.6)
+    log.log_epoch(2, accuracy=0.6)  # neither figure: no part in η
+    blind = ThermoAuditLogger("blind", log_dir=tmp_path)
+    blind.log_epoch(0, eta_bits_per_j=0.1, accuracy=0.5)  # η without energy: unknown
+    assert main(["--compare", str(log.get_path()), str(blind.get_path())]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0]
+    at = header.index("η bits/J")
+    cells = [line[at : at + len("η bits/J")].strip() for line in lines[1:]]
+    assert cells == [f"{2 / 1010:.4g}", "-"], lines

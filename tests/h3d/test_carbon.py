@@ -87,6 +87,21 @@ def test_timeseries_csv(tmp_path: Path) -> None:
     assert "edge values held" in out["carbon_detail"]
 
 
+def test_a_run_after_the_last_row_of_a_timeseries_says_the_value_held(tmp_path: Path) -> None:
+    """A window up to an hour past the CSV's last row got its held value with no note (the
+    live provider's hour of grace applied to the file too)."""
+    csv = tmp_path / "grid.csv"
+    csv.write_text(f"{T0:.0f},200\n{T0 + 3600:.0f},400\n")
+    s = make_settings(tmp_path, carbon_timeseries_csv=csv)
+    out = carbon.run_carbon(s, trace().between, T0 + 3600, T0 + 4200)
+    assert out["carbon_source"] == "timeseries"
+    assert out["co2e_g"] == pytest.approx(300.0 * 600 / 3.6e6 * 400.0)  # 400 g/kWh held
+    assert "edge values held" in out["carbon_detail"]
+    assert (
+        "edge values" not in carbon.run_carbon(s, trace().between, T0, T0 + 3600)["carbon_detail"]
+    )  # a window the rows span: nothing held
+
+
 def test_a_broken_csv_says_why_and_falls_back(tmp_path: Path) -> None:
     csv = tmp_path / "grid.csv"
     csv.write_text("1700000000,200\n1700003600,lots\n")
@@ -261,8 +276,9 @@ def test_a_csv_saved_with_a_byte_order_mark_keeps_its_first_row(tmp_path: Path) 
     csv.write_text(f"{T0:.0f},200\n{T0 + 3600:.0f},400\n", encoding="utf-8-sig")
     assert carbon.read_timeseries(csv) == ((T0, 200.0), (T0 + 3600.0, 400.0))
     s = make_settings(tmp_path, carbon_timeseries_csv=csv)
-    out = carbon.run_carbon(s, trace().between, T0, T0 + 7200)
-    assert out["co2e_g"] == pytest.approx(140.0) and "edge values" not in out["carbon_detail"]
+    # the rows span the window (a window past the last row would say the value held)
+    out = carbon.run_carbon(s, trace().between, T0, T0 + 3600)
+    assert out["co2e_g"] == pytest.approx(20.0) and "edge values" not in out["carbon_detail"]
     # with a header too
     csv.write_text(f"time,g_per_kwh\n{T0:.0f},200\n", encoding="utf-8-sig")
     assert carbon.read_timeseries(csv) == ((T0, 200.0),)

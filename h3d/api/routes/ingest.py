@@ -127,7 +127,10 @@ def _column_rows(c: BatchColumns, allow_null: bool, rank: int | None) -> list[re
             raise _bad(seqs[bisect_right(ends, bad[0])], "losses_f32", allow_null)
         vectors, indices = _split(raw, sizes, 4), _split(c.indices_i64, sizes, 8)
     none = [None] * k
-    ns = c.n or [n if n >= 0 else None for n in sizes]
+    # n defaults to a batch's number of per-sample losses, also where the n column is null
+    ns = [n if n >= 0 else None for n in sizes]
+    if c.n is not None:
+        ns = [m if n is None else n for n, m in zip(c.n, ns, strict=True)]
     return [
         repo.BatchRow(seq=q, t=t, loss=v, n=n, epoch=e, step=s, phase=p, rank=rank,
                       losses=vec, indices=idx)
@@ -157,11 +160,13 @@ def _row(b: BatchIn, body: BatchesIn, latest: float) -> repo.BatchRow:
         raise _bad_time(f"batch seq={b.seq}", b.t, {"seq": b.seq})
     _finite_or_null(b, body.nonfinite_as_null)
     packed = _packed(b, body.nonfinite_as_null)
+    # n defaults to the batch's number of per-sample losses, as in the columns form: L is
+    # sample-weighted, and a batch of 64 samples weighs 64, not 1
     return repo.BatchRow(
         seq=b.seq,
         t=b.t,
         loss=b.loss,
-        n=b.n,
+        n=b.n if b.n is not None else b.sample_count(),
         epoch=b.epoch,
         step=b.step,
         phase=b.phase,
