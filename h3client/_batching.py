@@ -5,8 +5,9 @@ BatchProcessor).
 of what it is given and one tuple appended to a deque. No I/O, no lock, no logging, no device
 synchronisation. What it queues of a tensor is its values at log time: a CPU loss's value
 (``item()``), a CPU tensor's bytes, copied straight from its memory (:func:`snapshot`: no
-tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA tensor
-a non-blocking copy to the host enqueued on its device's current stream. They are turned into
+tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA, XPU or
+MPS tensor a non-blocking copy to the host enqueued on its device's current stream (on another
+device, a blocking copy: see :func:`snapshot`). They are turned into
 numbers here, on the worker thread. The worker wakes when a batch is full or every
 ``flush_interval_s`` and sends up to ``max_batch`` batches per request.
 
@@ -87,24 +88,41 @@ def _torch_cuda() -> Any:
 cuda_module = _torch_cuda
 
 
-#: Copies enqueued by one ``log_batch`` call, each with its tensor's device, whose event is
-#: recorded once they all are (:func:`record_copies`).
-Copies = list[tuple[PendingCopy, Any]]
+def _torch_backend(kind: str) -> Any:
+    import torch
+
+    return getattr(torch, kind)
 
 
-def off_device(t: Any, copies: Copies | None = None) -> PendingCopy:
-    """For the detached CUDA tensor ``t``: start a non-blocking copy to pinned host memory and
-    record an event, so the training thread never waits for the GPU on H3's behalf.
+#: The device types other than CUDA whose tensors are copied to the host without blocking, as
+#: CUDA's are: torch offers both the non-blocking copy and an event to wait on for them.
+ASYNC_DEVICES = frozenset({"xpu", "mps"})
+
+#: ``torch.xpu`` or ``torch.mps`` by device type, as ``cuda_module`` is for CUDA (the hardware
+#: seam): ``torch.xpu`` has CUDA's surface, ``Event`` and ``current_stream(device)``;
+#: ``torch.mps.Event``'s ``record()`` takes no stream (MPS has one queue per process).
+backend_module = _torch_backend
+
+
+#: Copies enqueued by one ``log_batch`` call, each with its tensor's device and device type,
+#: whose event is recorded once they all are (:func:`record_copies`).
+Copies = list[tuple[PendingCopy, Any, str]]
+
+
+def off_device(t: Any, copies: Copies | None = None, kind: str = "cuda") -> PendingCopy:
+    """For the detached tensor ``t`` on a device of type ``kind`` (CUDA, or one of
+    :data:`ASYNC_DEVICES`): start a non-blocking copy to host memory and record an event, so
+    the training thread never waits for the device on H3's behalf.
 
     With ``copies``, the event is left to :func:`record_copies`: the copies of one call then
     share one event per device instead of making one each.
     """
-    host = t.to("cpu", non_blocking=True)  # PyTorch pins the host side of such a copy
+    host = t.to("cpu", non_blocking=True)  # PyTorch pins its host side (MPS: unified memory)
     pending = PendingCopy(host, None)
     if copies is None:
-        record_copies([(pending, t.device)])
+        record_copies([(pending, t.device, kind)])
     else:
-        copies.append((pending, t.device))
+        copies.append((pending, t.device, kind))
     return pending
 
 
@@ -113,14 +131,24 @@ def record_copies(copies: Copies) -> None:
     device's current stream, where they were enqueued (a bare ``record()`` takes the current
     device's stream, which does not order a copy from another GPU). An event orders every
     copy enqueued on its stream before it, so one serves them all."""
-    cuda = cuda_module()
     events: dict[Any, Any] = {}
-    for pending, device in copies:
+    for pending, device, kind in copies:
         event = events.get(device)
         if event is None:
-            event = events[device] = cuda.Event()
-            event.record(cuda.current_stream(device))
+            event = events[device] = _recorded_event(device, kind)
         pending.event = event
+
+
+def _recorded_event(device: Any, kind: str) -> Any:
+    """A new event of device type ``kind``, recorded on ``device``'s current stream."""
+    if kind == "mps":
+        event = backend_module(kind).Event()
+        event.record()  # on MPS's one stream
+        return event
+    backend = cuda_module() if kind == "cuda" else backend_module(kind)
+    event = backend.Event()
+    event.record(backend.current_stream(device))
+    return event
 
 
 # --- what log_batch keeps of a tensor --------------------------------------------------------
@@ -168,11 +196,14 @@ def snapshot(x: Any, copies: Copies | None = None) -> Any:
 
     - a contiguous CPU ``torch.Tensor`` (``log_batch`` does this inline, its fast path):
       ``(bytes, dtype)``, its memory copied; no tensor operation, nothing kept of ``x``;
-    - a CUDA tensor: a :class:`PendingCopy`, a non-blocking copy to the host enqueued on the
-      current stream of its device (its event recorded there), so it holds the values as of
-      now in that stream's order (a kernel enqueued later, on that stream, that changes ``x``
-      runs after the copy);
-    - any other tensor (another device, not contiguous, a subclass): a copy on the CPU;
+    - a CUDA, XPU or MPS tensor: a :class:`PendingCopy`, a non-blocking copy to the host
+      enqueued on the current stream of its device (its event recorded there), so it holds
+      the values as of now in that stream's order (a kernel enqueued later, on that stream,
+      that changes ``x`` runs after the copy);
+    - a tensor on any other device (an accelerator torch has no such event for, e.g. a
+      ``privateuseone`` backend): a blocking copy to the CPU, which waits for the device's
+      queue to reach ``x`` on the calling thread;
+    - any other CPU tensor (not contiguous, a subclass): a copy on the CPU;
     - anything else, a sequence of numbers: a list of its elements.
 
     ``copies``: see :func:`off_device`.
@@ -186,6 +217,10 @@ def snapshot(x: Any, copies: Copies | None = None) -> Any:
     if type(t) is TENSOR and t.is_cpu and t.is_contiguous():
         p = t.data_ptr()
         return (MEMORY[p : p + t.nbytes].tobytes(), t.dtype)
+    if not t.is_cpu:
+        kind = t.device.type
+        if kind in ASYNC_DEVICES:
+            return off_device(t, copies, kind)
     return t.to("cpu", copy=True)
 
 

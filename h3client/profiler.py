@@ -364,7 +364,8 @@ class H3Profiler:
         Optionally its per-sample ``losses`` and their dataset ``indices`` (tensors or
         sequences of equal length). For one thread, the training loop's: it takes no lock.
         Costs 1.3–3.5 µs alone, 4–16 µs right after a training step, by host
-        (docs/client.md); never raises, never blocks, never syncs a GPU. A loss that is not a
+        (docs/client.md); never raises, never blocks, never syncs a CUDA, XPU or MPS device
+        (a tensor on another device is copied with a blocking copy). A loss that is not a
         number is counted in ``log_errors`` and not logged; after ``stop()``, and in a forked
         child, it does nothing.
 
@@ -385,7 +386,7 @@ class H3Profiler:
             # from its memory (about 0.5 µs, what a detach() costs, which would still share
             # the tensor's memory); everything else goes through snapshot()
             tensor, mem = _batching.TENSOR, _batching.MEMORY
-            # CUDA copies (made off the fast paths only): one event per device, at the end
+            # device copies (made off the fast paths only): one event per device, at the end
             copies: _batching.Copies | None = None
             if type(loss) is tensor and loss.is_cpu:
                 try:
@@ -843,4 +844,5 @@ def _json_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 atexit.register(_at_exit)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -32,7 +32,10 @@ What it records, per rank (every rank of a DDP run joins one run):
 The run opens in ``on_fit_start`` and closes in ``on_fit_end``; an exception during the
 fit closes it as failed. The results (energy, bits/J, per epoch) are then in
 ``callback.results``, logged to the trainer's loggers as ``h3/...`` metrics, and the
-report is ``callback.profiler.get_report()``.
+report is ``callback.profiler.get_report()``. Under a strategy that runs the fit in processes
+Lightning starts (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``), that is so only in the
+callback's copies in those processes: in the calling process both stay None, and the run is
+read from the daemon (docs/lightning.md).
 """
 
 from __future__ import annotations
