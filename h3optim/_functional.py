@@ -178,7 +178,27 @@ def _fused_h3(
     bias-correction step (its own count, as in the reference; one tensor may serve several
     parameters with the same count); the kernel does not advance them. With ``found_inf`` =
     1.0 the kernel returns before touching any tensor, with no host-device synchronisation.
+
+    Traced by ``torch.compile`` (``torch.compile(opt.step)``) the kernel fails Inductor's
+    functionalization in torch 2.13 (an internal assert), so there the reference takes its
+    place. The check sits here, in the frame that would trace the kernel: dynamo may run a
+    caller eagerly (after a graph break) and still compile this function on its own.
     """
+    if torch.compiler.is_compiling():
+        _single_tensor_h3(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps=steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            finite=found_inf == 0,
+        )
+        return
     torch._fused_adamw_(
         params,
         grads,

@@ -319,10 +319,13 @@ class H3Optimizer(Optimizer):
             grad = p.grad
             if grad is None:
                 continue
+            if grad.is_sparse:  # every step: a parameter with state may get one too
+                raise RuntimeError(
+                    "H3Optimizer does not support sparse gradients (nn.Embedding(sparse=True)): "
+                    "use sparse=False, or torch.optim.SparseAdam for those parameters"
+                )
             state = self.state[p]
             if len(state) == 0:
-                if grad.is_sparse:
-                    raise RuntimeError("H3Optimizer does not support sparse gradients")
                 if p.is_complex():
                     raise RuntimeError("H3Optimizer does not support complex parameters")
                 state["step"] = torch.zeros((), dtype=torch.float32)  # kept on CPU, as AdamW

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import REPO, daemon_env
 
@@ -73,3 +75,57 @@ def test_daemon_and_client_run_without_torch_or_numpy(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# as Python reports a module that is not installed (BLOCK's ImportError reports a broken one)
+ABSENT = textwrap.dedent(
+    """
+    import sys
+    class _Absent:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, _Absent())
+    """
+)
+
+
+def test_h3optim_without_torch_names_the_extra_to_install() -> None:
+    code = ABSENT + textwrap.dedent(
+        """
+        import h3optim  # loads nothing yet
+
+        try:
+            from h3optim import AutoH3
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and 'pip install "h3[optim]"' in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--report", "tune-x.json"], ["task.py:make_task"]], ids=str
+)
+def test_h3_tune_without_torch_says_what_is_missing_in_one_line(args: list[str]) -> None:
+    """The script every install has (``[project.scripts]``), run as pip's wrapper runs it:
+    it ended in a ModuleNotFoundError traceback, whatever its arguments."""
+    module, func = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][
+        "h3-tune"
+    ].split(":")
+    script = ABSENT + f"from {module} import {func}\nsys.exit({func}())"
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and not r.stdout, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        'h3-tune: h3optim needs PyTorch, which is not installed here: pip install "h3[optim]" '
+        "(or install torch)"
+    ]

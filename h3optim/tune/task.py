@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -80,12 +81,40 @@ class Task:
         return len(self.train_data)  # type: ignore[arg-type]
 
 
+def _import_file(file: Path) -> ModuleType:
+    """Run ``file`` as the module named by its stem, its directory first on ``sys.path`` (as
+    ``python file.py`` has it), so that the name imports: DataLoader workers pickle the
+    file's classes by module name, and a spawned worker (the default start method on macOS
+    and Windows) imports that module afresh, with this process's ``sys.path``.
+
+    Raises:
+        ValueError: Another module of that name is loaded already.
+    """
+    name = file.stem
+    taken = getattr(sys.modules.get(name), "__file__", None)
+    if name in sys.modules and (taken is None or Path(taken).resolve() != file):
+        raise ValueError(
+            f"cannot load {file} as module {name!r}, which is {taken or 'built in'}: "
+            "rename the file"
+        )
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))
+    loader_spec = importlib.util.spec_from_file_location(name, file)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ValueError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    loader_spec.loader.exec_module(module)
+    return module
+
+
 def load_task(spec: str) -> Task:
     """Call the factory named by ``"path/to/file.py:make_task"`` (or ``"pkg.module:make_task"``).
 
     Raises:
-        ValueError: The spec has no ``:factory`` part, the file or the factory is missing, or
-            the factory returns something other than a :class:`Task`.
+        ValueError: The spec has no ``:factory`` part, the file or the factory is missing,
+            another module has the file's name, or the factory returns something other than
+            a :class:`Task`.
     """
     path, sep, attr = spec.rpartition(":")
     if not sep or not path or not attr:
@@ -94,13 +123,7 @@ def load_task(spec: str) -> Task:
         file = Path(path)
         if not file.is_file():
             raise ValueError(f"no such file: {file}")
-        mod_name = f"_h3tune_{file.stem}"
-        loader_spec = importlib.util.spec_from_file_location(mod_name, file)
-        if loader_spec is None or loader_spec.loader is None:
-            raise ValueError(f"cannot import {file}")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[mod_name] = module  # DataLoader workers may need to pickle its classes
-        loader_spec.loader.exec_module(module)
+        module = _import_file(file.resolve())
     else:
         module = importlib.import_module(path)
     factory = getattr(module, attr, None)

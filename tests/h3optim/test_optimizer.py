@@ -300,6 +300,27 @@ def test_validation_messages() -> None:
         H3Optimizer([x], lipschitz_update_interval=10, lipschitz_max_interval=5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("has_state", [False, True])
+def test_a_sparse_gradient_is_a_runtime_error_before_any_change(impl: str, has_state: bool) -> None:
+    """Once the parameter had state (a dense step, or a loaded checkpoint) a sparse gradient
+    reached the non-finite check and raised a dispatcher dump (NotImplementedError,
+    ``_amp_foreach_non_finite_check_and_unscale_`` on SparseCPU); it is the RuntimeError the
+    first step gives, as under Adam."""
+    emb = nn.Embedding(10, 3)
+    opt = H3Optimizer(emb.parameters(), lr=1e-2, **IMPLS[impl])
+    if has_state:
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    before = emb.weight.detach().clone()
+    emb.sparse = True
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"does not support sparse gradients.*SparseAdam"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+
+
 def test_foreach_and_fused_need_each_other_out_and_a_kernel() -> None:
     x, _ = quadratic()
     with pytest.raises(ValueError, match="cannot be `True` together"):
