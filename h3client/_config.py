@@ -17,11 +17,13 @@ DEFAULT_PORT = 8421
 
 
 def default_data_dir() -> Path:
+    """The daemon's rule (``h3d.config.default_data_dir``): a relative ``XDG_DATA_HOME`` is
+    ignored, as the XDG Base Directory spec says."""
     env = os.environ.get("H3D_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    xdg = Path(os.environ.get("XDG_DATA_HOME", "")).expanduser()
+    base = xdg if xdg.is_absolute() else Path.home() / ".local" / "share"
     return base / "h3d"
 
 

@@ -93,18 +93,81 @@ def is_healthy(url: str, timeout_s: float = 1.0) -> bool:
 _started: list[Any] = []  # subprocess.Popen (imported when one is started)
 
 
+#: The lock ``h3d serve`` holds on its data dir (``h3d.datadir.LOCK_NAME``).
+_DAEMON_LOCK = "h3d.lock"
+
+
+def _daemon_holds(data_dir: Path) -> bool:
+    """True if a process holds the data dir's ``h3d.lock``: an ``h3d serve`` takes it first
+    thing, so a daemon is starting there (``daemon.json`` comes once it serves) or serves
+    there. False where there is no ``flock`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(data_dir / _DAEMON_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases a shared lock taken
+    return False
+
+
 def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None:
     """Start ``h3d serve`` detached (it outlives this process); return its URL once healthy.
 
-    Returns None if it did not become healthy in time (its log is ``<data dir>/h3d.log``).
-    The daemon is a separate program: h3client never imports it.
+    A daemon that holds the data dir already (one started by hand a moment ago, still
+    starting) is waited for instead, as is one that took the data dir before the daemon
+    started here could (which then exits): the data dir is that daemon's, with the store it
+    was started on. One is started here if that daemon exits without serving. Returns None
+    if no daemon became healthy in time (the log of one started here is
+    ``<data dir>/h3d.log``). The daemon is a separate program: h3client never imports it.
     """
-    import subprocess
-
     private_dir(data_dir, in_data_dir=False)
     before = read_daemon_file(data_dir)
+    proc, since = None, 0
+    if _daemon_holds(data_dir):
+        logger.info("h3: a daemon is starting in %s; waiting for it", data_dir)
+    else:
+        proc, since = _spawn(data_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = read_daemon_file(data_dir)
+        # the daemon started here, once it wrote its daemon.json; else the holder's, whose
+        # proof of the data dir's token tells it from a file a killed daemon left
+        awaited = proc is None or (
+            info != before and info is not None and info.get("pid") == proc.pid
+        )
+        if info and awaited and _serves(str(info["url"]), data_dir):
+            return str(info["url"])
+        if proc is None:
+            if not _daemon_holds(data_dir):  # it exited (or stopped) without serving
+                proc, since = _spawn(data_dir)
+        elif proc.poll() is not None:
+            if _daemon_holds(data_dir):  # another daemon took the data dir first
+                logger.info("h3: another daemon took %s first; waiting for it", data_dir)
+                proc = None
+                continue
+            why = last_error_line(data_dir / "h3d.log", since)
+            if why:  # its one line (a node in use, a bad store): said here, not only there
+                logger.warning("h3: the daemon it started exited: %s", why)
+            return None
+        time.sleep(0.02)  # a file read per poll: a 100 ms poll added ~50 ms to autostart
+    return None
+
+
+def _spawn(data_dir: Path) -> tuple[Any, int]:
+    """``h3d serve --port 0`` on ``data_dir``, detached, logging to ``<data dir>/h3d.log``:
+    its ``Popen`` and the log's offset where what it writes begins."""
+    import subprocess
+
     with open(data_dir / "h3d.log", "ab", opener=private_file) as log:
-        since = log.seek(0, os.SEEK_END)  # what this start writes comes after
+        since = log.seek(0, os.SEEK_END)
         proc = subprocess.Popen(
             [sys.executable, "-m", "h3d", "serve", "--data-dir", str(data_dir), "--port", "0"],
             stdout=log,
@@ -113,20 +176,7 @@ def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None
             start_new_session=True,  # not killed with the training process's group
         )
     _started.append(proc)  # it outlives this process, which need not wait for it
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info = read_daemon_file(data_dir)
-        if info and info != before and info.get("pid") == proc.pid:
-            url = str(info["url"])
-            if _serves(url, data_dir):
-                return url
-        if proc.poll() is not None:
-            why = last_error_line(data_dir / "h3d.log", since)
-            if why:  # its one line (a node in use, a bad store): said here, not only there
-                logger.warning("h3: the daemon it started exited: %s", why)
-            return None
-        time.sleep(0.02)  # a file read per poll: a 100 ms poll added ~50 ms to autostart
-    return None
+    return proc, since
 
 
 def last_error_line(log: Path, since: int) -> str | None:
@@ -185,9 +235,11 @@ def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
     one in ``H3D_DATA_DIR``), whose every request would answer 401. This data dir then gets
     a daemon of its own, on a free port, as when none answers. An explicit URL (argument or
     ``H3D_URL``) is the caller's choice. Processes that start together start one daemon
-    between them. None also when the data dir is another user's or writable by one (a
-    token given, none read there: :func:`h3client._config.private_dir`); the found URL
-    then still has to prove itself before it is sent the token (``Client.proven``).
+    between them, and none while a daemon that holds the data dir is starting
+    (:func:`start_local_daemon`). None also when the data dir is another user's or writable
+    by one (a token given, none read there: :func:`h3client._config.private_dir`); the
+    found URL then still has to prove itself before it is sent the token
+    (``Client.proven``).
     """
     # (no token yet: one its daemon wrote since the config was resolved)
     token = config.token if config.token is not None else read_token_file(config.data_dir)

@@ -1,8 +1,8 @@
 """``h3d``: serve the daemon and inspect what it stored.
 
 h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME] [--log-level L]
-h3d status | runs | show RUN [--json | --html FILE] | export RUN [--samples] [-o FILE] | stop
-    | import [FILES]                                                          [--data-dir D]
+h3d status | runs | show RUN [--json | --html FILE] | report RUN (as show) | compare RUN...
+    | export RUN [--samples] [-o FILE] | stop | import [FILES]                [--data-dir D]
 h3d db upgrade | db current                                     [--data-dir D] [--db-url U]
 h3d doctor                                                                    [--data-dir D]
 h3d demo                      [--data-dir D] [--db-url U] [--node NAME] [--log-level L]
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from h3d import __version__
-from h3d._http import DaemonClient, DaemonDown, find_daemon
-from h3d.datadir import DataDirLock, lock_holder, make_private
+from h3d._http import DaemonClient, DaemonDown, find_daemon, read_token
+from h3d.datadir import LOCK_NAME, DataDirLock, lock_holder, make_private
 from h3d.errors import H3DError
 
 if TYPE_CHECKING:
@@ -97,7 +97,10 @@ def _engine(settings: Settings, args: argparse.Namespace) -> Any:
 
     from h3d.storage.engine import make_engine
 
-    url = settings.database_url
+    try:
+        url = settings.database_url
+    except ValueError as exc:  # a data dir whose name no URL can hold
+        raise CommandError(str(exc)) from None
     try:
         return make_engine(url)
     except (ArgumentError, ImportError, TypeError) as exc:
@@ -319,12 +322,60 @@ def _claim_node(settings: Settings) -> NodeLease:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _import_fastapi_deferred()
     with _StartupGcPause() as gc_pause:
-        return _serve(args, gc_pause)
+        settings = _settings(args)  # a bad setting is one line before anything is created
+        _configure_logging(settings.log_level)
+        data_dir = settings.data_dir
+        made = [p for p in (data_dir, *data_dir.parents) if not os.path.lexists(p)]
+        lock = _lock_data_dir(settings)
+        try:
+            return _serve(args, settings, lock, made, gc_pause)
+        finally:
+            lock.release()
 
 
-def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
+def _lock_data_dir(settings: Settings) -> DataDirLock:
+    """The data dir made private and its lock taken: ``serve``'s first step, before the
+    imports that take most of its start (SQLAlchemy, FastAPI, uvicorn, the app). A profiler
+    that starts meanwhile finds the data dir held and waits for this daemon to write its
+    ``daemon.json`` (h3client/_daemon.py) instead of starting a daemon of its own, which
+    would take the data dir from this one."""
+    lock = DataDirLock(settings.data_dir)
+    try:
+        private_data_dir(settings)  # the store, its WAL and journal: this user's only
+        lock.acquire()
+    except CommandError as exc:
+        raise CommandError(f"cannot start: {exc.message}") from None
+    except (H3DError, OSError) as exc:  # another daemon holds it, a full disk
+        raise _cannot_start(settings, exc) from None
+    return lock
+
+
+def _made_for_nothing(settings: Settings, made: list[Path], lock: DataDirLock) -> None:
+    """Undo what the start made before it found that it cannot run: the lock file and the
+    directories in ``made`` (the data dir first, then the parents made with it), if nothing
+    else was put there meanwhile."""
+    if made:
+        with contextlib.suppress(OSError):
+            (settings.data_dir / LOCK_NAME).unlink()
+            lock.release()
+            for path in made:
+                path.rmdir()
+
+
+def _serve(
+    args: argparse.Namespace,
+    settings: Settings,
+    lock: DataDirLock,
+    made: list[Path],
+    gc_pause: _StartupGcPause,
+) -> int:
+    try:
+        engine = _engine(settings, args)
+    except CommandError:  # a bad URL is one line, and leaves nothing behind
+        _made_for_nothing(settings, made, lock)
+        raise
+    _import_fastapi_deferred()
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -336,19 +387,10 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
             await super().startup(sockets=sockets)
             gc_pause.end()  # bound and serving: the start-up is over
 
-    settings = _settings(args)
-    _configure_logging(settings.log_level)
-    engine = _engine(settings, args)  # a bad URL is one line before anything is created
-    # What stops a start in one line (exit 2): a busy data dir, a full disk, a read-only
-    # mount, a store that is damaged, newer or unreachable.
+    # What stops a start in one line (exit 2): a full disk, a read-only mount, a store that
+    # is damaged, newer or unreachable.
     errors = (H3DError, SQLAlchemyError, OSError)
-    lock = DataDirLock(settings.data_dir)
     try:
-        try:
-            private_data_dir(settings)  # the store, its WAL and journal: this user's only
-        except CommandError as exc:
-            raise CommandError(f"cannot start: {exc.message}") from None
-        lock.acquire()
         # check the store before binding, so a bad database is one clear line
         migrate.check_integrity(engine)
         if settings.auto_migrate:
@@ -411,8 +453,6 @@ def _serve(args: argparse.Namespace, gc_pause: _StartupGcPause) -> int:
     except SystemExit:  # uvicorn's exit when the start-up failed
         if app.error is None:
             raise
-    finally:
-        lock.release()
     if app.error is not None:
         raise _cannot_start(settings, app.error)
     return 0 if server.started else 1
@@ -445,6 +485,17 @@ def _fmt(v: Any, unit: str = "", digits: int = 4) -> str:
     return f"{_shown(v)}{unit}"
 
 
+def dashboard_link(settings: Settings, url: str, run: str | None = None) -> str:
+    """The dashboard at ``url`` (on the page of run ``run``), with the token the commands
+    send in its fragment, which browsers never send to a server: ``H3D_TOKEN``, else the
+    data dir's (a daemon in a container holds the token given, not this data dir's)."""
+    token = read_token(settings)
+    fragment = "&".join(
+        f"{key}={value}" for key, value in (("token", token), ("run", run)) if value is not None
+    )
+    return f"{url}/#{fragment}" if fragment else f"{url}/"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     url, problem = find_daemon(settings)
@@ -457,12 +508,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     running = c.get("/v1/runs", params={"status": "running", "limit": 1})
     print(f"h3d {c.get('/healthz')['version']} at {url}  (data dir {settings.data_dir})")
     print(f"runs: {runs['count']} stored, {running['count']} running")
-    try:
-        token = settings.token_path.read_text().strip()
-    except OSError:  # another user's data dir: the link is theirs to give
-        print(f"dashboard: {url}/ (it asks for the token in {settings.token_path})")
-    else:
-        print(f"dashboard: {url}/#token={token}")
+    print(f"dashboard: {dashboard_link(settings, url)}")
     if not devs["devices"]:
         print("devices: none readable (source=none): energy is unknown; see `h3d doctor`")
     for d in devs["devices"]:
@@ -628,6 +674,25 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(rep, indent=2))
     else:
         print_report(rep)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Runs side by side, as ``GET /v1/compare`` sums them up (the dashboard's compare view)."""
+    c = DaemonClient(_settings(args))
+    ids = [_resolve(c, ref) for ref in args.runs]
+    rows = c.get("/v1/compare", params={"runs": ",".join(ids)})["runs"]
+    print(
+        f"{'id':<32}  {'name':<24} {'status':<9} {'batches':>8} {'energy J':>10} {'source':<9} "
+        f"{'ΔI bits/sample':>14} {'η bits/J':>10} {'acc':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['run_id']:<32}  {_shown(r['name'])[:24]:<24} {r['status']:<9} "
+            f"{r['n_batches']:>8} {_fmt(r['energy_j']):>10} {r['source']:<9} "
+            f"{_fmt(r['info_gain_bits']):>14} {_fmt(r['eta_bits_per_j']):>10} "
+            f"{_fmt(r['final_accuracy']):>7}"
+        )
     return 0
 
 
@@ -1053,13 +1118,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tag")
     r.add_argument("--limit", type=_at_least_one, default=20, help="how many (newest first)")
     r.set_defaults(func=cmd_runs)
-    sh = sub.add_parser("show", parents=[data], help="a run's report")
-    sh.add_argument("run", help="run id, unique id prefix, or name")
-    sh.add_argument("--json", action="store_true")
-    sh.add_argument(
-        "--html", metavar="FILE", help="write a self-contained HTML report (-: to stdout)"
-    )
-    sh.set_defaults(func=cmd_show)
+    for name, what in (("show", "a run's report"), ("report", "a run's report (as show)")):
+        sh = sub.add_parser(name, parents=[data], help=what)
+        sh.add_argument("run", help="run id, unique id prefix, or name")
+        sh.add_argument("--json", action="store_true")
+        sh.add_argument(
+            "--html", metavar="FILE", help="write a self-contained HTML report (-: to stdout)"
+        )
+        sh.set_defaults(func=cmd_show)
+    cp = sub.add_parser("compare", parents=[data], help="runs side by side")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="run ids, unique id prefixes or names")
+    cp.set_defaults(func=cmd_compare)
     ex = sub.add_parser("export", parents=[data], help="a run's batches as CSV")
     ex.add_argument("run", help="run id, unique id prefix, or name")
     ex.add_argument(

@@ -22,12 +22,16 @@ ENV_PREFIX = "H3D_"
 
 
 def default_data_dir() -> Path:
-    """``$H3D_DATA_DIR``, else ``$XDG_DATA_HOME/h3d``, else ``~/.local/share/h3d``."""
+    """``$H3D_DATA_DIR``, else ``$XDG_DATA_HOME/h3d``, else ``~/.local/share/h3d``.
+
+    A relative ``XDG_DATA_HOME`` is ignored, as the XDG Base Directory spec says: it named
+    another directory from each working directory, where the daemon's clients did not look.
+    """
     env = os.environ.get("H3D_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    xdg = Path(os.environ.get("XDG_DATA_HOME", "")).expanduser()
+    base = xdg if xdg.is_absolute() else Path.home() / ".local" / "share"
     return base / "h3d"
 
 
@@ -134,10 +138,19 @@ class Settings(BaseModel):
             return self.db_url
         from sqlalchemy.engine import URL  # the client-side commands never need SQLAlchemy
 
+        path = str(self.data_dir / "h3d.db")
+        try:
+            path.encode()
+        except UnicodeEncodeError:  # bytes kept as surrogates (os.fsdecode): a URL is text
+            name = os.fsencode(self.data_dir).decode(errors="backslashreplace")
+            raise ValueError(
+                f"the data dir's name {name} is not valid UTF-8, so the default store in it "
+                "(sqlite:///<data dir>/h3d.db) has no URL; use another data dir (--data-dir or "
+                "H3D_DATA_DIR) or name the store (--db-url or H3D_DB_URL)"
+            ) from None
         # Built, not pasted: a path holding "?", "#" or "%41" is no query string or escape
         # (a data dir "exp?a" put its store in "exp", shared with "exp?b").
-        url = URL.create("sqlite", database=str(self.data_dir / "h3d.db"))
-        return url.render_as_string(hide_password=False)
+        return URL.create("sqlite", database=path).render_as_string(hide_password=False)
 
     @property
     def host_names(self) -> list[str]:

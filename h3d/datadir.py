@@ -8,20 +8,27 @@ changes the modes of H3's own files only (:data:`OWN_FILES`, the spool), never t
 The lock is ``flock`` on ``<data dir>/h3d.lock`` (the daemon's pid written inside), held for
 the daemon's whole life and released by the kernel when the process ends, however it ends:
 a lock file left by a SIGKILLed daemon does not block the next start. ``h3d stop`` signals a
-pid only if that pid is the process holding the lock.
+pid only if that pid is the process holding the lock. Windows has no ``flock``: there the
+lock is ``msvcrt.locking`` on one byte of the file past its pid (:data:`_WINDOWS_LOCK_AT`),
+which Windows also drops when the process ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import fnmatch
 import os
 import stat
 from pathlib import Path
 
 from h3d.errors import H3DError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
 
 LOCK_NAME = "h3d.lock"
 DIR_MODE = 0o700
@@ -172,6 +179,40 @@ def make_private(data_dir: Path) -> None:
                 _tighten(Path(entry.path), FILE_MODE)
 
 
+#: Where the Windows lock's byte is: past the pid, which ``lock_holder`` reads, since a byte
+#: ``msvcrt.locking`` holds cannot be read by other processes.
+_WINDOWS_LOCK_AT = 1 << 20
+
+
+def _try_lock(fd: int, *, exclusive: bool) -> bool:
+    """Lock ``fd``'s file without waiting (shared or exclusive); False if another process
+    holds it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    os.lseek(fd, _WINDOWS_LOCK_AT, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return True
+
+
+def _unlock(fd: int) -> None:
+    """Let go of a lock :func:`_try_lock` took."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return
+    os.lseek(fd, _WINDOWS_LOCK_AT, os.SEEK_SET)
+    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
 class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_NAME
@@ -180,9 +221,7 @@ class DataDirLock:
     def acquire(self) -> None:
         """Take the lock or raise :class:`DataDirBusy` naming the holder."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd, exclusive=True):
             os.close(fd)
             holder = lock_holder(self.path.parent)
             who = f"pid {holder}" if holder is not None else "another process"
@@ -200,15 +239,15 @@ class DataDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
+            os.close(self._fd)  # closing releases the lock
             self._fd = None
 
 
 def _proc_locks_holder(path: Path) -> int | None:
     """The pid of the FLOCK holder of ``path`` from /proc/locks (Linux), if listed."""
-    st = path.stat()
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with open("/proc/locks") as f:
+        st = path.stat()
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         for line in f:
             parts = line.split()
             # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
@@ -225,18 +264,14 @@ def lock_holder(data_dir: Path) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        if _try_lock(fd, exclusive=False):
+            _unlock(fd)
             return None
         with contextlib.suppress(OSError, ValueError):
             holder = _proc_locks_holder(path)
             if holder is not None:
                 return holder
-        try:  # no /proc/locks (macOS): the pid the holder wrote
+        try:  # no /proc/locks (macOS, Windows): the pid the holder wrote
             return int(os.read(fd, 32).decode().strip())
         except ValueError:
             return None

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from h3d._http import DaemonClient, find_daemon, is_healthy
-from h3d.cli import print_report, private_data_dir
+from h3d.cli import dashboard_link, print_report, private_data_dir
 from h3d.config import Settings
 
 
@@ -126,8 +126,7 @@ def main(settings: Settings, *, epochs: int = 20, keep: bool = True) -> int:
             f"{where}` (or `{h3d} status {where}` for the dashboard link)"
         )
         return 0
-    token = settings.token_path.read_text().strip()
-    print(f"browse: {url}/#token={token}&run={run_id}")
+    print(f"browse: {dashboard_link(settings, url, run_id)}")
     print(
         f"        (the dashboard; API docs at {url}/docs; or "
         f"`{h3d} show {run_id[:8]} --data-dir {settings.data_dir}`)"

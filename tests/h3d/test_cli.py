@@ -14,8 +14,16 @@ from typing import Any
 
 import pytest
 
+from h3d.cli import _fmt
 from h3d.storage import migrate
-from tests.conftest import REPO, Daemon, another_program_on_a_port, daemon_env, free_port
+from tests.conftest import (
+    REPO,
+    Daemon,
+    another_program_on_a_port,
+    daemon_env,
+    data_dir_with_a_token,
+    free_port,
+)
 
 
 def h3d(
@@ -150,6 +158,47 @@ def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
     # with that daemon's token (a daemon in a container, on its published port) it is used
     r = h3d(mine, "status", H3D_PORT=port, H3D_TOKEN=daemon.token)
     assert r.returncode == 0 and "runs: 0 stored" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_dashboard_link_carries_the_token_the_command_used(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # a daemon in a container on its published port, its token given; this host's data dir
+    # holds the token of an earlier local daemon, which must not go into the link
+    mine = data_dir_with_a_token(tmp_path / "mine", "an-earlier-daemons-token")
+    r = h3d(mine, "status", H3D_URL=daemon.url, H3D_TOKEN=daemon.token)
+    assert r.returncode == 0, r.stderr
+    assert f"dashboard: {daemon.url}/#token={daemon.token}\n" in r.stdout
+
+
+def test_compare_puts_runs_side_by_side_and_report_is_show(daemon: Daemon) -> None:
+    now = time.time()
+    with daemon.client() as api:
+        for name, n in (("small-lr", 30), ("big-lr", 50)):
+            run = api.post("/v1/runs", json={"name": name}).json()
+            batches = [{"seq": i, "t": now + i * 0.01, "loss": 2.0 - i * 0.01} for i in range(n)]
+            api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches})
+            api.post(f"/v1/runs/{run['id']}/epochs", json={"epoch": 0, "accuracy": n / 100})
+            api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        rows = api.get("/v1/compare", params={"runs": ",".join(
+            api.get("/v1/runs/resolve", params={"ref": r}).json()["id"]
+            for r in ("small-lr", "big-lr"))}).json()["runs"]  # fmt: skip
+    r = h3d(daemon, "compare", "small-lr", rows[1]["run_id"][:8])  # by name, by id prefix
+    assert r.returncode == 0, r.stderr
+    header, *lines = r.stdout.splitlines()
+    assert header.split()[:6] == ["id", "name", "status", "batches", "energy", "J"], header
+    assert len(lines) == 2
+    for line, row in zip(lines, rows, strict=True):
+        cells = line.split()
+        assert cells[:4] == [row["run_id"], row["name"], "finished", str(row["n_batches"])]
+        assert cells[4:6] == [_fmt(row["energy_j"]), row["source"]]
+        assert cells[-1] == _fmt(row["final_accuracy"])
+    missing = h3d(daemon, "compare", "small-lr", "nosuchrun")
+    assert missing.returncode == 1 and "run_not_found" in one_error_line(missing)
+    # `h3d report RUN` (DESIGN.md's name) is `h3d show RUN`
+    shown, reported = h3d(daemon, "show", "big-lr"), h3d(daemon, "report", "big-lr")
+    assert reported.returncode == 0 and "50 batches" in reported.stdout, reported.stderr
+    assert reported.stdout == shown.stdout
 
 
 def test_db_upgrade_and_current(tmp_path: Path) -> None:

@@ -82,6 +82,8 @@ def test_an_empty_host_variable_binds_loopback(daemon_factory: Callable[..., Dae
         (("status",), ("--db-url", "--node", "--log-level")),
         (("runs",), ("--db-url", "--node", "--log-level")),
         (("show", "r"), ("--db-url", "--node", "--log-level")),
+        (("report", "r"), ("--db-url", "--node", "--log-level")),
+        (("compare", "r", "s"), ("--db-url", "--node", "--log-level")),
         (("export", "r"), ("--db-url", "--node", "--log-level")),
         (("stop",), ("--db-url", "--node", "--log-level")),
         (("import",), ("--db-url", "--node", "--log-level")),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from h3client._config import default_data_dir as client_default_data_dir
 from h3d.config import Settings
 
 
@@ -99,3 +101,20 @@ def test_the_power_backend_list_parser_is_the_one_the_daemon_builds_with() -> No
     assert (b.info.name, b.read().power_w) == ("constant:1", 2.5)
     with pytest.raises(ValueError, match="unknown power backend 'nvml'"):
         build_backends("nvml", cpu_tdp_w=None)
+
+
+@pytest.mark.parametrize(
+    "data_dir", [lambda: Settings().data_dir, client_default_data_dir], ids=["h3d", "h3client"]
+)
+def test_a_relative_xdg_data_home_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Callable[[], Path]
+) -> None:
+    # The XDG spec: a relative path there is invalid and ignored. Taken as it was, it named
+    # another data dir from every working directory, where the clients found no daemon.
+    monkeypatch.delenv("H3D_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", "xdgdata")
+    assert data_dir() == tmp_path / "home" / ".local" / "share" / "h3d"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data_dir() == tmp_path / "xdg" / "h3d"
