@@ -268,8 +268,15 @@ def _cannot_start(settings: Settings, exc: BaseException) -> CommandError:
         from sqlalchemy.engine import make_url
 
         url = make_url(settings.database_url).render_as_string(hide_password=True)
-        why = f"{url}: {getattr(exc, 'orig', None) or exc}"
+        why = f"{url}: {_driver_error(exc)}"
     return CommandError(f"cannot start: {why}")
+
+
+def _driver_error(exc: BaseException) -> str:
+    """The database driver's message on one line: PostgreSQL's carries the statement and a
+    ``^`` pointer on the lines after it (``LINE 2: CREATE TABLE ...``)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _StartupFailure:
@@ -1055,7 +1062,7 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"h3d: {exc.message}", file=sys.stderr)
         return 2
     except (SQLAlchemyError, OSError) as exc:  # a database down, a path that cannot be opened
-        print(f"h3d: {url}: {getattr(exc, 'orig', None) or exc}", file=sys.stderr)
+        print(f"h3d: {url}: {_driver_error(exc)}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

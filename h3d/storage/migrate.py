@@ -7,11 +7,13 @@ the schema is migrated exactly once and the others find it at head.
 
 Alembic is imported only to migrate a store written by an older h3d. A start on a store at
 head reads ``alembic_version`` with one query and compares it with ``HEAD_REVISION``, a
-constant that tests/h3d/test_storage.py checks against the migration scripts; an empty store
-(the first start) is created at head from the ORM's tables and stamped, as Alembic's
-cookbook builds "an up to date database from scratch" (the same test checks that this
-schema and the migrated one are the same). Importing Alembic and running ``migrations/``
-cost more than the rest of the store's start-up (benchmarks/results/startup.md).
+constant that tests/h3d/test_storage.py checks against the migration scripts (the query
+before it, which looks for that table, lists them all: a store at head that lacks one of
+the ORM's is refused); an empty store (the first start) is created at head from the ORM's
+tables and stamped, as Alembic's cookbook builds "an up to date database from scratch"
+(the same test checks that this schema and the migrated one are the same). Importing
+Alembic and running ``migrations/`` cost more than the rest of the store's start-up
+(benchmarks/results/startup.md).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ REVISIONS = (
 )
 HEAD_REVISION = REVISIONS[-1]
 
+# The longest path SQLite's unix VFS opens: 512 bytes (MAX_PATHNAME), less room for the
+# suffix of the store's journal ("-journal"). Longer is "unable to open database file".
+SQLITE_MAX_PATH = 512 - 8
+
 
 def migrations_dir() -> Path:
     """``migrations/`` beside the packages (a checkout), else the installed copy."""
@@ -91,21 +97,25 @@ def script_revisions() -> list[str]:
     return [r.revision for r in reversed(list(script.walk_revisions()))]
 
 
-def _read_revision(conn: Connection) -> str | None:
+def _read_revision(conn: Connection) -> tuple[str | None, set[str]]:
     """``alembic_version``'s row, read the way Alembic's MigrationContext does (None: no
-    table or no row), without importing Alembic."""
-    if not inspect(conn).has_table("alembic_version"):
-        return None
+    table or no row), without importing Alembic; and the names of the store's tables (one
+    query, which also tells whether ``alembic_version`` is there)."""
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" not in tables:
+        return None, tables
     rows = [r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
     if len(rows) > 1:
         raise SchemaMismatch(
             f"the database records several revisions ({', '.join(sorted(rows))}); "
             "h3d has one line of migrations and will not guess. Point --db-url elsewhere."
         )
-    return rows[0] if rows else None
+    return (rows[0] if rows else None), tables
 
 
-def current_revision(engine: Engine) -> str | None:
+def _read_store(engine: Engine) -> tuple[str | None, set[str]]:
+    """The store's revision and table names (``_read_revision``), or one line on why it
+    cannot be read."""
     try:
         with engine.connect() as conn:
             return _read_revision(conn)
@@ -121,13 +131,24 @@ def current_revision(engine: Engine) -> str | None:
         raise _unreadable(engine, exc) from exc
 
 
+def current_revision(engine: Engine) -> str | None:
+    return _read_store(engine)[0]
+
+
 def _path_problem(database: str | None) -> str | None:
     """What keeps SQLite from opening a store at ``database`` that is not the file's
-    content: its directory missing, not a directory, read-only or not writable (SQLite
-    writes its WAL index beside the store even to read it), or the file not open to us."""
+    content: its path too long, its directory missing, not a directory, read-only or not
+    writable (SQLite writes its WAL index beside the store even to read it), or the file
+    not open to us."""
     if not database or database == ":memory:":
         return None
     path = Path(database).absolute()
+    size = len(os.fsencode(path))
+    if size > SQLITE_MAX_PATH:
+        return (
+            f"the store's path is {size} bytes long, and SQLite opens none longer than "
+            f"{SQLITE_MAX_PATH}; use a shorter data dir or --db-url"
+        )
     parent = path.parent
     if not parent.exists():
         return f"the directory {parent} does not exist; create it or point --db-url elsewhere"
@@ -151,9 +172,12 @@ def _path_problem(database: str | None) -> str | None:
 
 
 def _unreadable(engine: Engine, exc: DatabaseError) -> H3DError:
-    """SQLite could not open or read the store: the place it is in, if that is why, else
-    the file itself (not a database)."""
+    """SQLite could not open or read the store: a full disk or the place it is in, if that
+    is why, else the file itself (not a database)."""
     url = engine.url.render_as_string(hide_password=True)
+    full = _disk_full(engine)
+    if full is not None:  # SQLite says "disk I/O error" when it cannot size the WAL index
+        return StorageUnavailable(f"{url}: cannot open it ({exc.orig}): {full_disk_note(full)}")
     problem = _path_problem(engine.url.database)
     if problem is not None:
         return StorageUnavailable(f"{url}: {problem} ({exc.orig}); h3d changed nothing")
@@ -163,20 +187,30 @@ def _unreadable(engine: Engine, exc: DatabaseError) -> H3DError:
     )
 
 
-def _check_known(engine: Engine, rev: str | None) -> None:
+def _check_known(rev: str | None, tables: set[str]) -> None:
+    """Refuse a store h3d cannot use as it is: at a revision this h3d does not know, with
+    tables but no revision (not h3d's), or at head without a table h3d needs."""
     if rev is not None and rev not in REVISIONS:
         raise SchemaMismatch(
             f"the database is at revision {rev!r}, which this h3d does not know: it was "
             "written by a newer h3d. Upgrade h3d, or point --db-url at another database."
         )
-    if rev is None:
-        tables = set(inspect(engine).get_table_names())
-        if tables - {"alembic_version"}:
+    if rev == HEAD_REVISION:
+        from h3d.storage.models import Base
+
+        missing = sorted(set(Base.metadata.tables) - tables)
+        if missing:
             raise SchemaMismatch(
-                "the database has tables but no h3d revision "
-                f"({', '.join(sorted(tables))}); h3d will not write into it. "
-                "Point --db-url at another database."
+                f"the database is at {rev} but has no table {', '.join(missing)}, which h3d "
+                "needs (something other than h3d dropped it); h3d will not write into it. "
+                "Restore the store from a copy, or point --db-url at another database."
             )
+    if rev is None and tables - {"alembic_version"}:
+        raise SchemaMismatch(
+            "the database has tables but no h3d revision "
+            f"({', '.join(sorted(tables))}); h3d will not write into it. "
+            "Point --db-url at another database."
+        )
 
 
 @contextlib.contextmanager
@@ -194,7 +228,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_cascades(engine: Engine) -> Iterator[Connection]:
-    """A SQLite connection in a transaction with its foreign keys off until it commits.
+    """A SQLite connection in one transaction, DDL included, with its foreign keys off
+    until it commits.
 
     Alembic alters a SQLite table by copying it into a new one and dropping the old (batch
     mode). With foreign keys on, as every h3d connection has them, that DROP deletes every
@@ -203,13 +238,23 @@ def _no_cascades(engine: Engine) -> Iterator[Connection]:
     the driver's connection before the transaction begins, and the references are checked
     before the commit instead (``PRAGMA foreign_key_check``): a migration that broke one
     rolls back.
+
+    The driver (pysqlite) begins a transaction only before a DML statement, so a CREATE
+    TABLE ahead of the first one committed at once: a failed or killed upgrade kept its new
+    table and every rerun failed on it ("table run_ranks already exists"), and a first start
+    on a full disk left a half-made store that was then refused as foreign. So the driver is
+    put in autocommit and the transaction begun here (SQLAlchemy's pysqlite recipe), as the
+    writer's engine does: everything the migration does commits or rolls back as one.
     """
     with engine.connect() as conn:
         raw = conn.connection.driver_connection
         assert raw is not None
+        driver_level = raw.isolation_level
+        raw.isolation_level = None
         raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with conn.begin():
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
                 yield conn
                 broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                 if broken:
@@ -220,6 +265,7 @@ def _no_cascades(engine: Engine) -> Iterator[Connection]:
                     )
         finally:
             raw.execute("PRAGMA foreign_keys=ON")
+            raw.isolation_level = driver_level
 
 
 @contextlib.contextmanager
@@ -261,17 +307,17 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     The first element equals the second when there was nothing to do, also when another
     daemon migrated the store while this one waited for the lock.
     """
-    before = current_revision(engine)
-    _check_known(engine, before)
+    before, tables = _read_store(engine)
+    _check_known(before, tables)
     head = head_revision()
     if before == head:
         return before, head
     with migration_lock(engine) as conn:
-        found = _read_revision(conn)
+        found, tables = _read_revision(conn)
         if found == head:
             logger.info("database already at %s: another h3d migrated it", head)
             return found, head
-        _check_known(engine, found)
+        _check_known(found, tables)
         if found is None:  # empty: no data to carry through the migrations
             create_at_head(conn)
             logger.info("database upgraded from empty to %s (created at head)", head)
@@ -287,8 +333,8 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
 def verify_schema(engine: Engine) -> None:
     """Refuse a database that is not at head, with the command that fixes it."""
-    rev = current_revision(engine)
-    _check_known(engine, rev)
+    rev, tables = _read_store(engine)
+    _check_known(rev, tables)
     head = head_revision()
     if rev != head:
         raise SchemaMismatch(
@@ -327,11 +373,6 @@ def check_integrity(engine: Engine) -> None:
         with engine.connect() as conn:
             rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
     except DatabaseError as exc:
-        full = _disk_full(engine)
-        if full is not None:  # SQLite says "disk I/O error" when it cannot size the WAL index
-            raise StorageUnavailable(
-                f"{url}: cannot open it ({exc.orig}): {full_disk_note(full)}"
-            ) from exc
         raise _unreadable(engine, exc) from exc
     if rows != ["ok"]:
         path = engine.url.database

@@ -10,12 +10,13 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, daemon_env
+from tests.conftest import REPO, Daemon, daemon_env
 from tests.h3d.test_cli import h3d, in_namespace, one_error_line
 
 # --- the store is the data dir's file, whatever the data dir's name -------------------------
@@ -220,3 +221,41 @@ def test_db_current_on_a_path_with_no_store_creates_none(tmp_path: Path) -> None
     typo.touch()  # an empty file is a store at no revision yet: answered as before
     r = h3d(data, "db", "current", "--db-url", f"sqlite:///{typo}")
     assert r.returncode == 0 and "at (empty)" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_postgresql_error_during_an_upgrade_is_one_line(pg_url: str, tmp_path: Path) -> None:
+    """A role that may write rows but not create tables (a shared store's daemons may run so):
+    the server's message came with its ``LINE 2: CREATE TABLE ...`` and ``^`` lines."""
+    from sqlalchemy import create_engine, text
+
+    from tests.h3d.conftest import ADMIN_URL
+
+    older = "from alembic import command; from h3d.storage import migrate; command.upgrade("
+    older += f"migrate.alembic_config({pg_url!r}), '0008_repair_lone_surrogates')"
+    subprocess.run([sys.executable, "-c", older], cwd=REPO, check=True, timeout=120)
+    role = f"h3dml_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+            conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+            conn.execute(text(f'GRANT USAGE ON SCHEMA public TO "{role}"'))
+            conn.execute(
+                text(
+                    f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'
+                )
+            )
+        url = pg_url.replace("postgres@", f"{role}@", 1)
+        for cmd in (["db", "upgrade"], ["serve", "--port", "0"]):
+            r = h3d(tmp_path / "data", *cmd, "--db-url", url, timeout=60, H3D_LOG_LEVEL="WARNING")
+            assert r.returncode == 2
+            assert "permission denied" in one_error_line(r)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+        admin.dispose()
+        # the role outlives the test's database otherwise
+        server = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with server.connect() as conn:
+            conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        server.dispose()
