@@ -277,10 +277,16 @@ class EnergyModel:
         actives: list[float | None] = [d["active_energy_j"] for d in by_device]
         known = [x for x in actives if x is not None]
         notes = [d["idle_note"] for d in by_device if d["idle_note"]]
+        # a window no device read any of (the daemon was not sampling then, or a window
+        # shorter than a sampling period whose next reading is not in yet) has an unknown
+        # energy, not 0 J; an empty window's is a known 0
+        read = bool(by_device) and (b <= a or any(d["covered_s"] > 0 for d in by_device))
+        if by_device and not read:
+            notes = [UNREAD_NOTE]
         return {
-            "energy_j": sum(d["energy_j"] for d in by_device) if by_device else None,
-            "device_energy_j": sum(d["device_energy_j"] for d in by_device) if by_device else None,
-            "active_energy_j": sum(known) if by_device and len(known) == len(actives) else None,
+            "energy_j": sum(d["energy_j"] for d in by_device) if read else None,
+            "device_energy_j": sum(d["device_energy_j"] for d in by_device) if read else None,
+            "active_energy_j": sum(known) if read and len(known) == len(actives) else None,
             "active_energy_note": notes[0] if notes else None,
             "source": combined_source(set(sources)),
             "measured": bool(sources) and sources <= MEASURED_SOURCES,
@@ -290,6 +296,12 @@ class EnergyModel:
             "by_device": by_device,
         }
 
+
+#: Why a window no device read any of has no energy, nor energy above idle.
+UNREAD_NOTE = (
+    "no power reading covers the run: the daemon was not sampling then, "
+    "or its next reading is not in yet"
+)
 
 #: A device that drew less than this much above its idle baseline over a run's window was,
 #: in all likelihood, not idle when the baseline was measured (other work on the machine).
@@ -353,7 +365,11 @@ def run_carbon(
     """The run's co2e_g with its provenance (h3d.carbon); null without settings."""
     if settings is None:
         return {"co2e_g": None, "carbon_source": "none", "carbon_detail": "not computed"}
-    return carbon.run_carbon(settings, lambda a, b: model.energy(a, b)["energy_j"], t0, t1)
+    # grams of a known energy: a stretch no device read adds none, as it adds no joules
+    known = model.energy(t0, t1)["energy_j"] is not None
+    return carbon.run_carbon(
+        settings, lambda a, b: (model.energy(a, b)["energy_j"] or 0.0) if known else None, t0, t1
+    )
 
 
 def run_energy(
@@ -405,13 +421,21 @@ def step_rows(session: Session, run: Run) -> list[StepRow]:
     return rows
 
 
+def _point(t: float, loss: float | None, n: int | None) -> eff.BatchPoint | None:
+    """A batch as a point of the sample-weighted loss, weighed by its ``n`` (1 when not
+    sent); None when it has no part in it: a loss missing or not finite, or no samples."""
+    if loss is None or not math.isfinite(loss) or n == 0:
+        return None
+    return (t, loss, 1.0 if n is None else float(n))
+
+
 def _read_step_rows(session: Session, run: Run) -> list[StepRow]:
     rows = repo.batch_points(session, run_id=run.id)
     if not run.world_size or run.world_size < 2:
         return [
-            (t, loss, float(n) if n else 1.0, epoch, phase)
+            (*p, epoch, phase)
             for _seq, t, loss, n, epoch, phase, _rank in rows
-            if loss is not None and math.isfinite(loss)
+            if (p := _point(t, loss, n)) is not None
         ]
     ordinal: dict[int | None, int] = defaultdict(int)
     steps: dict[int, list[float]] = {}  # step -> [t, Σ n·loss, Σ n, epoch, phase]
@@ -419,16 +443,17 @@ def _read_step_rows(session: Session, run: Run) -> list[StepRow]:
     for _seq, t, loss, n, epoch, phase, rank in rows:
         k = ordinal[rank]
         ordinal[rank] = k + 1
-        if loss is None or not math.isfinite(loss):
+        p = _point(t, loss, n)
+        if p is None:
             continue
-        w = float(n) if n else 1.0
+        _t, v, w = p
         acc = steps.get(k)
         if acc is None:
-            steps[k] = [t, w * loss, w]
+            steps[k] = [t, w * v, w]
             meta[k] = (epoch, phase)
         else:
             acc[0] = max(acc[0], t)
-            acc[1] += w * loss
+            acc[1] += w * v
             acc[2] += w
     return [(acc[0], acc[1] / acc[2], acc[2], *meta[k]) for k, acc in sorted(steps.items())]
 
@@ -444,11 +469,7 @@ _SLACK = 4  # rows read per point needed (non-finite losses are stored as null a
 
 
 def _finite(rows: Any) -> list[eff.BatchPoint]:
-    return [
-        (t, loss, float(n) if n else 1.0)
-        for t, loss, n in rows
-        if loss is not None and math.isfinite(loss)
-    ]
+    return [p for t, loss, n in rows if (p := _point(t, loss, n)) is not None]
 
 
 def _eta_points(
@@ -516,9 +537,9 @@ def run_eta(
     # energy spent since has no loss logged for it yet.
     w_end = t1 if run.finished_at is not None or not n else tail[-1][0]
     w0 = max(t0, w_end - window_s)
-    l_w = before(w0, k) if n else None
-    whole_run = l_w is None or w0 <= t0
-    if l_w is None and n >= 2:  # the run is younger than the window: since its start
+    whole_run = w0 <= t0  # the run is younger than the window: since its start
+    l_w = before(w0, k) if n and not whole_run else None
+    if l_w is None:  # no batch before the window (or the run): the loss there is L₀'s
         l_w = l0
     if not n:
         w_energy = None
@@ -637,20 +658,24 @@ def cumulative_series(
     model = run_model(session, run=run, interval_s=interval_s, now=now)
     k = eff.smoothing_k(len(pts))
     l0 = eff.loss_at_start(pts)
-    step = max(1, len(pts) // max(points, 1))
+    # at most ``points`` batches, evenly from the k-th to the last (or the curve's tail
+    # stands on one x)
+    span = len(pts) - 1 - k
+    m = min(max(points, 1), span + 1)
+    grid = [k + span * j // (m - 1) for j in range(m)] if m > 1 else [len(pts) - 1]
     out = []
     # summed step by step: each point's energy from the start would walk every share piece
-    # before it again (a run that shared its device with 200 others: 4x the whole request)
-    e: float | None = 0.0
+    # before it again (a run that shared its device with 200 others: 4x the whole request).
+    # Unknown (None) until a device has read some of it; a stretch none read adds nothing
+    # then, as a gap adds nothing to the run's energy.
+    e: float | None = None
     prev = t0
-    grid = list(range(k, len(pts), step))
-    if grid[-1] != len(pts) - 1:  # the last batch, or the curve's tail stands on one x
-        grid.append(len(pts) - 1)
     for i in grid:
         t = pts[i][0]
-        if t > prev and e is not None:
+        if t > prev:
             part = model.energy(prev, t)["energy_j"]
-            e = None if part is None else e + part
+            if part is not None:
+                e = part if e is None else e + part
             prev = t
         if metric == "energy":
             if e is not None:
@@ -675,16 +700,21 @@ def run_report(
     model = run_model(session, run=run, interval_s=interval_s, now=now)
     pts: list[eff.BatchPoint] = []
     by_epoch: dict[int, list[eff.BatchPoint]] = defaultdict(list)
-    by_phase: dict[str, list[eff.BatchPoint]] = defaultdict(list)
-    last_epoch: dict[str, int | None] = {}  # the epoch of each phase's last batch
+    # a phase's stretches of consecutive batches, in order: a name that recurs (train,
+    # evaluate, train) has a stretch each time; each with the epoch of its last batch
+    stretches: list[tuple[str, list[eff.BatchPoint]]] = []
+    last_epoch: list[int | None] = []
     for t, loss, n, epoch, phase in step_rows(session, run):
         p = (t, loss, n)
         pts.append(p)
         if epoch is not None:
             by_epoch[epoch].append(p)
         if phase is not None:
-            by_phase[phase].append(p)
-            last_epoch[phase] = epoch
+            if not stretches or stretches[-1][0] != phase:
+                stretches.append((phase, []))
+                last_epoch.append(None)
+            stretches[-1][1].append(p)
+            last_epoch[-1] = epoch
     eta = run_eta(
         session, run=run, window_s=window_s, interval_s=interval_s, now=now, model=model, pts=pts
     )
@@ -709,7 +739,10 @@ def run_report(
                 "epoch": ep,
                 "t_end": t_end,
                 "phase": row.phase if row is not None else None,
+                # the mean of the epoch's batch losses; the loss logged with the epoch when
+                # it has none (that one is logged_loss, as sent)
                 "loss": eff.smoothed(ep_pts) if ep_pts else (row.loss if row is not None else None),
+                "logged_loss": row.loss if row is not None else None,
                 "end_loss": end_loss,
                 "accuracy": row.accuracy if row is not None else None,
                 "val_loss": row.val_loss if row is not None else None,
@@ -719,22 +752,20 @@ def run_report(
                 "eta_bits_per_j": eff.eta(bits, e["energy_j"]),
             }
         )
-        prev_t = t_end
+        prev_t = max(prev_t, t_end)  # an epoch stamped earlier reopens no time charged already
         prev_loss = end_loss if end_loss is not None else prev_loss
-    # the phases tile the run as the epochs do: each from the previous one's end (the first
-    # from the run's start) to the end of the epoch that holds its last batch, or its last
-    # batch when the next phase starts inside that epoch
+    # the phases' stretches tile the run as the epochs do: each from the previous one's end
+    # (the first from the run's start) to the end of the epoch that holds its last batch, or
+    # its last batch when the next stretch starts inside that epoch; never back in time
     epoch_end = {e["epoch"]: e["t_end"] for e in epochs_out}
-    order = sorted(by_phase, key=lambda name: by_phase[name][0][0])
     phases_out = []
     b = t0
-    for i, name in enumerate(order):
-        ph_pts = by_phase[name]
+    for i, (name, ph_pts) in enumerate(stretches):
         a, last = b, ph_pts[-1][0]
-        nxt = by_phase[order[i + 1]][0][0] if i + 1 < len(order) else t1
-        last_ep = last_epoch[name]
+        nxt = stretches[i + 1][1][0][0] if i + 1 < len(stretches) else t1
+        last_ep = last_epoch[i]
         end = epoch_end.get(last_ep, last) if last_ep is not None else last
-        b = max(last, min(end, nxt))
+        b = max(a, last, min(end, nxt))
         k = eff.smoothing_k(len(ph_pts))
         bits = eff.info_gain_bits(eff.loss_at_start(ph_pts), eff.smoothed(ph_pts[-k:]))
         e = model.energy(a, b)

@@ -903,7 +903,12 @@ def loss_ends(
     last = _loss_end_sql(dialect, last=True).execute(session, run_id=run_id, k=k).all()
 
     def pts(rows: Sequence[Any]) -> list[tuple[float, float, float]]:
-        return [(t, loss, float(n) if n else 1.0) for t, loss, n in rows if math.isfinite(loss)]
+        # weighed by samples, n = 1 when not sent; a batch of none has no part in the loss
+        return [
+            (t, loss, 1.0 if n is None else float(n))
+            for t, loss, n in rows
+            if math.isfinite(loss) and n != 0
+        ]
 
     return pts(first), pts(list(reversed(last)))
 

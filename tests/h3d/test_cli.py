@@ -180,6 +180,7 @@ def test_compare_puts_runs_side_by_side_and_report_is_show(daemon: Daemon) -> No
             api.post(f"/v1/runs/{run['id']}/batches", json={"batches": batches})
             api.post(f"/v1/runs/{run['id']}/epochs", json={"epoch": 0, "accuracy": n / 100})
             api.patch(f"/v1/runs/{run['id']}", json={"status": "finished"}).raise_for_status()
+        time.sleep(0.5)  # the power readings up to the runs' ends are in: their energy is final
         rows = api.get("/v1/compare", params={"runs": ",".join(
             api.get("/v1/runs/resolve", params={"ref": r}).json()["id"]
             for r in ("small-lr", "big-lr"))}).json()["runs"]  # fmt: skip
