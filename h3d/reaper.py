@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -74,6 +75,8 @@ logger = logging.getLogger(__name__)
 REAPED = math.inf
 #: The request headers of a spool's replay and of a resumed profiler's create.
 REPLAY_HEADER, RESUME_HEADER = "h3-replay", "h3-resume"
+#: Where Linux shows processes (absent on macOS and Windows: psutil tells there).
+_PROC = Path("/proc")
 
 
 def is_reaped(run: Run) -> bool:
@@ -144,33 +147,44 @@ def resumed_run(
     return run
 
 
-def _start_ticks(pid: int | str) -> str | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux), or None."""
+def _started(pid: int | str) -> str | None:
+    """When process ``pid`` started, or None if there is no such process: in clock ticks
+    since boot from /proc (Linux), else psutil's create time (macOS, Windows)."""
+    if not _PROC.is_dir():
+        try:
+            return repr(psutil.Process(os.getpid() if pid == "self" else int(pid)).create_time())
+        except psutil.Error:
+            return None
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before may hold spaces
 
 
 def proc_identity() -> str | None:
-    """This process as "boot id/pid namespace/start time" (Linux), or None elsewhere."""
+    """This process as "boot id/pid namespace/start time" (Linux), "boot time/-/create
+    time" where there is no /proc (psutil: no pid namespaces there), or None if unreadable.
+    """
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        ns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
+        if _PROC.is_dir():
+            boot = (_PROC / "sys/kernel/random/boot_id").read_text().strip()
+            ns = str(os.stat(_PROC / "self/ns/pid").st_ino)
+        else:
+            boot, ns = f"{psutil.boot_time():.0f}", "-"
+    except (OSError, psutil.Error):
         return None
-    ticks = _start_ticks("self")
-    return None if ticks is None else f"{boot}/{ns}/{ticks}"
+    started = _started("self")
+    return None if started is None else f"{boot}/{ns}/{started}"
 
 
 def _holder_alive(proc: str | None, pid: int, mine: str | None) -> bool | None:
     """Whether the holder (``proc``, ``pid``) still runs, where this process can tell: in
-    its own pid namespace since the same boot. None: it cannot (another host, container or
-    boot, or no /proc); only the holder's renewals tell then."""
+    its own pid namespace (if any) since the same boot. None: it cannot (another host,
+    container or boot); only the holder's renewals tell then."""
     if proc is None or mine is None or proc.rsplit("/", 1)[0] != mine.rsplit("/", 1)[0]:
         return None
-    return _start_ticks(pid) == proc.rsplit("/", 1)[1]
+    return _started(pid) == proc.rsplit("/", 1)[1]
 
 
 class NodeLease:
@@ -180,9 +194,10 @@ class NodeLease:
     device's samples twice over and split every run's share of it. ``claim()`` at start
     raises NodeTaken while another live daemon holds the name; ``renew()`` (each reaper
     pass) keeps it; ``release()`` at stop frees it. A daemon takes the name at once from a
-    holder it can see has exited (same boot and pid namespace, its process gone); from any
-    other (another host, another container) it waits: a holder that renews is alive
-    (refused), and a lease not renewed for ``lease_s`` has lapsed (taken).
+    holder it can see has exited (same boot and pid namespace, or same boot where there is
+    no /proc; its process gone, or its pid another process's); from any other (another
+    host, another container) it waits: a holder that renews is alive (refused), and a lease
+    not renewed for ``lease_s`` has lapsed (taken).
     """
 
     def __init__(

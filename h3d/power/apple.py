@@ -41,11 +41,13 @@ _MODEL = {
     "ane": "Apple Neural Engine",
     "dram": "Apple SoC DRAM",
 }
+ZEUS_FIX = "`pip install zeus-apple-silicon` (no sudo at all)"
 SUDOERS_FIX = (
     "allow it without a password: `sudo visudo -f /etc/sudoers.d/h3` with the line "
-    "`YOUR_USER ALL=(root) NOPASSWD: /usr/bin/powermetrics`; or `pip install zeus-apple-silicon`"
-    " (no sudo at all)"
+    f"`YOUR_USER ALL=(root) NOPASSWD: /usr/bin/powermetrics`; or {ZEUS_FIX}"
 )
+#: The refusal of :func:`powermetrics_refusal` that ``SUDOERS_FIX`` fixes.
+NEEDS_PASSWORD = "`sudo -n powermetrics` needs a password"
 
 
 def _metrics_mj(m: Any) -> dict[str, float]:
@@ -217,19 +219,26 @@ def sample_domains(sample: dict[str, Any]) -> dict[str, tuple[float, float | Non
     return out
 
 
-def sudo_allows_powermetrics(run: Callable[..., Any] = subprocess.run) -> bool:
-    """True when ``sudo -n`` runs powermetrics without a password (never prompts)."""
+def powermetrics_refusal(run: Callable[..., Any] = subprocess.run) -> str | None:
+    """Why ``sudo -n powermetrics`` (never prompts) does not run here; None when it does.
+
+    Only sudo's own "a password is required" is :data:`NEEDS_PASSWORD`: a powermetrics
+    that hangs or exits with its own error is named as such (a sudoers rule would not help).
+    """
+    cmd = ["sudo", "-n", "powermetrics", "-n", "1", "-i", "10", "--samplers", "cpu_power"]
     try:
-        r = run(
-            ["sudo", "-n", "powermetrics", "-n", "1", "-i", "10", "--samplers", "cpu_power"],
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return bool(r.returncode == 0)
+        r = run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=10, check=False)
+    except subprocess.TimeoutExpired as exc:
+        return f"`sudo -n powermetrics` did not answer in {exc.timeout:g} s"
+    except OSError as exc:
+        return f"`sudo` cannot be run: {exc}"
+    if r.returncode == 0:
+        return None
+    err = (r.stderr or b"").decode(errors="replace").strip()
+    if "password is required" in err:
+        return NEEDS_PASSWORD
+    last = err.splitlines()[-1] if err else "no message"
+    return f"`sudo -n powermetrics` failed (exit {r.returncode}): {last}"
 
 
 class PowermetricsStream:

@@ -55,9 +55,10 @@ def _apple() -> list[PowerBackend]:
     try:
         return list(apple.ioreport_backends())
     except Exception as exc:
-        if apple.sudo_allows_powermetrics():
+        refusal = apple.powermetrics_refusal()
+        if refusal is None:
             return list(apple.powermetrics_backends())
-        raise RuntimeError(f"{exc}; and `sudo -n powermetrics` needs a password") from exc
+        raise RuntimeError(f"{exc}; and {refusal}") from exc
 
 
 def probe_all(
@@ -120,7 +121,9 @@ def probe_all(
         )
 
     def apple_fix(reason: str) -> str:
-        return "" if reason == "not macOS" else apple.SUDOERS_FIX
+        if reason == "not macOS":
+            return ""
+        return apple.SUDOERS_FIX if apple.NEEDS_PASSWORD in reason else apple.ZEUS_FIX
 
     return [
         _probe("nvml", nvml_fix, lambda: nvml.discover(probe_period=nvml_period)),

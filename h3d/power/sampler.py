@@ -10,7 +10,10 @@ a write.
 
 Time: each tick is stamped ``wall0 + (monotonic() - mono0)``: a Unix time that the
 monotonic clock drives, so NTP steps do not bend the integration, and that still lines up
-with the client's wall-clock batch timestamps.
+with the client's wall-clock batch timestamps. The monotonic clock stands still while the
+machine sleeps (a laptop's lid, a suspend): once the wall clock is ahead by more than a gap
+(``max_gap``), the stamps are re-anchored to it, so the time asleep is a gap in every
+device's energy and the runs after it still find their readings.
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ class DeviceState:
     recent: deque[tuple[float, float | None, float | None]] = field(
         default_factory=lambda: deque(maxlen=600)
     )
-    # Power readings taken while no run was active: the idle baseline is their median.
+    # Power readings taken while no run was active: the idle baseline is their median,
+    # once ``idle_n`` (all such readings so far, kept or not) reaches H3D_IDLE_MIN_S of them.
     idle: deque[float] = field(default_factory=lambda: deque(maxlen=IDLE_KEPT))
+    idle_n: int = 0
     idle_power_w: float | None = None
 
 
@@ -86,6 +91,7 @@ class PowerSampler:
         flush_interval_s: float = 1.0,
         idle_min_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] | None = None,
         full_resolution_s: float = 7 * 86400.0,
         downsample_s: float = 10.0,
         prune_every_s: float = 600.0,
@@ -111,9 +117,9 @@ class PowerSampler:
         self._active_runs: set[tuple[str, int | None]] = set()
         self.interval_s = interval_s
         self.flush_interval_s = flush_interval_s
-        # samples without a run before a device's idle baseline is set (at least 20; at
-        # most what a device keeps)
-        self._idle_min_samples = min(IDLE_KEPT, max(20, math.ceil(idle_min_s / interval_s)))
+        # samples without a run before a device's idle baseline is set (at least 20); the
+        # baseline is the median of the last IDLE_KEPT of them
+        self._idle_min_samples = max(20, math.ceil(idle_min_s / interval_s))
         self._store = store
         self.max_unstored_rows = max_unstored_rows
         self.health = StorageHealth()
@@ -153,8 +159,12 @@ class PowerSampler:
         self._unmeasured: set[tuple[str, str]] = set()
         self._awaited_rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._clock = clock
-        self._mono0 = clock()
-        self._wall0 = time.time()
+        # the wall clock the stamps are re-anchored to after a suspend: time.time with the
+        # monotonic clock; none with another clock (a test's, which is the time then)
+        self._wall = wall if wall is not None or clock is not time.monotonic else time.time
+        # (wall0, mono0), replaced as one; the lock makes one thread re-anchor at a time
+        self._anchor = (time.time() if self._wall is None else self._wall(), clock())
+        self._anchor_lock = threading.Lock()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()
@@ -179,8 +189,8 @@ class PowerSampler:
                     model=b.info.model,
                     uuid_=b.info.uuid,
                     now=now,
-                    # a device that does not say how often it updates changes once per read
-                    granularity_s=b.info.granularity_s or interval_s,
+                    # unknown stays unknown (None): never the sampling period in its place
+                    granularity_s=b.info.granularity_s,
                     node=node,
                 )
                 # an idle baseline from an earlier session was the machine as it was then
@@ -193,8 +203,25 @@ class PowerSampler:
             self.devices.append(DeviceState(backend=b, device_id=dev_id))
 
     def now(self) -> float:
-        """The sampler's clock: Unix seconds driven by the monotonic clock."""
-        return self._wall0 + (self._clock() - self._mono0)
+        """The sampler's clock: Unix seconds driven by the monotonic clock, re-anchored to
+        the wall clock when that is ahead by more than a gap (the machine slept)."""
+        wall0, mono0 = self._anchor
+        mono = self._clock()
+        t = wall0 + (mono - mono0)
+        if self._wall is None or self._wall() - t <= max_gap(self.interval_s):
+            return t
+        with self._anchor_lock:
+            wall0, mono0 = self._anchor
+            wall, mono = self._wall(), self._clock()
+            t = wall0 + (mono - mono0)
+            if wall - t > max_gap(self.interval_s):  # not re-anchored by another thread
+                logger.info(
+                    "the wall clock is %.1f s ahead of the sampler's (the machine slept?): "
+                    "re-anchored; the time between is a gap in energy",
+                    wall - t,
+                )
+                self._anchor, t = (wall, mono), wall
+            return t
 
     def start(self) -> None:
         if self._thread is None and self.devices:
@@ -298,6 +325,7 @@ class PowerSampler:
                     idle_w = inc / dt if dt > 0 else None
                 if idle_w is not None:
                     d.idle.append(idle_w)
+                    d.idle_n += 1
             d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
             d.recent.append((t, r.power_w, r.energy_j))
             rows.append(
@@ -659,7 +687,7 @@ class PowerSampler:
     def _update_idle(self) -> list[tuple[int, float]]:
         changed = []
         for d in self.devices:
-            if len(d.idle) >= self._idle_min_samples:
+            if d.idle_n >= self._idle_min_samples:
                 idle = statistics.median(d.idle)
                 if d.idle_power_w is None or abs(idle - d.idle_power_w) > 0.01 * max(idle, 1e-9):
                     d.idle_power_w = idle

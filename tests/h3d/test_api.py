@@ -283,7 +283,7 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
     assert energy["energy_j"] == pytest.approx(50.0 * duration, rel=0.05)
     assert energy["source"] == "estimated" and energy["measured"] is False
     assert energy["by_device"][0]["method"] == "trapezoid"
-    assert energy["by_device"][0]["granularity_s"] == 0.02  # the sampling period
+    assert energy["by_device"][0]["granularity_s"] is None  # unknown, never the sampling period
     assert energy["by_device"][0]["below_granularity"] is False
     eta = api.get(f"/v1/runs/{run['id']}/eta", params={"window": 0.5}).json()
     k = eta["smoothing_batches"]

@@ -153,13 +153,61 @@ def test_sudo_is_never_prompted_for() -> None:
         assert kw["stdin"] == subprocess.DEVNULL
         return subprocess.CompletedProcess(cmd, 1, b"", b"sudo: a password is required\n")
 
-    assert not apple.sudo_allows_powermetrics(run=denied)
+    assert apple.powermetrics_refusal(run=denied) == apple.NEEDS_PASSWORD
     assert calls[0][:2] == ["sudo", "-n"]
 
     def missing(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
         raise FileNotFoundError("sudo")
 
-    assert not apple.sudo_allows_powermetrics(run=missing)
+    assert apple.powermetrics_refusal(run=missing) == "`sudo` cannot be run: sudo"
+
+
+def test_a_powermetrics_that_fails_on_its_own_is_not_called_a_password_prompt() -> None:
+    """A powermetrics that hangs, or exits with its own error, behind a sudo that needs no
+    password: the refusal says so. Before, every failure read "needs a password", and
+    ``h3d doctor`` told a user whose sudoers rule works to edit sudoers."""
+
+    def hangs(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    def own_error(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        err = b"powermetrics: starting\npowermetrics: unrecognized sampler: cpu_power\n"
+        return subprocess.CompletedProcess(cmd, 64, b"", err)
+
+    def works(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess(cmd, 0, b"<plist/>", b"")
+
+    assert apple.powermetrics_refusal(run=hangs) == (
+        "`sudo -n powermetrics` did not answer in 10 s"
+    )
+    assert apple.powermetrics_refusal(run=own_error) == (
+        "`sudo -n powermetrics` failed (exit 64): powermetrics: unrecognized sampler: cpu_power"
+    )
+    assert apple.powermetrics_refusal(run=works) is None
+
+
+def test_doctor_names_a_failing_powermetrics_and_attaches_no_sudoers_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A real ``sudo -n powermetrics`` call, through a passwordless ``sudo`` and a
+    ``powermetrics`` that exits 64 with its own error (scripts on PATH)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n')
+    (bin_ / "powermetrics").write_text(
+        "#!/bin/sh\necho 'powermetrics: no such sampler' >&2\nexit 64\n"
+    )
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:/usr/bin:/bin")
+    monkeypatch.setattr(detect.platform, "system", lambda: "Darwin")
+    monkeypatch.setitem(sys.modules, "zeus_apple_silicon", None)
+    probes = {p.family: p for p in detect.probe_all(powercap_root=tmp_path, nvml_period=False)}
+    p = probes["apple"]
+    assert not p.ok and "not importable" in p.reason
+    assert "`sudo -n powermetrics` failed (exit 64): powermetrics: no such sampler" in p.reason
+    assert "password" not in p.reason and "sudoers" not in p.fix
+    assert p.fix == apple.ZEUS_FIX
 
 
 def test_probe_on_a_mac_without_either_path_says_how_to_fix(
@@ -167,7 +215,7 @@ def test_probe_on_a_mac_without_either_path_says_how_to_fix(
 ) -> None:
     monkeypatch.setattr(detect.platform, "system", lambda: "Darwin")
     monkeypatch.setitem(sys.modules, "zeus_apple_silicon", None)
-    monkeypatch.setattr(apple, "sudo_allows_powermetrics", lambda: False)
+    monkeypatch.setattr(apple, "powermetrics_refusal", lambda: apple.NEEDS_PASSWORD)
     probes = {p.family: p for p in detect.probe_all(powercap_root=tmp_path, nvml_period=False)}
     p = probes["apple"]
     assert not p.ok and "not importable" in p.reason and "needs a password" in p.reason

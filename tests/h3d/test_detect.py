@@ -49,7 +49,7 @@ def test_vendor_modules_that_fail_on_import_are_absent(
     # see test_no_driver_library_is_absent_without_importing_the_binding)
     monkeypatch.setattr(nvml, "driver_library_loads", lambda: True)
     monkeypatch.setattr(detect.platform, "system", lambda: "Darwin")
-    monkeypatch.setattr(apple, "sudo_allows_powermetrics", lambda: False)
+    monkeypatch.setattr(apple, "powermetrics_refusal", lambda: apple.NEEDS_PASSWORD)
     roots = {
         "powercap_root": tmp_path / "none",
         "drm_root": tmp_path / "none",

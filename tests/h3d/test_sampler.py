@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sqlite3
@@ -866,3 +867,91 @@ def test_a_split_gpu_share_is_labelled_whole_device_not_process(store: Store) ->
     gpu = e["by_device"][0]
     assert gpu["energy_j"] == pytest.approx(300.0 * 0.3 + 0.5 * 300.0 * 0.3)
     assert gpu["attribution"] == "whole_device"
+
+
+def test_the_idle_baseline_waits_for_h3d_idle_min_s_beyond_the_readings_kept(
+    store: Store,
+) -> None:
+    """H3D_IDLE_MIN_S of 40 s at a 0.01 s period is 4000 readings without a run, more than
+    a device keeps (IDLE_KEPT, 3000): the baseline waits for all of them. Before, the count
+    needed was capped at the readings kept, so it was set after 30 s."""
+    clock = Clock()
+    s = PowerSampler([ConstantBackend(30.0)], store, interval_s=0.01, idle_min_s=40.0, clock=clock)
+    for _ in range(3999):
+        s.tick()
+        clock.t += 0.01
+    s.flush()
+    assert s.devices[0].idle_power_w is None  # 39.99 s of readings: not yet
+    s.tick()
+    s.flush()
+    s.stop()
+    assert s.devices[0].idle_power_w == pytest.approx(30.0)
+
+
+def test_an_unknown_granularity_is_stored_as_unknown_not_as_the_sampling_period(
+    store: Store,
+) -> None:
+    """docs/power.md: an unmeasured granularity is None, never a guessed number. Before, the
+    device row (which the energy breakdown reads) held the sampling period in its place, so
+    a run's energy said 0.1 s where /v1/devices said null."""
+
+    class Measured(ConstantBackend):
+        def __init__(self) -> None:
+            super().__init__(50.0, name="measured:0")
+            self.info = dataclasses.replace(self.info, granularity_s=0.5)
+
+    s = PowerSampler([ConstantBackend(10.0), Measured()], store, interval_s=0.1)
+    with store.read() as sess:
+        stored = {d.name: d.granularity_s for d in sess.scalars(select(Device))}
+    s.stop()
+    assert stored == {"constant:0": None, "measured:0": 0.5}
+
+
+class Wall:
+    """A wall clock the test moves (a suspend moves it and not the monotonic one)."""
+
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_after_a_suspend_the_stamps_follow_the_wall_clock_and_the_sleep_is_a_gap(
+    store: Store,
+) -> None:
+    """The monotonic clock stands still while the machine sleeps: the stamps are re-anchored
+    to the wall clock, and the hour asleep is a gap (no energy bridged across it). Before,
+    every later reading was stamped an hour in the past, so no run after the suspend found
+    any. A wall clock stepped back (NTP) never moves the stamps back."""
+    clock, wall = Clock(), Wall()
+    s = PowerSampler([ConstantBackend(10.0)], store, interval_s=0.1, clock=clock, wall=wall)
+
+    def tick(dt: float, slept: float = 0.0) -> float:
+        clock.t += dt
+        wall.t += dt + slept
+        return s.tick()
+
+    before = [tick(0.1) for _ in range(5)]
+    assert before[-1] == pytest.approx(wall.t)
+    energy = s.devices[0].energy_total_j
+    after = [tick(0.1, slept=3600.0)] + [tick(0.1) for _ in range(5)]
+    assert after[0] == pytest.approx(wall.t - 0.5) and after[-1] == pytest.approx(wall.t)
+    assert s.devices[0].energy_total_j == pytest.approx(energy + 5 * 0.1 * 10.0)  # no bridge
+    wall.t -= 30.0  # an NTP step back: the monotonic clock drives on
+    stepped = tick(0.1)
+    assert stepped == pytest.approx(after[-1] + 0.1)
+    s.flush()
+    s.stop()
+    with store.read() as sess:
+        samples = [
+            (t, p, e)
+            for t, p, e in sess.execute(
+                select(PowerSample.t, PowerSample.power_w, PowerSample.energy_j).order_by(
+                    PowerSample.t
+                )
+            )
+        ]
+    integral = EnergyCurve(samples, max_gap_s=1.0).integral(before[0], stepped)
+    assert integral.gaps_s == pytest.approx(3600.1)
+    assert integral.energy_j == pytest.approx(10.0 * (0.4 + 0.6))
