@@ -3,6 +3,7 @@ and mean ± std formatting."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -18,6 +19,27 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+# Where a run's report goes unless ``--out`` says otherwise: git-ignored, so that no run replaces
+# a committed results file in benchmarks/results/ (publishing one is ``--out`` by hand).
+LOCAL_RESULTS = REPO / "benchmarks" / "results" / "local"
+
+
+def add_out(ap: argparse.ArgumentParser, name: str) -> None:
+    """``--out PATH`` for a script's report, by default ``benchmarks/results/local/NAME``."""
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=LOCAL_RESULTS / name,
+        help=f"the report (default: benchmarks/results/local/{name}, git-ignored; "
+        f"publish with --out benchmarks/results/{name})",
+    )
+
+
+def write_report(out: Path, lines: Sequence[str]) -> None:
+    """Write a report's lines to ``out`` (making its directory) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", flush=True)
 
 
 @contextlib.contextmanager

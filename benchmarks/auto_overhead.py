@@ -29,7 +29,7 @@ device's whole draw. ``learning.py`` reports energy, whole runs apart.
 ``"uniform Adam (fused)" "AutoH3 (H3Optimizer)"``: AutoH3 with its default optimizer against
 Adam with the same fused kernel).
 
-Writes ``benchmarks/results/auto_overhead.md``.
+Writes ``benchmarks/results/local/auto_overhead.md`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import learning  # noqa: E402
-from benchmarks._common import daemon, machine, short_rev  # noqa: E402
+from benchmarks._common import add_out, daemon, machine, short_rev, write_report  # noqa: E402
 
 ARMS = ("uniform Adam", "AutoH3 (balanced)")
 
@@ -125,10 +125,11 @@ def write(
     arms: tuple[str, str] = ARMS,
 ) -> None:
     base, auto = arms
+    rev = short_rev(check=False) or "an unknown commit"  # a `git archive` tree has no .git
     lines = [
         f"# {auto} against {base}, epochs interleaved",
         "",
-        f"`PYTHONPATH=. python benchmarks/auto_overhead.py` at {short_rev()} on {started} UTC, "
+        f"`PYTHONPATH=. python benchmarks/auto_overhead.py` at {rev} on {started} UTC, "
         f"{machine()}; one torch thread. Method: the docstring of "
         f"`benchmarks/auto_overhead.py`. Ratios are {auto} over {base}, per seed; the "
         "table gives their medians (quartiles).",
@@ -163,14 +164,14 @@ def write(
                 f"| {r['wall']:.3f} | {r['samples']:.3f} | {r['wall'] / r['samples']:.3f} "
                 f"| {r['full_epochs']:.3f} ({r['n_full']}) | {r['epoch_spread']:.2f}× |"
             )
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", nargs="+", default=["mnist1d", "mnist1d-noisy", "mnist1d-long"])
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--out", default=str(learning.RESULTS / "auto_overhead.md"))
+    add_out(ap, "auto_overhead.md")
     ap.add_argument(
         "--arms",
         nargs=2,
@@ -202,7 +203,7 @@ def main() -> None:
                     f"{r['full_epochs']:.3f} Δacc {r['d_acc']:+.2f}",
                     flush=True,
                 )
-    write(results, Path(args.out), started, arms)
+    write(results, args.out, started, arms)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@
    modes that take the overhead apart: ``log_batch`` alone (its sender held), the sender
    converting to a null sink, and the mean loss only.
 
-    PYTHONPATH=. python benchmarks/client_overhead.py [--quick]
+    PYTHONPATH=. python benchmarks/client_overhead.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import add_out, daemon, machine, write_report  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3client._batching import encode_batches, snapshot  # noqa: E402
@@ -486,7 +486,7 @@ def main() -> None:
         help="training: the training thread alone on CPU 0, the senders and the daemon on "
         "CPU 1 (does H3's own work cost the loop by landing on its core?)",
     )
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/client_overhead.md"))
+    add_out(ap, "client_overhead.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     calls = 20_000 if args.quick else 200_000
@@ -615,8 +615,7 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         "log_batch ≤ 5 µs median, also while the sender is busy; profiler overhead ≤ 0.5 % of "
         "wall time; sender ≥ 20 000 batches/s with 64 per-sample losses and indices.",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ PostgreSQL schema created for the run and dropped after) takes W writer threads 
 threads at once:
 
 - each writer owns a run and posts requests of 100 batches × 64 per-sample losses, in the
-  wire format h3client sends (packed float32/int64, gzip); every 10th request is sent twice
-  (a client retrying after its timeout), so the store must dedupe;
+  wire format h3client sends (packed float32/int64, gzip); every 10th request (every 2nd
+  under ``--quick``, whose writers send fewer than 10) is sent twice (a client retrying after
+  its timeout), so the store must dedupe;
 - readers loop over GET /v1/runs/{id}/eta, GET /v1/runs/{id}, GET /v1/runs and /metrics on
   the writers' runs until the writers are done.
 
@@ -14,7 +15,7 @@ Every request is timed from send to response. At the end the store is checked di
 (SQL, not the API): every run holds exactly the batches and per-sample vectors sent, once,
 and its counters equal what was stored. Bodies are encoded before the clock starts.
 
-    python benchmarks/concurrency.py [--quick] [--pg URL] [--out benchmarks/results/concurrency.md]
+    python benchmarks/concurrency.py [--quick] [--pg URL] [--out PATH]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import httpx
 from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import daemon, machine  # noqa: E402
+from benchmarks._common import add_out, daemon, machine, write_report  # noqa: E402
 
 N_BATCHES = 100
 PER_SAMPLE = 64
@@ -91,8 +92,14 @@ def pg_schema(url: str) -> Iterator[str]:
 
 
 def run_config(
-    writers: int, readers: int, requests: int, db_url: str | None, label: str
+    writers: int,
+    readers: int,
+    requests: int,
+    db_url: str | None,
+    label: str,
+    retry_every: int = 10,
 ) -> dict[str, Any]:
+    """One configuration; each writer sends its ``retry_every``-th requests twice."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         env = {"H3D_POWER_BACKENDS": "constant:50", "H3D_SAMPLE_INTERVAL_S": "0.1"}
@@ -112,7 +119,7 @@ def run_config(
                 order = []
                 for k, s in enumerate(seqs):
                     order.append(s)
-                    if k % 10 == 9:  # a retry of a request already sent
+                    if k % retry_every == retry_every - 1:  # a retry of a request already sent
                         order.append(s)
                 plans.append([(s, body(s, t0)) for s in order])
             write_lat: list[float] = []
@@ -240,18 +247,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pg", help="also run on this PostgreSQL URL (a schema is made and dropped)")
-    ap.add_argument("--out", type=Path)
+    add_out(ap, "concurrency.md")
     args = ap.parse_args()
     per = 2 if args.quick else 10
+    retry_every = 2 if args.quick else 10
     configs: list[tuple[int, int, int]] = [(16, 4, 4 * per), (64, 4, per)]
     results = []
     for w, r, n in configs:
-        res = run_config(w, r, n, None, "SQLite")
+        res = run_config(w, r, n, None, "SQLite", retry_every)
         print(fmt(res), res["error_sample"], flush=True)
         results.append(res)
         if args.pg:
             with pg_schema(args.pg) as url:
-                res = run_config(w, r, n, url, "PostgreSQL")
+                res = run_config(w, r, n, url, "PostgreSQL", retry_every)
             print(fmt(res), res["error_sample"], flush=True)
             results.append(res)
     big = [r for r in results if r["writers"] == 64]
@@ -266,35 +274,35 @@ def main() -> int:
         verdict.append(
             f"- {r['label']}, 64 writers + 4 readers: {'within' if ok else 'OVER'} budget"
         )
-    if args.out:
-        lines = [
-            "# Concurrency: many writers and readers against one daemon",
-            "",
-            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, by "
-            "`python benchmarks/concurrency.py"
-            + (" --pg <url>" if args.pg else "")
-            + "`. load = the machine's 1-minute load average as each configuration's clients "
-            "started (it still holds part of the previous configuration's own load); well above "
-            "1, other work shared the 2 cores, and the figures are lower bounds on throughput.",
-            "",
-            f"Each writer: its own run, requests of {N_BATCHES} batches × {PER_SAMPLE} per-sample "
-            "losses (h3client's wire: packed float32/int64, gzip), every 10th request sent "
-            "twice (a retry). Readers: GET eta / run / run list / /metrics in a loop until the "
-            "writers finish. Client threads share the machine with the daemon. rows = batches "
-            "stored. Exactly once: the store (SQL) holds every batch and per-sample vector once "
-            "and the run's counter equals it; the retried requests count as duplicates.",
-            "",
-            "| store | writers + readers | rows | rows/s | write p50 s | write p99 s | "
-            "write max s | read p50 s | read p99 s | reads | errors | exactly once | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-            *[fmt(r) for r in results],
-            "",
-            f"Budget at 64 writers + 4 readers: {BUDGET['errors']} errors, write p99 < "
-            f"{BUDGET['write_p99_s']} s, ≥ {BUDGET['rows_per_s']:.0f} rows/s.",
-            *verdict,
-            "",
-        ]
-        args.out.write_text("\n".join(lines))
+    lines = [
+        "# Concurrency: many writers and readers against one daemon",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, by "
+        "`python benchmarks/concurrency.py"
+        + (" --quick" if args.quick else "")
+        + (" --pg <url>" if args.pg else "")
+        + "`. load = the machine's 1-minute load average as each configuration's clients "
+        "started (it still holds part of the previous configuration's own load); well above "
+        "1, other work shared the 2 cores, and the figures are lower bounds on throughput.",
+        "",
+        f"Each writer: its own run, requests of {N_BATCHES} batches × {PER_SAMPLE} per-sample "
+        "losses (h3client's wire: packed float32/int64, gzip), one request in "
+        f"{retry_every} sent twice (a retry). Readers: GET eta / run / run list / /metrics in a "
+        "loop until the writers finish. Client threads share the machine with the daemon. "
+        "rows = batches stored. Exactly once: the store (SQL) holds every batch and per-sample "
+        "vector once and the run's counter equals it; the retried requests count as duplicates.",
+        "",
+        "| store | writers + readers | rows | rows/s | write p50 s | write p99 s | "
+        "write max s | read p50 s | read p99 s | reads | errors | exactly once | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *[fmt(r) for r in results],
+        "",
+        f"Budget at 64 writers + 4 readers: {BUDGET['errors']} errors, write p99 < "
+        f"{BUDGET['write_p99_s']} s, ≥ {BUDGET['rows_per_s']:.0f} rows/s.",
+        *verdict,
+        "",
+    ]
+    write_report(args.out, lines)
     return 0
 
 

@@ -21,7 +21,7 @@ Traces: 50/250 W steps with a 0.354 s (0.25·√2) period, and 30 ms bursts to 3
 whose period is a simple ratio of it (0.37 s = 3.7 × 100 ms) aliases, and polled power then
 keeps a fixed bias (+1.8 % in a trial run with 0.37 s steps) however long the window. Window lengths are drawn within ±5 % of the nominal one. Reported: median and 95th percentile of |error| in % over random window starts.
 
-    PYTHONPATH=. python benchmarks/counter_granularity.py [--quick]
+    PYTHONPATH=. python benchmarks/counter_granularity.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import short_rev  # noqa: E402
+from benchmarks._common import add_out, short_rev, write_report  # noqa: E402
 from benchmarks._traces import Trace, bursts, steps  # noqa: E402
 from h3d.energy import integrate  # noqa: E402
 
@@ -78,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few draws, short windows only")
     ap.add_argument("--draws", type=int, default=400)
+    add_out(ap, "counter_granularity.md")
     args = ap.parse_args()
     draws = 40 if args.quick else args.draws
     windows = [1.0, 10.0] if args.quick else [1.0, 10.0, 60.0, 600.0]
@@ -160,9 +161,8 @@ def main() -> None:
         "100 ms, the error is around a per cent, and the daemon flags only windows shorter than",
         "one update period (`below_granularity`).",
     ]
-    dest = REPO / "benchmarks" / "results" / "counter_granularity.md"
-    dest.write_text("\n".join(out) + "\n")
-    print(f"wrote {dest.relative_to(REPO)} in {time.time() - started:.1f} s")
+    write_report(args.out, out)
+    print(f"done in {time.time() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
    ``estimated`` backend (psutil), median of 3 runs.
 3. Cold start: ``python -m h3d serve`` spawned to ``/healthz`` answering, median of 5.
 
-    PYTHONPATH=. python benchmarks/energy_accuracy.py [--quick]
+    PYTHONPATH=. python benchmarks/energy_accuracy.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import cold_start_s, machine  # noqa: E402
+from benchmarks._common import add_out, cold_start_s, machine, write_report  # noqa: E402
 from benchmarks._traces import bursts, ramp, steps  # noqa: E402
 from h3d.energy import EnergyCurve  # noqa: E402
 from h3d.power.base import DeviceInfo, PowerReading  # noqa: E402
@@ -116,7 +116,7 @@ def sampler_cost(interval_s: float, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/energy_accuracy.md"))
+    add_out(ap, "energy_accuracy.md")
     args = ap.parse_args()
     seconds = 2.0 if args.quick else 5.0
     rows = []
@@ -164,8 +164,7 @@ def main() -> None:
         f"(min {min(starts):.2f} s, max {max(starts):.2f} s; a fresh data dir, every power backend "
         "probed; the budget, 0.5 s, is measured by benchmarks/startup.py).",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

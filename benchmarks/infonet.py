@@ -8,7 +8,7 @@ forward, measured with ``saved_tensors_hooks``), bits absorbed about the labels 
 set (the bound H(Y) − CE) and bits per joule, with the energy the h3d daemon attributed to
 each run and its provenance.
 
-    PYTHONPATH=. python benchmarks/infonet.py [--quick]
+    PYTHONPATH=. python benchmarks/infonet.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import daemon, machine, mean_std  # noqa: E402
+from benchmarks._common import add_out, daemon, machine, mean_std, write_report  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3optim import (  # noqa: E402
@@ -69,7 +69,7 @@ def width_for(target: int, make: Callable[[int], nn.Module]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/infonet.md"))
+    add_out(ap, "infonet.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load("mnist1d")
@@ -185,8 +185,7 @@ def main() -> None:
         "",
         f"Energy source: {', '.join(src)} (no RAPL or GPU on this machine: the labelled CPU model, not a measurement).",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

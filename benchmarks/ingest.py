@@ -6,7 +6,7 @@ request from send to response. Client-side JSON encoding is done before the cloc
 the figures are what the daemon sustains (parse, validate, store, commit), with client and
 daemon sharing this machine's cores.
 
-    python benchmarks/ingest.py [--quick] [--out benchmarks/results/ingest.md]
+    python benchmarks/ingest.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import daemon_client, machine  # noqa: E402
+from benchmarks._common import add_out, daemon_client, machine, write_report  # noqa: E402
 from h3client._batching import encode_batches  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def body(seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "rows") -> bytes:
@@ -94,7 +92,7 @@ def measure(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a smoke run (fewer requests)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/ingest.md"))
+    add_out(ap, "ingest.md")
     args = ap.parse_args()
     configs = [
         (100, 0, 200, "rows"),
@@ -143,8 +141,7 @@ def main() -> None:
         "",
         "Budgets (DESIGN.md §8): ≥ 20 000 batch rows/s and ≥ 200 000 per-sample losses/s sustained.",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ Every run is profiled by a real h3d daemon (energy with its provenance). FLOPs a
 per sample) and multiplied by the samples each arm forwarded with and without gradient
 (a forward pre-hook counts them), so counting costs the training nothing.
 
-Results are appended per (task, seed, arm) to ``benchmarks/results/learning.jsonl``; a rerun
-skips what is there (resumable), then writes ``benchmarks/results/learning.md``.
+Results are appended per (task, seed, arm) to ``benchmarks/results/local/learning.jsonl``
+(``--jsonl`` elsewhere); a rerun skips what is there (resumable), then writes
+``benchmarks/results/local/learning.md`` (``--out`` elsewhere).
 
     PYTHONPATH=. python benchmarks/learning.py --sweep-lr --tasks mnist-mlp mnist-cnn mnist1d mnist1d-noisy --seeds 5
-    PYTHONPATH=. python benchmarks/learning.py --report-only
+    PYTHONPATH=. python benchmarks/learning.py --report-only --jsonl benchmarks/results/learning.jsonl
 
 ``--sweep-lr`` first picks each task's learning rate for uniform Adam on a validation hold-out
 (rows in ``learning_lr.jsonl``, resumable too); every arm then trains at it.
@@ -72,7 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import cpu_model, daemon  # noqa: E402
+from benchmarks._common import LOCAL_RESULTS, add_out, cpu_model, daemon, write_report  # noqa: E402
 from benchmarks._data import Split, flip_labels, load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3optim import (  # noqa: E402
@@ -496,8 +497,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["mnist1d", "mnist1d-noisy", "mnist-mlp"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--arms", nargs="+", default=ARMS)
-    ap.add_argument("--jsonl", default=str(RESULTS / "learning.jsonl"))
-    ap.add_argument("--out", default=str(RESULTS / "learning.md"))
+    ap.add_argument("--jsonl", type=Path, default=LOCAL_RESULTS / "learning.jsonl")
+    add_out(ap, "learning.md")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
         "--auto-variant",
@@ -518,8 +519,9 @@ def main() -> None:
     torch.set_num_threads(1)
     AUTO_VARIANTS.update({label: json.loads(kw) for label, kw in args.auto_variant})
     args.arms += [label for label in AUTO_VARIANTS if label not in args.arms]
-    path, lr_path = Path(args.jsonl), Path(args.lr_jsonl)
+    path, lr_path = args.jsonl, Path(args.lr_jsonl)
     if not args.report_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, _token):
             if args.sweep_lr:
                 sweep_lr(args.tasks, lr_path, url, tmp)
@@ -549,7 +551,7 @@ def main() -> None:
                             f"{row['wall_s']:.1f} s {row['energy_j']:.1f} J",
                             flush=True,
                         )
-    write(read_rows(path), read_rows(lr_path), Path(args.out), path.name)
+    write(read_rows(path), read_rows(lr_path), args.out, path.name)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -725,10 +727,11 @@ def write(
             )
         lines.append("")
         lines.append(
-            "When each arm ran (UTC; a rerun after a fix makes an arm's wall and energy ratios "
-            "cross-time, not same-run): "
+            "When and where each arm ran (UTC; a rerun after a fix makes an arm's wall and energy "
+            "ratios cross-time, not same-run): "
             + "; ".join(
                 f"{a} {min(r['when'] for r in rs.values())[11:16]}–{max(r['when'] for r in rs.values())[11:16]}"
+                f" ({', '.join(sorted({_host(r) for r in rs.values()}))})"
                 for a, rs in by_arm.items()
             )
             + "."
@@ -854,8 +857,7 @@ def write(
             *headline,
             "",
         ]
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(out, lines)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ real daemon on loopback. Each subprocess, with one torch thread:
 Medians per subprocess, then the median over rounds; the ratio after/before is the figure to
 read on a shared machine. Then the sender's conversion (``encode_batches``, and with gzip) of
 2 000 batches as each version's ``log_batch`` queues them, both versions in one process,
-interleaved: batches/s. Writes ``benchmarks/results/log_batch_ab.md``.
+interleaved: batches/s. Writes ``benchmarks/results/local/log_batch_ab.md`` (``--out`` elsewhere).
 
     PYTHONPATH=. python benchmarks/log_batch_ab.py [--before REV] [--rounds 5]
 """
@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import daemon, machine, short_rev  # noqa: E402
+from benchmarks._common import add_out, daemon, machine, short_rev, write_report  # noqa: E402
 
 KINDS = (
     "float",
@@ -249,7 +249,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--epochs", type=int, default=30, help="training epochs per mode")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/log_batch_ab.md"))
+    add_out(ap, "log_batch_ab.md")
     args = ap.parse_args()
     rev, head = short_rev(args.before), short_rev()
     dirty = bool(
@@ -376,7 +376,7 @@ def main() -> None:
         "Budgets (issue 17): `log_batch` ≤ 5 µs median with per-sample tensors, also while the "
         "sender is busy; sender ≥ 20 000 batches/s; profiler overhead ≤ 0.5 % of wall time.",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_report(args.out, lines)
     print("\n".join(lines))
 
 

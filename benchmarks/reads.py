@@ -10,7 +10,7 @@ keep-alive connection, each request the dashboard makes: the run list (``limit=1
 the dashboard asks), the run detail, and the rest of the run page (report, loss and energy
 series); requests of all kinds interleaved, so that load drifts affect them alike.
 
-    python benchmarks/reads.py [--batches 100000] [--repeats 100] [--out benchmarks/results/reads.md]
+    python benchmarks/reads.py [--batches 100000] [--repeats 100] [--out PATH]
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import daemon_client, machine  # noqa: E402
+from benchmarks._common import add_out, daemon_client, machine, write_report  # noqa: E402
 from benchmarks.ingest import body  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PER_REQUEST = 1000
 
 
@@ -79,7 +78,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=199, help="other runs in the list")
     ap.add_argument("--repeats", type=int, default=100)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/reads.md"))
+    add_out(ap, "reads.md")
     args = ap.parse_args()
     with daemon_client(H3D_POWER_BACKENDS="estimated") as http:
         run, posting = fill(http, args.batches, args.runs)
@@ -137,8 +136,7 @@ def main() -> None:
         *rows,
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

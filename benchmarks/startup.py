@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, machine
+from benchmarks._common import REPO, add_out, machine, write_report
 
 ARMS = {
     "bare interpreter (`python -c pass`)": "pass",
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--starts", type=int, default=5, help="daemon starts per tree and store")
     ap.add_argument("--baseline", type=Path, help="another checkout, measured alongside")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/startup.md"))
+    add_out(ap, "startup.md")
     args = ap.parse_args()
     trees = {"this tree": REPO}
     if args.baseline:
@@ -263,7 +263,7 @@ def main() -> None:
             )
         ),
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_report(args.out, lines)
     print("\n".join(lines))
 
 

@@ -64,8 +64,8 @@ def _after_fork_in_child() -> None:
 class H3Profiler:
     """Measure what a training run costs in joules and what it learns per joule.
 
-    ``log_batch`` only appends a copy of what it is given to an in-memory queue (1.3–3.5 µs
-    alone with per-sample losses and indices, 4–16 µs right after a training step; no I/O,
+    ``log_batch`` only appends a copy of what it is given to an in-memory queue (1.3–3.6 µs
+    alone with per-sample losses and indices, 4–31 µs right after a training step; no I/O,
     no device sync, never raises); a background thread packs whole requests and posts them
     to the ``h3d`` daemon, and spools to disk while the daemon is unreachable. ``stop()``
     accounts for every batch: logged = posted + spooled + rejected + lost, where "lost" is
@@ -363,7 +363,7 @@ class H3Profiler:
 
         Optionally its per-sample ``losses`` and their dataset ``indices`` (tensors or
         sequences of equal length). For one thread, the training loop's: it takes no lock.
-        Costs 1.3–3.5 µs alone, 4–16 µs right after a training step, by host
+        Costs 1.3–3.6 µs alone, 4–31 µs right after a training step, by host
         (docs/client.md); never raises, never blocks, never syncs a CUDA, XPU or MPS device
         (a tensor on another device is copied with a blocking copy). A loss that is not a
         number is counted in ``log_errors`` and not logged; after ``stop()``, and in a forked

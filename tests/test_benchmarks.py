@@ -1,0 +1,168 @@
+"""The benchmark scripts' own behaviour, not their figures: where a run's report goes, and
+that a report says what ran. Small real runs; the figures are in benchmarks/results/."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import _common
+from benchmarks._data import Split
+from tests.conftest import REPO
+
+# the scripts that write a report; the others only print (docs/benchmarks.md says which)
+REPORTING = [
+    "auto_overhead",
+    "client_overhead",
+    "concurrency",
+    "counter_granularity",
+    "energy_accuracy",
+    "infonet",
+    "ingest",
+    "learning",
+    "log_batch_ab",
+    "ngdt",
+    "optimizer_step",
+    "reads",
+    "startup",
+]
+PRINT_ONLY = ["batch_fetch", "contention", "denormals", "tracker_update"]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+class _Built(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+
+def parser_of(name: str, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The script's argument parser as its ``main()`` builds it (stopped before parsing)."""
+    module = importlib.import_module(f"benchmarks.{name}")
+
+    def stop(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        raise _Built(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    with pytest.raises(_Built) as built:
+        module.main()
+    return built.value.parser
+
+
+def default_of(parser: argparse.ArgumentParser, option: str) -> object:
+    return next(a.default for a in parser._actions if option in a.option_strings)
+
+
+def test_every_script_is_sorted_into_reporting_or_print_only() -> None:
+    scripts = sorted(p.stem for p in (REPO / "benchmarks").glob("[!_]*.py"))
+    assert scripts == sorted(REPORTING + PRINT_ONLY)
+
+
+@pytest.mark.parametrize("name", REPORTING)
+def test_a_report_goes_to_the_git_ignored_local_dir_unless_out_says(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parser = parser_of(name, monkeypatch)
+    assert default_of(parser, "--out") == _common.LOCAL_RESULTS / f"{name}.md"
+    if name == "learning":  # its rows too: a run appends to them
+        assert default_of(parser, "--jsonl") == _common.LOCAL_RESULTS / "learning.jsonl"
+    assert "benchmarks/results/local/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("name", PRINT_ONLY)
+def test_the_print_only_scripts_take_no_out(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = parser_of(name, monkeypatch)
+    assert all("--out" not in a.option_strings for a in parser._actions)
+
+
+def test_a_smoke_run_leaves_the_committed_results_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import counter_granularity
+
+    committed = RESULTS / "counter_granularity.md"
+    before = hashlib.sha256(committed.read_bytes()).hexdigest()
+    # raising=False: before the local dir, the script wrote the committed file (checked below)
+    monkeypatch.setattr(_common, "LOCAL_RESULTS", tmp_path / "local", raising=False)
+    monkeypatch.setattr("sys.argv", ["counter_granularity.py", "--quick"])
+    counter_granularity.main()
+    assert hashlib.sha256(committed.read_bytes()).hexdigest() == before
+    report = (tmp_path / "local" / "counter_granularity.md").read_text()
+    assert "counter_granularity.py --quick" in report
+    assert f"wrote {tmp_path / 'local' / 'counter_granularity.md'}" in capsys.readouterr().out
+
+
+def test_ngdt_quick_says_the_epochs_it_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import ngdt
+
+    def small(name: str) -> Split:  # the tasks' shapes, a few batches of them
+        g = torch.Generator().manual_seed(0)
+        dim = {"mnist1d": 40, "mnist5k": 784}[name]
+        x, y = torch.randn(96, dim, generator=g), torch.randint(0, 10, (96,), generator=g)
+        return Split(x[:64], y[:64], x[64:], y[64:])
+
+    monkeypatch.setattr(ngdt, "load", small)
+    monkeypatch.setattr(ngdt, "METHODS", {"Adam": ngdt.METHODS["Adam"]})  # the header's test
+    out = tmp_path / "ngdt.md"
+    monkeypatch.setattr("sys.argv", ["ngdt.py", "--quick", "--out", str(out)])
+    ngdt.main()
+    header = out.read_text().splitlines()[2]
+    with open(tmp_path / "ngdt_curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    for task, words in [("MLP on MNIST-1D", "MNIST-1D (64/32"), ("CNN", "subset (64/32")]:
+        ran = max(int(r["epoch"]) for r in curves if r["task"].startswith(task))
+        assert f"{words}, {ran} epochs)" in header
+    assert "10 epochs" not in header and "6 epochs" not in header
+
+
+def test_auto_overhead_writes_its_report_in_a_tree_without_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import auto_overhead
+
+    monkeypatch.setattr(_common, "REPO", tmp_path)  # a `git archive` tree: no .git
+    row = {
+        "seed": 0,
+        "d_acc": -0.5,
+        "samples": 0.875,
+        "flops": 0.9,
+        "wall": 0.95,
+        "full_epochs": 0.96,
+        "n_full": 3,
+        "uniform_s": 10.0,
+        "auto_s": 9.5,
+        "epoch_spread": 1.1,
+    }
+    out = tmp_path / "out" / "auto_overhead.md"
+    auto_overhead.write({"mnist1d": [row]}, out, "2026-12-03 21:00")
+    assert "auto_overhead.py` at an unknown commit on 2026-12-03 21:00 UTC" in out.read_text()
+
+
+def test_concurrency_quick_retries_so_exactly_once_is_tested() -> None:
+    from benchmarks import concurrency
+
+    # --quick's writers send 8 and 2 requests: one in 2 is sent twice, not one in 10
+    res = concurrency.run_config(2, 1, 4, None, "SQLite", retry_every=2)
+    assert res["errors"] == 0 and res["exactly_once"]
+    assert res["duplicates_seen"] == 2 * 2 * concurrency.N_BATCHES
+
+
+def test_learning_report_says_where_each_arm_ran(tmp_path: Path) -> None:
+    from benchmarks import learning
+
+    rows = [
+        json.loads(line)
+        for line in (RESULTS / "learning.jsonl").read_text().splitlines()
+        if line.strip() and json.loads(line)["task"] == "mnist-cnn"
+    ]
+    out = tmp_path / "learning.md"
+    learning.write(rows, learning.read_rows(RESULTS / "learning_lr.jsonl"), out, "learning.jsonl")
+    when = next(line for line in out.read_text().splitlines() if line.startswith("When "))
+    assert "random subset 12:13–12:23 (AMD EPYC)" in when
+    assert "uniform Adam 22:01–22:06 (Intel" in when
