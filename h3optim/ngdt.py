@@ -23,6 +23,14 @@ amplified by 1/damping; it gets a plain-gradient step scaled by 1/(mean in-range
 product + damping) (the hybrid fallback), and is left out of Δ_F. A failed eigendecomposition
 is retried in float64; if that fails too the last good cache is kept and the failure counted.
 
+Every backward since the gradients were last zeroed (``zero_grad``) or taken by a step adds
+to the factors, as it adds to the gradients: k micro-batches of ``loss / k`` (gradient
+accumulation) give the factors, Δ_F and η_T of the one full batch. A batch whose activations
+or output gradients are not finite (a corrupt sample, an overflow without a GradScaler) is
+left out of the factors, as its gradient is left out of the step. The factors are kept in the
+weights' dtype, at least float32 (a bf16 or fp16 model's in float32); each step is taken in
+the weights' dtype.
+
 Parameters K-FAC does not cover (norm layers, embeddings, grouped convolutions, anything when
 plain parameters are given) take the ``fallback`` update (Adam), so any model trains. So does,
 with a warning, a covered layer whose gradient arrives without its factors (its weight used
@@ -41,8 +49,11 @@ scale, and a step whose gradients overflowed changes nothing and leaves its batc
 factors. After an explicit ``scaler.unscale_(opt)`` (to clip) ``scaler.step`` no longer says
 the scale: pass ``grad_scaler=scaler`` to NGDT then.
 
-Build NGDT before calling ``torch.compile`` on the model: hooks added to a module after its
-compiled version has run are not seen by the compiled code, and the layers take the fallback.
+Build NGDT before calling ``torch.compile`` on the model: Dynamo does not guard on a module's
+hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so code it compiled from a forward
+that autograd recorded before NGDT was built runs on without NGDT's hooks, and the layers take
+the fallback (a compiled forward under ``torch.no_grad`` alone does not: the first recorded
+one compiles anew).
 """
 
 from __future__ import annotations
@@ -93,13 +104,44 @@ class _Layer:
             else:
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 self.pre_pad = (list(module._reversed_padding_repeated_twice), mode)
-        self.a: Tensor | None = None  # last batch's activations (rows × in[+1])
-        self.g: Tensor | None = None  # last batch's output gradients (rows × out)
-        self.g_scaled = False  # g recorded since the last step: of a scaled loss under AMP
-        self.batch = 1
+        # what the backwards since the gradients were last taken or zeroed recorded: Σ aᵀa
+        # over the rows of the activations (rows × in[+1]) and Σ gᵀg over the output
+        # gradients' (rows × out), and the rows
+        self.a_gram: Tensor | None = None
+        self.g_gram: Tensor | None = None
+        self.rows = 0
+        # the samples those backwards' losses average over: the batch of each finished
+        # backward summed (micro-batches under gradient accumulation), and the batch of the
+        # one under way (a layer called twice in a forward records twice, for one batch)
+        self.batch = 0
+        self.backward_batch = 0
         self.A: Tensor | None = None
         self.G: Tensor | None = None
         self.eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (lA, QA, lG, QG)
+
+    def record(self, a: Tensor, g: Tensor, batch: int) -> None:
+        """Add a forward call's activations and output gradients, when its backward reaches
+        it. The sums are in the weight's dtype, at least float32, and in place: a backward
+        run inside ``torch.autocast`` would take a matmul's result in bf16."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        a, g = a.to(dtype), g.to(dtype)
+        if self.a_gram is None or self.g_gram is None:
+            self.a_gram = a.new_zeros(a.shape[1], a.shape[1])
+            self.g_gram = g.new_zeros(g.shape[1], g.shape[1])
+        self.a_gram.addmm_(a.t(), a)
+        self.g_gram.addmm_(g.t(), g)
+        self.rows += a.shape[0]
+        self.backward_batch = batch
+
+    def end_backward(self, weight: Tensor) -> None:
+        """The weight's gradient is accumulated: a backward is done (a post-accumulate-grad
+        hook, once a backward however often the layer was called)."""
+        self.batch += self.backward_batch
+        self.backward_batch = 0
+
+    def drop_records(self) -> None:
+        self.a_gram = self.g_gram = None
+        self.rows = self.batch = self.backward_batch = 0
 
     def activations(self, x: Tensor) -> Tensor:
         m = self.module
@@ -256,6 +298,9 @@ class NGDT(Optimizer):
                 if why is None:
                     layer = _Layer(m, name)
                     m.register_forward_hook(self._make_hook(layer))
+                    m.weight.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                        layer.end_backward
+                    )
                     self.layers.append(layer)
                 elif m.weight.requires_grad:
                     self.uncovered[name or type(m).__name__] = why
@@ -333,8 +378,10 @@ class NGDT(Optimizer):
         """Keep the layer's input and, through a tensor hook on its output, its output
         gradient for the factors, whenever autograd records the forward: in eval mode too
         (like any torch optimizer, NGDT does not depend on it: fine-tuning with frozen
-        batch-norm statistics trains in eval mode). The pair is kept when the gradient
-        arrives, so a forward that is never back-propagated leaves the last pair alone."""
+        batch-norm statistics trains in eval mode). The pair is recorded when the gradient
+        arrives, so a forward that is never back-propagated records nothing, and every
+        backward until the step adds its pairs, as it adds to the gradients (gradient
+        accumulation), when that step folds them into the factors."""
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not (torch.is_grad_enabled() and output.requires_grad):
@@ -345,8 +392,10 @@ class NGDT(Optimizer):
             batch = 1 if unbatched else x.shape[0]
 
             def grad_hook(gy: Tensor) -> None:
-                layer.a, layer.g, layer.batch = a, layer.out_grads(gy.detach()), batch
-                layer.g_scaled = True
+                # the next step folds in every factor_update_steps-th step's batches, and a
+                # layer's first at once
+                if (self.steps + 1) % self.factor_update_steps == 0 or layer.A is None:
+                    layer.record(a, layer.out_grads(gy.detach()), batch)
 
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
 
@@ -354,21 +403,32 @@ class NGDT(Optimizer):
 
     # --- factors and their eigenbases ------------------------------------------------------
 
-    def _update_factors(self, decay: float, every_layer: bool = True) -> None:
-        """Fold each layer's last recorded batch into its running factors (``every_layer``
-        False: only the layers that have none yet); a batch is folded in once."""
+    def _update_factors(self, decay: float) -> None:
+        """Fold what each layer recorded since the gradients were last taken into its running
+        factors, and drop it.
+
+        The covariances are over every row recorded, and the output gradients carry the
+        per-sample scale of the loss averaged over every backward's batch: k micro-batches
+        of loss/k give the factors of the one full batch. A non-finite batch (a corrupt
+        input, an overflow without a GradScaler) is left out, as its gradient is: folded
+        in, it would leave the running factor NaN for good."""
         for layer in self.layers:
-            if layer.a is None or layer.g is None or not (every_layer or layer.A is None):
+            a_gram, g_gram, rows = layer.a_gram, layer.g_gram, layer.rows
+            batch = layer.batch + layer.backward_batch
+            layer.drop_records()
+            if a_gram is None or g_gram is None:
                 continue
-            a, g = layer.a.float(), layer.g.float()
-            a_cov = a.t() @ a / a.shape[0]
-            g_cov = g.t() @ g * (layer.batch**2 / g.shape[0])  # per-sample gradient scale
+            a_cov = a_gram / rows
+            g_cov = g_gram * (batch**2 / rows)  # per-sample gradient scale
+            # one sum for both: a NaN or inf anywhere in them makes it non-finite, at a
+            # fraction of the cost of isfinite().all() per factor
+            if not math.isfinite(float(a_cov.sum() + g_cov.sum())):
+                continue
             if layer.A is None or layer.G is None:
                 layer.A, layer.G = a_cov, g_cov
             else:
                 layer.A.mul_(decay).add_(a_cov, alpha=1 - decay)
                 layer.G.mul_(decay).add_(g_cov, alpha=1 - decay)
-            layer.a = layer.g = None
 
     @staticmethod
     def _eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -410,7 +470,7 @@ class NGDT(Optimizer):
         """(range-space natural gradient, nullspace plain-gradient part, nullspace fraction)."""
         assert layer.eig is not None
         la, qa, lg, qg = layer.eig
-        v = qg.t() @ gw @ qa
+        v = qg.t() @ gw.to(qg.dtype) @ qa  # in the factors' dtype (a bf16 weight's: float32)
         prod = lg[:, None] * la[None, :]
         in_range = prod > self.eig_floor * prod.max().clamp_min(1e-30)
         nat = torch.where(in_range, v / (prod + damping), torch.zeros_like(v))
@@ -436,10 +496,7 @@ class NGDT(Optimizer):
         group_k = next((g for g in self.param_groups if g["kfac"]), None)
         stats = self._no_kfac_stats()
         if group_k is not None and self.layers:
-            # on schedule every layer; otherwise the layers recorded for the first time
-            self._update_factors(
-                group_k["factor_decay"], self.steps % self.factor_update_steps == 0
-            )
+            self._update_factors(group_k["factor_decay"])
             self._update_eigs(self.steps % self.inv_update_steps == 1 or self.inv_update_steps == 1)
             updates = []
             delta_f = torch.zeros(())
@@ -458,7 +515,14 @@ class NGDT(Optimizer):
                 missing = layer.grads_missing()
                 if missing is not None and all(p.grad is None for p in layer.params()):
                     continue  # not used in this step
-                if layer.eig is None or missing is not None:
+                gw: Tensor | None = None
+                if missing is None:
+                    gw = layer.grad_matrix()
+                    if group_k["weight_decay"]:
+                        gw = gw + group_k["weight_decay"] * layer.weight_matrix()
+                    if not torch.isfinite(gw).all():
+                        continue  # a non-finite gradient never reaches the parameters
+                if layer.eig is None or gw is None:
                     # a gradient K-FAC cannot precondition: typically the layer's weight was
                     # used without calling the module (nn.MultiheadAttention's out_proj,
                     # F.linear(x, layer.weight)), or the model compiled before NGDT hooked
@@ -468,19 +532,15 @@ class NGDT(Optimizer):
                     elif layer.A is None:
                         why = (
                             "no activations were recorded for it: either the model was "
-                            "compiled (torch.compile) and run before NGDT was built, and the "
-                            "compiled code does not see hooks added since (build NGDT before "
-                            "compiling), or its weight is used without calling the module"
+                            "compiled (torch.compile) and trained before NGDT was built, and "
+                            "the compiled code does not see hooks added since (build NGDT "
+                            "before compiling), or its weight is used without calling the "
+                            "module"
                         )
                     else:
                         why = "its factors could not be eigendecomposed"
                     self._fallback_layer(layer, group_k, why)
                     continue
-                gw = layer.grad_matrix()
-                if group_k["weight_decay"]:
-                    gw = gw + group_k["weight_decay"] * layer.weight_matrix()
-                if not torch.isfinite(gw).all():
-                    continue  # a non-finite gradient never reaches the parameters
                 nat, null, frac = self._natural(layer, gw, group_k["damping"])
                 delta_f = delta_f + (gw * nat).sum()
                 updates.append((layer, nat + null))
@@ -532,18 +592,16 @@ class NGDT(Optimizer):
 
     def _unscale(self) -> bool:
         """Undo ``torch.amp.GradScaler``'s loss scale (its ``step`` sets ``found_inf``, and
-        ``grad_scale`` unless ``unscale_`` ran). False if the gradients overflowed: the output
-        gradients recorded since the last step are dropped, nothing else changes. Else True,
-        with the gradients and the output gradients recorded since the last step unscaled."""
+        ``grad_scale`` unless ``unscale_`` ran). False if the gradients overflowed: what the
+        hooks recorded since the last step is dropped, nothing else changes. Else True, with
+        the gradients and the output gradients recorded since the last step unscaled."""
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         inv: Tensor | None = None
         if found_inf is not None:
             if float(found_inf) > 0:
                 for layer in self.layers:
-                    if layer.g_scaled:
-                        layer.a = layer.g = None
-                        layer.g_scaled = False
+                    layer.drop_records()
                 return False
             if grad_scale is not None:  # scaler.step left the gradients scaled
                 # the reciprocal in float64, as GradScaler.unscale_ takes it
@@ -561,11 +619,18 @@ class NGDT(Optimizer):
                     "build NGDT with grad_scaler=scaler (or leave the unscaling to "
                     "scaler.step)"
                 )
-        for layer in self.layers:
-            if layer.g_scaled and inv is not None and layer.g is not None:
-                layer.g = layer.g.float() * inv.to(layer.g.device)
-            layer.g_scaled = False
+        if inv is not None:
+            for layer in self.layers:
+                if layer.g_gram is not None:
+                    layer.g_gram.mul_(inv.to(layer.g_gram.device).square())
         return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients, as :meth:`torch.optim.Optimizer.zero_grad` does, and drop what
+        the hooks recorded with them: the factors come from the backwards the step takes."""
+        super().zero_grad(set_to_none)
+        for layer in self.layers:
+            layer.drop_records()
 
     def _fallback_layer(self, layer: _Layer, group: dict[str, Any], why: str) -> None:
         """A covered layer K-FAC cannot precondition this step: the fallback's update (Adam at

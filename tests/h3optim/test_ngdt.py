@@ -490,7 +490,9 @@ def test_a_model_compiled_before_ngdt_gets_a_warning_naming_torch_compile() -> N
     """Hooks added to a module after its compiled version ran are not seen by the compiled
     code: no factors, every layer takes the fallback. The warning says so (it blamed a
     weight used without calling its module), and ``last_stats`` says K-FAC took no step
-    (it reported η = lr_max). Built before compiling, NGD-T preconditions as usual."""
+    (it reported η = lr_max). Built before compiling, NGD-T preconditions as usual; so it does
+    when the compiled model ran only under ``torch.no_grad`` before (Dynamo guards on the grad
+    mode: the first recorded forward compiles anew, with the hooks)."""
     x, y = digits_batch(128)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -508,17 +510,23 @@ def test_a_model_compiled_before_ngdt_gets_a_warning_naming_torch_compile() -> N
         assert stats["delta_f"] == 0.0 and stats["predicted_q"] == 0.0
     assert opt.total_predicted_q == 0.0
 
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
-    compiled = torch.compile(model, backend="eager")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _train(compiled, opt, x, y, 3)
-    assert not [w for w in caught if "NGDT" in str(w.message)]
-    assert all(layer.eig is not None for layer in opt.layers)
-    assert opt.last_stats["bound"] in ("budget", "lr_max") and opt.last_stats["eta"] > 0
+    for evaluated_first in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        if not evaluated_first:
+            opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+        compiled = torch.compile(model, backend="eager")
+        if evaluated_first:
+            with torch.no_grad():
+                compiled(x)
+            opt = NGDT(model, lr_max=0.5, q_budget=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _train(compiled, opt, x, y, 3)
+        assert not [w for w in caught if "NGDT" in str(w.message)]
+        assert all(layer.eig is not None for layer in opt.layers)
+        assert opt.last_stats["bound"] in ("budget", "lr_max") and opt.last_stats["eta"] > 0
 
 
 def test_lr_schedulers_drive_the_cap_and_the_fallbacks_step() -> None:
