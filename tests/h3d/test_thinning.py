@@ -142,7 +142,7 @@ def test_the_newest_sample_stays_when_nothing_follows_it(st: Store) -> None:
 
 def test_a_store_thinned_by_an_older_version_reads_the_thinned_rows(st: Store) -> None:
     """An older version kept the first sample of each bucket and nothing else: its runs read
-    0 J. The next retention pass marks those steps: the trapezoid over the kept rows."""
+    no energy. The next retention pass marks those steps: the trapezoid over the kept rows."""
     with session_scope(st.sessions) as s:
         dev = repo.upsert_device(
             s, name="d", kind="cpu", source="estimated", model="", uuid_=None, now=0.0
@@ -157,7 +157,9 @@ def test_a_store_thinned_by_an_older_version_reads_the_thinned_rows(st: Store) -
         )
         run.finished_at = 100.0
         run_id = run.id
-    assert _figures(st, run_id)["run"]["energy_j"] == 0.0  # the bug
+    # the bug: every step between the kept rows reads as a gap (before the unknown-energy
+    # rule, 0 J; now null, since no device read any of the window)
+    assert _figures(st, run_id)["run"]["energy_j"] is None
     with session_scope(st.sessions) as s:
         repo.prune_power_samples(s, cutoff=180.0, bucket_s=10.0)
     got = _figures(st, run_id)["run"]
