@@ -1,15 +1,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
+from h3client import _daemon
+
 
 @pytest.fixture(autouse=True)
 def _quiet_httpx() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def started_daemons() -> Iterator[None]:
+    """Stop the daemons ``ensure_daemon`` started during the test (and only those)."""
+    yield
+    for proc in _daemon._started:
+        proc.terminate()
+        proc.wait(timeout=30)
+    _daemon._started.clear()
 
 
 # --- the CUDA seam: torch.cuda and a CUDA tensor, as h3client._batching uses them ----------

@@ -9,7 +9,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from h3client._config import resolve
 from h3client._daemon import ensure_daemon
 from h3d.datadir import DataDirBusy, DataDirLock
 from tests.conftest import Daemon, free_port
-
-
-@pytest.fixture
-def started_daemons() -> Iterator[None]:
-    """Stop the daemons ``ensure_daemon`` started during the test (and only those)."""
-    yield
-    for proc in _daemon._started:
-        proc.terminate()
-        proc.wait(timeout=30)
-    _daemon._started.clear()
 
 
 def _autostart(data: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, list[str]]:

@@ -37,16 +37,6 @@ def on_the_default_port(monkeypatch: pytest.MonkeyPatch) -> Callable[[Listener],
     return use
 
 
-@pytest.fixture
-def started_daemons() -> Iterator[None]:
-    """Stop the daemons ``ensure_daemon`` started during the test (and only those)."""
-    yield
-    for proc in _daemon._started:
-        proc.terminate()
-        proc.wait(timeout=30)
-    _daemon._started.clear()
-
-
 @pytest.mark.parametrize("answer", IMPERSONATIONS, ids=["authorized", "silent", "guessed"])
 def test_a_listener_that_cannot_prove_it_holds_the_token_never_gets_it(
     tmp_path: Path,
