@@ -20,6 +20,7 @@ import errno
 import fnmatch
 import os
 import stat
+import time
 from pathlib import Path
 
 from h3d.errors import H3DError
@@ -213,15 +214,28 @@ def _unlock(fd: int) -> None:
     os.lseek(fd, 0, os.SEEK_SET)
 
 
+#: How long :meth:`DataDirLock.acquire` waits out a lock another process holds for a moment.
+_PROBE_WAIT_S = 0.2
+
+
 class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`DataDirBusy` naming the holder."""
+        """Take the lock or raise :class:`DataDirBusy` naming the holder.
+
+        A lock held for a moment is waited for (up to ``_PROBE_WAIT_S``): clients and CLI
+        commands probe for a daemon by taking the lock shared for a few microseconds
+        (:func:`lock_holder`, the profiler's autostart), and a daemon starting then must not
+        take that for another daemon. A daemon holds it for its whole life.
+        """
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        if not _try_lock(fd, exclusive=True):
+        deadline = time.monotonic() + _PROBE_WAIT_S
+        while not (locked := _try_lock(fd, exclusive=True)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not locked:
             os.close(fd)
             holder = lock_holder(self.path.parent)
             who = f"pid {holder}" if holder is not None else "another process"

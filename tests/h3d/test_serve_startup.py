@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, Daemon, daemon_env
 from tests.h3d.test_cli import h3d, one_error_line
 
@@ -131,3 +133,24 @@ def test_h3d_imports_and_locks_its_data_dir_without_fcntl(tmp_path: Path) -> Non
     free = _without_fcntl(data)  # the holder gone, the lock is free again
     out, err = free.communicate(timeout=60)
     assert out == "held\n", out + err
+
+
+def test_a_lock_held_for_a_moment_is_not_another_daemon(tmp_path: Path) -> None:
+    """A profiler or CLI command probes the data dir's lock by taking it shared for a few
+    microseconds; a daemon starting at that moment took the probe for a daemon and exited."""
+    import fcntl
+    import threading
+
+    from h3d.datadir import LOCK_NAME, DataDirBusy, DataDirLock
+
+    tmp_path.chmod(0o700)
+    probe = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.03, os.close, (probe,)).start()  # the probe lets go 30 ms later
+    lock = DataDirLock(tmp_path)
+    lock.acquire()
+    try:  # a daemon that holds it for good is still refused
+        with pytest.raises(DataDirBusy, match="in use by another h3d daemon"):
+            DataDirLock(tmp_path).acquire()
+    finally:
+        lock.release()
