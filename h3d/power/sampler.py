@@ -11,9 +11,9 @@ a write.
 Time: each tick is stamped ``wall0 + (monotonic() - mono0)``: a Unix time that the
 monotonic clock drives, so NTP steps do not bend the integration, and that still lines up
 with the client's wall-clock batch timestamps. The monotonic clock stands still while the
-machine sleeps (a laptop's lid, a suspend): once the wall clock is ahead by more than a gap
-(``max_gap``), the stamps are re-anchored to it, so the time asleep is a gap in every
-device's energy and the runs after it still find their readings.
+machine sleeps (a laptop's lid, a suspend): when a tick finds the wall clock ahead by more
+than a gap (``max_gap``), the stamps are re-anchored to it, so the time asleep is a gap in
+every device's energy and the runs after it still find their readings.
 """
 
 from __future__ import annotations
@@ -162,9 +162,8 @@ class PowerSampler:
         # the wall clock the stamps are re-anchored to after a suspend: time.time with the
         # monotonic clock; none with another clock (a test's, which is the time then)
         self._wall = wall if wall is not None or clock is not time.monotonic else time.time
-        # (wall0, mono0), replaced as one; the lock makes one thread re-anchor at a time
+        # (wall0, mono0), replaced as one (by _follow_wall_clock, under the tick lock)
         self._anchor = (time.time() if self._wall is None else self._wall(), clock())
-        self._anchor_lock = threading.Lock()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()
@@ -203,25 +202,26 @@ class PowerSampler:
             self.devices.append(DeviceState(backend=b, device_id=dev_id))
 
     def now(self) -> float:
-        """The sampler's clock: Unix seconds driven by the monotonic clock, re-anchored to
-        the wall clock when that is ahead by more than a gap (the machine slept)."""
+        """The sampler's clock: Unix seconds driven by the monotonic clock (re-anchored to
+        the wall clock by the first tick after the machine slept: :meth:`_follow_wall_clock`)."""
         wall0, mono0 = self._anchor
-        mono = self._clock()
-        t = wall0 + (mono - mono0)
-        if self._wall is None or self._wall() - t <= max_gap(self.interval_s):
-            return t
-        with self._anchor_lock:
-            wall0, mono0 = self._anchor
-            wall, mono = self._wall(), self._clock()
-            t = wall0 + (mono - mono0)
-            if wall - t > max_gap(self.interval_s):  # not re-anchored by another thread
-                logger.info(
-                    "the wall clock is %.1f s ahead of the sampler's (the machine slept?): "
-                    "re-anchored; the time between is a gap in energy",
-                    wall - t,
-                )
-                self._anchor, t = (wall, mono), wall
-            return t
+        return wall0 + (self._clock() - mono0)
+
+    def _follow_wall_clock(self) -> None:
+        """Re-anchor the clock when the wall clock is ahead by more than a gap (the machine
+        slept); once a tick, under the tick lock, not at every reading's stamp."""
+        if self._wall is None:
+            return
+        wall, mono = self._wall(), self._clock()
+        wall0, mono0 = self._anchor
+        ahead = wall - (wall0 + (mono - mono0))
+        if ahead > max_gap(self.interval_s):
+            logger.info(
+                "the wall clock is %.1f s ahead of the sampler's (the machine slept?): "
+                "re-anchored; the time between is a gap in energy",
+                ahead,
+            )
+            self._anchor = (wall, mono)
 
     def start(self) -> None:
         if self._thread is None and self.devices:
@@ -289,6 +289,7 @@ class PowerSampler:
         read (the middle of the call): a device read after a slow one (a busy driver, a GPU
         falling off the bus) is not back-dated to the tick's start, which put the power
         change between the two times into the wrong side of a run's edge."""
+        self._follow_wall_clock()
         t_tick = self.now()
         rows = []
         for d in self.devices:
