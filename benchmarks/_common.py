@@ -35,6 +35,26 @@ def add_out(ap: argparse.ArgumentParser, name: str) -> None:
     )
 
 
+def command(ap: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command line that ran, for a report's header: the script and every option whose
+    value differs from its default (``--out`` and ``--help`` left out)."""
+    words = [f"PYTHONPATH=. python benchmarks/{ap.prog}"]
+    for action in ap._actions:
+        if not action.option_strings or action.dest in ("out", "help"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # store_true and its kin
+            words.append(flag)
+        elif isinstance(value, list | tuple):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(words)
+
+
 def write_report(out: Path, lines: Sequence[str]) -> None:
     """Write a report's lines to ``out`` (making its directory) and say where."""
     out.parent.mkdir(parents=True, exist_ok=True)

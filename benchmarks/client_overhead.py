@@ -55,7 +55,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, daemon, machine, write_report  # noqa: E402
+from benchmarks._common import add_out, command, daemon, machine, write_report  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3client._batching import encode_batches, snapshot  # noqa: E402
@@ -512,18 +512,8 @@ def main() -> None:
             pin=args.pin,
             only=args.only,
         )
+    args.command = command(ap, args)
     write(args, res, calls, repeats)
-
-
-def flags(args) -> str:
-    out = " --quick" if args.quick else ""
-    out += f" --repeats {args.repeats}" if args.repeats else ""
-    out += f" --rounds {args.rounds}" if args.rounds else ""
-    out += f" --block-s {args.block_s:g}" if args.block_s != 3.0 else ""
-    out += " --diagnose" if args.diagnose else ""
-    out += f" --only {' '.join(args.only)}" if args.only else ""
-    out += " --pin" if args.pin else ""
-    return out + (" --no-sync" if args.no_sync else "")
 
 
 def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
@@ -531,7 +521,7 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
     lines = [
         "# Client overhead benchmark",
         "",
-        f"`PYTHONPATH=. python benchmarks/client_overhead.py{flags(args)}` on "
+        f"`{args.command}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, torch {torch.__version__} "
         "with 1 thread, a real daemon on loopback (estimated CPU power backend); load average "
         f"{os.getloadavg()[0]:.1f} on its 2 cores when it finished. The ratios measured side by "

@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks._common import machine
+from benchmarks._common import command, machine
 
 SPINNER = """
 import os, sys, time
@@ -94,8 +94,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
     base = medians["nothing else"]
     print(
-        f"`PYTHONPATH=. python benchmarks/contention.py --rounds {args.rounds} --epochs "
-        f"{args.epochs}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, "
+        f"`{command(ap, args)}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end.\n"
     )
     print("| beside the loop | median epoch ms | vs nothing else (median of rounds) |")

@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, short_rev, write_report  # noqa: E402
+from benchmarks._common import add_out, command, short_rev, write_report  # noqa: E402
 from benchmarks._traces import Trace, bursts, steps  # noqa: E402
 from h3d.energy import integrate  # noqa: E402
 
@@ -114,9 +114,7 @@ def main() -> None:
         rev = short_rev(check=False)
     except OSError:
         rev = "?"
-    cmd = "PYTHONPATH=. python benchmarks/counter_granularity.py" + (
-        " --quick" if args.quick else ""
-    )
+    cmd = command(ap, args)
     out = [
         "# Counter update period vs window length",
         "",

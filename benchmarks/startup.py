@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, add_out, machine, write_report
+from benchmarks._common import REPO, add_out, command, machine, write_report
 
 ARMS = {
     "bare interpreter (`python -c pass`)": "pass",
@@ -197,8 +197,7 @@ def main() -> None:
     lines = [
         "# Start-up: `h3d serve` to healthy, and its imports",
         "",
-        f"`PYTHONPATH=. python benchmarks/startup.py --repeats {args.repeats} --starts "
-        f"{args.starts}{' --baseline ' + str(args.baseline) if args.baseline else ''}` on "
+        f"`{command(ap, args)}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}; load average "
         f"{load0:.1f} at the start, {load1:.1f} at the end (2 cores: a load above 2 means the "
         "processes waited for a core, and wall times grow with it; CPU times much less). "

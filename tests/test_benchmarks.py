@@ -166,3 +166,21 @@ def test_learning_report_says_where_each_arm_ran(tmp_path: Path) -> None:
     when = next(line for line in out.read_text().splitlines() if line.startswith("When "))
     assert "random subset 12:13–12:23 (AMD EPYC)" in when
     assert "uniform Adam 22:01–22:06 (Intel" in when
+
+
+def test_a_reports_command_line_names_the_options_that_ran() -> None:
+    # every report's header quotes this line: an option left at its default is not named,
+    # one that changed what ran (--quick, --rounds 3, a list, a path) is; --out never is
+    ap = argparse.ArgumentParser(prog="optimizer_step.py")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--block-s", type=float, default=3.0)
+    ap.add_argument("--only", nargs="+")
+    ap.add_argument("--baseline", type=Path)
+    _common.add_out(ap, "optimizer_step.md")
+    base = "PYTHONPATH=. python benchmarks/optimizer_step.py"
+    assert _common.command(ap, ap.parse_args(["--out", "x.md"])) == base
+    argv = ["--quick", "--rounds", "3", "--block-s", "1.5", "--only", "a", "b"]
+    assert _common.command(ap, ap.parse_args([*argv, "--baseline", "/tmp/b"])) == (
+        f"{base} --quick --rounds 3 --block-s 1.5 --only a b --baseline /tmp/b"
+    )
