@@ -310,7 +310,9 @@ class AutoH3:
         dataset: A map-style dataset of ``(data, target)`` (or dict) items.
         mode: Controller mode: ``safe``, ``balanced``, ``green``, ``extreme``.
         name: Run name for the daemon.
-        total_epochs: Planned epochs (phases and the controller depend on it).
+        total_epochs: Planned epochs (phases and the controller depend on it); 10 by
+            default. Every epoch from ``total_epochs`` on is "consolidation" (all data, no
+            sampling): :meth:`get_loader` warns once when it reaches one.
         lr: Initial step of :class:`~h3optim.H3Optimizer`.
         accuracy_tolerance: Points of accuracy the controller may give up before backing off.
         unbiased: Weight each loss by the inverse of its inclusion probability, so an
@@ -494,6 +496,7 @@ class AutoH3:
             **(config or {}),
         }
         self.profiler_kwargs = dict(profiler_kwargs or {})
+        self._saved_run_id: str | None = None  # the daemon run of a loaded state
         self.epoch = 0
         self.phase = "warmup"
         self.samples_backpropagated = 0
@@ -510,14 +513,7 @@ class AutoH3:
         if self._started:
             return self
         if self.profiler is None and self.profile:
-            from h3client import H3Profiler  # the composition layer's only client import
-
-            self.profiler = H3Profiler(
-                self.name,
-                config=self.config,
-                n_train=len(self.indexed_dataset),
-                **self.profiler_kwargs,
-            )
+            self.profiler = self._open_profiler()
         if self.profiler is not None and self.controller.eta_source is None:
             self.controller.eta_source = self.profiler.live_eta
         if self.flush_denormal:  # until finish() closes it
@@ -530,6 +526,55 @@ class AutoH3:
             )
         self._started = True
         return self
+
+    def _open_profiler(self) -> Any:
+        """The ``H3Profiler`` of the run: the daemon run of a loaded state
+        (:meth:`load_state_dict`) when it takes data, else a new one."""
+        from h3client import Client, H3ClientError, H3Profiler  # the composition layer's
+
+        kwargs = self.profiler_kwargs
+
+        def profiler(**overrides: Any) -> Any:
+            return H3Profiler(
+                self.name,
+                config=self.config,
+                n_train=len(self.indexed_dataset),
+                **{**kwargs, **overrides},
+            )
+
+        saved = self._saved_run_id
+        if saved is None or kwargs.get("run_id") != saved:
+            return profiler()
+        # A run its client ended (finish(), or the exit of a process that died of an
+        # exception) takes no more data: the resumed part goes to a new run instead.
+        try:
+            prof = profiler()
+        except H3ClientError as exc:  # no daemon, and no spool to say where the run stopped
+            why = str(exc)
+        else:
+            status = None
+            if prof.flush(10.0):  # its create reached the daemon, which reopens a run it failed
+                with (
+                    contextlib.suppress(H3ClientError),
+                    Client(
+                        kwargs.get("url"),
+                        kwargs.get("token"),
+                        data_dir=kwargs.get("data_dir"),
+                        http=kwargs.get("http"),
+                    ) as client,
+                ):
+                    status = client.get_run(saved).get("status")
+            if status in (None, "running"):
+                return prof
+            prof.stop(timeout_s=10.0, report=False)
+            why = f"it is {status}: a run its client ended takes no more data"
+        warnings.warn(
+            f"AutoH3: the saved daemon run {saved} cannot be resumed ({why}); this run streams "
+            "to a new one",
+            UserWarning,
+            stacklevel=4,
+        )
+        return profiler(run_id=None)
 
     def get_loader(self, batch_size: int, **loader_kwargs: Any) -> DataLoader[Any]:
         """This epoch's loader of ``(data, target, index)`` batches, sampled as the controller
@@ -568,6 +613,7 @@ class AutoH3:
             dist.broadcast_object_list(shared, src=0)
             self.controller.load_state_dict(shared[0])
             unlearned, train_loss = shared[1], shared[2]
+        self.controller.warn_past_plan(stacklevel=3, who="AutoH3")  # once, at the user's call
         keep, mix, self.phase = self.controller.control_step(unlearned, train_loss)
         self.sampler.set_fractions(keep, mix)
         self.sampler.set_epoch(self.epoch)
@@ -851,6 +897,7 @@ class AutoH3:
         self,
         model: torch.nn.Module,
         test_loader: Iterable[Any],
+        device: Any = None,
         *,
         criterion: Callable[..., torch.Tensor] | None = None,
     ) -> float | None:
@@ -864,6 +911,9 @@ class AutoH3:
         Args:
             model: The model being trained.
             test_loader: The held-out batches.
+            device: Accepted for ``h3-optimizer`` 0.2.0's calls
+                (``evaluate_epoch(model, loader, device)``) and not used: the batches go
+                to the model's device.
             criterion: The held-out loss's criterion (the mean of its per-sample losses);
                 by default the one the last :meth:`training_step` trained with
                 (cross-entropy before any).
@@ -948,7 +998,8 @@ class AutoH3:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs that is not the model's: the state dicts of the
         optimizer, the loss tracker, the sampler and the controller, the epoch, the window
-        counters and the sample counters.
+        counters, the sample counters and the profiler's ``run_id`` (None without one): a
+        resumed AutoH3 that builds its profiler continues that daemon run.
 
         Take it between epochs (after :meth:`evaluate_epoch`, before the next
         :meth:`get_loader`), beside ``model.state_dict()``. Plain containers, numbers,
@@ -976,7 +1027,14 @@ class AutoH3:
             "loss_tracker": self.loss_tracker.state_dict(),
             "sampler": self.sampler.state_dict(),
             "controller": self.controller.state_dict(),
+            # the daemon run: a resumed AutoH3 streams on into it, not into a second run
+            "run_id": self._run_id(),
         }
+
+    def _run_id(self) -> str | None:
+        """The profiler's daemon run id (None without a profiler, or one without an id)."""
+        run_id = getattr(self.profiler, "run_id", None)
+        return run_id if isinstance(run_id, str) else None
 
     def load_state_dict(
         self,
@@ -988,7 +1046,12 @@ class AutoH3:
         """Resume from ``state`` (from :meth:`state_dict`) in an AutoH3 built with the same
         arguments over the same dataset, before its first :meth:`get_loader`: the run goes
         on at the saved epoch with the draws, windows and decisions it would have had
-        without the break (the model's own state is the caller's to load).
+        without the break (the model's own state is the caller's to load). An AutoH3 that
+        builds its profiler (``profile=True``, no ``profiler=``) resumes the saved daemon
+        run (``H3Profiler(run_id=...)``; a ``run_id`` in ``profiler_kwargs`` takes
+        precedence), so the daemon holds one run with every epoch and its whole energy. A
+        run its client ended (``finish()``, or a process that died of an exception) takes
+        no more data: the resumed part then streams to a new run, with a warning.
 
         Args:
             state: From :meth:`state_dict`.
@@ -1017,6 +1080,10 @@ class AutoH3:
             (label, float(k), float(u)) for label, k, u in state["window_settings"]
         }
         self._j_per_step = state["j_per_step"]
+        run_id = state.get("run_id")  # None in states saved before it was kept
+        if run_id is not None and self.profile and self.profiler is None:
+            self._saved_run_id = str(run_id)
+            self.profiler_kwargs.setdefault("run_id", self._saved_run_id)
         if state["fitted"] and model is not None:
             self._fitting = (model, criterion or torch.nn.functional.cross_entropy)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import enum
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,13 @@ def _volatility(xs: list[float]) -> float:
     """Largest epoch-to-epoch loss change relative to the mean loss."""
     jumps = max(abs(b - a) for a, b in zip(xs, xs[1:], strict=False))
     return jumps / max(abs(sum(xs) / len(xs)), 1e-12)
+
+
+def _number(x: Any) -> float | None:
+    """``x`` as a builtin ``float`` (None kept): a numpy scalar (what ``np.mean`` or
+    ``sklearn``'s metrics return) stored as it is would make the state dict fail
+    ``torch.load``'s weights-only unpickler, in the process that tries to resume."""
+    return None if x is None else float(x)
 
 
 def _moved(first: float, last: float) -> str:
@@ -98,7 +106,9 @@ class EtaController:
             :class:`OperatingMode` member of one.
         accuracy_tolerance: Accuracy points (percent) below the best seen that trigger a
             back-off.
-        total_epochs: Length of training, for the phase schedule.
+        total_epochs: Length of training, for the phase schedule (10 by default; every epoch
+            from it on is "consolidation": :meth:`control_step` warns once when it reaches
+            one).
         eta_source: Callable returning the current marginal η (bits/J) or None.
         step: How much one move changes ``keep_frac``.
         threshold: Relative η difference that counts as evidence.
@@ -152,13 +162,14 @@ class EtaController:
             )
         self.mode = str(mode)  # an OperatingMode is its string
         self.accuracy_unit = accuracy_unit
-        self.accuracy_tolerance = accuracy_tolerance
+        # builtin numbers throughout the state (see _number)
+        self.accuracy_tolerance = float(accuracy_tolerance)
         self.schedule = PhaseSchedule(total_epochs, warmup, consolidation)
         self.eta_source = eta_source
-        self.step_size = step
-        self.threshold = threshold
-        self.min_keep_frac, self.max_keep_frac = min_keep_frac, max_keep_frac
-        self.min_uniform_mix = min_uniform_mix
+        self.step_size = float(step)
+        self.threshold = float(threshold)
+        self.min_keep_frac, self.max_keep_frac = float(min_keep_frac), float(max_keep_frac)
+        self.min_uniform_mix = float(min_uniform_mix)
         self.keep_frac, self.uniform_mix = MODES[mode]
         self.epoch = 0
         self.best_accuracy: float | None = None
@@ -171,7 +182,8 @@ class EtaController:
         self._current: tuple[float, float, str] = (1.0, 1.0, "warmup")
         self.floor: float | None = None  # this epoch's learning floor, when it binds
         self._train_loss: float | None = None  # control_step's, recorded by observe
-        self.min_pairs, self.max_pairs, self.z = min_pairs, max_pairs, z
+        self.min_pairs, self.max_pairs, self.z = int(min_pairs), int(max_pairs), float(z)
+        self.warned_past_plan = False  # an epoch at or past total_epochs was warned about
         self.windowed = False  # set by the first observe_window: epoch A/B/A is then off
         self.window_state = "testing"  # or "held": the fixed schedule is held to the end
         self._windows: list[tuple[str, float]] = []  # (A|B, η) of the current test
@@ -198,6 +210,8 @@ class EtaController:
         teaches), cutting samples cuts learning; the floor keeps them, and A/B tests (windowed
         or epoch by epoch) pause until it no longer binds.
         """
+        self.warn_past_plan()
+        unlearned, train_loss = _number(unlearned), _number(train_loss)
         phase = self.schedule.phase(self.epoch)
         self.floor = None
         self._train_loss = (
@@ -226,6 +240,42 @@ class EtaController:
                 )
         return self._current
 
+    def warn_past_plan(self, stacklevel: int = 3, who: str = "EtaController") -> None:
+        """Warn, once, when the coming epoch is at or past ``total_epochs``: every such
+        epoch is "consolidation" (all data, nothing sampled), which a run that outlives
+        its plan (``total_epochs`` left at its default of 10, say) would not say."""
+        total = self.schedule.total_epochs
+        if self.epoch < total or self.warned_past_plan:
+            return
+        self.warned_past_plan = True
+        warnings.warn(
+            f"{who}: epoch {self.epoch} is at or past total_epochs={total} (10 unless "
+            "given): it and every later epoch are 'consolidation', trained on all data "
+            "without sampling; pass total_epochs=<the number of epochs the run trains>",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+    def get_status(self) -> dict[str, Any]:
+        """The current setting (``h3-optimizer`` 0.2.0's ``get_status()``, with the keys
+        that still have a meaning): ``epoch``, ``phase`` (of the epoch :meth:`control_step`
+        set up last), ``keep_frac`` and ``uniform_mix`` (the controller's setting, which
+        warmup and consolidation epochs do not use), ``recent_eta`` and
+        ``recent_accuracy`` (the mean of the last three observed, None before any),
+        ``best_accuracy`` (points) and ``window_state``."""
+        etas = [h["eta"] for h in self.history if h["eta"] is not None][-3:]
+        accs = [h["accuracy"] for h in self.history if h["accuracy"] is not None][-3:]
+        return {
+            "epoch": self.epoch,
+            "phase": self._current[2],
+            "keep_frac": self.keep_frac,
+            "uniform_mix": self.uniform_mix,
+            "recent_eta": sum(etas) / len(etas) if etas else None,
+            "recent_accuracy": sum(accs) / len(accs) if accs else None,
+            "best_accuracy": self.best_accuracy,
+            "window_state": self.window_state,
+        }
+
     def _decide(self, what: str, why: str, **values: Any) -> None:
         self.decisions.append({"epoch": self.epoch, "change": what, "reason": why, **values})
 
@@ -238,6 +288,7 @@ class EtaController:
             eta = (self.last_loss - loss) / LN2 / energy
         if eta is None and self.eta_source is not None:
             eta = self.eta_source()
+        eta = _number(eta)
         if eta is not None and not math.isfinite(eta):
             return None
         return eta
@@ -260,6 +311,7 @@ class EtaController:
             energy: Energy of the epoch (J).
             info: Information gained this epoch (bits), recorded only.
         """
+        accuracy, loss, energy, info = (_number(x) for x in (accuracy, loss, energy, info))
         k, u, phase = self._current
         m_eta = self._marginal_eta(eta, loss, energy)
         self.history.append(

@@ -205,12 +205,67 @@ class _Layer:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
 
+class _ForwardHook:
+    """NGDT's forward hook on a covered layer's module: keeps the layer's input and, through a
+    tensor hook on its output, its output gradient for the factors, whenever autograd records
+    the forward: in eval mode too (like any torch optimizer, NGDT does not depend on it:
+    fine-tuning with frozen batch-norm statistics trains in eval mode). The pair is recorded
+    when the gradient arrives, so a forward that is never back-propagated records nothing,
+    and every backward until the step adds its pairs, as it adds to the gradients (gradient
+    accumulation), when that step folds them into the factors.
+
+    A copy of the module (``copy.deepcopy``, pickling: ``torch.save(model)``) gets a
+    :class:`_DetachedHook` in its place: a copied hook would feed this optimizer's factors
+    (or a copy of the optimizer nothing steps) with the copy's batches. A copy of the
+    optimizer hooks its own copies of the layers (``NGDT.__setstate__``).
+    """
+
+    __slots__ = ("layer", "opt")
+
+    def __init__(self, opt: NGDT, layer: _Layer) -> None:
+        self.opt = opt
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        opt, layer = self.opt, self.layer
+        x = inputs[0].detach()
+        a = layer.activations(x)
+        unbatched = x.dim() == (3 if layer.conv else 1)
+        batch = 1 if unbatched else x.shape[0]
+
+        def grad_hook(gy: Tensor) -> None:
+            # the next step folds in every factor_update_steps-th step's batches, and a
+            # layer's first at once
+            if (opt.steps + 1) % opt.factor_update_steps == 0 or layer.A is None:
+                layer.record(a, layer.out_grads(gy.detach()), batch)
+
+        output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
+
+    def __reduce__(self) -> tuple[type[_DetachedHook], tuple[()]]:
+        return _DetachedHook, ()
+
+
+class _DetachedHook:
+    """What a copied module holds in place of NGDT's forward hook: nothing to record for."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        return None
+
+
 class NGDT(Optimizer):
     """Thermodynamic natural-gradient descent: K-FAC directions, steps sized by a KL budget.
 
-    The optimizer hooks the model's layers, and ``copy.deepcopy`` of a hooked model copies the
-    hooks too (they would feed this optimizer's factors): to duplicate a model, build a fresh
-    one and ``load_state_dict`` into it.
+    The optimizer hooks the model's layers. A copy of a hooked model (``copy.deepcopy``,
+    ``torch.save(model)``) holds inert hooks in their place: to train it with NGDT, build a
+    new NGDT on it. A copy of the optimizer (``copy.deepcopy``, pickling), as a torch
+    optimizer's copy, holds copies of the parameters, with its state: copied with its model
+    (``copy.deepcopy((model, opt))``, ``torch.save({"model": model, "opt": opt})``) it hooks
+    and trains that model's copy. ``state_dict`` / ``load_state_dict`` carry the state to an
+    NGDT built on another model.
 
     Args:
         params_or_model: An ``nn.Module`` (its Linear/Conv2d layers get K-FAC, the rest the
@@ -297,10 +352,7 @@ class NGDT(Optimizer):
                 why = _uncovered(m)
                 if why is None:
                     layer = _Layer(m, name)
-                    m.register_forward_hook(self._make_hook(layer))
-                    m.weight.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
-                        layer.end_backward
-                    )
+                    self._hook(layer)
                     self.layers.append(layer)
                 elif m.weight.requires_grad:
                     self.uncovered[name or type(m).__name__] = why
@@ -362,6 +414,32 @@ class NGDT(Optimizer):
             param_group["lr"] = param_group.get("fallback_lr", self.defaults["fallback_lr"])
         super().add_param_group(param_group)
 
+    # NGDT's own attributes, which pickling and ``copy.deepcopy`` carry along with torch's
+    # defaults, state and param_groups (as torch's do, they leave out the optimizer's hooks,
+    # and the scale GradScaler.step hands over for one step: grad_scale, found_inf)
+    _OWN_STATE = (
+        "layers",
+        "uncovered",
+        "_built",
+        "q_budget",
+        "q_decay",
+        "factor_update_steps",
+        "inv_update_steps",
+        "eig_floor",
+        "stats_callback",
+        "grad_scaler",
+        "steps",
+        "eig_failures",
+        "total_predicted_q",
+        "last_stats",
+        "_warned",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update((k, self.__dict__[k]) for k in self._OWN_STATE)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -371,35 +449,21 @@ class NGDT(Optimizer):
             if "lr" not in group:
                 kfac = group["kfac"] and lr_max is not None
                 group["lr"] = lr_max if kfac else group["fallback_lr"]
+        if "layers" in state:
+            # unpickled or deep-copied (load_state_dict passes torch's state alone): the
+            # layers are copies, whose module's and weight's hooks the copy did not carry
+            for layer in self.layers:
+                self._hook(layer)
 
     # --- hooks ---------------------------------------------------------------------------
 
-    def _make_hook(self, layer: _Layer) -> Callable[..., None]:
-        """Keep the layer's input and, through a tensor hook on its output, its output
-        gradient for the factors, whenever autograd records the forward: in eval mode too
-        (like any torch optimizer, NGDT does not depend on it: fine-tuning with frozen
-        batch-norm statistics trains in eval mode). The pair is recorded when the gradient
-        arrives, so a forward that is never back-propagated records nothing, and every
-        backward until the step adds its pairs, as it adds to the gradients (gradient
-        accumulation), when that step folds them into the factors."""
-
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not (torch.is_grad_enabled() and output.requires_grad):
-                return
-            x = inputs[0].detach()
-            a = layer.activations(x)
-            unbatched = x.dim() == (3 if layer.conv else 1)
-            batch = 1 if unbatched else x.shape[0]
-
-            def grad_hook(gy: Tensor) -> None:
-                # the next step folds in every factor_update_steps-th step's batches, and a
-                # layer's first at once
-                if (self.steps + 1) % self.factor_update_steps == 0 or layer.A is None:
-                    layer.record(a, layer.out_grads(gy.detach()), batch)
-
-            output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
-
-        return hook
+    def _hook(self, layer: _Layer) -> None:
+        """Hook the layer's module (its inputs and output gradients, see
+        :class:`_ForwardHook`) and weight (the end of each backward)."""
+        layer.module.register_forward_hook(_ForwardHook(self, layer))
+        layer.weight.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+            layer.end_backward
+        )
 
     # --- factors and their eigenbases ------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -195,7 +196,7 @@ class InformationWeightedSampler(Sampler[int]):
         self.tracker = loss_tracker
         self.num_replicas = num_replicas
         self.rank = rank
-        self.seed = seed
+        self.seed = operator.index(seed)  # a builtin int: a numpy one fails a weights-only load
         self.unbiased = unbiased
         self.outlier_quantile = outlier_quantile
         self.noise_guard = noise_guard
@@ -227,7 +228,7 @@ class InformationWeightedSampler(Sampler[int]):
             RuntimeError: The dataset's length changed since the sampler was built.
         """
         self._check_size()
-        self.epoch = epoch
+        self.epoch = operator.index(epoch)
         if self.num_replicas > 1:
             self.tracker.sync()
 
@@ -407,5 +408,5 @@ class InformationWeightedSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.seed = state["epoch"], state["seed"]
+        self.epoch, self.seed = operator.index(state["epoch"]), operator.index(state["seed"])
         self.set_fractions(state["keep_frac"], state["uniform_mix"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -127,14 +128,17 @@ class LossTracker:
             if not initial_loss > 0.0:
                 raise ValueError(f"Invalid initial_loss: {initial_loss}")
             warnings.warn(
-                f"LossTracker: initial_loss={initial_loss} has no effect in h3optim (kept for "
-                "h3-optimizer 0.2.0 calls): a never-seen sample is drawn before any seen one "
-                "whatever its loss",
+                f"LossTracker: initial_loss={initial_loss} has no effect in h3optim's sampling "
+                "(kept for h3-optimizer 0.2.0 calls; only 0.2.0's get_weights() reads it): a "
+                "never-seen sample is drawn before any seen one whatever its loss",
                 UserWarning,
                 stacklevel=2,
             )
-        self.num_samples = num_samples
-        self.smoothing = smoothing
+        # builtin numbers (a numpy scalar would make the state dict fail a weights-only load)
+        self.num_samples = operator.index(num_samples)
+        self.smoothing = float(smoothing)
+        #: The loss :meth:`get_weights` gives never-seen samples (0.2.0's ``initial_loss``).
+        self.initial_loss = 1.0 if initial_loss is None else float(initial_loss)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         # One (5, N) float32 state, rows EMA, first loss, latest loss, sightings (finite
         # losses) and non-finite losses, so that an update is one gather, a few element-wise
@@ -200,6 +204,42 @@ class LossTracker:
             self._applied()
             self._state = self._state.to(device)
             self._nonfinite = self._nonfinite.to(device)
+
+    def to(self, device: Any) -> LossTracker:
+        """Move the state to ``device`` and return the tracker (``h3-optimizer`` 0.2.0's
+        ``tracker.to(device)``; :meth:`update` also moves it to the losses' device)."""
+        self._to(torch.device(device))
+        return self
+
+    def reset(self) -> None:
+        """Forget every sample's losses: all never seen, no non-finite loss counted
+        (``h3-optimizer`` 0.2.0's ``reset()``). Updates recorded and not applied yet are
+        dropped."""
+        self._pending, self._pending_samples = [], 0
+        self._state.zero_()
+        self._nonfinite.zero_()
+
+    @torch.no_grad()
+    def get_weights(self, cap_factor: float = 3.0, min_weight: float = 0.1) -> torch.Tensor:
+        """``h3-optimizer`` 0.2.0's sampling weights, computed as it did: each sample's EMA
+        loss (:attr:`initial_loss`, 1.0 unless given, for a never-seen one), capped at
+        ``cap_factor`` × their mean, raised to at least ``min_weight``, scaled to sum to N
+        (for ``torch.utils.data.WeightedRandomSampler``). On the state's device.
+
+        :class:`InformationWeightedSampler` does not use them (it draws never-seen samples
+        first and ranks the others by loss).
+
+        Raises:
+            ValueError: ``cap_factor`` is not above 0, or ``min_weight`` not in [0, 1).
+        """
+        if not cap_factor > 0.0:
+            raise ValueError(f"Invalid cap_factor: {cap_factor}")
+        if not 0.0 <= min_weight < 1.0:
+            raise ValueError(f"Invalid min_weight: {min_weight}")
+        state = self._applied()
+        weights = torch.where(state[3] > 0, state[0], self.initial_loss)
+        weights = weights.clamp(max=cap_factor * weights.mean()).clamp(min=min_weight)
+        return weights / weights.sum() * self.num_samples
 
     def _columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(5, 1) columns over the state's rows (EMA, first, last, sightings, non-finite
@@ -501,12 +541,26 @@ class LossTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take ``state``, from :meth:`state_dict` (of this version or an earlier one) or
+        from ``h3-optimizer`` 0.2.0's ``LossTracker.state_dict()``.
+
+        A 0.2.0 state (``losses``, ``initialized``, ...) is mapped: each initialized sample
+        with a finite loss is seen once, that loss its EMA, first and latest loss; one with
+        a non-finite loss counts one non-finite loss; the others are never seen.
+
+        Raises:
+            ValueError: The state is for another number of samples, or (0.2.0) its
+                ``smoothing`` is not in (0, 1].
+        """
         if state["num_samples"] != self.num_samples:
             raise ValueError(
                 f"state is for {state['num_samples']} samples, tracker has {self.num_samples}"
             )
+        if "ema" not in state and "losses" in state:
+            self._load_020(state)
+            return
         dev = self._applied().device  # what was recorded before belongs to the old state
-        self.smoothing = state["smoothing"]
+        self.smoothing = float(state["smoothing"])
         ema = state["ema"].to(dev).float()
         # a sample marked seen counts at least one sighting
         counts = torch.maximum(state["counts"].to(dev).float(), state["seen"].to(dev).float())
@@ -518,3 +572,22 @@ class LossTracker:
         bad = torch.zeros_like(ema) if bad is None else bad.to(dev).float()
         self._state = torch.stack((ema, first, last, counts, bad))
         self._nonfinite = state["nonfinite"].to(dev).clone()
+
+    def _load_020(self, state: dict[str, Any]) -> None:
+        """:meth:`load_state_dict` of an ``h3-optimizer`` 0.2.0 state."""
+        smoothing = float(state["smoothing"])
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(
+                f"the h3-optimizer 0.2.0 state has smoothing {smoothing}: h3optim's is in (0, 1]"
+            )
+        dev = self._applied().device
+        losses = state["losses"].to(dev).float()
+        initialized = state["initialized"].to(dev).bool()
+        finite = torch.isfinite(losses)
+        seen = (initialized & finite).float()
+        bad = (initialized & ~finite).float()
+        ema = torch.where(seen > 0, losses, 0.0)
+        self.smoothing = smoothing
+        self.initial_loss = float(state.get("initial_loss", self.initial_loss))
+        self._state = torch.stack((ema, ema.clone(), ema.clone(), seen, bad))
+        self._nonfinite = bad.sum().to(torch.int64)

@@ -735,7 +735,8 @@ def test_autoh3_trains_in_train_mode_and_its_evaluations_restore_each_modules_mo
         assert [m.training for m in model.modules()] == [True, True, False, True, True, True]
     assert torch.equal(model[1].running_mean, stats)  # the statistics stayed frozen
     model.eval()  # the caller's own evaluation
-    data, target, idx = next(iter(auto.get_loader(batch_size=64)))
+    with pytest.warns(UserWarning, match="past total_epochs"):  # a fifth epoch of a 4-epoch plan
+        data, target, idx = next(iter(auto.get_loader(batch_size=64)))
     auto.training_step(model, data, target, crit, idx)
     assert all(m.training for m in model.modules())
 
