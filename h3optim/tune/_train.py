@@ -279,15 +279,19 @@ def run_trial(
     )
     prune_after = _segment_at(plan.sizes, cfg.prune_at) if cfg.prune_amount > 0 else -1
     config = {"task": task.name, "batch_size": bs, **cfg.changes(), "segments": len(sizes)}
-    prof = runs.open(name, tags, config, task.n_train)
     steps = samples = seg = seg_samples = 0
     seg_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     metric: float | None = None
     stopped_at: int | None = None
     first_step_s: float | None = None
     flushing = flushing_denormals() if cfg.flush_denormal else contextlib.nullcontext()
+    prof: Profiler | None = None
     try:
         with flushing, PeakMemory(device, children=cfg.num_workers > 0) as mem:
+            # the run opens right before t0 and stops right after wall_s: its energy and
+            # η cover the window wall_s times, not the memory sampler's set-up (a heap
+            # trim, a thread) and tear-down around it
+            prof = runs.open(name, tags, config, task.n_train)
             t0 = time.perf_counter()
             model.train()
             for x, y, idx in loader:
@@ -357,11 +361,12 @@ def run_trial(
             if metric is None:  # the loader ran dry early (cannot happen with a valid plan)
                 metric = _evaluate(task, model)
             wall_s = time.perf_counter() - t0
+            res = prof.stop()
             extra["flush_denormal"] = flush_denormal_enabled()  # as the trial trained
     except BaseException:
-        prof.stop(status="failed")
+        if prof is not None:
+            prof.stop(status="failed")  # (a run stopped already stays as it was)
         raise
-    res = prof.stop()
     finish_pruning(model)
     if cfg.compile:
         extra["first_step_s"] = first_step_s  # compile happens in the first step
@@ -508,21 +513,24 @@ def run_inference(
     """Time ``passes`` passes of inference over the validation data as its own run."""
     loader = val_loader(task)
     config = {"task": task.name, "inference": True, "passes": passes}
-    prof = runs.open(name, tags, config, task.n_train)
     model.eval()
     samples = 0
+    prof: Profiler | None = None
     try:
-        with PeakMemory(torch.device("cpu")) as mem, torch.inference_mode():
+        with PeakMemory(torch.device("cpu")) as mem:
+            prof = runs.open(name, tags, config, task.n_train)  # the window wall_s times
             t0 = time.perf_counter()
-            for _ in range(passes):
-                for batch in loader:
-                    model(batch[0])
-                    samples += len(batch[0])
+            with torch.inference_mode():
+                for _ in range(passes):
+                    for batch in loader:
+                        model(batch[0])
+                        samples += len(batch[0])
             wall_s = time.perf_counter() - t0
+            res = prof.stop()
     except BaseException:
-        prof.stop(status="failed")
+        if prof is not None:
+            prof.stop(status="failed")
         raise
-    res = prof.stop()
     outcome = _outcome(prof, res, wall_s, mem, _evaluate(task, model))
     outcome.eta_bits_per_j = outcome.info_gain_bits = None  # inference learns nothing
     outcome.samples = samples

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +20,39 @@ from h3optim.tune.task import load_task
 from h3optim.tune.techniques import builtin_techniques
 
 
+def _tolerance(text: str) -> float:
+    """``--tolerance``: a finite number >= 0. NaN compares as "within" for every drop, so a
+    technique that lost accuracy would be recommended (and NaN is no JSON number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a tuning session; exit 0, 2 on bad input, 130 when interrupted (trials kept)."""
+    """Run a tuning session; exit 0, 2 on bad input, 1 when no daemon answers (nothing
+    trained) or stdout closed early, 130 when interrupted (trials kept)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `h3-tune ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     names = list(builtin_techniques())
     p = argparse.ArgumentParser(
         prog="h3-tune",
@@ -40,23 +73,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated subset of: {','.join(names)}",
     )
     p.add_argument("--combine", help="comma-separated techniques to combine (default: greedy)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="allowed metric drop")
-    p.add_argument("--segments", type=int, default=6, help="epochs logged per trial")
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=0.01,
+        help="allowed metric drop (a finite number >= 0)",
+    )
+    p.add_argument("--segments", type=_positive_int, default=6, help="epochs logged per trial")
     p.add_argument("--session", help="session id (default: random)")
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads before training")
+    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads before training")
     args = p.parse_args(argv)
     if args.report:
         from h3optim.tune.runner import TuneResult
 
         try:
             with open(args.report) as f:
-                print(format_report(TuneResult.from_json(json.load(f))))
+                text = format_report(TuneResult.from_json(json.load(f)))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"h3-tune: cannot read {args.report}: {exc}", file=sys.stderr)
             return 2
+        print(text)  # outside: a closed stdout is not an unreadable file
         return 0
     if not args.task:
         p.error("give a task (path/to/file.py:factory) or --report JSON")
@@ -86,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"h3-tune: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # no daemon: tune() stopped before the first trial
+        print(f"h3-tune: {exc}", file=sys.stderr)
+        return 1
     print(format_report(result))
     print(f"\nwritten to {args.out}/tune-{result.session}*.json|md", file=sys.stderr)
     return 130 if result.interrupted else 0

@@ -332,6 +332,31 @@ def _observed(result: TuneResult) -> list[str]:
     return lines
 
 
+def _estimated(r: Row) -> bool:
+    """Whether a row's energy is (in part) a model: not every trial measured, for a reason
+    other than trials of source none (no energy at all); ``mixed`` beside none may be."""
+    sources = set(r.energy_source.split("+"))
+    if "none" not in sources:
+        return not r.energy_measured
+    return bool(sources & {"estimated", "mixed"})
+
+
+def _provenance(rows: list[Row]) -> str:
+    """The energy sources, an estimate labelled as one; source ``none`` (no energy at all,
+    e.g. no daemon answered) is unknown, not an estimate."""
+    done = [r for r in rows if r.n]
+    sources = sorted({s for r in done for s in r.energy_source.split("+")})
+    known = [s for s in sources if s != "none"]
+    if not known:
+        return "Energy provenance: unknown (no energy measured)"
+    estimated = any(_estimated(r) for r in done)
+    return (
+        f"Energy provenance: {', '.join(known)}"
+        + (" (ESTIMATED or partly estimated: a model, not a measurement)" if estimated else "")
+        + ("; unknown (no energy measured) for trials of source none" if "none" in sources else "")
+    )
+
+
 def format_report(result: TuneResult) -> str:
     """The session's report as Markdown: ranked table, skipped techniques, recommendation."""
     rows = summarize(result)
@@ -365,12 +390,9 @@ def format_report(result: TuneResult) -> str:
             f"{r.metric_delta.fmt(2, signed=True)} | {r.samples.fmt(4)} | "
             f"{verdict}{': ' + why if verdict not in ('baseline', '') else ''}{failed} |"
         )
-    sources = sorted({r.energy_source for r in rows if r.n})
-    measured = all(r.energy_measured for r in rows if r.n)
     out += [
         "",
-        f"Energy provenance: {', '.join(sources) or 'none'}"
-        + ("" if measured else " (ESTIMATED or partly estimated: a model, not a measurement)"),
+        _provenance(rows),
         "Memory: "
         + (
             "CUDA allocator peak"

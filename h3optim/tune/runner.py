@@ -143,6 +143,31 @@ class _DaemonRuns:
         return None if point is None else int(point["epoch"])
 
 
+def _require_daemon(
+    url: str | None, token: str | None, data_dir: str | Path | None, autostart: bool
+) -> None:
+    """Find the daemon the trials will use (starting one if ``autostart`` allows), or raise
+    ConnectionError: without one, every trial would train for nothing, its energy unknown."""
+    from h3client._config import resolve
+    from h3client._daemon import ensure_daemon, is_healthy
+
+    cfg = resolve(url, token, data_dir)
+    if ensure_daemon(cfg, autostart=autostart) is not None:
+        return
+    if is_healthy(cfg.url):
+        where = (
+            f"the daemon at {cfg.url} did not prove that it serves the data dir "
+            f"{cfg.data_dir} (it does not hold its token)"
+        )
+    else:
+        where = f"no h3d daemon answers at {cfg.url}"
+    if autostart and not cfg.url_is_explicit:
+        hint = f"none could be started for {cfg.data_dir} (see {cfg.data_dir / 'h3d.log'})"
+    else:
+        hint = f"start one (`h3d serve --data-dir {cfg.data_dir}`) or give its URL (--url)"
+    raise ConnectionError(f"{where}; every trial is a run of the daemon, so none was run: {hint}")
+
+
 def _print_progress(event: str, info: dict[str, Any]) -> None:
     if event == "start":
         msg = f"h3-tune session {info['session']}: {info['planned']} trials planned"
@@ -318,6 +343,11 @@ def tune(
             ``torch.utils.flop_counter`` (one extra step on a copy; its first use imports
             ``torch._dynamo``, seconds on a slow machine).
 
+    Raises:
+        ValueError: A bad argument (budget, repeats, tolerance, segments, technique).
+        ConnectionError: No daemon answers (and none could be started, with
+            ``autostart``): raised before the first trial, as every figure is the daemon's.
+
     Returns:
         The :class:`TuneResult`. On Ctrl-C (KeyboardInterrupt) the session stops cleanly:
         the interrupted trial's run is finished as ``failed``, every finished trial is kept
@@ -331,8 +361,10 @@ def tune(
         raise ValueError(f"Invalid budget: {budget}")
     if repeats < 1:
         raise ValueError(f"Invalid repeats: {repeats}")
-    if tolerance < 0:
+    if not (math.isfinite(tolerance) and tolerance >= 0):  # NaN would refuse nothing
         raise ValueError(f"Invalid tolerance: {tolerance}")
+    if segments < 1:
+        raise ValueError(f"Invalid segments: {segments}")
     emit = progress or _noop
     techs = _resolve(techniques)
     by_name = {t.name: t for t in techs}
@@ -341,6 +373,7 @@ def tune(
         if unknown:
             raise ValueError(f"combine names techniques not in this session: {unknown}")
     session = session or uuid.uuid4().hex[:8]
+    _require_daemon(url, token, data_dir, autostart)
     runs = _DaemonRuns(url, token, data_dir, autostart)
     env = probe_env(task)
     result = TuneResult(

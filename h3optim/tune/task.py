@@ -112,7 +112,7 @@ def load_task(spec: str) -> Task:
     """Call the factory named by ``"path/to/file.py:make_task"`` (or ``"pkg.module:make_task"``).
 
     Raises:
-        ValueError: The spec has no ``:factory`` part, the file or the factory is missing,
+        ValueError: The spec has no ``:factory`` part, the file, module or factory is missing,
             another module has the file's name, or the factory returns something other than
             a :class:`Task`.
     """
@@ -125,7 +125,10 @@ def load_task(spec: str) -> Task:
             raise ValueError(f"no such file: {file}")
         module = _import_file(file.resolve())
     else:
-        module = importlib.import_module(path)
+        try:
+            module = importlib.import_module(path)
+        except ImportError as exc:  # a mistyped module, or one its own imports fail in
+            raise ValueError(f"cannot import {path}: {exc}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"{path} has no callable {attr!r}")
