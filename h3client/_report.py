@@ -160,10 +160,15 @@ def format_report(rep: dict[str, Any]) -> str:
         unknown = stopping_point_unknown(rep["epochs"])
         if unknown is not None:  # no claim about a course of η it does not have
             lines.append(f"  point of diminishing returns unknown ({unknown})")
-        elif dr is None:
+        elif dr is None:  # the rule: η below the fraction from some epoch to the last
+            last = rep["epochs"][-1].get("eta_bits_per_j")
             lines.append(
-                "  no point of diminishing returns yet (η stayed above "
-                f"{DIMINISHING_FRACTION:.0%} of its peak)"
+                "  no point of diminishing returns yet (the last epoch's η is "
+                + (
+                    "unknown)"
+                    if last is None
+                    else f"not below {DIMINISHING_FRACTION:.0%} of its peak)"
+                )
             )
         else:
             lines.append(

@@ -314,7 +314,12 @@ def _assessment_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _is_audit_log(ref: str) -> bool:
-    return ref.lower().endswith(".csv") or Path(ref).is_file()
+    """An argument of ``--compare`` names an audit log if it is a path (holds a separator:
+    ``./beta``, ``logs/run.csv``) or a ``.csv`` file that exists; anything else is a run,
+    resolved as every ``h3d`` command resolves it (a notes file named like a run in the
+    current directory does not shadow the run)."""
+    seps = [s for s in ("/", os.sep, os.altsep) if s]
+    return any(s in ref for s in seps) or (ref.lower().endswith(".csv") and Path(ref).is_file())
 
 
 def _compare_row(c: Any, ref: str) -> dict[str, Any]:
@@ -341,7 +346,14 @@ def _compare_row(c: Any, ref: str) -> dict[str, Any]:
             "final_accuracy": s["final_accuracy"],
             "assessment": assess(rows)[0],
         }
-    run = c.resolve_run(ref)
+    from h3client.errors import H3HTTPStatusError
+
+    try:
+        run = c.resolve_run(ref)
+    except H3HTTPStatusError as exc:
+        if exc.code == "run_not_found" and ref.lower().endswith(".csv"):
+            raise FileNotFoundError(f"no audit log at {ref}, and no run of that name") from None
+        raise
     rep = c.report(run["id"])
     return {
         "source": run["id"],
@@ -369,8 +381,15 @@ def _print_compare(rows: list[dict[str, Any]], tolerance: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A stdout whose codec cannot hold η or ΔI (a redirect on Windows, PYTHONIOENCODING=cp1252)
+    # shows them as '?', not a UnicodeEncodeError traceback after half a report.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="replace")
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that left shows here, not as an error at exit
+        return code
     except BrokenPipeError:  # `h3-report --run RUN | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
@@ -394,14 +413,19 @@ def _main(argv: Sequence[str] | None) -> int:
     from h3client.errors import H3ClientError, H3HTTPStatusError
 
     p = argparse.ArgumentParser(prog="h3-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="a run: id, name (newest of that name) or unique id prefix")
+    mode = p.add_mutually_exclusive_group(required=True)  # one report at a time
+    mode.add_argument("--run", help="a run: id, name (newest of that name) or unique id prefix")
     p.add_argument("--baseline", help="a baseline run (for the Green Score), named like --run")
-    p.add_argument("--h3-log", help="a ThermoAuditLogger CSV")
+    mode.add_argument("--h3-log", help="a ThermoAuditLogger CSV")
     p.add_argument("--baseline-log", help="a baseline audit CSV (for the Green Score)")
-    p.add_argument(
-        "--compare", nargs="+", metavar="RUN_OR_CSV", help="runs and/or audit-log CSVs side by side"
+    mode.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN_OR_CSV",
+        help="runs and/or audit-log CSVs side by side (an audit log: a path with a '/', or an "
+        "existing .csv file; anything else is a run)",
     )
-    p.add_argument("--tune", metavar="SESSION", help="an h3-tune session's runs, grouped")
+    mode.add_argument("--tune", metavar="SESSION", help="an h3-tune session's runs, grouped")
     p.add_argument(
         "--tolerance",
         type=_tolerance,
@@ -411,8 +435,10 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    if not (args.run or args.h3_log or args.compare or args.tune):
-        p.error("give --run, --h3-log, --compare or --tune")
+    if args.baseline is not None and args.run is None:
+        p.error("argument --baseline: only with --run")
+    if args.baseline_log is not None and args.h3_log is None:
+        p.error("argument --baseline-log: only with --h3-log")
     try:
         if args.h3_log:
             print(explain_thermo_log(args.h3_log, args.baseline_log, tolerance=args.tolerance))
@@ -438,13 +464,20 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"h3-report: {shown(exc)}", file=sys.stderr)
         else:  # say whose token and what to do, not just "401"
             cfg = resolve(args.url)
-            print(
-                f"h3-report: the daemon at {cfg.url} refuses the token of data dir "
-                f"{cfg.data_dir}: it serves another data dir; point H3D_DATA_DIR at that "
-                "one, or give its token in H3D_TOKEN",
-                file=sys.stderr,
-            )
+            if cfg.token_is_explicit:  # the token was H3D_TOKEN's, not the data dir's
+                why = (
+                    "refuses the token in H3D_TOKEN; give that daemon's token there, or unset "
+                    f"H3D_TOKEN to use the token of data dir {cfg.data_dir}"
+                )
+            else:
+                why = (
+                    f"refuses the token of data dir {cfg.data_dir}: it serves another data "
+                    "dir; point H3D_DATA_DIR at that one, or give its token in H3D_TOKEN"
+                )
+            print(f"h3-report: the daemon at {cfg.url} {why}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # an OSError, but the reader left: main() stops quietly
+        raise
     except (H3ClientError, OSError, NotAnAuditLog) as exc:
         print(f"h3-report: {shown(exc)}", file=sys.stderr)
         return 1
@@ -453,14 +486,17 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _report_run(c: Any, args: argparse.Namespace) -> int:
     rep = c.report(c.resolve_run(args.run)["id"])
-    if args.json:
-        print(json.dumps(rep, indent=2))
-        return 0
-    print(format_report(rep))
+    green: dict[str, Any] | None = None
     if args.baseline:
         base = c.report(c.resolve_run(args.baseline)["id"])
         score, note = green_score(_run_summary(rep), _run_summary(base), args.tolerance)
-        print(f"  Green Score vs {shown(args.baseline)}: {_f(score)} ({note})")
+        green = {"baseline": base["run"], "tolerance": args.tolerance, "score": score, "note": note}
+    if args.json:  # the Green Score asked for is in the JSON too
+        print(json.dumps(rep if green is None else {**rep, "green_score": green}, indent=2))
+        return 0
+    print(format_report(rep))
+    if green is not None:
+        print(f"  Green Score vs {shown(args.baseline)}: {_f(green['score'])} ({green['note']})")
     # Every run is assessed: one that logged no keep_frac trained on all data each epoch.
     kind, why = assess(_assessment_rows(rep))
     print(f"  assessment: {kind} — {why}\n  verdict: {ADVICE[kind]}")
