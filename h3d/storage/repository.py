@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import (
+    ARRAY,
     CursorResult,
     Dialect,
     Float,
     Integer,
+    String,
     and_,
+    any_,
     bindparam,
     case,
     delete,
@@ -175,6 +178,16 @@ def _join_run(
             f"{world_size}",
             details={"world_size": run.world_size},
         )
+    if not created and run.status != "running":
+        # A run that ended is never reopened: a rank already in it (a replayed join)
+        # answers with the run as it is; a new one is refused before it changes the run's
+        # window or takes a share of its energy (a second profiler of a launch, a late join)
+        if session.get(RunRank, (run_id, rank)) is not None:
+            return run
+        raise RunFinished(
+            f"run {run_id} is already {run.status}; rank {rank} cannot join it",
+            details={"status": run.status, "rank": rank},
+        )
     if created:
         session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
     elif now < run.created_at:  # the run starts when its first rank does
@@ -321,11 +334,22 @@ def resolve_run(session: Session, *, ref: str) -> Run:
         raise RunNotFound(ref, by="id, id prefix or name")
     shown = prefixed[:RESOLVE_CANDIDATES]
     more = " and more" if len(prefixed) > RESOLVE_CANDIDATES else ""
-    listing = ", ".join(f"{r.id[:12]} ({r.name})" for r in shown)
+    width = _distinct_width([r.id for r in shown])
+    listing = ", ".join(f"{r.id[:width]} ({r.name})" for r in shown)
     raise AmbiguousRun(
         f"{ref!r} matches {len(shown)}{more} runs: {listing}; type more of the id",
         details={"ref": ref, "candidates": [{"id": r.id, "name": r.name} for r in shown]},
     )
+
+
+def _distinct_width(ids: Sequence[str], least: int = 12) -> int:
+    """The shortest prefix length, at least ``least``, at which ``ids`` all differ (client-
+    chosen ids may share more than 12 leading characters); the longest id's if none is."""
+    longest = max((len(i) for i in ids), default=least)
+    for width in range(least, longest):
+        if len({i[:width] for i in ids}) == len(ids):
+            return width
+    return max(longest, least)
 
 
 def run_tags(session: Session, *, run_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -360,6 +384,13 @@ def update_run(
     run = get_run(session, run_id=run_id)
     if finished_at is not None and status is None:
         raise InvalidInput("finished_at needs a final status (finished or failed)")
+    if rank is not None and run.world_size is None and rank != 0:
+        # as a batch's rank: a run of one process has rank 0 only, and a rank that is not
+        # one of its own does not end it
+        raise InvalidInput(
+            f"rank {rank} is not a rank of run {run_id}: its one process (no world_size)",
+            details={"rank": rank, "world_size": None},
+        )
     by_rank = rank is not None and status is not None and run.world_size is not None
     start, what = run.created_at, f"run {run_id} was created"
     if by_rank:
@@ -426,19 +457,26 @@ def list_runs(
     q = select(Run)
     if status:
         q = q.where(Run.status == status)
-    if name:
-        # case-blind on every store, beyond ASCII too: SQLite's lower() and LIKE fold ASCII
-        # only ("école" missed "ÉCOLE"), so there names are folded by Python's casefold
-        # (engine.py registers it on every SQLite connection); PostgreSQL's lower() folds all
-        if session.get_bind().dialect.name == "sqlite":
-            folded = func.h3_fold(Run.name, type_=Run.name.type)
-            q = q.where(folded.contains(name.casefold(), autoescape=True))
-        else:
-            q = q.where(Run.name.icontains(name, autoescape=True))
     if tag:
         q = q.where(Run.id.in_(select(RunTag.run_id).where(RunTag.tag == tag)))
     if since is not None:
         q = q.where(Run.created_at >= since)
+    if name:
+        # case-blind on every store, beyond ASCII too, and alike on every store: names are
+        # folded by Python's casefold. SQLite's lower() and LIKE fold ASCII only ("école"
+        # missed "ÉCOLE"): there engine.py registers it as h3_fold on every connection.
+        # PostgreSQL's lower() folds by the database's LC_CTYPE (ASCII only under C) and is
+        # not casefold even so (ß, ς), and PostgreSQL 15 has no casefold(): there each
+        # distinct name the other filters keep is folded here, and the runs of those taken
+        # (no folded column: that would need a migration).
+        needle = name.casefold()
+        if session.get_bind().dialect.name == "sqlite":
+            folded = func.h3_fold(Run.name, type_=Run.name.type)
+            q = q.where(folded.contains(needle, autoescape=True))
+        else:
+            names = session.scalars(q.with_only_columns(Run.name).distinct())
+            hits = [n for n in names if n is not None and needle in n.casefold()]
+            q = q.where(Run.name == any_(bindparam("name_hits", hits, type_=ARRAY(String))))
     count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
     if cursor:
         c_at, c_id = _decode_cursor(cursor)
@@ -875,7 +913,9 @@ def write_heartbeats(session: Session, seen: dict[str, float]) -> None:
         update(runs)
         .where(runs.c.id == bindparam("rid"), or_(runs.c.seen_at.is_(None), runs.c.seen_at < at))
         .values(seen_at=at),
-        [{"rid": rid, "at": t} for rid, t in seen.items()],
+        # in one order on every daemon (by id): daemons serving ranks of the same runs
+        # lock the rows in the same order, and so never deadlock each other
+        [{"rid": rid, "at": t} for rid, t in sorted(seen.items())],
     )
 
 
