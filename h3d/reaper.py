@@ -7,6 +7,10 @@ in /metrics. Three rules:
 - a run whose local process this daemon followed has exited, and nothing arrived for the
   run for ``grace_s``: failed (the grace covers a client that flushes after its main
   process ended, e.g. a spool replay);
+- a rank of a distributed run whose local process this daemon followed has exited
+  without its rank's status (torchrun's SIGTERM after another rank failed, SIGKILL), and
+  nothing arrived here for the run for ``grace_s`` since: that rank failed, and the run
+  with it once no rank runs (the run ends with its last rank, as ever);
 - a distributed run whose every joined rank has ended (finished or failed), and nothing
   arrived for it for ``grace_s``: failed. It waits only for ranks that never joined (a job
   that made a profiler on rank 0 alone): they never will (a rank's spool, replayed later,
@@ -41,7 +45,9 @@ is kept in the row: their ``seen_at`` is ``REAPED`` (+inf), which no heartbeat c
 (heartbeats only move it forward), so no new column (and no migration) is needed.
 
 Each pass also renews this daemon's lease on its node name (:class:`NodeLease`): one live
-daemon per node name in a store.
+daemon per node name in a store; and reads the store's revision: a store that another h3d
+migrated under this running daemon (one node of a cluster upgraded first) is named in one
+line, once, instead of only failing requests.
 """
 
 from __future__ import annotations
@@ -59,14 +65,22 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, select, text
+from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
-from h3d.errors import NodeTaken, RunExists, RunFinished, RunNotFound
+from h3d.errors import (
+    InvalidInput,
+    NodeTaken,
+    RunExists,
+    RunFinished,
+    RunNotFound,
+    StorageUnavailable,
+)
 from h3d.power.sampler import PowerSampler
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
+from h3d.storage.migrate import HEAD_REVISION
 from h3d.storage.models import Run, RunIdle
 
 logger = logging.getLogger(__name__)
@@ -315,6 +329,9 @@ class Reaper:
         self._clock = clock
         self._seen: dict[str, float] = {}
         self._unwritten: dict[str, float] = {}  # heartbeats not yet on the store
+        # (run, rank) of local rank processes seen exited: when this daemon first saw it
+        self._rank_exited: dict[tuple[str, int], float] = {}
+        self._revision = HEAD_REVISION  # the store's, as last read (named once when it moves)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -337,13 +354,39 @@ class Reaper:
         while not self._stop.wait(self.every_s):
             try:
                 self.reap()
+            except StorageUnavailable as exc:  # the store is down: one line; it tries again
+                logger.warning("reaping stale runs failed: %s", exc)
             except Exception:  # housekeeping must never die; it tries again
                 logger.exception("reaping stale runs failed")
+
+    def check_revision(self) -> str:
+        """The store's revision; named in one ERROR line when it is no longer the one this
+        h3d runs (another h3d migrated the store under it), once per revision."""
+        with self.store.read() as s:
+            rev = s.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        rev = rev or "none"
+        if rev != self._revision:
+            self._revision = rev
+            if rev == HEAD_REVISION:
+                logger.warning("the store is at %s again, this h3d's revision", rev)
+            else:
+                logger.error(
+                    "the store is now at revision %s, but this daemon's h3d runs %s: another "
+                    "h3d migrated it while this daemon runs, and its requests may fail. Stop "
+                    "this daemon and start it with the h3d that migrated the store "
+                    "(docs/cluster.md, Upgrading)",
+                    rev,
+                    HEAD_REVISION,
+                )
+        return rev
 
     def reap(self) -> list[str]:
         """Mark failed every run the rules above find; returns their ids."""
         if self.lease is not None:
             self.lease.renew()
+        # down: the reads below name it; no alembic_version: not a store h3d made (tests)
+        with contextlib.suppress(StorageUnavailable, DatabaseError):
+            self.check_revision()
         with self._lock:
             beats, self._unwritten = self._unwritten, {}
         if beats:
@@ -401,4 +444,50 @@ class Reaper:
             else:
                 why = f"no request for {self.timeout_s:g} s"
             logger.warning("run %s marked failed: %s", rid, why)
-        return [rid for rid in doomed if rid not in spared]
+        failed = [rid for rid in doomed if rid not in spared]
+        return failed + self._reap_ranks(running, now)
+
+    def _reap_ranks(self, running: dict[str, float | None], now: float) -> list[str]:
+        """Fail each local rank whose process exited ``grace_s`` ago with nothing for its run
+        arriving here since; returns the runs that ended with it (failed)."""
+        exited = self.sampler.exited_ranks()
+        doomed: dict[tuple[str, int], float] = {}
+        with self._lock:
+            for key in exited:
+                self._rank_exited.setdefault(key, now)
+            for key in set(self._rank_exited) - set(exited):
+                del self._rank_exited[key]
+            for (rid, rank), since in self._rank_exited.items():
+                last = max(since, self._seen.get(rid, since))  # the run's requests here
+                gone = rid not in running and since < now  # it ended (seen on a past pass)
+                if gone or now - last >= self.grace_s:
+                    doomed[(rid, rank)] = last
+        ended: list[str] = []
+        for (rid, rank), last in doomed.items():
+
+            def fail(s: Session, rid: str = rid, rank: int = rank, last: float = last) -> bool:
+                run = repo.update_run(
+                    s, run_id=rid, status="failed", name=None, tags=None, now=last, rank=rank
+                )
+                if run.status == "running":
+                    return False
+                run.seen_at = REAPED  # failed by the reaper, not by its client
+                return True
+
+            run_ended = False
+            if rid in running:
+                try:
+                    run_ended = self.store.write(fail)
+                except (RunFinished, RunNotFound, InvalidInput):
+                    pass  # the rank or the run ended meanwhile (its status came after all)
+                else:
+                    logger.warning("rank %d of run %s marked failed: its process exited", rank, rid)
+            with self._lock:
+                self._rank_exited.pop((rid, rank), None)
+                if run_ended:
+                    self._seen.pop(rid, None)
+            self.sampler.run_ended(rid, None if run_ended else rank)
+            if run_ended:
+                ended.append(rid)
+                logger.warning("run %s marked failed: its last running rank's process exited", rid)
+        return ended

@@ -513,6 +513,16 @@ class PowerSampler:
             gone = cast(list[tuple[str, int | None]], self._shares.gone())
             return [rid for rid, rank in [*gone, *self._gone_at_start] if rank is None]
 
+    def exited_ranks(self) -> list[tuple[str, int]]:
+        """Active ranks of distributed runs whose local process this sampler followed and
+        that has exited (or was gone when the daemon started), as (run id, rank): a rank
+        that ends without its "finished" (SIGTERM from torchrun after another rank failed,
+        SIGKILL, the OOM killer), for the reaper's exit grace."""
+        with self._lock:
+            gone = cast(list[tuple[str, int | None]], self._shares.gone())
+            keys = dict.fromkeys([*gone, *self._gone_at_start])
+            return [(rid, rank) for rid, rank in keys if rank is not None]
+
     def sample_shares(self, *, split_until: float | None = None) -> None:
         """Each tracked run's share since the last call, as stored intervals: of the CPU
         (process CPU time), and of each GPU whose backend reports per-process utilisation.

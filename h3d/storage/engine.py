@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,6 +61,36 @@ def _may_switch_to_wal(cur: Any) -> bool:
     return len(revs) == 1 and revs <= set(REVISIONS)
 
 
+#: PostgreSQL: how long to wait for the server to answer a new connection (libpq's
+#: ``connect_timeout``), and for one statement to finish (``statement_timeout``). A server
+#: that accepts and never answers, or a statement stuck behind a lock, is then one error
+#: (a 503, one line at start) within a bounded time, not a request, a start or an
+#: ``h3d db`` command that hangs for good. Migrations lift the statement bound
+#: (``migrate.migration_lock``): an ALTER of a large table may take longer.
+PG_CONNECT_TIMEOUT_S = 10
+PG_STATEMENT_TIMEOUT_S = 120.0
+#: PostgreSQL's TCP keepalives and unacknowledged-data bound: a connection whose server
+#: vanished (a lost host, a partition) fails within about a minute instead of the kernel's
+#: retransmission limit (15 min and more).
+_PG_TCP = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms
+}
+
+
+def _pg_connect_args(url: str) -> dict[str, Any]:
+    """libpq's timeouts for a PostgreSQL URL whose driver is libpq's (psycopg, psycopg2);
+    none for another driver, which takes other keywords. A value the URL sets wins."""
+    u = make_url(url)
+    if u.get_backend_name() != "postgresql" or u.get_driver_name() not in ("psycopg", "psycopg2"):
+        return {}
+    args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **_PG_TCP}
+    return {k: v for k, v in args.items() if k not in u.query}
+
+
 def make_engine(
     url: str,
     *,
@@ -74,9 +104,20 @@ def make_engine(
     ``immediate``: SQLite transactions start with BEGIN IMMEDIATE (the writer's engine), so
     what a transaction reads before it writes cannot change under it, even if another
     process writes to the same file.
+
+    On another server (PostgreSQL): a pooled connection is tested before it is used
+    (``pool_pre_ping``), so a server that dropped its connections (a restart, a failover,
+    ``pg_terminate_backend``, an idle timeout) and is back costs no failed request; and the
+    timeouts above bound a server that does not answer: ``busy_timeout_s`` is its lock
+    timeout, as SQLite's busy timeout is its wait for the write lock.
     """
     is_sqlite = url.startswith("sqlite")
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": max_overflow}
+    pg_args = {} if is_sqlite else _pg_connect_args(url)
+    if not is_sqlite:
+        kwargs["pool_pre_ping"] = True
+    if pg_args:
+        kwargs["connect_args"] = pg_args
     if is_sqlite:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_s}
         if immediate:  # SQLAlchemy's recipe: the driver leaves BEGIN to us
@@ -84,6 +125,19 @@ def make_engine(
         if url in ("sqlite://", "sqlite:///:memory:"):
             kwargs = {"connect_args": {"check_same_thread": False}}
     engine = create_engine(url, **kwargs)
+    if pg_args:
+        # SET, not the ``options`` connect argument: that would replace the URL's own
+        # (``?options=-csearch_path%3Dh3``)
+        statement_ms, lock_ms = int(PG_STATEMENT_TIMEOUT_S * 1000), int(busy_timeout_s * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _timeouts(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"SET statement_timeout = {statement_ms}")
+            cur.execute(f"SET lock_timeout = {lock_ms}")
+            cur.close()
+            dbapi_conn.commit()
+
     if is_sqlite:
         busy_ms = int(busy_timeout_s * 1000)
 

@@ -278,6 +278,11 @@ def migration_lock(engine: Engine) -> Iterator[Connection]:
         return
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
+            # no statement or lock timeout (engine.make_engine's) in this transaction: an
+            # ALTER of a large table may take minutes, and a daemon that starts while another
+            # migrates waits for it here
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
+            conn.execute(text("SET LOCAL lock_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         yield conn
 
