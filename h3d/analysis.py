@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 from h3d import carbon
 from h3d import efficiency as eff
 from h3d.attribution import SPLIT_RANK
-from h3d.downsample import lttb
+from h3d.downsample import bucket_means, lttb
 from h3d.energy import EnergyCurve, max_gap
 from h3d.errors import InvalidInput
 from h3d.power.base import MEASURED_SOURCES, caveat
@@ -159,7 +159,11 @@ class EnergyModel:
         self.idle_kept = kept is not None  # the baselines are those the run ended with
         # per-rank pieces, for the breakdown: (node, rank, kind) -> pieces
         self.rank_shares = {k: v for k, v in shares.items() if k[1] >= 0}
-        for dev in repo.devices(session, nodes=nodes):
+        devs = repo.devices(session, nodes=nodes)
+        # devices that read none of the window are left out of ``devices``; that there are
+        # some tells a window no reading covers from a store with no device at all
+        self.has_devices = bool(devs)
+        for dev in devs:
             samples = repo.power_window(session, device_id=dev.id, t0=t0, t1=t1)
             curve = EnergyCurve(samples, max_gap_s=max_gap(interval_s))
             if curve.method == "none":
@@ -281,7 +285,7 @@ class EnergyModel:
         # shorter than a sampling period whose next reading is not in yet) has an unknown
         # energy, not 0 J; an empty window's is a known 0
         read = bool(by_device) and (b <= a or any(d["covered_s"] > 0 for d in by_device))
-        if by_device and not read:
+        if not read and (by_device or self.has_devices):
             notes = [UNREAD_NOTE]
         return {
             "energy_j": sum(d["energy_j"] for d in by_device) if read else None,
@@ -571,6 +575,14 @@ def run_eta(
 def loss_series(session: Session, *, run: Run, points: int) -> list[tuple[float, float]]:
     pts = [(t, loss) for t, loss, _n in _points(session, run)]
     return lttb(pts, points)
+
+
+def loss_means(session: Session, *, run: Run, points: int) -> tuple[list[tuple[float, float]], int]:
+    """The loss as at most ``points`` means of buckets of ``k`` consecutive batches (global
+    steps for a distributed run), each weighted by its ``n`` as the smoothed loss is, at the
+    mean of their times; and ``k``. LTTB keeps each bucket's extreme: a rolling mean of
+    those is not the loss's level."""
+    return bucket_means(_points(session, run), points)
 
 
 def power_series(

@@ -7,20 +7,20 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import psutil
 import swagger_ui_bundle
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from h3d import __version__, openapi
 from h3d.api import add_routes
@@ -75,15 +75,18 @@ def _remove_daemon_file(settings: Settings) -> None:
 
 
 def _allowed(app: FastAPI, request: Request) -> list[str]:
-    """The methods every route on the request's path takes, from the OpenAPI paths."""
-    paths = app.openapi()["paths"]
-    if request.url.path in paths:  # a literal path wins over a template (/runs/resolve)
-        return sorted(m.upper() for m in paths[request.url.path])
-    methods: set[str] = set()
-    for template, ops in paths.items():
-        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
-            methods |= {m.upper() for m in ops}
-    return sorted(methods)
+    """The methods every route on the request's path takes, from the app's routes (the
+    OpenAPI leaves out the dashboard, /docs and /openapi.json). A literal path wins over a
+    template (/v1/runs/resolve over /v1/runs/{run_id})."""
+    literal: set[str] = set()
+    templated: set[str] = set()
+    for route in app.router.routes:
+        if not isinstance(route, Route) or not route.methods:
+            continue
+        match, _scope = route.matches(request.scope)
+        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not
+            (templated if route.param_convertors else literal).update(route.methods)
+    return sorted(literal or templated)
 
 
 def _take_up(sampler: PowerSampler, run_id: str, pid: int | None, rank: int | None) -> None:
@@ -242,8 +245,19 @@ def create_app(
 
     token_bytes = token.encode()
 
+    # async: it does no I/O (an HMAC at most), so the event loop answers it at once, not a
+    # threadpool thread that may be queued behind slow analysis requests
     @app.get("/healthz", tags=["system"])
-    def healthz(request: Request) -> dict[str, Any]:
+    async def healthz(
+        request: Request,
+        nonce: Annotated[
+            str | None,
+            Query(
+                max_length=MAX_NONCE_CHARS,
+                description="A fresh nonce: the answer then holds its proof.",
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
         """Liveness. With ``?nonce=N`` (at most 128 characters), also ``proof``: the
         HMAC-SHA256, keyed with the token, of ``h3d-healthz <port> <N>`` (hex), ``port``
         being the one the request came in on. A client checks it before it sends the token:
@@ -259,8 +273,7 @@ def create_app(
             "version": __version__,
             "authorized": bearer_matches(sent, token_bytes),
         }
-        nonce = request.query_params.get("nonce")
-        if nonce and len(nonce) <= MAX_NONCE_CHARS:
+        if nonce:
             server = request.scope.get("server")
             port = server[1] if server and isinstance(server[1], int) else 0
             body["proof"] = healthz_proof(token, port, nonce)
@@ -312,10 +325,12 @@ def create_app(
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = exc.headers
-        if exc.status_code == 405:
+        allowed = _allowed(app, request) if exc.status_code == 405 else []
+        if allowed:
             # Starlette names the methods of the first route that matched the path; several
-            # routes share a path here (GET and POST /v1/runs), so name them all.
-            headers = {**(headers or {}), "Allow": ", ".join(_allowed(app, request))}
+            # routes share a path here (GET and POST /v1/runs), so name them all. None: not
+            # a route's (the mounted /docs/assets' files): Starlette's header is right.
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         return JSONResponse(
             error_payload(code, str(exc.detail)), status_code=exc.status_code, headers=headers
         )

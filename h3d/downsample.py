@@ -1,4 +1,5 @@
-"""Largest-Triangle-Three-Buckets: downsample a series for plotting, keeping its shape."""
+"""Downsample a series for plotting: Largest-Triangle-Three-Buckets keeps its shape (its
+spikes too); bucket means keep its level."""
 
 from __future__ import annotations
 
@@ -31,3 +32,21 @@ def lttb(points: Sequence[tuple[float, float]], n_out: int) -> list[tuple[float,
         a = best
     out.append(points[-1])
     return out
+
+
+def bucket_means(
+    points: Sequence[tuple[float, float, float]], n_out: int
+) -> tuple[list[tuple[float, float]], int]:
+    """``points`` (x, y, weight), sorted by x, as at most ``n_out`` points: each the mean of
+    ``k`` consecutive ones (the last of what is left), x their mean, y their weighted mean.
+    Returns (the points, ``k``): ``k`` is the smallest bucket size that ``n_out`` allows."""
+    n = len(points)
+    k = max(1, -(-n // max(n_out, 1)))
+    out = []
+    for i in range(0, n, k):
+        bucket = points[i : i + k]
+        w = sum(p[2] for p in bucket)
+        if w > 0:  # a bucket of weightless points has no mean: left out
+            x = sum(p[0] for p in bucket) / len(bucket)
+            out.append((x, sum(p[1] * p[2] for p in bucket) / w))
+    return out, k

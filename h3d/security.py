@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,8 +185,9 @@ def guarded_protocol(limit: int) -> type[asyncio.Protocol]:
     last response) and its body within :data:`REQUEST_BODY_TIMEOUT_S` of its head; when
     ``limit`` connections are open, a new one closes the one that has waited longest for a
     request head, so idle connections cannot lock clients out. With every connection busy,
-    uvicorn answers 503 (``limit_concurrency``), and past a margin a new connection is
-    closed at once: descriptors are never exhausted.
+    a request is answered 503 ``overloaded`` (uvicorn's ``limit_concurrency`` check, but with
+    the JSON error body every other error has, not uvicorn's plain text), and past a margin
+    a new connection is closed at once: descriptors are never exhausted.
     """
     if TYPE_CHECKING:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
@@ -198,6 +200,11 @@ def guarded_protocol(limit: int) -> type[asyncio.Protocol]:
     class GuardedProtocol(Base):
         _deadline: asyncio.TimerHandle | None = None
         _awaited: object = None  # the request cycle a new request head replaces
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # uvicorn's own check (limit_concurrency, not set) would answer in plain text
+            self.app = _limited(self.app, self.connections, self.tasks, limit)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -277,6 +284,46 @@ def guarded_protocol(limit: int) -> type[asyncio.Protocol]:
     return GuardedProtocol
 
 
+#: The body of the 503 a request gets with every connection busy (an ``ErrorPublic``).
+OVERLOADED_BODY = json.dumps(
+    {
+        "error": {
+            "code": "overloaded",
+            "message": "the daemon is serving as many connections as it can; retry shortly",
+        }
+    }
+).encode()
+
+
+def _limited(app: Any, connections: Sized, tasks: Sized, limit: int) -> Any:
+    """``app``, but a request that comes while more than ``limit`` connections are open, or
+    more than ``limit`` requests are being served, this one included, gets 503 ``overloaded``
+    (JSON, ``Retry-After: 1``) and its connection is closed: uvicorn's ``limit_concurrency``
+    check, with the daemon's error body. ``connections`` and ``tasks`` are uvicorn's (the
+    server's), which hold this connection and this request's task when the app is called."""
+
+    async def limited(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
+            logger.warning("%d connections open, all busy: answered 503", len(connections))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(OVERLOADED_BODY)).encode()),
+                        (b"retry-after", b"1"),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": OVERLOADED_BODY})
+            return
+        await app(scope, receive, send)
+
+    return limited
+
+
 def serve_limits() -> dict[str, Any]:
     """The ``uvicorn.Config`` options ``h3d serve`` runs with, once it has raised its open
     files limit and rate-limited the log records a client can provoke (see the functions
@@ -284,7 +331,6 @@ def serve_limits() -> dict[str, Any]:
     limit = connection_limit(raise_open_files_limit())
     install_log_limits()
     return {
-        "http": guarded_protocol(limit),
-        "limit_concurrency": limit,
+        "http": guarded_protocol(limit),  # which limits concurrency too, answering in JSON
         "timeout_keep_alive": KEEP_ALIVE_S,
     }

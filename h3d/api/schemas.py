@@ -81,6 +81,13 @@ def check_config(v: dict[str, Any]) -> dict[str, Any]:
             stack.extend((x, depth + 1) for x in node)
         elif isinstance(node, float) and not math.isfinite(node):
             raise ValueError("config holds a NaN or infinite number (JSON has none)")
+        elif isinstance(node, int) and not -INT_MAX <= node <= INT_MAX:
+            # a JSON reader holds numbers as doubles: 1e309 written as 310 digits is inf,
+            # and 2**53 + 1 comes back as 2**53
+            raise ValueError(
+                f"config holds an integer beyond ±{INT_MAX} (2**53 - 1), which JSON readers "
+                "cannot keep exactly (send it as a string)"
+            )
     size = len(json.dumps(v, separators=(",", ":")))
     if size > CONFIG_MAX_BYTES:
         raise ValueError(f"config is {size} bytes of JSON; the limit is {CONFIG_MAX_BYTES}")
@@ -129,7 +136,7 @@ class RunCreate(BaseModel):
     config: dict[str, Any] = Field(
         default_factory=dict,
         description=f"JSON, at most {CONFIG_MAX_DEPTH} levels deep and {CONFIG_MAX_BYTES} "
-        "bytes; numbers must be finite.",
+        "bytes; numbers must be finite, integers at most 2**53 - 1 in magnitude.",
     )
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     pid: int | None = Field(None, ge=0, le=INT_MAX)
@@ -479,6 +486,11 @@ class BatchesIn(BaseModel):
         return len(self.columns) if self.columns is not None else len(self.batches or ())
 
 
+MAX_EPOCH_METRICS = 256
+MAX_METRIC_NAME_CHARS = 100
+MetricName = Annotated[str, StringConstraints(max_length=MAX_METRIC_NAME_CHARS)]
+
+
 class EpochIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -488,7 +500,13 @@ class EpochIn(BaseModel):
     accuracy: float | None = None
     loss: float | None = None
     val_loss: float | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    # bounded as a config is: every report of the run serves its epochs again
+    metrics: dict[MetricName, float] = Field(
+        default_factory=dict,
+        max_length=MAX_EPOCH_METRICS,
+        description=f"Other named figures: at most {MAX_EPOCH_METRICS}, names of at most "
+        f"{MAX_METRIC_NAME_CHARS} characters.",
+    )
 
     @field_validator("metrics")
     @classmethod

@@ -323,7 +323,7 @@ def test_energy_eta_series_report_export_compare(api: httpx.Client) -> None:
     assert ph[1]["energy_j"] == pytest.approx(ep[1]["energy_j"] + ep[2]["energy_j"], rel=1e-9)
     assert ph[0]["t_end"] == ph[1]["t_start"] == ep[0]["t_end"]
     csv_text = api.get(f"/v1/runs/{run['id']}/export.csv").text.splitlines()
-    assert csv_text[0] == "seq,t,epoch,step,phase,n,loss" and len(csv_text) == 76
+    assert csv_text[0] == "seq,t,epoch,step,rank,phase,n,loss" and len(csv_text) == 76
     assert float(csv_text[1].split(",")[-1]) == pytest.approx(losses[0])
     other = make_run(api)
     cmp = api.get("/v1/compare", params={"runs": f"{run['id']},{other['id']}"}).json()

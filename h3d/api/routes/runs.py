@@ -123,7 +123,9 @@ def list_runs(
     status: str | None = Query(None, pattern="^(running|finished|failed)$"),
     name: RunName | None = None,
     tag: Annotated[str, StringConstraints(max_length=100), CheckText] | None = None,
-    since: float | None = Query(None, description="Unix seconds: runs created at or after."),
+    since: float | None = Query(
+        None, allow_inf_nan=False, description="Unix seconds: runs created at or after."
+    ),
     limit: int = Query(50, ge=1, le=1000),
     cursor: str | None = Query(None, max_length=200),
 ) -> RunsPublic:
