@@ -24,7 +24,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -144,34 +144,91 @@ def _cannot_write(path: str, exc: OSError) -> CommandError:
     return CommandError(f"cannot write {path}: {exc.strerror or exc}", 1)
 
 
-def _open_output(path: str) -> IO[str]:
-    """``path`` opened for writing, or a :class:`CommandError` saying why it cannot be."""
+def _open_output(path: str) -> tuple[IO[str], str]:
+    """``path`` opened for writing, and where it is written; or a :class:`CommandError`
+    saying why it cannot be.
+
+    A regular file (or a new one) is written as ``FILE.tmp-<pid>`` in its directory, and
+    :func:`_close_output` renames it onto FILE once complete: an export that fails or is
+    cut off (an error, Ctrl-C, SIGTERM: :func:`_sigterm_exits`) leaves FILE as it was. A
+    name that is not a regular file (``/dev/stdout``, a FIFO, a device, a symbolic link) is
+    written in place, as there is nothing to rename onto it.
+    """
     try:
-        return open(path, "w", newline="")  # noqa: SIM115  (the caller closes it)
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:  # a file where a parent directory should be, a denied lookup
+        raise _cannot_write(path, exc) from None
+    direct = st is not None and not stat.S_ISREG(st.st_mode)
+    target = path if direct else f"{path}.tmp-{os.getpid()}"
+    try:
+        f = open(target, "w", newline="")  # noqa: SIM115  (the caller closes it)
     except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    if st is not None and not direct:  # the new FILE keeps the old one's permissions
+        with contextlib.suppress(OSError):
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+    return f, target
+
+
+def _close_output(f: IO[str], path: str, target: str) -> None:
+    """Close ``f`` (written at ``target``) and put it in place at ``path``; or remove it and
+    raise a :class:`CommandError` saying why it could not be written."""
+    try:
+        f.close()  # the last buffer, on a full disk
+        if target != path:
+            os.replace(target, path)
+    except OSError as exc:
+        _discard_output(f, path, target)
         raise _cannot_write(path, exc) from None
 
 
-def _discard_output(f: IO[str], path: str) -> None:
-    """Close ``f`` and remove the partial file: only a regular file (never a symlink such as
-    /dev/stdout, a FIFO or a device named as the output)."""
+def _discard_output(f: IO[str], path: str, target: str) -> None:
+    """Close ``f`` and remove the partial file: the temporary file, or what was written in
+    place only if it is a regular file (never a symlink such as /dev/stdout, a FIFO or a
+    device named as the output)."""
     with contextlib.suppress(OSError, ValueError):  # ValueError: a close that failed before
         f.close()
     with contextlib.suppress(OSError):
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            os.unlink(path)
+        if target != path or stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(target)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (``timeout``, a scheduler, ``kill``) raises ``SystemExit(143)`` meanwhile, so
+    the clean-up of a partial output runs, as for Ctrl-C; the previous handler after."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: no handler can be set
+        installed = False
+    else:
+        installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _write_file(path: str, text: str) -> None:
     """Write ``text`` to ``path``, or raise a :class:`CommandError` saying why it could not be
-    written (no partial file is left)."""
-    f = _open_output(path)
-    try:
-        f.write(text)
-        f.close()
-    except OSError as exc:  # a full disk midway
-        _discard_output(f, path)
-        raise _cannot_write(path, exc) from None
+    written (no partial file is left, and a previous ``path`` is kept)."""
+    with _sigterm_exits():
+        f, target = _open_output(path)
+        try:
+            f.write(text)
+        except BaseException as exc:  # a full disk midway, a signal
+            _discard_output(f, path, target)
+            if isinstance(exc, OSError):
+                raise _cannot_write(path, exc) from None
+            raise
+        _close_output(f, path, target)
 
 
 def _configure_logging(level: str) -> None:
@@ -592,23 +649,25 @@ def print_report(rep: dict[str, Any]) -> None:
     e, eta = rep["energy"], rep["eta"]
     print(f"run {rep['run']}  {_shown(rep['name'])}  [{rep['status']}]")
     print(f"  duration     {rep['duration_s']:.1f} s, {rep['n_batches']} batches")
-    tag = (
-        ""
-        if e["measured"]
-        else "  (unknown: no device was readable)"
-        if e["source"] == "none"
-        else "  (ESTIMATED: not a measurement)"
-    )
     devices = e["by_device"]
-    if devices and rep["duration_s"] > 0 and all(not d.get("covered_s") for d in devices):
+    note = e.get("active_energy_note")
+    if e["measured"]:
+        tag = ""
+    elif e["source"] == "none":  # the daemon's reason when it has devices that read none of it
+        tag = f"  (unknown: {_shown(note)})" if note else "  (unknown: no device was readable)"
+    else:
+        tag = "  (ESTIMATED: not a measurement)"
+    unread = rep["duration_s"] > 0  # a device that read none of a window: unknown, not 0 J
+    if devices and unread and all(not d.get("covered_s") for d in devices):
         tag += "  (no readings while it ran: the daemon was not sampling)"
     print(f"  energy       {_fmt(e['energy_j'], ' J')}  source={e['source']}{tag}")
     multi_node = len(e.get("by_node", ())) > 1
     for d in devices:
         where = f"{d['node']}/" if multi_node else ""
         gaps = f", {d['gaps_s']:.1f} s unmeasured" if d.get("gaps_s") else ""
+        energy = None if unread and not d.get("covered_s") else d["energy_j"]
         print(
-            f"    {_shown(where + d['device']):<22} {_fmt(d['energy_j'], ' J')}  {d['method']}, "
+            f"    {_shown(where + d['device']):<22} {_fmt(energy, ' J')}  {d['method']}, "
             f"{d['source']}{gaps}"
         )
     if e.get("active_energy_j") is not None:
@@ -636,10 +695,9 @@ def print_report(rep: dict[str, Any]) -> None:
         if why == "no carbon intensity configured":
             why += ": set H3D_CARBON_INTENSITY_G_PER_KWH, H3D_CARBON_REGION, ..."
         print(f"  carbon       unknown ({_shown(why)})")
-    print(
-        f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats "
-        f"(smoothed over {eta['smoothing_batches']} batches)"
-    )
+    k = eta["smoothing_batches"]
+    smoothed = "no batches" if not rep["n_batches"] else f"smoothed over {k} batch{'es' * (k != 1)}"
+    print(f"  loss         {_fmt(eta['loss_start'])} -> {_fmt(eta['loss_now'])} nats ({smoothed})")
     print(f"  info gain    {_fmt(eta['info_gain_bits'], ' bits/sample')}")
     print(f"  eta          {_fmt(eta['eta_bits_per_j'], ' bits/J')}")
     span = (
@@ -684,8 +742,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How many runs ``GET /v1/compare`` takes at most.
+_COMPARE_MAX = 20
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Runs side by side, as ``GET /v1/compare`` sums them up (the dashboard's compare view)."""
+    if len(args.runs) > _COMPARE_MAX:  # the API's limit, said before any request
+        args.parser.error(f"at most {_COMPARE_MAX} runs ({len(args.runs)} given)")
     c = DaemonClient(_settings(args))
     ids = [_resolve(c, ref) for ref in args.runs]
     rows = c.get("/v1/compare", params={"runs": ",".join(ids)})["runs"]
@@ -709,6 +773,8 @@ _STDOUT = "-"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import httpx
+
     if args.output == _STDOUT:
         args.output = None
     c = DaemonClient(_settings(args))
@@ -719,32 +785,53 @@ def cmd_export(args: argparse.Namespace) -> int:
         path, what = f"/v1/runs/{rid}/export.csv", "batches"
         total = f"/{c.get(f'/v1/runs/{rid}')['n_batches']}"
     lines = 0
-    with c.http.stream("GET", path) as r:
-        if r.status_code != 200:
-            r.read()
-            raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
-        # the file is opened only once the daemon answers with the export
-        out = _open_output(args.output) if args.output else sys.stdout
+    out: IO[str] | None = None
+    with _sigterm_exits():
         try:
-            for chunk in r.iter_text():
-                try:
-                    out.write(chunk)
-                except OSError as exc:
-                    if not args.output:
-                        raise
-                    raise _cannot_write(args.output, exc) from None
-                lines += chunk.count("\n")
-                if args.output and sys.stderr.isatty():
-                    print(f"\rexported {max(lines - 1, 0)}{total} {what}", end="", file=sys.stderr)
-            if args.output:
-                try:
-                    out.close()
-                except OSError as exc:  # the last buffer, on a full disk
-                    raise _cannot_write(args.output, exc) from None
-        except BaseException:
-            if args.output:  # cut off midway: no partial file is left
-                _discard_output(out, args.output)
-            raise
+            with c.http.stream("GET", path) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise SystemExit(f"h3d: {r.status_code} {r.text[:200]}")
+                # the file is opened only once the daemon answers with the export
+                out, target = _open_output(args.output) if args.output else (sys.stdout, "")
+                for chunk in r.iter_text():
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        if not args.output:
+                            raise
+                        raise _cannot_write(args.output, exc) from None
+                    lines += chunk.count("\n")
+                    if args.output and sys.stderr.isatty():
+                        print(
+                            f"\rexported {max(lines - 1, 0)}{total} {what}", end="", file=sys.stderr
+                        )
+                if args.output:
+                    _close_output(out, args.output, target)  # removes it if that fails
+                    out = None
+        except BaseException as exc:
+            if args.output and out is not None:  # cut off midway: FILE is left as it was
+                _discard_output(out, args.output, target)
+            if not isinstance(exc, httpx.TransportError):
+                raise
+            if out is None and not lines:  # before the export began
+                raise c.transport_problem(exc, f"GET {path}") from None
+            rows = max(lines - 1, 0)
+            kept = (
+                f"nothing was kept: {args.output} is as it was"
+                if args.output
+                else "stdout holds a partial CSV"
+            )
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            how = (
+                "stopped answering"
+                if isinstance(exc, httpx.TimeoutException)
+                else "went away"  # stopped, restarted, killed
+            )
+            raise DaemonDown(
+                f"the daemon at {c.url} {how} during the export ({detail}) after {rows} "
+                f"row(s) of {what}; {kept}"
+            ) from None
     if args.output:
         print(f"\rexported {max(lines - 1, 0)} {what} to {args.output}", file=sys.stderr)
     return 0
@@ -907,7 +994,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     h3client, so the replay is done here, deciding as h3client's ``replay_file`` does: lines
     that cannot be sent are skipped and reported, and the rest is replayed; a file is
     deleted only when every line in it was imported (one with skipped lines is kept and the
-    command exits 1). The import stops, keeping the file, at an operation the daemon refuses.
+    command exits 1). A file's import stops, keeping the file, at an operation the daemon
+    refuses, and goes on with the next file; a listed spool file deleted meanwhile (its
+    profiler replayed it) was stored, and is passed over. It exits 1 naming the kept files.
     Its requests say they are a replay, so a run the daemon's reaper failed (its process
     gone, its final status in this file) takes them; a batches line over the daemon's body
     limit goes in halves. The file's lock is held to read a line, not while it is sent: a
@@ -923,20 +1012,27 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"h3d: nothing to import in {settings.data_dir / 'spool'}")
         return 0
     c = DaemonClient(settings)
-    # Answers meaning "done already" (h3client._spool.already_done): a create (a rank joining
-    # included) or a status update refused because the run exists or finished. A 409
-    # run_finished on batches or epochs is not one of them: the daemon acknowledges a replay
-    # of rows it holds, so that 409 means rows of this spool were never stored.
-    already = {"run_exists", "run_finished"}
-    total = total_skipped = 0
-    kept: list[str] = []
+    # Answers meaning "done already" (h3client._spool.already_done): a create refused because
+    # the run exists, or a status update refused because the run exists or finished. A 409
+    # run_finished on a create (a new rank joining a run that ended; a rank already in it is
+    # answered 200), on batches or on epochs is not one of them: the daemon acknowledges a
+    # replay of rows it holds, so that 409 means rows of this spool were never stored.
+    already = {"create": {"run_exists"}, "update": {"run_exists", "run_finished"}}
+    listed = not args.files  # found in the spool dir, not named by the user
+    total = total_skipped = refused = unreadable = 0
+    kept: list[str] = []  # not wholly imported: kept for a person, or a later import
     for path in files:
         ops = skipped = 0
+        stopped = False
         try:
             f = open(path, "rb")  # noqa: SIM115  (closed below)
         except OSError as exc:
+            if listed and isinstance(exc, FileNotFoundError):
+                continue  # its profiler (or another import) replayed and deleted it meanwhile
             print(f"h3d: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            unreadable += 1
+            kept.append(path.name)
+            continue
         with f:
             fd, n = f.fileno(), 0
             while True:
@@ -957,13 +1053,18 @@ def cmd_import(args: argparse.Namespace) -> int:
                     print(f"h3d: {path.name} line {n} skipped: {exc}", file=sys.stderr)
                     skipped += 1
                     continue
+                kept_too = f"{path.name} is kept, {ops} operation(s) of it were imported"
                 try:
                     r = _replay(c, kind, method, url, body)
                 except httpx.TransportError as exc:
-                    raise DaemonDown(
-                        f"no h3d daemon answers at {c.url} ({exc}); {path.name} is kept, "
-                        f"{ops} operation(s) of it were imported"
-                    ) from None
+                    down = c.transport_problem(exc, f"the import of {path.name}")
+                    raise DaemonDown(f"{down}; {kept_too}") from None
+                except DaemonDown as exc:  # what answers is no h3d
+                    raise DaemonDown(f"{exc}; {kept_too}") from None
+                except SystemExit as exc:  # another data dir's daemon, said in one line
+                    if not isinstance(exc.code, str):
+                        raise
+                    raise CommandError(f"{exc.code.removeprefix('h3d: ')}; {kept_too}", 1) from None
                 if r.status_code == 401:
                     _, problem = find_daemon(settings)
                     if problem:  # another data dir's daemon: say so, not just "401"
@@ -971,38 +1072,49 @@ def cmd_import(args: argparse.Namespace) -> int:
                 if r.status_code >= 400:
                     error = _error_of(r)
                     code = error.get("code")
-                    if not (kind in ("create", "update") and code in already):
+                    if code not in already.get(kind, ()):
                         if code == "run_finished":
-                            print(
-                                f"h3d: {path.name} line {n}: not imported: "
+                            why = (
                                 f"{_shown(error.get('message'))} "
-                                "(a run its client ended takes no more data). "
-                                f"The file is kept; {ops} operation(s) before this line were "
-                                "imported.",
-                                file=sys.stderr,
+                                "(a run its client ended takes no more data)"
                             )
+                        elif error:
+                            message = _shown(error.get("message")).rstrip(".")
+                            why = f"{r.status_code} {_shown(code)}: {message}"
                         else:
-                            text = _shown(" ".join(r.text[:200].split()))
-                            print(
-                                f"h3d: {path.name} line {n}: {r.status_code} {text}",
-                                file=sys.stderr,
-                            )
-                        return 1
+                            why = f"{r.status_code} {_shown(' '.join(r.text[:200].split()))}"
+                        print(
+                            f"h3d: {path.name} line {n}: not imported: {why}. The file is "
+                            f"kept; {ops} operation(s) before this line were imported.",
+                            file=sys.stderr,
+                        )
+                        stopped = True
+                        break  # this file's next operations may need this one: the next file
                 ops += 1
                 if sys.stderr.isatty():
                     print(f"\r{path.name}: {ops} operations", end="", file=sys.stderr)
         total += ops
-        if skipped:
+        if skipped or stopped:
             total_skipped += skipped
+            refused += stopped
             kept.append(path.name)
         else:
             print(f"imported {path.name}: {ops} operations")
     if kept:
-        print(
-            f"h3d: {total_skipped} line(s) skipped (above), not imported; kept "
-            f"{', '.join(kept)} for them; {total} operation(s) imported",
-            file=sys.stderr,
-        )
+        if len(files) > 1 or total_skipped:  # (one file's one problem is said above)
+            problems = [
+                f"{k} {what} (above)"
+                for k, what in (
+                    (total_skipped, "line(s) skipped, not imported"),
+                    (refused, "file(s) stopped at an operation the daemon refused"),
+                    (unreadable, "file(s) could not be read"),
+                )
+                if k
+            ]
+            print(
+                f"h3d: {'; '.join(problems)}; kept {', '.join(kept)}; {total} operation(s) imported",
+                file=sys.stderr,
+            )
         return 1
     print(f"h3d: imported {len(files)} spool file(s), {total} operations")
     return 0
@@ -1027,6 +1139,18 @@ def _missing_store(settings: Settings, engine: Any) -> Path | None:
     return None
 
 
+def _store_in_data_dir(settings: Settings, engine: Any) -> bool:
+    """Whether the store of ``engine`` is a SQLite file inside the data dir (the default)."""
+    if not settings.db_url:
+        return True
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return False
+    if engine.url.query.get("uri"):  # a file: URI: its path is SQLite's to read
+        return False
+    return Path(os.path.abspath(database)).is_relative_to(os.path.abspath(settings.data_dir))
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -1043,11 +1167,17 @@ def cmd_db(args: argparse.Namespace) -> int:
             "creates it",
             1,
         )
-    try:
-        private_data_dir(settings)  # as `serve` keeps it: 0700, the store 0600
-    except CommandError:
-        engine.dispose()
-        raise
+    # As `serve` keeps the data dir: 0700, the store 0600. It is made only for a store that
+    # lives in it (`db upgrade` of the default store); an existing one is tightened; a
+    # question about a store elsewhere (`--db-url`) creates no data dir.
+    os.umask(0o077)
+    in_data_dir = args.db_command == "upgrade" and _store_in_data_dir(settings, engine)
+    if in_data_dir or os.path.lexists(settings.data_dir):
+        try:
+            private_data_dir(settings)
+        except CommandError:
+            engine.dispose()
+            raise
     try:
         if args.db_command == "upgrade":
             before, after = migrate.upgrade(engine)
@@ -1128,8 +1258,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("show", "a run's report"), ("report", "a run's report (as show)")):
         sh = sub.add_parser(name, parents=[data], help=what)
         sh.add_argument("run", help="run id, unique id prefix, or name")
-        sh.add_argument("--json", action="store_true")
-        sh.add_argument(
+        form = sh.add_mutually_exclusive_group()  # one report form: neither is dropped
+        form.add_argument("--json", action="store_true")
+        form.add_argument(
             "--html", metavar="FILE", help="write a self-contained HTML report (-: to stdout)"
         )
         sh.set_defaults(func=cmd_show)
@@ -1166,7 +1297,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--root", default="/", help=argparse.SUPPRESS)  # tests: install under here
     sr.set_defaults(func=cmd_setup_rapl)
     d = sub.add_parser("demo", parents=[daemon], help="profile a real small training run")
-    d.add_argument("--epochs", type=int, default=20)
+    d.add_argument("--epochs", type=_at_least_one, default=20)
     d.add_argument("--stop", action="store_true", help="stop the daemon it started afterwards")
     d.set_defaults(func=cmd_demo)
     for command in sub.choices.values():  # a flag it does not take: its own usage says which
@@ -1178,6 +1309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # A stdout whose encoding cannot hold a character printed (a redirected stdout on
+    # Windows is the ANSI code page: compare's "η bits/J", a run's name) shows it as "?",
+    # rather than ending the command with a UnicodeEncodeError.
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
         return int(args.func(args))
     except CommandError as exc:

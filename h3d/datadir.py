@@ -111,6 +111,15 @@ def check_private(path: Path, st: os.stat_result, what: str) -> None:
     )
 
 
+def not_a_directory(data_dir: Path) -> str | None:
+    """Why ``data_dir`` cannot be a data dir when a file stands in its place (or in a
+    parent's), in the words ``h3d serve`` uses; None when no file does."""
+    there = next((p for p in (data_dir, *data_dir.parents) if p.exists()), data_dir)
+    if there.is_dir():
+        return None
+    return f"{there} is not a directory; name another data dir (--data-dir or H3D_DATA_DIR)"
+
+
 def check_data_dir(data_dir: Path) -> None:
     """The data dir and its token, if they exist, are this user's and writable by nobody
     else (:func:`check_private`); the directory's owner is the one that counts, wherever a
@@ -271,12 +280,19 @@ def _proc_locks_holder(path: Path) -> int | None:
 
 
 def lock_holder(data_dir: Path) -> int | None:
-    """The pid holding the data dir's lock, or None if nobody holds it."""
+    """The pid holding the data dir's lock, or None if nobody holds it.
+
+    A file in the data dir's place (or in a parent's) stops the command in one line
+    (``h3d: FILE is not a directory; ...``), as ``h3d serve`` says it.
+    """
     path = data_dir / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        why = not_a_directory(data_dir) or f"{data_dir}: not a directory"
+        raise SystemExit(f"h3d: {why}") from None
     try:
         if _try_lock(fd, exclusive=False):
             _unlock(fd)

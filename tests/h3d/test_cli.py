@@ -69,7 +69,7 @@ def test_status_runs_show_export(daemon: Daemon, tmp_path: Path) -> None:
     ex = h3d(daemon, "export", "cli-run", "-o", str(out))
     assert ex.returncode == 0, ex.stderr
     lines = out.read_text().splitlines()
-    assert lines[0] == "seq,t,epoch,step,phase,n,loss" and len(lines) == 121
+    assert lines[0] == "seq,t,epoch,step,rank,phase,n,loss" and len(lines) == 121
     with daemon.client() as api:  # a run that logged per-sample losses
         run2 = api.post("/v1/runs", json={"name": "per-sample"}).json()
         api.post(
@@ -782,7 +782,7 @@ def test_a_blank_run_and_output_to_stdout_are_said_in_the_commands_words(
         timeout=120,
     )
     assert ex.returncode == 0, ex.stderr
-    assert ex.stdout.splitlines()[0] == "seq,t,epoch,step,phase,n,loss"
+    assert ex.stdout.splitlines()[0] == "seq,t,epoch,step,rank,phase,n,loss"
     assert len(ex.stdout.splitlines()) == 2 and list(here.iterdir()) == []
     html = subprocess.run(
         [sys.executable, "-m", "h3d", "show", "to-stdout", "--html", "-"],
