@@ -8,8 +8,10 @@ synchronisation. What it queues of a tensor is its values at log time: a CPU los
 tensor operation, no autograd, no reference to the tensor or its graph), or for a CUDA, XPU or
 MPS tensor a non-blocking copy to the host enqueued on its device's current stream (on another
 device, a blocking copy: see :func:`snapshot`). They are turned into
-numbers here, on the worker thread. The worker wakes when a batch is full or every
-``flush_interval_s`` and sends up to ``max_batch`` batches per request.
+numbers here, on the worker thread. The worker wakes when a request is full (or
+``max_queue`` batches wait, if fewer), and every ``flush_interval_s``, and sends up to
+``max_batch`` batches per request; it goes on at once while the queue is still that long.
+While a request is held back (see below), it is tried again at the exporter's retry time.
 
 A request is converted as a whole (:func:`encode_batches`) into packed columns (the
 daemon's ``BatchColumns``): the sequence numbers, times and losses as one array each, and the
@@ -29,7 +31,8 @@ Where a request goes: the daemon; the spool on disk when the daemon does not ans
 queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when
 neither takes it (no daemon and a full disk) it stays in memory and is retried, oldest
 first, while nothing newer is sent. Memory stays bounded: past ``4 × max_queue`` queued
-batches the training thread drops the oldest and counts it as lost.
+batches (or ``max_queue + max_batch``, if more: room for a request beyond the overflow
+threshold) the training thread drops the oldest and counts it as lost.
 
 ``close()`` never drops anything silently: what the daemon has not acknowledged by the
 deadline (the queue, the request in flight, the requests held back) is written to the spool
@@ -829,7 +832,13 @@ class BatchProcessor:
         self._fit = max_batch
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
-        self.hard_limit = 4 * max_queue
+        # where the training thread drops the oldest: room for a full request past the
+        # overflow threshold, whatever max_queue
+        self.hard_limit = max(4 * max_queue, max_queue + max_batch)
+        # the queue length at which log_batch wakes the worker: a full request, or the
+        # overflow threshold if lower (past it the oldest go to disk, which only the worker
+        # does: woken at max_batch alone, a small max_queue reached the hard limit first)
+        self.wake_at = min(max_batch, max_queue)
         self.on_tick = on_tick
         self.batches: deque[BatchItem] = deque()
         self.others: deque[Request] = deque()
@@ -853,6 +862,8 @@ class BatchProcessor:
         self._try_once = False
         self._warned: set[str] = set()  # fields of left-out batches, warned about once
         self._requeued = 0  # batches of a request over the daemon's limit, queued again
+        # when flush() wakes the worker next, after a pass that held a request back
+        self._next_try = 0.0
         self._thread = threading.Thread(target=self._worker, name="h3-exporter", daemon=True)
         self._thread.start()
 
@@ -868,11 +879,12 @@ class BatchProcessor:
         if len(q) >= self.hard_limit:
             self.drop_oldest()
         q.append(item)
-        if len(q) == self.max_batch:
+        if len(q) == self.wake_at:
             self._wake.set()
 
     def wake(self) -> None:
-        """A full request is queued: the worker sends it now, not at its next tick."""
+        """A full request (or ``max_queue`` batches) is queued: the worker sends it now, not
+        at its next tick."""
         self._wake.set()
 
     def drop_oldest(self) -> None:
@@ -1061,8 +1073,11 @@ class BatchProcessor:
             self._wake.clear()
             with self._done:
                 self._busy = True
+            behind = False
             try:
                 self._drain_once()
+                # still behind (batches logged during the pass): the next pass goes now
+                behind = not self._held and len(self.batches) >= self.wake_at
                 if self.on_tick is not None and not self._closing:
                     self.on_tick()
             except Exception:  # never let an exporter bug end the worker
@@ -1071,7 +1086,19 @@ class BatchProcessor:
             finally:
                 with self._done:
                     self._busy = False
+                    if self._held:  # no progress: the next try waits for the retry time
+                        self._next_try = time.monotonic() + self._retry_pause()
+                    elif behind:
+                        self._wake.set()
                     self._done.notify_all()
+
+    def _retry_pause(self) -> float:
+        """How long a request held back waits for its next try: the exporter's back-off
+        (``retry_in``, where it has one), at most ``flush_interval_s`` (the worker's own
+        pace: the disk may take it sooner)."""
+        retry_in = getattr(self.exporter, "retry_in", None)
+        pause = (retry_in() if retry_in is not None else 0.0) or self.flush_interval_s
+        return max(0.0, min(self.flush_interval_s, float(pause)))
 
     # --- control ---------------------------------------------------------------------------
 
@@ -1085,10 +1112,22 @@ class BatchProcessor:
             while self._pending() or self._busy:
                 if self._abandoned or not self._thread.is_alive():
                     return False
-                self._wake.set()
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     return False
+                if self._busy:  # a pass is running: its end is notified, then decided on
+                    self._done.wait(min(left, 0.05))
+                    continue
+                if self._held and not self._try_once:
+                    # the last pass held a request back (neither the daemon nor the disk
+                    # took it): waking the worker at once would only spin a core until the
+                    # deadline; it tries again at the retry time
+                    pause = self._next_try - now
+                    if pause > 0:
+                        self._done.wait(min(left, pause))
+                        continue
+                self._wake.set()
                 self._done.wait(min(left, 0.05))
         return True
 

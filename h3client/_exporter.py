@@ -16,15 +16,21 @@ answers again, so the daemon sees the operations in the order they were logged. 
 if it changed, tries once more at once: a daemon that started after the profiler, on a
 fresh data dir, writes its token then. A URL found (not given) is sent nothing until what
 answers there proves it holds the token (``Client.proven``, asked here, on the sender
-thread, and again after an outage): until then the daemon counts as unreachable. A resumed
-run's create says it is one
-(``RESUME_HEADERS``), so that the daemon follows this process, not the one that died.
+thread, and again after an outage): until then the daemon counts as unreachable; each try
+after an outage reads the data dir's ``daemon.json`` again first, and follows a daemon
+started since on another port (``Client.rediscover``). A resumed run's create says it is one
+(``RESUME_HEADERS``), so that the daemon follows this process, not the one that died. After
+an outage, the run's create is sent again so, before anything else: a daemon whose reaper
+failed the run meanwhile (no request for ``H3D_RUN_TIMEOUT_S``) reopens it, as it does for
+a resumed profiler, and the batches that follow are stored, not refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import time
 from typing import Literal, NamedTuple, Protocol
 
@@ -72,10 +78,18 @@ class HttpExporter:
     ) -> None:
         self.client = client
         self.run_id = run_id
-        # a resumed run: its create asks the daemon to follow this process; one that went
-        # to the spool (no daemon then) is sent again, as such, once the spool is replayed
+        # a resumed run: its create asks the daemon to follow this process
         self.resume = resume
-        self._resume_create: bytes | None = None
+        # the run's create (its body, as sent or spooled); whether the daemon has the run
+        # (a request of it was stored: the create goes first); whether the create is sent
+        # again, as a resumed run's, before anything else after an outage (the daemon's
+        # reaper may have failed the run meanwhile: the create reopens it); and whether a
+        # resumed run's create went to the spool (no daemon then): it is sent again, as
+        # such, once the spool is replayed, so that the daemon follows this process
+        self._create: bytes | None = None
+        self._stored = False
+        self._reopen = False
+        self._follow = False
         # a distributed run's rank: every batches request says which rank logged it
         self._rank_prefix = None if rank is None else f'{{"rank":{int(rank)},'.encode()
         self.spool_file = Spool(client.config.spool_dir, run_id)
@@ -113,13 +127,17 @@ class HttpExporter:
                     self.spool_file.path,
                 )
             self.client.forget_proof()  # the next try asks a found URL for its proof again
-            self.client.forget_proof()  # the next try asks a found URL for its proof again
         self.online = False
+        self._reopen = self._stored
         self._retry_at = time.monotonic() + self._backoff_s
         self._backoff_s = min(self._max_backoff_s, self._backoff_s * 2)
 
     def ready(self) -> bool:
         return self.online or time.monotonic() >= self._retry_at
+
+    def retry_in(self) -> float:
+        """Seconds until the next try is worth making (0 when online)."""
+        return 0.0 if self.online else max(0.0, self._retry_at - time.monotonic())
 
     def _stamped(self, request: Request) -> Request:
         if self._rank_prefix is None or request.op != "batches":
@@ -142,20 +160,51 @@ class HttpExporter:
         if not self.online:
             logger.info("h3: daemon answers again; spool replayed")
 
+    def _reopen_run(self) -> None:
+        """After an outage, send the run's create again as a resumed profiler's
+        (``H3-Resume``), with this process's CPU time now: the daemon reopens the run if
+        its reaper failed it meanwhile, and follows this process from now on (its CPU
+        share counted from here, not again from the run's start). A refusal (a run its
+        client ended: 409) is left to the requests that follow; no answer, a 5xx or a
+        refused token is raised, and the create is sent again at the next try."""
+        assert self._create is not None
+        body = self._create
+        try:
+            fields = json.loads(body)
+            if "cpu_s" in fields:
+                cpu = os.times()
+                fields["cpu_s"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+                # when it was read (the daemon keeps an existing run's own start)
+                fields["created_at"] = time.time()
+                body = json.dumps(fields).encode()
+        except ValueError:
+            pass
+        try:
+            self.client.post_json(self.run_id, "create", body, headers=RESUME_HEADERS)
+        except H3HTTPStatusError as exc:
+            if exc.status_code >= 500 or exc.status_code in (401, 403, 429):
+                raise
+        self._reopen = False
+
     def _post(self, request: Request) -> None:
+        if self._reopen and self._create is not None and request.op != "create":
+            self._reopen_run()  # before anything else: the replay, the request
         if self.spool_file.exists():  # what waited goes first, in order
             self._replay()
-        resume = self._resume_create
-        if resume is not None and request.op != "create":  # the daemon follows this process
-            # its data is in the spool, replayed already: following is all it adds
+        if self._follow and request.op != "create":  # the daemon follows this process
+            assert self._create is not None  # (its data is in the spool, replayed already)
             with contextlib.suppress(H3HTTPStatusError):
-                self.client.post_json(self.run_id, "create", resume, headers=RESUME_HEADERS)
-            self._resume_create = None
+                self.client.post_json(self.run_id, "create", self._create, headers=RESUME_HEADERS)
+            self._follow = False
         headers = RESUME_HEADERS if self.resume and request.op == "create" else None
         self.client.post_json(self.run_id, request.op, request.body, headers=headers)
 
     def send(self, request: Request) -> Outcome:
         request = self._stamped(request)
+        if request.op == "create":
+            self._create = request.body
+        if not self.online:  # a try after an outage: the data dir's daemon may have moved
+            self.client.rediscover()
         retried = False
         while True:
             if not self.client.proven():  # a found URL: no token, no run, until proven
@@ -170,8 +219,6 @@ class HttpExporter:
                 self.offline(str(exc))
                 return "down"
             except H3HTTPStatusError as exc:
-                if already_done(request.op, exc.code):
-                    return "sent"
                 if exc.status_code >= 500 or exc.status_code == 429:
                     self.offline(str(exc))
                     return "down"
@@ -181,11 +228,15 @@ class HttpExporter:
                         continue
                     self.offline(str(exc), refused=True)
                     return "down"
+                self.online, self._backoff_s = True, 0.5  # it answered: it is up
+                if already_done(request.op, exc.code):
+                    self._stored = True
+                    return "sent"
                 if exc.status_code == 413 and request.op == "batches":
                     return "too_large"  # the worker sends its batches again, fewer at a time
                 self._warn_once(exc.code, "h3: the daemon refused %s: %s", request.op, exc)
                 return "rejected"
-            self.online, self._backoff_s = True, 0.5
+            self.online, self._backoff_s, self._stored = True, 0.5, True
             return "sent"
 
     def spool(self, request: Request) -> bool:
@@ -194,8 +245,9 @@ class HttpExporter:
             self.spool_file.append(request.op, request.body)
             if request.op == "update" and b'"status"' in request.body:
                 self.status_spooled = True
-            elif request.op == "create" and self.resume:
-                self._resume_create = request.body
+            elif request.op == "create":
+                self._create = request.body
+                self._follow = self.resume
         except UnsafeDir as exc:  # retried (a `chmod go-w` makes it usable), then lost
             self._warn_once("unsafe", "h3: not spooling: %s", exc)
             return False

@@ -11,8 +11,9 @@ in file order:
 A batches body is what the sender posts: its batches as packed columns (``"columns"``, the
 daemon's ``BatchColumns``), or one object per batch (``"batches"``: older files, and the
 rare request that holds an unreadable batch). Every operation is idempotent at the daemon
-(a batch seq or an epoch already stored is acknowledged; a create or status update refused
-because the run exists or finished counts as done, see :func:`already_done`), so
+(a batch seq or an epoch already stored is acknowledged; a create refused because the run
+exists, or a status update because it exists or finished, counts as done, see
+:func:`already_done`), so
 replaying a file twice, or a file that was half replayed before a crash, stores everything
 exactly once. A replay says so (``REPLAY_HEADERS``): the daemon then takes the rows of a run
 its reaper failed (its process gone, no final status heard: the final status is often in
@@ -61,11 +62,15 @@ _ALREADY = frozenset({"run_exists", "run_finished"})
 
 def already_done(op: str, code: str) -> bool:
     """Whether the daemon's refusal of ``op`` means it was done before (a resumed run, a
-    replay): a run that exists or finished, to a create (a rank joining included) or a status
-    update. Never for batches or epochs: the daemon acknowledges rows it holds (200), so a
-    409 run_finished there means rows that were never stored. The sender and the spool's
+    replay): a create refused because the run exists, or a status update refused because the
+    run exists or finished. Never for batches or epochs: the daemon acknowledges rows it
+    holds (200), so a 409 run_finished there means rows that were never stored; nor for a
+    create refused with 409 run_finished: a rank joining a run that ended (a rank already in
+    it is answered 200), whose batches would be stored nowhere. The sender and the spool's
     replay both decide by this."""
-    return op in ("create", "update") and code in _ALREADY
+    if op == "create":
+        return code == "run_exists"
+    return op == "update" and code in _ALREADY
 
 
 def batch_seqs(body: dict[str, Any]) -> list[int]:
@@ -181,12 +186,51 @@ def _locked_for_append(path: Path) -> Iterator[Any]:
                 return
 
 
+#: How many times this process's replays deleted each spool file (by path): an append
+#: counts its batches from the file's last deletion on (``Spool.pending``).
+_deletions: dict[Path, int] = {}
+
+
+def _batches_in(op: str, body: str | bytes) -> int:
+    """How many batches a batches operation's body (JSON text) carries; 0 for the others."""
+    if op != "batches":
+        return 0
+    raw = body.encode() if isinstance(body, str) else body
+    key = b'"seq_i64":"'
+    at = raw.find(key)
+    if at >= 0:  # packed columns: 8 bytes a batch, base64 (4 characters for 3 bytes)
+        start = at + len(key)
+        text = raw[start : raw.find(b'"', start)]
+        return (len(text) * 3 // 4 - text.count(b"=")) // 8
+    try:
+        return len(json.loads(raw).get("batches") or ())
+    except (ValueError, AttributeError):
+        return 0
+
+
 class Spool:
     """The spool file of one run."""
 
     def __init__(self, spool_dir: Path, run_id: str) -> None:
         self.path = spool_dir / f"{run_id}.jsonl"
         self.run_id = run_id
+        # the batches this object appended since the file was last deleted (by a replay:
+        # those before it are stored), and which file they went to: (inode, deletions then)
+        self._pending = 0
+        self._file: tuple[int, int] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Batches this object appended that the file still holds: those appended since
+        this process's replay last deleted it (a file another process deleted, or replaced,
+        holds none of them)."""
+        if self._file is None:
+            return 0
+        try:
+            ino = self.path.stat().st_ino
+        except FileNotFoundError:
+            return 0
+        return self._pending if self._file == (ino, _deletions.get(self.path, 0)) else 0
 
     def append(self, op: str, body: dict[str, Any] | str | bytes) -> None:
         """Append one operation durably (``body`` as a dict or as its JSON text, str or
@@ -212,6 +256,7 @@ class Spool:
         with _locked_for_append(self.path) as f:
             fd = f.fileno()
             start = os.lseek(fd, 0, os.SEEK_END)
+            file = (os.fstat(fd).st_ino, _deletions.get(self.path, 0))
             if start and os.pread(fd, 1, start - 1) != b"\n":
                 # a torn last line (killed mid-write): end it, or the first line written
                 # now would continue it, and the replay would skip both as one torn line
@@ -226,6 +271,9 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)
                 raise
+            if file != self._file:  # a new file: what went to the old one is not in it
+                self._file, self._pending = file, 0
+            self._pending += sum(_batches_in(op, text) for op, text in ops)
 
     def exists(self) -> bool:
         return self.path.exists() and self.path.stat().st_size > 0
@@ -305,6 +353,7 @@ def replay_file(client: Client, path: Path) -> tuple[int, int]:
                     if skipped:
                         _keep_aside(path, skipped)
                     path.unlink()
+                    _deletions[path] = _deletions.get(path, 0) + 1
                     return applied, len(skipped)
             n += 1
             if not line.strip():
@@ -334,13 +383,16 @@ def replay_spool(client: Client, spool_dir: Path, run_id: str | None = None) -> 
 
     Returns counts; files that could not be fully replayed (daemon down, an error) stay.
     """
-    files = (
-        sorted(spool_dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
-        if spool_dir.exists()
-        else []
-    )
-    if run_id is not None:
-        files = [p for p in files if p.stem == run_id]
+    found = list(spool_dir.glob("*.jsonl")) if spool_dir.exists() else []
+    if run_id is not None:  # before any stat: another run's file may vanish meanwhile
+        found = [p for p in found if p.stem == run_id]
+    dated: list[tuple[float, str, Path]] = []
+    for p in found:
+        try:
+            dated.append((p.stat().st_mtime, p.name, p))
+        except FileNotFoundError:
+            continue  # another process replayed (and deleted) it meanwhile
+    files = [p for _t, _n, p in sorted(dated)]
     done = {"files": 0, "operations": 0, "skipped_lines": 0, "failed": []}  # type: dict[str, Any]
     for path in files:
         try:

@@ -7,16 +7,19 @@ stays cheap, and a profiler's sender thread pays for the HTTP stack, not the tra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from h3client._config import ClientConfig, read_token_file, resolve
+from h3client._config import ClientConfig, read_daemon_file, read_token_file, resolve
 from h3client.errors import H3ClientError, H3ConnectionError, H3HTTPStatusError, H3RunNotFound
 
 if TYPE_CHECKING:
     import httpx
+
+logger = logging.getLogger(__name__)
 
 _GZIP_MIN_BYTES = 4096
 
@@ -183,8 +186,37 @@ class Client:
         have changed: a daemon that stopped, another program on its port since)."""
         self._proven_token = None
 
+    def rediscover(self) -> bool:
+        """Follow the data dir's daemon to the URL its ``daemon.json`` names now, if the URL
+        was found there (not given) and it changed: a daemon started again since, on
+        another port (an autostarted one listens on a free port). True if it moved; what
+        answers at the new URL proves that it holds the token before it is sent anything."""
+        if self.config.url_is_explicit or not self._owns_http:
+            return False
+        info = read_daemon_file(self.config.data_dir)
+        if info is None:
+            return False
+        url = str(info["url"]).rstrip("/")
+        if url == self.config.url:
+            return False
+        old, self._http = self._http, None  # the next request connects to the new URL
+        if old is not None:
+            old.close()
+        self.config = self.config._replace(url=url)
+        self._gzip = not _is_loopback(url)
+        self._proven_token = None
+        logger.info("h3: the daemon of %s now answers at %s", self.config.data_dir, url)
+        return True
+
     def _check_proven(self) -> None:
         if self._headers and not self.proven():
+            if self.config.token_is_explicit:
+                raise H3ClientError(
+                    f"not sending the token to {self.url}: what answers there could not "
+                    "prove that it holds the token given (H3D_TOKEN): a daemon with another "
+                    "token, or another program on its port; give the token of the daemon "
+                    "there, or the URL of the daemon that holds this one (H3D_URL)"
+                )
             raise H3ClientError(
                 f"not sending the token to {self.url}: what answers there could not prove "
                 f"that it serves the data dir {self.config.data_dir} (no h3d of that data "

@@ -8,6 +8,7 @@ import logging
 import math
 import operator
 import os
+import re
 import sys
 import threading
 import time
@@ -23,8 +24,8 @@ from h3client._daemon import ensure_daemon
 from h3client._exporter import HttpExporter
 from h3client._report import diminishing_returns, format_report
 from h3client._spool import Spool, batch_epochs, batch_seqs, replay_spool
-from h3client.client import Client
-from h3client.errors import H3ClientError, H3RunNotFound
+from h3client.client import RESUME_HEADERS, Client
+from h3client.errors import H3ClientError, H3HTTPStatusError, H3RunNotFound
 
 if TYPE_CHECKING:
     from h3client._distributed import RankInfo
@@ -57,8 +58,59 @@ def _at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     # the sender thread does not exist in a forked child (a DataLoader worker): go inert
+    global _forked
+    _forked = True
     for p in list(_live):
         p._accepting = False
+
+
+#: How long SIGTERM's handler gives the open runs to finish (torchrun waits 30 s after its
+#: SIGTERM before a SIGKILL, Slurm's KillWait is 30 s by default).
+SIGTERM_TIMEOUT_S = 5.0
+_forked = False  # this process is a forked child (a DataLoader worker): no handler of ours
+_sigterm_pid: int | None = None  # the process that installed the handler
+_prev_sigterm: Any = None
+
+
+def _install_sigterm() -> None:
+    """At the first ``start()`` in the main thread: on SIGTERM (torchrun stopping the ranks
+    that survive a crashed one, ``scancel``, a time limit), open runs end ``failed`` and
+    then the previous handler runs. Not where SIGTERM is ignored, or handled by code that is
+    not Python's (there is nothing to chain to), nor in a forked child."""
+    global _sigterm_pid, _prev_sigterm
+    if _sigterm_pid is not None or _forked:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set a handler
+    import signal
+
+    sigterm = getattr(signal, "SIGTERM", None)
+    if sigterm is None:
+        return
+    prev = signal.getsignal(sigterm)
+    if prev is None or prev == signal.SIG_IGN:
+        return
+    try:
+        signal.signal(sigterm, _on_sigterm)
+    except (ValueError, OSError):
+        return
+    _sigterm_pid, _prev_sigterm = os.getpid(), prev
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Finish every open run ``failed`` (within ``SIGTERM_TIMEOUT_S``), then do what the
+    previous handler does: call it, or (the default) die of the signal."""
+    if os.getpid() == _sigterm_pid:  # never in a forked child, which inherits the handler
+        for p in list(_live):
+            p._finish_at_exit("failed", timeout_s=SIGTERM_TIMEOUT_S)
+    prev = _prev_sigterm
+    if callable(prev):
+        prev(signum, frame)
+        return
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)  # the default: the process ends of the signal
+    os.kill(os.getpid(), signum)
 
 
 class H3Profiler:
@@ -86,14 +138,16 @@ class H3Profiler:
             opens on construction either way; without a daemon it runs offline on its spool.
         run_id: Resume this run: its spool is replayed first, sequence numbers and the
             epoch counter continue after those stored, and the daemon follows this process
-            from then on (see docs/client.md).
+            from then on (see docs/client.md). 32 hex digits (a UUID's other usual forms,
+            with dashes or in upper case, are taken as the same id); else a ``ValueError``.
         data_dir: The daemon's data dir (default ``H3D_DATA_DIR`` or ``~/.local/share/h3d``).
         n_train: Training-set size, for ΔI_total.
         flush_interval_s: How often the sender posts (also when a batch is full).
         max_batch: Batches per request.
         max_queue: Queue length past which the sender spools the oldest batches to disk
-            instead of holding them; with no daemon and a full disk, up to 4 × max_queue
-            batches wait in memory and are retried, and only older ones are lost.
+            instead of holding them; with no daemon and a full disk, up to
+            max(4 × max_queue, max_queue + max_batch) batches wait in memory and are
+            retried, and only older ones are lost.
         eta_interval_s: How often ``live_eta`` is refreshed in the background once it has
             a value (see :meth:`live_eta`).
         http: An ``httpx.Client`` to use (tests); default: one keep-alive connection.
@@ -104,10 +158,14 @@ class H3Profiler:
 
     Raises:
         H3ClientError: in a distributed job, when the ranks cannot agree on a run id (no
-            launcher job id, no initialised process group and no ``run_id``); resuming a run
+            launcher job id, no initialised process group and no ``run_id``), or the daemon
+            says the run this rank would join already ended (an earlier launch's); resuming a run
             (``run_id``) when no daemon says where it stopped and its spool holds none of
             its batches to say it either (numbering from 0 would make every batch and
-            epoch a duplicate of a stored one: start the daemon, then resume).
+            epoch a duplicate of a stored one: start the daemon, then resume), or a run its
+            client ended (the daemon says it is finished or failed by its client, or its
+            spool holds its final status): it takes no more data.
+        ValueError: a name, tags, config, ``n_train`` or ``run_id`` the daemon would refuse.
 
     Example:
         >>> with H3Profiler("mnist-mlp", config={"lr": 1e-3}) as prof:  # doctest: +SKIP
@@ -149,7 +207,7 @@ class H3Profiler:
         self.n_train = _check_run_fields(name, self.tags, n_train)
         self._config_json = _json_config(self.config)  # a ValueError here, before any thread
         self.autostart = autostart
-        self.run_id: str | None = run_id
+        self.run_id: str | None = None if run_id is None else _check_run_id(run_id)
         self._resume = run_id is not None
         self.flush_interval_s = flush_interval_s
         self.max_batch = max_batch
@@ -160,6 +218,7 @@ class H3Profiler:
         self._seq_step = 1  # a rank's k-th batch is seq k·world_size + rank: unique in the run
         self._rank_arg, self._world_arg = rank, world_size
         self.dist: RankInfo | None = None
+        self._derived = False  # the run id was derived from the launch's job id
         self._epoch = 0
         # a batch was logged without epoch= since the last log_epoch (tagged self._epoch)
         self._tagged_by_default = False
@@ -211,13 +270,15 @@ class H3Profiler:
             rank=None if self.dist is None else self.dist.rank,
             resume=self._resume,
         )
-        if self._resume:
-            try:
+        try:
+            if self._resume:
                 self._seq, self._epoch = self._resume_point(online)
-            except H3ClientError:
-                self._client.close()
-                raise
-            self._seq0 = self._seq
+                self._seq0 = self._seq
+            elif self.dist is not None and online:
+                self._check_joinable()
+        except H3ClientError:
+            self._client.close()
+            raise
         self._proc = BatchProcessor(
             self._exporter,
             max_batch=self.max_batch,
@@ -268,6 +329,7 @@ class H3Profiler:
         # of handlers registered since import (torch's among them)
         atexit.unregister(_at_exit)
         atexit.register(_at_exit)
+        _install_sigterm()
         if sys.excepthook is not _excepthook:
             global _prev_excepthook
             _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
@@ -283,7 +345,11 @@ class H3Profiler:
         if self.dist is None:
             return {}
         if self.run_id is None:
-            self.run_id = _distributed.shared_run_id(self.dist, self.name)
+            # the k-th profiler of this name in the process: a run of its own (every rank
+            # creates its profilers in the same order, so every rank counts the same k)
+            k = _distributed.next_index(self.dist, self.name)
+            self.run_id = _distributed.shared_run_id(self.dist, self.name, k)
+            self._derived = True
         self._resume = False  # every rank joins the shared id; joining is idempotent
         self._seq = self._seq0 = self.dist.rank
         self._seq_step = self.dist.world_size
@@ -291,6 +357,30 @@ class H3Profiler:
         if self.dist.local_rank is not None:
             fields["local_rank"] = self.dist.local_rank
         return fields
+
+    def _check_joinable(self) -> None:
+        """A rank joins a run that is running, or that none created yet: one that ended (a
+        launch that reuses an earlier one's job id, a fixed ``--rdzv-id``) takes no more
+        data, and what this rank logs would be refused, or taken for the earlier launch's
+        duplicates. The daemon decides when it does not answer here."""
+        assert self._client is not None and self.dist is not None
+        try:
+            status = self._client.get_run(str(self.run_id)).get("status")
+        except H3ClientError:  # none yet (404), or no answer: the join decides
+            return
+        if status != "running":
+            key = self.dist.job_key
+            raise H3ClientError(
+                f"rank {self.dist.rank}: run {self.run_id} already ended ({status}) and takes "
+                "no more data"
+                + (
+                    f"; its id is derived from the launch's job id ({key}) and the name "
+                    f"{self.name!r}, which an earlier launch had: give this launch another "
+                    "--rdzv-id, or the profiler another name or run_id"
+                    if key is not None and self._derived
+                    else ""
+                )
+            )
 
     def _resume_point(self, online: bool) -> tuple[int, int]:
         """Where a resumed run continues: after the highest sequence number stored or
@@ -306,12 +396,16 @@ class H3Profiler:
         """
         assert self._client is not None and self.run_id is not None
         top, top_epoch, batch_epoch = -1, -1, 0
+        ended: str | None = None  # the status its client ended it with, if it did
         spool = Spool(self._client.config.spool_dir, self.run_id)
         if spool.exists():
             for line in spool.path.read_bytes().split(b"\n"):
                 try:
                     op = json.loads(line.decode())
-                    if op.get("op") == "batches":
+                    body = op.get("body")
+                    if op.get("op") == "update" and body.get("rank") is None:
+                        ended = body.get("status") or ended  # its final status, spooled
+                    elif op.get("op") == "batches":
                         top = max([top, *batch_seqs(op["body"])])
                         batch_epoch = max([batch_epoch, *batch_epochs(op["body"])])
                     elif op.get("op") == "epochs":
@@ -332,11 +426,20 @@ class H3Profiler:
                     top = max(top, int(last))
                 next_epoch = max(next_epoch, int(run.get("n_epochs") or 0))
                 why = ""
+                if run.get("status") == "finished":  # only its client finishes a run
+                    ended = "finished"
+                elif run.get("status") == "failed" and ended is None:
+                    ended = self._ended_by_client()
             except H3RunNotFound as exc:  # none of it reached this daemon: nothing to follow
                 logger.warning("h3: cannot resume run %s: %s", self.run_id, exc)
                 why = ""
             except H3ClientError as exc:
                 why = f"the daemon at {self._client.url} did not say where it stopped ({exc})"
+        if ended is not None:
+            raise H3ClientError(
+                f"cannot resume run {self.run_id}: it already ended ({ended}) and takes no "
+                "more data (a run its client ended is never reopened); start a new run"
+            )
         if why and top < 0:
             raise H3ClientError(
                 f"cannot resume run {self.run_id}: {why}, and its spool ({spool.path}) holds "
@@ -345,6 +448,23 @@ class H3Profiler:
                 "again"
             )
         return top + 1, next_epoch
+
+    def _ended_by_client(self) -> str | None:
+        """The status "failed" if the daemon's failed run was failed by its client; None if
+        its reaper failed it (its process gone), which a resumed process reopens. Asked as the
+        resumed create asks, which the daemon refuses (409 run_exists) for a run its client
+        ended."""
+        import socket
+
+        assert self._client is not None and self.run_id is not None
+        body = {"id": self.run_id, "pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            self._client.post_json(self.run_id, "create", json.dumps(body), headers=RESUME_HEADERS)
+        except H3HTTPStatusError as exc:
+            return "failed" if exc.code == "run_exists" else None
+        except H3ClientError:
+            return None
+        return None
 
     # --- the training loop's calls ---------------------------------------------------------
 
@@ -433,7 +553,7 @@ class H3Profiler:
                     phase,
                 )
             )
-            if len(q) == proc.max_batch:
+            if len(q) == proc.wake_at:
                 proc.wake()
         except Exception:
             self.log_errors += 1
@@ -551,6 +671,12 @@ class H3Profiler:
         results count every batch: ``batches_logged`` = ``batches_posted`` +
         ``batches_spooled`` + ``batches_rejected`` + ``batches_lost``.
 
+        In a distributed run, this rank's end is not the run's: with ``report``, it waits
+        (within ``timeout_s``) until the daemon says the run ended (its last rank stopped)
+        before it fetches the run's figures. The results' ``status`` is the run's status as
+        the daemon gave its figures (None without them), and ``partial`` is True when those
+        figures are of a run still running: they change once the other ranks end.
+
         Args:
             status: "finished" or "failed".
             timeout_s: The deadline for the whole call.
@@ -574,10 +700,10 @@ class H3Profiler:
         self.results = self._results(flushed, report=report and flushed and left > 0.1, left=left)
         return self.results
 
-    def _finish_at_exit(self, status: str) -> None:
+    def _finish_at_exit(self, status: str, timeout_s: float = 10.0) -> None:
         if not self._stopped and self._proc is not None and self._accepting:
             try:
-                self.stop(status=status, timeout_s=10.0, report=False)
+                self.stop(status=status, timeout_s=timeout_s, report=False)
             except Exception:  # at exit nothing may raise
                 logger.exception("h3: finishing run %s at exit failed", self.run_id)
 
@@ -591,9 +717,17 @@ class H3Profiler:
         q._proven_token = self._client._proven_token
         return q
 
-    def _report_dict(self, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    def _report_dict(
+        self, timeout_s: float = 10.0, *, ended_by: float | None = None
+    ) -> dict[str, Any] | None:
+        """The run's report; with ``ended_by`` (a ``time.monotonic()`` deadline), once the
+        daemon says the run ended, or at that deadline, whichever comes first."""
         try:
             with self._query_client(timeout_s) as c:
+                while ended_by is not None and time.monotonic() < ended_by:
+                    if c.get_run(str(self.run_id)).get("status") != "running":
+                        break
+                    time.sleep(min(0.1, max(0.0, ended_by - time.monotonic())))
                 return c.report(str(self.run_id))
         except H3ClientError:
             return None
@@ -601,7 +735,14 @@ class H3Profiler:
     def _results(self, flushed: bool, *, report: bool, left: float) -> dict[str, Any]:
         exp, proc = self._exporter, self._proc
         assert exp is not None and proc is not None
-        rep = self._report_dict(min(10.0, left)) if report and exp.online else None
+        rep = None
+        if report and exp.online:
+            # a distributed run ends with its last rank: its figures are final only then
+            # (a little of the time left is kept for the report itself)
+            ended_by = None
+            if self.dist is not None:
+                ended_by = time.monotonic() + left - min(2.0, left / 4)
+            rep = self._report_dict(min(10.0, left), ended_by=ended_by)
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "duration_s": (time.time() - self._t_start) if self._t_start else None,
@@ -613,6 +754,8 @@ class H3Profiler:
             "log_errors": self.log_errors,
             "flushed": flushed,
             "offline": not exp.online,
+            "status": None,
+            "partial": False,
             "total_energy_j": None,
             "device_energy_j": None,
             "active_energy_j": None,
@@ -631,6 +774,8 @@ class H3Profiler:
         if rep is not None:
             e, eta = rep["energy"], rep["eta"]
             out.update(
+                status=rep.get("status"),
+                partial=rep.get("status") == "running",
                 duration_s=rep["duration_s"],
                 total_energy_j=e["energy_j"],
                 device_energy_j=e["device_energy_j"],
@@ -679,12 +824,14 @@ class H3Profiler:
             )
         if out["offline"] or not out["flushed"]:
             spool = exp.spool_file
+            # what waits there now: batches spooled before a replay that emptied it are stored
+            waiting = spool.pending
             if exp.status_spooled:
                 logger.warning(
                     "h3: run %s ended with %d batches and its final status in the spool %s: "
                     "`h3d import` (or a profiler resuming the run) replays it",
                     self.run_id,
-                    spooled,
+                    waiting,
                     spool.path,
                 )
             else:  # the disk refused it too: say so, never claim the spool holds it
@@ -694,7 +841,7 @@ class H3Profiler:
                     "for H3D_RUN_TIMEOUT_S",
                     self.run_id,
                     spool.path,
-                    f" (which holds {spooled} batches: `h3d import` replays them)"
+                    f" (which holds {waiting} batches of this profiler's: `h3d import` replays them)"
                     if spool.exists()
                     else "",
                 )
@@ -755,6 +902,30 @@ def _lone_surrogate(text: str) -> str | None:
     except UnicodeEncodeError as exc:
         return exc.object[exc.start : exc.end].encode("unicode_escape").decode()
     return None
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+# a UUID's other usual forms: upper case, with its dashes (8-4-4-4-12), in braces, a URN
+_UUID_FORM = re.compile(
+    r"(?:urn:uuid:)?(\{)?[0-9a-f]{8}(-?)[0-9a-f]{4}\2[0-9a-f]{4}\2[0-9a-f]{4}\2[0-9a-f]{12}"
+    r"(?(1)\})",
+    re.IGNORECASE,
+)
+
+
+def _check_run_id(run_id: Any) -> str:
+    """``run_id`` as the daemon takes it (32 lower-case hex digits); a UUID written another
+    usual way (dashes, upper case) as the same id; else ValueError, before any thread."""
+    if isinstance(run_id, str):
+        if _RUN_ID.fullmatch(run_id):
+            return run_id
+        if _UUID_FORM.fullmatch(run_id.strip()):
+            import uuid
+
+            return uuid.UUID(run_id.strip()).hex
+    raise ValueError(
+        f"H3Profiler run_id: 32 hex digits (a run's id, as `h3d runs` lists it), not {run_id!r:.80}"
+    )
 
 
 def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:

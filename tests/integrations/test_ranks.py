@@ -88,7 +88,8 @@ def test_rank_detection_from_launchers() -> None:
     info = detect({**slurm, "SLURM_STEP_ID": "0"})
     assert info is not None and (info.rank, info.world_size, info.launcher) == (5, 8, "slurm")
     # the same job gives the same id on every rank; another step or name, another run
-    ids = {shared_run_id(detect({**slurm, "SLURM_PROCID": str(r)}), "x") for r in range(8)}  # type: ignore[arg-type]
+    step0 = {**slurm, "SLURM_STEP_ID": "0"}
+    ids = {shared_run_id(detect({**step0, "SLURM_PROCID": str(r)}), "x") for r in range(8)}  # type: ignore[arg-type]
     assert len(ids) == 1 and len(ids.pop()) == 32
     assert derived_run_id("slurm:42:", "x") != derived_run_id("slurm:42:1", "x")
     assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # one task: no ranks
