@@ -31,7 +31,8 @@ What it records, per rank (every rank of a DDP run joins one run):
 
 The run opens in ``on_fit_start`` and closes in ``on_fit_end``; an exception during the
 fit closes it as failed. The results (energy, bits/J, per epoch) are then in
-``callback.results``, logged to the trainer's loggers as ``h3/...`` metrics, and the
+``callback.results``, logged to the trainer's loggers as ``h3/...`` metrics
+(``h3/partial_...`` when the results are partial: other ranks were still running), and the
 report is ``callback.profiler.get_report()``. Under a strategy that runs the fit in processes
 Lightning starts (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``), that is so only in the
 callback's copies in those processes: in the calling process both stay None, and the run is
@@ -197,8 +198,13 @@ class H3Callback(_Base):  # type: ignore[misc]
         if prof is None or self.results is not None:
             return
         self.results = prof.stop(status=status)
+        # Figures of a distributed run whose other ranks were still running when this one
+        # stopped change once they end: they go to the loggers as h3/partial_*, never
+        # under the final names.
+        partial = bool(self.results.get("partial"))
+        prefix = "h3/partial_" if partial else "h3/"
         scalars = {
-            f"h3/{k}": float(v)
+            f"{prefix}{k}": float(v)
             for k, v in self.results.items()
             if k in ("total_energy_j", "info_gain_bits", "efficiency_bits_per_j")
             and isinstance(v, (int, float))
@@ -206,6 +212,13 @@ class H3Callback(_Base):  # type: ignore[misc]
         if scalars:
             for lg in getattr(trainer, "loggers", ()):
                 lg.log_metrics(scalars, step=trainer.global_step)
+        if partial:
+            logger.warning(
+                "h3: run %s was still running (other ranks) when this rank stopped: the "
+                "figures logged as h3/partial_* are partial; the daemon has the final ones "
+                "once every rank ends",
+                prof.run_id,
+            )
         logger.info("h3: run %s %s: %s", prof.run_id, status, scalars or "no energy figures")
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:

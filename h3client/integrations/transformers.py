@@ -19,12 +19,16 @@ What it records, per rank (every process of a distributed ``Trainer`` joins one 
 - each epoch's evaluation: ``eval_loss`` as the epoch's ``val_loss``, ``eval_accuracy``
   as its ``accuracy``, the other ``eval_*`` figures under ``metrics``. With
   ``eval_strategy="steps"`` the epoch gets the figures of the last evaluation run during
-  it (an epoch without one gets none). Without evaluation the epoch is still recorded
-  (its time ends its energy window). A run resumed mid-epoch labels its batches with the
-  epoch they belong to (``int(state.epoch)``) and stores that epoch when it ends.
+  it (an epoch without one gets none). With a dict of eval sets, every set's figures
+  (``eval_<set>_loss``, ...) go under ``metrics`` as ``<set>_loss``, ...; the epoch is
+  then stored once the next epoch begins or training ends. Without evaluation the epoch
+  is still recorded (its time ends its energy window). A run resumed mid-epoch labels its
+  batches with the epoch they belong to (``int(state.epoch)``) and stores that epoch
+  when it ends.
 
 The run opens in ``on_train_begin`` and finishes in ``on_train_end``; the results are then
-in ``callback.results`` and appended to ``trainer.state.log_history`` as ``h3_*`` keys.
+in ``callback.results`` and appended to ``trainer.state.log_history`` as ``h3_*`` keys
+(``h3_partial_*`` when the results are partial: other ranks were still running).
 The ``Trainer`` has no exception hook: an uncaught exception marks the run failed at
 interpreter exit; code that catches it calls ``callback.stop("failed")``.
 """
@@ -145,6 +149,7 @@ class H3Callback(_Base):  # type: ignore[misc]
         self._epoch_open: int | None = None  # ended, waiting for its evaluation
         self._in_epoch = False  # between on_epoch_begin and on_epoch_end
         self._last_eval: dict[str, Any] | None = None  # the current epoch's last evaluation
+        self._last_eval_step: int | None = None  # the global step it ran at
 
     # --- the forward hook: every step's loss ------------------------------------------
 
@@ -185,7 +190,7 @@ class H3Callback(_Base):  # type: ignore[misc]
         # A run resumed mid-epoch (state.epoch 1.5) is in the epoch of index 1, not 2.
         self._epoch = int((state.epoch or 0.0) + 1e-9)
         self._in_epoch = True
-        self._last_eval = None
+        self._last_eval = self._last_eval_step = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         prof, micro = self.profiler, self._micro
@@ -229,29 +234,50 @@ class H3Callback(_Base):  # type: ignore[misc]
         metrics: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        if self._epoch_open is not None:  # eval_strategy="epoch": it follows on_epoch_end
-            self._close_epoch(metrics or {})
-        elif self._in_epoch:  # eval_strategy="steps": kept until the epoch closes
-            self._last_eval = dict(metrics or {})
+        if self._epoch_open is None and not self._in_epoch:
+            return  # before training (eval_on_start): no epoch's
+        # An evaluation on a dict of eval sets is one on_evaluate per set, at the same step,
+        # each with its own names (eval_<set>_loss, ...): they make one evaluation together.
+        figures = dict(metrics or {})
+        if self._last_eval is not None and self._last_eval_step == state.global_step:
+            self._last_eval.update(figures)
+        else:
+            self._last_eval = figures
+        self._last_eval_step = state.global_step
+        # eval_strategy="epoch": it follows on_epoch_end, and ends the epoch once complete:
+        # at once for a single eval set (eval_runtime); a dict's sets close it at the next
+        # epoch or the end of training, as the epoch without an evaluation. With
+        # eval_strategy="steps" it is kept until the epoch closes.
+        if self._epoch_open is not None and "eval_runtime" in figures:
+            self._close_epoch()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._close_epoch()
         self.stop("finished")
-        if self.results is not None:
-            state.log_history.append(
-                {f"h3_{k}": self.results[k] for k in _RESULT_KEYS if k in self.results}
+        res = self.results
+        if res is None:
+            return
+        # Figures of a distributed run whose other ranks were still running when this one
+        # stopped change once they end: they are logged under h3_partial_* names, never
+        # under the final ones.
+        prefix = "h3_partial_" if res.get("partial") else "h3_"
+        state.log_history.append({f"{prefix}{k}": res[k] for k in _RESULT_KEYS if k in res})
+        if res.get("partial"):
+            logger.warning(
+                "h3: run %s was still running (other ranks) when this rank stopped: its "
+                "figures in log_history are partial (h3_partial_*); the daemon has the final "
+                "ones once every rank ends",
+                res.get("run_id"),
             )
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _close_epoch(self, metrics: dict[str, Any] | None = None) -> None:
+    def _close_epoch(self) -> None:
         prof, ep = self.profiler, self._epoch_open
         if prof is None or ep is None:
             return
         self._epoch_open = None
-        if metrics is None:
-            metrics = self._last_eval
-        self._last_eval = None
+        metrics, self._last_eval, self._last_eval_step = self._last_eval, None, None
         figures: dict[str, Any] = {}
         for key, value in (metrics or {}).items():
             if key == "epoch" or not isinstance(value, (int, float)):
