@@ -21,6 +21,7 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 
 # The series resolutions of the run page: the same numbers as POINTS in static/app.js.
 LOSS_POINTS = 1000
+LOSS_MEAN_POINTS = 40
 ENERGY_POINTS = 500
 POWER_POINTS = 600
 
@@ -37,10 +38,13 @@ def run_bundle(get: Callable[[str], Any], run_id: str) -> dict[str, Any]:
     """What the run page draws, from the daemon's /v1 answers (as ``loadRunBundle`` in app.js)."""
     base = f"/v1/runs/{quote(run_id, safe='')}"
     report = get(f"{base}/report")
+    # the loss's level: bucket means of every batch (weighted by n), drawn as the mean line
+    mean = get(f"{base}/series?metric=loss&agg=mean&points={LOSS_MEAN_POINTS}")
     return {
         "run": get(base),
         "report": report,
         "loss": get(f"{base}/series?metric=loss&points={LOSS_POINTS}")["points"],
+        "loss_mean": {"points": mean["points"], "bucket_batches": mean["bucket_batches"]},
         "energy": get(f"{base}/series?metric=energy&points={ENERGY_POINTS}")["points"],
         # one series per row of by_device, in its order: a device is named by its node and
         # its name together (every node of a cluster has its own nvml:0)

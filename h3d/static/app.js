@@ -16,7 +16,7 @@
   const POLL_MAX_MS = 4000;      // the longest wait between retries while the daemon does not answer
   const PAGE = 50;               // rows per page of the runs list
   const STOP_FRACTION = 0.10;    // h3client's DIMINISHING_FRACTION: the suggested stopping point
-  const POINTS = {loss: 1000, energy: 500, power: 600, compare: 600};
+  const POINTS = {loss: 1000, lossMean: 40, energy: 500, power: 600, compare: 600};
   const $ = sel => document.querySelector(sel);
   const main = () => $("#main");
 
@@ -134,18 +134,23 @@
   const statusBadge = s => `<span class="status ${esc(s)}">${esc(s)}</span>`;
   const duration = r => (r.finished_at || (r.status === "running" ? Date.now() / 1000 : r.last_t || r.created_at)) - r.created_at;
 
-  /** Cumulative energy at time t from the stored cumulative series (linear in between). */
-  function energyAt(epts, t0, t) {
-    if (!epts.length) return null;
-    const pts = [[t0, 0], ...epts];
-    if (t <= pts[0][0]) return 0;
-    for (let i = 1; i < pts.length; i++) {
-      if (t <= pts[i][0]) {
-        const [ta, ea] = pts[i - 1], [tb, eb] = pts[i];
-        return tb > ta ? ea + (eb - ea) * (t - ta) / (tb - ta) : eb;
-      }
-    }
-    return pts[pts.length - 1][1];
+  /** Cumulative energy at time t from the daemon's cumulative series: linear between two of
+   *  its points, null (unknown) outside them. No energy is made up before its first point
+   *  (the daemon starts it where a device had read some: earlier batches have none) or held
+   *  past its last. */
+  function energyAt(epts, t) {
+    if (!epts.length || !(t >= epts[0][0]) || !(t <= epts[epts.length - 1][0])) return null;
+    let lo = 0, hi = epts.length - 1;
+    while (hi - lo > 1) { const m = (lo + hi) >> 1; if (epts[m][0] <= t) lo = m; else hi = m; }
+    const [ta, ea] = epts[lo], [tb, eb] = epts[hi];
+    return tb > ta ? ea + (eb - ea) * (t - ta) / (tb - ta) : eb;
+  }
+
+  /** Loss points [t, loss] placed on the energy axis: only those the energy series spans. */
+  function onEnergy(epts, pts) {
+    const out = [];
+    for (const p of pts) { const e = energyAt(epts, p[0]); if (e !== null) out.push([e, p[1]]); }
+    return out;
   }
 
   /** A centred rolling mean over k points: as many points as given, so none is dropped. */
@@ -171,12 +176,17 @@
     if (epochs.length < 3 || !known.length) return null;
     const peak = Math.max(...known);
     if (!(peak > 0)) return null;
-    let stop = null;
+    // the last epoch whose η is known and ≥ 10 % of the peak; an epoch without η (an epoch
+    // logged with no batches, no energy read in it) says nothing either way: it neither
+    // withdraws a stop the known η's made nor makes one they did not
+    let stop = null, fellAfter = false;
     for (let i = epochs.length - 1; i >= 0; i--) {
       const v = etas[i];
-      if (v === null || v === undefined || v >= STOP_FRACTION * peak) { stop = i; break; }
+      if (v === null || v === undefined) continue;
+      if (v >= STOP_FRACTION * peak) { stop = i; break; }
+      fellAfter = true;
     }
-    if (stop === null || stop >= epochs.length - 1) return null;
+    if (stop === null || !fellAfter) return null;
     const energy = es => es.reduce((a, e) => a + (e.energy_j || 0), 0);
     const after = energy(epochs.slice(stop + 1)), total = energy(epochs);
     return {epoch: epochs[stop].epoch, t_end: epochs[stop].t_end, peak, energy_after_j: after, energy_after_frac: total > 0 ? after / total : null};
@@ -203,14 +213,25 @@
     return "no epoch has an η";
   }
 
-  /** η since the start at each epoch's end (ΔI telescopes: Σ bits / Σ joules). */
+  /** η since the start at each epoch's end (ΔI telescopes: Σ bits / Σ joules). Gains that
+   *  cancel (+0.1 + 0.2 − 0.3 bits) sum to float noise: that is 0 bits, so η 0. */
   function cumulativeEta(epochs) {
-    let bits = 0, joules = 0, ok = true;
+    let bits = 0, size = 0, joules = 0, ok = true;
     return epochs.map(e => {
       if (e.info_gain_bits === null || e.energy_j === null) ok = false;
-      bits += e.info_gain_bits || 0; joules += e.energy_j || 0;
-      return ok && joules > 0 ? bits / joules : null;
+      bits += e.info_gain_bits || 0; size += Math.abs(e.info_gain_bits || 0); joules += e.energy_j || 0;
+      return ok && joules > 0 ? C.nearZero(bits, size) / joules : null;
     });
+  }
+
+  /** An η or ΔI for people: exactly 0 when it is float noise about 0 (|v| ≤ 1e-12 of the
+   *  loss it came from, ~1 nat: the daemon's smoothed losses are exact for equal losses, but
+   *  a figure summed elsewhere may not be), never "−7.5e-17". */
+  const ZERO_BITS = 1e-12;
+  function bitsNum(bits) { return num(C.nearZero(bits, 1)); }
+  function etaNum(eta, bits) {
+    if (eta === null || eta === undefined) return num(eta);
+    return bits !== null && bits !== undefined && Math.abs(bits) <= ZERO_BITS ? "0" : num(eta);
   }
 
   // ---------------------------------------------------------------- runs list
@@ -332,7 +353,7 @@
         <td data-col="status">${statusBadge(r.status)}</td>
         <td class="num" data-col="duration">${esc(secs(duration(r)))}</td>
         <td class="num" data-col="energy" data-value="${s && s.energy_j !== null ? s.energy_j : ""}">${s ? esc(qty(s.energy_j, "J")) + " " + badge(s.source, s.measured) : "…"}</td>
-        <td class="num" data-col="eta">${s ? esc(num(s.eta_bits_per_j)) : "…"}</td>
+        <td class="num" data-col="eta">${s ? esc(etaNum(s.eta_bits_per_j, s.info_gain_bits)) : "…"}</td>
         <td class="num" data-col="accuracy">${s ? esc(num(s.final_accuracy, 4)) : "…"}</td>
         <td data-col="tags">${tags}</td></tr>`;
     }).join("");
@@ -359,15 +380,16 @@
   async function loadRunBundle(id) {
     if (OFFLINE) return OFFLINE.bundle;
     const base = "/v1/runs/" + encodeURIComponent(id);
-    const [run, report, loss, energy, devices] = await Promise.all([
+    const [run, report, loss, lossMean, energy, devices] = await Promise.all([
       api(base), api(base + "/report"), api(`${base}/series?metric=loss&points=${POINTS.loss}`),
+      api(`${base}/series?metric=loss&agg=mean&points=${POINTS.lossMean}`),
       api(`${base}/series?metric=energy&points=${POINTS.energy}`), api("/v1/devices"),
     ]);
     // one series per row of by_device, in its order: a device is its node and its name
     // together (every node of a cluster has its own nvml:0)
     const power = await Promise.all(report.energy.by_device.map(async d =>
       (await api(`${base}/series?metric=power&node=${encodeURIComponent(d.node)}&device=${encodeURIComponent(d.device)}&points=${POINTS.power}`)).points));
-    return {run, report, loss: loss.points, energy: energy.points, power, devices: devices.devices};
+    return {run, report, loss: loss.points, loss_mean: {points: lossMean.points, bucket_batches: lossMean.bucket_batches}, energy: energy.points, power, devices: devices.devices};
   }
 
   // The carbon card's line. Grams known: their source, the detail on hover. Unknown: why,
@@ -389,8 +411,8 @@
       ${card("duration", esc(secs(rep.duration_s)), `${rep.n_batches} batch${rep.n_batches === 1 ? "" : "es"}${rep.n_nonfinite ? `, ${rep.n_nonfinite} non-finite` : ""}`)}
       ${card("energy", esc(qty(e.energy_j, "J")), badge(e.source, e.measured) + (e.active_energy_j !== null && e.active_energy_j !== undefined ? ` ${esc(qty(e.active_energy_j, "J"))} above idle` : e.energy_j !== null ? ` <span title="${esc(e.active_energy_note || "no idle baseline")}">above idle unknown</span>` : ""))}
       ${card("loss", `${esc(num(eta.loss_start))} → ${esc(num(eta.loss_now))}`, "nats, smoothed")}
-      ${card("information gained ΔI", esc(num(eta.info_gain_bits)) + " bits/sample", eta.info_gain_total_bits !== null ? esc(num(eta.info_gain_total_bits)) + " bits about the training set" : "")}
-      ${card("η", esc(num(eta.eta_bits_per_j)) + " bits/J", "since the start")}
+      ${card("information gained ΔI", esc(bitsNum(eta.info_gain_bits)) + " bits/sample", eta.info_gain_total_bits !== null ? esc(etaNum(eta.info_gain_total_bits, eta.info_gain_bits)) + " bits about the training set" : "")}
+      ${card("η", esc(etaNum(eta.eta_bits_per_j, eta.info_gain_bits)) + " bits/J", "since the start")}
       ${card("marginal η", esc(num(eta.marginal_eta_bits_per_j)) + " bits/J", eta.window_is_whole_run ? `whole run (shorter than the ${esc(qty(eta.window_s, "s"))} window)` : `last ${esc(qty(eta.window_s, "s"))}`)}
       ${card("carbon", e.co2e_g === null || e.co2e_g === undefined ? "–" : esc(qty(e.co2e_g, "g")) + " CO₂e", carbonNote(e))}
       ${card("final accuracy", acc ? esc(num(acc.accuracy, 4)) : "–", acc ? `epoch ${acc.epoch}` : "no accuracy logged")}
@@ -425,7 +447,7 @@
     const metricKeys = [...new Set(rep.epochs.flatMap(e => Object.keys(e.metrics || {})))].slice(0, 6);
     return `<div class="scroll-x"><table class="epochs"><thead><tr><th>epoch</th><th>phase</th><th class="num">loss (nats)</th><th class="num">val loss</th><th class="num">accuracy</th><th class="num">energy</th><th class="num">ΔI (bits/sample)</th><th class="num">marginal η (bits/J)</th><th class="num">η since start (bits/J)</th>${metricKeys.map(k => `<th class="num">${esc(k)}</th>`).join("")}</tr></thead><tbody>` +
       rep.epochs.map((e, i) => `<tr${stop && stop.epoch === e.epoch ? ' class="stop"' : ""}><td>${e.epoch}${stop && stop.epoch === e.epoch ? ' <span class="stop-tag">suggested stop</span>' : ""}</td><td>${esc(e.phase || "–")}</td><td class="num">${esc(num(e.loss, 4))}</td><td class="num">${esc(num(e.val_loss, 4))}</td><td class="num">${esc(num(e.accuracy, 4))}</td>
-        <td class="num">${esc(qty(e.energy_j, "J"))}</td><td class="num">${esc(num(e.info_gain_bits))}</td><td class="num">${esc(num(e.eta_bits_per_j))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table></div>` +
+        <td class="num">${esc(qty(e.energy_j, "J"))}</td><td class="num">${esc(bitsNum(e.info_gain_bits))}</td><td class="num">${esc(etaNum(e.eta_bits_per_j, e.info_gain_bits))}</td><td class="num">${esc(num(cum[i]))}</td>${metricKeys.map(k => `<td class="num">${esc(num((e.metrics || {})[k], 4))}</td>`).join("")}</tr>`).join("") + `</tbody></table></div>` +
       (rep.epochs.some(e => e.eta_bits_per_j < 0 && e.eta_bits_per_j !== null) ? `<p class="hint">A negative η means the smoothed training loss rose over that epoch: the model lost information about its training data there.</p>` : "");
   }
 
@@ -440,23 +462,34 @@
     const cum = cumulativeEta(rep.epochs);
     $("#run-cards").innerHTML = summaryCards(b, stop);
     const stopMarkT = stop ? [{x: stop.t_end - t0, label: `stop: epoch ${stop.epoch}`}] : [];
-    const k = smoothK(b.loss.length);
-    const lossSeries = pts => [
+    // The loss's level is the daemon's bucket means (agg=mean: every batch, weighted by n),
+    // not a rolling mean of the LTTB points, which keep each bucket's extremes.
+    const mean = b.loss_mean || {points: [], bucket_batches: null};
+    const kb = mean.bucket_batches || 1;
+    const lossSeries = (pts, meanPts) => [
       {name: "batch loss", points: pts, color: C.PALETTE[5], dash: "", width: 1, opacity: 0.55},
-      ...(k > 1 ? [{name: `mean of ${k} batches`, points: smooth(pts, k), color: C.PALETTE[0], dash: "", width: 2.2}] : []),
+      ...(kb > 1 ? [{name: `mean of ${kb} batches`, points: meanPts, color: C.PALETTE[0], dash: "", width: 2.2}] : []),
     ];
     C.line($("#chart-loss-time"), {
-      title: "Loss against time", x: {label: "time since start", unit: "s"}, y: {label: "loss", unit: "nats"},
-      series: lossSeries(b.loss.map(p => [p[0] - t0, p[1]])), marks: stopMarkT,
+      title: "Loss against time", x: {label: "time since start", unit: "s", time: true}, y: {label: "loss", unit: "nats"},
+      series: lossSeries(b.loss.map(p => [p[0] - t0, p[1]]), mean.points.map(p => [p[0] - t0, p[1]])), marks: stopMarkT,
       empty: rep.n_batches ? `no finite loss among the ${rep.n_batches} batches` : b.run.status === "running" ? "no batches logged yet" : "no batches logged",
     });
+    // Only what the daemon measured: a loss point goes on the energy axis where the run's
+    // cumulative energy series spans its time; before its first point (no device had read
+    // any of the run yet) or past its last, the energy is unknown and the point left out.
     const hasEnergy = b.energy.length > 0;
-    const lossE = hasEnergy ? b.loss.map(p => [energyAt(b.energy, t0, p[0]), p[1]]) : [];
+    const lossE = hasEnergy ? onEnergy(b.energy, b.loss) : [];
+    const meanE = hasEnergy ? onEnergy(b.energy, mean.points) : [];
+    const leftOut = hasEnergy ? b.loss.length - lossE.length : 0;
+    const stopE = stop && hasEnergy ? energyAt(b.energy, stop.t_end) : null;
     C.line($("#chart-loss-energy"), {
       title: "Loss against cumulative energy: what each joule bought", x: {label: "energy used by the run", unit: "J"}, y: {label: "loss", unit: "nats"},
-      series: hasEnergy ? lossSeries(lossE) : [],
-      marks: stop && hasEnergy ? [{x: energyAt(b.energy, t0, stop.t_end), label: `stop: epoch ${stop.epoch}`}] : [],
-      empty: noEnergyCurve(rep.energy.energy_j), warn: rep.energy.measured || !hasEnergy ? "" : "energy is an estimate, not a measurement",
+      series: hasEnergy ? lossSeries(lossE, meanE) : [],
+      marks: stopE !== null ? [{x: stopE, label: `stop: epoch ${stop.epoch}`}] : [],
+      empty: hasEnergy ? "no batch falls where the run's energy was measured" : noEnergyCurve(rep.energy.energy_j),
+      warn: rep.energy.measured || !hasEnergy ? "" : "energy is an estimate, not a measurement",
+      note: leftOut ? `${leftOut} of ${b.loss.length} loss points left out: no energy was measured up to their time (energy unknown, not drawn)` : "",
     });
     const powerBox = $("#power-charts");
     powerBox.innerHTML = rep.energy.by_device.map((d, i) => `<div class="chart-cell" id="chart-power-${i}"></div>`).join("") || `<div class="chart"><div class="chart-title">Power per device</div><div class="empty">no device was readable over this run</div></div>`;
@@ -467,7 +500,7 @@
       const series = [{name: `${dev} power`, points: pts, color: C.PALETTE[0], dash: ""}];
       if (d.share < 0.999) series.push({name: `run's share (${num(100 * d.share)} % on average)`, points: pts.map(p => [p[0], p[1] * d.share]), color: C.PALETTE[2], dash: "", area: true, width: 1.2});
       C.line($("#chart-power-" + i), {
-        title: `Power per device: ${dev}${d.source === "estimated" ? " (estimated)" : ""}`, x: {label: "time since start", unit: "s"}, y: {label: "power", unit: "W", zero: true},
+        title: `Power per device: ${dev}${d.source === "estimated" ? " (estimated)" : ""}`, x: {label: "time since start", unit: "s", time: true}, y: {label: "power", unit: "W", zero: true},
         series, marks: stopMarkT, legend: [...series.map(s => ({name: s.name, color: s.color})), ...(d.idle_power_w !== null ? [{name: `idle baseline ${qty(d.idle_power_w, "W")}`, color: "#555", dash: "4 3"}] : [])],
         hlines: d.idle_power_w !== null ? [{y: d.idle_power_w, label: `idle ${qty(d.idle_power_w, "W")}`}] : [],
       });
@@ -477,7 +510,7 @@
       title: "η and marginal η per epoch", x: {label: "epoch", unit: "", fmt: v => Number.isInteger(v) ? String(v) : ""}, y: {label: "η", unit: "bits/J"},
       series: [
         {name: "η since start", points: ep.map((e, i) => [e.epoch, cum[i]]).filter(p => p[1] !== null)},
-        {name: "marginal η (the epoch's own)", points: ep.filter(e => e.eta_bits_per_j !== null).map(e => [e.epoch, e.eta_bits_per_j])},
+        {name: "marginal η (the epoch's own)", points: ep.filter(e => e.eta_bits_per_j !== null).map(e => [e.epoch, Number(etaNum(e.eta_bits_per_j, e.info_gain_bits)) === 0 ? 0 : e.eta_bits_per_j])},
       ],
       marks: stop ? [{x: stop.epoch, label: "suggested stop"}] : [], empty: noEtaReason(ep, rep.energy.energy_j),
     });
@@ -549,7 +582,20 @@
       }
       if (next !== null && gen === generation) setTimeout(poll, next);
     }
-    if (await refresh()) setTimeout(poll, POLL_MS);
+    let first;
+    try {
+      first = await refresh();
+    } catch (err) {
+      // an id this store does not hold (a stale link, a run deleted, a typo): the API's 404
+      // says so, and the page says it instead of "loading…" for good
+      if (!(err instanceof ApiError && err.status === 404) || gen !== generation) throw err;
+      document.title = "run not found — h3d";
+      main().innerHTML = `<section class="run" id="run"><h2>Run not found</h2>
+        <p class="warn" id="run-missing" role="alert">No run with id <code>${esc(id)}</code> in this daemon's store (deleted, or never stored here): ${esc(err.message)}</p>
+        <p><a href="#/runs">Back to the runs list</a></p></section>`;
+      return;
+    }
+    if (first) setTimeout(poll, POLL_MS);
   }
 
   // ---------------------------------------------------------------- compare
@@ -607,8 +653,8 @@
       ${metric("duration", r => r.duration_s, v => esc(secs(v)), "pct")}
       ${metric("batches", r => r.n_batches, v => esc(String(v)), "pct")}
       ${metric("energy", r => r.energy_j, (v, r) => esc(qty(v, "J")) + " " + badge(r.source, r.measured), "pct")}
-      ${metric("ΔI (bits/sample)", r => r.info_gain_bits, f, "abs")}
-      ${metric("η (bits/J)", r => r.eta_bits_per_j, f, "ratio")}
+      ${metric("ΔI (bits/sample)", r => r.info_gain_bits, v => esc(bitsNum(v)), "abs")}
+      ${metric("η (bits/J)", r => r.eta_bits_per_j, (v, r) => esc(etaNum(v, r.info_gain_bits)), "ratio")}
       ${metric("final loss (nats)", r => r.loss_now, f, "abs")}
       ${metric("final accuracy", r => r.final_accuracy, v => esc(num(v, 4)), "abs")}
       ${metric("tags", (r) => runs[rows.indexOf(r)].tags.join(", "), v => esc(v || "–"))}
@@ -619,7 +665,7 @@
       return {
         name: label(r),
         time: losses[i].points.map(p => [p[0] - t0, p[1]]),
-        energy: e.length ? losses[i].points.map(p => [energyAt(e, t0, p[0]), p[1]]) : [],
+        energy: onEnergy(e, losses[i].points),
       };
     });
     const sm = pts => smooth(pts, smoothK(pts.length));
@@ -630,7 +676,7 @@
       series: series.map(s => ({name: s.name, points: sm(s.energy), width: 2})),
       empty: rows.every(noEnergy) ? "no energy readable for these runs" : "too few batches to place these runs on the energy axis",
       note: offEnergy.length ? `${note}; not on this chart: ${offEnergy.join(", ")}` : note});
-    C.line($("#cmp-loss-time"), {title: "Loss against time", x: {label: "time since start", unit: "s"}, y: {label: "loss", unit: "nats"},
+    C.line($("#cmp-loss-time"), {title: "Loss against time", x: {label: "time since start", unit: "s", time: true}, y: {label: "loss", unit: "nats"},
       series: series.map(s => ({name: s.name, points: sm(s.time), width: 2})), note});
     const missing = rows.filter(r => r.final_accuracy === null || r.energy_j === null).map(r => r.name);
     C.scatter($("#cmp-scatter"), {title: "Final accuracy against energy", x: {label: "energy", unit: "J"}, y: {label: "final accuracy", unit: ""},

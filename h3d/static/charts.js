@@ -36,14 +36,78 @@
   }
   function trim(s) { return s.includes("e") || !s.includes(".") ? s : s.replace(/\.?0+$/, ""); }
 
-  /** Round tick positions covering [lo, hi] (Heckbert's nice numbers). */
+  /** True when [lo, hi] is one value, or spans no more than the rounding of floats: a flat
+   *  loss's rolling or bucket means differ by 1e-17, and ticks a step that small apart never
+   *  advance (v + step === v). */
+  function isFlat(lo, hi) {
+    return !(hi - lo > 1e-9 * Math.max(Math.abs(lo), Math.abs(hi)));
+  }
+
+  /** [lo, hi] widened around a flat range: ±5 % of its value, ±1 about 0. */
+  function padFlat(lo, hi) {
+    const mid = (lo + hi) / 2, d = Math.abs(mid) * 0.05 || 1;
+    return [mid - d, mid + d];
+  }
+
+  /** Tick positions k·step covering [lo, hi], computed (not accumulated) from an integer k. */
+  function ladder(lo, hi, step) {
+    const out = [], k0 = Math.ceil(lo / step - 1e-9);
+    for (let k = k0; k - k0 <= 1000; k++) {
+      const v = k * step;
+      if (v > hi + step * 1e-9) break;
+      out.push(k === 0 ? 0 : v);
+    }
+    return out;
+  }
+
+  /** Round tick positions covering [lo, hi] (Heckbert's nice numbers). A flat or
+   *  non-finite range gets a padded one: never a zero or NaN step. */
   function ticks(lo, hi, n = 5) {
-    if (!(hi > lo)) { const d = Math.abs(lo) || 1; lo -= d / 2; hi += d / 2; }
-    const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    if (!Number.isFinite(lo) || !Number.isFinite(hi)) { lo = 0; hi = 1; }
+    if (isFlat(lo, hi)) [lo, hi] = padFlat(lo, hi);
+    const raw = (hi - lo) / Math.max(1, n), mag = Math.pow(10, Math.floor(Math.log10(raw)));
     const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw) || 10 * mag;
-    const out = [];
-    for (let v = Math.ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
-    return {ticks: out, step};
+    return {ticks: ladder(lo, hi, step), step};
+  }
+
+  // Time ticks: steps a clock reads, and the unit their labels are written in.
+  const TIME_STEPS = [
+    ...[-3, -2, -1, 0, 1].flatMap(k => [1, 2, 5].map(m => [m * Math.pow(10, k), "s", 1])),
+    [30, "s", 1], [60, "min", 60], [120, "min", 60], [300, "min", 60], [600, "min", 60],
+    [900, "min", 60], [1800, "min", 60],
+    ...[1, 2, 3, 6, 12].map(h => [3600 * h, "h", 3600]),
+    [86400, "d", 86400], [2 * 86400, "d", 86400], [7 * 86400, "d", 86400],
+  ].filter(([step]) => step !== 50);  // 50 s: 30 s, then whole minutes, read better
+
+  /** Ticks of a time axis in seconds: steps of 1/2/5 × 10^k s, 30 s, 1/2/5/10/15/30 min, hours,
+   *  days; labels plain numbers in the unit of the step (s, min, h, d), which the axis names. */
+  function timeTicks(lo, hi, n = 5) {
+    if (!Number.isFinite(lo) || !Number.isFinite(hi)) { lo = 0; hi = 1; }
+    if (isFlat(lo, hi)) [lo, hi] = padFlat(lo, hi);
+    const raw = (hi - lo) / Math.max(1, n);
+    let pick = TIME_STEPS.find(([step]) => step >= raw);
+    if (!pick) { const d = ticks(lo / 86400, hi / 86400, n).step * 86400; pick = [d, "d", 86400]; }
+    const [step, unit, per] = pick;
+    const decimals = Math.max(0, Math.ceil(-Math.log10(step / per) - 1e-9));
+    const fmt = v => String(Number((v / per).toFixed(decimals)));  // "0", "0.5", "90": no -0
+    return {ticks: ladder(lo, hi, step), step, unit, fmt};
+  }
+
+  /** A readout of a duration in seconds: "42.5 s", "2:41 min", "1:05:20 h". */
+  function duration(v) {
+    if (!Number.isFinite(v)) return "–";
+    if (Math.abs(v) < 60) return qty(v, "s");
+    const sign = v < 0 ? "−" : "", a = Math.round(Math.abs(v));
+    const h = Math.floor(a / 3600), m = Math.floor(a % 3600 / 60), sec = a % 60;
+    const two = x => String(x).padStart(2, "0");
+    return h ? `${sign}${h}:${two(m)}:${two(sec)} h` : `${sign}${m}:${two(sec)} min`;
+  }
+
+  /** ``v`` as 0 when it is rounding noise of quantities of size ``scale`` (|v| within 1e-12
+   *  of it): a sum of gains that cancel, +0.1 + 0.2 − 0.3 bits, is 5.6e-17, not a figure. */
+  function nearZero(v, scale) {
+    if (v === null || v === undefined || !Number.isFinite(v)) return v;
+    return Math.abs(v) <= 1e-12 * Math.abs(scale) ? 0 : v;
   }
 
   function extent(values, includeZero) {
@@ -51,18 +115,22 @@
     for (const v of values) if (Number.isFinite(v)) { if (v < lo) lo = v; if (v > hi) hi = v; }
     if (lo === Infinity) return [0, 1];
     if (includeZero) { lo = Math.min(lo, 0); hi = Math.max(hi, 0); }
-    if (hi === lo) { const d = Math.abs(lo) * 0.05 || 1; return [lo - d, hi + d]; }
+    if (isFlat(lo, hi)) return padFlat(lo, hi);
     const pad = (hi - lo) * 0.04;
     return [includeZero && lo === 0 ? 0 : lo - pad, hi + pad];
   }
 
   /** A hover readout: an axis's own format, else num's prefix joined with the unit. */
   function withUnit(fmt, v, ax) {
+    if (ax.time) return duration(v);
     if (ax.fmt) return ax.unit ? `${fmt(v)} ${ax.unit}` : fmt(v);
     return qty(v, ax.unit);
   }
 
-  function axisLabel(ax) { return ax.unit ? `${ax.label} (${ax.unit})` : ax.label; }
+  function axisLabel(ax, unit) {
+    const u = unit || ax.unit;
+    return u ? `${ax.label} (${u})` : ax.label;
+  }
 
   // Tick labels are measured in the font svg.plot text uses (app.css), so that the left margin
   // fits the widest: "1.00e+32" is twice as wide as "0.25". Without a canvas: 0.62 em a glyph.
@@ -84,15 +152,29 @@
 
   /** Ticks, grid and axis titles. Widens the frame's left margin (f.M.l, f.iw) to fit the y
    *  tick labels between the rotated y title (x 0 to ~20) and the ticks' 7 px gap. */
+  /** num() with as many digits as it takes for no two ticks to read alike: ticks 0.0005 apart
+   *  about 1 read "1, 1, 0.999" with 3. */
+  function tickFormat(values) {
+    for (let d = 3; d < 12; d++) {
+      const labels = values.map(v => num(v, d));
+      if (new Set(labels).size === labels.length) return v => num(v, d);
+    }
+    return v => num(v, 12);
+  }
+
   function axes(f, xs, ys, opt) {
-    const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
     const yt = ticks(ys[0], ys[1], 5).ticks.filter(v => v >= ys[0] && v <= ys[1]);
+    const yf = opt.y.fmt || tickFormat(yt);
     const widest = Math.max(0, ...yt.map(v => textWidth(yf(v))));
     f.M.l = Math.max(f.M.l, Math.ceil(widest) + 30);
     f.iw = f.W - f.M.l - f.M.r;
     const X = v => f.M.l + f.iw * (v - xs[0]) / (xs[1] - xs[0]);
     const Y = v => f.M.t + f.ih - f.ih * (v - ys[0]) / (ys[1] - ys[0]);
-    const xt = ticks(xs[0], xs[1], Math.max(3, Math.round(f.iw / 90))).ticks.filter(v => v >= xs[0] && v <= xs[1]);
+    // a time axis (opt.x.time, seconds) ticks at clock steps and is labelled in their unit
+    const nx = Math.max(3, Math.round(f.iw / 90));
+    const xtk = opt.x.time ? timeTicks(xs[0], xs[1], nx) : ticks(xs[0], xs[1], nx);
+    const xt = xtk.ticks.filter(v => v >= xs[0] && v <= xs[1]);
+    const xf = opt.x.time ? xtk.fmt : opt.x.fmt || tickFormat(xt);
     let s = `<g class="grid">`;
     for (const v of yt) s += `<line x1="${f.M.l}" x2="${f.M.l + f.iw}" y1="${Y(v).toFixed(1)}" y2="${Y(v).toFixed(1)}"/>`;
     for (const v of xt) s += `<line y1="${f.M.t}" y2="${f.M.t + f.ih}" x1="${X(v).toFixed(1)}" x2="${X(v).toFixed(1)}"/>`;
@@ -101,7 +183,7 @@
     s += `<line x1="${f.M.l}" x2="${f.M.l}" y1="${f.M.t}" y2="${f.M.t + f.ih}"/>`;
     for (const v of xt) s += `<line x1="${X(v).toFixed(1)}" x2="${X(v).toFixed(1)}" y1="${f.M.t + f.ih}" y2="${f.M.t + f.ih + 4}"/><text class="tick" x="${X(v).toFixed(1)}" y="${f.M.t + f.ih + 16}" text-anchor="middle">${esc(xf(v))}</text>`;
     for (const v of yt) s += `<line x1="${f.M.l - 4}" x2="${f.M.l}" y1="${Y(v).toFixed(1)}" y2="${Y(v).toFixed(1)}"/><text class="tick" x="${f.M.l - 7}" y="${(Y(v) + 4).toFixed(1)}" text-anchor="end">${esc(yf(v))}</text>`;
-    s += `<text class="label" x="${f.M.l + f.iw / 2}" y="${f.H - 6}" text-anchor="middle">${esc(axisLabel(opt.x))}</text>`;
+    s += `<text class="label" x="${f.M.l + f.iw / 2}" y="${f.H - 6}" text-anchor="middle">${esc(axisLabel(opt.x, opt.x.time ? xtk.unit : ""))}</text>`;
     s += `<text class="label" transform="translate(13 ${f.M.t + f.ih / 2}) rotate(-90)" text-anchor="middle">${esc(axisLabel(opt.y))}</text>`;
     return {svg: s + `</g>`, X, Y};
   }
@@ -183,7 +265,9 @@
     }
     body += `<line class="cross" x1="0" x2="0" y1="${f.M.t}" y2="${f.M.t + f.ih}" visibility="hidden"/><g class="dots"></g>`;
     body += `<rect class="hover" x="${f.M.l}" y="${f.M.t}" width="${f.iw}" height="${f.ih}" fill="transparent"/>`;
-    const legend = opt.legend !== undefined ? opt.legend : series.map(s => ({name: s.name, color: s.color, dash: s.dash, width: s.width, opacity: s.opacity}));
+    // the legend names the series drawn: one with no point to draw is left out of it
+    const drawn = series.filter(s => s.points.length);
+    const legend = opt.legend !== undefined ? opt.legend : drawn.map(s => ({name: s.name, color: s.color, dash: s.dash, width: s.width, opacity: s.opacity}));
     const {svg, tip} = shell(el, {...opt, legend: series.length > 1 || opt.legend ? legend : []}, f, body);
     const cross = svg.querySelector(".cross"), dots = svg.querySelector(".dots"), hover = svg.querySelector(".hover");
     const xf = opt.x.fmt || num, yf = opt.y.fmt || num;
@@ -267,5 +351,5 @@
   }
 
   let uid = 0;
-  global.H3Charts = {line, scatter, paretoFront, ticks, num, qty, esc, PALETTE, DASHES};
+  global.H3Charts = {line, scatter, paretoFront, ticks, timeTicks, duration, nearZero, num, qty, esc, PALETTE, DASHES};
 })(typeof window !== "undefined" ? window : globalThis);

@@ -371,6 +371,13 @@ def test_numbers_read_on_one_ladder_of_prefixes(tab: Tab, trained: Daemon) -> No
     assert got == [want for _v, _u, want in units]
 
 
+def _with_energy(d: Daemon, rid: str, loss: list[list[float]]) -> int:
+    """The loss points the loss-against-energy chart draws: those inside the daemon's energy
+    series (a batch outside it has no measured energy to be placed at)."""
+    energy = _get(d, f"/v1/runs/{rid}/series?metric=energy&points=500")["points"]
+    return sum(energy[0][0] <= p[0] <= energy[-1][0] for p in loss)
+
+
 @needs_browser
 def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
     page = tab.page
@@ -382,9 +389,10 @@ def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
     assert page.url.endswith(f"#/run/{run['id']}")
     loss = _get(trained, f"{base}/series?metric=loss&points=1000")["points"]
     assert len(loss) == run["n_batches"] == 6 * 14  # under 1000: the page draws them all
-    # the batch losses and their rolling mean: every stored point in each
-    assert tab.points("#chart-loss-time") == [len(loss), len(loss)]
-    assert tab.points("#chart-loss-energy") == [len(loss), len(loss)]
+    # every stored batch loss, and the daemon's bucket means (agg=mean) as the mean line
+    means = _get(trained, f"{base}/series?metric=loss&agg=mean&points=40")["points"]
+    assert tab.points("#chart-loss-time") == [len(loss), len(means)]
+    assert tab.points("#chart-loss-energy")[0] == _with_energy(trained, run["id"], loss)
     report = _get(trained, f"{base}/report")
     (dev,) = report["energy"]["by_device"]
     power = _get(trained, f"{base}/series?metric=power&device={dev['device']}&points=600")
@@ -416,8 +424,8 @@ def test_run_page_draws_every_stored_point(tab: Tab, trained: Daemon) -> None:
         page.click("#dl-batches")
     assert dl.value.suggested_filename == f"{run['id']}.csv"
     lines = Path(dl.value.path()).read_text().splitlines()
-    assert lines[0] == "seq,t,epoch,step,phase,n,loss" and len(lines) == 1 + run["n_batches"]
-    logged = sum(int(line.split(",")[5]) for line in lines[1:])  # per-sample losses, per batch
+    assert lines[0] == "seq,t,epoch,step,rank,phase,n,loss" and len(lines) == 1 + run["n_batches"]
+    logged = sum(int(line.split(",")[6]) for line in lines[1:])  # per-sample losses, per batch
     with page.expect_download() as dl:
         page.click("#dl-samples")
     assert dl.value.suggested_filename == f"{run['id']}-samples.csv"
@@ -437,12 +445,13 @@ def test_compare_three_runs(tab: Tab, trained: Daemon) -> None:
     page.wait_for_selector("#cmp-scatter circle.pt")
     page.wait_for_selector("#cmp-loss-time path.series", state="attached")
     assert page.url.endswith("#/compare/" + ",".join(r["id"] for r in picked))
-    losses = [
-        len(_get(trained, f"/v1/runs/{r['id']}/series?metric=loss&points=600")["points"])
+    series = {
+        r["id"]: _get(trained, f"/v1/runs/{r['id']}/series?metric=loss&points=600")["points"]
         for r in picked
-    ]
-    assert tab.points("#cmp-loss-energy") == losses
-    assert tab.points("#cmp-loss-time") == losses
+    }
+    assert tab.points("#cmp-loss-time") == [len(p) for p in series.values()]
+    in_energy = [_with_energy(trained, rid, p) for rid, p in series.items()]
+    assert tab.points("#cmp-loss-energy") == in_energy
     assert page.locator("#cmp-scatter circle.pt").count() == 3
     assert page.locator("#cmp-scatter path.front").count() == 1
     assert page.locator("#cmp-scatter circle.on-front").count() >= 1
@@ -756,7 +765,7 @@ def test_show_html_draws_the_run_offline(browser: Any, trained: Daemon, tmp_path
         t.page.goto(out.as_uri())
         t.page.wait_for_selector("#chart-loss-energy path.series", state="attached")
         assert t.points("#chart-loss-time")[0] == len(loss)
-        assert t.points("#chart-loss-energy")[0] == len(loss)
+        assert t.points("#chart-loss-energy")[0] == _with_energy(trained, run["id"], loss)
         epochs = _get(trained, f"/v1/runs/{run['id']}/report")["epochs"]
         assert len(epochs) == 4
         assert t.points("#chart-eta") == _eta_points(epochs)
