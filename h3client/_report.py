@@ -23,13 +23,19 @@ def diminishing_returns(
         return None
     etas = [e.get("eta_bits_per_j") for e in epochs]
     peak = max(v for v in etas if v is not None)
-    stop = None
+    # the last epoch whose η is known and >= fraction × peak, with a known η below it after;
+    # an epoch without η (no batches, no energy read in it) says nothing either way: it
+    # neither withdraws a stop the known η's made nor makes one (the dashboard's rule too)
+    stop, fell_after = None, False
     for i in range(len(epochs) - 1, -1, -1):
         v = etas[i]
-        if v is None or v >= fraction * peak:
+        if v is None:
+            continue
+        if v >= fraction * peak:
             stop = i
             break
-    if stop is None or stop >= len(epochs) - 1:
+        fell_after = True
+    if stop is None or not fell_after:
         return None
     after = sum(e.get("energy_j") or 0.0 for e in epochs[stop + 1 :])
     total = sum(e.get("energy_j") or 0.0 for e in epochs)
@@ -160,15 +166,15 @@ def format_report(rep: dict[str, Any]) -> str:
         unknown = stopping_point_unknown(rep["epochs"])
         if unknown is not None:  # no claim about a course of η it does not have
             lines.append(f"  point of diminishing returns unknown ({unknown})")
-        elif dr is None:  # the rule: η below the fraction from some epoch to the last
-            last = rep["epochs"][-1].get("eta_bits_per_j")
+        elif dr is None:  # the rule: η below the fraction from some epoch to the last known
+            which = (
+                "last epoch's"
+                if rep["epochs"][-1].get("eta_bits_per_j") is not None
+                else "last known"  # epochs without η say nothing either way
+            )
             lines.append(
-                "  no point of diminishing returns yet (the last epoch's η is "
-                + (
-                    "unknown)"
-                    if last is None
-                    else f"not below {DIMINISHING_FRACTION:.0%} of its peak)"
-                )
+                f"  no point of diminishing returns yet (the {which} η is "
+                f"not below {DIMINISHING_FRACTION:.0%} of its peak)"
             )
         else:
             lines.append(

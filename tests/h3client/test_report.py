@@ -359,3 +359,15 @@ def test_compare_gives_an_audit_logs_eta_as_bits_over_joules(
     at = header.index("η bits/J")
     cells = [line[at : at + len("η bits/J")].strip() for line in lines[1:]]
     assert cells == [f"{2 / 1010:.4g}", "-"], lines
+
+
+def test_an_epoch_without_eta_neither_withdraws_nor_makes_a_stop() -> None:
+    """The dashboard's rule: a last epoch with no η (no batches, no energy read in it) kept
+    the report from suggesting the stop the known η's made (it counted as η at the peak)."""
+    eta = [10.0, 0.5, 0.4, None]
+    epochs = [{"epoch": i, "eta_bits_per_j": v, "energy_j": 5.0} for i, v in enumerate(eta)]
+    dr = diminishing_returns(epochs)
+    assert dr is not None and dr["epoch"] == 0 and dr["energy_after_j"] == 15.0
+    eta = [10.0, 9.0, None, 8.0]  # never fell: a missing η makes no stop either
+    epochs = [{"epoch": i, "eta_bits_per_j": v, "energy_j": 5.0} for i, v in enumerate(eta)]
+    assert diminishing_returns(epochs) is None

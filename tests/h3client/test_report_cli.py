@@ -265,5 +265,8 @@ def test_no_stopping_point_yet_says_the_rule_applied_not_that_eta_stayed_high() 
         "no point of diminishing returns yet (the last epoch's η is not below 10% of its peak)"
         in text
     ), text
+    # an epoch without η says nothing either way: the known η's decide (the dashboard's rule)
     text = format_report(_report_with_epochs([1.98, 0.1506, None]))
-    assert "no point of diminishing returns yet (the last epoch's η is unknown)" in text, text
+    assert "diminishing returns after epoch 0" in text, text
+    text = format_report(_report_with_epochs([1.98, 0.9, None]))
+    assert "no point of diminishing returns yet (the last known η is not below 10% of" in text
