@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,19 +19,10 @@ import pytest
 from h3client._report import diminishing_returns
 from h3d import efficiency as eff
 from tests.conftest import Daemon, daemon_env
+from tests.h3d import test_dashboard as _dash
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-LAUNCH_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-
+browser = _dash.browser  # the same Chromium fixture
+needs_browser = _dash.needs_browser
 
 # --- h3d.efficiency ------------------------------------------------------------------------
 
@@ -84,18 +74,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         yield Store(d, started_at)
     finally:
         d.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        yield b
-        b.close()
 
 
 @dataclass
