@@ -635,6 +635,11 @@ class SeriesPublic(BaseModel):
     run_id: str
     metric: str
     points: list[Point] = Field(description="[x, y] pairs: x in Unix seconds.")
+    bucket_batches: int | None = Field(
+        None,
+        description="agg=mean: the batches (global steps, for a distributed run) averaged into "
+        "each point; the last point's may hold fewer. Null otherwise.",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Query
 from fastapi.responses import StreamingResponse
-from pydantic import Field, StringConstraints
+from pydantic import StringConstraints
 
 from h3d import analysis
 from h3d.api._routes import Routes
@@ -46,15 +46,7 @@ def get_eta(
         return analysis.run_eta(s, run=run, window_s=window, interval_s=settings.sample_interval_s)
 
 
-class RunSeriesPublic(SeriesPublic):
-    bucket_batches: int | None = Field(
-        None,
-        description="agg=mean: the batches (global steps, for a distributed run) averaged into "
-        "each point; the last point's may hold fewer. Null otherwise.",
-    )
-
-
-@router.get("/runs/{run_id}/series", response_model=RunSeriesPublic)
+@router.get("/runs/{run_id}/series", response_model=SeriesPublic)
 def get_series(
     run_id: Text,
     store: StoreDep,
@@ -80,7 +72,7 @@ def get_series(
         Annotated[str, StringConstraints(max_length=255), CheckText] | None,
         Query(description="metric=power only: the devices of this node of the run only."),
     ] = None,
-) -> RunSeriesPublic:
+) -> SeriesPublic:
     if (device is not None or node is not None) and metric != "power":
         raise InvalidInput("device and node are filters of metric=power only")
     if agg != "lttb" and metric != "loss":
@@ -109,7 +101,7 @@ def get_series(
                 interval_s=settings.sample_interval_s,
                 metric=metric,
             )
-    return RunSeriesPublic(
+    return SeriesPublic(
         run_id=run.id, metric=metric, points=[[x, y] for x, y in pts], bucket_batches=bucket
     )
 
