@@ -399,9 +399,8 @@ def test_a_create_refused_because_the_run_ended_is_not_taken_for_done() -> None:
 # --- a rank's results are the run's (dist bug 4) -----------------------------------------------
 
 
-def test_a_ranks_stop_waits_for_the_run_to_end_and_says_when_it_did_not(daemon: Daemon) -> None:
-    """Before: rank 0's stop() fetched the report of a run still running, unmarked."""
-    rid = uuid.uuid4().hex
+def _two_ranks_logged(daemon: Daemon, rid: str) -> list[H3Profiler]:
+    """Both ranks of a 2-rank run ``rid``, each with 10 batches logged."""
     profs = [
         H3Profiler("ranks", url=daemon.url, data_dir=daemon.data_dir, run_id=rid, rank=r,
                    world_size=2, flush_interval_s=0.05)
@@ -410,20 +409,20 @@ def test_a_ranks_stop_waits_for_the_run_to_end_and_says_when_it_did_not(daemon: 
     for k in range(10):
         for p in profs:
             p.log_batch(2.0 - 0.1 * k)
+    return profs
+
+
+def test_a_ranks_stop_waits_for_the_run_to_end_and_says_when_it_did_not(daemon: Daemon) -> None:
+    """Before: rank 0's stop() fetched the report of a run still running, unmarked."""
+    rid = uuid.uuid4().hex
+    profs = _two_ranks_logged(daemon, rid)
     early = profs[0].stop(timeout_s=1.0)  # rank 1 goes on: the run's figures are not final
     assert early["partial"] is True and early["status"] == "running"
     assert early["total_energy_j"] is not None  # the figures so far, marked as such
     assert profs[1].stop()["partial"] is False
 
     rid2 = uuid.uuid4().hex
-    profs = [
-        H3Profiler("ranks", url=daemon.url, data_dir=daemon.data_dir, run_id=rid2, rank=r,
-                   world_size=2, flush_interval_s=0.05)
-        for r in range(2)
-    ]  # fmt: skip
-    for k in range(10):
-        for p in profs:
-            p.log_batch(2.0 - 0.1 * k)
+    profs = _two_ranks_logged(daemon, rid2)
     got: dict[str, Any] = {}
     first = threading.Thread(target=lambda: got.update(profs[0].stop(timeout_s=60)))
     first.start()

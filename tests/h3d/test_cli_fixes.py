@@ -116,13 +116,19 @@ def _via(proxy: CutProxy, daemon: Daemon) -> dict[str, str]:
 # --- export: a daemon that goes away midway, SIGTERM, a previous FILE (#17, #22) ----------
 
 
-def test_an_export_cut_off_midway_is_one_line_and_keeps_the_previous_file(
-    daemon: Daemon, tmp_path: Path
-) -> None:
+def _big_run_and_a_previous_export(daemon: Daemon, tmp_path: Path) -> tuple[Path, Path]:
+    """A run "big" of 2000 batches, and (its dir, FILE): a previous export in FILE alone."""
     _run_with_batches(daemon, "big", 2000)
     (outs := tmp_path / "out").mkdir()
     out = outs / "keep_me.csv"
     out.write_text("precious previous export\n")
+    return outs, out
+
+
+def test_an_export_cut_off_midway_is_one_line_and_keeps_the_previous_file(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    outs, out = _big_run_and_a_previous_export(daemon, tmp_path)
     with cut_proxy(daemon, b"seq,t,epoch") as proxy:
         proxy.release()  # the connection closes as soon as the export has begun
         r = h3d(daemon, "export", "big", "-o", str(out), **_via(proxy, daemon))
@@ -149,10 +155,7 @@ def test_an_export_cut_off_midway_is_one_line_and_keeps_the_previous_file(
 def test_an_export_stopped_by_sigterm_leaves_the_previous_file_and_no_temp_file(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    _run_with_batches(daemon, "big", 2000)
-    (outs := tmp_path / "out").mkdir()
-    out = outs / "keep_me.csv"
-    out.write_text("precious previous export\n")
+    outs, out = _big_run_and_a_previous_export(daemon, tmp_path)
     with cut_proxy(daemon, b"seq,t,epoch") as proxy:
         proc = subprocess.Popen(
             [sys.executable, "-m", "h3d", "export", "big", "-o", str(out)],

@@ -23,6 +23,7 @@ from tests.h3d import test_dashboard as _dash
 
 browser = _dash.browser  # the same Chromium fixture
 needs_browser = _dash.needs_browser
+_get = _dash._get
 
 # --- h3d.efficiency ------------------------------------------------------------------------
 
@@ -152,13 +153,6 @@ def _run(
         finish = {"status": "finished", "finished_at": end if finished_at is None else finished_at}
         c.patch(f"/v1/runs/{rid}", json=finish).raise_for_status()
     return rid
-
-
-def _get(d: Daemon, path: str) -> Any:
-    with d.client() as c:
-        r = c.get(path)
-        r.raise_for_status()
-        return r.json()
 
 
 @pytest.fixture(scope="module")
