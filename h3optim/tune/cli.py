@@ -80,7 +80,9 @@ def _main(argv: Sequence[str] | None) -> int:
         help="allowed metric drop (a finite number >= 0)",
     )
     p.add_argument("--segments", type=_positive_int, default=6, help="epochs logged per trial")
-    p.add_argument("--session", help="session id (default: random)")
+    p.add_argument(
+        "--session", help="session id: 1-64 of letters, digits, '.', '_', '-' (default: random)"
+    )
     p.add_argument("--url", help="daemon URL (default: discovered)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -127,6 +129,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except ConnectionError as exc:  # no daemon: tune() stopped before the first trial
         print(f"h3-tune: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the output directory failed mid-session (disk full, removed)
+        print(f"h3-tune: cannot write the session to {args.out}: {exc}", file=sys.stderr)
         return 1
     print(format_report(result))
     print(f"\nwritten to {args.out}/tune-{result.session}*.json|md", file=sys.stderr)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -344,7 +345,9 @@ def tune(
             ``torch._dynamo``, seconds on a slow machine).
 
     Raises:
-        ValueError: A bad argument (budget, repeats, tolerance, segments, technique).
+        ValueError: A bad argument (budget, repeats, tolerance, segments, technique, a
+            session id that is not 1-64 of ``[A-Za-z0-9._-]``, or an ``out`` that is not
+            a directory and cannot be made one).
         ConnectionError: No daemon answers (and none could be started, with
             ``autostart``): raised before the first trial, as every figure is the daemon's.
 
@@ -373,7 +376,20 @@ def tune(
         if unknown:
             raise ValueError(f"combine names techniques not in this session: {unknown}")
     session = session or uuid.uuid4().hex[:8]
+    if not _SESSION_ID.fullmatch(session):  # it names files in ``out`` and a run tag
+        raise ValueError(
+            f"Invalid session id {session!r}: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    out_dir = None if out is None else Path(out)
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out {str(out)!r} is not a directory")  # before the daemon check
     _require_daemon(url, token, data_dir, autostart)
+    if out_dir is not None:  # made once a daemon answers (none: nothing written), before trials
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot make the output directory {str(out)!r}: {exc}") from None
     runs = _DaemonRuns(url, token, data_dir, autostart)
     env = probe_env(task)
     result = TuneResult(
@@ -387,9 +403,6 @@ def tune(
         tags=["h3-tune", f"tune:{session}"],
         out_dir=None if out is None else str(out),
     )
-    out_dir = None if out is None else Path(out)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         if out_dir is not None:
@@ -507,6 +520,9 @@ def tune(
         (out_dir / f"tune-{session}-report.md").write_text(format_report(result) + "\n")
         _write_json(out_dir / f"tune-{session}-config.json", recommendation(result))
     return result
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -309,3 +309,56 @@ def test_report_of_a_session_file_still_prints(
     path.write_text(json.dumps(_session(("baseline", _outcome("rapl", True, 5.0))).to_json()))
     assert h3_tune(["--report", str(path)]) == 0
     assert "Energy provenance: rapl\n" in capsys.readouterr().out
+
+
+# --- carried over: --out given a file, '/' in --session -------------------------------------
+
+
+@pytest.mark.parametrize("session", ["a/b", "../up", ".hidden", "x" * 65])
+def test_a_session_id_that_is_no_file_name_is_an_argument_error(
+    session: str, task_spec: str, no_daemon_env: Path, tmp_path: Path
+) -> None:
+    """The id names the session's files in --out: 'a/b' died in a FileNotFoundError
+    traceback writing tune-a/b.json (and '../up' wrote outside --out)."""
+    argv = [task_spec, "--session", session, "--out", str(tmp_path / "out"), "--no-flops"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "h3optim.tune.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"h3-tune: Invalid session id {session!r}: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(
+    no_daemon_env: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results.json"
+    out.write_text("kept\n")
+    with pytest.raises(ValueError, match="is not a directory"):
+        quick(out=out)  # before the daemon check: no daemon is needed to say so
+    assert out.read_text() == "kept\n"
+
+
+def test_an_out_that_cannot_be_made_is_one_line_before_the_first_trial(
+    daemon: Daemon,
+    task_spec: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file in --out's path: mkdir fails once the daemon answered, before any trial."""
+    monkeypatch.setenv("H3D_DATA_DIR", str(daemon.data_dir))  # its token
+    (tmp_path / "a-file").write_text("kept\n")
+    out = tmp_path / "a-file" / "sub"
+    argv = [task_spec, "--url", daemon.url, "--out", str(out), "--no-flops"]
+    argv += ["--techniques", "early_stop", "--budget-steps", "4", "--segments", "2"]
+    assert h3_tune(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"h3-tune: cannot make the output directory '{out}': "), err
+    with daemon.client() as api:
+        assert api.get("/v1/runs").json()["count"] == 0  # no trial ran
