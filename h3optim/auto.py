@@ -576,7 +576,7 @@ class AutoH3:
         )
         return profiler(run_id=None)
 
-    def get_loader(self, batch_size: int, **loader_kwargs: Any) -> DataLoader[Any]:
+    def get_loader(self, batch_size: int = 64, **loader_kwargs: Any) -> DataLoader[Any]:
         """This epoch's loader of ``(data, target, index)`` batches, sampled as the controller
         says. A tensor-backed dataset is fetched a batch at a time (see
         :func:`~h3optim.batch_loader`); while the controller's windowed A/B test runs, windows
@@ -822,9 +822,14 @@ class AutoH3:
         data: Any,
         target: Any,
         criterion: Callable[..., torch.Tensor],
-        indices: Any,
+        indices: Any = None,
     ) -> torch.Tensor:
         """Forward, per-sample losses, (re-weighted) backward, step.
+
+        ``indices`` are the batch's dataset indices, as :meth:`get_loader`'s batches carry
+        them. Without them (``None``, as ``h3-optimizer`` 0.2.0 allowed for a loader of
+        ``(data, target)``) the batch trains on its plain mean loss: no loss is tracked, no
+        weight applied, and no window test counts it; ``len(target)`` is its size.
 
         Returns the batch's (weighted) mean loss as a detached 0-dim tensor on the model's
         device: ``float()`` it when a number is needed (on a GPU that waits for the step,
@@ -845,8 +850,9 @@ class AutoH3:
             device = self._device = _device_of(model) or _CPU
         if device.type != "cpu":  # the loader's CPU batches to a GPU (no-ops if already there)
             data, target = _moved(data, device), _moved(target, device)
-        idx = torch.as_tensor(indices)
-        windows = self._windows
+        idx = None if indices is None else torch.as_tensor(indices)
+        n = len(target) if idx is None else len(idx)
+        windows = self._windows if idx is not None else None
         if windows is not None and self._window_loss is None and self.controller.window_testing:
             self._window_loss = self._probe_loss(model, criterion)  # the first window's start
         handed = None
@@ -856,7 +862,7 @@ class AutoH3:
                 k, u, _, a_weights = windows.draws["A"]
                 handed = _Handed(idx, (None, k, u), a_weights)
         weights = None
-        if self.sampler.unbiased:
+        if self.sampler.unbiased and idx is not None:
             weights = (
                 take_rows(handed.weights, idx) if handed is not None else self.sampler.weights(idx)
             )
@@ -865,7 +871,7 @@ class AutoH3:
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad()
-            losses = _per_sample(criterion, model(data), target, len(idx))
+            losses = _per_sample(criterion, model(data), target, n)
             seen.setdefault("losses", losses.detach())
             loss = weighted_mean(losses, weights) if weights is not None else losses.mean()
             loss.backward()  # type: ignore[no-untyped-call]
@@ -874,13 +880,14 @@ class AutoH3:
         # torch types the closure as returning float; every torch optimizer takes a tensor loss
         loss = self.optimizer.step(closure)  # type: ignore[arg-type]
         losses = seen["losses"]
-        self.loss_tracker.update(idx, losses)
-        self.samples_backpropagated += len(idx)
-        self._epoch_samples += len(idx)
+        if idx is not None:
+            self.loss_tracker.update(idx, losses)
+        self.samples_backpropagated += n
+        self._epoch_samples += n
         self._epoch_steps += 1
         if self.profiler is not None:
             mean = losses.mean()
-            if self.log_per_sample:
+            if self.log_per_sample and idx is not None:
                 self.profiler.log_batch(
                     mean, losses=losses, indices=idx, epoch=self.epoch, phase=self.phase
                 )

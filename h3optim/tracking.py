@@ -161,6 +161,18 @@ class LossTracker:
         return self._applied()[0]
 
     @property
+    def losses(self) -> torch.Tensor:
+        """``h3-optimizer`` 0.2.0's ``losses``: each sample's EMA loss, and
+        :attr:`initial_loss` where never seen (a new tensor: writing to it changes nothing)."""
+        state = self._applied()
+        return torch.where(state[3] > 0, state[0], self.initial_loss)
+
+    @property
+    def initialized(self) -> torch.Tensor:
+        """``h3-optimizer`` 0.2.0's ``initialized``: :attr:`seen`."""
+        return self.seen
+
+    @property
     def first(self) -> torch.Tensor:
         """Each sample's first observed loss (0 where never seen); a view."""
         return self._applied()[1]
@@ -236,8 +248,7 @@ class LossTracker:
             raise ValueError(f"Invalid cap_factor: {cap_factor}")
         if not 0.0 <= min_weight < 1.0:
             raise ValueError(f"Invalid min_weight: {min_weight}")
-        state = self._applied()
-        weights = torch.where(state[3] > 0, state[0], self.initial_loss)
+        weights = self.losses
         weights = weights.clamp(max=cap_factor * weights.mean()).clamp(min=min_weight)
         return weights / weights.sum() * self.num_samples
 

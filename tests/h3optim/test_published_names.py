@@ -173,3 +173,34 @@ def test_autoh3_takes_020s_positional_lr_and_reads_its_accuracies_as_fractions()
     assert auto.optimizer.param_groups[0]["lr"] == 3e-3
     # evaluate_epoch reports fractions: a chance-level 0.01 must never turn into 100 %
     assert auto.controller.accuracy_unit == "fraction"
+
+
+def test_autoh3_as_0_2_0_calls_it_without_indices_and_with_the_default_batch() -> None:
+    """0.2.0: ``get_loader(batch_size=64)`` and ``training_step(..., indices=None)`` (a loader
+    of ``(data, target)``: the plain mean loss, nothing tracked). Both raised a TypeError."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    ds = data(400)
+    auto = h3optim.AutoH3(model.parameters(), ds, "balanced", profile=False, total_epochs=3)
+    assert [len(i) for _x, _y, i in auto.get_loader()][0] == 64  # fetched a batch at once
+    x, y = ds.tensors[0][:16], ds.tensors[1][:16]
+    before = [p.detach().clone() for p in model.parameters()]
+    crit = nn.CrossEntropyLoss()
+    want = nn.functional.cross_entropy(model(x), y).item()
+    loss = auto.training_step(model, x, y, crit)
+    assert loss.item() == pytest.approx(want)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not auto.loss_tracker.seen.any()  # nothing tracked: no indices to track it by
+    assert auto.samples_backpropagated == 16
+
+
+def test_loss_tracker_losses_and_initialized_read_as_in_0_2_0() -> None:
+    """0.2.0's attributes: the EMA, ``initial_loss`` where never seen; which were seen."""
+    with pytest.warns(UserWarning, match="initial_loss"):
+        tracker = LossTracker(5, 0.5, 2.0)
+    tracker.update(torch.tensor([1, 3]), torch.tensor([0.4, 0.8]))
+    tracker.update(torch.tensor([1]), torch.tensor([0.2]))
+    assert tracker.losses.tolist() == pytest.approx([2.0, 0.3, 2.0, 0.8, 2.0])
+    assert tracker.initialized.tolist() == [False, True, False, True, False]
+    tracker.losses[0] = 9.0  # a copy, as documented: the tracker is unchanged
+    assert tracker.losses[0].item() == 2.0
