@@ -856,7 +856,7 @@ class AutoH3:
         if windows is not None and self._window_loss is None and self.controller.window_testing:
             self._window_loss = self._probe_loss(model, criterion)  # the first window's start
         handed = None
-        if windows is not None:  # the batch's own draw and window, however far workers read
+        if windows is not None and idx is not None:  # the batch's own draw and window
             handed = windows.take(idx)
             if handed is None:  # not a batch of this epoch's loader: A's weights, untested
                 k, u, _, a_weights = windows.draws["A"]
