@@ -670,11 +670,14 @@ def cumulative_series(
     model = run_model(session, run=run, interval_s=interval_s, now=now)
     k = eff.smoothing_k(len(pts))
     l0 = eff.loss_at_start(pts)
-    # at most ``points`` batches, evenly from the k-th to the last (or the curve's tail
-    # stands on one x)
-    span = len(pts) - 1 - k
+    # at most ``points`` batches, evenly to the last (or the curve's tail stands on one x):
+    # energy from the first batch (the dashboard places each loss point on this curve, and a
+    # curve that began at the k-th left the run's first, steepest batches off its chart); η
+    # from the k-th, the first whose smoothing window is whole
+    first = 0 if metric == "energy" else k
+    span = len(pts) - 1 - first
     m = min(max(points, 1), span + 1)
-    grid = [k + span * j // (m - 1) for j in range(m)] if m > 1 else [len(pts) - 1]
+    grid = [first + span * j // (m - 1) for j in range(m)] if m > 1 else [len(pts) - 1]
     out = []
     # summed step by step: each point's energy from the start would walk every share piece
     # before it again (a run that shared its device with 200 others: 4x the whole request).

@@ -16,7 +16,7 @@
   const POLL_MAX_MS = 4000;      // the longest wait between retries while the daemon does not answer
   const PAGE = 50;               // rows per page of the runs list
   const STOP_FRACTION = 0.10;    // h3client's DIMINISHING_FRACTION: the suggested stopping point
-  const POINTS = {loss: 1000, lossMean: 40, energy: 500, power: 600, compare: 600};
+  const POINTS = {loss: 1000, lossMean: 40, energy: 500, power: 600, compare: 100};
   const $ = sel => document.querySelector(sel);
   const main = () => $("#main");
 
@@ -152,21 +152,6 @@
     for (const p of pts) { const e = energyAt(epts, p[0]); if (e !== null) out.push([e, p[1]]); }
     return out;
   }
-
-  /** A centred rolling mean over k points: as many points as given, so none is dropped. */
-  function smooth(pts, k) {
-    if (k <= 1 || pts.length < 3) return pts;
-    const h = Math.floor(k / 2), out = [];
-    let sum = 0, lo = 0, hi = -1;
-    for (let i = 0; i < pts.length; i++) {
-      const a = Math.max(0, i - h), b = Math.min(pts.length - 1, i + h);
-      while (hi < b) sum += pts[++hi][1];
-      while (lo < a) sum -= pts[lo++][1];
-      out.push([pts[i][0], sum / (hi - lo + 1)]);
-    }
-    return out;
-  }
-  const smoothK = n => Math.max(1, Math.round(n / 40));
 
   /** The suggested stopping point: the last epoch after which η stayed < 10 % of its peak
    *  (the rule of h3client's report; null when η never fell that far or < 3 epochs). */
@@ -632,7 +617,7 @@
     }
     const [cmp, losses, energies] = await Promise.all([
       api("/v1/compare?runs=" + ids.map(encodeURIComponent).join(",")),
-      Promise.all(ids.map(id => api(`/v1/runs/${encodeURIComponent(id)}/series?metric=loss&points=${POINTS.compare}`))),
+      Promise.all(ids.map(id => api(`/v1/runs/${encodeURIComponent(id)}/series?metric=loss&agg=mean&points=${POINTS.compare}`))),
       Promise.all(ids.map(id => api(`/v1/runs/${encodeURIComponent(id)}/series?metric=energy&points=${POINTS.energy}`))),
     ]);
     if (gen !== generation) return;
@@ -668,16 +653,17 @@
         energy: onEnergy(e, losses[i].points),
       };
     });
-    const sm = pts => smooth(pts, smoothK(pts.length));
-    const note = "each run's loss as a centred mean over 1/40 of its stored points (all points kept)";
+    // the daemon's bucket means (agg=mean: every batch, weighted by n), not a rolling mean
+    // of LTTB points, which keep each bucket's extremes
+    const note = "each run's loss as means of consecutive batches (" + rows.map((r, i) => `${r.name}: ${losses[i].bucket_batches || 1}`).join(", ") + " per point)";
     const noEnergy = r => r.energy_j === null || r.energy_j === undefined;
     const offEnergy = rows.filter((r, i) => !series[i].energy.length).map(r => `${r.name} (${noEnergy(r) ? "no energy" : "too few batches"})`);
     C.line($("#cmp-loss-energy"), {title: "Loss against cumulative energy", x: {label: "energy used by the run", unit: "J"}, y: {label: "loss", unit: "nats"},
-      series: series.map(s => ({name: s.name, points: sm(s.energy), width: 2})),
+      series: series.map(s => ({name: s.name, points: s.energy, width: 2})),
       empty: rows.every(noEnergy) ? "no energy readable for these runs" : "too few batches to place these runs on the energy axis",
       note: offEnergy.length ? `${note}; not on this chart: ${offEnergy.join(", ")}` : note});
     C.line($("#cmp-loss-time"), {title: "Loss against time", x: {label: "time since start", unit: "s", time: true}, y: {label: "loss", unit: "nats"},
-      series: series.map(s => ({name: s.name, points: sm(s.time), width: 2})), note});
+      series: series.map(s => ({name: s.name, points: s.time, width: 2})), note});
     const missing = rows.filter(r => r.final_accuracy === null || r.energy_j === null).map(r => r.name);
     C.scatter($("#cmp-scatter"), {title: "Final accuracy against energy", x: {label: "energy", unit: "J"}, y: {label: "final accuracy", unit: ""},
       points: rows.map((r, i) => ({x: r.energy_j, y: r.final_accuracy, label: label(r), short: r.name})),

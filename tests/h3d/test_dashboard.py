@@ -445,11 +445,16 @@ def test_compare_three_runs(tab: Tab, trained: Daemon) -> None:
     page.wait_for_selector("#cmp-scatter circle.pt")
     page.wait_for_selector("#cmp-loss-time path.series", state="attached")
     assert page.url.endswith("#/compare/" + ",".join(r["id"] for r in picked))
-    series = {
-        r["id"]: _get(trained, f"/v1/runs/{r['id']}/series?metric=loss&points=600")["points"]
+    # each run's line is the daemon's bucket means, not a rolling mean of LTTB points
+    means = {
+        r["id"]: _get(trained, f"/v1/runs/{r['id']}/series?metric=loss&agg=mean&points=100")
         for r in picked
     }
+    series = {rid: m["points"] for rid, m in means.items()}
     assert tab.points("#cmp-loss-time") == [len(p) for p in series.values()]
+    note = page.inner_text("#cmp-loss-time .chart-note")
+    per_run = note.split("(", 1)[1].removesuffix(" per point)").split(", ")
+    assert per_run == [f"{r['name']}: {means[r['id']]['bucket_batches']}" for r in picked]
     in_energy = [_with_energy(trained, rid, p) for rid, p in series.items()]
     assert tab.points("#cmp-loss-energy") == in_energy
     assert page.locator("#cmp-scatter circle.pt").count() == 3

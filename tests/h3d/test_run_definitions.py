@@ -211,6 +211,27 @@ def test_a_run_across_a_gap_counts_what_was_read(session: Session, tmp_path: Pat
     assert series[-1][0] == T0 + 30.0 and series[-1][1] == pytest.approx(2000.0)
 
 
+def test_cumulative_energy_starts_at_the_first_batch(session: Session) -> None:
+    """The dashboard places each loss point on this curve: a curve from the k-th batch (the
+    η smoothing window, up to 50 batches) left the run's first, steepest batches off its
+    loss-against-energy chart, energy the devices had read. η still starts at the k-th."""
+    device_reads(session, spans=[(-2.0, 62.0)])  # 100 W over the whole run
+    batches = [(0.1 * (i + 1), 3.0 - 1e-3 * i, 32, None, None) for i in range(600)]
+    run = finished_run(session, batches, duration_s=60.0)
+    energy = analysis.cumulative_series(
+        session, run=run, points=600, interval_s=INTERVAL_S, metric="energy"
+    )
+    assert len(energy) == 600
+    assert energy[0][0] == pytest.approx(T0 + 0.1)  # the first batch's time
+    assert energy[0][1] == pytest.approx(10.0)  # 0.1 s at 100 W since the run's start
+    assert energy[-1][1] == pytest.approx(6000.0)
+    eta = analysis.cumulative_series(
+        session, run=run, points=600, interval_s=INTERVAL_S, metric="eta"
+    )
+    k = 50  # smoothing_k(600)
+    assert len(eta) == 600 - k and eta[0][0] == pytest.approx(T0 + 0.1 * (k + 1))
+
+
 @pytest.mark.parametrize("points", [1, 3, 100, 500])
 def test_cumulative_series_has_at_most_points_ending_at_the_last_batch(
     session: Session, points: int
