@@ -683,6 +683,20 @@ INT_MAX, PHASE_MAX = 2**53 - 1, 32
 _META_FIELDS = ((5, "n"), (6, "epoch"), (7, "step"))
 
 
+def _storable(text: str) -> bool:
+    """Whether the daemon stores ``text``: no NUL, no lone surrogate (``\\ud800``, no
+    Unicode text), as ``h3d.api.schemas.check_text`` checks a batch's phase."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _checked_meta(
     items: Sequence[BatchItem], warned: set[str] | None = None
 ) -> tuple[Sequence[BatchItem], int]:
@@ -713,13 +727,21 @@ def _checked_meta(
             else:
                 bad.setdefault(i, f"{name} {v!r:.40} is not an integer from 0 to {INT_MAX}")
     phases = [it[8] for it in items]
+    odd = set(map(type, phases)) - {type(None), str}
     if (
-        set(map(type, phases)) - {type(None), str}
+        odd
         or max((len(p) for p in phases if p is not None), default=0) > PHASE_MAX
+        or not _storable("".join(filter(None, phases)))  # one pass over the column
     ):
         for i, ph in enumerate(phases):
-            if ph is not None and not (isinstance(ph, str) and len(ph) <= PHASE_MAX):
-                bad.setdefault(i, f"phase {ph!r:.40} is not a string of at most {PHASE_MAX}")
+            if ph is not None and not (
+                isinstance(ph, str) and len(ph) <= PHASE_MAX and _storable(ph)
+            ):
+                bad.setdefault(
+                    i,
+                    f"phase {ph!r:.40} is not a string of at most {PHASE_MAX} characters "
+                    "without a NUL or a lone surrogate",
+                )
     if not (fixed or bad):
         return items, 0
     for why in dict.fromkeys(w.split(" ", 1)[0] for w in bad.values()):

@@ -313,8 +313,9 @@ class Client:
 
     def resolve_run(self, ref: str) -> dict[str, Any]:
         """The run a person means by ``ref``: a full id, a run name (the newest of that name)
-        or a unique id prefix. An ambiguous prefix raises ``H3HTTPStatusError`` (409) whose
-        message lists the candidates; no match raises ``H3NotFound``."""
+        or a unique id prefix. An ambiguous prefix raises ``H3HTTPStatusError`` (409
+        ``ambiguous_run``) whose message lists the candidates; no match raises
+        ``H3RunNotFound``."""
         return dict(self.request("GET", "/v1/runs/resolve", params={"ref": ref}).json())
 
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -372,7 +373,8 @@ class Client:
         return list(r.json()["points"])
 
     def export_csv(self, run_id: str, path: str | Path) -> Path:
-        """The run's batches as CSV (seq, t, epoch, step, phase, n, loss; one row a batch)."""
+        """The run's batches as CSV (seq, t, epoch, step, rank, phase, n, loss; one row a
+        batch)."""
         return self._download(f"/v1/runs/{run_id}/export.csv", path)
 
     def export_samples_csv(self, run_id: str, path: str | Path) -> Path:

@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -131,8 +132,8 @@ class H3Profiler:
         device: Which devices the run uses ("auto": all the daemon measures). Another
             value is recorded as the tag ``device:<value>``; the config is left as given.
         config: Hyperparameters and anything else to store with the run, stored as given
-            (values JSON cannot hold are stored as their ``str``; NaN or inf is a
-            ``ValueError``).
+            (values JSON cannot hold, and integers beyond ±(2**53 - 1), which JSON readers
+            cannot keep exactly, are stored as their ``str``; NaN or inf is a ``ValueError``).
         tags: Labels to filter runs by.
         autostart: Start a local daemon (same data dir, detached) if none answers. The run
             opens on construction either way; without a daemon it runs offline on its spool.
@@ -204,7 +205,8 @@ class H3Profiler:
         self.device = device
         self.config = dict(config or {})
         self.tags = list(tags or [])
-        self.n_train = _check_run_fields(name, self.tags, n_train)
+        # the tags as sent (the device's among them): refused here if the daemon would
+        self.n_train = _check_run_fields(name, self._run_tags(), n_train)
         self._config_json = _json_config(self.config)  # a ValueError here, before any thread
         self.autostart = autostart
         self.run_id: str | None = None if run_id is None else _check_run_id(run_id)
@@ -295,9 +297,6 @@ class H3Profiler:
         # the daemon then follows this process (its pid and CPU time from here), not the
         # one that died, whose exit would get the run failed during any pause longer than
         # the daemon's exit grace. The run exists: nothing else of it changes.
-        tags = list(self.tags)
-        if self.device != "auto" and f"device:{self.device}" not in tags:
-            tags.append(f"device:{self.device}")
         self._proc.add(
             "create",
             {
@@ -305,7 +304,7 @@ class H3Profiler:
                 "created_at": self._t_start,
                 "name": self.name,
                 "config": self._config_json,
-                "tags": tags,
+                "tags": self._run_tags(),
                 "pid": os.getpid(),
                 "cpu_s": cpu.user + cpu.system + cpu.children_user + cpu.children_system,
                 "host": socket.gethostname(),
@@ -335,6 +334,13 @@ class H3Profiler:
             _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
         self._accepting = True
         return self
+
+    def _run_tags(self) -> list[str]:
+        """The run's tags as sent: ``tags``, and ``device:<device>`` unless it is "auto"."""
+        tags = list(self.tags)
+        if self.device != "auto" and f"device:{self.device}" not in tags:
+            tags.append(f"device:{self.device}")
+        return tags
 
     def _join_ranks(self) -> dict[str, Any]:
         """In a distributed job: this rank's place, the run id all ranks share, and the
@@ -643,8 +649,9 @@ class H3Profiler:
         second into a run), and it is fetched on every pass until then. After that it
         changes every ``eta_interval_s`` (5 s by default) and right after each
         ``log_epoch`` once that epoch's batches reached the daemon, so an epoch-end
-        controller sees the epoch it just finished. It is None again if the daemon stops
-        answering for 3 × ``eta_interval_s`` and while the run is offline.
+        controller sees the epoch it just finished. It is None again once it was last
+        fetched more than 3 × ``eta_interval_s`` ago: the daemon stopped answering, or the
+        run went offline (it is not fetched then).
         """
         eta = self._fresh_eta()
         return None if eta is None else eta.get("marginal_eta_bits_per_j")
@@ -856,7 +863,7 @@ class H3Profiler:
         return format_report(rep)
 
     def export_csv(self, path: str | Path) -> Path:
-        """Write the run's batches (seq, t, epoch, step, phase, n, loss) to ``path``."""
+        """Write the run's batches (seq, t, epoch, step, rank, phase, n, loss) to ``path``."""
         self.flush()
         with self._query_client() as c:
             return c.export_csv(str(self.run_id), path)
@@ -881,6 +888,9 @@ class H3Profiler:
 # refused here, at construction, not after training with every batch rejected behind it.
 NAME_MAX, TAGS_MAX, TAG_MAX, CONFIG_MAX_BYTES = 200, 100, 100, 64 * 1024
 CONFIG_MAX_DEPTH = 32  # the config itself is level 1; a value inside it, level 2
+#: The daemon's bound on every integer it stores, n_train and those in a config among them:
+#: the largest a double holds exactly (JSON readers read numbers as doubles).
+INT_MAX = 2**53 - 1
 
 
 def _finite(v: Any) -> float | None:
@@ -957,9 +967,10 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
         n = operator.index(n_train)
     except TypeError:
         n = 0
-    if isinstance(n_train, bool) or n < 1:
+    if isinstance(n_train, bool) or not 1 <= n <= INT_MAX:
         raise ValueError(
-            f"H3Profiler n_train: a positive int (the training-set size), not {n_train!r}"
+            f"H3Profiler n_train: a positive int (the training-set size) of at most "
+            f"2**53 - 1, not {n_train!r:.80}"
         )
     return n
 
@@ -980,13 +991,30 @@ def _config_depth_ok(config: Any) -> bool:
     return True
 
 
+def _big_ints_as_str(node: Any) -> tuple[Any, list[int]]:
+    """``node`` (JSON as read back) with every integer beyond ±``INT_MAX`` as its decimal
+    string, and those integers: the daemon refuses a config that holds one
+    (``h3d.api.schemas.check_config``), as JSON readers cannot keep it exactly."""
+    if isinstance(node, dict):
+        pairs = [(k, _big_ints_as_str(v)) for k, v in node.items()]
+        return {k: v for k, (v, _) in pairs}, [b for _, (_, bs) in pairs for b in bs]
+    if isinstance(node, list):
+        items = [_big_ints_as_str(v) for v in node]
+        return [v for v, _ in items], [b for _, bs in items for b in bs]
+    if type(node) is int and not -INT_MAX <= node <= INT_MAX:
+        return str(node), [node]
+    return node, []
+
+
 def _json_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` as the daemon will store it: as given, non-JSON values as their str.
 
     Refused with a ValueError, as the daemon would refuse it (``h3d.api.schemas.
     check_config``): nested deeper than ``CONFIG_MAX_DEPTH`` levels, a NaN or infinite
-    number, a lone surrogate in a string, over ``CONFIG_MAX_BYTES`` of compact JSON; and
-    keys JSON cannot hold (a tuple key)."""
+    number, a lone surrogate in a string, over
+    ``CONFIG_MAX_BYTES`` of compact JSON; and keys JSON cannot hold (a tuple key). An
+    integer beyond ±``INT_MAX`` (which the daemon refuses) is stored as its string, with a
+    warning."""
     if not _config_depth_ok(config):  # before json.dumps, which recurses (RecursionError)
         raise ValueError(
             f"H3Profiler config: nested deeper than the daemon's {CONFIG_MAX_DEPTH} levels"
@@ -998,6 +1026,15 @@ def _json_config(config: dict[str, Any]) -> dict[str, Any]:
     except TypeError as exc:  # a key JSON has no form for (default= converts values only)
         raise ValueError(f"H3Profiler config: {exc}") from exc
     out: dict[str, Any] = json.loads(text)
+    out, big = _big_ints_as_str(out)
+    if big:  # a 64-bit seed (torch.seed()), a hash: kept exact, as a string
+        digits = str(big[0])
+        digits = digits if len(digits) <= 40 else digits[:37] + "..."
+        warnings.warn(
+            f"H3Profiler config: {len(big)} integer(s) beyond ±(2**53 - 1), which JSON "
+            f"readers cannot keep exactly (the first: {digits}), stored as strings",
+            stacklevel=3,
+        )
     # a lone surrogate ("\ud800") is valid JSON, escaped, but no Unicode text
     bad = _lone_surrogate(json.dumps(out, ensure_ascii=False))
     if bad is not None:
