@@ -552,10 +552,15 @@ def _fmt(v: Any, unit: str = "", digits: int = 4) -> str:
 def dashboard_link(settings: Settings, url: str, run: str | None = None) -> str:
     """The dashboard at ``url`` (on the page of run ``run``), with the token the commands
     send in its fragment, which browsers never send to a server: ``H3D_TOKEN``, else the
-    data dir's (a daemon in a container holds the token given, not this data dir's)."""
+    data dir's (a daemon in a container holds the token given, not this data dir's). Each
+    value is percent-encoded: a token written by hand may hold "&", "%" or "+"."""
+    from urllib.parse import quote
+
     token = read_token(settings)
     fragment = "&".join(
-        f"{key}={value}" for key, value in (("token", token), ("run", run)) if value is not None
+        f"{key}={quote(value, safe='')}"
+        for key, value in (("token", token), ("run", run))
+        if value is not None
     )
     return f"{url}/#{fragment}" if fragment else f"{url}/"
 

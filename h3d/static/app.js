@@ -21,12 +21,24 @@
   const main = () => $("#main");
 
   // ---------------------------------------------------------------- token, routing, API
+  /** A fragment parameter as it was written, percent-decoded: not as a form's field
+   *  (URLSearchParams), which reads "+" as a space, and a base64 token (openssl rand
+   *  -base64) holds "+". A "%" that starts no escape is kept as it is. */
+  function rawParam(query, key) {
+    for (const part of query.split("&")) {
+      const i = part.indexOf("=");
+      if (i < 0 || part.slice(0, i) !== key) continue;
+      try { return decodeURIComponent(part.slice(i + 1)); } catch (err) { return part.slice(i + 1); }
+    }
+    return null;
+  }
+
   function takeTokenFromHash() {
     let h = location.hash.slice(1);
     let path = "", query = h;
     if (h.startsWith("/")) { const i = h.indexOf("?"); path = i < 0 ? h : h.slice(0, i); query = i < 0 ? "" : h.slice(i + 1); }
     const q = new URLSearchParams(query);
-    const tok = q.get("token");
+    const tok = rawParam(query, "token");
     if (!tok) return;
     sessionStorage.setItem(TOKEN_KEY, tok);
     q.delete("token");
