@@ -12,6 +12,7 @@ import yaml
 
 from h3d.cli import build_parser
 from h3d.config import Settings
+from h3d.middleware import host_allowed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,4 +88,15 @@ def test_the_compose_file_runs_what_the_daemon_accepts() -> None:
     assert cmd
     argv = json.loads(cmd.group(1))
     assert argv[:2] == ["h3d", "serve"]
-    build_parser().parse_args(argv[1:])  # SystemExit on a flag serve does not take
+    args = build_parser().parse_args(argv[1:])  # SystemExit on a flag serve does not take
+    # Prometheus scrapes the daemon by its service name: the Host header it sends must be
+    # one the daemon accepts (its DNS-rebinding check answered every scrape 400 bad_host)
+    prometheus = compose.get("configs", {}).get("prometheus")
+    if prometheus is not None:
+        served = Settings(
+            host=args.host, allowed_hosts=h3d["environment"].get("H3D_ALLOWED_HOSTS", "")
+        )
+        allowed = frozenset(served.host_names)
+        for job in yaml.safe_load(prometheus["content"])["scrape_configs"]:
+            for target in (t for c in job["static_configs"] for t in c["targets"]):
+                assert host_allowed(target.encode(), allowed), target
