@@ -839,10 +839,16 @@ class AutoH3:
         mode, as the Hugging Face Trainer's ``training_step`` does; modules put in eval mode
         inside a model in train mode (frozen batch-norm statistics) stay so.
 
+        The first step starts the run (:meth:`start`) if :meth:`get_loader` has not: a loop
+        over the caller's own loader, as ``h3-optimizer`` 0.2.0's ``AutoH3`` example trains,
+        streams its batches to the profiler too.
+
         Raises:
             ValueError: ``criterion`` cannot give one loss per sample (it must accept
                 ``reduction="none"`` or have a ``reduction`` attribute, as torch's losses do).
         """
+        if not self._started:  # a loop over the caller's own loader: no get_loader yet
+            self.start()
         if not model.training:  # a flag read: a walk over every module only when it is set
             model.train()
         device = self._device

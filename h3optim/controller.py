@@ -64,6 +64,24 @@ def _number(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
+#: ``h3-optimizer`` 0.2.0's keyword names of :meth:`EtaController.observe`'s figures.
+_LEGACY_FIGURES = {"train_loss": "loss", "energy_j": "energy", "info_bits": "info"}
+
+
+def _legacy_figures(
+    legacy: dict[str, float | None], **figures: float | None
+) -> tuple[float | None, float | None, float | None]:
+    """``observe``'s (loss, energy, info) with 0.2.0's keyword names taken for them."""
+    for old, value in legacy.items():
+        new = _LEGACY_FIGURES.get(old)
+        if new is None:
+            raise TypeError(f"EtaController.observe() got an unexpected keyword argument {old!r}")
+        if figures[new] is not None:
+            raise TypeError(f"EtaController.observe() got {new!r} twice (also as {old!r})")
+        figures[new] = value
+    return figures["loss"], figures["energy"], figures["info"]
+
+
 def _moved(first: float, last: float) -> str:
     """How a share went from ``first`` to ``last``, in words, as the report rounds it."""
     a, b = f"{first:.0%}", f"{last:.0%}"
@@ -300,8 +318,13 @@ class EtaController:
         loss: float | None = None,
         energy: float | None = None,
         info: float | None = None,
+        **legacy: float | None,
     ) -> None:
         """Take the epoch's figures (any may be None) and move the settings if warranted.
+
+        The positional order is ``h3-optimizer`` 0.2.0's, and its keyword names
+        ``train_loss``, ``energy_j`` and ``info_bits`` (as its ``EtaController`` example
+        passes them) are taken for ``loss``, ``energy`` and ``info``.
 
         Args:
             eta: Marginal η of the epoch (bits/J); default from ``eta_source``, else from
@@ -310,7 +333,13 @@ class EtaController:
             loss: Smoothed loss, preferably held-out (nats).
             energy: Energy of the epoch (J).
             info: Information gained this epoch (bits), recorded only.
+            **legacy: ``train_loss``, ``energy_j``, ``info_bits`` (0.2.0's names).
+
+        Raises:
+            TypeError: An unknown keyword, or a figure given under both of its names.
         """
+        if legacy:
+            loss, energy, info = _legacy_figures(legacy, loss=loss, energy=energy, info=info)
         accuracy, loss, energy, info = (_number(x) for x in (accuracy, loss, energy, info))
         k, u, phase = self._current
         m_eta = self._marginal_eta(eta, loss, energy)

@@ -153,7 +153,9 @@ def _require_daemon(
     from h3client._daemon import ensure_daemon, is_healthy
 
     cfg = resolve(url, token, data_dir)
-    if ensure_daemon(cfg, autostart=autostart) is not None:
+    found = ensure_daemon(cfg, autostart=autostart)
+    if found is not None:
+        _require_token(found, cfg.token, cfg.data_dir)
         return
     if is_healthy(cfg.url):
         where = (
@@ -167,6 +169,28 @@ def _require_daemon(
     else:
         hint = f"start one (`h3d serve --data-dir {cfg.data_dir}`) or give its URL (--url)"
     raise ConnectionError(f"{where}; every trial is a run of the daemon, so none was run: {hint}")
+
+
+def _require_token(url: str, token: str | None, data_dir: Path) -> None:
+    """Raise ConnectionError if the daemon at ``url`` (one the caller named, say) refuses
+    ``token``: every trial's run would be refused, each trained for nothing, its energy
+    unknown. Any other failure is left to the trials to report."""
+    from h3client import Client, H3ClientError, H3HTTPStatusError
+
+    try:
+        with Client(url, token, data_dir=data_dir) as c:
+            c.list_runs(limit=1)
+    except H3HTTPStatusError as exc:
+        if exc.status_code != 401:
+            return
+        held = "no token" if token is None else "a token it does not hold"
+        raise ConnectionError(
+            f"the h3d daemon at {url} refuses the runs: it was given {held} (data dir "
+            f"{data_dir}); every trial is a run of the daemon, so none was run: give its data "
+            "dir (H3D_DATA_DIR) or its token (H3D_TOKEN)"
+        ) from None
+    except H3ClientError:
+        return
 
 
 def _print_progress(event: str, info: dict[str, Any]) -> None:
