@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from h3optim._modes import evaluating
 from h3optim.controller import EtaController
 from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
@@ -41,20 +42,6 @@ def _device_of(model: torch.nn.Module) -> torch.device | None:
     parameters."""
     param = next(model.parameters(), None)
     return None if param is None else param.device
-
-
-@contextlib.contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside; after, each of its modules in the mode it was in (a
-    model fine-tuned with some modules in eval mode, or all, is left so), its flag restored
-    as Lightning's ``_ModuleMode`` does."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _each_tensor(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -706,7 +693,7 @@ class AutoH3:
         # training step does (512 samples at once might not, on a GPU)
         chunk = 2 * self._batch_size if self._batch_size else n
         parts = []
-        with _evaluating(model), torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for start, (xs, ys) in zip(range(0, n, chunk), self._probe_parts(chunk), strict=True):
                 if device is not None:  # the model where the training loop put it (a GPU)
                     xs = _moved(xs, device)
@@ -943,7 +930,7 @@ class AutoH3:
         loss_sum: torch.Tensor | None = None
         correct: torch.Tensor | None = None
         classify = True  # every batch's targets are class indices
-        with _evaluating(model), torch.no_grad():  # no autograd graph for an evaluation
+        with evaluating(model), torch.no_grad():  # no autograd graph for an evaluation
             for batch in test_loader:
                 data, target = batch[0], batch[1]
                 if device is not None:  # a CPU loader's batches for a model on a GPU

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from h3optim._modes import evaluating
+
 LN2 = math.log(2.0)
 
 
@@ -45,19 +47,17 @@ def compute_absorption_efficiency(
         ``h_y_bits``, ``ce_bits``, ``bits_per_sample`` (= H(Y) − CE), ``total_bits``,
         ``samples``, ``energy_j``, ``energy_source``, ``bits_per_joule``.
     """
-    was_training = model.training
-    model.eval()
     ce_nats = 0.0
     counts: dict[int, int] = {}
     n = 0
-    for batch in dataloader:
-        x, y = batch[0], batch[1]
-        logits = model(x)
-        ce_nats += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        for label, c in zip(*torch.unique(y, return_counts=True), strict=True):
-            counts[int(label)] = counts.get(int(label), 0) + int(c)
-        n += len(y)
-    model.train(was_training)
+    with evaluating(model):  # after, a module the caller froze in eval mode stays so
+        for batch in dataloader:
+            x, y = batch[0], batch[1]
+            logits = model(x)
+            ce_nats += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            for label, c in zip(*torch.unique(y, return_counts=True), strict=True):
+                counts[int(label)] = counts.get(int(label), 0) + int(c)
+            n += len(y)
     if n == 0:
         raise ValueError("the dataloader yielded no samples")
     h_y = -sum((c / n) * math.log2(c / n) for c in counts.values())

@@ -212,3 +212,15 @@ def test_memory_saving_backward_with_frozen_units_gives_autograds_gradients() ->
         grads.append([x.grad, *trained])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_absorption_leaves_a_frozen_batch_norm_in_eval_mode() -> None:
+    """``model.train(was_training)`` after the measurement put every module back in train
+    mode: a batch-norm the caller froze in eval mode went on updating its statistics."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model.train()
+    model[1].eval()  # frozen statistics, as when fine-tuning
+    x = torch.randn(32, 4)
+    loader = [(x, (x[:, 0] > 0).long())]
+    compute_absorption_efficiency(model, loader)
+    assert model.training and model[0].training and not model[1].training
