@@ -127,19 +127,28 @@ def visible(env: Mapping[str, str]) -> list[str] | None:
     return out
 
 
-def _selected(selectors: list[str] | None, index: int, uuids: list[str]) -> bool:
-    """Whether GPU ``index`` is selected; ``uuids`` holds its UUID and its MIG devices' UUIDs.
+def _matches(selector: str, index: int, uuids: list[str]) -> bool:
+    """Whether one CUDA_VISIBLE_DEVICES entry names GPU ``index``; ``uuids`` holds its UUID
+    and its MIG devices' UUIDs (a MIG device selects its parent GPU: power and energy exist
+    per physical GPU only)."""
+    if selector.isdigit():
+        return int(selector) == index
+    return any(u.startswith(selector) for u in uuids)
 
-    A MIG device selects its parent GPU: power and energy exist per physical GPU only.
-    """
+
+def _selected(selectors: list[str] | None, gpus: list[tuple[int, list[str]]]) -> set[int]:
+    """The indices of ``gpus`` ((index, UUIDs) each) the selectors make visible: as CUDA
+    reads them, up to the first entry that names no GPU (an index out of range, a UUID
+    prefix of none), which hides it and every entry after it."""
     if selectors is None:
-        return True
-    for s in selectors:
-        if s.isdigit() and int(s) == index:
-            return True
-        if s.startswith(("GPU-", "MIG-")) and any(u.startswith(s) for u in uuids):
-            return True
-    return False
+        return {i for i, _ in gpus}
+    chosen: set[int] = set()
+    for sel in selectors:
+        named = {i for i, uuids in gpus if _matches(sel, i, uuids)}
+        if not named:
+            break
+        chosen |= named
+    return chosen
 
 
 def _mig_uuids(nvml: ModuleType, handle: Any) -> list[str]:
@@ -306,6 +315,7 @@ def discover(env: Mapping[str, str] | None = None, *, probe_period: bool = True)
         count = nvml.nvmlDeviceGetCount()
     except nvml.NVMLError as exc:
         raise translate(nvml, exc, "NVML") from exc
+    found: list[tuple[int, Any, list[str]]] = []  # (index, handle, its UUIDs)
     for i in range(count):
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
@@ -313,8 +323,10 @@ def discover(env: Mapping[str, str] | None = None, *, probe_period: bool = True)
         except nvml.NVMLError as exc:
             logger.warning("GPU %d skipped: %s", i, translate(nvml, exc, f"GPU {i}"))
             continue
-        migs = _mig_uuids(nvml, handle) if selectors else []
-        if not _selected(selectors, i, [uuid, *migs]):
+        found.append((i, handle, [uuid, *(_mig_uuids(nvml, handle) if selectors else [])]))
+    chosen = _selected(selectors, [(i, uuids) for i, _h, uuids in found])
+    for i, handle, _uuids in found:
+        if i not in chosen:
             continue
         try:
             gpus.append(NvmlGpu(nvml, handle, i, probe_period=False))

@@ -37,6 +37,11 @@ def test_cuda_visible_devices_stops_at_the_first_invalid_entry(fake_nvml) -> Non
     assert uuids({"CUDA_VISIBLE_DEVICES": "-1"}) == []
     assert uuids({"CUDA_VISIBLE_DEVICES": "1,-1,2"}) == ["GPU-1"]
     assert uuids({"CUDA_VISIBLE_DEVICES": "0, 1"}) == ["GPU-0", "GPU-1"]
+    # an entry that names no GPU is invalid too (as torch.cuda reads it: an index past the
+    # device count ends the list): GPU 0 here is hidden from CUDA, so it is not measured
+    assert uuids({"CUDA_VISIBLE_DEVICES": "1,5,0"}) == ["GPU-1"]
+    assert uuids({"CUDA_VISIBLE_DEVICES": "GPU-1,GPU-9,GPU-2"}) == ["GPU-1"]
+    assert uuids({"CUDA_VISIBLE_DEVICES": "7,0"}) == []
 
 
 @pytest.mark.parametrize(
