@@ -526,6 +526,13 @@ def tune(
             total += repeats
             for r in range(repeats):
                 one(COMBINED, merged, "training", r)
+        elif combine is not None:  # the caller's names, not winners: say what became of them
+            result.combination_note = (
+                f"--combine {', '.join(combine)}: one technique left"
+                + (f" ({chosen[0]}, trained alone above)" if chosen else "")
+                + (f"; left out {'; '.join(left)}" if left else "")
+                + ": nothing to combine"
+            )
         elif len(chosen) == 1:
             result.combination_note = (
                 f"only {chosen[0]} won: it was verified alone, nothing to combine"

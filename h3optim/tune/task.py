@@ -97,8 +97,8 @@ def _import_file(file: Path) -> ModuleType:
             f"cannot load {file} as module {name!r}, which is {taken or 'built in'}: "
             "rename the file"
         )
-    if str(file.parent) not in sys.path:
-        sys.path.insert(0, str(file.parent))
+    if sys.path[:1] != [str(file.parent)]:  # first, as `python file.py` has it: its
+        sys.path.insert(0, str(file.parent))  # neighbours win over same-named modules
     loader_spec = importlib.util.spec_from_file_location(name, file)
     if loader_spec is None or loader_spec.loader is None:
         raise ValueError(f"cannot import {file}")

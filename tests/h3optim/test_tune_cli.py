@@ -362,3 +362,28 @@ def test_an_out_that_cannot_be_made_is_one_line_before_the_first_trial(
     assert err[-1].startswith(f"h3-tune: cannot make the output directory '{out}': "), err
     with daemon.client() as api:
         assert api.get("/v1/runs").json()["count"] == 0  # no trial ran
+
+
+def test_combine_of_one_named_technique_says_it_was_named_not_that_it_won(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """``--combine early_stop`` alone said "only early_stop won: it was verified alone",
+    whatever early_stop's verdict was."""
+    d = daemon_factory()
+    result = tune(
+        tiny_task(),
+        budget=4,
+        techniques=["early_stop"],
+        combine=["early_stop"],
+        segments=2,
+        url=d.url,
+        data_dir=d.data_dir,
+        progress=None,
+        count_flops=False,
+    )
+    assert result.combination == ["early_stop"]
+    assert result.combination_note == (
+        "--combine early_stop: one technique left (early_stop, trained alone above): "
+        "nothing to combine"
+    )
+    assert "won" not in result.combination_note

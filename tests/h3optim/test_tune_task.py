@@ -81,3 +81,11 @@ def test_a_task_file_named_like_a_loaded_module_is_refused(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"as module 'json', which is .*json.*: rename the file"):
         load_task(f"{file}:make_task")
     assert str(tmp_path) not in sys.path
+
+
+def test_the_task_files_directory_comes_first_on_sys_path(task_file: Path) -> None:
+    """docs/tune.md: "its directory first on sys.path", as `python file.py` has it. A
+    directory already on it further back stayed there, behind same-named modules."""
+    sys.path.append(str(task_file.parent))  # already there, last
+    load_task(f"{task_file}:make_task")
+    assert sys.path[0] == str(task_file.parent)
