@@ -3,6 +3,7 @@ refused at construction, and one unreadable batch costs that batch only."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,19 @@ from tests.conftest import Daemon
 
 #: The daemon's bound on every integer it stores (h3d.api.schemas.INT_MAX).
 INT_MAX = 2**53 - 1
+
+
+def stored_config(daemon: Daemon, config: dict[str, Any]) -> Any:
+    """The config the daemon stored for a profiled run of one batch given ``config`` (which
+    the profiler leaves as given)."""
+    given = copy.deepcopy(config)
+    prof = H3Profiler("config", url=daemon.url, data_dir=daemon.data_dir, config=config)
+    prof.log_batch(1.0)
+    res = prof.stop()
+    assert res["batches_posted"] == 1 and res["batches_rejected"] == 0, res
+    assert prof.config == given
+    with Client(daemon.url, data_dir=daemon.data_dir) as c:
+        return c.get_run(str(prof.run_id))["config"]
 
 
 def offline(tmp_path: Path, **kw: Any) -> H3Profiler:
@@ -34,13 +48,7 @@ def test_a_config_integer_the_daemon_would_refuse_is_stored_exact_as_a_string(
     """The daemon refuses an integer beyond ±(2**53 - 1) (JSON readers round it): the run's
     create was refused, then every batch of it. The profiler stores it as its string."""
     with pytest.warns(UserWarning, match=r"beyond ±\(2\*\*53 - 1\).*stored as strings"):
-        prof = H3Profiler("seed", url=daemon.url, data_dir=daemon.data_dir, config=config)
-    prof.log_batch(1.0)
-    res = prof.stop()
-    assert res["batches_posted"] == 1 and res["batches_rejected"] == 0, res
-    with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        assert c.get_run(str(prof.run_id))["config"] == stored
-    assert prof.config == config  # the caller's dict is left as given
+        assert stored_config(daemon, config) == stored
 
 
 def test_the_daemon_refuses_what_the_profiler_refuses_and_takes_the_rest(
@@ -53,12 +61,7 @@ def test_the_daemon_refuses_what_the_profiler_refuses_and_takes_the_rest(
             c.create_run(id="ab" * 16, name="too-big", config={"seed": INT_MAX + 1})
         assert refused.value.status_code == 422
     config = {"seed": INT_MAX, "low": -INT_MAX, "flag": True}
-    prof = H3Profiler("seed-ok", url=daemon.url, data_dir=daemon.data_dir, config=config)
-    prof.log_batch(1.0)
-    res = prof.stop()
-    assert res["batches_posted"] == 1 and res["batches_rejected"] == 0, res
-    with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        assert c.get_run(str(prof.run_id))["config"] == config
+    assert stored_config(daemon, config) == config
 
 
 def test_an_n_train_the_daemon_refuses_is_refused_at_construction(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from h3client import (
 from h3client._spool import batch_seqs
 from tests.conftest import REPO, Daemon, daemon_env
 from tests.h3client.conftest import FakeCudaTensor, FakeEvent
+from tests.h3client.test_docs_client import stored_config
 
 
 def digits_loop(prof: H3Profiler, epochs: int = 3) -> tuple[list[float], list[float]]:
@@ -861,12 +862,7 @@ def test_a_config_at_the_daemons_depth_and_size_limits_is_taken(daemon: Daemon) 
     # 32 levels, and 64 KiB as the daemon measures it (compact JSON): 25 000 list items are
     # 50 KB that way, 75 KB with json.dumps' default ", " separators
     config = {"deep": _nested(31), "wide": [1] * 25_000}
-    prof = H3Profiler("limits", url=daemon.url, data_dir=daemon.data_dir, config=config)
-    prof.log_batch(1.0)
-    out = prof.stop()
-    assert out["batches_posted"] == 1 and out["batches_rejected"] == 0, out
-    with Client(daemon.url, data_dir=daemon.data_dir) as c:
-        assert c.get_run(str(prof.run_id))["config"] == config
+    assert stored_config(daemon, config) == config
 
 
 def test_a_spool_line_that_cannot_be_sent_is_kept_aside_and_the_rest_replayed(

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from h3client import Client
 from h3optim import AutoH3, EtaController
-from h3optim.tune import Task, tune
+from h3optim.tune import tune
+from tests.h3optim.test_tune_cli import tiny_task
 
 
 def test_observe_takes_the_0_2_0_keyword_names_of_its_figures() -> None:
@@ -84,15 +85,7 @@ def test_tune_stops_before_the_first_trial_when_the_daemon_refuses_the_token(
     monkeypatch.setenv("H3D_DATA_DIR", str(other))
     for var in ("H3D_URL", "H3D_TOKEN"):
         monkeypatch.delenv(var, raising=False)
-    task = Task(
-        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
-        TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))),
-        TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))),
-        nn.CrossEntropyLoss(),
-        lambda p: torch.optim.SGD(p, lr=0.1),
-        batch_size=16,
-        device="cpu",
-    )
+    task = tiny_task()
     events: list[str] = []
     out = tmp_path / "out"
     with pytest.raises(ConnectionError, match=f"the h3d daemon at {d.url} refuses the runs"):
