@@ -399,6 +399,9 @@ def tune(
         unknown = [c for c in combine if c not in by_name]
         if unknown:
             raise ValueError(f"combine names techniques not in this session: {unknown}")
+        inference = [c for c in combine if by_name[c].kind == "inference"]
+        if inference:  # measured on the trained baseline: nothing to train together
+            raise ValueError(f"combine takes training techniques, not {inference} (inference)")
     session = session or uuid.uuid4().hex[:8]
     if not _SESSION_ID.fullmatch(session):  # it names files in ``out`` and a run tag
         raise ValueError(
@@ -512,7 +515,15 @@ def tune(
         v = verdicts(result)
         settings_of = {n: s for n, s, k in planned if k == "training"}
         if combine is not None:
-            chosen, merged, left = greedy_combination(list(combine), settings_of, by_name)
+            named = [c for c in combine if c in settings_of]
+            chosen, merged, left = greedy_combination(named, settings_of, by_name)
+            # a named technique that does not apply here (bf16 on a CPU without it) ran no
+            # trial: left out, with why
+            left = [
+                f"{c} (not applicable: {result.skipped.get(c, 'no trial')})"
+                for c in combine
+                if c not in settings_of
+            ] + left
         else:
             winners = [n for n in settings_of if v.get(n, ("",))[0] == "winner"]
             winners.sort(key=lambda n: -(rows[n].eta.mean or 0.0))

@@ -387,3 +387,31 @@ def test_combine_of_one_named_technique_says_it_was_named_not_that_it_won(
         "nothing to combine"
     )
     assert "won" not in result.combination_note
+
+
+def test_combine_names_a_technique_that_does_not_apply_here(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """``--combine amp_fp16,early_stop`` on a CPU: amp_fp16 ran no trial, and the session
+    died at its end in a KeyError traceback, every trial trained."""
+    d = daemon_factory()
+    result = tune(
+        tiny_task(),
+        budget=4,
+        techniques=["amp_fp16", "early_stop"],
+        combine=["amp_fp16", "early_stop"],
+        segments=2,
+        url=d.url,
+        data_dir=d.data_dir,
+        progress=None,
+        count_flops=False,
+    )
+    assert result.combination == ["early_stop"]
+    assert "amp_fp16 (not applicable: fp16 autocast needs CUDA" in result.combination_note
+
+
+def test_combine_refuses_an_inference_technique_before_anything_runs(
+    no_daemon_env: Path,
+) -> None:
+    with pytest.raises(ValueError, match=r"combine takes training techniques, not \['int8"):
+        quick(techniques=["early_stop", "int8_dynamic"], combine=["int8_dynamic", "early_stop"])
