@@ -325,6 +325,11 @@ class Client:
         body = {k: v for k, v in fields.items() if v is not None}
         return dict(self.request("PATCH", f"/v1/runs/{run_id}", json_body=body).json())
 
+    def delete_run(self, run_id: str) -> None:
+        """Delete an ended run and everything stored of it; cannot be undone. A running run
+        raises ``H3HTTPStatusError`` (409 ``run_running``), an unknown one ``H3RunNotFound``."""
+        self.request("DELETE", f"/v1/runs/{run_id}")
+
     def list_runs(self, **params: Any) -> dict[str, Any]:
         p = {k: v for k, v in params.items() if v is not None}
         return dict(self.request("GET", "/v1/runs", params=p).json())

@@ -772,6 +772,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete ended runs and everything stored of them, after asking (``--yes``: without).
+    Every reference is resolved before anything is deleted: one unknown deletes none."""
+    c = DaemonClient(_settings(args))
+    ids = list(dict.fromkeys(_resolve(c, ref) for ref in args.runs))
+    runs = [c.get(f"/v1/runs/{rid}") for rid in ids]
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                "h3d: delete asks before it deletes, and stdin is no terminal: pass --yes to "
+                "delete without asking",
+                file=sys.stderr,
+            )
+            return 2
+        listed = "".join(f"  {r['id']}  {_shown(r['name'])}  [{r['status']}]\n" for r in runs)
+        print(
+            f"delete {len(runs)} run(s) and all their data:\n{listed}[y/N] ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("h3d: nothing deleted", file=sys.stderr)
+            return 1
+    for r in runs:
+        c.request("DELETE", f"/v1/runs/{r['id']}")
+        print(f"deleted {r['id']} ({_shown(r['name'])})", flush=True)
+    return 0
+
+
 #: The output file name that means standard output (``-o -``), as in most Unix tools; a file
 #: named ``-`` is still written as ``-o ./-``.
 _STDOUT = "-"
@@ -1281,6 +1311,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("-o", "--output", help="file (default, or -: stdout)")
     ex.set_defaults(func=cmd_export)
+    de = sub.add_parser(
+        "delete", parents=[data], help="delete ended runs and all their data (asks first)"
+    )
+    de.add_argument("runs", nargs="+", metavar="run", help="run id, unique id prefix, or name")
+    de.add_argument("-y", "--yes", action="store_true", help="delete without asking")
+    de.set_defaults(func=cmd_delete)
     sub.add_parser("stop", parents=[data], help="stop the running daemon").set_defaults(
         func=cmd_stop
     )

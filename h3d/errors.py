@@ -67,6 +67,13 @@ class RunFinished(H3DError):
     code = "run_finished"
 
 
+class RunRunning(H3DError):
+    """A delete of a run that is still running (its client would go on sending to it)."""
+
+    status_code = 409
+    code = "run_running"
+
+
 class AmbiguousRun(H3DError):
     """A run reference (an id prefix) that matches more than one run; names the candidates."""
 

@@ -144,6 +144,9 @@ class Routes:
     def patch(self, path: str, **kwargs: Any) -> Callable[[F], F]:
         return self.api_route(path, methods=["PATCH"], **kwargs)
 
+    def delete(self, path: str, **kwargs: Any) -> Callable[[F], F]:
+        return self.api_route(path, methods=["DELETE"], **kwargs)
+
     def add_to(self, app: FastAPI, prefix: str = "") -> None:
         """Create every declared route on ``app``, under ``prefix``, in declaration order."""
         for path, endpoint, kwargs in self.declared:

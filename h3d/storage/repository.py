@@ -40,6 +40,7 @@ from h3d.errors import (
     RunExists,
     RunFinished,
     RunNotFound,
+    RunRunning,
 )
 from h3d.storage.models import (
     Batch,
@@ -1317,10 +1318,36 @@ def _legacy_thinned(
 
 def add_run_shares(session: Session, *, rows: Sequence[dict[str, Any]]) -> None:
     """Store share rows; a row whose key is stored already replaces it (the later one of a
-    batch wins too: PostgreSQL refuses one statement that updates a row twice)."""
+    batch wins too: PostgreSQL refuses one statement that updates a row twice). Rows of a
+    run deleted meanwhile are left out: their foreign key would fail the sampler's whole
+    write, power readings and all, on every retry."""
     if rows:
         last = {(r["run_id"], r["node"], r["rank"], r["kind"], r["t0"]): r for r in rows}
-        session.execute(_upsert_shares(session), list(last.values()))
+        ids = {r["run_id"] for r in last.values()}
+        kept = set(session.scalars(select(Run.id).where(Run.id.in_(ids))))
+        if kept:
+            session.execute(
+                _upsert_shares(session), [r for r in last.values() if r["run_id"] in kept]
+            )
+
+
+def delete_run(session: Session, *, run_id: str) -> None:
+    """Delete an ended run and everything stored of it (batches, per-sample losses, epochs,
+    tags, ranks, shares, idle baselines: the foreign keys cascade).
+
+    Raises:
+        RunNotFound: no run has that id.
+        RunRunning: the run is still running (end it first: its client would go on
+            sending to it).
+    """
+    run = get_run(session, run_id=run_id)
+    if run.status == "running":
+        raise RunRunning(
+            f"run {run_id!r} is still running: finish it (PATCH status) or let the reaper "
+            "end it, then delete it",
+            details={"run_id": run_id},
+        )
+    session.execute(delete(Run).where(Run.id == run_id))
 
 
 ShareKey = tuple[str, int, str]  # (node, rank; -1 the node's union, -2 its split; kind)

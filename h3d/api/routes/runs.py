@@ -191,3 +191,13 @@ def update_run(
             sampler.mark()  # a reading at the window's end: no edge interpolation
         sampler.run_ended(out.id)
     return out
+
+
+@router.delete("/{run_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+def delete_run(run_id: Text, store: StoreDep) -> Response:
+    """Delete an ended run and everything stored of it: batches, per-sample losses, epochs,
+    tags, ranks, shares and idle baselines (a 409 ``run_running`` while it runs). Cannot be
+    undone. A client that replays the run's spool later (``h3d import``, a resumed
+    profiler) creates it anew from what the spool holds."""
+    store.write(lambda s: repo.delete_run(s, run_id=run_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
