@@ -59,10 +59,10 @@
     constructor(message, status) { super(message); this.status = status; }
   }
 
-  async function authed(path) {
+  async function authed(path, method = "GET") {
     let r;
     try {
-      r = await fetch(path, {headers: {Authorization: "Bearer " + (sessionStorage.getItem(TOKEN_KEY) || "")}});
+      r = await fetch(path, {method, headers: {Authorization: "Bearer " + (sessionStorage.getItem(TOKEN_KEY) || "")}});
     } catch (err) {
       throw new Error("the daemon does not answer");  // fetch names no cause: refused, reset, offline
     }
@@ -70,8 +70,8 @@
     return r;
   }
 
-  async function api(path) {
-    const r = await authed(path);
+  async function api(path, method = "GET") {
+    const r = await authed(path, method);
     let body = null;
     try { body = await r.json(); } catch (e) { body = null; }
     if (!r.ok) throw new ApiError(body && body.error ? body.error.message : `${r.status} ${r.statusText}`, r.status);
@@ -515,6 +515,14 @@
     $("#provenance").innerHTML = provenance(b);
   }
 
+  /** DELETE the run, once the person confirmed; then the runs list. A running run has no
+   *  button (the daemon answers 409 run_running). */
+  async function deleteRun(r) {
+    if (!window.confirm(`Delete the run "${r.name}" (${r.id}) and all its data? This cannot be undone.`)) return;
+    await api("/v1/runs/" + encodeURIComponent(r.id), "DELETE");
+    location.hash = "#/runs";
+  }
+
   async function viewRun(id, gen) {
     main().innerHTML = `<section class="run" id="run">
       <div class="run-head" id="run-head">loading…</div>
@@ -538,11 +546,12 @@
       $("#run-head").innerHTML = `<h2>${esc(r.name)} ${statusBadge(r.status)}</h2>
         <div class="sub"><code>${esc(r.id)}</code> · started ${esc(when(r.created_at))}${r.finished_at ? " · ended " + esc(when(r.finished_at)) : ""}${r.host ? " · host " + esc(r.host) : ""}
         ${OFFLINE ? ` · report written ${esc(when(OFFLINE.generated_at))}` : ` · <span class="live" id="live" data-state="${running ? "live" : "stopped"}" data-polls="${polls}">${running ? `live: updates every ${POLL_MS / 1000} s` : "not running: no live updates"}</span>`}</div>
-        ${OFFLINE ? "" : `<div class="downloads">download as CSV: <button type="button" id="dl-batches">batches</button> <button type="button" id="dl-samples">per-sample losses</button></div>`}`;
+        ${OFFLINE ? "" : `<div class="downloads">download as CSV: <button type="button" id="dl-batches">batches</button> <button type="button" id="dl-samples">per-sample losses</button>${running ? "" : ` · <button type="button" id="del-run" class="danger" title="delete this run and all its data from the store">delete run</button>`}</div>`}`;
       if (!OFFLINE) {
         const base = "/v1/runs/" + encodeURIComponent(r.id);
         $("#dl-batches").addEventListener("click", () => download(base + "/export.csv", `${r.id}.csv`).catch(showError));
         $("#dl-samples").addEventListener("click", () => download(base + "/samples.csv", `${r.id}-samples.csv`).catch(showError));
+        if (!running) $("#del-run").addEventListener("click", () => deleteRun(r).catch(showError));
       }
       drawRun(b);
       $("#config").textContent = JSON.stringify(r.config, null, 2);

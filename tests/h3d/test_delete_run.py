@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,9 @@ from h3client import Client, H3HTTPStatusError, H3RunNotFound
 from h3d.storage import repository as repo
 from h3d.storage.models import Batch, Epoch, Run, RunShare, RunTag, SampleLosses
 from tests.conftest import REPO, Daemon
+from tests.h3d import test_dashboard as _dash
+
+browser = _dash.browser  # the same Chromium fixture
 
 PER_RUN = (Batch, Epoch, RunTag, SampleLosses, RunShare)
 
@@ -166,3 +170,35 @@ def test_h3d_delete_on_a_terminal_asks_first(daemon: Daemon, answer: str) -> Non
         assert proc.returncode == 0 and left == 0, (out, err)
     else:
         assert proc.returncode == 1 and left == 1 and "nothing deleted" in err, (out, err)
+
+
+@_dash.needs_browser
+def test_the_run_page_deletes_an_ended_run_once_confirmed(browser: Any, daemon: Daemon) -> None:
+    with daemon.client() as c:
+        rid = _finished_run(c, "to-delete")
+        live = c.post("/v1/runs", json={"name": "live"}).json()["id"]
+    with _dash.opened(browser, daemon.url) as t:
+        _dash._goto(t, daemon, f"run={live}")
+        t.page.wait_for_selector("#dl-batches")
+        assert t.page.locator("#del-run").count() == 0  # a running run has no button
+        _dash._goto(t, daemon, f"run={rid}")
+        t.page.wait_for_selector("#del-run")
+        asked: list[str] = []
+
+        def answer(dialog: Any, accept: bool) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        t.page.once("dialog", lambda dg: answer(dg, False))
+        t.page.click("#del-run")
+        _dash.until(lambda: len(asked) == 1)
+        with daemon.client() as c:
+            assert c.get(f"/v1/runs/{rid}").status_code == 200  # dismissed: kept
+        t.page.once("dialog", lambda dg: answer(dg, True))
+        t.page.click("#del-run")
+        t.page.wait_for_selector("table.runs-table tbody tr")
+        assert t.page.url.endswith("#/runs")
+        assert t.names() == ["live"]
+        assert "to-delete" in asked[0] and "cannot be undone" in asked[0]
+    with daemon.client() as c:
+        assert c.get(f"/v1/runs/{rid}").status_code == 404
