@@ -778,6 +778,13 @@ def cmd_delete(args: argparse.Namespace) -> int:
     c = DaemonClient(_settings(args))
     ids = list(dict.fromkeys(_resolve(c, ref) for ref in args.runs))
     runs = [c.get(f"/v1/runs/{rid}") for rid in ids]
+    running = [f"{r['id']} ({_shown(r['name'])})" for r in runs if r["status"] == "running"]
+    if running:  # refused before any is deleted, not halfway through the list
+        raise CommandError(
+            f"still running, so nothing was deleted: {', '.join(running)}; a run is deleted "
+            "once it has ended",
+            code=1,
+        )
     if not args.yes:
         if not sys.stdin.isatty():
             print(

@@ -145,6 +145,14 @@ def test_h3d_delete_asks_unless_yes_and_resolves_names(daemon: Daemon) -> None:
         assert c.get("/v1/runs").json()["count"] == 0
     missing = _h3d(daemon, "delete", "exp-a", "--yes")
     assert missing.returncode == 1 and "no run" in missing.stderr, missing.stderr
+    with daemon.client() as c:
+        ended = _finished_run(c, "ended")
+        live = c.post("/v1/runs", json={"name": "live"}).json()["id"]
+    mixed = _h3d(daemon, "delete", "ended", "live", "--yes")  # none deleted, not the first
+    assert mixed.returncode == 1, mixed.stderr
+    assert f"still running, so nothing was deleted: {live} (live)" in mixed.stderr
+    with daemon.client() as c:
+        assert c.get(f"/v1/runs/{ended}").status_code == 200
 
 
 @pytest.mark.parametrize("answer", ["y\n", "n\n"])
