@@ -22,6 +22,7 @@ from h3d.storage import repository as repo
 from h3d.storage.models import Batch, Epoch, Run, RunShare, RunTag, SampleLosses
 from tests.conftest import REPO, Daemon
 from tests.h3d import test_dashboard as _dash
+from tests.test_run_refs import _cmd
 
 browser = _dash.browser  # the same Chromium fixture
 
@@ -123,13 +124,7 @@ def test_share_rows_of_a_run_deleted_meanwhile_do_not_fail_the_write(session: Se
 
 
 def _h3d(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "h3d", *args, "--data-dir", str(daemon.data_dir)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return _cmd(daemon, "-m", "h3d", *args)
 
 
 def test_h3d_delete_asks_unless_yes_and_resolves_names(daemon: Daemon) -> None:

@@ -74,6 +74,19 @@ def quick(**kw: Any) -> TuneResult:
     return tune(tiny_task(), **{**args, **kw})
 
 
+def tuned(d: Daemon, techniques: list[str], **kw: Any) -> TuneResult:
+    """A small session of :func:`tiny_task` against the daemon ``d`` (silent, no FLOPs)."""
+    args: dict[str, Any] = {
+        "budget": 4,
+        "segments": 2,
+        "url": d.url,
+        "data_dir": d.data_dir,
+        "progress": None,
+        "count_flops": False,
+    }
+    return tune(tiny_task(), techniques=techniques, **{**args, **kw})
+
+
 @pytest.fixture
 def no_daemon_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty data dir, its default port one nothing listens on, no URL or token set."""
@@ -280,16 +293,7 @@ def test_a_trials_run_window_is_inside_what_wall_s_times(
     before the memory sampler's set-up (a heap trim, a thread) and stopped after its
     tear-down: 0.17-0.30 s more energy window than wall time, against short trials."""
     d = daemon_factory()
-    result = tune(
-        tiny_task(),
-        budget=6,
-        techniques=["early_stop"],
-        segments=3,
-        url=d.url,
-        data_dir=d.data_dir,
-        progress=None,
-        count_flops=False,
-    )
+    result = tuned(d, ["early_stop"], budget=6, segments=3)
     trials = [t for t in result.trials if t.outcome is not None]
     assert [t.technique for t in trials] == ["baseline", "early_stop"]
     assert [k for k, _ in stamped] == ["entered", "exiting"] * 2
@@ -369,18 +373,7 @@ def test_combine_of_one_named_technique_says_it_was_named_not_that_it_won(
 ) -> None:
     """``--combine early_stop`` alone said "only early_stop won: it was verified alone",
     whatever early_stop's verdict was."""
-    d = daemon_factory()
-    result = tune(
-        tiny_task(),
-        budget=4,
-        techniques=["early_stop"],
-        combine=["early_stop"],
-        segments=2,
-        url=d.url,
-        data_dir=d.data_dir,
-        progress=None,
-        count_flops=False,
-    )
+    result = tuned(daemon_factory(), ["early_stop"], combine=["early_stop"])
     assert result.combination == ["early_stop"]
     assert result.combination_note == (
         "--combine early_stop: one technique left (early_stop, trained alone above): "
@@ -394,18 +387,8 @@ def test_combine_names_a_technique_that_does_not_apply_here(
 ) -> None:
     """``--combine amp_fp16,early_stop`` on a CPU: amp_fp16 ran no trial, and the session
     died at its end in a KeyError traceback, every trial trained."""
-    d = daemon_factory()
-    result = tune(
-        tiny_task(),
-        budget=4,
-        techniques=["amp_fp16", "early_stop"],
-        combine=["amp_fp16", "early_stop"],
-        segments=2,
-        url=d.url,
-        data_dir=d.data_dir,
-        progress=None,
-        count_flops=False,
-    )
+    both = ["amp_fp16", "early_stop"]
+    result = tuned(daemon_factory(), both, combine=both)
     assert result.combination == ["early_stop"]
     assert "amp_fp16 (not applicable: fp16 autocast needs CUDA" in result.combination_note
 
