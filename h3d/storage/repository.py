@@ -436,11 +436,15 @@ def _encode_cursor(created_at: float, run_id: str) -> str:
 
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
-        ts, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        # validate: the lenient decoder drops what is no base64 (a NUL, a space) and reads on
+        raw = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True)
+        ts, rid = raw.decode().split("|", 1)
         if "\x00" in rid:  # compared with the stored ids: PostgreSQL's text holds no NUL
             raise ValueError(rid)
-        return float(ts), rid
-    except (ValueError, UnicodeDecodeError) as exc:
+        if not math.isfinite(created := float(ts)):
+            raise ValueError(ts)
+        return created, rid
+    except (ValueError, UnicodeDecodeError) as exc:  # binascii.Error is a ValueError
         raise InvalidInput("the cursor is not one this daemon issued") from exc
 
 
