@@ -43,7 +43,7 @@ def test_a_405_names_the_methods_of_routes_the_openapi_leaves_out(daemon: Any) -
         one = api.post("/v1/runs/" + "ab" * 16)
     assert set(runs.headers["allow"].split(", ")) == {"GET", "POST"}
     assert resolve.headers["allow"] == "GET"  # a literal path wins over /v1/runs/{run_id}
-    assert set(one.headers["allow"].split(", ")) == {"GET", "PATCH"}
+    assert set(one.headers["allow"].split(", ")) == {"GET", "PATCH", "DELETE"}
 
 
 def test_a_window_that_is_not_a_finite_number_is_refused_as_such(api: httpx.Client) -> None:
