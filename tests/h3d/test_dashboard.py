@@ -223,12 +223,22 @@ class Tab:
         SHOTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
+    def paths(self, selector: str) -> list[str]:
+        """The ``d`` of each series path under ``selector``."""
+        return list(
+            self.page.eval_on_selector_all(
+                f"{selector} path.series", "ps => ps.map(p => p.getAttribute('d'))"
+            )
+        )
+
     def points(self, selector: str) -> list[int]:
         """Points drawn by each series path under ``selector`` (one M/L command a point)."""
-        ds: list[str] = self.page.eval_on_selector_all(
-            f"{selector} path.series", "ps => ps.map(p => p.getAttribute('d'))"
+        return [len(re.findall(r"[ML]", d)) for d in self.paths(selector)]
+
+    def texts(self, selector: str) -> list[str]:
+        return list(
+            self.page.eval_on_selector_all(selector, "es => es.map(e => e.textContent.trim())")
         )
-        return [len(re.findall(r"[ML]", d)) for d in ds]
 
     def names(self) -> list[str]:
         return list(

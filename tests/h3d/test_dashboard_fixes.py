@@ -18,7 +18,7 @@ import pytest
 
 from h3client._report import diminishing_returns
 from h3d import efficiency as eff
-from tests.conftest import Daemon, daemon_env
+from tests.conftest import Daemon
 from tests.h3d import test_dashboard as _dash
 
 browser = _dash.browser  # the same Chromium fixture
@@ -62,14 +62,7 @@ class Store:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("dashfix")
     started_at = time.time()
-    env = daemon_env(
-        root,
-        H3D_POWER_BACKENDS="constant:50",
-        H3D_SAMPLE_INTERVAL_S="0.05",
-        H3D_FLUSH_INTERVAL_S="0.2",
-        H3D_LOG_LEVEL="WARNING",
-    )
-    d = Daemon(root, env).start()
+    d = _dash._daemon(root)
     time.sleep(1.5)  # the sampler has readings for runs that start a second ago
     try:
         yield Store(d, started_at)
@@ -77,48 +70,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         d.stop()
 
 
-@dataclass
-class Tab:
-    page: Any
-    errors: list[str]
-    requests: list[str]
-
-    def paths(self, selector: str) -> list[str]:
-        return list(
-            self.page.eval_on_selector_all(
-                f"{selector} path.series", "ps => ps.map(p => p.getAttribute('d'))"
-            )
-        )
-
-    def points(self, selector: str) -> list[int]:
-        return [len(re.findall(r"[ML]", d)) for d in self.paths(selector)]
-
-    def texts(self, selector: str) -> list[str]:
-        return list(
-            self.page.eval_on_selector_all(selector, "es => es.map(e => e.textContent.trim())")
-        )
-
-
 @contextlib.contextmanager
-def opened(browser: Any, d: Daemon, route: str, *, expect_404: bool = False) -> Iterator[Tab]:
-    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
-    page = ctx.new_page()
-    page.set_default_timeout(15_000)
-    errors: list[str] = []
-    requests: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-    page.on("request", lambda r: requests.append(r.url))
-    tab = Tab(page, errors, requests)
-    try:
-        page.goto(f"{d.url}/#token={d.token}&run={route}")
+def opened(browser: Any, d: Daemon, route: str, *, expect_404: bool = False) -> Iterator[_dash.Tab]:
+    """test_dashboard's tab on the page of run ``route``; every request to this daemon."""
+    with _dash.opened(browser, d.url) as tab:
+        tab.page.set_default_timeout(15_000)
+        tab.page.goto(f"{d.url}/#token={d.token}&run={route}")
         yield tab
         if expect_404:  # the console's line for the answer the test asked for
-            errors[:] = [e for e in errors if not re.match(r"Failed to load resource: .*404", e)]
-        assert errors == [], f"the page logged errors: {errors}"
-        assert all(u.startswith(d.url) for u in requests), requests
-    finally:
-        ctx.close()
+            _dash._dismiss(tab, "404")
+        assert all(u.startswith(d.url) for u in tab.requests), tab.requests
 
 
 def _run(
