@@ -94,7 +94,7 @@ def test_hf_logged_loss_with_accumulation_is_the_trainers(
     its micro-batches or its steps (a model that averages itself, and one the Trainer gives
     num_items_in_batch)."""
     from h3client.integrations.transformers import H3Callback
-    from tests.integrations.test_transformers import Linear, Points, tiny_args
+    from tests.integrations.test_transformers import Linear, Points, tiny_args, tiny_gpt2
 
     torch.manual_seed(0)
     data: Any
@@ -102,16 +102,7 @@ def test_hf_logged_loss_with_accumulation_is_the_trainers(
         net: Any = Linear()
         data = Points(64, 1)
     else:
-        net = tfm.GPT2LMHeadModel(
-            tfm.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-        )
-        g = torch.Generator().manual_seed(3)
-        data = []
-        for _ in range(64):
-            ids = torch.randint(0, 50, (12,), generator=g)
-            labels = ids.clone()
-            labels[: int(torch.randint(0, 8, (1,), generator=g))] = -100  # uneven counts
-            data.append({"input_ids": ids, "labels": labels})
+        net, data = tiny_gpt2(64)
     args = tiny_args(
         tmp_path / "out",
         per_device_train_batch_size=2,

@@ -20,6 +20,22 @@ tf = pytest.importorskip("transformers", reason="transformers is in the dev extr
 from h3client.integrations.transformers import H3Callback, model_normalises_loss  # noqa: E402
 
 
+def tiny_gpt2(n: int) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """A one-layer GPT-2 (initialised from torch's global RNG) and ``n`` sequences of 12
+    tokens whose first 0-7 labels are masked (-100): uneven token counts per sample."""
+    model = tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for _ in range(n):
+        ids = torch.randint(0, 50, (12,), generator=g)
+        labels = ids.clone()
+        labels[: int(torch.randint(0, 8, (1,), generator=g))] = -100
+        data.append({"input_ids": ids, "labels": labels})
+    return model, data
+
+
 class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """Generated token ids; the label says whether token 7 occurs (learnable, not trivial)."""
 
@@ -138,16 +154,7 @@ def test_accumulated_steps_store_the_loss_the_trainer_logs(
     # GPT-2 takes loss kwargs: the Trainer passes num_items_in_batch, so each micro-batch's
     # loss is its share of the step's loss, and the step's loss is their sum.
     torch.manual_seed(0)
-    model = tf.GPT2LMHeadModel(
-        tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-    )
-    g = torch.Generator().manual_seed(3)
-    data = []
-    for _ in range(32):
-        ids = torch.randint(0, 50, (12,), generator=g)
-        labels = ids.clone()
-        labels[: int(torch.randint(0, 8, (1,), generator=g))] = -100  # uneven token counts
-        data.append({"input_ids": ids, "labels": labels})
+    model, data = tiny_gpt2(32)
     args = tiny_args(
         tmp_path / "out",
         per_device_train_batch_size=8 // accumulation,
