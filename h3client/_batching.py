@@ -676,25 +676,30 @@ def _encode_each(items: Sequence[BatchItem], warned: set[str]) -> tuple[str, int
         return ",".join(parts), count, bad
 
 
-#: The daemon's bounds on a batch's ``n``, ``epoch`` and ``step`` (JSON-safe integers) and
+#: The daemon's bounds on a batch's ``n``, ``epoch`` and ``step`` (JSON-safe integers: the
+#: largest a double holds exactly; the profiler's ``n_train`` and config integers too) and
 #: on its ``phase`` (h3d.api.schemas); one batch outside them would make the daemon refuse
 #: the whole request, so the worker leaves it out alone.
 INT_MAX, PHASE_MAX = 2**53 - 1, 32
 _META_FIELDS = ((5, "n"), (6, "epoch"), (7, "step"))
 
 
-def _storable(text: str) -> bool:
-    """Whether the daemon stores ``text``: no NUL, no lone surrogate (``\\ud800``, no
-    Unicode text), as ``h3d.api.schemas.check_text`` checks a batch's phase."""
-    if "\x00" in text:
-        return False
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text``, escaped (``\\ud800``), or None: the daemon
+    refuses text that holds one (``h3d.api.schemas.check_text``)."""
     if text.isascii():
-        return True
+        return None
     try:
         text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+    except UnicodeEncodeError as exc:
+        return exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+    return None
+
+
+def _storable(text: str) -> bool:
+    """Whether the daemon stores ``text``: no NUL, no lone surrogate (no Unicode text), as
+    ``h3d.api.schemas.check_text`` checks a batch's phase."""
+    return "\x00" not in text and lone_surrogate(text) is None
 
 
 def _checked_meta(

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from h3client import _batching
-from h3client._batching import BatchProcessor, snapshot, snapshot_loss
+from h3client._batching import INT_MAX, BatchProcessor, lone_surrogate, snapshot, snapshot_loss
 from h3client._config import resolve
 from h3client._daemon import ensure_daemon
 from h3client._exporter import HttpExporter
@@ -888,9 +888,6 @@ class H3Profiler:
 # refused here, at construction, not after training with every batch rejected behind it.
 NAME_MAX, TAGS_MAX, TAG_MAX, CONFIG_MAX_BYTES = 200, 100, 100, 64 * 1024
 CONFIG_MAX_DEPTH = 32  # the config itself is level 1; a value inside it, level 2
-#: The daemon's bound on every integer it stores, n_train and those in a config among them:
-#: the largest a double holds exactly (JSON readers read numbers as doubles).
-INT_MAX = 2**53 - 1
 
 
 def _finite(v: Any) -> float | None:
@@ -900,18 +897,6 @@ def _finite(v: Any) -> float | None:
     except (TypeError, ValueError, RuntimeError, OverflowError):  # 10**400: no float holds it
         return None
     return f if math.isfinite(f) else None
-
-
-def _lone_surrogate(text: str) -> str | None:
-    """The first lone surrogate in ``text``, escaped (``\\ud800``), or None: the daemon
-    refuses text that holds one (``h3d.api.schemas.check_text``)."""
-    if text.isascii():
-        return None
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
-        return exc.object[exc.start : exc.end].encode("unicode_escape").decode()
-    return None
 
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -957,7 +942,7 @@ def _check_run_fields(name: Any, tags: list[Any], n_train: Any) -> int | None:
     for what, text in (("name", name or ""), *(("tags", t) for t in tags)):
         if "\x00" in text:
             raise ValueError(f"H3Profiler {what}: holds a NUL character, which no store keeps")
-        if _lone_surrogate(text) is not None:
+        if lone_surrogate(text) is not None:
             raise ValueError(
                 f"H3Profiler {what}: holds a lone surrogate, which is not Unicode text"
             )
@@ -1036,7 +1021,7 @@ def _json_config(config: dict[str, Any]) -> dict[str, Any]:
             stacklevel=3,
         )
     # a lone surrogate ("\ud800") is valid JSON, escaped, but no Unicode text
-    bad = _lone_surrogate(json.dumps(out, ensure_ascii=False))
+    bad = lone_surrogate(json.dumps(out, ensure_ascii=False))
     if bad is not None:
         raise ValueError(
             f"H3Profiler config: holds a lone surrogate ({bad}), which is not Unicode text"
