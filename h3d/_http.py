@@ -177,18 +177,18 @@ def _not_this_data_dirs(
         )
     pid = _this_data_dirs_daemon(settings, url)
     if pid is not None:  # the right daemon; the token is not its own
+        d = settings.data_dir
+        restart = f"restart it (`h3d stop --data-dir {d}`, then `h3d serve --data-dir {d}`)"
         if token is None:
             return (
-                f"the daemon of {settings.data_dir} (pid {pid}) at {url} cannot be used: "
-                f"there is no token in {settings.token_path}; restart it (`h3d stop "
-                f"--data-dir {settings.data_dir}`, then `h3d serve --data-dir "
-                f"{settings.data_dir}`) to write one, or give its token in H3D_TOKEN"
+                f"the daemon of {d} (pid {pid}) at {url} cannot be used: there is no token "
+                f"in {settings.token_path}; {restart} to write one, or give its token in "
+                "H3D_TOKEN"
             )
         fix = (
             f"give its token, or unset H3D_TOKEN to use {settings.token_path}"
             if source == "H3D_TOKEN"
-            else f"{source} changed since it started: restart it (`h3d stop --data-dir "
-            f"{settings.data_dir}`, then `h3d serve --data-dir {settings.data_dir}`)"
+            else f"{source} changed since it started: {restart}"
         )
         return (
             f"the daemon of {settings.data_dir} (pid {pid}) at {url} refuses the token in "
