@@ -636,8 +636,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(c: DaemonClient, ref: str) -> str:
-    """A run id, a run name (newest wins) or a unique id prefix, resolved by the daemon.
+def _resolved(c: DaemonClient, ref: str) -> Any:
+    """The run (as ``GET /v1/runs/{id}`` gives it) that a run id, a run name (newest wins)
+    or a unique id prefix names, resolved by the daemon.
 
     A blank ``RUN`` is refused here, in the command's words: the daemon's answer names its
     query parameter (``422 validation_error: query.ref: ...``), which the user never typed.
@@ -647,7 +648,12 @@ def _resolve(c: DaemonClient, ref: str) -> str:
             f"no run given ({ref!r}): name one by its id, a unique id prefix or its name "
             "(`h3d runs` lists them)"
         )
-    return str(c.get("/v1/runs/resolve", params={"ref": ref})["id"])
+    return c.get("/v1/runs/resolve", params={"ref": ref})
+
+
+def _resolve(c: DaemonClient, ref: str) -> str:
+    """The id of the run ``ref`` names (see :func:`_resolved`)."""
+    return str(_resolved(c, ref)["id"])
 
 
 def print_report(rep: dict[str, Any]) -> None:
@@ -776,8 +782,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     """Delete ended runs and everything stored of them, after asking (``--yes``: without).
     Every reference is resolved before anything is deleted: one unknown deletes none."""
     c = DaemonClient(_settings(args))
-    ids = list(dict.fromkeys(_resolve(c, ref) for ref in args.runs))
-    runs = [c.get(f"/v1/runs/{rid}") for rid in ids]
+    runs = list({r["id"]: r for r in (_resolved(c, ref) for ref in args.runs)}.values())
     running = [f"{r['id']} ({_shown(r['name'])})" for r in runs if r["status"] == "running"]
     if running:  # refused before any is deleted, not halfway through the list
         raise CommandError(
@@ -787,12 +792,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
         )
     if not args.yes:
         if not sys.stdin.isatty():
-            print(
-                "h3d: delete asks before it deletes, and stdin is no terminal: pass --yes to "
-                "delete without asking",
-                file=sys.stderr,
+            raise CommandError(
+                "delete asks before it deletes, and stdin is no terminal: pass --yes to "
+                "delete without asking"
             )
-            return 2
         listed = "".join(f"  {r['id']}  {_shown(r['name'])}  [{r['status']}]\n" for r in runs)
         print(
             f"delete {len(runs)} run(s) and all their data:\n{listed}[y/N] ",
@@ -801,8 +804,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             flush=True,
         )
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-            print("h3d: nothing deleted", file=sys.stderr)
-            return 1
+            raise CommandError("nothing deleted", code=1)
     for r in runs:
         c.request("DELETE", f"/v1/runs/{r['id']}")
         print(f"deleted {r['id']} ({_shown(r['name'])})", flush=True)
