@@ -538,9 +538,9 @@ def tune(
             for r in range(repeats):
                 one(COMBINED, merged, "training", r)
         elif combine is not None:  # the caller's names, not winners: say what became of them
+            kept = f"one technique left ({chosen[0]}, trained alone above)" if chosen else ""
             result.combination_note = (
-                f"--combine {', '.join(combine)}: one technique left"
-                + (f" ({chosen[0]}, trained alone above)" if chosen else "")
+                f"--combine {', '.join(combine)}: {kept or 'no technique left'}"
                 + (f"; left out {'; '.join(left)}" if left else "")
                 + ": nothing to combine"
             )

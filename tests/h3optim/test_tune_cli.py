@@ -391,6 +391,9 @@ def test_combine_names_a_technique_that_does_not_apply_here(
     result = tuned(daemon_factory(), both, combine=both)
     assert result.combination == ["early_stop"]
     assert "amp_fp16 (not applicable: fp16 autocast needs CUDA" in result.combination_note
+    alone = tuned(daemon_factory("alone"), both, combine=["amp_fp16"])
+    assert alone.combination == []
+    assert alone.combination_note.startswith("--combine amp_fp16: no technique left; left out")
 
 
 def test_combine_refuses_an_inference_technique_before_anything_runs(
