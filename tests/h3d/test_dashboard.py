@@ -269,7 +269,17 @@ def opened(browser: Any, base: str) -> Iterator[Tab]:
     page.on("request", lambda r: requests.append(r.url))
     tab = Tab(page, errors, requests, base)
     try:
-        yield tab
+        try:
+            yield tab
+        except Exception as e:
+            # a wait that timed out says only which selector it waited for: add what the page
+            # showed, the console's errors and the last requests, so that a failure seen once
+            # in CI can be read
+            with contextlib.suppress(Exception):
+                shown = page.inner_text("body", timeout=2_000)[:1500]
+                e.add_note(f"page {page.url!r} showed:\n{shown}")
+            e.add_note(f"console errors: {errors}; last requests: {requests[-8:]}")
+            raise
         assert errors == [], f"the page logged errors: {errors}"
         foreign = [u for u in requests if not (u.startswith(base) or u.startswith("file:"))]
         assert foreign == [], f"the page fetched from other hosts: {foreign}"
