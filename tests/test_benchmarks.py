@@ -8,6 +8,9 @@ import csv
 import hashlib
 import importlib
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from tests.conftest import REPO
 # the scripts that write a report; the others only print (docs/benchmarks.md says which)
 REPORTING = [
     "auto_overhead",
+    "client_instructions",
     "client_overhead",
     "concurrency",
     "counter_granularity",
@@ -184,3 +188,29 @@ def test_a_reports_command_line_names_the_options_that_ran() -> None:
     assert _common.command(ap, ap.parse_args([*argv, "--baseline", "/tmp/b"])) == (
         f"{base} --quick --rounds 3 --block-s 1.5 --only a b --baseline /tmp/b"
     )
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_client_instructions_counts_each_thread_of_a_real_callgrind_run(tmp_path: Path) -> None:
+    """The per-thread counts the script reads: a thread that sums ten times as many numbers
+    shows about ten times as many instructions, and the main thread is thread 1."""
+    from benchmarks.client_instructions import thread_counts
+
+    counts = {}
+    for n in (20_000, 200_000):
+        prefix = tmp_path / f"cg-{n}"
+        code = (
+            f"import threading; t = threading.Thread(target=sum, args=(range({n}),)); "
+            "t.start(); t.join()"
+        )
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+             f"--callgrind-out-file={prefix}", sys.executable, "-S", "-c", code],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        counts[n] = thread_counts(prefix)
+    assert set(counts[20_000]) == set(counts[200_000]) == {1, 2}
+    small, big = counts[20_000][2], counts[200_000][2]
+    # the thread's own start-up is a fixed part: the summing part grows tenfold
+    assert 5 < big / small < 11
+    assert abs(counts[200_000][1] - counts[20_000][1]) < 0.05 * counts[20_000][1]

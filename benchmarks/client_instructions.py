@@ -1,0 +1,293 @@
+"""What H3Profiler costs a training step, in instructions: a figure the host's noise cannot move.
+
+``client_overhead.py`` times the profiler on a real training loop, but on these shared 2-core
+hosts the rounds of one run spread over 3 to 24 points, so a 0.5 % budget cannot be resolved
+by the clock. This script counts instead. The same training loop as ``client_overhead.py``
+(MLP 40-256-256-10 on MNIST-1D, batch 64, one torch thread, Adam) runs under
+``valgrind --tool=callgrind --separate-threads=yes``, which counts every instruction each
+thread executes, the same count for the same binary and inputs whatever else the machine is
+doing. Each logging mode runs twice, for ``--short`` and for ``--long`` steps, so that
+everything the two runs share (the interpreter, ``import torch``, the profiler's start and
+stop) cancels:
+
+    instructions per step = (count(long) - count(short)) / (long - short)
+
+for the training thread (the one that calls ``log_batch``) and for every other thread of the
+process together (the sender; torch starts none with one thread). The modes: unprofiled;
+``H3Profiler`` logging the mean loss only; and logging the loss, 64 per-sample losses and 64
+indices, as the README's quick start does. The profiler posts to a real daemon on loopback
+(run natively, not counted). Under valgrind a step takes about 50 times as long, so the
+sender, which posts once a second, would post every 30 steps instead of every 1 000-1 400:
+each profiler here posts every ``--batch`` batches instead (``max_batch``, the flush interval
+set out of reach): 400 by default, fewer than the 1 000-1 400 of a native run, so that the
+sender's cost per batch, its per-request part included, is if anything overstated. A step
+takes about 0.75 s under valgrind here: the default run (10 processes with ``--before``, two
+at a time) takes about half an hour.
+
+What the counts mean, and what they do not:
+
+- the training thread's extra instructions per step over the unprofiled loop's are the work
+  ``log_batch`` adds to the loop, as a share of a step's instructions;
+- the other threads' are the sender's conversion and posting, which a second core runs in
+  parallel (on one core they would add to the step's time);
+- an instruction is not a nanosecond: a call after a training step misses caches the step
+  evicted, and ``client_overhead.py``'s timed in-loop call (0.56 % of a step on a quiet
+  host) is the cost in time. What valgrind counts is the work, free of the host's noise, and
+  a change to ``log_batch`` or the sender shows here as a difference of instructions;
+- valgrind's CPU has no AVX-512: torch runs its AVX2 kernels under it, so a step counts the
+  instructions of an AVX2 host.
+
+``--before REV`` counts the h3client of a git revision too (the same loop, the same daemon),
+for a change's A/B. Writes ``benchmarks/results/local/client_instructions.md``.
+
+    PYTHONPATH=. python benchmarks/client_instructions.py [--before REV] [--short 100] [--long 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import (  # noqa: E402
+    add_out,
+    command,
+    daemon,
+    machine,
+    short_rev,
+    write_report,
+)
+
+MODES = {
+    "unprofiled": "unprofiled",
+    "mean": "H3Profiler, mean loss only",
+    "per-sample": "H3Profiler, loss + 64 per-sample losses + 64 indices",
+}
+
+# Runs under valgrind, against whichever h3client is first on its sys.path.
+WORKER = r"""
+import sys
+import torch
+from torch import nn
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+mode, steps, data, url, data_dir, batch = sys.argv[1:7]
+steps, batch = int(steps), int(batch)
+x, y = torch.load(data)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                      nn.Linear(256, 10))
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+prof = None
+if mode != "unprofiled":
+    import h3client.client
+    from h3client import H3Profiler
+    # the HTTP stack is imported once, by whichever thread needs it first: here, so that its
+    # import (about 0.5 G instructions under valgrind) is never counted on one thread in one
+    # run and on another in the next
+    getattr(h3client.client, "load_http_stack", lambda: None)()
+    prof = H3Profiler(f"instructions-{mode}", url=url, data_dir=data_dir, max_batch=batch,
+                      flush_interval_s=1e6)
+    prof.start()
+per_sample = mode == "per-sample"
+perm = torch.randperm(len(y))
+i = 0
+for _ in range(steps):
+    if i + 64 > len(perm):
+        perm, i = torch.randperm(len(y)), 0
+    b = perm[i : i + 64]
+    i += 64
+    losses = nn.functional.cross_entropy(model(x[b]), y[b], reduction="none")
+    loss = losses.mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if per_sample:
+        prof.log_batch(loss, losses=losses, indices=b)
+    elif prof is not None:
+        prof.log_batch(loss)
+if prof is not None:
+    r = prof.stop()
+    assert r["batches_posted"] == steps, r
+"""
+
+
+def thread_counts(prefix: Path) -> dict[int, int]:
+    """Instructions per thread, from callgrind's per-thread files ``<prefix>-NN``."""
+    out = {}
+    for f in prefix.parent.glob(prefix.name + "-*"):
+        m = re.search(r"^(?:summary|totals): (\d+)", f.read_text(errors="replace"), re.M)
+        if m:
+            out[int(f.name.rsplit("-", 1)[1])] = int(m.group(1))
+    return out
+
+
+def count(
+    tree: Path, mode: str, steps: int, data: Path, url: str, data_dir: Path, batch: int, tmp: Path
+) -> dict[str, int]:
+    """One run under callgrind: the training thread's and the other threads' instructions."""
+    prefix = tmp / f"cg-{tree.name}-{mode}-{steps}"
+    proc = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--separate-threads=yes",
+            f"--callgrind-out-file={prefix}",
+            sys.executable,
+            "-c",
+            WORKER,
+            mode,
+            str(steps),
+            str(data),
+            url,
+            str(data_dir),
+            str(batch),
+        ],
+        env={"PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} ({steps} steps) under valgrind failed:\n{proc.stderr[-3000:]}")
+    threads = thread_counts(prefix)
+    return {"training": threads.pop(1), "other": sum(threads.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="client_instructions.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--short", type=int, default=100, help="steps of the short run")
+    ap.add_argument("--long", type=int, default=500, help="steps of the long run")
+    ap.add_argument(
+        "--batch", type=int, default=400, help="batches a request carries (see the docstring)"
+    )
+    ap.add_argument("--before", help="also count the h3client of this git revision")
+    ap.add_argument("--jobs", type=int, default=2, help="valgrind runs at once")
+    add_out(ap, "client_instructions.md")
+    args = ap.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    if args.long <= args.short:
+        raise SystemExit("--long must be more steps than --short")
+
+    import torch
+
+    from benchmarks._data import load_mnist1d
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        split = load_mnist1d()
+        data = tmp / "mnist1d.pt"
+        torch.save((split.x_train, split.y_train), data)
+        trees = {"this tree": REPO}
+        if args.before:
+            before = tmp / "before"
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(before), args.before],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+            )
+            trees[f"before ({short_rev(args.before)})"] = before
+        try:
+            data_dir = tmp / "data"
+            data_dir.mkdir()
+            with daemon(data_dir) as (url, _token):
+                jobs = [
+                    (name, mode, steps)
+                    for name in trees
+                    for mode in MODES
+                    if name == "this tree" or mode != "unprofiled"
+                    for steps in (args.short, args.long)
+                ]
+                with ThreadPoolExecutor(args.jobs) as pool:
+                    futures = {
+                        job: pool.submit(
+                            count,
+                            trees[job[0]],
+                            job[1],
+                            job[2],
+                            data,
+                            url,
+                            data_dir,
+                            args.batch,
+                            tmp,
+                        )
+                        for job in jobs
+                    }
+                    counts = {job: f.result() for job, f in futures.items()}
+        finally:
+            if args.before:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(tmp / "before")],
+                    cwd=REPO,
+                    check=False,
+                    capture_output=True,
+                )
+    per_step = {
+        (name, mode): {
+            k: (counts[name, mode, args.long][k] - counts[name, mode, args.short][k])
+            / (args.long - args.short)
+            for k in ("training", "other")
+        }
+        for name, mode, steps in counts
+        if steps == args.short
+    }
+    write(ap, args, started, per_step)
+
+
+def write(
+    ap: argparse.ArgumentParser,
+    args: Any,
+    started: str,
+    per_step: dict[tuple[str, str], dict[str, float]],
+) -> None:
+    base = per_step["this tree", "unprofiled"]
+    step = base["training"] + base["other"]
+    lines = [
+        "# Client overhead in instructions",
+        "",
+        f"`{command(ap, args)}` at {short_rev(check=False) or '?'} on {started}, "
+        f"{machine()}, under valgrind's callgrind. Instructions per training step: "
+        f"(count over {args.long} steps − count over {args.short}) / {args.long - args.short}, "
+        f"per thread; a request every {args.batch} batches.",
+        "",
+        "| tree | logging | training thread, per step | over unprofiled | "
+        "other threads (the sender), per step | of an unprofiled step | all threads, over |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (name, mode), c in per_step.items():
+        extra = c["training"] - base["training"]
+        other = c["other"] - base["other"]
+        lines.append(
+            f"| {name} | {MODES[mode]} | {c['training']:,.0f} | "
+            + ("—" if mode == "unprofiled" else f"+{extra:,.0f} (**{100 * extra / step:+.3f} %**)")
+            + f" | {c['other']:,.0f} | "
+            + ("—" if mode == "unprofiled" else f"{100 * other / step:.3f} %")
+            + " | "
+            + ("—" if mode == "unprofiled" else f"{100 * (extra + other) / step:+.3f} %")
+            + " |"
+        )
+    lines += [
+        "",
+        "Over unprofiled: the extra instructions per step as a share of an unprofiled step's "
+        "(all its threads). Budget (DESIGN.md §8): profiler overhead ≤ 0.5 % of a step; these "
+        "counts are its work on the training thread and on the sender's, not its time (see the "
+        "script's docstring).",
+    ]
+    write_report(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
