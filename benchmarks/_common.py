@@ -134,6 +134,17 @@ def short_rev(rev: str = "HEAD", *, check: bool = True) -> str:
     ).stdout.strip()
 
 
+def extract(rev: str, dest: Path, *paths: str) -> Path:
+    """The files under ``paths`` as of git revision ``rev``, written under ``dest`` (made):
+    another version of a package to import beside this tree's, for a side-by-side run."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", rev, *paths], cwd=REPO, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}"
 

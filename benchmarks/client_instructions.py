@@ -63,6 +63,7 @@ from benchmarks._common import (  # noqa: E402
     add_out,
     command,
     daemon,
+    extract,
     machine,
     short_rev,
     write_report,
@@ -192,49 +193,35 @@ def main() -> None:
         torch.save((split.x_train, split.y_train), data)
         trees = {"this tree": REPO}
         if args.before:
-            before = tmp / "before"
-            subprocess.run(
-                ["git", "worktree", "add", "--detach", str(before), args.before],
-                cwd=REPO,
-                check=True,
-                capture_output=True,
+            trees[f"before ({short_rev(args.before)})"] = extract(
+                args.before, tmp / "before", "h3client"
             )
-            trees[f"before ({short_rev(args.before)})"] = before
-        try:
-            data_dir = tmp / "data"
-            data_dir.mkdir()
-            with daemon(data_dir) as (url, _token):
-                jobs = [
-                    (name, mode, steps)
-                    for name in trees
-                    for mode in MODES
-                    if name == "this tree" or mode != "unprofiled"
-                    for steps in (args.short, args.long)
-                ]
-                with ThreadPoolExecutor(args.jobs) as pool:
-                    futures = {
-                        job: pool.submit(
-                            count,
-                            trees[job[0]],
-                            job[1],
-                            job[2],
-                            data,
-                            url,
-                            data_dir,
-                            args.batch,
-                            tmp,
-                        )
-                        for job in jobs
-                    }
-                    counts = {job: f.result() for job, f in futures.items()}
-        finally:
-            if args.before:
-                subprocess.run(
-                    ["git", "worktree", "remove", "--force", str(tmp / "before")],
-                    cwd=REPO,
-                    check=False,
-                    capture_output=True,
-                )
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        with daemon(data_dir) as (url, _token):
+            jobs = [
+                (name, mode, steps)
+                for name in trees
+                for mode in MODES
+                if name == "this tree" or mode != "unprofiled"
+                for steps in (args.long, args.short)  # the long runs first: fewer idle cores
+            ]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                futures = {
+                    job: pool.submit(
+                        count,
+                        trees[job[0]],
+                        job[1],
+                        job[2],
+                        data,
+                        url,
+                        data_dir,
+                        args.batch,
+                        tmp,
+                    )
+                    for job in jobs
+                }
+                counts = {job: f.result() for job, f in futures.items()}
     per_step = {
         (name, mode): {
             k: (counts[name, mode, args.long][k] - counts[name, mode, args.short][k])

@@ -41,7 +41,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import add_out, daemon, machine, short_rev, write_report  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    add_out,
+    daemon,
+    extract,
+    machine,
+    short_rev,
+    write_report,
+)
 
 KINDS = (
     "float",
@@ -259,12 +266,7 @@ def main() -> None:
     )
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        before = Path(tmp) / "before"
-        before.mkdir()
-        archive = subprocess.run(
-            ["git", "archive", rev, "h3client"], cwd=REPO, check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        before = extract(rev, Path(tmp) / "before", "h3client")
         trees = {"before": before, "after": REPO}
         results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
         with daemon(Path(tmp) / "data", H3D_POWER_BACKENDS="estimated") as (url, _token):
