@@ -77,6 +77,7 @@ MODES = {
 
 # Runs under valgrind, against whichever h3client is first on its sys.path.
 WORKER = r"""
+import gc
 import sys
 import torch
 from torch import nn
@@ -101,6 +102,12 @@ if mode != "unprofiled":
                       flush_interval_s=1e6)
     prof.start()
 per_sample = mode == "per-sample"
+# A full collection walks every object alive, torch's included: about 0.2 G instructions here,
+# paid by whichever thread's allocation triggers it, so one run counted it on the training
+# thread where the next did not. The objects made so far are left out of collections
+# (gc.freeze): a collection still walks everything made from here on, the profiler's included.
+gc.collect()
+gc.freeze()
 perm = torch.randperm(len(y))
 i = 0
 for _ in range(steps):
@@ -231,7 +238,7 @@ def main() -> None:
         for name, mode, steps in counts
         if steps == args.short
     }
-    write(ap, args, started, per_step)
+    write(ap, args, started, per_step, counts)
 
 
 def write(
@@ -239,6 +246,7 @@ def write(
     args: Any,
     started: str,
     per_step: dict[tuple[str, str], dict[str, float]],
+    counts: dict[tuple[str, str, int], dict[str, int]],
 ) -> None:
     base = per_step["this tree", "unprofiled"]
     step = base["training"] + base["other"]
@@ -273,6 +281,16 @@ def write(
         "counts are its work on the training thread and on the sender's, not its time (see the "
         "script's docstring).",
     ]
+    lines += [
+        "",
+        "The counts each figure comes from (instructions per process, all of it: the "
+        "interpreter, the imports, the profiler's start and stop):",
+        "",
+        "| tree | logging | steps | training thread | other threads |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (name, mode, steps), c in sorted(counts.items()):
+        lines.append(f"| {name} | {MODES[mode]} | {steps} | {c['training']:,} | {c['other']:,} |")
     write_report(args.out, lines)
 
 
