@@ -51,6 +51,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,34 +141,49 @@ def thread_counts(prefix: Path) -> dict[int, int]:
     return out
 
 
+#: The valgrind processes running: killed when the run is interrupted (Ctrl-C, SIGTERM), so
+#: that none of them, nor a queued one, outlives it.
+RUNNING: set[subprocess.Popen[str]] = set()
+STARTING = threading.Lock()  # held while one is started; an interrupted run starts none after
+STOPPED = threading.Event()
+
+
 def count(
     tree: Path, mode: str, steps: int, data: Path, url: str, data_dir: Path, batch: int, tmp: Path
 ) -> dict[str, int]:
     """One run under callgrind: the training thread's and the other threads' instructions."""
     prefix = tmp / f"cg-{tree.name}-{mode}-{steps}"
-    proc = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--separate-threads=yes",
-            f"--callgrind-out-file={prefix}",
-            sys.executable,
-            "-c",
-            WORKER,
-            mode,
-            str(steps),
-            str(data),
-            url,
-            str(data_dir),
-            str(batch),
-        ],
-        env={"PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    with STARTING:
+        if STOPPED.is_set():
+            raise SystemExit("interrupted")
+        proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--separate-threads=yes",
+                f"--callgrind-out-file={prefix}",
+                sys.executable,
+                "-c",
+                WORKER,
+                mode,
+                str(steps),
+                str(data),
+                url,
+                str(data_dir),
+                str(batch),
+            ],
+            env={"PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        RUNNING.add(proc)
+    try:
+        _, err = proc.communicate()
+    finally:
+        RUNNING.discard(proc)
     if proc.returncode != 0:
-        raise SystemExit(f"{mode} ({steps} steps) under valgrind failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{mode} ({steps} steps) under valgrind failed:\n{err[-3000:]}")
     threads = thread_counts(prefix)
     return {"training": threads.pop(1), "other": sum(threads.values())}
 
@@ -213,7 +229,8 @@ def main() -> None:
                 if name == "this tree" or mode != "unprofiled"
                 for steps in (args.long, args.short)  # the long runs first: fewer idle cores
             ]
-            with ThreadPoolExecutor(args.jobs) as pool:
+            pool = ThreadPoolExecutor(args.jobs)
+            try:
                 futures = {
                     job: pool.submit(
                         count,
@@ -229,6 +246,14 @@ def main() -> None:
                     for job in jobs
                 }
                 counts = {job: f.result() for job, f in futures.items()}
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                with STARTING:
+                    STOPPED.set()
+                    for proc in RUNNING:
+                        proc.kill()
+                raise
+            pool.shutdown()
     per_step = {
         (name, mode): {
             k: (counts[name, mode, args.long][k] - counts[name, mode, args.short][k])
