@@ -13,16 +13,19 @@ stop) cancels:
     instructions per step = (count(long) - count(short)) / (long - short)
 
 for the training thread (the one that calls ``log_batch``) and for every other thread of the
-process together (the sender; torch starts none with one thread). The modes: unprofiled;
+process together (the sender; with one torch, OpenMP and BLAS thread, nothing else). The modes: unprofiled;
 ``H3Profiler`` logging the mean loss only; and logging the loss, 64 per-sample losses and 64
 indices, as the README's quick start does. The profiler posts to a real daemon on loopback
-(run natively, not counted). Under valgrind a step takes about 50 times as long, so the
-sender, which posts once a second, would post every 30 steps instead of every 1 000-1 400:
-each profiler here posts every ``--batch`` batches instead (``max_batch``, the flush interval
-set out of reach): 400 by default, fewer than the 1 000-1 400 of a native run, so that the
-sender's cost per batch, its per-request part included, is if anything overstated. A step
-takes about 0.75 s under valgrind here: the default run (10 processes with ``--before``, two
-at a time) takes about half an hour.
+(run natively, not counted). Under valgrind a step takes about 0.75 s here, a thousand times
+as long, so the sender, which posts once a second, would post after every step or two instead
+of every 1 000-1 400: each profiler here posts every ``--batch`` batches instead
+(``max_batch``, the flush interval set out of reach): 400 by default, fewer than a native
+run's, so that the sender's cost per batch, its per-request part included, is if anything
+overstated. The default run (10 processes with ``--before``, two at a time) takes about half
+an hour. The objects made before the loop (torch's among them) are frozen out of the cyclic
+garbage collector: a full collection walks them all, about 0.2 G instructions, paid by
+whichever thread's allocation triggers it, which made one run's training thread pay it and
+the next's not.
 
 What the counts mean, and what they do not:
 
@@ -172,7 +175,16 @@ def count(
                 str(data_dir),
                 str(batch),
             ],
-            env={"PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"},
+            # one BLAS thread: numpy's OpenBLAS otherwise keeps a server thread whose idle
+            # loop counts instructions by the second, not by the step
+            env={
+                "PYTHONPATH": str(tree),
+                "PYTHONHASHSEED": "0",
+                "PATH": "/usr/bin:/bin",
+                "OPENBLAS_NUM_THREADS": "1",
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
