@@ -304,7 +304,7 @@ def write(
         other = c["other"] - base["other"]
         lines.append(
             f"| {name} | {MODES[mode]} | {c['training']:,.0f} | "
-            + ("—" if mode == "unprofiled" else f"+{extra:,.0f} (**{100 * extra / step:+.3f} %**)")
+            + ("—" if mode == "unprofiled" else f"{extra:+,.0f} (**{100 * extra / step:+.3f} %**)")
             + f" | {c['other']:,.0f} | "
             + ("—" if mode == "unprofiled" else f"{100 * other / step:.3f} %")
             + " | "
@@ -317,8 +317,6 @@ def write(
         "(all its threads). Budget (DESIGN.md §8): profiler overhead ≤ 0.5 % of a step; these "
         "counts are its work on the training thread and on the sender's, not its time (see the "
         "script's docstring).",
-    ]
-    lines += [
         "",
         "The counts each figure comes from (instructions per process, all of it: the "
         "interpreter, the imports, the profiler's start and stop):",
