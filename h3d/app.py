@@ -26,7 +26,7 @@ from h3d import __version__, openapi
 from h3d.api import add_routes
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
-from h3d.dashboard import STATIC_TYPES, static_path_exists, static_text
+from h3d.dashboard import STATIC_TYPES, shipped_static, static_text
 from h3d.datadir import make_private
 from h3d.errors import H3DError
 from h3d.metrics import CarbonTotals
@@ -226,20 +226,13 @@ def create_app(
         # browsers never send to the server) and reads /v1 with it like any client.
         return HTMLResponse(static_text("index.html"))
 
-    shipped: set[str] = set()  # the static files' names, listed at the first request
-
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
         # separate files, no inline script or style: the page runs under a strict CSP. Any
         # name the package does not ship is a 404 without a file-system lookup: one longer
         # than a file name may be made is_file() raise (a 500, a traceback logged each time).
-        if not shipped:
-            from importlib import resources
-
-            names = (f.name for f in resources.files("h3d").joinpath("static").iterdir())
-            shipped.update(n for n in names if static_path_exists(n))
         kind = STATIC_TYPES.get(os.path.splitext(name)[1])
-        if kind is None or name not in shipped:
+        if kind is None or name not in shipped_static():
             raise StarletteHTTPException(404, f"no static file {name[:100]!r}")
         return Response(static_text(name), media_type=kind, headers={"Cache-Control": "no-cache"})
 

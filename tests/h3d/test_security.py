@@ -163,6 +163,48 @@ def test_a_static_name_no_file_can_have_is_a_404_and_logs_nothing(daemon: Daemon
     assert "Traceback" not in daemon.log.read_text()[before:]
 
 
+def test_the_first_page_load_gets_every_static_file_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A browser asks for app.css, charts.js and app.js together, each a threadpool thread.
+    The list of shipped files was filled while the first request read the directory, so a
+    request beside it found the list partial and answered 404 for a shipped file (charts.js
+    in CI, and then a blank page). The directory check is slowed here to make that window
+    wide; every request must get its file."""
+    import anyio
+
+    from h3d import dashboard
+    from h3d.app import create_app
+    from h3d.config import Settings
+
+    real = dashboard.static_path_exists
+
+    def slow(name: str) -> bool:
+        time.sleep(0.05)
+        return real(name)
+
+    monkeypatch.setattr(dashboard, "static_path_exists", slow)
+    dashboard.shipped_static.cache_clear()  # read at this daemon's first request, as in a new one
+    app = create_app(Settings(data_dir=tmp_path / "data"))
+    names = ["app.css", "charts.js", "app.js"] * 3
+
+    async def load() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            out: list[int] = [0] * len(names)
+
+            async def get(i: int, name: str) -> None:
+                await anyio.sleep(0.02 * i)  # staggered, as a page asks for them
+                out[i] = (await c.get(f"/static/{name}")).status_code
+
+            async with anyio.create_task_group() as tg:
+                for i, name in enumerate(names):
+                    tg.start_soon(get, i, name)
+            return out
+
+    assert anyio.run(load) == [200] * len(names)
+
+
 # --- 4. idle connections ------------------------------------------------------------------
 
 
