@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from h3d.api.schemas import COLUMNS_MEDIA_TYPE
 from h3d.errors import InvalidInput
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,13 +63,47 @@ def _validated(model: type[BaseModel], body: bytes) -> BaseModel | None:
         return None
 
 
+def media_type(content_type: str) -> str:
+    """A Content-Type without its parameters (charset), in lower case."""
+    return content_type.partition(";")[0].strip().lower()
+
+
 def is_json(content_type: str) -> bool:
     """Whether a Content-Type is one FastAPI reads a body as JSON by: application/json or
     application/*+json, any parameters (charset) after it."""
-    kind = content_type.partition(";")[0].strip().lower()
+    kind = media_type(content_type)
     return kind == "application/json" or (
         kind.startswith("application/") and kind.endswith("+json")
     )
+
+
+def _read_binary(read: Callable[[bytes], BaseModel], body: bytes) -> BaseModel:
+    """``read(body)`` (a model's ``from_binary``), its failures answered as a JSON body's
+    are: an invalid column as FastAPI's 422 (the same ``loc`` under ``body``), a body that
+    is not in the binary layout as a 422 saying what does not fit."""
+    try:
+        return read(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]
+        ) from None
+    except ValueError as exc:
+        raise InvalidInput(
+            f"the {COLUMNS_MEDIA_TYPE} body cannot be read: {exc}",
+            details={"media_type": COLUMNS_MEDIA_TYPE},
+        ) from None
+
+
+def _as_json(scope: Any, body: bytes) -> tuple[Any, Callable[[], Coroutine[Any, Any, Any]]]:
+    """``scope`` with its Content-Type application/json, and an ASGI ``receive`` that gives
+    ``body`` again: FastAPI then takes the model already read (``_JSONRequest.json``)."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return {**scope, "headers": headers}, receive
 
 
 class JSONRoute(APIRoute):
@@ -93,11 +129,27 @@ class JSONRoute(APIRoute):
             else None
         )
 
+        # a model that also reads a binary body (BatchesIn: the client's packed columns)
+        binary = getattr(model, "from_binary", None)
+
         async def route_handler(request: Request) -> Response:
             req = _JSONRequest(request.scope, request.receive)
             if not takes_body:
                 return await handler(req)
             content_type = request.headers.get("content-type")
+            if (
+                binary is not None
+                and content_type is not None
+                and media_type(content_type) == COLUMNS_MEDIA_TYPE
+            ):
+                body = await req.body()
+                if len(body) > PARSE_IN_THREAD_BYTES:
+                    value = await anyio.to_thread.run_sync(_read_binary, binary, body)
+                else:
+                    value = _read_binary(binary, body)
+                req = _JSONRequest(*_as_json(request.scope, body))
+                req.validated = value
+                return await handler(req)
             if content_type is None:
                 if await req.body():  # an empty body is no body (a 422 if one is required)
                     raise InvalidInput(
@@ -106,9 +158,10 @@ class JSONRoute(APIRoute):
                         details={"content_type": None},
                     )
             elif not is_json(content_type):
+                also = f" (or as {COLUMNS_MEDIA_TYPE})" if binary is not None else ""
                 raise InvalidInput(
                     f"the body is sent as {content_type[:100]!r}; send it as JSON, with "
-                    "Content-Type: application/json",
+                    f"Content-Type: application/json{also}",
                     details={"content_type": content_type[:100]},
                 )
             elif model is not None:

@@ -16,6 +16,7 @@ from h3d import reaper
 from h3d.api._routes import PARSE_IN_THREAD_BYTES, Routes
 from h3d.api.deps import SeenRun, SettingsDep, StoreDep
 from h3d.api.schemas import (
+    COLUMNS_MEDIA_TYPE,
     FUTURE_SLACK_S,
     BatchColumns,
     BatchesIn,
@@ -197,7 +198,22 @@ async def _write(
     return await store.write_async(write)
 
 
-@router.post("/{run_id}/batches", response_model=IngestResult, dependencies=[SeenRun])
+@router.post(
+    "/{run_id}/batches",
+    response_model=IngestResult,
+    dependencies=[SeenRun],
+    # the binary form of the same body (BatchesIn.from_binary), beside the JSON one
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                COLUMNS_MEDIA_TYPE: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "(see BatchesIn.from_binary in docs/daemon.md)",
+                }
+            }
+        }
+    },
+)
 async def post_batches(
     run_id: Text, body: BatchesIn, store: StoreDep, settings: SettingsDep, request: Request
 ) -> IngestResult:
