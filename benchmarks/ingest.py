@@ -1,8 +1,8 @@
 """Daemon ingest throughput over real HTTP: batch rows/s, per-sample losses/s, latency.
 
 Starts a real ``h3d serve`` (temporary data dir, SQLite, loopback port), then for each
-configuration POSTs pre-encoded JSON bodies over one keep-alive connection and times each
-request from send to response. Client-side JSON encoding is done before the clock starts:
+configuration POSTs pre-encoded bodies over one keep-alive connection and times each
+request from send to response. Client-side encoding is done before the clock starts:
 the figures are what the daemon sustains (parse, validate, store, commit), with client and
 daemon sharing this machine's cores.
 
@@ -24,12 +24,17 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import add_out, daemon_client, machine, write_report  # noqa: E402
 from h3client._batching import encode_batches  # noqa: E402
+from h3client.client import COLUMNS_MEDIA_TYPE, columns_as_json  # noqa: E402
 
 
-def body(seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "rows") -> bytes:
-    """A request of ``n_batches``: one JSON object per batch ("rows"), or the packed columns
-    the client's sender writes ("columns", by its own encoder)."""
-    if form == "columns":
+def body(
+    seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "rows"
+) -> tuple[bytes, str]:
+    """A request of ``n_batches`` and its Content-Type: one JSON object per batch ("rows"),
+    or the packed columns by the client's own encoder, as it sends them ("binary": raw bytes
+    after a JSON header) or in their JSON form ("columns": base64 text, what the spool holds
+    and a daemon older than the binary form reads)."""
+    if form in ("columns", "binary"):
         items = [
             (s, t0 + s * 1e-3, 1.0 + (s % 97) / 97,
              [round(0.5 + ((s * 31 + i) % 101) / 50, 4) for i in range(per_sample)] if per_sample else None,
@@ -38,9 +43,10 @@ def body(seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "row
             for s in range(seq0, seq0 + n_batches)
         ]  # fmt: skip
         req, bad = encode_batches(items)
-        assert req is not None and not bad and isinstance(req.body, bytes)
-        assert b'"columns"' in req.body
-        return req.body
+        assert req is not None and not bad and req.binary
+        if form == "binary":
+            return req.body, COLUMNS_MEDIA_TYPE
+        return columns_as_json(req.body), "application/json"
     batches = []
     for s in range(seq0, seq0 + n_batches):
         b: dict[str, object] = {
@@ -54,7 +60,7 @@ def body(seq0: int, n_batches: int, per_sample: int, t0: float, form: str = "row
             b["losses"] = [round(0.5 + ((s * 31 + i) % 101) / 50, 4) for i in range(per_sample)]
             b["indices"] = list(range(s * per_sample, (s + 1) * per_sample))
         batches.append(b)
-    return json.dumps({"batches": batches}).encode()
+    return json.dumps({"batches": batches}).encode(), "application/json"
 
 
 def measure(
@@ -65,11 +71,9 @@ def measure(
     bodies = [body(i * n_batches, n_batches, per_sample, t0, form) for i in range(requests)]
     lat = []
     start = time.perf_counter()
-    for b in bodies:
+    for b, kind in bodies:
         s = time.perf_counter()
-        r = http.post(
-            f"/v1/runs/{run}/batches", content=b, headers={"Content-Type": "application/json"}
-        )
+        r = http.post(f"/v1/runs/{run}/batches", content=b, headers={"Content-Type": kind})
         lat.append(time.perf_counter() - s)
         assert r.status_code == 200 and r.json()["accepted"] == n_batches, r.text
     wall = time.perf_counter() - start
@@ -83,7 +87,7 @@ def measure(
         "requests": requests,
         "rows_per_s": n_batches * requests / wall,
         "losses_per_s": n_batches * per_sample * requests / wall,
-        "mb_per_request": len(bodies[0]) / 1e6,
+        "mb_per_request": len(bodies[0][0]) / 1e6,
         "p50_ms": statistics.median(lat) * 1e3,
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
     }
@@ -101,11 +105,15 @@ def main() -> None:
         (100, 128, 60, "rows"),
         (1000, 128, 10, "rows"),
         (1000, 512, 4, "rows"),
-        # what the client sends: packed columns (h3client's encoder)
+        # packed columns (h3client's encoder): as JSON (base64), and as the client sends them
         (1000, 0, 40, "columns"),
         (100, 128, 60, "columns"),
         (1000, 128, 10, "columns"),
         (1000, 512, 4, "columns"),
+        (1000, 0, 40, "binary"),
+        (100, 128, 60, "binary"),
+        (1000, 128, 10, "binary"),
+        (1000, 512, 4, "binary"),
     ]
     if args.quick:
         configs = [(n, p, max(2, r // 10), f) for n, p, r, f in configs]
@@ -125,9 +133,11 @@ def main() -> None:
         "",
         f"`python benchmarks/ingest.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
         f"{machine()}, SQLite file in a temp dir (WAL). "
-        "Client and daemon share the machine; bodies are JSON encoded before timing; one keep-alive connection. "
+        "Client and daemon share the machine; bodies are encoded before timing; one keep-alive connection. "
         "Form: `rows`, one JSON object per batch with per-sample values as JSON lists; `columns`, the packed "
-        "columns the client's sender writes (base64 arrays, one per column).",
+        "columns of the client's encoder in their JSON form (base64 arrays, one per column: the spool's "
+        "form); `binary`, the same columns as the client sends them (`application/vnd.h3.columns`: "
+        "raw bytes after a one-line JSON header).",
         "",
         "| form | batches/request | per-sample losses/batch | requests | batch rows/s | per-sample losses/s | MB/request | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -219,11 +219,15 @@ def queued(mod):  # what that version's log_batch queues, for 2 000 training-loo
 
 items = {"before": queued(before), "after": queued(after)}
 mods = {"before": before, "after": after}
+from h3client.client import columns_as_json
 def utf8(body):  # a body is JSON text, str or (since the sender builds it as bytes) bytes
     return body.encode() if isinstance(body, str) else body
 
-bodies = {arm: utf8(mods[arm].encode_batches(items[arm])[0].body) for arm in mods}
-assert bodies["before"] == bodies["after"], "the two versions send different bodies"
+def as_json(req):  # what a request says, whichever form it travels in (the binary form too)
+    return json.loads(columns_as_json(req.body) if getattr(req, "binary", False) else req.body)
+
+bodies = {arm: as_json(mods[arm].encode_batches(items[arm])[0]) for arm in mods}
+assert bodies["before"] == bodies["after"], "the two versions send different batches"
 t = {k: [] for k in ("before", "after", "before+gzip", "after+gzip")}
 for r in range(reps):
     for arm in (("before", "after") if r % 2 == 0 else ("after", "before")):

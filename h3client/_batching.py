@@ -59,6 +59,7 @@ from operator import index, is_not, itemgetter
 from typing import Any, Literal, cast
 
 from h3client._exporter import Exporter, Request
+from h3client.client import PACKED_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -563,49 +564,14 @@ def _encode(items: Sequence[BatchItem], warned: set[str]) -> tuple[str, int, int
     return ",".join([fmt] * count) % values, count, len(bad)
 
 
-#: base64 is written in pieces of this many bytes (about 0.1 ms each; a multiple of 12, so
-#: the pieces' texts join into the text of the whole and a piece holds whole float32 values),
-#: the GIL yielded between two pieces.
-B64_PIECE = 12 * 4096
-
-
-def _b64(chunks: Sequence[Any], out: list[Any], f32: bool = False) -> None:
-    """Append to ``out`` the base64 of the concatenation of ``chunks`` (None ones skipped),
-    in pieces of about ``B64_PIECE`` bytes; with ``f32``, every non-finite float32 as NaN
-    (:func:`_f32_nan`).
-
-    The whole block is never joined nor its text copied: chunks are joined a piece at a time,
-    and the pieces' texts go into the request's one final join. The GIL is yielded between
-    pieces: a training thread coming back from a torch operation waits for one piece at
-    most, not for the whole block."""
-    carry, group, size, first = b"", [], 0, True
-    for c in chunks:
-        if c is None:
-            continue
-        group.append(c)
-        size += len(c)
-        if size < B64_PIECE:
-            continue
-        joined = memoryview(b"".join([carry, *group]))
-        cut = len(joined) - len(joined) % 12
-        carry, group, size = joined[cut:].tobytes(), [], 0
-        for at in range(0, cut, B64_PIECE):  # a chunk larger than a piece: several pieces
-            if not first:
-                time.sleep(0)  # releases the GIL: a waiting training thread takes it first
-            first = False
-            piece = joined[at : min(cut, at + B64_PIECE)]
-            out.append(_b2a(_f32_nan(piece) if f32 else piece))
-    rest = b"".join([carry, *group])
-    if rest or first:
-        out.append(_b2a(_f32_nan(rest) if f32 else rest))
-
-
 def _encode_columns(items: Sequence[BatchItem]) -> bytes | None:
-    """The body of a request for ``items`` with its batches as packed columns (the daemon's
-    ``BatchColumns``), as bytes: each column packed whole with a few C calls, nothing done
-    per batch in Python, the text built by one final join. None when the items need the row
-    form: an unreadable loss, or indices that do not pair with the per-sample losses (those
-    batches are then left out one by one)."""
+    """The body of a request for ``items`` with its batches as packed columns, in the
+    daemon's binary form (:data:`~h3client.client.COLUMNS_MEDIA_TYPE`): a one-line JSON
+    header, then each packed column's bytes as they are, no base64 (which was a third of
+    this thread's work per batch, held under the GIL). Each column is packed whole with a
+    few C calls, nothing done per batch in Python, and the body is built by one final
+    join. None when the items need the row form: an unreadable loss, or indices that do
+    not pair with the per-sample losses (those batches are then left out one by one)."""
     seqs, ts, losses, vecs, idxs, ns, epochs, steps, phases = zip(*items, strict=True)
     loss_vals, bad = _scalars(losses)
     if bad:
@@ -613,37 +579,35 @@ def _encode_columns(items: Sequence[BatchItem]) -> bytes | None:
     time.sleep(0)  # here and below: the GIL yielded between steps of about 0.1-0.3 ms
     if None in loss_vals:  # non-finite: NaN on the wire, stored as missing
         loss_vals = [math.nan if v is None else v for v in loss_vals]
-    out = [
-        b'{"nonfinite_as_null":true,"columns":{"seq_i64":"',
-        _b2a(array("q", seqs)),
-        b'","t_f64":"',
-        _b2a(array("d", ts)),
-        b'","loss_f64":"',
-        _b2a(array("d", cast("list[float]", loss_vals))),
-        b'"',
+    blocks: list[Any] = [
+        array("q", seqs),
+        array("d", ts),
+        array("d", cast("list[float]", loss_vals)),
     ]
     lens = [-1] * len(items)
     if _any_set(vecs):
         chunks, lens = _chunks(vecs, "f")
         time.sleep(0)
-        out += [b',"sizes_i64":"', _b2a(array("q", lens)), b'","losses_f32":"']
-        _b64(chunks, out, f32=True)
-        out.append(b'"')
+        blocks += [array("q", lens), _f32_nan(b"".join(filter(None, chunks)))]
     if _any_set(idxs):
         chunks, ilens = _chunks(idxs, "q")
         if ilens != lens:
             return None
         time.sleep(0)
-        out.append(b',"indices_i64":"')
-        _b64(chunks, out)
-        out.append(b'"')
+        blocks.append(b"".join(filter(None, chunks)))
+    # seq, t, loss; then sizes and losses; then indices (only with losses: see above)
+    header: dict[str, Any] = dict(zip(PACKED_COLUMNS, map(_nbytes, blocks), strict=False))
     if _any_set(ns):  # else the daemon takes each batch's number of per-sample losses
         ns = tuple(lens[i] if n is None and lens[i] >= 0 else n for i, n in enumerate(ns))
     for name, col in (("n", ns), ("epoch", epochs), ("step", steps), ("phase", phases)):
         if _any_set(col):
-            out.append(f',"{name}":{json.dumps(col)}'.encode())  # one C call for the column
-    out.append(b"}}")
-    return b"".join(out)
+            header[name] = col
+    head = json.dumps({"nonfinite_as_null": True, "columns": header}, separators=(",", ":"))
+    return b"".join([head.encode(), b"\n", *blocks])
+
+
+def _nbytes(block: Any) -> int:
+    return memoryview(block).nbytes
 
 
 #: The largest request body the worker builds: half the daemon's default limit on a body
@@ -782,7 +746,7 @@ def encode_batches(
     except Exception:  # something unreadable: the row form finds which batches
         columns = None
     if columns is not None:
-        return Request("batches", columns, len(items)), invalid
+        return Request("batches", columns, len(items), binary=True), invalid
     parts: list[str] = []
     count, bad = 0, invalid
     for k in range(0, len(items), SLICE):

@@ -36,7 +36,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from h3client._config import UnsafeDir
 from h3client._spool import Spool, already_done, replay_file
-from h3client.client import RESUME_HEADERS, Client
+from h3client.client import RESUME_HEADERS, Client, columns_as_json
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class Request(NamedTuple):
     """One operation, encoded once: what is posted and, if need be, what is spooled."""
 
     op: str  # "create", "batches", "epochs", "update"
-    body: bytes  # the request body: JSON text, UTF-8
+    body: bytes  # the request body: JSON text, UTF-8, or with ``binary`` the binary form
     n_batches: int = 0  # batches it carries
+    binary: bool = False  # a batches body in the binary form (client.COLUMNS_MEDIA_TYPE)
 
 
 class Exporter(Protocol):
@@ -62,6 +63,22 @@ class Exporter(Protocol):
     def spool(self, request: Request) -> bool: ...
 
     def shutdown(self) -> None: ...
+
+
+def as_json(request: Request) -> Request:
+    """``request`` with a binary batches body in the JSON form (:func:`columns_as_json`)."""
+    if not request.binary:
+        return request
+    return request._replace(body=columns_as_json(request.body), binary=False)
+
+
+def _refuses_binary(exc: H3HTTPStatusError) -> bool:
+    """Whether the daemon refused a body for its Content-Type (a daemon that reads batches
+    as JSON only answers the binary form so), not for what it holds."""
+    details = exc.details
+    return exc.status_code == 415 or (
+        exc.status_code == 422 and isinstance(details, dict) and "content_type" in details
+    )
 
 
 class HttpExporter:
@@ -99,6 +116,7 @@ class HttpExporter:
         self._max_backoff_s = max_backoff_s
         self._warned: set[str] = set()
         self.status_spooled = False  # a run status (the final one, at stop) is in the spool
+        self._json_only = False  # the daemon refused the binary form of batches: JSON only
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
@@ -197,10 +215,14 @@ class HttpExporter:
                 self.client.post_json(self.run_id, "create", self._create, headers=RESUME_HEADERS)
             self._follow = False
         headers = RESUME_HEADERS if self.resume and request.op == "create" else None
-        self.client.post_json(self.run_id, request.op, request.body, headers=headers)
+        self.client.post_json(
+            self.run_id, request.op, request.body, headers=headers, binary=request.binary
+        )
 
     def send(self, request: Request) -> Outcome:
         request = self._stamped(request)
+        if request.binary and self._json_only:
+            request = as_json(request)
         if request.op == "create":
             self._create = request.body
         if not self.online:  # a try after an outage: the data dir's daemon may have moved
@@ -229,6 +251,12 @@ class HttpExporter:
                     self.offline(str(exc), refused=True)
                     return "down"
                 self.online, self._backoff_s = True, 0.5  # it answered: it is up
+                if request.binary and _refuses_binary(exc):
+                    # a daemon older than the binary form (one started before an upgrade
+                    # keeps running): JSON from now on, this request at once
+                    self._json_only, request = True, as_json(request)
+                    logger.info("h3: the daemon reads JSON batches only; sending those")
+                    continue
                 if already_done(request.op, exc.code):
                     self._stored = True
                     return "sent"
@@ -240,7 +268,7 @@ class HttpExporter:
             return "sent"
 
     def spool(self, request: Request) -> bool:
-        request = self._stamped(request)
+        request = as_json(self._stamped(request))  # the spool's lines are JSON
         try:
             self.spool_file.append(request.op, request.body)
             if request.op == "update" and b'"status"' in request.body:

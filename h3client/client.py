@@ -94,6 +94,31 @@ REPLAY_HEADERS = {"H3-Replay": "1"}
 #: Headers of a resumed profiler's create: the daemon then follows the new process.
 RESUME_HEADERS = {"H3-Resume": "1"}
 
+#: The daemon's binary form of a batches body (h3d.api.schemas.binary_columns): a one-line
+#: JSON header in which each packed column is its length in bytes, a newline, then the
+#: columns' bytes back to back in ``PACKED_COLUMNS`` order. The sender posts this form: no
+#: base64 on either side.
+COLUMNS_MEDIA_TYPE = "application/vnd.h3.columns"
+PACKED_COLUMNS = ("seq_i64", "t_f64", "loss_f64", "sizes_i64", "losses_f32", "indices_i64")
+
+
+def columns_as_json(body: bytes) -> bytes:
+    """A binary batches body (:data:`COLUMNS_MEDIA_TYPE`) in the JSON form: each packed
+    column's base64 text in the header where its length was. For the spool (JSON lines,
+    which ``h3d import`` replays) and for a daemon that reads JSON only."""
+    import binascii
+
+    end = body.index(b"\n")
+    obj = json.loads(body[:end])
+    cols, at = obj["columns"], end + 1
+    for name in PACKED_COLUMNS:
+        if name in cols:
+            size = cols[name]
+            cols[name] = binascii.b2a_base64(body[at : at + size], newline=False).decode()
+            at += size
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 #: The operations a profiler sends (and spools): name -> (method, path template).
 OPERATIONS = {
     "create": ("POST", "/v1/runs"),
@@ -264,9 +289,11 @@ class Client:
         json_body: Any = None,
         json_text: str | bytes | None = None,
         headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
         **kw: Any,
     ) -> httpx.Response:
-        """Send a request; ``json_body`` is encoded here, ``json_text`` was already.
+        """Send a request; ``json_body`` is encoded here, ``json_text`` was already (or is a
+        body of ``content_type``: the binary form of batches).
 
         Bodies of 4 KiB or more travel gzipped (one compression per request), except to a
         daemon on a loopback address. ``headers`` go with it, besides the token's.
@@ -283,7 +310,7 @@ class Client:
             json_text = json.dumps(json_body, allow_nan=False)
         if json_text is not None:
             raw = json_text.encode() if isinstance(json_text, str) else json_text
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
             if self._gzip and len(raw) >= _GZIP_MIN_BYTES:
                 raw = gzip.compress(raw, compresslevel=1)  # releases the GIL while it works
                 headers["Content-Encoding"] = "gzip"
@@ -343,16 +370,25 @@ class Client:
         return dict(self.request("POST", f"/v1/runs/{run_id}/batches", json_body=body).json())
 
     def post_json(
-        self, run_id: str, op: str, text: str | bytes, *, headers: dict[str, str] | None = None
+        self,
+        run_id: str,
+        op: str,
+        text: str | bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        binary: bool = False,
     ) -> dict[str, Any]:
-        """Send one spool-style operation whose body is JSON text already (the sender's path).
+        """Send one spool-style operation whose body is JSON text already (the sender's path),
+        or with ``binary`` a batches body in the binary form (:data:`COLUMNS_MEDIA_TYPE`).
 
         ``op``: "create", "batches", "epochs" or "update"; ``headers``: say a replay
         (``REPLAY_HEADERS``) or a resumed run's create (``RESUME_HEADERS``).
         """
         method, path = OPERATIONS[op]
         url = path.format(run_id=run_id)
-        return dict(self.request(method, url, json_text=text, headers=headers).json())
+        kind = COLUMNS_MEDIA_TYPE if binary else "application/json"
+        r = self.request(method, url, json_text=text, headers=headers, content_type=kind)
+        return dict(r.json())
 
     def post_epochs(self, run_id: str, epochs: list[dict[str, Any]]) -> dict[str, int]:
         body = {"epochs": epochs}

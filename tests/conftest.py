@@ -178,10 +178,13 @@ def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:
 class Daemon:
     """A real daemon subprocess. ``restart()`` keeps the data dir and the port."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str], port: int = 0) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str], port: int = 0, tree: Path = REPO
+    ) -> None:
         self.data_dir = data_dir
         self.env = env
         self.port = port
+        self.tree = tree  # the source tree whose h3d runs (another revision's, extracted)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.token = ""
@@ -197,7 +200,7 @@ class Daemon:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.tree,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from h3client._batching import B64_PIECE, BatchProcessor, _b64, encode_batches
-from h3client._exporter import Outcome, Request
+from h3client import client
+from h3client._batching import BatchProcessor, encode_batches
+from h3client._exporter import Outcome, Request, as_json
 from h3client._spool import batch_seqs
 from tests.h3client.conftest import FakeCudaTensor, FakeEvent
 
@@ -46,13 +47,13 @@ class Memory:
             raise RuntimeError("exporter bug")
         if not self.up:
             return "down"
-        self.sent.append((req.op, json.loads(req.body)))
+        self.sent.append((req.op, json.loads(as_json(req).body)))
         return "sent"
 
     def spool(self, req: Request) -> bool:
         if not self.disk:
             return False
-        self.spilled.append((req.op, json.loads(req.body)))
+        self.spilled.append((req.op, json.loads(as_json(req).body)))
         return True
 
     def shutdown(self) -> None:
@@ -107,7 +108,7 @@ def item(seq: int, loss: Any = 1.0, **kw: Any) -> tuple[Any, ...]:
 def decoded(items: list[tuple[Any, ...]]) -> tuple[list[dict[str, Any]], int]:
     req, bad = encode_batches(items)
     assert req is not None and req.op == "batches"
-    body = json.loads(req.body)
+    body = json.loads(as_json(req).body)
     assert body["nonfinite_as_null"] is True and req.n_batches == len(rows(body))
     return rows(body), bad
 
@@ -543,36 +544,49 @@ def test_a_large_request_is_converted_in_slices_and_keeps_its_order() -> None:
     assert unpack(rows[-1]["losses_f32"], "f") == (vec + n - 1).tolist()
 
 
-@pytest.mark.parametrize("n", [0, 1, B64_PIECE - 1, B64_PIECE, B64_PIECE + 1, 3 * B64_PIECE + 2])
-def test_base64_written_in_pieces_is_the_base64_of_the_whole(n: int) -> None:
-    block = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
-    # chunks of uneven sizes (and absent ones), as a request's per-batch vectors are
-    sizes = [1, 255, 256, 7, 4096, 13] * (n // 4628 + 1)
-    chunks: list[Any] = []
-    at = 0
-    for k in sizes:
-        chunks += [block[at : at + k], None]
-        at += k
-    for given in ([block], [memoryview(bytearray(block))], chunks):
-        out: list[Any] = []
-        _b64(given, out)
-        assert b"".join(out).decode() == base64.b64encode(block).decode()
-        assert len(out) >= n // B64_PIECE  # written in pieces, never the whole at once
-
-
-def test_float32_blocks_in_pieces_carry_every_nonfinite_value_as_nan() -> None:
-    values = torch.arange(3 * B64_PIECE // 4 + 5, dtype=torch.float32)
-    at = [0, 7, B64_PIECE // 4 - 1, B64_PIECE // 4, 2 * B64_PIECE // 4 + 3, len(values) - 1]
+def test_float32_losses_carry_every_nonfinite_value_as_nan() -> None:
+    values = torch.arange(20_000, dtype=torch.float32)
+    at = [0, 7, 4095, 4096, 12_291, len(values) - 1]
     values[at] = torch.tensor([math.inf, -math.inf, math.nan, math.inf, -math.inf, math.inf])
-    raw = values.numpy().tobytes()
-    chunks = [raw[i : i + 300] for i in range(0, len(raw), 300)]  # not aligned to pieces
-    out: list[Any] = []
-    _b64(chunks, out, f32=True)
-    got = torch.frombuffer(bytearray(base64.b64decode(b"".join(out))), dtype=torch.float32)
-    assert got.isnan().nonzero().flatten().tolist() == sorted(at)
+    items = [
+        item(k, losses=values[k * 500 : (k + 1) * 500], indices=torch.arange(500))
+        for k in range(40)
+    ]
+    got, bad = decoded(items)
+    assert bad == 0
+    read = torch.tensor([v for r in got for v in unpack(r["losses_f32"], "f")])
+    assert read.isnan().nonzero().flatten().tolist() == sorted(at)
     keep = torch.ones(len(values), dtype=torch.bool)
     keep[at] = False
-    assert torch.equal(got[keep], values[keep])
+    assert torch.equal(read[keep], values[keep])
+
+
+def test_the_binary_body_is_what_the_daemon_reads_and_its_json_form_the_same() -> None:
+    """The sender's binary body, read by the daemon's own reader, holds what its JSON form
+    (the spool's, and an older daemon's) holds, column for column."""
+    from h3d.api.schemas import COLUMNS_MEDIA_TYPE, PACKED_COLUMNS, BatchesIn
+
+    assert (COLUMNS_MEDIA_TYPE, PACKED_COLUMNS) == (
+        client.COLUMNS_MEDIA_TYPE,
+        client.PACKED_COLUMNS,
+    )
+    items = [
+        item(0, losses=torch.rand(5), indices=torch.arange(5), n=8),
+        item(1, loss=torch.tensor(math.nan)),  # no per-sample losses; a NaN loss
+        (*item(2, losses=[0.25, 0.5], indices=[3, 4])[:8], "thermo"),
+    ]
+    req, bad = encode_batches(items)
+    assert req is not None and req.binary and bad == 0
+    head, _, blocks = req.body.partition(b"\n")
+    assert json.loads(head)["nonfinite_as_null"] is True
+    binary = BatchesIn.from_binary(req.body)
+    text = BatchesIn.model_validate_json(as_json(req).body)
+    assert binary.model_dump() == text.model_dump()
+    cols = binary.columns
+    assert cols is not None and cols.seqs().tolist() == [0, 1, 2]
+    assert cols.sizes().tolist() == [5, -1, 2] and cols.n == [8, None, 2]
+    assert math.isnan(cols.losses()[1]) and cols.phase == [None, None, "thermo"]
+    assert len(blocks) == sum(len(getattr(cols, name) or b"") for name in PACKED_COLUMNS)
 
 
 def test_epoch_step_and_phase_columns_keep_each_batch_s_value() -> None:
