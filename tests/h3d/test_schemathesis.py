@@ -16,6 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from h3d.api.schemas import COLUMNS_MEDIA_TYPE
 from tests.conftest import Daemon, daemon_env
 
 
@@ -39,6 +40,8 @@ def api_schema(fuzzed_daemon: Daemon) -> schemathesis.BaseSchema:
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+# the batches route's binary form (raw bytes after a JSON header): sent as the bytes generated
+schemathesis.serializer.alias(COLUMNS_MEDIA_TYPE, "application/octet-stream")
 
 
 @schema.parametrize()
