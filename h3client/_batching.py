@@ -16,16 +16,17 @@ While a request is held back (see below), it is tried again at the exporter's re
 A request is converted as a whole (:func:`encode_batches`) into packed columns (the
 daemon's ``BatchColumns``): the sequence numbers, times and losses as one array each, and the
 queued per-sample bytes converted per dtype as one block with one tensor operation per
-dtype and request (none for float32 losses and int64 indices, the common case), then joined
-and base64-encoded 48 KiB at a time (non-finite losses found by a byte test on each piece)
-straight into the body, which is built as bytes by one final join: the block is never held
-whole, nor its text copied. Nothing in it does a tensor operation or runs Python code per
-batch in the common case. The GIL is yielded between the steps and between the pieces: the
-training thread, coming back from a torch operation, waits for one piece at most (otherwise
-up to the interpreter's switch interval, 5 ms). A request holding a batch that cannot be read
-falls back to one JSON object per batch, which finds and leaves out that batch. Bodies to a
-daemon on another machine are gzipped; on loopback they are not (gzip cost ~30 ms of CPU per
-MB and saved nothing there).
+dtype and request (none for float32 losses and int64 indices, the common case), non-finite
+losses found by one byte test on the block. The body is the daemon's binary form
+(``client.COLUMNS_MEDIA_TYPE``): a one-line JSON header, then the columns' bytes as they
+are, built by one final join; no base64 (``client.columns_as_json`` gives the JSON form,
+for the spool and for a daemon older than the binary form). Nothing in it does a tensor
+operation or runs Python code per batch in the common case. The GIL is yielded between the
+steps: the training thread, coming back from a torch operation, waits for one step at most
+(otherwise up to the interpreter's switch interval, 5 ms). A request holding a batch that
+cannot be read falls back to one JSON object per batch, which finds and leaves out that
+batch. Bodies to a daemon on another machine are gzipped; on loopback they are not (gzip
+cost ~30 ms of CPU per MB and saved nothing there).
 
 Where a request goes: the daemon; the spool on disk when the daemon does not answer (or the
 queue is more than ``max_queue`` behind: the oldest go to disk, not to memory); and when
