@@ -14,23 +14,34 @@ stop) cancels:
 
 for the training thread (the one that calls ``log_batch``) and for every other thread of the
 process together (the sender; with one torch, OpenMP and BLAS thread, nothing else). The modes: unprofiled;
-``H3Profiler`` logging the mean loss only; and logging the loss, 64 per-sample losses and 64
-indices, as the README's quick start does. The profiler posts to a real daemon on loopback
-(run natively, not counted). Under valgrind a step takes about 0.75 s here, a thousand times
-as long, so the sender, which posts once a second, would post after every step or two instead
-of every 1 000-1 400: each profiler here posts every ``--batch`` batches instead
-(``max_batch``, the flush interval set out of reach): 400 by default, fewer than a native
-run's, so that the sender's cost per batch, its per-request part included, is if anything
-overstated. The default run (10 processes with ``--before``, two at a time) takes about half
-an hour. The objects made before the loop (torch's among them) are frozen out of the cyclic
+``H3Profiler`` logging the mean loss only; logging the loss, 64 per-sample losses and 64
+indices, as the README's quick start does; and a control, the unprofiled loop with a second
+thread that only waits (what any process with a second thread pays: one with a CUDA context or
+an intra-op thread pool has them already). The profiler posts to a real daemon on loopback
+(run natively, not counted).
+
+Requests. Under valgrind a step takes tens of times as long, so the sender, which posts once
+a second (``flush_interval_s``), would post after every few steps instead of every 500-2 000:
+each profiler here posts every ``--batch`` batches instead (``max_batch``, the flush interval
+set out of reach). A request costs both threads a fixed part whatever it carries (the HTTP
+exchange on the sender; on the training thread, the caches the sender's code evicted), so
+each profiled mode runs at two request sizes, 100 and 1 000 batches by default; the sender's
+requests are counted, and the two long-minus-short differences solve for a part per batch
+and a part per request, on each thread. The report puts them together at the batches a
+request of a native run carries: the loop is timed natively first (steps a second, capped at
+``max_batch``, 2 000). The default run (12 valgrind processes, two at a time) takes about
+half an hour.
+
+The objects made before the loop (torch's among them) are frozen out of the cyclic
 garbage collector: a full collection walks them all, about 0.2 G instructions, paid by
 whichever thread's allocation triggers it, which made one run's training thread pay it and
 the next's not.
 
 What the counts mean, and what they do not:
 
-- the training thread's extra instructions per step over the unprofiled loop's are the work
-  ``log_batch`` adds to the loop, as a share of a step's instructions;
+- the training thread's extra instructions per step over the control's are the work the
+  profiler adds to the loop's thread, as a share of a step's instructions: ``log_batch``, and
+  after each request the type and method caches the sender's code evicted;
 - the other threads' are the sender's conversion and posting, which a second core runs in
   parallel (on one core they would add to the step's time);
 - an instruction is not a nanosecond: a call after a training step misses caches the step
@@ -50,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import re
 import shutil
 import subprocess
@@ -86,7 +98,9 @@ CONTROLS = ("unprofiled", "idle-thread")
 # Runs under valgrind, against whichever h3client is first on its sys.path.
 WORKER = r"""
 import gc
+import json
 import sys
+import time
 import torch
 from torch import nn
 torch.set_num_threads(1)
@@ -103,7 +117,7 @@ if mode == "idle-thread":
     import threading
     # the control: a second thread that only waits, as the profiler's sender does between
     # requests; what the training thread pays for it is the cost of a process having two
-    # threads at all (glibc's malloc takes its arena locks once a second thread exists)
+    # threads at all, which any process with a CUDA context or an intra-op pool pays too
     threading.Thread(target=threading.Event().wait, daemon=True).start()
 elif mode != "unprofiled":
     import h3client.client
@@ -115,6 +129,14 @@ elif mode != "unprofiled":
     prof = H3Profiler(f"instructions-{mode}", url=url, data_dir=data_dir, max_batch=batch,
                       flush_interval_s=1e6)
     prof.start()
+    # the requests the sender makes (create, batches, update), counted: a request costs both
+    # threads a fixed part whatever the batches it carries (see the docstring)
+    sent = [0]
+    exporter = prof._proc.exporter
+    def counted(req, _send=exporter.send):
+        sent[0] += 1
+        return _send(req)
+    exporter.send = counted
 per_sample = mode == "per-sample"
 # A full collection walks every object alive, torch's included: about 0.2 G instructions here,
 # paid by whichever thread's allocation triggers it, so one run counted it on the training
@@ -124,6 +146,7 @@ gc.collect()
 gc.freeze()
 perm = torch.randperm(len(y))
 i = 0
+t0 = time.perf_counter()
 for _ in range(steps):
     if i + 64 > len(perm):
         perm, i = torch.randperm(len(y)), 0
@@ -138,9 +161,11 @@ for _ in range(steps):
         prof.log_batch(loss, losses=losses, indices=b)
     elif prof is not None:
         prof.log_batch(loss)
+loop_s = time.perf_counter() - t0
 if prof is not None:
     r = prof.stop()
     assert r["batches_posted"] == steps, r
+print(json.dumps({"steps_per_s": steps / loop_s, "requests": sent[0] if prof else 0}))
 """
 
 
@@ -196,19 +221,32 @@ def count(
                 "OMP_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1",
             },
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         RUNNING.add(proc)
     try:
-        _, err = proc.communicate()
+        out, err = proc.communicate()
     finally:
         RUNNING.discard(proc)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} ({steps} steps) under valgrind failed:\n{err[-3000:]}")
     threads = thread_counts(prefix)
-    return {"training": threads.pop(1), "other": sum(threads.values())}
+    requests = json.loads(out.strip().splitlines()[-1])["requests"]
+    return {"training": threads.pop(1), "other": sum(threads.values()), "requests": requests}
+
+
+def native_rate(data: Path, steps: int = 3000) -> float:
+    """Steps a second of the unprofiled loop run natively (not under valgrind), this host."""
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, "unprofiled", str(steps), str(data), "-", "-", "0"],
+        env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["steps_per_s"])
 
 
 def main() -> None:
@@ -216,7 +254,11 @@ def main() -> None:
     ap.add_argument("--short", type=int, default=100, help="steps of the short run")
     ap.add_argument("--long", type=int, default=500, help="steps of the long run")
     ap.add_argument(
-        "--batch", type=int, default=400, help="batches a request carries (see the docstring)"
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[100, 1000],
+        help="batches a request carries, one set of runs for each (see the docstring)",
     )
     ap.add_argument("--before", help="also count the h3client of this git revision")
     ap.add_argument("--jobs", type=int, default=2, help="valgrind runs at once")
@@ -245,6 +287,7 @@ def main() -> None:
         split = load_mnist1d()
         data = tmp / "mnist1d.pt"
         torch.save((split.x_train, split.y_train), data)
+        rate = native_rate(data)  # before the valgrinds take the cores
         # this tree's h3client as it is now (an edit during the half hour of the run
         # changes nothing), and every tree byte-compiled up front: a run that found no
         # up-to-date .pyc compiled the module's source, tens of M instructions counted on
@@ -262,27 +305,21 @@ def main() -> None:
             compileall.compile_dir(tree / "h3client", quiet=1)
         data_dir = tmp / "data"
         data_dir.mkdir()
+        # (tree, mode, batches a request, steps); the controls send nothing: run once
+        jobs: list[Job] = [
+            (name, mode, batch, steps)
+            for name in trees
+            for mode in args.modes
+            if name == "this tree" or mode not in CONTROLS
+            for batch in ([0] if mode in CONTROLS else args.batch)
+            for steps in (args.long, args.short)  # the long runs first: fewer idle cores
+        ]
         with daemon(data_dir) as (url, _token):
-            jobs = [
-                (name, mode, steps)
-                for name in trees
-                for mode in args.modes
-                if name == "this tree" or mode not in CONTROLS
-                for steps in (args.long, args.short)  # the long runs first: fewer idle cores
-            ]
             pool = ThreadPoolExecutor(args.jobs)
             try:
                 futures = {
                     job: pool.submit(
-                        count,
-                        trees[job[0]],
-                        job[1],
-                        job[2],
-                        data,
-                        url,
-                        data_dir,
-                        args.batch,
-                        tmp,
+                        count, trees[job[0]], job[1], job[3], data, url, data_dir, job[2], tmp
                     )
                     for job in jobs
                 }
@@ -295,78 +332,154 @@ def main() -> None:
                         proc.kill()
                 raise
             pool.shutdown()
-    per_step = {
-        (name, mode): {
-            k: (counts[name, mode, args.long][k] - counts[name, mode, args.short][k])
-            / (args.long - args.short)
-            for k in ("training", "other")
-        }
-        for name, mode, steps in counts
-        if steps == args.short
-    }
-    write(ap, args, started, per_step, counts)
+    write(ap, args, started, rate, counts)
+
+
+#: (tree, mode, batches a request (0 for the controls), steps)
+Job = tuple[str, str, int, int]
+
+
+def split_costs(
+    args: Any, counts: dict[Job, dict[str, int]], name: str, mode: str
+) -> dict[str, dict[str, float]] | None:
+    """A profiled mode's work split into a part per batch and a part per request, for each
+    thread, from its runs at two request sizes (the largest and the smallest): each long run
+    minus its short run is (long - short) batches and some requests more, and the two
+    differences solve for both parts. None with one request size, or if the two sizes made
+    the same number of requests more."""
+    sizes = sorted(b for (n, m, b, st) in counts if n == name and m == mode and st == args.long)
+    if len(sizes) < 2:
+        return None
+
+    def delta(batch: int, k: str) -> int:
+        return counts[name, mode, batch, args.long][k] - counts[name, mode, batch, args.short][k]
+
+    small, large = sizes[0], sizes[-1]
+    dreq = delta(small, "requests") - delta(large, "requests")
+    if dreq == 0:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for k in ("training", "other"):
+        per_request = (delta(small, k) - delta(large, k)) / dreq
+        per_batch = (delta(large, k) - per_request * delta(large, "requests")) / (
+            args.long - args.short
+        )
+        out[k] = {"batch": per_batch, "request": per_request}
+    return out
 
 
 def write(
     ap: argparse.ArgumentParser,
     args: Any,
     started: str,
-    per_step: dict[tuple[str, str], dict[str, float]],
-    counts: dict[tuple[str, str, int], dict[str, int]],
+    rate: float,
+    counts: dict[Job, dict[str, int]],
 ) -> None:
-    base = per_step["this tree", "unprofiled"]
-    idle = per_step.get(("this tree", "idle-thread"))
+    def per_step(name: str, mode: str, batch: int) -> dict[str, float]:
+        long, short = counts[name, mode, batch, args.long], counts[name, mode, batch, args.short]
+        return {k: (long[k] - short[k]) / (args.long - args.short) for k in ("training", "other")}
+
+    base = per_step("this tree", "unprofiled", 0)
+    idle = per_step("this tree", "idle-thread", 0) if "idle-thread" in args.modes else None
     step = base["training"] + base["other"]
+    # batches a request of a native run of this loop carries: the sender posts once a
+    # second (flush_interval_s) or at max_batch (2 000), whichever comes first
+    native = min(2000, max(1, round(rate)))
+
+    def pct(extra: float) -> str:
+        return f"{extra:+,.0f} (**{100 * extra / step:+.3f} %**)"
+
     lines = [
         "# Client overhead in instructions",
         "",
         f"`{command(ap, args)}` at {short_rev(check=False) or '?'} on {started}, "
         f"{machine()}, under valgrind's callgrind. Instructions per training step: "
         f"(count over {args.long} steps − count over {args.short}) / {args.long - args.short}, "
-        f"per thread; a request every {args.batch} batches.",
+        "per thread. The same loop runs natively here at "
+        f"{rate:,.0f} steps/s: a request of a native run carries {native:,} batches.",
         "",
-        "| tree | logging | training thread, per step | over unprofiled | "
-        "other threads (the sender), per step | of an unprofiled step | all threads, over |"
-        + (" training thread, over the idle-thread control |" if idle else ""),
-        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if idle else ""),
+        "| tree | logging | batches a request | requests, long − short | training thread, per "
+        "step | over unprofiled | over the idle-thread control | other threads (the sender), "
+        "per step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (name, mode), c in per_step.items():
-        extra = c["training"] - base["training"]
-        other = c["other"] - base["other"]
-        profiled = mode not in CONTROLS
+    for name, mode, batch, steps in counts:
+        if steps != args.long:
+            continue
+        c = per_step(name, mode, batch)
+        dreq = (
+            counts[name, mode, batch, args.long]["requests"]
+            - (counts[name, mode, batch, args.short]["requests"])
+        )
         lines.append(
-            f"| {name} | {MODES[mode]} | {c['training']:,.0f} | "
-            + ("—" if mode == "unprofiled" else f"{extra:+,.0f} (**{100 * extra / step:+.3f} %**)")
-            + f" | {c['other']:,.0f} | "
-            + (f"{100 * other / step:.3f} %" if profiled else "—")
+            f"| {name} | {MODES[mode]} | {batch or '—'} | {dreq if batch else '—'} | "
+            f"{c['training']:,.0f} | "
+            + ("—" if mode == "unprofiled" else pct(c["training"] - base["training"]))
             + " | "
-            + (f"{100 * (extra + other) / step:+.3f} %" if profiled else "—")
-            + " |"
-            + (_over(c["training"] - idle["training"], step) if idle and profiled else "")
-            + (" — |" if idle and not profiled else "")
+            + (pct(c["training"] - idle["training"]) if idle and mode not in CONTROLS else "—")
+            + f" | {c['other']:,.0f} |"
         )
     lines += [
         "",
-        "Over unprofiled: the extra instructions per step as a share of an unprofiled step's "
-        "(all its threads). Budget (DESIGN.md §8): profiler overhead ≤ 0.5 % of a step's wall "
-        "time; these counts are its work on the training thread and on the sender's, not its "
-        "time (see the script's docstring). The idle-thread control is the unprofiled loop "
-        "with a second thread that only waits: what the training thread pays over it is the "
-        "profiler's own work there, less what any process with a second thread pays.",
+        "Over unprofiled: the extra instructions per step as a share of an unprofiled step's. "
+        "The idle-thread control is the unprofiled loop with a second thread that only "
+        "waits: what the training thread pays over it is the profiler's work there, less what "
+        "any process with a second thread pays (a CUDA context or an intra-op thread pool has "
+        "them already).",
         "",
-        "The counts each figure comes from (instructions per process, all of it: the "
-        "interpreter, the imports, the profiler's start and stop):",
-        "",
-        "| tree | logging | steps | training thread | other threads |",
-        "|---|---|---:|---:|---:|",
     ]
-    for (name, mode, steps), c in sorted(counts.items()):
-        lines.append(f"| {name} | {MODES[mode]} | {steps} | {c['training']:,} | {c['other']:,} |")
+    split = {
+        (name, mode): split_costs(args, counts, name, mode)
+        for name, mode, batch, steps in counts
+        if mode not in CONTROLS
+    }
+    if any(split.values()):
+        ref = idle or base
+        lines += [
+            "Each profiled mode's work split into a part per batch and a part per request "
+            "(solved from its two request sizes), and the two put together at a native run's "
+            f"{native:,} batches a request: the profiler's work per step of this loop as it "
+            "runs outside valgrind. Budget (DESIGN.md §8): profiler overhead ≤ 0.5 % of a "
+            "step's wall time. With a core to spare the sender runs beside the training "
+            "thread, which pays its own column; on a single core the step pays both.",
+            "",
+            "| tree | logging | training thread: per batch (over the control) / per request "
+            "| sender: per batch "
+            "/ per request | training thread, per step over the "
+            + ("idle-thread control" if idle else "unprofiled loop")
+            + " | sender, per step | both |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for (name, mode), sp in split.items():
+            if sp is None:
+                continue
+            # (the training thread's per-batch part includes the step: the control's is
+            # taken off)
+            batch_part = sp["training"]["batch"] - ref["training"]
+            train = batch_part + sp["training"]["request"] / native
+            sender = sp["other"]["batch"] + sp["other"]["request"] / native
+            lines.append(
+                f"| {name} | {MODES[mode]} | {batch_part:,.0f} / "
+                f"{sp['training']['request']:,.0f} | {sp['other']['batch']:,.0f} / "
+                f"{sp['other']['request']:,.0f} | {pct(train)} | {pct(sender)} | "
+                f"{pct(train + sender)} |"
+            )
+        lines.append("")
+    lines += [
+        "The counts each figure comes from (instructions per process, all of it: the "
+        "interpreter, the imports, the profiler's start and stop) and the requests the sender "
+        "made (the run's create and final update included):",
+        "",
+        "| tree | logging | batches a request | steps | training thread | other threads | "
+        "requests |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (name, mode, batch, steps), n in sorted(counts.items()):
+        lines.append(
+            f"| {name} | {MODES[mode]} | {batch or '—'} | {steps} | {n['training']:,} | "
+            f"{n['other']:,} | {n['requests']} |"
+        )
     write_report(args.out, lines)
-
-
-def _over(extra: float, step: float) -> str:
-    return f" {extra:+,.0f} (**{100 * extra / step:+.3f} %**) |"
 
 
 if __name__ == "__main__":

@@ -214,3 +214,58 @@ def test_client_instructions_counts_each_thread_of_a_real_callgrind_run(tmp_path
     # the thread's own start-up is a fixed part: the summing part grows tenfold
     assert 5 < big / small < 11
     assert abs(counts[200_000][1] - counts[20_000][1]) < 0.05 * counts[20_000][1]
+
+
+def test_client_instructions_splits_work_into_per_batch_and_per_request_parts(
+    tmp_path: Path,
+) -> None:
+    """Counts made from a known step, per-batch and per-request cost (and a fixed start-up)
+    are split back into those parts, and the report puts them together at the native run's
+    batches a request."""
+    from benchmarks import client_instructions as ci
+
+    step, idle_extra = 6_000_000, 5_000
+    costs = {"training": (3_000, 400_000), "other": (10_000, 2_000_000)}  # per batch, request
+    args = argparse.Namespace(
+        short=100, long=500, batch=[100, 1000], modes=["unprofiled", "idle-thread", "mean"],
+        out=tmp_path / "r.md", before=None, jobs=2,
+    )  # fmt: skip
+    counts = {}
+    for steps in (500, 100):
+        counts["this tree", "unprofiled", 0, steps] = {
+            "training": 10**9 + step * steps,
+            "other": 0,
+            "requests": 0,
+        }
+        counts["this tree", "idle-thread", 0, steps] = {
+            "training": 10**9 + (step + idle_extra) * steps,
+            "other": 5,
+            "requests": 0,
+        }
+        for batch in (100, 1000):
+            requests = 2 + -(-steps // batch)  # create, update, the batches' requests
+            counts["this tree", "mean", batch, steps] = {
+                k: 10**9
+                + (step + idle_extra if k == "training" else 0) * steps
+                + per_batch * steps
+                + per_request * requests
+                for k, (per_batch, per_request) in costs.items()
+            } | {"requests": requests}
+    split = ci.split_costs(args, counts, "this tree", "mean")
+    assert split is not None
+    assert split["training"]["batch"] == pytest.approx(step + idle_extra + 3_000)
+    assert split["training"]["request"] == pytest.approx(400_000)
+    assert split["other"] == pytest.approx({"batch": 10_000, "request": 2_000_000})
+    # one request size: nothing to solve from
+    one = {k: v for k, v in counts.items() if k[2] != 100}
+    assert ci.split_costs(args, one, "this tree", "mean") is None
+
+    ap = argparse.ArgumentParser(prog="client_instructions.py")
+    ci.write(ap, args, "now", 1000.0, counts)
+    report = args.out.read_text()
+    # at 1 000 batches a request: 3 000 + 400 a batch on the training thread over the
+    # control, 10 000 + 2 000 on the sender's
+    assert "a request of a native run carries 1,000 batches" in report
+    row = next(line for line in report.splitlines() if "| 3,000 / 400,000 |" in line)
+    assert "+3,400 (**+0.057 %**)" in row and "+12,000 (**+0.200 %**)" in row
+    assert "+15,400 (**+0.257 %**)" in row
