@@ -220,8 +220,10 @@ def test_a_run_announced_late_is_counted_from_its_start(daemon: Any) -> None:
         energy = api.get(f"/v1/runs/{run['id']}/energy").json()
     device_j = 50.0 * (done["finished_at"] - done["created_at"])  # the constant:50 backend
     assert energy["by_device"][0]["attribution"] == "process"
-    # its share of the machine's busy time since t0 (about 1 alone, less beside other work)
-    assert share > 0.2 and energy["energy_j"] == pytest.approx(share * device_j, rel=0.3), energy
+    # its share of the machine's busy time since t0: about 1 alone, less beside other work
+    # (0.197 seen with two valgrinds on the two cores); a daemon that missed the CPU burnt
+    # before the create gives next to nothing, far below even that
+    assert share > 0.05 and energy["energy_j"] == pytest.approx(share * device_j, rel=0.3), energy
 
 
 def test_tracker_counts_from_a_start_only_inside_its_busy_readings() -> None:
