@@ -190,7 +190,7 @@ def count(
     tree: Path, mode: str, steps: int, data: Path, url: str, data_dir: Path, batch: int, tmp: Path
 ) -> dict[str, int]:
     """One run under callgrind: the training thread's and the other threads' instructions."""
-    prefix = tmp / f"cg-{tree.name}-{mode}-{steps}"
+    prefix = tmp / f"cg-{tree.name}-{mode}-{batch}-{steps}"
     with STARTING:
         if STOPPED.is_set():
             raise SystemExit("interrupted")
