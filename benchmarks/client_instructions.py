@@ -199,6 +199,11 @@ def count(
                 "valgrind",
                 "--tool=callgrind",
                 "--separate-threads=yes",
+                # valgrind runs one thread at a time; its default lock is unfair, and under it
+                # the sender waited 35-50 s for each step of a request while the training
+                # thread ran (the daemon closed the connection, silent for 10 s): a ticket
+                # lock hands the threads their turns as the GIL asks
+                "--fair-sched=yes",
                 f"--callgrind-out-file={prefix}",
                 sys.executable,
                 "-c",
