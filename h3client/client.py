@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 
 _GZIP_MIN_BYTES = 4096
 
+#: How long an idle kept-alive connection is reused: below the daemon's keep-alive (5 s,
+#: h3d.security.KEEP_ALIVE_S), whose timer starts when it sends a response, earlier than
+#: this one's, so that a request is never written into a connection the daemon is closing.
+KEEPALIVE_S = 2.0
+
 # The HTTP stack's first load, and fork. A profiler's sender thread imports httpx (and, as it
 # builds its transport, httpcore, h11, anyio, trio: about 180 modules) right after the
 # profiler starts. A fork meanwhile (a multiprocessing child, started the next line) copied
@@ -267,6 +272,7 @@ class Client:
             transport = httpx.HTTPTransport(
                 verify=_is_https(self.config.url),
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
             )
             self._http = httpx.Client(
                 base_url=self.config.url,
@@ -290,13 +296,18 @@ class Client:
         json_text: str | bytes | None = None,
         headers: dict[str, str] | None = None,
         content_type: str = "application/json",
+        repeatable: bool = False,
         **kw: Any,
     ) -> httpx.Response:
         """Send a request; ``json_body`` is encoded here, ``json_text`` was already (or is a
         body of ``content_type``: the binary form of batches).
 
         Bodies of 4 KiB or more travel gzipped (one compression per request), except to a
-        daemon on a loopback address. ``headers`` go with it, besides the token's.
+        daemon on a loopback address. ``headers`` go with it, besides the token's. A GET,
+        or a request the daemon stores once whatever the repeats (``repeatable``: the
+        sender's operations, keyed by run id, sequence and epoch numbers), whose connection
+        was closed under it (a kept-alive one that the daemon or a proxy closed as it was
+        reused) is sent once more, on a new connection.
         """
         load_http_stack()
         import gzip
@@ -315,11 +326,17 @@ class Client:
                 raw = gzip.compress(raw, compresslevel=1)  # releases the GIL while it works
                 headers["Content-Encoding"] = "gzip"
             content = raw
-        try:
-            r = self.http.request(method, path, content=content, headers=headers, **kw)
-        except (httpx.TransportError, RuntimeError) as exc:
-            # RuntimeError: httpx's "the client has been closed" (a profiler stopping)
-            raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
+        for retry in (repeatable or method == "GET", False):
+            try:
+                r = self.http.request(method, path, content=content, headers=headers, **kw)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if not retry:
+                    raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
+                logger.debug("h3: %s %s: %s; sending it again", method, path, exc)
+            except (httpx.TransportError, RuntimeError) as exc:
+                # RuntimeError: httpx's "the client has been closed" (a profiler stopping)
+                raise H3ConnectionError(f"no h3d daemon answers at {self.url}: {exc}") from exc
         _raise_for_status(r)
         return r
 
@@ -387,7 +404,9 @@ class Client:
         method, path = OPERATIONS[op]
         url = path.format(run_id=run_id)
         kind = COLUMNS_MEDIA_TYPE if binary else "application/json"
-        r = self.request(method, url, json_text=text, headers=headers, content_type=kind)
+        r = self.request(
+            method, url, json_text=text, headers=headers, content_type=kind, repeatable=True
+        )
         return dict(r.json())
 
     def post_epochs(self, run_id: str, epochs: list[dict[str, Any]]) -> dict[str, int]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from h3client import Client
 from tests.conftest import Daemon
 
@@ -18,3 +22,107 @@ def test_a_plain_http_daemon_costs_no_ca_bundle_and_https_keeps_verifying(
     with Client("https://127.0.0.1:1", "t") as c:
         assert c.http is not None
     assert ca_loads, "an https daemon is reached with certificate verification"
+
+
+class ClosesAReusedConnection:
+    """A loopback HTTP/1.1 server that answers on kept-alive connections, except that the
+    ``close_at``-th request it reads (1-based, over all connections) is met by closing its
+    connection without an answer: what a client sees when it writes into a kept-alive
+    connection that the server (uvicorn's keep-alive timer, h3d's request-head deadline) or
+    a proxy is closing."""
+
+    def __init__(self, close_at: int) -> None:
+        import socket
+        import threading
+
+        self.close_at = close_at
+        self.requests: list[tuple[int, str]] = []  # (connection number, request line)
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        n = 0
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            n += 1
+            threading.Thread(target=self._connection, args=(conn, n), daemon=True).start()
+
+    def _connection(self, conn: Any, number: int) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(
+                    (int(v) for k, _, v in (h.partition(":") for h in lines[1:])
+                     if k.strip().lower() == "content-length"), 0,
+                )  # fmt: skip
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                self.requests.append((number, lines[0]))
+                if len(self.requests) == self.close_at:
+                    return  # closed, no answer
+                body = b'{"ok": true}'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_a_request_cut_off_on_a_reused_connection_is_sent_again_when_it_can_be() -> None:
+    """The sender's operations (stored once by their keys) and GETs go once more on a new
+    connection; any other request is not repeated, and its caller is told."""
+    from h3client.errors import H3ConnectionError
+
+    server = ClosesAReusedConnection(close_at=2)
+    try:
+        with Client(server.url, "t") as c:
+            c.post_json("r1", "epochs", '{"epochs": []}')  # opens the connection
+            assert c.post_json("r1", "batches", b'{"columns": {}}\n', binary=True) == {"ok": True}
+        # the second request was cut off on the first connection and sent again on a second
+        assert [n for n, _ in server.requests] == [1, 1, 2]
+        assert [line.split()[0] for _, line in server.requests] == ["POST"] * 3
+    finally:
+        server.close()
+
+    server = ClosesAReusedConnection(close_at=2)
+    try:
+        with Client(server.url, "t") as c:
+            c.request("GET", "/healthz")
+            assert c.request("GET", "/v1/runs").json() == {"ok": True}
+            assert [n for n, _ in server.requests] == [1, 1, 2]
+        server.close_at = 5
+        with Client(server.url, "t") as c:
+            c.request("GET", "/healthz")  # the 4th request, on a third connection
+            with pytest.raises(H3ConnectionError):
+                c.request("DELETE", "/v1/runs/r1")  # not repeated: the daemon may have
+        assert len(server.requests) == 5  # acted on it before the connection went
+    finally:
+        server.close()
+
+
+def test_connections_are_not_reused_as_long_as_the_daemon_keeps_them() -> None:
+    """An idle kept-alive connection is dropped by the client well before the daemon's
+    keep-alive closes it (whose timer starts earlier, when it sends its response)."""
+    from h3client import client as client_module
+    from h3d.security import KEEP_ALIVE_S
+
+    assert client_module.KEEPALIVE_S <= KEEP_ALIVE_S / 2
+    with Client("http://127.0.0.1:1", "t") as c:
+        pool = c.http._transport._pool  # type: ignore[attr-defined]  # httpx's, built here
+        assert pool._keepalive_expiry == client_module.KEEPALIVE_S
