@@ -23,8 +23,8 @@ an intra-op thread pool has them already). The profiler posts to a real daemon o
 Requests. Under valgrind a step takes tens of times as long, so the sender, which posts once
 a second (``flush_interval_s``), would post after every few steps instead of every 500-2 000:
 each profiler here posts every ``--batch`` batches instead (``max_batch``, the flush interval
-set out of reach). A request costs both threads a fixed part whatever it carries (the HTTP
-exchange on the sender; on the training thread, the caches the sender's code evicted), so
+set out of reach). A request may cost each thread a fixed part whatever it carries (on the
+sender, the HTTP exchange; on the training thread, whatever the sender's turn costs it), so
 each profiled mode runs at two request sizes, 100 and 1 000 batches by default; the sender's
 requests are counted, and the two long-minus-short differences solve for a part per batch
 and a part per request, on each thread. The report puts them together at the batches a
@@ -40,8 +40,8 @@ the next's not.
 What the counts mean, and what they do not:
 
 - the training thread's extra instructions per step over the control's are the work the
-  profiler adds to the loop's thread, as a share of a step's instructions: ``log_batch``, and
-  after each request the type and method caches the sender's code evicted;
+  profiler adds to the loop's thread, as a share of a step's instructions: ``log_batch``'s, and
+  a part per request if any (the split says);
 - the other threads' are the sender's conversion and posting, which a second core runs in
   parallel (on one core they would add to the step's time);
 - an instruction is not a nanosecond: a call after a training step misses caches the step
