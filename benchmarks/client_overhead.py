@@ -223,6 +223,12 @@ def cpu_s(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def sched_ns(path: str) -> tuple[int, int]:
+    """A thread's nanoseconds on a CPU and waiting on a run queue (its /proc schedstat)."""
+    on, queued, _ = map(int, Path(path).read_text().split())
+    return on, queued
+
+
 class NullExporter:
     """An exporter that takes every request and sends it nowhere (``--diagnose``)."""
 
@@ -324,6 +330,9 @@ def training(
         "daemon": f"/proc/{daemon_pid}/stat",
         "training": f"/proc/self/task/{threading.get_native_id()}/stat",
     }
+    # the time the training thread was neither running nor runnable: blocked, which in this
+    # loop is waiting for the GIL (the host's load shows as run-queue time, not here)
+    schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
 
     def per_sample(p: H3Profiler) -> Any:
         return lambda loss, losses, b: p.log_batch(loss, losses=losses, indices=b)
@@ -359,6 +368,7 @@ def training(
     if sync:
         modes["sync HTTP POST per batch"] = sync_log
     times: dict[str, list[float]] = {m: [] for m in modes}
+    blocked: dict[str, list[float]] = {m: [] for m in modes}  # share of each block's wall
     calls: dict[str, list[int]] = {m: [] for m in modes}  # ns per log call, in the loop
     if pin:  # the training thread alone on CPU 0; every sender thread and the daemon on CPU 1
         os.sched_setaffinity(threading.get_native_id(), {0})
@@ -393,7 +403,10 @@ def training(
                     stack.enter_context(sender_paused(p))
                 st = mode_stats[m]
                 before = {k: cpu_s(v) for k, v in st.items()}
+                (on0, queued0), t0 = sched_ns(schedstat), time.perf_counter_ns()
                 times[m].append(sum(epoch(modes[m], calls[m]) for _ in range(per_block)))
+                (on1, queued1), wall = sched_ns(schedstat), time.perf_counter_ns() - t0
+                blocked[m].append((wall - (on1 - on0) - (queued1 - queued0)) / wall)
                 for k, v in st.items():
                     cpu[m][k] += cpu_s(v) - before[k]
                 if m in after:
@@ -422,6 +435,7 @@ def training(
             for m in others
         },
         "cpu": {m: {k: v / sum(times[m]) for k, v in c.items()} for m, c in cpu.items()},
+        "blocked": {m: statistics.median(b) for m, b in blocked.items()},
         "batches_per_epoch": (len(y) + 63) // 64,
         # the log call as the loop pays it (caches cold after a training step), over the
         # unprofiled mode's empty call (the timer and the call itself)
@@ -580,11 +594,15 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         "call in the loop: every call timed as the loop pays it, right after a training step, "
         "median over the unprofiled mode's empty call, and that as a share of the unprofiled "
         "step; it is the training thread's own part of the overhead, and far less noisy than the "
-        "epoch ratios):",
+        "epoch ratios. Training thread blocked: the share of a block's wall time the thread was "
+        "neither on a CPU nor waiting for one (its /proc schedstat), median over blocks; in this "
+        "loop that is waiting for the GIL, which the sender holds while it converts and posts, "
+        "and the host's load does not enter it):",
         "",
         "| logging | median epoch ms | overhead, median of rounds | quartiles "
-        "| log call in the loop | of a step | training thread CPU | sender thread CPU | daemon CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| log call in the loop | of a step | training thread CPU | training thread blocked "
+        "| sender thread CPU | daemon CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     step_us = 1e6 * base / tr["batches_per_epoch"]
     for m, ts in eps.items():
@@ -597,6 +615,7 @@ def write(args, res: dict[str, Any], calls: int, repeats: int) -> None:
         lines.append(
             f"| {m} | {1e3 * statistics.median(ts) / k:.2f} | {over} | {tr['call_us'][m]:.2f} µs "
             f"| {100 * tr['call_us'][m] / step_us:.2f} % | {100 * c['training']:.1f} % "
+            f"| {100 * tr['blocked'][m]:.3f} % "
             f"| {100 * c['sender']:.2f} % | {100 * c['daemon']:.2f} % |"
         )
     lines += [
