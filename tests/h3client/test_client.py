@@ -25,63 +25,52 @@ def test_a_plain_http_daemon_costs_no_ca_bundle_and_https_keeps_verifying(
 
 
 class ClosesAReusedConnection:
-    """A loopback HTTP/1.1 server that answers on kept-alive connections, except that the
-    ``close_at``-th request it reads (1-based, over all connections) is met by closing its
-    connection without an answer: what a client sees when it writes into a kept-alive
-    connection that the server (uvicorn's keep-alive timer, h3d's request-head deadline) or
-    a proxy is closing."""
+    """A loopback HTTP/1.1 server (the standard library's, keeping connections alive) that
+    answers every request, except that the ``close_at``-th request it reads (1-based, over
+    all connections) is met by closing its connection without an answer: what a client sees
+    when it writes into a kept-alive connection that the server (uvicorn's keep-alive timer,
+    h3d's request-head deadline) or a proxy is closing."""
 
     def __init__(self, close_at: int) -> None:
-        import socket
+        import itertools
         import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.close_at = close_at
         self.requests: list[tuple[int, str]] = []  # (connection number, request line)
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        server, numbers = self, itertools.count(1)
 
-    def _serve(self) -> None:
-        import threading
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # kept alive
 
-        n = 0
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            n += 1
-            threading.Thread(target=self._connection, args=(conn, n), daemon=True).start()
+            def setup(self) -> None:
+                super().setup()
+                self.number = next(numbers)
 
-    def _connection(self, conn: Any, number: int) -> None:
-        buf = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                lines = head.decode("latin-1").split("\r\n")
-                length = next(
-                    (int(v) for k, _, v in (h.partition(":") for h in lines[1:])
-                     if k.strip().lower() == "content-length"), 0,
-                )  # fmt: skip
-                while len(buf) < length:
-                    buf += conn.recv(65536)
-                buf = buf[length:]
-                self.requests.append((number, lines[0]))
-                if len(self.requests) == self.close_at:
-                    return  # closed, no answer
-                body = b'{"ok": true}'
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests.append((self.number, self.requestline))
+                if len(server.requests) == server.close_at:
+                    self.close_connection = True  # closed, no answer
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "12")
+                self.end_headers()
+                self.wfile.write(b'{"ok": true}')
+
+            do_GET = do_POST = do_DELETE = _answer  # noqa: N815 (the stdlib's names)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        self._sock.close()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def test_a_request_cut_off_on_a_reused_connection_is_sent_again_when_it_can_be() -> None:
