@@ -344,6 +344,14 @@ def main() -> None:
 Job = tuple[str, str, int, int]
 
 
+def delta(
+    args: Any, counts: dict[Job, dict[str, int]], name: str, mode: str, batch: int, k: str
+) -> int:
+    """What the long run of (``name``, ``mode``, ``batch``) counted of ``k`` (a thread's
+    instructions, or the requests) more than its short run."""
+    return counts[name, mode, batch, args.long][k] - counts[name, mode, batch, args.short][k]
+
+
 def split_costs(
     args: Any, counts: dict[Job, dict[str, int]], name: str, mode: str
 ) -> dict[str, dict[str, float]] | None:
@@ -356,17 +364,17 @@ def split_costs(
     if len(sizes) < 2:
         return None
 
-    def delta(batch: int, k: str) -> int:
-        return counts[name, mode, batch, args.long][k] - counts[name, mode, batch, args.short][k]
+    def more(batch: int, k: str) -> int:
+        return delta(args, counts, name, mode, batch, k)
 
     small, large = sizes[0], sizes[-1]
-    dreq = delta(small, "requests") - delta(large, "requests")
+    dreq = more(small, "requests") - more(large, "requests")
     if dreq == 0:
         return None
     out: dict[str, dict[str, float]] = {}
     for k in ("training", "other"):
-        per_request = (delta(small, k) - delta(large, k)) / dreq
-        per_batch = (delta(large, k) - per_request * delta(large, "requests")) / (
+        per_request = (more(small, k) - more(large, k)) / dreq
+        per_batch = (more(large, k) - per_request * more(large, "requests")) / (
             args.long - args.short
         )
         out[k] = {"batch": per_batch, "request": per_request}
@@ -381,8 +389,8 @@ def write(
     counts: dict[Job, dict[str, int]],
 ) -> None:
     def per_step(name: str, mode: str, batch: int) -> dict[str, float]:
-        long, short = counts[name, mode, batch, args.long], counts[name, mode, batch, args.short]
-        return {k: (long[k] - short[k]) / (args.long - args.short) for k in ("training", "other")}
+        steps = args.long - args.short
+        return {k: delta(args, counts, name, mode, batch, k) / steps for k in ("training", "other")}
 
     base = per_step("this tree", "unprofiled", 0)
     idle = per_step("this tree", "idle-thread", 0) if "idle-thread" in args.modes else None
@@ -412,10 +420,7 @@ def write(
         if steps != args.long:
             continue
         c = per_step(name, mode, batch)
-        dreq = (
-            counts[name, mode, batch, args.long]["requests"]
-            - (counts[name, mode, batch, args.short]["requests"])
-        )
+        dreq = delta(args, counts, name, mode, batch, "requests")
         lines.append(
             f"| {name} | {MODES[mode]} | {batch or '—'} | {dreq if batch else '—'} | "
             f"{c['training']:,.0f} | "
@@ -433,11 +438,8 @@ def write(
         "them already).",
         "",
     ]
-    split = {
-        (name, mode): split_costs(args, counts, name, mode)
-        for name, mode, batch, steps in counts
-        if mode not in CONTROLS
-    }
+    profiled = dict.fromkeys((name, mode) for name, mode, _, _ in counts if mode not in CONTROLS)
+    split = {(name, mode): split_costs(args, counts, name, mode) for name, mode in profiled}
     if any(split.values()):
         ref = idle or base
         lines += [
