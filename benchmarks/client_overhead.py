@@ -326,13 +326,11 @@ def training(
 
     prof = H3Profiler("bench-train", url=url, data_dir=data_dir)
     daemon_pid = json.loads((data_dir / "daemon.json").read_text())["pid"]
-    stats = {
-        "daemon": f"/proc/{daemon_pid}/stat",
-        "training": f"/proc/self/task/{threading.get_native_id()}/stat",
-    }
+    task = f"/proc/self/task/{threading.get_native_id()}"  # the training thread's
+    stats = {"daemon": f"/proc/{daemon_pid}/stat", "training": f"{task}/stat"}
     # the time the training thread was neither running nor runnable: blocked, which in this
     # loop is waiting for the GIL (the host's load shows as run-queue time, not here)
-    schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+    schedstat = f"{task}/schedstat"
 
     def per_sample(p: H3Profiler) -> Any:
         return lambda loss, losses, b: p.log_batch(loss, losses=losses, indices=b)
