@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,8 +178,92 @@ def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+class ForkedProcess:
+    """A daemon forked by the zygote (tests/_zygote.py), with the part of
+    ``subprocess.Popen``'s surface the tests use. The zygote reaps it and writes its exit
+    code, as ``Popen.returncode`` gives it, to ``status``."""
+
+    def __init__(self, pid: int, status: Path, args: list[str]) -> None:
+        self.pid = pid
+        self.status = status
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.status.exists():
+            self.returncode = int(self.status.read_text())
+            self.status.unlink()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not reaped, so the pid is still this process's
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """This test process's daemon zygote (see tests/_zygote.py), started at first use."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+    _lock = threading.Lock()
+    _n = 0
+    _dir = ""  # the exit-code files (not in a data dir, whose contents tests look at)
+
+    @classmethod
+    def fork(cls, argv: list[str], env: dict[str, str], log: Path) -> ForkedProcess:
+        with cls._lock:
+            if cls._proc is None or cls._proc.poll() is not None:
+                cls._dir = tempfile.mkdtemp(prefix="h3-zygote-")
+                atexit.register(shutil.rmtree, cls._dir, True)
+                base = {k: v for k, v in os.environ.items() if not k.startswith("H3D_")}
+                cls._proc = subprocess.Popen(
+                    [sys.executable, str(REPO / "tests" / "_zygote.py")],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    cwd=REPO,
+                    env={**base, "PYTHONPATH": str(REPO)},
+                )
+            cls._n += 1
+            status = Path(cls._dir) / f"{cls._n}.exit"
+            req = {
+                "argv": argv,
+                "env": env,
+                "cwd": str(REPO),
+                "log": str(log),
+                "status": str(status),
+            }
+            assert cls._proc.stdin is not None and cls._proc.stdout is not None
+            cls._proc.stdin.write(json.dumps(req).encode() + b"\n")
+            cls._proc.stdin.flush()
+            line = cls._proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the daemon zygote exited {cls._proc.wait()}")
+            return ForkedProcess(json.loads(line)["pid"], status, argv)
+
+
+#: Real ``python -m h3d serve`` spawns for every test daemon, not zygote forks.
+SPAWN = os.environ.get("H3_TEST_SPAWN") == "1"
+
+
 class Daemon:
-    """A real daemon subprocess. ``restart()`` keeps the data dir and the port."""
+    """A real daemon process. ``restart()`` keeps the data dir and the port.
+
+    Forked by the zygote (its imports already done, see tests/_zygote.py) when it runs this
+    tree's h3d, else spawned as ``python -m h3d serve``."""
 
     def __init__(
         self, data_dir: Path, env: dict[str, str], port: int = 0, tree: Path = REPO
@@ -185,7 +272,7 @@ class Daemon:
         self.env = env
         self.port = port
         self.tree = tree  # the source tree whose h3d runs (another revision's, extracted)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
         self.url = ""
         self.token = ""
         self.log = data_dir / "daemon-test.log"
@@ -194,14 +281,18 @@ class Daemon:
         # generous: a cold start (imports, migrations) on a shared 2-core machine can take 30 s
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "daemon.json").unlink(missing_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "h3d", "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.tree,
-            )
+        argv = ["serve", "--port", str(self.port)]
+        if self.tree == REPO and not SPAWN:
+            self.proc = Zygote.fork(argv, self.env, self.log)
+        else:
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "h3d", *argv],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.tree,
+                )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -25,6 +25,7 @@ import uvicorn
 from h3d.api.schemas import BatchIn
 from h3d.app import create_app
 from h3d.config import Settings
+from tests import conftest
 from tests.conftest import Daemon, free_port
 
 
@@ -198,6 +199,7 @@ def open_files(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
             return real_popen(*args, preexec_fn=set_limit, **kw)
 
         monkeypatch.setattr(subprocess, "Popen", popen)
+        monkeypatch.setattr(conftest, "SPAWN", True)  # spawned through that Popen
 
     return limit
 

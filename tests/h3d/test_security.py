@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import conftest
 from tests.conftest import (
     IMPERSONATIONS,
     REPO,
@@ -223,6 +224,7 @@ def open_files_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int,
             return real_popen(*args, preexec_fn=set_limit, **kw)
 
         monkeypatch.setattr(subprocess, "Popen", popen)
+        monkeypatch.setattr(conftest, "SPAWN", True)  # spawned through that Popen
 
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
