@@ -27,7 +27,7 @@ from h3d.api import add_routes
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.dashboard import STATIC_TYPES, shipped_static, static_text
-from h3d.datadir import make_private
+from h3d.datadir import CLEAN_STOP, make_private
 from h3d.errors import H3DError
 from h3d.metrics import CarbonTotals
 from h3d.metrics import render as render_metrics
@@ -190,6 +190,8 @@ def create_app(
             except Exception:  # the store is gone: the lease lapses on its own
                 logger.warning("could not release node %r's lease", settings.node)
             store.close()
+            # the file as this stop leaves it: the next start need not read it all again
+            migrate.record_clean_stop(store.engine, settings.data_dir / CLEAN_STOP)
 
     app = FastAPI(
         title="h3d",

@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from h3d import __version__
 from h3d._http import DaemonClient, DaemonDown, find_daemon, read_token
-from h3d.datadir import LOCK_NAME, DataDirLock, lock_holder, make_private
+from h3d.datadir import CLEAN_STOP, LOCK_NAME, DataDirLock, lock_holder, make_private
 from h3d.errors import H3DError
 
 if TYPE_CHECKING:
@@ -456,7 +456,7 @@ def _serve(
     errors = (H3DError, SQLAlchemyError, OSError)
     try:
         # check the store before binding, so a bad database is one clear line
-        migrate.check_integrity(engine)
+        migrate.check_integrity(engine, settings.data_dir / CLEAN_STOP)
         if settings.auto_migrate:
             migrate.upgrade(engine)
         else:

@@ -43,12 +43,19 @@ class DataDirBusy(H3DError):
     code = "data_dir_busy"
 
 
+#: The SQLite store's file as the daemon's last clean stop left it
+#: (h3d.storage.migrate.record_clean_stop), written through a .tmp.
+CLEAN_STOP = "store.clean"
+
 #: H3's own entries in a data dir: the only ones :func:`make_private` touches. The store
 #: (the default SQLite file and SQLite's side files, the migration lock), the token, what a
 #: serving daemon writes (``daemon.json`` through ``daemon.tmp``, the lock, the log of a
-#: daemon a client or the demo started) and the client's autostart lock.
+#: daemon a client or the demo started, the store's clean stop) and the client's autostart
+#: lock.
 OWN_FILES = frozenset(
     {
+        CLEAN_STOP,
+        CLEAN_STOP + ".tmp",
         "token",
         "daemon.json",
         "daemon.tmp",

@@ -19,6 +19,7 @@ Alembic and running ``migrations/`` cost more than the rest of the store's start
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -365,13 +366,85 @@ def _disk_full(engine: Engine) -> Path | None:
     return where if free < 64 * 1024 else None
 
 
-def check_integrity(engine: Engine) -> None:
+def _sqlite_file(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(os.path.abspath(database))
+
+
+def _file_state(db: Path) -> list[int] | None:
+    """The database file's device, inode, size and modification time (ns); None while its
+    WAL holds transactions not folded into it (a stop that was not clean), or if absent."""
+    try:
+        if os.stat(f"{db}-wal").st_size > 0:
+            return None
+    except FileNotFoundError:
+        pass
+    try:
+        st = db.stat()
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def record_clean_stop(engine: Engine, stamp: Path) -> None:
+    """Write ``stamp``: the store's file as a clean stop leaves it, once ``Store.close()``
+    folded the WAL into it. The next start skips ``PRAGMA quick_check`` if the file is
+    still exactly that (:func:`check_integrity`). Nothing is written for a store that is
+    not a SQLite file, or whose WAL could not be folded (a full disk)."""
+    db = _sqlite_file(engine)
+    state = None if db is None else _file_state(db)
+    if state is None:
+        return
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"db": str(db), "file": state}, f)
+        os.replace(tmp, stamp)
+    except OSError as exc:  # a full or read-only disk: the next start checks the file
+        logger.warning("could not record the store's clean stop: %s", exc)
+
+
+def _unchanged_since_clean_stop(engine: Engine, stamp: Path) -> bool:
+    """Whether the store's file is as the last clean stop recorded it in ``stamp``. The
+    stamp is used once: removed here, so that only the next clean stop vouches again."""
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            stamp.unlink()
+    db = _sqlite_file(engine)
+    return (
+        db is not None
+        and isinstance(recorded, dict)
+        and recorded.get("db") == str(db)
+        and recorded.get("file") == _file_state(db)
+    )
+
+
+def check_integrity(engine: Engine, clean_stop: Path | None = None) -> None:
     """Refuse a damaged SQLite store (``PRAGMA quick_check``), leaving it untouched.
 
     Serving from a damaged file would fail later, in the middle of someone's report, and
     writing into it can spread the damage. The message says how to keep what can be kept.
+
+    ``quick_check`` reads the whole file: about 2 s a GB with the file in the page cache
+    (benchmarks/results/startup.md), at every start. With ``clean_stop`` (``h3d serve``'s
+    ``<data dir>/store.clean``), a file that is, to the nanosecond of its modification
+    time, what the daemon's last clean stop left (same device, inode and size, no WAL to
+    replay) is not read again: anything that wrote to it since, a crash, a copy or another
+    program, makes the next start check it. Damage that changes none of these (the disk
+    itself) is found by SQLite when the damaged page is read: that request fails with
+    "database disk image is malformed".
     """
     if engine.dialect.name != "sqlite":
+        return
+    if clean_stop is not None and _unchanged_since_clean_stop(engine, clean_stop):
+        logger.debug("the store is as its last clean stop left it: quick_check skipped")
         return
     url = engine.url.render_as_string(hide_password=True)
     try:
