@@ -19,6 +19,10 @@ Measured side by side in one run, in rotating order:
   with a pydantic body, and nothing of h3d: what no daemon on these libraries can start
   under on this machine.
 
+``--large-store-rows N`` adds starts on a store of N power-sample rows (20 000 000 make
+0.9 GB): each tree's own copy, started again after a clean stop (the stop left it as it
+was) and after a write by another program (its modification time moved), in turn.
+
 ``--baseline DIR`` measures another checkout (e.g. ``git archive <commit> | tar -x -C DIR``)
 in the same rounds, so before and after share the machine's load.
 
@@ -130,6 +134,29 @@ def spawn_to_healthy(
         proc.wait()
 
 
+def large_store(tree: Path, env: dict[str, str], data_dir: Path, rows: int) -> None:
+    """A data dir whose store holds ``rows`` power samples of one device (made by a first
+    start of ``tree``'s daemon, then filled with sqlite3 directly: 20 million take ~30 s)."""
+    import sqlite3
+
+    spawn_to_healthy(tree, env, data_dir)
+    conn = sqlite3.connect(data_dir / "h3d.db")
+    conn.execute(
+        "INSERT INTO devices (id, node, name, kind, source, model, first_seen, last_seen) "
+        "VALUES (1000, 'bench-node', 'bench-cpu', 'cpu', 'estimated', '', 0, 0)"
+    )
+    step = 500_000
+    for start in range(0, rows, step):
+        chunk = range(start, min(rows, start + step))
+        conn.executemany(
+            "INSERT INTO power_samples VALUES (1000, ?, 50.0, ?)",
+            ((i * 0.1, i * 5.0) for i in chunk),
+        )
+        conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
 def heaviest_imports(code: str, tree: Path, env: dict[str, str]) -> list[tuple[str, float]]:
     """Cumulative import time (ms) of the big libraries, from one `-X importtime` run: each
     module is reported once, at its first import, with everything it pulled in."""
@@ -158,6 +185,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--starts", type=int, default=5, help="daemon starts per tree and store")
     ap.add_argument("--baseline", type=Path, help="another checkout, measured alongside")
+    ap.add_argument(
+        "--large-store-rows",
+        type=int,
+        default=0,
+        help="also start on a store of this many power samples (20000000: 0.9 GB)",
+    )
     add_out(ap, "startup.md")
     args = ap.parse_args()
     trees = {"this tree": REPO}
@@ -193,6 +226,25 @@ def main() -> None:
                 d = Path(tmp) / f"{t}-{i}"
                 starts[t, "fresh"].append(spawn_to_healthy(tree, env, d, cmd))
                 starts[t, "at head"].append(spawn_to_healthy(tree, env, d, cmd))
+        if args.large_store_rows:
+            big = {t: Path(tmp) / f"large-{i}" for i, t in enumerate(trees)}
+            first = next(iter(trees))
+            large_store(trees[first], envs[first], big[first], args.large_store_rows)
+            size_gb = (big[first] / "h3d.db").stat().st_size / 1e9
+            for t in trees:
+                if t != first:
+                    big[t].mkdir(mode=0o700)
+                    (big[t] / "h3d.db").write_bytes((big[first] / "h3d.db").read_bytes())
+                spawn_to_healthy(trees[t], envs[t], big[t])  # its first start: a clean stop
+            written, clean = "large: written since the last stop", "large: after a clean stop"
+            for s in (written, clean):
+                starts.update({(t, s): [] for t in trees})
+            for i in range(args.starts):
+                order = list(trees)
+                for t in order[i % len(order) :] + order[: i % len(order)]:
+                    starts[t, clean].append(spawn_to_healthy(trees[t], envs[t], big[t]))
+                    os.utime(big[t] / "h3d.db")  # as a write by another program
+                    starts[t, written].append(spawn_to_healthy(trees[t], envs[t], big[t]))
     load1 = os.getloadavg()[0]
     lines = [
         "# Start-up: `h3d serve` to healthy, and its imports",
@@ -225,7 +277,13 @@ def main() -> None:
         *(f"| {pkg} | {ms:.0f} |" for pkg, ms in heavy),
         "",
         f"**Spawn to healthy `/healthz`** ({args.starts} starts of each; `h3d serve` with the "
-        "estimated CPU backend; budget 0.5 s):",
+        "estimated CPU backend; budget 0.5 s"
+        + (
+            f"; the large store: {args.large_store_rows:,} power samples, {size_gb:.2f} GB"
+            if args.large_store_rows
+            else ""
+        )
+        + "):",
         "",
         "| daemon | store | median s | min | max | daemon CPU s at healthy (median) |",
         "|---|---|---:|---:|---:|---:|",

@@ -269,3 +269,19 @@ def test_client_instructions_splits_work_into_per_batch_and_per_request_parts(
     row = next(line for line in report.splitlines() if "| 3,000 / 400,000 |" in line)
     assert "+3,400 (**+0.057 %**)" in row and "+12,000 (**+0.200 %**)" in row
     assert "+15,400 (**+0.257 %**)" in row
+
+
+def test_startups_large_store_holds_the_rows_and_is_served(tmp_path: Path) -> None:
+    import sqlite3
+
+    from benchmarks import startup
+
+    env = startup.child_env(REPO, tmp_path / "pycache")
+    data = tmp_path / "large"
+    startup.large_store(REPO, env, data, 1234)
+    conn = sqlite3.connect(data / "h3d.db")
+    (n,) = conn.execute("SELECT count(*) FROM power_samples WHERE device_id = 1000").fetchone()
+    conn.close()
+    assert n == 1234
+    wall, cpu = startup.spawn_to_healthy(REPO, env, data)  # h3d serves the store it made
+    assert wall > 0 and cpu > 0
