@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,7 +14,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from h3d.storage import migrate
-from h3d.storage.engine import make_engine, make_sessionmaker, session_scope
+from h3d.storage import repository as repo
+from h3d.storage.engine import Store, make_engine, make_sessionmaker, session_scope
 from tests.h3d.fake_pynvml import FakeGpu, make_module
 
 
@@ -25,6 +27,39 @@ def session(tmp_path: Path) -> Iterator[Session]:
     with session_scope(make_sessionmaker(engine)) as s:
         yield s
     engine.dispose()
+
+
+def filled_store(path: Path) -> None:
+    """A SQLite store of about 0.7 MB at ``path`` (a run of 2 000 batches of per-sample
+    losses), closed as a daemon's stop closes it: the WAL folded into the file."""
+    engine = make_engine(f"sqlite:///{path}")
+    migrate.upgrade(engine)
+    with session_scope(make_sessionmaker(engine)) as s:
+        run = repo.create_run(
+            s, name=None, config={}, tags=[], pid=None, host=None, n_train=None, now=time.time()
+        )
+        rows = [
+            repo.BatchRow(
+                seq=i, t=1.0 + i, loss=0.5, n=64, epoch=0, step=i, phase=None,
+                losses=b"\0" * 256, indices=None,
+            )
+            for i in range(2000)
+        ]  # fmt: skip
+        repo.add_batches(s, run_id=run.id, batches=rows)
+    engine.dispose()
+    Store(f"sqlite:///{path}").close()
+
+
+def damaged_in_the_middle(db: Path, keep_mtime: bool = False) -> bytes:
+    """Write 64 KiB of garbage in the middle of the file, in place (same size; with
+    ``keep_mtime`` its modification time put back too); the file's bytes then."""
+    st = db.stat()
+    with open(db, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(bytes(range(256)) * 256)
+    if keep_mtime:
+        os.utime(db, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return db.read_bytes()
 
 
 @pytest.fixture

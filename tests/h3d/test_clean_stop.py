@@ -15,42 +15,11 @@ import pytest
 from h3d.datadir import CLEAN_STOP
 from h3d.errors import SchemaMismatch
 from h3d.storage import migrate
-from h3d.storage import repository as repo
-from h3d.storage.engine import Store, make_engine, make_sessionmaker, session_scope
+from h3d.storage.engine import make_engine
 from tests.conftest import Daemon
+from tests.h3d.conftest import damaged_in_the_middle, filled_store
 
 SKIPPED = "quick_check skipped"
-
-
-def _store(path: Path) -> None:
-    """A store of about 0.7 MB (2 000 batches of per-sample losses), its WAL folded in."""
-    engine = make_engine(f"sqlite:///{path}")
-    migrate.upgrade(engine)
-    with session_scope(make_sessionmaker(engine)) as s:
-        run = repo.create_run(
-            s, name=None, config={}, tags=[], pid=None, host=None, n_train=None, now=time.time()
-        )
-        rows = [
-            repo.BatchRow(
-                seq=i, t=1.0 + i, loss=0.5, n=64, epoch=0, step=i, phase=None,
-                losses=b"\0" * 256, indices=None,
-            )
-            for i in range(2000)
-        ]  # fmt: skip
-        repo.add_batches(s, run_id=run.id, batches=rows)
-    engine.dispose()
-    Store(f"sqlite:///{path}").close()  # as a daemon's stop: the WAL folded into the file
-
-
-def _damage(db: Path, keep_mtime: bool = False) -> bytes:
-    """64 KiB of garbage in the middle of the file, in place (same size)."""
-    st = db.stat()
-    with open(db, "r+b") as f:
-        f.seek(st.st_size // 2)
-        f.write(bytes(range(256)) * 256)
-    if keep_mtime:
-        os.utime(db, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return db.read_bytes()
 
 
 def test_a_daemons_clean_stop_lets_its_next_start_skip_the_check_once(
@@ -79,8 +48,8 @@ def test_a_store_written_after_the_clean_stop_is_checked_and_refused_when_damage
     d = daemon_factory(H3D_LOG_LEVEL="DEBUG")
     d.stop()
     db = d.data_dir / "h3d.db"
-    _store(db)  # another program wrote to it: the stop's stamp no longer matches
-    damaged = _damage(db)
+    filled_store(db)  # another program wrote to it: the stop's stamp no longer matches
+    damaged = damaged_in_the_middle(db)
     with pytest.raises(RuntimeError, match="h3d exited 2") as got:
         d.start()
     assert "is damaged" in str(got.value) and SKIPPED not in str(got.value)
@@ -90,7 +59,7 @@ def test_a_store_written_after_the_clean_stop_is_checked_and_refused_when_damage
 
 def test_what_the_stamp_vouches_for(tmp_path: Path) -> None:
     db, stamp = tmp_path / "h3d.db", tmp_path / CLEAN_STOP
-    _store(db)
+    filled_store(db)
     engine = make_engine(f"sqlite:///{db}")
 
     def stamped() -> None:
@@ -100,7 +69,7 @@ def test_what_the_stamp_vouches_for(tmp_path: Path) -> None:
     # the file as the stop left it is not read again, so what it cannot see is damage that
     # changes none of what it records (the disk's own); the stamp is used once
     stamped()
-    _damage(db, keep_mtime=True)
+    damaged_in_the_middle(db, keep_mtime=True)
     migrate.check_integrity(engine, stamp)
     assert not stamp.exists()
     with pytest.raises(SchemaMismatch, match="is damaged"):
@@ -132,7 +101,7 @@ def test_what_the_stamp_vouches_for(tmp_path: Path) -> None:
 
     # another store's stamp, or one that is not JSON: read again
     other = make_engine(f"sqlite:///{tmp_path / 'other.db'}")
-    _store(tmp_path / "other.db")
+    filled_store(tmp_path / "other.db")
     migrate.record_clean_stop(other, stamp)
     other.dispose()
     for text in (None, "{"):

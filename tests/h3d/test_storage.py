@@ -28,6 +28,7 @@ from h3d.storage import repository as repo
 from h3d.storage.engine import Store, make_engine, make_sessionmaker, session_scope
 from h3d.storage.models import Base
 from tests.conftest import REPO, daemon_env
+from tests.h3d.conftest import damaged_in_the_middle, filled_store
 
 
 def migrate_with_alembic(engine: Engine) -> None:
@@ -411,36 +412,9 @@ def test_a_damaged_store_is_refused_in_one_line_and_left_untouched(tmp_path: Pat
     data = tmp_path / "data"
     data.mkdir()
     db = data / "h3d.db"
-    engine = make_engine(f"sqlite:///{db}")
-    migrate.upgrade(engine)
-    with session_scope(make_sessionmaker(engine)) as s:
-        run = repo.create_run(
-            s, name=None, config={}, tags=[], pid=None, host=None, n_train=None, now=time.time()
-        )
-        rows = [
-            repo.BatchRow(
-                seq=i,
-                t=1.0 + i,
-                loss=0.5,
-                n=64,
-                epoch=0,
-                step=i,
-                phase=None,
-                losses=b"\0" * 256,
-                indices=None,
-            )
-            for i in range(2000)
-        ]
-        repo.add_batches(s, run_id=run.id, batches=rows)
-    with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-    engine.dispose()
-    size = db.stat().st_size
-    assert size > 256 * 1024
-    with open(db, "r+b") as f:  # 64 KiB of garbage in the middle of the file
-        f.seek(size // 2)
-        f.write(bytes(range(256)) * 256)
-    damaged = db.read_bytes()
+    filled_store(db)
+    assert db.stat().st_size > 256 * 1024
+    damaged = damaged_in_the_middle(db)
     r = serve_once(data)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
