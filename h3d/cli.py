@@ -3,7 +3,7 @@
 h3d serve [--host H] [--port P] [--data-dir D] [--db-url U] [--node NAME] [--log-level L]
 h3d status | runs | show RUN [--json | --html FILE] | report RUN (as show) | compare RUN...
     | export RUN [--samples] [-o FILE] | stop | import [FILES]                [--data-dir D]
-h3d db upgrade | db current                                     [--data-dir D] [--db-url U]
+h3d db upgrade | db current | db check                        [--data-dir D] [--db-url U]
 h3d doctor                                                                    [--data-dir D]
 h3d demo                      [--data-dir D] [--db-url U] [--node NAME] [--log-level L]
 """
@@ -1203,7 +1203,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = _engine(settings, args)  # a bad URL is one line before anything is created
     url = engine.url.render_as_string(hide_password=True)
-    missing = _missing_store(settings, engine) if args.db_command == "current" else None
+    asking = args.db_command in ("current", "check")
+    missing = _missing_store(settings, engine) if asking else None
     if missing is not None:  # a question: it creates nothing (a typo'd path made a store)
         engine.dispose()
         raise CommandError(
@@ -1229,6 +1230,12 @@ def cmd_db(args: argparse.Namespace) -> int:
                 print(f"{url}: already at {after}")
             else:
                 print(f"{url}: upgraded {before or '(empty)'} -> {after}")
+        elif args.db_command == "check":  # what a start skips after a clean stop
+            migrate.check_integrity(engine)
+            if engine.dialect.name == "sqlite":
+                print(f"{url}: quick_check ok")
+            else:
+                print(f"{url}: nothing to check here (the server checks its own pages)")
         else:
             rev = migrate.current_revision(engine)
             print(f"{url}: at {rev or '(empty)'}; this h3d's head is {migrate.head_revision()}")
@@ -1333,7 +1340,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("files", nargs="*", help="spool files (default: <data dir>/spool/*.jsonl)")
     im.set_defaults(func=cmd_import)
     db = sub.add_parser("db", parents=[store], help="database schema")
-    db.add_argument("db_command", choices=["upgrade", "current"])
+    db.add_argument(
+        "db_command",
+        choices=["upgrade", "current", "check"],
+        help="upgrade the schema; show its revision; check a SQLite file (PRAGMA quick_check)",
+    )
     db.set_defaults(func=cmd_db)
     sub.add_parser(
         "doctor", parents=[data], help="which power backends work, and why not"

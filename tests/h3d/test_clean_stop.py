@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from h3d.datadir import CLEAN_STOP
 from h3d.errors import SchemaMismatch
 from h3d.storage import migrate
 from h3d.storage.engine import make_engine
-from tests.conftest import Daemon
+from tests.conftest import REPO, Daemon, daemon_env
 from tests.h3d.conftest import damaged_in_the_middle, filled_store
 
 SKIPPED = "quick_check skipped"
@@ -121,3 +123,29 @@ def test_a_postgresql_store_has_no_clean_stop_record(pg_url: str, tmp_path: Path
     assert not stamp.exists()  # a server's database is not a file h3d can vouch for
     migrate.check_integrity(engine, stamp)  # nothing to check on a server: no error
     engine.dispose()
+
+
+def test_h3d_db_check_reads_the_whole_store_when_asked(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = data / "h3d.db"
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "h3d", "db", "check"],
+            env=daemon_env(data),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = check()  # no store: a question creates none
+    assert r.returncode == 1 and "no store there" in r.stderr and not db.exists()
+    filled_store(db)
+    r = check()
+    assert r.returncode == 0 and r.stdout.strip() == f"sqlite:///{db}: quick_check ok", r
+    damaged = damaged_in_the_middle(db, keep_mtime=True)  # what a start after a clean stop skips
+    r = check()
+    assert r.returncode == 2 and "is damaged" in r.stderr and ".recover" in r.stderr, r
+    assert db.read_bytes() == damaged
