@@ -306,6 +306,7 @@ class Daemon:
             except (FileNotFoundError, ValueError, KeyError, httpx.HTTPError):
                 pass
             time.sleep(0.05)
+        self.kill()  # not left serving somewhere after the test gave up on it
         raise RuntimeError(f"h3d did not become healthy:\n{self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

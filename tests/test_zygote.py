@@ -3,6 +3,7 @@ the same exit codes, log lines and signals, through ``subprocess.Popen``'s surfa
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -46,3 +47,18 @@ def test_a_daemon_serves_in_its_environment_and_ends_on_sigterm(
         assert "Traceback" not in d.log.read_text()
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("spawn", [False, True], ids=["forked", "spawned"])
+def test_a_daemon_not_healthy_in_time_is_killed_not_left_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawn: bool
+) -> None:
+    d = _daemon(tmp_path / "data", spawn, monkeypatch)
+    ended: list[int] = []
+    real_kill = d.kill
+    monkeypatch.setattr(d, "kill", lambda: (ended.append(d.proc.pid), real_kill()))  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="did not become healthy"):
+        d.start(timeout_s=0)
+    assert d.proc is None and len(ended) == 1
+    with pytest.raises(ProcessLookupError):  # killed and reaped (by the zygote, or here)
+        os.kill(ended[0], 0)
