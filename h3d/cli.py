@@ -1169,12 +1169,11 @@ def _missing_store(settings: Settings, engine: Any) -> Path | None:
     None: a file is there, or the URL names no file (memory, a PostgreSQL server), or one in
     a directory that is missing or not a directory, which opening it names as such. The
     default store's data dir may be missing too: a data dir not made yet has no store."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+    from h3d.storage.migrate import sqlite_file
+
+    path = sqlite_file(engine)
+    if path is None or engine.url.query.get("uri"):  # a file: URI with its own modes: SQLite's
         return None
-    if engine.url.query.get("uri"):  # a file: URI with its own modes: SQLite reads it
-        return None
-    path = Path(database)
     if os.path.lexists(path):
         return None
     parent = path.parent

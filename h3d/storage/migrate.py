@@ -272,8 +272,8 @@ def _no_cascades(engine: Engine) -> Iterator[Connection]:
 @contextlib.contextmanager
 def migration_lock(engine: Engine) -> Iterator[Connection]:
     """A connection in a transaction that holds the store's migration lock until it ends."""
-    db = engine.url.database
-    if engine.dialect.name == "sqlite" and db and db != ":memory:":
+    db = sqlite_file(engine)
+    if db is not None:
         with _file_lock(Path(f"{db}.migrate-lock")), _no_cascades(engine) as conn:
             yield conn
         return
@@ -366,11 +366,14 @@ def _disk_full(engine: Engine) -> Path | None:
     return where if free < 64 * 1024 else None
 
 
-def _sqlite_file(engine: Engine) -> Path | None:
+def sqlite_file(engine: Engine) -> Path | None:
+    """The SQLite file ``engine`` opens, as an absolute path (not normalised: ``..`` after a
+    symbolic link is the kernel's to resolve, as SQLite's open does); None for a server's
+    database or an in-memory one."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         return None
-    return Path(os.path.abspath(database))
+    return Path(database).absolute()
 
 
 def _file_state(db: Path) -> list[int] | None:
@@ -393,7 +396,7 @@ def record_clean_stop(engine: Engine, stamp: Path) -> None:
     folded the WAL into it. The next start skips ``PRAGMA quick_check`` if the file is
     still exactly that (:func:`check_integrity`). Nothing is written for a store that is
     not a SQLite file, or whose WAL could not be folded (a full disk)."""
-    db = _sqlite_file(engine)
+    db = sqlite_file(engine)
     state = None if db is None else _file_state(db)
     if state is None:
         return
@@ -417,7 +420,7 @@ def _unchanged_since_clean_stop(engine: Engine, stamp: Path) -> bool:
     finally:
         with contextlib.suppress(OSError):
             stamp.unlink()
-    db = _sqlite_file(engine)
+    db = sqlite_file(engine)
     return (
         db is not None
         and isinstance(recorded, dict)
