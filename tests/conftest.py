@@ -283,6 +283,7 @@ class Daemon:
         (self.data_dir / "daemon.json").unlink(missing_ok=True)
         argv = ["serve", "--port", str(self.port)]
         if self.tree == REPO and not SPAWN:
+            self.log.touch()  # here, as a spawn's: a child killed before it opens it has one
             self.proc = Zygote.fork(argv, self.env, self.log)
         else:
             with open(self.log, "ab") as log:
