@@ -174,8 +174,16 @@ def _path_problem(database: str | None) -> str | None:
 
 def _unreadable(engine: Engine, exc: DatabaseError) -> H3DError:
     """SQLite could not open or read the store: a full disk or the place it is in, if that
-    is why, else the file itself (not a database)."""
+    is why, else the file itself (not a database). A server's refusal (a role without the
+    privilege to read h3d's tables) is the server's to explain: no file, disk or path of
+    ours is involved."""
     url = engine.url.render_as_string(hide_password=True)
+    if engine.dialect.name != "sqlite":
+        return StorageUnavailable(
+            f"{url}: the server refused to read h3d's tables ({' '.join(str(exc.orig).split())}); "
+            "grant this role access to them, or point --db-url at another database. h3d "
+            "changed nothing."
+        )
     full = _disk_full(engine)
     if full is not None:  # SQLite says "disk I/O error" when it cannot size the WAL index
         return StorageUnavailable(f"{url}: cannot open it ({exc.orig}): {full_disk_note(full)}")
@@ -356,9 +364,10 @@ def full_disk_note(where: Path) -> str:
 
 def _disk_full(engine: Engine) -> Path | None:
     """The SQLite file's directory if the disk holding it has no room left for a page."""
-    if not engine.url.database or engine.url.database == ":memory:":
+    db = sqlite_file(engine)
+    if db is None:
         return None
-    where = Path(engine.url.database).resolve().parent
+    where = db.resolve().parent
     try:
         free = shutil.disk_usage(where).free
     except OSError:

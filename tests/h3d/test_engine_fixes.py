@@ -175,6 +175,52 @@ def test_h3d_db_current_on_a_server_that_never_answers_says_so_and_exits(
     assert "cannot reach the database" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.fixture
+def reader_role(pg_url: str) -> Iterator[str]:
+    """A login role on the server without the privilege to read h3d's tables; dropped after."""
+    role = f"h3test_role_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        yield role
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
+
+
+def test_a_server_refusing_to_read_the_tables_is_named_not_called_a_damaged_file(
+    pg_url: str, reader_role: str, tmp_path: Path
+) -> None:
+    """A PostgreSQL role without SELECT on h3d's tables: the server's refusal, said as such,
+    not the SQLite advice ("not a readable database ... move it aside") nor a full disk
+    looked for under a path made of the database's name. Exit 2, the store untouched."""
+    owner = create_engine(pg_url)
+    migrate.upgrade(owner)
+    url = pg_url.replace("postgres@", f"{reader_role}@", 1)
+    other = create_engine(url)
+    try:
+        with pytest.raises(StorageUnavailable, match="permission denied") as got:
+            migrate.current_revision(other)
+        assert "grant this role access" in str(got.value)
+        assert "readable database" not in str(got.value) and "disk" not in str(got.value)
+        done = subprocess.run(
+            [sys.executable, "-m", "h3d", "db", "current", "--data-dir", str(tmp_path)],
+            env={"H3D_DB_URL": url, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert done.returncode == 2, done.stderr
+        assert "refused to read h3d's tables" in done.stderr and "Traceback" not in done.stderr
+        assert migrate.current_revision(owner) == migrate.head_revision()  # nothing changed
+    finally:
+        other.dispose()
+        owner.dispose()
+
+
 def test_a_statement_stuck_behind_a_lock_is_a_503_within_the_lock_timeout(pg_url: str) -> None:
     store = Store(pg_url, busy_timeout_s=0.5)
     migrate.upgrade(store.engine)
