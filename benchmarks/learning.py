@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -118,6 +119,33 @@ TASKS = {
 # (validation accuracy on a hold-out of the training set, seeds 0 and 1); 1e-3 until swept
 SWEEP_LRS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 SWEEP_SEEDS = (0, 1)
+# ``--lr-schedule``: every arm's learning rate per epoch, as a factor of its initial one.
+# "constant" (the default) or "cosine": half a cosine from 1 down to COSINE_FLOOR over the
+# arm's own epochs, stepped once per epoch as ``CosineAnnealingLR(T_max=epochs)`` is in a
+# per-epoch loop (AutoH3 included: a user's scheduler on ``auto.optimizer``)
+LR_SCHEDULES = ("constant", "cosine")
+COSINE_FLOOR = 0.02
+SCHEDULE = "constant"
+
+
+def lr_factor(epoch: int, epochs: int) -> float:
+    """Epoch ``epoch``'s learning rate over the initial one, under ``SCHEDULE``."""
+    if SCHEDULE == "constant":
+        return 1.0
+    return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def scheduled(opt: torch.optim.Optimizer, epochs: int) -> Callable[[int], None]:
+    """Sets ``opt``'s learning rates for an epoch: its groups' initial ones × ``lr_factor``."""
+    initial = [g["lr"] for g in opt.param_groups]
+
+    def at(epoch: int) -> None:
+        for group, lr in zip(opt.param_groups, initial, strict=True):
+            group["lr"] = lr * lr_factor(epoch, epochs)
+
+    return at
+
+
 # Every arm evaluates the first MONITOR test samples after each epoch (one batch, the same
 # for all; AutoH3's controller reads it) and the whole test set once at the end (the
 # reported accuracy). A full 10 000-sample pass per epoch would cost the small CNN about as
@@ -228,7 +256,9 @@ def train_loop(
     weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """The arms' training loop, one epoch per ``next()`` (see :func:`arm_epochs`)."""
+    schedule = scheduled(opt, epochs)
     for epoch in range(epochs):
+        schedule(epoch)
         model.train()
         for x, y, idx in loader_for(epoch):
             seen: dict[str, torch.Tensor] = {}
@@ -366,7 +396,9 @@ def arm_epochs(
         def auto_epochs() -> Iterator[None]:
             crit = nn.CrossEntropyLoss()
             test = [(data.x_test[:MONITOR], data.y_test[:MONITOR])]  # the same monitor set
-            for _ in range(task.epochs):
+            schedule = scheduled(auto.optimizer, task.epochs)
+            for epoch in range(task.epochs):
+                schedule(epoch)
                 for x, y, idx in auto.get_loader(task.batch):
                     auto.training_step(model, x, y, crit, idx)
                     counter.batch(idx)
@@ -405,6 +437,7 @@ def arm_row(state: Arm, task: Task, data: Split, wall: float, lr: float) -> dict
         "flops": counter.train * f_both + counter.eval * f_fwd,
         "controller": state.report,
         "lr": lr,
+        "lr_schedule": SCHEDULE,
         "load_1min": os.getloadavg()[0],
         "host": cpu_model(),
     }
@@ -515,7 +548,16 @@ def main() -> None:
         "hold-out of the training set (rows in --lr-jsonl)",
     )
     ap.add_argument("--lr-jsonl", default=str(RESULTS / "learning_lr.jsonl"))
+    ap.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="every arm's lr per epoch: constant, or a per-epoch cosine from the task's lr "
+        f"down to {COSINE_FLOOR} of it over the arm's epochs (a user's scheduler)",
+    )
     args = ap.parse_args()
+    global SCHEDULE
+    SCHEDULE = args.lr_schedule
     torch.set_num_threads(1)
     AUTO_VARIANTS.update({label: json.loads(kw) for label, kw in args.auto_variant})
     args.arms += [label for label in AUTO_VARIANTS if label not in args.arms]
@@ -526,7 +568,9 @@ def main() -> None:
             if args.sweep_lr:
                 sweep_lr(args.tasks, lr_path, url, tmp)
             lr_rows = read_rows(lr_path)
-            done = {(r["task"], r["seed"], r["arm"], r.get("lr")) for r in read_rows(path)}
+            done = {
+                (r["task"], r["seed"], r["arm"], r.get("lr"), _schedule(r)) for r in read_rows(path)
+            }
             for key in args.tasks:
                 task = TASKS[key]
                 lr = chosen_lr(key, lr_rows)
@@ -538,7 +582,7 @@ def main() -> None:
                     # rotate the arms' order per seed: load drifts on a shared machine
                     arms = args.arms[seed % len(args.arms) :] + args.arms[: seed % len(args.arms)]
                     for arm in arms:
-                        if (key, seed, arm, lr) in done:
+                        if (key, seed, arm, lr, SCHEDULE) in done:
                             continue
                         row = run_arm(arm, task, data, seed, noisy, url, tmp, lr)
                         row.update(
@@ -551,7 +595,22 @@ def main() -> None:
                             f"{row['wall_s']:.1f} s {row['energy_j']:.1f} J",
                             flush=True,
                         )
-    write(read_rows(path), read_rows(lr_path), args.out, path.name)
+    rows = [r for r in read_rows(path) if _schedule(r) == SCHEDULE]
+    write(rows, read_rows(lr_path), args.out, path.name)
+
+
+def _schedule_text() -> str:
+    if SCHEDULE == "constant":
+        return "the task's, constant"
+    return (
+        f"the task's, then a per-epoch cosine down to {COSINE_FLOOR} of it over each arm's "
+        "epochs (`--lr-schedule cosine`)"
+    )
+
+
+def _schedule(row: dict[str, Any]) -> str:
+    """The lr schedule a row trained with (rows from before ``--lr-schedule``: constant)."""
+    return str(row.get("lr_schedule", "constant"))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -647,6 +706,7 @@ def write(
         f"{os.cpu_count()} cores ({' and '.join(sorted({_host(r) for r in rows}))}), Python "
         f"{platform.python_version()}, torch {torch.__version__} with 1 thread; {load}. Ratios are "
         "per seed (arms of one seed run back to back, in rotating order) and then the median. "
+        f"Learning rate: {_schedule_text()}. "
         "Energy is what the h3d daemon attributed to each run, with its source (`estimated` is "
         "the CPU model utilisation × TDP: no RAPL or GPU here — a model, not a measurement). "
         "FLOPs: `FlopCounterMode` per sample at the batch shape × samples forwarded (with and "

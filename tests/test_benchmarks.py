@@ -172,6 +172,38 @@ def test_learning_report_says_where_each_arm_ran(tmp_path: Path) -> None:
     assert "uniform Adam 22:01–22:06 (Intel" in when
 
 
+def test_learning_cosine_schedule_is_torchs_per_epoch_cosine_and_constant_leaves_lr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--lr-schedule cosine`` sets an arm's lr per epoch as ``CosineAnnealingLR`` stepped
+    once an epoch does (eta_min at the floor); the default leaves every lr as it was."""
+    import torch
+
+    from benchmarks import learning
+
+    def lrs(schedule: str, epochs: int) -> list[float]:
+        monkeypatch.setattr(learning, "SCHEDULE", schedule)
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        at = learning.scheduled(opt, epochs)
+        seen = []
+        for epoch in range(epochs):
+            at(epoch)
+            seen.append(opt.param_groups[0]["lr"])
+        return seen
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    torchs = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=20, eta_min=2e-3 * learning.COSINE_FLOOR
+    )
+    expected = []
+    for _ in range(20):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        torchs.step()
+    assert lrs("cosine", 20) == pytest.approx(expected, rel=1e-9)
+    assert lrs("constant", 20) == [2e-3] * 20
+
+
 def test_a_reports_command_line_names_the_options_that_ran() -> None:
     # every report's header quotes this line: an option left at its default is not named,
     # one that changed what ran (--quick, --rounds 3, a list, a path) is; --out never is
