@@ -155,20 +155,25 @@ def test_a_server_that_never_answers_is_an_error_within_the_connect_timeout(
         eng.dispose()
 
 
+def _db_current(url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``h3d db current`` against the store at ``url``, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "h3d", "db", "current", "--data-dir", str(data_dir)],
+        env={"H3D_DB_URL": url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=40,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
 def test_h3d_db_current_on_a_server_that_never_answers_says_so_and_exits(
     silent_server: int, tmp_path: Path
 ) -> None:
     """The CLI's engine has the same bound: one line, exit 2 (libpq's default: forever)."""
     url = f"postgresql+psycopg://postgres@127.0.0.1:{silent_server}/h3d"
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "h3d", "db", "current", "--data-dir", str(tmp_path)],
-            env={"H3D_DB_URL": url, "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=40,
-            cwd=Path(__file__).resolve().parents[2],
-        )
+        done = _db_current(url, tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("h3d db current still waits for a server that never answers")
     assert done.returncode == 2, done.stderr
@@ -205,14 +210,7 @@ def test_a_server_refusing_to_read_the_tables_is_named_not_called_a_damaged_file
             migrate.current_revision(other)
         assert "grant this role access" in str(got.value)
         assert "readable database" not in str(got.value) and "disk" not in str(got.value)
-        done = subprocess.run(
-            [sys.executable, "-m", "h3d", "db", "current", "--data-dir", str(tmp_path)],
-            env={"H3D_DB_URL": url, "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=Path(__file__).resolve().parents[2],
-        )
+        done = _db_current(url, tmp_path)
         assert done.returncode == 2, done.stderr
         assert "refused to read h3d's tables" in done.stderr and "Traceback" not in done.stderr
         assert migrate.current_revision(owner) == migrate.head_revision()  # nothing changed
