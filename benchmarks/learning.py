@@ -26,7 +26,8 @@ Arms (same model, data, batch size, epochs and data path, but where an arm says 
   must not end more than 0.3 points lower.
 - ``--auto-variant LABEL JSON`` adds an arm ``LABEL``: ``AutoH3 (balanced)`` (with Adam)
   given the keyword arguments in ``JSON`` as well, e.g. ``'AutoH3, learned_ratio=0.1'
-  '{"learned_ratio": 0.1}'`` (a setting's trade-off, measured beside the defaults).
+  '{"learned_ratio": 0.1}'`` (a setting's trade-off, measured beside the defaults);
+  ``"optimizer": "H3Optimizer"`` in ``JSON`` trains it with AutoH3's own optimizer instead.
 
 Every arm reads its batches the same way: ``h3optim.batch_loader`` over an
 ``IndexedDataset(TensorDataset)`` (one indexing operation per batch), with the arm's sampler
@@ -375,6 +376,8 @@ def arm_epochs(
             closure_step=True,
         )
     elif arm in AUTO_ARMS or arm in AUTO_VARIANTS:
+        variant = dict(AUTO_VARIANTS.get(arm, {}))
+        own = arm == "AutoH3 (H3Optimizer)" or variant.pop("optimizer", None) == "H3Optimizer"
         auto = AutoH3(
             model.parameters(),
             ds,
@@ -383,13 +386,11 @@ def arm_epochs(
             lr=lr,
             seed=seed,
             profiler=prof,
-            optimizer=(lambda p: torch.optim.Adam(p, lr=lr))
-            if arm != "AutoH3 (H3Optimizer)"
-            else None,
+            optimizer=None if own else (lambda p: torch.optim.Adam(p, lr=lr)),
             # every arm computes subnormals alike, so that a difference in wall time is the
             # sampling's; benchmarks/denormals.py measures flush-to-zero on its own
             flush_denormal=False,
-            **AUTO_VARIANTS.get(arm, {}),
+            **variant,
         )
         auto.start()
 

@@ -19,12 +19,15 @@ from h3optim._modes import evaluating
 from h3optim.controller import EtaController
 from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
+from h3optim.optimizer import H3Optimizer
 from h3optim.presets import create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler, weighted_mean
 from h3optim.tracking import LEARNED_RATIO, IndexedDataset, LossTracker, take_rows
 
 LN2 = math.log(2.0)
 _CPU = torch.device("cpu")
+# lr_compensation's largest step scale: an epoch of fewer than half the steps is not made up
+MAX_LR_COMPENSATION = 2.0
 
 
 def _moved(batch: Any, device: torch.device) -> Any:
@@ -344,6 +347,16 @@ class AutoH3:
             groups without any key added, so its own ``lr`` and ``weight_decay`` apply where
             a group sets none), ``lr`` does not apply, and H3Optimizer's keyword arguments
             are a ``TypeError``.
+        lr_compensation: A sampled epoch takes fewer optimizer steps than an epoch over all
+            the data; each of its steps is then scaled by (the full epoch's steps) / (this
+            epoch's steps), at most ``MAX_LR_COMPENSATION`` (2), so that the epoch moves the
+            weights about as far as a full one and the learning-rate schedule keeps its
+            meaning per epoch. Only the step taken is scaled: the optimizer's ``lr``, as
+            your LR scheduler reads and sets it, is left as it is (H3Optimizer takes the
+            scale as its groups' ``step_scale``; another optimizer's ``lr`` is scaled
+            around its ``step`` and restored). It applies to the steps
+            :meth:`training_step` takes. ``lr_factor`` is this epoch's scale (1 in uniform
+            epochs); each epoch's is logged with it. ``False`` steps at ``lr``.
         flush_denormal: From :meth:`start` to :meth:`finish`, the calling thread and its
             intra-op threads compute subnormal floats (below about 1.2e-38) as zero on the CPU
             (:func:`h3optim.denormals.set_flush_denormal`); :meth:`finish` restores the mode
@@ -390,6 +403,7 @@ class AutoH3:
         learned_ratio: float | None = LEARNED_RATIO,
         log_per_sample: bool = False,
         optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
+        lr_compensation: bool = True,
         flush_denormal: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
@@ -451,6 +465,8 @@ class AutoH3:
         self.probe_size = probe_size
         self.learned_ratio = learned_ratio
         self.log_per_sample = log_per_sample
+        self.lr_compensation = lr_compensation
+        self.lr_factor = 1.0  # this epoch's step scale (lr_compensation)
         self._probe_idx: torch.Tensor | None = None  # the probe samples' indices
         self._probe_batch: tuple[torch.Tensor, Any, Any] | None = None  # (indices, x, y)
         # the probe's (data, target) chunks as the user's collate_fn makes them (or the
@@ -608,6 +624,20 @@ class AutoH3:
         self._energy_at_epoch_start = self._energy()
         self._windows = None
         self.controller.plan_windows(self._windows_ahead(batch_size))  # may end the test
+        if self.controller.window_testing and self._window_loss is None and train_loss is not None:
+            self._window_loss = train_loss  # the first window's start: measured just now
+        loader = self._epoch_loader(batch_size, drop_last, collate, loader_kwargs)
+        self._compensate(len(loader), batch_size, drop_last)
+        return loader
+
+    def _epoch_loader(
+        self,
+        batch_size: int,
+        drop_last: bool,
+        collate: Callable[[list[Any]], Any] | None,
+        loader_kwargs: dict[str, Any],
+    ) -> DataLoader[Any]:
+        """The epoch's loader, the sampler set for it: windowed while the A/B test runs."""
         if self.controller.window_testing:
             self._windows = _WindowedBatches(
                 self.controller,
@@ -618,8 +648,6 @@ class AutoH3:
                 drop_last=drop_last,
             )
             self.samples_skipped += self._windows.skipped
-            if self._window_loss is None and train_loss is not None:
-                self._window_loss = train_loss  # the first window's start: measured just now
             if collate is None and is_batchable(self.indexed_dataset):
                 return DataLoader(  # drop_last: the windowed sampler gives only full batches
                     self.indexed_dataset, sampler=self._windows, batch_size=None, **loader_kwargs
@@ -645,6 +673,45 @@ class AutoH3:
         return batch_loader(
             self.indexed_dataset, _Drawn(share), batch_size, drop_last=drop_last, **loader_kwargs
         )
+
+    def _compensate(self, steps: int, batch_size: int, drop_last: bool) -> None:
+        """Sets this epoch's step scale (``lr_compensation``): a full epoch's steps on this
+        rank over the ``steps`` of this one, between 1 and ``MAX_LR_COMPENSATION``."""
+        factor = 1.0
+        if self.lr_compensation and steps > 0:
+            n = math.ceil(len(self.indexed_dataset) / self._world)
+            full = n // batch_size if drop_last else math.ceil(n / batch_size)
+            factor = min(MAX_LR_COMPENSATION, max(1.0, full / steps))
+        self.lr_factor = factor
+
+    def _step(self, closure: Callable[[], torch.Tensor]) -> Any:
+        """The optimizer's step at ``lr_factor`` × its ``lr``, the scale undone after it, so
+        a scheduler never sees it: H3Optimizer takes it as its groups' ``step_scale``;
+        another optimizer gets each group's ``lr`` scaled for the step, then restored (or,
+        if the step set a new one, that one unscaled)."""
+        factor = self.lr_factor
+        # torch types the closure as returning float; every torch optimizer takes a tensor
+        if factor == 1.0:
+            return self.optimizer.step(closure)  # type: ignore[arg-type]
+        groups = self.optimizer.param_groups
+        if isinstance(self.optimizer, H3Optimizer):  # its step scales itself
+            own = [group.get("step_scale", 1.0) for group in groups]
+            for group, scale in zip(groups, own, strict=True):
+                group["step_scale"] = scale * factor
+            try:
+                return self.optimizer.step(closure)
+            finally:
+                for group, scale in zip(groups, own, strict=True):
+                    group["step_scale"] = scale
+        before = [group["lr"] for group in groups]
+        scaled = [lr * factor for lr in before]
+        for group, lr in zip(groups, scaled, strict=True):
+            group["lr"] = lr
+        try:
+            return self.optimizer.step(closure)  # type: ignore[arg-type]
+        finally:
+            for group, lr, mine in zip(groups, before, scaled, strict=True):
+                group["lr"] = lr if group["lr"] is mine else group["lr"] / factor
 
     def _windows_ahead(self, batch_size: int) -> int:
         """Windows of ``window_steps`` that the thermodynamic epochs from this one on hold,
@@ -870,8 +937,7 @@ class AutoH3:
             loss.backward()  # type: ignore[no-untyped-call]
             return loss
 
-        # torch types the closure as returning float; every torch optimizer takes a tensor loss
-        loss = self.optimizer.step(closure)  # type: ignore[arg-type]
+        loss = self._step(closure)
         losses = seen["losses"]
         if idx is not None:
             self.loss_tracker.update(idx, losses)
@@ -967,6 +1033,7 @@ class AutoH3:
                 keep_frac=k,
                 uniform_mix=u,
                 samples=self._epoch_samples,
+                lr_factor=self.lr_factor,
             )
         self.epoch += 1
         return acc

@@ -138,6 +138,11 @@ class H3Optimizer(Optimizer):
     followed exactly between probes. The probe works under ``torch.autocast`` (it clears
     autocast's weight cache around its closure).
 
+    A group's ``step_scale`` (1 when absent) multiplies the step taken, leaving ``lr``, its
+    bounds and any scheduler's view of them as they are; the curvature bound applies to the
+    step taken (lr × step_scale). :class:`~h3optim.AutoH3` sets it to compensate the steps
+    a sampled epoch leaves out (its ``lr_compensation``).
+
     A NaN or infinite gradient anywhere skips the whole step: parameters and moments of
     every group are left unchanged, the step counters still advance, and the skip is counted
     in ``skipped_steps`` (a device counter, read only when asked). The decision is taken on
@@ -674,7 +679,9 @@ class H3Optimizer(Optimizer):
         alpha = group["lipschitz_smoothing"]
         log_l = math.log(lhat) if prev is None else (1 - alpha) * prev + alpha * math.log(lhat)
         group["lipschitz_log"] = log_l
+        # the bound is on the step taken: lr × step_scale (AutoH3's lr compensation)
         target = group["lipschitz_safety"] / (math.exp(log_l) + 1e-12)
+        target /= group.get("step_scale", 1.0)
         new_lr = min(group["lr_max"], group["lr"] * group["max_growth"], target)
         group["lr"] = group["lr_seen"] = max(group["lr_min"], new_lr)
         self.lr_history.append(group["lr"])
@@ -727,7 +734,7 @@ class H3Optimizer(Optimizer):
         for group, buckets in groups:
             beta1, beta2 = group["betas"]
             hyper = {
-                "lr": group["lr"],
+                "lr": group["lr"] * group.get("step_scale", 1.0),
                 "beta1": beta1,
                 "beta2": beta2,
                 "eps": group["eps"],

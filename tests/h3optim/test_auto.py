@@ -1036,3 +1036,101 @@ def test_the_users_collate_fn_makes_every_batch_and_probe_chunk_once() -> None:
     batches = list(plain.get_loader(batch_size=8, collate_fn=record))
     assert [len(b[2]) for b in batches] == [8, 8, 4]
     assert all(isinstance(items, list) and len(items[0]) == 3 for items in seen)
+
+
+def _sampled_run(
+    compensate: bool, factory: bool = True, mode: str = "balanced"
+) -> tuple[AutoH3, _Epochs, list[list[float]], list[float]]:
+    """Six epochs over the digits with a StepLR on the optimizer (×0.9 each epoch): the lr in
+    effect at each step, by epoch (a step pre-hook), and the scheduler's lr per epoch."""
+    train_set, test, model = digits_and_model()
+    rec = _Epochs()
+    kw: dict[str, Any] = {"optimizer": lambda p: torch.optim.Adam(p, lr=1e-3)} if factory else {}
+    auto = AutoH3(
+        model.parameters(),
+        train_set,
+        mode=mode,
+        total_epochs=6,
+        profiler=rec,
+        lr_compensation=compensate,
+        learned_ratio=None,  # sample from the first thermodynamic epoch on
+        **kw,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(auto.optimizer, step_size=1, gamma=0.9)
+    stepped: list[list[float]] = []
+
+    def seen(opt: torch.optim.Optimizer, *_: Any) -> None:
+        group = opt.param_groups[0]
+        stepped[-1].append(group["lr"] * group.get("step_scale", 1.0))
+
+    auto.optimizer.register_step_pre_hook(seen)
+    crit = nn.CrossEntropyLoss()
+    scheduled = []
+    for _ in range(6):
+        stepped.append([])
+        scheduled.append(auto.optimizer.param_groups[0]["lr"])
+        for data, target, idx in auto.get_loader(batch_size=64):
+            auto.training_step(model, data, target, crit, idx)
+        assert auto.optimizer.param_groups[0]["lr"] == scheduled[-1]  # the scheduler's own
+        auto.evaluate_epoch(model, test)
+        sched.step()
+    return auto, rec, stepped, scheduled
+
+
+@pytest.mark.parametrize("factory", [True, False], ids=["Adam", "H3Optimizer"])
+def test_lr_compensation_scales_a_sampled_epochs_steps_and_leaves_the_schedulers_lr(
+    factory: bool,
+) -> None:
+    """Each step of a sampled epoch takes the scheduler's lr × (a full epoch's steps / this
+    epoch's), at most 2; uniform epochs take the scheduler's lr; every epoch logs its
+    factor; between steps the optimizer's lr is the scheduler's, and no scale is left."""
+    full = math.ceil(1400 / 64)
+    auto, rec, stepped, scheduled = _sampled_run(True, factory)
+    factors = [e["lr_factor"] for e in rec.epochs]
+    assert factors[0] == 1.0 and factors[-1] == 1.0  # warmup and consolidation: uniform
+    assert any(f > 1.0 for f in factors)  # the thermodynamic epochs sampled
+    for steps, lr, factor in zip(stepped, scheduled, factors, strict=True):
+        assert factor == pytest.approx(min(2.0, max(1.0, full / len(steps))))
+        if not factory:  # H3Optimizer's probe may lower its step: never above the scale's
+            assert all(s <= lr * factor * (1 + 1e-12) for s in steps)
+            continue
+        assert steps == pytest.approx([lr * factor] * len(steps))
+    assert all(g.get("step_scale", 1.0) == 1.0 for g in auto.optimizer.param_groups)
+    auto.finish()
+
+
+def test_without_lr_compensation_every_step_takes_the_schedulers_lr() -> None:
+    _, rec, stepped, scheduled = _sampled_run(False)
+    assert {e["lr_factor"] for e in rec.epochs} == {1.0}
+    assert sum(map(len, stepped)) < 6 * math.ceil(1400 / 64)  # it did sample
+    for steps, lr in zip(stepped, scheduled, strict=True):
+        assert steps == pytest.approx([lr] * len(steps))
+
+
+def test_lr_compensation_is_at_most_twice_the_step() -> None:
+    """The leanest mode keeps under half the data: its epochs' scale stops at 2."""
+    _, rec, stepped, _ = _sampled_run(True, mode="extreme")
+    full = math.ceil(1400 / 64)
+    assert min(map(len, stepped)) < full / 2
+    assert max(e["lr_factor"] for e in rec.epochs) == 2.0
+
+
+def test_a_step_that_sets_its_own_lr_keeps_it_unscaled() -> None:
+    """An optimizer whose step sets a new lr (as H3Optimizer's probe does): AutoH3 restores
+    that lr over the scale, not the one from before the step."""
+    train_set, _, model = digits_and_model()
+
+    class Halving(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            loss = super().step(closure)
+            for group in self.param_groups:
+                group["lr"] = group["lr"] / 2
+            return loss
+
+    auto = AutoH3(
+        model.parameters(), train_set, profile=False, optimizer=lambda p: Halving(p, lr=0.1)
+    )
+    auto.lr_factor = 1.5
+    data, target = train_set.tensors
+    auto.training_step(model, data[:64], target[:64], nn.CrossEntropyLoss(), torch.arange(64))
+    assert auto.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # 0.1 × 1.5 / 2 / 1.5

@@ -155,8 +155,11 @@ def test_curvature_estimate_is_exact_on_a_quadratic_in_adams_metric() -> None:
     assert float(lhat) == pytest.approx(curvature / d, rel=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_adaptive_step_settles_at_gamma_over_lhat(impl: str) -> None:
+def test_adaptive_step_settles_at_gamma_over_lhat(impl: str, scale: float) -> None:
+    """The step taken settles at γ/L̂; with a group's ``step_scale`` s (AutoH3's lr
+    compensation) that step is lr × s, so lr settles at γ/(s·L̂)."""
     curvature, gamma = 4.0, 0.5
     x = nn.Parameter(torch.linspace(1.0, 3.0, 10))
     opt = H3Optimizer(
@@ -169,6 +172,7 @@ def test_adaptive_step_settles_at_gamma_over_lhat(impl: str) -> None:
         max_growth=1e9,
         lipschitz_smoothing=1.0,
     )
+    opt.param_groups[0]["step_scale"] = scale
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -180,7 +184,7 @@ def test_adaptive_step_settles_at_gamma_over_lhat(impl: str) -> None:
         opt.step(closure)
     assert len(opt.lipschitz_history) >= 10
     for lr, lhat in zip(opt.lr_history, opt.lipschitz_history, strict=True):
-        assert lr == pytest.approx(max(1e-5, min(100.0, gamma / lhat)), rel=1e-9)
+        assert lr == pytest.approx(max(1e-5, min(100.0, gamma / (scale * lhat))), rel=1e-9)
     assert float(closure().detach()) < 0.5 * curvature * float(
         (torch.linspace(1.0, 3.0, 10) ** 2).sum()
     )
@@ -697,3 +701,21 @@ def test_the_skip_counter_stays_an_exact_count_through_a_state_round_trip() -> N
     train(opt2, clone, range(324, 327))  # two more skips
     assert opt2.skipped_steps == 261
     assert [int(s["skipped"]) for s in opt2.state_dict()["state"].values()] == [261] * 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_step_scale_multiplies_the_step_taken_and_leaves_lr_and_its_bounds(impl: str) -> None:
+    """A group's ``step_scale`` (AutoH3's lr compensation) gives the update of ``lr`` ×
+    scale, while ``lr``, ``lr_max`` and ``lr_min`` stay as set (a scheduler sees its own)."""
+    (a, target), (b, _) = quadratic(), quadratic()
+    scaled = H3Optimizer([a], **IMPLS[impl], lr=1e-2)
+    plain = H3Optimizer([b], **IMPLS[impl], lr=1.5e-2, lr_max=1.5e-2)
+    scaled.param_groups[0]["step_scale"] = 1.5
+    for _ in range(5):
+        for x, opt in ((a, scaled), (b, plain)):
+            opt.zero_grad()
+            (0.5 * target * x * x).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a, b)
+    group = scaled.param_groups[0]
+    assert (group["lr"], group["lr_max"], group["lr_min"]) == (1e-2, 1e-2, 1e-4)
