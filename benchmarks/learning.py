@@ -137,10 +137,13 @@ def lr_factor(epoch: int, epochs: int) -> float:
 
 
 def scheduled(opt: torch.optim.Optimizer, epochs: int) -> Callable[[int], None]:
-    """Sets ``opt``'s learning rates for an epoch: its groups' initial ones × ``lr_factor``."""
+    """Sets ``opt``'s learning rates for an epoch: its groups' initial ones × ``lr_factor``;
+    under "constant", nothing (H3Optimizer's probe may have lowered its lr: left so)."""
     initial = [g["lr"] for g in opt.param_groups]
 
     def at(epoch: int) -> None:
+        if SCHEDULE == "constant":
+            return
         for group, lr in zip(opt.param_groups, initial, strict=True):
             group["lr"] = lr * lr_factor(epoch, epochs)
 

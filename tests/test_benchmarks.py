@@ -202,6 +202,12 @@ def test_learning_cosine_schedule_is_torchs_per_epoch_cosine_and_constant_leaves
         torchs.step()
     assert lrs("cosine", 20) == pytest.approx(expected, rel=1e-9)
     assert lrs("constant", 20) == [2e-3] * 20
+    # a step the optimizer lowered itself (H3Optimizer's probe) stays lowered under "constant"
+    monkeypatch.setattr(learning, "SCHEDULE", "constant")
+    at = learning.scheduled(opt, 20)
+    opt.param_groups[0]["lr"] = 1e-3
+    at(5)
+    assert opt.param_groups[0]["lr"] == 1e-3
 
 
 def test_a_reports_command_line_names_the_options_that_ran() -> None:
