@@ -14,6 +14,10 @@ Arms (same model, data, batch size, epochs and data path, but where an arm says 
   data's (less the samples whose loss rose 0.5 nats above its first: weight 0).
 - ``random subset``: Adam with a uniformly random subset of exactly that per-epoch budget
   (the baseline any data-selection claim must beat).
+- ``random subset, compensated``: the same, each epoch's lr scaled as AutoH3's
+  ``lr_compensation`` scales its steps (an epoch over all the data's steps over the
+  epoch's, at most 2): whether AutoH3's choice of samples beats a random one once both
+  make up the steps they leave out.
 - ``AutoH3 (balanced)``: the sampler with AutoH3's defaults (unbiased, noise margin 0.5;
   the drawn samples of weight 0 left out of the epoch), steered by the windowed A/B
   controller (trained with Adam, through its ``optimizer=``, so that the arm measures the
@@ -89,6 +93,7 @@ from h3optim import (  # noqa: E402
     h3_edge,
     h3_mnist_fast,
 )
+from h3optim.auto import MAX_LR_COMPENSATION  # noqa: E402
 
 RESULTS = REPO / "benchmarks/results"
 # AutoH3's phases and balanced starting setting; the fixed-fraction arms use the same
@@ -164,6 +169,7 @@ ARMS = [
     "Adam + sampler",
     "Adam + sampler (unbiased)",
     "random subset",
+    "random subset, compensated",
     "AutoH3 (balanced)",
     "AutoH3 (H3Optimizer)",
     "H3 mnist_fast",
@@ -258,13 +264,22 @@ def train_loop(
     tracker: LossTracker | None = None,
     closure_step: bool = False,
     weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    full_steps: int | None = None,
 ) -> Iterator[None]:
-    """The arms' training loop, one epoch per ``next()`` (see :func:`arm_epochs`)."""
+    """The arms' training loop, one epoch per ``next()`` (see :func:`arm_epochs`).
+    ``full_steps``: an epoch over all the data's steps; an epoch of fewer steps then trains
+    at its lr × ``full_steps`` / its steps, at most 2 (AutoH3's ``lr_compensation``)."""
     schedule = scheduled(opt, epochs)
     for epoch in range(epochs):
         schedule(epoch)
         model.train()
-        for x, y, idx in loader_for(epoch):
+        batches = loader_for(epoch)
+        lrs = [g["lr"] for g in opt.param_groups] if full_steps is not None else []
+        if lrs and len(batches):
+            factor = min(MAX_LR_COMPENSATION, max(1.0, full_steps / len(batches)))
+            for group, lr in zip(opt.param_groups, lrs, strict=True):
+                group["lr"] = lr * factor
+        for x, y, idx in batches:
             seen: dict[str, torch.Tensor] = {}
 
             def closure(
@@ -286,6 +301,8 @@ def train_loop(
                 tracker.update(idx, seen["l"])
             counter.batch(idx)
             prof.log_batch(seen["l"].mean(), epoch=epoch)
+        for group, lr in zip(opt.param_groups, lrs, strict=False):  # [] if not compensated
+            group["lr"] = lr  # the epoch's own lr back
         prof.log_epoch(epoch, accuracy=accuracy(model, data, MONITOR))
         yield
 
@@ -340,9 +357,9 @@ def arm_epochs(
             prof,
             data,
         )
-    elif arm in ("Adam + sampler", "Adam + sampler (unbiased)", "random subset"):
+    elif arm in ("Adam + sampler", "Adam + sampler (unbiased)") or arm.startswith("random subset"):
         tracker = LossTracker(n)
-        mix = 1.0 if arm == "random subset" else MIX
+        mix = 1.0 if arm.startswith("random subset") else MIX
         unbiased = arm == "Adam + sampler (unbiased)"
         sampler = InformationWeightedSampler(ds, tracker, seed=seed, unbiased=unbiased)
         sched = PhaseSchedule(task.epochs, WARMUP, CONSOLIDATION)
@@ -364,6 +381,7 @@ def arm_epochs(
             data,
             tracker=tracker,
             weights=sampler.weights if unbiased else None,
+            full_steps=math.ceil(n / task.batch) if arm.endswith("compensated") else None,
         )
     elif arm in PRESETS:
         setup = PRESETS[arm](model.parameters(), ds, seed=seed, lr=lr)
