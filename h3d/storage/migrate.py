@@ -120,16 +120,21 @@ def _read_store(engine: Engine) -> tuple[str | None, set[str]]:
     try:
         with engine.connect() as conn:
             return _read_revision(conn)
-    except OperationalError as exc:
-        if engine.dialect.name == "sqlite":  # a file it cannot open: as below
-            raise _unreadable(engine, exc) from exc
-        raise StorageUnavailable(
-            f"cannot reach the database at {engine.url.render_as_string(hide_password=True)} "
-            f"({' '.join(str(exc.orig).split())}); is the server running, and the URL right? h3d "
-            "changed nothing."
-        ) from exc
     except DatabaseError as exc:
-        raise _unreadable(engine, exc) from exc
+        if engine.dialect.name == "sqlite":  # a file it cannot open or read
+            raise _unreadable(engine, exc) from exc
+        url = engine.url.render_as_string(hide_password=True)
+        why = " ".join(str(exc.orig).split())
+        if isinstance(exc, OperationalError):
+            raise StorageUnavailable(
+                f"cannot reach the database at {url} ({why}); is the server running, and the "
+                "URL right? h3d changed nothing."
+            ) from exc
+        # the server answered, and refused (a role without the privilege to read the tables)
+        raise StorageUnavailable(
+            f"{url}: the server refused to read h3d's tables ({why}); grant this role access "
+            "to them, or point --db-url at another database. h3d changed nothing."
+        ) from exc
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -174,16 +179,8 @@ def _path_problem(database: str | None) -> str | None:
 
 def _unreadable(engine: Engine, exc: DatabaseError) -> H3DError:
     """SQLite could not open or read the store: a full disk or the place it is in, if that
-    is why, else the file itself (not a database). A server's refusal (a role without the
-    privilege to read h3d's tables) is the server's to explain: no file, disk or path of
-    ours is involved."""
+    is why, else the file itself (not a database)."""
     url = engine.url.render_as_string(hide_password=True)
-    if engine.dialect.name != "sqlite":
-        return StorageUnavailable(
-            f"{url}: the server refused to read h3d's tables ({' '.join(str(exc.orig).split())}); "
-            "grant this role access to them, or point --db-url at another database. h3d "
-            "changed nothing."
-        )
     full = _disk_full(engine)
     if full is not None:  # SQLite says "disk I/O error" when it cannot size the WAL index
         return StorageUnavailable(f"{url}: cannot open it ({exc.orig}): {full_disk_note(full)}")
