@@ -93,7 +93,7 @@ from h3optim import (  # noqa: E402
     h3_edge,
     h3_mnist_fast,
 )
-from h3optim.auto import MAX_LR_COMPENSATION  # noqa: E402
+from h3optim.auto import compensation_factor  # noqa: E402
 
 RESULTS = REPO / "benchmarks/results"
 # AutoH3's phases and balanced starting setting; the fixed-fraction arms use the same
@@ -275,8 +275,8 @@ def train_loop(
         model.train()
         batches = loader_for(epoch)
         lrs = [g["lr"] for g in opt.param_groups] if full_steps is not None else []
-        if lrs and len(batches):
-            factor = min(MAX_LR_COMPENSATION, max(1.0, full_steps / len(batches)))
+        if full_steps is not None:
+            factor = compensation_factor(full_steps, len(batches))
             for group, lr in zip(opt.param_groups, lrs, strict=True):
                 group["lr"] = lr * factor
         for x, y, idx in batches:

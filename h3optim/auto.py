@@ -30,6 +30,14 @@ _CPU = torch.device("cpu")
 MAX_LR_COMPENSATION = 2.0
 
 
+def compensation_factor(full_steps: int, steps: int) -> float:
+    """The step scale of an epoch of ``steps`` where one over all the data takes
+    ``full_steps``: their ratio, between 1 and ``MAX_LR_COMPENSATION`` (1 for no steps)."""
+    if steps <= 0:
+        return 1.0
+    return min(MAX_LR_COMPENSATION, max(1.0, full_steps / steps))
+
+
 def _moved(batch: Any, device: torch.device) -> Any:
     """``batch`` (a tensor, or a dict, list or tuple of them) on ``device``."""
     return _each_tensor(batch, lambda t: t.to(device))
@@ -678,10 +686,10 @@ class AutoH3:
         """Sets this epoch's step scale (``lr_compensation``): a full epoch's steps on this
         rank over the ``steps`` of this one, between 1 and ``MAX_LR_COMPENSATION``."""
         factor = 1.0
-        if self.lr_compensation and steps > 0:
+        if self.lr_compensation:
             n = math.ceil(len(self.indexed_dataset) / self._world)
             full = n // batch_size if drop_last else math.ceil(n / batch_size)
-            factor = min(MAX_LR_COMPENSATION, max(1.0, full / steps))
+            factor = compensation_factor(full, steps)
         self.lr_factor = factor
 
     def _step(self, closure: Callable[[], torch.Tensor]) -> Any:
