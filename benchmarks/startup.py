@@ -17,7 +17,10 @@ Measured side by side in one run, in rotating order:
 - the same for the floor daemon (benchmarks/_floor_daemon.py, this tree only): fastapi,
   SQLAlchemy's ORM and uvicorn serving one ORM table, a sync /healthz and one POST route
   with a pydantic body, and nothing of h3d: what no daemon on these libraries can start
-  under on this machine.
+  under on this machine;
+- a training script's autostart: ``H3Profiler(...)`` on a fresh data dir where no daemon
+  runs: how long the constructor takes (the script's wait before its first step), and
+  how long until its one batch is stored and the run finished.
 
 ``--large-store-rows N`` adds starts on a store of N power-sample rows (20 000 000 make
 0.9 GB): each tree's own copy, started again after a clean stop (the stop left it as it
@@ -135,6 +138,39 @@ def spawn_to_healthy(
         proc.wait()
 
 
+AUTOSTART = """
+import json, sys, time
+from h3client import H3Profiler
+t0 = time.perf_counter()
+p = H3Profiler("autostart", data_dir=sys.argv[1])
+t1 = time.perf_counter()
+p.log_batch(1.0)
+r = p.stop()
+t2 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t0, r["batches_posted"]]))
+"""
+
+
+def autostart(tree: Path, env: dict[str, str], data_dir: Path) -> tuple[float, float]:
+    """A training script's ``H3Profiler(...)`` on ``data_dir``, where no daemon runs (it
+    autostarts one): (seconds the constructor took, seconds from it to the run's one batch
+    stored and the run finished, at ``stop()``). The daemon is stopped after."""
+    env = {**env, "H3D_LOG_LEVEL": "WARNING", "H3D_PORT": "9"}  # nothing on the default port
+    out = subprocess.run(
+        [sys.executable, "-c", AUTOSTART, str(data_dir)],
+        env=env,
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    construct, stored, posted = json.loads(out.splitlines()[-1])
+    os.kill(json.loads((data_dir / "daemon.json").read_text())["pid"], 15)
+    if posted != 1:
+        raise SystemExit(f"the profiler in {tree} did not reach the daemon it started")
+    return construct, stored
+
+
 def large_store(tree: Path, env: dict[str, str], data_dir: Path, rows: int) -> None:
     """A data dir whose store holds ``rows`` power samples of one device (made by a first
     start of ``tree``'s daemon, then filled with sqlite3 directly: 20 million take ~30 s)."""
@@ -227,6 +263,12 @@ def main() -> None:
                 d = Path(tmp) / f"{t}-{i}"
                 starts[t, "fresh"].append(spawn_to_healthy(tree, env, d, cmd))
                 starts[t, "at head"].append(spawn_to_healthy(tree, env, d, cmd))
+        autostarts: dict[str, list[tuple[float, float]]] = {t: [] for t in trees}
+        for i in range(args.starts):
+            order = list(trees)
+            for t in order[i % len(order) :] + order[: i % len(order)]:
+                d = Path(tmp) / f"autostart-{t}-{i}"
+                autostarts[t].append(autostart(trees[t], envs[t], d))
         if args.large_store_rows:
             big = {t: Path(tmp) / f"large-{i}" for i, t in enumerate(trees)}
             first = next(iter(trees))
@@ -295,6 +337,22 @@ def main() -> None:
         lines.append(
             f"| {t} | {s} | {statistics.median(ws):.2f} | {min(ws):.2f} | {max(ws):.2f} | "
             f"{statistics.median(cs):.2f} |"
+        )
+    lines += [
+        "",
+        f"**A training script's autostart** ({args.starts} of each, in turn): "
+        "`H3Profiler(...)` on a fresh data dir where no daemon runs, which starts one; the "
+        "constructor's time (what the script waits before its first step), and from the "
+        "constructor to its one batch stored and the run finished (at `stop()`):",
+        "",
+        "| tree | constructor, median ms | min | max | to stored, median s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for t, xs in autostarts.items():
+        cs = [c * 1000 for c, _ in xs]
+        lines.append(
+            f"| {t} | {statistics.median(cs):.0f} | {min(cs):.0f} | {max(cs):.0f} | "
+            f"{statistics.median(s for _, s in xs):.2f} |"
         )
     here = "this tree"
     libs_s = (med_ms(cpu[here, LIBS]) - med_ms(cpu[here, BARE])) / 1000

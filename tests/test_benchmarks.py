@@ -323,3 +323,15 @@ def test_startups_large_store_holds_the_rows_and_is_served(tmp_path: Path) -> No
     assert n == 1234
     wall, cpu = startup.spawn_to_healthy(REPO, env, data)  # h3d serves the store it made
     assert wall > 0 and cpu > 0
+
+
+def test_startups_autostart_times_a_profiler_that_reaches_the_daemon_it_started(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import startup
+
+    env = startup.child_env(REPO, tmp_path / "pycache")
+    data = tmp_path / "auto"
+    construct, stored = startup.autostart(REPO, env, data)  # raises if the batch was not posted
+    assert 0 < construct < stored
+    assert (data / "h3d.db").exists()
