@@ -210,7 +210,6 @@ def _one_starter(data_dir: Path, timeout_s: float) -> Iterator[None]:
         yield
         return
     fd = os.open(data_dir / "autostart.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    _starter_fds.add(fd)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -223,39 +222,11 @@ def _one_starter(data_dir: Path, timeout_s: float) -> Iterator[None]:
                 time.sleep(0.02)
         yield
     finally:
-        _starter_fds.discard(fd)
         os.close(fd)  # releases the flock
 
 
-#: The autostart locks this process holds (a profiler's sender thread may hold one while
-#: its daemon starts, when a DataLoader forks its workers): a forked child closes its copy,
-#: which would otherwise hold the lock until the child exits (a flock is released when every
-#: descriptor of it is closed) and keep other processes from starting a daemon.
-_starter_fds: set[int] = set()
-
-
-def _close_starter_fds() -> None:
-    for fd in _starter_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _starter_fds.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_starter_fds)
-
-
 def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
-    """The URL of a healthy daemon for ``config``, starting one if allowed (and waiting
-    until it serves, up to 20 s); else None. :func:`find_daemon`, then :func:`start_daemon`
-    if it says one may be started."""
-    url, startable = find_daemon(config, autostart=autostart)
-    return start_daemon(config) if startable else url
-
-
-def find_daemon(config: ClientConfig, *, autostart: bool) -> tuple[str | None, bool]:
-    """The URL of a healthy daemon for ``config`` (None if none answers), and whether one
-    may be started for its data dir (:func:`start_daemon`). Quick: one probe of a port.
+    """The URL of a healthy daemon for ``config``, starting one if allowed; else None.
 
     A daemon found through the data dir's ``daemon.json`` or on the default port is used
     only if it proves that it holds the token (:func:`probe`), which is sent to no other
@@ -263,16 +234,18 @@ def find_daemon(config: ClientConfig, *, autostart: bool) -> tuple[str | None, b
     and a daemon that refuses the token serves another data dir (say a demo's, with this
     one in ``H3D_DATA_DIR``), whose every request would answer 401. This data dir then gets
     a daemon of its own, on a free port, as when none answers. An explicit URL (argument or
-    ``H3D_URL``) is the caller's choice. None may be started without ``autostart``, for an
-    explicit URL, or when the data dir is another user's or writable by one (a token given,
-    none read there: :func:`h3client._config.private_dir`); the found URL then still has
-    to prove itself before it is sent the token (``Client.proven``).
+    ``H3D_URL``) is the caller's choice. Processes that start together start one daemon
+    between them, and none while a daemon that holds the data dir is starting
+    (:func:`start_local_daemon`). None also when the data dir is another user's or writable
+    by one (a token given, none read there: :func:`h3client._config.private_dir`); the
+    found URL then still has to prove itself before it is sent the token
+    (``Client.proven``).
     """
     # (no token yet: one its daemon wrote since the config was resolved)
     token = config.token if config.token is not None else read_token_file(config.data_dir)
     healthy, authorized = probe(config.url, token)
     if healthy and (authorized or config.url_is_explicit):
-        return config.url, False  # proven to hold the token, or named by the caller
+        return config.url  # proven to hold the token, or named by the caller
     starting = "; starting one for this data dir" if autostart else ""
     if healthy and authorized is False:
         logger.warning(
@@ -291,19 +264,12 @@ def find_daemon(config: ClientConfig, *, autostart: bool) -> tuple[str | None, b
             starting,
         )
     if not autostart or config.url_is_explicit:
-        return None, False
+        return None
     try:
         private_dir(config.data_dir, in_data_dir=False)
     except UnsafeDir as exc:  # (a token given, none read there): no daemon for it either
         logger.warning("h3: not starting a daemon: %s", exc)
-        return None, False
-    return None, True
-
-
-def start_daemon(config: ClientConfig) -> str | None:
-    """Start a daemon for ``config``'s data dir (:func:`start_local_daemon`), unless another
-    process started one meanwhile; its URL once it serves, or None. Processes that start
-    together start one daemon between them (:func:`_one_starter`)."""
+        return None
     with _one_starter(config.data_dir, timeout_s=30.0):
         info = read_daemon_file(config.data_dir)
         if info and _serves(str(info["url"]), config.data_dir):

@@ -23,8 +23,6 @@ started since on another port (``Client.rediscover``). A resumed run's create sa
 an outage, the run's create is sent again so, before anything else: a daemon whose reaper
 failed the run meanwhile (no request for ``H3D_RUN_TIMEOUT_S``) reopens it, as it does for
 a resumed profiler, and the batches that follow are stored, not refused.
-The profiler's autostart gives the exporter the daemon to start: it is started on the
-first send, on the worker thread, and the training loop logs into the queue meanwhile.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol
 
 from h3client._config import UnsafeDir
@@ -95,14 +92,9 @@ class HttpExporter:
         max_backoff_s: float = 10.0,
         rank: int | None = None,
         resume: bool = False,
-        start_daemon: Callable[[], str | None] | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
-        # starts the data dir's daemon and returns its URL once it serves (None if it did
-        # not): called on the first send, on the worker thread, so that the training script
-        # does not wait for the daemon's start-up (the profiler's autostart)
-        self._start_daemon = start_daemon
         # a resumed run: its create asks the daemon to follow this process
         self.resume = resume
         # the run's create (its body, as sent or spooled); whether the daemon has the run
@@ -227,24 +219,7 @@ class HttpExporter:
             self.run_id, request.op, request.body, headers=headers, binary=request.binary
         )
 
-    def _started(self) -> bool:
-        """Start the daemon if this exporter was given one to start (once); False if it
-        did not come to serve (this exporter is then offline)."""
-        start, self._start_daemon = self._start_daemon, None
-        if start is None:
-            return True
-        url = start()
-        if url is None:
-            data_dir = self.client.config.data_dir
-            self.offline(f"the daemon started for {data_dir} did not serve; see {data_dir}/h3d.log")
-            return False
-        self.client.move_to(url)
-        logger.info("h3: run %s streaming to %s", self.run_id, url)
-        return True
-
     def send(self, request: Request) -> Outcome:
-        if self._start_daemon is not None and not self._started():
-            return "down"
         request = self._stamped(request)
         if request.binary and self._json_only:
             request = as_json(request)

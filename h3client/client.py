@@ -226,13 +226,7 @@ class Client:
         info = read_daemon_file(self.config.data_dir)
         if info is None:
             return False
-        return self.move_to(str(info["url"]))
-
-    def move_to(self, url: str) -> bool:
-        """Send to the data dir's daemon at ``url`` from now on (a found URL, not given):
-        True if it moved; what answers there proves it holds the token before it is sent
-        anything (see ``proven``)."""
-        url = url.rstrip("/")
+        url = str(info["url"]).rstrip("/")
         if url == self.config.url:
             return False
         old, self._http = self._http, None  # the next request connects to the new URL

@@ -14,7 +14,6 @@ import threading
 import time
 import warnings
 import weakref
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from h3client import _batching
 from h3client._batching import INT_MAX, BatchProcessor, lone_surrogate, snapshot, snapshot_loss
 from h3client._config import resolve
-from h3client._daemon import find_daemon, start_daemon
+from h3client._daemon import ensure_daemon
 from h3client._exporter import HttpExporter
 from h3client._report import diminishing_returns, format_report
 from h3client._spool import Spool, batch_epochs, batch_seqs, replay_spool
@@ -137,10 +136,7 @@ class H3Profiler:
             cannot keep exactly, are stored as their ``str``; NaN or inf is a ``ValueError``).
         tags: Labels to filter runs by.
         autostart: Start a local daemon (same data dir, detached) if none answers. The run
-            opens on construction either way, without waiting for the daemon's start-up:
-            the sender thread starts it and waits for it (up to 20 s) while the loop logs
-            into the queue (a resumed or distributed run waits for it here, since where it
-            resumes is the daemon's to say). Without a daemon it runs offline on its spool.
+            opens on construction either way; without a daemon it runs offline on its spool.
         run_id: Resume this run: its spool is replayed first, sequence numbers and the
             epoch counter continue after those stored, and the daemon follows this process
             from then on (see docs/client.md). 32 hex digits (a UUID's other usual forms,
@@ -257,12 +253,7 @@ class H3Profiler:
         import socket  # here, not at import: ``import h3client`` stays light
 
         cfg = resolve(self._url, self._token, self._data_dir)
-        url, startable = (
-            find_daemon(cfg, autostart=self.autostart) if self._http is None else (cfg.url, False)
-        )
-        if startable and (self._resume or self.dist is not None):
-            # where it resumes, or whether the run can be joined: the daemon's to say, now
-            url, startable = start_daemon(cfg), False
+        url = ensure_daemon(cfg, autostart=self.autostart) if self._http is None else cfg.url
         if url is not None and url != cfg.url:
             cfg = resolve(url, self._token, self._data_dir)
         # the token as given (None: the data dir's, read again if the daemon refuses it)
@@ -280,8 +271,6 @@ class H3Profiler:
             self.run_id,
             rank=None if self.dist is None else self.dist.rank,
             resume=self._resume,
-            # started on the sender thread: the training loop does not wait for it
-            start_daemon=partial(start_daemon, cfg) if startable else None,
         )
         try:
             if self._resume:
@@ -325,10 +314,6 @@ class H3Profiler:
         )
         if online:
             logger.info("h3: run %s streaming to %s", self.run_id, cfg.url)
-        elif startable:
-            logger.info(
-                "h3: starting a daemon for %s; run %s streams to it", cfg.data_dir, self.run_id
-            )
         else:
             logger.warning(
                 "h3: no daemon at %s; run %s is spooled to %s (replayed when one answers, or "

@@ -529,11 +529,17 @@ def test_the_first_log_batch_of_a_fresh_process_takes_the_fast_path(tmp_path: Pa
 
 
 def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
+    """And the run's energy covers it from its start: the constructor waits for the daemon
+    it starts, which reads power before it answers. (A constructor that returned at once,
+    with the sender waiting for the daemon instead, left the run's first ~0.5 s unread,
+    short of the gap that reports it, and its CPU share counted from the wrong start: a
+    3 s run reported 9 J of 30.)"""
     data = tmp_path / "auto"
     code = (
+        "import time\n"
         "from h3client import H3Profiler\n"
         "p = H3Profiler('auto')\n"
-        "p.log_batch(1.0); p.log_batch(0.5)\n"
+        "p.log_batch(1.0); time.sleep(1.0); p.log_batch(0.5)\n"
         "print(p.stop()['batches_posted'], p.run_id)\n"
     )
     env = daemon_env(data, H3D_POWER_BACKENDS="constant:5", H3D_LOG_LEVEL="WARNING")
@@ -549,6 +555,10 @@ def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) 
     try:
         with Client(info["url"], data_dir=data) as c:
             assert c.health() and c.get_run(run_id)["n_batches"] == 2
+            energy = c.energy(run_id)
+        assert energy["duration_s"] >= 1.0
+        (device,) = energy["by_device"]
+        assert device["covered_s"] >= 0.95 * energy["duration_s"], energy
     finally:
         import os
         import signal
