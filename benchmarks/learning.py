@@ -27,7 +27,8 @@ Arms (same model, data, batch size, epochs and data path, but where an arm says 
   steps, and up to every 80 while the step has room).
 - ``H3 mnist_fast``, ``H3 cifar_safe``, ``H3 edge``: the fixed presets (H3Optimizer +
   sampler; keep 0.5, 0.8 and 0.4 of the data per thermodynamic epoch), against which AutoH3
-  must not end more than 0.3 points lower.
+  must not end more than 0.3 points lower; as a user gets them, with ``lr_compensation``.
+  The same with ``, uncompensated``: every step at ``lr``, as h3-optimizer's presets trained.
 - ``--auto-variant LABEL JSON`` adds an arm ``LABEL``: ``AutoH3 (balanced)`` (with Adam)
   given the keyword arguments in ``JSON`` as well, e.g. ``'AutoH3, learned_ratio=0.1'
   '{"learned_ratio": 0.1}'`` (a setting's trade-off, measured beside the defaults);
@@ -191,6 +192,10 @@ HEADLINE = [
     ("AutoH3 (H3Optimizer)", "uniform Adam"),
 ]
 PRESETS = {"H3 mnist_fast": h3_mnist_fast, "H3 cifar_safe": h3_cifar_safe, "H3 edge": h3_edge}
+# each preset as h3-optimizer's trained it: every step at lr (lr_compensation=False)
+UNCOMPENSATED = ", uncompensated"
+UNCOMPENSATED_ARMS = [name + UNCOMPENSATED for name in PRESETS]
+PRESETS.update({name + UNCOMPENSATED: preset for name, preset in list(PRESETS.items())})
 
 
 def make_model(kind: str, d_in: int) -> nn.Module:
@@ -384,7 +389,13 @@ def arm_epochs(
             full_steps=math.ceil(n / task.batch) if arm.endswith("compensated") else None,
         )
     elif arm in PRESETS:
-        setup = PRESETS[arm](model.parameters(), ds, seed=seed, lr=lr)
+        setup = PRESETS[arm](
+            model.parameters(),
+            ds,
+            seed=seed,
+            lr=lr,
+            lr_compensation=not arm.endswith(UNCOMPENSATED),
+        )
         epochs = train_loop(
             model,
             setup.optimizer,
@@ -759,7 +770,7 @@ def write(
         for r in rows:
             if r["task"] == key:
                 by_arm.setdefault(r["arm"], {})[r["seed"]] = r
-        variants = [a for a in by_arm if a not in ARMS]  # --auto-variant arms
+        variants = [a for a in by_arm if a not in ARMS and a not in PRESETS]  # --auto-variant
         if "uniform Adam" not in by_arm:
             lines += [
                 f"## {task.name}",
@@ -793,7 +804,7 @@ def write(
             "| arm | test accuracy % | samples back-propagated | vs Adam | wall s | wall vs Adam (median) | energy J | energy vs Adam (median) | GFLOPs | flipped share % |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for arm in ARMS + variants:
+        for arm in ARMS + UNCOMPENSATED_ARMS + variants:
             if arm not in by_arm:
                 continue
             rs = by_arm[arm]
@@ -847,11 +858,17 @@ def write(
             *(
                 f"- AutoH3 − {p} (a fixed preset): {pair('AutoH3 (balanced)', p)}."
                 for p in PRESETS
-                if p in by_arm
+                if p in by_arm and not p.endswith(UNCOMPENSATED)
+            ),
+            *(
+                f"- {p} − uniform Adam: {pair(p, 'uniform Adam')}; − {p}{UNCOMPENSATED} "
+                f"(lr_compensation's part): {pair(p, p + UNCOMPENSATED)}."
+                for p in PRESETS
+                if p in by_arm and p + UNCOMPENSATED in by_arm
             ),
             *(f"- {a} − uniform Adam: {pair(a, 'uniform Adam')}." for a in variants),
         ]
-        ran = [p for p in PRESETS if p in by_arm]
+        ran = [p for p in PRESETS if p in by_arm and not p.endswith(UNCOMPENSATED)]
         # each AutoH3 arm against the preset it trails most; the presets train with
         # H3Optimizer, so AutoH3 (H3Optimizer) is the like-for-like one
         for auto_arm in [a for a in AUTO_ARMS if a in by_arm] if ran else []:

@@ -20,22 +20,13 @@ from h3optim.controller import EtaController
 from h3optim.denormals import flushing_denormals, subnormal_share
 from h3optim.loading import batch_loader, is_batchable
 from h3optim.optimizer import H3Optimizer
-from h3optim.presets import create_controlled_h3
+from h3optim.presets import MAX_LR_COMPENSATION as MAX_LR_COMPENSATION  # documented here too
+from h3optim.presets import compensation_factor, create_controlled_h3
 from h3optim.sampler import InformationWeightedSampler, weighted_mean
 from h3optim.tracking import LEARNED_RATIO, IndexedDataset, LossTracker, take_rows
 
 LN2 = math.log(2.0)
 _CPU = torch.device("cpu")
-# lr_compensation's largest step scale: an epoch of fewer than half the steps is not made up
-MAX_LR_COMPENSATION = 2.0
-
-
-def compensation_factor(full_steps: int, steps: int) -> float:
-    """The step scale of an epoch of ``steps`` where one over all the data takes
-    ``full_steps``: their ratio, between 1 and ``MAX_LR_COMPENSATION`` (1 for no steps)."""
-    if steps <= 0:
-        return 1.0
-    return min(MAX_LR_COMPENSATION, max(1.0, full_steps / steps))
 
 
 def _moved(batch: Any, device: torch.device) -> Any:

@@ -19,6 +19,17 @@ from h3optim.optimizer import H3Optimizer
 from h3optim.sampler import InformationWeightedSampler, PhaseSchedule
 from h3optim.tracking import IndexedDataset, LossTracker
 
+#: lr_compensation's largest step scale: an epoch of fewer than half the steps is not made up
+MAX_LR_COMPENSATION = 2.0
+
+
+def compensation_factor(full_steps: int, steps: int) -> float:
+    """The step scale of an epoch of ``steps`` where one over all the data takes
+    ``full_steps``: their ratio, between 1 and ``MAX_LR_COMPENSATION`` (1 for no steps)."""
+    if steps <= 0:
+        return 1.0
+    return min(MAX_LR_COMPENSATION, max(1.0, full_steps / steps))
+
 
 def create_controlled_h3(
     params: Iterable[Any],
@@ -84,6 +95,13 @@ class H3Setup:
     warmup and consolidation, information-weighted with the preset's fractions in between.
     ``get_loader(epoch, total_epochs, batch_size)`` returns ``(phase, loader)`` over that
     sampler, fetching whole batches from a tensor-backed dataset (:func:`~h3optim.batch_loader`).
+
+    With ``lr_compensation`` (the default), ``get_sampler`` also sets the optimizer's step
+    scale for the epoch (its groups' ``step_scale``, ``lr_factor`` here): all the data over
+    the epoch's share of it, at most ``MAX_LR_COMPENSATION``, so that a sampled epoch, with
+    fewer steps at the same batch size, moves the weights about as far as a full one; the
+    groups' ``lr`` (what a scheduler sets) is untouched. ``lr_compensation=False`` trains
+    every step at ``lr``, as h3-optimizer's presets did.
     """
 
     #: The preset's name (``h3-optimizer`` 0.2.0's preset classes have one).
@@ -99,11 +117,14 @@ class H3Setup:
         uniform_mix: float,
         seed: int = 0,
         unbiased: bool = False,
+        lr_compensation: bool = True,
     ) -> None:
         self.optimizer = optimizer
         self.loss_tracker = loss_tracker
         self.indexed_dataset = indexed_dataset
         self.keep_frac, self.uniform_mix = keep_frac, uniform_mix
+        self.lr_compensation = lr_compensation
+        self.lr_factor = 1.0  # the step scale of the epoch get_sampler set up last
         self.sampler = InformationWeightedSampler(
             indexed_dataset, loss_tracker, keep_frac, uniform_mix, seed=seed, unbiased=unbiased
         )
@@ -123,6 +144,14 @@ class H3Setup:
         else:
             self.sampler.set_fractions(1.0, 1.0)
         self.sampler.set_epoch(epoch)
+        # lr_compensation: the epoch's steps scaled by all the data over its share, so that
+        # it moves the weights as far as a full epoch (as AutoH3 does; docs/optim.md)
+        factor = 1.0
+        if self.lr_compensation:
+            factor = compensation_factor(self.sampler.n, self.sampler.num_kept)
+        self.lr_factor = factor
+        for group in self.optimizer.param_groups:
+            group["step_scale"] = factor
         return phase, self.sampler
 
     def get_loader(
@@ -136,7 +165,8 @@ class H3Setup:
 class _Preset(H3Setup):
     """A preset built from its parameters and dataset, as ``h3-optimizer`` 0.2.0's classes
     were: ``lr`` positional; keyword arguments ``seed`` and ``unbiased`` go to the sampler,
-    the others to :class:`~h3optim.H3Optimizer`. Its fractions (``fractions``: keep_frac,
+    ``lr_compensation`` to the set-up (see :class:`H3Setup`), the others to
+    :class:`~h3optim.H3Optimizer`. Its fractions (``fractions``: keep_frac,
     uniform_mix) and phases are h3optim's (see docs/optim.md), not 0.2.0's."""
 
     fractions: tuple[float, float]
@@ -147,6 +177,7 @@ class _Preset(H3Setup):
             kw.setdefault("weight_decay", self.weight_decay)
         ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
         seed, unbiased = kw.pop("seed", 0), kw.pop("unbiased", False)
+        lr_compensation = kw.pop("lr_compensation", True)
         keep_frac, uniform_mix = self.fractions
         super().__init__(
             H3Optimizer(params, lr=lr, **kw),
@@ -156,6 +187,7 @@ class _Preset(H3Setup):
             uniform_mix=uniform_mix,
             seed=seed,
             unbiased=unbiased,
+            lr_compensation=lr_compensation,
         )
         self.lr = lr
 

@@ -204,3 +204,30 @@ def test_loss_tracker_losses_and_initialized_read_as_in_0_2_0() -> None:
     assert tracker.initialized.tolist() == [False, True, False, True, False]
     tracker.losses[0] = 9.0  # a copy, as documented: the tracker is unchanged
     assert tracker.losses[0].item() == 2.0
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_a_presets_sampled_epochs_take_steps_scaled_to_a_full_epochs_distance(
+    compensate: bool,
+) -> None:
+    """A thermodynamic epoch keeps a share of the data, and so takes that share of the
+    steps: each is scaled by all the data over the share (at most 2), as AutoH3's are,
+    through the optimizer's ``step_scale``; ``lr`` stays the user's (a scheduler's). With
+    ``lr_compensation=False``, every step at ``lr``, as h3-optimizer's presets trained."""
+    model = nn.Linear(4, 2)
+    preset = h3_edge(model.parameters(), data(), lr=1e-3, lr_compensation=compensate)
+    n = len(preset.indexed_dataset)
+    seen = []
+    for epoch in range(10):
+        phase, loader = preset.get_loader(epoch, 10, batch_size=8)
+        scales = {g["step_scale"] for g in preset.optimizer.param_groups}
+        assert scales == {preset.lr_factor}
+        assert preset.optimizer.param_groups[0]["lr"] == 1e-3
+        kept = sum(len(i) for _x, _y, i in loader)
+        if phase != "thermodynamic" or not compensate:
+            assert preset.lr_factor == 1.0
+        else:
+            assert kept < n and preset.lr_factor == pytest.approx(min(2.0, n / kept))
+        seen.append((phase, preset.lr_factor))
+    assert any(p == "thermodynamic" for p, _ in seen)
+    assert any(f > 1.0 for _, f in seen) is compensate
