@@ -32,7 +32,8 @@ Arms (same model, data, batch size, epochs and data path, but where an arm says 
 - ``--auto-variant LABEL JSON`` adds an arm ``LABEL``: ``AutoH3 (balanced)`` (with Adam)
   given the keyword arguments in ``JSON`` as well, e.g. ``'AutoH3, learned_ratio=0.1'
   '{"learned_ratio": 0.1}'`` (a setting's trade-off, measured beside the defaults);
-  ``"optimizer": "H3Optimizer"`` in ``JSON`` trains it with AutoH3's own optimizer instead.
+  ``"optimizer": "H3Optimizer"`` in ``JSON`` trains it with AutoH3's own optimizer instead,
+  and ``"mode"`` starts it in another mode than balanced.
 
 Every arm reads its batches the same way: ``h3optim.batch_loader`` over an
 ``IndexedDataset(TensorDataset)`` (one indexing operation per batch), with the arm's sampler
@@ -413,7 +414,7 @@ def arm_epochs(
         auto = AutoH3(
             model.parameters(),
             ds,
-            mode="balanced",
+            mode=variant.pop("mode", "balanced"),
             total_epochs=task.epochs,
             lr=lr,
             seed=seed,
