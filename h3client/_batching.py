@@ -868,11 +868,12 @@ class BatchProcessor:
     def add_batch(self, item: BatchItem) -> None:
         """Queue one batch (``H3Profiler.log_batch`` does the same inline)."""
         q = self.batches
-        if len(q) >= self.hard_limit:
-            self.drop_oldest()
         q.append(item)
-        if len(q) == self.wake_at:
+        queued = len(q)
+        if queued == self.wake_at:
             self._wake.set()
+        elif queued > self.hard_limit:
+            self.drop_oldest()
 
     def wake(self) -> None:
         """A full request (or ``max_queue`` batches) is queued: the worker sends it now, not

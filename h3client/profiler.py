@@ -477,7 +477,6 @@ class H3Profiler:
     def log_batch(
         self,
         loss: Any,
-        *,
         losses: Any = None,
         indices: Any = None,
         n: int | None = None,
@@ -504,38 +503,42 @@ class H3Profiler:
         """
         if not self._accepting:
             return  # not started, stopped, or a forked child (DataLoader worker): inert
-        proc = self._proc
-        assert proc is not None
+        proc: BatchProcessor = self._proc  # type: ignore[assignment]  # set while accepting
         try:
-            # the fast paths, inline: a CPU torch.Tensor loss is read with item() (one call,
-            # about 0.4 µs, no device to sync); a contiguous CPU tensor's bytes are copied
-            # from its memory (about 0.5 µs, what a detach() costs, which would still share
-            # the tensor's memory); everything else goes through snapshot()
-            tensor, mem = _batching.TENSOR, _batching.MEMORY
+            # the fast paths, inline: a float is queued as it is; a CPU torch.Tensor loss is
+            # read with item() (one call, about 0.4 µs, no device to sync); a contiguous CPU
+            # tensor's bytes are copied from its memory (about 0.5 µs, what a detach() costs,
+            # which would still share the tensor's memory); everything else goes through
+            # snapshot(). Every bytecode here runs once a step, mostly with cold caches.
             # device copies (made off the fast paths only): one event per device, at the end
             copies: _batching.Copies | None = None
-            if type(loss) is tensor and loss.is_cpu:
-                try:
-                    loss = loss.item()
-                except RuntimeError:  # not one element: queued as it is, the sender rejects it
-                    loss = snapshot_loss(loss)
-            elif type(loss) is not float:
-                copies = []
-                loss = snapshot_loss(loss, copies)
+            if type(loss) is not float:
+                if type(loss) is _batching.TENSOR and loss.is_cpu:
+                    try:
+                        loss = loss.item()
+                    except RuntimeError:  # not one element: queued as is, the sender rejects it
+                        loss = snapshot_loss(loss)
+                else:
+                    copies = []
+                    loss = snapshot_loss(loss, copies)
             if losses is not None:
+                tensor, mem = _batching.TENSOR, _batching.MEMORY
                 if type(losses) is tensor and losses.is_cpu and losses.is_contiguous():
                     p = losses.data_ptr()
                     losses = (mem[p : p + losses.nbytes].tobytes(), losses.dtype)
                 else:
                     copies = [] if copies is None else copies
                     losses = snapshot(losses, copies)
-            if indices is not None:
-                if type(indices) is tensor and indices.is_cpu and indices.is_contiguous():
-                    p = indices.data_ptr()
-                    indices = (mem[p : p + indices.nbytes].tobytes(), indices.dtype)
-                else:
-                    copies = [] if copies is None else copies
-                    indices = snapshot(indices, copies)
+                if indices is not None:
+                    if type(indices) is tensor and indices.is_cpu and indices.is_contiguous():
+                        p = indices.data_ptr()
+                        indices = (mem[p : p + indices.nbytes].tobytes(), indices.dtype)
+                    else:
+                        copies = [] if copies is None else copies
+                        indices = snapshot(indices, copies)
+            elif indices is not None:  # without losses: the sender leaves the batch out, counted
+                copies = [] if copies is None else copies
+                indices = snapshot(indices, copies)
             if copies:
                 _batching.record_copies(copies)
             if epoch is None:
@@ -544,23 +547,12 @@ class H3Profiler:
             seq = self._seq
             self._seq = seq + self._seq_step
             q = proc.batches  # proc.add_batch, inline
-            if len(q) >= proc.hard_limit:
-                proc.drop_oldest()
-            q.append(
-                (
-                    seq,
-                    time.time(),
-                    loss,
-                    losses,
-                    indices,
-                    n,
-                    epoch,
-                    step,
-                    phase,
-                )
-            )
-            if len(q) == proc.wake_at:
+            q.append((seq, time.time(), loss, losses, indices, n, epoch, step, phase))
+            queued = len(q)
+            if queued == proc.wake_at:
                 proc.wake()
+            elif queued > proc.hard_limit:
+                proc.drop_oldest()
         except Exception:
             self.log_errors += 1
 

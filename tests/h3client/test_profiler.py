@@ -359,6 +359,26 @@ def test_log_batch_never_raises(daemon: Daemon) -> None:
     assert res["log_errors"] == 2 and res["batches_posted"] == 2
 
 
+def test_indices_without_losses_leave_their_batch_out_counted_and_the_others_stored(
+    daemon: Daemon,
+) -> None:
+    """``indices`` name the per-sample losses; alone they pair with nothing. Whether a
+    tensor (the fast path's form) or a list, such a batch is left out and counted rejected,
+    and positional ``losses``/``indices`` are the keyword ones."""
+    prof = H3Profiler(
+        "lone-indices", url=daemon.url, data_dir=daemon.data_dir, flush_interval_s=3600
+    )
+    prof.log_batch(1.0, indices=torch.tensor([0, 1]))
+    prof.log_batch(torch.tensor(0.5), indices=[2, 3])
+    prof.log_batch(0.25, torch.tensor([1.0, 2.0]), torch.tensor([4, 5]))
+    prof.log_batch(0.125)
+    res = prof.stop()
+    assert (res["batches_posted"], res["batches_rejected"], res["log_errors"]) == (2, 2, 0)
+    with daemon.client() as api:
+        run = api.get(f"/v1/runs/{prof.run_id}").json()
+    assert run["n_batches"] == 2
+
+
 def test_a_bool_loss_next_to_an_unreadable_batch_sinks_no_other_batch(
     daemon: Daemon, tmp_path: Path
 ) -> None:
