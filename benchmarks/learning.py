@@ -95,7 +95,7 @@ from h3optim import (  # noqa: E402
     h3_edge,
     h3_mnist_fast,
 )
-from h3optim.auto import compensation_factor  # noqa: E402
+from h3optim.presets import compensation_factor  # noqa: E402
 
 RESULTS = REPO / "benchmarks/results"
 # AutoH3's phases and balanced starting setting; the fixed-fraction arms use the same
@@ -280,8 +280,9 @@ def train_loop(
         schedule(epoch)
         model.train()
         batches = loader_for(epoch)
-        lrs = [g["lr"] for g in opt.param_groups] if full_steps is not None else []
+        lrs: list[float] = []  # the epoch's own lrs, while its steps are compensated
         if full_steps is not None:
+            lrs = [g["lr"] for g in opt.param_groups]
             factor = compensation_factor(full_steps, len(batches))
             for group, lr in zip(opt.param_groups, lrs, strict=True):
                 group["lr"] = lr * factor
@@ -307,7 +308,7 @@ def train_loop(
                 tracker.update(idx, seen["l"])
             counter.batch(idx)
             prof.log_batch(seen["l"].mean(), epoch=epoch)
-        for group, lr in zip(opt.param_groups, lrs, strict=False):  # [] if not compensated
+        for group, lr in zip(opt.param_groups, lrs, strict=False):  # none if not compensated
             group["lr"] = lr  # the epoch's own lr back
         prof.log_epoch(epoch, accuracy=accuracy(model, data, MONITOR))
         yield
