@@ -333,8 +333,10 @@ class AutoH3:
             first-sighting loss (0.2: about 0.46 nats for 10 classes, the right class at
             63 %); while few are, thermodynamic epochs keep every sample not learned yet.
             Judged at the start of each thermodynamic epoch on the ``probe_size`` probe
-            samples with the model as it is then (a pass without gradient). In (0, 1];
-            ``None`` turns the floor off.
+            samples with the model as it is then (a pass without gradient). It stands down
+            in an epoch that starts with likely mislabeled samples flagged (``noise_margin``;
+            the report says so once): the share not learned yet then counts the mislabeled
+            samples not flagged yet. In (0, 1]; ``None`` turns the floor off.
         log_per_sample: Also stream every batch's per-sample losses and indices to the
             daemon (stored with the run), not only its mean loss. Off by default: the
             controller reads its own tracker, the daemon's η needs only the means, and in a
@@ -608,6 +610,8 @@ class AutoH3:
         # epoch: the run goes on there, not at epoch 0's draws with a later epoch's phase
         self.epoch = self.controller.epoch
         unlearned, train_loss = self._probe_figures()  # every rank: a DDP forward is collective
+        if unlearned is not None and self._labels_look_noisy():
+            unlearned = None  # the floor would keep the mislabeled samples not flagged yet
         if self._world > 1:
             # rank 0's controller decides for all: the ranks' held-out figures and energy
             # readings differ, and every rank must draw the same epoch to shard it
@@ -744,6 +748,26 @@ class AutoH3:
             else None
         )
         return unlearned, self._probe_mean(losses)
+
+    def _labels_look_noisy(self) -> bool:
+        """Whether the sampler's noise margin takes some seen samples for mislabeled (see
+        :meth:`~h3optim.InformationWeightedSampler.likely_mislabeled`): the learning floor
+        then stands down for the epoch. Its share of samples not learned yet counts the
+        mislabeled ones the margin has not flagged yet, which no epoch should keep for
+        their own sake (measured: docs/benchmarks.md, "The learning floor with flipped
+        labels"). The first such epoch is a controller decision, so the report says so."""
+        flagged = self.sampler.likely_mislabeled()
+        if not bool(flagged.any()):
+            return False
+        if not any(d["change"] == "learning floor off" for d in self.controller.decisions):
+            seen = max(1, int(self.loss_tracker.seen.sum()))
+            self.controller.decide(
+                "learning floor off",
+                f"{int(flagged.sum()) / seen:.1%} of the seen samples' losses rose more than "
+                f"{self.sampler.noise_margin:g} above their first (likely mislabeled): the "
+                "share not learned yet counts such samples, so it no longer raises keep_frac",
+            )
+        return True
 
     def _probe_losses(
         self, model: torch.nn.Module, criterion: Callable[..., torch.Tensor]

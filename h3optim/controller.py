@@ -248,7 +248,7 @@ class EtaController:
             if floor > k + 1e-9:
                 self.floor = floor
                 self._current = (floor, u, phase)
-                self._decide(
+                self.decide(
                     "learning floor",
                     f"{unlearned:.0%} of the training samples are not learned yet: keep_frac "
                     f"{k:.2f} would leave some out; this epoch keeps {floor:.2f}",
@@ -294,7 +294,8 @@ class EtaController:
             "window_state": self.window_state,
         }
 
-    def _decide(self, what: str, why: str, **values: Any) -> None:
+    def decide(self, what: str, why: str, **values: Any) -> None:
+        """Records a change made for this epoch, and why (:meth:`get_report` lists them)."""
         self.decisions.append({"epoch": self.epoch, "change": what, "reason": why, **values})
 
     def _marginal_eta(
@@ -402,7 +403,7 @@ class EtaController:
                 self._reset_probe()
                 self.window_state = "held"
                 self._windows = []
-                self._decide(
+                self.decide(
                     "back off toward safe",
                     f"accuracy {acc:.2f} fell more than {self.accuracy_tolerance} points below the best {self.best_accuracy:.2f}",
                     before=old,
@@ -424,7 +425,7 @@ class EtaController:
             if rising and self.uniform_mix < 1.0:
                 old_u = self.uniform_mix
                 self.uniform_mix = min(1.0, self.uniform_mix + 0.1)
-                self._decide(
+                self.decide(
                     "raise uniform_mix",
                     "loss volatility doubled and the loss rose: samples are being starved",
                     before=old_u,
@@ -458,7 +459,7 @@ class EtaController:
     def _steer(self, m_eta: float | None) -> None:
         if m_eta is None:
             if not self.decisions or self.decisions[-1]["change"] != "none":
-                self._decide("none", "no fresh η: change nothing")
+                self.decide("none", "no fresh η: change nothing")
             return
         if self._probing:
             self._b_eta = m_eta
@@ -475,7 +476,7 @@ class EtaController:
         old = (self.keep_frac, self.uniform_mix)
         if b > a * (1 + self.threshold) if a > 0 else b > a + abs(a) * self.threshold:
             self.keep_frac = self.probe_setting()[0]
-            self._decide(
+            self.decide(
                 "keep_frac down",
                 f"probe η {b:.4g} beat {a:.4g} bits/J by more than {self.threshold:.0%}",
                 before=old,
@@ -483,7 +484,7 @@ class EtaController:
             )
         elif b < a * (1 - self.threshold) if a > 0 else b < a - abs(a) * self.threshold:
             self.keep_frac = min(self.max_keep_frac, self.keep_frac + self.step_size / 2)
-            self._decide(
+            self.decide(
                 "keep_frac up",
                 f"probe η {b:.4g} lost to {a:.4g} bits/J by more than {self.threshold:.0%}",
                 before=old,
@@ -540,7 +541,7 @@ class EtaController:
         """End the windowed A/B test (or never start it) and hold the current setting — the
         fixed schedule — to the end; the report says ``why``."""
         self.window_state = "held"
-        self._decide(
+        self.decide(
             "hold fixed schedule",
             f"windowed A/B: {why}; holding keep_frac {self.keep_frac:.2f}, uniform_mix "
             f"{self.uniform_mix:.2f}",
@@ -583,7 +584,7 @@ class EtaController:
         if mean > self.threshold and mean - self.z * se > 0:
             self.keep_frac = probe[0]
             self._windows = []
-            self._decide(
+            self.decide(
                 "keep_frac down",
                 f"windowed A/B: keep_frac {probe[0]:.2f} beat {old[0]:.2f}: {stats}",
                 before=old,

@@ -34,6 +34,13 @@ def digits_and_model() -> tuple[TensorDataset, DataLoader[Any], nn.Module]:
     return train_set, test, nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def flip_labels(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which labels were flipped, the labels with a seeded 20 % of them set to another class)."""
+    g = torch.Generator().manual_seed(1)
+    flipped = torch.rand(len(y), generator=g) < 0.2
+    return flipped, torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y)
+
+
 def offline_auto(model: nn.Module, train_set: TensorDataset, epochs: int, **kw: Any) -> AutoH3:
     """AutoH3 without a daemon, training with Adam (lr 1e-3)."""
     return AutoH3(
@@ -198,6 +205,39 @@ def test_autoh3_learning_floor_keeps_what_is_not_learned_yet() -> None:
     assert "learning floor" in res["controller_report"]
 
 
+def test_autoh3_learning_floor_stands_down_once_labels_look_noisy() -> None:
+    """With 20 % flipped labels the floor's share not learned yet counts the mislabeled
+    samples: once the noise margin flags some, the thermodynamic epochs keep the mode's
+    0.6 where a strict floor (0.05 × the first loss) would still keep every sample, and the
+    report says why, once. On the clean labels it never stands down."""
+    train_set, test, model = digits_and_model()
+    x, y = train_set.tensors
+    _, noisy = flip_labels(y)
+    auto = offline_auto(model, TensorDataset(x, noisy), 12, mode="balanced", learned_ratio=0.05)
+    crit = nn.CrossEntropyLoss()
+    keeps: list[tuple[bool, float]] = []  # (labels looked noisy at the epoch's start, keep)
+    for _ in range(12):
+        looked_noisy = bool(auto.sampler.likely_mislabeled().any())
+        loader = auto.get_loader(batch_size=32)
+        if auto.phase == "thermodynamic":
+            keeps.append((looked_noisy, auto.sampler.keep_frac))
+        for data, target, idx in loader:
+            auto.training_step(model, data, target, crit, idx)
+        auto.evaluate_epoch(model, test)
+    res = auto.finish()
+    assert keeps[0] == (False, pytest.approx(1.0))  # the floor binds before any is flagged
+    assert any(noisy for noisy, _ in keeps), keeps
+    assert all(keep == pytest.approx(0.6) for noisy, keep in keeps if noisy), keeps
+    off = [d for d in auto.controller.decisions if d["change"] == "learning floor off"]
+    assert len(off) == 1 and "likely mislabeled" in off[0]["reason"]
+    assert "learning floor off" in res["controller_report"]
+    train_set, test, model = digits_and_model()
+    clean = offline_auto(model, train_set, 12, mode="balanced", learned_ratio=0.05)
+    train(clean, model, test, 12)
+    changes = {d["change"] for d in clean.controller.decisions}
+    assert "learning floor" in changes and "learning floor off" not in changes
+
+
 def test_autoh3_learning_floor_off_or_outside_the_thermodynamic_phase() -> None:
     """No floor with ``learned_ratio=None``; no probe evaluation in warmup epochs."""
     train_set, test, model = digits_and_model()
@@ -237,9 +277,7 @@ def test_autoh3_holds_the_fixed_schedule_when_the_run_is_too_short_for_a_test() 
 def test_autoh3_weights_likely_flipped_labels_zero_and_the_rest_unbiased() -> None:
     train_set, test, model = digits_and_model()
     x, y = train_set.tensors
-    g = torch.Generator().manual_seed(1)
-    flipped = torch.rand(len(y), generator=g) < 0.2
-    noisy = torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y)
+    flipped, noisy = flip_labels(y)
     auto = offline_auto(model, TensorDataset(x, noisy), 12)
     assert auto.sampler.unbiased and auto.sampler.noise_margin == 0.5  # the defaults
     train(auto, model, test, 12)
@@ -264,9 +302,7 @@ def test_epochs_leave_out_the_drawn_samples_of_weight_zero() -> None:
     on its draw less them."""
     train_set, test, model = digits_and_model()
     x, y = train_set.tensors
-    g = torch.Generator().manual_seed(1)
-    flipped = torch.rand(len(y), generator=g) < 0.2
-    noisy = torch.where(flipped, (y + torch.randint(1, 10, (len(y),), generator=g)) % 10, y)
+    flipped, noisy = flip_labels(y)
     auto = offline_auto(model, TensorDataset(x, noisy), 14, learned_ratio=None)
     crit = nn.CrossEntropyLoss()
     for _ in range(14):
