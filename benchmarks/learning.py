@@ -774,12 +774,21 @@ def write(
                 by_arm.setdefault(r["arm"], {})[r["seed"]] = r
         variants = [a for a in by_arm if a not in ARMS and a not in PRESETS]  # --auto-variant
         if "uniform Adam" not in by_arm:
+            ran = "; ".join(  # arms run without the baseline: what they gave, unpaired
+                f"{arm}: {len(seeds)} seeds, {statistics.mean(r['acc'] for r in seeds.values()):.2f} %"
+                f" test accuracy, {statistics.mean(r['samples'] for r in seeds.values()):,.0f}"
+                " samples back-propagated"
+                for arm, seeds in by_arm.items()
+            )
+            what = f"`--tasks {key}`: {task.epochs} epochs, batch {task.batch}" + (
+                f", {task.train_subset} training samples" if task.train_subset else ""
+            )
             lines += [
                 f"## {task.name}",
                 "",
-                f"Not run (`--tasks {key}`: {task.epochs} epochs, batch {task.batch}"
-                + (f", {task.train_subset} training samples" if task.train_subset else "")
-                + "): not in this run.",
+                f"Uniform Adam not run ({what}), so nothing is compared; run, unpaired: {ran}."
+                if ran
+                else f"Not run ({what}): not in this run.",
                 "",
             ]
             continue

@@ -172,6 +172,23 @@ def test_learning_report_says_where_each_arm_ran(tmp_path: Path) -> None:
     assert "uniform Adam 22:01–22:06 (Intel" in when
 
 
+def test_learning_report_names_arms_run_without_uniform_adam(tmp_path: Path) -> None:
+    """A task whose rows hold no uniform Adam arm says what ran (unpaired), not "not run"."""
+    from benchmarks import learning
+
+    rows = [
+        json.loads(line)
+        for line in (RESULTS / "learning_noise_floor.jsonl").read_text().splitlines()
+        if line.strip() and json.loads(line)["task"] == "mnist-mlp"
+    ]
+    out = tmp_path / "learning.md"
+    learning.write(rows, learning.read_rows(RESULTS / "learning_lr.jsonl"), out, "learning.jsonl")
+    text = out.read_text()
+    assert "Uniform Adam not run (`--tasks mnist-mlp`" in text
+    assert "AutoH3 (H3Optimizer): 3 seeds, 97.74 % test accuracy, 298,333 samples" in text
+    assert "Not run (`--tasks mnist-cnn`" in text  # no rows at all
+
+
 def test_learning_cosine_schedule_is_torchs_per_epoch_cosine_and_constant_leaves_lr(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
