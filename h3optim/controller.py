@@ -624,11 +624,12 @@ class EtaController:
                 j += 1
             if j > i:
                 last = changes[j]
+                first_keep, last_keep = f"{d['after'][0]:.2f}", f"{last['after'][0]:.2f}"
+                kept = first_keep if first_keep == last_keep else f"{first_keep} to {last_keep}"
                 lines.append(
                     f"  epochs {d['epoch']}–{last['epoch']}: learning floor — the share of "
                     f"training samples not learned yet {_moved(d['unlearned'], last['unlearned'])}"
-                    f": those epochs kept {d['after'][0]:.2f} to "
-                    f"{last['after'][0]:.2f} instead of {d['before'][0]:.2f}"
+                    f": those epochs kept {kept} instead of {d['before'][0]:.2f}"
                 )
             else:
                 lines.append(f"  epoch {d['epoch']}: {d['change']} — {d['reason']}")

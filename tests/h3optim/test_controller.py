@@ -239,7 +239,12 @@ def test_learning_floor_keeps_what_is_not_learned_yet() -> None:
         c.control_step(unlearned=share)
     report = c.get_report()
     assert "epochs 7–8: learning floor" in report and "from 60% to 50%" in report
+    assert "those epochs kept 0.86 to 0.71 instead of 0.60" in report
     assert report.count("learning floor") == 3  # twice at epoch 5 (not consecutive), 7–8 once
+    for epoch in (10, 11):  # every sample kept both epochs: the keep said once
+        c.epoch = epoch
+        c.control_step(unlearned=0.9)
+    assert "those epochs kept 1.00 instead of 0.60" in c.get_report()
 
 
 def test_a_test_the_phase_has_no_room_for_does_not_start() -> None:
