@@ -157,33 +157,30 @@ def test_concurrency_quick_retries_so_exactly_once_is_tested() -> None:
     assert res["duplicates_seen"] == 2 * 2 * concurrency.N_BATCHES
 
 
-def test_learning_report_says_where_each_arm_ran(tmp_path: Path) -> None:
+def learning_report(rows_file: str, task: str, tmp_path: Path) -> str:
+    """``learning.py``'s report of one task's published rows (at the published lrs)."""
     from benchmarks import learning
 
     rows = [
         json.loads(line)
-        for line in (RESULTS / "learning.jsonl").read_text().splitlines()
-        if line.strip() and json.loads(line)["task"] == "mnist-cnn"
+        for line in (RESULTS / rows_file).read_text().splitlines()
+        if line.strip() and json.loads(line)["task"] == task
     ]
     out = tmp_path / "learning.md"
-    learning.write(rows, learning.read_rows(RESULTS / "learning_lr.jsonl"), out, "learning.jsonl")
-    when = next(line for line in out.read_text().splitlines() if line.startswith("When "))
+    learning.write(rows, learning.read_rows(RESULTS / "learning_lr.jsonl"), out, rows_file)
+    return out.read_text()
+
+
+def test_learning_report_says_where_each_arm_ran(tmp_path: Path) -> None:
+    text = learning_report("learning.jsonl", "mnist-cnn", tmp_path)
+    when = next(line for line in text.splitlines() if line.startswith("When "))
     assert "random subset 12:13–12:23 (AMD EPYC)" in when
     assert "uniform Adam 22:01–22:06 (Intel" in when
 
 
 def test_learning_report_names_arms_run_without_uniform_adam(tmp_path: Path) -> None:
     """A task whose rows hold no uniform Adam arm says what ran (unpaired), not "not run"."""
-    from benchmarks import learning
-
-    rows = [
-        json.loads(line)
-        for line in (RESULTS / "learning_noise_floor.jsonl").read_text().splitlines()
-        if line.strip() and json.loads(line)["task"] == "mnist-mlp"
-    ]
-    out = tmp_path / "learning.md"
-    learning.write(rows, learning.read_rows(RESULTS / "learning_lr.jsonl"), out, "learning.jsonl")
-    text = out.read_text()
+    text = learning_report("learning_noise_floor.jsonl", "mnist-mlp", tmp_path)
     assert "Uniform Adam not run (`--tasks mnist-mlp`" in text
     assert "AutoH3 (H3Optimizer): 3 seeds, 97.74 % test accuracy, 298,333 samples" in text
     assert "Not run (`--tasks mnist-cnn`" in text  # no rows at all
