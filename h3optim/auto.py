@@ -754,8 +754,9 @@ class AutoH3:
         :meth:`~h3optim.InformationWeightedSampler.likely_mislabeled`): the learning floor
         then stands down for the epoch. Its share of samples not learned yet counts the
         mislabeled ones the margin has not flagged yet, which no epoch should keep for
-        their own sake (measured: docs/benchmarks.md, "The learning floor with flipped
-        labels"). The first such epoch is a controller decision, so the report says so."""
+        their own sake (measured: docs/benchmarks.md, "The learning floor stands down once
+        labels look noisy"). The first such epoch is a controller decision, so the report
+        says so."""
         flagged = self.sampler.likely_mislabeled()
         if not bool(flagged.any()):
             return False
