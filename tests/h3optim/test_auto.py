@@ -302,7 +302,7 @@ def test_epochs_leave_out_the_drawn_samples_of_weight_zero() -> None:
     on its draw less them."""
     train_set, test, model = digits_and_model()
     x, y = train_set.tensors
-    flipped, noisy = flip_labels(y)
+    _, noisy = flip_labels(y)
     auto = offline_auto(model, TensorDataset(x, noisy), 14, learned_ratio=None)
     crit = nn.CrossEntropyLoss()
     for _ in range(14):
