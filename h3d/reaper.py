@@ -18,7 +18,9 @@ in /metrics. Three rules:
 - any other running run (remote, or local and not followable) with no request for
   ``timeout_s`` to any daemon of the store: failed. Its "heartbeat" is the serving daemon's
   own clock at the run's last request (create, ingest, update), so the clocks of the hosts
-  that train do not matter.
+  that train do not matter. A local run whose followed process still runs has a heartbeat
+  every pass, however quiet it is (a long data preparation before its first batch, an
+  evaluation longer than ``timeout_s``): it is never timed out.
 
 Several daemons can share one store (a cluster's nodes on one PostgreSQL database), and each
 sees every running run, including those only another node serves, or whose ranks on this node
@@ -387,6 +389,11 @@ class Reaper:
         # down: the reads below name it; no alembic_version: not a store h3d made (tests)
         with contextlib.suppress(StorageUnavailable, DatabaseError):
             self.check_revision()
+        # a local process this daemon follows and that still runs is its run's heartbeat:
+        # a quiet hour (data loading, a long evaluation) does not fail a live run; written
+        # to the store with the others, so no other daemon of a shared store fails it either
+        for rid in self.sampler.followed_live_runs():
+            self.seen(rid)
         with self._lock:
             beats, self._unwritten = self._unwritten, {}
         if beats:

@@ -506,6 +506,17 @@ class PowerSampler:
         with self._lock:
             return {rid for rid, _rank in self._active_runs}
 
+    def followed_live_runs(self) -> set[str]:
+        """Runs with a local process this sampler follows that still runs (any rank's): the
+        reaper takes each as the run's heartbeat."""
+        with self._lock:
+            gone = set(self._shares.gone())
+            return {
+                key[0]
+                for key in cast(list[tuple[str, int | None]], self._shares.tracked)
+                if key not in gone
+            }
+
     def exited_runs(self) -> list[str]:
         """Active single-process runs whose local process this sampler followed and that
         has exited. (A distributed run's ranks finish one by one; its rows say when.)"""

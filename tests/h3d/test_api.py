@@ -708,6 +708,41 @@ def test_runs_whose_process_is_gone_are_reaped_as_failed(daemon_factory: Any) ->
             time.sleep(0.2)
 
 
+def test_a_quiet_local_run_whose_process_runs_is_never_timed_out(daemon_factory: Any) -> None:
+    """A run quiet for longer than H3D_RUN_TIMEOUT_S (data preparation before its first
+    batch, a long evaluation) was failed while its process ran here, and every later
+    request refused (409). Its followed process is its heartbeat; a silent remote run is
+    still failed after the timeout, and the local one once its process exits."""
+    import subprocess
+
+    d = daemon_factory(
+        "quiet", H3D_RUN_EXIT_GRACE_S="0.5", H3D_RUN_TIMEOUT_S="1", H3D_RUN_REAP_EVERY_S="0.2"
+    )
+    trainer = subprocess.Popen(["sleep", "60"])
+    try:
+        with d.client() as api:
+            local = make_run(api, pid=trainer.pid)
+            remote = make_run(api, pid=1, host="node-7.example")  # not followable: timed out
+            deadline = time.monotonic() + 10
+            while api.get(f"/v1/runs/{remote['id']}").json()["status"] == "running":
+                assert time.monotonic() < deadline, "the silent remote run was not reaped"
+                time.sleep(0.2)
+            time.sleep(1.5)  # the local run: silent for more than twice the timeout
+            assert api.get(f"/v1/runs/{local['id']}").json()["status"] == "running"
+            r = api.post(f"/v1/runs/{local['id']}/batches", json={"batches": batches(0, 5)})
+            assert r.status_code == 200, r.text
+            trainer.kill()
+            trainer.wait()
+            deadline = time.monotonic() + 10
+            while api.get(f"/v1/runs/{local['id']}").json()["status"] == "running":
+                assert time.monotonic() < deadline, "the run whose process exited was not reaped"
+                time.sleep(0.1)
+            assert api.get(f"/v1/runs/{local['id']}").json()["n_batches"] == 5
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
 def test_a_run_whose_joined_ranks_all_ended_waits_the_grace_not_the_timeout(
     daemon_factory: Any,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -624,7 +625,10 @@ def test_show_calls_unknown_energy_unknown_not_estimated(
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_import_completes_a_run_the_reaper_failed(
-    daemon_factory: Callable[..., Daemon], request: pytest.FixtureRequest, store: str
+    daemon_factory: Callable[..., Daemon],
+    request: pytest.FixtureRequest,
+    store: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A short outage at the end of a run: its rest and its final status went to the spool,
     and the daemon, back, failed the run (no request came for it). `h3d import` was then
@@ -633,10 +637,14 @@ def test_import_completes_a_run_the_reaper_failed(
     test_import_into_a_closed_run_says_what_was_not_stored)."""
     from h3client import H3Profiler
 
-    env = {"H3D_RUN_TIMEOUT_S": "1", "H3D_RUN_REAP_EVERY_S": "0.2"}
+    # 3 s: on a loaded 2-core host the first post came more than 1 s after the run's create,
+    # and the reaper had failed the run before its first batches (409)
+    env = {"H3D_RUN_TIMEOUT_S": "3", "H3D_RUN_REAP_EVERY_S": "0.2"}
     if store == "postgresql":
         env["H3D_DB_URL"] = request.getfixturevalue("pg_url")
     d = daemon_factory(f"reaped-{store}", **env)
+    # on another host: timed out (this test process, followed here, would be its heartbeat)
+    monkeypatch.setattr(socket, "gethostname", lambda: "remote-host")
     prof = H3Profiler("reaped", url=d.url, data_dir=d.data_dir, flush_interval_s=0.05)
     for s in range(50):
         prof.log_batch(2.0 - s / 100)
