@@ -33,6 +33,7 @@ from h3d.metrics import CarbonTotals
 from h3d.metrics import render as render_metrics
 from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
+from h3d.power.early import EarlyReadings
 from h3d.power.sampler import PowerSampler
 from h3d.power.select import build_backends
 from h3d.reaper import NodeLease, Reaper
@@ -115,10 +116,13 @@ def create_app(
     backends: Sequence[PowerBackend] | None = None,
     store_checked: bool = False,
     lease: NodeLease | None = None,
+    early: EarlyReadings | None = None,
 ) -> FastAPI:
     """The app; its lifespan opens the store (upgraded or verified, unless ``store_checked``:
     ``h3d serve`` has done it, under the data dir's lock, just before binding) and claims
-    the node's lease (unless ``lease``: ``h3d serve`` claimed it then too)."""
+    the node's lease (unless ``lease``: ``h3d serve`` claimed it then too). ``early``: the
+    backends ``h3d serve`` built first thing, and the readings it took of them while it
+    started (:mod:`h3d.power.early`), which the sampler takes over."""
     make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 
@@ -144,6 +148,8 @@ def create_app(
         devs = (
             list(backends)
             if backends is not None
+            else early.backends
+            if early is not None
             else build_backends(
                 settings.power_backends,
                 cpu_tdp_w=settings.cpu_tdp_w,
@@ -167,6 +173,8 @@ def create_app(
                     _take_up(sampler, run.id, run.pid if is_local(run.host) else None, None)
             for rr in repo.running_ranks(s, node=settings.node):
                 _take_up(sampler, rr.run_id, rr.pid if is_local(rr.host) else None, rr.rank)
+        if early is not None:  # its readings, from the daemon's first moments, are ours
+            sampler.adopt(early.handover(), early.busy)
         sampler.start()
         reaper = Reaper(
             store,
@@ -183,6 +191,8 @@ def create_app(
             yield {"settings": settings, "store": store, "sampler": sampler, "reaper": reaper}
         finally:
             _remove_daemon_file(settings)
+            if early is not None:
+                early.stop()  # its sampling.json
             reaper.stop()
             sampler.stop()
             try:

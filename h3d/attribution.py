@@ -120,6 +120,14 @@ class CpuShareTracker:
         self._runs[run_id] = tree
         return True
 
+    def seed(self, busy: list[tuple[float, float]]) -> None:
+        """Busy readings (time, busy CPU seconds) taken before the first :meth:`sample`,
+        oldest first (a starting daemon's: :mod:`h3d.power.early`): the first sample
+        measures from the last of them, and a run tracked with an older start finds them."""
+        if busy and self._last_busy is None:
+            self._busy.extend(busy)
+            self._last_busy = busy[-1][1]
+
     def _busy_at(self, t: float) -> float | None:
         """The machine's busy CPU seconds at ``t``, interpolated; None before the readings."""
         h = self._busy

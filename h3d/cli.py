@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from h3d.config import Settings
+    from h3d.power.early import EarlyReadings
     from h3d.reaper import NodeLease
 
 logger = logging.getLogger(__name__)
@@ -392,10 +393,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir = settings.data_dir
         made = [p for p in (data_dir, *data_dir.parents) if not os.path.lexists(p)]
         lock = _lock_data_dir(settings)
+        early = _early_readings(settings)
         try:
-            return _serve(args, settings, lock, made, gc_pause)
+            return _serve(args, settings, lock, made, gc_pause, early)
         finally:
+            early.stop()
             lock.release()
+
+
+def _early_readings(settings: Settings) -> EarlyReadings:
+    """The power backends, read from now on while the rest of the start goes on: an
+    autostarting profiler waits for the first readings, not for /healthz
+    (:mod:`h3d.power.early`)."""
+    from h3d.power.early import EarlyReadings, held_logs
+    from h3d.power.select import build_backends
+
+    # what it says of the devices is said once the daemon starts serving, as before: a
+    # start that cannot go on (a bad store) stays one line
+    with held_logs("h3d.power") as said:
+        backends = build_backends(
+            settings.power_backends,
+            cpu_tdp_w=settings.cpu_tdp_w,
+            sample_interval_s=settings.sample_interval_s,
+        )
+    return EarlyReadings(backends, settings.data_dir, settings.sample_interval_s, said=said)
 
 
 def _lock_data_dir(settings: Settings) -> DataDirLock:
@@ -415,10 +436,13 @@ def _lock_data_dir(settings: Settings) -> DataDirLock:
     return lock
 
 
-def _made_for_nothing(settings: Settings, made: list[Path], lock: DataDirLock) -> None:
-    """Undo what the start made before it found that it cannot run: the lock file and the
-    directories in ``made`` (the data dir first, then the parents made with it), if nothing
-    else was put there meanwhile."""
+def _made_for_nothing(
+    settings: Settings, made: list[Path], lock: DataDirLock, early: EarlyReadings
+) -> None:
+    """Undo what the start made before it found that it cannot run: the lock file, the
+    early readings' marker and the directories in ``made`` (the data dir first, then the
+    parents made with it), if nothing else was put there meanwhile."""
+    early.stop()
     if made:
         with contextlib.suppress(OSError):
             (settings.data_dir / LOCK_NAME).unlink()
@@ -433,11 +457,12 @@ def _serve(
     lock: DataDirLock,
     made: list[Path],
     gc_pause: _StartupGcPause,
+    early: EarlyReadings,
 ) -> int:
     try:
         engine = _engine(settings, args)
     except CommandError:  # a bad URL is one line, and leaves nothing behind
-        _made_for_nothing(settings, made, lock)
+        _made_for_nothing(settings, made, lock, early)
         raise
     _import_fastapi_deferred()
     import uvicorn
@@ -499,7 +524,9 @@ def _serve(
     # daemon.json): a disk that filled meanwhile, or had room only for the probe, stops it
     # there. uvicorn would log the traceback and "Application startup failed": say it in
     # one line instead.
-    app = _StartupFailure(create_app(settings, store_checked=True, lease=lease), errors)
+    app = _StartupFailure(
+        create_app(settings, store_checked=True, lease=lease, early=early), errors
+    )
     logging.getLogger("uvicorn.error").addFilter(lambda _record: app.error is None)
     from h3d.security import serve_limits  # connections bounded, never held idle
 

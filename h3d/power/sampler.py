@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,7 +33,8 @@ from sqlalchemy.orm import Session
 
 from h3d.attribution import SPLIT_RANK, CpuShareTracker
 from h3d.energy import max_gap
-from h3d.power.base import PowerBackend, PowerBackendError
+from h3d.power.base import PowerBackend, PowerBackendError, PowerReading
+from h3d.power.early import EarlyReading
 from h3d.storage import repository as repo
 from h3d.storage.engine import Store
 from h3d.storage.models import Device, Run
@@ -312,31 +313,58 @@ class PowerSampler:
             if d.status != "ok":
                 logger.info("device %s recovered", d.backend.info.name)
             d.status, d.reason = "ok", None
-            inc = self._increment(d, t, r.power_w, r.energy_j)
-            if inc is not None:
-                d.energy_total_j += inc
-                if self._active_runs:
-                    self._add_to_runs(d, inc)
-            if not self._active_runs:
-                idle_w = r.power_w
-                if idle_w is None and inc is not None and r.energy_j is not None:
-                    # an energy-only device (RAPL, a GPU without instant power): its power
-                    # over the counter's step since the last reading (no gap: inc is set)
-                    dt = t - cast(float, d.last_t)
-                    idle_w = inc / dt if dt > 0 else None
-                if idle_w is not None:
-                    d.idle.append(idle_w)
-                    d.idle_n += 1
-            d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
-            d.recent.append((t, r.power_w, r.energy_j))
-            rows.append(
-                {"device_id": d.device_id, "t": t, "power_w": r.power_w, "energy_j": r.energy_j}
-            )
+            rows.append(self._take(d, t, r))
         self.ticks += 1
         with self._lock:
             self._pending.extend(rows)
             self._trim()
         return t_tick
+
+    def _take(
+        self, d: DeviceState, t: float, r: PowerReading, *, idle: bool = True
+    ) -> dict[str, Any]:
+        """Count device ``d``'s reading ``r`` at ``t``: its energy since the last one (the
+        device's, the active runs'), the idle baseline's reading (``idle``, while no run is
+        active); the row to store."""
+        inc = self._increment(d, t, r.power_w, r.energy_j)
+        if inc is not None:
+            d.energy_total_j += inc
+            if self._active_runs:
+                self._add_to_runs(d, inc)
+        if idle and not self._active_runs:
+            idle_w = r.power_w
+            if idle_w is None and inc is not None and r.energy_j is not None:
+                # an energy-only device (RAPL, a GPU without instant power): its power
+                # over the counter's step since the last reading (no gap: inc is set)
+                dt = t - cast(float, d.last_t)
+                idle_w = inc / dt if dt > 0 else None
+            if idle_w is not None:
+                d.idle.append(idle_w)
+                d.idle_n += 1
+        d.last_t, d.last_power_w, d.last_energy_j = t, r.power_w, r.energy_j
+        d.recent.append((t, r.power_w, r.energy_j))
+        return {"device_id": d.device_id, "t": t, "power_w": r.power_w, "energy_j": r.energy_j}
+
+    def adopt(
+        self, readings: Iterable[EarlyReading], busy: Iterable[tuple[float, float]] = ()
+    ) -> int:
+        """Take over the readings ``h3d serve`` took before this sampler existed
+        (:mod:`h3d.power.early`: device index, monotonic time, reading), oldest first, as
+        if this sampler had taken them: stored, and counted as energy, but not towards the
+        idle baseline; and ``busy``, the machine's busy CPU seconds then (monotonic time,
+        seconds), from which a run that began meanwhile gets its CPU share. Before
+        :meth:`start`, on the monotonic clock. Returns how many readings."""
+        wall0, mono0 = self._anchor
+        rows = []
+        with self._lock:
+            self._shares.seed([(wall0 + (mono - mono0), b) for mono, b in busy])
+        with self._tick_lock:
+            for i, mono, r in readings:
+                rows.append(self._take(self.devices[i], wall0 + (mono - mono0), r, idle=False))
+        with self._lock:
+            self._pending.extend(rows)
+            self._trim()
+        return len(rows)
 
     def _increment(
         self, d: DeviceState, t: float, power_w: float | None, energy_j: float | None

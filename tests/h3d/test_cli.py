@@ -418,7 +418,7 @@ def test_data_dir_and_store_files_are_private(daemon: Daemon) -> None:
         api.post("/v1/runs", json={"name": "m"}).raise_for_status()
     d = daemon.data_dir
     assert d.stat().st_mode & 0o777 == 0o700
-    for name in ("h3d.db", "h3d.db-wal", "token", "daemon.json", "h3d.lock"):
+    for name in ("h3d.db", "h3d.db-wal", "token", "daemon.json", "sampling.json", "h3d.lock"):
         assert (d / name).stat().st_mode & 0o777 == 0o600, name
 
 
