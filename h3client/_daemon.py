@@ -7,6 +7,7 @@ on the training thread, and httpx (~90 ms to import) is left to the sender threa
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -118,47 +119,102 @@ def _daemon_holds(data_dir: Path) -> bool:
     return False
 
 
-def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None:
-    """Start ``h3d serve`` detached (it outlives this process); return its URL once healthy.
+#: What a starting ``h3d serve`` writes once it has read its power devices, before it
+#: serves (``h3d.power.early``): ``{"pid": ..., "t": ...}``.
+SAMPLING_NAME = "sampling.json"
 
-    A daemon that holds the data dir already (one started by hand a moment ago, still
-    starting) is waited for instead, as is one that took the data dir before the daemon
-    started here could (which then exits): the data dir is that daemon's, with the store it
-    was started on. One is started here if that daemon exits without serving. Returns None
-    if no daemon became healthy in time (the log of one started here is
-    ``<data dir>/h3d.log``). The daemon is a separate program: h3client never imports it.
+
+def _sampling_pid(data_dir: Path) -> int | None:
+    """The pid in the data dir's ``sampling.json``, if any."""
+    try:
+        with open(data_dir / SAMPLING_NAME, "rb") as f:
+            pid = json.loads(f.read()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's), or this system cannot say
+    return True
+
+
+class DaemonStart:
+    """A local daemon starting for ``data_dir``: ``h3d serve`` spawned detached (it
+    outlives this process), or, if a daemon holds the data dir already (one started by hand
+    a moment ago, still starting), that one. :meth:`wait` returns its URL once it serves.
+
+    A daemon that takes the data dir before the one spawned here could (which then exits)
+    is waited for instead: the data dir is that daemon's, with the store it was started on.
+    One is spawned here if that daemon exits without serving. The daemon is a separate
+    program: h3client never imports it.
     """
-    private_dir(data_dir, in_data_dir=False)
-    before = read_daemon_file(data_dir)
-    proc, since = None, 0
-    if _daemon_holds(data_dir):
-        logger.info("h3: a daemon is starting in %s; waiting for it", data_dir)
-    else:
-        proc, since = _spawn(data_dir)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info = read_daemon_file(data_dir)
-        # the daemon started here, once it wrote its daemon.json; else the holder's, whose
-        # proof of the data dir's token tells it from a file a killed daemon left
-        awaited = proc is None or (
-            info != before and info is not None and info.get("pid") == proc.pid
-        )
-        if info and awaited and _serves(str(info["url"]), data_dir):
-            return str(info["url"])
-        if proc is None:
-            if not _daemon_holds(data_dir):  # it exited (or stopped) without serving
-                proc, since = _spawn(data_dir)
-        elif proc.poll() is not None:
-            if _daemon_holds(data_dir):  # another daemon took the data dir first
-                logger.info("h3: another daemon took %s first; waiting for it", data_dir)
-                proc = None
-                continue
-            why = last_error_line(data_dir / "h3d.log", since)
-            if why:  # its one line (a node in use, a bad store): said here, not only there
-                logger.warning("h3: the daemon it started exited: %s", why)
-            return None
-        time.sleep(0.02)  # a file read per poll: a 100 ms poll added ~50 ms to autostart
-    return None
+
+    def __init__(self, data_dir: Path, *, timeout_s: float = 20.0) -> None:
+        private_dir(data_dir, in_data_dir=False)
+        self.data_dir = data_dir
+        self.deadline = time.monotonic() + timeout_s
+        self._before = read_daemon_file(data_dir)
+        self._proc: Any = None
+        self._since = 0
+        self.failed = False
+        if _daemon_holds(data_dir):
+            logger.info("h3: a daemon is starting in %s; waiting for it", data_dir)
+        else:
+            self._proc, self._since = _spawn(data_dir)
+
+    def _samples(self) -> bool:
+        """Whether the awaited daemon reads power: the one spawned here, else a live one
+        (the data dir's holder; a killed daemon's file names a dead pid)."""
+        pid = _sampling_pid(self.data_dir)
+        if pid is None:
+            return False
+        return pid == self._proc.pid if self._proc is not None else _alive(pid)
+
+    def wait(self, *, sampling: bool = False) -> str | bool | None:
+        """The daemon's URL once it serves (it proved that it holds the data dir's token);
+        None if none did by the deadline (the log of one started here is
+        ``<data dir>/h3d.log``). ``sampling``: True as soon as it reads power (its
+        ``sampling.json``), which comes before it serves (if it serves first: its URL)."""
+        data_dir = self.data_dir
+        while not self.failed and time.monotonic() < self.deadline:
+            info = read_daemon_file(data_dir)
+            # the daemon started here, once it wrote its daemon.json; else the holder's, whose
+            # proof of the data dir's token tells it from a file a killed daemon left
+            awaited = self._proc is None or (
+                info != self._before and info is not None and info.get("pid") == self._proc.pid
+            )
+            if info and awaited and _serves(str(info["url"]), data_dir):
+                return str(info["url"])
+            if sampling and self._samples():
+                return True
+            if self._proc is None:
+                if not _daemon_holds(data_dir):  # it exited (or stopped) without serving
+                    self._proc, self._since = _spawn(data_dir)
+            elif self._proc.poll() is not None:
+                if _daemon_holds(data_dir):  # another daemon took the data dir first
+                    logger.info("h3: another daemon took %s first; waiting for it", data_dir)
+                    self._proc = None
+                    continue
+                why = last_error_line(data_dir / "h3d.log", self._since)
+                if why:  # its one line (a node in use, a bad store): said here, not only there
+                    logger.warning("h3: the daemon it started exited: %s", why)
+                self.failed = True
+                break
+            time.sleep(0.02)  # a file read per poll: a 100 ms poll added ~50 ms to autostart
+        return None
+
+
+def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None:
+    """Start ``h3d serve`` detached, or wait for the daemon that holds ``data_dir``
+    (:class:`DaemonStart`); its URL once it serves, else None."""
+    url = DaemonStart(data_dir, timeout_s=timeout_s).wait()
+    return url if isinstance(url, str) else None
 
 
 def _spawn(data_dir: Path) -> tuple[Any, int]:
@@ -226,7 +282,20 @@ def _one_starter(data_dir: Path, timeout_s: float) -> Iterator[None]:
 
 
 def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
-    """The URL of a healthy daemon for ``config``, starting one if allowed; else None.
+    """The URL of a healthy daemon for ``config``, starting one if allowed (and waiting
+    until it serves); else None. See :func:`find_daemon`."""
+    found = find_daemon(config, autostart=autostart, serving=True)
+    assert not isinstance(found, DaemonStart)
+    return found
+
+
+def find_daemon(
+    config: ClientConfig, *, autostart: bool, serving: bool = False
+) -> str | DaemonStart | None:
+    """The URL of a healthy daemon for ``config``; else, if allowed, one started: its
+    :class:`DaemonStart` once it reads power (before it serves: the caller's sender waits
+    for the rest, :meth:`DaemonStart.wait`), or its URL once it serves (``serving``);
+    else None.
 
     A daemon found through the data dir's ``daemon.json`` or on the default port is used
     only if it proves that it holds the token (:func:`probe`), which is sent to no other
@@ -274,7 +343,12 @@ def ensure_daemon(config: ClientConfig, *, autostart: bool) -> str | None:
         info = read_daemon_file(config.data_dir)
         if info and _serves(str(info["url"]), config.data_dir):
             return str(info["url"])  # another process started it while this one waited
-        url = start_local_daemon(config.data_dir)
-    if url:
-        logger.info("started a local h3d daemon at %s (data dir %s)", url, config.data_dir)
-    return url
+        start = DaemonStart(config.data_dir)
+        # until it reads power, under the lock: a process that starts meanwhile finds the
+        # data dir held, and waits for this daemon rather than start one
+        found = start.wait(sampling=not serving)
+    if found is True:
+        return start
+    if found:
+        logger.info("started a local h3d daemon at %s (data dir %s)", found, config.data_dir)
+    return found or None

@@ -32,12 +32,15 @@ import json
 import logging
 import os
 import time
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from h3client._config import UnsafeDir
 from h3client._spool import Spool, already_done, replay_file
 from h3client.client import RESUME_HEADERS, Client, columns_as_json
 from h3client.errors import H3ConnectionError, H3HTTPStatusError
+
+if TYPE_CHECKING:
+    from h3client._daemon import DaemonStart
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +95,13 @@ class HttpExporter:
         max_backoff_s: float = 10.0,
         rank: int | None = None,
         resume: bool = False,
+        starting: DaemonStart | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
+        # the daemon this profiler started, which reads power but does not serve yet: the
+        # first send waits for it (its URL is in its daemon.json once it serves)
+        self.starting = starting
         # a resumed run: its create asks the daemon to follow this process
         self.resume = resume
         # the run's create (its body, as sent or spooled); whether the daemon has the run
@@ -225,7 +232,14 @@ class HttpExporter:
             request = as_json(request)
         if request.op == "create":
             self._create = request.body
-        if not self.online:  # a try after an outage: the data dir's daemon may have moved
+        if self.starting is not None:  # the daemon started for this run: until it serves
+            served = self.starting.wait()
+            self.starting = None
+            self.client.rediscover()  # its URL, from its daemon.json
+            if served is None:
+                self.offline(f"the daemon started for {self.client.config.data_dir} did not serve")
+                return "down"
+        elif not self.online:  # a try after an outage: the data dir's daemon may have moved
             self.client.rediscover()
         retried = False
         while True:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from h3client import _batching
 from h3client._batching import INT_MAX, BatchProcessor, lone_surrogate, snapshot, snapshot_loss
 from h3client._config import resolve
-from h3client._daemon import ensure_daemon
+from h3client._daemon import DaemonStart, find_daemon
 from h3client._exporter import HttpExporter
 from h3client._report import diminishing_returns, format_report
 from h3client._spool import Spool, batch_epochs, batch_seqs, replay_spool
@@ -253,7 +253,20 @@ class H3Profiler:
         import socket  # here, not at import: ``import h3client`` stays light
 
         cfg = resolve(self._url, self._token, self._data_dir)
-        url = ensure_daemon(cfg, autostart=self.autostart) if self._http is None else cfg.url
+        # A daemon started here is waited for until it reads power, not until it serves
+        # (0.5 to 1.3 s more, by host): the run then begins with readings under it, and
+        # its requests wait on the sender thread for the rest. Ranks and a resumed run need
+        # it to answer now (their join, where the run stopped).
+        found = (
+            find_daemon(
+                cfg,
+                autostart=self.autostart,
+                serving=self.dist is not None or self._resume,
+            )
+            if self._http is None
+            else cfg.url
+        )
+        starting, url = (found, None) if isinstance(found, DaemonStart) else (None, found)
         if url is not None and url != cfg.url:
             cfg = resolve(url, self._token, self._data_dir)
         # the token as given (None: the data dir's, read again if the daemon refuses it)
@@ -262,7 +275,7 @@ class H3Profiler:
         # (Client.proven, asked on the sender thread): ensure_daemon found none that did, or
         # what answers there may change while the run goes on
         self._client.config = self._client.config._replace(url_is_explicit=cfg.url_is_explicit)
-        online = url is not None
+        online = url is not None or starting is not None
         rank_fields = self._join_ranks()
         if self.run_id is None:
             self.run_id = os.urandom(16).hex()  # 128 random bits, as uuid4 without its import
@@ -271,6 +284,7 @@ class H3Profiler:
             self.run_id,
             rank=None if self.dist is None else self.dist.rank,
             resume=self._resume,
+            starting=starting,
         )
         try:
             if self._resume:
@@ -312,7 +326,13 @@ class H3Profiler:
                 **rank_fields,
             },
         )
-        if online:
+        if starting is not None:
+            logger.info(
+                "h3: run %s: the daemon started for %s reads power; streaming once it serves",
+                self.run_id,
+                cfg.data_dir,
+            )
+        elif online:
             logger.info("h3: run %s streaming to %s", self.run_id, cfg.url)
         else:
             logger.warning(
@@ -613,7 +633,7 @@ class H3Profiler:
     def _refresh_eta(self) -> None:
         """On the worker thread, after a pass: fetch η while online, when it is due."""
         exp, client = self._exporter, self._client
-        if exp is None or client is None or not exp.online or self.run_id is None:
+        if exp is None or client is None or not exp.online or exp.starting or self.run_id is None:
             return
         known = self._eta is not None and self._eta.get("marginal_eta_bits_per_j") is not None
         if known and not self._eta_due and time.monotonic() - self._eta_at < self.eta_interval_s:

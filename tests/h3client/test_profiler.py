@@ -549,36 +549,50 @@ def test_the_first_log_batch_of_a_fresh_process_takes_the_fast_path(tmp_path: Pa
 
 
 def test_autostart_launches_a_daemon_that_outlives_the_profiler(tmp_path: Path) -> None:
-    """And the run's energy covers it from its start: the constructor waits for the daemon
-    it starts, which reads power before it answers. (A constructor that returned at once,
-    with the sender waiting for the daemon instead, left the run's first ~0.5 s unread,
-    short of the gap that reports it, and its CPU share counted from the wrong start: a
-    3 s run reported 9 J of 30.)"""
+    """The constructor returns once the daemon it starts reads power, before it serves (the
+    rest of its start, 0.5 to 1.3 s by host, overlaps the training), and the run's energy
+    covers it from its start: the daemon's readings from before it served are the
+    sampler's, and so are its busy CPU readings, from which the run's CPU share counts from
+    its start. (A constructor that returned at once, with no readings before the daemon
+    served, left the run's first ~0.5 s unread, short of the gap that reports it, and its
+    CPU share counted from the wrong start: a 3 s run reported 9 J of 30.)"""
     data = tmp_path / "auto"
     code = (
-        "import time\n"
+        "import os, time\n"
         "from h3client import H3Profiler\n"
+        "from h3d.attribution import busy_cpu_s\n"
         "p = H3Profiler('auto')\n"
-        "p.log_batch(1.0); time.sleep(1.0); p.log_batch(0.5)\n"
-        "print(p.stop()['batches_posted'], p.run_id)\n"
+        "returned = time.time()\n"
+        "c0, b0 = sum(os.times()[:4]), busy_cpu_s()\n"
+        "p.log_batch(1.0)\n"
+        "end = time.monotonic() + 1.0\n"
+        "while time.monotonic() < end: pass\n"
+        "c1, b1 = sum(os.times()[:4]), busy_cpu_s()\n"
+        "p.log_batch(0.5)\n"
+        "print(p.stop()['batches_posted'], p.run_id, returned, (c1 - c0) / (b1 - b0))\n"
     )
     env = daemon_env(data, H3D_POWER_BACKENDS="constant:5", H3D_LOG_LEVEL="WARNING")
     r = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    posted, run_id = r.stdout.split()
+    posted, run_id, returned, expected_share = r.stdout.split()
     assert posted == "2"
     import json
 
     info = json.loads((data / "daemon.json").read_text())
     try:
+        assert float(returned) < info["started_at"]  # it served after the constructor returned
         with Client(info["url"], data_dir=data) as c:
             assert c.health() and c.get_run(run_id)["n_batches"] == 2
             energy = c.energy(run_id)
         assert energy["duration_s"] >= 1.0
         (device,) = energy["by_device"]
-        assert device["covered_s"] >= 0.95 * energy["duration_s"], energy
+        assert device["covered_s"] == pytest.approx(energy["duration_s"]), energy
+        assert device["gaps_s"] == 0
+        # its share of the machine's busy CPU, as the script measured it beside the daemon
+        share, want = energy["energy_j"] / device["device_energy_j"], float(expected_share)
+        assert abs(share - min(1.0, want)) <= 0.2 * want + 0.05, (share, want)
     finally:
         import os
         import signal
