@@ -145,16 +145,25 @@ t0 = time.perf_counter()
 p = H3Profiler("autostart", data_dir=sys.argv[1])
 t1 = time.perf_counter()
 p.log_batch(1.0)
+while time.perf_counter() - t1 < 1.0:  # a second of training, on one core
+    pass
+p.log_batch(0.5)
 r = p.stop()
 t2 = time.perf_counter()
-print(json.dumps([t1 - t0, t2 - t0, r["batches_posted"]]))
+print(json.dumps([t1 - t0, t2 - t0, r["batches_posted"], p.run_id]))
 """
 
 
-def autostart(tree: Path, env: dict[str, str], data_dir: Path) -> tuple[float, float]:
+def autostart(
+    tree: Path, env: dict[str, str], data_dir: Path
+) -> tuple[float, float, float, float, float]:
     """A training script's ``H3Profiler(...)`` on ``data_dir``, where no daemon runs (it
-    autostarts one): (seconds the constructor took, seconds from it to the run's one batch
-    stored and the run finished, at ``stop()``). The daemon is stopped after."""
+    autostarts one), then a second of CPU work: (seconds the constructor took, seconds from
+    it to the run's batches stored and the run finished, at ``stop()``, the share of the
+    run's duration its energy covers, its share of the device's energy and its energy in
+    joules, as the daemon reports them). The daemon is stopped after."""
+    from h3client import Client
+
     env = {**env, "H3D_LOG_LEVEL": "WARNING", "H3D_PORT": "9"}  # nothing on the default port
     out = subprocess.run(
         [sys.executable, "-c", AUTOSTART, str(data_dir)],
@@ -164,11 +173,19 @@ def autostart(tree: Path, env: dict[str, str], data_dir: Path) -> tuple[float, f
         text=True,
         check=True,
     ).stdout
-    construct, stored, posted = json.loads(out.splitlines()[-1])
-    os.kill(json.loads((data_dir / "daemon.json").read_text())["pid"], 15)
-    if posted != 1:
+    construct, stored, posted, run_id = json.loads(out.splitlines()[-1])
+    info = json.loads((data_dir / "daemon.json").read_text())
+    try:
+        with Client(info["url"], data_dir=data_dir) as c:
+            energy = c.energy(run_id)
+    finally:
+        os.kill(info["pid"], 15)
+    if posted != 2:
         raise SystemExit(f"the profiler in {tree} did not reach the daemon it started")
-    return construct, stored
+    (device,) = energy["by_device"]
+    covered = device["covered_s"] / energy["duration_s"]
+    share = energy["energy_j"] / device["device_energy_j"]
+    return construct, stored, covered, share, energy["energy_j"]
 
 
 def large_store(tree: Path, env: dict[str, str], data_dir: Path, rows: int) -> None:
@@ -263,7 +280,7 @@ def main() -> None:
                 d = Path(tmp) / f"{t}-{i}"
                 starts[t, "fresh"].append(spawn_to_healthy(tree, env, d, cmd))
                 starts[t, "at head"].append(spawn_to_healthy(tree, env, d, cmd))
-        autostarts: dict[str, list[tuple[float, float]]] = {t: [] for t in trees}
+        autostarts: dict[str, list[tuple[float, ...]]] = {t: [] for t in trees}
         for i in range(args.starts):
             order = list(trees)
             for t in order[i % len(order) :] + order[: i % len(order)]:
@@ -342,17 +359,23 @@ def main() -> None:
         "",
         f"**A training script's autostart** ({args.starts} of each, in turn): "
         "`H3Profiler(...)` on a fresh data dir where no daemon runs, which starts one; the "
-        "constructor's time (what the script waits before its first step), and from the "
-        "constructor to its one batch stored and the run finished (at `stop()`):",
+        "constructor's time (what the script waits before its first step); then a second "
+        "of CPU work and `stop()`, from the constructor to its batches stored and the run "
+        "finished; the share of the run's duration its energy covers (readings on both "
+        "sides), its share of the device's energy over it (the run's CPU share) and its "
+        "energy:",
         "",
-        "| tree | constructor, median ms | min | max | to stored, median s |",
-        "|---|---:|---:|---:|---:|",
+        "| tree | constructor, median ms | min | max | to stored, median s "
+        "| energy covers, min | run's share, median | run's energy, median J |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t, xs in autostarts.items():
-        cs = [c * 1000 for c, _ in xs]
+        cs = [x[0] * 1000 for x in xs]
         lines.append(
             f"| {t} | {statistics.median(cs):.0f} | {min(cs):.0f} | {max(cs):.0f} | "
-            f"{statistics.median(s for _, s in xs):.2f} |"
+            f"{statistics.median(x[1] for x in xs):.2f} | {min(x[2] for x in xs):.1%} | "
+            f"{statistics.median(x[3] for x in xs):.2f} | "
+            f"{statistics.median(x[4] for x in xs):.2f} |"
         )
     here = "this tree"
     libs_s = (med_ms(cpu[here, LIBS]) - med_ms(cpu[here, BARE])) / 1000

@@ -346,6 +346,8 @@ def test_startups_autostart_times_a_profiler_that_reaches_the_daemon_it_started(
 
     env = startup.child_env(REPO, tmp_path / "pycache")
     data = tmp_path / "auto"
-    construct, stored = startup.autostart(REPO, env, data)  # raises if the batch was not posted
+    # raises if the batches were not posted
+    construct, stored, covered, share, joules = startup.autostart(REPO, env, data)
     assert 0 < construct < stored
+    assert covered == pytest.approx(1.0) and 0 < share <= 1.0 and joules > 0  # from its start
     assert (data / "h3d.db").exists()
