@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 
 from h3client import _daemon
 from h3client._config import resolve
-from h3client._daemon import ensure_daemon
+from h3client._daemon import ensure_daemon, find_daemon
 from h3d.datadir import DataDirBusy, DataDirLock
 from tests.conftest import Daemon, free_port
 
@@ -88,3 +90,35 @@ def test_autostart_waits_for_a_daemon_that_took_the_data_dir_before_its_own(
     (proc,) = _daemon._started
     assert proc.wait(timeout=60) == 2  # its own daemon found the data dir taken, and exited
     assert "in use by another h3d daemon" in (data_dir / "h3d.log").read_text()
+
+
+def test_a_profiler_waits_only_until_the_daemon_that_holds_the_data_dir_reads_power(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch, started_daemons: None
+) -> None:
+    """A profiler's autostart (``find_daemon``) returns once the daemon starting there
+    writes its ``sampling.json``, naming a live pid (a killed daemon's names a dead one);
+    its sender then waits for the URL."""
+    for name in ("H3D_URL", "H3D_TOKEN", "H3D_HOST", "H3D_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("H3D_PORT", str(free_port()))
+    config = resolve(data_dir=data_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = DataDirLock(data_dir)  # as `h3d serve` takes it first thing
+    lock.acquire()
+    try:
+        (data_dir / _daemon.SAMPLING_NAME).write_text(json.dumps({"pid": dead.pid}))
+        found: list[object] = []
+        thread = threading.Thread(target=lambda: found.append(find_daemon(config, autostart=True)))
+        thread.start()
+        time.sleep(0.3)
+        assert found == []  # a file a killed daemon left: still waiting
+        (data_dir / _daemon.SAMPLING_NAME).write_text(json.dumps({"pid": os.getpid()}))
+        thread.join(timeout=60)
+        (start,) = found
+        assert isinstance(start, _daemon.DaemonStart)  # it reads power: the run may begin
+        _serving(data_dir, daemon)
+        assert start.wait() == daemon.url  # what the sender waits for
+    finally:
+        lock.release()
+    assert _daemon._started == []  # none started
