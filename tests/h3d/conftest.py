@@ -29,6 +29,15 @@ def session(tmp_path: Path) -> Iterator[Session]:
     engine.dispose()
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A store on a migrated SQLite file, closed after the test."""
+    st = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    migrate.upgrade(st.engine)
+    yield st
+    st.close()
+
+
 def filled_store(path: Path) -> None:
     """A SQLite store of about 0.7 MB at ``path`` (a run of 2 000 batches of per-sample
     losses), closed as a daemon's stop closes it: the WAL folded into the file."""

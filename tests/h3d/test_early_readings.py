@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,17 +21,8 @@ from h3d.power.base import PowerReading
 from h3d.power.early import SAMPLING_NAME, EarlyReadings
 from h3d.power.fake import ConstantBackend
 from h3d.power.sampler import PowerSampler
-from h3d.storage import migrate
 from h3d.storage.engine import Store, session_scope
 from h3d.storage.models import PowerSample
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(st.engine)
-    yield st
-    st.close()
 
 
 class Counted(ConstantBackend):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -15,16 +14,7 @@ import pytest
 from h3d import reaper
 from h3d.errors import NodeTaken
 from h3d.reaper import NodeLease, proc_identity
-from h3d.storage import migrate
 from h3d.storage.engine import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(f"sqlite:///{tmp_path / 'h.db'}")
-    migrate.upgrade(st.engine)
-    yield st
-    st.close()
 
 
 def never(dt: float) -> None:
