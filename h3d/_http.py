@@ -87,11 +87,28 @@ def start_hint(settings: Settings) -> str:
     return f"`{cmd}`"
 
 
+def _starting(settings: Settings) -> str | None:
+    """Why the data dir's daemon does not answer, if a process holds its lock (``h3d
+    serve`` takes it first thing, before the imports that take most of its start)."""
+    from h3d.datadir import lock_holder
+
+    holder = lock_holder(settings.data_dir)
+    if holder is None:
+        return None
+    return (
+        f"the daemon of {settings.data_dir} (pid {holder}) does not answer: it is starting "
+        "or stopping (try again in a moment), or stuck (its log: "
+        f"{settings.data_dir / 'h3d.log'}, if it was autostarted)"
+    )
+
+
 def _no_daemon(settings: Settings, url: str, env_url: bool) -> str:
     """Nothing (no h3d) answers at ``url``: what to do about it."""
     if env_url:
         return f"no h3d daemon answers at {url} (the URL in H3D_URL)"
-    return f"no h3d daemon answers at {url} (start it: {start_hint(settings)})"
+    return _starting(settings) or (
+        f"no h3d daemon answers at {url} (start it: {start_hint(settings)})"
+    )
 
 
 def http_client(url: str, token: str | None, timeout_s: float) -> httpx.Client:
@@ -226,7 +243,9 @@ def find_daemon(settings: Settings) -> tuple[str, str | None]:
     if not healthy:
         if os.environ.get("H3D_URL"):
             return url, f"no daemon answers at {url} (the URL in H3D_URL)"
-        return url, f"no daemon answers at {url}; start one with {start_hint(settings)}"
+        return url, _starting(settings) or (
+            f"no daemon answers at {url}; start one with {start_hint(settings)}"
+        )
     if authorized or os.environ.get("H3D_URL"):  # proven, or named by the caller
         return url, None
     return url, _not_this_data_dirs(settings, url, authorized, token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from h3d.cli import _fmt
+from h3d.datadir import DataDirLock
 from h3d.storage import migrate
 from tests.conftest import (
     REPO,
@@ -126,6 +128,29 @@ def test_status_when_no_daemon_runs(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no daemon answers" in one_error_line(r) and not r.stdout
     r = h3d(tmp_path / "empty", "runs", H3D_PORT=port)
     assert r.returncode == 1 and "no h3d daemon answers" in r.stderr
+
+
+def test_a_daemon_that_holds_the_data_dir_but_does_not_answer_yet_is_named(
+    tmp_path: Path,
+) -> None:
+    """A daemon starting (it holds the data dir's lock from its first moment, and reads
+    power before it serves): the commands said "no daemon answers ... start one"."""
+    data = tmp_path / "starting"
+    data.mkdir(mode=0o700)
+    lock = DataDirLock(data)  # as `h3d serve` takes it first thing
+    lock.acquire()
+    try:
+        port = str(free_port())
+        for command in ("status", "runs"):
+            r = h3d(data, command, H3D_PORT=port)
+            assert r.returncode == 1 and not r.stdout, r.stderr
+            line = one_error_line(r)
+            assert f"(pid {os.getpid()}) does not answer: it is starting" in line, line
+            assert "start one" not in line and "start it" not in line
+    finally:
+        lock.release()
+    r = h3d(data, "status", H3D_PORT=port)
+    assert "no daemon answers" in one_error_line(r)  # nothing holds it now
 
 
 def test_another_program_on_the_port_is_no_daemon(tmp_path: Path) -> None:
