@@ -135,8 +135,10 @@ class H3Profiler:
             (values JSON cannot hold, and integers beyond ±(2**53 - 1), which JSON readers
             cannot keep exactly, are stored as their ``str``; NaN or inf is a ``ValueError``).
         tags: Labels to filter runs by.
-        autostart: Start a local daemon (same data dir, detached) if none answers. The run
-            opens on construction either way; without a daemon it runs offline on its spool.
+        autostart: Start a local daemon (same data dir, detached) if none answers; the
+            constructor waits until it reads power (not until it serves: its requests wait
+            on the sender thread). The run opens on construction either way; without a
+            daemon it runs offline on its spool.
         run_id: Resume this run: its spool is replayed first, sequence numbers and the
             epoch counter continue after those stored, and the daemon follows this process
             from then on (see docs/client.md). 32 hex digits (a UUID's other usual forms,
