@@ -30,7 +30,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 from h3d import __version__
 from h3d._http import DaemonClient, DaemonDown, find_daemon, read_token
-from h3d.datadir import CLEAN_STOP, LOCK_NAME, DataDirLock, lock_holder, make_private
+from h3d.datadir import (
+    CLEAN_STOP,
+    LOCK_NAME,
+    SAMPLING_NAME,
+    DataDirLock,
+    lock_holder,
+    make_private,
+)
 from h3d.errors import H3DError
 
 if TYPE_CHECKING:
@@ -922,6 +929,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         recorded = None
     if holder is None:
+        # what a killed daemon left when it was starting (h3d.power.early): no one reads it
+        (settings.data_dir / SAMPLING_NAME).unlink(missing_ok=True)
         if recorded is not None:
             settings.daemon_file.unlink(missing_ok=True)
             print(

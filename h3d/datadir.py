@@ -47,11 +47,15 @@ class DataDirBusy(H3DError):
 #: (h3d.storage.migrate.record_clean_stop), written through a .tmp.
 CLEAN_STOP = "store.clean"
 
+#: What a starting daemon writes once it reads power, before it serves (h3d.power.early),
+#: through ``sampling.tmp``: the pid of the daemon that an autostarting profiler waits for.
+SAMPLING_NAME = "sampling.json"
+
 #: H3's own entries in a data dir: the only ones :func:`make_private` touches. The store
 #: (the default SQLite file and SQLite's side files, the migration lock), the token, what a
-#: serving daemon writes (``daemon.json`` through ``daemon.tmp``, the lock, the log of a
-#: daemon a client or the demo started, the store's clean stop) and the client's autostart
-#: lock.
+#: serving daemon writes (``daemon.json`` through ``daemon.tmp``, ``sampling.json``, the
+#: lock, the log of a daemon a client or the demo started, the store's clean stop) and the
+#: client's autostart lock.
 OWN_FILES = frozenset(
     {
         CLEAN_STOP,
@@ -59,6 +63,8 @@ OWN_FILES = frozenset(
         "token",
         "daemon.json",
         "daemon.tmp",
+        SAMPLING_NAME,
+        "sampling.tmp",
         LOCK_NAME,
         "h3d.db",
         "h3d.db-wal",

@@ -27,12 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from h3d.attribution import CpuShareTracker, busy_cpu_s
+from h3d.datadir import SAMPLING_NAME
 from h3d.power.base import PowerBackend, PowerReading
 
 logger = logging.getLogger(__name__)
 
-#: The file a starting daemon writes once it has read its devices (see the module).
-SAMPLING_NAME = "sampling.json"
 
 #: Readings kept (the oldest go first): a start that stalls for minutes (a store that does
 #: not answer) keeps the last of them; the sampler's gap rule handles the rest.

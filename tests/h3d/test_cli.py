@@ -366,11 +366,12 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_data_dir(tmp_path: Path
     bystander = subprocess.Popen(["sleep", "1000"])
     try:
         (data / "daemon.json").write_text(json.dumps({"url": "http://x", "pid": bystander.pid}))
+        (data / "sampling.json").write_text(json.dumps({"pid": bystander.pid}))
         r = h3d(data, "stop")
         assert r.returncode == 1 and "was not signalled" in one_error_line(r)
         time.sleep(0.2)
         assert bystander.poll() is None  # still alive
-        assert not (data / "daemon.json").exists()
+        assert not (data / "daemon.json").exists() and not (data / "sampling.json").exists()
     finally:
         bystander.kill()
         bystander.wait()

@@ -16,9 +16,10 @@ import pytest
 from sqlalchemy import select
 
 from h3d.attribution import CpuShareTracker, busy_cpu_s
+from h3d.datadir import SAMPLING_NAME
 from h3d.energy import EnergyCurve
 from h3d.power.base import PowerReading
-from h3d.power.early import SAMPLING_NAME, EarlyReadings
+from h3d.power.early import EarlyReadings
 from h3d.power.fake import ConstantBackend
 from h3d.power.sampler import PowerSampler
 from h3d.storage.engine import Store, session_scope
