@@ -400,11 +400,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir = settings.data_dir
         made = [p for p in (data_dir, *data_dir.parents) if not os.path.lexists(p)]
         lock = _lock_data_dir(settings)
-        early = _early_readings(settings)
         try:
-            return _serve(args, settings, lock, made, gc_pause, early)
+            early = _early_readings(settings)
+            try:
+                return _serve(args, settings, lock, made, gc_pause, early)
+            finally:
+                early.stop()
         finally:
-            early.stop()
             lock.release()
 
 
