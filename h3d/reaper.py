@@ -392,7 +392,8 @@ class Reaper:
         # a local process this daemon follows and that still runs is its run's heartbeat:
         # a quiet hour (data loading, a long evaluation) does not fail a live run; written
         # to the store with the others, so no other daemon of a shared store fails it either
-        for rid in self.sampler.followed_live_runs():
+        followed = self.sampler.followed()
+        for rid in followed.live:
             self.seen(rid)
         with self._lock:
             beats, self._unwritten = self._unwritten, {}
@@ -404,7 +405,7 @@ class Reaper:
                     self._unwritten = {**beats, **self._unwritten}
                 raise
         now = self._clock()
-        exited = set(self.sampler.exited_runs())
+        exited = set(followed.exited_runs)
         doomed: dict[str, float] = {}
         with self.store.read() as s:
             running = repo.running_heartbeats(s)
@@ -452,12 +453,14 @@ class Reaper:
                 why = f"no request for {self.timeout_s:g} s"
             logger.warning("run %s marked failed: %s", rid, why)
         failed = [rid for rid in doomed if rid not in spared]
-        return failed + self._reap_ranks(running, now)
+        return failed + self._reap_ranks(running, now, followed.exited_ranks)
 
-    def _reap_ranks(self, running: dict[str, float | None], now: float) -> list[str]:
-        """Fail each local rank whose process exited ``grace_s`` ago with nothing for its run
-        arriving here since; returns the runs that ended with it (failed)."""
-        exited = self.sampler.exited_ranks()
+    def _reap_ranks(
+        self, running: dict[str, float | None], now: float, exited: list[tuple[str, int]]
+    ) -> list[str]:
+        """Fail each local rank in ``exited`` (its process exited) ``grace_s`` ago with
+        nothing for its run arriving here since; returns the runs that ended with it
+        (failed)."""
         doomed: dict[tuple[str, int], float] = {}
         with self._lock:
             for key in exited:

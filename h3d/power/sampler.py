@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -67,6 +67,21 @@ class DeviceState:
     idle: deque[float] = field(default_factory=lambda: deque(maxlen=IDLE_KEPT))
     idle_n: int = 0
     idle_power_w: float | None = None
+
+
+class Followed(NamedTuple):
+    """The local processes a sampler follows (:meth:`PowerSampler.followed`)."""
+
+    #: runs with a followed process that still runs (any rank's): the reaper takes each as
+    #: the run's heartbeat
+    live: set[str]
+    #: active single-process runs whose followed process has exited, or was gone when the
+    #: daemon started (a distributed run's ranks finish one by one; its rows say when)
+    exited_runs: list[str]
+    #: ranks of distributed runs whose followed process has exited (or was gone when the
+    #: daemon started), as (run id, rank): a rank that ends without its "finished" (SIGTERM
+    #: from torchrun after another rank failed, SIGKILL, the OOM killer)
+    exited_ranks: list[tuple[str, int]]
 
 
 @dataclass
@@ -464,7 +479,7 @@ class PowerSampler:
         """A running run of the store (or one rank of it) whose local process was gone when
         this daemon started (it died while no daemon ran): not active here, so it takes no
         share of a device, as a run followed here gets none once its process exits; and
-        :meth:`exited_runs` names it, for the reaper's exit grace. Left active, unfollowed,
+        :meth:`followed` names it as exited, for the reaper's exit grace. Left active, unfollowed,
         it split every device with the runs that came after, up to all of it."""
         with self._lock:
             self._gone_at_start.add((run_id, rank))
@@ -534,33 +549,19 @@ class PowerSampler:
         with self._lock:
             return {rid for rid, _rank in self._active_runs}
 
-    def followed_live_runs(self) -> set[str]:
-        """Runs with a local process this sampler follows that still runs (any rank's): the
-        reaper takes each as the run's heartbeat."""
+    def followed(self) -> Followed:
+        """The local processes this sampler follows, as the reaper reads them once a pass
+        (one look at each process, ``CpuShareTracker.gone``)."""
         with self._lock:
-            gone = set(self._shares.gone())
-            return {
-                key[0]
-                for key in cast(list[tuple[str, int | None]], self._shares.tracked)
-                if key not in gone
-            }
-
-    def exited_runs(self) -> list[str]:
-        """Active single-process runs whose local process this sampler followed and that
-        has exited. (A distributed run's ranks finish one by one; its rows say when.)"""
-        with self._lock:
+            tracked = cast(list[tuple[str, int | None]], self._shares.tracked)
             gone = cast(list[tuple[str, int | None]], self._shares.gone())
-            return [rid for rid, rank in [*gone, *self._gone_at_start] if rank is None]
-
-    def exited_ranks(self) -> list[tuple[str, int]]:
-        """Active ranks of distributed runs whose local process this sampler followed and
-        that has exited (or was gone when the daemon started), as (run id, rank): a rank
-        that ends without its "finished" (SIGTERM from torchrun after another rank failed,
-        SIGKILL, the OOM killer), for the reaper's exit grace."""
-        with self._lock:
-            gone = cast(list[tuple[str, int | None]], self._shares.gone())
-            keys = dict.fromkeys([*gone, *self._gone_at_start])
-            return [(rid, rank) for rid, rank in keys if rank is not None]
+            gone_set = set(gone)
+            exited = dict.fromkeys([*gone, *self._gone_at_start])
+            return Followed(
+                live={key[0] for key in tracked if key not in gone_set},
+                exited_runs=[rid for rid, rank in exited if rank is None],
+                exited_ranks=[(rid, rank) for rid, rank in exited if rank is not None],
+            )
 
     def sample_shares(self, *, split_until: float | None = None) -> None:
         """Each tracked run's share since the last call, as stored intervals: of the CPU
