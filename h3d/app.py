@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from h3d.api import add_routes
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.dashboard import STATIC_TYPES, shipped_static, static_text
-from h3d.datadir import CLEAN_STOP, make_private
+from h3d.datadir import CLEAN_STOP, make_private, remove_pid_file, write_pid_file
 from h3d.errors import H3DError
 from h3d.metrics import CarbonTotals
 from h3d.metrics import render as render_metrics
@@ -58,21 +57,8 @@ class State(TypedDict):
 def _write_daemon_file(settings: Settings) -> None:
     if settings.public_url is None:
         return
-    info = {
-        "url": settings.public_url,
-        "pid": os.getpid(),
-        "version": __version__,
-        "started_at": time.time(),
-    }
-    tmp = settings.daemon_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(settings.daemon_file)
-
-
-def _remove_daemon_file(settings: Settings) -> None:
-    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-        if json.loads(settings.daemon_file.read_text()).get("pid") == os.getpid():
-            settings.daemon_file.unlink()
+    info = {"url": settings.public_url, "version": __version__, "started_at": time.time()}
+    write_pid_file(settings.daemon_file, info)
 
 
 def _allowed(app: FastAPI, request: Request) -> list[str]:
@@ -190,7 +176,7 @@ def create_app(
         try:
             yield {"settings": settings, "store": store, "sampler": sampler, "reaper": reaper}
         finally:
-            _remove_daemon_file(settings)
+            remove_pid_file(settings.daemon_file)
             if early is not None:
                 early.stop()  # its sampling.json
             reaper.stop()

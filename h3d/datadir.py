@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import json
 import os
 import stat
 import time
@@ -205,6 +206,25 @@ def make_private(data_dir: Path) -> None:
 #: Where the Windows lock's byte is: past the pid, which ``lock_holder`` reads, since a byte
 #: ``msvcrt.locking`` holds cannot be read by other processes.
 _WINDOWS_LOCK_AT = 1 << 20
+
+
+def write_pid_file(path: Path, info: dict[str, object]) -> None:
+    """``info`` with this process's pid, as JSON in ``path`` (mode 0600), whole or not at
+    all: written to ``<name>.tmp`` first, then renamed over it. What a daemon writes to
+    say where it is (``daemon.json``) or that it reads power (``sampling.json``)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({**info, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+def remove_pid_file(path: Path) -> None:
+    """Remove ``path`` if this process wrote it (:func:`write_pid_file`): another daemon's,
+    started since, is left alone."""
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError, AttributeError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
 
 
 def _try_lock(fd: int, *, exclusive: bool) -> bool:

@@ -17,9 +17,7 @@ idle baseline (the script that started the daemon is running meanwhile).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -27,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from h3d.attribution import CpuShareTracker, busy_cpu_s
-from h3d.datadir import SAMPLING_NAME
+from h3d.datadir import SAMPLING_NAME, remove_pid_file, write_pid_file
 from h3d.power.base import PowerBackend, PowerReading
 
 logger = logging.getLogger(__name__)
@@ -84,13 +82,8 @@ class EarlyReadings:
             self._stop.wait(self.interval_s)
 
     def _write_marker(self) -> None:
-        info = {"pid": os.getpid(), "t": time.time()}
-        tmp = self.marker.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(info))
-            tmp.replace(self.marker)
+            write_pid_file(self.marker, {"t": time.time()})
         except OSError as exc:
             # a full disk: the profiler waits for /healthz instead, and the start says what
             # is wrong in its one line if it cannot go on (the store on that disk)
@@ -116,19 +109,12 @@ class EarlyReadings:
         """The daemon stops (or never started): no more readings, no marker, and the
         backends closed unless a sampler took them over. Idempotent."""
         self._halt()
-        remove_marker(self.marker)
+        remove_pid_file(self.marker)
         if not self._handed_over:
             self._handed_over = True
             for backend in self.backends:
                 with contextlib.suppress(Exception):  # closing must not fail a stop
                     backend.close()
-
-
-def remove_marker(marker: Path) -> None:
-    """Remove ``sampling.json`` if this process wrote it."""
-    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-        if json.loads(marker.read_text()).get("pid") == os.getpid():
-            marker.unlink()
 
 
 class _Held(logging.Handler):
