@@ -114,12 +114,18 @@ def read_token_file(data_dir: Path) -> str | None:
     return None
 
 
-def read_daemon_file(data_dir: Path) -> dict[str, object] | None:
+def read_json_file(path: Path) -> dict[str, object] | None:
+    """The JSON object in ``path``; None if there is none, or it is not one."""
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-        info = json.loads((data_dir / "daemon.json").read_text())
-        if isinstance(info, dict) and "url" in info:
+        info = json.loads(path.read_text())
+        if isinstance(info, dict):
             return info
     return None
+
+
+def read_daemon_file(data_dir: Path) -> dict[str, object] | None:
+    info = read_json_file(data_dir / "daemon.json")
+    return info if info is not None and "url" in info else None
 
 
 class ClientConfig(NamedTuple):

@@ -23,6 +23,7 @@ from h3client._config import (
     private_dir,
     private_file,
     read_daemon_file,
+    read_json_file,
     read_token_file,
 )
 from h3client.client import _is_loopback
@@ -142,11 +143,7 @@ SAMPLING_NAME = "sampling.json"
 
 def _sampling_pid(data_dir: Path) -> int | None:
     """The pid in the data dir's ``sampling.json``, if any."""
-    try:
-        with open(data_dir / SAMPLING_NAME, "rb") as f:
-            pid = json.loads(f.read()).get("pid")
-    except (OSError, ValueError, AttributeError):
-        return None
+    pid = (read_json_file(data_dir / SAMPLING_NAME) or {}).get("pid")
     return pid if isinstance(pid, int) else None
 
 
