@@ -177,6 +177,8 @@ def create_app(
             yield {"settings": settings, "store": store, "sampler": sampler, "reaper": reaper}
         finally:
             remove_pid_file(settings.daemon_file)
+            if early is not None:
+                early.stop()  # its sampling.json
             reaper.stop()
             sampler.stop()
             try:
