@@ -178,7 +178,7 @@ def create_app(
         finally:
             remove_pid_file(settings.daemon_file)
             if early is not None:
-                early.stop()  # its sampling.json
+                early.stop()  # its sampling.json: serve's own `finally` never runs at SIGTERM
             reaper.stop()
             sampler.stop()
             try:

@@ -405,6 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             try:
                 return _serve(args, settings, lock, made, gc_pause, early)
             finally:
+                # a start that failed (on an `h3d stop`, uvicorn re-raises SIGTERM once it has
+                # shut down, and the app's lifespan has stopped them)
                 early.stop()
         finally:
             lock.release()

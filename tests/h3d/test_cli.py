@@ -388,7 +388,8 @@ def test_second_daemon_on_a_locked_data_dir_refuses_in_one_line(daemon: Daemon) 
     r = h3d(daemon, "stop")
     assert r.returncode == 0 and f"pid {daemon.proc.pid}" in r.stdout
     daemon.proc.wait(timeout=20)  # uvicorn re-raises SIGTERM after its graceful shutdown
-    assert not (daemon.data_dir / "daemon.json").exists()  # the lifespan's cleanup ran
+    for name in ("daemon.json", "sampling.json"):  # the lifespan's cleanup ran (serve's
+        assert not (daemon.data_dir / name).exists(), name  # own `finally` does not)
     wal = daemon.data_dir / "h3d.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at stop
 
