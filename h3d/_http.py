@@ -111,7 +111,7 @@ def _no_daemon(settings: Settings, url: str, env_url: bool) -> str:
     )
 
 
-def http_client(url: str, token: str | None, timeout_s: float) -> httpx.Client:
+def http_client(url: str, token: str | None, timeout_s: float | httpx.Timeout) -> httpx.Client:
     """An ``httpx.Client`` for the daemon at ``url``, with an SSL context only if ``url`` is
     https: building one loads the CA bundle, 34-52 ms of CPU on an Intel test host, which
     every CLI command paid once or twice for a daemon on plain http."""
@@ -122,8 +122,14 @@ def http_client(url: str, token: str | None, timeout_s: float) -> httpx.Client:
     return httpx.Client(base_url=url, headers=headers, timeout=timeout_s, transport=transport)
 
 
-def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[bool, bool | None]:
+def probe(
+    url: str, token: str | None = None, timeout_s: float = 1.0, answer_s: float = 10.0
+) -> tuple[bool, bool | None]:
     """(healthy, authorized): an h3d's ``/healthz`` answered 200; whether it holds ``token``.
+
+    ``timeout_s`` bounds the connection (nothing listens: refused at once on this host; a
+    host that does not answer). What accepted it is given ``answer_s`` to answer: a daemon
+    busy on a loaded host is slow, not absent, and was named "no daemon answers" after 1 s.
 
     The token is never sent: ``/healthz`` gets a fresh nonce, and a daemon that holds the
     token answers its proof (:func:`h3d.security.healthz_proof`). ``authorized`` is True for
@@ -139,8 +145,9 @@ def probe(url: str, token: str | None = None, timeout_s: float = 1.0) -> tuple[b
     from h3d.security import healthz_proof
 
     nonce = os.urandom(16).hex()
+    timeout = httpx.Timeout(max(timeout_s, answer_s), connect=timeout_s)
     try:
-        with http_client(url, None, timeout_s) as c:
+        with http_client(url, None, timeout) as c:
             r = c.get("/healthz", params={"nonce": nonce})
     except (httpx.HTTPError, httpx.InvalidURL):
         return False, None
@@ -281,7 +288,7 @@ class DaemonClient:
 
             token = read_token(self.settings)
             if not os.environ.get("H3D_URL"):
-                healthy, authorized = probe(self.url, token, timeout_s=10.0)
+                healthy, authorized = probe(self.url, token)
                 if not healthy:
                     raise DaemonDown(_no_daemon(self.settings, self.url, env_url=False))
                 if token is not None and not authorized:

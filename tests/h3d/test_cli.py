@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,6 +185,25 @@ def test_a_daemon_of_another_data_dir_is_named_not_taken_for_this_ones(
     # with that daemon's token (a daemon in a container, on its published port) it is used
     r = h3d(mine, "status", H3D_PORT=port, H3D_TOKEN=daemon.token)
     assert r.returncode == 0 and "runs: 0 stored" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_daemon_slow_to_answer_is_waited_for_not_taken_for_absent(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # a daemon that accepts the connection but answers late (a loaded host): stopped here
+    # for longer than the connect timeout, it is still found, and named as what it is
+    mine = tmp_path / "mine"
+    os.kill(daemon.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+    try:
+        cmd = [sys.executable, "-m", "h3d", "status"]
+        env = daemon_env(mine, H3D_PORT=str(daemon.port))
+        with subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True) as p:
+            time.sleep(2.5)  # the command started and its probe has waited past 1 s
+            os.kill(daemon.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+            _, err = p.communicate(timeout=60)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+    assert p.returncode == 1 and "serves another data dir" in err, err
 
 
 def test_the_dashboard_link_carries_the_token_the_command_used(
