@@ -23,6 +23,7 @@ from starlette.routing import Match, Route
 
 from h3d import __version__, openapi
 from h3d.api import add_routes
+from h3d.api._routes import v1_checked_only_if_loaded
 from h3d.api.routes.runs import is_local
 from h3d.config import Settings
 from h3d.dashboard import STATIC_TYPES, shipped_static, static_text
@@ -109,6 +110,20 @@ def create_app(
     the node's lease (unless ``lease``: ``h3d serve`` claimed it then too). ``early``: the
     backends ``h3d serve`` built first thing, and the readings it took of them while it
     started (:mod:`h3d.power.early`), which the sampler takes over."""
+    with v1_checked_only_if_loaded():  # its routes are built here: see there
+        return _app(
+            settings, backends=backends, store_checked=store_checked, lease=lease, early=early
+        )
+
+
+def _app(
+    settings: Settings,
+    *,
+    backends: Sequence[PowerBackend] | None,
+    store_checked: bool,
+    lease: NodeLease | None,
+    early: EarlyReadings | None,
+) -> FastAPI:
     make_private(settings.data_dir)
     token = ensure_token(settings.token_path)
 

@@ -12,8 +12,10 @@ each route once, on the app, with ``app.router.add_api_route``, as a ``JSONRoute
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Coroutine
+import sys
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -210,3 +212,29 @@ class Routes:
                 route_class_override=JSONRoute,
                 **{**kwargs, "tags": tags},
             )
+
+
+@contextlib.contextmanager
+def v1_checked_only_if_loaded() -> Iterator[None]:
+    """FastAPI refuses pydantic.v1 models with a clear error: it asks of every parameter and
+    response annotation of every route whether it is one, and imports ``pydantic.v1`` to
+    answer (about 20 ms of a daemon's start, which nothing else needs). No class can be a
+    pydantic.v1 model unless that module is imported, so while it is not, the answer is no
+    without importing it; once it is, FastAPI's own check answers. Where FastAPI has no such
+    check (another version), nothing is changed."""
+    import fastapi.utils as module
+
+    name = "annotation_is_pydantic_v1"  # what fastapi.utils.create_model_field calls
+    check = getattr(module, name, None)
+    if check is None:
+        yield
+        return
+
+    def v1_if_loaded(annotation: Any) -> bool:
+        return "pydantic.v1" in sys.modules and bool(check(annotation))
+
+    setattr(module, name, v1_if_loaded)
+    try:
+        yield
+    finally:
+        setattr(module, name, check)

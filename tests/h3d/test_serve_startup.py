@@ -154,3 +154,54 @@ def test_a_lock_held_for_a_moment_is_not_another_daemon(tmp_path: Path) -> None:
             DataDirLock(tmp_path).acquire()
     finally:
         lock.release()
+
+
+_BUILD_APP = """
+import json, sys
+import fastapi.utils
+from h3d.app import create_app
+from h3d.config import Settings
+
+before = fastapi.utils.annotation_is_pydantic_v1
+create_app(Settings(data_dir=sys.argv[1]))
+print(json.dumps({
+    "v1": "pydantic.v1" in sys.modules,
+    "restored": fastapi.utils.annotation_is_pydantic_v1 is before,
+}))
+"""
+
+
+def test_building_the_app_does_not_import_pydantic_v1(tmp_path: Path) -> None:
+    # FastAPI imports pydantic.v1 (~20 ms of the start) to ask of each route's annotations
+    # whether they are v1 models; none can be while it is not imported
+    r = subprocess.run(
+        [sys.executable, "-c", _BUILD_APP, str(tmp_path / "data")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(r.stdout) == {"v1": False, "restored": True}
+
+
+def test_a_pydantic_v1_model_is_still_refused_once_pydantic_v1_is_loaded() -> None:
+    import warnings
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import PydanticV1NotSupportedError
+
+    from h3d.api._routes import v1_checked_only_if_loaded
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydantic.v1 warns that it is deprecated
+        from pydantic import v1
+
+    class Old(v1.BaseModel):
+        x: int
+
+    def endpoint() -> None:
+        return None
+
+    app = FastAPI()
+    with v1_checked_only_if_loaded(), pytest.raises(PydanticV1NotSupportedError):
+        app.router.add_api_route("/old", endpoint, response_model=Old)
