@@ -107,7 +107,8 @@ def create_app(
 ) -> FastAPI:
     """The app; its lifespan opens the store (upgraded or verified, unless ``store_checked``:
     ``h3d serve`` has done it, under the data dir's lock, just before binding) and claims
-    the node's lease (unless ``lease``: ``h3d serve`` claimed it then too). ``early``: the
+    the node's lease (unless ``lease``: ``h3d serve`` claimed it then too, and the app
+    takes over the lease's store, which it closes when it stops). ``early``: the
     backends ``h3d serve`` built first thing, and the readings it took of them while it
     started (:mod:`h3d.power.early`), which the sampler takes over."""
     with v1_checked_only_if_loaded():  # its routes are built here: see there
@@ -129,23 +130,22 @@ def _app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        store = Store(settings.database_url)
-        if not store_checked and settings.auto_migrate:
-            migrate.upgrade(store.engine)
-        elif not store_checked:
-            migrate.verify_schema(store.engine)
-        # one live daemon per node name in the store: a lease renewed every reaper pass,
-        # lapsing after several missed ones
-        if lease is None:
+        if lease is not None:  # claimed by `h3d serve`: its store is this app's, to close
+            held, store = lease, lease.store
+        else:
+            store = Store(settings.database_url)
+            if not store_checked and settings.auto_migrate:
+                migrate.upgrade(store.engine)
+            elif not store_checked:
+                migrate.verify_schema(store.engine)
+            # one live daemon per node name in the store: a lease renewed every reaper
+            # pass, lapsing after several missed ones
             held = node_lease(settings, store)
             try:
                 held.claim()
             except BaseException:
                 store.close()
                 raise
-        else:
-            held = lease
-            held.store = store  # claimed by `h3d serve` through a store of its own
         devs = (
             list(backends)
             if backends is not None

@@ -380,7 +380,8 @@ class _StartupFailure:
 
 
 def _claim_node(settings: Settings) -> NodeLease:
-    """The node's lease, claimed through a store of its own (the app opens another)."""
+    """The node's lease, claimed through the store that the app then takes over (one store,
+    whose connections and compiled statements serve the start-up's writes and reads)."""
     from h3d.app import node_lease
     from h3d.storage.engine import Store
 
@@ -388,8 +389,9 @@ def _claim_node(settings: Settings) -> NodeLease:
     try:
         lease = node_lease(settings, store)
         lease.claim()
-    finally:
+    except BaseException:
         store.close()
+        raise
     return lease
 
 
