@@ -32,7 +32,9 @@ class Watch:
 sys.meta_path.insert(0, Watch())
 from h3d.cli import main
 code = main(["serve", "--port", port])  # a port in use: it stops after the imports
-print(json.dumps({"code": code, "seen": seen}))
+loader = sys.modules.get("pydantic.plugin._loader")
+scanned = loader is not None and loader._plugins is not None  # entry points looked up
+print(json.dumps({"code": code, "seen": seen, "plugins_scanned": scanned}))
 """
 
 
@@ -52,6 +54,9 @@ def test_serve_holds_the_data_dir_before_its_heavy_imports(daemon: Daemon, tmp_p
     assert out["code"] == 2 and "cannot listen on" in r.stderr, r.stderr
     pid = out["seen"]["sqlalchemy"]
     assert pid is not None and out["seen"] == {"sqlalchemy": pid, "fastapi": pid, "uvicorn": pid}
+    # nor does it scan every installed distribution for pydantic plugins (its models are
+    # its own)
+    assert out["plugins_scanned"] is False
 
 
 def test_a_data_dir_whose_name_is_not_utf8_is_one_line_and_left_as_it_was(
