@@ -36,6 +36,7 @@ REPORTING = [
     "optimizer_step",
     "reads",
     "startup",
+    "startup_phases",
 ]
 PRINT_ONLY = ["batch_fetch", "contention", "denormals", "tracker_update"]
 RESULTS = REPO / "benchmarks" / "results"
@@ -351,3 +352,16 @@ def test_startups_autostart_times_a_profiler_that_reaches_the_daemon_it_started(
     assert 0 < construct < stored
     assert covered == pytest.approx(1.0) and 0 < share <= 1.0 and joules > 0  # from its start
     assert (data / "h3d.db").exists()
+
+
+def test_startup_phases_times_every_step_of_a_real_start(tmp_path: Path) -> None:
+    from benchmarks import startup, startup_phases
+
+    env = startup.child_env(REPO, tmp_path / "pycache")
+    steps = startup_phases.one_start(REPO, env, tmp_path / "data")  # a real `h3d serve`
+    assert list(steps) == startup_phases.ORDER  # each step found, in the order it runs
+    assert all(ms > 0 for ms in steps.values())
+    assert steps["total"] >= sum(ms for name, ms in steps.items() if name != "total")
+    assert (tmp_path / "data" / "h3d.db").exists() and not (
+        tmp_path / "data" / "daemon.json"
+    ).exists()
