@@ -71,6 +71,12 @@ FLOOR_DAEMON = [str(REPO / "benchmarks" / "_floor_daemon.py")]
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
+def trees_of(baseline: Path | None) -> dict[str, Path]:
+    """The checkouts to measure: ``--baseline``'s first, if given, then this tree."""
+    here = {"this tree": REPO}
+    return {"baseline": baseline.resolve(), **here} if baseline is not None else here
+
+
 def child_env(tree: Path, pycache: Path, **extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -247,9 +253,7 @@ def main() -> None:
     )
     add_out(ap, "startup.md")
     args = ap.parse_args()
-    trees = {"this tree": REPO}
-    if args.baseline:
-        trees = {"baseline": args.baseline.resolve(), **trees}
+    trees = trees_of(args.baseline)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         pycache = Path(tmp) / "pycache"

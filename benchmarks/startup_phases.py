@@ -34,8 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks._common import REPO, add_out, command, machine, write_report
-from benchmarks.startup import child_env
+from benchmarks._common import add_out, command, machine, write_report
+from benchmarks.startup import child_env, trees_of
 
 # Run in the child, in the tree on its PYTHONPATH: time each step of `h3d serve`.
 CHILD = r"""
@@ -141,9 +141,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another checkout, measured alongside")
     add_out(ap, "startup_phases.md")
     args = ap.parse_args()
-    trees = {"this tree": REPO}
-    if args.baseline:
-        trees = {"baseline": args.baseline.resolve(), **trees}
+    trees = trees_of(args.baseline)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         pycache = Path(tmp) / "pycache"
