@@ -118,8 +118,9 @@ def check_name(v: str | None) -> str | None:
 
 class Schema(BaseModel):
     """Every model of the API. Each is built at its first use, not when this module is
-    imported (``defer_build``): built at import, they took about 20 ms of every daemon's
-    start to a healthy /healthz, for answers that come later, if ever.
+    imported (``defer_build``): built at import, they took about 9 ms of every daemon's
+    start to a healthy /healthz (benchmarks/results/startup_phases.md), for answers that
+    come later, if ever.
 
     Except the request bodies (``BODY``, defined with ``defer_build=False``). FastAPI builds
     a body's validator with a ``Field(alias="body")`` that pydantic warns of, and silences
