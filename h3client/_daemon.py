@@ -223,13 +223,6 @@ class DaemonStart:
         return None
 
 
-def start_local_daemon(data_dir: Path, *, timeout_s: float = 20.0) -> str | None:
-    """Start ``h3d serve`` detached, or wait for the daemon that holds ``data_dir``
-    (:class:`DaemonStart`); its URL once it serves, else None."""
-    url = DaemonStart(data_dir, timeout_s=timeout_s).wait()
-    return url if isinstance(url, str) else None
-
-
 def _spawn(data_dir: Path) -> tuple[Any, int]:
     """``h3d serve --port 0`` on ``data_dir``, detached, logging to ``<data dir>/h3d.log``:
     its ``Popen`` and the log's offset where what it writes begins."""
@@ -318,7 +311,7 @@ def find_daemon(
     a daemon of its own, on a free port, as when none answers. An explicit URL (argument or
     ``H3D_URL``) is the caller's choice. Processes that start together start one daemon
     between them, and none while a daemon that holds the data dir is starting
-    (:func:`start_local_daemon`). None also when the data dir is another user's or writable
+    (:class:`DaemonStart`). None also when the data dir is another user's or writable
     by one (a token given, none read there: :func:`h3client._config.private_dir`); the
     found URL then still has to prove itself before it is sent the token
     (``Client.proven``).

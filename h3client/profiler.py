@@ -274,7 +274,7 @@ class H3Profiler:
         # the token as given (None: the data dir's, read again if the daemon refuses it)
         self._client = Client(cfg.url, self._token, data_dir=cfg.data_dir, http=self._http)
         # a URL found, not given, gets the token only once it proved that it holds it
-        # (Client.proven, asked on the sender thread): ensure_daemon found none that did, or
+        # (Client.proven, asked on the sender thread): find_daemon found none that did, or
         # what answers there may change while the run goes on
         self._client.config = self._client.config._replace(url_is_explicit=cfg.url_is_explicit)
         online = url is not None or starting is not None
