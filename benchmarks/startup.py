@@ -49,7 +49,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, add_out, command, machine, write_report
+from benchmarks._common import (
+    REPO,
+    add_out,
+    bytecode_cached_env,
+    command,
+    machine,
+    write_report,
+)
 
 ARMS = {
     "bare interpreter (`python -c pass`)": "pass",
@@ -78,12 +85,8 @@ def trees_of(baseline: Path | None) -> dict[str, Path]:
 
 
 def child_env(tree: Path, pycache: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("H3D_") and k != "PYTHONDONTWRITEBYTECODE"
-    }
-    return {**env, "PYTHONPATH": str(tree), "PYTHONPYCACHEPREFIX": str(pycache), **extra}
+    env = {k: v for k, v in bytecode_cached_env(pycache).items() if not k.startswith("H3D_")}
+    return {**env, "PYTHONPATH": str(tree), **extra}
 
 
 def run_s(code: str, tree: Path, env: dict[str, str]) -> tuple[float, float]:
