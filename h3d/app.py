@@ -35,7 +35,7 @@ from h3d.middleware import GuardMiddleware, error_payload
 from h3d.power.base import PowerBackend
 from h3d.power.early import EarlyReadings
 from h3d.power.sampler import PowerSampler
-from h3d.power.select import build_backends
+from h3d.power.select import settings_backends
 from h3d.reaper import NodeLease, Reaper
 from h3d.security import MAX_NONCE_CHARS, bearer_matches, ensure_token, healthz_proof
 from h3d.storage import migrate
@@ -151,11 +151,7 @@ def _app(
             if backends is not None
             else early.backends
             if early is not None
-            else build_backends(
-                settings.power_backends,
-                cpu_tdp_w=settings.cpu_tdp_w,
-                sample_interval_s=settings.sample_interval_s,
-            )
+            else settings_backends(settings)
         )
         sampler = PowerSampler(
             devs,

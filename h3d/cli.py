@@ -423,16 +423,12 @@ def _early_readings(settings: Settings) -> EarlyReadings:
     autostarting profiler waits for the first readings, not for /healthz
     (:mod:`h3d.power.early`)."""
     from h3d.power.early import EarlyReadings, held_logs
-    from h3d.power.select import build_backends
+    from h3d.power.select import settings_backends
 
     # what it says of the devices is said once the daemon starts serving, as before: a
     # start that cannot go on (a bad store) stays one line
     with held_logs("h3d.power") as said:
-        backends = build_backends(
-            settings.power_backends,
-            cpu_tdp_w=settings.cpu_tdp_w,
-            sample_interval_s=settings.sample_interval_s,
-        )
+        backends = settings_backends(settings)
     return EarlyReadings(backends, settings.data_dir, settings.sample_interval_s, said=said)
 
 

@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the backends are imported when built: Settings checks a spec without them
+    from h3d.config import Settings
     from h3d.power.base import PowerBackend
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ def _hardware() -> list[PowerBackend]:
     except Exception:  # probing must never take the daemon down
         logger.exception("device detection failed; continuing without hardware backends")
         return []
+
+
+def settings_backends(settings: Settings) -> list[PowerBackend]:
+    """The daemon's backends, as its settings name them (``H3D_POWER_BACKENDS``, the CPU's
+    TDP, the sampling period)."""
+    return build_backends(
+        settings.power_backends,
+        cpu_tdp_w=settings.cpu_tdp_w,
+        sample_interval_s=settings.sample_interval_s,
+    )
 
 
 def build_backends(
